@@ -1,0 +1,87 @@
+//! Typed errors of the runtime. Every error that comes from a file names the file.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading a model or generating.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A model file is malformed: truncated, corrupt, or not what its header says.
+    #[error("{path}: {reason}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// A tensor has a type lutra cannot read.
+    #[error("{path}: tensor '{tensor}' has type {ty}, which lutra cannot read")]
+    UnsupportedTensorType {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The type's name.
+        ty: String,
+    },
+    /// A tensor the architecture needs is absent.
+    #[error("{path}: tensor '{tensor}' is missing")]
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+    },
+    /// A tensor's shape disagrees with the model configuration.
+    #[error("{path}: tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Shape in the file (GGUF order: fastest-varying first).
+        found: Vec<usize>,
+        /// Shape the configuration implies.
+        expected: Vec<usize>,
+    },
+    /// A metadata key is missing or has the wrong type.
+    #[error("{path}: metadata '{key}': {reason}")]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The prompt (plus what is to be generated) does not fit in the context.
+    #[error("the prompt has {tokens} tokens but the context holds {context}; shorten the prompt or raise -c")]
+    ContextOverflow {
+        /// Tokens needed.
+        tokens: usize,
+        /// Context length.
+        context: usize,
+    },
+    /// Tokenizer construction or use failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Chat template rendering failed.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// An option value is invalid.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// A kernel rejected its inputs.
+    #[error(transparent)]
+    Kernel(#[from] lutra_kernels::KernelError),
+}
+
+/// Result type of the runtime.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,2 @@
+//! Criterion benches of the kernels (filled in by the kernels work).
+fn main() {}

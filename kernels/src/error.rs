@@ -1,0 +1,36 @@
+//! Typed errors of the kernels crate.
+
+/// What can go wrong when packing weights, building tables or multiplying.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The inner dimension must be a multiple of 32 (pad the matrix otherwise).
+    #[error("K = {0} is not a multiple of 32; pad the matrix to a multiple of 32 columns")]
+    KNotMultipleOf32(usize),
+    /// Only 1, 2, 3 and 4 bit codes are supported by the LUT kernels.
+    #[error("{0}-bit weights are not supported by the LUT kernels (use 1, 2, 3 or 4)")]
+    UnsupportedBits(u8),
+    /// The group size does not divide K or is not one of the supported sizes.
+    #[error("group size {group} does not fit K = {cols} (use 32, 64, 128, 256, per row or per tensor)")]
+    BadGroupSize { group: usize, cols: usize },
+    /// A buffer has the wrong number of elements.
+    #[error("{what}: expected {expected} values, got {got}")]
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
+    /// A weight code does not fit in the declared bit width.
+    #[error("code {code} at element {index} is out of range for {bits}-bit weights")]
+    CodeOutOfRange { code: u8, index: usize, bits: u8 },
+    /// A matrix and the activations it is multiplied with disagree on K.
+    #[error("shape mismatch: matrix has K = {matrix}, activations have K = {activations}")]
+    ShapeMismatch { matrix: usize, activations: usize },
+    /// `LUTRA_ISA` names an instruction set this CPU lacks.
+    #[error("LUTRA_ISA={0} was requested but this CPU does not support it")]
+    IsaUnsupported(&'static str),
+    /// `LUTRA_ISA` holds something that is not an ISA name.
+    #[error("unknown LUTRA_ISA value '{0}' (expected scalar, avx2 or neon)")]
+    IsaUnknown(String),
+    /// The thread pool could not be created.
+    #[error("could not start a pool of {threads} threads: {reason}")]
+    ThreadPool { threads: usize, reason: String },
+}
+
+/// Result type of the kernels crate.
+pub type Result<T> = std::result::Result<T, KernelError>;
