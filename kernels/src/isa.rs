@@ -98,6 +98,16 @@ mod tests {
     }
 
     #[test]
+    fn native_simd_is_detected() {
+        // Printed so CI logs show which paths the kernel tests exercise on this machine.
+        println!("lutra-kernels: supported ISAs here: {:?}", Isa::supported());
+        #[cfg(target_arch = "aarch64")]
+        assert!(Isa::Neon.is_supported(), "every aarch64 CPU has NEON");
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(Isa::best(), Isa::Neon);
+    }
+
+    #[test]
     fn parse_rejects_unknown_and_unsupported() {
         assert!(matches!(Isa::parse("sse9"), Err(KernelError::IsaUnknown(_))));
         assert_eq!(Isa::parse("Scalar").unwrap(), Isa::Scalar);

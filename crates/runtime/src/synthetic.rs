@@ -1,0 +1,239 @@
+//! Named synthetic model shapes for benchmarks: the hyper-parameters of well-known models, so that
+//! `Model::synthetic` can build random weights of exactly those shapes without the real files.
+//!
+//! Decode speed of a LUT kernel depends on shapes and bit widths, never on weight values, so a
+//! synthetic 7B model measures what a real one would.
+//!
+//! OWNER: CLI/bench helper.
+
+use crate::config::{Architecture, ModelConfig, RopeStyle};
+use crate::error::{Error, Result};
+
+/// A named shape with the quantization a benchmark uses by default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticShape {
+    /// The name accepted by [`shape`] (e.g. `llama2-7b`).
+    pub name: &'static str,
+    /// Hyper-parameters of the real model.
+    pub config: ModelConfig,
+    /// Bits per weight used when the user gives none (2 for ternary models: codes 0..=2).
+    pub default_bits: u8,
+    /// Group size used when the user gives none.
+    pub default_group_size: usize,
+    /// Weights are ternary {-1, 0, +1} with one scale per tensor (BitNet b1.58).
+    pub ternary: bool,
+}
+
+/// Every name [`shape`] accepts, smallest model first.
+pub const NAMES: [&str; 5] = [
+    "smollm2-135m",
+    "bitnet-2b",
+    "bitnet-3b",
+    "llama2-7b",
+    "llama3-8b",
+];
+
+/// Bits used by non-ternary shapes when the user gives none.
+pub const DEFAULT_BITS: u8 = 2;
+/// Group size used when the user gives none.
+pub const DEFAULT_GROUP_SIZE: usize = 128;
+
+/// Plain numbers of one shape; turned into a [`ModelConfig`] by [`Dims::config`].
+struct Dims {
+    architecture: Architecture,
+    hidden: usize,
+    ffn: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
+    context: usize,
+    rope_theta: f32,
+    tied: bool,
+}
+
+impl Dims {
+    fn config(&self, name: &str) -> ModelConfig {
+        let head_dim = self.hidden / self.heads;
+        ModelConfig {
+            architecture: self.architecture,
+            name: format!("synthetic:{name}"),
+            hidden_size: self.hidden,
+            ffn_size: self.ffn,
+            layers: self.layers,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim,
+            vocab_size: self.vocab,
+            context_length: self.context,
+            rope_theta: self.rope_theta,
+            rope_dims: head_dim,
+            // Synthetic weights are laid out as a GGUF converter would write them.
+            rope_style: RopeStyle::Adjacent,
+            rms_eps: 1e-5,
+            tied_embeddings: self.tied,
+        }
+    }
+}
+
+/// The shape called `name` (see [`NAMES`]); the `synthetic:` prefix is accepted and ignored.
+///
+/// Sources: the `config.json` of each model on Hugging Face (meta-llama/Llama-2-7b-hf,
+/// meta-llama/Meta-Llama-3-8B, microsoft/bitnet-b1.58-2B-4T, 1bitLLM/bitnet_b1_58-3B,
+/// HuggingFaceTB/SmolLM2-135M-Instruct).
+pub fn shape(name: &str) -> Result<SyntheticShape> {
+    let key = name.strip_prefix("synthetic:").unwrap_or(name);
+    let key = key.trim().to_ascii_lowercase();
+    let (name, dims, ternary) = match key.as_str() {
+        "smollm2-135m" => (
+            NAMES[0],
+            Dims {
+                architecture: Architecture::Llama,
+                hidden: 576,
+                ffn: 1536,
+                layers: 30,
+                heads: 9,
+                kv_heads: 3,
+                vocab: 49152,
+                context: 8192,
+                rope_theta: 100_000.0,
+                tied: true,
+            },
+            false,
+        ),
+        "bitnet-2b" => (
+            NAMES[1],
+            Dims {
+                architecture: Architecture::BitNet,
+                hidden: 2560,
+                ffn: 6912,
+                layers: 30,
+                heads: 20,
+                kv_heads: 5,
+                vocab: 128_256,
+                context: 4096,
+                rope_theta: 500_000.0,
+                tied: true,
+            },
+            true,
+        ),
+        "bitnet-3b" => (
+            NAMES[2],
+            Dims {
+                architecture: Architecture::BitNet,
+                hidden: 3200,
+                ffn: 8640,
+                layers: 26,
+                heads: 32,
+                kv_heads: 32,
+                vocab: 32_002,
+                context: 2048,
+                rope_theta: 10_000.0,
+                tied: true,
+            },
+            true,
+        ),
+        "llama2-7b" => (
+            NAMES[3],
+            Dims {
+                architecture: Architecture::Llama,
+                hidden: 4096,
+                ffn: 11008,
+                layers: 32,
+                heads: 32,
+                kv_heads: 32,
+                vocab: 32_000,
+                context: 4096,
+                rope_theta: 10_000.0,
+                tied: false,
+            },
+            false,
+        ),
+        "llama3-8b" => (
+            NAMES[4],
+            Dims {
+                architecture: Architecture::Llama,
+                hidden: 4096,
+                ffn: 14336,
+                layers: 32,
+                heads: 32,
+                kv_heads: 8,
+                vocab: 128_256,
+                context: 8192,
+                rope_theta: 500_000.0,
+                tied: false,
+            },
+            false,
+        ),
+        _ => {
+            return Err(Error::InvalidOption(format!(
+                "unknown synthetic model '{name}'; known: {}",
+                NAMES.join(", ")
+            )))
+        }
+    };
+    Ok(SyntheticShape {
+        name,
+        config: dims.config(name),
+        default_bits: DEFAULT_BITS,
+        default_group_size: DEFAULT_GROUP_SIZE,
+        ternary,
+    })
+}
+
+/// Number of weights in the matrices a decode step multiplies (attention, FFN, LM head), i.e.
+/// what dominates the bytes read per token. Embedding rows are gathered, not multiplied, so an
+/// untied embedding is not counted.
+pub fn matmul_params(config: &ModelConfig) -> usize {
+    let h = config.hidden_size;
+    let q = config.heads * config.head_dim;
+    let kv = config.kv_heads * config.head_dim;
+    let attention = h * q + 2 * h * kv + q * h;
+    let ffn = 3 * h * config.ffn_size;
+    config.layers * (attention + ffn) + config.vocab_size * h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_resolves_with_consistent_heads() {
+        for name in NAMES {
+            let s = shape(name).unwrap();
+            assert_eq!(s.name, name);
+            let c = &s.config;
+            assert_eq!(c.heads * c.head_dim, c.hidden_size, "{name}");
+            assert_eq!(c.heads % c.kv_heads, 0, "{name}: GQA groups must be whole");
+            assert_eq!(c.rope_dims, c.head_dim);
+            assert_eq!(c.hidden_size % s.default_group_size, 0, "{name}: hidden not a whole number of groups");
+        }
+    }
+
+    #[test]
+    fn prefix_and_case_are_ignored_and_unknown_names_fail() {
+        assert_eq!(shape("synthetic:Llama2-7B").unwrap().name, "llama2-7b");
+        let err = shape("gpt-5").unwrap_err().to_string();
+        assert!(err.contains("gpt-5") && err.contains("llama3-8b"), "{err}");
+    }
+
+    #[test]
+    fn parameter_counts_match_the_published_sizes() {
+        // Llama-2-7B has 6.74e9 parameters, 6.61e9 of them in matmuls (embedding 131M excluded).
+        let llama2 = matmul_params(&shape("llama2-7b").unwrap().config);
+        assert!((6.55e9..6.65e9).contains(&(llama2 as f64)), "{llama2}");
+        // SmolLM2-135M: 134.5M parameters, its tied embedding (28.3M) being the head.
+        let smol = matmul_params(&shape("smollm2-135m").unwrap().config);
+        assert!((1.30e8..1.36e8).contains(&(smol as f64)), "{smol}");
+        let llama3 = matmul_params(&shape("llama3-8b").unwrap().config);
+        assert!((7.4e9..7.6e9).contains(&(llama3 as f64)), "{llama3}");
+    }
+
+    #[test]
+    fn bitnet_shapes_are_ternary() {
+        assert!(shape("bitnet-2b").unwrap().ternary);
+        assert!(shape("bitnet-3b").unwrap().ternary);
+        assert!(!shape("llama3-8b").unwrap().ternary);
+        assert_eq!(shape("bitnet-3b").unwrap().config.vocab_size, 32_002);
+    }
+}
