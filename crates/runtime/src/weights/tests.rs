@@ -1,0 +1,312 @@
+//! Unit tests of `weights`.
+use super::*;
+
+fn h(x: f32) -> [u8; 2] {
+    f16::from_f32(x).to_le_bytes()
+}
+
+#[test]
+fn q4_0_matches_formula() {
+    let mut block = Vec::new();
+    block.extend(h(0.5));
+    block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+    let t = decode_ggml(GgmlType::Q4_0, 1, 32, &block).unwrap();
+    let w = t.dequantize();
+    for j in 0..16 {
+        assert_eq!(w[j], 0.5 * (j as f32 - 8.0));
+        assert_eq!(w[j + 16], 0.5 * ((15 - j) as f32 - 8.0));
+    }
+    assert!(matches!(
+        t,
+        DecodedTensor::LowBit {
+            bits: 4,
+            group_size: 32,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn q4_1_matches_formula() {
+    let mut data = Vec::new();
+    for (d, m) in [(0.25f32, -1.5f32), (2.0, 3.0)] {
+        data.extend(h(d));
+        data.extend(h(m));
+        data.extend((0..16u8).map(|i| (i * 7 % 16) | ((i * 3 % 16) << 4)));
+    }
+    let t = decode_ggml(GgmlType::Q4_1, 1, 64, &data).unwrap();
+    let w = t.dequantize();
+    for (blk, (d, m)) in [(0.25f32, -1.5f32), (2.0, 3.0)].into_iter().enumerate() {
+        for i in 0..16 {
+            assert_eq!(w[blk * 32 + i], d * ((i * 7 % 16) as f32) + m);
+            assert_eq!(w[blk * 32 + 16 + i], d * ((i * 3 % 16) as f32) + m);
+        }
+    }
+}
+
+#[test]
+fn q8_0_matches_formula() {
+    let mut data = Vec::new();
+    data.extend(h(0.125));
+    data.extend((0..32).map(|i| (i as i8 * 4 - 64) as u8));
+    let t = decode_ggml(GgmlType::Q8_0, 1, 32, &data).unwrap();
+    let DecodedTensor::Int8 { codes, scales, .. } = &t else {
+        panic!("not int8")
+    };
+    assert_eq!(scales, &[0.125]);
+    assert_eq!(codes[5], 5 * 4 - 64);
+    assert_eq!(t.dequantize()[31], 0.125 * (31.0 * 4.0 - 64.0));
+}
+
+#[test]
+fn q5_0_matches_formula() {
+    let mut data = Vec::new();
+    data.extend(h(1.0));
+    let qh: u32 = 0xA5A5_0F0F;
+    data.extend(qh.to_le_bytes());
+    data.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+    let w = decode_ggml(GgmlType::Q5_0, 1, 32, &data)
+        .unwrap()
+        .dequantize();
+    for j in 0..16 {
+        let hi0 = (qh >> j) & 1;
+        let hi1 = (qh >> (j + 16)) & 1;
+        assert_eq!(w[j], (j as u32 | hi0 << 4) as f32 - 16.0);
+        assert_eq!(w[j + 16], ((15 - j) as u32 | hi1 << 4) as f32 - 16.0);
+    }
+}
+
+#[test]
+fn tq2_0_is_ternary() {
+    let mut data = vec![0b10_01_00_10u8; 64];
+    data.extend(h(3.0));
+    let t = decode_ggml(GgmlType::TQ2_0, 1, 256, &data).unwrap();
+    let w = t.dequantize();
+    // Element 32·l + m takes bits 2l..2l+2 of byte m.
+    assert_eq!(&w[0..1], &[3.0]);
+    assert_eq!(w[32], -3.0);
+    assert_eq!(w[64], 0.0);
+    assert_eq!(w[96], 3.0);
+}
+
+#[test]
+fn tq1_0_digits_roundtrip() {
+    // Encode 5 base-3 digits per byte the way ggml's quantizer does and decode them back.
+    let digits: Vec<u8> = (0..256).map(|i| ((i * 7 + i / 5) % 3) as u8).collect();
+    let pack = |ds: &[u8]| -> u8 {
+        let v = ds.iter().fold(0u16, |acc, &d| acc * 3 + u16::from(d));
+        (v * 256).div_ceil(243) as u8
+    };
+    let mut qs = vec![0u8; 48];
+    let mut qh = vec![0u8; 4];
+    for m in 0..32 {
+        qs[m] = pack(&(0..5).map(|n| digits[n * 32 + m]).collect::<Vec<_>>());
+    }
+    for m in 0..16 {
+        qs[32 + m] = pack(&(0..5).map(|n| digits[160 + n * 16 + m]).collect::<Vec<_>>());
+    }
+    for j in 0..4 {
+        let ds: Vec<u8> = (0..4).map(|n| digits[240 + n * 4 + j]).chain([0]).collect();
+        qh[j] = pack(&ds);
+    }
+    assert_eq!(tq1_block(&qs, &qh), digits);
+}
+
+#[test]
+fn q4_k_and_q2_k_decode_shapes_and_values() {
+    // Q4_K: all scales 1 (j<4 low 6 bits) and mins 0: w = d·q.
+    let mut b = Vec::new();
+    b.extend(h(0.5));
+    b.extend(h(0.0));
+    b.extend([1, 1, 1, 1, 0, 0, 0, 0, 0x01, 0x01, 0x01, 0x01]);
+    b.extend((0..128).map(|i| (i % 16) as u8 | (((i + 1) % 16) << 4) as u8));
+    let t = decode_ggml(GgmlType::Q4_K, 1, 256, &b).unwrap();
+    let w = t.dequantize();
+    assert_eq!(w[3], 0.5 * 3.0);
+    assert_eq!(w[32 + 3], 0.5 * 4.0);
+    assert_eq!(w[64 + 5], 0.5 * 5.0); // second chunk, low nibble of byte 37
+    assert!(matches!(
+        t,
+        DecodedTensor::LowBit {
+            bits: 4,
+            group_size: 32,
+            ..
+        }
+    ));
+    // Q2_K: scale nibble 2, min nibble 1 everywhere: w = 2d·q − dmin.
+    let mut b = vec![0x12u8; 16];
+    b.extend((0..64).map(|i| (i % 4) as u8 * 0b01_01_01_01));
+    b.extend(h(0.25));
+    b.extend(h(1.0));
+    let w = decode_ggml(GgmlType::Q2_K, 1, 256, &b)
+        .unwrap()
+        .dequantize();
+    for (i, &x) in w.iter().enumerate() {
+        let byte = (i / 128) * 32 + i % 32;
+        assert_eq!(x, 0.5 * (byte % 4) as f32 - 1.0, "element {i}");
+    }
+}
+
+/// Quantized levels `L` packed the way ggml's reference quantizers pack them; the decoders
+/// must give back `L` through each type's formula.
+fn levels(modulus: usize) -> Vec<usize> {
+    (0..256).map(|j| (j * 7 + j / 16) % modulus).collect()
+}
+
+#[test]
+fn q3_k_unpacks_ggml_layout() {
+    let l = levels(8);
+    let mut hmask = [0u8; 32];
+    let mut qs = [0u8; 64];
+    for (j, &v) in l.iter().enumerate() {
+        if v > 3 {
+            hmask[j % 32] |= 1 << (j / 32);
+        }
+    }
+    for j in (0..256).step_by(128) {
+        for i in 0..32 {
+            let low = |k: usize| (l[j + i + 32 * k] & 3) as u8;
+            qs[j / 4 + i] = low(0) | low(1) << 2 | low(2) << 4 | low(3) << 6;
+        }
+    }
+    // Sub-block scale s (6-bit, stored +32): 45 → 13, packed as in `make_q3_quants`.
+    let v: u8 = 45;
+    let mut scales = [0u8; 12];
+    for s in &mut scales[..8] {
+        *s = (v & 0xF) | ((v & 0xF) << 4);
+    }
+    for s in &mut scales[8..] {
+        let h = v >> 4;
+        *s = h | h << 2 | h << 4 | h << 6;
+    }
+    let mut b = hmask.to_vec();
+    b.extend(qs);
+    b.extend(scales);
+    b.extend(h(0.5));
+    let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
+    assert!(matches!(
+        t,
+        DecodedTensor::LowBit {
+            bits: 3,
+            group_size: 16,
+            ..
+        }
+    ));
+    for (j, (&w, &v)) in t.dequantize().iter().zip(&l).enumerate() {
+        assert_eq!(w, 0.5 * 13.0 * (v as f32 - 4.0), "element {j}");
+    }
+}
+
+#[test]
+fn q5_k_and_q6_k_unpack_ggml_layout() {
+    // Q5_K with every scale 1 and min 0: w = d·L.
+    let l = levels(32);
+    let mut qh = [0u8; 32];
+    let mut ql = [0u8; 128];
+    for (c, n) in (0..256).step_by(64).enumerate() {
+        for j in 0..32 {
+            let (mut l1, mut l2) = (l[n + j], l[n + j + 32]);
+            if l1 > 15 {
+                l1 -= 16;
+                qh[j] |= 1 << (2 * c);
+            }
+            if l2 > 15 {
+                l2 -= 16;
+                qh[j] |= 2 << (2 * c);
+            }
+            ql[32 * c + j] = l1 as u8 | (l2 as u8) << 4;
+        }
+    }
+    let mut b = Vec::new();
+    b.extend(h(0.25));
+    b.extend(h(0.0));
+    b.extend([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]);
+    b.extend(qh);
+    b.extend(ql);
+    let w = decode_ggml(GgmlType::Q5_K, 1, 256, &b)
+        .unwrap()
+        .dequantize();
+    for (j, (&w, &v)) in w.iter().zip(&l).enumerate() {
+        assert_eq!(w, 0.25 * v as f32, "Q5_K element {j}");
+    }
+    // Q6_K with scales 2: w = 2d·(L − 32).
+    let l = levels(64);
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for (half, j) in (0..256).step_by(128).enumerate() {
+        for i in 0..32 {
+            let q = |k: usize| l[j + i + 32 * k] as u8;
+            ql[64 * half + i] = (q(0) & 0xF) | (q(2) & 0xF) << 4;
+            ql[64 * half + i + 32] = (q(1) & 0xF) | (q(3) & 0xF) << 4;
+            qh[32 * half + i] = q(0) >> 4 | (q(1) >> 4) << 2 | (q(2) >> 4) << 4 | (q(3) >> 4) << 6;
+        }
+    }
+    let mut b = ql.to_vec();
+    b.extend(qh);
+    b.extend([2u8; 16]);
+    b.extend(h(0.5));
+    let w = decode_ggml(GgmlType::Q6_K, 1, 256, &b)
+        .unwrap()
+        .dequantize();
+    for (j, (&w, &v)) in w.iter().zip(&l).enumerate() {
+        assert_eq!(w, (v as f32 - 32.0), "Q6_K element {j}");
+    }
+}
+
+#[test]
+fn wrong_length_and_unsupported_are_errors() {
+    assert!(matches!(
+        decode_ggml(GgmlType::Q4_1, 1, 32, &[0; 19]),
+        Err(DecodeError::BadShape(_))
+    ));
+    assert!(matches!(
+        decode_ggml(GgmlType::Q4_1, 1, 30, &[0; 20]),
+        Err(DecodeError::BadShape(_))
+    ));
+    assert_eq!(
+        decode_ggml(GgmlType::IQ2_XXS, 1, 256, &[0; 66]),
+        Err(DecodeError::Unsupported(GgmlType::IQ2_XXS))
+    );
+    assert_eq!(GgmlType::from_id(3), Some(GgmlType::Q4_1));
+    assert_eq!(GgmlType::from_id(99), None);
+}
+
+#[test]
+fn bf16_q5_1_and_q8_k_match_formulas() {
+    let vals = [1.5f32, -0.25, 3.0e5, 0.0];
+    let bytes: Vec<u8> = vals
+        .iter()
+        .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+        .collect();
+    let w = decode_ggml(GgmlType::BF16, 2, 2, &bytes)
+        .unwrap()
+        .dequantize();
+    let expected: Vec<f32> = vals.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    assert_eq!(w, expected);
+
+    let mut data = Vec::new();
+    data.extend(h(0.5));
+    data.extend(h(-2.0));
+    let qh: u32 = 0x0F0F_A5A5;
+    data.extend(qh.to_le_bytes());
+    data.extend((0..16u8).map(|i| (i * 5 % 16) | ((i * 11 % 16) << 4)));
+    let w = decode_ggml(GgmlType::Q5_1, 1, 32, &data)
+        .unwrap()
+        .dequantize();
+    for j in 0..16 {
+        let q0 = (j * 5 % 16) as u32 | ((qh >> j) & 1) << 4;
+        let q1 = (j * 11 % 16) as u32 | ((qh >> (j + 16)) & 1) << 4;
+        assert_eq!(w[j], 0.5 * q0 as f32 - 2.0);
+        assert_eq!(w[j + 16], 0.5 * q1 as f32 - 2.0);
+    }
+
+    let mut data = 0.125f32.to_le_bytes().to_vec();
+    data.extend((0..256).map(|i| (i as u8).wrapping_mul(3)));
+    data.extend([0u8; 32]);
+    let t = decode_ggml(GgmlType::Q8_K, 1, 256, &data).unwrap();
+    assert!(matches!(&t, DecodedTensor::Int8 { scales, .. } if scales.len() == 8));
+    let w = t.dequantize();
+    for (i, &x) in w.iter().enumerate() {
+        assert_eq!(x, 0.125 * f32::from((i as u8).wrapping_mul(3) as i8));
+    }
+}
