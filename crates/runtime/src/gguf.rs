@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use lutra_kernels::MappedFile;
 
 use crate::config::ModelConfig;
 use crate::weights::{decode_ggml, DecodeError, DecodedTensor, GgmlType};
@@ -182,7 +182,7 @@ impl TensorInfo {
 /// An open, memory-mapped GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: MappedFile,
     version: u32,
     metadata: Vec<(String, MetaValue)>,
     meta_index: HashMap<String, usize>,
@@ -218,15 +218,11 @@ impl GgufFile {
                 format!("the file has {len} bytes, too few for a GGUF header"),
             ));
         }
-        // SAFETY: the map is only read, never written. If another process truncates or rewrites
-        // the file while it is mapped, reads may see changed bytes (every read below is still
-        // bounds-checked against the map's length) — the usual, documented mmap caveat, accepted
-        // because a model must not be copied into memory.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mmap = MappedFile::map(&file).map_err(io)?;
         Self::parse(path, mmap)
     }
 
-    fn parse(path: &Path, mmap: Mmap) -> Result<GgufFile> {
+    fn parse(path: &Path, mmap: MappedFile) -> Result<GgufFile> {
         let mut r = Reader {
             data: &mmap,
             pos: 0,
