@@ -10,26 +10,76 @@ pub enum KernelError {
     #[error("{0}-bit weights are not supported by the LUT kernels (use 1, 2, 3 or 4)")]
     UnsupportedBits(u8),
     /// The group size does not divide K or is not one of the supported sizes.
-    #[error("group size {group} does not fit K = {cols} (use 32, 64, 128, 256, per row or per tensor)")]
-    BadGroupSize { group: usize, cols: usize },
+    #[error(
+        "group size {group} does not fit K = {cols} (use 32, 64, 128, 256, per row or per tensor)"
+    )]
+    BadGroupSize {
+        /// The requested group size.
+        group: usize,
+        /// K of the matrix.
+        cols: usize,
+    },
     /// A buffer has the wrong number of elements.
     #[error("{what}: expected {expected} values, got {got}")]
-    LengthMismatch { what: &'static str, expected: usize, got: usize },
+    LengthMismatch {
+        /// Which buffer.
+        what: &'static str,
+        /// Elements the shape implies.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
     /// A weight code does not fit in the declared bit width.
     #[error("code {code} at element {index} is out of range for {bits}-bit weights")]
-    CodeOutOfRange { code: u8, index: usize, bits: u8 },
+    CodeOutOfRange {
+        /// The code.
+        code: u8,
+        /// Its element index (row-major).
+        index: usize,
+        /// The declared bit width.
+        bits: u8,
+    },
     /// A matrix and the activations it is multiplied with disagree on K.
     #[error("shape mismatch: matrix has K = {matrix}, activations have K = {activations}")]
-    ShapeMismatch { matrix: usize, activations: usize },
+    ShapeMismatch {
+        /// K of the matrix.
+        matrix: usize,
+        /// K of the activations.
+        activations: usize,
+    },
     /// `LUTRA_ISA` names an instruction set this CPU lacks.
     #[error("LUTRA_ISA={0} was requested but this CPU does not support it")]
     IsaUnsupported(&'static str),
     /// `LUTRA_ISA` holds something that is not an ISA name.
     #[error("unknown LUTRA_ISA value '{0}' (expected scalar, avx2 or neon)")]
     IsaUnknown(String),
+    /// A row index past the last row of a matrix.
+    #[error("row {row} is out of range for a matrix of {rows} rows")]
+    RowOutOfRange {
+        /// The requested row.
+        row: usize,
+        /// Rows of the matrix.
+        rows: usize,
+    },
+    /// A block scale that is not finite or does not fit the f16 it is stored as.
+    #[error("scale {value} of block {index} is not a finite f16 value")]
+    ScaleOutOfRange {
+        /// Index of the block (row-major).
+        index: usize,
+        /// The offending scale.
+        value: f32,
+    },
+    /// A kernel-measurement filter (`measure::CaseFilter`) that does not parse.
+    #[error("bad kernel case filter: {0}")]
+    BadCaseFilter(String),
     /// The thread pool could not be created.
     #[error("could not start a pool of {threads} threads: {reason}")]
-    ThreadPool { threads: usize, reason: String },
+    ThreadPool {
+        /// Threads asked for.
+        threads: usize,
+        /// Why the pool failed.
+        reason: String,
+    },
 }
 
 /// Result type of the kernels crate.

@@ -1,21 +1,113 @@
 //! 8-bit weights (Q8_0 style: int8 codes, one scale per 32) times int8-quantized activations.
 //!
-//! OWNER: int8/dense helper.
+//! Used for the token embedding / tied LM head of small models, which are Q8_0 in GGUF files: an
+//! int8 dot kernel moves 8.5 bits per weight, where bit-serial LUT planes would need 8 lookups.
+//!
+//! Every ISA computes the same thing in the same order, so results are bit-identical:
+//! per block of 32, eight int32 lanes hold the exact sums of elements `4j..4j+4`; each lane is
+//! converted to f32 and fused-multiply-added with `d_w·d_x` into a per-lane f32 accumulator; the
+//! eight lanes are summed at the end in the tree order of [`hsum8`].
+
+use half::f16;
 
 use crate::cpu::Cpu;
-use crate::error::Result;
+use crate::dense::split_rows;
+use crate::error::{KernelError, Result};
+use crate::isa::Isa;
 
-/// An int8 weight matrix with one f32 scale per block of 32 elements along K.
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod scalar;
+#[cfg(test)]
+pub(crate) mod tests;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::hsum as avx2_hsum;
+#[cfg(target_arch = "aarch64")]
+pub(crate) use neon::hsum as neon_hsum;
+
+/// Elements per quantization block (one scale each), as in GGUF Q8_0.
+pub const BLOCK: usize = 32;
+
+/// Rows computed together by the kernels (one load of activations serves all of them).
+const ROW_TILE: usize = 4;
+
+/// One block of weights: a scale and 32 codes, as in GGUF Q8_0 (34 bytes, no padding).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub(crate) struct WeightBlock {
+    pub(crate) d: f16,
+    pub(crate) q: [i8; BLOCK],
+}
+
+/// One block of quantized activations: codes, scale and the sum of the codes.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(8))]
+pub(crate) struct ActBlock {
+    pub(crate) q: [i8; BLOCK],
+    pub(crate) d: f32,
+    /// `Σ q`, for weight formats with a per-block offset (the dequantize-then-dot baseline).
+    pub(crate) sum: i32,
+}
+
+/// An int8 weight matrix with one scale per block of 32 elements along K.
+///
+/// Scales are stored as f16 (exact for GGUF Q8_0 files; relative error below 5e-4 otherwise).
+///
+/// Layout: rows are grouped in tiles of 4 and a tile's blocks are interleaved (`[tile][block][row]`),
+/// so a tile streams as one sequential run; the last `rows % 4` rows follow row-major. Either way
+/// rows `a..b` (a a multiple of 4) occupy blocks `a·K/32 .. b·K/32`.
 pub struct Int8Matrix {
     rows: usize,
     cols: usize,
+    blocks: Vec<WeightBlock>,
 }
 
 impl Int8Matrix {
     /// Builds the matrix from row-major codes `[rows][cols]` and scales `[rows][cols/32]`.
     pub fn new(rows: usize, cols: usize, codes: &[i8], scales: &[f32]) -> Result<Int8Matrix> {
-        let _ = (codes, scales);
-        Ok(Int8Matrix { rows, cols })
+        let mut half_scales = Vec::with_capacity(scales.len());
+        for (index, &value) in scales.iter().enumerate() {
+            let d = f16::from_f32(value);
+            if !d.is_finite() {
+                return Err(KernelError::ScaleOutOfRange { index, value });
+            }
+            half_scales.push(d);
+        }
+        Int8Matrix::from_f16_scales(rows, cols, codes, &half_scales)
+    }
+
+    /// Like [`Int8Matrix::new`] with f16 scales, as GGUF Q8_0 stores them.
+    pub fn from_f16_scales(
+        rows: usize,
+        cols: usize,
+        codes: &[i8],
+        scales: &[f16],
+    ) -> Result<Int8Matrix> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(KernelError::KNotMultipleOf32(cols));
+        }
+        let per_row = cols / BLOCK;
+        check_len("int8 weight codes", rows * cols, codes.len())?;
+        check_len("int8 weight scales", rows * per_row, scales.len())?;
+        let mut matrix = Int8Matrix {
+            rows,
+            cols,
+            blocks: vec![WeightBlock::default(); rows * per_row],
+        };
+        for row in 0..rows {
+            for b in 0..per_row {
+                let src = row * per_row + b;
+                let block = &mut matrix.blocks[block_index(rows, per_row, row, b)];
+                block.d = scales[src];
+                block
+                    .q
+                    .copy_from_slice(&codes[src * BLOCK..(src + 1) * BLOCK]);
+            }
+        }
+        Ok(matrix)
     }
 
     /// Output features.
@@ -30,38 +122,111 @@ impl Int8Matrix {
 
     /// Bytes of codes and scales.
     pub fn bytes(&self) -> usize {
-        unimplemented!()
+        self.blocks.len() * std::mem::size_of::<WeightBlock>()
     }
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` with `x` quantized in `acts`; `out` is `[n][rows]`.
     pub fn matmul(&self, cpu: &Cpu, acts: &Int8Activations, out: &mut [f32]) -> Result<()> {
-        let _ = (cpu, acts, out);
-        unimplemented!()
+        if acts.cols != self.cols {
+            return Err(KernelError::ShapeMismatch {
+                matrix: self.cols,
+                activations: acts.cols,
+            });
+        }
+        check_len("int8 matmul output", acts.tokens * self.rows, out.len())?;
+        let per_row = self.cols / BLOCK;
+        if per_row == 0 {
+            out.fill(0.0);
+            return Ok(());
+        }
+        let x = acts.blocks();
+        let isa = cpu.isa();
+        split_rows(cpu, out, self.rows, acts.tokens, ROW_TILE, |mut range| {
+            let w = &self.blocks[range.start() * per_row..range.end() * per_row];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => avx2::matmul_rows(w, x, per_row, &mut range),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => neon::matmul_rows(w, x, per_row, &mut range),
+                _ => scalar::matmul_rows(w, x, per_row, &mut range),
+            }
+        });
+        Ok(())
     }
 
     /// Dequantized row `r` (embedding lookup).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
-        let _ = (row, out);
-        unimplemented!()
+        if row >= self.rows {
+            return Err(KernelError::RowOutOfRange {
+                row,
+                rows: self.rows,
+            });
+        }
+        check_len("dequantized row", self.cols, out.len())?;
+        let per_row = self.cols / BLOCK;
+        for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let block = &self.blocks[block_index(self.rows, per_row, row, b)];
+            let d = block.d.to_f32();
+            for (o, &q) in dst.iter_mut().zip(&block.q) {
+                *o = d * f32::from(q);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Int8Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Int8Matrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
     }
 }
 
 /// Activations quantized to int8 with one scale per 32 elements, for [`Int8Matrix::matmul`].
+///
+/// Quantization follows llama.cpp's Q8_0: `d = max|x| / 127`, `q = round(x / d)`, with the scale
+/// kept in f32. Buffers grow to the largest batch seen and are reused.
+#[derive(Debug)]
 pub struct Int8Activations {
     cols: usize,
     tokens: usize,
+    /// `[tokens][cols / 32]`.
+    blocks: Vec<ActBlock>,
 }
 
 impl Int8Activations {
     /// Empty buffers for inputs of `cols` elements (a multiple of 32).
     pub fn new(cols: usize) -> Int8Activations {
-        Int8Activations { cols, tokens: 0 }
+        Int8Activations {
+            cols,
+            tokens: 0,
+            blocks: Vec::new(),
+        }
     }
 
     /// Quantizes `tokens` vectors stored back to back in `x`.
     pub fn build(&mut self, cpu: &Cpu, x: &[f32], tokens: usize) -> Result<()> {
-        let _ = (cpu, x, tokens);
-        unimplemented!()
+        if !self.cols.is_multiple_of(BLOCK) {
+            return Err(KernelError::KNotMultipleOf32(self.cols));
+        }
+        check_len("int8 activations", tokens * self.cols, x.len())?;
+        let per_row = self.cols / BLOCK;
+        let count = tokens * per_row;
+        if self.blocks.len() < count {
+            self.blocks.resize(count, ActBlock::default());
+        }
+        // Quantizing is linear in K and tiny next to the matmul; split by tokens only when many.
+        let chunk = per_row.max(1) * tokens.div_ceil(cpu.threads()).max(1);
+        cpu.for_each_chunk(&mut self.blocks[..count], chunk, |first, part| {
+            let src = &x[first * BLOCK..first * BLOCK + part.len() * BLOCK];
+            for (block, xs) in part.iter_mut().zip(src.chunks_exact(BLOCK)) {
+                quantize_block(xs, block);
+            }
+        });
+        self.tokens = tokens;
+        Ok(())
     }
 
     /// Input length.
@@ -73,4 +238,52 @@ impl Int8Activations {
     pub fn tokens(&self) -> usize {
         self.tokens
     }
+
+    /// The quantized blocks of the last build, `[tokens][cols / 32]`.
+    pub(crate) fn blocks(&self) -> &[ActBlock] {
+        &self.blocks[..self.tokens * (self.cols / BLOCK)]
+    }
+}
+
+/// Q8_0 quantization of one block (scalar on every ISA, so all ISAs see the same codes).
+fn quantize_block(x: &[f32], block: &mut ActBlock) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in block.q.iter_mut().zip(x) {
+        // `as` saturates (and maps NaN to 0), so odd inputs cannot wrap.
+        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        sum += i32::from(*q);
+    }
+    block.d = d;
+    block.sum = sum;
+}
+
+/// Position of block `b` of `row` in the tile-interleaved layout (see [`Int8Matrix`]).
+pub(crate) fn block_index(rows: usize, per_row: usize, row: usize, b: usize) -> usize {
+    if row < rows / ROW_TILE * ROW_TILE {
+        (row / ROW_TILE * per_row + b) * ROW_TILE + row % ROW_TILE
+    } else {
+        row * per_row + b
+    }
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// Sum of eight lanes in the order every ISA uses: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+#[inline]
+pub(crate) fn hsum8(l: [f32; 8]) -> f32 {
+    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (h[0] + h[2]) + (h[1] + h[3])
 }

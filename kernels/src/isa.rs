@@ -53,7 +53,10 @@ impl Isa {
 
     /// Every ISA this CPU supports (always includes [`Isa::Scalar`]).
     pub fn supported() -> Vec<Isa> {
-        Isa::ALL.into_iter().filter(|isa| isa.is_supported()).collect()
+        Isa::ALL
+            .into_iter()
+            .filter(|isa| isa.is_supported())
+            .collect()
     }
 
     /// Parses an ISA name and checks the CPU supports it.
@@ -109,7 +112,10 @@ mod tests {
 
     #[test]
     fn parse_rejects_unknown_and_unsupported() {
-        assert!(matches!(Isa::parse("sse9"), Err(KernelError::IsaUnknown(_))));
+        assert!(matches!(
+            Isa::parse("sse9"),
+            Err(KernelError::IsaUnknown(_))
+        ));
         assert_eq!(Isa::parse("Scalar").unwrap(), Isa::Scalar);
         for isa in Isa::ALL {
             match Isa::parse(isa.name()) {

@@ -42,6 +42,9 @@ mod dense;
 mod error;
 mod int8;
 mod isa;
+mod lut;
+mod mapped;
+pub mod measure;
 mod packed;
 mod tables;
 
@@ -50,5 +53,6 @@ pub use dense::DenseMatrix;
 pub use error::{KernelError, Result};
 pub use int8::{Int8Activations, Int8Matrix};
 pub use isa::Isa;
+pub use mapped::MappedFile;
 pub use packed::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
 pub use tables::ActivationTables;

@@ -1,10 +1,14 @@
 //! LUT-packed low-bit weight matrices and the mpGEMV/mpGEMM over them.
 //!
-//! OWNER: kernels helper. The public items below are the contract the runtime codes against;
-//! bodies are to be filled in.
+//! Packing splits codes into bit planes and lays them out in row tiles (see `lut::layout`); the
+//! multiply is done by the tile kernels of `lut`, chosen by the [`Cpu`]'s ISA.
+
+use half::f16;
 
 use crate::cpu::Cpu;
-use crate::error::Result;
+use crate::error::{KernelError, Result};
+use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TABLES_PER_ACT, TILE};
+use crate::lut::{self, Weights};
 use crate::tables::ActivationTables;
 
 /// How many consecutive K elements share one scale (and offset).
@@ -59,13 +63,143 @@ pub struct QuantizedWeights<'a> {
 /// A weight matrix repacked into the LUT layout (bit planes, nibbles, row tiles).
 pub struct PackedMatrix {
     spec: QuantSpec,
+    tiles: usize,
+    groups: usize,
+    /// `[tile][K/32][plane][256]`: nibbles of 4 columns of one plane, 64 rows per 32 bytes.
+    weights: Vec<u8>,
+    /// f16 bits, `[tile][group][plane or 1][64 rows]`; padded rows hold 0.
+    scales: Vec<u16>,
+    /// f16 bits, `[tile][group][64 rows]`.
+    offsets: Option<Vec<u16>>,
+}
+
+/// Elements per group along K, or the error for a grouping that does not fit `cols`.
+fn group_size(grouping: Grouping, cols: usize) -> Result<usize> {
+    match grouping {
+        Grouping::Size(g @ (32 | 64 | 128 | 256)) if cols.is_multiple_of(g) => Ok(g),
+        Grouping::Size(g) => Err(KernelError::BadGroupSize { group: g, cols }),
+        Grouping::PerRow | Grouping::PerTensor => Ok(cols),
+    }
+}
+
+fn check_len(what: &'static str, expected: Option<usize>, got: usize) -> Result<()> {
+    match expected {
+        Some(e) if e == got => Ok(()),
+        _ => Err(KernelError::LengthMismatch {
+            what,
+            expected: expected.unwrap_or(usize::MAX),
+            got,
+        }),
+    }
+}
+
+/// f16 bits of `value`, or an error when it is not finite or overflows f16.
+fn to_f16(value: f32, index: usize) -> Result<u16> {
+    let h = f16::from_f32(value);
+    if h.is_finite() {
+        Ok(h.to_bits())
+    } else {
+        Err(KernelError::ScaleOutOfRange { index, value })
+    }
 }
 
 impl PackedMatrix {
     /// Checks the inputs and repacks them. Scales and offsets are stored as f16.
     pub fn pack(weights: &QuantizedWeights<'_>) -> Result<PackedMatrix> {
-        let _ = weights;
-        unimplemented!("kernels helper fills this in")
+        let spec = weights.spec;
+        let (rows, cols) = (spec.rows, spec.cols);
+        if !(1..=4).contains(&spec.bits) {
+            return Err(KernelError::UnsupportedBits(spec.bits));
+        }
+        if cols == 0 || cols % ACT != 0 {
+            return Err(KernelError::KNotMultipleOf32(cols));
+        }
+        let bits = usize::from(spec.bits);
+        let gs = group_size(spec.grouping, cols)?;
+        let groups = cols / gs;
+        let per_plane = spec.plane_scales == PlaneScales::PerPlane;
+        let nps = if per_plane { bits } else { 1 };
+        let per_tensor = spec.grouping == Grouping::PerTensor;
+
+        check_len("codes", rows.checked_mul(cols), weights.codes.len())?;
+        let per_matrix = if per_tensor {
+            Some(1)
+        } else {
+            rows.checked_mul(groups)
+        };
+        check_len(
+            "scales",
+            per_matrix.and_then(|n| n.checked_mul(nps)),
+            weights.scales.len(),
+        )?;
+        if let Some(offsets) = weights.offsets {
+            check_len("offsets", per_matrix, offsets.len())?;
+        }
+        // Index of the scale (plane p) and offset of (row, group) in the caller's arrays.
+        let scale_index = |r: usize, g: usize, p: usize| {
+            if per_tensor {
+                p
+            } else {
+                (r * groups + g) * nps + p
+            }
+        };
+        let offset_index = |r: usize, g: usize| if per_tensor { 0 } else { r * groups + g };
+
+        let tiles = rows.div_ceil(TILE);
+        let act_groups = cols / ACT;
+        let tile_bytes = act_groups * bits * PLANE_BYTES;
+        let mut packed = vec![0u8; tiles * tile_bytes];
+        let max_code = (1u16 << bits) - 1;
+        for (r, row) in weights.codes.chunks_exact(cols).enumerate() {
+            let (tile, rr) = (r / TILE, r % TILE);
+            let byte = ROW_BYTE[rr % 32];
+            let shift = if rr < 32 { 0 } else { 4 };
+            let base = tile * tile_bytes + byte;
+            for (q, quad) in row.chunks_exact(4).enumerate() {
+                let (a, j) = (q / TABLES_PER_ACT, q % TABLES_PER_ACT);
+                let mut nibbles = [0u8; 4];
+                for (i, &code) in quad.iter().enumerate() {
+                    if u16::from(code) > max_code {
+                        return Err(KernelError::CodeOutOfRange {
+                            code,
+                            index: r * cols + 4 * q + i,
+                            bits: spec.bits,
+                        });
+                    }
+                    for (p, nib) in nibbles[..bits].iter_mut().enumerate() {
+                        *nib |= ((code >> p) & 1) << i;
+                    }
+                }
+                for (p, &nib) in nibbles[..bits].iter().enumerate() {
+                    packed[base + (a * bits + p) * PLANE_BYTES + j * 32] |= nib << shift;
+                }
+            }
+        }
+
+        let mut scales = vec![0u16; tiles * groups * nps * TILE];
+        let mut offsets = weights.offsets.map(|_| vec![0u16; tiles * groups * TILE]);
+        for r in 0..rows {
+            let (tile, rr) = (r / TILE, r % TILE);
+            for g in 0..groups {
+                for p in 0..nps {
+                    let i = scale_index(r, g, p);
+                    scales[((tile * groups + g) * nps + p) * TILE + rr] =
+                        to_f16(weights.scales[i], i)?;
+                }
+                if let (Some(dst), Some(src)) = (offsets.as_mut(), weights.offsets) {
+                    let i = offset_index(r, g);
+                    dst[(tile * groups + g) * TILE + rr] = to_f16(src[i], i)?;
+                }
+            }
+        }
+        Ok(PackedMatrix {
+            spec,
+            tiles,
+            groups,
+            weights: packed,
+            scales,
+            offsets,
+        })
     }
 
     /// Shape and quantization.
@@ -85,18 +219,89 @@ impl PackedMatrix {
 
     /// Bytes of packed weights, scales and offsets (what one GEMV streams from memory).
     pub fn bytes(&self) -> usize {
-        unimplemented!()
+        self.weights.len()
+            + 2 * self.scales.len()
+            + self.offsets.as_ref().map_or(0, |o| 2 * o.len())
     }
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` for every token `n` of `tables`; `out` is `[n][rows]`.
     pub fn matmul(&self, cpu: &Cpu, tables: &ActivationTables, out: &mut [f32]) -> Result<()> {
-        let _ = (cpu, tables, out);
-        unimplemented!()
+        if tables.cols() != self.cols() {
+            return Err(KernelError::ShapeMismatch {
+                matrix: self.cols(),
+                activations: tables.cols(),
+            });
+        }
+        let expected = tables.tokens() * self.rows();
+        if out.len() != expected {
+            return Err(KernelError::LengthMismatch {
+                what: "matmul output",
+                expected,
+                got: out.len(),
+            });
+        }
+        lut::run(cpu, &self.view(), &tables.view(), self.rows(), out);
+        Ok(())
     }
 
     /// Dequantized row `r` (`w = s·q + m`), for reference paths and tests.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
-        let _ = (row, out);
-        unimplemented!()
+        let (rows, cols) = (self.rows(), self.cols());
+        if row >= rows {
+            return Err(KernelError::RowOutOfRange { row, rows });
+        }
+        if out.len() != cols {
+            return Err(KernelError::LengthMismatch {
+                what: "dequantized row",
+                expected: cols,
+                got: out.len(),
+            });
+        }
+        let bits = usize::from(self.spec.bits);
+        let view = self.view();
+        let nps = view.scale_planes();
+        let (tile, rr) = (row / TILE, row % TILE);
+        let tile_bytes = cols / ACT * bits * PLANE_BYTES;
+        let base = tile * tile_bytes + ROW_BYTE[rr % 32];
+        let shift = if rr < 32 { 0 } else { 4 };
+        let gs = cols / self.groups;
+        let f = |h: u16| f16::from_bits(h).to_f32();
+        for (k, w) in out.iter_mut().enumerate() {
+            let (a, j, i) = (k / ACT, (k % ACT) / 4, k % 4);
+            let g = k / gs;
+            let sbase = ((tile * self.groups + g) * nps) * TILE + rr;
+            let mut value = 0.0f32;
+            let mut code = 0u32;
+            for p in 0..bits {
+                let byte = self.weights[base + (a * bits + p) * PLANE_BYTES + j * 32];
+                let bit = u32::from((byte >> (shift + i)) & 1);
+                code |= bit << p;
+                if nps > 1 {
+                    value += f(self.scales[sbase + p * TILE]) * bit as f32;
+                }
+            }
+            if nps == 1 {
+                value = f(self.scales[sbase]) * code as f32;
+            }
+            if let Some(o) = &self.offsets {
+                value += f(o[(tile * self.groups + g) * TILE + rr]);
+            }
+            *w = value;
+        }
+        Ok(())
+    }
+
+    /// The packed buffers, borrowed for the kernels.
+    fn view(&self) -> Weights<'_> {
+        Weights {
+            bits: usize::from(self.spec.bits),
+            per_plane: self.spec.plane_scales == PlaneScales::PerPlane,
+            tiles: self.tiles,
+            act_groups: self.cols() / ACT,
+            groups: self.groups,
+            weights: &self.weights,
+            scales: &self.scales,
+            offsets: self.offsets.as_deref(),
+        }
     }
 }

@@ -1,26 +1,102 @@
 //! Per-token activation tables: int8 ±sums of every 4 activations, with per-group scales and Σx.
 //!
-//! OWNER: kernels helper.
+//! For activations `x[4j..4j+4]`, `T_j[idx] = Σ_i (bit_i(idx) ? +x[4j+i] : −x[4j+i])`. Tables are
+//! quantized to int8 with one scale per activation group of 32 (so one build serves every matrix with
+//! the same K, whatever its weight group size): `scale = max_j Σ_i |x[4j+i]| / 127`, the largest
+//! |entry| of the group, rounded to nearest and saturated at ±127.
 
 use crate::cpu::Cpu;
-use crate::error::Result;
+use crate::error::{KernelError, Result};
+use crate::lut::layout::{ACT, TABLES_PER_ACT, TABLE_BYTES};
+use crate::lut::TabView;
+
+/// Below this many table bytes per build, threads cost more than they save.
+const PARALLEL_MIN_BYTES: usize = 32 * 1024;
 
 /// Tables for a batch of input vectors of length K; reused across calls (no allocation once sized).
 pub struct ActivationTables {
     cols: usize,
     tokens: usize,
+    /// `[token][cols/4][16]` int8 entries.
+    tables: Vec<i8>,
+    /// `[token][cols/32]` table scales.
+    scales: Vec<f32>,
+    /// `[token][cols/32]` Σx per activation group.
+    sums: Vec<f32>,
 }
 
 impl ActivationTables {
     /// Empty tables for inputs of `cols` elements (a multiple of 32).
     pub fn new(cols: usize) -> ActivationTables {
-        ActivationTables { cols, tokens: 0 }
+        ActivationTables {
+            cols,
+            tokens: 0,
+            tables: Vec::new(),
+            scales: Vec::new(),
+            sums: Vec::new(),
+        }
     }
 
     /// Builds the tables of `tokens` input vectors stored back to back in `x` (`[tokens][cols]`).
     pub fn build(&mut self, cpu: &Cpu, x: &[f32], tokens: usize) -> Result<()> {
-        let _ = (cpu, x, tokens);
-        unimplemented!()
+        if !self.cols.is_multiple_of(ACT) {
+            return Err(KernelError::KNotMultipleOf32(self.cols));
+        }
+        let expected = tokens
+            .checked_mul(self.cols)
+            .ok_or(KernelError::LengthMismatch {
+                what: "activations",
+                expected: usize::MAX,
+                got: x.len(),
+            })?;
+        if x.len() != expected {
+            return Err(KernelError::LengthMismatch {
+                what: "activations",
+                expected,
+                got: x.len(),
+            });
+        }
+        let groups = x.len() / ACT;
+        // `resize` keeps the capacity, so rebuilding for as many tokens or fewer does not allocate.
+        self.tables.resize(groups * TABLES_PER_ACT * TABLE_BYTES, 0);
+        self.scales.resize(groups, 0.0);
+        self.sums.resize(groups, 0.0);
+        self.tokens = tokens;
+
+        for ((xs, scale), sum) in x
+            .chunks_exact(ACT)
+            .zip(&mut self.scales)
+            .zip(&mut self.sums)
+        {
+            let mut s = 0.0f32;
+            let mut max = 0.0f32;
+            for quad in xs.chunks_exact(4) {
+                s += quad[0] + quad[1] + quad[2] + quad[3];
+                max = max.max(quad[0].abs() + quad[1].abs() + quad[2].abs() + quad[3].abs());
+            }
+            *sum = s;
+            *scale = max / 127.0;
+        }
+
+        let bytes = self.tables.len();
+        let chunk = if bytes >= PARALLEL_MIN_BYTES {
+            // Whole table groups per chunk, a few chunks per thread for balance.
+            bytes
+                .div_ceil(cpu.threads() * 4)
+                .next_multiple_of(TABLE_BYTES)
+        } else {
+            bytes
+        };
+        let scales = &self.scales;
+        cpu.for_each_chunk(&mut self.tables, chunk, |start, part| {
+            let first = start / TABLE_BYTES;
+            for (k, table) in part.chunks_exact_mut(TABLE_BYTES).enumerate() {
+                let j = first + k;
+                let quad = &x[4 * j..4 * j + 4];
+                fill_table(quad, scales[j / TABLES_PER_ACT], table);
+            }
+        });
+        Ok(())
     }
 
     /// Input length K.
@@ -31,5 +107,109 @@ impl ActivationTables {
     /// Number of tokens the tables were last built for.
     pub fn tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// The built tables, for the kernels.
+    pub(crate) fn view(&self) -> TabView<'_> {
+        TabView {
+            tokens: self.tokens,
+            act_groups: self.cols / ACT,
+            tables: &self.tables,
+            scales: &self.scales,
+            sums: &self.sums,
+        }
+    }
+}
+
+/// The 16 int8 entries of one table group. Entries `idx` and `15 − idx` are exact negatives (the float
+/// sums are, and rounding to nearest is symmetric), so only half are computed.
+fn fill_table(quad: &[f32], scale: f32, table: &mut [i8]) {
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for idx in 0..8 {
+        let mut t = 0.0f32;
+        for (i, &x) in quad.iter().enumerate() {
+            t += if idx & (1 << i) != 0 { x } else { -x };
+        }
+        // Adding and removing 1.5·2^23 rounds to nearest (ties to even) without a libm call, which
+        // made the build of large batches slow; it is exact for |v| ≤ 127. `as` maps NaN to 0.
+        const ROUND: f32 = 12_582_912.0;
+        let q = (((t * inv).clamp(-127.0, 127.0) + ROUND) - ROUND) as i8;
+        table[idx] = q;
+        table[15 - idx] = -q;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_signed_sums_scaled_to_127() {
+        let cpu = Cpu::with_isa(crate::Isa::Scalar, 1).unwrap();
+        let mut x = vec![0.0f32; 32];
+        x[..4].copy_from_slice(&[1.0, -2.0, 0.5, 3.0]);
+        x[4..8].copy_from_slice(&[0.25, 0.25, 0.25, 0.25]);
+        let mut t = ActivationTables::new(32);
+        t.build(&cpu, &x, 1).unwrap();
+        let v = t.view();
+        // The largest |entry| is 6.5 (all signs matching the first quad).
+        assert!((v.scales[0] - 6.5 / 127.0).abs() < 1e-7);
+        assert!((v.sums[0] - 3.5).abs() < 1e-6);
+        // idx 0b1101: +x0 −x1 +x2 +x3 = 6.5 → 127; idx 0: −2.5 → round(−2.5·127/6.5) = −49.
+        assert_eq!(v.tables[0b1101], 127);
+        assert_eq!(v.tables[0], -49);
+        for idx in 0..16 {
+            assert_eq!(v.tables[idx], -v.tables[15 - idx]);
+        }
+        // Second quad: entry idx = 0.25·(2·popcount(idx) − 4) / scale.
+        for idx in 0..16usize {
+            let exact = 0.25 * (2.0 * idx.count_ones() as f32 - 4.0) / v.scales[0];
+            assert_eq!(v.tables[16 + idx], exact.round() as i8);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes_and_reuses_buffers() {
+        let cpu = Cpu::with_isa(crate::Isa::Scalar, 1).unwrap();
+        let mut t = ActivationTables::new(48);
+        assert!(matches!(
+            t.build(&cpu, &[0.0; 48], 1),
+            Err(KernelError::KNotMultipleOf32(48))
+        ));
+        let mut t = ActivationTables::new(64);
+        assert!(matches!(
+            t.build(&cpu, &[0.0; 100], 2),
+            Err(KernelError::LengthMismatch {
+                expected: 128,
+                got: 100,
+                ..
+            })
+        ));
+        t.build(&cpu, &[1.0; 192], 3).unwrap();
+        let ptr = t.tables.as_ptr();
+        t.build(&cpu, &[1.0; 64], 1).unwrap();
+        assert_eq!(t.tokens(), 1);
+        assert_eq!(t.tables.len(), 64 / 4 * 16);
+        assert_eq!(t.tables.as_ptr(), ptr);
+        // All-zero input: zero scale, zero tables, no NaN.
+        t.build(&cpu, &[0.0; 64], 1).unwrap();
+        assert!(t.tables.iter().all(|&q| q == 0));
+        assert_eq!(t.scales[0], 0.0);
+    }
+
+    #[test]
+    fn threads_build_the_same_tables() {
+        let x: Vec<f32> = (0..4 * 4096)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
+            .collect();
+        let one = Cpu::with_isa(crate::Isa::Scalar, 1).unwrap();
+        let two = Cpu::with_isa(crate::Isa::Scalar, 2).unwrap();
+        let mut a = ActivationTables::new(4096);
+        let mut b = ActivationTables::new(4096);
+        a.build(&one, &x, 4).unwrap();
+        b.build(&two, &x, 4).unwrap();
+        assert_eq!(a.tables, b.tables);
+        assert_eq!(a.scales, b.scales);
+        assert_eq!(a.sums, b.sums);
     }
 }

@@ -1,0 +1,45 @@
+//! The portable reference kernel; every SIMD path must match it bit for bit.
+
+use super::{hsum8, ActBlock, WeightBlock, BLOCK, ROW_TILE};
+use crate::dense::RowRange;
+
+/// Computes the rows of `out` from their weight blocks `w` (tiles of 4 interleaved rows, then
+/// row-major tail rows) and all tokens' activation blocks `x` (`[tokens][per_row]`).
+pub(super) fn matmul_rows(
+    w: &[WeightBlock],
+    x: &[ActBlock],
+    per_row: usize,
+    out: &mut RowRange<'_>,
+) {
+    let rows = w.len() / per_row;
+    let mut r = 0;
+    while r < rows {
+        let rt = if rows - r >= ROW_TILE { ROW_TILE } else { 1 };
+        let tile = &w[r * per_row..(r + rt) * per_row];
+        for i in 0..rt {
+            for (n, xs) in x.chunks_exact(per_row).enumerate() {
+                out.set(n, out.start() + r + i, dot(tile, rt, i, xs));
+            }
+        }
+        r += rt;
+    }
+}
+
+/// Row `i` of a tile of `rt` interleaved rows times one token, in the lane order shared by every
+/// ISA (see the module docs).
+fn dot(tile: &[WeightBlock], rt: usize, i: usize, x: &[ActBlock]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (b, xb) in x.iter().enumerate() {
+        let wb = &tile[b * rt + i];
+        let scale = wb.d.to_f32() * xb.d;
+        for (j, lane) in acc.iter_mut().enumerate() {
+            let k = 4 * j;
+            let s: i32 = (k..k + 4)
+                .map(|e| i32::from(wb.q[e]) * i32::from(xb.q[e]))
+                .sum();
+            *lane = (s as f32).mul_add(scale, *lane);
+        }
+    }
+    debug_assert_eq!(BLOCK, 32);
+    hsum8(acc)
+}

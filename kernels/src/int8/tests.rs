@@ -1,0 +1,310 @@
+//! Tests of the int8 kernels, and the seeded random data the crate's tests share.
+
+use super::*;
+
+/// A tiny seeded generator (splitmix64), so tests need no `rand` crate and are reproducible.
+pub(crate) struct TestRng(u64);
+
+impl TestRng {
+    pub(crate) fn new(seed: u64) -> TestRng {
+        TestRng(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub(crate) fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Standard normal (Box–Muller).
+    pub(crate) fn gaussian(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+
+    pub(crate) fn gaussians(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.gaussian()).collect()
+    }
+}
+
+/// Gaussian activations with a few outliers `factor` times larger, as real hidden states have.
+fn outlier_activations(rng: &mut TestRng, n: usize, factor: f32) -> Vec<f32> {
+    let mut x = rng.gaussians(n);
+    for i in (0..n).step_by(97) {
+        x[i] *= factor;
+    }
+    x
+}
+
+/// Random codes in [-128, 127] (−128 included on purpose) and positive scales.
+fn random_matrix(rng: &mut TestRng, rows: usize, cols: usize) -> Int8Matrix {
+    let codes: Vec<i8> = (0..rows * cols).map(|_| rng.next_u64() as i8).collect();
+    let scales: Vec<f32> = (0..rows * cols / BLOCK)
+        .map(|_| 0.001 + rng.uniform() * 0.01)
+        .collect();
+    Int8Matrix::new(rows, cols, &codes, &scales).unwrap()
+}
+
+/// Quantizes f32 weights Q8_0-style, as a GGUF file would hold them.
+fn quantize_weights(w: &[f32], rows: usize, cols: usize) -> Int8Matrix {
+    let mut codes = Vec::with_capacity(w.len());
+    let mut scales = Vec::new();
+    for block in w.chunks_exact(BLOCK) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        scales.push(d);
+        codes.extend(
+            block
+                .iter()
+                .map(|v| if d > 0.0 { (v / d).round() as i8 } else { 0 }),
+        );
+    }
+    Int8Matrix::new(rows, cols, &codes, &scales).unwrap()
+}
+
+fn run(isa: Isa, threads: usize, m: &Int8Matrix, x: &[f32], tokens: usize) -> Vec<f32> {
+    let cpu = Cpu::with_isa(isa, threads).unwrap();
+    let mut acts = Int8Activations::new(m.cols());
+    acts.build(&cpu, x, tokens).unwrap();
+    let mut out = vec![f32::NAN; tokens * m.rows()];
+    m.matmul(&cpu, &acts, &mut out).unwrap();
+    out
+}
+
+/// (K, rows, tokens) covering the awkward sizes without running every combination.
+const SHAPES: [(usize, usize, usize); 9] = [
+    (32, 1, 1),
+    (32, 577, 3),
+    (576, 7, 17),
+    (576, 577, 1),
+    (1536, 7, 2),
+    (1536, 1, 8),
+    (11008, 7, 3),
+    (11008, 1, 1),
+    (64, 9, 17),
+];
+
+#[test]
+fn every_isa_matches_scalar_bit_for_bit() {
+    let mut rng = TestRng::new(1);
+    for (cols, rows, tokens) in SHAPES {
+        let m = random_matrix(&mut rng, rows, cols);
+        let x = outlier_activations(&mut rng, cols * tokens, 40.0);
+        let reference = run(Isa::Scalar, 1, &m, &x, tokens);
+        assert!(reference.iter().all(|v| v.is_finite()));
+        for isa in Isa::supported() {
+            let got = run(isa, 1, &m, &x, tokens);
+            for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{isa} K={cols} rows={rows} N={tokens} at {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn two_threads_equal_one_thread() {
+    let mut rng = TestRng::new(2);
+    for (cols, rows, tokens) in [(576, 577, 3), (1536, 37, 8), (32, 5, 17)] {
+        let m = random_matrix(&mut rng, rows, cols);
+        let x = rng.gaussians(cols * tokens);
+        for isa in Isa::supported() {
+            assert_eq!(
+                run(isa, 1, &m, &x, tokens),
+                run(isa, 2, &m, &x, tokens),
+                "{isa}"
+            );
+        }
+    }
+}
+
+/// The scalar reference equals the block formula computed independently in f64.
+#[test]
+fn scalar_follows_the_block_formula() {
+    let mut rng = TestRng::new(3);
+    let (rows, cols) = (5, 576);
+    let m = random_matrix(&mut rng, rows, cols);
+    let x = rng.gaussians(cols);
+    let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
+    let mut acts = Int8Activations::new(cols);
+    acts.build(&cpu, &x, 1).unwrap();
+    let mut out = vec![0.0; rows];
+    m.matmul(&cpu, &acts, &mut out).unwrap();
+    let per_row = cols / BLOCK;
+    for (r, &got) in out.iter().enumerate() {
+        let mut expected = 0.0f64;
+        let mut magnitude = 0.0f64;
+        for (b, xb) in acts.blocks().iter().enumerate() {
+            let wb = &m.blocks[block_index(rows, per_row, r, b)];
+            let dot: i64 =
+                wb.q.iter()
+                    .zip(&xb.q)
+                    .map(|(&a, &b)| i64::from(a) * i64::from(b))
+                    .sum();
+            let scale = f64::from(wb.d.to_f32()) * f64::from(xb.d);
+            expected += scale * dot as f64;
+            magnitude += scale * dot.abs() as f64;
+        }
+        assert!(
+            (f64::from(got) - expected).abs() <= 1e-6 * magnitude,
+            "row {r}: {got} vs {expected}"
+        );
+    }
+}
+
+/// Normalized MSE of the int8 result against dequantized weights times the exact f32 input.
+fn nmse_against_f32(x: &[f32], tokens: usize, rows: usize, cols: usize, seed: u64) -> f64 {
+    let mut rng = TestRng::new(seed);
+    let w = rng.gaussians(rows * cols);
+    let m = quantize_weights(&w, rows, cols);
+    let mut dequant = vec![0.0; rows * cols];
+    for (r, row) in dequant.chunks_exact_mut(cols).enumerate() {
+        m.dequantize_row(r, row).unwrap();
+    }
+    let got = run(Isa::best(), 1, &m, x, tokens);
+    let (mut err, mut power) = (0.0f64, 0.0f64);
+    for n in 0..tokens {
+        for r in 0..rows {
+            let exact: f64 = dequant[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(&x[n * cols..(n + 1) * cols])
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            err += (f64::from(got[n * rows + r]) - exact).powi(2);
+            power += exact * exact;
+        }
+    }
+    err / power
+}
+
+#[test]
+fn close_to_exact_f32_for_gaussian_and_outlier_inputs() {
+    let (rows, cols, tokens) = (64, 1536, 2);
+    let mut rng = TestRng::new(4);
+    let gaussian = rng.gaussians(cols * tokens);
+    // Outliers 10x the typical size; at 20-40x one block's step grows enough that the NMSE
+    // reaches about 1.4e-4 (inherent to Q8_0's per-32 absmax scale, llama.cpp's too).
+    let outliers = outlier_activations(&mut rng, cols * tokens, 10.0);
+    let nmse_g = nmse_against_f32(&gaussian, tokens, rows, cols, 5);
+    let nmse_o = nmse_against_f32(&outliers, tokens, rows, cols, 6);
+    assert!(nmse_g <= 1e-4, "gaussian nmse {nmse_g}");
+    assert!(nmse_o <= 1e-4, "outlier nmse {nmse_o}");
+    // A real error exists (the check would catch a kernel that ignored quantization scales).
+    assert!(nmse_g > 0.0);
+}
+
+#[test]
+fn dequantize_row_is_code_times_scale() {
+    let codes: Vec<i8> = (0..128).map(|i| (i as i8).wrapping_mul(5)).collect();
+    let scales = [0.5f32, 0.25, 2.0, 1.0];
+    let m = Int8Matrix::new(2, 64, &codes, &scales).unwrap();
+    let mut row = vec![0.0; 64];
+    m.dequantize_row(1, &mut row).unwrap();
+    for k in 0..64 {
+        let scale = scales[2 + k / 32];
+        assert_eq!(row[k], f32::from(codes[64 + k]) * scale);
+    }
+    assert_eq!(m.bytes(), 4 * 34);
+}
+
+#[test]
+fn zero_input_gives_zero_output() {
+    let mut rng = TestRng::new(7);
+    let m = random_matrix(&mut rng, 9, 64);
+    for isa in Isa::supported() {
+        assert!(run(isa, 1, &m, &[0.0; 128], 2).iter().all(|&v| v == 0.0));
+    }
+}
+
+#[test]
+fn invalid_inputs_are_errors() {
+    let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
+    assert!(matches!(
+        Int8Matrix::new(1, 48, &[0; 48], &[1.0]),
+        Err(KernelError::KNotMultipleOf32(48))
+    ));
+    assert!(matches!(
+        Int8Matrix::new(2, 32, &[0; 32], &[1.0; 2]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        Int8Matrix::new(1, 32, &[0; 32], &[1.0; 2]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        Int8Matrix::new(1, 32, &[0; 32], &[1e6]),
+        Err(KernelError::ScaleOutOfRange { .. })
+    ));
+    assert!(matches!(
+        Int8Matrix::new(1, 32, &[0; 32], &[f32::NAN]),
+        Err(KernelError::ScaleOutOfRange { .. })
+    ));
+
+    let mut bad = Int8Activations::new(40);
+    assert!(matches!(
+        bad.build(&cpu, &[0.0; 40], 1),
+        Err(KernelError::KNotMultipleOf32(40))
+    ));
+    let mut acts = Int8Activations::new(64);
+    assert!(matches!(
+        acts.build(&cpu, &[0.0; 100], 2),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    acts.build(&cpu, &[1.0; 128], 2).unwrap();
+    assert_eq!(acts.tokens(), 2);
+
+    let m = Int8Matrix::new(3, 32, &[1; 96], &[1.0; 3]).unwrap();
+    let mut out = vec![0.0; 6];
+    assert!(matches!(
+        m.matmul(&cpu, &acts, &mut out),
+        Err(KernelError::ShapeMismatch {
+            matrix: 32,
+            activations: 64
+        })
+    ));
+    let mut acts32 = Int8Activations::new(32);
+    acts32.build(&cpu, &[1.0; 64], 2).unwrap();
+    assert!(matches!(
+        m.matmul(&cpu, &acts32, &mut out[..5]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    m.matmul(&cpu, &acts32, &mut out).unwrap();
+    assert!(out.iter().all(|&v| (v - 32.0).abs() < 1e-3), "{out:?}");
+
+    let mut row = vec![0.0; 32];
+    assert!(matches!(
+        m.dequantize_row(3, &mut row),
+        Err(KernelError::RowOutOfRange { row: 3, rows: 3 })
+    ));
+    assert!(matches!(
+        m.dequantize_row(0, &mut row[..31]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+}
+
+#[test]
+fn rebuilding_with_fewer_tokens_reuses_buffers() {
+    let mut rng = TestRng::new(8);
+    let m = random_matrix(&mut rng, 7, 96);
+    let cpu = Cpu::with_isa(Isa::best(), 1).unwrap();
+    let mut acts = Int8Activations::new(96);
+    let x = rng.gaussians(96 * 5);
+    acts.build(&cpu, &x, 5).unwrap();
+    let mut all = vec![0.0; 5 * 7];
+    m.matmul(&cpu, &acts, &mut all).unwrap();
+    acts.build(&cpu, &x[96 * 2..96 * 3], 1).unwrap();
+    let mut one = vec![0.0; 7];
+    m.matmul(&cpu, &acts, &mut one).unwrap();
+    assert_eq!(one, all[14..21]);
+}

@@ -1,0 +1,207 @@
+//! The AVX2 tile kernel: `vpshufb` lookups of 32 rows per instruction (a table broadcast to both lanes),
+//! pairs of table groups interleaved and summed in int16 by `vpmaddubsw` (which also applies the plane
+//! weight `2^p` of uniform planes), one int16→f32 conversion per activation group.
+//!
+//! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
+
+use std::arch::x86_64::*;
+
+use super::layout::{PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
+use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, NB};
+
+/// # Safety
+/// The CPU supports avx2, fma and f16c, and `v.is_consistent(t, n0, nb)` holds.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
+    let nps = v.scale_planes();
+    let mut f: PlaneSums = [[[0.0; TILE]; MAX_BITS]; NB];
+    for a in acc[..nb].iter_mut() {
+        *a = [0.0; TILE];
+    }
+    for g in 0..v.groups {
+        for planes in f[..nb].iter_mut() {
+            for plane in planes[..nps].iter_mut() {
+                *plane = [0.0; TILE];
+            }
+        }
+        let (a0, a1) = (g * v.apg, (g + 1) * v.apg);
+        let mut c0 = a0;
+        while c0 < a1 {
+            let c1 = (c0 + CHUNK).min(a1);
+            for (n, fn_) in f[..nb].iter_mut().enumerate() {
+                for a in c0..c1 {
+                    let tabs = t.tables_of(n0 + n, a).as_ptr();
+                    let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
+                    let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
+                    if n == 0 {
+                        prefetch(wa, v.bits);
+                    }
+                    if nb > 1 {
+                        // Tokens' tables are 4·K bytes apart: too many streams for the hardware
+                        // prefetcher, so fetch this token's tables of the next chunk now.
+                        let next = tabs.wrapping_add((c1 - c0) * TABLES_PER_ACT * TABLE_BYTES);
+                        // Prefetching never faults, whatever the address (the intrinsic is safe).
+                        _mm_prefetch::<_MM_HINT_T0>(next.cast());
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
+                    }
+                    if v.per_plane {
+                        for (p, fp) in fn_[..v.bits].iter_mut().enumerate() {
+                            let mut s = [_mm256_setzero_si256(); 4];
+                            // SAFETY: `wa` holds bits·256 bytes and p < bits; `tabs` holds 128 bytes.
+                            unsafe {
+                                lookups(wa.add(p * PLANE_BYTES), tabs, _mm256_set1_epi8(1), &mut s)
+                            };
+                            accumulate(fp, &s, ts);
+                        }
+                    } else {
+                        let mut s = [_mm256_setzero_si256(); 4];
+                        for p in 0..v.bits {
+                            let pw = _mm256_set1_epi8(1 << p);
+                            // SAFETY: as above.
+                            unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
+                        }
+                        accumulate(&mut fn_[0], &s, ts);
+                    }
+                }
+            }
+            c0 = c1;
+        }
+        for (n, a) in acc[..nb].iter_mut().enumerate() {
+            let sx = t.group_sum(n0 + n, a0, a1);
+            combine(v, g, &f[n], sx, a);
+        }
+    }
+}
+
+/// Activation groups of weights fetched ahead: the hardware prefetcher alone leaves the stream at about
+/// half the memory bandwidth.
+const PREFETCH_AHEAD: usize = 6;
+
+/// Prefetches the weights `PREFETCH_AHEAD` activation groups after `wa` (possibly in the next tile,
+/// which follows in memory; a prefetch past the end of the buffer is harmless).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch(wa: *const u8, bits: usize) {
+    let ahead = wa.wrapping_add(PREFETCH_AHEAD * bits * PLANE_BYTES);
+    for line in 0..bits * PLANE_BYTES / 64 {
+        // Prefetching never faults, whatever the address (the intrinsic is safe).
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+    }
+}
+
+/// `s += pw·Σ_j T_j[nibble]` for one plane of one activation group; `s[q]` holds rows `16q..16q+16`.
+///
+/// # Safety
+/// `plane` points to 256 readable bytes, `tabs` to 128.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lookups(plane: *const u8, tabs: *const i8, pw: __m256i, s: &mut [__m256i; 4]) {
+    let mask = _mm256_set1_epi8(0x0F);
+    for pair in 0..4 {
+        // SAFETY: 32·pair + 32 <= 128 table bytes and 64·pair + 64 <= 256 weight bytes.
+        let (t0, t1, w0, w1) = unsafe {
+            (
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair).cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair + 16).cast())),
+                _mm256_loadu_si256(plane.add(64 * pair).cast()),
+                _mm256_loadu_si256(plane.add(64 * pair + 32).cast()),
+            )
+        };
+        let lo0 = _mm256_and_si256(w0, mask);
+        let hi0 = _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask);
+        let lo1 = _mm256_and_si256(w1, mask);
+        let hi1 = _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask);
+        let rl0 = _mm256_shuffle_epi8(t0, lo0);
+        let rl1 = _mm256_shuffle_epi8(t1, lo1);
+        let rh0 = _mm256_shuffle_epi8(t0, hi0);
+        let rh1 = _mm256_shuffle_epi8(t1, hi1);
+        // Interleaving table groups j and j+1 byte-wise makes maddubs add them per row (|sum| ≤ 2032).
+        s[0] = _mm256_add_epi16(
+            s[0],
+            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rl0, rl1)),
+        );
+        s[1] = _mm256_add_epi16(
+            s[1],
+            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rl0, rl1)),
+        );
+        s[2] = _mm256_add_epi16(
+            s[2],
+            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rh0, rh1)),
+        );
+        s[3] = _mm256_add_epi16(
+            s[3],
+            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rh0, rh1)),
+        );
+    }
+}
+
+/// `f[r] += ts·S[r]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn accumulate(f: &mut [f32; TILE], s: &[__m256i; 4], ts: __m256) {
+    for (q, &sq) in s.iter().enumerate() {
+        let halves = [
+            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sq)),
+            _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sq)),
+        ];
+        for (h, &v) in halves.iter().enumerate() {
+            let dst = &mut f[16 * q + 8 * h..][..8];
+            // SAFETY: `dst` is 8 f32s.
+            let old = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
+            let new = _mm256_add_ps(old, _mm256_mul_ps(ts, _mm256_cvtepi32_ps(v)));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), new) };
+        }
+    }
+}
+
+/// 8 f16 values from `bits` (exactly 8 long) as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_f16(bits: &[u16]) -> __m256 {
+    debug_assert_eq!(bits.len(), 8);
+    // SAFETY: 8 u16 = 16 readable bytes.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr().cast()) })
+}
+
+/// Same operations as [`super::scalar::combine`], 8 rows at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn combine(
+    v: &TileView<'_>,
+    g: usize,
+    f: &[[f32; TILE]; MAX_BITS],
+    sx: f32,
+    acc: &mut [f32; TILE],
+) {
+    let nps = v.scale_planes();
+    let half = _mm256_set1_ps(0.5);
+    let sxv = _mm256_set1_ps(sx);
+    let csx = _mm256_set1_ps(((1u32 << v.bits) - 1) as f32 * 0.5 * sx);
+    for c in 0..TILE / 8 {
+        let r = 8 * c;
+        // SAFETY: r + 8 <= TILE.
+        let mut a = unsafe { _mm256_loadu_ps(acc[r..].as_ptr()) };
+        if v.per_plane {
+            for (p, fp) in f[..v.bits].iter().enumerate() {
+                let s = load_f16(&v.scales[(g * nps + p) * TILE + r..][..8]);
+                let h = _mm256_mul_ps(half, s);
+                // SAFETY: r + 8 <= TILE.
+                let fv = unsafe { _mm256_loadu_ps(fp[r..].as_ptr()) };
+                a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_add_ps(fv, sxv), h));
+            }
+        } else {
+            let s = load_f16(&v.scales[g * TILE + r..][..8]);
+            // SAFETY: r + 8 <= TILE.
+            let fv = unsafe { _mm256_loadu_ps(f[0][r..].as_ptr()) };
+            let t = _mm256_add_ps(_mm256_mul_ps(half, fv), csx);
+            a = _mm256_add_ps(a, _mm256_mul_ps(s, t));
+        }
+        if let Some(offsets) = v.offsets {
+            let m = load_f16(&offsets[g * TILE + r..][..8]);
+            a = _mm256_add_ps(a, _mm256_mul_ps(m, sxv));
+        }
+        // SAFETY: r + 8 <= TILE.
+        unsafe { _mm256_storeu_ps(acc[r..].as_mut_ptr(), a) };
+    }
+}

@@ -1,0 +1,268 @@
+//! The LUT matmul kernels over the packed layout: one driver (threads, token blocks, output writes) and one
+//! tile kernel per ISA (scalar reference, AVX2, NEON).
+//!
+//! Every tile kernel computes, for one tile of [`TILE`] rows and a block of up to [`NB`] tokens, the same
+//! float operations in the same order (mul and add, never fused), so that the SIMD paths agree with the
+//! scalar reference bit for bit: integer lookups are exact whatever their order, and the float work per
+//! row is `F += tscale·S` per activation group, then one combine per weight group (see [`scalar`]).
+
+pub(crate) mod layout;
+pub(crate) mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(test)]
+mod tests;
+
+use crate::cpu::Cpu;
+use crate::isa::Isa;
+use layout::{ACT, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
+
+/// Tokens per block in the GEMM loop: a weight chunk is loaded once per block of this many tokens.
+pub(crate) const NB: usize = 16;
+/// Activation groups per chunk of a weight group: the chunk's weights (at most 8 KiB per tile) stay in
+/// L1 while the tokens of a block go over them.
+pub(crate) const CHUNK: usize = 8;
+/// Most bit planes.
+pub(crate) const MAX_BITS: usize = 4;
+
+/// Per-token, per-row accumulators of one tile.
+pub(crate) type Acc = [[f32; TILE]; NB];
+/// Per-token, per-plane, per-row float sums of one weight group.
+pub(crate) type PlaneSums = [[[f32; TILE]; MAX_BITS]; NB];
+
+/// A whole packed matrix, borrowed from [`crate::PackedMatrix`].
+pub(crate) struct Weights<'a> {
+    /// Bits per code (planes).
+    pub bits: usize,
+    /// Per-plane scales instead of one uniform scale per group.
+    pub per_plane: bool,
+    /// Row tiles.
+    pub tiles: usize,
+    /// Activation groups per row (K / 32).
+    pub act_groups: usize,
+    /// Weight groups per row.
+    pub groups: usize,
+    /// `[tile][act group][plane][256]`.
+    pub weights: &'a [u8],
+    /// f16 bits, `[tile][group][plane or 1][64]`.
+    pub scales: &'a [u16],
+    /// f16 bits, `[tile][group][64]`.
+    pub offsets: Option<&'a [u16]>,
+}
+
+impl Weights<'_> {
+    /// Scale planes per group: `bits` for per-plane scales, else 1.
+    pub fn scale_planes(&self) -> usize {
+        if self.per_plane {
+            self.bits
+        } else {
+            1
+        }
+    }
+
+    /// The slices of one tile; panics only if the packed buffers break their own invariants.
+    fn tile(&self, tile: usize) -> TileView<'_> {
+        let wbytes = self.act_groups * self.bits * PLANE_BYTES;
+        let sbytes = self.groups * self.scale_planes() * TILE;
+        let obytes = self.groups * TILE;
+        TileView {
+            bits: self.bits,
+            per_plane: self.per_plane,
+            act_groups: self.act_groups,
+            groups: self.groups,
+            apg: self.act_groups / self.groups,
+            weights: &self.weights[tile * wbytes..][..wbytes],
+            scales: &self.scales[tile * sbytes..][..sbytes],
+            offsets: self.offsets.map(|o| &o[tile * obytes..][..obytes]),
+        }
+    }
+}
+
+/// One tile of a packed matrix.
+pub(crate) struct TileView<'a> {
+    pub bits: usize,
+    pub per_plane: bool,
+    pub act_groups: usize,
+    pub groups: usize,
+    /// Activation groups per weight group.
+    pub apg: usize,
+    /// `[act group][plane][256]`.
+    pub weights: &'a [u8],
+    /// `[group][plane or 1][64]`.
+    pub scales: &'a [u16],
+    /// `[group][64]`.
+    pub offsets: Option<&'a [u16]>,
+}
+
+impl TileView<'_> {
+    /// Scale planes per group.
+    pub fn scale_planes(&self) -> usize {
+        if self.per_plane {
+            self.bits
+        } else {
+            1
+        }
+    }
+
+    /// Whether every slice has the length the kernels index it with (what makes the SIMD reads sound).
+    fn is_consistent(&self, t: &TabView<'_>, n0: usize, nb: usize) -> bool {
+        (1..=MAX_BITS).contains(&self.bits)
+            && self.groups > 0
+            && self.apg * self.groups == self.act_groups
+            && self.weights.len() == self.act_groups * self.bits * PLANE_BYTES
+            && self.scales.len() == self.groups * self.scale_planes() * TILE
+            && self.offsets.is_none_or(|o| o.len() == self.groups * TILE)
+            && t.act_groups == self.act_groups
+            && nb <= NB
+            && n0 + nb <= t.tokens
+            && t.tables.len() == t.tokens * t.act_groups * TABLES_PER_ACT * TABLE_BYTES
+            && t.scales.len() == t.tokens * t.act_groups
+            && t.sums.len() == t.tokens * t.act_groups
+    }
+}
+
+/// Built activation tables, borrowed from [`crate::ActivationTables`].
+pub(crate) struct TabView<'a> {
+    pub tokens: usize,
+    pub act_groups: usize,
+    /// `[token][act group][8][16]` int8.
+    pub tables: &'a [i8],
+    /// `[token][act group]`.
+    pub scales: &'a [f32],
+    /// `[token][act group]`: Σx.
+    pub sums: &'a [f32],
+}
+
+impl TabView<'_> {
+    /// The 8 tables (128 bytes) of one activation group of one token.
+    #[inline]
+    pub fn tables_of(&self, token: usize, act: usize) -> &[i8] {
+        const BYTES: usize = TABLES_PER_ACT * TABLE_BYTES;
+        &self.tables[(token * self.act_groups + act) * BYTES..][..BYTES]
+    }
+
+    /// Σx over activation groups `a0..a1` of one token, summed in order (the same in every ISA).
+    #[inline]
+    pub fn group_sum(&self, token: usize, a0: usize, a1: usize) -> f32 {
+        let base = token * self.act_groups;
+        let mut sx = 0.0f32;
+        for &s in &self.sums[base + a0..base + a1] {
+            sx += s;
+        }
+        sx
+    }
+}
+
+const _: () = assert!(ACT == 32 && TILE == 64);
+
+type TileKernel = fn(&TileView<'_>, &TabView<'_>, usize, usize, &mut Acc);
+
+/// The tile kernel of `isa`. Each checks its slices before indexing them.
+fn kernel(isa: Isa) -> TileKernel {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2_tile,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon_tile,
+        _ => scalar_tile,
+    }
+}
+
+fn scalar_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
+    assert!(v.is_consistent(t, n0, nb), "inconsistent packed tile");
+    scalar::tile(v, t, n0, nb, acc);
+}
+
+/// Only reachable through [`kernel`] with `Isa::Avx2`, which a [`Cpu`] holds only when supported.
+#[cfg(target_arch = "x86_64")]
+fn avx2_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
+    assert!(v.is_consistent(t, n0, nb), "inconsistent packed tile");
+    // SAFETY: `Cpu::with_isa` checked avx2+fma+f16c before a Cpu with Isa::Avx2 could exist, and the
+    // slice lengths the kernel relies on were checked just above.
+    unsafe { avx2::tile(v, t, n0, nb, acc) }
+}
+
+/// Only reachable through [`kernel`] with `Isa::Neon`, which a [`Cpu`] holds only when supported.
+#[cfg(target_arch = "aarch64")]
+fn neon_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
+    assert!(v.is_consistent(t, n0, nb), "inconsistent packed tile");
+    // SAFETY: `Cpu::with_isa` checked NEON support, and the slice lengths were checked just above.
+    unsafe { neon::tile(v, t, n0, nb, acc) }
+}
+
+/// The output pointer shared by the tile tasks; each task writes only the rows of its own tile.
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (distinct tiles = distinct rows), and `run` waits for all of them
+// before the `&mut [f32]` it came from is used again.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[n][r]` for every token of `t` and every row `r < rows`. The caller checked that the tables and
+/// the matrix agree on K and that `out.len() == t.tokens · rows`.
+pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out: &mut [f32]) {
+    assert_eq!(
+        out.len(),
+        t.tokens * rows,
+        "output length checked by the caller"
+    );
+    assert!(w.tiles * TILE >= rows, "every row belongs to a tile");
+    if t.tokens == 0 || rows == 0 {
+        return;
+    }
+    let kernel = kernel(cpu.isa());
+    let tokens = t.tokens;
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Writes the accumulators of tile `tile`, tokens n0..n0+nb, to `out`.
+    let write = |tile: usize, n0: usize, nb: usize, acc: &Acc| {
+        let r0 = tile * TILE;
+        let nrows = TILE.min(rows - r0);
+        for (n, row) in acc[..nb].iter().enumerate() {
+            // SAFETY: (n0 + n) < tokens and r0 + nrows <= rows, so the range lies inside `out`
+            // (length tokens·rows); no other task writes rows r0..r0+nrows (tasks own disjoint tiles).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    row.as_ptr(),
+                    out_ptr.get().add((n0 + n) * rows + r0),
+                    nrows,
+                );
+            }
+        }
+    };
+    if tokens == 1 {
+        // GEMV: one task per tile; the weights stream once.
+        cpu.for_each_index(w.tiles, |tile| {
+            let mut acc = [[0.0f32; TILE]; NB];
+            kernel(&w.tile(tile), t, 0, 1, &mut acc);
+            write(tile, 0, 1, &acc);
+        });
+        return;
+    }
+    // GEMM: each task owns a contiguous range of tiles and walks it once per block of NB tokens, so
+    // the tables of a block stay in cache while the tiles go past, and each weight chunk is loaded
+    // once per block (the tokens of a block loop inside the kernel).
+    let ranges = cpu.threads().min(w.tiles).max(1);
+    let per_range = w.tiles.div_ceil(ranges);
+    cpu.for_each_index(ranges, |range| {
+        let mut acc = [[0.0f32; TILE]; NB];
+        let tiles = range * per_range..((range + 1) * per_range).min(w.tiles);
+        let mut n0 = 0;
+        while n0 < tokens {
+            let nb = NB.min(tokens - n0);
+            for tile in tiles.clone() {
+                kernel(&w.tile(tile), t, n0, nb, &mut acc);
+                write(tile, n0, nb, &acc);
+            }
+            n0 += nb;
+        }
+    });
+}
