@@ -1,0 +1,216 @@
+//! Multi-turn chat: the conversation and its KV cache survive between turns.
+//!
+//! Each turn renders the chat template over the whole conversation, tokenizes it, and compares the
+//! tokens with those already in the cache. Only the tokens after the common prefix are fed; when
+//! the two diverge (a reply re-tokenizes differently than it was generated), the cache is
+//! truncated to the common prefix first.
+
+use crate::chat::{ChatTemplate, Message};
+use crate::error::{Error, Result};
+use crate::generate::{CancelToken, GenerateOptions, Generator, Stats, StopReason};
+use crate::kv_cache::KvCache;
+use crate::llama::Model;
+use crate::sampler::Sampler;
+use crate::tokenizer::Tokenizer;
+
+/// A conversation with a model.
+pub struct ChatSession<'m> {
+    model: &'m Model,
+    tokenizer: &'m Tokenizer,
+    template: TemplateRef<'m>,
+    messages: Vec<Message>,
+    opts: GenerateOptions,
+    /// `None` only while a turn is running (the generator owns it) or after a failed turn.
+    cache: Option<KvCache>,
+    /// The tokens the cache holds, in order.
+    cached: Vec<u32>,
+    sampler: Option<Sampler>,
+    /// The end-of-turn marker of the template, when it is a single token.
+    end_of_turn: Option<u32>,
+    cancel: CancelToken,
+    last_stats: Stats,
+    last_stop: Option<StopReason>,
+}
+
+impl<'m> ChatSession<'m> {
+    /// A new conversation, with an optional system message. Uses the model's chat template
+    /// (ChatML when the model has none).
+    pub fn new(model: &'m Model, system: Option<&str>, opts: GenerateOptions) -> Result<Self> {
+        let tokenizer = model.tokenizer().ok_or_else(|| {
+            Error::InvalidOption("this model has no tokenizer, so it cannot chat".into())
+        })?;
+        let template = match model.chat_template() {
+            Some(t) => TemplateRef::Model(t),
+            None => TemplateRef::Owned(Box::new(ChatTemplate::chatml())),
+        };
+        let end_of_turn = match template.get().end_of_turn() {
+            Some(marker) => match tokenizer.encode(marker, true)?.as_slice() {
+                [id] => Some(*id),
+                _ => None,
+            },
+            None => None,
+        };
+        let messages = system
+            .map(|s| {
+                vec![Message {
+                    role: "system".into(),
+                    content: s.into(),
+                }]
+            })
+            .unwrap_or_default();
+        Ok(ChatSession {
+            model,
+            tokenizer,
+            template,
+            messages,
+            sampler: Some(Sampler::new(opts.sampler.clone())),
+            opts,
+            cache: Some(model.new_cache()),
+            cached: Vec::new(),
+            end_of_turn,
+            cancel: CancelToken::new(),
+            last_stats: Stats::default(),
+            last_stop: None,
+        })
+    }
+
+    /// Sends a user message, streams the reply's text through `on_piece`, and returns the reply.
+    /// The reply joins the history. On error the user message is taken back out.
+    pub fn send(&mut self, user: &str, mut on_piece: impl FnMut(&str)) -> Result<String> {
+        self.messages.push(Message {
+            role: "user".into(),
+            content: user.into(),
+        });
+        match self.run_turn(&mut on_piece) {
+            Ok(reply) => {
+                self.messages.push(Message {
+                    role: "assistant".into(),
+                    content: reply.clone(),
+                });
+                Ok(reply)
+            }
+            Err(e) => {
+                self.messages.pop();
+                Err(e)
+            }
+        }
+    }
+
+    fn run_turn(&mut self, on_piece: &mut dyn FnMut(&str)) -> Result<String> {
+        self.cancel.reset();
+        let rendered = self.template.get().render(&self.messages, true)?;
+        let tokens = self.tokenizer.encode(&rendered, true)?;
+        let mut cache = match self.cache.take() {
+            Some(c) => c,
+            None => {
+                // A previous turn failed part-way: start from an empty cache.
+                self.cached.clear();
+                self.model.new_cache()
+            }
+        };
+        let mut common = common_prefix(&self.cached, &tokens);
+        // At least one token must be fed to get logits for the reply.
+        if common == tokens.len() {
+            common = common.saturating_sub(1);
+        }
+        self.cached.truncate(common);
+        cache.truncate(common);
+
+        let sampler = match self.sampler.take() {
+            Some(s) => s,
+            None => Sampler::new(self.opts.sampler.clone()),
+        };
+        let result = Generator::resume(self.model, cache, tokens, common, self.opts.clone());
+        let mut generator = match result {
+            Ok(g) => g
+                .with_sampler(sampler)
+                .with_stop_token(self.end_of_turn)
+                .with_cancel(self.cancel.clone()),
+            Err(e) => {
+                // `resume` consumed the cache; the next turn starts afresh.
+                self.cached.clear();
+                return Err(e);
+            }
+        };
+        let mut reply = String::new();
+        for piece in &mut generator {
+            let piece = piece?;
+            on_piece(&piece.text);
+            reply.push_str(&piece.text);
+        }
+        self.last_stats = generator.stats();
+        self.last_stop = generator.stop_reason();
+        let (cache, sampler, cached) = generator.into_parts();
+        self.cache = Some(cache);
+        self.sampler = Some(sampler);
+        self.cached = cached;
+        Ok(reply)
+    }
+
+    /// The conversation so far (system, user and assistant messages).
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// How many tokens the KV cache holds now.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Timings of the last turn; `prompt_tokens` counts only the tokens that turn fed.
+    pub fn last_stats(&self) -> Stats {
+        self.last_stats
+    }
+
+    /// Why the last reply ended.
+    pub fn last_stop_reason(&self) -> Option<StopReason> {
+        self.last_stop
+    }
+
+    /// A handle that stops the running reply before its next token.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    /// Forgets the conversation (keeping the system message) and empties the cache.
+    pub fn reset(&mut self) {
+        self.messages.retain(|m| m.role == "system");
+        self.cached.clear();
+        if let Some(c) = &mut self.cache {
+            c.clear();
+        }
+    }
+}
+
+/// The model's template, or a fallback owned by the session.
+enum TemplateRef<'m> {
+    Model(&'m ChatTemplate),
+    Owned(Box<ChatTemplate>),
+}
+
+impl TemplateRef<'_> {
+    fn get(&self) -> &ChatTemplate {
+        match self {
+            TemplateRef::Model(t) => t,
+            TemplateRef::Owned(t) => t,
+        }
+    }
+}
+
+/// Length of the longest common prefix of two token sequences.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_prefix;
+
+    #[test]
+    fn common_prefix_counts_equal_leading_tokens() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[9], &[1, 2]), 0);
+    }
+}

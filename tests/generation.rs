@@ -1,0 +1,249 @@
+//! End-to-end generation: a tiny random model made on the fly, and the real SmolLM2 model checked
+//! against llama.cpp's greedy completions.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use lutra::generate::{generate_text, CancelToken, GenerateOptions, Generator, StopReason};
+use lutra::llama::{LoadOptions, Model};
+use lutra::sampler::SamplerConfig;
+use lutra::session::ChatSession;
+use lutra::Error;
+
+const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
+const REFERENCE: &str = "../shared/reference/smollm2-135m-q4_1.json";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn real_model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = root().join(REAL_MODEL);
+        assert!(
+            path.exists(),
+            "{} is missing: run `bash models/fetch.sh` first",
+            path.display()
+        );
+        let opts = LoadOptions {
+            context_length: Some(512),
+            ..LoadOptions::default()
+        };
+        match Model::load(&path, &opts) {
+            Ok(m) => m,
+            Err(e) => panic!("loading {}: {e}", path.display()),
+        }
+    })
+}
+
+/// A tiny random Llama with a byte-level tokenizer, written once per test binary.
+fn tiny_model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("lutra-generation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path: PathBuf = dir.join("tiny.gguf");
+        lutra::gguf::tiny_llama_gguf(&path, &lutra::gguf::TinyModelSpec::default(), 7)
+            .expect("write tiny model");
+        let opts = LoadOptions {
+            context_length: Some(256),
+            ..LoadOptions::default()
+        };
+        let model = Model::load(&path, &opts).expect("load tiny model");
+        let _ = std::fs::remove_dir_all(&dir);
+        model
+    })
+}
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerConfig::greedy(),
+        parse_special: true,
+        stop_at_eos: true,
+    }
+}
+
+#[test]
+fn tiny_model_generates_exactly_max_tokens_without_eos_stop() {
+    let model = tiny_model();
+    let opts = GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(10)
+    };
+    let mut g = Generator::new(model, "hello world", opts).expect("generator");
+    let pieces: Vec<_> = (&mut g).collect::<Result<_, _>>().expect("pieces");
+    assert_eq!(pieces.len(), 10);
+    assert_eq!(g.stop_reason(), Some(StopReason::MaxTokens));
+    let stats = g.stats();
+    assert_eq!(stats.generated_tokens, 10);
+    assert_eq!(stats.decode_steps, 9);
+    assert_eq!(stats.prompt_tokens + 10, g.tokens().len());
+    // The pieces are the generated tail of the sequence.
+    let tail: Vec<u32> = pieces.iter().map(|p| p.token).collect();
+    assert_eq!(&g.tokens()[stats.prompt_tokens..], tail.as_slice());
+}
+
+#[test]
+fn tiny_model_greedy_is_deterministic_and_seeded_sampling_repeats() {
+    let model = tiny_model();
+    let run = |opts: GenerateOptions| {
+        let mut g = Generator::new(model, "abc", opts).expect("generator");
+        let _ = generate_text(&mut g).expect("text");
+        g.tokens().to_vec()
+    };
+    assert_eq!(run(greedy(8)), run(greedy(8)));
+    let seeded = |seed| GenerateOptions {
+        sampler: SamplerConfig {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..SamplerConfig::default()
+        },
+        ..greedy(8)
+    };
+    assert_eq!(run(seeded(5)), run(seeded(5)));
+}
+
+#[test]
+fn from_tokens_matches_new_with_the_same_prompt() {
+    let model = tiny_model();
+    let tok = model.tokenizer().expect("tokenizer");
+    let ids = tok.encode("a b c", true).expect("encode");
+    let mut a = Generator::new(model, "a b c", greedy(6)).expect("new");
+    let mut b = Generator::from_tokens(model, ids, greedy(6)).expect("from_tokens");
+    assert_eq!(
+        generate_text(&mut a).expect("a"),
+        generate_text(&mut b).expect("b")
+    );
+    assert_eq!(a.tokens(), b.tokens());
+}
+
+#[test]
+fn prompt_longer_than_context_is_an_error() {
+    let model = tiny_model();
+    let prompt = "word ".repeat(200);
+    match Generator::new(model, &prompt, greedy(4)) {
+        Err(Error::ContextOverflow { tokens, context }) => {
+            assert_eq!(context, model.context_length());
+            assert!(tokens > context);
+        }
+        Err(e) => panic!("expected ContextOverflow, got {e}"),
+        Ok(_) => panic!("expected ContextOverflow, got a generator"),
+    }
+    // A short prompt with too many tokens to generate does not fit either.
+    assert!(matches!(
+        Generator::new(model, "hi", greedy(300)),
+        Err(Error::ContextOverflow { .. })
+    ));
+}
+
+#[test]
+fn cancellation_stops_before_the_next_token() {
+    let model = tiny_model();
+    let cancel = CancelToken::new();
+    let opts = GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(20)
+    };
+    let mut g = Generator::new(model, "hello", opts)
+        .expect("generator")
+        .with_cancel(cancel.clone());
+    let mut n = 0;
+    for piece in &mut g {
+        piece.expect("piece");
+        n += 1;
+        if n == 3 {
+            cancel.cancel();
+        }
+    }
+    assert_eq!(n, 3);
+    assert_eq!(g.stop_reason(), Some(StopReason::Cancelled));
+}
+
+#[test]
+fn chat_session_feeds_only_the_new_turn() {
+    let model = tiny_model();
+    let opts = GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(4)
+    };
+    let mut chat = ChatSession::new(model, Some("be brief"), opts).expect("session");
+    let mut streamed = String::new();
+    let first = chat.send("hi", |t| streamed.push_str(t)).expect("turn 1");
+    assert_eq!(first, streamed);
+    let first_fed = chat.last_stats().prompt_tokens;
+    assert!(chat.cached_tokens() >= first_fed);
+    assert_eq!(chat.messages().len(), 3);
+
+    chat.send("and again", |_| {}).expect("turn 2");
+    assert_eq!(chat.messages().len(), 5);
+    assert_eq!(chat.messages()[4].role, "assistant");
+    // What turn 2 had to render: the whole conversation up to its user message.
+    let template = model.chat_template().expect("template");
+    let rendered = template
+        .render(&chat.messages()[..4], true)
+        .expect("render");
+    let whole = model
+        .tokenizer()
+        .expect("tokenizer")
+        .encode(&rendered, true)
+        .expect("encode")
+        .len();
+    let second_fed = chat.last_stats().prompt_tokens;
+    assert!(
+        second_fed < whole,
+        "turn 2 fed {second_fed} tokens of a {whole}-token conversation"
+    );
+    assert!(second_fed > 0);
+}
+
+#[test]
+fn real_model_greedy_matches_llama_cpp() {
+    let path = root().join(REFERENCE);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reference: serde_json::Value = serde_json::from_str(&text).expect("reference JSON");
+    let cases = reference["greedy"]["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 3);
+    let model = real_model();
+    // Every case is checked before failing, so one run shows all mismatches.
+    let mut mismatches = Vec::new();
+    for case in cases {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let n_predict = case["n_predict"].as_u64().expect("n_predict") as usize;
+        let expected = case["completion"].as_str().expect("completion");
+        let at_eos = case["stopped_at_eos"].as_bool().expect("stopped_at_eos");
+        let mut g = Generator::new(model, prompt, greedy(n_predict)).expect("generator");
+        let completion = generate_text(&mut g).expect("generate");
+        if completion != expected || g.stopped_at_eos() != at_eos {
+            mismatches.push(format!(
+                "prompt {prompt:?}\n   got {completion:?} (stopped at EOS: {})\n  want {expected:?} (stopped at EOS: {at_eos})",
+                g.stopped_at_eos()
+            ));
+        }
+        if !g.stopped_at_eos() {
+            assert_eq!(g.stats().generated_tokens, n_predict);
+            assert_eq!(g.stop_reason(), Some(StopReason::MaxTokens));
+        }
+        assert!(g.stats().prompt_tps() > 0.0);
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of 3 greedy completions differ from llama.cpp:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn real_model_chat_answers_and_reuses_the_cache() {
+    let model = real_model();
+    let mut chat = ChatSession::new(model, None, greedy(24)).expect("session");
+    let reply = chat.send("What is 2+2?", |_| {}).expect("turn 1");
+    // The same conversation as the reference's third case: the same answer, ended by <|im_end|>.
+    assert_eq!(reply, "The answer to this classic math problem is 4.");
+    assert_eq!(chat.last_stop_reason(), Some(StopReason::EndOfGeneration));
+    let cached = chat.cached_tokens();
+    chat.send("And 3+3?", |_| {}).expect("turn 2");
+    assert!(chat.last_stats().prompt_tokens < cached);
+}
