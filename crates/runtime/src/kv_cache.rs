@@ -1,1 +1,236 @@
-//! kv_cache (to be written)
+//! The key/value cache of a decoding session: every layer's keys and values for every position seen
+//! so far, preallocated to the context length so that decoding never allocates.
+//!
+//! Layout: `[layer][position][kv_dim]` for keys and values separately, where `kv_dim = kv_heads ·
+//! head_dim`. One position of one layer is one contiguous row, so storing a token is one copy and
+//! attention reads rows in order.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Element storage of a cache: f32 (exact) or f16 (half the memory, as llama.cpp uses by default).
+#[derive(Clone, Debug)]
+enum Store {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Store {
+    fn zeros(len: usize, f16: bool) -> Store {
+        // `vec![0; n]` maps zeroed pages lazily, so a long context costs memory only as it fills.
+        if f16 {
+            Store::F16(vec![f16::ZERO; len])
+        } else {
+            Store::F32(vec![0.0; len])
+        }
+    }
+
+    fn write(&mut self, start: usize, values: &[f32]) {
+        match self {
+            Store::F32(data) => data[start..start + values.len()].copy_from_slice(values),
+            Store::F16(data) => data[start..start + values.len()].convert_from_f32_slice(values),
+        }
+    }
+
+    fn element_bytes(&self) -> usize {
+        match self {
+            Store::F32(_) => 4,
+            Store::F16(_) => 2,
+        }
+    }
+}
+
+/// Keys and values of every layer for positions `0..len()`, with room for `capacity()` positions.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: usize,
+    kv_dim: usize,
+    capacity: usize,
+    len: usize,
+    keys: Store,
+    values: Store,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers of `kv_dim` values per position, holding `capacity`
+    /// positions, stored as f16 when `f16` is set (f32 otherwise).
+    pub fn new(layers: usize, kv_dim: usize, capacity: usize, f16: bool) -> KvCache {
+        let len = layers * kv_dim * capacity;
+        KvCache {
+            layers,
+            kv_dim,
+            capacity,
+            len: 0,
+            keys: Store::zeros(len, f16),
+            values: Store::zeros(len, f16),
+        }
+    }
+
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the cache can hold (the context length).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Positions still free.
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.len
+    }
+
+    /// Forgets every position (the memory is kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Keeps the first `n` positions (no-op when `n >= len()`), e.g. to rewind a chat turn.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
+    /// Layers the cache was made for.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
+    /// Values per position and layer (`kv_heads · head_dim`).
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// Whether entries are stored as f16.
+    pub fn is_f16(&self) -> bool {
+        matches!(self.keys, Store::F16(_))
+    }
+
+    /// Bytes of the preallocated keys and values.
+    pub fn bytes(&self) -> usize {
+        2 * self.layers * self.kv_dim * self.capacity * self.keys.element_bytes()
+    }
+
+    /// Bytes a cache of these dimensions takes, without allocating one.
+    pub fn bytes_for(layers: usize, kv_dim: usize, capacity: usize, f16: bool) -> usize {
+        2 * layers * kv_dim * capacity * if f16 { 2 } else { 4 }
+    }
+
+    /// Stores the keys and values of `keys.len() / kv_dim` consecutive positions starting at
+    /// `pos` for `layer`. The caller checked `pos + n <= capacity`; `len()` is not changed (it
+    /// advances once all layers are written, see [`KvCache::advance`]).
+    pub(crate) fn store(&mut self, layer: usize, pos: usize, keys: &[f32], values: &[f32]) {
+        debug_assert_eq!(keys.len(), values.len());
+        debug_assert!(pos * self.kv_dim + keys.len() <= self.capacity * self.kv_dim);
+        let start = (layer * self.capacity + pos) * self.kv_dim;
+        self.keys.write(start, keys);
+        self.values.write(start, values);
+    }
+
+    /// Marks `n` more positions as stored.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.capacity);
+    }
+
+    /// A read-only view of one layer's keys and values.
+    pub(crate) fn layer(&self, layer: usize) -> LayerCache<'_> {
+        let size = self.capacity * self.kv_dim;
+        let range = layer * size..(layer + 1) * size;
+        fn rows(store: &Store, range: std::ops::Range<usize>) -> Rows<'_> {
+            match store {
+                Store::F32(d) => Rows::F32(&d[range]),
+                Store::F16(d) => Rows::F16(&d[range]),
+            }
+        }
+        LayerCache {
+            kv_dim: self.kv_dim,
+            keys: rows(&self.keys, range.clone()),
+            values: rows(&self.values, range),
+        }
+    }
+}
+
+/// Rows of one layer's keys or values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Rows<'a> {
+    /// `len` values starting at element `start`, as f32: borrowed directly, or converted into
+    /// `buf` (which must hold `len` values) for an f16 cache.
+    #[inline]
+    pub(crate) fn read<'b>(&self, start: usize, buf: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let len = buf.len();
+        match *self {
+            Rows::F32(d) => &d[start..start + len],
+            Rows::F16(d) => {
+                d[start..start + len].convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
+/// One layer of a [`KvCache`], for attention.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LayerCache<'a> {
+    /// Values per position.
+    pub kv_dim: usize,
+    /// Keys, `[position][kv_dim]`.
+    pub keys: Rows<'a>,
+    /// Values, `[position][kv_dim]`.
+    pub values: Rows<'a>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_and_read_back_both_precisions() {
+        for f16 in [false, true] {
+            let mut cache = KvCache::new(2, 4, 3, f16);
+            assert_eq!(cache.capacity(), 3);
+            assert!(cache.is_empty());
+            let k: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
+            let v: Vec<f32> = (0..8).map(|i| -(i as f32)).collect();
+            cache.store(1, 1, &k, &v);
+            cache.advance(2);
+            assert_eq!(cache.len(), 2);
+            let layer = cache.layer(1);
+            let mut buf = [0.0f32; 4];
+            assert_eq!(layer.keys.read(4, &mut buf), &k[..4]);
+            let mut buf = [0.0f32; 4];
+            assert_eq!(layer.values.read(8, &mut buf), &v[4..]);
+            // Layer 0 was not touched.
+            let mut buf = [1.0f32; 4];
+            assert_eq!(cache.layer(0).keys.read(4, &mut buf), &[0.0; 4]);
+            assert_eq!(cache.bytes(), KvCache::bytes_for(2, 4, 3, f16));
+        }
+    }
+
+    #[test]
+    fn truncate_and_clear_only_shrink() {
+        let mut cache = KvCache::new(1, 2, 8, false);
+        cache.advance(5);
+        cache.truncate(7);
+        assert_eq!(cache.len(), 5);
+        cache.truncate(3);
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.remaining(), 5);
+        cache.advance(100);
+        assert_eq!(cache.len(), 8);
+        cache.clear();
+        assert_eq!(cache.len(), 0);
+    }
+}

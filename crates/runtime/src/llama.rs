@@ -1,1 +1,406 @@
-//! llama (to be written)
+//! The Llama-family transformer: a plain struct of layers built once ([`Model::load`],
+//! [`Model::synthetic`]), and a forward pass that appends tokens to a [`KvCache`] and writes logits.
+//!
+//! - `load`: GGUF tensors → [`Linear`] kernel matrices (exact, requantized, or dense reference);
+//! - `synthetic`: random packed weights of any shape, for benchmarks and tests;
+//! - `forward`: the math, top to bottom, with every scratch buffer preallocated in a run state.
+
+mod forward;
+mod load;
+mod synthetic;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Mutex;
+
+use lutra_kernels::{Cpu, Isa};
+
+use crate::chat::ChatTemplate;
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+pub use crate::quantize::Requantize;
+use crate::rope::Rope;
+use crate::tokenizer::Tokenizer;
+use forward::RunState;
+
+/// Largest number of tokens pushed through the matrices at once during prefill: enough for the
+/// mpGEMM kernels to reuse each weight block many times, small enough for the scratch to stay in
+/// cache.
+pub const MAX_BATCH: usize = 64;
+
+/// How to load a model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Worker threads (0 = one per core).
+    pub threads: usize,
+    /// Dequantize every matrix to f32 and use no tables: slow, exact ground truth.
+    pub reference: bool,
+    /// Requantize every linear layer (not the embedding or the LM head) at load time.
+    pub requantize: Option<Requantize>,
+    /// Context length (KV cache size); the model's own when `None`.
+    pub context_length: Option<usize>,
+    /// Store the KV cache as f16 instead of f32.
+    pub kv_f16: bool,
+}
+
+/// The weights of one transformer block.
+#[derive(Debug)]
+pub(crate) struct LayerWeights {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    /// q/k/v biases (Qwen2).
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// How many tensors of one kind a model holds, for [`ModelInfo`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorTypeCount {
+    /// Type in the source (e.g. `low-bit 4b g32`, `int8`, `f32`).
+    pub source: String,
+    /// Form in memory (e.g. `lut4 g32`, `int8`, `f32`).
+    pub kernel: String,
+    /// Number of tensors.
+    pub count: usize,
+    /// Bytes in memory.
+    pub bytes: usize,
+}
+
+/// A summary of a loaded model, for `lutra info`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    /// Shape and hyper-parameters.
+    pub config: ModelConfig,
+    /// Parameters of all matrices and norms.
+    pub parameters: usize,
+    /// Tensor kinds, source → memory.
+    pub tensor_types: Vec<TensorTypeCount>,
+    /// Bytes of all weights in memory.
+    pub weight_bytes: usize,
+    /// Context length of a new KV cache.
+    pub context_length: usize,
+    /// Bytes of a new KV cache.
+    pub kv_cache_bytes: usize,
+    /// KV cache entries are f16.
+    pub kv_f16: bool,
+    /// Every matrix is dense f32 (`--reference`).
+    pub reference: bool,
+    /// Kernel ISA.
+    pub isa: Isa,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl std::fmt::Display for ModelInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.config;
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        writeln!(f, "name:            {}", c.name)?;
+        writeln!(f, "architecture:    {:?}", c.architecture)?;
+        writeln!(
+            f,
+            "shape:           hidden {}, ffn {}, layers {}, heads {} (kv {}), head dim {}, vocab {}",
+            c.hidden_size, c.ffn_size, c.layers, c.heads, c.kv_heads, c.head_dim, c.vocab_size
+        )?;
+        writeln!(
+            f,
+            "rope:            {:?}, theta {}, dims {}; rms eps {}; tied embeddings {}",
+            c.rope_style, c.rope_theta, c.rope_dims, c.rms_eps, c.tied_embeddings
+        )?;
+        writeln!(f, "parameters:      {}", self.parameters)?;
+        writeln!(f, "tensors:")?;
+        for t in &self.tensor_types {
+            writeln!(
+                f,
+                "  {:>4} × {:<16} → {:<14} {:>9.2} MiB",
+                t.count,
+                t.source,
+                t.kernel,
+                mib(t.bytes)
+            )?;
+        }
+        writeln!(f, "weights:         {:.2} MiB", mib(self.weight_bytes))?;
+        writeln!(
+            f,
+            "kv cache:        {:.2} MiB ({} positions, {})",
+            mib(self.kv_cache_bytes),
+            self.context_length,
+            if self.kv_f16 { "f16" } else { "f32" }
+        )?;
+        write!(
+            f,
+            "compute:         {} on {} thread(s){}",
+            self.isa,
+            self.threads,
+            if self.reference {
+                ", reference f32"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// A loaded model: weights in kernel form, the compute context, and (for files) the tokenizer
+/// and chat template.
+pub struct Model {
+    config: ModelConfig,
+    cpu: Cpu,
+    reference: bool,
+    context_length: usize,
+    kv_f16: bool,
+    /// `[vocab][hidden]`; also the LM head when `output` is `None` (tied embeddings).
+    embedding: Linear,
+    layers: Vec<LayerWeights>,
+    output_norm: Vec<f32>,
+    output: Option<Linear>,
+    rope: Rope,
+    tensor_types: Vec<TensorTypeCount>,
+    tokenizer: Option<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+    /// Scratch of the forward pass; a mutex because `forward` takes `&self`.
+    state: Mutex<RunState>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("cpu", &self.cpu)
+            .field("reference", &self.reference)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a constructor produces before the run state is sized.
+pub(crate) struct ModelParts {
+    config: ModelConfig,
+    embedding: Linear,
+    layers: Vec<LayerWeights>,
+    output_norm: Vec<f32>,
+    output: Option<Linear>,
+    tensor_types: Vec<TensorTypeCount>,
+    tokenizer: Option<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl Model {
+    /// Loads a GGUF file: weights, tokenizer and chat template.
+    pub fn load(path: &std::path::Path, opts: &LoadOptions) -> Result<Model> {
+        load::load(path, opts)
+    }
+
+    /// A model of `config`'s shape with random `bits`-bit codes (groups of `group_size`), random
+    /// scales and offsets, int8 embeddings and LM head, and no tokenizer. Generated directly, so
+    /// even 7B shapes take seconds. `opts.requantize` is ignored (the weights are already low-bit).
+    pub fn synthetic(
+        config: ModelConfig,
+        bits: u8,
+        group_size: usize,
+        opts: &LoadOptions,
+        seed: u64,
+    ) -> Result<Model> {
+        synthetic::synthetic(config, bits, group_size, opts, seed)
+    }
+
+    fn from_parts(parts: ModelParts, opts: &LoadOptions) -> Result<Model> {
+        let config = parts.config;
+        check_config(&config)?;
+        let cpu = Cpu::new(opts.threads)?;
+        let context_length = match opts.context_length {
+            Some(0) => return Err(Error::InvalidOption("context length 0".into())),
+            Some(n) => n,
+            None => config.context_length.max(1),
+        };
+        let rope = Rope::new(
+            config.rope_style,
+            config.head_dim,
+            config.rope_dims,
+            config.rope_theta,
+            context_length,
+        );
+        let head = parts.output.as_ref().unwrap_or(&parts.embedding);
+        let state = RunState::new(&config, &parts.layers, head, context_length, MAX_BATCH);
+        Ok(Model {
+            cpu,
+            reference: opts.reference,
+            context_length,
+            kv_f16: opts.kv_f16,
+            embedding: parts.embedding,
+            layers: parts.layers,
+            output_norm: parts.output_norm,
+            output: parts.output,
+            rope,
+            tensor_types: parts.tensor_types,
+            tokenizer: parts.tokenizer,
+            chat_template: parts.chat_template,
+            state: Mutex::new(state),
+            config,
+        })
+    }
+
+    /// Shape and hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tokenizer (absent for synthetic models).
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The chat template (absent for synthetic models).
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// An empty KV cache holding the context length (`LoadOptions::context_length` or the model's).
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.config.layers,
+            self.config.kv_heads * self.config.head_dim,
+            self.context_length,
+            self.kv_f16,
+        )
+    }
+
+    /// Context length of [`Model::new_cache`].
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Appends `tokens` at position `cache.len()` (prefill in batches of up to [`MAX_BATCH`]) and
+    /// writes the logits of the last token into `logits` (`vocab_size` values).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
+        self.run(tokens, cache, logits, false)
+    }
+
+    /// Like [`Model::forward`], but writes the logits of every token: `logits` is
+    /// `[tokens.len()][vocab_size]` (perplexity).
+    pub fn forward_all(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        self.run(tokens, cache, logits, true)
+    }
+
+    /// Bytes of all weights in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.tensor_types.iter().map(|t| t.bytes).sum()
+    }
+
+    /// Worker threads.
+    pub fn threads(&self) -> usize {
+        self.cpu.threads()
+    }
+
+    /// Kernel ISA.
+    pub fn isa(&self) -> Isa {
+        self.cpu.isa()
+    }
+
+    /// Whether every matrix is dense f32 (reference mode).
+    pub fn is_reference(&self) -> bool {
+        self.reference
+    }
+
+    /// A summary for `lutra info`.
+    pub fn describe(&self) -> ModelInfo {
+        let c = &self.config;
+        let per_layer = c.hidden_size * (c.heads + 2 * c.kv_heads) * c.head_dim
+            + c.heads * c.head_dim * c.hidden_size
+            + 3 * c.hidden_size * c.ffn_size
+            + 2 * c.hidden_size;
+        let head = if self.output.is_some() {
+            c.vocab_size * c.hidden_size
+        } else {
+            0
+        };
+        ModelInfo {
+            config: c.clone(),
+            parameters: c.layers * per_layer + c.vocab_size * c.hidden_size + head + c.hidden_size,
+            tensor_types: self.tensor_types.clone(),
+            weight_bytes: self.weight_bytes(),
+            context_length: self.context_length,
+            kv_cache_bytes: KvCache::bytes_for(
+                c.layers,
+                c.kv_heads * c.head_dim,
+                self.context_length,
+                self.kv_f16,
+            ),
+            kv_f16: self.kv_f16,
+            reference: self.reference,
+            isa: self.isa(),
+            threads: self.threads(),
+        }
+    }
+}
+
+/// Rejects configurations the forward pass cannot run.
+fn check_config(c: &ModelConfig) -> Result<()> {
+    let bad = |what: String| Err(Error::InvalidOption(format!("model config: {what}")));
+    if c.architecture == Architecture::BitNet {
+        return bad(
+            "BitNet (sub-norms, squared ReLU) is not supported by the llama forward".into(),
+        );
+    }
+    if c.hidden_size == 0 || c.layers == 0 || c.heads == 0 || c.head_dim == 0 || c.vocab_size == 0 {
+        return bad(format!("empty dimension in {c:?}"));
+    }
+    if c.kv_heads == 0 || c.heads % c.kv_heads != 0 {
+        return bad(format!(
+            "{} heads are not a multiple of {} kv heads",
+            c.heads, c.kv_heads
+        ));
+    }
+    if c.rope_dims > c.head_dim || c.rope_dims % 2 != 0 {
+        return bad(format!(
+            "rope dims {} must be even and at most head dim {}",
+            c.rope_dims, c.head_dim
+        ));
+    }
+    Ok(())
+}
+
+/// Adds one tensor to the per-kind counts.
+fn count_tensor(types: &mut Vec<TensorTypeCount>, source: String, kernel: String, bytes: usize) {
+    match types
+        .iter_mut()
+        .find(|t| t.source == source && t.kernel == kernel)
+    {
+        Some(t) => {
+            t.count += 1;
+            t.bytes += bytes;
+        }
+        None => types.push(TensorTypeCount {
+            source,
+            kernel,
+            count: 1,
+            bytes,
+        }),
+    }
+}
+
+/// The source type of a decoded tensor, in words.
+fn source_kind(t: &crate::weights::DecodedTensor) -> String {
+    use crate::weights::DecodedTensor;
+    match t {
+        DecodedTensor::LowBit {
+            bits, group_size, ..
+        } => format!("low-bit {bits}b g{group_size}"),
+        DecodedTensor::Int8 { .. } => "int8 b32".to_string(),
+        DecodedTensor::Dense { .. } => "f32".to_string(),
+    }
+}

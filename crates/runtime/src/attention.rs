@@ -1,0 +1,254 @@
+//! Causal grouped-query attention over the KV cache.
+//!
+//! Query head `h` reads key/value head `h / (heads / kv_heads)`. Scores are scaled by
+//! `1/sqrt(head_dim)`, softmaxed in f32 with the maximum subtracted, and weight the values. Heads
+//! are independent, so they are spread over the worker threads; each head owns a slice of one
+//! preallocated scratch buffer (scores, outputs, f16 conversion rows), so nothing is allocated per
+//! token.
+
+use lutra_kernels::Cpu;
+
+use crate::kv_cache::{LayerCache, Rows};
+
+/// Head counts and size of an attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; divides `heads`.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+/// Attention with its scratch memory, sized for a context and a batch of query tokens.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    shape: AttentionShape,
+    capacity: usize,
+    max_batch: usize,
+    /// Per head: `[capacity]` scores, `[max_batch][head_dim]` outputs, two conversion rows.
+    scratch: Vec<f32>,
+}
+
+impl Attention {
+    /// Scratch for up to `max_batch` query tokens attending to up to `capacity` positions.
+    pub fn new(shape: AttentionShape, capacity: usize, max_batch: usize) -> Attention {
+        let mut attention = Attention {
+            shape,
+            capacity,
+            max_batch,
+            scratch: Vec::new(),
+        };
+        attention.scratch = vec![0.0; shape.heads * attention.stride()];
+        attention
+    }
+
+    fn stride(&self) -> usize {
+        self.capacity + (self.max_batch + 2) * self.shape.head_dim
+    }
+
+    /// Attention of `n` query tokens (`q` is `[n][heads·head_dim]`) at positions `pos0..pos0+n`,
+    /// whose keys and values are already in `cache`; token `t` sees positions `0..=pos0+t`.
+    /// Writes `out` (`[n][heads·head_dim]`). Needs `n <= max_batch` and `pos0 + n <= capacity`.
+    pub(crate) fn attend(
+        &mut self,
+        cpu: &Cpu,
+        cache: LayerCache<'_>,
+        q: &[f32],
+        n: usize,
+        pos0: usize,
+        out: &mut [f32],
+    ) {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+        } = self.shape;
+        debug_assert!(n <= self.max_batch && pos0 + n <= self.capacity);
+        let q_dim = heads * hd;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let capacity = self.capacity;
+        let stride = self.stride();
+        let kv_dim = cache.kv_dim;
+
+        cpu.for_each_chunk(&mut self.scratch, stride, |start, chunk| {
+            let h = start / stride;
+            let kv_offset = (h / group) * hd;
+            let (scores, rest) = chunk.split_at_mut(capacity);
+            let (outs, rest) = rest.split_at_mut(self.max_batch * hd);
+            let (kbuf, vbuf) = rest.split_at_mut(hd);
+            for t in 0..n {
+                let seen = pos0 + t + 1;
+                let qh = &q[t * q_dim + h * hd..][..hd];
+                let scores = &mut scores[..seen];
+                let o = &mut outs[t * hd..(t + 1) * hd];
+                // One dispatch on the cache precision per (token, head), not per position.
+                match (cache.keys, cache.values) {
+                    (Rows::F32(keys), Rows::F32(values)) => {
+                        let keys = keys[..seen * kv_dim].chunks_exact(kv_dim);
+                        for (score, k) in scores.iter_mut().zip(keys) {
+                            *score = dot(qh, &k[kv_offset..kv_offset + hd]) * scale;
+                        }
+                        softmax(scores);
+                        o.fill(0.0);
+                        let values = values[..seen * kv_dim].chunks_exact(kv_dim);
+                        for (&w, v) in scores.iter().zip(values) {
+                            axpy(o, w, &v[kv_offset..kv_offset + hd]);
+                        }
+                    }
+                    (keys, values) => {
+                        for (p, score) in scores.iter_mut().enumerate() {
+                            let k = keys.read(p * kv_dim + kv_offset, kbuf);
+                            *score = dot(qh, k) * scale;
+                        }
+                        softmax(scores);
+                        o.fill(0.0);
+                        for (p, &w) in scores.iter().enumerate() {
+                            axpy(o, w, values.read(p * kv_dim + kv_offset, vbuf));
+                        }
+                    }
+                }
+            }
+        });
+
+        for h in 0..heads {
+            let outs = &self.scratch[h * stride + capacity..][..n * hd];
+            for (t, o) in outs.chunks_exact(hd).enumerate() {
+                out[t * q_dim + h * hd..][..hd].copy_from_slice(o);
+            }
+        }
+    }
+}
+
+/// Dot product with eight independent accumulators, so that the compiler can vectorize it
+/// (float addition is not associative, so one accumulator would force a serial chain).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0.0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `o += w·v`.
+#[inline]
+fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
+    for (o, &v) in o.iter_mut().zip(v) {
+        *o += w * v;
+    }
+}
+
+/// In-place softmax, stable for large scores.
+pub(crate) fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::KvCache;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Textbook attention of one query token at `pos` over `keys`/`values` `[pos+1][kv_dim]`.
+    fn naive(shape: AttentionShape, q: &[f32], keys: &[f32], vals: &[f32], pos: usize) -> Vec<f32> {
+        let hd = shape.head_dim;
+        let kv_dim = shape.kv_heads * hd;
+        let mut out = vec![0.0; shape.heads * hd];
+        for h in 0..shape.heads {
+            let g = h * shape.kv_heads / shape.heads;
+            let qh = &q[h * hd..(h + 1) * hd];
+            let s: Vec<f64> = (0..=pos)
+                .map(|p| {
+                    let k = &keys[p * kv_dim + g * hd..][..hd];
+                    qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() / (hd as f64).sqrt()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (p, w) in e.iter().enumerate() {
+                for i in 0..hd {
+                    out[h * hd + i] += (w / z * vals[p * kv_dim + g * hd + i] as f64) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn grouped_query_attention_matches_naive_for_batches_and_threads() {
+        let shape = AttentionShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 20,
+        };
+        let (kv_dim, q_dim, total) = (40, 120, 11);
+        let keys = values(total * kv_dim, 1);
+        let vals = values(total * kv_dim, 2);
+        let q = values(total * q_dim, 3);
+        for (threads, f16) in [(1, false), (2, false), (1, true)] {
+            let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, threads).unwrap();
+            let mut cache = KvCache::new(2, kv_dim, 16, f16);
+            cache.store(1, 0, &keys, &vals);
+            let mut attention = Attention::new(shape, 16, 8);
+            // Positions 0..4 one at a time, then 4..11 as one batch (causal within the batch).
+            let mut out = vec![0.0; total * q_dim];
+            for pos in 0..4 {
+                let o = &mut out[pos * q_dim..(pos + 1) * q_dim];
+                attention.attend(&cpu, cache.layer(1), &q[pos * q_dim..], 1, pos, o);
+            }
+            let rest = &mut out[4 * q_dim..];
+            attention.attend(&cpu, cache.layer(1), &q[4 * q_dim..], 7, 4, rest);
+            let tol = if f16 { 2e-3 } else { 1e-5 };
+            for pos in 0..total {
+                let want = naive(shape, &q[pos * q_dim..(pos + 1) * q_dim], &keys, &vals, pos);
+                for (a, b) in out[pos * q_dim..(pos + 1) * q_dim].iter().zip(&want) {
+                    assert!((a - b).abs() < tol, "pos {pos}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_is_stable_and_normalized() {
+        let mut x = [1000.0, 1001.0, 999.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[1] > x[0] && x[0] > x[2]);
+        assert!((dot(&values(37, 4), &[1.0; 37]) - values(37, 4).iter().sum::<f32>()).abs() < 1e-4);
+    }
+}

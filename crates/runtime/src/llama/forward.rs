@@ -1,0 +1,292 @@
+//! The forward pass, read top to bottom like llama2.c's `forward`: embed → per layer (RMSNorm →
+//! q/k/v → RoPE → KV cache → attention → o_proj → residual → RMSNorm → gate/up → SiLU·up → down →
+//! residual) → final norm → LM head.
+//!
+//! Tokens go through the matrices in batches of up to `max_batch` (prefill via mpGEMM; decode is
+//! a batch of one). Every buffer lives in [`RunState`], sized once for the largest batch.
+
+use crate::attention::{Attention, AttentionShape};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::{Input, Linear};
+
+use super::{LayerWeights, Model};
+
+/// Scratch memory of the forward pass; `[batch][...]` row-major everywhere.
+#[derive(Debug)]
+pub(crate) struct RunState {
+    max_batch: usize,
+    /// Residual stream `[batch][hidden]`.
+    x: Vec<f32>,
+    /// Normed residual, read by q/k/v.
+    attn_in: Input,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output, read by o_proj.
+    o_in: Input,
+    /// Output of o_proj and down_proj, added to the residual.
+    proj: Vec<f32>,
+    /// Normed residual, read by gate/up.
+    ffn_in: Input,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// SiLU(gate)·up, read by down_proj.
+    down_in: Input,
+    /// Final-normed residual of the tokens whose logits are wanted.
+    head_in: Input,
+    attention: Attention,
+}
+
+impl RunState {
+    pub(crate) fn new(
+        c: &ModelConfig,
+        layers: &[LayerWeights],
+        head: &Linear,
+        context: usize,
+        max_batch: usize,
+    ) -> RunState {
+        let (h, q_dim, kv_dim, f) = (
+            c.hidden_size,
+            c.heads * c.head_dim,
+            c.kv_heads * c.head_dim,
+            c.ffn_size,
+        );
+        let all = |pick: fn(&LayerWeights) -> [&Linear; 3]| layers.iter().flat_map(pick);
+        let shape = AttentionShape {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        };
+        RunState {
+            max_batch,
+            x: vec![0.0; max_batch * h],
+            attn_in: Input::for_consumers(h, max_batch, all(|l| [&l.wq, &l.wk, &l.wv])),
+            q: vec![0.0; max_batch * q_dim],
+            k: vec![0.0; max_batch * kv_dim],
+            v: vec![0.0; max_batch * kv_dim],
+            o_in: Input::for_consumers(q_dim, max_batch, all(|l| [&l.wo, &l.wo, &l.wo])),
+            proj: vec![0.0; max_batch * h],
+            ffn_in: Input::for_consumers(h, max_batch, all(|l| [&l.w_gate, &l.w_up, &l.w_up])),
+            gate: vec![0.0; max_batch * f],
+            up: vec![0.0; max_batch * f],
+            down_in: Input::for_consumers(f, max_batch, all(|l| [&l.w_down, &l.w_down, &l.w_down])),
+            head_in: Input::for_consumers(h, max_batch, [head]),
+            attention: Attention::new(shape, context, max_batch),
+        }
+    }
+}
+
+impl Model {
+    /// Checks the arguments, then runs the tokens through in batches.
+    pub(super) fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: &mut [f32],
+        all_logits: bool,
+    ) -> Result<()> {
+        let c = &self.config;
+        let vocab = c.vocab_size;
+        if tokens.is_empty() {
+            return Err(Error::InvalidOption("forward of zero tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidOption(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if cache.layers() != c.layers || cache.kv_dim() != c.kv_heads * c.head_dim {
+            return Err(Error::InvalidOption(
+                "the KV cache was made for a different model".into(),
+            ));
+        }
+        let want = if all_logits {
+            tokens.len() * vocab
+        } else {
+            vocab
+        };
+        if logits.len() != want {
+            return Err(Error::InvalidOption(format!(
+                "logits buffer holds {} values, expected {want}",
+                logits.len()
+            )));
+        }
+        let context = cache.capacity().min(self.context_length);
+        if cache.len() + tokens.len() > context {
+            return Err(Error::ContextOverflow {
+                tokens: cache.len() + tokens.len(),
+                context,
+            });
+        }
+
+        // A poisoned lock only means an earlier forward panicked mid-way; the scratch is
+        // overwritten before it is read, so it is still usable.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *state;
+        let batches = tokens.chunks(st.max_batch);
+        let last = batches.len() - 1;
+        for (b, batch) in batches.enumerate() {
+            let n = batch.len();
+            let out = if all_logits {
+                let start = b * st.max_batch * vocab;
+                Some((&mut logits[start..start + n * vocab], 0..n))
+            } else if b == last {
+                Some((&mut logits[..], n - 1..n))
+            } else {
+                None
+            };
+            self.forward_batch(st, batch, cache, out)?;
+        }
+        Ok(())
+    }
+
+    /// One batch of tokens at positions `cache.len()..`; writes the logits of the tokens in
+    /// `out.1` (indices within the batch) into `out.0`.
+    fn forward_batch(
+        &self,
+        st: &mut RunState,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        out: Option<(&mut [f32], std::ops::Range<usize>)>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let cpu = &self.cpu;
+        let (n, pos0) = (tokens.len(), cache.len());
+        let (h, q_dim, kv_dim, f) = (
+            c.hidden_size,
+            c.heads * c.head_dim,
+            c.kv_heads * c.head_dim,
+            c.ffn_size,
+        );
+        let eps = c.rms_eps;
+        let x = &mut st.x[..n * h];
+
+        // Token embeddings.
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embedding.row(t as usize, row)?;
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention: q/k/v share one input (one set of tables).
+            rmsnorm(st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
+            st.attn_in.prepare(cpu)?;
+            let (q, k, v) = (
+                &mut st.q[..n * q_dim],
+                &mut st.k[..n * kv_dim],
+                &mut st.v[..n * kv_dim],
+            );
+            layer.wq.matmul(cpu, &st.attn_in, q)?;
+            layer.wk.matmul(cpu, &st.attn_in, k)?;
+            layer.wv.matmul(cpu, &st.attn_in, v)?;
+            add_bias(q, layer.bq.as_deref());
+            add_bias(k, layer.bk.as_deref());
+            add_bias(v, layer.bv.as_deref());
+            for (t, (qt, kt)) in q
+                .chunks_exact_mut(q_dim)
+                .zip(k.chunks_exact_mut(kv_dim))
+                .enumerate()
+            {
+                self.rope.apply(qt, pos0 + t);
+                self.rope.apply(kt, pos0 + t);
+            }
+            cache.store(l, pos0, k, v);
+            let att = st.o_in.values_mut(n);
+            st.attention.attend(cpu, cache.layer(l), q, n, pos0, att);
+            st.o_in.prepare(cpu)?;
+            let proj = &mut st.proj[..n * h];
+            layer.wo.matmul(cpu, &st.o_in, proj)?;
+            add_assign(x, proj);
+
+            // Feed-forward: gate/up share one input.
+            rmsnorm(st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
+            st.ffn_in.prepare(cpu)?;
+            let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
+            layer.w_gate.matmul(cpu, &st.ffn_in, gate)?;
+            layer.w_up.matmul(cpu, &st.ffn_in, up)?;
+            swiglu(st.down_in.values_mut(n), gate, up);
+            st.down_in.prepare(cpu)?;
+            layer.w_down.matmul(cpu, &st.down_in, proj)?;
+            add_assign(x, proj);
+        }
+        cache.advance(n);
+
+        // Final norm and LM head, only for the tokens whose logits are wanted.
+        if let Some((logits, wanted)) = out {
+            let m = wanted.len();
+            rmsnorm(
+                st.head_in.values_mut(m),
+                &x[wanted.start * h..wanted.end * h],
+                &self.output_norm,
+                eps,
+            );
+            st.head_in.prepare(cpu)?;
+            let head = self.output.as_ref().unwrap_or(&self.embedding);
+            head.matmul(cpu, &st.head_in, logits)?;
+        }
+        Ok(())
+    }
+}
+
+/// `out[t] = x[t] / rms(x[t]) · weight` for every row `t` of `x` (`[n][weight.len()]`).
+pub(crate) fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let mean_square = crate::attention::dot(x, x) / d as f32;
+        let inv = 1.0 / (mean_square + eps).sqrt();
+        for ((o, &x), &w) in o.iter_mut().zip(x).zip(weight) {
+            *o = x * inv * w;
+        }
+    }
+}
+
+/// `out = SiLU(gate) · up`, elementwise.
+pub(crate) fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (x, &y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
+}
+
+/// Adds `bias` to every row of `x`.
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        for row in x.chunks_exact_mut(bias.len()) {
+            add_assign(row, bias);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_normalizes_each_row() {
+        let x = [3.0, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        let w = [1.0, 2.0, 1.0, 1.0];
+        let mut out = [0.0; 8];
+        rmsnorm(&mut out, &x, &w, 0.0);
+        // Row 0: rms = sqrt(25/4) = 2.5.
+        assert!((out[0] - 1.2).abs() < 1e-6 && (out[1] - 3.2).abs() < 1e-6);
+        assert_eq!(&out[4..], &[1.0, 2.0, 1.0, 1.0]);
+        // eps keeps a zero row finite.
+        rmsnorm(&mut out[..4], &[0.0; 4], &w, 1e-5);
+        assert!(out[..4].iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn swiglu_matches_definition() {
+        let mut out = [0.0; 3];
+        swiglu(&mut out, &[0.0, 2.0, -30.0], &[5.0, 3.0, 1.0]);
+        assert_eq!(out[0], 0.0);
+        assert!((out[1] - 2.0 / (1.0 + (-2.0f32).exp()) * 3.0).abs() < 1e-6);
+        assert!(out[2].abs() < 1e-9);
+    }
+}

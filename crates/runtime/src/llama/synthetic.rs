@@ -1,0 +1,197 @@
+//! Random models of any shape, generated directly in decoded form (no file, no tokenizer).
+//!
+//! Decode speed does not depend on weight values, so a synthetic 7B model measures what a real one
+//! would. Weights are scaled so that activations stay O(1) through the layers: the logits of a
+//! synthetic model are finite and not all equal, which tests rely on.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use crate::weights::DecodedTensor;
+
+use super::{
+    count_tensor, source_kind, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount,
+};
+
+/// One layer's weights with the kinds of its tensors.
+type BuiltLayer = (LayerWeights, Vec<TensorTypeCount>);
+
+/// xorshift64*: cheap and good enough for random weights; 8 codes per step.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        // Never zero (xorshift's fixed point).
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Fills `out` with random bytes, each masked by `mask`.
+    fn fill_bytes(&mut self, out: &mut [u8], mask: u8) {
+        let mut chunks = out.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            let bytes = self.next().to_le_bytes();
+            for (o, b) in chunk.iter_mut().zip(bytes) {
+                *o = b & mask;
+            }
+        }
+        let bytes = self.next().to_le_bytes();
+        for (o, b) in chunks.into_remainder().iter_mut().zip(bytes) {
+            *o = b & mask;
+        }
+    }
+}
+
+/// A random low-bit matrix whose rows have roughly unit gain: `w = s·(q − (2^b−1)/2)` with
+/// `s ≈ sqrt(12 / K) / 2^b` jittered per group.
+fn low_bit(rng: &mut Rng, rows: usize, cols: usize, bits: u8, group_size: usize) -> DecodedTensor {
+    let mut codes = vec![0u8; rows * cols];
+    rng.fill_bytes(&mut codes, ((1u16 << bits) - 1) as u8);
+    let groups = rows * cols / group_size;
+    let levels = (1u32 << bits) as f32;
+    let base = (12.0 / cols as f32).sqrt() / levels;
+    let scales: Vec<f32> = (0..groups).map(|_| base * (0.5 + rng.unit())).collect();
+    let offsets = scales.iter().map(|s| -s * (levels - 1.0) / 2.0).collect();
+    DecodedTensor::LowBit {
+        rows,
+        cols,
+        bits,
+        group_size,
+        codes,
+        scales,
+        offsets,
+    }
+}
+
+/// A random int8 matrix with values in about `[−1, 1]` (embeddings, LM head).
+fn int8(rng: &mut Rng, rows: usize, cols: usize) -> DecodedTensor {
+    let mut bytes = vec![0u8; rows * cols];
+    rng.fill_bytes(&mut bytes, 0xff);
+    // −128 never occurs in Q8_0 codes; fold it onto −127.
+    let codes = bytes.iter().map(|&b| (b as i8).max(-127)).collect();
+    let scales = (0..rows * cols / 32)
+        .map(|_| (0.5 + rng.unit()) / 127.0)
+        .collect();
+    DecodedTensor::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+pub(super) fn synthetic(
+    config: ModelConfig,
+    bits: u8,
+    group_size: usize,
+    opts: &LoadOptions,
+    seed: u64,
+) -> Result<Model> {
+    super::check_config(&config)?;
+    if !(1..=4).contains(&bits) {
+        return Err(Error::InvalidOption(format!(
+            "synthetic model with {bits}-bit weights: use 1, 2, 3 or 4"
+        )));
+    }
+    let c = &config;
+    let (h, q_dim, kv_dim, f) = (
+        c.hidden_size,
+        c.heads * c.head_dim,
+        c.kv_heads * c.head_dim,
+        c.ffn_size,
+    );
+    for k in [h, q_dim, f] {
+        if group_size == 0 || k % group_size != 0 {
+            return Err(Error::InvalidOption(format!(
+                "group size {group_size} does not divide the row length {k}"
+            )));
+        }
+    }
+    let mut rng = Rng::new(seed);
+    let mut types = Vec::new();
+    let linear = |t: DecodedTensor, types: &mut Vec<_>| -> Result<Linear> {
+        let m = Linear::from_decoded(&t, opts.reference)?;
+        count_tensor(types, source_kind(&t), m.kind(), m.bytes());
+        Ok(m)
+    };
+    let norm = |types: &mut Vec<_>| {
+        count_tensor(types, "f32".into(), "f32".into(), 4 * h);
+        vec![1.0f32; h]
+    };
+    let embedding = linear(int8(&mut rng, c.vocab_size, h), &mut types)?;
+
+    // Layers are generated and packed in parallel (packing dominates for 7B shapes), each from
+    // its own generator so that the weights do not depend on the number of threads. At most 4
+    // at once: each holds a few hundred MB of unpacked codes.
+    let build_threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let build_cpu = lutra_kernels::Cpu::new(build_threads)?;
+    let layer = |i: usize| -> Result<BuiltLayer> {
+        let mut rng = Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut types = Vec::new();
+        let mut m = |rows, cols, types: &mut Vec<_>| {
+            linear(low_bit(&mut rng, rows, cols, bits, group_size), types)
+        };
+        let weights = LayerWeights {
+            attn_norm: norm(&mut types),
+            wq: m(q_dim, h, &mut types)?,
+            wk: m(kv_dim, h, &mut types)?,
+            wv: m(kv_dim, h, &mut types)?,
+            bq: None,
+            bk: None,
+            bv: None,
+            wo: m(h, q_dim, &mut types)?,
+            ffn_norm: norm(&mut types),
+            w_gate: m(f, h, &mut types)?,
+            w_up: m(f, h, &mut types)?,
+            w_down: m(h, f, &mut types)?,
+        };
+        Ok((weights, types))
+    };
+    let mut built: Vec<Option<Result<BuiltLayer>>> = (0..c.layers).map(|_| None).collect();
+    build_cpu.for_each_chunk(&mut built, 1, |i, slot| slot[0] = Some(layer(i)));
+    let mut layers = Vec::with_capacity(c.layers);
+    for result in built.into_iter().flatten() {
+        let (weights, layer_types) = result?;
+        for t in layer_types {
+            match types
+                .iter_mut()
+                .find(|x| x.source == t.source && x.kernel == t.kernel)
+            {
+                Some(x) => {
+                    x.count += t.count;
+                    x.bytes += t.bytes;
+                }
+                None => types.push(t),
+            }
+        }
+        layers.push(weights);
+    }
+    let output_norm = norm(&mut types);
+    let output = if c.tied_embeddings {
+        None
+    } else {
+        Some(linear(int8(&mut rng, c.vocab_size, h), &mut types)?)
+    };
+    let parts = ModelParts {
+        config,
+        embedding,
+        layers,
+        output_norm,
+        output,
+        tensor_types: types,
+        tokenizer: None,
+        chat_template: None,
+    };
+    Model::from_parts(parts, opts)
+}
