@@ -1,1 +1,16 @@
-fn main() {}
+//! The `lutra` command-line tool; see `lutra --help`.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match cli::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line: "loading x: y: z".
+            eprintln!("lutra: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -12,14 +12,27 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
+pub mod linear;
 pub mod llama;
+pub mod perplexity;
+pub mod quantize;
+pub mod rope;
 pub mod sampler;
+pub mod session;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub use generate::{CancelToken, GenerateOptions, Generator, Piece, Stats, StopReason};
+pub use perplexity::{perplexity, PerplexityResult};
+pub use sampler::{Sampler, SamplerConfig};
+pub use session::ChatSession;

@@ -35,7 +35,7 @@ pub const NAMES: [&str; 5] = [
 
 /// Bits used by non-ternary shapes when the user gives none.
 pub const DEFAULT_BITS: u8 = 2;
-/// Group size used when the user gives none.
+/// Group size used when the user gives none and the shape allows it.
 pub const DEFAULT_GROUP_SIZE: usize = 128;
 
 /// Plain numbers of one shape; turned into a [`ModelConfig`] by [`Dims::config`].
@@ -50,6 +50,8 @@ struct Dims {
     context: usize,
     rope_theta: f32,
     tied: bool,
+    /// Default group size: 128 where it divides every K, smaller otherwise.
+    group: usize,
 }
 
 impl Dims {
@@ -98,6 +100,8 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 8192,
                 rope_theta: 100_000.0,
                 tied: true,
+                // 576 = 4.5 × 128.
+                group: 64,
             },
             false,
         ),
@@ -114,6 +118,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 4096,
                 rope_theta: 500_000.0,
                 tied: true,
+                group: DEFAULT_GROUP_SIZE,
             },
             true,
         ),
@@ -130,6 +135,8 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 2048,
                 rope_theta: 10_000.0,
                 tied: true,
+                // 8640 = 67.5 × 128.
+                group: 64,
             },
             true,
         ),
@@ -146,6 +153,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 4096,
                 rope_theta: 10_000.0,
                 tied: false,
+                group: DEFAULT_GROUP_SIZE,
             },
             false,
         ),
@@ -162,6 +170,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 8192,
                 rope_theta: 500_000.0,
                 tied: false,
+                group: DEFAULT_GROUP_SIZE,
             },
             false,
         ),
@@ -176,9 +185,22 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
         name,
         config: dims.config(name),
         default_bits: DEFAULT_BITS,
-        default_group_size: DEFAULT_GROUP_SIZE,
+        default_group_size: dims.group,
         ternary,
     })
+}
+
+impl SyntheticShape {
+    /// The configuration to build a speed benchmark with. BitNet shapes become Llama ones with
+    /// the same matrices: the Llama forward runs the same matrix products, and BitNet's extra
+    /// sub-norms and squared ReLU are element-wise work that costs well under 1% of a step.
+    pub fn benchmark_config(&self) -> ModelConfig {
+        let mut config = self.config.clone();
+        if config.architecture == Architecture::BitNet {
+            config.architecture = Architecture::Llama;
+        }
+        config
+    }
 }
 
 /// Number of weights in the matrices a decode step multiplies (attention, FFN, LM head), i.e.
@@ -206,7 +228,13 @@ mod tests {
             assert_eq!(c.heads * c.head_dim, c.hidden_size, "{name}");
             assert_eq!(c.heads % c.kv_heads, 0, "{name}: GQA groups must be whole");
             assert_eq!(c.rope_dims, c.head_dim);
-            assert_eq!(c.hidden_size % s.default_group_size, 0, "{name}: hidden not a whole number of groups");
+            for k in [c.hidden_size, c.ffn_size] {
+                assert_eq!(
+                    k % s.default_group_size,
+                    0,
+                    "{name}: K={k} is not whole groups"
+                );
+            }
         }
     }
 
@@ -234,6 +262,11 @@ mod tests {
         assert!(shape("bitnet-2b").unwrap().ternary);
         assert!(shape("bitnet-3b").unwrap().ternary);
         assert!(!shape("llama3-8b").unwrap().ternary);
-        assert_eq!(shape("bitnet-3b").unwrap().config.vocab_size, 32_002);
+        let bitnet = shape("bitnet-3b").unwrap();
+        assert_eq!(bitnet.config.vocab_size, 32_002);
+        assert_eq!(bitnet.config.architecture, Architecture::BitNet);
+        let bench = bitnet.benchmark_config();
+        assert_eq!(bench.architecture, Architecture::Llama);
+        assert_eq!(matmul_params(&bench), matmul_params(&bitnet.config));
     }
 }

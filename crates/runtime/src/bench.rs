@@ -1,0 +1,442 @@
+//! llama-bench-style speed measurement: prompt processing (`pp512`) and token generation
+//! (`tg128`) timed over repetitions, plus the facts a result needs next to it (CPU model,
+//! peak resident memory). The machine's read bandwidth comes from
+//! `lutra_kernels::measure::read_bandwidth`.
+//!
+//! Only `forward` is timed. Token ids are random (tokenization is not measured), and the greedy
+//! argmax that picks each next generated token runs outside the timed region, so the figures are
+//! the model's own speed and do not depend on a tokenizer or sampler.
+//!
+//! OWNER: CLI/bench helper.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::sampler::argmax;
+
+/// Mean and spread of repeated measurements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Sample standard deviation (n − 1 in the denominator, as llama-bench); 0 for one sample.
+    pub std: f64,
+    /// Smallest sample.
+    pub min: f64,
+    /// Largest sample.
+    pub max: f64,
+    /// Number of samples.
+    pub count: usize,
+}
+
+impl Stats {
+    /// Statistics of `samples`; `None` when there are none.
+    pub fn from_samples(samples: &[f64]) -> Option<Stats> {
+        let count = samples.len();
+        if count == 0 {
+            return None;
+        }
+        let mean = samples.iter().sum::<f64>() / count as f64;
+        let std = if count > 1 {
+            let ss: f64 = samples.iter().map(|s| (s - mean) * (s - mean)).sum();
+            (ss / (count - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some(Stats {
+            mean,
+            std,
+            min,
+            max,
+            count,
+        })
+    }
+}
+
+/// What one test measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TestKind {
+    /// Prompt processing: all tokens in one batched `forward` on an empty cache.
+    Prompt,
+    /// Token generation: one-token `forward` steps on an empty cache, each feeding the greedy
+    /// argmax of the previous step.
+    Generate,
+}
+
+/// One test: a kind and a token count, named like llama-bench (`pp512`, `tg128`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Test {
+    /// Prompt processing or generation.
+    pub kind: TestKind,
+    /// Tokens processed (prompt) or generated.
+    pub tokens: usize,
+}
+
+impl Test {
+    /// llama-bench's name: `pp` or `tg` followed by the token count.
+    pub fn name(&self) -> String {
+        match self.kind {
+            TestKind::Prompt => format!("pp{}", self.tokens),
+            TestKind::Generate => format!("tg{}", self.tokens),
+        }
+    }
+}
+
+/// Anything that runs a causal LM forward pass over a cache: the model, or a stand-in in tests.
+pub trait Decoder {
+    /// The per-sequence state (the KV cache).
+    type Cache;
+    /// Number of logits a forward pass writes.
+    fn vocab_size(&self) -> usize;
+    /// A fresh, empty cache large enough for the longest test.
+    fn new_cache(&self) -> Self::Cache;
+    /// Empties `cache` so that the next forward starts at position 0.
+    fn clear(&self, cache: &mut Self::Cache);
+    /// Appends `tokens` to `cache` and writes the last token's logits.
+    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, logits: &mut [f32]) -> Result<()>;
+}
+
+impl Decoder for crate::llama::Model {
+    type Cache = crate::kv_cache::KvCache;
+
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+
+    fn new_cache(&self) -> Self::Cache {
+        crate::llama::Model::new_cache(self)
+    }
+
+    fn clear(&self, cache: &mut Self::Cache) {
+        cache.clear();
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, logits: &mut [f32]) -> Result<()> {
+        crate::llama::Model::forward(self, tokens, cache, logits)
+    }
+}
+
+/// How a test is repeated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchOptions {
+    /// Timed repetitions (at least 1).
+    pub repetitions: usize,
+    /// Run the test once untimed first, to fault in weights and warm the caches.
+    pub warmup: bool,
+    /// Seed of the random prompt tokens.
+    pub seed: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            repetitions: 5,
+            warmup: true,
+            seed: 42,
+        }
+    }
+}
+
+/// The measurements of one test.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TestResult {
+    /// The test.
+    pub test: Test,
+    /// Timed seconds of each repetition (forward calls only).
+    pub seconds: Vec<f64>,
+    /// Tokens per second over the repetitions.
+    pub tokens_per_sec: Stats,
+}
+
+/// Runs `test` on `decoder`: an optional warm-up, then `opts.repetitions` timed runs, each on an
+/// empty cache.
+pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Result<TestResult> {
+    if test.tokens == 0 {
+        return Err(Error::InvalidOption(format!(
+            "test {} has no tokens",
+            test.name()
+        )));
+    }
+    if opts.repetitions == 0 {
+        return Err(Error::InvalidOption(
+            "repetitions must be at least 1".into(),
+        ));
+    }
+    let vocab = decoder.vocab_size();
+    let mut cache = decoder.new_cache();
+    let mut logits = vec![0.0f32; vocab];
+    let mut rng = SplitMix64(opts.seed);
+    let mut seconds = Vec::with_capacity(opts.repetitions);
+    let runs = opts.repetitions + usize::from(opts.warmup);
+    for run in 0..runs {
+        decoder.clear(&mut cache);
+        let elapsed = match test.kind {
+            TestKind::Prompt => {
+                let tokens: Vec<u32> = (0..test.tokens).map(|_| rng.token(vocab)).collect();
+                let start = Instant::now();
+                decoder.forward(&tokens, &mut cache, &mut logits)?;
+                start.elapsed()
+            }
+            TestKind::Generate => {
+                let mut token = rng.token(vocab);
+                let mut timed = Duration::ZERO;
+                for _ in 0..test.tokens {
+                    let start = Instant::now();
+                    decoder.forward(&[token], &mut cache, &mut logits)?;
+                    timed += start.elapsed();
+                    token = argmax(&logits);
+                }
+                timed
+            }
+        };
+        if run >= usize::from(opts.warmup) {
+            seconds.push(elapsed.as_secs_f64());
+        }
+    }
+    let rates: Vec<f64> = seconds
+        .iter()
+        .map(|&s| test.tokens as f64 / s.max(1e-12))
+        .collect();
+    let tokens_per_sec = Stats::from_samples(&rates)
+        .ok_or_else(|| Error::InvalidOption("no timed repetitions".into()))?;
+    Ok(TestResult {
+        test,
+        seconds,
+        tokens_per_sec,
+    })
+}
+
+/// A tiny deterministic generator for random token ids (no dependency needed for benchmark input).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn token(&mut self, vocab: usize) -> u32 {
+        (self.next() % vocab.max(1) as u64) as u32
+    }
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (Linux); `None` elsewhere.
+pub fn cpu_name() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    parse_cpu_name(&info)
+}
+
+fn parse_cpu_name(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        let key = key.trim();
+        // x86 says "model name"; some aarch64 kernels only give "Hardware" or "CPU part".
+        (key == "model name" || key == "Hardware")
+            .then(|| value.trim().to_string())
+            .filter(|v| !v.is_empty())
+    })
+}
+
+/// Peak resident memory of this process in bytes (`VmHWM` of `/proc/self/status`).
+///
+/// The figure is process-wide: it covers everything loaded so far, not one model, unless
+/// [`reset_peak_rss`] was called in between.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|kib| kib * 1024)
+}
+
+/// Current resident memory of this process in bytes (`VmRSS`).
+pub fn current_rss_bytes() -> Option<u64> {
+    status_kib("VmRSS:").map(|kib| kib * 1024)
+}
+
+/// Resets the peak-RSS counter to the current RSS (Linux ≥ 4.0: writes 5 to
+/// `/proc/self/clear_refs`), so that the next [`peak_rss_bytes`] describes what runs after it.
+/// Returns whether it worked.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status_kib(&status, key)
+}
+
+fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn stats_of_known_samples() {
+        let s = Stats::from_samples(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]).unwrap();
+        assert!((s.mean - 5.0).abs() < 1e-12);
+        // Sample variance: 32 / 7.
+        assert!((s.std - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
+        assert_eq!((s.min, s.max, s.count), (2.0, 9.0, 8));
+        assert_eq!(Stats::from_samples(&[3.0]).unwrap().std, 0.0);
+        assert!(Stats::from_samples(&[]).is_none());
+    }
+
+    #[test]
+    fn test_names_follow_llama_bench() {
+        let pp = Test {
+            kind: TestKind::Prompt,
+            tokens: 512,
+        };
+        let tg = Test {
+            kind: TestKind::Generate,
+            tokens: 128,
+        };
+        assert_eq!(pp.name(), "pp512");
+        assert_eq!(tg.name(), "tg128");
+    }
+
+    /// Records every forward call; its "logits" make token `(last + 1) % vocab` the argmax.
+    struct Recorder {
+        vocab: usize,
+        calls: RefCell<Vec<(usize, Vec<u32>)>>,
+    }
+
+    impl Decoder for Recorder {
+        type Cache = usize;
+        fn vocab_size(&self) -> usize {
+            self.vocab
+        }
+        fn new_cache(&self) -> usize {
+            0
+        }
+        fn clear(&self, cache: &mut usize) {
+            *cache = 0;
+        }
+        fn forward(&self, tokens: &[u32], cache: &mut usize, logits: &mut [f32]) -> Result<()> {
+            self.calls.borrow_mut().push((*cache, tokens.to_vec()));
+            *cache += tokens.len();
+            logits.fill(0.0);
+            let last = *tokens.last().unwrap_or(&0) as usize;
+            logits[(last + 1) % self.vocab] = 1.0;
+            std::thread::sleep(Duration::from_micros(50));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn prompt_test_is_one_batched_forward_per_run_plus_warmup() {
+        let rec = Recorder {
+            vocab: 100,
+            calls: RefCell::new(vec![]),
+        };
+        let test = Test {
+            kind: TestKind::Prompt,
+            tokens: 16,
+        };
+        let opts = BenchOptions {
+            repetitions: 3,
+            warmup: true,
+            seed: 1,
+        };
+        let r = run_test(&rec, test, &opts).unwrap();
+        let calls = rec.calls.borrow();
+        assert_eq!(calls.len(), 4, "three timed runs and one warm-up");
+        for (pos, tokens) in calls.iter() {
+            assert_eq!(*pos, 0, "every run starts on an empty cache");
+            assert_eq!(tokens.len(), 16);
+            assert!(tokens.iter().all(|&t| t < 100));
+        }
+        assert_eq!(r.seconds.len(), 3);
+        assert_eq!(r.tokens_per_sec.count, 3);
+        assert!(r.tokens_per_sec.mean > 0.0 && r.tokens_per_sec.mean.is_finite());
+    }
+
+    #[test]
+    fn generate_test_steps_one_token_and_feeds_the_argmax() {
+        let rec = Recorder {
+            vocab: 50,
+            calls: RefCell::new(vec![]),
+        };
+        let test = Test {
+            kind: TestKind::Generate,
+            tokens: 5,
+        };
+        let opts = BenchOptions {
+            repetitions: 2,
+            warmup: false,
+            seed: 7,
+        };
+        let r = run_test(&rec, test, &opts).unwrap();
+        let calls = rec.calls.borrow();
+        assert_eq!(calls.len(), 10);
+        for run in calls.chunks(5) {
+            for (step, (pos, tokens)) in run.iter().enumerate() {
+                assert_eq!(*pos, step);
+                assert_eq!(tokens.len(), 1);
+            }
+            for pair in run.windows(2) {
+                assert_eq!(pair[1].1[0], (pair[0].1[0] + 1) % 50, "next token = argmax");
+            }
+        }
+        // 5 tokens in at least 5 × 50 µs.
+        assert!(r.tokens_per_sec.max < 5.0 / 250e-6);
+    }
+
+    #[test]
+    fn zero_tokens_or_repetitions_are_rejected() {
+        let rec = Recorder {
+            vocab: 10,
+            calls: RefCell::new(vec![]),
+        };
+        let opts = BenchOptions::default();
+        assert!(run_test(
+            &rec,
+            Test {
+                kind: TestKind::Prompt,
+                tokens: 0
+            },
+            &opts
+        )
+        .is_err());
+        let none = BenchOptions {
+            repetitions: 0,
+            ..opts
+        };
+        assert!(run_test(
+            &rec,
+            Test {
+                kind: TestKind::Generate,
+                tokens: 2
+            },
+            &none
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn cpuinfo_and_status_parsing() {
+        let cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n";
+        assert_eq!(parse_cpu_name(cpuinfo).as_deref(), Some("AMD EPYC 7B13"));
+        assert_eq!(parse_cpu_name("processor: 0\n"), None);
+        let status = "Name:\tx\nVmHWM:\t  123456 kB\nVmRSS:\t  1000 kB\n";
+        assert_eq!(parse_status_kib(status, "VmHWM:"), Some(123456));
+        assert_eq!(parse_status_kib(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn live_process_figures_are_plausible() {
+        if cfg!(target_os = "linux") {
+            // Current first: the peak can only grow after it, even while other tests allocate.
+            let now = current_rss_bytes().unwrap();
+            let peak = peak_rss_bytes().unwrap();
+            assert!(peak >= now && now > 0);
+        }
+    }
+}

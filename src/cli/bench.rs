@@ -1,0 +1,255 @@
+//! `lutra bench`: llama-bench's measurement over models × thread counts × tests, printed as
+//! Markdown, JSON or CSV, optionally with an SVG thread-sweep chart.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lutra_kernels::measure::BANDWIDTH_BYTES;
+use lutra_runtime::bench::{self as measure, BenchOptions, Test, TestKind};
+use lutra_runtime::llama::{LoadOptions, Model};
+use lutra_runtime::synthetic;
+
+use super::plot::{self, Series};
+use super::report::{self, BenchRow, Format};
+use super::{default_model_path, load_model, requantize, write_stdout};
+
+/// Seed of synthetic weights: fixed, so that runs compare like with like.
+const SYNTHETIC_SEED: u64 = 0x1u64 << 40 | 0x5EED;
+
+/// Arguments of `lutra bench`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Models, comma-separated: GGUF paths or synthetic:NAME (smollm2-135m, bitnet-2b, bitnet-3b,
+    /// llama2-7b, llama3-8b) [default: the fetched SmolLM2 model]
+    #[arg(short = 'm', long = "model", value_delimiter = ',')]
+    models: Vec<String>,
+    /// Thread counts, comma-separated [default: one per core]
+    #[arg(short = 't', long = "threads", value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Prompt lengths to process, comma-separated (0 = skip)
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    n_prompt: Vec<usize>,
+    /// Tokens to generate, comma-separated (0 = skip)
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    n_gen: Vec<usize>,
+    /// Timed repetitions of each test
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    repetitions: u64,
+    /// Output format
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Md)]
+    output: Format,
+    /// Bits per weight: synthetic models [default: 2], or requantize a GGUF
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
+    bits: Option<u8>,
+    /// Group size: synthetic models [default: 128 where it divides], or requantize a GGUF
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// Write a thread-sweep chart (t/s against threads) to this SVG file
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Skip the untimed warm-up run of each test
+    #[arg(long)]
+    no_warmup: bool,
+}
+
+/// What a `-m` entry names.
+enum ModelSource {
+    File(PathBuf),
+    Synthetic(synthetic::SyntheticShape),
+}
+
+impl ModelSource {
+    fn parse(spec: &str) -> Result<ModelSource> {
+        if spec.starts_with("synthetic:") {
+            return Ok(ModelSource::Synthetic(synthetic::shape(spec)?));
+        }
+        Ok(ModelSource::File(PathBuf::from(spec)))
+    }
+}
+
+/// Runs `lutra bench`.
+pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
+    let models = if args.models.is_empty() {
+        vec![default_model_path()?.display().to_string()]
+    } else {
+        args.models.clone()
+    };
+    let threads = if args.threads.is_empty() {
+        vec![std::thread::available_parallelism().map_or(1, |n| n.get())]
+    } else {
+        args.threads.clone()
+    };
+    let tests: Vec<Test> = args
+        .n_prompt
+        .iter()
+        .filter(|&&n| n > 0)
+        .map(|&tokens| Test {
+            kind: TestKind::Prompt,
+            tokens,
+        })
+        .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&tokens| Test {
+            kind: TestKind::Generate,
+            tokens,
+        }))
+        .collect();
+    if tests.is_empty() {
+        bail!("nothing to measure: -p and -n are both 0");
+    }
+    // Every test starts on an empty cache; p + n is enough for the longest and matches llama-bench.
+    let context = args.n_prompt.iter().max().unwrap_or(&0) + args.n_gen.iter().max().unwrap_or(&0);
+    let sources = models
+        .iter()
+        .map(|m| ModelSource::parse(m).map(|s| (m.clone(), s)))
+        .collect::<Result<Vec<_>>>()?;
+    for (name, source) in &sources {
+        if let ModelSource::File(path) = source {
+            super::ensure_exists(path).with_context(|| format!("bench model '{name}'"))?;
+        }
+    }
+
+    let cpu = measure::cpu_name().unwrap_or_else(|| "unknown CPU".to_string());
+    let mut machine_bandwidth = BTreeMap::new();
+    for &t in &threads {
+        let bw = lutra_kernels::measure::read_bandwidth(t, BANDWIDTH_BYTES, 3)
+            .context("memory bandwidth probe failed")?
+            .gb_per_s;
+        eprintln!("lutra bench: memory read bandwidth with {t} threads: {bw:.1} GB/s");
+        machine_bandwidth.insert(t, bw);
+    }
+    let opts = BenchOptions {
+        repetitions: args.repetitions as usize,
+        warmup: !args.no_warmup,
+        ..BenchOptions::default()
+    };
+
+    let mut rows = Vec::new();
+    for (name, source) in &sources {
+        for &t in &threads {
+            // Peak RSS per model rather than per process, where the kernel allows the reset.
+            measure::reset_peak_rss();
+            let (model, bits, group) = build(source, args, t, context)?;
+            for &test in &tests {
+                eprintln!("lutra bench: {name}, {t} threads, {} ...", test.name());
+                let result = measure::run_test(&model, test, &opts)
+                    .with_context(|| format!("{name}: {} failed", test.name()))?;
+                let size = model.weight_bytes() as u64;
+                let tps = &result.tokens_per_sec;
+                rows.push(BenchRow {
+                    model: display_name(name, source),
+                    bits,
+                    group_size: group,
+                    size_bytes: size,
+                    isa: model.isa().to_string(),
+                    threads: model.threads(),
+                    test: test.name(),
+                    tokens: test.tokens,
+                    tokens_per_sec: tps.mean,
+                    tokens_per_sec_std: tps.std,
+                    samples: result
+                        .seconds
+                        .iter()
+                        .map(|s| test.tokens as f64 / s)
+                        .collect(),
+                    effective_gb_per_sec: (test.kind == TestKind::Generate)
+                        .then(|| size as f64 * tps.mean / 1e9),
+                    machine_gb_per_sec: machine_bandwidth.get(&t).copied(),
+                    peak_rss_bytes: measure::peak_rss_bytes(),
+                    cpu: cpu.clone(),
+                    synthetic: matches!(source, ModelSource::Synthetic(_)),
+                });
+            }
+        }
+    }
+
+    write_stdout(&report::render(&rows, args.output))?;
+    if let Some(path) = &args.plot {
+        let svg = plot::render_svg("lutra bench: tokens/s vs threads", &series(&rows));
+        std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("lutra bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Builds the model of `source` for `threads`; returns it with the bits and group size of its
+/// LUT matrices (both `None` for a GGUF kept in its own types).
+fn build(
+    source: &ModelSource,
+    args: &BenchArgs,
+    threads: usize,
+    context: usize,
+) -> Result<(Model, Option<u8>, Option<usize>)> {
+    let mut opts = LoadOptions {
+        threads,
+        context_length: Some(context),
+        ..LoadOptions::default()
+    };
+    match source {
+        ModelSource::File(path) => {
+            opts.requantize = requantize(args.bits, args.group_size);
+            let model = load_model(path, &opts)?;
+            let (bits, group) = match &opts.requantize {
+                Some(r) => (Some(r.bits), Some(r.group_size)),
+                None => (None, None),
+            };
+            Ok((model, bits, group))
+        }
+        ModelSource::Synthetic(shape) => {
+            let bits = args.bits.unwrap_or(shape.default_bits);
+            let group = args.group_size.unwrap_or(shape.default_group_size);
+            let start = std::time::Instant::now();
+            let model =
+                Model::synthetic(shape.benchmark_config(), bits, group, &opts, SYNTHETIC_SEED)
+                    .with_context(|| format!("cannot build synthetic:{}", shape.name))?;
+            eprintln!(
+                "lutra bench: built synthetic:{} ({bits}-bit, group {group}) in {:.1} s",
+                shape.name,
+                start.elapsed().as_secs_f64()
+            );
+            Ok((model, Some(bits), Some(group)))
+        }
+    }
+}
+
+/// The model column: a file's name without its folders (as llama-bench), or `synthetic:NAME`.
+fn display_name(spec: &str, source: &ModelSource) -> String {
+    match source {
+        ModelSource::File(path) => path
+            .file_name()
+            .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned()),
+        ModelSource::Synthetic(shape) => format!("synthetic:{}", shape.name),
+    }
+}
+
+/// One chart line per (model, bits, test): t/s against threads.
+fn series(rows: &[BenchRow]) -> Vec<Series> {
+    let mut lines: BTreeMap<(String, String, String), Vec<(f64, f64)>> = BTreeMap::new();
+    for r in rows {
+        let bits = r
+            .bits
+            .map_or("file types".to_string(), |b| format!("{b}-bit"));
+        lines
+            .entry((r.model.clone(), bits, r.test.clone()))
+            .or_default()
+            .push((r.threads as f64, r.tokens_per_sec));
+    }
+    lines
+        .into_iter()
+        .map(|((model, bits, test), points)| Series {
+            label: format!("{model} {bits} {test}"),
+            points,
+        })
+        .collect()
+}

@@ -1,0 +1,237 @@
+//! End-to-end tests of the `lutra` binary: each runs the built executable the way a user would.
+//! Real-model tests use the fetched SmolLM2-135M-Instruct Q4_1 file (`models/fetch.sh`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn model_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn lutra(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lutra"))
+        .args(args)
+        .output()
+        .expect("the lutra binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = lutra(&["--help"]);
+    assert_success(&out);
+    let help = text(&out.stdout);
+    for sub in [
+        "generate",
+        "chat",
+        "tokenize",
+        "perplexity",
+        "info",
+        "bench",
+        "bench-kernels",
+    ] {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(sub)),
+            "--help does not list {sub}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn tokenize_matches_llama_cpp() {
+    let model = model_path();
+    let out = lutra(&[
+        "tokenize",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "Hello, world!",
+    ]);
+    assert_success(&out);
+    let ids: Vec<u32> =
+        serde_json::from_str(text(&out.stdout).trim()).expect("a JSON array of ids");
+    // /work/shared/reference/smollm2-135m-q4_1.json, tokenization case 1 (llama.cpp).
+    assert_eq!(ids, [19556, 28, 905, 17]);
+}
+
+#[test]
+fn greedy_generate_prints_only_the_reference_continuation() {
+    let model = model_path();
+    let out = lutra(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "The meaning of life is",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+    ]);
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    // llama.cpp's greedy completion of this prompt (reference file, greedy case 1).
+    let reference =
+        " not just a random choice, but a choice made by someone who has been given a gift.";
+    assert!(
+        stdout.starts_with(" not just a random choice") && reference.starts_with(stdout.as_str()),
+        "stdout is not a prefix of the reference completion: {stdout:?}"
+    );
+    // Diagnostics go to stderr, never into the text.
+    assert!(text(&out.stderr).contains("t/s"));
+    assert!(!stdout.contains("t/s"));
+}
+
+#[test]
+fn chat_with_piped_stdin_answers_each_line_and_exits() {
+    let model = model_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lutra"))
+        .args([
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "-n",
+            "6",
+            "--temp",
+            "0",
+            "-c",
+            "512",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("lutra chat starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .expect("write the turns");
+    let out = child.wait_with_output().expect("lutra chat exits");
+    assert_success(&out);
+    let stderr = text(&out.stderr);
+    let turns = stderr
+        .lines()
+        .filter(|l| l.starts_with("lutra: reply "))
+        .count();
+    assert_eq!(turns, 2, "stderr:\n{stderr}");
+    let stdout = text(&out.stdout);
+    assert!(stdout.trim().len() > 4, "replies: {stdout:?}");
+    // No prompt marker on stdout, and none at all when stdin is not a terminal.
+    assert!(!stdout.contains("> ") && !stderr.contains("> "));
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    let out = lutra(&["generate", "-m", "/nonexistent/dir/nope.gguf", "-p", "hi"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("/nonexistent/dir/nope.gguf"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_a_clear_error() {
+    let model = model_path();
+    let prompt = "one two three four five six seven eight nine ten eleven twelve";
+    let out = lutra(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        prompt,
+        "-c",
+        "8",
+        "-n",
+        "4",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("context"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bench_json_rows_parse_with_positive_rates() {
+    let out = lutra(&[
+        "bench",
+        "-m",
+        "synthetic:smollm2-135m",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "-t",
+        "1",
+        "-o",
+        "json",
+    ]);
+    assert_success(&out);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let rows = rows.as_array().expect("an array of rows");
+    let tests: Vec<&str> = rows.iter().map(|r| r["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["pp16", "tg4"]);
+    for row in rows {
+        let tps = row["tokens_per_sec"].as_f64().unwrap();
+        assert!(tps > 0.0 && tps.is_finite(), "{row}");
+        assert_eq!(row["samples"].as_array().unwrap().len(), 2);
+        assert!(row["size_bytes"].as_u64().unwrap() > 10_000_000);
+        assert_eq!(row["synthetic"], true);
+    }
+    assert!(rows[1]["effective_gb_per_sec"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_markdown_table_and_plot() {
+    let dir = std::env::temp_dir().join(format!("lutra-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg_path = dir.join("sweep.svg");
+    let out = lutra(&[
+        "bench",
+        "-m",
+        "synthetic:smollm2-135m",
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "-t",
+        "1,2",
+        "-o",
+        "md",
+        "--plot",
+        svg_path.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let md = text(&out.stdout);
+    assert!(md.contains("CPU: ") && md.contains("ISA: "), "{md}");
+    assert!(md.contains("synthetic weights: random values of the real shapes"));
+    let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+    // Header, separator, and (pp8, tg2) × (1, 2 threads).
+    assert_eq!(table.len(), 2 + 4, "{md}");
+    assert!(table[0].contains("t/s"));
+    let svg = std::fs::read_to_string(&svg_path).expect("the SVG was written");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 2, "one line per test");
+    std::fs::remove_dir_all(&dir).ok();
+}
