@@ -204,7 +204,9 @@ fn raw_greedy(model: &Model, prompt: &str, n_predict: usize) -> (Vec<u32>, bool)
     let mut tokens = tokenizer.encode(prompt, true).expect("encode");
     let mut cache = model.new_cache();
     let mut logits = vec![0.0f32; model.config().vocab_size];
-    model.forward(&tokens, &mut cache, &mut logits).expect("prefill");
+    model
+        .forward(&tokens, &mut cache, &mut logits)
+        .expect("prefill");
     let mut generated = Vec::new();
     for _ in 0..n_predict {
         let next = lutra::sampler::argmax(&logits);
@@ -213,7 +215,9 @@ fn raw_greedy(model: &Model, prompt: &str, n_predict: usize) -> (Vec<u32>, bool)
         }
         generated.push(next);
         tokens.push(next);
-        model.forward(&[next], &mut cache, &mut logits).expect("decode");
+        model
+            .forward(&[next], &mut cache, &mut logits)
+            .expect("decode");
     }
     (generated, false)
 }
@@ -240,8 +244,15 @@ fn real_model_greedy_generator_matches_plain_greedy_and_llama_cpp() {
         let completion = generate_text(&mut g).expect("generate");
         let (plain, plain_eos) = raw_greedy(model, prompt, n_predict);
         let plain_text = tokenizer.decode(&plain, false).expect("decode");
-        assert_eq!(completion, plain_text, "prompt {prompt:?}: Generator differs from plain greedy");
-        assert_eq!(g.stopped_at_eos(), plain_eos, "prompt {prompt:?}: EOS stop differs");
+        assert_eq!(
+            completion, plain_text,
+            "prompt {prompt:?}: Generator differs from plain greedy"
+        );
+        assert_eq!(
+            g.stopped_at_eos(),
+            plain_eos,
+            "prompt {prompt:?}: EOS stop differs"
+        );
         if plain_text == expected && plain_eos == at_eos {
             exact_matches += 1;
         } else {
@@ -264,7 +275,10 @@ fn real_model_greedy_generator_matches_plain_greedy_and_llama_cpp() {
         assert!(g.stats().prompt_tps() > 0.0);
     }
     // The chat case (which stops at EOS) has no near tie and must match exactly.
-    assert!(exact_matches >= 1, "no greedy case matched llama.cpp exactly");
+    assert!(
+        exact_matches >= 1,
+        "no greedy case matched llama.cpp exactly"
+    );
 }
 
 #[test]

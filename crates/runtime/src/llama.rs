@@ -359,13 +359,13 @@ fn check_config(c: &ModelConfig) -> Result<()> {
     if c.hidden_size == 0 || c.layers == 0 || c.heads == 0 || c.head_dim == 0 || c.vocab_size == 0 {
         return bad(format!("empty dimension in {c:?}"));
     }
-    if c.kv_heads == 0 || c.heads % c.kv_heads != 0 {
+    if c.kv_heads == 0 || !c.heads.is_multiple_of(c.kv_heads) {
         return bad(format!(
             "{} heads are not a multiple of {} kv heads",
             c.heads, c.kv_heads
         ));
     }
-    if c.rope_dims > c.head_dim || c.rope_dims % 2 != 0 {
+    if c.rope_dims > c.head_dim || !c.rope_dims.is_multiple_of(2) {
         return bad(format!(
             "rope dims {} must be even and at most head dim {}",
             c.rope_dims, c.head_dim

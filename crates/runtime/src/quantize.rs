@@ -72,7 +72,7 @@ pub fn quantize_rtn(
             "requantization to {bits} bits: use 1, 2, 3 or 4"
         )));
     }
-    if group_size == 0 || cols % group_size != 0 {
+    if group_size == 0 || !cols.is_multiple_of(group_size) {
         return Err(Error::InvalidOption(format!(
             "group size {group_size} does not divide the row length {cols}"
         )));

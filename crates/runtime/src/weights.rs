@@ -235,7 +235,7 @@ impl GgmlType {
 
     /// Bytes taken by `elems` elements, or `None` when `elems` is not a whole number of blocks.
     pub fn bytes_for(self, elems: usize) -> Option<usize> {
-        if elems % self.block_elems() != 0 {
+        if !elems.is_multiple_of(self.block_elems()) {
             return None;
         }
         (elems / self.block_elems()).checked_mul(self.block_bytes())
@@ -263,7 +263,7 @@ pub fn decode_ggml(
     if !ty.is_decodable() {
         return Err(DecodeError::Unsupported(ty));
     }
-    if cols % ty.block_elems() != 0 {
+    if !cols.is_multiple_of(ty.block_elems()) {
         return Err(DecodeError::BadShape(format!(
             "row length {cols} is not a multiple of the {} block of {} elements",
             ty.name(),

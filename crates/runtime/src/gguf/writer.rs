@@ -153,7 +153,7 @@ fn check_len(name: &str, dims: &[usize], values: &[f32], block: usize) -> Result
             values.len()
         )));
     }
-    if dims[0] % block != 0 {
+    if !dims[0].is_multiple_of(block) {
         return Err(Error::InvalidOption(format!(
             "tensor '{name}': row length {} is not a multiple of the block size {block}",
             dims[0]
