@@ -3,7 +3,10 @@ use super::*;
 use crate::gguf::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
 
 fn tiny() -> Tokenizer {
-    let path = std::env::temp_dir().join(format!("lutra-tok-{}.gguf", std::process::id()));
+    // Tests run in parallel and each writes its own file.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("lutra-tok-{}-{n}.gguf", std::process::id()));
     tiny_llama_gguf(
         &path,
         &TinyModelSpec {
@@ -13,7 +16,9 @@ fn tiny() -> Tokenizer {
         1,
     )
     .unwrap();
-    Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
+    let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    tokenizer
 }
 
 #[test]
