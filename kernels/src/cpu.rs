@@ -2,6 +2,7 @@
 
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
+use crate::pool::SpinPool;
 
 /// The ISA and worker threads every kernel call runs with.
 ///
@@ -10,7 +11,7 @@ use crate::isa::Isa;
 pub struct Cpu {
     isa: Isa,
     threads: usize,
-    pool: Option<rayon::ThreadPool>,
+    pool: Option<SpinPool>,
 }
 
 impl Cpu {
@@ -31,14 +32,10 @@ impl Cpu {
             threads
         };
         let pool = if threads > 1 {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("lutra-{i}"))
-                .build()
-                .map_err(|e| KernelError::ThreadPool {
-                    threads,
-                    reason: e.to_string(),
-                })?;
+            let pool = SpinPool::new(threads).map_err(|e| KernelError::ThreadPool {
+                threads,
+                reason: e.to_string(),
+            })?;
             Some(pool)
         } else {
             None
@@ -65,12 +62,21 @@ impl Cpu {
     {
         let chunk = chunk.max(1);
         match &self.pool {
-            Some(pool) if out.len() > chunk => pool.install(|| {
-                use rayon::prelude::*;
-                out.par_chunks_mut(chunk)
-                    .enumerate()
-                    .for_each(|(i, part)| work(i * chunk, part));
-            }),
+            Some(pool) if out.len() > chunk => {
+                let len = out.len();
+                let base = SendPtr(out.as_mut_ptr());
+                let base = &base;
+                pool.run(len.div_ceil(chunk), &|i| {
+                    let start = i * chunk;
+                    let end = (start + chunk).min(len);
+                    // SAFETY: `start..end` lies inside `out` (i < ⌈len/chunk⌉), every index `i` is
+                    // handed out exactly once, so the chunks are disjoint, and `out` stays mutably
+                    // borrowed until `run` returns after the last call.
+                    let part =
+                        unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
+                    work(start, part);
+                });
+            }
             _ => {
                 for (i, part) in out.chunks_mut(chunk).enumerate() {
                     work(i * chunk, part);
@@ -85,14 +91,16 @@ impl Cpu {
         F: Fn(usize) + Sync + Send,
     {
         match &self.pool {
-            Some(pool) if count > 1 => pool.install(|| {
-                use rayon::prelude::*;
-                (0..count).into_par_iter().for_each(&work);
-            }),
+            Some(pool) if count > 1 => pool.run(count, &work),
             _ => (0..count).for_each(work),
         }
     }
 }
+
+/// A raw pointer that may cross threads; `for_each_chunk` guarantees disjoint use.
+struct SendPtr<T>(*mut T);
+// SAFETY: the pointer is only used to build disjoint sub-slices of a `&mut [T]` with `T: Send`.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 impl std::fmt::Debug for Cpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,5 +108,73 @@ impl std::fmt::Debug for Cpu {
             .field("isa", &self.isa)
             .field("threads", &self.threads)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn every_index_runs_once_on_any_thread_count() {
+        for threads in [1, 2, 3] {
+            let cpu = Cpu::with_isa(Isa::Scalar, threads).unwrap();
+            for count in [0, 1, 2, 7, 1000] {
+                let hits: Vec<AtomicUsize> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+                // Many dispatches in a row exercise the spin/park hand-over.
+                for _ in 0..50 {
+                    cpu.for_each_index(count, |i| {
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 50));
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_once() {
+        let cpu = Cpu::with_isa(Isa::Scalar, 2).unwrap();
+        for (len, chunk) in [(0, 4), (1, 4), (10, 3), (1000, 64), (64, 64)] {
+            let mut out = vec![0usize; len];
+            cpu.for_each_chunk(&mut out, chunk, |first, part| {
+                assert!(part.len() <= chunk);
+                for (k, v) in part.iter_mut().enumerate() {
+                    *v += first + k + 1;
+                }
+            });
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i + 1));
+        }
+    }
+
+    #[test]
+    fn workers_park_and_wake_again() {
+        let cpu = Cpu::with_isa(Isa::Scalar, 2).unwrap();
+        let sum = AtomicUsize::new(0);
+        cpu.for_each_index(4, |i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        // Longer than the spin window, so the worker parks and must be woken.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cpu.for_each_index(4, |i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn a_panicking_job_reaches_the_caller() {
+        let cpu = Cpu::with_isa(Isa::Scalar, 2).unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cpu.for_each_index(8, |i| assert!(i != 5, "boom"));
+        }));
+        assert!(result.is_err());
+        // The pool still works afterwards.
+        let n = AtomicUsize::new(0);
+        cpu.for_each_index(8, |_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 8);
     }
 }

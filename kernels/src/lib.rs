@@ -46,6 +46,7 @@ mod lut;
 mod mapped;
 pub mod measure;
 mod packed;
+mod pool;
 mod tables;
 
 pub use cpu::Cpu;
