@@ -97,7 +97,7 @@ impl SpinPool {
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < self.workers.len() {
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 // A descheduled worker (more threads than free cores) needs the core back.
                 std::thread::yield_now();
             } else {
@@ -156,7 +156,7 @@ fn worker(s: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                 let mut guard = lock(&s.parking);
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
                 while s.epoch.load(Ordering::SeqCst) == seen {
