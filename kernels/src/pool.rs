@@ -27,8 +27,10 @@ struct Shared {
     next: AtomicUsize,
     /// Work indices of the current job.
     count: AtomicUsize,
-    /// Workers that finished the current job.
-    done: AtomicUsize,
+    /// Workers currently inside a job (they joined it before it was closed).
+    active: AtomicUsize,
+    /// The epoch of the last job whose dispatcher stopped accepting late workers.
+    closed: AtomicU64,
     /// A worker's job panicked.
     panicked: AtomicBool,
     /// Workers parked on `wake`.
@@ -58,7 +60,8 @@ impl SpinPool {
             job: Mutex::new(None),
             next: AtomicUsize::new(0),
             count: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            closed: AtomicU64::new(0),
             panicked: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             parking: Mutex::new(()),
@@ -80,25 +83,26 @@ impl SpinPool {
     /// when all calls have returned. A panic in `work` is re-raised here.
     pub(crate) fn run(&self, count: usize, work: &(dyn Fn(usize) + Sync)) {
         let s = &*self.shared;
-        // SAFETY: only the lifetime is erased. Workers dereference the pointer only between the
-        // epoch bump below and their increment of `done`, and this function does not return until
-        // `done` counts every worker, so `work` outlives every use.
+        // SAFETY: only the lifetime is erased. A worker dereferences the pointer only while it is
+        // counted in `active`, having joined before the job was closed; this function closes the
+        // job and then waits for `active` to drop to zero before returning, so `work` outlives every use.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(work) };
         *lock(&s.job) = Some(SendJob(job));
         s.count.store(count, Ordering::SeqCst);
         s.next.store(0, Ordering::SeqCst);
-        s.done.store(0, Ordering::SeqCst);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        let epoch = s.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = lock(&s.parking);
             s.wake.notify_all();
         }
+        // The caller works too; a worker that is not running right now (more threads than free
+        // cores) simply never joins, and the caller does its share instead of waiting for it.
         let mine = catch_unwind(AssertUnwindSafe(|| take_work(s, work)));
+        s.closed.store(epoch, Ordering::SeqCst);
         let mut spins = 0u32;
-        while s.done.load(Ordering::Acquire) < self.workers.len() {
+        while s.active.load(Ordering::SeqCst) > 0 {
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(64) {
-                // A descheduled worker (more threads than free cores) needs the core back.
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -165,21 +169,29 @@ fn worker(s: &Shared) {
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);
                 break;
             }
-            std::hint::spin_loop();
+            if spins.is_multiple_of(256) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         seen = s.epoch.load(Ordering::Acquire);
         if s.stop.load(Ordering::SeqCst) {
             return;
         }
-        let job = *lock(&s.job);
-        if let Some(SendJob(job)) = job {
-            // SAFETY: see `SpinPool::run`: the dispatcher keeps the job alive until this worker
-            // increments `done` below.
-            let work = unsafe { &*job };
-            if catch_unwind(AssertUnwindSafe(|| take_work(s, work))).is_err() {
-                s.panicked.store(true, Ordering::SeqCst);
+        // Join the job unless its dispatcher has already closed it (see `SpinPool::run`).
+        s.active.fetch_add(1, Ordering::SeqCst);
+        if s.closed.load(Ordering::SeqCst) != seen {
+            let job = *lock(&s.job);
+            if let Some(SendJob(job)) = job {
+                // SAFETY: this worker is counted in `active` and joined before the job was closed,
+                // so the dispatcher keeps the job alive until the decrement below.
+                let work = unsafe { &*job };
+                if catch_unwind(AssertUnwindSafe(|| take_work(s, work))).is_err() {
+                    s.panicked.store(true, Ordering::SeqCst);
+                }
             }
         }
-        s.done.fetch_add(1, Ordering::Release);
+        s.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
