@@ -20,7 +20,7 @@ mod tests;
 pub(crate) use out_rows::{split_rows, RowRange};
 
 /// Rows computed together by the kernels.
-const ROW_TILE: usize = 4;
+use crate::tiling::ROW_TILE;
 
 /// A row-major f32 matrix `[rows][cols]`.
 pub struct DenseMatrix {

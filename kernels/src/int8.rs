@@ -32,7 +32,7 @@ pub(crate) use neon::hsum as neon_hsum;
 pub const BLOCK: usize = 32;
 
 /// Rows computed together by the kernels (one load of activations serves all of them).
-const ROW_TILE: usize = 4;
+use crate::tiling::ROW_TILE;
 
 /// One block of weights: a scale and 32 codes, as in GGUF Q8_0 (34 bytes, no padding).
 #[derive(Clone, Copy, Debug, Default)]

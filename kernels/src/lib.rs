@@ -48,6 +48,7 @@ pub mod measure;
 mod packed;
 mod pool;
 mod tables;
+mod tiling;
 
 pub use cpu::Cpu;
 pub use dense::DenseMatrix;

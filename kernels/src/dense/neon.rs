@@ -2,13 +2,11 @@
 
 use std::arch::aarch64::*;
 
-use super::{zero_rows, RowRange, ROW_TILE};
+use super::{zero_rows, RowRange};
 use crate::isa::Isa;
+use crate::tiling::{for_each_tile, TileKernel};
 
-/// Tokens computed together: each loaded weight vector serves this many tokens.
-const TOKEN_TILE: usize = 2;
-
-/// NEON version of `matmul_rows_scalar`.
+/// NEON version of the scalar kernel.
 pub(super) fn matmul_rows(w: &[f32], x: &[f32], cols: usize, out: &mut RowRange<'_>) {
     assert!(
         Isa::Neon.is_supported(),
@@ -17,51 +15,25 @@ pub(super) fn matmul_rows(w: &[f32], x: &[f32], cols: usize, out: &mut RowRange<
     if cols == 0 {
         return zero_rows(out);
     }
-    // SAFETY: the CPU supports NEON (asserted above).
-    unsafe { matmul_rows_neon(w, x, cols, out) }
+    for_each_tile(&NeonDense(()), w, x, cols, out);
 }
 
-#[target_feature(enable = "neon")]
-fn matmul_rows_neon(w: &[f32], x: &[f32], cols: usize, out: &mut RowRange<'_>) {
-    let rows = w.len() / cols;
-    let tokens = x.len() / cols;
-    let mut r = 0;
-    while r < rows {
-        let rt = if rows - r >= ROW_TILE { ROW_TILE } else { 1 };
-        let wt = &w[r * cols..(r + rt) * cols];
-        let mut n = 0;
-        while n < tokens {
-            let nt = if tokens - n >= TOKEN_TILE {
-                TOKEN_TILE
-            } else {
-                1
-            };
-            let xt = &x[n * cols..(n + nt) * cols];
-            let row = out.start() + r;
-            match (rt, nt) {
-                (ROW_TILE, TOKEN_TILE) => {
-                    store(out, row, n, tile::<ROW_TILE, TOKEN_TILE>(wt, xt, cols))
-                }
-                (ROW_TILE, _) => store(out, row, n, tile::<ROW_TILE, 1>(wt, xt, cols)),
-                (_, TOKEN_TILE) => store(out, row, n, tile::<1, TOKEN_TILE>(wt, xt, cols)),
-                _ => store(out, row, n, tile::<1, 1>(wt, xt, cols)),
-            }
-            n += nt;
-        }
-        r += rt;
-    }
-}
+/// The NEON tile kernel; only built by `matmul_rows` after the CPU check.
+struct NeonDense(());
 
-fn store<const R: usize, const T: usize>(
-    out: &mut RowRange<'_>,
-    row: usize,
-    token: usize,
-    v: [[f32; T]; R],
-) {
-    for (i, per_token) in v.iter().enumerate() {
-        for (t, &value) in per_token.iter().enumerate() {
-            out.set(token + t, row + i, value);
-        }
+impl TileKernel for NeonDense {
+    type W = f32;
+    type X = f32;
+
+    fn tile<const R: usize, const T: usize>(
+        &self,
+        w: &[f32],
+        x: &[f32],
+        per_row: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: a `NeonDense` exists only inside `matmul_rows`, after it asserted that the CPU
+        // supports NEON.
+        unsafe { tile::<R, T>(w, x, per_row) }
     }
 }
 

@@ -3,14 +3,12 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActBlock, WeightBlock, ROW_TILE};
+use super::{ActBlock, WeightBlock};
 use crate::dense::RowRange;
 use crate::isa::Isa;
+use crate::tiling::{for_each_tile, TileKernel};
 
-/// Tokens computed together in prefill: each loaded weight block serves this many tokens.
-const TOKEN_TILE: usize = 2;
-
-/// AVX2 version of `scalar::matmul_rows`.
+/// AVX2 version of the scalar kernel.
 pub(super) fn matmul_rows(
     w: &[WeightBlock],
     x: &[ActBlock],
@@ -21,51 +19,25 @@ pub(super) fn matmul_rows(
         Isa::Avx2.is_supported(),
         "AVX2 kernel called on a CPU without AVX2"
     );
-    // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above).
-    unsafe { matmul_rows_avx2(w, x, per_row, out) }
+    for_each_tile(&Avx2Int8(()), w, x, per_row, out);
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-fn matmul_rows_avx2(w: &[WeightBlock], x: &[ActBlock], per_row: usize, out: &mut RowRange<'_>) {
-    let rows = w.len() / per_row;
-    let tokens = x.len() / per_row;
-    let mut r = 0;
-    while r < rows {
-        let rt = if rows - r >= ROW_TILE { ROW_TILE } else { 1 };
-        let wt = &w[r * per_row..(r + rt) * per_row];
-        let mut n = 0;
-        while n < tokens {
-            let nt = if tokens - n >= TOKEN_TILE {
-                TOKEN_TILE
-            } else {
-                1
-            };
-            let xt = &x[n * per_row..(n + nt) * per_row];
-            let row = out.start() + r;
-            match (rt, nt) {
-                (ROW_TILE, TOKEN_TILE) => {
-                    store(out, row, n, tile::<ROW_TILE, TOKEN_TILE>(wt, xt, per_row))
-                }
-                (ROW_TILE, _) => store(out, row, n, tile::<ROW_TILE, 1>(wt, xt, per_row)),
-                (_, TOKEN_TILE) => store(out, row, n, tile::<1, TOKEN_TILE>(wt, xt, per_row)),
-                _ => store(out, row, n, tile::<1, 1>(wt, xt, per_row)),
-            }
-            n += nt;
-        }
-        r += rt;
-    }
-}
+/// The AVX2 tile kernel; only built by `matmul_rows` after the CPU check.
+struct Avx2Int8(());
 
-fn store<const R: usize, const T: usize>(
-    out: &mut RowRange<'_>,
-    row: usize,
-    token: usize,
-    v: [[f32; T]; R],
-) {
-    for (i, per_token) in v.iter().enumerate() {
-        for (t, &value) in per_token.iter().enumerate() {
-            out.set(token + t, row + i, value);
-        }
+impl TileKernel for Avx2Int8 {
+    type W = WeightBlock;
+    type X = ActBlock;
+
+    fn tile<const R: usize, const T: usize>(
+        &self,
+        w: &[WeightBlock],
+        x: &[ActBlock],
+        per_row: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: an `Avx2Int8` exists only inside `matmul_rows`, after it asserted that the CPU
+        // supports AVX2, FMA and F16C.
+        unsafe { tile::<R, T>(w, x, per_row) }
     }
 }
 
