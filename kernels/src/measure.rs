@@ -210,7 +210,7 @@ impl PreparedCase {
             None => Cpu::new(case.threads)?,
         };
         let (rows, cols) = (case.rows, case.cols);
-        let mut rng = SplitMix(0x5EED ^ (rows * 31 + cols) as u64);
+        let mut rng = SplitMix64::new(0x5EED ^ (rows * 31 + cols) as u64);
         let weights = match case.kind {
             KernelKind::Lut { bits, group_size } => {
                 lut_weights(&mut rng, rows, cols, bits, group_size, false)?
@@ -269,7 +269,7 @@ impl PreparedCase {
         if threads != self.case.threads {
             self.cpu = Cpu::with_isa(self.cpu.isa(), threads)?;
         }
-        let mut rng = SplitMix(0xF00D ^ tokens as u64);
+        let mut rng = SplitMix64::new(0xF00D ^ tokens as u64);
         self.x = (0..self.case.cols * tokens)
             .map(|_| rng.gaussian())
             .collect();
@@ -334,7 +334,7 @@ impl PreparedCase {
 }
 
 fn lut_weights(
-    rng: &mut SplitMix,
+    rng: &mut SplitMix64,
     rows: usize,
     cols: usize,
     bits: u8,
@@ -513,11 +513,19 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// A small seeded generator (splitmix64) for reproducible random weights.
-struct SplitMix(u64);
+/// splitmix64: a small seeded generator for reproducible random weights and inputs (benchmarks,
+/// synthetic models, tests), so nothing needs the `rand` crate and every run sees the same values.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
 
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
+impl SplitMix64 {
+    /// A generator whose stream is fixed by `seed`.
+    pub fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -525,7 +533,8 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(n + 8);
         while out.len() < n {
             out.extend_from_slice(&self.next_u64().to_le_bytes());
@@ -534,14 +543,21 @@ impl SplitMix {
         out
     }
 
-    fn uniform(&mut self) -> f32 {
+    /// Uniform in [0, 1), with 24 random bits.
+    pub fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    fn gaussian(&mut self) -> f32 {
+    /// Standard normal (Box–Muller).
+    pub fn gaussian(&mut self) -> f32 {
         let u1 = self.uniform().max(1e-7);
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+
+    /// `n` standard normal values.
+    pub fn gaussians(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.gaussian()).collect()
     }
 }
 

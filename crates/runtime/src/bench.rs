@@ -9,6 +9,7 @@
 //!
 //! OWNER: CLI/bench helper.
 
+use lutra_kernels::measure::SplitMix64;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -167,7 +168,7 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
     let vocab = decoder.vocab_size();
     let mut cache = decoder.new_cache();
     let mut logits = vec![0.0f32; vocab];
-    let mut rng = SplitMix64(opts.seed);
+    let mut rng = TokenRng(SplitMix64::new(opts.seed));
     let mut seconds = Vec::with_capacity(opts.repetitions);
     let runs = opts.repetitions + usize::from(opts.warmup);
     for run in 0..runs {
@@ -208,20 +209,12 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
     })
 }
 
-/// A tiny deterministic generator for random token ids (no dependency needed for benchmark input).
-struct SplitMix64(u64);
+/// Random token ids from the shared splitmix64 stream (no dependency needed for benchmark input).
+struct TokenRng(SplitMix64);
 
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
+impl TokenRng {
     fn token(&mut self, vocab: usize) -> u32 {
-        (self.next() % vocab.max(1) as u64) as u32
+        (self.0.next_u64() % vocab.max(1) as u64) as u32
     }
 }
 

@@ -2,38 +2,7 @@
 
 use super::*;
 
-/// A tiny seeded generator (splitmix64), so tests need no `rand` crate and are reproducible.
-pub(crate) struct TestRng(u64);
-
-impl TestRng {
-    pub(crate) fn new(seed: u64) -> TestRng {
-        TestRng(seed)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub(crate) fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// Standard normal (Box–Muller).
-    pub(crate) fn gaussian(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-7);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-    }
-
-    pub(crate) fn gaussians(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.gaussian()).collect()
-    }
-}
+pub(crate) use crate::measure::SplitMix64 as TestRng;
 
 /// Gaussian activations with a few outliers `factor` times larger, as real hidden states have.
 fn outlier_activations(rng: &mut TestRng, n: usize, factor: f32) -> Vec<f32> {

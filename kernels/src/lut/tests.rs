@@ -2,21 +2,18 @@
 //! tables, all of them against an exact f64 dot of the dequantized weights, GEMM against GEMVs,
 //! threads against one thread, and the errors of bad inputs.
 
+use crate::measure::SplitMix64;
 use crate::{
     ActivationTables, Cpu, Grouping, Isa, KernelError, PackedMatrix, PlaneScales, QuantSpec,
     QuantizedWeights,
 };
 
-/// splitmix64: a tiny seeded generator, so every run tests the same cases.
-struct Rng(u64);
+/// The shared splitmix64 stream with the helpers these tests use.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
@@ -215,7 +212,7 @@ fn fits(grouping: Grouping, cols: usize) -> bool {
 /// Sampled cases: every value of every axis appears (checked), and the work per case stays small
 /// except for a few large single-token shapes.
 fn sampled_cases() -> Vec<(Case, usize)> {
-    let mut rng = Rng(0x1u64 << 40 | 2026);
+    let mut rng = Rng(SplitMix64::new(0x1u64 << 40 | 2026));
     let mut cases = Vec::new();
     for i in 0..48 {
         let grouping = GROUPINGS[i % 6];
@@ -298,7 +295,7 @@ fn sampled_cases() -> Vec<(Case, usize)> {
 
 #[test]
 fn every_isa_matches_scalar_and_the_reference() {
-    let mut rng = Rng(7);
+    let mut rng = Rng(SplitMix64::new(7));
     for (case, tokens) in sampled_cases() {
         let made = make(&mut rng, &case);
         let m = PackedMatrix::pack(&made.weights(&case)).unwrap();
@@ -329,7 +326,7 @@ fn every_isa_matches_scalar_and_the_reference() {
 
 #[test]
 fn accuracy_within_1e4_nmse_for_every_bit_width() {
-    let mut rng = Rng(11);
+    let mut rng = Rng(SplitMix64::new(11));
     let isa = Isa::best();
     for (bits, ternary) in [(1, false), (2, false), (3, false), (4, false), (2, true)] {
         for planes in [PlaneScales::Uniform, PlaneScales::PerPlane] {
@@ -362,7 +359,7 @@ fn accuracy_within_1e4_nmse_for_every_bit_width() {
 
 #[test]
 fn gemm_equals_separate_gemvs_and_threads_agree() {
-    let mut rng = Rng(13);
+    let mut rng = Rng(SplitMix64::new(13));
     let cases = [
         Case {
             rows: 200,
@@ -410,7 +407,7 @@ fn gemm_equals_separate_gemvs_and_threads_agree() {
 
 #[test]
 fn dequantize_row_matches_the_codes() {
-    let mut rng = Rng(17);
+    let mut rng = Rng(SplitMix64::new(17));
     for planes in [PlaneScales::Uniform, PlaneScales::PerPlane] {
         let case = Case {
             rows: 70,

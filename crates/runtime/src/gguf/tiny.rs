@@ -1,6 +1,7 @@
 //! A complete tiny random Llama GGUF (weights, byte-level BPE tokenizer, ChatML template), written
 //! on the fly by the tests of the model, the generator and the CLI.
 
+use lutra_kernels::measure::SplitMix64;
 use std::path::Path;
 
 use super::{GgufWriter, MetaValue};
@@ -70,22 +71,14 @@ impl TinyModelSpec {
     }
 }
 
-/// A small deterministic generator (splitmix64), so that the same seed gives the same model.
-struct SplitMix(u64);
+/// The shared splitmix64 stream, so that the same seed gives the same model.
+struct TinyRng(SplitMix64);
 
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
+impl TinyRng {
     /// Uniform in [−scale, scale).
     fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n)
-            .map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+            .map(|_| (self.0.uniform() * 2.0 - 1.0) * scale)
             .collect()
     }
 }
@@ -94,7 +87,7 @@ impl SplitMix {
 /// norms, a gpt2-style byte-level BPE tokenizer (specials `<|endoftext|>` = 0, `<|im_start|>` = 1,
 /// `<|im_end|>` = 2 = EOS, no BOS added) and a ChatML chat template.
 pub fn tiny_llama_gguf(path: &Path, spec: &TinyModelSpec, seed: u64) -> Result<()> {
-    let mut rng = SplitMix(seed ^ 0x006C_7574_7261);
+    let mut rng = TinyRng(SplitMix64::new(seed ^ 0x006C_7574_7261));
     let mut w = GgufWriter::new();
     let head_dim = spec.hidden / spec.heads.max(1);
     let vocab = spec.vocab_size();
@@ -153,7 +146,7 @@ pub fn tiny_llama_gguf(path: &Path, spec: &TinyModelSpec, seed: u64) -> Result<(
     )?;
     for l in 0..spec.layers {
         let p = format!("blk.{l}");
-        let norm = |rng: &mut SplitMix| {
+        let norm = |rng: &mut TinyRng| {
             rng.values(h, 0.1)
                 .iter()
                 .map(|v| 1.0 + v)
