@@ -100,6 +100,32 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
         )));
     }
     super::check_config(&config)?;
+    // The tokenizer needs only metadata: build it while the weights are repacked.
+    let (parts, text) = std::thread::scope(|scope| {
+        let text = scope.spawn(|| -> Result<(Tokenizer, ChatTemplate)> {
+            let tokenizer = Tokenizer::from_gguf(&file)?;
+            let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
+            Ok((tokenizer, chat_template))
+        });
+        let parts = load_weights(&file, config, opts);
+        let text = text
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (parts, text)
+    });
+    // Weight errors first, as when loading was sequential.
+    let parts = parts?;
+    let (tokenizer, chat_template) = text?;
+    let parts = ModelParts {
+        tokenizer: Some(tokenizer),
+        chat_template: Some(chat_template),
+        ..parts
+    };
+    Model::from_parts(parts, opts)
+}
+
+/// Every weight tensor of a llama-family GGUF, repacked for the kernels (no tokenizer yet).
+fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Result<ModelParts> {
     let c = &config;
     let (h, q_dim, kv_dim, f) = (
         c.hidden_size,
@@ -108,7 +134,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
         c.ffn_size,
     );
     let mut t = TensorLoader {
-        file: &file,
+        file,
         opts,
         types: Vec::new(),
     };
@@ -140,17 +166,14 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
     };
     let tensor_types = t.types;
 
-    let tokenizer = Tokenizer::from_gguf(&file)?;
-    let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
-    let parts = ModelParts {
+    Ok(ModelParts {
         config,
         embedding,
         layers,
         output_norm,
         output,
         tensor_types,
-        tokenizer: Some(tokenizer),
-        chat_template: Some(chat_template),
-    };
-    Model::from_parts(parts, opts)
+        tokenizer: None,
+        chat_template: None,
+    })
 }
