@@ -93,6 +93,16 @@ fn check_len(what: &'static str, expected: Option<usize>, got: usize) -> Result<
     }
 }
 
+/// Bit `p` of each of the four codes in the bytes of `codes`, as a nibble (bit `i` = code `i`).
+///
+/// The mask leaves one bit per byte, at bit `8i`; the multiplier moves byte `i`'s bit to bit `24 + i`
+/// (shift `24 − 7i`), and no two of the sixteen partial products share a bit, so nothing carries.
+#[inline]
+fn plane_nibble(codes: u32, p: usize) -> u8 {
+    let bits = (codes >> p) & 0x0101_0101;
+    (bits.wrapping_mul(0x0102_0408) >> 24) as u8 & 0x0F
+}
+
 /// f16 bits of `value`, or an error when it is not finite or overflows f16.
 fn to_f16(value: f32, index: usize) -> Result<u16> {
     let h = f16::from_f32(value);
@@ -149,29 +159,42 @@ impl PackedMatrix {
         let act_groups = cols / ACT;
         let tile_bytes = act_groups * bits * PLANE_BYTES;
         let mut packed = vec![0u8; tiles * tile_bytes];
-        let max_code = (1u16 << bits) - 1;
+        let max_code = (1u8 << bits) - 1;
         for (r, row) in weights.codes.chunks_exact(cols).enumerate() {
-            let (tile, rr) = (r / TILE, r % TILE);
-            let byte = ROW_BYTE[rr % 32];
-            let shift = if rr < 32 { 0 } else { 4 };
-            let base = tile * tile_bytes + byte;
-            for (q, quad) in row.chunks_exact(4).enumerate() {
-                let (a, j) = (q / TABLES_PER_ACT, q % TABLES_PER_ACT);
-                let mut nibbles = [0u8; 4];
-                for (i, &code) in quad.iter().enumerate() {
-                    if u16::from(code) > max_code {
-                        return Err(KernelError::CodeOutOfRange {
-                            code,
-                            index: r * cols + 4 * q + i,
-                            bits: spec.bits,
-                        });
-                    }
-                    for (p, nib) in nibbles[..bits].iter_mut().enumerate() {
-                        *nib |= ((code >> p) & 1) << i;
-                    }
+            // One pass to validate (vectorizes), so the packing loop below has no branch per code.
+            if row.iter().fold(0u8, |m, &c| m.max(c)) > max_code {
+                let i = row.iter().position(|&c| c > max_code).unwrap_or(0);
+                return Err(KernelError::CodeOutOfRange {
+                    code: row[i],
+                    index: r * cols + i,
+                    bits: spec.bits,
+                });
+            }
+        }
+        // Rows r and r + 32 of a tile share bytes (low and high nibble): build each byte once.
+        let zeros = vec![0u8; cols];
+        let row_codes = |r: usize| {
+            weights
+                .codes
+                .get(r * cols..(r + 1) * cols)
+                .unwrap_or(&zeros)
+        };
+        for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
+            for lo in 0..32 {
+                let r = tile * TILE + lo;
+                if r >= rows {
+                    break;
                 }
-                for (p, &nib) in nibbles[..bits].iter().enumerate() {
-                    packed[base + (a * bits + p) * PLANE_BYTES + j * 32] |= nib << shift;
+                let (low, high) = (row_codes(r), row_codes(r + 32));
+                let byte = ROW_BYTE[lo];
+                for (q, (ql, qh)) in low.chunks_exact(4).zip(high.chunks_exact(4)).enumerate() {
+                    let (a, j) = (q / TABLES_PER_ACT, q % TABLES_PER_ACT);
+                    let cl = u32::from_le_bytes([ql[0], ql[1], ql[2], ql[3]]);
+                    let ch = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+                    for p in 0..bits {
+                        packed_tile[(a * bits + p) * PLANE_BYTES + j * 32 + byte] =
+                            plane_nibble(cl, p) | plane_nibble(ch, p) << 4;
+                    }
                 }
             }
         }
@@ -302,6 +325,22 @@ impl PackedMatrix {
             weights: &self.weights,
             scales: &self.scales,
             offsets: self.offsets.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plane_nibble;
+
+    #[test]
+    fn plane_nibble_gathers_one_bit_of_each_code() {
+        for quad in 0..1u32 << 16 {
+            let codes: [u8; 4] = std::array::from_fn(|i| ((quad >> (4 * i)) & 0xF) as u8);
+            for p in 0..4 {
+                let expected = (0..4).fold(0u8, |n, i| n | (((codes[i] >> p) & 1) << i));
+                assert_eq!(plane_nibble(u32::from_le_bytes(codes), p), expected);
+            }
         }
     }
 }

@@ -7,14 +7,20 @@
 use std::arch::x86_64::*;
 
 use super::layout::{PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
-use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, NB};
+use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS};
 
 /// # Safety
 /// The CPU supports avx2, fma and f16c, and `v.is_consistent(t, n0, nb)` holds.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
+pub(super) unsafe fn tile<const NB: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+) {
     let nps = v.scale_planes();
-    let mut f: PlaneSums = [[[0.0; TILE]; MAX_BITS]; NB];
+    let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }

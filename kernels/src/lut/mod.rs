@@ -28,10 +28,11 @@ pub(crate) const CHUNK: usize = 8;
 /// Most bit planes.
 pub(crate) const MAX_BITS: usize = 4;
 
-/// Per-token, per-row accumulators of one tile.
-pub(crate) type Acc = [[f32; TILE]; NB];
+/// Per-token, per-row accumulators of one tile, for token blocks of up to `N` tokens (1 for GEMV, so
+/// that a tile call does not clear 20 KiB of GEMM scratch).
+pub(crate) type Acc<const N: usize> = [[f32; TILE]; N];
 /// Per-token, per-plane, per-row float sums of one weight group.
-pub(crate) type PlaneSums = [[[f32; TILE]; MAX_BITS]; NB];
+pub(crate) type PlaneSums<const N: usize> = [[[f32; TILE]; MAX_BITS]; N];
 
 /// A whole packed matrix, borrowed from [`crate::PackedMatrix`].
 pub(crate) struct Weights<'a> {
@@ -108,7 +109,7 @@ impl TileView<'_> {
     }
 
     /// Whether every slice has the length the kernels index it with (what makes the SIMD reads sound).
-    fn is_consistent(&self, t: &TabView<'_>, n0: usize, nb: usize) -> bool {
+    fn is_consistent(&self, t: &TabView<'_>, n0: usize, nb: usize, capacity: usize) -> bool {
         (1..=MAX_BITS).contains(&self.bits)
             && self.groups > 0
             && self.apg * self.groups == self.act_groups
@@ -116,7 +117,7 @@ impl TileView<'_> {
             && self.scales.len() == self.groups * self.scale_planes() * TILE
             && self.offsets.is_none_or(|o| o.len() == self.groups * TILE)
             && t.act_groups == self.act_groups
-            && nb <= NB
+            && nb <= capacity
             && n0 + nb <= t.tokens
             && t.tables.len() == t.tokens * t.act_groups * TABLES_PER_ACT * TABLE_BYTES
             && t.scales.len() == t.tokens * t.act_groups
@@ -158,28 +159,41 @@ impl TabView<'_> {
 
 const _: () = assert!(ACT == 32 && TILE == 64);
 
-type TileKernel = fn(&TileView<'_>, &TabView<'_>, usize, usize, &mut Acc);
+type TileKernel<const N: usize> = fn(&TileView<'_>, &TabView<'_>, usize, usize, &mut Acc<N>);
 
-/// The tile kernel of `isa`. Each checks its slices before indexing them.
-fn kernel(isa: Isa) -> TileKernel {
+/// The tile kernel of `isa` for token blocks of up to `N` tokens. Each checks its slices before
+/// indexing them.
+fn kernel<const N: usize>(isa: Isa) -> TileKernel<N> {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2_tile,
+        Isa::Avx2 => avx2_tile::<N>,
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon_tile,
-        _ => scalar_tile,
+        Isa::Neon => neon_tile::<N>,
+        _ => scalar_tile::<N>,
     }
 }
 
-fn scalar_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
-    assert!(v.is_consistent(t, n0, nb), "inconsistent packed tile");
+fn scalar_tile<const N: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<N>,
+) {
+    assert!(v.is_consistent(t, n0, nb, N), "inconsistent packed tile");
     scalar::tile(v, t, n0, nb, acc);
 }
 
 /// Only reachable through [`kernel`] with `Isa::Avx2`, which a [`Cpu`] holds only when supported.
 #[cfg(target_arch = "x86_64")]
-fn avx2_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
-    assert!(v.is_consistent(t, n0, nb), "inconsistent packed tile");
+fn avx2_tile<const N: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<N>,
+) {
+    assert!(v.is_consistent(t, n0, nb, N), "inconsistent packed tile");
     // SAFETY: `Cpu::with_isa` checked avx2+fma+f16c before a Cpu with Isa::Avx2 could exist, and the
     // slice lengths the kernel relies on were checked just above.
     unsafe { avx2::tile(v, t, n0, nb, acc) }
@@ -187,8 +201,14 @@ fn avx2_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut 
 
 /// Only reachable through [`kernel`] with `Isa::Neon`, which a [`Cpu`] holds only when supported.
 #[cfg(target_arch = "aarch64")]
-fn neon_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
-    assert!(v.is_consistent(t, n0, nb), "inconsistent packed tile");
+fn neon_tile<const N: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<N>,
+) {
+    assert!(v.is_consistent(t, n0, nb, N), "inconsistent packed tile");
     // SAFETY: `Cpu::with_isa` checked NEON support, and the slice lengths were checked just above.
     unsafe { neon::tile(v, t, n0, nb, acc) }
 }
@@ -219,14 +239,13 @@ pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out:
     if t.tokens == 0 || rows == 0 {
         return;
     }
-    let kernel = kernel(cpu.isa());
     let tokens = t.tokens;
     let out_ptr = OutPtr(out.as_mut_ptr());
     // Writes the accumulators of tile `tile`, tokens n0..n0+nb, to `out`.
-    let write = |tile: usize, n0: usize, nb: usize, acc: &Acc| {
+    let write = |tile: usize, n0: usize, acc: &[[f32; TILE]]| {
         let r0 = tile * TILE;
         let nrows = TILE.min(rows - r0);
-        for (n, row) in acc[..nb].iter().enumerate() {
+        for (n, row) in acc.iter().enumerate() {
             // SAFETY: (n0 + n) < tokens and r0 + nrows <= rows, so the range lies inside `out`
             // (length tokens·rows); no other task writes rows r0..r0+nrows (tasks own disjoint tiles).
             unsafe {
@@ -240,10 +259,11 @@ pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out:
     };
     if tokens == 1 {
         // GEMV: one task per tile; the weights stream once.
+        let kernel = kernel::<1>(cpu.isa());
         cpu.for_each_index(w.tiles, |tile| {
-            let mut acc = [[0.0f32; TILE]; NB];
+            let mut acc = [[0.0f32; TILE]; 1];
             kernel(&w.tile(tile), t, 0, 1, &mut acc);
-            write(tile, 0, 1, &acc);
+            write(tile, 0, &acc);
         });
         return;
     }
@@ -252,6 +272,7 @@ pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out:
     // once per block (the tokens of a block loop inside the kernel).
     let ranges = cpu.threads().min(w.tiles).max(1);
     let per_range = w.tiles.div_ceil(ranges);
+    let kernel = kernel::<NB>(cpu.isa());
     cpu.for_each_index(ranges, |range| {
         let mut acc = [[0.0f32; TILE]; NB];
         let tiles = range * per_range..((range + 1) * per_range).min(w.tiles);
@@ -260,7 +281,7 @@ pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out:
             let nb = NB.min(tokens - n0);
             for tile in tiles.clone() {
                 kernel(&w.tile(tile), t, n0, nb, &mut acc);
-                write(tile, n0, nb, &acc);
+                write(tile, n0, &acc[..nb]);
             }
             n0 += nb;
         }

@@ -6,14 +6,20 @@
 use std::arch::aarch64::*;
 
 use super::layout::{BLOCK, PLANE_BYTES, TABLE_BYTES, TILE};
-use super::{scalar, Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, NB};
+use super::{scalar, Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS};
 
 /// # Safety
 /// The CPU supports NEON, and `v.is_consistent(t, n0, nb)` holds.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
+pub(super) unsafe fn tile<const NB: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+) {
     let nps = v.scale_planes();
-    let mut f: PlaneSums = [[[0.0; TILE]; MAX_BITS]; NB];
+    let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }

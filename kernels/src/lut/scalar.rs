@@ -11,13 +11,19 @@
 //! The SIMD kernels perform exactly these float operations (mul then add, no FMA) in this order.
 
 use super::layout::{BLOCK, LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
-use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, NB};
+use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS};
 use half::f16;
 
 /// Accumulates `acc[n]` for tokens `n0..n0+nb` over every weight group of the tile.
-pub(crate) fn tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, nb: usize, acc: &mut Acc) {
+pub(crate) fn tile<const NB: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+) {
     let nps = v.scale_planes();
-    let mut f: PlaneSums = [[[0.0; TILE]; MAX_BITS]; NB];
+    let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
