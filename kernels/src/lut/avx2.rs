@@ -19,6 +19,10 @@ pub(super) unsafe fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
+    if v.apg == 1 && !v.per_plane {
+        // SAFETY: same contract as this function.
+        return unsafe { tile_g32(v, t, n0, nb, acc) };
+    }
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     for a in acc[..nb].iter_mut() {
@@ -75,6 +79,74 @@ pub(super) unsafe fn tile<const NB: usize>(
         for (n, a) in acc[..nb].iter_mut().enumerate() {
             let sx = t.group_sum(n0 + n, a0, a1);
             combine(v, g, &f[n], sx, a);
+        }
+    }
+}
+
+/// Uniform planes with one weight group per activation group (group size 32: Q4_0, Q4_1): a group's
+/// plane sum is the single product `F = ts·S`, so it goes from registers straight into the combine.
+/// These are the float operations of the general path (`0 + ts·S` is `ts·S`), without `F`'s round
+/// trip through memory.
+///
+/// # Safety
+/// As [`tile`], and `v.apg == 1`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_g32<const NB: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+) {
+    debug_assert!(v.apg == 1 && v.groups == v.act_groups);
+    for a in acc[..nb].iter_mut() {
+        *a = [0.0; TILE];
+    }
+    let half = _mm256_set1_ps(0.5);
+    let c = ((1u32 << v.bits) - 1) as f32 * 0.5;
+    for g in 0..v.groups {
+        let wa = v.weights[g * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
+        prefetch(wa, v.bits);
+        let scales = &v.scales[g * TILE..][..TILE];
+        let offsets = v.offsets.map(|o| &o[g * TILE..][..TILE]);
+        for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
+            let tabs = t.tables_of(n0 + n, g).as_ptr();
+            if nb > 1 {
+                // Each token's tables are a separate stream: fetch the ones a few groups ahead.
+                let next = tabs.wrapping_add(4 * TABLES_PER_ACT * TABLE_BYTES);
+                // Prefetching never faults, whatever the address (the intrinsic is safe).
+                _mm_prefetch::<_MM_HINT_T0>(next.cast());
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
+            }
+            let mut s = [_mm256_setzero_si256(); 4];
+            for p in 0..v.bits {
+                let pw = _mm256_set1_epi8(1 << p);
+                // SAFETY: `wa` holds bits·256 bytes and p < bits; `tabs` holds 128 bytes.
+                unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
+            }
+            let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + g]);
+            let sx = t.group_sum(n0 + n, g, g + 1);
+            let (sxv, csx) = (_mm256_set1_ps(sx), _mm256_set1_ps(c * sx));
+            for (q, &sq) in s.iter().enumerate() {
+                let halves = [
+                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sq)),
+                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sq)),
+                ];
+                for (h, &s32) in halves.iter().enumerate() {
+                    let r = 16 * q + 8 * h;
+                    let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
+                    let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx);
+                    let dst = &mut acc_n[r..][..8];
+                    // SAFETY: `dst` is 8 f32s.
+                    let mut a = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
+                    a = _mm256_add_ps(a, _mm256_mul_ps(load_f16(&scales[r..][..8]), tt));
+                    if let Some(o) = offsets {
+                        a = _mm256_add_ps(a, _mm256_mul_ps(load_f16(&o[r..][..8]), sxv));
+                    }
+                    // SAFETY: as above.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), a) };
+                }
+            }
         }
     }
 }
