@@ -104,9 +104,17 @@ unsafe fn tile_g32<const NB: usize>(
     }
     let half = _mm256_set1_ps(0.5);
     let c = ((1u32 << v.bits) - 1) as f32 * 0.5;
+    let mut idx = [[_mm256_setzero_si256(); 16]; MAX_BITS];
     for g in 0..v.groups {
         let wa = v.weights[g * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
         prefetch(wa, v.bits);
+        if nb > 1 {
+            // The nibble indices of this group, split once and reused by every token of the block.
+            for (p, plane) in idx[..v.bits].iter_mut().enumerate() {
+                // SAFETY: `wa` holds bits·256 bytes and p < bits.
+                unsafe { split(wa.add(p * PLANE_BYTES), plane) };
+            }
+        }
         let scales = &v.scales[g * TILE..][..TILE];
         let offsets = v.offsets.map(|o| &o[g * TILE..][..TILE]);
         for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
@@ -119,10 +127,18 @@ unsafe fn tile_g32<const NB: usize>(
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
             }
             let mut s = [_mm256_setzero_si256(); 4];
-            for p in 0..v.bits {
-                let pw = _mm256_set1_epi8(1 << p);
-                // SAFETY: `wa` holds bits·256 bytes and p < bits; `tabs` holds 128 bytes.
-                unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
+            if nb > 1 {
+                for (p, plane) in idx[..v.bits].iter().enumerate() {
+                    let pw = _mm256_set1_epi8(1 << p);
+                    // SAFETY: `tabs` holds 128 bytes.
+                    unsafe { split_lookups(plane, tabs, pw, &mut s) };
+                }
+            } else {
+                for p in 0..v.bits {
+                    let pw = _mm256_set1_epi8(1 << p);
+                    // SAFETY: `wa` holds bits·256 bytes and p < bits; `tabs` holds 128 bytes.
+                    unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
+                }
             }
             let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + g]);
             let sx = t.group_sum(n0 + n, g, g + 1);
@@ -194,6 +210,68 @@ unsafe fn lookups(plane: *const u8, tabs: *const i8, pw: __m256i, s: &mut [__m25
         let rh0 = _mm256_shuffle_epi8(t0, hi0);
         let rh1 = _mm256_shuffle_epi8(t1, hi1);
         // Interleaving table groups j and j+1 byte-wise makes maddubs add them per row (|sum| ≤ 2032).
+        s[0] = _mm256_add_epi16(
+            s[0],
+            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rl0, rl1)),
+        );
+        s[1] = _mm256_add_epi16(
+            s[1],
+            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rl0, rl1)),
+        );
+        s[2] = _mm256_add_epi16(
+            s[2],
+            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rh0, rh1)),
+        );
+        s[3] = _mm256_add_epi16(
+            s[3],
+            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rh0, rh1)),
+        );
+    }
+}
+
+/// The lookup indices of one plane of one activation group: for each pair of table groups, the low and
+/// high nibbles of both blocks (`lo0, hi0, lo1, hi1`), as [`lookups`] computes them.
+///
+/// # Safety
+/// `plane` points to 256 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn split(plane: *const u8, idx: &mut [__m256i; 16]) {
+    let mask = _mm256_set1_epi8(0x0F);
+    for pair in 0..4 {
+        // SAFETY: 64·pair + 64 <= 256 weight bytes.
+        let (w0, w1) = unsafe {
+            (
+                _mm256_loadu_si256(plane.add(64 * pair).cast()),
+                _mm256_loadu_si256(plane.add(64 * pair + 32).cast()),
+            )
+        };
+        idx[4 * pair] = _mm256_and_si256(w0, mask);
+        idx[4 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask);
+        idx[4 * pair + 2] = _mm256_and_si256(w1, mask);
+        idx[4 * pair + 3] = _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask);
+    }
+}
+
+/// [`lookups`] from indices already [`split`].
+///
+/// # Safety
+/// `tabs` points to 128 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn split_lookups(idx: &[__m256i; 16], tabs: *const i8, pw: __m256i, s: &mut [__m256i; 4]) {
+    for pair in 0..4 {
+        // SAFETY: 32·pair + 32 <= 128 table bytes.
+        let (t0, t1) = unsafe {
+            (
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair).cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair + 16).cast())),
+            )
+        };
+        let rl0 = _mm256_shuffle_epi8(t0, idx[4 * pair]);
+        let rh0 = _mm256_shuffle_epi8(t0, idx[4 * pair + 1]);
+        let rl1 = _mm256_shuffle_epi8(t1, idx[4 * pair + 2]);
+        let rh1 = _mm256_shuffle_epi8(t1, idx[4 * pair + 3]);
         s[0] = _mm256_add_epi16(
             s[0],
             _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rl0, rl1)),
