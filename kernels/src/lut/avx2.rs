@@ -25,6 +25,7 @@ pub(super) unsafe fn tile<const NB: usize>(
     }
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
+    let mut idx = [[_mm256_setzero_si256(); 16]; MAX_BITS];
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
@@ -38,15 +39,21 @@ pub(super) unsafe fn tile<const NB: usize>(
         let mut c0 = a0;
         while c0 < a1 {
             let c1 = (c0 + CHUNK).min(a1);
-            for (n, fn_) in f[..nb].iter_mut().enumerate() {
-                for a in c0..c1 {
+            for a in c0..c1 {
+                let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
+                prefetch(wa, v.bits);
+                // Several tokens: split the nibble indices once for all of them.
+                let shared = nb > 1;
+                if shared {
+                    for (p, plane) in idx[..v.bits].iter_mut().enumerate() {
+                        // SAFETY: `wa` holds bits·256 bytes and p < bits.
+                        unsafe { split(wa.add(p * PLANE_BYTES), plane) };
+                    }
+                }
+                for (n, fn_) in f[..nb].iter_mut().enumerate() {
                     let tabs = t.tables_of(n0 + n, a).as_ptr();
                     let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
-                    let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
-                    if n == 0 {
-                        prefetch(wa, v.bits);
-                    }
-                    if nb > 1 {
+                    if shared {
                         // Tokens' tables are 4·K bytes apart: too many streams for the hardware
                         // prefetcher, so fetch this token's tables of the next chunk now.
                         let next = tabs.wrapping_add((c1 - c0) * TABLES_PER_ACT * TABLE_BYTES);
@@ -59,7 +66,14 @@ pub(super) unsafe fn tile<const NB: usize>(
                             let mut s = [_mm256_setzero_si256(); 4];
                             // SAFETY: `wa` holds bits·256 bytes and p < bits; `tabs` holds 128 bytes.
                             unsafe {
-                                lookups(wa.add(p * PLANE_BYTES), tabs, _mm256_set1_epi8(1), &mut s)
+                                plane_lookups(
+                                    shared.then_some(&idx[p]),
+                                    wa,
+                                    p,
+                                    tabs,
+                                    _mm256_set1_epi8(1),
+                                    &mut s,
+                                )
                             };
                             accumulate(fp, &s, ts);
                         }
@@ -68,7 +82,9 @@ pub(super) unsafe fn tile<const NB: usize>(
                         for p in 0..v.bits {
                             let pw = _mm256_set1_epi8(1 << p);
                             // SAFETY: as above.
-                            unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
+                            unsafe {
+                                plane_lookups(shared.then_some(&idx[p]), wa, p, tabs, pw, &mut s)
+                            };
                         }
                         accumulate(&mut fn_[0], &s, ts);
                     }
@@ -250,6 +266,29 @@ unsafe fn split(plane: *const u8, idx: &mut [__m256i; 16]) {
         idx[4 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask);
         idx[4 * pair + 2] = _mm256_and_si256(w1, mask);
         idx[4 * pair + 3] = _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask);
+    }
+}
+
+/// `s += pw·lookups` of plane `p`: from the indices `split` already made when there are some, else
+/// from the packed weights at `wa`.
+///
+/// # Safety
+/// `wa` points to `(p + 1)·256` readable bytes, `tabs` to 128.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn plane_lookups(
+    split_idx: Option<&[__m256i; 16]>,
+    wa: *const u8,
+    p: usize,
+    tabs: *const i8,
+    pw: __m256i,
+    s: &mut [__m256i; 4],
+) {
+    match split_idx {
+        // SAFETY: the caller's contract.
+        Some(idx) => unsafe { split_lookups(idx, tabs, pw, s) },
+        // SAFETY: the caller's contract.
+        None => unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, s) },
     }
 }
 
