@@ -12,7 +12,8 @@
 //! - [`PackedMatrix::pack`]: integer codes + group scales (+ offsets) → the LUT layout;
 //! - [`ActivationTables::build`]: f32 activations → int8 tables, once per distinct input;
 //! - [`PackedMatrix::matmul`]: tables → f32 outputs, for one token (GEMV) or a batch (GEMM);
-//! - [`Int8Matrix`] for 8-bit tensors (embeddings, LM heads) and [`DenseMatrix`] for f32 ones.
+//! - [`Int8Matrix`] for 8-bit tensors (embeddings, LM heads) and [`DenseMatrix`] for f32 ones;
+//! - [`vector`]: `dot` and `axpy` for attention, on the same ISA.
 //!
 //! ```
 //! use lutra_kernels::{ActivationTables, Cpu, Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
@@ -49,6 +50,7 @@ mod packed;
 mod pool;
 mod tables;
 mod tiling;
+pub mod vector;
 
 pub use cpu::Cpu;
 pub use dense::DenseMatrix;

@@ -6,7 +6,7 @@
 //! preallocated scratch buffer (scores, outputs, f16 conversion rows), so nothing is allocated per
 //! token.
 
-use lutra_kernels::Cpu;
+use lutra_kernels::{vector, Cpu};
 
 use crate::kv_cache::{LayerCache, Rows};
 
@@ -89,24 +89,24 @@ impl Attention {
                     (Rows::F32(keys), Rows::F32(values)) => {
                         let keys = keys[..seen * kv_dim].chunks_exact(kv_dim);
                         for (score, k) in scores.iter_mut().zip(keys) {
-                            *score = dot(qh, &k[kv_offset..kv_offset + hd]) * scale;
+                            *score = vector::dot(cpu, qh, &k[kv_offset..kv_offset + hd]) * scale;
                         }
                         softmax(scores);
                         o.fill(0.0);
                         let values = values[..seen * kv_dim].chunks_exact(kv_dim);
                         for (&w, v) in scores.iter().zip(values) {
-                            axpy(o, w, &v[kv_offset..kv_offset + hd]);
+                            vector::axpy(cpu, o, w, &v[kv_offset..kv_offset + hd]);
                         }
                     }
                     (keys, values) => {
                         for (p, score) in scores.iter_mut().enumerate() {
                             let k = keys.read(p * kv_dim + kv_offset, kbuf);
-                            *score = dot(qh, k) * scale;
+                            *score = vector::dot(cpu, qh, k) * scale;
                         }
                         softmax(scores);
                         o.fill(0.0);
                         for (p, &w) in scores.iter().enumerate() {
-                            axpy(o, w, values.read(p * kv_dim + kv_offset, vbuf));
+                            vector::axpy(cpu, o, w, values.read(p * kv_dim + kv_offset, vbuf));
                         }
                     }
                 }
@@ -140,14 +140,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// `o += w·v`.
-#[inline]
-fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
-    for (o, &v) in o.iter_mut().zip(v) {
-        *o += w * v;
-    }
 }
 
 /// In-place softmax, stable for large scores.
@@ -220,8 +212,11 @@ mod tests {
         let keys = values(total * kv_dim, 1);
         let vals = values(total * kv_dim, 2);
         let q = values(total * q_dim, 3);
-        for (threads, f16) in [(1, false), (2, false), (1, true)] {
-            let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, threads).unwrap();
+        let runs = lutra_kernels::Isa::supported()
+            .into_iter()
+            .flat_map(|isa| [(isa, 1, false), (isa, 2, false), (isa, 1, true)]);
+        for (isa, threads, f16) in runs {
+            let cpu = Cpu::with_isa(isa, threads).unwrap();
             let mut cache = KvCache::new(2, kv_dim, 16, f16);
             cache.store(1, 0, &keys, &vals);
             let mut attention = Attention::new(shape, 16, 8);

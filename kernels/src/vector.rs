@@ -1,0 +1,68 @@
+//! Small f32 vector operations for the parts of a forward pass that are not matrix products
+//! (attention scores and value sums): `dot` and `axpy`, on the [`Cpu`]'s ISA.
+//!
+//! The scalar path keeps eight interleaved partial sums (lane `i mod 8`) and adds the tail last; the
+//! SIMD paths do the same with fused multiply-add, so they agree with it to rounding, not bit for bit.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(test)]
+mod tests;
+
+use crate::cpu::Cpu;
+use crate::isa::Isa;
+
+/// `Σ a[i]·b[i]`. Panics if the lengths differ (a caller bug, not bad input).
+pub fn dot(cpu: &Cpu, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot of vectors of different lengths");
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a Cpu holds Isa::Avx2 only when avx2+fma were detected; the lengths are equal.
+        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a Cpu holds Isa::Neon only when NEON was detected; the lengths are equal.
+        Isa::Neon => unsafe { neon::dot(a, b) },
+        _ => scalar_dot(a, b),
+    }
+}
+
+/// `y[i] += w·x[i]`. Panics if the lengths differ (a caller bug, not bad input).
+pub fn axpy(cpu: &Cpu, y: &mut [f32], w: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len(), "axpy of vectors of different lengths");
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`.
+        Isa::Avx2 => unsafe { avx2::axpy(y, w, x) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as in `dot`.
+        Isa::Neon => unsafe { neon::axpy(y, w, x) },
+        _ => scalar_axpy(y, w, x),
+    }
+}
+
+/// The reference `dot`: eight interleaved partial sums, then the tail.
+pub(crate) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0.0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The reference `axpy`.
+pub(crate) fn scalar_axpy(y: &mut [f32], w: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += w * x;
+    }
+}

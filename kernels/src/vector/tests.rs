@@ -1,0 +1,49 @@
+use super::*;
+use crate::measure::SplitMix64;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect()
+}
+
+#[test]
+fn every_isa_matches_the_scalar_reference() {
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        for n in [0, 1, 7, 8, 15, 16, 17, 31, 64, 100, 128, 577] {
+            let (a, b) = (random(n, 1 + n as u64), random(n, 1000 + n as u64));
+            let exact: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            let (got, want) = (dot(&cpu, &a, &b), scalar_dot(&a, &b));
+            let tol = 1e-5 * (n as f64).max(1.0);
+            assert!(
+                (f64::from(got) - exact).abs() < tol,
+                "{isa:?} dot n={n}: {got} vs {exact}"
+            );
+            assert!(
+                (got - want).abs() < tol as f32,
+                "{isa:?} dot n={n}: {got} vs {want}"
+            );
+
+            let (mut y, mut y_ref) = (a.clone(), a.clone());
+            axpy(&cpu, &mut y, 0.37, &b);
+            scalar_axpy(&mut y_ref, 0.37, &b);
+            for (i, (p, q)) in y.iter().zip(&y_ref).enumerate() {
+                assert!((p - q).abs() < 1e-6, "{isa:?} axpy n={n} i={i}: {p} vs {q}");
+            }
+            if n > 0 {
+                assert!((y[n - 1] - (a[n - 1] + 0.37 * b[n - 1])).abs() < 1e-6);
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "different lengths")]
+fn mismatched_lengths_are_a_caller_bug() {
+    let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
+    dot(&cpu, &[1.0, 2.0], &[1.0]);
+}
