@@ -180,13 +180,12 @@ impl PackedMatrix {
                 .unwrap_or(&zeros)
         };
         for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
-            for lo in 0..32 {
+            for (lo, &byte) in ROW_BYTE.iter().enumerate() {
                 let r = tile * TILE + lo;
                 if r >= rows {
                     break;
                 }
                 let (low, high) = (row_codes(r), row_codes(r + 32));
-                let byte = ROW_BYTE[lo];
                 for (q, (ql, qh)) in low.chunks_exact(4).zip(high.chunks_exact(4)).enumerate() {
                     let (a, j) = (q / TABLES_PER_ACT, q % TABLES_PER_ACT);
                     let cl = u32::from_le_bytes([ql[0], ql[1], ql[2], ql[3]]);

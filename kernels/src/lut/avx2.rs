@@ -79,11 +79,11 @@ pub(super) unsafe fn tile<const NB: usize>(
                         }
                     } else {
                         let mut s = [_mm256_setzero_si256(); 4];
-                        for p in 0..v.bits {
+                        for (p, plane_idx) in idx[..v.bits].iter().enumerate() {
                             let pw = _mm256_set1_epi8(1 << p);
                             // SAFETY: as above.
                             unsafe {
-                                plane_lookups(shared.then_some(&idx[p]), wa, p, tabs, pw, &mut s)
+                                plane_lookups(shared.then_some(plane_idx), wa, p, tabs, pw, &mut s)
                             };
                         }
                         accumulate(&mut fn_[0], &s, ts);
