@@ -1,6 +1,7 @@
 //! Criterion benches of the kernels: GEMV (N = 1) and GEMM (N = 8, 64, 512) on the shapes of
-//! `measure::DEFAULT_SHAPES` for LUT 1–4 bits, ternary, int8 and the dequantize-then-dot baseline,
-//! on 1 and 2 threads, plus the memory read-bandwidth probe they are judged against.
+//! `measure::DEFAULT_SHAPES` for LUT 1–4 bits, ternary (2-bit planes and 1.67-bit), int8 and the
+//! dequantize-then-dot baseline, on 1 and 2 threads, plus the memory read-bandwidth probe they are
+//! judged against.
 //!
 //! Group names are `{M}x{K}/t{threads}/n{N}`, bench names the kernel (`lut2`, `int8`, `dequant4`,
 //! ...), so `cargo bench -p lutra-kernels -- '4096x4096/t1/n1/'` runs one group. Samples are few and

@@ -2,11 +2,13 @@
 //!
 //! `cargo run --release -p lutra-kernels --example lut_timing -- [M] [K] [N] [threads]`
 //! (defaults: 4096 14336 1 1); prints the best of several runs per bit width and the table build time.
+//! `BITS=2,t` picks the bit widths; `t` is the 1.67-bit ternary kernel (`TernaryMatrix`, per-row scales).
 
 use std::time::Instant;
 
 use lutra_kernels::{
     ActivationTables, Cpu, Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights,
+    TernaryMatrix, TernaryTables, TernaryWeights,
 };
 
 /// CPU time of the calling thread in seconds (Linux `schedstat`), so that timings on a loaded machine
@@ -41,9 +43,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let arg = |i: usize, default: usize| args.get(i).copied().unwrap_or(default);
     let (rows, cols, tokens, threads) = (arg(0, 4096), arg(1, 14336), arg(2, 1), arg(3, 1));
-    let bits_list: Vec<u8> = match std::env::var("BITS") {
-        Ok(v) => v.split(',').map(|b| b.parse()).collect::<Result<_, _>>()?,
-        Err(_) => vec![1, 2, 3, 4],
+    let (bits_list, ternary): (Vec<u8>, bool) = match std::env::var("BITS") {
+        Ok(v) => (
+            v.split(',')
+                .filter(|b| *b != "t")
+                .map(|b| b.parse())
+                .collect::<Result<_, _>>()?,
+            v.split(',').any(|b| b == "t"),
+        ),
+        Err(_) => (vec![1, 2, 3, 4], true),
     };
     let per_plane = std::env::var("PER_PLANE").is_ok();
     let cpu = Cpu::new(threads)?;
@@ -111,6 +119,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (best, cpu_s) = best_of(reps, || m.matmul(&cpu, &tables, &mut out).unwrap_or(()));
         println!(
             "{bits}-bit: best wall {:.3} ms, mean thread cpu {:.3} ms ({:.1} GB/s of packed weights, {:.2} MB) checksum {:.3}",
+            best * 1e3,
+            cpu_s * 1e3,
+            m.bytes() as f64 / best / 1e9,
+            m.bytes() as f64 / 1e6,
+            out.iter().map(|v| v.abs() as f64).sum::<f64>()
+        );
+    }
+    if ternary {
+        let codes: Vec<u8> = (0..rows * cols).map(|_| (next() % 3) as u8).collect();
+        let scales: Vec<f32> = (0..rows).map(|i| 0.01 + (i % 7) as f32 * 0.001).collect();
+        let w = TernaryWeights {
+            rows,
+            cols,
+            grouping: Grouping::PerRow,
+            codes: &codes,
+            scales: &scales,
+        };
+        let m = TernaryMatrix::pack(&w)?;
+        let mut tables = TernaryTables::new(cols);
+        tables.build(&cpu, &x, tokens)?;
+        let (wall, cpu_s) = best_of(reps, || tables.build(&cpu, &x, tokens).unwrap_or(()));
+        println!(
+            "ternary table build: best wall {:.3} ms, mean thread cpu {:.3} ms",
+            wall * 1e3,
+            cpu_s * 1e3
+        );
+        let mut out = vec![0.0f32; tokens * rows];
+        m.matmul(&cpu, &tables, &mut out)?;
+        let (best, cpu_s) = best_of(reps, || m.matmul(&cpu, &tables, &mut out).unwrap_or(()));
+        println!(
+            "ternary {:.3} bpw: best wall {:.3} ms, mean thread cpu {:.3} ms ({:.1} GB/s of packed weights, {:.2} MB) checksum {:.3}",
+            m.bits_per_weight(),
             best * 1e3,
             cpu_s * 1e3,
             m.bytes() as f64 / best / 1e9,

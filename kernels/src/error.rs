@@ -69,6 +69,25 @@ pub enum KernelError {
         /// The offending scale.
         value: f32,
     },
+    /// A ternary code other than 0, 1, 2 (−1, 0, +1).
+    #[error("ternary code {code} at element {index} is not 0, 1 or 2 (for -1, 0, +1)")]
+    TernaryCodeOutOfRange {
+        /// The code.
+        code: u8,
+        /// Its element index (row-major).
+        index: usize,
+    },
+    /// Ternary matrices take one scale per row or per tensor; smaller groups would split triples.
+    #[error(
+        "ternary weights with groups of {group} (K = {cols}) are not supported by the 1.67-bit \
+         kernel: it takes one scale per row or per tensor (use the 2-bit LUT form instead)"
+    )]
+    TernaryGrouping {
+        /// The requested group size.
+        group: usize,
+        /// K of the matrix.
+        cols: usize,
+    },
     /// A kernel-measurement filter (`measure::CaseFilter`) that does not parse.
     #[error("bad kernel case filter: {0}")]
     BadCaseFilter(String),

@@ -12,6 +12,7 @@
 //! - [`PackedMatrix::pack`]: integer codes + group scales (+ offsets) → the LUT layout;
 //! - [`ActivationTables::build`]: f32 activations → int8 tables, once per distinct input;
 //! - [`PackedMatrix::matmul`]: tables → f32 outputs, for one token (GEMV) or a batch (GEMM);
+//! - [`TernaryMatrix`] and [`TernaryTables`] for ternary (BitNet) weights at 1.67 bits per weight;
 //! - [`Int8Matrix`] for 8-bit tensors (embeddings, LM heads) and [`DenseMatrix`] for f32 ones;
 //! - [`vector`]: `dot` and `axpy` for attention, on the same ISA.
 //!
@@ -49,6 +50,7 @@ pub mod measure;
 mod packed;
 mod pool;
 mod tables;
+mod ternary;
 mod tiling;
 pub mod vector;
 
@@ -60,3 +62,4 @@ pub use isa::Isa;
 pub use mapped::MappedFile;
 pub use packed::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
 pub use tables::ActivationTables;
+pub use ternary::{TernaryMatrix, TernaryTables, TernaryWeights};

@@ -23,6 +23,7 @@ use crate::int8::{Int8Activations, Int8Matrix};
 use crate::isa::Isa;
 use crate::packed::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
 use crate::tables::ActivationTables;
+use crate::ternary::{TernaryMatrix, TernaryTables, TernaryWeights};
 
 mod cases;
 mod dequant;
@@ -45,6 +46,8 @@ pub enum KernelKind {
         /// Elements per scale group.
         group_size: usize,
     },
+    /// The 1.67-bit ternary kernel ([`TernaryMatrix`], one scale per row).
+    Ternary167,
     /// The int8 kernel (Q8_0 weights and activations).
     Int8,
     /// The dequantize-then-dot baseline ([`DequantMatrix`], `bits` ∈ {1, 2, 4}, groups of 32).
@@ -55,29 +58,34 @@ pub enum KernelKind {
 }
 
 impl KernelKind {
-    /// Short name used in records and filters: `lut1`..`lut4`, `ternary`, `int8`, `dequant2`, ...
+    /// Short name used in records and filters: `lut1`..`lut4`, `ternary` (2-bit planes),
+    /// `ternary1.67`, `int8`, `dequant2`, ...
     pub fn name(&self) -> String {
         match self {
             KernelKind::Lut { bits, .. } => format!("lut{bits}"),
             KernelKind::Ternary { .. } => "ternary".to_string(),
+            KernelKind::Ternary167 => "ternary1.67".to_string(),
             KernelKind::Int8 => "int8".to_string(),
             KernelKind::Dequant { bits } => format!("dequant{bits}"),
         }
     }
 
-    /// Bits per weight code.
+    /// Bits per weight code (2 for both ternary forms: codes 0..=2; the 1.67-bit form's exact
+    /// size is in the record's `weight_bytes`).
     pub fn bits(&self) -> u8 {
         match *self {
             KernelKind::Lut { bits, .. } | KernelKind::Dequant { bits } => bits,
-            KernelKind::Ternary { .. } => 2,
+            KernelKind::Ternary { .. } | KernelKind::Ternary167 => 2,
             KernelKind::Int8 => 8,
         }
     }
 
-    /// Elements per scale group.
+    /// Elements per scale group; 0 for the per-row scales of [`KernelKind::Ternary167`] (a record
+    /// says K).
     pub fn group_size(&self) -> usize {
         match *self {
             KernelKind::Lut { group_size, .. } | KernelKind::Ternary { group_size } => group_size,
+            KernelKind::Ternary167 => 0,
             KernelKind::Int8 | KernelKind::Dequant { .. } => 32,
         }
     }
@@ -180,6 +188,7 @@ impl KernelRecord {
 /// The weights of a case, packed for its kernel.
 enum Weights {
     Lut(PackedMatrix),
+    Ternary(TernaryMatrix),
     Int8(Int8Matrix),
     Dequant(DequantMatrix),
 }
@@ -187,6 +196,7 @@ enum Weights {
 /// The activations of a case, in the form its kernel consumes.
 enum Inputs {
     Tables(ActivationTables),
+    Ternary(TernaryTables),
     Int8(Int8Activations),
 }
 
@@ -218,6 +228,17 @@ impl PreparedCase {
             KernelKind::Ternary { group_size } => {
                 lut_weights(&mut rng, rows, cols, 2, group_size, true)?
             }
+            KernelKind::Ternary167 => {
+                let codes: Vec<u8> = rng.bytes(rows * cols).into_iter().map(|b| b % 3).collect();
+                let scales: Vec<f32> = (0..rows).map(|_| 0.001 + 0.01 * rng.uniform()).collect();
+                Weights::Ternary(TernaryMatrix::pack(&TernaryWeights {
+                    rows,
+                    cols,
+                    grouping: Grouping::PerRow,
+                    codes: &codes,
+                    scales: &scales,
+                })?)
+            }
             KernelKind::Int8 => {
                 let codes: Vec<i8> = rng
                     .bytes(rows * cols)
@@ -246,6 +267,7 @@ impl PreparedCase {
         };
         let inputs = match weights {
             Weights::Lut(_) => Inputs::Tables(ActivationTables::new(cols)),
+            Weights::Ternary(_) => Inputs::Ternary(TernaryTables::new(cols)),
             Weights::Int8(_) | Weights::Dequant(_) => Inputs::Int8(Int8Activations::new(cols)),
         };
         let x = (0..cols * case.tokens).map(|_| rng.gaussian()).collect();
@@ -289,6 +311,7 @@ impl PreparedCase {
         let tokens = self.case.tokens;
         match &mut self.inputs {
             Inputs::Tables(t) => t.build(&self.cpu, &self.x, tokens),
+            Inputs::Ternary(t) => t.build(&self.cpu, &self.x, tokens),
             Inputs::Int8(a) => a.build(&self.cpu, &self.x, tokens),
         }
     }
@@ -297,6 +320,7 @@ impl PreparedCase {
     pub fn run(&mut self) -> Result<()> {
         match (&self.weights, &self.inputs) {
             (Weights::Lut(m), Inputs::Tables(t)) => m.matmul(&self.cpu, t, &mut self.out),
+            (Weights::Ternary(m), Inputs::Ternary(t)) => m.matmul(&self.cpu, t, &mut self.out),
             (Weights::Int8(m), Inputs::Int8(a)) => m.matmul(&self.cpu, a, &mut self.out),
             (Weights::Dequant(m), Inputs::Int8(a)) => m.matmul(&self.cpu, a, &mut self.out),
             // `new` pairs every weight kind with its input kind.
@@ -317,6 +341,7 @@ impl PreparedCase {
     pub fn weight_bytes(&self) -> usize {
         match &self.weights {
             Weights::Lut(m) => m.bytes(),
+            Weights::Ternary(m) => m.bytes(),
             Weights::Int8(m) => m.bytes(),
             Weights::Dequant(m) => m.bytes(),
         }
@@ -406,7 +431,11 @@ pub fn measure_case(case: &KernelCase, options: &MeasureOptions) -> Result<Kerne
         rows: case.rows,
         cols: case.cols,
         bits: case.kind.bits(),
-        group_size: case.kind.group_size(),
+        // Per-row scales: the group is the row.
+        group_size: match case.kind.group_size() {
+            0 => case.cols,
+            g => g,
+        },
         threads: case.threads,
         tokens: case.tokens,
         median_us: seconds * 1e6,

@@ -2,6 +2,8 @@
 //! activations it consumes.
 //!
 //! - low-bit codes (Q4_0, Q4_1, K-quants, requantized weights) → [`PackedMatrix`] (LUT kernels);
+//! - ternary codes with one scale per row (BitNet b1.58: TQ1_0/TQ2_0, HF BitLinear) →
+//!   [`TernaryMatrix`] (1.67 bits per weight);
 //! - int8 codes (Q8_0) → [`Int8Matrix`];
 //! - dense values (F32/F16/BF16), and every matrix in reference mode → [`DenseMatrix`].
 //!
@@ -11,7 +13,7 @@
 
 use lutra_kernels::{
     ActivationTables, Cpu, DenseMatrix, Grouping, Int8Activations, Int8Matrix, PackedMatrix,
-    PlaneScales, QuantSpec, QuantizedWeights,
+    PlaneScales, QuantSpec, QuantizedWeights, TernaryMatrix, TernaryTables, TernaryWeights,
 };
 
 use crate::error::{Error, Result};
@@ -22,6 +24,8 @@ use crate::weights::DecodedTensor;
 pub enum Linear {
     /// Low-bit codes packed for the table-lookup kernels.
     Lut(PackedMatrix),
+    /// Ternary weights `{−s, 0, +s}` (one `s` per row) packed 3 weights to 5 bits.
+    Ternary(TernaryMatrix),
     /// Int8 codes with a scale per 32 (Q8_0).
     Int8(Int8Matrix),
     /// f32 values.
@@ -45,6 +49,9 @@ impl Linear {
                 cols,
                 dequantize(tensor),
             )?));
+        }
+        if let Some(ternary) = ternary_weights(tensor) {
+            return Ok(Linear::Ternary(TernaryMatrix::pack(&ternary)?));
         }
         Ok(match tensor {
             DecodedTensor::LowBit {
@@ -91,6 +98,7 @@ impl Linear {
     pub fn rows(&self) -> usize {
         match self {
             Linear::Lut(m) => m.rows(),
+            Linear::Ternary(m) => m.rows(),
             Linear::Int8(m) => m.rows(),
             Linear::Dense(m) => m.rows(),
         }
@@ -100,6 +108,7 @@ impl Linear {
     pub fn cols(&self) -> usize {
         match self {
             Linear::Lut(m) => m.cols(),
+            Linear::Ternary(m) => m.cols(),
             Linear::Int8(m) => m.cols(),
             Linear::Dense(m) => m.cols(),
         }
@@ -109,12 +118,13 @@ impl Linear {
     pub fn bytes(&self) -> usize {
         match self {
             Linear::Lut(m) => m.bytes(),
+            Linear::Ternary(m) => m.bytes(),
             Linear::Int8(m) => m.bytes(),
             Linear::Dense(m) => m.rows() * m.cols() * 4,
         }
     }
 
-    /// Short name of the in-memory form, e.g. `lut4 g32`, `int8`, `f32`.
+    /// Short name of the in-memory form, e.g. `lut4 g32`, `ternary 1.67b`, `int8`, `f32`.
     pub fn kind(&self) -> String {
         match self {
             Linear::Lut(m) => {
@@ -126,6 +136,7 @@ impl Linear {
                 };
                 format!("lut{} {group}", spec.bits)
             }
+            Linear::Ternary(_) => "ternary 1.67b".to_string(),
             Linear::Int8(_) => "int8".to_string(),
             Linear::Dense(_) => "f32".to_string(),
         }
@@ -157,6 +168,13 @@ impl Linear {
                 let tables = input.tables.as_ref().ok_or_else(|| missing("tables"))?;
                 m.matmul(cpu, tables, out)?;
             }
+            Linear::Ternary(m) => {
+                let tables = input
+                    .ternary
+                    .as_ref()
+                    .ok_or_else(|| missing("ternary tables"))?;
+                m.matmul(cpu, tables, out)?;
+            }
             Linear::Int8(m) => {
                 let acts = input.int8.as_ref().ok_or_else(|| missing("int8"))?;
                 m.matmul(cpu, acts, out)?;
@@ -170,11 +188,42 @@ impl Linear {
     pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         match self {
             Linear::Lut(m) => m.dequantize_row(r, out)?,
+            Linear::Ternary(m) => m.dequantize_row(r, out)?,
             Linear::Int8(m) => m.dequantize_row(r, out)?,
             Linear::Dense(m) => out.copy_from_slice(m.row(r)),
         }
         Ok(())
     }
+}
+
+/// The tensor as ternary weights for [`TernaryMatrix`], when it is one: 2-bit codes in {0, 1, 2}
+/// with one group per row and offset = −scale in every row, i.e. `w ∈ {−s, 0, +s}`. Ternary
+/// tensors with smaller groups keep the 2-bit LUT form (the loader merges uniform groups per row).
+fn ternary_weights(tensor: &DecodedTensor) -> Option<TernaryWeights<'_>> {
+    let DecodedTensor::LowBit {
+        rows,
+        cols,
+        bits: 2,
+        group_size,
+        codes,
+        scales,
+        offsets,
+    } = tensor
+    else {
+        return None;
+    };
+    let ternary = group_size == cols
+        && scales.len() == *rows
+        && offsets.len() == *rows
+        && offsets.iter().zip(scales).all(|(&m, &s)| m == -s)
+        && codes.iter().all(|&q| q <= 2);
+    ternary.then_some(TernaryWeights {
+        rows: *rows,
+        cols: *cols,
+        grouping: Grouping::PerRow,
+        codes,
+        scales,
+    })
 }
 
 /// Activation vectors of length `cols` (up to `max_batch` of them) in every form their consumer
@@ -186,6 +235,7 @@ pub struct Input {
     ready: bool,
     values: Vec<f32>,
     tables: Option<ActivationTables>,
+    ternary: Option<TernaryTables>,
     int8: Option<Int8Activations>,
 }
 
@@ -195,6 +245,7 @@ impl std::fmt::Debug for Input {
             .field("cols", &self.cols)
             .field("tokens", &self.tokens)
             .field("tables", &self.tables.is_some())
+            .field("ternary", &self.ternary.is_some())
             .field("int8", &self.int8.is_some())
             .finish()
     }
@@ -207,10 +258,11 @@ impl Input {
         max_batch: usize,
         consumers: impl IntoIterator<Item = &'a Linear>,
     ) -> Input {
-        let (mut tables, mut int8) = (false, false);
+        let (mut tables, mut ternary, mut int8) = (false, false, false);
         for m in consumers {
             match m {
                 Linear::Lut(_) => tables = true,
+                Linear::Ternary(_) => ternary = true,
                 Linear::Int8(_) => int8 = true,
                 Linear::Dense(_) => {}
             }
@@ -222,6 +274,7 @@ impl Input {
             ready: false,
             values: vec![0.0; cols * max_batch],
             tables: tables.then(|| ActivationTables::new(cols)),
+            ternary: ternary.then(|| TernaryTables::new(cols)),
             int8: int8.then(|| Int8Activations::new(cols)),
         }
     }
@@ -253,6 +306,9 @@ impl Input {
     pub fn prepare(&mut self, cpu: &Cpu) -> Result<()> {
         let x = &self.values[..self.tokens * self.cols];
         if let Some(tables) = &mut self.tables {
+            tables.build(cpu, x, self.tokens)?;
+        }
+        if let Some(tables) = &mut self.ternary {
             tables.build(cpu, x, self.tokens)?;
         }
         if let Some(int8) = &mut self.int8 {
@@ -296,5 +352,94 @@ mod tests {
         let mut row = vec![0.0; 32];
         m.row(1, &mut row).unwrap();
         assert_eq!(&row[..4], &[-1.0, 0.0, 1.0, 2.0]);
+    }
+
+    /// A 2-bit tensor of `rows × cols` with codes `(i·7 + r) mod levels`, one group per row,
+    /// scale `0.25·(r + 1)` and offset `offset(scale)`.
+    fn low_bit(rows: usize, cols: usize, levels: usize, offset: fn(f32) -> f32) -> DecodedTensor {
+        let scales: Vec<f32> = (0..rows).map(|r| 0.25 * (r + 1) as f32).collect();
+        DecodedTensor::LowBit {
+            rows,
+            cols,
+            bits: 2,
+            group_size: cols,
+            codes: (0..rows * cols)
+                .map(|i| ((i * 7 + i / cols) % levels) as u8)
+                .collect(),
+            offsets: scales.iter().map(|&s| offset(s)).collect(),
+            scales,
+        }
+    }
+
+    #[test]
+    fn ternary_tensors_become_ternary_matrices_that_match_the_reference() {
+        let t = low_bit(5, 96, 3, |s| -s);
+        let m = Linear::from_decoded(&t, false).unwrap();
+        assert_eq!(
+            (m.rows(), m.cols(), m.kind().as_str()),
+            (5, 96, "ternary 1.67b")
+        );
+        let dense = Linear::from_decoded(&t, true).unwrap();
+        assert_eq!(dense.kind(), "f32");
+        let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, 1).unwrap();
+        let tokens = 3;
+        let mut input = Input::for_consumers(96, tokens, [&m, &dense]);
+        for (i, v) in input.values_mut(tokens).iter_mut().enumerate() {
+            *v = ((i * 37) % 11) as f32 - 5.0;
+        }
+        input.prepare(&cpu).unwrap();
+        let (mut fast, mut exact) = (vec![0.0; 5 * tokens], vec![0.0; 5 * tokens]);
+        m.matmul(&cpu, &input, &mut fast).unwrap();
+        dense.matmul(&cpu, &input, &mut exact).unwrap();
+        // The int8 tables round each triple's sum: allow 1% of Σ|w·x|, the scale of that error.
+        let mut w = vec![0.0; 96];
+        for (i, (&a, &b)) in fast.iter().zip(&exact).enumerate() {
+            dense.row(i % 5, &mut w).unwrap();
+            let x = &input.values()[i / 5 * 96..][..96];
+            let l1: f32 = w.iter().zip(x).map(|(w, x)| (w * x).abs()).sum();
+            assert!(
+                (a - b).abs() <= 0.01 * l1,
+                "output {i}: {a} vs {b} (Σ|w·x| = {l1})"
+            );
+        }
+        let mut row = vec![0.0; 96];
+        m.row(4, &mut row).unwrap();
+        let mut expected = vec![0.0; 96];
+        dense.row(4, &mut expected).unwrap();
+        assert_eq!(row, expected);
+        // An input prepared without ternary tables is an error, not garbage.
+        let mut plain = Input::for_consumers(96, 1, [&dense]);
+        plain.values_mut(1).fill(1.0);
+        plain.prepare(&cpu).unwrap();
+        assert!(m.matmul(&cpu, &plain, &mut fast[..5]).is_err());
+    }
+
+    #[test]
+    fn other_two_bit_tensors_keep_the_lut_form() {
+        // Code 3, an offset that is not −scale, and groups smaller than a row are not ternary.
+        let four_levels = low_bit(2, 64, 4, |s| -s);
+        let shifted = low_bit(2, 64, 3, |s| -0.5 * s);
+        let DecodedTensor::LowBit {
+            codes,
+            scales,
+            offsets,
+            ..
+        } = low_bit(2, 64, 3, |s| -s)
+        else {
+            unreachable!()
+        };
+        let grouped = DecodedTensor::LowBit {
+            rows: 2,
+            cols: 64,
+            bits: 2,
+            group_size: 32,
+            codes,
+            scales: scales.iter().flat_map(|&s| [s, s]).collect(),
+            offsets: offsets.iter().flat_map(|&m| [m, m]).collect(),
+        };
+        for t in [four_levels, shifted, grouped] {
+            let m = Linear::from_decoded(&t, false).unwrap();
+            assert!(m.kind().starts_with("lut2"), "{}", m.kind());
+        }
     }
 }

@@ -15,12 +15,14 @@ fn default_grid_covers_the_issue_list() {
     let cases = default_cases();
     assert_eq!(
         cases.len(),
-        DEFAULT_SHAPES.len() * 8 * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
+        DEFAULT_SHAPES.len() * 9 * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
     );
     assert!(cases.iter().any(|c| c.kind == KernelKind::Int8
         && (c.rows, c.cols) == (49152, 576)
         && c.tokens == 512));
-    assert!(cases.iter().all(|c| c.cols % c.kind.group_size() == 0));
+    assert!(cases
+        .iter()
+        .all(|c| c.kind == KernelKind::Ternary167 || c.cols % c.kind.group_size() == 0));
 }
 
 #[test]
@@ -75,6 +77,27 @@ fn int8_and_baseline_records_are_consistent() {
         let json = record.to_json();
         assert!(json.starts_with('{') && json.contains(&format!("\"kernel\":\"{}\"", kind.name())));
     }
+}
+
+#[test]
+fn ternary_case_records_the_packed_bytes() {
+    let case = KernelCase {
+        kind: KernelKind::Ternary167,
+        rows: 96,
+        cols: 576,
+        threads: 2,
+        tokens: 3,
+    };
+    let record = measure_case(&case, &quick()).unwrap();
+    assert_eq!(record.kernel, "ternary1.67");
+    assert_eq!((record.bits, record.group_size), (2, 576));
+    // 2 tiles of 64 rows × 24 chunks of 320 bytes, plus an f32 scale per row.
+    assert_eq!(record.weight_bytes, 2 * 24 * 320 + 4 * 96);
+    assert!(record.median_us > 0.0);
+    let mut prepared = PreparedCase::new(&case, None).unwrap();
+    prepared.run().unwrap();
+    assert!(prepared.output().iter().all(|v| v.is_finite()));
+    assert!(prepared.output().iter().any(|&v| v != 0.0));
 }
 
 #[test]
