@@ -1,8 +1,11 @@
 //! Small f32 vector operations for the parts of a forward pass that are not matrix products
 //! (attention scores and value sums): `dot` and `axpy`, on the [`Cpu`]'s ISA.
 //!
-//! The scalar path keeps eight interleaved partial sums (lane `i mod 8`) and adds the tail last; the
-//! SIMD paths do the same with fused multiply-add, so they agree with it to rounding, not bit for bit.
+//! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, mul then add), sums the lanes
+//! in order and adds the tail last; the SIMD paths perform exactly these operations, so every ISA
+//! gives the same bits. That matters more than the few cycles FMA would save: the activation tables
+//! that follow attention round to int8, so a last-bit difference here becomes a different
+//! quantization noise downstream, and greedy outputs would depend on the ISA.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

@@ -1,46 +1,34 @@
-//! AVX2 + FMA `dot` and `axpy`, 16 elements per step.
+//! AVX2 `dot` and `axpy`: the scalar reference's operations (eight lanes, mul then add, lanes summed
+//! in order, then the tail), eight elements per instruction, so results are bit-identical to it.
 
 use std::arch::x86_64::*;
 
 /// # Safety
-/// The CPU supports avx2 and fma, and `a.len() == b.len()`.
+/// The CPU supports avx2, and `a.len() == b.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let n = a.len();
+    let n = a.len() / 8 * 8;
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut acc = _mm256_setzero_ps();
     let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: i + 16 <= n = len of both slices.
+    while i < n {
+        // SAFETY: i + 8 <= n <= len of both slices.
         unsafe {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                s1,
-            );
+            let prod = _mm256_mul_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
+            acc = _mm256_add_ps(acc, prod);
         }
-        i += 16;
-    }
-    if i + 8 <= n {
-        // SAFETY: i + 8 <= n.
-        unsafe { s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0) };
         i += 8;
     }
-    let s = _mm256_add_ps(s0, s1);
-    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    let mut sum = _mm_cvtss_f32(h);
-    for j in i..n {
-        sum += a[j] * b[j];
-    }
-    sum
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` is 8 f32s.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// # Safety
-/// The CPU supports avx2 and fma, and `y.len() == x.len()`.
+/// The CPU supports avx2, and `y.len() == x.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
     debug_assert_eq!(y.len(), x.len());
@@ -51,7 +39,10 @@ pub(super) unsafe fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
     while i + 8 <= n {
         // SAFETY: i + 8 <= n = len of both slices; `y` and `x` do not overlap (`&mut` vs `&`).
         unsafe {
-            let v = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            let v = _mm256_add_ps(
+                _mm256_loadu_ps(py.add(i)),
+                _mm256_mul_ps(wv, _mm256_loadu_ps(px.add(i))),
+            );
             _mm256_storeu_ps(py.add(i), v);
         }
         i += 8;
