@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lutra_kernels::measure::BANDWIDTH_BYTES;
 use lutra_runtime::bench::{self as measure, BenchOptions, Test, TestKind};
-use lutra_runtime::llama::{LoadOptions, Model};
+use lutra_runtime::llama::{LoadOptions, Model, SyntheticWeights};
 use lutra_runtime::synthetic;
 
 use super::plot::{self, Series};
@@ -51,10 +51,12 @@ pub(crate) struct BenchArgs {
     /// Output format
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Md)]
     output: Format,
-    /// Bits per weight: synthetic models [default: 2], or requantize a GGUF
+    /// Bits per weight: synthetic models [default: 2; BitNet shapes: ternary, 1.58], or
+    /// requantize a GGUF
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
     bits: Option<u8>,
-    /// Group size: synthetic models [default: 128 where it divides], or requantize a GGUF
+    /// Group size: synthetic models [default: 128 where it divides; BitNet shapes: one scale per
+    /// tensor], or requantize a GGUF. Either flag puts BitNet shapes on the LUT grid
     #[arg(long)]
     group_size: Option<usize>,
     /// Write a thread-sweep chart (t/s against threads) to this SVG file
@@ -148,7 +150,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
                 let size = model.weight_bytes() as u64;
                 let tps = &result.tokens_per_sec;
                 rows.push(BenchRow {
-                    model: display_name(name, source),
+                    model: display_name(name, source, args),
                     bits,
                     group_size: group,
                     size_bytes: size,
@@ -207,28 +209,52 @@ fn build(
             Ok((model, bits, group))
         }
         ModelSource::Synthetic(shape) => {
-            let bits = args.bits.unwrap_or(shape.default_bits);
-            let group = args.group_size.unwrap_or(shape.default_group_size);
+            let spec = shape.weights(args.bits, args.group_size);
             let start = std::time::Instant::now();
             let model =
-                Model::synthetic(shape.benchmark_config(), bits, group, &opts, SYNTHETIC_SEED)
+                Model::synthetic_with(shape.benchmark_config(), spec, &opts, SYNTHETIC_SEED)
                     .with_context(|| format!("cannot build synthetic:{}", shape.name))?;
             eprintln!(
-                "lutra bench: built synthetic:{} ({bits}-bit, group {group}) in {:.1} s",
+                "lutra bench: built synthetic:{} ({:?}; layers {}, embedding/LM head {}) in {:.1} s",
                 shape.name,
+                shape.config.architecture,
+                spec.layers,
+                spec.head,
                 start.elapsed().as_secs_f64()
             );
-            Ok((model, Some(bits), Some(group)))
+            // Which kernel each kind of tensor runs on, so that a row can be read without guessing.
+            for t in &model.describe().tensor_types {
+                eprintln!(
+                    "lutra bench:   {:>4} × {:<18} → {:<16} {:>9.1} MiB",
+                    t.count,
+                    t.source,
+                    t.kernel,
+                    t.bytes as f64 / (1024.0 * 1024.0)
+                );
+            }
+            // Ternary weights have no group grid: the bits column says 2 (codes 0..=2).
+            let (bits, group) = match spec.layers {
+                SyntheticWeights::LowBit { bits, group_size } => (bits, Some(group_size)),
+                SyntheticWeights::Ternary => (2, None),
+                SyntheticWeights::Int8 => (8, None),
+            };
+            Ok((model, Some(bits), group))
         }
     }
 }
 
 /// The model column: a file's name without its folders (as llama-bench), or `synthetic:NAME`.
-fn display_name(spec: &str, source: &ModelSource) -> String {
+/// Synthetic models with ternary layers say so: their bits column reads 2 (codes 0..=2).
+fn display_name(spec: &str, source: &ModelSource, args: &BenchArgs) -> String {
     match source {
         ModelSource::File(path) => path
             .file_name()
             .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned()),
+        ModelSource::Synthetic(shape)
+            if shape.weights(args.bits, args.group_size).layers == SyntheticWeights::Ternary =>
+        {
+            format!("synthetic:{} (ternary)", shape.name)
+        }
         ModelSource::Synthetic(shape) => format!("synthetic:{}", shape.name),
     }
 }

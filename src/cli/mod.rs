@@ -47,7 +47,7 @@ enum Command {
 /// Model file and how to load it; shared by the subcommands that run a model.
 #[derive(Debug, Args)]
 pub(crate) struct ModelArgs {
-    /// GGUF model file [default: the fetched SmolLM2-135M-Instruct Q4_1]
+    /// GGUF model file or Hugging Face model folder [default: the fetched SmolLM2-135M-Instruct Q4_1]
     #[arg(short = 'm', long = "model")]
     model: Option<PathBuf>,
     /// Worker threads (0 = one per core)
@@ -118,7 +118,8 @@ fn load_model(path: &Path, opts: &LoadOptions) -> Result<Model> {
 }
 
 fn ensure_exists(path: &Path) -> Result<()> {
-    if !path.is_file() {
+    // A file is a GGUF; a directory is a Hugging Face folder.
+    if !path.is_file() && !path.is_dir() {
         bail!(
             "model file {} does not exist (run models/fetch.sh to download the default model, or pass -m)",
             path.display()

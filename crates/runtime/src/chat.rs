@@ -108,6 +108,49 @@ impl ChatTemplate {
         ChatTemplate::new(source, &text(tokenizer.bos_id()), &text(tokenizer.eos_id()))
     }
 
+    /// The template in a Hugging Face folder's `tokenizer_config.json` (`chat_template`: a string,
+    /// or a list of `{name, template}` of which `default` is used), or ChatML when there is none.
+    pub fn from_hf_folder(dir: &std::path::Path, tokenizer: &Tokenizer) -> Result<ChatTemplate> {
+        let path = dir.join("tokenizer_config.json");
+        let config: Option<serde_json::Value> = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| Error::BadFile {
+                path: path.clone(),
+                reason: format!("not valid JSON: {e}"),
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        let source = match config.as_ref().and_then(|c| c.get("chat_template")) {
+            None | Some(serde_json::Value::Null) => return Ok(ChatTemplate::chatml()),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| Error::BadFile {
+                    path: path.clone(),
+                    reason: "chat_template is a list without a 'default' template".into(),
+                })?,
+            Some(_) => {
+                return Err(Error::BadFile {
+                    path,
+                    reason: "chat_template is neither a string nor a list".into(),
+                })
+            }
+        };
+        let text = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.token_str(id))
+                .unwrap_or("")
+                .to_string()
+        };
+        ChatTemplate::new(
+            &source,
+            &text(tokenizer.bos_id()),
+            &text(tokenizer.eos_id()),
+        )
+    }
+
     /// Renders the conversation; with `add_generation_prompt`, ends with the assistant's header.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self

@@ -22,6 +22,15 @@ pub enum Architecture {
     BitNet,
 }
 
+/// The gated FFN's activation: `down(act(gate(x)) · up(x))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnActivation {
+    /// SiLU (SwiGLU): Llama, Qwen2, the original 1bitLLM BitNet b1.58 checkpoints.
+    Silu,
+    /// Squared ReLU, `max(x, 0)²`: BitNet b1.58 2B-4T (`hidden_act: relu2`).
+    ReluSquared,
+}
+
 /// Everything the forward pass needs to know about a model's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -55,6 +64,8 @@ pub struct ModelConfig {
     pub rms_eps: f32,
     /// The LM head is the token embedding.
     pub tied_embeddings: bool,
+    /// Activation of the gated FFN.
+    pub ffn_activation: FfnActivation,
 }
 
 impl Architecture {
@@ -133,6 +144,13 @@ impl ModelConfig {
             Architecture::Llama | Architecture::BitNet => RopeStyle::Adjacent,
             Architecture::Qwen2 => RopeStyle::Halves,
         };
+        // GGUF does not record the activation. llama.cpp's `bitnet` (1bitLLM's bitnet_b1_58
+        // checkpoints) is SwiGLU; `bitnet-b1.58` / `bitnet-25` (Microsoft's converter, b1.58-2B-4T)
+        // use squared ReLU.
+        let ffn_activation = match arch_name {
+            "bitnet-b1.58" | "bitnet-25" => FfnActivation::ReluSquared,
+            _ => FfnActivation::Silu,
+        };
         Ok(ModelConfig {
             architecture,
             name,
@@ -149,6 +167,7 @@ impl ModelConfig {
             rope_style,
             rms_eps,
             tied_embeddings: file.tensor_info("output.weight").is_none(),
+            ffn_activation,
         })
     }
 }
@@ -223,6 +242,29 @@ impl ModelConfig {
             ));
         }
         let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / heads);
+        // Scaled RoPE (Llama 3.1's `llama3`, `linear`, `yarn`, ...) changes the frequencies, which
+        // the rope tables do not model yet: refuse rather than run with wrong positions.
+        if let Some(scaling) = v.get("rope_scaling").filter(|s| !s.is_null()) {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("unknown");
+            return Err(err(
+                "rope_scaling",
+                format!("RoPE scaling '{kind}' is not supported yet"),
+            ));
+        }
+        let ffn_activation = match v.get("hidden_act").and_then(|a| a.as_str()) {
+            None | Some("silu") | Some("swish") => FfnActivation::Silu,
+            Some("relu2") => FfnActivation::ReluSquared,
+            Some(other) => {
+                return Err(err(
+                    "hidden_act",
+                    format!("activation '{other}' is not supported (silu, relu2 are)"),
+                ))
+            }
+        };
         Ok(ModelConfig {
             architecture,
             name: v
@@ -247,6 +289,7 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(|t| t.as_bool())
                 .unwrap_or(false),
+            ffn_activation,
         })
     }
 }

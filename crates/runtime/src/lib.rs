@@ -25,6 +25,7 @@ pub mod llama;
 pub mod perplexity;
 pub mod quantize;
 pub mod rope;
+pub mod safetensors;
 pub mod sampler;
 pub mod session;
 pub mod synthetic;

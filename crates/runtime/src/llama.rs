@@ -6,6 +6,7 @@
 //! - `forward`: the math, top to bottom, with every scratch buffer preallocated in a run state.
 
 mod forward;
+mod hf;
 mod load;
 mod synthetic;
 #[cfg(test)]
@@ -24,6 +25,8 @@ pub use crate::quantize::Requantize;
 use crate::rope::Rope;
 use crate::tokenizer::Tokenizer;
 use forward::RunState;
+pub use hf::HF_DEFAULT_REQUANTIZE;
+pub use synthetic::{SyntheticSpec, SyntheticWeights};
 
 /// Largest number of tokens pushed through the matrices at once during prefill: enough for the
 /// mpGEMM kernels to reuse each weight block many times, small enough for the scratch to stay in
@@ -56,8 +59,12 @@ pub(crate) struct LayerWeights {
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
+    /// BitNet's RMSNorm on the attention output, before `wo`.
+    attn_sub_norm: Option<Vec<f32>>,
     wo: Linear,
     ffn_norm: Vec<f32>,
+    /// BitNet's RMSNorm on the FFN hidden state, before `w_down`.
+    ffn_sub_norm: Option<Vec<f32>>,
     w_gate: Linear,
     w_up: Linear,
     w_down: Linear,
@@ -117,6 +124,7 @@ impl std::fmt::Display for ModelInfo {
             "rope:            {:?}, theta {}, dims {}; rms eps {}; tied embeddings {}",
             c.rope_style, c.rope_theta, c.rope_dims, c.rms_eps, c.tied_embeddings
         )?;
+        writeln!(f, "ffn activation:  {:?}", c.ffn_activation)?;
         writeln!(f, "parameters:      {}", self.parameters)?;
         writeln!(f, "tensors:")?;
         for t in &self.tensor_types {
@@ -195,8 +203,13 @@ pub(crate) struct ModelParts {
 }
 
 impl Model {
-    /// Loads a GGUF file: weights, tokenizer and chat template.
+    /// Loads a GGUF file, or a Hugging Face folder (`config.json`, `tokenizer.json`,
+    /// `model.safetensors` or shards; f16/bf16/f32, GPTQ or BitNet weights) when `path` is a
+    /// directory: weights, tokenizer and chat template.
     pub fn load(path: &std::path::Path, opts: &LoadOptions) -> Result<Model> {
+        if path.is_dir() {
+            return hf::load(path, opts);
+        }
         load::load(path, opts)
     }
 
@@ -210,12 +223,29 @@ impl Model {
         opts: &LoadOptions,
         seed: u64,
     ) -> Result<Model> {
-        synthetic::synthetic(config, bits, group_size, opts, seed)
+        let spec = SyntheticSpec {
+            layers: SyntheticWeights::LowBit { bits, group_size },
+            head: SyntheticWeights::Int8,
+        };
+        synthetic::synthetic(config, spec, opts, seed)
+    }
+
+    /// Like [`Model::synthetic`], with the weights of the layers and of the embedding / LM head
+    /// drawn as `spec` says (e.g. ternary layers and a 4-bit head for BitNet shapes). BitNet
+    /// configurations get their sub-norms (all ones).
+    pub fn synthetic_with(
+        config: ModelConfig,
+        spec: SyntheticSpec,
+        opts: &LoadOptions,
+        seed: u64,
+    ) -> Result<Model> {
+        synthetic::synthetic(config, spec, opts, seed)
     }
 
     fn from_parts(parts: ModelParts, opts: &LoadOptions) -> Result<Model> {
         let config = parts.config;
         check_config(&config)?;
+        check_sub_norms(&config, &parts.layers)?;
         let cpu = Cpu::new(opts.threads)?;
         let context_length = match opts.context_length {
             Some(0) => return Err(Error::InvalidOption("context length 0".into())),
@@ -319,10 +349,15 @@ impl Model {
     /// A summary for `lutra info`.
     pub fn describe(&self) -> ModelInfo {
         let c = &self.config;
+        let sub_norms = match c.architecture {
+            Architecture::BitNet => c.heads * c.head_dim + c.ffn_size,
+            _ => 0,
+        };
         let per_layer = c.hidden_size * (c.heads + 2 * c.kv_heads) * c.head_dim
             + c.heads * c.head_dim * c.hidden_size
             + 3 * c.hidden_size * c.ffn_size
-            + 2 * c.hidden_size;
+            + 2 * c.hidden_size
+            + sub_norms;
         let head = if self.output.is_some() {
             c.vocab_size * c.hidden_size
         } else {
@@ -351,11 +386,6 @@ impl Model {
 /// Rejects configurations the forward pass cannot run.
 fn check_config(c: &ModelConfig) -> Result<()> {
     let bad = |what: String| Err(Error::InvalidOption(format!("model config: {what}")));
-    if c.architecture == Architecture::BitNet {
-        return bad(
-            "BitNet (sub-norms, squared ReLU) is not supported by the llama forward".into(),
-        );
-    }
     if c.hidden_size == 0 || c.layers == 0 || c.heads == 0 || c.head_dim == 0 || c.vocab_size == 0 {
         return bad(format!("empty dimension in {c:?}"));
     }
@@ -370,6 +400,29 @@ fn check_config(c: &ModelConfig) -> Result<()> {
             "rope dims {} must be even and at most head dim {}",
             c.rope_dims, c.head_dim
         ));
+    }
+    Ok(())
+}
+
+/// BitNet blocks need both sub-norms, sized `[heads·head_dim]` and `[ffn]`; other architectures
+/// have none.
+fn check_sub_norms(c: &ModelConfig, layers: &[LayerWeights]) -> Result<()> {
+    let bitnet = c.architecture == Architecture::BitNet;
+    let q_dim = c.heads * c.head_dim;
+    for (i, l) in layers.iter().enumerate() {
+        let ok = |norm: &Option<Vec<f32>>, len: usize| match norm {
+            Some(w) => bitnet && w.len() == len,
+            None => !bitnet,
+        };
+        if !ok(&l.attn_sub_norm, q_dim) || !ok(&l.ffn_sub_norm, c.ffn_size) {
+            return Err(Error::InvalidOption(format!(
+                "layer {i}: {:?} blocks {} an attention sub-norm of {q_dim} and an FFN sub-norm \
+                 of {} values",
+                c.architecture,
+                if bitnet { "need" } else { "have no" },
+                c.ffn_size
+            )));
+        }
     }
     Ok(())
 }
@@ -393,10 +446,33 @@ fn count_tensor(types: &mut Vec<TensorTypeCount>, source: String, kernel: String
     }
 }
 
+/// Adds the counts of one kind (from another loader) to `types`.
+fn merge_count(types: &mut Vec<TensorTypeCount>, more: TensorTypeCount) {
+    match types
+        .iter_mut()
+        .find(|t| t.source == more.source && t.kernel == more.kernel)
+    {
+        Some(t) => {
+            t.count += more.count;
+            t.bytes += more.bytes;
+        }
+        None => types.push(more),
+    }
+}
+
 /// The source type of a decoded tensor, in words.
 fn source_kind(t: &crate::weights::DecodedTensor) -> String {
     use crate::weights::DecodedTensor;
     match t {
+        DecodedTensor::LowBit {
+            bits: 2,
+            codes,
+            scales,
+            offsets,
+            ..
+        } if codes.iter().all(|&q| q <= 2) && offsets.iter().zip(scales).all(|(o, s)| *o == -s) => {
+            "ternary".to_string()
+        }
         DecodedTensor::LowBit {
             bits, group_size, ..
         } => format!("low-bit {bits}b g{group_size}"),

@@ -6,8 +6,9 @@
 //!
 //! OWNER: CLI/bench helper.
 
-use crate::config::{Architecture, ModelConfig, RopeStyle};
+use crate::config::{Architecture, FfnActivation, ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
+use crate::llama::{SyntheticSpec, SyntheticWeights};
 
 /// A named shape with the quantization a benchmark uses by default.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,6 +23,8 @@ pub struct SyntheticShape {
     pub default_group_size: usize,
     /// Weights are ternary {-1, 0, +1} with one scale per tensor (BitNet b1.58).
     pub ternary: bool,
+    /// Embedding / LM head weights.
+    pub head: SyntheticWeights,
 }
 
 /// Every name [`shape`] accepts, smallest model first.
@@ -37,6 +40,13 @@ pub const NAMES: [&str; 5] = [
 pub const DEFAULT_BITS: u8 = 2;
 /// Group size used when the user gives none and the shape allows it.
 pub const DEFAULT_GROUP_SIZE: usize = 128;
+/// The LM head (and tied embedding) of the BitNet shapes: 4-bit codes in groups of 128 on the
+/// LUT kernels. The real checkpoints keep it in bf16; at int8 it would be a third of the bytes a
+/// decode step reads for bitnet-2b (128256 × 2560), at 4 bits g128 it is about a fifth.
+pub const BITNET_HEAD: SyntheticWeights = SyntheticWeights::LowBit {
+    bits: 4,
+    group_size: 128,
+};
 
 /// Plain numbers of one shape; turned into a [`ModelConfig`] by [`Dims::config`].
 struct Dims {
@@ -50,6 +60,7 @@ struct Dims {
     context: usize,
     rope_theta: f32,
     tied: bool,
+    activation: FfnActivation,
     /// Default group size: 128 where it divides every K, smaller otherwise.
     group: usize,
 }
@@ -74,6 +85,7 @@ impl Dims {
             rope_style: RopeStyle::Adjacent,
             rms_eps: 1e-5,
             tied_embeddings: self.tied,
+            ffn_activation: self.activation,
         }
     }
 }
@@ -82,7 +94,8 @@ impl Dims {
 ///
 /// Sources: the `config.json` of each model on Hugging Face (meta-llama/Llama-2-7b-hf,
 /// meta-llama/Meta-Llama-3-8B, microsoft/bitnet-b1.58-2B-4T, 1bitLLM/bitnet_b1_58-3B,
-/// HuggingFaceTB/SmolLM2-135M-Instruct).
+/// HuggingFaceTB/SmolLM2-135M-Instruct): bitnet-2b is b1.58-2B-4T (squared ReLU, GQA),
+/// bitnet-3b is 1bitLLM's b1.58-3B (SiLU, `hidden_act: silu`).
 pub fn shape(name: &str) -> Result<SyntheticShape> {
     let key = name.strip_prefix("synthetic:").unwrap_or(name);
     let key = key.trim().to_ascii_lowercase();
@@ -100,6 +113,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 8192,
                 rope_theta: 100_000.0,
                 tied: true,
+                activation: FfnActivation::Silu,
                 // 576 = 4.5 × 128.
                 group: 64,
             },
@@ -118,6 +132,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 4096,
                 rope_theta: 500_000.0,
                 tied: true,
+                activation: FfnActivation::ReluSquared,
                 group: DEFAULT_GROUP_SIZE,
             },
             true,
@@ -135,6 +150,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 2048,
                 rope_theta: 10_000.0,
                 tied: true,
+                activation: FfnActivation::Silu,
                 // 8640 = 67.5 × 128.
                 group: 64,
             },
@@ -153,6 +169,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 4096,
                 rope_theta: 10_000.0,
                 tied: false,
+                activation: FfnActivation::Silu,
                 group: DEFAULT_GROUP_SIZE,
             },
             false,
@@ -170,6 +187,7 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
                 context: 8192,
                 rope_theta: 500_000.0,
                 tied: false,
+                activation: FfnActivation::Silu,
                 group: DEFAULT_GROUP_SIZE,
             },
             false,
@@ -187,19 +205,37 @@ pub fn shape(name: &str) -> Result<SyntheticShape> {
         default_bits: DEFAULT_BITS,
         default_group_size: dims.group,
         ternary,
+        head: if ternary {
+            BITNET_HEAD
+        } else {
+            SyntheticWeights::Int8
+        },
     })
 }
 
 impl SyntheticShape {
-    /// The configuration to build a speed benchmark with. BitNet shapes become Llama ones with
-    /// the same matrices: the Llama forward runs the same matrix products, and BitNet's extra
-    /// sub-norms and squared ReLU are element-wise work that costs well under 1% of a step.
+    /// The configuration to build a speed benchmark with: the shape's own (BitNet shapes stay
+    /// BitNet, with their sub-norms and activation).
     pub fn benchmark_config(&self) -> ModelConfig {
-        let mut config = self.config.clone();
-        if config.architecture == Architecture::BitNet {
-            config.architecture = Architecture::Llama;
+        self.config.clone()
+    }
+
+    /// The weights a benchmark builds: ternary layers with a per-tensor scale for the BitNet
+    /// shapes when neither `bits` nor `group_size` is given, else `bits`-bit codes in groups of
+    /// `group_size` (the shape's defaults for the one not given); the head is [`Self::head`].
+    pub fn weights(&self, bits: Option<u8>, group_size: Option<usize>) -> SyntheticSpec {
+        let layers = if self.ternary && bits.is_none() && group_size.is_none() {
+            SyntheticWeights::Ternary
+        } else {
+            SyntheticWeights::LowBit {
+                bits: bits.unwrap_or(self.default_bits),
+                group_size: group_size.unwrap_or(self.default_group_size),
+            }
+        };
+        SyntheticSpec {
+            layers,
+            head: self.head,
         }
-        config
     }
 }
 
@@ -265,8 +301,43 @@ mod tests {
         let bitnet = shape("bitnet-3b").unwrap();
         assert_eq!(bitnet.config.vocab_size, 32_002);
         assert_eq!(bitnet.config.architecture, Architecture::BitNet);
-        let bench = bitnet.benchmark_config();
-        assert_eq!(bench.architecture, Architecture::Llama);
-        assert_eq!(matmul_params(&bench), matmul_params(&bitnet.config));
+        assert_eq!(bitnet.config.ffn_activation, FfnActivation::Silu);
+        let two = shape("bitnet-2b").unwrap();
+        assert_eq!(two.config.ffn_activation, FfnActivation::ReluSquared);
+        assert_eq!(
+            (
+                two.config.hidden_size,
+                two.config.ffn_size,
+                two.config.layers
+            ),
+            (2560, 6912, 30)
+        );
+        assert_eq!((two.config.heads, two.config.kv_heads), (20, 5));
+    }
+
+    #[test]
+    fn bitnet_weights_are_ternary_unless_the_grid_is_asked_for() {
+        let s = shape("bitnet-2b").unwrap();
+        let ternary = s.weights(None, None);
+        assert_eq!(ternary.layers, SyntheticWeights::Ternary);
+        assert_eq!(ternary.head, BITNET_HEAD);
+        let grid = s.weights(Some(2), None).layers;
+        assert_eq!(
+            grid,
+            SyntheticWeights::LowBit {
+                bits: 2,
+                group_size: 128
+            }
+        );
+        assert_eq!(
+            s.weights(None, Some(64)).layers,
+            SyntheticWeights::LowBit {
+                bits: DEFAULT_BITS,
+                group_size: 64
+            }
+        );
+        let llama = shape("llama2-7b").unwrap().weights(None, None);
+        assert_eq!(llama.head, SyntheticWeights::Int8);
+        assert!(matches!(llama.layers, SyntheticWeights::LowBit { .. }));
     }
 }

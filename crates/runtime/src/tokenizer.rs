@@ -555,5 +555,6 @@ pub fn char_to_byte(c: char) -> Option<u8> {
     (0..=255u8).filter(|&b| !is_printable_byte(b)).nth(rank)
 }
 
+mod hf;
 #[cfg(test)]
 mod tests;

@@ -1,11 +1,14 @@
 //! A complete tiny random Llama GGUF (weights, byte-level BPE tokenizer, ChatML template), written
-//! on the fly by the tests of the model, the generator and the CLI.
+//! on the fly by the tests of the model, the generator and the CLI; optionally a BitNet b1.58 one
+//! (TQ2_0 ternary matrices with per-tensor scale tensors, sub-norms).
 
+use half::f16;
 use lutra_kernels::measure::SplitMix64;
 use std::path::Path;
 
 use super::{GgufWriter, MetaValue};
 use crate::tokenizer::byte_to_char;
+use crate::weights::GgmlType;
 use crate::Result;
 
 /// The ChatML template the tiny model carries (the same text SmolLM2-style models use, minus the
@@ -48,6 +51,10 @@ pub struct TinyModelSpec {
     pub context_length: usize,
     /// Write no `output.weight` (LM head = token embedding), as SmolLM2 does.
     pub tied_embeddings: bool,
+    /// Write a BitNet b1.58 model (architecture `bitnet-b1.58`: squared-ReLU FFN): TQ2_0 ternary
+    /// matrices each with a one-value `.scale` tensor, `attn_sub_norm` and `ffn_sub_norm`. TQ2_0
+    /// blocks hold 256 weights, so `hidden` and `ffn` must be multiples of 256.
+    pub bitnet: bool,
 }
 
 impl Default for TinyModelSpec {
@@ -60,6 +67,7 @@ impl Default for TinyModelSpec {
             ffn: 128,
             context_length: 256,
             tied_embeddings: true,
+            bitnet: false,
         }
     }
 }
@@ -85,7 +93,8 @@ impl TinyRng {
 
 /// Writes a complete tiny random Llama GGUF to `path`: Q4_1 matrices, Q8_0 `token_embd`, F32
 /// norms, a gpt2-style byte-level BPE tokenizer (specials `<|endoftext|>` = 0, `<|im_start|>` = 1,
-/// `<|im_end|>` = 2 = EOS, no BOS added) and a ChatML chat template.
+/// `<|im_end|>` = 2 = EOS, no BOS added) and a ChatML chat template. With `spec.bitnet`, a BitNet
+/// b1.58 model instead (see [`TinyModelSpec::bitnet`]).
 pub fn tiny_llama_gguf(path: &Path, spec: &TinyModelSpec, seed: u64) -> Result<()> {
     let mut rng = TinyRng(SplitMix64::new(seed ^ 0x006C_7574_7261));
     let mut w = GgufWriter::new();
@@ -93,21 +102,27 @@ pub fn tiny_llama_gguf(path: &Path, spec: &TinyModelSpec, seed: u64) -> Result<(
     let vocab = spec.vocab_size();
     let s = |v: &str| MetaValue::String(v.to_string());
     let u = |v: usize| MetaValue::U32(v as u32);
-    w.add_metadata("general.architecture", s("llama"));
-    w.add_metadata("general.name", s("tiny-llama"));
-    w.add_metadata("llama.block_count", u(spec.layers));
-    w.add_metadata("llama.context_length", u(spec.context_length));
-    w.add_metadata("llama.embedding_length", u(spec.hidden));
-    w.add_metadata("llama.feed_forward_length", u(spec.ffn));
-    w.add_metadata("llama.attention.head_count", u(spec.heads));
-    w.add_metadata("llama.attention.head_count_kv", u(spec.kv_heads));
-    w.add_metadata("llama.rope.freq_base", MetaValue::F32(10000.0));
-    w.add_metadata("llama.rope.dimension_count", u(head_dim));
+    let (arch, name) = if spec.bitnet {
+        ("bitnet-b1.58", "tiny-bitnet")
+    } else {
+        ("llama", "tiny-llama")
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    w.add_metadata("general.architecture", s(arch));
+    w.add_metadata("general.name", s(name));
+    w.add_metadata(&key("block_count"), u(spec.layers));
+    w.add_metadata(&key("context_length"), u(spec.context_length));
+    w.add_metadata(&key("embedding_length"), u(spec.hidden));
+    w.add_metadata(&key("feed_forward_length"), u(spec.ffn));
+    w.add_metadata(&key("attention.head_count"), u(spec.heads));
+    w.add_metadata(&key("attention.head_count_kv"), u(spec.kv_heads));
+    w.add_metadata(&key("rope.freq_base"), MetaValue::F32(10000.0));
+    w.add_metadata(&key("rope.dimension_count"), u(head_dim));
     w.add_metadata(
-        "llama.attention.layer_norm_rms_epsilon",
+        &key("attention.layer_norm_rms_epsilon"),
         MetaValue::F32(1e-5),
     );
-    w.add_metadata("llama.vocab_size", u(vocab));
+    w.add_metadata(&key("vocab_size"), u(vocab));
 
     let mut tokens: Vec<String> = SPECIALS.iter().map(|t| t.to_string()).collect();
     tokens.extend((0..=255u8).map(|b| byte_to_char(b).to_string()));
@@ -139,6 +154,32 @@ pub fn tiny_llama_gguf(path: &Path, spec: &TinyModelSpec, seed: u64) -> Result<(
 
     let (h, f, kv) = (spec.hidden, spec.ffn, spec.kv_heads * head_dim);
     let wscale = |k: usize| 1.0 / (k as f32).sqrt();
+    // A linear layer `[rows][cols]` (GGUF dims `[cols, rows]`) with rows of about unit gain: Q4_1,
+    // or TQ2_0 ternary plus a `.scale` tensor for BitNet.
+    let matrix = |w: &mut GgufWriter, rng: &mut TinyRng, name: &str, cols: usize, rows: usize| {
+        let weight = format!("{name}.weight");
+        if !spec.bitnet {
+            return w.add_tensor_q4_1(
+                &weight,
+                &[cols, rows],
+                &rng.values(cols * rows, wscale(cols)),
+            );
+        }
+        // Ternary weights of about unit row gain: K·(2/3)·(d·scale)² ≈ 1; the split of the
+        // magnitude between the TQ2_0 block scale d and the tensor's scale is arbitrary.
+        let tensor_scale = 0.5 + rng.0.uniform();
+        let d = f16::from_f32((1.5 / cols as f32).sqrt() / tensor_scale);
+        let codes: Vec<u8> = (0..cols * rows)
+            .map(|_| (rng.0.next_u64() % 3) as u8)
+            .collect();
+        w.add_tensor_raw(
+            &weight,
+            &[cols, rows],
+            GgmlType::TQ2_0.id(),
+            tq2_0(&codes, d),
+        )?;
+        w.add_tensor_f32(&format!("{name}.scale"), &[1], &[tensor_scale])
+    };
     w.add_tensor_q8_0(
         "token_embd.weight",
         &[h, vocab],
@@ -153,42 +194,32 @@ pub fn tiny_llama_gguf(path: &Path, spec: &TinyModelSpec, seed: u64) -> Result<(
                 .collect::<Vec<_>>()
         };
         w.add_tensor_f32(&format!("{p}.attn_norm.weight"), &[h], &norm(&mut rng))?;
-        w.add_tensor_q4_1(
-            &format!("{p}.attn_q.weight"),
-            &[h, h],
-            &rng.values(h * h, wscale(h)),
-        )?;
-        w.add_tensor_q4_1(
-            &format!("{p}.attn_k.weight"),
-            &[h, kv],
-            &rng.values(h * kv, wscale(h)),
-        )?;
-        w.add_tensor_q4_1(
-            &format!("{p}.attn_v.weight"),
-            &[h, kv],
-            &rng.values(h * kv, wscale(h)),
-        )?;
-        w.add_tensor_q4_1(
-            &format!("{p}.attn_output.weight"),
-            &[h, h],
-            &rng.values(h * h, wscale(h)),
-        )?;
+        matrix(&mut w, &mut rng, &format!("{p}.attn_q"), h, h)?;
+        matrix(&mut w, &mut rng, &format!("{p}.attn_k"), h, kv)?;
+        matrix(&mut w, &mut rng, &format!("{p}.attn_v"), h, kv)?;
+        matrix(&mut w, &mut rng, &format!("{p}.attn_output"), h, h)?;
+        if spec.bitnet {
+            let sub_norm = |rng: &mut TinyRng, len: usize| {
+                rng.values(len, 0.5)
+                    .iter()
+                    .map(|v| 1.0 + v)
+                    .collect::<Vec<_>>()
+            };
+            w.add_tensor_f32(
+                &format!("{p}.attn_sub_norm.weight"),
+                &[h],
+                &sub_norm(&mut rng, h),
+            )?;
+            w.add_tensor_f32(
+                &format!("{p}.ffn_sub_norm.weight"),
+                &[f],
+                &sub_norm(&mut rng, f),
+            )?;
+        }
         w.add_tensor_f32(&format!("{p}.ffn_norm.weight"), &[h], &norm(&mut rng))?;
-        w.add_tensor_q4_1(
-            &format!("{p}.ffn_gate.weight"),
-            &[h, f],
-            &rng.values(h * f, wscale(h)),
-        )?;
-        w.add_tensor_q4_1(
-            &format!("{p}.ffn_up.weight"),
-            &[h, f],
-            &rng.values(h * f, wscale(h)),
-        )?;
-        w.add_tensor_q4_1(
-            &format!("{p}.ffn_down.weight"),
-            &[f, h],
-            &rng.values(f * h, wscale(f)),
-        )?;
+        matrix(&mut w, &mut rng, &format!("{p}.ffn_gate"), h, f)?;
+        matrix(&mut w, &mut rng, &format!("{p}.ffn_up"), h, f)?;
+        matrix(&mut w, &mut rng, &format!("{p}.ffn_down"), f, h)?;
     }
     let out_norm: Vec<f32> = rng.values(h, 0.1).iter().map(|v| 1.0 + v).collect();
     w.add_tensor_f32("output_norm.weight", &[h], &out_norm)?;
@@ -200,4 +231,20 @@ pub fn tiny_llama_gguf(path: &Path, spec: &TinyModelSpec, seed: u64) -> Result<(
         )?;
     }
     w.write(path)
+}
+
+/// TQ2_0 blocks of ternary `codes` (0, 1, 2 meaning −1, 0, +1; a multiple of 256 of them) with
+/// scale `d` in every block: 64 bytes of 2-bit codes (element `128·c + 32·l + m` of a block in
+/// bits `2l` of byte `32·c + m`), then `d` as f16, as ggml's `block_tq2_0`.
+fn tq2_0(codes: &[u8], d: f16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(codes.len() / 256 * 66);
+    for block in codes.chunks_exact(256) {
+        for chunk in block.chunks_exact(128) {
+            for m in 0..32 {
+                out.push((0..4).fold(0u8, |b, l| b | (chunk[32 * l + m] & 3) << (2 * l)));
+            }
+        }
+        out.extend(d.to_le_bytes());
+    }
+    out
 }

@@ -2,11 +2,19 @@
 //! q/k/v → RoPE → KV cache → attention → o_proj → residual → RMSNorm → gate/up → SiLU·up → down →
 //! residual) → final norm → LM head.
 //!
+//! BitNet b1.58 blocks (HF `modeling_bitnet`, llama.cpp `build_bitnet`) differ in three places:
+//! the attention output is RMSNormed (`attn_sub_norm`) before o_proj, the FFN hidden state
+//! `act(gate)·up` is RMSNormed (`ffn_sub_norm`) before down_proj, and b1.58-2B-4T's activation is
+//! the squared ReLU instead of SiLU ([`FfnActivation`]). BitNet quantizes every BitLinear input to
+//! int8 with one absmax scale per token; lutra's tables quantize with one scale per 32
+//! activations, which is at least as fine, so the ternary layers see the activations BitNet was
+//! trained for or closer to f32 ones. The weights themselves stay exactly ternary.
+//!
 //! Tokens go through the matrices in batches of up to `max_batch` (prefill via mpGEMM; decode is
 //! a batch of one). Every buffer lives in [`RunState`], sized once for the largest batch.
 
 use crate::attention::{Attention, AttentionShape};
-use crate::config::ModelConfig;
+use crate::config::{FfnActivation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::{Input, Linear};
@@ -24,7 +32,7 @@ pub(crate) struct RunState {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Attention output, read by o_proj.
+    /// Attention output (RMSNormed in BitNet blocks), read by o_proj.
     o_in: Input,
     /// Output of o_proj and down_proj, added to the residual.
     proj: Vec<f32>,
@@ -32,7 +40,7 @@ pub(crate) struct RunState {
     ffn_in: Input,
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// SiLU(gate)·up, read by down_proj.
+    /// act(gate)·up (RMSNormed in BitNet blocks), read by down_proj.
     down_in: Input,
     /// Final-normed residual of the tokens whose logits are wanted.
     head_in: Input,
@@ -194,6 +202,9 @@ impl Model {
             cache.store(l, pos0, k, v);
             let att = st.o_in.values_mut(n);
             st.attention.attend(cpu, cache.layer(l), q, n, pos0, att);
+            if let Some(w) = &layer.attn_sub_norm {
+                rmsnorm_in_place(att, w, eps);
+            }
             st.o_in.prepare(cpu)?;
             let proj = &mut st.proj[..n * h];
             layer.wo.matmul(cpu, &st.o_in, proj)?;
@@ -205,7 +216,14 @@ impl Model {
             let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
             layer.w_gate.matmul(cpu, &st.ffn_in, gate)?;
             layer.w_up.matmul(cpu, &st.ffn_in, up)?;
-            swiglu(st.down_in.values_mut(n), gate, up);
+            let hidden = st.down_in.values_mut(n);
+            match c.ffn_activation {
+                FfnActivation::Silu => swiglu(hidden, gate, up),
+                FfnActivation::ReluSquared => relu_squared_glu(hidden, gate, up),
+            }
+            if let Some(w) = &layer.ffn_sub_norm {
+                rmsnorm_in_place(hidden, w, eps);
+            }
             st.down_in.prepare(cpu)?;
             layer.w_down.matmul(cpu, &st.down_in, proj)?;
             add_assign(x, proj);
@@ -238,6 +256,26 @@ pub(crate) fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
         for ((o, &x), &w) in o.iter_mut().zip(x).zip(weight) {
             *o = x * inv * w;
         }
+    }
+}
+
+/// [`rmsnorm`] of every row of `x` (`[n][weight.len()]`), in place.
+pub(crate) fn rmsnorm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for x in x.chunks_exact_mut(d) {
+        let mean_square = crate::attention::dot(x, x) / d as f32;
+        let inv = 1.0 / (mean_square + eps).sqrt();
+        for (x, &w) in x.iter_mut().zip(weight) {
+            *x = *x * inv * w;
+        }
+    }
+}
+
+/// `out = max(gate, 0)² · up`, elementwise (BitNet b1.58's `relu2`).
+pub(crate) fn relu_squared_glu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let r = g.max(0.0);
+        *o = r * r * u;
     }
 }
 
@@ -288,5 +326,28 @@ mod tests {
         assert_eq!(out[0], 0.0);
         assert!((out[1] - 2.0 / (1.0 + (-2.0f32).exp()) * 3.0).abs() < 1e-6);
         assert!(out[2].abs() < 1e-9);
+    }
+
+    #[test]
+    fn relu_squared_glu_matches_definition_and_differs_from_swiglu() {
+        let (gate, up) = ([-2.0, 0.0, 0.5, 3.0], [7.0, 7.0, 2.0, -1.0]);
+        let mut out = [1.0; 4];
+        relu_squared_glu(&mut out, &gate, &up);
+        assert_eq!(out, [0.0, 0.0, 0.5, -9.0]);
+        let mut silu = [0.0; 4];
+        swiglu(&mut silu, &gate, &up);
+        // SiLU lets negative gates through and does not square: a mix-up would show.
+        assert!(silu[0] < -0.5 && (silu[3] - out[3]).abs() > 5.0);
+    }
+
+    #[test]
+    fn rmsnorm_in_place_equals_rmsnorm() {
+        let x: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.3).collect();
+        let w = [0.5, 1.0, 2.0, -1.0];
+        let mut want = vec![0.0; 12];
+        rmsnorm(&mut want, &x, &w, 1e-6);
+        let mut got = x.clone();
+        rmsnorm_in_place(&mut got, &w, 1e-6);
+        assert_eq!(got, want);
     }
 }

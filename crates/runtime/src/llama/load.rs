@@ -13,7 +13,9 @@ use crate::quantize::requantize;
 use crate::tokenizer::Tokenizer;
 use crate::weights::DecodedTensor;
 
-use super::{count_tensor, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount};
+use super::{
+    count_tensor, merge_count, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount,
+};
 
 /// Reads tensors of one file, checking shapes and keeping the per-kind counts.
 struct TensorLoader<'a> {
@@ -49,7 +51,9 @@ impl TensorLoader<'_> {
         Ok((self.file.decode_tensor(name)?, info.ty.name()))
     }
 
-    /// A matrix; `requantizable` marks linear layers (not the embedding or LM head).
+    /// A matrix; `requantizable` marks linear layers (not the embedding or LM head). A linear
+    /// layer `X.weight` may come with a one-value `X.scale` (BitNet converters that keep the
+    /// ternary codes and the tensor's scale apart): the scale is folded into the weights.
     fn linear(
         &mut self,
         name: &str,
@@ -57,7 +61,13 @@ impl TensorLoader<'_> {
         cols: usize,
         requantizable: bool,
     ) -> Result<Linear> {
-        let (tensor, source) = self.decode(name, rows, cols)?;
+        let (mut tensor, source) = self.decode(name, rows, cols)?;
+        if let Some(base) = name.strip_suffix(".weight").filter(|_| requantizable) {
+            if let Some(scale) = self.tensor_scale(&format!("{base}.scale"))? {
+                scale_tensor(&mut tensor, scale);
+            }
+        }
+        let tensor = per_row_if_uniform(tensor);
         let (tensor, source) = match self.opts.requantize {
             Some(spec) if requantizable => (
                 requantize(&tensor, spec)?,
@@ -77,6 +87,22 @@ impl TensorLoader<'_> {
         Ok(tensor.dequantize())
     }
 
+    /// The single value of an optional per-tensor scale tensor.
+    fn tensor_scale(&mut self, name: &str) -> Result<Option<f32>> {
+        if self.file.tensor_info(name).is_none() {
+            return Ok(None);
+        }
+        let (tensor, _) = self.decode(name, 1, 1)?;
+        let value = tensor.dequantize()[0];
+        if !value.is_finite() {
+            return Err(Error::BadFile {
+                path: self.file.path().to_path_buf(),
+                reason: format!("tensor '{name}': scale {value} is not finite"),
+            });
+        }
+        Ok(Some(value))
+    }
+
     /// A vector that only some architectures have.
     fn optional_vector(&mut self, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
         match self.file.tensor_info(name) {
@@ -89,16 +115,6 @@ impl TensorLoader<'_> {
 pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let file = GgufFile::open(path)?;
     let config: ModelConfig = file.config()?;
-    if !matches!(
-        config.architecture,
-        Architecture::Llama | Architecture::Qwen2
-    ) {
-        return Err(Error::InvalidOption(format!(
-            "{}: architecture {:?} is not supported by the llama forward pass",
-            path.display(),
-            config.architecture
-        )));
-    }
     super::check_config(&config)?;
     // The tokenizer needs only metadata: build it while the weights are repacked.
     let (parts, text) = std::thread::scope(|scope| {
@@ -127,12 +143,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
 /// Every weight tensor of a llama-family GGUF, repacked for the kernels (no tokenizer yet).
 fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Result<ModelParts> {
     let c = &config;
-    let (h, q_dim, kv_dim, f) = (
-        c.hidden_size,
-        c.heads * c.head_dim,
-        c.kv_heads * c.head_dim,
-        c.ffn_size,
-    );
+    let h = c.hidden_size;
     let mut t = TensorLoader {
         file,
         opts,
@@ -140,23 +151,47 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
     };
 
     let embedding = t.linear("token_embd.weight", c.vocab_size, h, false)?;
-    let mut layers = Vec::with_capacity(c.layers);
-    for i in 0..c.layers {
-        let name = |s: &str| format!("blk.{i}.{s}");
-        layers.push(LayerWeights {
-            attn_norm: t.vector(&name("attn_norm.weight"), h)?,
-            wq: t.linear(&name("attn_q.weight"), q_dim, h, true)?,
-            wk: t.linear(&name("attn_k.weight"), kv_dim, h, true)?,
-            wv: t.linear(&name("attn_v.weight"), kv_dim, h, true)?,
-            bq: t.optional_vector(&name("attn_q.bias"), q_dim)?,
-            bk: t.optional_vector(&name("attn_k.bias"), kv_dim)?,
-            bv: t.optional_vector(&name("attn_v.bias"), kv_dim)?,
-            wo: t.linear(&name("attn_output.weight"), h, q_dim, true)?,
-            ffn_norm: t.vector(&name("ffn_norm.weight"), h)?,
-            w_gate: t.linear(&name("ffn_gate.weight"), f, h, true)?,
-            w_up: t.linear(&name("ffn_up.weight"), f, h, true)?,
-            w_down: t.linear(&name("ffn_down.weight"), h, f, true)?,
+    // Layers are independent: decode and repack them on every core, in contiguous ranges, and
+    // keep the first error in layer order.
+    let workers = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .clamp(1, c.layers.max(1));
+    let per_worker = c.layers.div_ceil(workers);
+    let ranges: Vec<_> = (0..workers)
+        .map(|w| w * per_worker..((w + 1) * per_worker).min(c.layers))
+        .collect();
+    let loaded: Vec<Result<(Vec<LayerWeights>, Vec<TensorTypeCount>)>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ranges
+                .into_iter()
+                .map(|range| {
+                    scope.spawn(move || {
+                        let mut t = TensorLoader {
+                            file,
+                            opts,
+                            types: Vec::new(),
+                        };
+                        let layers = range
+                            .map(|i| load_layer(&mut t, c, i))
+                            .collect::<Result<Vec<_>>>()?;
+                        Ok((layers, t.types))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
         });
+    let mut layers = Vec::with_capacity(c.layers);
+    for part in loaded {
+        let (part_layers, types) = part?;
+        layers.extend(part_layers);
+        for ty in types {
+            merge_count(&mut t.types, ty);
+        }
     }
     let output_norm = t.vector("output_norm.weight", h)?;
     // SmolLM2 and other tied models have no `output` tensor: the embedding is the LM head.
@@ -176,4 +211,125 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
         tokenizer: None,
         chat_template: None,
     })
+}
+
+/// The tensors of block `i`.
+fn load_layer(t: &mut TensorLoader<'_>, c: &ModelConfig, i: usize) -> Result<LayerWeights> {
+    let (h, q_dim, kv_dim, f) = (
+        c.hidden_size,
+        c.heads * c.head_dim,
+        c.kv_heads * c.head_dim,
+        c.ffn_size,
+    );
+    let bitnet = c.architecture == Architecture::BitNet;
+    let name = |s: &str| format!("blk.{i}.{s}");
+    // Required in BitNet blocks (a missing one is a MissingTensor error), absent elsewhere.
+    let mut sub_norm = |s: &str, len: usize| {
+        if bitnet {
+            t.vector(&name(s), len).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let attn_sub_norm = sub_norm("attn_sub_norm.weight", q_dim)?;
+    let ffn_sub_norm = sub_norm("ffn_sub_norm.weight", f)?;
+    Ok(LayerWeights {
+        attn_norm: t.vector(&name("attn_norm.weight"), h)?,
+        wq: t.linear(&name("attn_q.weight"), q_dim, h, true)?,
+        wk: t.linear(&name("attn_k.weight"), kv_dim, h, true)?,
+        wv: t.linear(&name("attn_v.weight"), kv_dim, h, true)?,
+        bq: t.optional_vector(&name("attn_q.bias"), q_dim)?,
+        bk: t.optional_vector(&name("attn_k.bias"), kv_dim)?,
+        bv: t.optional_vector(&name("attn_v.bias"), kv_dim)?,
+        wo: t.linear(&name("attn_output.weight"), h, q_dim, true)?,
+        attn_sub_norm,
+        ffn_norm: t.vector(&name("ffn_norm.weight"), h)?,
+        ffn_sub_norm,
+        w_gate: t.linear(&name("ffn_gate.weight"), f, h, true)?,
+        w_up: t.linear(&name("ffn_up.weight"), f, h, true)?,
+        w_down: t.linear(&name("ffn_down.weight"), h, f, true)?,
+    })
+}
+
+/// Multiplies every weight of `t` by `factor` (a per-tensor scale stored beside the weights).
+/// Low-bit codes keep their form: `factor·(s·q + m) = (factor·s)·q + factor·m`, so ternary stays
+/// ternary (offset −scale).
+pub(super) fn scale_tensor(t: &mut DecodedTensor, factor: f32) {
+    match t {
+        DecodedTensor::LowBit {
+            scales, offsets, ..
+        } => {
+            scales.iter_mut().for_each(|s| *s *= factor);
+            offsets.iter_mut().for_each(|m| *m *= factor);
+        }
+        DecodedTensor::Int8 { scales, .. } => scales.iter_mut().for_each(|s| *s *= factor),
+        DecodedTensor::Dense { values, .. } => values.iter_mut().for_each(|v| *v *= factor),
+    }
+}
+
+/// A low-bit tensor whose groups all share one scale and offset within each row (TQ1_0/TQ2_0 of
+/// a BitNet model: every 256-block stores the tensor's one scale) rewritten exactly with one group
+/// per row, so the kernels see a per-row scale (the ternary kernel packs triples of weights,
+/// which 32-element groups would split). In a ternary tensor a group whose scale is 0 holds only
+/// zeros and fits any scale (its codes become 1, i.e. 0). Other tensors are returned unchanged.
+pub(super) fn per_row_if_uniform(t: DecodedTensor) -> DecodedTensor {
+    let DecodedTensor::LowBit {
+        rows,
+        cols,
+        bits,
+        group_size,
+        mut codes,
+        scales,
+        offsets,
+    } = t
+    else {
+        return t;
+    };
+    let unchanged = |codes, scales, offsets| DecodedTensor::LowBit {
+        rows,
+        cols,
+        bits,
+        group_size,
+        codes,
+        scales,
+        offsets,
+    };
+    let groups = cols / group_size.max(1);
+    if groups <= 1 || group_size * groups != cols || scales.len() != rows * groups {
+        return unchanged(codes, scales, offsets);
+    }
+    let ternary = bits == 2
+        && codes.iter().all(|&q| q <= 2)
+        && offsets.iter().zip(&scales).all(|(m, s)| *m == -s);
+    let zero_group = |s: f32| ternary && s == 0.0;
+    let mut row_scale = Vec::with_capacity(rows);
+    let mut row_offset = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let range = r * groups..(r + 1) * groups;
+        let (s, m) = (&scales[range.clone()], &offsets[range]);
+        // The row's scale: that of its first group with a nonzero scale (all may be zero).
+        let first = (0..groups).find(|&g| !zero_group(s[g])).unwrap_or(0);
+        let (s0, m0) = (s[first], m[first]);
+        if !(0..groups).all(|g| (s[g] == s0 && m[g] == m0) || zero_group(s[g])) {
+            return unchanged(codes, scales, offsets);
+        }
+        row_scale.push(s0);
+        row_offset.push(m0);
+    }
+    if ternary {
+        for (g, &s) in scales.iter().enumerate() {
+            if s == 0.0 {
+                codes[g * group_size..(g + 1) * group_size].fill(1);
+            }
+        }
+    }
+    DecodedTensor::LowBit {
+        rows,
+        cols,
+        bits,
+        group_size: cols,
+        codes,
+        scales: row_scale,
+        offsets: row_offset,
+    }
 }

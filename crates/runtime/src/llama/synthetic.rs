@@ -4,7 +4,7 @@
 //! would. Weights are scaled so that activations stay O(1) through the layers: the logits of a
 //! synthetic model are finite and not all equal, which tests rely on.
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::weights::DecodedTensor;
@@ -12,6 +12,43 @@ use crate::weights::DecodedTensor;
 use super::{
     count_tensor, source_kind, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount,
 };
+
+/// How the random weights of one kind of matrix are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyntheticWeights {
+    /// `bits`-bit codes in groups of `group_size` with random scales and offsets (the LUT grid).
+    LowBit {
+        /// Bits per code, 1 to 4.
+        bits: u8,
+        /// Elements per scale group along K.
+        group_size: usize,
+    },
+    /// Ternary weights {−s, 0, +s} with one scale `s` per tensor (BitNet b1.58): codes {0, 1, 2}
+    /// with offset −s, the form GGUF's TQ1_0/TQ2_0 decode to, so the same kernel runs them.
+    Ternary,
+    /// int8 codes with a scale per 32 (Q8_0).
+    Int8,
+}
+
+impl std::fmt::Display for SyntheticWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyntheticWeights::LowBit { bits, group_size } => write!(f, "{bits}-bit g{group_size}"),
+            SyntheticWeights::Ternary => write!(f, "ternary, per-tensor scale"),
+            SyntheticWeights::Int8 => write!(f, "int8 b32"),
+        }
+    }
+}
+
+/// The weights of a synthetic model: its linear layers, and its embedding / LM head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyntheticSpec {
+    /// q/k/v/o and gate/up/down of every layer.
+    pub layers: SyntheticWeights,
+    /// The token embedding, which is also the LM head when the model ties them, and the untied
+    /// LM head.
+    pub head: SyntheticWeights,
+}
 
 /// One layer's weights with the kinds of its tensors.
 type BuiltLayer = (LayerWeights, Vec<TensorTypeCount>);
@@ -74,6 +111,57 @@ fn low_bit(rng: &mut Rng, rows: usize, cols: usize, bits: u8, group_size: usize)
     }
 }
 
+/// A random ternary matrix `w = s·(q − 1)`, `q ∈ {0, 1, 2}`, with one `s` for the whole tensor
+/// (stored as the same scale for every row) chosen so that rows have roughly unit gain:
+/// `K · (2/3)·s² = 1`.
+fn ternary(rng: &mut Rng, rows: usize, cols: usize) -> DecodedTensor {
+    let mut codes = vec![0u8; rows * cols];
+    rng.fill_bytes(&mut codes, 0xff);
+    for c in &mut codes {
+        *c %= 3;
+    }
+    let s = (1.5 / cols as f32).sqrt() * (0.75 + 0.5 * rng.unit());
+    DecodedTensor::LowBit {
+        rows,
+        cols,
+        bits: 2,
+        group_size: cols,
+        codes,
+        scales: vec![s; rows],
+        offsets: vec![-s; rows],
+    }
+}
+
+/// A random matrix drawn as `kind` says.
+fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, kind: SyntheticWeights) -> DecodedTensor {
+    match kind {
+        SyntheticWeights::LowBit { bits, group_size } => low_bit(rng, rows, cols, bits, group_size),
+        SyntheticWeights::Ternary => ternary(rng, rows, cols),
+        SyntheticWeights::Int8 => int8(rng, rows, cols),
+    }
+}
+
+/// Refuses a weight kind that cannot be drawn for rows of length `k`.
+fn check_weights(kind: SyntheticWeights, k: usize) -> Result<()> {
+    let bad = |what: String| Err(Error::InvalidOption(format!("synthetic model: {what}")));
+    match kind {
+        SyntheticWeights::LowBit { bits, .. } if !(1..=4).contains(&bits) => {
+            bad(format!("{bits}-bit weights: use 1, 2, 3 or 4"))
+        }
+        SyntheticWeights::LowBit { group_size, .. }
+            if group_size == 0 || !k.is_multiple_of(group_size) =>
+        {
+            bad(format!(
+                "group size {group_size} does not divide the row length {k}"
+            ))
+        }
+        SyntheticWeights::Int8 | SyntheticWeights::Ternary if !k.is_multiple_of(32) => {
+            bad(format!("{kind} needs rows of a multiple of 32, not {k}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A random int8 matrix with values in about `[−1, 1]` (embeddings, LM head).
 fn int8(rng: &mut Rng, rows: usize, cols: usize) -> DecodedTensor {
     let mut bytes = vec![0u8; rows * cols];
@@ -93,17 +181,11 @@ fn int8(rng: &mut Rng, rows: usize, cols: usize) -> DecodedTensor {
 
 pub(super) fn synthetic(
     config: ModelConfig,
-    bits: u8,
-    group_size: usize,
+    spec: SyntheticSpec,
     opts: &LoadOptions,
     seed: u64,
 ) -> Result<Model> {
     super::check_config(&config)?;
-    if !(1..=4).contains(&bits) {
-        return Err(Error::InvalidOption(format!(
-            "synthetic model with {bits}-bit weights: use 1, 2, 3 or 4"
-        )));
-    }
     let c = &config;
     let (h, q_dim, kv_dim, f) = (
         c.hidden_size,
@@ -112,12 +194,11 @@ pub(super) fn synthetic(
         c.ffn_size,
     );
     for k in [h, q_dim, f] {
-        if group_size == 0 || k % group_size != 0 {
-            return Err(Error::InvalidOption(format!(
-                "group size {group_size} does not divide the row length {k}"
-            )));
-        }
+        check_weights(spec.layers, k)?;
     }
+    check_weights(spec.head, h)?;
+    // BitNet blocks carry RMSNorms on the attention output and on the FFN hidden state.
+    let bitnet = c.architecture == Architecture::BitNet;
     let mut rng = Rng::new(seed);
     let mut types = Vec::new();
     let linear = |t: DecodedTensor, types: &mut Vec<_>| -> Result<Linear> {
@@ -125,11 +206,16 @@ pub(super) fn synthetic(
         count_tensor(types, source_kind(&t), m.kind(), m.bytes());
         Ok(m)
     };
-    let norm = |types: &mut Vec<_>| {
-        count_tensor(types, "f32".into(), "f32".into(), 4 * h);
-        vec![1.0f32; h]
+    let norm_of = |len: usize, types: &mut Vec<_>| {
+        count_tensor(types, "f32".into(), "f32".into(), 4 * len);
+        vec![1.0f32; len]
     };
-    let embedding = linear(int8(&mut rng, c.vocab_size, h), &mut types)?;
+    let norm = |types: &mut Vec<_>| norm_of(h, types);
+    let sub_norm = |len: usize, types: &mut Vec<_>| bitnet.then(|| norm_of(len, types));
+    let embedding = linear(
+        random_matrix(&mut rng, c.vocab_size, h, spec.head),
+        &mut types,
+    )?;
 
     // Layers are generated and packed in parallel (packing dominates for 7B shapes), each from
     // its own generator so that the weights do not depend on the number of threads. At most 4
@@ -140,7 +226,7 @@ pub(super) fn synthetic(
         let mut rng = Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut types = Vec::new();
         let mut m = |rows, cols, types: &mut Vec<_>| {
-            linear(low_bit(&mut rng, rows, cols, bits, group_size), types)
+            linear(random_matrix(&mut rng, rows, cols, spec.layers), types)
         };
         let weights = LayerWeights {
             attn_norm: norm(&mut types),
@@ -151,7 +237,9 @@ pub(super) fn synthetic(
             bk: None,
             bv: None,
             wo: m(h, q_dim, &mut types)?,
+            attn_sub_norm: sub_norm(q_dim, &mut types),
             ffn_norm: norm(&mut types),
+            ffn_sub_norm: sub_norm(f, &mut types),
             w_gate: m(f, h, &mut types)?,
             w_up: m(f, h, &mut types)?,
             w_down: m(h, f, &mut types)?,
@@ -181,7 +269,10 @@ pub(super) fn synthetic(
     let output = if c.tied_embeddings {
         None
     } else {
-        Some(linear(int8(&mut rng, c.vocab_size, h), &mut types)?)
+        Some(linear(
+            random_matrix(&mut rng, c.vocab_size, h, spec.head),
+            &mut types,
+        )?)
     };
     let parts = ModelParts {
         config,

@@ -2,7 +2,7 @@
 //! loading and its errors.
 
 use super::*;
-use crate::config::RopeStyle;
+use crate::config::{FfnActivation, RopeStyle};
 use crate::gguf::{tiny_llama_gguf, GgufWriter, MetaValue, TinyModelSpec};
 
 fn tiny_config() -> ModelConfig {
@@ -22,6 +22,7 @@ fn tiny_config() -> ModelConfig {
         rope_style: RopeStyle::Adjacent,
         rms_eps: 1e-5,
         tied_embeddings: true,
+        ffn_activation: FfnActivation::Silu,
     }
 }
 
@@ -194,7 +195,7 @@ fn describe_counts_tensors_and_bytes() {
     let model = Model::synthetic(tiny_config(), 2, 32, &options(false), 1).unwrap();
     let info = model.describe();
     let count: usize = info.tensor_types.iter().map(|t| t.count).sum();
-    // Embedding + 2 layers · (7 matrices + 2 norms) + final norm.
+    // Embedding + 2 layers · (7 matrices + 2 norms) + final norm; no sub-norms in Llama blocks.
     assert_eq!(count, 1 + 2 * 9 + 1);
     assert_eq!(info.weight_bytes, model.weight_bytes());
     assert!(info.weight_bytes > 0);
@@ -293,4 +294,437 @@ fn model_can_be_shared_across_threads() {
     fn shared<T: Send + Sync>() {}
     shared::<Model>();
     shared::<KvCache>();
+}
+
+// ---- BitNet b1.58 ----
+
+/// A tiny BitNet GGUF: hidden 256 and FFN 512 (TQ2_0 blocks are 256 wide), GQA 4/2.
+fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
+    let spec = TinyModelSpec {
+        hidden: 256,
+        ffn: 512,
+        layers,
+        heads: 4,
+        kv_heads: 2,
+        context_length: 64,
+        tied_embeddings: true,
+        bitnet: true,
+    };
+    tiny_file(dir, &spec)
+}
+
+/// `W·x` for a row-major `[rows][x.len()]` matrix.
+fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
+    w.chunks_exact(x.len())
+        .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+fn plain_rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * inv * w).collect()
+}
+
+/// What to do differently from the file in [`plain_bitnet_forward`], to show each part matters.
+#[derive(Clone, Copy)]
+struct Variant {
+    /// The FFN activation applied to the gate.
+    act: fn(f32) -> f32,
+    /// Replace the sub-norm weights by ones (the normalization itself stays).
+    unit_sub_norms: bool,
+}
+
+fn relu_sq(g: f32) -> f32 {
+    g.max(0.0) * g.max(0.0)
+}
+
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// The logits of the last of `tokens`, computed from the file's tensors with plain f32 loops:
+/// no kernels, no KV cache, no Rope tables; per-tensor `.scale`s multiplied in by hand.
+fn plain_bitnet_forward(path: &std::path::Path, tokens: &[u32], v: Variant) -> Vec<f32> {
+    let file = crate::gguf::GgufFile::open(path).unwrap();
+    let c = file.config().unwrap();
+    let tensor = |name: &str| file.decode_tensor(name).unwrap().dequantize();
+    let matrix = |name: &str| {
+        let mut w = tensor(&format!("{name}.weight"));
+        if file.tensor_info(&format!("{name}.scale")).is_some() {
+            let s = tensor(&format!("{name}.scale"))[0];
+            w.iter_mut().for_each(|x| *x *= s);
+        }
+        w
+    };
+    let (h, hd, eps) = (c.hidden_size, c.head_dim, c.rms_eps);
+    let group = c.heads / c.kv_heads;
+    let embd = tensor("token_embd.weight");
+    let mut xs: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| embd[t as usize * h..(t as usize + 1) * h].to_vec())
+        .collect();
+    // Adjacent-pair RoPE, angle pos·θ^(−2i/d).
+    let rope = |x: &mut [f32], pos: usize| {
+        for head in x.chunks_exact_mut(hd) {
+            for i in 0..hd / 2 {
+                let angle = pos as f64 * (c.rope_theta as f64).powf(-2.0 * i as f64 / hd as f64);
+                let (cos, sin) = (angle.cos() as f32, angle.sin() as f32);
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos - b * sin;
+                head[2 * i + 1] = a * sin + b * cos;
+            }
+        }
+    };
+    let sub_norm = |name: &str| {
+        let w = tensor(name);
+        if v.unit_sub_norms {
+            vec![1.0; w.len()]
+        } else {
+            w
+        }
+    };
+    for l in 0..c.layers {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        let (wq, wk, wv, wo) = (
+            matrix(&p("attn_q")),
+            matrix(&p("attn_k")),
+            matrix(&p("attn_v")),
+            matrix(&p("attn_output")),
+        );
+        let attn_norm = tensor(&p("attn_norm.weight"));
+        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let xn = plain_rmsnorm(x, &attn_norm, eps);
+            let (mut q, mut k) = (matvec(&wq, &xn), matvec(&wk, &xn));
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(matvec(&wv, &xn));
+        }
+        let attn_sub = sub_norm(&p("attn_sub_norm.weight"));
+        for pos in 0..xs.len() {
+            let mut att = vec![0.0f32; c.heads * hd];
+            for head in 0..c.heads {
+                let kv = head / group;
+                let q = &qs[pos][head * hd..(head + 1) * hd];
+                let scores: Vec<f32> = (0..=pos)
+                    .map(|j| {
+                        let k = &ks[j][kv * hd..(kv + 1) * hd];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for d in 0..hd {
+                        att[head * hd + d] += ej / sum * vs[j][kv * hd + d];
+                    }
+                }
+            }
+            let o = matvec(&wo, &plain_rmsnorm(&att, &attn_sub, eps));
+            xs[pos].iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        }
+        let (wg, wu, wd) = (
+            matrix(&p("ffn_gate")),
+            matrix(&p("ffn_up")),
+            matrix(&p("ffn_down")),
+        );
+        let (ffn_norm, ffn_sub) = (
+            tensor(&p("ffn_norm.weight")),
+            sub_norm(&p("ffn_sub_norm.weight")),
+        );
+        for x in xs.iter_mut() {
+            let xn = plain_rmsnorm(x, &ffn_norm, eps);
+            let (g, u) = (matvec(&wg, &xn), matvec(&wu, &xn));
+            let hidden: Vec<f32> = g.iter().zip(&u).map(|(g, u)| (v.act)(*g) * u).collect();
+            let d = matvec(&wd, &plain_rmsnorm(&hidden, &ffn_sub, eps));
+            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        }
+    }
+    let last = plain_rmsnorm(xs.last().unwrap(), &tensor("output_norm.weight"), c.rms_eps);
+    matvec(&embd, &last)
+}
+
+#[test]
+fn bitnet_gguf_loads_with_sub_norms_and_fast_path_agrees_with_reference() {
+    let path = tiny_bitnet_file("bitnet-load", 2);
+    let exact = Model::load(&path, &options(true)).unwrap();
+    let fast = Model::load(&path, &options(false)).unwrap();
+    let c = fast.config();
+    assert_eq!(c.architecture, Architecture::BitNet);
+    assert_eq!(c.ffn_activation, FfnActivation::ReluSquared);
+    assert!(fast
+        .layers
+        .iter()
+        .all(|l| l.attn_sub_norm.as_ref().map(Vec::len) == Some(256)
+            && l.ffn_sub_norm.as_ref().map(Vec::len) == Some(512)));
+    // TQ2_0 stores the tensor's one scale in every 256-block: the loader makes it one group per
+    // row, so the ternary kernel can take it; 32-wide groups would be a sign it did not.
+    let info = fast.describe();
+    let tq2: Vec<_> = info
+        .tensor_types
+        .iter()
+        .filter(|t| t.source == "TQ2_0")
+        .collect();
+    assert_eq!(tq2.iter().map(|t| t.count).sum::<usize>(), 2 * 7);
+    assert!(
+        tq2.iter()
+            .all(|t| !t.kernel.contains("g32") && t.kernel != "f32"),
+        "{info}"
+    );
+
+    let vocab = c.vocab_size;
+    let tokens = prompt(16, vocab);
+    let mut logits = [vec![0.0; 16 * vocab], vec![0.0; 16 * vocab]];
+    for (model, out) in [&fast, &exact].into_iter().zip(logits.iter_mut()) {
+        model
+            .forward_all(&tokens, &mut model.new_cache(), out)
+            .unwrap();
+    }
+    let mut agree = 0;
+    for (f, r) in logits[0]
+        .chunks_exact(vocab)
+        .zip(logits[1].chunks_exact(vocab))
+    {
+        // The tables quantize activations to int8 per 32 (BitNet itself: per token).
+        let err = rel_error(f, r);
+        assert!(err < 0.05, "relative error {err}");
+        agree += usize::from(argmax(f) == argmax(r));
+    }
+    assert!(agree >= 14, "top-1 agreed at {agree} of 16 positions");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn bitnet_blocks_match_plain_f32_loops_with_sub_norms_and_squared_relu() {
+    let path = tiny_bitnet_file("bitnet-plain", 2);
+    let model = Model::load(&path, &options(true)).unwrap();
+    let vocab = model.config().vocab_size;
+    let tokens = prompt(5, vocab);
+    let mut logits = vec![0.0; vocab];
+    model
+        .forward(&tokens, &mut model.new_cache(), &mut logits)
+        .unwrap();
+    let plain = |act, unit_sub_norms| {
+        plain_bitnet_forward(
+            &path,
+            &tokens,
+            Variant {
+                act,
+                unit_sub_norms,
+            },
+        )
+    };
+    let want = plain(relu_sq as fn(f32) -> f32, false);
+    let err = rel_error(&logits, &want);
+    assert!(err < 1e-4, "model vs plain loops: relative error {err}");
+    // Each BitNet ingredient changes the answer well beyond that tolerance, so the match above
+    // could not hold with SiLU or with the sub-norm weights ignored.
+    let with_silu = rel_error(&logits, &plain(silu, false));
+    assert!(
+        with_silu > 1e-2,
+        "SiLU gives nearly the same logits: {with_silu}"
+    );
+    let unit_norms = rel_error(&logits, &plain(relu_sq, true));
+    assert!(
+        unit_norms > 1e-2,
+        "sub-norm weights do not matter: {unit_norms}"
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn tq2_0_groups_become_per_row_exactly() {
+    use crate::weights::DecodedTensor;
+    // Row 0: two groups with scale 0.5; row 1: an all-zero group (scale 0, any codes) and 0.25.
+    let codes: Vec<u8> = (0..128).map(|i| (i * 7 % 3) as u8).collect();
+    let t = DecodedTensor::LowBit {
+        rows: 2,
+        cols: 64,
+        bits: 2,
+        group_size: 32,
+        codes,
+        scales: vec![0.5, 0.5, 0.0, 0.25],
+        offsets: vec![-0.5, -0.5, 0.0, -0.25],
+    };
+    let values = t.dequantize();
+    let per_row = super::load::per_row_if_uniform(t.clone());
+    match &per_row {
+        DecodedTensor::LowBit {
+            group_size,
+            scales,
+            offsets,
+            codes,
+            ..
+        } => {
+            assert_eq!(*group_size, 64);
+            assert_eq!(
+                (scales.as_slice(), offsets.as_slice()),
+                (&[0.5, 0.25][..], &[-0.5, -0.25][..])
+            );
+            assert!(codes[64..96].iter().all(|&q| q == 1));
+        }
+        other => panic!("expected low-bit, got {other:?}"),
+    }
+    assert_eq!(per_row.dequantize(), values);
+    // Different scales within a row stay as they are.
+    let mut mixed = t;
+    if let DecodedTensor::LowBit {
+        scales, offsets, ..
+    } = &mut mixed
+    {
+        scales[1] = 0.75;
+        offsets[1] = -0.75;
+    }
+    assert_eq!(super::load::per_row_if_uniform(mixed.clone()), mixed);
+    // A folded tensor scale keeps the ternary form: offset = −scale.
+    let mut scaled = per_row;
+    super::load::scale_tensor(&mut scaled, 2.0);
+    assert_eq!(
+        scaled.dequantize(),
+        values.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+    );
+}
+
+/// A small BitNet configuration for synthetic models (head group 128 divides the hidden size).
+fn tiny_bitnet_config() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::BitNet,
+        hidden_size: 256,
+        ffn_size: 512,
+        head_dim: 64,
+        rope_dims: 64,
+        ffn_activation: FfnActivation::ReluSquared,
+        ..tiny_config()
+    }
+}
+
+const TERNARY_SPEC: SyntheticSpec = SyntheticSpec {
+    layers: SyntheticWeights::Ternary,
+    head: SyntheticWeights::LowBit {
+        bits: 4,
+        group_size: 128,
+    },
+};
+
+#[test]
+fn synthetic_bitnet_has_ternary_layers_sub_norms_and_a_low_bit_head() {
+    let fast =
+        Model::synthetic_with(tiny_bitnet_config(), TERNARY_SPEC, &options(false), 9).unwrap();
+    let exact =
+        Model::synthetic_with(tiny_bitnet_config(), TERNARY_SPEC, &options(true), 9).unwrap();
+    let info = fast.describe();
+    let count = |source: &str| -> usize {
+        info.tensor_types
+            .iter()
+            .filter(|t| t.source == source)
+            .map(|t| t.count)
+            .sum()
+    };
+    assert_eq!(count("ternary"), 2 * 7, "{info}");
+    // Embedding (tied head) + 2 layers · 4 norms + final norm.
+    assert_eq!(count("low-bit 4b g128"), 1, "{info}");
+    assert_eq!(count("f32"), 2 * 4 + 1, "{info}");
+    assert!(
+        info.tensor_types.iter().any(|t| t.kernel == "lut4 g128"),
+        "{info}"
+    );
+    assert!(fast
+        .layers
+        .iter()
+        .all(|l| l.attn_sub_norm.is_some() && l.ffn_sub_norm.is_some()));
+
+    let vocab = fast.config().vocab_size;
+    let tokens = prompt(20, vocab);
+    let run = |m: &Model| {
+        let mut logits = vec![0.0; vocab];
+        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
+        logits
+    };
+    let (f, r) = (run(&fast), run(&exact));
+    assert!(r.iter().all(|v| v.is_finite()));
+    let spread =
+        r.iter().cloned().fold(f32::MIN, f32::max) - r.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(spread > 0.5, "degenerate logits: spread {spread}");
+    let err = rel_error(&f, &r);
+    assert!(err < 0.05, "relative error {err}");
+
+    // A ternary-looking config without BitNet's architecture has no sub-norms.
+    let llama = ModelConfig {
+        architecture: Architecture::Llama,
+        ..tiny_bitnet_config()
+    };
+    let plain = Model::synthetic_with(llama, TERNARY_SPEC, &options(false), 9).unwrap();
+    assert!(plain.layers.iter().all(|l| l.attn_sub_norm.is_none()));
+}
+
+#[test]
+fn synthetic_bitnet_2b_shape_builds_as_bitnet() {
+    let shape = crate::synthetic::shape("bitnet-2b").unwrap();
+    // One layer and a small vocabulary keep it quick; the matrices are the real ones.
+    let config = ModelConfig {
+        layers: 1,
+        vocab_size: 1024,
+        ..shape.benchmark_config()
+    };
+    let spec = shape.weights(None, None);
+    let model = Model::synthetic_with(config.clone(), spec, &options(false), 1).unwrap();
+    let c = model.config();
+    assert_eq!(c, &config);
+    assert_eq!(c.architecture, Architecture::BitNet);
+    assert_eq!(
+        (c.hidden_size, c.ffn_size, c.heads, c.kv_heads, c.head_dim),
+        (2560, 6912, 20, 5, 128)
+    );
+    let l = &model.layers[0];
+    assert_eq!((l.wq.rows(), l.wq.cols(), l.wk.rows()), (2560, 2560, 640));
+    assert_eq!((l.w_gate.rows(), l.w_down.cols()), (6912, 6912));
+    assert_eq!(l.attn_sub_norm.as_ref().map(Vec::len), Some(2560));
+    assert_eq!(l.ffn_sub_norm.as_ref().map(Vec::len), Some(6912));
+    let info = model.describe();
+    assert!(
+        info.tensor_types
+            .iter()
+            .any(|t| t.source == "ternary" && t.count == 7),
+        "{info}"
+    );
+    let mut logits = vec![0.0; 1024];
+    model
+        .forward(&[3, 1, 4], &mut model.new_cache(), &mut logits)
+        .unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn sub_norms_must_match_the_architecture() {
+    let config = tiny_bitnet_config();
+    let model = Model::synthetic_with(config.clone(), TERNARY_SPEC, &options(true), 2).unwrap();
+    let mut parts_layers = model.layers;
+    parts_layers[1].ffn_sub_norm = None;
+    let head = Linear::from_decoded(
+        &crate::weights::DecodedTensor::Dense {
+            rows: config.vocab_size,
+            cols: 256,
+            values: vec![0.0; config.vocab_size * 256],
+        },
+        true,
+    )
+    .unwrap();
+    let parts = ModelParts {
+        config,
+        embedding: head,
+        layers: parts_layers,
+        output_norm: vec![1.0; 256],
+        output: None,
+        tensor_types: vec![],
+        tokenizer: None,
+        chat_template: None,
+    };
+    let err = Model::from_parts(parts, &options(true))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 1") && err.contains("sub-norm"), "{err}");
 }
