@@ -51,6 +51,7 @@ mod packed;
 mod pool;
 mod tables;
 mod ternary;
+mod tile_driver;
 mod tiling;
 pub mod vector;
 

@@ -25,7 +25,7 @@ pub(super) unsafe fn tile<const NB: usize>(
     }
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
-    let mut idx = [[_mm256_setzero_si256(); 16]; MAX_BITS];
+    let mut idx = [[[_mm256_setzero_si256(); 4]; 4]; MAX_BITS];
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
@@ -120,7 +120,7 @@ unsafe fn tile_g32<const NB: usize>(
     }
     let half = _mm256_set1_ps(0.5);
     let c = ((1u32 << v.bits) - 1) as f32 * 0.5;
-    let mut idx = [[_mm256_setzero_si256(); 16]; MAX_BITS];
+    let mut idx = [[[_mm256_setzero_si256(); 4]; 4]; MAX_BITS];
     for g in 0..v.groups {
         let wa = v.weights[g * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
         prefetch(wa, v.bits);
@@ -206,66 +206,82 @@ fn prefetch(wa: *const u8, bits: usize) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lookups(plane: *const u8, tabs: *const i8, pw: __m256i, s: &mut [__m256i; 4]) {
-    let mask = _mm256_set1_epi8(0x0F);
     for pair in 0..4 {
-        // SAFETY: 32·pair + 32 <= 128 table bytes and 64·pair + 64 <= 256 weight bytes.
-        let (t0, t1, w0, w1) = unsafe {
-            (
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair).cast())),
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair + 16).cast())),
-                _mm256_loadu_si256(plane.add(64 * pair).cast()),
-                _mm256_loadu_si256(plane.add(64 * pair + 32).cast()),
-            )
-        };
-        let lo0 = _mm256_and_si256(w0, mask);
-        let hi0 = _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask);
-        let lo1 = _mm256_and_si256(w1, mask);
-        let hi1 = _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask);
-        let rl0 = _mm256_shuffle_epi8(t0, lo0);
-        let rl1 = _mm256_shuffle_epi8(t1, lo1);
-        let rh0 = _mm256_shuffle_epi8(t0, hi0);
-        let rh1 = _mm256_shuffle_epi8(t1, hi1);
-        // Interleaving table groups j and j+1 byte-wise makes maddubs add them per row (|sum| ≤ 2032).
-        s[0] = _mm256_add_epi16(
-            s[0],
-            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rl0, rl1)),
-        );
-        s[1] = _mm256_add_epi16(
-            s[1],
-            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rl0, rl1)),
-        );
-        s[2] = _mm256_add_epi16(
-            s[2],
-            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rh0, rh1)),
-        );
-        s[3] = _mm256_add_epi16(
-            s[3],
-            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rh0, rh1)),
-        );
+        // SAFETY: 64·pair + 64 <= 256 weight bytes.
+        let idx = unsafe { split_pair(plane.add(64 * pair)) };
+        // SAFETY: 32·pair + 32 <= 128 table bytes.
+        unsafe { pair_lookups(tabs.add(32 * pair), &idx, pw, s) };
     }
 }
 
-/// The lookup indices of one plane of one activation group: for each pair of table groups, the low and
-/// high nibbles of both blocks (`lo0, hi0, lo1, hi1`), as [`lookups`] computes them.
+/// The low and high nibbles of two consecutive 32-byte blocks (`lo0, hi0, lo1, hi1`): the lookup
+/// indices of one pair of table groups.
+///
+/// # Safety
+/// `blocks` points to 64 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn split_pair(blocks: *const u8) -> [__m256i; 4] {
+    let mask = _mm256_set1_epi8(0x0F);
+    // SAFETY: 64 readable bytes.
+    let (w0, w1) = unsafe {
+        (
+            _mm256_loadu_si256(blocks.cast()),
+            _mm256_loadu_si256(blocks.add(32).cast()),
+        )
+    };
+    [
+        _mm256_and_si256(w0, mask),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask),
+        _mm256_and_si256(w1, mask),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask),
+    ]
+}
+
+/// `s += pw·(T_j[idx] + T_{j+1}[idx])` for one pair of table groups (`tabs` at group `j`): both
+/// 16-entry tables broadcast to the two lanes, looked up by the low and high nibbles, and the two
+/// groups interleaved byte-wise so that maddubs adds them per row (|sum| ≤ 2032).
+///
+/// # Safety
+/// `tabs` points to 32 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pair_lookups(tabs: *const i8, idx: &[__m256i; 4], pw: __m256i, s: &mut [__m256i; 4]) {
+    // SAFETY: 32 readable bytes.
+    let (t0, t1) = unsafe {
+        (
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.cast())),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(16).cast())),
+        )
+    };
+    let rl0 = _mm256_shuffle_epi8(t0, idx[0]);
+    let rh0 = _mm256_shuffle_epi8(t0, idx[1]);
+    let rl1 = _mm256_shuffle_epi8(t1, idx[2]);
+    let rh1 = _mm256_shuffle_epi8(t1, idx[3]);
+    let lo = [
+        _mm256_unpacklo_epi8(rl0, rl1),
+        _mm256_unpackhi_epi8(rl0, rl1),
+    ];
+    let hi = [
+        _mm256_unpacklo_epi8(rh0, rh1),
+        _mm256_unpackhi_epi8(rh0, rh1),
+    ];
+    for (q, v) in lo.into_iter().chain(hi).enumerate() {
+        s[q] = _mm256_add_epi16(s[q], _mm256_maddubs_epi16(pw, v));
+    }
+}
+
+/// The lookup indices of one plane of one activation group, [`split_pair`] for each of its four
+/// pairs of table groups.
 ///
 /// # Safety
 /// `plane` points to 256 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn split(plane: *const u8, idx: &mut [__m256i; 16]) {
-    let mask = _mm256_set1_epi8(0x0F);
-    for pair in 0..4 {
+unsafe fn split(plane: *const u8, idx: &mut [[__m256i; 4]; 4]) {
+    for (pair, pair_idx) in idx.iter_mut().enumerate() {
         // SAFETY: 64·pair + 64 <= 256 weight bytes.
-        let (w0, w1) = unsafe {
-            (
-                _mm256_loadu_si256(plane.add(64 * pair).cast()),
-                _mm256_loadu_si256(plane.add(64 * pair + 32).cast()),
-            )
-        };
-        idx[4 * pair] = _mm256_and_si256(w0, mask);
-        idx[4 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask);
-        idx[4 * pair + 2] = _mm256_and_si256(w1, mask);
-        idx[4 * pair + 3] = _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask);
+        *pair_idx = unsafe { split_pair(plane.add(64 * pair)) };
     }
 }
 
@@ -277,7 +293,7 @@ unsafe fn split(plane: *const u8, idx: &mut [__m256i; 16]) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn plane_lookups(
-    split_idx: Option<&[__m256i; 16]>,
+    split_idx: Option<&[[__m256i; 4]; 4]>,
     wa: *const u8,
     p: usize,
     tabs: *const i8,
@@ -298,35 +314,15 @@ unsafe fn plane_lookups(
 /// `tabs` points to 128 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn split_lookups(idx: &[__m256i; 16], tabs: *const i8, pw: __m256i, s: &mut [__m256i; 4]) {
-    for pair in 0..4 {
+unsafe fn split_lookups(
+    idx: &[[__m256i; 4]; 4],
+    tabs: *const i8,
+    pw: __m256i,
+    s: &mut [__m256i; 4],
+) {
+    for (pair, pair_idx) in idx.iter().enumerate() {
         // SAFETY: 32·pair + 32 <= 128 table bytes.
-        let (t0, t1) = unsafe {
-            (
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair).cast())),
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(32 * pair + 16).cast())),
-            )
-        };
-        let rl0 = _mm256_shuffle_epi8(t0, idx[4 * pair]);
-        let rh0 = _mm256_shuffle_epi8(t0, idx[4 * pair + 1]);
-        let rl1 = _mm256_shuffle_epi8(t1, idx[4 * pair + 2]);
-        let rh1 = _mm256_shuffle_epi8(t1, idx[4 * pair + 3]);
-        s[0] = _mm256_add_epi16(
-            s[0],
-            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rl0, rl1)),
-        );
-        s[1] = _mm256_add_epi16(
-            s[1],
-            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rl0, rl1)),
-        );
-        s[2] = _mm256_add_epi16(
-            s[2],
-            _mm256_maddubs_epi16(pw, _mm256_unpacklo_epi8(rh0, rh1)),
-        );
-        s[3] = _mm256_add_epi16(
-            s[3],
-            _mm256_maddubs_epi16(pw, _mm256_unpackhi_epi8(rh0, rh1)),
-        );
+        unsafe { pair_lookups(tabs.add(32 * pair), pair_idx, pw, s) };
     }
 }
 

@@ -167,76 +167,17 @@ fn neon_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, acc: &mut [[f32; TILE
     unsafe { super::neon::tile(v, t, n0, acc) }
 }
 
-/// The output pointer shared by the tile tasks; each task writes only the rows of its own tiles.
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (distinct tiles = distinct rows), and `run` waits for all
-// of them before the `&mut [f32]` it came from is used again.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out[n][r]` for every token of `t` and every row `r < rows`. The caller checked that the tables
 /// and the matrix agree on K and that `out.len() == t.tokens · rows`.
 pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out: &mut [f32]) {
-    assert_eq!(
-        out.len(),
-        t.tokens * rows,
-        "output length checked by the caller"
-    );
-    assert!(w.tiles * TILE >= rows, "every row belongs to a tile");
-    if t.tokens == 0 || rows == 0 {
-        return;
-    }
     let kernel = kernel(cpu.isa());
-    let tokens = t.tokens;
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    // Writes the results of tile `tile`, tokens n0.., to `out`.
-    let write = |tile: usize, n0: usize, acc: &[[f32; TILE]]| {
-        let r0 = tile * TILE;
-        let nrows = TILE.min(rows - r0);
-        for (n, row) in acc.iter().enumerate() {
-            // SAFETY: n0 + n < tokens and r0 + nrows <= rows, so the range lies inside `out`
-            // (length tokens·rows); no other task writes rows r0..r0+nrows (tasks own disjoint
-            // tiles).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    row.as_ptr(),
-                    out_ptr.get().add((n0 + n) * rows + r0),
-                    nrows,
-                );
-            }
-        }
-    };
-    if tokens == 1 {
-        // GEMV: one task per tile; the weights stream once.
-        cpu.for_each_index(w.tiles, |tile| {
-            let mut acc = [[0.0f32; TILE]; 1];
-            kernel(&w.tile(tile), t, 0, &mut acc);
-            write(tile, 0, &acc);
-        });
-        return;
-    }
-    // GEMM: each task owns a contiguous range of tiles and walks it once per block of NB tokens;
-    // inside a tile the tokens of the block go over each span of weights while it is in L1.
-    let ranges = cpu.threads().min(w.tiles).max(1);
-    let per_range = w.tiles.div_ceil(ranges);
-    cpu.for_each_index(ranges, |range| {
-        let mut acc = [[0.0f32; TILE]; NB];
-        let tiles = range * per_range..((range + 1) * per_range).min(w.tiles);
-        let mut n0 = 0;
-        while n0 < tokens {
-            let nb = NB.min(tokens - n0);
-            for tile in tiles.clone() {
-                kernel(&w.tile(tile), t, n0, &mut acc[..nb]);
-                write(tile, n0, &acc[..nb]);
-            }
-            n0 += nb;
-        }
-    });
+    crate::tile_driver::run_tiles::<NB>(
+        cpu,
+        w.tiles,
+        rows,
+        t.tokens,
+        out,
+        |tile, acc| kernel(&w.tile(tile), t, 0, acc),
+        |tile, n0, nb, acc| kernel(&w.tile(tile), t, n0, &mut acc[..nb]),
+    );
 }
