@@ -122,26 +122,6 @@ impl Attention {
     }
 }
 
-/// Dot product with eight independent accumulators, so that the compiler can vectorize it
-/// (float addition is not associative, so one accumulator would force a serial chain).
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut acc = [0.0f32; 8];
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// In-place softmax, stable for large scores.
 pub(crate) fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -244,6 +224,5 @@ mod tests {
         softmax(&mut x);
         assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!(x[1] > x[0] && x[0] > x[2]);
-        assert!((dot(&values(37, 4), &[1.0; 37]) - values(37, 4).iter().sum::<f32>()).abs() < 1e-4);
     }
 }

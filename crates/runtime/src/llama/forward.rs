@@ -13,6 +13,8 @@
 //! Tokens go through the matrices in batches of up to `max_batch` (prefill via mpGEMM; decode is
 //! a batch of one). Every buffer lives in [`RunState`], sized once for the largest batch.
 
+use lutra_kernels::{vector, Cpu};
+
 use crate::attention::{Attention, AttentionShape};
 use crate::config::{FfnActivation, ModelConfig};
 use crate::error::{Error, Result};
@@ -178,7 +180,7 @@ impl Model {
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: q/k/v share one input (one set of tables).
-            rmsnorm(st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
+            rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
             st.attn_in.prepare(cpu)?;
             let (q, k, v) = (
                 &mut st.q[..n * q_dim],
@@ -203,7 +205,7 @@ impl Model {
             let att = st.o_in.values_mut(n);
             st.attention.attend(cpu, cache.layer(l), q, n, pos0, att);
             if let Some(w) = &layer.attn_sub_norm {
-                rmsnorm_in_place(att, w, eps);
+                rmsnorm_in_place(cpu, att, w, eps);
             }
             st.o_in.prepare(cpu)?;
             let proj = &mut st.proj[..n * h];
@@ -211,7 +213,7 @@ impl Model {
             add_assign(x, proj);
 
             // Feed-forward: gate/up share one input.
-            rmsnorm(st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
+            rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
             st.ffn_in.prepare(cpu)?;
             let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
             layer.w_gate.matmul(cpu, &st.ffn_in, gate)?;
@@ -222,7 +224,7 @@ impl Model {
                 FfnActivation::ReluSquared => relu_squared_glu(hidden, gate, up),
             }
             if let Some(w) = &layer.ffn_sub_norm {
-                rmsnorm_in_place(hidden, w, eps);
+                rmsnorm_in_place(cpu, hidden, w, eps);
             }
             st.down_in.prepare(cpu)?;
             layer.w_down.matmul(cpu, &st.down_in, proj)?;
@@ -234,6 +236,7 @@ impl Model {
         if let Some((logits, wanted)) = out {
             let m = wanted.len();
             rmsnorm(
+                cpu,
                 st.head_in.values_mut(m),
                 &x[wanted.start * h..wanted.end * h],
                 &self.output_norm,
@@ -248,10 +251,10 @@ impl Model {
 }
 
 /// `out[t] = x[t] / rms(x[t]) · weight` for every row `t` of `x` (`[n][weight.len()]`).
-pub(crate) fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+pub(crate) fn rmsnorm(cpu: &Cpu, out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     let d = weight.len();
     for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let mean_square = crate::attention::dot(x, x) / d as f32;
+        let mean_square = vector::dot(cpu, x, x) / d as f32;
         let inv = 1.0 / (mean_square + eps).sqrt();
         for ((o, &x), &w) in o.iter_mut().zip(x).zip(weight) {
             *o = x * inv * w;
@@ -260,10 +263,10 @@ pub(crate) fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
 }
 
 /// [`rmsnorm`] of every row of `x` (`[n][weight.len()]`), in place.
-pub(crate) fn rmsnorm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+pub(crate) fn rmsnorm_in_place(cpu: &Cpu, x: &mut [f32], weight: &[f32], eps: f32) {
     let d = weight.len();
     for x in x.chunks_exact_mut(d) {
-        let mean_square = crate::attention::dot(x, x) / d as f32;
+        let mean_square = vector::dot(cpu, x, x) / d as f32;
         let inv = 1.0 / (mean_square + eps).sqrt();
         for (x, &w) in x.iter_mut().zip(weight) {
             *x = *x * inv * w;
@@ -305,17 +308,21 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
 mod tests {
     use super::*;
 
+    fn scalar() -> Cpu {
+        Cpu::with_isa(lutra_kernels::Isa::Scalar, 1).unwrap()
+    }
+
     #[test]
     fn rmsnorm_normalizes_each_row() {
         let x = [3.0, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
         let w = [1.0, 2.0, 1.0, 1.0];
         let mut out = [0.0; 8];
-        rmsnorm(&mut out, &x, &w, 0.0);
+        rmsnorm(&scalar(), &mut out, &x, &w, 0.0);
         // Row 0: rms = sqrt(25/4) = 2.5.
         assert!((out[0] - 1.2).abs() < 1e-6 && (out[1] - 3.2).abs() < 1e-6);
         assert_eq!(&out[4..], &[1.0, 2.0, 1.0, 1.0]);
         // eps keeps a zero row finite.
-        rmsnorm(&mut out[..4], &[0.0; 4], &w, 1e-5);
+        rmsnorm(&scalar(), &mut out[..4], &[0.0; 4], &w, 1e-5);
         assert!(out[..4].iter().all(|v| *v == 0.0));
     }
 
@@ -345,9 +352,9 @@ mod tests {
         let x: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.3).collect();
         let w = [0.5, 1.0, 2.0, -1.0];
         let mut want = vec![0.0; 12];
-        rmsnorm(&mut want, &x, &w, 1e-6);
+        rmsnorm(&scalar(), &mut want, &x, &w, 1e-6);
         let mut got = x.clone();
-        rmsnorm_in_place(&mut got, &w, 1e-6);
+        rmsnorm_in_place(&scalar(), &mut got, &w, 1e-6);
         assert_eq!(got, want);
     }
 }
