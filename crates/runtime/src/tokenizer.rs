@@ -37,6 +37,18 @@ const END_TOKENS: [&str; 8] = [
     "<EOT>",
 ];
 
+/// `ids` plus every control token named in [`END_TOKENS`], sorted without repeats (for binary search).
+fn end_of_generation(mut ids: Vec<u32>, tokens: &[String], control: &[bool]) -> Vec<u32> {
+    for (id, tok) in tokens.iter().enumerate() {
+        if control[id] && END_TOKENS.contains(&tok.as_str()) {
+            ids.push(id as u32);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// GGUF `tokenizer.ggml.token_type` values.
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
@@ -239,14 +251,11 @@ impl Tokenizer {
         let mut plain = with_special.clone();
         plain.set_encode_special_tokens(true);
 
-        let mut end_of_generation: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
-        for (id, tok) in tokens.iter().enumerate() {
-            if control[id] && END_TOKENS.contains(&tok.as_str()) {
-                end_of_generation.push(id as u32);
-            }
-        }
-        end_of_generation.sort_unstable();
-        end_of_generation.dedup();
+        let end_of_generation = end_of_generation(
+            [eos, eot, eom].into_iter().flatten().collect(),
+            &tokens,
+            &control,
+        );
 
         Ok(Tokenizer {
             kind,

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::TYPE_USER_DEFINED;
-use super::{token_to_bytes, Tokenizer, TokenizerKind, END_TOKENS, TYPE_BYTE, TYPE_CONTROL};
+use super::{token_to_bytes, Tokenizer, TokenizerKind, TYPE_BYTE, TYPE_CONTROL};
 use crate::{Error, Result};
 
 /// Reads a JSON file, or `None` when it does not exist.
@@ -187,13 +187,7 @@ impl Tokenizer {
             _ => {}
         }
         end_of_generation.retain(|&id| (id as usize) < n);
-        for (id, tok) in tokens.iter().enumerate() {
-            if control[id] && END_TOKENS.contains(&tok.as_str()) {
-                end_of_generation.push(id as u32);
-            }
-        }
-        end_of_generation.sort_unstable();
-        end_of_generation.dedup();
+        let end_of_generation = super::end_of_generation(end_of_generation, &tokens, &control);
 
         Ok(Tokenizer {
             kind,
