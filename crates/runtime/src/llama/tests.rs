@@ -48,6 +48,32 @@ fn argmax(x: &[f32]) -> usize {
         .0
 }
 
+/// Runs `tokens` through both models, asserts a relative logit error below 0.05 at every position,
+/// and returns how many positions agree on the top token, with the reference logits.
+fn agreement_with_reference(fast: &Model, exact: &Model, tokens: &[u32]) -> (usize, Vec<f32>) {
+    let vocab = fast.config().vocab_size;
+    let mut logits = [
+        vec![0.0; tokens.len() * vocab],
+        vec![0.0; tokens.len() * vocab],
+    ];
+    for (model, out) in [fast, exact].into_iter().zip(logits.iter_mut()) {
+        model
+            .forward_all(tokens, &mut model.new_cache(), out)
+            .unwrap();
+    }
+    let mut agree = 0;
+    for (f, r) in logits[0]
+        .chunks_exact(vocab)
+        .zip(logits[1].chunks_exact(vocab))
+    {
+        let err = rel_error(f, r);
+        assert!(err < 0.05, "relative error {err}");
+        agree += usize::from(argmax(f) == argmax(r));
+    }
+    let [_, reference] = logits;
+    (agree, reference)
+}
+
 fn rel_error(a: &[f32], b: &[f32]) -> f32 {
     let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f32 = b.iter().map(|y| y * y).sum();
@@ -108,25 +134,10 @@ fn fast_path_agrees_with_reference() {
     let exact = Model::synthetic(config, 4, 32, &options(true), 3).unwrap();
     assert!(exact.is_reference() && !fast.is_reference());
     let vocab = fast.config().vocab_size;
-    let tokens = prompt(24, vocab);
-    let mut logits = [vec![0.0; 24 * vocab], vec![0.0; 24 * vocab]];
-    for (model, out) in [&fast, &exact].into_iter().zip(logits.iter_mut()) {
-        model
-            .forward_all(&tokens, &mut model.new_cache(), out)
-            .unwrap();
-    }
-    let mut agree = 0;
-    for (f, r) in logits[0]
-        .chunks_exact(vocab)
-        .zip(logits[1].chunks_exact(vocab))
-    {
-        let err = rel_error(f, r);
-        assert!(err < 0.05, "relative error {err}");
-        agree += usize::from(argmax(f) == argmax(r));
-    }
+    let (agree, reference) = agreement_with_reference(&fast, &exact, &prompt(24, vocab));
     assert!(agree >= 22, "top-1 agreed at {agree} of 24 positions");
     // The logits are not degenerate: the test above could fail.
-    let r = &logits[1][..vocab];
+    let r = &reference[..vocab];
     assert!(
         r.iter().cloned().fold(f32::MIN, f32::max) - r.iter().cloned().fold(f32::MAX, f32::min)
             > 1.0
@@ -477,23 +488,8 @@ fn bitnet_gguf_loads_with_sub_norms_and_fast_path_agrees_with_reference() {
     );
 
     let vocab = c.vocab_size;
-    let tokens = prompt(16, vocab);
-    let mut logits = [vec![0.0; 16 * vocab], vec![0.0; 16 * vocab]];
-    for (model, out) in [&fast, &exact].into_iter().zip(logits.iter_mut()) {
-        model
-            .forward_all(&tokens, &mut model.new_cache(), out)
-            .unwrap();
-    }
-    let mut agree = 0;
-    for (f, r) in logits[0]
-        .chunks_exact(vocab)
-        .zip(logits[1].chunks_exact(vocab))
-    {
-        // The tables quantize activations to int8 per 32 (BitNet itself: per token).
-        let err = rel_error(f, r);
-        assert!(err < 0.05, "relative error {err}");
-        agree += usize::from(argmax(f) == argmax(r));
-    }
+    // The tables quantize activations to int8 per 32 (BitNet itself: per token).
+    let (agree, _) = agreement_with_reference(&fast, &exact, &prompt(16, vocab));
     assert!(agree >= 14, "top-1 agreed at {agree} of 16 positions");
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
