@@ -71,11 +71,12 @@ impl Attention {
         let scale = 1.0 / (hd as f32).sqrt();
         let capacity = self.capacity;
         let stride = self.stride();
-        let kv_dim = cache.kv_dim;
+        let head_stride = cache.head_stride;
 
         cpu.for_each_chunk(&mut self.scratch, stride, |start, chunk| {
             let h = start / stride;
-            let kv_offset = (h / group) * hd;
+            // This KV head's rows, `[position][head_dim]`, contiguous.
+            let kv_start = (h / group) * head_stride;
             let (scores, rest) = chunk.split_at_mut(capacity);
             let (outs, rest) = rest.split_at_mut(self.max_batch * hd);
             let (kbuf, vbuf) = rest.split_at_mut(hd);
@@ -87,26 +88,26 @@ impl Attention {
                 // One dispatch on the cache precision per (token, head), not per position.
                 match (cache.keys, cache.values) {
                     (Rows::F32(keys), Rows::F32(values)) => {
-                        let keys = keys[..seen * kv_dim].chunks_exact(kv_dim);
+                        let keys = keys[kv_start..kv_start + seen * hd].chunks_exact(hd);
                         for (score, k) in scores.iter_mut().zip(keys) {
-                            *score = vector::dot(cpu, qh, &k[kv_offset..kv_offset + hd]) * scale;
+                            *score = vector::dot(cpu, qh, k) * scale;
                         }
                         softmax(scores);
                         o.fill(0.0);
-                        let values = values[..seen * kv_dim].chunks_exact(kv_dim);
+                        let values = values[kv_start..kv_start + seen * hd].chunks_exact(hd);
                         for (&w, v) in scores.iter().zip(values) {
-                            vector::axpy(cpu, o, w, &v[kv_offset..kv_offset + hd]);
+                            vector::axpy(cpu, o, w, v);
                         }
                     }
                     (keys, values) => {
                         for (p, score) in scores.iter_mut().enumerate() {
-                            let k = keys.read(p * kv_dim + kv_offset, kbuf);
+                            let k = keys.read(kv_start + p * hd, kbuf);
                             *score = vector::dot(cpu, qh, k) * scale;
                         }
                         softmax(scores);
                         o.fill(0.0);
                         for (p, &w) in scores.iter().enumerate() {
-                            vector::axpy(cpu, o, w, values.read(p * kv_dim + kv_offset, vbuf));
+                            vector::axpy(cpu, o, w, values.read(kv_start + p * hd, vbuf));
                         }
                     }
                 }
@@ -189,6 +190,7 @@ mod tests {
             head_dim: 20,
         };
         let (kv_dim, q_dim, total) = (40, 120, 11);
+        assert_eq!(kv_dim, shape.kv_heads * shape.head_dim);
         let keys = values(total * kv_dim, 1);
         let vals = values(total * kv_dim, 2);
         let q = values(total * q_dim, 3);
@@ -197,7 +199,7 @@ mod tests {
             .flat_map(|isa| [(isa, 1, false), (isa, 2, false), (isa, 1, true)]);
         for (isa, threads, f16) in runs {
             let cpu = Cpu::with_isa(isa, threads).unwrap();
-            let mut cache = KvCache::new(2, kv_dim, 16, f16);
+            let mut cache = KvCache::new(2, shape.kv_heads, shape.head_dim, 16, f16);
             cache.store(1, 0, &keys, &vals);
             let mut attention = Attention::new(shape, 16, 8);
             // Positions 0..4 one at a time, then 4..11 as one batch (causal within the batch).

@@ -1,9 +1,11 @@
 //! The key/value cache of a decoding session: every layer's keys and values for every position seen
 //! so far, preallocated to the context length so that decoding never allocates.
 //!
-//! Layout: `[layer][position][kv_dim]` for keys and values separately, where `kv_dim = kv_heads ·
-//! head_dim`. One position of one layer is one contiguous row, so storing a token is one copy and
-//! attention reads rows in order.
+//! Layout: `[layer][kv_head][position][head_dim]` for keys and values separately. Attention reads
+//! one KV head's positions in order, so each head's rows are contiguous: with a position-major
+//! layout (`[position][kv_heads·head_dim]`) the rows of one head sit `kv_dim` elements apart, which
+//! for 7B shapes (16 KiB) maps them onto a handful of cache sets and makes a long prompt's
+//! attention re-read the cache from memory for every query token.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -44,7 +46,8 @@ impl Store {
 #[derive(Clone, Debug)]
 pub struct KvCache {
     layers: usize,
-    kv_dim: usize,
+    kv_heads: usize,
+    head_dim: usize,
     capacity: usize,
     len: usize,
     keys: Store,
@@ -52,13 +55,20 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `layers` layers of `kv_dim` values per position, holding `capacity`
-    /// positions, stored as f16 when `f16` is set (f32 otherwise).
-    pub fn new(layers: usize, kv_dim: usize, capacity: usize, f16: bool) -> KvCache {
-        let len = layers * kv_dim * capacity;
+    /// An empty cache for `layers` layers of `kv_heads` heads of `head_dim` values per position,
+    /// holding `capacity` positions, stored as f16 when `f16` is set (f32 otherwise).
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        f16: bool,
+    ) -> KvCache {
+        let len = layers * kv_heads * head_dim * capacity;
         KvCache {
             layers,
-            kv_dim,
+            kv_heads,
+            head_dim,
             capacity,
             len: 0,
             keys: Store::zeros(len, f16),
@@ -101,9 +111,19 @@ impl KvCache {
         self.layers
     }
 
+    /// Key/value heads per layer.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    /// Values per head and position.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     /// Values per position and layer (`kv_heads · head_dim`).
     pub fn kv_dim(&self) -> usize {
-        self.kv_dim
+        self.kv_heads * self.head_dim
     }
 
     /// Whether entries are stored as f16.
@@ -113,7 +133,7 @@ impl KvCache {
 
     /// Bytes of the preallocated keys and values.
     pub fn bytes(&self) -> usize {
-        2 * self.layers * self.kv_dim * self.capacity * self.keys.element_bytes()
+        2 * self.layers * self.kv_dim() * self.capacity * self.keys.element_bytes()
     }
 
     /// Bytes a cache of these dimensions takes, without allocating one.
@@ -121,15 +141,21 @@ impl KvCache {
         2 * layers * kv_dim * capacity * if f16 { 2 } else { 4 }
     }
 
-    /// Stores the keys and values of `keys.len() / kv_dim` consecutive positions starting at
+    /// Stores the keys and values (`[n][kv_dim]` each) of `n` consecutive positions starting at
     /// `pos` for `layer`. The caller checked `pos + n <= capacity`; `len()` is not changed (it
     /// advances once all layers are written, see [`KvCache::advance`]).
     pub(crate) fn store(&mut self, layer: usize, pos: usize, keys: &[f32], values: &[f32]) {
+        let (hd, kv_dim) = (self.head_dim, self.kv_dim());
         debug_assert_eq!(keys.len(), values.len());
-        debug_assert!(pos * self.kv_dim + keys.len() <= self.capacity * self.kv_dim);
-        let start = (layer * self.capacity + pos) * self.kv_dim;
-        self.keys.write(start, keys);
-        self.values.write(start, values);
+        debug_assert!(pos * kv_dim + keys.len() <= self.capacity * kv_dim);
+        let rows = keys.chunks_exact(kv_dim).zip(values.chunks_exact(kv_dim));
+        for (t, (k, v)) in rows.enumerate() {
+            for h in 0..self.kv_heads {
+                let start = ((layer * self.kv_heads + h) * self.capacity + pos + t) * hd;
+                self.keys.write(start, &k[h * hd..(h + 1) * hd]);
+                self.values.write(start, &v[h * hd..(h + 1) * hd]);
+            }
+        }
     }
 
     /// Marks `n` more positions as stored.
@@ -139,7 +165,7 @@ impl KvCache {
 
     /// A read-only view of one layer's keys and values.
     pub(crate) fn layer(&self, layer: usize) -> LayerCache<'_> {
-        let size = self.capacity * self.kv_dim;
+        let size = self.capacity * self.kv_dim();
         let range = layer * size..(layer + 1) * size;
         fn rows(store: &Store, range: std::ops::Range<usize>) -> Rows<'_> {
             match store {
@@ -148,7 +174,7 @@ impl KvCache {
             }
         }
         LayerCache {
-            kv_dim: self.kv_dim,
+            head_stride: self.capacity * self.head_dim,
             keys: rows(&self.keys, range.clone()),
             values: rows(&self.values, range),
         }
@@ -184,11 +210,11 @@ impl<'a> Rows<'a> {
 /// One layer of a [`KvCache`], for attention.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LayerCache<'a> {
-    /// Values per position.
-    pub kv_dim: usize,
-    /// Keys, `[position][kv_dim]`.
+    /// Elements from one KV head's rows to the next head's (`capacity · head_dim`).
+    pub head_stride: usize,
+    /// Keys, `[kv_head][position][head_dim]`.
     pub keys: Rows<'a>,
-    /// Values, `[position][kv_dim]`.
+    /// Values, `[kv_head][position][head_dim]`.
     pub values: Rows<'a>,
 }
 
@@ -199,29 +225,39 @@ mod tests {
     #[test]
     fn store_and_read_back_both_precisions() {
         for f16 in [false, true] {
-            let mut cache = KvCache::new(2, 4, 3, f16);
+            // 2 layers, 2 KV heads of 2 values, 3 positions.
+            let mut cache = KvCache::new(2, 2, 2, 3, f16);
             assert_eq!(cache.capacity(), 3);
+            assert_eq!(cache.kv_dim(), 4);
             assert!(cache.is_empty());
+            // Positions 1 and 2, `[position][kv_dim]`.
             let k: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
             let v: Vec<f32> = (0..8).map(|i| -(i as f32)).collect();
             cache.store(1, 1, &k, &v);
             cache.advance(2);
             assert_eq!(cache.len(), 2);
             let layer = cache.layer(1);
+            assert_eq!(layer.head_stride, 6);
+            // Head 0 at position 1 is the first two keys; head 1 at position 2 the last two.
+            let mut buf = [0.0f32; 2];
+            assert_eq!(layer.keys.read(2, &mut buf), &k[..2]);
+            let mut buf = [0.0f32; 2];
+            assert_eq!(layer.keys.read(6 + 4, &mut buf), &k[6..]);
             let mut buf = [0.0f32; 4];
-            assert_eq!(layer.keys.read(4, &mut buf), &k[..4]);
-            let mut buf = [0.0f32; 4];
-            assert_eq!(layer.values.read(8, &mut buf), &v[4..]);
+            assert_eq!(
+                layer.values.read(6 + 2, &mut buf),
+                &[v[2], v[3], v[6], v[7]]
+            );
             // Layer 0 was not touched.
-            let mut buf = [1.0f32; 4];
-            assert_eq!(cache.layer(0).keys.read(4, &mut buf), &[0.0; 4]);
+            let mut buf = [1.0f32; 2];
+            assert_eq!(cache.layer(0).keys.read(2, &mut buf), &[0.0; 2]);
             assert_eq!(cache.bytes(), KvCache::bytes_for(2, 4, 3, f16));
         }
     }
 
     #[test]
     fn truncate_and_clear_only_shrink() {
-        let mut cache = KvCache::new(1, 2, 8, false);
+        let mut cache = KvCache::new(1, 1, 2, 8, false);
         cache.advance(5);
         cache.truncate(7);
         assert_eq!(cache.len(), 5);

@@ -298,7 +298,8 @@ impl Model {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(
             self.config.layers,
-            self.config.kv_heads * self.config.head_dim,
+            self.config.kv_heads,
+            self.config.head_dim,
             self.context_length,
             self.kv_f16,
         )

@@ -107,7 +107,10 @@ impl Model {
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        if cache.layers() != c.layers || cache.kv_dim() != c.kv_heads * c.head_dim {
+        if cache.layers() != c.layers
+            || cache.kv_heads() != c.kv_heads
+            || cache.head_dim() != c.head_dim
+        {
             return Err(Error::InvalidOption(
                 "the KV cache was made for a different model".into(),
             ));

@@ -197,7 +197,7 @@ fn context_overflow_and_bad_arguments_are_errors() {
     );
     assert!(model.forward(&[], &mut cache, &mut logits).is_err());
     assert!(model.forward(&[1], &mut cache, &mut logits[..5]).is_err());
-    let mut other = KvCache::new(3, 32, 8, false);
+    let mut other = KvCache::new(3, 2, 16, 8, false);
     assert!(model.forward(&[1], &mut other, &mut logits).is_err());
 }
 
