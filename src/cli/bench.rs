@@ -138,11 +138,16 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     };
 
     let mut rows = Vec::new();
+    // Models are built once, on the most threads of the sweep, and re-threaded per row.
+    let build_threads = threads.iter().copied().max().unwrap_or(1);
     for (name, source) in &sources {
+        // Peak RSS per model rather than per process, where the kernel allows the reset.
+        measure::reset_peak_rss();
+        let (mut model, bits, group) = build(source, args, build_threads, context)?;
         for &t in &threads {
-            // Peak RSS per model rather than per process, where the kernel allows the reset.
-            measure::reset_peak_rss();
-            let (model, bits, group) = build(source, args, t, context)?;
+            model
+                .set_threads(t)
+                .with_context(|| format!("{name}: cannot run on {t} threads"))?;
             for &test in &tests {
                 eprintln!("lutra bench: {name}, {t} threads, {} ...", test.name());
                 let result = measure::run_test(&model, test, &opts)
@@ -185,7 +190,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Builds the model of `source` for `threads`; returns it with the bits and group size of its
+/// Builds the model of `source` on `threads`; returns it with the bits and group size of its
 /// LUT matrices (both `None` for a GGUF kept in its own types).
 fn build(
     source: &ModelSource,

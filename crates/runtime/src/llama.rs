@@ -337,6 +337,13 @@ impl Model {
         self.cpu.threads()
     }
 
+    /// Runs later calls on `threads` worker threads (0: one per core), with the same ISA. The
+    /// weights are not touched: a thread sweep does not need to load the model again.
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        self.cpu = Cpu::with_isa(self.cpu.isa(), threads)?;
+        Ok(())
+    }
+
     /// Kernel ISA.
     pub fn isa(&self) -> Isa {
         self.cpu.isa()

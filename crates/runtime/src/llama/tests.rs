@@ -168,6 +168,27 @@ fn f16_cache_and_threads_stay_close() {
 }
 
 #[test]
+fn set_threads_changes_only_the_thread_count() {
+    // The fast path splits work in whole tiles and table chunks, so thread counts give the same bits.
+    let mut model = Model::synthetic(tiny_config(), 2, 32, &options(false), 9).unwrap();
+    let vocab = model.config().vocab_size;
+    let tokens = prompt(12, vocab);
+    let run = |m: &Model| {
+        let mut logits = vec![0.0; vocab];
+        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
+        logits
+    };
+    let one = run(&model);
+    let isa = model.isa();
+    model.set_threads(3).unwrap();
+    assert_eq!((model.threads(), model.isa()), (3, isa));
+    assert_eq!(run(&model), one);
+    model.set_threads(1).unwrap();
+    assert_eq!(model.threads(), 1);
+    assert_eq!(run(&model), one);
+}
+
+#[test]
 fn context_overflow_and_bad_arguments_are_errors() {
     let opts = LoadOptions {
         context_length: Some(8),
