@@ -11,6 +11,65 @@ pub enum RopeStyle {
     Halves,
 }
 
+/// How a model stretches RoPE over a longer context than it was pre-trained on: the frequency of
+/// each rotated pair is divided by a factor (see [`crate::rope::Rope`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Frequencies `θ^(−2i/d)` as they are.
+    None,
+    /// Every frequency divided by `factor` (positions divided by `factor`): Hugging Face
+    /// `rope_type: linear`, GGUF `rope.scaling.type = linear`.
+    Linear {
+        /// The divisor.
+        factor: f32,
+    },
+    /// Llama 3.1/3.2's per-frequency scaling (Hugging Face `rope_type: llama3`): high frequencies
+    /// kept, low ones divided by `factor`, a smooth blend between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f32,
+        /// Wavelengths above `original_context_length / low_freq_factor` are divided by `factor`.
+        low_freq_factor: f32,
+        /// Wavelengths below `original_context_length / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// The pre-training context (`original_max_position_embeddings`).
+        original_context_length: usize,
+    },
+    /// The frequency of pair `i` divided by `factors[i]`: GGUF's `rope_freqs.weight` (how
+    /// llama.cpp's converter stores Llama 3.1's scaling), times any linear factor.
+    Factors(Vec<f32>),
+}
+
+impl std::fmt::Display for RopeScaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RopeScaling::None => write!(f, "none"),
+            RopeScaling::Linear { factor } => write!(f, "linear ×{factor}"),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context_length,
+            } => write!(
+                f,
+                "llama3 ×{factor} (low {low_freq_factor}, high {high_freq_factor}, original \
+                 context {original_context_length})"
+            ),
+            RopeScaling::Factors(factors) => {
+                let (lo, hi) = factors
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+                        (lo.min(x), hi.max(x))
+                    });
+                write!(f, "{} per-pair factors in [{lo}, {hi}]", factors.len())
+            }
+        }
+    }
+}
+
+/// GGUF's tensor of per-pair RoPE frequency divisors.
+pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
+
 /// Architecture family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
@@ -60,6 +119,8 @@ pub struct ModelConfig {
     pub rope_dims: usize,
     /// RoPE pairing.
     pub rope_style: RopeStyle,
+    /// RoPE frequency scaling (Llama 3.1's, linear), [`RopeScaling::None`] for most models.
+    pub rope_scaling: RopeScaling,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
     /// The LM head is the token embedding.
@@ -85,7 +146,9 @@ impl ModelConfig {
     ///
     /// Required keys missing or of the wrong type are [`crate::Error::Metadata`]; optional ones
     /// take llama.cpp's defaults (`rope.freq_base` 10000, `head_count_kv` = `head_count`,
-    /// `rope.dimension_count` = head dim).
+    /// `rope.dimension_count` = head dim). RoPE scaling comes from `rope.scaling.type` /
+    /// `rope.scaling.factor` (linear) and the `rope_freqs.weight` tensor (per-pair factors);
+    /// other scaling types (`yarn`, ...) are refused.
     pub fn from_gguf(file: &crate::gguf::GgufFile) -> crate::Result<ModelConfig> {
         let arch_name = file.require_str("general.architecture")?;
         let architecture = Architecture::from_gguf_name(arch_name).ok_or_else(|| {
@@ -124,6 +187,7 @@ impl ModelConfig {
             None => 10000.0,
             Some(_) => file.require_f32(&key("rope.freq_base"))?,
         };
+        let rope_scaling = gguf_rope_scaling(file, arch_name, rope_theta, rope_dims)?;
         let rms_eps = file.require_f32(&key("attention.layer_norm_rms_epsilon"))?;
         let context_length = file.require_usize(&key("context_length"))?;
         let vocab_size = match opt_usize("vocab_size")? {
@@ -165,6 +229,7 @@ impl ModelConfig {
             rope_theta,
             rope_dims,
             rope_style,
+            rope_scaling,
             rms_eps,
             tied_embeddings: file.tensor_info("output.weight").is_none(),
             ffn_activation,
@@ -242,19 +307,15 @@ impl ModelConfig {
             ));
         }
         let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / heads);
-        // Scaled RoPE (Llama 3.1's `llama3`, `linear`, `yarn`, ...) changes the frequencies, which
-        // the rope tables do not model yet: refuse rather than run with wrong positions.
-        if let Some(scaling) = v.get("rope_scaling").filter(|s| !s.is_null()) {
-            let kind = scaling
-                .get("rope_type")
-                .or_else(|| scaling.get("type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("unknown");
-            return Err(err(
-                "rope_scaling",
-                format!("RoPE scaling '{kind}' is not supported yet"),
-            ));
-        }
+        let rope_theta = f32_of("rope_theta")?.unwrap_or(10000.0);
+        let rope_scaling = match v.get("rope_scaling").filter(|s| !s.is_null()) {
+            None => RopeScaling::None,
+            Some(scaling) => hf_rope_scaling(scaling, &err)?,
+        };
+        // Scaling that the tables cannot use (a factor of 0, empty Llama 3 bands) is refused here,
+        // where the file can be named.
+        crate::rope::frequency_factors(&rope_scaling, rope_theta, head_dim)
+            .map_err(|reason| err("rope_scaling", reason))?;
         let ffn_activation = match v.get("hidden_act").and_then(|a| a.as_str()) {
             None | Some("silu") | Some("swish") => FfnActivation::Silu,
             Some("relu2") => FfnActivation::ReluSquared,
@@ -280,9 +341,10 @@ impl ModelConfig {
             head_dim,
             vocab_size: usize_of("vocab_size")?,
             context_length: usize_of("max_position_embeddings")?,
-            rope_theta: f32_of("rope_theta")?.unwrap_or(10000.0),
+            rope_theta,
             rope_dims: head_dim,
             rope_style: RopeStyle::Halves,
+            rope_scaling,
             rms_eps: f32_of("rms_norm_eps")?
                 .ok_or_else(|| err("rms_norm_eps", "missing".into()))?,
             tied_embeddings: v
@@ -291,6 +353,137 @@ impl ModelConfig {
                 .unwrap_or(false),
             ffn_activation,
         })
+    }
+}
+
+/// The RoPE scaling of a GGUF file: llama.cpp's `{arch}.rope.scaling.type` (absent = `linear`,
+/// as llama.cpp reads it) with `{arch}.rope.scaling.factor` (or the older `rope.scale_linear`; 0
+/// or 1 = none), and the per-pair divisors of [`ROPE_FREQS_TENSOR`], multiplied together.
+fn gguf_rope_scaling(
+    file: &crate::gguf::GgufFile,
+    arch: &str,
+    theta: f32,
+    rope_dims: usize,
+) -> crate::Result<RopeScaling> {
+    let type_key = format!("{arch}.rope.scaling.type");
+    let kind = match file.metadata(&type_key) {
+        None => None,
+        Some(_) => Some(file.require_str(&type_key)?),
+    };
+    let mut linear = None;
+    for k in ["rope.scaling.factor", "rope.scale_linear"] {
+        let key = format!("{arch}.{k}");
+        if file.metadata(&key).is_some() {
+            let factor = file.require_f32(&key)?;
+            if !(factor.is_finite() && factor >= 0.0) {
+                return Err(file.meta_error(
+                    &key,
+                    &format!("RoPE scaling factor {factor} is not a positive number"),
+                ));
+            }
+            linear = Some(factor).filter(|&f| f != 0.0 && f != 1.0);
+            break;
+        }
+    }
+    match kind {
+        None | Some("linear") => {}
+        // llama.cpp never scales when the type is `none`, whatever the factor says.
+        Some("none") => linear = None,
+        Some(other) => {
+            return Err(file.meta_error(
+                &type_key,
+                &format!(
+                    "RoPE scaling '{other}' is not supported (none, linear and per-pair factors \
+                     in {ROPE_FREQS_TENSOR} are)"
+                ),
+            ))
+        }
+    }
+    let Some(info) = file.tensor_info(ROPE_FREQS_TENSOR) else {
+        return Ok(match linear {
+            Some(factor) => RopeScaling::Linear { factor },
+            None => RopeScaling::None,
+        });
+    };
+    let path = file.path().to_path_buf();
+    if info.ty != crate::weights::GgmlType::F32 {
+        return Err(crate::Error::BadFile {
+            path,
+            reason: format!(
+                "tensor '{ROPE_FREQS_TENSOR}' has type {}; RoPE frequency factors must be F32",
+                info.ty.name()
+            ),
+        });
+    }
+    if info.elements() != rope_dims / 2 {
+        return Err(crate::Error::ShapeMismatch {
+            path,
+            tensor: ROPE_FREQS_TENSOR.to_string(),
+            found: info.dims.clone(),
+            expected: vec![rope_dims / 2],
+        });
+    }
+    let factors: Vec<f32> = file
+        .decode_tensor(ROPE_FREQS_TENSOR)?
+        .dequantize()
+        .iter()
+        .map(|f| f * linear.unwrap_or(1.0))
+        .collect();
+    let scaling = RopeScaling::Factors(factors);
+    crate::rope::frequency_factors(&scaling, theta, rope_dims).map_err(|reason| {
+        crate::Error::BadFile {
+            path: file.path().to_path_buf(),
+            reason: format!("tensor '{ROPE_FREQS_TENSOR}': {reason}"),
+        }
+    })?;
+    Ok(scaling)
+}
+
+/// The `rope_scaling` object of a Hugging Face `config.json`: `rope_type` (or its older alias
+/// `type`) `default`, `linear` or `llama3`; other types are refused, naming the type.
+fn hf_rope_scaling(
+    scaling: &serde_json::Value,
+    err: &dyn Fn(&str, String) -> crate::Error,
+) -> crate::Result<RopeScaling> {
+    let Some(kind) = scaling
+        .get("rope_type")
+        .or_else(|| scaling.get("type"))
+        .and_then(|t| t.as_str())
+    else {
+        return Err(err("rope_scaling", format!("no rope_type in {scaling}")));
+    };
+    let number = |key: &str| -> crate::Result<f64> {
+        scaling.get(key).and_then(|x| x.as_f64()).ok_or_else(|| {
+            err(
+                &format!("rope_scaling.{key}"),
+                format!("missing or not a number ('{kind}' scaling needs it)"),
+            )
+        })
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: number("factor")? as f32,
+        }),
+        "llama3" => {
+            let original = number("original_max_position_embeddings")?;
+            if !(original >= 1.0 && original.fract() == 0.0) {
+                return Err(err(
+                    "rope_scaling.original_max_position_embeddings",
+                    format!("expected a positive integer, found {original}"),
+                ));
+            }
+            Ok(RopeScaling::Llama3 {
+                factor: number("factor")? as f32,
+                low_freq_factor: number("low_freq_factor")? as f32,
+                high_freq_factor: number("high_freq_factor")? as f32,
+                original_context_length: original as usize,
+            })
+        }
+        other => Err(err(
+            "rope_scaling",
+            format!("RoPE scaling '{other}' is not supported (llama3, linear are)"),
+        )),
     }
 }
 
@@ -381,5 +574,176 @@ mod tests {
         assert_eq!(c.rope_style, RopeStyle::Halves);
         assert_eq!(c.rope_theta, 10000.0);
         assert!(c.tied_embeddings);
+    }
+
+    /// Metadata of a llama GGUF (head dim 16: 8 rotated pairs) and no tensors.
+    fn llama_metadata() -> GgufWriter {
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", MetaValue::String("llama".into()));
+        for (k, v) in [
+            ("block_count", 2),
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("attention.head_count", 4),
+            ("context_length", 1024),
+            ("vocab_size", 10),
+        ] {
+            w.add_metadata(&format!("llama.{k}"), MetaValue::U32(v));
+        }
+        w.add_metadata(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        );
+        w
+    }
+
+    fn temp_gguf(tag: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("lutra-config-{tag}-{}.gguf", std::process::id()))
+    }
+
+    fn config_of(w: &GgufWriter, path: &std::path::Path) -> crate::Result<ModelConfig> {
+        w.write(path).unwrap();
+        GgufFile::open(path).unwrap().config()
+    }
+
+    #[test]
+    fn gguf_rope_scaling_from_metadata_and_rope_freqs() {
+        let path = temp_gguf("rope");
+        let scaling = |w: &GgufWriter| config_of(w, &path).unwrap().rope_scaling;
+        let mut w = llama_metadata();
+        assert_eq!(scaling(&w), RopeScaling::None);
+        // llama.cpp reads a factor without a type as linear, and `none` as no scaling at all.
+        w.add_metadata("llama.rope.scaling.factor", MetaValue::F32(4.0));
+        assert_eq!(scaling(&w), RopeScaling::Linear { factor: 4.0 });
+        let set_type = |w: &mut GgufWriter, t: &str| {
+            w.add_metadata("llama.rope.scaling.type", MetaValue::String(t.into()));
+        };
+        set_type(&mut w, "none");
+        assert_eq!(scaling(&w), RopeScaling::None);
+        set_type(&mut w, "linear");
+        assert_eq!(scaling(&w), RopeScaling::Linear { factor: 4.0 });
+        // Per-pair factors, times the linear factor when there is one.
+        let factors = [1.0, 1.0, 1.5, 4.0, 8.0, 8.0, 8.0, 8.0];
+        w.add_tensor_f32(ROPE_FREQS_TENSOR, &[8], &factors).unwrap();
+        let times4: Vec<f32> = factors.iter().map(|f| f * 4.0).collect();
+        assert_eq!(scaling(&w), RopeScaling::Factors(times4));
+        set_type(&mut w, "none");
+        assert_eq!(scaling(&w), RopeScaling::Factors(factors.to_vec()));
+        // A linear factor of 1 (BitNet converters write it) is no scaling.
+        let mut w = llama_metadata();
+        w.add_metadata(
+            "llama.rope.scaling.type",
+            MetaValue::String("linear".into()),
+        );
+        w.add_metadata("llama.rope.scaling.factor", MetaValue::F32(1.0));
+        assert_eq!(scaling(&w), RopeScaling::None);
+        // YaRN (and anything else) is refused, naming the key and the type.
+        set_type(&mut w, "yarn");
+        let err = config_of(&w, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("llama.rope.scaling.type") && err.contains("'yarn' is not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_rope_freqs_are_errors_naming_the_tensor() {
+        let path = temp_gguf("rope-bad");
+        let mut w = llama_metadata();
+        w.add_tensor_f32(ROPE_FREQS_TENSOR, &[7], &[1.0; 7])
+            .unwrap();
+        let err = config_of(&w, &path).unwrap_err();
+        assert!(
+            matches!(&err, crate::Error::ShapeMismatch { tensor, expected, .. }
+                if tensor == ROPE_FREQS_TENSOR && expected == &[8]),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        let mut w = llama_metadata();
+        w.add_tensor_f16(ROPE_FREQS_TENSOR, &[8], &[1.0; 8])
+            .unwrap();
+        let err = config_of(&w, &path).unwrap_err().to_string();
+        assert!(
+            err.contains(ROPE_FREQS_TENSOR) && err.contains("F32"),
+            "{err}"
+        );
+        let mut w = llama_metadata();
+        w.add_tensor_f32(
+            ROPE_FREQS_TENSOR,
+            &[8],
+            &[1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        )
+        .unwrap();
+        let err = config_of(&w, &path).unwrap_err().to_string();
+        assert!(
+            err.contains(ROPE_FREQS_TENSOR) && err.contains("factor 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hugging_face_rope_scaling() {
+        let path = std::path::Path::new("config.json");
+        let with = |scaling: &str| {
+            let json = format!(
+                r#"{{"hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+                "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+                "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                "vocab_size": 128256, "rope_scaling": {scaling}}}"#
+            );
+            ModelConfig::from_hf_json(&json, path).map(|c| c.rope_scaling)
+        };
+        // Llama 3.2 1B's.
+        let llama32 = r#"{"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#;
+        assert_eq!(
+            with(llama32).unwrap(),
+            RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context_length: 8192
+            }
+        );
+        // `type` is the older spelling of `rope_type`.
+        assert_eq!(
+            with(r#"{"type": "linear", "factor": 2.0}"#).unwrap(),
+            RopeScaling::Linear { factor: 2.0 }
+        );
+        assert_eq!(
+            with(r#"{"rope_type": "default"}"#).unwrap(),
+            RopeScaling::None
+        );
+        assert_eq!(with("null").unwrap(), RopeScaling::None);
+        for (scaling, words) in [
+            (
+                r#"{"rope_type": "yarn", "factor": 4.0}"#,
+                ["rope_scaling", "'yarn'"],
+            ),
+            (
+                r#"{"type": "dynamic", "factor": 2.0}"#,
+                ["rope_scaling", "'dynamic'"],
+            ),
+            (
+                llama32.replace(r#""low_freq_factor": 1.0,"#, "").as_str(),
+                ["rope_scaling.low_freq_factor", "missing"],
+            ),
+            (
+                llama32
+                    .replace(r#""low_freq_factor": 1.0"#, r#""low_freq_factor": 4.0"#)
+                    .as_str(),
+                ["rope_scaling", "greater than low_freq_factor"],
+            ),
+            (
+                r#"{"rope_type": "linear", "factor": 0}"#,
+                ["rope_scaling", "factor is 0"],
+            ),
+        ] {
+            let err = with(scaling).unwrap_err().to_string();
+            assert!(words.iter().all(|w| err.contains(w)), "{scaling}: {err}");
+        }
     }
 }

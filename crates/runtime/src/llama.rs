@@ -121,8 +121,8 @@ impl std::fmt::Display for ModelInfo {
         )?;
         writeln!(
             f,
-            "rope:            {:?}, theta {}, dims {}; rms eps {}; tied embeddings {}",
-            c.rope_style, c.rope_theta, c.rope_dims, c.rms_eps, c.tied_embeddings
+            "rope:            {:?}, theta {}, dims {}, scaling {}; rms eps {}; tied embeddings {}",
+            c.rope_style, c.rope_theta, c.rope_dims, c.rope_scaling, c.rms_eps, c.tied_embeddings
         )?;
         writeln!(f, "ffn activation:  {:?}", c.ffn_activation)?;
         writeln!(f, "parameters:      {}", self.parameters)?;
@@ -257,8 +257,9 @@ impl Model {
             config.head_dim,
             config.rope_dims,
             config.rope_theta,
+            &config.rope_scaling,
             context_length,
-        );
+        )?;
         let head = parts.output.as_ref().unwrap_or(&parts.embedding);
         let state = RunState::new(&config, &parts.layers, head, context_length, MAX_BATCH);
         Ok(Model {

@@ -1,14 +1,16 @@
 //! Rotary position embeddings (RoPE), with cos/sin tables precomputed for every position.
 //!
-//! Pair `i` of a head (`i < rope_dims / 2`) is rotated by `pos · θ^(−2i/rope_dims)`. Which two
+//! Pair `i` of a head (`i < rope_dims / 2`) is rotated by `pos · θ^(−2i/rope_dims) / factor_i`,
+//! where the factors come from the model's [`RopeScaling`] (all 1 without scaling). Which two
 //! elements form pair `i` depends on the source of the weights ([`RopeStyle`]): GGUF llama files
 //! rotate adjacent elements `(2i, 2i+1)`, Hugging Face checkpoints and GGUF qwen2 rotate halves
 //! `(i, i + rope_dims/2)`. Dimensions past `rope_dims` are left alone.
 
-use crate::config::RopeStyle;
+use crate::config::{RopeScaling, RopeStyle};
+use crate::error::{Error, Result};
 
 /// Precomputed rotations for positions `0..positions`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     style: RopeStyle,
     head_dim: usize,
@@ -22,21 +24,26 @@ pub struct Rope {
 
 impl Rope {
     /// Tables for heads of `head_dim` elements of which the first `rope_dims` (even, at most
-    /// `head_dim`) are rotated, base frequency `theta`, positions `0..positions`.
+    /// `head_dim`) are rotated, base frequency `theta`, frequencies scaled as `scaling` says,
+    /// positions `0..positions`. Scaling the tables cannot use (a factor that is not a positive
+    /// number, per-pair factors of the wrong length) is an [`Error::InvalidOption`].
     pub fn new(
         style: RopeStyle,
         head_dim: usize,
         rope_dims: usize,
         theta: f32,
+        scaling: &RopeScaling,
         positions: usize,
-    ) -> Rope {
+    ) -> Result<Rope> {
         let rope_dims = rope_dims.min(head_dim) & !1;
         let pairs = rope_dims / 2;
+        let factors = frequency_factors(scaling, theta, rope_dims)
+            .map_err(|reason| Error::InvalidOption(format!("RoPE scaling: {reason}")))?;
         let mut cos = Vec::with_capacity(positions * pairs);
         let mut sin = Vec::with_capacity(positions * pairs);
         // Angles in f64: at position 100k an f32 product loses whole radians of phase.
         let freqs: Vec<f64> = (0..pairs)
-            .map(|i| (theta as f64).powf(-2.0 * i as f64 / rope_dims as f64))
+            .map(|i| base_frequency(theta, i, rope_dims) / factors[i])
             .collect();
         for pos in 0..positions {
             for &f in &freqs {
@@ -45,14 +52,14 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        Rope {
+        Ok(Rope {
             style,
             head_dim,
             pairs,
             positions,
             cos,
             sin,
-        }
+        })
     }
 
     /// Positions the tables cover.
@@ -87,6 +94,83 @@ impl Rope {
     }
 }
 
+/// The unscaled frequency of pair `i`: `θ^(−2i/rope_dims)`.
+fn base_frequency(theta: f32, i: usize, rope_dims: usize) -> f64 {
+    (theta as f64).powf(-2.0 * i as f64 / rope_dims as f64)
+}
+
+/// What the frequency of each of the `rope_dims / 2` pairs is divided by under `scaling`, or why
+/// the scaling cannot be used (a factor that is not a positive number, a list of the wrong
+/// length, Llama 3 bands that are empty or reversed).
+///
+/// Llama 3 scaling (transformers' `_compute_llama3_parameters`, and the `rope_freqs.weight` that
+/// llama.cpp's converter writes): with `wavelen = 2π / freq`, pairs with
+/// `wavelen < original / high_freq_factor` keep their frequency, pairs with
+/// `wavelen > original / low_freq_factor` are divided by `factor`, and the band between
+/// interpolates `freq' = (1 − s)·freq/factor + s·freq` with
+/// `s = (original / wavelen − low_freq_factor) / (high_freq_factor − low_freq_factor)`.
+pub(crate) fn frequency_factors(
+    scaling: &RopeScaling,
+    theta: f32,
+    rope_dims: usize,
+) -> std::result::Result<Vec<f64>, String> {
+    let pairs = rope_dims / 2;
+    let positive = |name: &str, v: f32| match v.is_finite() && v > 0.0 {
+        true => Ok(v as f64),
+        false => Err(format!("{name} is {v}; it must be a positive number")),
+    };
+    match scaling {
+        RopeScaling::None => Ok(vec![1.0; pairs]),
+        RopeScaling::Linear { factor } => Ok(vec![positive("factor", *factor)?; pairs]),
+        RopeScaling::Factors(factors) => {
+            if factors.len() != pairs {
+                return Err(format!(
+                    "{} frequency factors for {pairs} rotated pairs",
+                    factors.len()
+                ));
+            }
+            factors
+                .iter()
+                .enumerate()
+                .map(|(i, &f)| positive(&format!("factor {i}"), f))
+                .collect()
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context_length,
+        } => {
+            let factor = positive("factor", *factor)?;
+            let low = positive("low_freq_factor", *low_freq_factor)?;
+            let high = positive("high_freq_factor", *high_freq_factor)?;
+            if high <= low {
+                return Err(format!(
+                    "high_freq_factor {high} must be greater than low_freq_factor {low}"
+                ));
+            }
+            if *original_context_length == 0 {
+                return Err("original context length is 0".into());
+            }
+            let original = *original_context_length as f64;
+            let (short, long) = (original / high, original / low);
+            Ok((0..pairs)
+                .map(|i| {
+                    let wavelen = 2.0 * std::f64::consts::PI / base_frequency(theta, i, rope_dims);
+                    if wavelen < short {
+                        1.0
+                    } else if wavelen > long {
+                        factor
+                    } else {
+                        let s = (original / wavelen - low) / (high - low);
+                        1.0 / ((1.0 - s) / factor + s)
+                    }
+                })
+                .collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,7 +195,7 @@ mod tests {
     #[test]
     fn position_zero_is_identity() {
         for style in [RopeStyle::Adjacent, RopeStyle::Halves] {
-            let rope = Rope::new(style, 16, 16, 10000.0, 4);
+            let rope = Rope::new(style, 16, 16, 10000.0, &RopeScaling::None, 4).unwrap();
             let x = vector(32, 1);
             let mut y = x.clone();
             rope.apply(&mut y, 0);
@@ -125,7 +209,7 @@ mod tests {
     #[test]
     fn dot_products_depend_only_on_relative_position() {
         for style in [RopeStyle::Adjacent, RopeStyle::Halves] {
-            let rope = Rope::new(style, 32, 32, 10000.0, 64);
+            let rope = Rope::new(style, 32, 32, 10000.0, &RopeScaling::None, 64).unwrap();
             let (q, k) = (vector(32, 2), vector(32, 3));
             let rotated_dot = |m: usize, n: usize| {
                 let (mut qm, mut kn) = (q.clone(), k.clone());
@@ -147,8 +231,9 @@ mod tests {
         // Halves pairs (i, i + d/2); adjacent pairs (2i, 2i+1). Interleaving the halves maps one
         // onto the other, which is the permutation llama.cpp's converter applies to q/k rows.
         let (d, rope_dims) = (16, 12);
-        let adjacent = Rope::new(RopeStyle::Adjacent, d, rope_dims, 500.0, 10);
-        let halves = Rope::new(RopeStyle::Halves, d, rope_dims, 500.0, 10);
+        let none = RopeScaling::None;
+        let adjacent = Rope::new(RopeStyle::Adjacent, d, rope_dims, 500.0, &none, 10).unwrap();
+        let halves = Rope::new(RopeStyle::Halves, d, rope_dims, 500.0, &none, 10).unwrap();
         let x = vector(d, 5);
         let half = rope_dims / 2;
         let mut perm: Vec<usize> = (0..half).flat_map(|i| [i, i + half]).collect();
@@ -164,6 +249,112 @@ mod tests {
             }
             // Unrotated tail stays put.
             assert_eq!(&h[rope_dims..], &x[rope_dims..]);
+        }
+    }
+
+    /// Llama 3.2's `rope_scaling` (1B/3B: θ 500000, head dim 64).
+    const LLAMA32: RopeScaling = RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_context_length: 8192,
+    };
+
+    #[test]
+    fn llama3_factors_keep_short_waves_divide_long_ones_and_blend_between() {
+        let f = frequency_factors(&LLAMA32, 500000.0, 64).unwrap();
+        assert_eq!(f.len(), 32);
+        // Wavelength 2π·500000^(i/32) crosses 8192/4 = 2048 after pair 14 and 8192 after pair 17.
+        assert!(f[..15].iter().all(|&x| x == 1.0), "{f:?}");
+        assert!(f[18..].iter().all(|&x| x == 32.0), "{f:?}");
+        let middle = &f[15..18];
+        assert!(middle.iter().all(|&x| x > 1.0 && x < 32.0), "{middle:?}");
+        assert!(middle.windows(2).all(|w| w[0] < w[1]), "{middle:?}");
+        // The same three by hand: s = (8192/wavelen − 1)/(4 − 1), factor = 1/((1 − s)/32 + s).
+        for (i, &got) in f.iter().enumerate().take(18).skip(15) {
+            let wavelen = 2.0 * std::f64::consts::PI * 500000f64.powf(i as f64 / 32.0);
+            let s = (8192.0 / wavelen - 1.0) / 3.0;
+            let by_hand = 1.0 / ((1.0 - s) / 32.0 + s);
+            assert!(
+                (got - by_hand).abs() < 1e-9 * by_hand,
+                "pair {i}: {got} vs {by_hand}"
+            );
+        }
+        // And as printed by Python from llama.cpp's converter formula.
+        for (i, want) in [
+            (15, 1.6513292457638984),
+            (16, 3.2922621029408843),
+            (17, 9.666728978753293),
+        ] {
+            assert!((f[i] - want).abs() < 1e-9, "pair {i}: {} vs {want}", f[i]);
+        }
+    }
+
+    #[test]
+    fn scaled_tables_divide_the_frequencies() {
+        let (d, positions) = (16, 40);
+        let plain = Rope::new(
+            RopeStyle::Halves,
+            d,
+            d,
+            10000.0,
+            &RopeScaling::None,
+            positions,
+        )
+        .unwrap();
+        let linear = RopeScaling::Linear { factor: 2.0 };
+        let halved = Rope::new(RopeStyle::Halves, d, d, 10000.0, &linear, positions).unwrap();
+        // Linear scaling by 2 at position 2p is the plain rotation at p.
+        let x = vector(d, 7);
+        for p in [1, 7, 19] {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            plain.apply(&mut a, p);
+            halved.apply(&mut b, 2 * p);
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() < 1e-5, "position {p}: {u} vs {v}");
+            }
+        }
+        // Per-pair factors: pair i turns at θ^(−2i/d) / factor_i.
+        let factors: Vec<f32> = (0..d / 2).map(|i| 1.0 + i as f32).collect();
+        let scaling = RopeScaling::Factors(factors.clone());
+        let rope = Rope::new(RopeStyle::Halves, d, d, 10000.0, &scaling, positions).unwrap();
+        let pos = 33;
+        for (i, &f) in factors.iter().enumerate() {
+            let angle = pos as f64 * 10000f64.powf(-2.0 * i as f64 / d as f64) / f as f64;
+            let mut unit = vec![0.0; d];
+            unit[i] = 1.0;
+            rope.apply(&mut unit, pos);
+            assert!((unit[i] - angle.cos() as f32).abs() < 1e-6, "pair {i}");
+            assert!(
+                (unit[i + d / 2] - angle.sin() as f32).abs() < 1e-6,
+                "pair {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_scaling_is_an_error() {
+        let style = RopeStyle::Adjacent;
+        let short = RopeScaling::Factors(vec![1.0; 7]);
+        let err = Rope::new(style, 16, 16, 10000.0, &short, 4).unwrap_err();
+        assert!(
+            err.to_string().contains("7 frequency factors for 8"),
+            "{err}"
+        );
+        for bad in [
+            RopeScaling::Linear { factor: 0.0 },
+            RopeScaling::Factors(vec![f32::NAN; 8]),
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 4.0,
+                high_freq_factor: 1.0,
+                original_context_length: 8192,
+            },
+        ] {
+            assert!(
+                Rope::new(style, 16, 16, 10000.0, &bad, 4).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! OWNER: CLI/bench helper.
 
-use crate::config::{Architecture, FfnActivation, ModelConfig, RopeStyle};
+use crate::config::{Architecture, FfnActivation, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
 use crate::llama::{SyntheticSpec, SyntheticWeights};
 
@@ -83,6 +83,8 @@ impl Dims {
             rope_dims: head_dim,
             // Synthetic weights are laid out as a GGUF converter would write them.
             rope_style: RopeStyle::Adjacent,
+            // None of these shapes scales RoPE (Llama 3 8B predates Llama 3.1's scaling).
+            rope_scaling: RopeScaling::None,
             rms_eps: 1e-5,
             tied_embeddings: self.tied,
             ffn_activation: self.activation,

@@ -2,7 +2,7 @@
 //! loading and its errors.
 
 use super::*;
-use crate::config::{FfnActivation, RopeStyle};
+use crate::config::{FfnActivation, RopeScaling, RopeStyle};
 use crate::gguf::{tiny_llama_gguf, GgufWriter, MetaValue, TinyModelSpec};
 
 fn tiny_config() -> ModelConfig {
@@ -20,6 +20,7 @@ fn tiny_config() -> ModelConfig {
         rope_theta: 10000.0,
         rope_dims: 16,
         rope_style: RopeStyle::Adjacent,
+        rope_scaling: RopeScaling::None,
         rms_eps: 1e-5,
         tied_embeddings: true,
         ffn_activation: FfnActivation::Silu,

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::config::{Architecture, RopeStyle};
+use crate::config::{Architecture, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
@@ -71,6 +71,20 @@ pub fn gguf_to_hf_folder(gguf: &Path, dir: &Path, dtype: Dtype) -> Result<()> {
             ))
         }
     };
+    // Per-pair factors (`rope_freqs.weight`) have no config.json spelling: refuse rather than
+    // write a folder that runs with unscaled positions.
+    let rope_scaling = match &c.rope_scaling {
+        RopeScaling::None => None,
+        RopeScaling::Linear { factor } => {
+            Some(serde_json::json!({"rope_type": "linear", "factor": factor}))
+        }
+        other => {
+            return Err(Error::InvalidOption(format!(
+                "{}: RoPE scaling {other} cannot be written to config.json",
+                gguf.display()
+            )))
+        }
+    };
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
@@ -116,7 +130,7 @@ pub fn gguf_to_hf_folder(gguf: &Path, dir: &Path, dtype: Dtype) -> Result<()> {
     }
     write_safetensors(&dir.join(SINGLE_FILE), &tensors)?;
 
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": [if model_type == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" }],
         "model_type": model_type,
         "_name_or_path": c.name,
@@ -134,6 +148,9 @@ pub fn gguf_to_hf_folder(gguf: &Path, dir: &Path, dtype: Dtype) -> Result<()> {
         "hidden_act": "silu",
         "torch_dtype": format!("{dtype:?}").to_lowercase(),
     });
+    if let Some(scaling) = rope_scaling {
+        config["rope_scaling"] = scaling;
+    }
     let write_json = |name: &str, v: &serde_json::Value| {
         let path = dir.join(name);
         let text = serde_json::to_string_pretty(v).unwrap_or_default();

@@ -325,7 +325,7 @@ fn bad_gptq_and_config_are_typed_errors() {
             Err(e) => assert!(value != 0.0 && e.to_string().contains("o_proj.bias"), "{e}"),
         }
     }
-    // A missing tensor, llama 3 rope scaling, an unknown quantization method.
+    // A missing tensor, unsupported rope scaling (YaRN), an unknown quantization method.
     let dir = base.with_file_name("missing");
     rewrite(
         &base,
@@ -348,12 +348,15 @@ fn bad_gptq_and_config_are_typed_errors() {
     rewrite(
         &base,
         &dir,
-        |c| c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+        |c| {
+            c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+                "original_max_position_embeddings": 32768})
+        },
         |t| vec![t],
     );
     let err = Model::load(&dir, &options(false)).unwrap_err().to_string();
     assert!(
-        err.contains("rope_scaling") && err.contains("llama3"),
+        err.contains("rope_scaling") && err.contains("'yarn' is not supported"),
         "{err}"
     );
     let dir = base.with_file_name("awq");
@@ -548,4 +551,94 @@ fn qwen2_folders_load_their_biases() {
     let toks = tokens(6, spec.vocab_size());
     let err = rel_error(&logits_all(&with, &toks), &logits_all(&without, &toks));
     assert!(err > 1e-3, "the biases changed nothing: {err}");
+}
+
+/// Copies the GGUF `from` to `to`, letting `extra` add metadata and tensors.
+fn copy_gguf(from: &Path, to: &Path, extra: impl FnOnce(&mut crate::gguf::GgufWriter)) {
+    let file = crate::gguf::GgufFile::open(from).unwrap();
+    let mut w = crate::gguf::GgufWriter::new();
+    for (key, value) in file.metadata_entries() {
+        w.add_metadata(key, value.clone());
+    }
+    for info in file.tensors() {
+        let data = file.tensor_data(&info.name).unwrap().to_vec();
+        w.add_tensor_raw(&info.name, &info.dims, info.ty.id(), data)
+            .unwrap();
+    }
+    extra(&mut w);
+    w.write(to).unwrap();
+}
+
+#[test]
+fn llama3_rope_scaling_is_the_same_from_rope_freqs_and_config_json() {
+    use crate::config::{RopeScaling, ROPE_FREQS_TENSOR};
+    let spec = TinyModelSpec::default();
+    let (_tmp, gguf, folder) = tiny_pair("llama3-rope", &spec);
+    // Head dim 16, θ 10000: wavelengths 2π·10000^(i/8) put pairs 0–2 below 256/4 (kept), pair 3
+    // in the blend, pairs 4–7 above 256 (divided by 8).
+    let scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_context_length: 256,
+    };
+    let head_dim = spec.hidden / spec.heads;
+    let factors: Vec<f32> = crate::rope::frequency_factors(&scaling, 10000.0, head_dim)
+        .unwrap()
+        .iter()
+        .map(|&f| f as f32)
+        .collect();
+    assert_eq!(factors[..3], [1.0; 3]);
+    assert!(factors[3] > 1.0 && factors[3] < 8.0, "{factors:?}");
+    assert_eq!(factors[4..], [8.0; 4]);
+
+    // The GGUF carries the factors as llama.cpp's converter writes them; the folder carries
+    // Llama 3.2's kind of `rope_scaling`.
+    let scaled_gguf = gguf.with_file_name("scaled.gguf");
+    copy_gguf(&gguf, &scaled_gguf, |w| {
+        w.add_tensor_f32(ROPE_FREQS_TENSOR, &[head_dim / 2], &factors)
+            .unwrap()
+    });
+    // Per-pair factors have no config.json spelling: the test converter refuses them.
+    let err = gguf_to_hf_folder(&scaled_gguf, &folder.with_file_name("x"), Dtype::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("RoPE scaling"), "{err}");
+    let scaled_folder = folder.with_file_name("scaled-hf");
+    rewrite(
+        &folder,
+        &scaled_folder,
+        |c| {
+            c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256})
+        },
+        |t| vec![t],
+    );
+    let load = |path: &Path, reference: bool| Model::load(path, &options(reference)).unwrap();
+    let (a, b) = (load(&scaled_gguf, true), load(&scaled_folder, true));
+    assert_eq!(
+        a.config().rope_scaling,
+        RopeScaling::Factors(factors.clone())
+    );
+    assert_eq!(b.config().rope_scaling, scaling);
+    let toks = tokens(40, spec.vocab_size());
+    let (la, lb) = (logits_all(&a, &toks), logits_all(&b, &toks));
+    let err = rel_error(&lb, &la);
+    assert!(err < 1e-5, "scaled GGUF vs folder: relative error {err}");
+
+    // Both differ from the unscaled model after position 0 (which no frequency turns).
+    let vocab = spec.vocab_size();
+    let plain_a = logits_all(&load(&gguf, true), &toks);
+    let plain_b = logits_all(&load(&folder, true), &toks);
+    for (scaled, plain) in [(&la, &plain_a), (&lb, &plain_b)] {
+        assert!(rel_error(&scaled[..vocab], &plain[..vocab]) < 1e-6);
+        let change = rel_error(&scaled[vocab..], &plain[vocab..]);
+        assert!(change > 1e-3, "scaling changed the logits by only {change}");
+    }
+
+    // The fast path builds the same tables as the reference.
+    let fast = load(&scaled_gguf, false);
+    assert_eq!(fast.rope, a.rope);
+    assert_ne!(fast.rope, load(&gguf, false).rope);
 }
