@@ -235,3 +235,82 @@ fn bench_markdown_table_and_plot() {
     assert_eq!(svg.matches("<polyline").count(), 2, "one line per test");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    let model = model_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lutra"))
+        .args([
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "-n",
+            "200",
+            "--temp",
+            "0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the lutra binary runs");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "Write a very long story about a cat.").unwrap();
+    stdin.flush().unwrap();
+    // Read the reply as it streams; interrupt once some of it (about 10 of its up to 200 tokens)
+    // has arrived.
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            let _ = tx.send(all.len());
+        }
+        all
+    });
+    let start = Instant::now();
+    let mut received = 0;
+    while received < 40 {
+        let left = Duration::from_secs(120).saturating_sub(start.elapsed());
+        received = rx
+            .recv_timeout(left)
+            .expect("the first reply streams some text");
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    writeln!(stdin, "Say hi.").unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    let stdout = reader.join().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{stderr}",
+        status.code(),
+        text(&stdout)
+    );
+    assert!(
+        stderr.contains("reply 1 interrupted"),
+        "the first reply was not interrupted:\n{stderr}"
+    );
+    // The second turn was answered after the interruption.
+    assert!(stderr.contains("lutra: reply 2:"), "{stderr}");
+    assert!(!stderr.contains("reply 2 interrupted"), "{stderr}");
+}

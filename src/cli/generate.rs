@@ -4,8 +4,9 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lutra_runtime::generate::{GenerateOptions, Generator};
+use lutra_runtime::generate::{GenerateOptions, Generator, StopReason};
 
+use super::interrupt::{Interrupt, EXIT_INTERRUPTED};
 use super::{ModelArgs, SamplingArgs};
 
 /// Arguments of `lutra generate`.
@@ -52,6 +53,8 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<()> {
     };
     let mut generator =
         Generator::new(&model, &args.prompt, opts).context("cannot start generation")?;
+    let interrupt = Interrupt::install(generator.cancel_token())?;
+    let reply = interrupt.reply();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for piece in generator.by_ref() {
@@ -60,8 +63,13 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<()> {
             .and_then(|()| out.flush())
             .context("cannot write to stdout")?;
     }
+    drop(reply);
     let stats = generator.stats();
     eprintln!();
+    let interrupted = generator.stop_reason() == Some(StopReason::Cancelled);
+    if interrupted {
+        eprintln!("lutra: interrupted");
+    }
     eprintln!(
         "lutra: prompt {} tokens in {:.3} s ({:.2} t/s); generated {} tokens in {:.3} s ({:.2} t/s)",
         stats.prompt_tokens,
@@ -71,10 +79,14 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<()> {
         stats.gen_secs,
         stats.gen_tps()
     );
+    if interrupted {
+        std::process::exit(EXIT_INTERRUPTED);
+    }
     Ok(())
 }
 
-/// Runs `lutra chat`: one user turn per input line until end of input or `/exit`.
+/// Runs `lutra chat`: one user turn per input line until end of input or `/exit`. Ctrl-C stops
+/// the running reply (the conversation keeps what was said); at the prompt it quits.
 pub(crate) fn chat(args: &ChatArgs) -> Result<()> {
     let model = args.model.load()?;
     let opts = GenerateOptions {
@@ -86,10 +98,11 @@ pub(crate) fn chat(args: &ChatArgs) -> Result<()> {
     let mut session =
         lutra_runtime::session::ChatSession::new(&model, args.system_prompt.as_deref(), opts)
             .context("cannot start the chat")?;
+    let interrupt = Interrupt::install(session.cancel_token())?;
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
-        eprintln!("lutra: chat started; /exit or Ctrl-D to quit");
+        eprintln!("lutra: chat started; Ctrl-C stops a reply; /exit or Ctrl-D to quit");
     }
     let mut lines = stdin.lock().lines();
     let mut replies = 0usize;
@@ -110,6 +123,7 @@ pub(crate) fn chat(args: &ChatArgs) -> Result<()> {
         }
         let stdout = std::io::stdout();
         let mut write_error = None;
+        let reply = interrupt.reply();
         session
             .send(turn, |piece: &str| {
                 let mut out = stdout.lock();
@@ -118,12 +132,16 @@ pub(crate) fn chat(args: &ChatArgs) -> Result<()> {
                 }
             })
             .context("generation failed")?;
+        drop(reply);
         if let Some(e) = write_error {
             return Err(e).context("cannot write to stdout");
         }
         writeln!(stdout.lock()).context("cannot write to stdout")?;
         replies += 1;
         let stats = session.last_stats();
+        if session.last_stop_reason() == Some(StopReason::Cancelled) {
+            eprintln!("lutra: reply {replies} interrupted");
+        }
         eprintln!(
             "lutra: reply {replies}: {} tokens at {:.2} t/s (prompt {} tokens at {:.2} t/s)",
             stats.generated_tokens,

@@ -4,6 +4,7 @@
 mod bench;
 mod generate;
 mod inspect;
+mod interrupt;
 mod kernels;
 mod plot;
 mod report;
