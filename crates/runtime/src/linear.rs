@@ -5,11 +5,17 @@
 //! - ternary codes with one scale per row (BitNet b1.58: TQ1_0/TQ2_0, HF BitLinear) →
 //!   [`TernaryMatrix`] (1.67 bits per weight);
 //! - int8 codes (Q8_0) → [`Int8Matrix`];
-//! - dense values (F32/F16/BF16), and every matrix in reference mode → [`DenseMatrix`].
+//! - dense values (F32/F16/BF16), and every matrix in reference mode → [`DenseMatrix`];
+//! - any of these with its columns stored in another order (GPTQ act-order, sorted so that each
+//!   group's columns are contiguous) → [`Linear::Permuted`], which reads the input gathered into
+//!   that order: `W·x = W[:, perm]·x[perm]`.
 //!
 //! An [`Input`] holds one activation vector (or a batch) in every form its consumers need: the f32
 //! values, LUT tables, int8 activations. It is prepared once and shared by all the matrices that
-//! read the same vector (q/k/v; gate/up), so tables are built once per token, not once per matrix.
+//! read the same vector (q/k/v; gate/up), so tables are built once per token, not once per matrix;
+//! permuted consumers share one gathered copy per distinct column order.
+
+use std::sync::Arc;
 
 use lutra_kernels::{
     ActivationTables, Cpu, DenseMatrix, Grouping, Int8Activations, Int8Matrix, PackedMatrix,
@@ -30,6 +36,21 @@ pub enum Linear {
     Int8(Int8Matrix),
     /// f32 values.
     Dense(DenseMatrix),
+    /// A matrix whose column `i` is input feature `perm[i]`.
+    Permuted(Box<Permuted>),
+}
+
+/// A matrix stored with its columns in the order `perm` (never itself permuted).
+pub struct Permuted {
+    /// Column `i` of `inner` multiplies input feature `perm[i]`; shared by the matrices of one
+    /// layer that have the same order, so that they share one gathered input.
+    perm: Arc<[u32]>,
+    inner: Linear,
+}
+
+/// Whether two column orders are the same (the same allocation, or equal values).
+fn same_order(a: &Arc<[u32]>, b: &Arc<[u32]>) -> bool {
+    Arc::ptr_eq(a, b) || a[..] == b[..]
 }
 
 impl std::fmt::Debug for Linear {
@@ -94,6 +115,55 @@ impl Linear {
         })
     }
 
+    /// Like [`Linear::from_decoded`] for a tensor whose column `i` is input feature `perm[i]`
+    /// (e.g. a GPTQ act-order layer sorted by group). Reference mode puts the columns back in
+    /// input order in a dense matrix; otherwise the matrix keeps the tensor's order and reads the
+    /// input gathered into it.
+    pub fn from_decoded_permuted(
+        tensor: &DecodedTensor,
+        perm: Arc<[u32]>,
+        reference: bool,
+    ) -> Result<Linear> {
+        let (rows, cols) = crate::quantize::shape(tensor);
+        let mut seen = vec![false; cols];
+        let valid = perm.len() == cols
+            && perm.iter().all(|&c| {
+                let fresh = seen.get(c as usize).is_some_and(|s| !s);
+                if fresh {
+                    seen[c as usize] = true;
+                }
+                fresh
+            });
+        if !valid {
+            return Err(Error::InvalidOption(format!(
+                "a column order of {} entries is not a permutation of the {cols} columns of a \
+                 {rows}x{cols} matrix",
+                perm.len()
+            )));
+        }
+        if reference {
+            let stored = dequantize(tensor);
+            let mut values = vec![0.0; rows * cols];
+            for (out, row) in values.chunks_exact_mut(cols).zip(stored.chunks_exact(cols)) {
+                for (&c, &v) in perm.iter().zip(row) {
+                    out[c as usize] = v;
+                }
+            }
+            return Ok(Linear::Dense(DenseMatrix::new(rows, cols, values)?));
+        }
+        let inner = Linear::from_decoded(tensor, false)?;
+        Ok(Linear::Permuted(Box::new(Permuted { perm, inner })))
+    }
+
+    /// The column order of a [`Linear::Permuted`] matrix: column `i` reads input feature
+    /// `order[i]`.
+    pub fn column_order(&self) -> Option<&Arc<[u32]>> {
+        match self {
+            Linear::Permuted(p) => Some(&p.perm),
+            _ => None,
+        }
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         match self {
@@ -101,6 +171,7 @@ impl Linear {
             Linear::Ternary(m) => m.rows(),
             Linear::Int8(m) => m.rows(),
             Linear::Dense(m) => m.rows(),
+            Linear::Permuted(p) => p.inner.rows(),
         }
     }
 
@@ -111,20 +182,23 @@ impl Linear {
             Linear::Ternary(m) => m.cols(),
             Linear::Int8(m) => m.cols(),
             Linear::Dense(m) => m.cols(),
+            Linear::Permuted(p) => p.inner.cols(),
         }
     }
 
-    /// Bytes of weights (and scales) in memory.
+    /// Bytes of weights (and scales, and column order) in memory.
     pub fn bytes(&self) -> usize {
         match self {
             Linear::Lut(m) => m.bytes(),
             Linear::Ternary(m) => m.bytes(),
             Linear::Int8(m) => m.bytes(),
             Linear::Dense(m) => m.rows() * m.cols() * 4,
+            Linear::Permuted(p) => p.inner.bytes() + 4 * p.perm.len(),
         }
     }
 
-    /// Short name of the in-memory form, e.g. `lut4 g32`, `ternary 1.67b`, `int8`, `f32`.
+    /// Short name of the in-memory form, e.g. `lut4 g32`, `ternary 1.67b`, `int8`, `f32`,
+    /// `lut4 g128 permuted`.
     pub fn kind(&self) -> String {
         match self {
             Linear::Lut(m) => {
@@ -139,6 +213,7 @@ impl Linear {
             Linear::Ternary(_) => "ternary 1.67b".to_string(),
             Linear::Int8(_) => "int8".to_string(),
             Linear::Dense(_) => "f32".to_string(),
+            Linear::Permuted(p) => format!("{} permuted", p.inner.kind()),
         }
     }
 
@@ -159,27 +234,32 @@ impl Linear {
         }
         let missing = |what: &str| {
             Error::InvalidOption(format!(
-                "input was built without {what} for a {} matrix",
+                "input was not prepared with {what} for a {} matrix",
                 self.kind()
             ))
         };
+        // A form counts only if the last `prepare` built it from the current vectors.
         match self {
-            Linear::Lut(m) => {
-                let tables = input.tables.as_ref().ok_or_else(|| missing("tables"))?;
-                m.matmul(cpu, tables, out)?;
-            }
-            Linear::Ternary(m) => {
-                let tables = input
-                    .ternary
-                    .as_ref()
-                    .ok_or_else(|| missing("ternary tables"))?;
-                m.matmul(cpu, tables, out)?;
-            }
-            Linear::Int8(m) => {
-                let acts = input.int8.as_ref().ok_or_else(|| missing("int8"))?;
-                m.matmul(cpu, acts, out)?;
-            }
+            Linear::Lut(m) => match (&input.tables, input.built.tables) {
+                (Some(tables), true) => m.matmul(cpu, tables, out)?,
+                _ => return Err(missing("tables")),
+            },
+            Linear::Ternary(m) => match (&input.ternary, input.built.ternary) {
+                (Some(tables), true) => m.matmul(cpu, tables, out)?,
+                _ => return Err(missing("ternary tables")),
+            },
+            Linear::Int8(m) => match (&input.int8, input.built.int8) {
+                (Some(acts), true) => m.matmul(cpu, acts, out)?,
+                _ => return Err(missing("int8 activations")),
+            },
             Linear::Dense(m) => m.matmul(cpu, input.values(), n, out)?,
+            Linear::Permuted(p) => {
+                let gathered = input.orders[..input.orders_used]
+                    .iter()
+                    .find(|o| o.perm.as_ref().is_some_and(|q| same_order(q, &p.perm)))
+                    .ok_or_else(|| missing("this matrix's column order"))?;
+                p.inner.matmul(cpu, &gathered.input, out)?;
+            }
         }
         Ok(())
     }
@@ -191,6 +271,15 @@ impl Linear {
             Linear::Ternary(m) => m.dequantize_row(r, out)?,
             Linear::Int8(m) => m.dequantize_row(r, out)?,
             Linear::Dense(m) => out.copy_from_slice(m.row(r)),
+            Linear::Permuted(p) => {
+                // Rows are read for embeddings, which the loaders never permute: a scratch row
+                // here costs nothing on the token path.
+                let mut stored = vec![0.0; out.len()];
+                p.inner.row(r, &mut stored)?;
+                for (&c, &v) in p.perm.iter().zip(&stored) {
+                    out[c as usize] = v;
+                }
+            }
         }
         Ok(())
     }
@@ -226,17 +315,67 @@ fn ternary_weights(tensor: &DecodedTensor) -> Option<TernaryWeights<'_>> {
     })
 }
 
+/// Which forms of an activation vector a matrix reads (besides the f32 values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Forms {
+    tables: bool,
+    ternary: bool,
+    int8: bool,
+}
+
+impl Forms {
+    /// The forms `m` reads from an input; a permuted matrix reads none of them (it reads a
+    /// gathered copy).
+    fn of(m: &Linear) -> Forms {
+        Forms {
+            tables: matches!(m, Linear::Lut(_)),
+            ternary: matches!(m, Linear::Ternary(_)),
+            int8: matches!(m, Linear::Int8(_)),
+        }
+    }
+
+    /// The forms the input gathered for a permuted matrix must hold.
+    fn of_permuted(m: &Linear) -> Forms {
+        match m {
+            Linear::Permuted(p) => Forms::of(&p.inner),
+            _ => Forms::default(),
+        }
+    }
+
+    fn union(self, o: Forms) -> Forms {
+        Forms {
+            tables: self.tables || o.tables,
+            ternary: self.ternary || o.ternary,
+            int8: self.int8 || o.int8,
+        }
+    }
+}
+
+/// The current vectors gathered into one column order.
+struct Gathered {
+    /// The order of the last [`Input::prepare`] that used this slot.
+    perm: Option<Arc<[u32]>>,
+    input: Input,
+}
+
 /// Activation vectors of length `cols` (up to `max_batch` of them) in every form their consumer
-/// matrices read; all buffers are allocated once, by [`Input::for_consumers`].
+/// matrices read; all buffers are allocated by [`Input::for_consumers`] (tables reach their full
+/// size on the first batch as large as `max_batch`).
 pub struct Input {
     cols: usize,
     max_batch: usize,
     tokens: usize,
     ready: bool,
+    /// Forms built from the current vectors by the last [`Input::prepare`].
+    built: Forms,
     values: Vec<f32>,
     tables: Option<ActivationTables>,
     ternary: Option<TernaryTables>,
     int8: Option<Int8Activations>,
+    /// One slot per column order that one `prepare` may have to serve at once.
+    orders: Vec<Gathered>,
+    /// Slots filled by the last `prepare`.
+    orders_used: usize,
 }
 
 impl std::fmt::Debug for Input {
@@ -247,35 +386,52 @@ impl std::fmt::Debug for Input {
             .field("tables", &self.tables.is_some())
             .field("ternary", &self.ternary.is_some())
             .field("int8", &self.int8.is_some())
+            .field("orders", &self.orders.len())
             .finish()
     }
 }
 
 impl Input {
-    /// Buffers for up to `max_batch` vectors of `cols` values, with the forms `consumers` need.
-    pub fn for_consumers<'a>(
+    /// Buffers for up to `max_batch` vectors of `cols` values, with the forms the matrices of
+    /// `groups` need; each group is the set of matrices that read one prepared input (e.g. one
+    /// layer's q/k/v), which bounds how many column orders are gathered at once.
+    pub fn for_consumers<'a, G: AsRef<[&'a Linear]>>(
         cols: usize,
         max_batch: usize,
-        consumers: impl IntoIterator<Item = &'a Linear>,
+        groups: impl IntoIterator<Item = G>,
     ) -> Input {
-        let (mut tables, mut ternary, mut int8) = (false, false, false);
-        for m in consumers {
-            match m {
-                Linear::Lut(_) => tables = true,
-                Linear::Ternary(_) => ternary = true,
-                Linear::Int8(_) => int8 = true,
-                Linear::Dense(_) => {}
+        let (mut plain, mut permuted, mut slots) = (Forms::default(), Forms::default(), 0);
+        for group in groups {
+            let group = group.as_ref();
+            for m in group {
+                plain = plain.union(Forms::of(m));
+                permuted = permuted.union(Forms::of_permuted(m));
             }
+            slots = slots.max(distinct_orders(group));
         }
+        let mut input = Input::with_forms(cols, max_batch, plain);
+        input.orders = (0..slots)
+            .map(|_| Gathered {
+                perm: None,
+                input: Input::with_forms(cols, max_batch, permuted),
+            })
+            .collect();
+        input
+    }
+
+    fn with_forms(cols: usize, max_batch: usize, forms: Forms) -> Input {
         Input {
             cols,
             max_batch,
             tokens: 0,
             ready: false,
+            built: Forms::default(),
             values: vec![0.0; cols * max_batch],
-            tables: tables.then(|| ActivationTables::new(cols)),
-            ternary: ternary.then(|| TernaryTables::new(cols)),
-            int8: int8.then(|| Int8Activations::new(cols)),
+            tables: forms.tables.then(|| ActivationTables::new(cols)),
+            ternary: forms.ternary.then(|| TernaryTables::new(cols)),
+            int8: forms.int8.then(|| Int8Activations::new(cols)),
+            orders: Vec::new(),
+            orders_used: 0,
         }
     }
 
@@ -294,6 +450,8 @@ impl Input {
     pub fn values_mut(&mut self, tokens: usize) -> &mut [f32] {
         self.tokens = tokens.min(self.max_batch);
         self.ready = false;
+        self.built = Forms::default();
+        self.orders_used = 0;
         &mut self.values[..self.tokens * self.cols]
     }
 
@@ -302,21 +460,95 @@ impl Input {
         &self.values[..self.tokens * self.cols]
     }
 
-    /// Builds the tables and int8 activations of the current vectors.
-    pub fn prepare(&mut self, cpu: &Cpu) -> Result<()> {
-        let x = &self.values[..self.tokens * self.cols];
-        if let Some(tables) = &mut self.tables {
-            tables.build(cpu, x, self.tokens)?;
+    /// Builds what `consumers` read from the current vectors: the tables and int8 activations,
+    /// once for all of them, and one gathered copy per distinct column order of the permuted ones.
+    pub fn prepare(&mut self, cpu: &Cpu, consumers: &[&Linear]) -> Result<()> {
+        self.ready = false;
+        let plain = consumers
+            .iter()
+            .fold(Forms::default(), |f, m| f.union(Forms::of(m)));
+        self.build(cpu, plain)?;
+
+        // Assign a slot to each distinct order, in the order the consumers come.
+        self.orders_used = 0;
+        for perm in consumers.iter().filter_map(|m| m.column_order()) {
+            let used = &self.orders[..self.orders_used];
+            if used
+                .iter()
+                .any(|o| o.perm.as_ref().is_some_and(|q| same_order(q, perm)))
+            {
+                continue;
+            }
+            let slot = self.orders.get_mut(self.orders_used).ok_or_else(|| {
+                Error::InvalidOption(format!(
+                    "the input was sized for {} column orders at once; its consumers have more",
+                    self.orders_used
+                ))
+            })?;
+            slot.perm = Some(Arc::clone(perm));
+            self.orders_used += 1;
         }
-        if let Some(tables) = &mut self.ternary {
-            tables.build(cpu, x, self.tokens)?;
-        }
-        if let Some(int8) = &mut self.int8 {
-            int8.build(cpu, x, self.tokens)?;
+        let n = self.tokens;
+        for slot in &mut self.orders[..self.orders_used] {
+            let Some(perm) = &slot.perm else { continue };
+            let forms = consumers
+                .iter()
+                .filter(|m| m.column_order().is_some_and(|q| same_order(q, perm)))
+                .fold(Forms::default(), |f, m| f.union(Forms::of_permuted(m)));
+            let gathered = slot.input.values_mut(n);
+            for (out, x) in gathered
+                .chunks_exact_mut(self.cols)
+                .zip(self.values.chunks_exact(self.cols))
+            {
+                for (o, &c) in out.iter_mut().zip(perm.iter()) {
+                    *o = x[c as usize];
+                }
+            }
+            slot.input.build(cpu, forms)?;
+            slot.input.ready = true;
         }
         self.ready = true;
         Ok(())
     }
+
+    /// Builds the forms `want` of the current vectors.
+    fn build(&mut self, cpu: &Cpu, want: Forms) -> Result<()> {
+        let x = &self.values[..self.tokens * self.cols];
+        let absent = |what: &str| {
+            Error::InvalidOption(format!(
+                "an input of {} values was sized without {what}",
+                self.cols
+            ))
+        };
+        if want.tables {
+            let tables = self.tables.as_mut().ok_or_else(|| absent("tables"))?;
+            tables.build(cpu, x, self.tokens)?;
+        }
+        if want.ternary {
+            let tables = self
+                .ternary
+                .as_mut()
+                .ok_or_else(|| absent("ternary tables"))?;
+            tables.build(cpu, x, self.tokens)?;
+        }
+        if want.int8 {
+            let int8 = self
+                .int8
+                .as_mut()
+                .ok_or_else(|| absent("int8 activations"))?;
+            int8.build(cpu, x, self.tokens)?;
+        }
+        self.built = want;
+        Ok(())
+    }
+}
+
+/// How many distinct column orders the matrices of `group` have.
+fn distinct_orders(group: &[&Linear]) -> usize {
+    let orders: Vec<&Arc<[u32]>> = group.iter().filter_map(|m| m.column_order()).collect();
+    (0..orders.len())
+        .filter(|&i| !orders[..i].iter().any(|q| same_order(q, orders[i])))
+        .count()
 }
 
 #[cfg(test)]
@@ -337,12 +569,12 @@ mod tests {
         let m = Linear::from_decoded(&t, true).unwrap();
         assert_eq!((m.rows(), m.cols(), m.kind().as_str()), (2, 32, "f32"));
         let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, 1).unwrap();
-        let mut input = Input::for_consumers(32, 2, [&m]);
+        let mut input = Input::for_consumers(32, 2, [[&m]]);
         let mut out = vec![0.0; 2];
         // Not prepared yet: a typed error, not garbage.
         assert!(m.matmul(&cpu, &input, &mut out).is_err());
         input.values_mut(1).fill(1.0);
-        input.prepare(&cpu).unwrap();
+        input.prepare(&cpu, &[&m]).unwrap();
         m.matmul(&cpu, &input, &mut out).unwrap();
         // Row 0: 0.5 · 8·(0+1+2+3); row 1: 1.0 · 48 − 32.
         assert!(
@@ -383,11 +615,11 @@ mod tests {
         assert_eq!(dense.kind(), "f32");
         let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, 1).unwrap();
         let tokens = 3;
-        let mut input = Input::for_consumers(96, tokens, [&m, &dense]);
+        let mut input = Input::for_consumers(96, tokens, [[&m, &dense]]);
         for (i, v) in input.values_mut(tokens).iter_mut().enumerate() {
             *v = ((i * 37) % 11) as f32 - 5.0;
         }
-        input.prepare(&cpu).unwrap();
+        input.prepare(&cpu, &[&m, &dense]).unwrap();
         let (mut fast, mut exact) = (vec![0.0; 5 * tokens], vec![0.0; 5 * tokens]);
         m.matmul(&cpu, &input, &mut fast).unwrap();
         dense.matmul(&cpu, &input, &mut exact).unwrap();
@@ -408,9 +640,9 @@ mod tests {
         dense.row(4, &mut expected).unwrap();
         assert_eq!(row, expected);
         // An input prepared without ternary tables is an error, not garbage.
-        let mut plain = Input::for_consumers(96, 1, [&dense]);
+        let mut plain = Input::for_consumers(96, 1, [[&dense]]);
         plain.values_mut(1).fill(1.0);
-        plain.prepare(&cpu).unwrap();
+        plain.prepare(&cpu, &[&dense]).unwrap();
         assert!(m.matmul(&cpu, &plain, &mut fast[..5]).is_err());
     }
 
@@ -441,5 +673,126 @@ mod tests {
             let m = Linear::from_decoded(&t, false).unwrap();
             assert!(m.kind().starts_with("lut2"), "{}", m.kind());
         }
+    }
+
+    /// A random 4-bit tensor (groups of 32) and a random column order.
+    fn permuted_case(
+        rng: &mut lutra_kernels::measure::SplitMix64,
+        rows: usize,
+        cols: usize,
+    ) -> (DecodedTensor, Arc<[u32]>) {
+        let groups = rows * cols / 32;
+        let scales: Vec<f32> = (0..groups).map(|_| 0.01 + 0.1 * rng.uniform()).collect();
+        let tensor = DecodedTensor::LowBit {
+            rows,
+            cols,
+            bits: 4,
+            group_size: 32,
+            codes: (0..rows * cols)
+                .map(|_| (rng.uniform() * 16.0) as u8 & 15)
+                .collect(),
+            offsets: scales.iter().map(|s| -7.5 * s).collect(),
+            scales,
+        };
+        let mut perm: Vec<u32> = (0..cols as u32).collect();
+        for i in (1..cols).rev() {
+            perm.swap(i, (rng.uniform() * (i + 1) as f32) as usize % (i + 1));
+        }
+        (tensor, perm.into())
+    }
+
+    #[test]
+    fn permuted_matrices_read_their_gathered_input_and_share_it_per_order() {
+        let mut rng = lutra_kernels::measure::SplitMix64::new(5);
+        let (rows, cols, tokens) = (8, 128, 3);
+        let (ta, p) = permuted_case(&mut rng, rows, cols);
+        let (tb, _) = permuted_case(&mut rng, rows, cols);
+        let (tc, q) = permuted_case(&mut rng, rows, cols);
+        // `a` and `b` have the same order in two allocations; `c` another; `d` none.
+        let p_copy: Arc<[u32]> = p.iter().copied().collect();
+        let a = Linear::from_decoded_permuted(&ta, Arc::clone(&p), false).unwrap();
+        let b = Linear::from_decoded_permuted(&tb, p_copy, false).unwrap();
+        let c = Linear::from_decoded_permuted(&tc, Arc::clone(&q), false).unwrap();
+        let d = Linear::from_decoded(&tc, false).unwrap();
+        assert_eq!(a.kind(), "lut4 g32 permuted");
+        assert_eq!((a.rows(), a.cols()), (rows, cols));
+        let group = [&a, &b, &c, &d];
+        let mut input = Input::for_consumers(cols, tokens, [group]);
+        assert_eq!(
+            input.orders.len(),
+            2,
+            "one gathered copy per distinct order"
+        );
+        let x: Vec<f32> = (0..tokens * cols).map(|_| rng.uniform() - 0.5).collect();
+        input.values_mut(tokens).copy_from_slice(&x);
+        let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, 1).unwrap();
+        input.prepare(&cpu, &group).unwrap();
+        assert_eq!(input.orders_used, 2);
+
+        for (m, t, perm) in [(&a, &ta, &p), (&b, &tb, &p), (&c, &tc, &q)] {
+            let mut fast = vec![0.0; tokens * rows];
+            m.matmul(&cpu, &input, &mut fast).unwrap();
+            // Exactly the stored-order matrix times the input gathered by hand.
+            let stored = Linear::from_decoded(t, false).unwrap();
+            let mut gathered = Input::for_consumers(cols, tokens, [[&stored]]);
+            for (g, xt) in gathered
+                .values_mut(tokens)
+                .chunks_exact_mut(cols)
+                .zip(x.chunks_exact(cols))
+            {
+                for (g, &i) in g.iter_mut().zip(perm.iter()) {
+                    *g = xt[i as usize];
+                }
+            }
+            gathered.prepare(&cpu, &[&stored]).unwrap();
+            let mut want = vec![0.0; tokens * rows];
+            stored.matmul(&cpu, &gathered, &mut want).unwrap();
+            assert_eq!(fast, want);
+
+            // And close to the exact product in input order (the reference form).
+            let dense = Linear::from_decoded_permuted(t, Arc::clone(perm), true).unwrap();
+            assert_eq!(dense.kind(), "f32");
+            let stored_values = t.dequantize();
+            let (mut row, mut fast_row, mut stored_row) =
+                (vec![0.0; cols], vec![0.0; cols], vec![0.0; cols]);
+            for r in 0..rows {
+                dense.row(r, &mut row).unwrap();
+                m.row(r, &mut fast_row).unwrap();
+                stored.row(r, &mut stored_row).unwrap();
+                for (i, &c) in perm.iter().enumerate() {
+                    assert_eq!(row[c as usize], stored_values[r * cols + i]);
+                    assert_eq!(fast_row[c as usize], stored_row[i]);
+                }
+            }
+            let mut exact = vec![0.0; tokens * rows];
+            let mut plain = Input::for_consumers(cols, tokens, [[&dense]]);
+            plain.values_mut(tokens).copy_from_slice(&x);
+            plain.prepare(&cpu, &[&dense]).unwrap();
+            dense.matmul(&cpu, &plain, &mut exact).unwrap();
+            let mut unordered = vec![0.0; tokens * rows];
+            stored.matmul(&cpu, &input, &mut unordered).unwrap();
+            let err = |y: &[f32]| {
+                let num: f32 = y.iter().zip(&exact).map(|(a, b)| (a - b) * (a - b)).sum();
+                (num / exact.iter().map(|b| b * b).sum::<f32>()).sqrt()
+            };
+            assert!(err(&fast) < 0.02, "relative error {}", err(&fast));
+            // Ignoring the order would be far off: the check above can fail.
+            assert!(err(&unordered) > 0.3, "{}", err(&unordered));
+        }
+
+        // Prepared for `a` alone: `c`'s order was not gathered, an error rather than stale data.
+        input.values_mut(tokens).copy_from_slice(&x);
+        input.prepare(&cpu, &[&a]).unwrap();
+        let mut out = vec![0.0; tokens * rows];
+        assert!(c.matmul(&cpu, &input, &mut out).is_err());
+        assert!(d.matmul(&cpu, &input, &mut out).is_err());
+        // An input sized for one order cannot serve two at once.
+        let mut small = Input::for_consumers(cols, tokens, [[&a]]);
+        small.values_mut(tokens).copy_from_slice(&x);
+        assert!(small.prepare(&cpu, &[&a, &c]).is_err());
+        // Not a permutation of the columns.
+        let twice: Arc<[u32]> = (0..cols as u32).map(|i| i / 2).collect();
+        assert!(Linear::from_decoded_permuted(&ta, twice, false).is_err());
+        assert!(Linear::from_decoded_permuted(&ta, Arc::from(&p[1..]), true).is_err());
     }
 }

@@ -63,7 +63,6 @@ impl RunState {
             c.kv_heads * c.head_dim,
             c.ffn_size,
         );
-        let all = |pick: fn(&LayerWeights) -> [&Linear; 3]| layers.iter().flat_map(pick);
         let shape = AttentionShape {
             heads: c.heads,
             kv_heads: c.kv_heads,
@@ -72,17 +71,17 @@ impl RunState {
         RunState {
             max_batch,
             x: vec![0.0; max_batch * h],
-            attn_in: Input::for_consumers(h, max_batch, all(|l| [&l.wq, &l.wk, &l.wv])),
+            attn_in: Input::for_consumers(h, max_batch, layers.iter().map(LayerWeights::qkv)),
             q: vec![0.0; max_batch * q_dim],
             k: vec![0.0; max_batch * kv_dim],
             v: vec![0.0; max_batch * kv_dim],
-            o_in: Input::for_consumers(q_dim, max_batch, all(|l| [&l.wo, &l.wo, &l.wo])),
+            o_in: Input::for_consumers(q_dim, max_batch, layers.iter().map(|l| [&l.wo])),
             proj: vec![0.0; max_batch * h],
-            ffn_in: Input::for_consumers(h, max_batch, all(|l| [&l.w_gate, &l.w_up, &l.w_up])),
+            ffn_in: Input::for_consumers(h, max_batch, layers.iter().map(LayerWeights::gate_up)),
             gate: vec![0.0; max_batch * f],
             up: vec![0.0; max_batch * f],
-            down_in: Input::for_consumers(f, max_batch, all(|l| [&l.w_down, &l.w_down, &l.w_down])),
-            head_in: Input::for_consumers(h, max_batch, [head]),
+            down_in: Input::for_consumers(f, max_batch, layers.iter().map(|l| [&l.w_down])),
+            head_in: Input::for_consumers(h, max_batch, [[head]]),
             attention: Attention::new(shape, context, max_batch),
         }
     }
@@ -182,9 +181,9 @@ impl Model {
         }
 
         for (l, layer) in self.layers.iter().enumerate() {
-            // Attention: q/k/v share one input (one set of tables).
+            // Attention: q/k/v share one input (one set of tables, one per column order).
             rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
-            st.attn_in.prepare(cpu)?;
+            st.attn_in.prepare(cpu, &layer.qkv())?;
             let (q, k, v) = (
                 &mut st.q[..n * q_dim],
                 &mut st.k[..n * kv_dim],
@@ -210,14 +209,14 @@ impl Model {
             if let Some(w) = &layer.attn_sub_norm {
                 rmsnorm_in_place(cpu, att, w, eps);
             }
-            st.o_in.prepare(cpu)?;
+            st.o_in.prepare(cpu, &[&layer.wo])?;
             let proj = &mut st.proj[..n * h];
             layer.wo.matmul(cpu, &st.o_in, proj)?;
             add_assign(x, proj);
 
             // Feed-forward: gate/up share one input.
             rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
-            st.ffn_in.prepare(cpu)?;
+            st.ffn_in.prepare(cpu, &layer.gate_up())?;
             let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
             layer.w_gate.matmul(cpu, &st.ffn_in, gate)?;
             layer.w_up.matmul(cpu, &st.ffn_in, up)?;
@@ -229,7 +228,7 @@ impl Model {
             if let Some(w) = &layer.ffn_sub_norm {
                 rmsnorm_in_place(cpu, hidden, w, eps);
             }
-            st.down_in.prepare(cpu)?;
+            st.down_in.prepare(cpu, &[&layer.w_down])?;
             layer.w_down.matmul(cpu, &st.down_in, proj)?;
             add_assign(x, proj);
         }
@@ -245,11 +244,23 @@ impl Model {
                 &self.output_norm,
                 eps,
             );
-            st.head_in.prepare(cpu)?;
             let head = self.output.as_ref().unwrap_or(&self.embedding);
+            st.head_in.prepare(cpu, &[head])?;
             head.matmul(cpu, &st.head_in, logits)?;
         }
         Ok(())
+    }
+}
+
+impl LayerWeights {
+    /// The matrices that read the normed residual before attention.
+    fn qkv(&self) -> [&Linear; 3] {
+        [&self.wq, &self.wk, &self.wv]
+    }
+
+    /// The matrices that read the normed residual before the feed-forward.
+    fn gate_up(&self) -> [&Linear; 2] {
+        [&self.w_gate, &self.w_up]
     }
 }
 

@@ -8,7 +8,9 @@
 //! - F32/F16/BF16 embedding and LM head: int8 with an f16 scale per 32 (Q8_0-like), or f32 when
 //!   a row is not a multiple of 32;
 //! - GPTQ layers: their own codes, scales and zero points, exactly; act-order layers (groups not
-//!   contiguous along K) are dequantized exactly and then requantized like f16 layers;
+//!   contiguous along K) with their columns sorted by group and the input gathered to match
+//!   (matrices of one input with the same order share one gathered copy), or, when the groups are
+//!   uneven, dequantized exactly and stored as int8;
 //! - BitNet layers: ternary codes with the tensor's scale, exactly;
 //! - `--reference`: everything dequantized to f32.
 //!
@@ -16,6 +18,7 @@
 //! `lut4 g32`), so the default requantization is visible there.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::chat::ChatTemplate;
 use crate::config::{Architecture, ModelConfig};
@@ -71,6 +74,8 @@ struct Decoded {
     dense: bool,
     /// A GPTQ act-order layer: values on a low-bit grid whose groups are scattered along K.
     act_order: bool,
+    /// Column `i` of `tensor` is input feature `perm[i]` (GPTQ act-order sorted by group).
+    perm: Option<Vec<u32>>,
 }
 
 /// What a matrix is for: linear layers are requantized, the embedding and LM head are not.
@@ -86,6 +91,9 @@ struct HfLoader<'a> {
     quant: Quantization,
     opts: &'a LoadOptions,
     types: Vec<TensorTypeCount>,
+    /// The column order of the last permuted matrix, shared by the next ones that have the same
+    /// (q/k/v, gate/up) so that they share one gathered input.
+    last_order: Option<Arc<[u32]>>,
 }
 
 impl HfLoader<'_> {
@@ -116,11 +124,13 @@ impl HfLoader<'_> {
                 };
                 let order = if d.act_order { " act-order" } else { "" };
                 let source = format!("gptq{} {group}{order}", cfg.bits);
+                let dense = matches!(d.tensor, DecodedTensor::Dense { .. });
                 return Ok(Decoded {
                     tensor: d.tensor,
                     source,
-                    dense: d.act_order,
+                    dense,
                     act_order: d.act_order,
+                    perm: d.perm,
                 });
             }
         }
@@ -136,6 +146,7 @@ impl HfLoader<'_> {
                     source: "bitnet ternary".into(),
                     dense: false,
                     act_order: false,
+                    perm: None,
                 });
             }
         }
@@ -147,6 +158,7 @@ impl HfLoader<'_> {
             source,
             dense: true,
             act_order: false,
+            perm: None,
         })
     }
 
@@ -156,15 +168,20 @@ impl HfLoader<'_> {
             mut source,
             dense,
             act_order,
+            perm,
         } = self.decode(prefix, rows, cols)?;
         let tensor = if self.opts.reference {
             tensor
         } else {
             match role {
-                // GPTQ act-order values are already on a 4-bit grid, but on groups scattered along
-                // K: requantizing them to contiguous groups of 32 loses much more than int8 does.
+                // GPTQ act-order values with uneven groups are on a low-bit grid, but on groups
+                // scattered along K: requantizing them to contiguous groups of 32 loses much more
+                // than int8 does.
                 Role::Layer
-                    if act_order && self.opts.requantize.is_none() && cols.is_multiple_of(32) =>
+                    if act_order
+                        && dense
+                        && self.opts.requantize.is_none()
+                        && cols.is_multiple_of(32) =>
                 {
                     source = format!("{source}→int8");
                     quantize_int8(&tensor)
@@ -190,7 +207,17 @@ impl HfLoader<'_> {
                 Role::Table => tensor,
             }
         };
-        let m = Linear::from_decoded(&tensor, self.opts.reference)?;
+        let m = match perm {
+            Some(perm) => {
+                let order = match self.last_order.take() {
+                    Some(last) if last[..] == perm[..] => last,
+                    _ => Arc::from(perm),
+                };
+                self.last_order = Some(Arc::clone(&order));
+                Linear::from_decoded_permuted(&tensor, order, self.opts.reference)?
+            }
+            None => Linear::from_decoded(&tensor, self.opts.reference)?,
+        };
         count_tensor(&mut self.types, source, m.kind(), m.bytes());
         Ok(m)
     }
@@ -335,6 +362,7 @@ fn load_weights(
         quant,
         opts,
         types: Vec::new(),
+        last_order: None,
     };
     let embedding = t.linear("model.embed_tokens", c.vocab_size, h, Role::Table)?;
     let mut layers = Vec::with_capacity(c.layers);

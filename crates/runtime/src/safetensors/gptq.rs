@@ -9,8 +9,11 @@
 //!
 //! `w[n][k] = scale[g][n]·(q[k][n] − zero[g][n])` with `g = g_idx[k]`, so the code is `q`, the
 //! scale `scale`, and the offset `−scale·zero`. When `g_idx` is not `k / group_size` (act-order,
-//! `desc_act: true`), groups are not contiguous along K; such layers are dequantized exactly to
-//! dense values instead (the loader then stores them as int8).
+//! `desc_act: true`), groups are not contiguous along K. Sorting the input features by group
+//! (a stable permutation `perm`) makes them contiguous again, so such a layer is decoded exactly
+//! as the ordinary grouped matrix `W[:, perm]` plus `perm`: `W·x = W[:, perm]·x[perm]`. Only when
+//! the groups are not all `group_size` features, or K is not a multiple of 32 (the tables' block),
+//! is it dequantized exactly to dense values instead (the loader then stores it as int8).
 
 use crate::error::{Error, Result};
 use crate::weights::DecodedTensor;
@@ -93,10 +96,13 @@ pub struct GptqTensors<'a> {
 /// A decoded GPTQ layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptqDecoded {
-    /// Low-bit codes + scales + offsets, or dense values for act-order layers.
+    /// Low-bit codes + scales + offsets (columns in the order `perm`, when there is one), or
+    /// dense values for act-order layers whose groups are uneven.
     pub tensor: DecodedTensor,
-    /// Groups were not contiguous along K (act-order): `tensor` is dense.
+    /// Groups were not contiguous along K (act-order).
     pub act_order: bool,
+    /// For act-order layers kept low-bit: column `i` of `tensor` is input feature `perm[i]`.
+    pub perm: Option<Vec<u32>>,
 }
 
 /// 32-bit words of an I32 or U32 tensor.
@@ -196,7 +202,14 @@ pub fn decode(cfg: &GptqConfig, t: &GptqTensors, rows: usize, cols: usize) -> Re
     let act_order = group_of.iter().enumerate().any(|(i, &g)| g != i / gs);
     let code = |row: usize, col: usize| unpack(&qweight[row..], n, bits, col) as u8;
 
+    // Input features sorted by group (stable); the identity without act-order.
+    let mut perm: Vec<usize> = (0..k).collect();
     if act_order {
+        perm.sort_by_key(|&c| group_of[c]);
+    }
+    // Sorted, group j must be exactly features j·gs..(j+1)·gs.
+    let even = perm.iter().enumerate().all(|(i, &c)| group_of[c] == i / gs);
+    if act_order && !(even && k.is_multiple_of(32)) {
         let mut values = vec![0.0f32; n * k];
         for (r, out) in values.chunks_exact_mut(k).enumerate() {
             for (c, v) in out.iter_mut().enumerate() {
@@ -211,11 +224,12 @@ pub fn decode(cfg: &GptqConfig, t: &GptqTensors, rows: usize, cols: usize) -> Re
                 values,
             },
             act_order: true,
+            perm: None,
         });
     }
     let mut codes = vec![0u8; n * k];
     for (r, out) in codes.chunks_exact_mut(k).enumerate() {
-        for (c, q) in out.iter_mut().enumerate() {
+        for (q, &c) in out.iter_mut().zip(&perm) {
             *q = code(r, c);
         }
     }
@@ -238,7 +252,8 @@ pub fn decode(cfg: &GptqConfig, t: &GptqTensors, rows: usize, cols: usize) -> Re
             scales: row_scales,
             offsets,
         },
-        act_order: false,
+        act_order,
+        perm: act_order.then(|| perm.iter().map(|&c| c as u32).collect()),
     })
 }
 

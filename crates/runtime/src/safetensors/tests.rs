@@ -171,6 +171,18 @@ fn gptq_packing_matches_an_independent_bit_stream() {
     }
 }
 
+/// The groups of a test GPTQ layer along K (`g_idx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GroupOrder {
+    /// `g_idx[k] = k / group_size`.
+    Natural,
+    /// Act-order: a random assignment of `group_size` features per group, drawn from the seed
+    /// alone (the same seed, the same order).
+    Shuffled(u64),
+    /// Like `Shuffled`, with one feature of the last group moved to the first: uneven groups.
+    Uneven(u64),
+}
+
 /// A random GPTQ layer: file tensors and the weights they mean, computed directly.
 struct GptqCase {
     tensors: Vec<TensorData>,
@@ -188,9 +200,9 @@ pub(crate) fn gptq_layer(
     gs: usize,
     sym: bool,
     v2: bool,
-    act_order: bool,
+    order: GroupOrder,
 ) -> (Vec<TensorData>, Vec<f32>) {
-    let c = gptq_case(rng, prefix, n, k, bits, gs, sym, v2, act_order);
+    let c = gptq_case(rng, prefix, n, k, bits, gs, sym, v2, order);
     (c.tensors, c.expected)
 }
 
@@ -204,7 +216,7 @@ fn gptq_case(
     gs: usize,
     sym: bool,
     v2: bool,
-    act_order: bool,
+    order: GroupOrder,
 ) -> GptqCase {
     let groups = k / gs;
     let levels = 1u32 << bits;
@@ -220,19 +232,24 @@ fn gptq_case(
     let scales: Vec<f32> = (0..groups * n)
         .map(|_| half::f16::from_f32(0.001 + rng.uniform() * 0.05).to_f32())
         .collect();
-    let g_idx: Vec<i32> = if act_order {
-        // A random assignment with `gs` features per group.
-        let mut order: Vec<usize> = (0..k).collect();
-        for i in (1..k).rev() {
-            order.swap(i, below(rng, i as u32 + 1) as usize);
+    let g_idx: Vec<i32> = match order {
+        GroupOrder::Natural => (0..k).map(|i| (i / gs) as i32).collect(),
+        GroupOrder::Shuffled(seed) | GroupOrder::Uneven(seed) => {
+            // A random assignment with `gs` features per group.
+            let mut rng = SplitMix64::new(seed);
+            let mut shuffled: Vec<usize> = (0..k).collect();
+            for i in (1..k).rev() {
+                shuffled.swap(i, below(&mut rng, i as u32 + 1) as usize);
+            }
+            let mut g = vec![0i32; k];
+            for (rank, &feature) in shuffled.iter().enumerate() {
+                g[feature] = (rank / gs) as i32;
+            }
+            if matches!(order, GroupOrder::Uneven(_)) {
+                g[shuffled[k - 1]] = 0;
+            }
+            g
         }
-        let mut g = vec![0i32; k];
-        for (rank, &feature) in order.iter().enumerate() {
-            g[feature] = (rank / gs) as i32;
-        }
-        g
-    } else {
-        (0..k).map(|i| (i / gs) as i32).collect()
     };
     let stored: Vec<u32> = zeros
         .iter()
@@ -298,11 +315,17 @@ fn gptq_decodes_every_bit_width_format_and_order() {
         for (gs, group_size) in [(32, Some(32)), (128, None)] {
             for v2 in [false, true] {
                 for sym in [false, true] {
-                    for act_order in [false, true] {
+                    let seed = rng.next_u64();
+                    for order in [
+                        GroupOrder::Natural,
+                        GroupOrder::Shuffled(seed),
+                        GroupOrder::Uneven(seed),
+                    ] {
+                        let act_order = order != GroupOrder::Natural;
                         if act_order && gs == k {
                             continue; // one group: every order is the same
                         }
-                        let case = gptq_case(&mut rng, "l", n, k, bits, gs, sym, v2, act_order);
+                        let case = gptq_case(&mut rng, "l", n, k, bits, gs, sym, v2, order);
                         let f = open_gptq(&case.tensors, "gptq");
                         let cfg = gptq::GptqConfig {
                             bits: bits as u8,
@@ -313,10 +336,25 @@ fn gptq_decodes_every_bit_width_format_and_order() {
                         };
                         let names = names("l");
                         let d = gptq::decode(&cfg, &gptq_tensors(&f, &names), n, k).unwrap();
-                        let what = format!("{bits}b gs{gs} v2 {v2} sym {sym} act {act_order}");
+                        let what = format!("{bits}b gs{gs} v2 {v2} sym {sym} {order:?}");
                         assert_eq!(d.act_order, act_order, "{what}");
+                        // Even act-order groups keep the codes, in group order; uneven ones are
+                        // dense.
+                        let shuffled = matches!(order, GroupOrder::Shuffled(_));
+                        assert_eq!(d.perm.is_some(), shuffled, "{what}");
+                        let natural: Vec<u32> = (0..k as u32).collect();
+                        let perm = d.perm.as_deref().unwrap_or(&natural);
+                        if shuffled {
+                            // Sorted by group: every group's features are contiguous.
+                            let g_idx = f.tensor(&names[3]).unwrap().to_i32().unwrap();
+                            for (i, &c) in perm.iter().enumerate() {
+                                assert_eq!(g_idx[c as usize] as usize, i / gs, "{what}");
+                            }
+                        }
                         let got = d.tensor.dequantize();
-                        for (i, (a, b)) in got.iter().zip(&case.expected).enumerate() {
+                        for (i, a) in got.iter().enumerate() {
+                            let (r, c) = (i / k, perm[i % k] as usize);
+                            let b = case.expected[r * k + c];
                             assert!(
                                 (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
                                 "{what} [{i}] {a} vs {b}"
@@ -330,9 +368,12 @@ fn gptq_decodes_every_bit_width_format_and_order() {
                         } = &d.tensor
                         {
                             assert_eq!((*b as u32, *g), (bits, gs), "{what}");
-                            assert_eq!(codes, &case.codes, "{what}");
+                            for (i, &q) in codes.iter().enumerate() {
+                                let (r, c) = (i / k, perm[i % k] as usize);
+                                assert_eq!(q, case.codes[r * k + c], "{what} [{i}]");
+                            }
                         } else {
-                            assert!(act_order, "{what}: dense without act-order");
+                            assert_eq!(order, GroupOrder::Uneven(seed), "{what}: dense");
                         }
                     }
                 }
@@ -342,9 +383,31 @@ fn gptq_decodes_every_bit_width_format_and_order() {
 }
 
 #[test]
+fn gptq_act_order_stays_dense_when_k_is_not_a_multiple_of_32() {
+    // The tables read K in blocks of 32: a 48-column act-order layer keeps exact dense values.
+    let mut rng = SplitMix64::new(9);
+    let (n, k, order) = (8, 48, GroupOrder::Shuffled(4));
+    let case = gptq_case(&mut rng, "l", n, k, 4, 16, false, true, order);
+    let f = open_gptq(&case.tensors, "gptq-k48");
+    let cfg = gptq::GptqConfig {
+        bits: 4,
+        group_size: Some(16),
+        sym: false,
+        desc_act: true,
+        v2: true,
+    };
+    let d = gptq::decode(&cfg, &gptq_tensors(&f, &names("l")), n, k).unwrap();
+    assert!(d.act_order && d.perm.is_none());
+    assert!(matches!(d.tensor, DecodedTensor::Dense { .. }));
+    for (a, b) in d.tensor.dequantize().iter().zip(&case.expected) {
+        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}
+
+#[test]
 fn gptq_refuses_what_does_not_add_up() {
     let mut rng = SplitMix64::new(5);
-    let (n, k) = (32, 64);
+    let (n, k, order) = (32, 64, GroupOrder::Natural);
     let cfg = gptq::GptqConfig {
         bits: 4,
         group_size: Some(32),
@@ -353,7 +416,7 @@ fn gptq_refuses_what_does_not_add_up() {
         v2: false,
     };
     // Asymmetric zeros under a symmetric config (or a v2 file read as v1).
-    let case = gptq_case(&mut rng, "l", n, k, 4, 32, false, false, false);
+    let case = gptq_case(&mut rng, "l", n, k, 4, 32, false, false, order);
     let f = open_gptq(&case.tensors, "gptq-bad");
     let names = names("l");
     let err = gptq::decode(&cfg, &gptq_tensors(&f, &names), n, k).unwrap_err();
@@ -363,7 +426,7 @@ fn gptq_refuses_what_does_not_add_up() {
         "{msg}"
     );
     // Symmetric v1 zeros read as v2: 7, not 8.
-    let case = gptq_case(&mut rng, "l", n, k, 4, 32, true, false, false);
+    let case = gptq_case(&mut rng, "l", n, k, 4, 32, true, false, order);
     let f = open_gptq(&case.tensors, "gptq-v2");
     let err = gptq::decode(
         &gptq::GptqConfig { v2: true, ..cfg },

@@ -10,7 +10,7 @@ use super::*;
 use crate::chat::Message;
 use crate::gguf::{tiny_llama_gguf, TinyModelSpec};
 use crate::safetensors::convert::gguf_to_hf_folder;
-use crate::safetensors::tests::{gptq_layer, temp_dir, TempDir};
+use crate::safetensors::tests::{gptq_layer, temp_dir, GroupOrder, TempDir};
 use crate::safetensors::{write_safetensors, TensorData, SINGLE_FILE};
 
 const LINEARS: [&str; 7] = [
@@ -171,23 +171,65 @@ fn linear_prefix(t: &TensorData) -> Option<String> {
         .then(|| prefix.to_string())
 }
 
+/// Logits of every position of `tokens`, fed one token per forward (decode).
+fn logits_one_by_one(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache();
+    let vocab = model.config().vocab_size;
+    let mut logits = vec![0.0; tokens.len() * vocab];
+    for (t, out) in tokens.iter().zip(logits.chunks_exact_mut(vocab)) {
+        model.forward(&[*t], &mut cache, out).unwrap();
+    }
+    logits
+}
+
+/// Which input of its layer a projection reads (q/k/v, o, gate/up, down), times the layer.
+fn input_of(prefix: &str) -> u64 {
+    let mut parts = prefix.split('.').skip(2);
+    let layer: u64 = parts.next().and_then(|l| l.parse().ok()).unwrap();
+    let input = match prefix.rsplit('.').next() {
+        Some("q_proj" | "k_proj" | "v_proj") => 0,
+        Some("o_proj") => 1,
+        Some("gate_proj" | "up_proj") => 2,
+        _ => 3,
+    };
+    10 * layer + input
+}
+
+/// How the test GPTQ folders order each layer's groups along K.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Orders {
+    Natural,
+    /// Act-order; matrices that read the same input (q/k/v, gate/up) have the same order, as
+    /// GPTQ writes them.
+    SharedPerInput,
+    /// Act-order; every matrix its own order.
+    PerMatrix,
+    /// Act-order with uneven groups.
+    Uneven,
+}
+
 #[test]
 fn gptq_folders_load_exactly() {
     let spec = TinyModelSpec {
-        layers: 1,
+        layers: 2,
         ..TinyModelSpec::default()
     };
     let (_tmp, _, base) = tiny_pair("gptq", &spec);
     let toks = tokens(8, spec.vocab_size());
-    // (bits, group size, sym, v2, act-order)
-    let cases: [(u32, usize, bool, bool, bool); 4] = [
-        (4, 32, true, false, false),
-        (3, 32, false, true, false),
-        (2, 0, false, false, false),
-        (4, 32, false, false, true),
+    // (bits, group size, sym, v2, group orders)
+    let cases: [(u32, usize, bool, bool, Orders); 8] = [
+        (4, 32, true, false, Orders::Natural),
+        (3, 32, false, true, Orders::Natural),
+        (2, 0, false, false, Orders::Natural),
+        (4, 32, false, false, Orders::SharedPerInput),
+        (3, 32, true, false, Orders::SharedPerInput),
+        (2, 32, false, true, Orders::SharedPerInput),
+        (4, 32, false, false, Orders::PerMatrix),
+        (4, 32, false, false, Orders::Uneven),
     ];
-    for (i, &(bits, gs, sym, v2, act)) in cases.iter().enumerate() {
-        let what = format!("{bits}b g{gs} sym {sym} v2 {v2} act-order {act}");
+    for (i, &(bits, gs, sym, v2, orders)) in cases.iter().enumerate() {
+        let what = format!("{bits}b g{gs} sym {sym} v2 {v2} {orders:?}");
+        let act = orders != Orders::Natural;
         let mut rng = SplitMix64::new(100 + i as u64);
         let mut expected = Vec::new();
         let gptq_dir = base.with_file_name(format!("gptq-{i}"));
@@ -204,8 +246,17 @@ fn gptq_folders_load_exactly() {
                 Some(prefix) => {
                     let (n, k) = (t.shape[0], t.shape[1]);
                     let gs = if gs == 0 { k } else { gs };
+                    let order = match orders {
+                        Orders::Natural => GroupOrder::Natural,
+                        // One seed per case, layer and input.
+                        Orders::SharedPerInput => {
+                            GroupOrder::Shuffled(1000 * i as u64 + input_of(&prefix))
+                        }
+                        Orders::PerMatrix => GroupOrder::Shuffled(rng.next_u64()),
+                        Orders::Uneven => GroupOrder::Uneven(rng.next_u64()),
+                    };
                     let (tensors, values) =
-                        gptq_layer(&mut rng, &prefix, n, k, bits, gs, sym, v2, act);
+                        gptq_layer(&mut rng, &prefix, n, k, bits, gs, sym, v2, order);
                     expected.push(TensorData::f32(&t.name, &t.shape, &values));
                     tensors
                 }
@@ -232,24 +283,54 @@ fn gptq_folders_load_exactly() {
 
         let fast = Model::load(&gptq_dir, &options(false)).unwrap();
         let info = fast.describe();
-        let source = &info
+        let gptq: Vec<_> = info
             .tensor_types
             .iter()
-            .find(|t| t.source.starts_with("gptq"))
-            .unwrap();
-        if act {
-            // Act-order layers are dequantized and kept as int8.
-            assert!(source.source.ends_with("act-order→int8"), "{what}: {info}");
-            assert_eq!(source.kernel, "int8", "{what}: {info}");
-        } else {
-            // Exact codes: the kernels' matrix has the checkpoint's bit width.
-            assert!(
-                source.kernel.starts_with(&format!("lut{bits} ")),
-                "{what}: {info}"
-            );
+            .filter(|t| t.source.starts_with("gptq"))
+            .collect();
+        let count: usize = gptq.iter().map(|t| t.count).sum();
+        assert_eq!(count, 7 * spec.layers, "{what}: {info}");
+        for source in gptq {
+            match orders {
+                Orders::Natural => {
+                    // Exact codes: the kernels' matrix has the checkpoint's bit width.
+                    assert!(
+                        source.kernel.starts_with(&format!("lut{bits} ")),
+                        "{what}: {info}"
+                    );
+                    assert!(!source.kernel.contains("permuted"), "{what}: {info}");
+                }
+                Orders::SharedPerInput | Orders::PerMatrix => {
+                    // Exact codes sorted by group, read through a gathered input: no int8.
+                    let (src, kernel) = (&source.source, &source.kernel);
+                    assert_eq!(src, &format!("gptq{bits} g{gs} act-order"), "{what}");
+                    assert_eq!(kernel, &format!("lut{bits} g{gs} permuted"), "{what}");
+                }
+                Orders::Uneven => {
+                    // Uneven groups: dequantized and kept as int8.
+                    assert!(source.source.ends_with("act-order→int8"), "{what}: {info}");
+                    assert_eq!(source.kernel, "int8", "{what}: {info}");
+                }
+            }
         }
+        if matches!(orders, Orders::SharedPerInput | Orders::PerMatrix) {
+            let shared = orders == Orders::SharedPerInput;
+            for l in &fast.layers {
+                let order = |m: &Linear| m.column_order().cloned().unwrap();
+                let (q, k, v) = (order(&l.wq), order(&l.wk), order(&l.wv));
+                let (gate, up) = (order(&l.w_gate), order(&l.w_up));
+                // Equal orders are loaded once, so their matrices share one gathered input.
+                for (a, b) in [(&q, &k), (&q, &v), (&gate, &up)] {
+                    assert_eq!(Arc::ptr_eq(a, b), shared, "{what}");
+                    assert_eq!(a[..] == b[..], shared, "{what}");
+                }
+            }
+        }
+        // Prefill (one batch of 8) and decode (8 forwards of one token) both match.
         let err = rel_error(&logits_all(&fast, &toks), &want);
-        assert!(err < 0.1, "{what}: kernels vs reference: {err}");
+        assert!(err < 0.1, "{what}: kernels vs reference, prefill: {err}");
+        let err = rel_error(&logits_one_by_one(&fast, &toks), &want);
+        assert!(err < 0.1, "{what}: kernels vs reference, decode: {err}");
     }
 }
 
@@ -271,7 +352,15 @@ fn bad_gptq_and_config_are_typed_errors() {
         |t| match linear_prefix(&t) {
             Some(prefix) => {
                 gptq_layer(
-                    &mut rng, &prefix, t.shape[0], t.shape[1], 4, 32, false, false, false,
+                    &mut rng,
+                    &prefix,
+                    t.shape[0],
+                    t.shape[1],
+                    4,
+                    32,
+                    false,
+                    false,
+                    GroupOrder::Natural,
                 )
                 .0
             }
