@@ -307,10 +307,30 @@ impl ModelConfig {
             ));
         }
         let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / heads);
-        let rope_theta = f32_of("rope_theta")?.unwrap_or(10000.0);
-        let rope_scaling = match v.get("rope_scaling").filter(|s| !s.is_null()) {
-            None => RopeScaling::None,
-            Some(scaling) => hf_rope_scaling(scaling, &err)?,
+        // transformers 5 writes `rope_parameters` (rope_type, rope_theta, factors) in place of the
+        // top-level `rope_theta` and `rope_scaling` of earlier versions.
+        let parameters = v.get("rope_parameters").filter(|p| !p.is_null());
+        let inner_theta =
+            match parameters.and_then(|p| p.get("rope_theta")) {
+                None => None,
+                Some(t) => Some(t.as_f64().ok_or_else(|| {
+                    err("rope_parameters.rope_theta", format!("not a number: {t}"))
+                })? as f32),
+            };
+        let rope_theta = match (f32_of("rope_theta")?, inner_theta) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(err(
+                    "rope_theta",
+                    format!("{a} disagrees with rope_parameters.rope_theta {b}"),
+                ))
+            }
+            (Some(t), _) | (None, Some(t)) => t,
+            (None, None) => 10000.0,
+        };
+        let rope_scaling = match (parameters, v.get("rope_scaling").filter(|s| !s.is_null())) {
+            (Some(p), _) => hf_rope_scaling(p, "rope_parameters", &err)?,
+            (None, Some(scaling)) => hf_rope_scaling(scaling, "rope_scaling", &err)?,
+            (None, None) => RopeScaling::None,
         };
         // Scaling that the tables cannot use (a factor of 0, empty Llama 3 bands) is refused here,
         // where the file can be named.
@@ -439,10 +459,12 @@ fn gguf_rope_scaling(
     Ok(scaling)
 }
 
-/// The `rope_scaling` object of a Hugging Face `config.json`: `rope_type` (or its older alias
-/// `type`) `default`, `linear` or `llama3`; other types are refused, naming the type.
+/// The `rope_scaling` object of a Hugging Face `config.json` (`rope_parameters` from
+/// transformers 5 on; `name` is the key it came from): `rope_type` (or its older alias `type`)
+/// `default`, `linear` or `llama3`; other types are refused, naming the type.
 fn hf_rope_scaling(
     scaling: &serde_json::Value,
+    name: &str,
     err: &dyn Fn(&str, String) -> crate::Error,
 ) -> crate::Result<RopeScaling> {
     let Some(kind) = scaling
@@ -450,12 +472,12 @@ fn hf_rope_scaling(
         .or_else(|| scaling.get("type"))
         .and_then(|t| t.as_str())
     else {
-        return Err(err("rope_scaling", format!("no rope_type in {scaling}")));
+        return Err(err(name, format!("no rope_type in {scaling}")));
     };
     let number = |key: &str| -> crate::Result<f64> {
         scaling.get(key).and_then(|x| x.as_f64()).ok_or_else(|| {
             err(
-                &format!("rope_scaling.{key}"),
+                &format!("{name}.{key}"),
                 format!("missing or not a number ('{kind}' scaling needs it)"),
             )
         })
@@ -469,7 +491,7 @@ fn hf_rope_scaling(
             let original = number("original_max_position_embeddings")?;
             if !(original >= 1.0 && original.fract() == 0.0) {
                 return Err(err(
-                    "rope_scaling.original_max_position_embeddings",
+                    &format!("{name}.original_max_position_embeddings"),
                     format!("expected a positive integer, found {original}"),
                 ));
             }
@@ -481,7 +503,7 @@ fn hf_rope_scaling(
             })
         }
         other => Err(err(
-            "rope_scaling",
+            name,
             format!("RoPE scaling '{other}' is not supported (llama3, linear are)"),
         )),
     }
@@ -745,5 +767,41 @@ mod tests {
             let err = with(scaling).unwrap_err().to_string();
             assert!(words.iter().all(|w| err.contains(w)), "{scaling}: {err}");
         }
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters() {
+        let path = std::path::Path::new("config.json");
+        let with = |top: &str| {
+            let json = format!(
+                r#"{{"hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+                "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+                "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "vocab_size": 128256{top}}}"#
+            );
+            ModelConfig::from_hf_json(&json, path).map(|c| (c.rope_theta, c.rope_scaling))
+        };
+        let params = r#", "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192}"#;
+        let llama3 = RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context_length: 8192,
+        };
+        // Theta and scaling both come from rope_parameters (no top-level keys in v5 files).
+        assert_eq!(with(params).unwrap(), (500000.0, llama3.clone()));
+        // A top-level theta that agrees is fine; one that disagrees is an error.
+        let agree = format!(r#", "rope_theta": 500000.0{params}"#);
+        assert_eq!(with(&agree).unwrap(), (500000.0, llama3));
+        let disagree = format!(r#", "rope_theta": 10000.0{params}"#);
+        let e = with(&disagree).unwrap_err().to_string();
+        assert!(e.contains("rope_theta") && e.contains("disagrees"), "{e}");
+        let default = r#", "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}"#;
+        assert_eq!(with(default).unwrap(), (1000000.0, RopeScaling::None));
+        let yarn =
+            r#", "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}"#;
+        let e = with(yarn).unwrap_err().to_string();
+        assert!(e.contains("rope_parameters") && e.contains("'yarn'"), "{e}");
     }
 }
