@@ -207,9 +207,12 @@ pub fn decode(cfg: &GptqConfig, t: &GptqTensors, rows: usize, cols: usize) -> Re
     if act_order {
         perm.sort_by_key(|&c| group_of[c]);
     }
-    // Sorted, group j must be exactly features j·gs..(j+1)·gs.
+    // Sorted, group j must be exactly features j·gs..(j+1)·gs, in a group size the LUT kernels
+    // take; otherwise the layer stays exact as dense values (then int8), as before act-order
+    // layers had a low-bit path.
     let even = perm.iter().enumerate().all(|(i, &c)| group_of[c] == i / gs);
-    if act_order && !(even && k.is_multiple_of(32)) {
+    let lut_group = matches!(gs, 32 | 64 | 128 | 256) || gs == k;
+    if act_order && !(even && lut_group && k.is_multiple_of(32)) {
         let mut values = vec![0.0f32; n * k];
         for (r, out) in values.chunks_exact_mut(k).enumerate() {
             for (c, v) in out.iter_mut().enumerate() {

@@ -383,24 +383,30 @@ fn gptq_decodes_every_bit_width_format_and_order() {
 }
 
 #[test]
-fn gptq_act_order_stays_dense_when_k_is_not_a_multiple_of_32() {
-    // The tables read K in blocks of 32: a 48-column act-order layer keeps exact dense values.
-    let mut rng = SplitMix64::new(9);
-    let (n, k, order) = (8, 48, GroupOrder::Shuffled(4));
-    let case = gptq_case(&mut rng, "l", n, k, 4, 16, false, true, order);
-    let f = open_gptq(&case.tensors, "gptq-k48");
-    let cfg = gptq::GptqConfig {
-        bits: 4,
-        group_size: Some(16),
-        sym: false,
-        desc_act: true,
-        v2: true,
-    };
-    let d = gptq::decode(&cfg, &gptq_tensors(&f, &names("l")), n, k).unwrap();
-    assert!(d.act_order && d.perm.is_none());
-    assert!(matches!(d.tensor, DecodedTensor::Dense { .. }));
-    for (a, b) in d.tensor.dequantize().iter().zip(&case.expected) {
-        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+fn gptq_act_order_stays_dense_when_the_lut_kernels_cannot_take_it() {
+    // The tables read K in blocks of 32 and the kernels take groups of 32/64/128/256 (or a whole
+    // row): a 48-column layer, and a 128-column layer in groups of 16, keep exact dense values.
+    for (k, what) in [(48, "gptq-k48"), (128, "gptq-g16")] {
+        let mut rng = SplitMix64::new(9);
+        let (n, order) = (8, GroupOrder::Shuffled(4));
+        let case = gptq_case(&mut rng, "l", n, k, 4, 16, false, true, order);
+        let f = open_gptq(&case.tensors, what);
+        let cfg = gptq::GptqConfig {
+            bits: 4,
+            group_size: Some(16),
+            sym: false,
+            desc_act: true,
+            v2: true,
+        };
+        let d = gptq::decode(&cfg, &gptq_tensors(&f, &names("l")), n, k).unwrap();
+        assert!(d.act_order && d.perm.is_none(), "{what}");
+        assert!(matches!(d.tensor, DecodedTensor::Dense { .. }), "{what}");
+        for (a, b) in d.tensor.dequantize().iter().zip(&case.expected) {
+            assert!(
+                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "{what}: {a} vs {b}"
+            );
+        }
     }
 }
 
