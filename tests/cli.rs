@@ -314,3 +314,59 @@ fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
     assert!(stderr.contains("lutra: reply 2:"), "{stderr}");
     assert!(!stderr.contains("reply 2 interrupted"), "{stderr}");
 }
+
+#[test]
+fn ctrl_c_stops_generate_which_prints_its_timings_and_exits_130() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    let model = model_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lutra"))
+        .args([
+            "generate",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            "Once upon a time",
+        ])
+        .args(["-n", "2000", "--ignore-eos", "--temp", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the lutra binary runs");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    let start = Instant::now();
+    stdout
+        .read_exact(&mut first)
+        .expect("generation streams text");
+    assert!(start.elapsed() < Duration::from_secs(120));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "stderr:\n{stderr}");
+    assert!(stderr.contains("lutra: interrupted"), "{stderr}");
+    // Timings are printed for the tokens made before the interruption (far fewer than 2000).
+    let generated = stderr
+        .split("generated ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no timings line:\n{stderr}"));
+    assert!(
+        generated > 0 && generated < 2000,
+        "{generated} tokens:\n{stderr}"
+    );
+}

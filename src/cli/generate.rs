@@ -123,6 +123,8 @@ pub(crate) fn chat(args: &ChatArgs) -> Result<()> {
         }
         let stdout = std::io::stdout();
         let mut write_error = None;
+        // Re-armed here, before Ctrl-C can mean "stop the reply", not only when the turn starts.
+        session.cancel_token().reset();
         let reply = interrupt.reply();
         session
             .send(turn, |piece: &str| {

@@ -1,5 +1,6 @@
 //! Ctrl-C, as llama.cpp's command line handles it: during a reply it stops the reply (the chat goes
-//! on with the next turn, `generate` prints its timings); at the chat prompt it ends the program.
+//! on with the next turn, `generate` prints its timings); at the chat prompt, or pressed again
+//! before the reply has stopped, it ends the program.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,12 +19,15 @@ pub(crate) struct Interrupt {
 
 impl Interrupt {
     /// Installs the handler (once per process): Ctrl-C fires `cancel` while a reply is running
-    /// (see [`Interrupt::reply`]) and exits with status 130 otherwise.
+    /// (see [`Interrupt::reply`]) and exits with status 130 otherwise, or when `cancel` has
+    /// already fired.
     pub(crate) fn install(cancel: CancelToken) -> Result<Interrupt> {
         let replying = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&replying);
         ctrlc::set_handler(move || {
-            if flag.load(Ordering::SeqCst) {
+            // A reply stops before its next token; a second Ctrl-C (e.g. during a long prompt,
+            // which is fed before the first check) ends the program, as in llama.cpp.
+            if flag.load(Ordering::SeqCst) && !cancel.is_cancelled() {
                 cancel.cancel();
             } else {
                 // End the prompt line so the shell's prompt starts on its own line.
