@@ -9,6 +9,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 
 /// Element storage of a cache: f32 (exact) or f16 (half the memory, as llama.cpp uses by default).
 #[derive(Clone, Debug)]
@@ -21,7 +22,9 @@ impl Store {
     fn zeros(len: usize, f16: bool) -> Store {
         // `vec![0; n]` maps zeroed pages lazily, so a long context costs memory only as it fills.
         if f16 {
-            Store::F16(vec![f16::ZERO; len])
+            // Zeroed u16s (a zeroed allocation), reinterpreted: `vec![f16::ZERO; n]` would write
+            // every element and so touch the whole cache up front.
+            Store::F16(vec![0u16; len].reinterpret_into())
         } else {
             Store::F32(vec![0.0; len])
         }
