@@ -236,27 +236,47 @@ fn bench_markdown_table_and_plot() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Starts `lutra ARGS` with stdin, stdout and stderr piped.
+fn spawn_lutra(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_lutra"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the lutra binary runs")
+}
+
+/// Sends SIGINT (what Ctrl-C sends) to `child`.
+fn interrupt(child: &std::process::Child) {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+}
+
+/// All that `child` wrote to stderr (call after it exited).
+fn stderr_of(child: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr is piped")
+        .read_to_string(&mut stderr)
+        .expect("stderr is readable");
+    stderr
+}
+
 #[test]
 fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
     use std::io::Read;
     use std::time::{Duration, Instant};
 
     let model = model_path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lutra"))
-        .args([
-            "chat",
-            "-m",
-            model.to_str().unwrap(),
-            "-n",
-            "200",
-            "--temp",
-            "0",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the lutra binary runs");
+    let model = model.to_str().unwrap();
+    let mut child = spawn_lutra(&["chat", "-m", model, "-n", "200", "--temp", "0"]);
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "Write a very long story about a cat.").unwrap();
     stdin.flush().unwrap();
@@ -284,22 +304,12 @@ fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
             .recv_timeout(left)
             .expect("the first reply streams some text");
     }
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(sent.success());
+    interrupt(&child);
     writeln!(stdin, "Say hi.").unwrap();
     drop(stdin);
     let status = child.wait().unwrap();
     let stdout = reader.join().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = stderr_of(&mut child);
     assert!(
         status.success(),
         "exit {:?}\nstdout:\n{}\nstderr:\n{stderr}",
@@ -321,19 +331,20 @@ fn ctrl_c_stops_generate_which_prints_its_timings_and_exits_130() {
     use std::time::{Duration, Instant};
 
     let model = model_path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lutra"))
-        .args([
-            "generate",
-            "-m",
-            model.to_str().unwrap(),
-            "-p",
-            "Once upon a time",
-        ])
-        .args(["-n", "2000", "--ignore-eos", "--temp", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the lutra binary runs");
+    let model = model.to_str().unwrap();
+    let mut child = spawn_lutra(&[
+        "generate",
+        "-m",
+        model,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "2000",
+        "--ignore-eos",
+        "--temp",
+        "0",
+    ]);
+    drop(child.stdin.take()); // no input
     let mut stdout = child.stdout.take().unwrap();
     let mut first = [0u8; 1];
     let start = Instant::now();
@@ -341,21 +352,11 @@ fn ctrl_c_stops_generate_which_prints_its_timings_and_exits_130() {
         .read_exact(&mut first)
         .expect("generation streams text");
     assert!(start.elapsed() < Duration::from_secs(120));
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(sent.success());
+    interrupt(&child);
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).unwrap();
     let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = stderr_of(&mut child);
     assert_eq!(status.code(), Some(130), "stderr:\n{stderr}");
     assert!(stderr.contains("lutra: interrupted"), "{stderr}");
     // Timings are printed for the tokens made before the interruption (far fewer than 2000).

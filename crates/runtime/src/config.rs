@@ -706,17 +706,24 @@ mod tests {
         );
     }
 
+    /// A Llama 3.2 1B `config.json` without its RoPE keys, with `rope` (JSON members, each
+    /// preceded by a comma) appended, parsed.
+    fn llama32_config(rope: &str) -> crate::Result<ModelConfig> {
+        let json = format!(
+            r#"{{"hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+            "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+            "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "vocab_size": 128256{rope}}}"#
+        );
+        ModelConfig::from_hf_json(&json, std::path::Path::new("config.json"))
+    }
+
     #[test]
     fn hugging_face_rope_scaling() {
-        let path = std::path::Path::new("config.json");
         let with = |scaling: &str| {
-            let json = format!(
-                r#"{{"hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
-                "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
-                "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-                "vocab_size": 128256, "rope_scaling": {scaling}}}"#
-            );
-            ModelConfig::from_hf_json(&json, path).map(|c| c.rope_scaling)
+            llama32_config(&format!(
+                r#", "rope_theta": 500000.0, "rope_scaling": {scaling}"#
+            ))
+            .map(|c| c.rope_scaling)
         };
         // Llama 3.2 1B's.
         let llama32 = r#"{"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
@@ -771,15 +778,7 @@ mod tests {
 
     #[test]
     fn transformers_5_rope_parameters() {
-        let path = std::path::Path::new("config.json");
-        let with = |top: &str| {
-            let json = format!(
-                r#"{{"hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
-                "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
-                "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "vocab_size": 128256{top}}}"#
-            );
-            ModelConfig::from_hf_json(&json, path).map(|c| (c.rope_theta, c.rope_scaling))
-        };
+        let with = |rope: &str| llama32_config(rope).map(|c| (c.rope_theta, c.rope_scaling));
         let params = r#", "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
             "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
             "original_max_position_embeddings": 8192}"#;
