@@ -326,10 +326,10 @@ unsafe fn split_lookups(
     }
 }
 
-/// `f[r] += ts·S[r]`.
+/// `f[r] += ts·S[r]` (also the ternary kernel's, whose sums come in the same row order).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn accumulate(f: &mut [f32; TILE], s: &[__m256i; 4], ts: __m256) {
+pub(crate) fn accumulate(f: &mut [f32; TILE], s: &[__m256i; 4], ts: __m256) {
     for (q, &sq) in s.iter().enumerate() {
         let halves = [
             _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sq)),

@@ -10,9 +10,9 @@ pub(crate) mod layout;
 pub(crate) mod scalar;
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(crate) mod neon;
 #[cfg(test)]
 mod tests;
 

@@ -108,10 +108,10 @@ unsafe fn lookups(plane: *const u8, tabs: *const i8, pw: i16, s: &mut [int16x8_t
     }
 }
 
-/// `f[r] += ts·S[r]`.
+/// `f[r] += ts·S[r]` (also the ternary kernel's, whose sums come in the same row order).
 #[inline]
 #[target_feature(enable = "neon")]
-fn accumulate(f: &mut [f32; TILE], s: &[int16x8_t; 8], ts: float32x4_t) {
+pub(crate) fn accumulate(f: &mut [f32; TILE], s: &[int16x8_t; 8], ts: float32x4_t) {
     for (k, &sk) in s.iter().enumerate() {
         let halves = [vmovl_s16(vget_low_s16(sk)), vmovl_high_s16(sk)];
         for (h, &v) in halves.iter().enumerate() {

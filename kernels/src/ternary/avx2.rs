@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 
 use super::kernel::{TabView, TileView, BLOCK_CHUNKS, CHUNK_BYTES, SIGN_OFFSET, SPAN, TRIPLES};
 use super::TABLE_BYTES;
+use crate::lut::avx2::accumulate;
 use crate::lut::layout::TILE;
 
 /// Chunks of weights fetched ahead (2.5 KiB): the hardware prefetcher alone leaves the stream
@@ -141,25 +142,5 @@ unsafe fn lookups(wc: *const u8, tabs: *const i8, s: &mut [__m256i; 4]) {
             s[3],
             _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(ha, hb)),
         );
-    }
-}
-
-/// `f[r] += ts·S[r]`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn accumulate(f: &mut [f32; TILE], s: &[__m256i; 4], ts: __m256) {
-    for (q, &sq) in s.iter().enumerate() {
-        let halves = [
-            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sq)),
-            _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sq)),
-        ];
-        for (h, &v) in halves.iter().enumerate() {
-            let dst = &mut f[16 * q + 8 * h..][..8];
-            // SAFETY: `dst` is 8 f32s.
-            let old = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
-            let new = _mm256_add_ps(old, _mm256_mul_ps(ts, _mm256_cvtepi32_ps(v)));
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), new) };
-        }
     }
 }

@@ -10,6 +10,7 @@ use std::arch::aarch64::*;
 use super::kernel::{TabView, TileView, CHUNK_BYTES, NIBBLE_BYTES, SIGN_OFFSET, SPAN, TRIPLES};
 use super::TABLE_BYTES;
 use crate::lut::layout::TILE;
+use crate::lut::neon::accumulate;
 
 /// # Safety
 /// The CPU supports NEON, and `v.is_consistent(t, n0, acc.len(), _)` holds.
@@ -111,23 +112,6 @@ unsafe fn lookups(wc: *const u8, tabs: *const i8, s: &mut [int16x8_t; 8]) {
             for (k, sum) in parts {
                 s[k] = vaddq_s16(s[k], sum);
             }
-        }
-    }
-}
-
-/// `f[r] += ts·S[r]`.
-#[inline]
-#[target_feature(enable = "neon")]
-fn accumulate(f: &mut [f32; TILE], s: &[int16x8_t; 8], ts: float32x4_t) {
-    for (k, &sk) in s.iter().enumerate() {
-        let halves = [vmovl_s16(vget_low_s16(sk)), vmovl_high_s16(sk)];
-        for (h, &v) in halves.iter().enumerate() {
-            let dst = &mut f[8 * k + 4 * h..][..4];
-            // SAFETY: `dst` is 4 f32s.
-            let old = unsafe { vld1q_f32(dst.as_ptr()) };
-            let new = vaddq_f32(old, vmulq_f32(ts, vcvtq_f32_s32(v)));
-            // SAFETY: as above.
-            unsafe { vst1q_f32(dst.as_mut_ptr(), new) };
         }
     }
 }
