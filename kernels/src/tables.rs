@@ -13,6 +13,16 @@ use crate::lut::TabView;
 /// Below this many table bytes per build, threads cost more than they save.
 const PARALLEL_MIN_BYTES: usize = 32 * 1024;
 
+/// How many of `bytes` table bytes one task of a table build fills: all of them when the build
+/// is too small to share, else a few chunks per thread (for balance) of whole 16-byte tables.
+pub(crate) fn table_build_chunk(bytes: usize, threads: usize) -> usize {
+    if bytes >= PARALLEL_MIN_BYTES {
+        bytes.div_ceil(threads * 4).next_multiple_of(TABLE_BYTES)
+    } else {
+        bytes
+    }
+}
+
 /// Tables for a batch of input vectors of length K; reused across calls (no allocation once sized).
 pub struct ActivationTables {
     cols: usize,
@@ -78,15 +88,7 @@ impl ActivationTables {
             *scale = max / 127.0;
         }
 
-        let bytes = self.tables.len();
-        let chunk = if bytes >= PARALLEL_MIN_BYTES {
-            // Whole table groups per chunk, a few chunks per thread for balance.
-            bytes
-                .div_ceil(cpu.threads() * 4)
-                .next_multiple_of(TABLE_BYTES)
-        } else {
-            bytes
-        };
+        let chunk = table_build_chunk(self.tables.len(), cpu.threads());
         let scales = &self.scales;
         cpu.for_each_chunk(&mut self.tables, chunk, |start, part| {
             let first = start / TABLE_BYTES;

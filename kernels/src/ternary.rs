@@ -49,10 +49,10 @@ use kernel::{TabView, Weights, CHUNK_BYTES, CHUNK_COLS, NIBBLE_BYTES, SIGN_OFFSE
 pub(crate) const BLOCK_TRIPLES: usize = 8;
 /// Bytes of one triple's table (14 entries used, 2 zero).
 pub(crate) const TABLE_BYTES: usize = 16;
+// The table-build split (`tables::table_build_chunk`) cuts at whole bit-plane tables.
+const _: () = assert!(TABLE_BYTES == crate::lut::layout::TABLE_BYTES);
 /// Used entries of a table: the magnitudes 0..=13.
 const PATTERNS: usize = 14;
-/// Below this many table bytes per build, threads cost more than they save.
-const PARALLEL_MIN_BYTES: usize = 32 * 1024;
 
 /// The balanced-ternary digits `(d0, d1, d2)` of each magnitude index `i = 9·d0 + 3·d1 + d2`.
 const DIGITS: [[i8; 3]; PATTERNS] = {
@@ -361,14 +361,7 @@ impl TernaryTables {
             }
         }
 
-        let bytes = self.tables.len();
-        let chunk = if bytes >= PARALLEL_MIN_BYTES {
-            bytes
-                .div_ceil(cpu.threads() * 4)
-                .next_multiple_of(TABLE_BYTES)
-        } else {
-            bytes
-        };
+        let chunk = crate::tables::table_build_chunk(self.tables.len(), cpu.threads());
         let scales = &self.scales;
         cpu.for_each_chunk(&mut self.tables, chunk, |start, part| {
             let first = start / TABLE_BYTES;
