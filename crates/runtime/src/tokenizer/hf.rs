@@ -209,44 +209,13 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::{GgufFile, GgufWriter, MetaValue};
+    use crate::gguf::GgufFile;
 
     /// A SentencePiece vocabulary with byte fallback, as a GGUF tokenizer and as a Hugging Face
     /// folder written from it.
     #[test]
     fn sentencepiece_folder_matches_the_gguf_tokenizer() {
-        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-        let mut types = vec![2i64, 3, 3];
-        for b in 0..=255u8 {
-            tokens.push(format!("<0x{b:02X}>"));
-            types.push(TYPE_BYTE);
-        }
-        for t in ["▁", "h", "e", "l", "o", "he", "ll", "▁he", "llo", "▁hello"] {
-            tokens.push(t.into());
-            types.push(1);
-        }
-        let mut w = GgufWriter::new();
-        let s = |v: &str| MetaValue::String(v.into());
-        w.add_metadata("tokenizer.ggml.model", s("llama"));
-        w.add_metadata(
-            "tokenizer.ggml.tokens",
-            MetaValue::Array(tokens.iter().map(|t| s(t)).collect()),
-        );
-        w.add_metadata(
-            "tokenizer.ggml.token_type",
-            MetaValue::Array(types.iter().map(|&t| MetaValue::I32(t as i32)).collect()),
-        );
-        w.add_metadata(
-            "tokenizer.ggml.scores",
-            MetaValue::Array(
-                (0..tokens.len())
-                    .map(|i| MetaValue::F32(-(i as f32)))
-                    .collect(),
-            ),
-        );
-        w.add_metadata("tokenizer.ggml.bos_token_id", MetaValue::U32(1));
-        w.add_metadata("tokenizer.ggml.eos_token_id", MetaValue::U32(2));
-        w.add_metadata("tokenizer.ggml.unknown_token_id", MetaValue::U32(0));
+        let w = crate::tokenizer::tests::tiny_sentencepiece_gguf();
         let dir = std::env::temp_dir().join(format!("lutra-hf-spm-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("spm.gguf");

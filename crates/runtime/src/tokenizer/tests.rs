@@ -95,9 +95,9 @@ fn pre_tokenizer_families() {
     assert_eq!(pre_split("gpt2", "ab 123"), ["ab", "Ġ123"]);
 }
 
-#[test]
-fn sentencepiece_with_byte_fallback() {
-    // ▁ h e l o, merges by score, and byte tokens for everything else.
+/// A SentencePiece vocabulary with byte fallback as GGUF metadata: `▁ h e l o`, merges ranked by
+/// score (`▁hello` reachable), byte tokens for everything else; BOS 1, EOS 2, UNK 0.
+pub(crate) fn tiny_sentencepiece_gguf() -> GgufWriter {
     let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
     let mut types = vec![2i64, 3, 3];
     for b in 0..=255u8 {
@@ -125,6 +125,12 @@ fn sentencepiece_with_byte_fallback() {
     w.add_metadata("tokenizer.ggml.bos_token_id", MetaValue::U32(1));
     w.add_metadata("tokenizer.ggml.eos_token_id", MetaValue::U32(2));
     w.add_metadata("tokenizer.ggml.unknown_token_id", MetaValue::U32(0));
+    w
+}
+
+#[test]
+fn sentencepiece_with_byte_fallback() {
+    let w = tiny_sentencepiece_gguf();
     let path = std::env::temp_dir().join(format!("lutra-spm-{}.gguf", std::process::id()));
     w.write(&path).unwrap();
     let t = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
