@@ -7,8 +7,14 @@
 
 use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
+use crate::isa::Isa;
 use crate::lut::layout::{ACT, TABLES_PER_ACT, TABLE_BYTES};
 use crate::lut::TabView;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 /// Below this many table bytes per build, threads cost more than they save.
 const PARALLEL_MIN_BYTES: usize = 32 * 1024;
@@ -89,14 +95,11 @@ impl ActivationTables {
         }
 
         let chunk = table_build_chunk(self.tables.len(), cpu.threads());
-        let scales = &self.scales;
+        let (scales, isa) = (&self.scales, cpu.isa());
         cpu.for_each_chunk(&mut self.tables, chunk, |start, part| {
             let first = start / TABLE_BYTES;
-            for (k, table) in part.chunks_exact_mut(TABLE_BYTES).enumerate() {
-                let j = first + k;
-                let quad = &x[4 * j..4 * j + 4];
-                fill_table(quad, scales[j / TABLES_PER_ACT], table);
-            }
+            let quads = &x[4 * first..][..part.len() / 4];
+            fill_tables(isa, quads, first, scales, part);
         });
         Ok(())
     }
@@ -119,6 +122,28 @@ impl ActivationTables {
             tables: &self.tables,
             scales: &self.scales,
             sums: &self.sums,
+        }
+    }
+}
+
+/// Fills the tables `out` (16 bytes each) of table groups `first..` from their activations `x` (4 per
+/// table), on `isa`; every ISA writes the same bytes.
+fn fill_tables(isa: Isa, x: &[f32], first: usize, scales: &[f32], out: &mut [i8]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a Cpu holds Isa::Avx2 only after checking the CPU supports avx2, fma and f16c.
+        Isa::Avx2 => unsafe { avx2::fill_tables(x, first, scales, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a Cpu holds Isa::Neon only after checking the CPU supports NEON.
+        Isa::Neon => unsafe { neon::fill_tables(x, first, scales, out) },
+        _ => {
+            for (k, (quad, table)) in x
+                .chunks_exact(4)
+                .zip(out.chunks_exact_mut(TABLE_BYTES))
+                .enumerate()
+            {
+                fill_table(quad, scales[(first + k) / TABLES_PER_ACT], table);
+            }
         }
     }
 }
@@ -197,6 +222,51 @@ mod tests {
         t.build(&cpu, &[0.0; 64], 1).unwrap();
         assert!(t.tables.iter().all(|&q| q == 0));
         assert_eq!(t.scales[0], 0.0);
+    }
+
+    #[test]
+    fn every_isa_builds_the_scalar_tables() {
+        // Pseudo-random activations with a spread of magnitudes, exact ties at ±0.5 steps,
+        // zeros, and (in the last token) an infinity and a NaN.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        for (cols, tokens) in [(32, 1), (576, 3), (1536, 2), (11008, 2)] {
+            let mut x: Vec<f32> = (0..cols * tokens)
+                .map(|_| {
+                    let r = next();
+                    match r % 8 {
+                        0 => 0.0,
+                        1 => (r % 64) as f32 * 0.5 - 16.0,
+                        2 => (r % 1000) as f32 * 50.0,
+                        _ => (r % 20001) as f32 / 1000.0 - 10.0,
+                    }
+                })
+                .collect();
+            let n = x.len();
+            x[n - 5] = f32::INFINITY;
+            x[n - 31] = f32::NAN;
+            let scalar = Cpu::with_isa(crate::Isa::Scalar, 1).unwrap();
+            let mut want = ActivationTables::new(cols);
+            want.build(&scalar, &x, tokens).unwrap();
+            for isa in crate::Isa::supported() {
+                // Two threads split the tables at 16-byte boundaries inside activation groups.
+                for threads in [1, 2] {
+                    let cpu = Cpu::with_isa(isa, threads).unwrap();
+                    let mut got = ActivationTables::new(cols);
+                    got.build(&cpu, &x, tokens).unwrap();
+                    assert_eq!(
+                        got.tables, want.tables,
+                        "{isa:?}, {threads} threads, K={cols}"
+                    );
+                    assert_eq!(got.scales, want.scales);
+                }
+            }
+        }
     }
 
     #[test]
