@@ -1,5 +1,6 @@
 //! Small f32 vector operations for the parts of a forward pass that are not matrix products
-//! (attention scores and value sums): `dot` and `axpy`, on the [`Cpu`]'s ISA.
+//! (attention scores and value sums): `dot` and `axpy`, and their many-row forms `dot_rows` and
+//! `weighted_row_sum`, on the [`Cpu`]'s ISA.
 //!
 //! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, mul then add), sums the lanes
 //! in order and adds the tail last; the SIMD paths perform exactly these operations, so every ISA
@@ -42,6 +43,60 @@ pub fn axpy(cpu: &Cpu, y: &mut [f32], w: f32, x: &[f32]) {
         // SAFETY: as in `dot`.
         Isa::Neon => unsafe { neon::axpy(y, w, x) },
         _ => scalar_axpy(y, w, x),
+    }
+}
+
+/// `out[p] = dot(a, rows[p])` for the rows of `rows` (`[out.len()][a.len()]`), with the bits of
+/// [`dot`] for each row. Panics if the lengths disagree (a caller bug, not bad input).
+pub fn dot_rows(cpu: &Cpu, a: &[f32], rows: &[f32], out: &mut [f32]) {
+    assert_eq!(
+        rows.len(),
+        out.len() * a.len(),
+        "dot_rows: rows of different lengths"
+    );
+    if a.is_empty() {
+        out.fill(0.0);
+        return;
+    }
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`; `rows` holds `out.len()` rows of `a.len()` values.
+        Isa::Avx2 => unsafe { avx2::dot_rows(a, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::Neon => unsafe { neon::dot_rows(a, rows, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(a.len())) {
+                *o = scalar_dot(a, row);
+            }
+        }
+    }
+}
+
+/// `out = Σ_p weights[p]·rows[p]` (`rows` is `[weights.len()][out.len()]`), summed in row order
+/// from zero: the bits of `out.fill(0.0)` followed by one [`axpy`] per row. Panics if the lengths
+/// disagree (a caller bug, not bad input).
+pub fn weighted_row_sum(cpu: &Cpu, out: &mut [f32], weights: &[f32], rows: &[f32]) {
+    assert_eq!(
+        rows.len(),
+        weights.len() * out.len(),
+        "weighted_row_sum: rows of different lengths"
+    );
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`; `rows` holds `weights.len()` rows of `out.len()` values.
+        Isa::Avx2 => unsafe { avx2::weighted_row_sum(out, weights, rows) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::Neon => unsafe { neon::weighted_row_sum(out, weights, rows) },
+        _ => {
+            out.fill(0.0);
+            if !out.is_empty() {
+                for (&w, row) in weights.iter().zip(rows.chunks_exact(out.len())) {
+                    scalar_axpy(out, w, row);
+                }
+            }
+        }
     }
 }
 

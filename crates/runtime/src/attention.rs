@@ -88,16 +88,13 @@ impl Attention {
                 // One dispatch on the cache precision per (token, head), not per position.
                 match (cache.keys, cache.values) {
                     (Rows::F32(keys), Rows::F32(values)) => {
-                        let keys = keys[kv_start..kv_start + seen * hd].chunks_exact(hd);
-                        for (score, k) in scores.iter_mut().zip(keys) {
-                            *score = vector::dot(cpu, qh, k) * scale;
+                        let rows = kv_start..kv_start + seen * hd;
+                        vector::dot_rows(cpu, qh, &keys[rows.clone()], scores);
+                        for score in scores.iter_mut() {
+                            *score *= scale;
                         }
                         softmax(scores);
-                        o.fill(0.0);
-                        let values = values[kv_start..kv_start + seen * hd].chunks_exact(hd);
-                        for (&w, v) in scores.iter().zip(values) {
-                            vector::axpy(cpu, o, w, v);
-                        }
+                        vector::weighted_row_sum(cpu, o, scores, &values[rows]);
                     }
                     (keys, values) => {
                         for (p, score) in scores.iter_mut().enumerate() {

@@ -1,4 +1,4 @@
-//! NEON `dot` and `axpy`: the scalar reference's operations (eight lanes as two vectors, mul then
+//! NEON `dot` and `axpy` (and their many-row forms): the scalar reference's operations (eight lanes as two vectors, mul then
 //! add, lanes summed in order, then the tail), so results are bit-identical to it.
 
 use std::arch::aarch64::*;
@@ -23,14 +23,109 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
         i += 8;
     }
+    finish(lo, hi, &a[n..], &b[n..])
+}
+
+/// The lanes of `lo`, `hi` summed in order, plus the products of the tails.
+#[inline]
+#[target_feature(enable = "neon")]
+fn finish(lo: float32x4_t, hi: float32x4_t, a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` is 8 f32s.
     unsafe {
         vst1q_f32(lanes.as_mut_ptr(), lo);
         vst1q_f32(lanes.as_mut_ptr().add(4), hi);
     }
-    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    let tail: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     lanes.iter().sum::<f32>() + tail
+}
+
+/// [`dot`] of `a` with each row of `rows`, four rows per pass over `a`.
+///
+/// # Safety
+/// The CPU supports NEON, `a` is not empty and `rows.len() == out.len() * a.len()`.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn dot_rows(a: &[f32], rows: &[f32], out: &mut [f32]) {
+    let len = a.len();
+    debug_assert!(len > 0 && rows.len() == out.len() * len);
+    let n = len / 8 * 8;
+    let mut blocks = rows.chunks_exact(4 * len);
+    let mut outs = out.chunks_exact_mut(4);
+    for (block, o) in (&mut blocks).zip(&mut outs) {
+        let (pa, pr) = (a.as_ptr(), block.as_ptr());
+        let mut acc = [[vdupq_n_f32(0.0); 2]; 4];
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 8 <= n <= len; row r of the block is `block[r·len..(r+1)·len]`.
+            unsafe {
+                let (alo, ahi) = (vld1q_f32(pa.add(i)), vld1q_f32(pa.add(i + 4)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let row = pr.add(r * len + i);
+                    acc[0] = vaddq_f32(acc[0], vmulq_f32(alo, vld1q_f32(row)));
+                    acc[1] = vaddq_f32(acc[1], vmulq_f32(ahi, vld1q_f32(row.add(4))));
+                }
+            }
+            i += 8;
+        }
+        for (r, (o, acc)) in o.iter_mut().zip(&acc).enumerate() {
+            *o = finish(acc[0], acc[1], &a[n..], &block[r * len + n..(r + 1) * len]);
+        }
+    }
+    for (o, row) in outs
+        .into_remainder()
+        .iter_mut()
+        .zip(blocks.remainder().chunks_exact(len))
+    {
+        // SAFETY: the caller's contract; `row` has `len` values.
+        *o = unsafe { dot(a, row) };
+    }
+}
+
+/// `out = Σ_p w[p]·rows[p]` from zero, in row order, with 64 columns of `out` held in registers
+/// while the rows go past.
+///
+/// # Safety
+/// The CPU supports NEON, and `rows.len() == w.len() * out.len()`.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn weighted_row_sum(out: &mut [f32], w: &[f32], rows: &[f32]) {
+    let len = out.len();
+    debug_assert_eq!(rows.len(), w.len() * len);
+    let pr = rows.as_ptr();
+    let mut c0 = 0;
+    while c0 + 64 <= len {
+        let mut acc = [vdupq_n_f32(0.0); 16];
+        for (p, &wp) in w.iter().enumerate() {
+            let wv = vdupq_n_f32(wp);
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: p < w.len() and c0 + 4k + 4 <= len, so the 4 values lie in row p.
+                let v = unsafe { vld1q_f32(pr.add(p * len + c0 + 4 * k)) };
+                *acc = vaddq_f32(*acc, vmulq_f32(wv, v));
+            }
+        }
+        for (k, &acc) in acc.iter().enumerate() {
+            // SAFETY: c0 + 4k + 4 <= len.
+            unsafe { vst1q_f32(out.as_mut_ptr().add(c0 + 4 * k), acc) };
+        }
+        c0 += 64;
+    }
+    while c0 + 4 <= len {
+        let mut acc = vdupq_n_f32(0.0);
+        for (p, &wp) in w.iter().enumerate() {
+            // SAFETY: as above, for one vector.
+            let v = unsafe { vld1q_f32(pr.add(p * len + c0)) };
+            acc = vaddq_f32(acc, vmulq_f32(vdupq_n_f32(wp), v));
+        }
+        // SAFETY: c0 + 4 <= len.
+        unsafe { vst1q_f32(out.as_mut_ptr().add(c0), acc) };
+        c0 += 4;
+    }
+    for j in c0..len {
+        let mut o = 0.0f32;
+        for (p, &wp) in w.iter().enumerate() {
+            o += wp * rows[p * len + j];
+        }
+        out[j] = o;
+    }
 }
 
 /// # Safety

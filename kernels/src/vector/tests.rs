@@ -40,6 +40,57 @@ fn every_isa_gives_the_scalar_bits() {
 }
 
 #[test]
+fn many_row_forms_give_the_bits_of_one_row_at_a_time() {
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        for (len, count) in [
+            (64, 1),
+            (64, 7),
+            (64, 129),
+            (1, 5),
+            (7, 6),
+            (20, 9),
+            (100, 3),
+            (136, 4),
+        ] {
+            let a = random(len, 3 + len as u64);
+            let rows = random(len * count, 70 + count as u64);
+            let mut got = vec![f32::NAN; count];
+            dot_rows(&cpu, &a, &rows, &mut got);
+            for (p, row) in rows.chunks_exact(len).enumerate() {
+                assert_eq!(
+                    got[p],
+                    scalar_dot(&a, row),
+                    "{isa:?} dot_rows len={len} row {p}"
+                );
+            }
+
+            let w = random(count, 9 + count as u64);
+            let mut sum = vec![f32::NAN; len];
+            weighted_row_sum(&cpu, &mut sum, &w, &rows);
+            let mut want = vec![0.0f32; len];
+            for (&wp, row) in w.iter().zip(rows.chunks_exact(len)) {
+                scalar_axpy(&mut want, wp, row);
+            }
+            assert_eq!(sum, want, "{isa:?} weighted_row_sum len={len} rows={count}");
+            let exact: f64 = w
+                .iter()
+                .zip(rows.chunks_exact(len))
+                .map(|(&wp, row)| f64::from(wp) * f64::from(row[len - 1]))
+                .sum();
+            assert!((f64::from(sum[len - 1]) - exact).abs() < 1e-5 * count as f64);
+        }
+        // No rows: zero sums; empty vectors: zero dots.
+        let mut sum = vec![f32::NAN; 8];
+        weighted_row_sum(&cpu, &mut sum, &[], &[]);
+        assert_eq!(sum, vec![0.0; 8]);
+        let mut dots = vec![f32::NAN; 3];
+        dot_rows(&cpu, &[], &[], &mut dots);
+        assert_eq!(dots, vec![0.0; 3]);
+    }
+}
+
+#[test]
 #[should_panic(expected = "different lengths")]
 fn mismatched_lengths_are_a_caller_bug() {
     let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
