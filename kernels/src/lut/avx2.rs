@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::layout::{PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
+use super::layout::{BLOCK, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
 use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS};
 
 /// # Safety
@@ -26,6 +26,7 @@ pub(super) unsafe fn tile<const NB: usize>(
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     let mut idx = [[[_mm256_setzero_si256(); 4]; 4]; MAX_BITS];
+    let mut paired = PairedIndices::new();
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
@@ -42,9 +43,13 @@ pub(super) unsafe fn tile<const NB: usize>(
             for a in c0..c1 {
                 let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
                 prefetch(wa, v.bits);
-                // Several tokens: split the nibble indices once for all of them.
+                // Several tokens: split the nibble indices once for all of them (uniform planes:
+                // interleaved by plane pairs, see `PairedIndices`).
                 let shared = nb > 1;
-                if shared {
+                if shared && !v.per_plane {
+                    // SAFETY: `wa` holds bits·256 bytes.
+                    unsafe { paired.split(wa, v.bits) };
+                } else if shared {
                     for (p, plane) in idx[..v.bits].iter_mut().enumerate() {
                         // SAFETY: `wa` holds bits·256 bytes and p < bits.
                         unsafe { split(wa.add(p * PLANE_BYTES), plane) };
@@ -77,14 +82,17 @@ pub(super) unsafe fn tile<const NB: usize>(
                             };
                             accumulate(fp, &s, ts);
                         }
+                    } else if shared {
+                        let mut s = [_mm256_setzero_si256(); 4];
+                        // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
+                        unsafe { paired.lookups(tabs, &mut s) };
+                        accumulate(&mut fn_[0], &s, ts);
                     } else {
                         let mut s = [_mm256_setzero_si256(); 4];
-                        for (p, plane_idx) in idx[..v.bits].iter().enumerate() {
+                        for p in 0..v.bits {
                             let pw = _mm256_set1_epi8(1 << p);
                             // SAFETY: as above.
-                            unsafe {
-                                plane_lookups(shared.then_some(plane_idx), wa, p, tabs, pw, &mut s)
-                            };
+                            unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
                         }
                         accumulate(&mut fn_[0], &s, ts);
                     }
@@ -120,16 +128,14 @@ unsafe fn tile_g32<const NB: usize>(
     }
     let half = _mm256_set1_ps(0.5);
     let c = ((1u32 << v.bits) - 1) as f32 * 0.5;
-    let mut idx = [[[_mm256_setzero_si256(); 4]; 4]; MAX_BITS];
+    let mut paired = PairedIndices::new();
     for g in 0..v.groups {
         let wa = v.weights[g * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
         prefetch(wa, v.bits);
         if nb > 1 {
             // The nibble indices of this group, split once and reused by every token of the block.
-            for (p, plane) in idx[..v.bits].iter_mut().enumerate() {
-                // SAFETY: `wa` holds bits·256 bytes and p < bits.
-                unsafe { split(wa.add(p * PLANE_BYTES), plane) };
-            }
+            // SAFETY: `wa` holds bits·256 bytes.
+            unsafe { paired.split(wa, v.bits) };
         }
         let scales = &v.scales[g * TILE..][..TILE];
         let offsets = v.offsets.map(|o| &o[g * TILE..][..TILE]);
@@ -144,11 +150,8 @@ unsafe fn tile_g32<const NB: usize>(
             }
             let mut s = [_mm256_setzero_si256(); 4];
             if nb > 1 {
-                for (p, plane) in idx[..v.bits].iter().enumerate() {
-                    let pw = _mm256_set1_epi8(1 << p);
-                    // SAFETY: `tabs` holds 128 bytes.
-                    unsafe { split_lookups(plane, tabs, pw, &mut s) };
-                }
+                // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
+                unsafe { paired.lookups(tabs, &mut s) };
             } else {
                 for p in 0..v.bits {
                     let pw = _mm256_set1_epi8(1 << p);
@@ -305,6 +308,102 @@ unsafe fn plane_lookups(
         Some(idx) => unsafe { split_lookups(idx, tabs, pw, s) },
         // SAFETY: the caller's contract.
         None => unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, s) },
+    }
+}
+
+/// The lookup indices of one activation group of uniform planes, split once for every token of a
+/// block, with the two planes of each pair `(2i, 2i + 1)` interleaved byte by byte.
+///
+/// A plane pair shares each table group's table, so one `pshufb` of the interleaved indices looks up
+/// both planes of 16 rows at once, and `maddubs` by `(2^{2i}, 2^{2i+1})` adds them per row: no
+/// unpacking per token (the per-pair-of-table-groups scheme of [`lookups`] interleaves two tables'
+/// results, which has to happen after the lookups). The row order of the sums is the same
+/// (`s[q]` = rows 16q..16q+16): `unpacklo/hi` of the nibbles of a block give rows 0..16 and 16..32
+/// (layout::lo_row), the high nibbles the same rows + 32. An odd last plane keeps [`split`]'s form.
+/// The integer sums are those of the other schemes, exactly.
+struct PairedIndices {
+    /// `[pair][table group][q]`.
+    pairs: [[[__m256i; 4]; TABLES_PER_ACT]; MAX_BITS / 2],
+    /// The odd last plane, as [`split`] makes it.
+    single: [[__m256i; 4]; 4],
+    bits: usize,
+}
+
+impl PairedIndices {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new() -> PairedIndices {
+        PairedIndices {
+            pairs: [[[_mm256_setzero_si256(); 4]; TABLES_PER_ACT]; MAX_BITS / 2],
+            single: [[_mm256_setzero_si256(); 4]; 4],
+            bits: 0,
+        }
+    }
+
+    /// Splits the `bits` planes of one activation group at `wa`.
+    ///
+    /// # Safety
+    /// `wa` points to `bits·256` readable bytes, `bits <= MAX_BITS`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn split(&mut self, wa: *const u8, bits: usize) {
+        let mask = _mm256_set1_epi8(0x0F);
+        self.bits = bits;
+        for (i, pair) in self.pairs[..bits / 2].iter_mut().enumerate() {
+            for (j, q) in pair.iter_mut().enumerate() {
+                // SAFETY: planes 2i, 2i + 1 < bits and block j < 8 lie in the bits·256 bytes.
+                let (w0, w1) = unsafe {
+                    (
+                        _mm256_loadu_si256(wa.add(2 * i * PLANE_BYTES + BLOCK * j).cast()),
+                        _mm256_loadu_si256(wa.add((2 * i + 1) * PLANE_BYTES + BLOCK * j).cast()),
+                    )
+                };
+                let (l0, l1) = (_mm256_and_si256(w0, mask), _mm256_and_si256(w1, mask));
+                let (h0, h1) = (
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask),
+                );
+                *q = [
+                    _mm256_unpacklo_epi8(l0, l1),
+                    _mm256_unpackhi_epi8(l0, l1),
+                    _mm256_unpacklo_epi8(h0, h1),
+                    _mm256_unpackhi_epi8(h0, h1),
+                ];
+            }
+        }
+        if bits % 2 == 1 {
+            // SAFETY: plane bits − 1 lies in the bits·256 bytes.
+            unsafe { split(wa.add((bits - 1) * PLANE_BYTES), &mut self.single) };
+        }
+    }
+
+    /// `s += Σ_p 2^p·Σ_j T_j[nibble_{p,j}]` for the planes last split.
+    ///
+    /// # Safety
+    /// `tabs` points to 128 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lookups(&self, tabs: *const i8, s: &mut [__m256i; 4]) {
+        let pairs = &self.pairs[..self.bits / 2];
+        // Byte weights (2^{2i}, 2^{2i+1}) of each pair, low byte first.
+        let weights = [_mm256_set1_epi16(0x0201), _mm256_set1_epi16(0x0804)];
+        for j in 0..TABLES_PER_ACT {
+            // SAFETY: 16·j + 16 <= 128 table bytes.
+            let t = unsafe {
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(TABLE_BYTES * j).cast()))
+            };
+            for (pair, &w) in pairs.iter().zip(&weights) {
+                for (sq, &iq) in s.iter_mut().zip(&pair[j]) {
+                    *sq =
+                        _mm256_add_epi16(*sq, _mm256_maddubs_epi16(w, _mm256_shuffle_epi8(t, iq)));
+                }
+            }
+        }
+        if self.bits % 2 == 1 {
+            let pw = _mm256_set1_epi8(1 << (self.bits - 1));
+            // SAFETY: the caller's contract.
+            unsafe { split_lookups(&self.single, tabs, pw, s) };
+        }
     }
 }
 
