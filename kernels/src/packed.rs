@@ -10,6 +10,7 @@ use crate::error::{KernelError, Result};
 use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TABLES_PER_ACT, TILE};
 use crate::lut::{self, Weights};
 use crate::tables::ActivationTables;
+use crate::tile_driver::MAX_PARTS;
 
 /// How many consecutive K elements share one scale (and offset).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,21 +249,45 @@ impl PackedMatrix {
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` for every token `n` of `tables`; `out` is `[n][rows]`.
     pub fn matmul(&self, cpu: &Cpu, tables: &ActivationTables, out: &mut [f32]) -> Result<()> {
-        if tables.cols() != self.cols() {
-            return Err(KernelError::ShapeMismatch {
-                matrix: self.cols(),
-                activations: tables.cols(),
-            });
-        }
-        let expected = tables.tokens() * self.rows();
-        if out.len() != expected {
+        PackedMatrix::matmul_many(cpu, tables, &[self], &mut [out])
+    }
+
+    /// [`PackedMatrix::matmul`] of each matrix `mats[p]` into `outs[p]`, all reading the same
+    /// `tables` (a layer's q/k/v, or gate/up): one hand-over to the threads for all of them, whose
+    /// row tiles balance together. Results are those of separate `matmul`s, bit for bit.
+    pub fn matmul_many(
+        cpu: &Cpu,
+        tables: &ActivationTables,
+        mats: &[&PackedMatrix],
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        if mats.len() != outs.len() {
             return Err(KernelError::LengthMismatch {
-                what: "matmul output",
-                expected,
-                got: out.len(),
+                what: "matmul outputs (one per matrix)",
+                expected: mats.len(),
+                got: outs.len(),
             });
         }
-        lut::run(cpu, &self.view(), &tables.view(), self.rows(), out);
+        for (m, out) in mats.iter().zip(outs.iter()) {
+            if tables.cols() != m.cols() {
+                return Err(KernelError::ShapeMismatch {
+                    matrix: m.cols(),
+                    activations: tables.cols(),
+                });
+            }
+            let expected = tables.tokens() * m.rows();
+            if out.len() != expected {
+                return Err(KernelError::LengthMismatch {
+                    what: "matmul output",
+                    expected,
+                    got: out.len(),
+                });
+            }
+        }
+        let t = tables.view();
+        for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
+            lut::run(cpu, |p| (mats[p].view(), mats[p].rows()), &t, outs);
+        }
         Ok(())
     }
 

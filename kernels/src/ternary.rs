@@ -42,6 +42,7 @@ use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::lut::layout::{ROW_BYTE, TILE};
 use crate::packed::Grouping;
+use crate::tile_driver::MAX_PARTS;
 use kernel::{TabView, Weights, CHUNK_BYTES, CHUNK_COLS, NIBBLE_BYTES, SIGN_OFFSET, TRIPLES};
 
 /// Triples of activations sharing one int8 table scale: one chunk (24 activations). Blocks of 16
@@ -227,21 +228,44 @@ impl TernaryMatrix {
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` for every token `n` of `tables`; `out` is `[n][rows]`.
     pub fn matmul(&self, cpu: &Cpu, tables: &TernaryTables, out: &mut [f32]) -> Result<()> {
-        if tables.cols != self.cols {
-            return Err(KernelError::ShapeMismatch {
-                matrix: self.cols,
-                activations: tables.cols,
-            });
-        }
-        let expected = tables.tokens * self.rows;
-        if out.len() != expected {
+        TernaryMatrix::matmul_many(cpu, tables, &[self], &mut [out])
+    }
+
+    /// [`TernaryMatrix::matmul`] of each matrix `mats[p]` into `outs[p]`, all reading the same
+    /// `tables`, in one hand-over to the threads (see [`crate::PackedMatrix::matmul_many`]).
+    pub fn matmul_many(
+        cpu: &Cpu,
+        tables: &TernaryTables,
+        mats: &[&TernaryMatrix],
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        if mats.len() != outs.len() {
             return Err(KernelError::LengthMismatch {
-                what: "ternary matmul output",
-                expected,
-                got: out.len(),
+                what: "ternary matmul outputs (one per matrix)",
+                expected: mats.len(),
+                got: outs.len(),
             });
         }
-        kernel::run(cpu, &self.view(), &tables.view(), self.rows, out);
+        for (m, out) in mats.iter().zip(outs.iter()) {
+            if tables.cols != m.cols {
+                return Err(KernelError::ShapeMismatch {
+                    matrix: m.cols,
+                    activations: tables.cols,
+                });
+            }
+            let expected = tables.tokens * m.rows;
+            if out.len() != expected {
+                return Err(KernelError::LengthMismatch {
+                    what: "ternary matmul output",
+                    expected,
+                    got: out.len(),
+                });
+            }
+        }
+        let t = tables.view();
+        for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
+            kernel::run(cpu, |p| (mats[p].view(), mats[p].rows), &t, outs);
+        }
         Ok(())
     }
 

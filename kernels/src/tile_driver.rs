@@ -3,89 +3,139 @@
 //! each tile's accumulators to the output.
 //!
 //! - one token (GEMV): one task per tile, so the weights stream through memory once;
-//! - several tokens (GEMM): each task owns a contiguous range of tiles and walks it once per block
-//!   of `NB` tokens, so the tables of a block stay in cache while the tiles go past, and each weight
-//!   chunk is loaded once per block (the tokens of a block loop inside the tile kernel).
+//! - several tokens (GEMM): each task owns a contiguous range of (token block, tile) pairs and walks
+//!   it block by block, so the tables of a block stay in cache while the tiles go past, and each
+//!   weight chunk is loaded once per block (the tokens of a block loop inside the tile kernel).
+//!
+//! One dispatch may cover several matrices that read the same tables (q/k/v): their tiles are
+//! numbered one after the other.
 
 use crate::cpu::Cpu;
 use crate::lut::layout::TILE;
 
-/// The output pointer shared by the tile tasks; each task writes only the rows of its own tiles.
+/// Most matrices one dispatch covers (a layer's q/k/v is three); callers run more in several.
+pub(crate) const MAX_PARTS: usize = 4;
+
+/// An output pointer shared by the tile tasks; each task writes only the rows of its own tiles.
+#[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (distinct tiles = distinct rows), and `run_tiles` waits for
-// all of them before the `&mut [f32]` it came from is used again.
+// SAFETY: tasks write disjoint elements (distinct tiles = distinct rows of one output, or distinct
+// outputs), and `run_tiles` waits for all of them before the `&mut [f32]`s they came from are used
+// again.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-impl OutPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
+/// The row tiles of several matrices that read the same tables, numbered one after the other.
+struct Parts {
+    count: usize,
+    /// `first[p]`: the global number of part `p`'s first tile; `first[count]` is the total.
+    first: [usize; MAX_PARTS + 1],
+    rows: [usize; MAX_PARTS],
+    outs: [OutPtr; MAX_PARTS],
+}
+
+impl Parts {
+    /// The part and local tile of global tile `g`.
+    fn locate(&self, g: usize) -> (usize, usize) {
+        let p = (0..self.count)
+            .rfind(|&p| self.first[p] <= g)
+            .unwrap_or_default();
+        (p, g - self.first[p])
     }
 }
 
-/// `out[n][r]` for `tokens` tokens and `rows` rows held in `tiles` row tiles.
+/// `outs[p][n][r]` for `tokens` tokens and every row of each part `p`, where `shape(p)` is part
+/// `p`'s (row tiles, rows) and `outs[p]` holds `tokens · rows` values (at most [`MAX_PARTS`]
+/// parts). All parts' tiles share one dispatch, so small matrices that read the same input (q, k,
+/// v) cost one hand-over between threads, and their tiles balance together.
 ///
-/// `gemv(tile, acc)` fills `acc[0]` with tile `tile`'s rows for the only token; `gemm(tile, n0, nb,
-/// acc)` fills `acc[n]` for tokens `n0 + n`, `n < nb <= NB`. Rows past `rows` in the last tile are
-/// computed and dropped.
+/// `gemv(p, tile, acc)` fills `acc[0]` with tile `tile` of part `p` for the only token; `gemm(p,
+/// tile, n0, nb, acc)` fills `acc[n]` for tokens `n0 + n`, `n < nb <= NB`. Rows past a part's
+/// `rows` in its last tile are computed and dropped.
+///
+/// One token: one task per tile, so the weights stream through memory once. Several tokens: the
+/// (token block, tile) pairs, block by block, are cut into one contiguous range per thread, so
+/// each thread gets the same number of tile calls whatever the tile count (9 tiles on 2 threads
+/// would otherwise split 5/4); inside a range the tables of a block stay in cache while the tiles
+/// go past, and each weight chunk is loaded once per block.
 pub(crate) fn run_tiles<const NB: usize>(
     cpu: &Cpu,
-    tiles: usize,
-    rows: usize,
+    outs: &mut [&mut [f32]],
+    shape: impl Fn(usize) -> (usize, usize),
     tokens: usize,
-    out: &mut [f32],
-    gemv: impl Fn(usize, &mut [[f32; TILE]; 1]) + Sync,
-    gemm: impl Fn(usize, usize, usize, &mut [[f32; TILE]; NB]) + Sync,
+    gemv: impl Fn(usize, usize, &mut [[f32; TILE]; 1]) + Sync,
+    gemm: impl Fn(usize, usize, usize, usize, &mut [[f32; TILE]; NB]) + Sync,
 ) {
-    assert_eq!(
-        out.len(),
-        tokens * rows,
-        "output length checked by the caller"
+    assert!(
+        outs.len() <= MAX_PARTS,
+        "at most MAX_PARTS parts per dispatch"
     );
-    assert!(tiles * TILE >= rows, "every row belongs to a tile");
-    if tokens == 0 || rows == 0 {
+    let mut parts = Parts {
+        count: outs.len(),
+        first: [0; MAX_PARTS + 1],
+        rows: [0; MAX_PARTS],
+        outs: [OutPtr(std::ptr::null_mut()); MAX_PARTS],
+    };
+    for (p, out) in outs.iter_mut().enumerate() {
+        let (tiles, rows) = shape(p);
+        assert_eq!(
+            out.len(),
+            tokens * rows,
+            "output length checked by the caller"
+        );
+        assert!(tiles * TILE >= rows, "every row belongs to a tile");
+        parts.first[p + 1] = parts.first[p] + tiles;
+        parts.rows[p] = rows;
+        parts.outs[p] = OutPtr(out.as_mut_ptr());
+    }
+    let total = parts.first[parts.count];
+    if tokens == 0 || total == 0 {
         return;
     }
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    // Writes the accumulators of tile `tile`, tokens n0.., to `out`.
-    let write = |tile: usize, n0: usize, acc: &[[f32; TILE]]| {
+    let parts = &parts;
+    // Writes the accumulators of global tile `g`, tokens n0.., to its part's output.
+    let write = |p: usize, tile: usize, n0: usize, acc: &[[f32; TILE]]| {
+        let rows = parts.rows[p];
         let r0 = tile * TILE;
+        if r0 >= rows {
+            return;
+        }
         let nrows = TILE.min(rows - r0);
         for (n, row) in acc.iter().enumerate() {
-            // SAFETY: n0 + n < tokens and r0 + nrows <= rows, so the range lies inside `out`
-            // (length tokens·rows); no other task writes rows r0..r0+nrows (tasks own disjoint
-            // tiles).
+            // SAFETY: n0 + n < tokens and r0 + nrows <= rows, so the range lies inside part p's
+            // output (length tokens·rows); no other task writes these rows of it (tasks own
+            // disjoint (block, tile) pairs, and a tile's rows belong to that tile only).
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     row.as_ptr(),
-                    out_ptr.get().add((n0 + n) * rows + r0),
+                    parts.outs[p].0.add((n0 + n) * rows + r0),
                     nrows,
                 );
             }
         }
     };
     if tokens == 1 {
-        cpu.for_each_index(tiles, |tile| {
+        cpu.for_each_index(total, |g| {
+            let (p, tile) = parts.locate(g);
             let mut acc = [[0.0f32; TILE]; 1];
-            gemv(tile, &mut acc);
-            write(tile, 0, &acc);
+            gemv(p, tile, &mut acc);
+            write(p, tile, 0, &acc);
         });
         return;
     }
-    let ranges = cpu.threads().min(tiles).max(1);
-    let per_range = tiles.div_ceil(ranges);
+    let blocks = tokens.div_ceil(NB);
+    let units = blocks * total;
+    let ranges = cpu.threads().min(units).max(1);
     cpu.for_each_index(ranges, |range| {
         let mut acc = [[0.0f32; TILE]; NB];
-        let range_tiles = range * per_range..((range + 1) * per_range).min(tiles);
-        let mut n0 = 0;
-        while n0 < tokens {
+        for unit in units * range / ranges..units * (range + 1) / ranges {
+            let (block, g) = (unit / total, unit % total);
+            let n0 = block * NB;
             let nb = NB.min(tokens - n0);
-            for tile in range_tiles.clone() {
-                gemm(tile, n0, nb, &mut acc);
-                write(tile, n0, &acc[..nb]);
-            }
-            n0 += nb;
+            let (p, tile) = parts.locate(g);
+            gemm(p, tile, n0, nb, &mut acc);
+            write(p, tile, n0, &acc[..nb]);
         }
     });
 }

@@ -48,6 +48,22 @@ pub struct Permuted {
     inner: Linear,
 }
 
+/// Fills `slots` with the kernel matrix of each of `mats` when `kind` finds one in every one of
+/// them; false (and `slots` partly filled) otherwise.
+fn fill_same_kind<'a, T, const N: usize>(
+    slots: &mut [&'a T; N],
+    mats: &[&'a Linear; N],
+    kind: impl Fn(&'a Linear) -> Option<&'a T>,
+) -> bool {
+    for (slot, &m) in slots.iter_mut().zip(mats) {
+        match kind(m) {
+            Some(p) => *slot = p,
+            None => return false,
+        }
+    }
+    true
+}
+
 /// Whether two column orders are the same (the same allocation, or equal values).
 fn same_order(a: &Arc<[u32]>, b: &Arc<[u32]>) -> bool {
     Arc::ptr_eq(a, b) || a[..] == b[..]
@@ -260,6 +276,50 @@ impl Linear {
                     .ok_or_else(|| missing("this matrix's column order"))?;
                 p.inner.matmul(cpu, &gathered.input, out)?;
             }
+        }
+        Ok(())
+    }
+
+    /// [`Linear::matmul`] of each matrix `mats[i]` into `outs[i]`, all reading one prepared
+    /// `input` (a layer's q/k/v, gate/up): one hand-over to the threads for all of them when they
+    /// are all LUT or all ternary matrices, else one matmul each. Results are the same either way.
+    pub fn matmul_many<const N: usize>(
+        cpu: &Cpu,
+        input: &Input,
+        mats: [&Linear; N],
+        mut outs: [&mut [f32]; N],
+    ) -> Result<()> {
+        let ready = input.ready && mats.iter().all(|m| m.cols() == input.cols);
+        let lengths = mats
+            .iter()
+            .zip(&outs)
+            .all(|(m, o)| o.len() == input.tokens * m.rows());
+        if ready && lengths {
+            match (mats.first(), &input.tables, &input.ternary) {
+                (Some(Linear::Lut(first)), Some(tables), _) if input.built.tables => {
+                    let mut packed = [first; N];
+                    if fill_same_kind(&mut packed, &mats, |m| match m {
+                        Linear::Lut(p) => Some(p),
+                        _ => None,
+                    }) {
+                        return Ok(PackedMatrix::matmul_many(cpu, tables, &packed, &mut outs)?);
+                    }
+                }
+                (Some(Linear::Ternary(first)), _, Some(tables)) if input.built.ternary => {
+                    let mut packed = [first; N];
+                    if fill_same_kind(&mut packed, &mats, |m| match m {
+                        Linear::Ternary(p) => Some(p),
+                        _ => None,
+                    }) {
+                        return Ok(TernaryMatrix::matmul_many(cpu, tables, &packed, &mut outs)?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Mixed kinds, other kinds, or bad arguments (which `matmul` reports).
+        for (m, out) in mats.into_iter().zip(outs) {
+            m.matmul(cpu, input, out)?;
         }
         Ok(())
     }
@@ -600,6 +660,48 @@ mod tests {
                 .collect(),
             offsets: scales.iter().map(|&s| offset(s)).collect(),
             scales,
+        }
+    }
+
+    #[test]
+    fn matmul_many_equals_one_matmul_each_for_every_mix_of_kinds() {
+        let lut_a = Linear::from_decoded(&low_bit(70, 96, 4, |s| -0.5 * s), false).unwrap();
+        let lut_b = Linear::from_decoded(&low_bit(5, 96, 4, |s| s), false).unwrap();
+        let ter_a = Linear::from_decoded(&low_bit(9, 96, 3, |s| -s), false).unwrap();
+        let ter_b = Linear::from_decoded(&low_bit(66, 96, 3, |s| -s), false).unwrap();
+        let dense = Linear::from_decoded(&low_bit(3, 96, 4, |s| s), true).unwrap();
+        assert_eq!(
+            [&lut_a, &ter_a, &dense].map(|m| m.kind()),
+            ["lut2 per-row", "ternary 1.67b", "f32"].map(String::from),
+            "the kinds this test mixes"
+        );
+        let all = [&lut_a, &lut_b, &ter_a, &ter_b, &dense];
+        let cpu = Cpu::new(2).unwrap();
+        for tokens in [1, 5] {
+            let mut input = Input::for_consumers(96, tokens, [all]);
+            for (i, v) in input.values_mut(tokens).iter_mut().enumerate() {
+                *v = ((i * 37) % 11) as f32 - 5.0;
+            }
+            input.prepare(&cpu, &all).unwrap();
+            let sets: [[&Linear; 2]; 4] = [
+                [&lut_a, &lut_b],
+                [&ter_a, &ter_b],
+                [&lut_a, &ter_b],
+                [&dense, &lut_b],
+            ];
+            for [m0, m1] in sets {
+                let mut want = [m0, m1].map(|m| vec![0.0; tokens * m.rows()]);
+                m0.matmul(&cpu, &input, &mut want[0]).unwrap();
+                m1.matmul(&cpu, &input, &mut want[1]).unwrap();
+                let mut got = [m0, m1].map(|m| vec![f32::NAN; tokens * m.rows()]);
+                let [g0, g1] = &mut got;
+                Linear::matmul_many(&cpu, &input, [m0, m1], [g0, g1]).unwrap();
+                assert_eq!(got, want, "{m0:?} + {m1:?}, {tokens} tokens");
+            }
+            // A wrong output length is an error, not a panic or a partial write.
+            let (mut a, mut b) = (vec![0.0; tokens * 70], vec![0.0; 1]);
+            let r = Linear::matmul_many(&cpu, &input, [&lut_a, &lut_b], [&mut a, &mut b]);
+            assert!(r.is_err());
         }
     }
 

@@ -213,17 +213,26 @@ fn neon_tile<const N: usize>(
     unsafe { neon::tile(v, t, n0, nb, acc) }
 }
 
-/// `out[n][r]` for every token of `t` and every row `r < rows`. The caller checked that the tables and
-/// the matrix agree on K and that `out.len() == t.tokens · rows`.
-pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out: &mut [f32]) {
+/// `outs[p][n][r]` for every token of `t` and every row of each matrix `p` (at most
+/// [`crate::tile_driver::MAX_PARTS`]), in one dispatch; `matrix(p)` gives matrix `p`'s packed form
+/// and rows. The caller checked that the tables and every matrix agree on K and that
+/// `outs[p].len() == t.tokens · rows`.
+pub(crate) fn run<'w>(
+    cpu: &Cpu,
+    matrix: impl Fn(usize) -> (Weights<'w>, usize) + Sync,
+    t: &TabView<'_>,
+    outs: &mut [&mut [f32]],
+) {
     let (gemv, gemm) = (kernel::<1>(cpu.isa()), kernel::<NB>(cpu.isa()));
     crate::tile_driver::run_tiles::<NB>(
         cpu,
-        w.tiles,
-        rows,
+        outs,
+        |p| {
+            let (w, rows) = matrix(p);
+            (w.tiles, rows)
+        },
         t.tokens,
-        out,
-        |tile, acc| gemv(&w.tile(tile), t, 0, 1, acc),
-        |tile, n0, nb, acc| gemm(&w.tile(tile), t, n0, nb, acc),
+        |p, tile, acc| gemv(&matrix(p).0.tile(tile), t, 0, 1, acc),
+        |p, tile, n0, nb, acc| gemm(&matrix(p).0.tile(tile), t, n0, nb, acc),
     );
 }

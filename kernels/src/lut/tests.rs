@@ -406,6 +406,91 @@ fn gemm_equals_separate_gemvs_and_threads_agree() {
 }
 
 #[test]
+fn matmul_many_equals_separate_matmuls() {
+    let mut rng = Rng(SplitMix64::new(19));
+    let cols = 512;
+    let case = |rows, bits, grouping| Case {
+        rows,
+        cols,
+        bits,
+        grouping,
+        planes: PlaneScales::Uniform,
+        offsets: true,
+        ternary: false,
+    };
+    // A q/k/v-like set (576, 192, 192 rows: 9 + 3 + 3 tiles), odd row counts, one to five
+    // matrices (five is more than one dispatch takes).
+    let sets: [&[Case]; 4] = [
+        &[
+            case(576, 4, Grouping::Size(32)),
+            case(192, 4, Grouping::Size(32)),
+            case(192, 4, Grouping::Size(32)),
+        ],
+        &[
+            case(7, 2, Grouping::Size(64)),
+            case(300, 3, Grouping::Size(128)),
+        ],
+        &[case(1, 1, Grouping::PerRow)],
+        &[
+            case(64, 2, Grouping::Size(32)),
+            case(65, 4, Grouping::Size(64)),
+            case(130, 3, Grouping::PerTensor),
+            case(640, 2, Grouping::Size(256)),
+            case(9, 1, Grouping::Size(32)),
+        ],
+    ];
+    for set in sets {
+        let mats: Vec<PackedMatrix> = set
+            .iter()
+            .map(|c| PackedMatrix::pack(&make(&mut rng, c).weights(c)).unwrap())
+            .collect();
+        let refs: Vec<&PackedMatrix> = mats.iter().collect();
+        // 40 tokens: three token blocks, cut mid-block between threads.
+        for tokens in [1, 3, 17, 40] {
+            let x = gaussian(&mut rng, tokens * cols);
+            for isa in Isa::supported() {
+                let separate: Vec<Vec<f32>> =
+                    mats.iter().map(|m| run(isa, 1, m, &x, tokens)).collect();
+                for threads in [1, 2, 3] {
+                    let cpu = Cpu::with_isa(isa, threads).unwrap();
+                    let mut tables = ActivationTables::new(cols);
+                    tables.build(&cpu, &x, tokens).unwrap();
+                    let mut outs: Vec<Vec<f32>> = mats
+                        .iter()
+                        .map(|m| vec![f32::NAN; tokens * m.rows()])
+                        .collect();
+                    let mut slices: Vec<&mut [f32]> =
+                        outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    PackedMatrix::matmul_many(&cpu, &tables, &refs, &mut slices).unwrap();
+                    assert_eq!(outs, separate, "{isa}, {threads} threads, N={tokens}");
+                }
+            }
+        }
+    }
+    // Mismatched inputs are errors: a missing output, a wrong length, another K.
+    let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
+    let c = case(64, 2, Grouping::Size(32));
+    let m = PackedMatrix::pack(&make(&mut rng, &c).weights(&c)).unwrap();
+    let mut tables = ActivationTables::new(cols);
+    tables.build(&cpu, &gaussian(&mut rng, cols), 1).unwrap();
+    let mut out = vec![0.0; 64];
+    assert!(matches!(
+        PackedMatrix::matmul_many(&cpu, &tables, &[&m, &m], &mut [&mut out]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        PackedMatrix::matmul_many(&cpu, &tables, &[&m], &mut [&mut out[..63]]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    let mut other = ActivationTables::new(64);
+    other.build(&cpu, &gaussian(&mut rng, 64), 1).unwrap();
+    assert!(matches!(
+        PackedMatrix::matmul_many(&cpu, &other, &[&m], &mut [&mut out]),
+        Err(KernelError::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
 fn dequantize_row_matches_the_codes() {
     let mut rng = Rng(SplitMix64::new(17));
     for planes in [PlaneScales::Uniform, PlaneScales::PerPlane] {

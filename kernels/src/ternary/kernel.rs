@@ -167,17 +167,26 @@ fn neon_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, acc: &mut [[f32; TILE
     unsafe { super::neon::tile(v, t, n0, acc) }
 }
 
-/// `out[n][r]` for every token of `t` and every row `r < rows`. The caller checked that the tables
-/// and the matrix agree on K and that `out.len() == t.tokens · rows`.
-pub(crate) fn run(cpu: &Cpu, w: &Weights<'_>, t: &TabView<'_>, rows: usize, out: &mut [f32]) {
+/// `outs[p][n][r]` for every token of `t` and every row of each matrix `p` (at most
+/// [`crate::tile_driver::MAX_PARTS`]), in one dispatch; `matrix(p)` gives matrix `p`'s packed form
+/// and rows. The caller checked that the tables and every matrix agree on K and that
+/// `outs[p].len() == t.tokens · rows`.
+pub(crate) fn run<'w>(
+    cpu: &Cpu,
+    matrix: impl Fn(usize) -> (Weights<'w>, usize) + Sync,
+    t: &TabView<'_>,
+    outs: &mut [&mut [f32]],
+) {
     let kernel = kernel(cpu.isa());
     crate::tile_driver::run_tiles::<NB>(
         cpu,
-        w.tiles,
-        rows,
+        outs,
+        |p| {
+            let (w, rows) = matrix(p);
+            (w.tiles, rows)
+        },
         t.tokens,
-        out,
-        |tile, acc| kernel(&w.tile(tile), t, 0, acc),
-        |tile, n0, nb, acc| kernel(&w.tile(tile), t, n0, &mut acc[..nb]),
+        |p, tile, acc| kernel(&matrix(p).0.tile(tile), t, 0, acc),
+        |p, tile, n0, nb, acc| kernel(&matrix(p).0.tile(tile), t, n0, &mut acc[..nb]),
     );
 }

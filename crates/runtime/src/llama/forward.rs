@@ -189,9 +189,7 @@ impl Model {
                 &mut st.k[..n * kv_dim],
                 &mut st.v[..n * kv_dim],
             );
-            layer.wq.matmul(cpu, &st.attn_in, q)?;
-            layer.wk.matmul(cpu, &st.attn_in, k)?;
-            layer.wv.matmul(cpu, &st.attn_in, v)?;
+            Linear::matmul_many(cpu, &st.attn_in, layer.qkv(), [&mut *q, &mut *k, &mut *v])?;
             add_bias(q, layer.bq.as_deref());
             add_bias(k, layer.bk.as_deref());
             add_bias(v, layer.bv.as_deref());
@@ -218,8 +216,7 @@ impl Model {
             rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
             st.ffn_in.prepare(cpu, &layer.gate_up())?;
             let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
-            layer.w_gate.matmul(cpu, &st.ffn_in, gate)?;
-            layer.w_up.matmul(cpu, &st.ffn_in, up)?;
+            Linear::matmul_many(cpu, &st.ffn_in, layer.gate_up(), [&mut *gate, &mut *up])?;
             let hidden = st.down_in.values_mut(n);
             match c.ffn_activation {
                 FfnActivation::Silu => swiglu(hidden, gate, up),
