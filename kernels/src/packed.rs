@@ -10,7 +10,7 @@ use crate::error::{KernelError, Result};
 use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TABLES_PER_ACT, TILE};
 use crate::lut::{self, Weights};
 use crate::tables::ActivationTables;
-use crate::tile_driver::MAX_PARTS;
+use crate::tile_driver::{check_parts, MAX_PARTS};
 
 /// How many consecutive K elements share one scale (and offset).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,29 +261,14 @@ impl PackedMatrix {
         mats: &[&PackedMatrix],
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
-        if mats.len() != outs.len() {
-            return Err(KernelError::LengthMismatch {
-                what: "matmul outputs (one per matrix)",
-                expected: mats.len(),
-                got: outs.len(),
-            });
-        }
-        for (m, out) in mats.iter().zip(outs.iter()) {
-            if tables.cols() != m.cols() {
-                return Err(KernelError::ShapeMismatch {
-                    matrix: m.cols(),
-                    activations: tables.cols(),
-                });
-            }
-            let expected = tables.tokens() * m.rows();
-            if out.len() != expected {
-                return Err(KernelError::LengthMismatch {
-                    what: "matmul output",
-                    expected,
-                    got: out.len(),
-                });
-            }
-        }
+        check_parts(
+            "matmul output",
+            |p| (mats[p].cols(), mats[p].rows()),
+            mats.len(),
+            tables.cols(),
+            tables.tokens(),
+            outs,
+        )?;
         let t = tables.view();
         for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
             lut::run(cpu, |p| (mats[p].view(), mats[p].rows()), &t, outs);

@@ -42,7 +42,7 @@ use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::lut::layout::{ROW_BYTE, TILE};
 use crate::packed::Grouping;
-use crate::tile_driver::MAX_PARTS;
+use crate::tile_driver::{check_parts, MAX_PARTS};
 use kernel::{TabView, Weights, CHUNK_BYTES, CHUNK_COLS, NIBBLE_BYTES, SIGN_OFFSET, TRIPLES};
 
 /// Triples of activations sharing one int8 table scale: one chunk (24 activations). Blocks of 16
@@ -239,29 +239,14 @@ impl TernaryMatrix {
         mats: &[&TernaryMatrix],
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
-        if mats.len() != outs.len() {
-            return Err(KernelError::LengthMismatch {
-                what: "ternary matmul outputs (one per matrix)",
-                expected: mats.len(),
-                got: outs.len(),
-            });
-        }
-        for (m, out) in mats.iter().zip(outs.iter()) {
-            if tables.cols != m.cols {
-                return Err(KernelError::ShapeMismatch {
-                    matrix: m.cols,
-                    activations: tables.cols,
-                });
-            }
-            let expected = tables.tokens * m.rows;
-            if out.len() != expected {
-                return Err(KernelError::LengthMismatch {
-                    what: "ternary matmul output",
-                    expected,
-                    got: out.len(),
-                });
-            }
-        }
+        check_parts(
+            "ternary matmul output",
+            |p| (mats[p].cols, mats[p].rows),
+            mats.len(),
+            tables.cols,
+            tables.tokens,
+            outs,
+        )?;
         let t = tables.view();
         for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
             kernel::run(cpu, |p| (mats[p].view(), mats[p].rows), &t, outs);

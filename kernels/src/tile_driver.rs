@@ -11,10 +11,48 @@
 //! numbered one after the other.
 
 use crate::cpu::Cpu;
+use crate::error::{KernelError, Result};
 use crate::lut::layout::TILE;
 
 /// Most matrices one dispatch covers (a layer's q/k/v is three); callers run more in several.
 pub(crate) const MAX_PARTS: usize = 4;
+
+/// Checks the arguments of a many-matrix matmul (`what` names its outputs in errors): one output
+/// per matrix, every matrix's K equal to the tables' `cols`, every output `tokens · rows` long, where
+/// `shape(p)` is matrix `p`'s (K, rows).
+pub(crate) fn check_parts(
+    what: &'static str,
+    shape: impl Fn(usize) -> (usize, usize),
+    matrices: usize,
+    cols: usize,
+    tokens: usize,
+    outs: &[&mut [f32]],
+) -> Result<()> {
+    if matrices != outs.len() {
+        return Err(KernelError::LengthMismatch {
+            what: "matmul outputs (one per matrix)",
+            expected: matrices,
+            got: outs.len(),
+        });
+    }
+    for (p, out) in outs.iter().enumerate() {
+        let (k, rows) = shape(p);
+        if k != cols {
+            return Err(KernelError::ShapeMismatch {
+                matrix: k,
+                activations: cols,
+            });
+        }
+        if out.len() != tokens * rows {
+            return Err(KernelError::LengthMismatch {
+                what,
+                expected: tokens * rows,
+                got: out.len(),
+            });
+        }
+    }
+    Ok(())
+}
 
 /// An output pointer shared by the tile tasks; each task writes only the rows of its own tiles.
 #[derive(Clone, Copy)]
