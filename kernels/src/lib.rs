@@ -12,9 +12,10 @@
 //! - [`PackedMatrix::pack`]: integer codes + group scales (+ offsets) → the LUT layout;
 //! - [`ActivationTables::build`]: f32 activations → int8 tables, once per distinct input;
 //! - [`PackedMatrix::matmul`]: tables → f32 outputs, for one token (GEMV) or a batch (GEMM);
+//!   [`PackedMatrix::matmul_many`] runs the matrices that read the same tables (q/k/v) in one dispatch;
 //! - [`TernaryMatrix`] and [`TernaryTables`] for ternary (BitNet) weights at 1.67 bits per weight;
 //! - [`Int8Matrix`] for 8-bit tensors (embeddings, LM heads) and [`DenseMatrix`] for f32 ones;
-//! - [`vector`]: `dot` and `axpy` for attention, on the same ISA.
+//! - [`vector`]: `dot`, `axpy` and their many-row forms for attention, on the same ISA.
 //!
 //! ```
 //! use lutra_kernels::{ActivationTables, Cpu, Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
