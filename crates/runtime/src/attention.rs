@@ -5,6 +5,14 @@
 //! are independent, so they are spread over the worker threads; each head owns a slice of one
 //! preallocated scratch buffer (scores, outputs, f16 conversion rows), so nothing is allocated per
 //! token.
+//!
+//! One decoded token over a long f32 cache (more than [`SPLIT_MIN`] positions) is split further,
+//! as in flash-decoding: every (KV head, span of [`SPAN`] positions) is a task that computes, for
+//! each query head of the group, the span's scores, their maximum `m`, `l = Σ exp(s − m)` and the
+//! unnormalized `Σ exp(s − m)·v`; the spans of a head are then merged with weights `exp(m − M)`.
+//! This spreads the work evenly over the threads (a 9-head model on 2 threads split 5/4 by heads),
+//! and the query heads of a group read each span of keys and values while it is in cache. Shorter
+//! contexts keep the one-pass form.
 
 use lutra_kernels::{vector, Cpu};
 
@@ -29,7 +37,15 @@ pub struct Attention {
     max_batch: usize,
     /// Per head: `[capacity]` scores, `[max_batch][head_dim]` outputs, two conversion rows.
     scratch: Vec<f32>,
+    /// Per (KV head, span, query head of the group): `m`, `l` and `[head_dim]` partial outputs.
+    spans: Vec<f32>,
 }
+
+/// Positions per task when one token's attention is split over spans of the cache.
+pub(crate) const SPAN: usize = 256;
+
+/// A decoded token attends span by span once it sees more than this many positions.
+pub(crate) const SPLIT_MIN: usize = 2 * SPAN;
 
 impl Attention {
     /// Scratch for up to `max_batch` query tokens attending to up to `capacity` positions.
@@ -39,8 +55,10 @@ impl Attention {
             capacity,
             max_batch,
             scratch: Vec::new(),
+            spans: Vec::new(),
         };
         attention.scratch = vec![0.0; shape.heads * attention.stride()];
+        attention.spans = vec![0.0; shape.heads * capacity.div_ceil(SPAN) * (shape.head_dim + 2)];
         attention
     }
 
@@ -66,6 +84,11 @@ impl Attention {
             head_dim: hd,
         } = self.shape;
         debug_assert!(n <= self.max_batch && pos0 + n <= self.capacity);
+        if let (1, Rows::F32(keys), Rows::F32(values)) = (n, cache.keys, cache.values) {
+            if pos0 + 1 > SPLIT_MIN {
+                return self.attend_spans(cpu, keys, values, q, pos0 + 1, out);
+            }
+        }
         let q_dim = heads * hd;
         let group = heads / kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -115,6 +138,89 @@ impl Attention {
             let outs = &self.scratch[h * stride + capacity..][..n * hd];
             for (t, o) in outs.chunks_exact(hd).enumerate() {
                 out[t * q_dim + h * hd..][..hd].copy_from_slice(o);
+            }
+        }
+    }
+}
+
+impl Attention {
+    /// One query token (`q` is `[heads·head_dim]`) over the first `seen` positions of one layer's
+    /// f32 keys and values (`[kv_head][capacity][head_dim]`), span by span (see the module docs);
+    /// writes `out` (`[heads·head_dim]`).
+    fn attend_spans(
+        &mut self,
+        cpu: &Cpu,
+        keys: &[f32],
+        values: &[f32],
+        q: &[f32],
+        seen: usize,
+        out: &mut [f32],
+    ) {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+        } = self.shape;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // The layer's slice holds every KV head's rows for the cache's whole capacity.
+        let head_stride = keys.len() / kv_heads;
+        let spans = seen.div_ceil(SPAN);
+        // Task `t` = (KV head, span, query head of its group), in that order, so the query heads
+        // that read one span of keys and values run back to back on one thread.
+        let stride = hd + 2;
+        let tasks = kv_heads * spans * group;
+        let partials = &mut self.spans[..tasks * stride];
+        // One contiguous range of tasks per thread: each thread's keys and values are one stream.
+        let per_thread = tasks.div_ceil(cpu.threads()) * stride;
+        cpu.for_each_chunk(partials, per_thread, |start, part| {
+            let mut scores = [0.0f32; SPAN];
+            for (i, partial) in part.chunks_exact_mut(stride).enumerate() {
+                let task = start / stride + i;
+                let (g, rest) = (task / (spans * group), task % (spans * group));
+                let (span, j) = (rest / group, rest % group);
+                let h = g * group + j;
+                let p0 = span * SPAN;
+                let len = SPAN.min(seen - p0);
+                let rows = g * head_stride + p0 * hd..g * head_stride + (p0 + len) * hd;
+                let scores = &mut scores[..len];
+                vector::dot_rows(cpu, &q[h * hd..][..hd], &keys[rows.clone()], scores);
+                let mut max = f32::NEG_INFINITY;
+                for score in scores.iter_mut() {
+                    *score *= scale;
+                    max = max.max(*score);
+                }
+                let mut sum = 0.0;
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    sum += *score;
+                }
+                let (ml, o) = partial.split_at_mut(2);
+                ml[0] = max;
+                ml[1] = sum;
+                vector::weighted_row_sum(cpu, o, scores, &values[rows]);
+            }
+        });
+
+        // Merge each head's spans: weights exp(m − M) relative to the head's largest maximum M.
+        for h in 0..heads {
+            let (g, j) = (h / group, h % group);
+            let partial = |span: usize| {
+                let task = (g * spans + span) * group + j;
+                &self.spans[task * stride..(task + 1) * stride]
+            };
+            let top = (0..spans)
+                .map(|span| partial(span)[0])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = (0..spans)
+                .map(|span| (partial(span)[0] - top).exp() * partial(span)[1])
+                .sum();
+            let o = &mut out[h * hd..(h + 1) * hd];
+            o.fill(0.0);
+            for span in 0..spans {
+                let p = partial(span);
+                let w = (p[0] - top).exp() / total;
+                vector::axpy(cpu, o, w, &p[2..]);
             }
         }
     }
@@ -212,6 +318,43 @@ mod tests {
                 let want = naive(shape, &q[pos * q_dim..(pos + 1) * q_dim], &keys, &vals, pos);
                 for (a, b) in out[pos * q_dim..(pos + 1) * q_dim].iter().zip(&want) {
                     assert!((a - b).abs() < tol, "pos {pos}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_contexts_split_into_spans_match_naive() {
+        let shape = AttentionShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 20,
+        };
+        let (kv_dim, q_dim) = (40, 120);
+        // Past SPLIT_MIN, with a last span that is not full.
+        let total = SPLIT_MIN + SPAN + 37;
+        let keys = values(total * kv_dim, 4);
+        // Scaled so that some scores dominate (the merge weights must matter).
+        let keys: Vec<f32> = keys.iter().map(|k| 4.0 * k).collect();
+        let vals = values(total * kv_dim, 5);
+        let q = values(total * q_dim, 6);
+        for isa in lutra_kernels::Isa::supported() {
+            for threads in [1, 2, 3] {
+                let cpu = Cpu::with_isa(isa, threads).unwrap();
+                let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, false);
+                cache.store(0, 0, &keys, &vals);
+                let mut attention = Attention::new(shape, total, 4);
+                for pos in [SPLIT_MIN - 1, SPLIT_MIN, SPLIT_MIN + 1, total - 1] {
+                    let qp = &q[pos * q_dim..(pos + 1) * q_dim];
+                    let mut out = vec![f32::NAN; q_dim];
+                    attention.attend(&cpu, cache.layer(0), qp, 1, pos, &mut out);
+                    let want = naive(shape, qp, &keys, &vals, pos);
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{isa:?} {threads} threads, pos {pos}, element {i}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
