@@ -178,6 +178,8 @@ fn bench_json_rows_parse_with_positive_rates() {
         "16",
         "-n",
         "4",
+        "-d",
+        "0,8",
         "-r",
         "2",
         "-t",
@@ -189,7 +191,7 @@ fn bench_json_rows_parse_with_positive_rates() {
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     let rows = rows.as_array().expect("an array of rows");
     let tests: Vec<&str> = rows.iter().map(|r| r["test"].as_str().unwrap()).collect();
-    assert_eq!(tests, ["pp16", "tg4"]);
+    assert_eq!(tests, ["pp16", "pp16 @ d8", "tg4", "tg4 @ d8"]);
     for row in rows {
         let tps = row["tokens_per_sec"].as_f64().unwrap();
         assert!(tps > 0.0 && tps.is_finite(), "{row}");
@@ -197,7 +199,7 @@ fn bench_json_rows_parse_with_positive_rates() {
         assert!(row["size_bytes"].as_u64().unwrap() > 10_000_000);
         assert_eq!(row["synthetic"], true);
     }
-    assert!(rows[1]["effective_gb_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(rows[2]["effective_gb_per_sec"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

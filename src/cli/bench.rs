@@ -44,6 +44,15 @@ pub(crate) struct BenchArgs {
         default_value = "128"
     )]
     n_gen: Vec<usize>,
+    /// Positions already in the KV cache when each test starts, comma-separated (llama-bench's
+    /// depth: decode and prefill speed deep into a conversation)
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    n_depth: Vec<usize>,
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -94,24 +103,32 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     } else {
         args.threads.clone()
     };
-    let tests: Vec<Test> = args
+    let prompts = args
         .n_prompt
         .iter()
         .filter(|&&n| n > 0)
-        .map(|&tokens| Test {
-            kind: TestKind::Prompt,
-            tokens,
+        .map(|&tokens| (TestKind::Prompt, tokens));
+    let gens = args
+        .n_gen
+        .iter()
+        .filter(|&&n| n > 0)
+        .map(|&tokens| (TestKind::Generate, tokens));
+    let tests: Vec<Test> = prompts
+        .chain(gens)
+        .flat_map(|(kind, tokens)| {
+            args.n_depth.iter().map(move |&depth| Test {
+                kind,
+                tokens,
+                depth,
+            })
         })
-        .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&tokens| Test {
-            kind: TestKind::Generate,
-            tokens,
-        }))
         .collect();
     if tests.is_empty() {
         bail!("nothing to measure: -p and -n are both 0");
     }
-    // Every test starts on an empty cache; p + n is enough for the longest and matches llama-bench.
-    let context = args.n_prompt.iter().max().unwrap_or(&0) + args.n_gen.iter().max().unwrap_or(&0);
+    // Every test starts at its depth; d + p + n is enough for the longest, as in llama-bench.
+    let longest = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
+    let context = longest(&args.n_depth) + longest(&args.n_prompt) + longest(&args.n_gen);
     let sources = models
         .iter()
         .map(|m| ModelSource::parse(m).map(|s| (m.clone(), s)))

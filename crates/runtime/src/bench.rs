@@ -66,21 +66,29 @@ pub enum TestKind {
     Generate,
 }
 
-/// One test: a kind and a token count, named like llama-bench (`pp512`, `tg128`).
+/// One test: a kind, a token count and a cache depth, named like llama-bench (`pp512`, `tg128`,
+/// `tg128 @ d2048`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Test {
     /// Prompt processing or generation.
     pub kind: TestKind,
     /// Tokens processed (prompt) or generated.
     pub tokens: usize,
+    /// Positions already in the cache when the timed part starts (llama-bench's `-d`).
+    pub depth: usize,
 }
 
 impl Test {
-    /// llama-bench's name: `pp` or `tg` followed by the token count.
+    /// llama-bench's name: `pp` or `tg` followed by the token count, and ` @ dN` at depth N > 0.
     pub fn name(&self) -> String {
-        match self.kind {
+        let name = match self.kind {
             TestKind::Prompt => format!("pp{}", self.tokens),
             TestKind::Generate => format!("tg{}", self.tokens),
+        };
+        if self.depth > 0 {
+            format!("{name} @ d{}", self.depth)
+        } else {
+            name
         }
     }
 }
@@ -93,8 +101,9 @@ pub trait Decoder {
     fn vocab_size(&self) -> usize;
     /// A fresh, empty cache large enough for the longest test.
     fn new_cache(&self) -> Self::Cache;
-    /// Empties `cache` so that the next forward starts at position 0.
-    fn clear(&self, cache: &mut Self::Cache);
+    /// Keeps the first `len` positions of `cache` (at most its length), so that the next forward
+    /// starts at position `len`.
+    fn truncate(&self, cache: &mut Self::Cache, len: usize);
     /// Appends `tokens` to `cache` and writes the last token's logits.
     fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, logits: &mut [f32]) -> Result<()>;
 }
@@ -110,8 +119,8 @@ impl Decoder for crate::llama::Model {
         crate::llama::Model::new_cache(self)
     }
 
-    fn clear(&self, cache: &mut Self::Cache) {
-        cache.clear();
+    fn truncate(&self, cache: &mut Self::Cache, len: usize) {
+        cache.truncate(len);
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, logits: &mut [f32]) -> Result<()> {
@@ -151,8 +160,9 @@ pub struct TestResult {
     pub tokens_per_sec: Stats,
 }
 
-/// Runs `test` on `decoder`: an optional warm-up, then `opts.repetitions` timed runs, each on an
-/// empty cache.
+/// Runs `test` on `decoder`: an optional warm-up, then `opts.repetitions` timed runs. The cache is
+/// first filled with `test.depth` random tokens (one untimed batched forward), and every run starts
+/// from those positions.
 pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Result<TestResult> {
     if test.tokens == 0 {
         return Err(Error::InvalidOption(format!(
@@ -170,9 +180,14 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
     let mut logits = vec![0.0f32; vocab];
     let mut rng = TokenRng(SplitMix64::new(opts.seed));
     let mut seconds = Vec::with_capacity(opts.repetitions);
+    decoder.truncate(&mut cache, 0);
+    if test.depth > 0 {
+        let context: Vec<u32> = (0..test.depth).map(|_| rng.token(vocab)).collect();
+        decoder.forward(&context, &mut cache, &mut logits)?;
+    }
     let runs = opts.repetitions + usize::from(opts.warmup);
     for run in 0..runs {
-        decoder.clear(&mut cache);
+        decoder.truncate(&mut cache, test.depth);
         let elapsed = match test.kind {
             TestKind::Prompt => {
                 let tokens: Vec<u32> = (0..test.tokens).map(|_| rng.token(vocab)).collect();
@@ -286,13 +301,17 @@ mod tests {
         let pp = Test {
             kind: TestKind::Prompt,
             tokens: 512,
+            depth: 0,
         };
         let tg = Test {
             kind: TestKind::Generate,
             tokens: 128,
+            depth: 0,
         };
         assert_eq!(pp.name(), "pp512");
         assert_eq!(tg.name(), "tg128");
+        let deep = Test { depth: 2048, ..tg };
+        assert_eq!(deep.name(), "tg128 @ d2048");
     }
 
     /// Records every forward call; its "logits" make token `(last + 1) % vocab` the argmax.
@@ -309,8 +328,8 @@ mod tests {
         fn new_cache(&self) -> usize {
             0
         }
-        fn clear(&self, cache: &mut usize) {
-            *cache = 0;
+        fn truncate(&self, cache: &mut usize, len: usize) {
+            *cache = len.min(*cache);
         }
         fn forward(&self, tokens: &[u32], cache: &mut usize, logits: &mut [f32]) -> Result<()> {
             self.calls.borrow_mut().push((*cache, tokens.to_vec()));
@@ -332,6 +351,7 @@ mod tests {
         let test = Test {
             kind: TestKind::Prompt,
             tokens: 16,
+            depth: 0,
         };
         let opts = BenchOptions {
             repetitions: 3,
@@ -360,6 +380,7 @@ mod tests {
         let test = Test {
             kind: TestKind::Generate,
             tokens: 5,
+            depth: 0,
         };
         let opts = BenchOptions {
             repetitions: 2,
@@ -383,6 +404,34 @@ mod tests {
     }
 
     #[test]
+    fn depth_is_filled_once_and_every_run_starts_there() {
+        let rec = Recorder {
+            vocab: 30,
+            calls: RefCell::new(vec![]),
+        };
+        let test = Test {
+            kind: TestKind::Generate,
+            tokens: 3,
+            depth: 40,
+        };
+        let opts = BenchOptions {
+            repetitions: 2,
+            warmup: true,
+            seed: 3,
+        };
+        let r = run_test(&rec, test, &opts).unwrap();
+        let calls = rec.calls.borrow();
+        // One untimed fill of 40 tokens at position 0, then 3 runs of 3 steps from position 40.
+        assert_eq!(calls.len(), 1 + 3 * 3);
+        assert_eq!((calls[0].0, calls[0].1.len()), (0, 40));
+        for run in calls[1..].chunks(3) {
+            let positions: Vec<usize> = run.iter().map(|(pos, _)| *pos).collect();
+            assert_eq!(positions, [40, 41, 42]);
+        }
+        assert_eq!(r.seconds.len(), 2);
+    }
+
+    #[test]
     fn zero_tokens_or_repetitions_are_rejected() {
         let rec = Recorder {
             vocab: 10,
@@ -393,7 +442,8 @@ mod tests {
             &rec,
             Test {
                 kind: TestKind::Prompt,
-                tokens: 0
+                tokens: 0,
+                depth: 0,
             },
             &opts
         )
@@ -406,7 +456,8 @@ mod tests {
             &rec,
             Test {
                 kind: TestKind::Generate,
-                tokens: 2
+                tokens: 2,
+                depth: 0,
             },
             &none
         )
