@@ -1,6 +1,6 @@
 //! Small f32 vector operations for the parts of a forward pass that are not matrix products
 //! (attention scores and value sums): `dot` and `axpy`, and their many-row forms `dot_rows` and
-//! `weighted_row_sum`, on the [`Cpu`]'s ISA.
+//! `weighted_row_sum`, on the [`Cpu`]'s ISA; and `widen_f16` for caches stored as f16.
 //!
 //! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, mul then add), sums the lanes
 //! in order and adds the tail last; the SIMD paths perform exactly these operations, so every ISA
@@ -14,6 +14,8 @@ mod avx2;
 mod neon;
 #[cfg(test)]
 mod tests;
+
+use half::f16;
 
 use crate::cpu::Cpu;
 use crate::isa::Isa;
@@ -95,6 +97,29 @@ pub fn weighted_row_sum(cpu: &Cpu, out: &mut [f32], weights: &[f32], rows: &[f32
                 for (&w, row) in weights.iter().zip(rows.chunks_exact(out.len())) {
                     scalar_axpy(out, w, row);
                 }
+            }
+        }
+    }
+}
+
+/// `dst[i] = src[i]` widened from f16 to f32 (exact: every f16 value is an f32 value), eight per
+/// instruction with F16C on AVX2 machines. Panics if the lengths differ (a caller bug).
+pub fn widen_f16(cpu: &Cpu, src: &[f16], dst: &mut [f32]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "widen_f16 of slices of different lengths"
+    );
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a Cpu holds Isa::Avx2 only when avx2, fma and f16c were detected; the lengths
+        // are equal.
+        Isa::Avx2 => unsafe { avx2::widen_f16(src, dst) },
+        // `half` converts with the CPU's own instructions where it detects them (aarch64 fp16).
+        Isa::Neon => half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst),
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.to_f32();
             }
         }
     }

@@ -74,6 +74,8 @@ pub(crate) struct BenchArgs {
     /// Skip the untimed warm-up run of each test
     #[arg(long)]
     no_warmup: bool,
+    #[command(flatten)]
+    cache: super::CacheArgs,
 }
 
 /// What a `-m` entry names.
@@ -218,6 +220,7 @@ fn build(
     let mut opts = LoadOptions {
         threads,
         context_length: Some(context),
+        kv_f16: args.cache.kv_f16()?,
         ..LoadOptions::default()
     };
     match source {

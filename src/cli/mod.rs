@@ -66,6 +66,49 @@ pub(crate) struct ModelArgs {
     /// Group size for --bits
     #[arg(long, requires = "bits")]
     group_size: Option<usize>,
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+/// KV cache element types, with llama.cpp's flags (`-ctk`/`-ctv` are rewritten to the long forms).
+#[derive(Debug, Args)]
+pub(crate) struct CacheArgs {
+    /// KV cache type for keys: f32 (exact) or f16 (half the memory; llama.cpp's default)
+    #[arg(long = "cache-type-k", value_enum, default_value_t = CacheType::F32)]
+    cache_type_k: CacheType,
+    /// KV cache type for values; must equal --cache-type-k
+    #[arg(long = "cache-type-v", value_enum, default_value_t = CacheType::F32)]
+    cache_type_v: CacheType,
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum CacheType {
+    F32,
+    F16,
+}
+
+impl CacheType {
+    fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+        }
+    }
+}
+
+impl CacheArgs {
+    /// Whether the cache stores f16; keys and values share one type.
+    pub(crate) fn kv_f16(&self) -> Result<bool> {
+        if self.cache_type_k != self.cache_type_v {
+            bail!(
+                "-ctk {} and -ctv {} differ: lutra stores keys and values in one type, give both the same",
+                self.cache_type_k.name(),
+                self.cache_type_v.name()
+            );
+        }
+        Ok(self.cache_type_k == CacheType::F16)
+    }
 }
 
 impl ModelArgs {
@@ -77,20 +120,20 @@ impl ModelArgs {
         }
     }
 
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions {
+    fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
             threads: self.threads,
             reference: self.reference,
             requantize: requantize(self.bits, self.group_size),
             context_length: (self.ctx_size > 0).then_some(self.ctx_size),
-            ..LoadOptions::default()
-        }
+            kv_f16: self.cache.kv_f16()?,
+        })
     }
 
     /// Loads the model, reporting what and how long on stderr.
     fn load(&self) -> Result<Model> {
         let path = self.path()?;
-        load_model(&path, &self.load_options())
+        load_model(&path, &self.load_options()?)
     }
 }
 
@@ -214,12 +257,17 @@ fn write_stdout(text: &str) -> Result<()> {
         .context("cannot write to stdout")
 }
 
-/// Rewrites llama.cpp's multi-letter single-dash flags (`-sys`) that clap cannot express.
+/// Rewrites llama.cpp's multi-letter single-dash flags (`-sys`, `-ctk`, `-ctv`) that clap cannot
+/// express.
 fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     args.into_iter()
         .map(|a| {
             if a == "-sys" {
                 "--system-prompt".into()
+            } else if a == "-ctk" {
+                "--cache-type-k".into()
+            } else if a == "-ctv" {
+                "--cache-type-v".into()
             } else {
                 a
             }
@@ -293,10 +341,34 @@ mod tests {
         assert_eq!(g.n_predict, 7);
         let cfg = g.sampling.config();
         assert_eq!((cfg.temperature, cfg.seed, cfg.top_k), (0.0, Some(3), 40));
-        let opts = g.model.load_options();
+        let opts = g.model.load_options().unwrap();
         assert_eq!((opts.threads, opts.context_length), (2, Some(256)));
+        assert!(!opts.kv_f16, "the cache is f32 unless asked");
         let rq = opts.requantize.unwrap();
         assert_eq!((rq.bits, rq.group_size), (2, 64));
+    }
+
+    #[test]
+    fn cache_type_flags_follow_llama_cpp() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["lutra", "generate", "-p", "x"];
+            args.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(normalize_args(args.into_iter().map(Into::into)))
+                .expect("parses");
+            let Command::Generate(g) = cli.command else {
+                panic!("not generate")
+            };
+            g.model.load_options().map(|o| o.kv_f16)
+        };
+        assert!(parse(&["-ctk", "f16", "-ctv", "f16"]).unwrap());
+        assert!(parse(&["--cache-type-k", "f16", "--cache-type-v", "f16"]).unwrap());
+        assert!(!parse(&["-ctk", "f32", "-ctv", "f32"]).unwrap());
+        let err = parse(&["-ctk", "f16"]).unwrap_err().to_string();
+        assert!(err.contains("-ctk f16 and -ctv f32 differ"), "{err}");
+        assert!(
+            Cli::try_parse_from(["lutra", "generate", "-p", "x", "--cache-type-k", "q8_0"])
+                .is_err()
+        );
     }
 
     #[test]

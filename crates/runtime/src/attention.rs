@@ -6,7 +6,8 @@
 //! preallocated scratch buffer (scores, outputs, f16 conversion rows), so nothing is allocated per
 //! token.
 //!
-//! One decoded token over a long f32 cache (more than [`SPLIT_MIN`] positions) is split further,
+//! One decoded token over a long cache (more than [`SPLIT_MIN`] positions; any length for an f16
+//! cache, whose rows are widened to f32 a span at a time) is split further,
 //! as in flash-decoding: every (KV head, span of [`SPAN`] positions) is a task that computes, for
 //! each query head of the group, the span's scores, their maximum `m`, `l = Σ exp(s − m)` and the
 //! unnormalized `Σ exp(s − m)·v`; the spans of a head are then merged with weights `exp(m − M)`.
@@ -37,7 +38,8 @@ pub struct Attention {
     max_batch: usize,
     /// Per head: `[capacity]` scores, `[max_batch][head_dim]` outputs, two conversion rows.
     scratch: Vec<f32>,
-    /// Per (KV head, span, query head of the group): `m`, `l` and `[head_dim]` partial outputs.
+    /// Per thread's range of (KV head, span, query head) tasks: each task's `m`, `l` and
+    /// `[head_dim]` partial outputs, then f32 rows converted from an f16 cache.
     spans: Vec<f32>,
 }
 
@@ -58,7 +60,6 @@ impl Attention {
             spans: Vec::new(),
         };
         attention.scratch = vec![0.0; shape.heads * attention.stride()];
-        attention.spans = vec![0.0; shape.heads * capacity.div_ceil(SPAN) * (shape.head_dim + 2)];
         attention
     }
 
@@ -84,10 +85,11 @@ impl Attention {
             head_dim: hd,
         } = self.shape;
         debug_assert!(n <= self.max_batch && pos0 + n <= self.capacity);
-        if let (1, Rows::F32(keys), Rows::F32(values)) = (n, cache.keys, cache.values) {
-            if pos0 + 1 > SPLIT_MIN {
-                return self.attend_spans(cpu, keys, values, q, pos0 + 1, out);
-            }
+        // An f16 cache always goes span by span (its rows are widened a span at a time); an f32
+        // cache only past SPLIT_MIN, so short contexts keep the one-pass bits.
+        let f16 = !matches!(cache.keys, Rows::F32(_));
+        if n == 1 && (f16 || pos0 + 1 > SPLIT_MIN) {
+            return self.attend_spans(cpu, cache, q, pos0 + 1, out);
         }
         let q_dim = heads * hd;
         let group = heads / kv_heads;
@@ -145,13 +147,11 @@ impl Attention {
 
 impl Attention {
     /// One query token (`q` is `[heads·head_dim]`) over the first `seen` positions of one layer's
-    /// f32 keys and values (`[kv_head][capacity][head_dim]`), span by span (see the module docs);
-    /// writes `out` (`[heads·head_dim]`).
+    /// cache, span by span (see the module docs); writes `out` (`[heads·head_dim]`).
     fn attend_spans(
         &mut self,
         cpu: &Cpu,
-        keys: &[f32],
-        values: &[f32],
+        cache: LayerCache<'_>,
         q: &[f32],
         seen: usize,
         out: &mut [f32],
@@ -163,51 +163,79 @@ impl Attention {
         } = self.shape;
         let group = heads / kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        // The layer's slice holds every KV head's rows for the cache's whole capacity.
-        let head_stride = keys.len() / kv_heads;
         let spans = seen.div_ceil(SPAN);
         // Task `t` = (KV head, span, query head of its group), in that order, so the query heads
         // that read one span of keys and values run back to back on one thread.
         let stride = hd + 2;
         let tasks = kv_heads * spans * group;
-        let partials = &mut self.spans[..tasks * stride];
-        // One contiguous range of tasks per thread: each thread's keys and values are one stream.
-        let per_thread = tasks.div_ceil(cpu.threads()) * stride;
-        cpu.for_each_chunk(partials, per_thread, |start, part| {
-            let mut scores = [0.0f32; SPAN];
-            for (i, partial) in part.chunks_exact_mut(stride).enumerate() {
-                let task = start / stride + i;
-                let (g, rest) = (task / (spans * group), task % (spans * group));
-                let (span, j) = (rest / group, rest % group);
-                let h = g * group + j;
-                let p0 = span * SPAN;
-                let len = SPAN.min(seen - p0);
-                let rows = g * head_stride + p0 * hd..g * head_stride + (p0 + len) * hd;
-                let scores = &mut scores[..len];
-                vector::dot_rows(cpu, &q[h * hd..][..hd], &keys[rows.clone()], scores);
-                let mut max = f32::NEG_INFINITY;
-                for score in scores.iter_mut() {
-                    *score *= scale;
-                    max = max.max(*score);
+        // One contiguous range of tasks per thread, so each thread's keys and values are one
+        // stream. A range's scratch holds its tasks' partials, then (f16 caches) the current
+        // span's keys and values converted to f32.
+        let per_range = tasks.div_ceil(cpu.threads());
+        let ranges = tasks.div_ceil(per_range);
+        let convert = if matches!(cache.keys, Rows::F32(_)) {
+            0
+        } else {
+            2 * SPAN * hd
+        };
+        let range_len = per_range * stride + convert;
+        // Grows once to the longest context and thread count seen, then is reused.
+        if self.spans.len() < ranges * range_len {
+            self.spans.resize(ranges * range_len, 0.0);
+        }
+        let head_stride = cache.head_stride;
+        cpu.for_each_chunk(
+            &mut self.spans[..ranges * range_len],
+            range_len,
+            |start, chunk| {
+                let first = start / range_len * per_range;
+                let (partials, buf) = chunk.split_at_mut(per_range * stride);
+                let (kbuf, vbuf) = buf.split_at_mut(convert / 2);
+                let mut scores = [0.0f32; SPAN];
+                let mut rows_of = None;
+                let mut span_rows: (&[f32], &[f32]) = (&[], &[]);
+                for (task, partial) in (first..tasks).zip(partials.chunks_exact_mut(stride)) {
+                    let (g, rest) = (task / (spans * group), task % (spans * group));
+                    let (span, j) = (rest / group, rest % group);
+                    let p0 = span * SPAN;
+                    let len = SPAN.min(seen - p0);
+                    if rows_of != Some((g, span)) {
+                        // The query heads of a group share this span: read (convert) it once.
+                        let at = g * head_stride + p0 * hd;
+                        span_rows = (
+                            read_rows(cpu, cache.keys, at, len * hd, &mut *kbuf),
+                            read_rows(cpu, cache.values, at, len * hd, &mut *vbuf),
+                        );
+                        rows_of = Some((g, span));
+                    }
+                    let h = g * group + j;
+                    let scores = &mut scores[..len];
+                    vector::dot_rows(cpu, &q[h * hd..][..hd], span_rows.0, scores);
+                    let mut max = f32::NEG_INFINITY;
+                    for score in scores.iter_mut() {
+                        *score *= scale;
+                        max = max.max(*score);
+                    }
+                    let mut sum = 0.0;
+                    for score in scores.iter_mut() {
+                        *score = (*score - max).exp();
+                        sum += *score;
+                    }
+                    let (ml, o) = partial.split_at_mut(2);
+                    ml[0] = max;
+                    ml[1] = sum;
+                    vector::weighted_row_sum(cpu, o, scores, span_rows.1);
                 }
-                let mut sum = 0.0;
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
-                }
-                let (ml, o) = partial.split_at_mut(2);
-                ml[0] = max;
-                ml[1] = sum;
-                vector::weighted_row_sum(cpu, o, scores, &values[rows]);
-            }
-        });
+            },
+        );
 
         // Merge each head's spans: weights exp(m − M) relative to the head's largest maximum M.
         for h in 0..heads {
             let (g, j) = (h / group, h % group);
             let partial = |span: usize| {
                 let task = (g * spans + span) * group + j;
-                &self.spans[task * stride..(task + 1) * stride]
+                let at = task / per_range * range_len + task % per_range * stride;
+                &self.spans[at..at + stride]
             };
             let top = (0..spans)
                 .map(|span| partial(span)[0])
@@ -222,6 +250,24 @@ impl Attention {
                 let w = (p[0] - top).exp() / total;
                 vector::axpy(cpu, o, w, &p[2..]);
             }
+        }
+    }
+}
+
+/// `len` values of `rows` from element `at`: borrowed from an f32 cache, or widened into `buf`
+/// (at least `len` long) from an f16 one.
+fn read_rows<'a>(
+    cpu: &Cpu,
+    rows: Rows<'a>,
+    at: usize,
+    len: usize,
+    buf: &'a mut [f32],
+) -> &'a [f32] {
+    match rows {
+        Rows::F32(d) => &d[at..at + len],
+        Rows::F16(d) => {
+            vector::widen_f16(cpu, &d[at..at + len], &mut buf[..len]);
+            &buf[..len]
         }
     }
 }
@@ -338,23 +384,38 @@ mod tests {
         let keys: Vec<f32> = keys.iter().map(|k| 4.0 * k).collect();
         let vals = values(total * kv_dim, 5);
         let q = values(total * q_dim, 6);
-        for isa in lutra_kernels::Isa::supported() {
-            for threads in [1, 2, 3] {
-                let cpu = Cpu::with_isa(isa, threads).unwrap();
-                let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, false);
-                cache.store(0, 0, &keys, &vals);
-                let mut attention = Attention::new(shape, total, 4);
-                for pos in [SPLIT_MIN - 1, SPLIT_MIN, SPLIT_MIN + 1, total - 1] {
-                    let qp = &q[pos * q_dim..(pos + 1) * q_dim];
-                    let mut out = vec![f32::NAN; q_dim];
-                    attention.attend(&cpu, cache.layer(0), qp, 1, pos, &mut out);
-                    let want = naive(shape, qp, &keys, &vals, pos);
-                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                        assert!(
-                            (a - b).abs() < 1e-5,
-                            "{isa:?} {threads} threads, pos {pos}, element {i}: {a} vs {b}"
-                        );
-                    }
+        let runs = lutra_kernels::Isa::supported()
+            .into_iter()
+            .flat_map(|isa| [(isa, false), (isa, true)])
+            .flat_map(|(isa, f16)| [1, 2, 3].map(|threads| (isa, f16, threads)));
+        for (isa, f16, threads) in runs {
+            let cpu = Cpu::with_isa(isa, threads).unwrap();
+            let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
+            cache.store(0, 0, &keys, &vals);
+            // What the cache holds (f16 rounds): the textbook attention reads the same values.
+            let round = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&x| {
+                        if f16 {
+                            half::f16::from_f32(x).to_f32()
+                        } else {
+                            x
+                        }
+                    })
+                    .collect()
+            };
+            let (held_keys, held_vals) = (round(&keys), round(&vals));
+            let mut attention = Attention::new(shape, total, 4);
+            for pos in [0, 5, SPLIT_MIN - 1, SPLIT_MIN, SPLIT_MIN + 1, total - 1] {
+                let qp = &q[pos * q_dim..(pos + 1) * q_dim];
+                let mut out = vec![f32::NAN; q_dim];
+                attention.attend(&cpu, cache.layer(0), qp, 1, pos, &mut out);
+                let want = naive(shape, qp, &held_keys, &held_vals, pos);
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{isa:?} f16 {f16}, {threads} threads, pos {pos}, element {i}: {a} vs {b}"
+                    );
                 }
             }
         }

@@ -146,3 +146,24 @@ pub(super) unsafe fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
         y[j] += w * x[j];
     }
 }
+
+/// # Safety
+/// The CPU supports avx2 and f16c, and `src.len() == dst.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    let n = src.len() / 8 * 8;
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i + 8 <= n <= len of both slices; f16 is two bytes, so 8 of them are 16 bytes.
+        unsafe {
+            let h = _mm_loadu_si128(ps.add(i).cast());
+            _mm256_storeu_ps(pd.add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for (d, s) in dst[n..].iter_mut().zip(&src[n..]) {
+        *d = s.to_f32();
+    }
+}

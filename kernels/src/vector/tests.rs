@@ -96,3 +96,26 @@ fn mismatched_lengths_are_a_caller_bug() {
     let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
     dot(&cpu, &[1.0, 2.0], &[1.0]);
 }
+
+#[test]
+fn widening_f16_is_exact_on_every_isa() {
+    // Every f16 bit pattern except NaNs (whose payload bits may differ), plus a tail past 8.
+    let src: Vec<half::f16> = (0..=u16::MAX)
+        .map(half::f16::from_bits)
+        .filter(|h| !h.is_nan())
+        .chain([half::f16::from_f32(1.5); 5])
+        .collect();
+    let want: Vec<u32> = src.iter().map(|h| h.to_f32().to_bits()).collect();
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        for len in [src.len(), 7, 8, 9, 0] {
+            let mut dst = vec![f32::NAN; len];
+            widen_f16(&cpu, &src[..len], &mut dst);
+            let got: Vec<u32> = dst.iter().map(|v| v.to_bits()).collect();
+            assert!(got == want[..len], "{isa:?}, {len} values");
+        }
+        let mut nan = [0.0f32; 9];
+        widen_f16(&cpu, &[half::f16::NAN; 9], &mut nan);
+        assert!(nan.iter().all(|v| v.is_nan()), "{isa:?}");
+    }
+}
