@@ -36,7 +36,8 @@ pub struct Attention {
     shape: AttentionShape,
     capacity: usize,
     max_batch: usize,
-    /// Per head: `[capacity]` scores, `[max_batch][head_dim]` outputs, two conversion rows.
+    /// Per head: `[capacity]` scores, `[max_batch][head_dim]` outputs, two conversion blocks of
+    /// `WIDEN_ROWS` rows.
     scratch: Vec<f32>,
     /// Per thread's range of (KV head, span, query head) tasks: each task's `m`, `l` and
     /// `[head_dim]` partial outputs, then f32 rows converted from an f16 cache.
@@ -45,6 +46,9 @@ pub struct Attention {
 
 /// Positions per task when one token's attention is split over spans of the cache.
 pub(crate) const SPAN: usize = 256;
+
+/// Rows of an f16 cache widened to f32 per call in the batched (prefill) path.
+const WIDEN_ROWS: usize = 32;
 
 /// A decoded token attends span by span once it sees more than this many positions.
 pub(crate) const SPLIT_MIN: usize = 2 * SPAN;
@@ -64,7 +68,7 @@ impl Attention {
     }
 
     fn stride(&self) -> usize {
-        self.capacity + (self.max_batch + 2) * self.shape.head_dim
+        self.capacity + (self.max_batch + 2 * WIDEN_ROWS) * self.shape.head_dim
     }
 
     /// Attention of `n` query tokens (`q` is `[n][heads·head_dim]`) at positions `pos0..pos0+n`,
@@ -104,7 +108,7 @@ impl Attention {
             let kv_start = (h / group) * head_stride;
             let (scores, rest) = chunk.split_at_mut(capacity);
             let (outs, rest) = rest.split_at_mut(self.max_batch * hd);
-            let (kbuf, vbuf) = rest.split_at_mut(hd);
+            let (kbuf, vbuf) = rest.split_at_mut(WIDEN_ROWS * hd);
             for t in 0..n {
                 let seen = pos0 + t + 1;
                 let qh = &q[t * q_dim + h * hd..][..hd];
@@ -122,14 +126,24 @@ impl Attention {
                         vector::weighted_row_sum(cpu, o, scores, &values[rows]);
                     }
                     (keys, values) => {
-                        for (p, score) in scores.iter_mut().enumerate() {
-                            let k = keys.read(kv_start + p * hd, kbuf);
-                            *score = vector::dot(cpu, qh, k) * scale;
+                        // f16 rows, widened WIDEN_ROWS at a time (exact), then the f32 arm's
+                        // dots and one axpy per position.
+                        for (b, scores) in scores.chunks_mut(WIDEN_ROWS).enumerate() {
+                            let at = kv_start + b * WIDEN_ROWS * hd;
+                            let k = keys.read(cpu, at, scores.len() * hd, &mut *kbuf);
+                            vector::dot_rows(cpu, qh, k, scores);
+                        }
+                        for score in scores.iter_mut() {
+                            *score *= scale;
                         }
                         softmax(scores);
                         o.fill(0.0);
-                        for (p, &w) in scores.iter().enumerate() {
-                            vector::axpy(cpu, o, w, values.read(kv_start + p * hd, vbuf));
+                        for (b, weights) in scores.chunks(WIDEN_ROWS).enumerate() {
+                            let at = kv_start + b * WIDEN_ROWS * hd;
+                            let v = values.read(cpu, at, weights.len() * hd, &mut *vbuf);
+                            for (&w, row) in weights.iter().zip(v.chunks_exact(hd)) {
+                                vector::axpy(cpu, o, w, row);
+                            }
                         }
                     }
                 }
@@ -203,8 +217,8 @@ impl Attention {
                         // The query heads of a group share this span: read (convert) it once.
                         let at = g * head_stride + p0 * hd;
                         span_rows = (
-                            read_rows(cpu, cache.keys, at, len * hd, &mut *kbuf),
-                            read_rows(cpu, cache.values, at, len * hd, &mut *vbuf),
+                            cache.keys.read(cpu, at, len * hd, &mut *kbuf),
+                            cache.values.read(cpu, at, len * hd, &mut *vbuf),
                         );
                         rows_of = Some((g, span));
                     }
@@ -250,24 +264,6 @@ impl Attention {
                 let w = (p[0] - top).exp() / total;
                 vector::axpy(cpu, o, w, &p[2..]);
             }
-        }
-    }
-}
-
-/// `len` values of `rows` from element `at`: borrowed from an f32 cache, or widened into `buf`
-/// (at least `len` long) from an f16 one.
-fn read_rows<'a>(
-    cpu: &Cpu,
-    rows: Rows<'a>,
-    at: usize,
-    len: usize,
-    buf: &'a mut [f32],
-) -> &'a [f32] {
-    match rows {
-        Rows::F32(d) => &d[at..at + len],
-        Rows::F16(d) => {
-            vector::widen_f16(cpu, &d[at..at + len], &mut buf[..len]);
-            &buf[..len]
         }
     }
 }

@@ -10,6 +10,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
+use lutra_kernels::{vector, Cpu};
 
 /// Element storage of a cache: f32 (exact) or f16 (half the memory, as llama.cpp uses by default).
 #[derive(Clone, Debug)]
@@ -192,19 +193,18 @@ pub(crate) enum Rows<'a> {
 }
 
 impl<'a> Rows<'a> {
-    /// `len` values starting at element `start`, as f32: borrowed directly, or converted into
-    /// `buf` (which must hold `len` values) for an f16 cache.
+    /// `len` values starting at element `at`, as f32: borrowed from an f32 cache, or widened
+    /// (exactly) into `buf`, which must hold at least `len` values, from an f16 one.
     #[inline]
-    pub(crate) fn read<'b>(&self, start: usize, buf: &'b mut [f32]) -> &'b [f32]
+    pub(crate) fn read<'b>(&self, cpu: &Cpu, at: usize, len: usize, buf: &'b mut [f32]) -> &'b [f32]
     where
         'a: 'b,
     {
-        let len = buf.len();
         match *self {
-            Rows::F32(d) => &d[start..start + len],
+            Rows::F32(d) => &d[at..at + len],
             Rows::F16(d) => {
-                d[start..start + len].convert_to_f32_slice(buf);
-                buf
+                vector::widen_f16(cpu, &d[at..at + len], &mut buf[..len]);
+                &buf[..len]
             }
         }
     }
@@ -242,18 +242,17 @@ mod tests {
             let layer = cache.layer(1);
             assert_eq!(layer.head_stride, 6);
             // Head 0 at position 1 is the first two keys; head 1 at position 2 the last two.
-            let mut buf = [0.0f32; 2];
-            assert_eq!(layer.keys.read(2, &mut buf), &k[..2]);
-            let mut buf = [0.0f32; 2];
-            assert_eq!(layer.keys.read(6 + 4, &mut buf), &k[6..]);
+            let cpu = Cpu::new(1).unwrap();
             let mut buf = [0.0f32; 4];
+            assert_eq!(layer.keys.read(&cpu, 2, 2, &mut buf), &k[..2]);
+            assert_eq!(layer.keys.read(&cpu, 6 + 4, 2, &mut buf), &k[6..]);
             assert_eq!(
-                layer.values.read(6 + 2, &mut buf),
+                layer.values.read(&cpu, 6 + 2, 4, &mut buf),
                 &[v[2], v[3], v[6], v[7]]
             );
             // Layer 0 was not touched.
             let mut buf = [1.0f32; 2];
-            assert_eq!(cache.layer(0).keys.read(2, &mut buf), &[0.0; 2]);
+            assert_eq!(cache.layer(0).keys.read(&cpu, 2, 2, &mut buf), &[0.0; 2]);
             assert_eq!(cache.bytes(), KvCache::bytes_for(2, 4, 3, f16));
         }
     }
