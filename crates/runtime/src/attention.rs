@@ -47,7 +47,7 @@ pub struct Attention {
 /// Positions per task when one token's attention is split over spans of the cache.
 pub(crate) const SPAN: usize = 256;
 
-/// Rows of an f16 cache widened to f32 per call in the batched (prefill) path.
+/// Key/value rows read per call in the batched (prefill) path; an f16 cache widens them to f32.
 const WIDEN_ROWS: usize = 32;
 
 /// A decoded token attends span by span once it sees more than this many positions.
@@ -114,29 +114,25 @@ impl Attention {
                 let qh = &q[t * q_dim + h * hd..][..hd];
                 let scores = &mut scores[..seen];
                 let o = &mut outs[t * hd..(t + 1) * hd];
-                // One dispatch on the cache precision per (token, head), not per position.
-                match (cache.keys, cache.values) {
-                    (Rows::F32(keys), Rows::F32(values)) => {
+                // Scores a block of rows at a time: an f32 cache lends its rows, an f16 one is
+                // widened (exactly) into `kbuf`; dot_rows gives each row the same bits either way.
+                for (b, scores) in scores.chunks_mut(WIDEN_ROWS).enumerate() {
+                    let at = kv_start + b * WIDEN_ROWS * hd;
+                    let k = cache.keys.read(cpu, at, scores.len() * hd, &mut *kbuf);
+                    vector::dot_rows(cpu, qh, k, scores);
+                }
+                for score in scores.iter_mut() {
+                    *score *= scale;
+                }
+                softmax(scores);
+                match cache.values {
+                    Rows::F32(values) => {
                         let rows = kv_start..kv_start + seen * hd;
-                        vector::dot_rows(cpu, qh, &keys[rows.clone()], scores);
-                        for score in scores.iter_mut() {
-                            *score *= scale;
-                        }
-                        softmax(scores);
                         vector::weighted_row_sum(cpu, o, scores, &values[rows]);
                     }
-                    (keys, values) => {
-                        // f16 rows, widened WIDEN_ROWS at a time (exact), then the f32 arm's
-                        // dots and one axpy per position.
-                        for (b, scores) in scores.chunks_mut(WIDEN_ROWS).enumerate() {
-                            let at = kv_start + b * WIDEN_ROWS * hd;
-                            let k = keys.read(cpu, at, scores.len() * hd, &mut *kbuf);
-                            vector::dot_rows(cpu, qh, k, scores);
-                        }
-                        for score in scores.iter_mut() {
-                            *score *= scale;
-                        }
-                        softmax(scores);
+                    values => {
+                        // weighted_row_sum's bits (fill, then one axpy per row), over rows
+                        // widened a block at a time.
                         o.fill(0.0);
                         for (b, weights) in scores.chunks(WIDEN_ROWS).enumerate() {
                             let at = kv_start + b * WIDEN_ROWS * hd;
@@ -225,16 +221,10 @@ impl Attention {
                     let h = g * group + j;
                     let scores = &mut scores[..len];
                     vector::dot_rows(cpu, &q[h * hd..][..hd], span_rows.0, scores);
-                    let mut max = f32::NEG_INFINITY;
                     for score in scores.iter_mut() {
                         *score *= scale;
-                        max = max.max(*score);
                     }
-                    let mut sum = 0.0;
-                    for score in scores.iter_mut() {
-                        *score = (*score - max).exp();
-                        sum += *score;
-                    }
+                    let (max, sum) = exp_shifted(scores);
                     let (ml, o) = partial.split_at_mut(2);
                     ml[0] = max;
                     ml[1] = sum;
@@ -268,14 +258,20 @@ impl Attention {
     }
 }
 
-/// In-place softmax, stable for large scores.
-pub(crate) fn softmax(x: &mut [f32]) {
+/// `x[i] = exp(x[i] − max x)` in place; returns the maximum and the sum of the exps (in order).
+fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
         *v = (*v - max).exp();
         sum += *v;
     }
+    (max, sum)
+}
+
+/// In-place softmax, stable for large scores.
+pub(crate) fn softmax(x: &mut [f32]) {
+    let (_, sum) = exp_shifted(x);
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
