@@ -180,7 +180,6 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
     let mut logits = vec![0.0f32; vocab];
     let mut rng = TokenRng(SplitMix64::new(opts.seed));
     let mut seconds = Vec::with_capacity(opts.repetitions);
-    decoder.truncate(&mut cache, 0);
     if test.depth > 0 {
         let context: Vec<u32> = (0..test.depth).map(|_| rng.token(vocab)).collect();
         decoder.forward(&context, &mut cache, &mut logits)?;
