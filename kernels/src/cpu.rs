@@ -8,6 +8,14 @@ use crate::pool::SpinPool;
 ///
 /// The caller owns it (no global pool is used implicitly). With one thread no pool is created and
 /// work runs on the calling thread.
+///
+/// A `Cpu` may be shared between threads (it is `Sync`):
+/// - dispatches ([`Cpu::for_each_index`], [`Cpu::for_each_chunk`] and every kernel call) made from
+///   several threads at once take turns on the worker threads; each one runs every index (chunk)
+///   exactly once;
+/// - a dispatch made from inside a dispatched job, on a worker thread or on the dispatching thread
+///   (on this or any other `Cpu`), runs inline on the calling thread, one index after another. It
+///   cannot deadlock and does not disturb the job it is nested in.
 pub struct Cpu {
     isa: Isa,
     threads: usize,
@@ -54,7 +62,8 @@ impl Cpu {
     }
 
     /// Splits `out` into chunks of `chunk` elements (the last may be shorter) and calls
-    /// `work(first_index, chunk)` for each, spread over the worker threads.
+    /// `work(first_index, chunk)` for each, spread over the worker threads. See [`Cpu`] for
+    /// concurrent and nested calls.
     pub fn for_each_chunk<T, F>(&self, out: &mut [T], chunk: usize, work: F)
     where
         T: Send,
@@ -69,9 +78,11 @@ impl Cpu {
                 pool.run(len.div_ceil(chunk), &|i| {
                     let start = i * chunk;
                     let end = (start + chunk).min(len);
-                    // SAFETY: `start..end` lies inside `out` (i < ⌈len/chunk⌉), every index `i` is
-                    // handed out exactly once, so the chunks are disjoint, and `out` stays mutably
-                    // borrowed until `run` returns after the last call.
+                    // SAFETY: `start..end` lies inside `out` (i < ⌈len/chunk⌉, so start < len).
+                    // `run` hands out every index of this dispatch exactly once, also while other
+                    // threads dispatch on the same pool (each dispatch has its own counter) or
+                    // when this call is nested in a job (it then runs inline), so the chunks are
+                    // disjoint; `out` stays mutably borrowed until `run` returns after the last call.
                     let part =
                         unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
                     work(start, part);
@@ -85,7 +96,8 @@ impl Cpu {
         }
     }
 
-    /// Runs `work(i)` for `i in 0..count`, spread over the worker threads.
+    /// Runs `work(i)` for `i in 0..count`, spread over the worker threads. See [`Cpu`] for
+    /// concurrent and nested calls.
     pub fn for_each_index<F>(&self, count: usize, work: F)
     where
         F: Fn(usize) + Sync + Send,
@@ -99,7 +111,9 @@ impl Cpu {
 
 /// A raw pointer that may cross threads; `for_each_chunk` guarantees disjoint use.
 struct SendPtr<T>(*mut T);
-// SAFETY: the pointer is only used to build disjoint sub-slices of a `&mut [T]` with `T: Send`.
+// SAFETY: the pointer is only used to build disjoint sub-slices of a `&mut [T]` with `T: Send`
+// (one per index of one dispatch, each index run once), so sharing it hands each `&mut [T]` chunk
+// to exactly one thread.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 impl std::fmt::Debug for Cpu {
@@ -146,6 +160,20 @@ mod tests {
             });
             assert!(out.iter().enumerate().all(|(i, &v)| v == i + 1));
         }
+    }
+
+    #[test]
+    fn workers_share_a_long_dispatch() {
+        let cpu = Cpu::with_isa(Isa::Scalar, 3).unwrap();
+        let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+        cpu.for_each_index(200, |_| {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            threads.lock().unwrap().insert(std::thread::current().id());
+        });
+        assert!(
+            threads.into_inner().unwrap().len() > 1,
+            "only the caller ran the job"
+        );
     }
 
     #[test]
