@@ -13,14 +13,18 @@ use crate::isa::Isa;
 mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
-mod out_rows;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use out_rows::{split_rows, RowRange};
+use crate::tiling::{run_row_tasks, RowRange, Split, ROW_TILE};
 
-/// Rows computed together by the kernels.
-use crate::tiling::ROW_TILE;
+/// Whole micro-tiles of rows per task, all tokens at once, a few tasks per thread to balance
+/// uneven progress.
+const ROW_SPLIT: Split = Split {
+    tile_rows: ROW_TILE,
+    token_block: usize::MAX,
+    tasks_per_thread: 4,
+};
 
 /// A row-major f32 matrix `[rows][cols]`.
 pub struct DenseMatrix {
@@ -73,16 +77,24 @@ impl DenseMatrix {
         check_len("dense matmul output", tokens * self.rows, out.len())?;
         let cols = self.cols;
         let isa = cpu.isa();
-        split_rows(cpu, out, self.rows, tokens, ROW_TILE, |mut range| {
-            let w = &self.data[range.start() * cols..range.end() * cols];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => avx2::matmul_rows(w, x, cols, &mut range),
-                #[cfg(target_arch = "aarch64")]
-                Isa::Neon => neon::matmul_rows(w, x, cols, &mut range),
-                _ => matmul_rows_scalar(w, x, cols, &mut range),
-            }
-        });
+        run_row_tasks(
+            cpu,
+            &mut [out],
+            |_| self.rows,
+            tokens,
+            ROW_SPLIT,
+            |_, range| {
+                let w = &self.data[range.start() * cols..range.end() * cols];
+                let x = &x[range.tokens().start * cols..range.tokens().end * cols];
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => avx2::matmul_rows(w, x, cols, range),
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => neon::matmul_rows(w, x, cols, range),
+                    _ => matmul_rows_scalar(w, x, cols, range),
+                }
+            },
+        );
         Ok(())
     }
 }
@@ -115,7 +127,7 @@ fn matmul_rows_scalar(w: &[f32], x: &[f32], cols: usize, out: &mut RowRange<'_>)
     }
     let first = out.start();
     for (i, row) in w.chunks_exact(cols).enumerate() {
-        for (n, xs) in x.chunks_exact(cols).enumerate() {
+        for (n, xs) in out.tokens().zip(x.chunks_exact(cols)) {
             out.set(n, first + i, dot_scalar(row, xs));
         }
     }
@@ -124,7 +136,7 @@ fn matmul_rows_scalar(w: &[f32], x: &[f32], cols: usize, out: &mut RowRange<'_>)
 /// Writes zeros: an empty dot product (K = 0) has nothing to iterate over.
 fn zero_rows(out: &mut RowRange<'_>) {
     for r in out.start()..out.end() {
-        for n in 0..out.tokens() {
+        for n in out.tokens() {
             out.set(n, r, 0.0);
         }
     }

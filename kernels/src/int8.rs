@@ -11,9 +11,9 @@
 use half::f16;
 
 use crate::cpu::Cpu;
-use crate::dense::split_rows;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
+use crate::tiling::{run_row_tasks, Split, ROW_TILE};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -31,8 +31,13 @@ pub(crate) use neon::hsum as neon_hsum;
 /// Elements per quantization block (one scale each), as in GGUF Q8_0.
 pub const BLOCK: usize = 32;
 
-/// Rows computed together by the kernels (one load of activations serves all of them).
-use crate::tiling::ROW_TILE;
+/// Whole interleaved row tiles per task (so a task's rows are one run of blocks), all tokens at
+/// once, a few tasks per thread to balance uneven progress.
+const ROW_SPLIT: Split = Split {
+    tile_rows: ROW_TILE,
+    token_block: usize::MAX,
+    tasks_per_thread: 4,
+};
 
 /// One block of weights: a scale and 32 codes, as in GGUF Q8_0 (34 bytes, no padding).
 #[derive(Clone, Copy, Debug, Default)]
@@ -141,16 +146,25 @@ impl Int8Matrix {
         }
         let x = acts.blocks();
         let isa = cpu.isa();
-        split_rows(cpu, out, self.rows, acts.tokens, ROW_TILE, |mut range| {
-            let w = &self.blocks[range.start() * per_row..range.end() * per_row];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => avx2::matmul_rows(w, x, per_row, &mut range),
-                #[cfg(target_arch = "aarch64")]
-                Isa::Neon => neon::matmul_rows(w, x, per_row, &mut range),
-                _ => scalar::matmul_rows(w, x, per_row, &mut range),
-            }
-        });
+        let rows = self.rows;
+        run_row_tasks(
+            cpu,
+            &mut [out],
+            |_| rows,
+            acts.tokens,
+            ROW_SPLIT,
+            |_, range| {
+                let w = &self.blocks[range.start() * per_row..range.end() * per_row];
+                let x = &x[range.tokens().start * per_row..range.tokens().end * per_row];
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => avx2::matmul_rows(w, x, per_row, range),
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => neon::matmul_rows(w, x, per_row, range),
+                    _ => scalar::matmul_rows(w, x, per_row, range),
+                }
+            },
+        );
         Ok(())
     }
 

@@ -52,7 +52,6 @@ mod packed;
 mod pool;
 mod tables;
 mod ternary;
-mod tile_driver;
 mod tiling;
 pub mod vector;
 

@@ -10,7 +10,7 @@ use crate::error::{KernelError, Result};
 use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TABLES_PER_ACT, TILE};
 use crate::lut::{self, Weights};
 use crate::tables::ActivationTables;
-use crate::tile_driver::{check_parts, MAX_PARTS};
+use crate::tiling::{check_parts, MAX_PARTS};
 
 /// How many consecutive K elements share one scale (and offset).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

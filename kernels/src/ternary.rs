@@ -42,7 +42,7 @@ use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::lut::layout::{ROW_BYTE, TILE};
 use crate::packed::Grouping;
-use crate::tile_driver::{check_parts, MAX_PARTS};
+use crate::tiling::{check_parts, MAX_PARTS};
 use kernel::{TabView, Weights, CHUNK_BYTES, CHUNK_COLS, NIBBLE_BYTES, SIGN_OFFSET, TRIPLES};
 
 /// Triples of activations sharing one int8 table scale: one chunk (24 activations). Blocks of 16

@@ -2,9 +2,9 @@
 
 use std::arch::aarch64::*;
 
-use super::{zero_rows, RowRange};
+use super::zero_rows;
 use crate::isa::Isa;
-use crate::tiling::{for_each_tile, TileKernel};
+use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
 /// NEON version of the scalar kernel.
 pub(super) fn matmul_rows(w: &[f32], x: &[f32], cols: usize, out: &mut RowRange<'_>) {

@@ -4,9 +4,8 @@
 use std::arch::aarch64::*;
 
 use super::{ActBlock, WeightBlock};
-use crate::dense::RowRange;
 use crate::isa::Isa;
-use crate::tiling::{for_each_tile, TileKernel};
+use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
 /// NEON version of the scalar kernel.
 pub(super) fn matmul_rows(

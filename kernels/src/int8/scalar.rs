@@ -1,7 +1,7 @@
 //! The portable reference kernel; every SIMD path must match it bit for bit.
 
 use super::{hsum8, ActBlock, WeightBlock, BLOCK, ROW_TILE};
-use crate::dense::RowRange;
+use crate::tiling::RowRange;
 
 /// Computes the rows of `out` from their weight blocks `w` (tiles of 4 interleaved rows, then
 /// row-major tail rows) and all tokens' activation blocks `x` (`[tokens][per_row]`).
@@ -17,7 +17,7 @@ pub(super) fn matmul_rows(
         let rt = if rows - r >= ROW_TILE { ROW_TILE } else { 1 };
         let tile = &w[r * per_row..(r + rt) * per_row];
         for i in 0..rt {
-            for (n, xs) in x.chunks_exact(per_row).enumerate() {
+            for (n, xs) in out.tokens().zip(x.chunks_exact(per_row)) {
                 out.set(n, out.start() + r + i, dot(tile, rt, i, xs));
             }
         }

@@ -1,5 +1,5 @@
-//! The LUT matmul kernels over the packed layout: one driver (threads, token blocks, output writes) and one
-//! tile kernel per ISA (scalar reference, AVX2, NEON).
+//! The LUT matmul kernels over the packed layout: one tile kernel per ISA (scalar reference, AVX2,
+//! NEON), run over tiles and token blocks by the shared driver in [`crate::tiling`].
 //!
 //! Every tile kernel computes, for one tile of [`TILE`] rows and a block of up to [`NB`] tokens, the same
 //! float operations in the same order (mul and add, never fused), so that the SIMD paths agree with the
@@ -18,6 +18,7 @@ mod tests;
 
 use crate::cpu::Cpu;
 use crate::isa::Isa;
+use crate::tiling::{run_row_tasks, Split};
 use layout::{ACT, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
 
 /// Tokens per block in the GEMM loop: a weight chunk is loaded once per block of this many tokens.
@@ -25,6 +26,14 @@ pub(crate) const NB: usize = 16;
 /// Activation groups per chunk of a weight group: the chunk's weights (at most 8 KiB per tile) stay in
 /// L1 while the tokens of a block go over them.
 pub(crate) const CHUNK: usize = 8;
+
+/// Tasks own whole tiles and token blocks, one contiguous range per thread (see [`crate::tiling`]).
+pub(crate) const TILE_SPLIT: Split = Split {
+    tile_rows: TILE,
+    token_block: NB,
+    tasks_per_thread: 1,
+};
+
 /// Most bit planes.
 pub(crate) const MAX_BITS: usize = 4;
 
@@ -214,7 +223,7 @@ fn neon_tile<const N: usize>(
 }
 
 /// `outs[p][n][r]` for every token of `t` and every row of each matrix `p` (at most
-/// [`crate::tile_driver::MAX_PARTS`]), in one dispatch; `matrix(p)` gives matrix `p`'s packed form
+/// [`crate::tiling::MAX_PARTS`]), in one dispatch; `matrix(p)` gives matrix `p`'s packed form
 /// and rows. The caller checked that the tables and every matrix agree on K and that
 /// `outs[p].len() == t.tokens · rows`.
 pub(crate) fn run<'w>(
@@ -224,15 +233,33 @@ pub(crate) fn run<'w>(
     outs: &mut [&mut [f32]],
 ) {
     let (gemv, gemm) = (kernel::<1>(cpu.isa()), kernel::<NB>(cpu.isa()));
-    crate::tile_driver::run_tiles::<NB>(
+    let tokens = t.tokens;
+    run_row_tasks(
         cpu,
         outs,
-        |p| {
-            let (w, rows) = matrix(p);
-            (w.tiles, rows)
+        |p| matrix(p).1,
+        tokens,
+        TILE_SPLIT,
+        |p, out| {
+            let w = matrix(p).0;
+            let tiles = (out.start()..out.end()).step_by(TILE);
+            assert!(out.end() <= w.tiles * TILE, "every row belongs to a tile");
+            if tokens == 1 {
+                for r0 in tiles {
+                    let mut acc = [[0.0f32; TILE]; 1];
+                    gemv(&w.tile(r0 / TILE), t, 0, 1, &mut acc);
+                    out.write(0, r0, &acc[0][..TILE.min(out.end() - r0)]);
+                }
+                return;
+            }
+            let (first, nb) = (out.tokens().start, out.tokens().len());
+            let mut acc = [[0.0f32; TILE]; NB];
+            for r0 in tiles {
+                gemm(&w.tile(r0 / TILE), t, first, nb, &mut acc);
+                for (n, row) in acc[..nb].iter().enumerate() {
+                    out.write(first + n, r0, &row[..TILE.min(out.end() - r0)]);
+                }
+            }
         },
-        t.tokens,
-        |p, tile, acc| gemv(&matrix(p).0.tile(tile), t, 0, 1, acc),
-        |p, tile, n0, nb, acc| gemm(&matrix(p).0.tile(tile), t, n0, nb, acc),
     );
 }

@@ -8,9 +8,9 @@
 use half::f16;
 
 use crate::cpu::Cpu;
-use crate::dense::{split_rows, RowRange};
 use crate::error::{KernelError, Result};
 use crate::int8::{ActBlock, Int8Activations, BLOCK};
+use crate::tiling::{run_row_tasks, RowRange, Split};
 // Only x86 has a SIMD path for the baseline; elsewhere it runs the scalar code.
 #[cfg(target_arch = "x86_64")]
 use crate::isa::Isa;
@@ -123,14 +123,28 @@ impl DequantMatrix {
         let x = acts.blocks();
         let row_bytes = per_row * self.stride;
         let isa = cpu.isa();
-        split_rows(cpu, out, self.rows, acts.tokens(), 1, |mut range| {
-            let w = &self.data[range.start() * row_bytes..range.end() * row_bytes];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => avx2::matmul_rows(self.bits, self.stride, w, x, per_row, &mut range),
-                _ => matmul_rows_scalar(self.bits, self.stride, w, x, per_row, &mut range),
-            }
-        });
+        let split = Split {
+            tile_rows: 1,
+            token_block: usize::MAX,
+            tasks_per_thread: 4,
+        };
+        let rows = self.rows;
+        run_row_tasks(
+            cpu,
+            &mut [out],
+            |_| rows,
+            acts.tokens(),
+            split,
+            |_, range| {
+                let w = &self.data[range.start() * row_bytes..range.end() * row_bytes];
+                let x = &x[range.tokens().start * per_row..range.tokens().end * per_row];
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => avx2::matmul_rows(self.bits, self.stride, w, x, per_row, range),
+                    _ => matmul_rows_scalar(self.bits, self.stride, w, x, per_row, range),
+                }
+            },
+        );
         Ok(())
     }
 }
@@ -170,7 +184,7 @@ fn matmul_rows_scalar(
 ) {
     let first = out.start();
     for (i, row) in w.chunks_exact(per_row * stride).enumerate() {
-        for (n, xs) in x.chunks_exact(per_row).enumerate() {
+        for (n, xs) in out.tokens().zip(x.chunks_exact(per_row)) {
             let mut acc = 0.0f32;
             for (block, xb) in row.chunks_exact(stride).zip(xs) {
                 let (d, m) = block_scales(block);
@@ -191,9 +205,9 @@ fn matmul_rows_scalar(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use crate::dense::RowRange;
     use crate::int8::ActBlock;
     use crate::isa::Isa;
+    use crate::tiling::RowRange;
 
     pub(super) fn matmul_rows(
         bits: u8,
@@ -222,7 +236,7 @@ mod avx2 {
     ) {
         let first = out.start();
         for (i, row) in w.chunks_exact(per_row * stride).enumerate() {
-            for (n, xs) in x.chunks_exact(per_row).enumerate() {
+            for (n, xs) in out.tokens().zip(x.chunks_exact(per_row)) {
                 let value = match bits {
                     4 => dot::<4>(row, xs, stride),
                     2 => dot::<2>(row, xs, stride),

@@ -17,6 +17,7 @@ use super::{BLOCK_TRIPLES, TABLE_BYTES};
 use crate::cpu::Cpu;
 use crate::isa::Isa;
 use crate::lut::layout::TILE;
+use crate::tiling::{run_row_tasks, Split};
 
 /// Triples per chunk (one sign byte per row).
 pub(crate) const TRIPLES: usize = 8;
@@ -32,6 +33,13 @@ pub(crate) const CHUNK_BYTES: usize = SIGN_OFFSET + 2 * 32;
 pub(crate) const BLOCK_CHUNKS: usize = BLOCK_TRIPLES / TRIPLES;
 /// Tokens per block in the GEMM loop.
 pub(crate) const NB: usize = 16;
+/// Tasks own whole tiles and token blocks, one contiguous range per thread (see [`crate::tiling`]).
+const TILE_SPLIT: Split = Split {
+    tile_rows: TILE,
+    token_block: NB,
+    tasks_per_thread: 1,
+};
+
 /// Table blocks of weights (per tile) that the tokens of a token block go over before moving on:
 /// 16 chunks = 5 KiB, which stays in L1.
 pub(crate) const SPAN: usize = 16 / BLOCK_CHUNKS;
@@ -168,7 +176,7 @@ fn neon_tile(v: &TileView<'_>, t: &TabView<'_>, n0: usize, acc: &mut [[f32; TILE
 }
 
 /// `outs[p][n][r]` for every token of `t` and every row of each matrix `p` (at most
-/// [`crate::tile_driver::MAX_PARTS`]), in one dispatch; `matrix(p)` gives matrix `p`'s packed form
+/// [`crate::tiling::MAX_PARTS`]), in one dispatch; `matrix(p)` gives matrix `p`'s packed form
 /// and rows. The caller checked that the tables and every matrix agree on K and that
 /// `outs[p].len() == t.tokens · rows`.
 pub(crate) fn run<'w>(
@@ -178,15 +186,33 @@ pub(crate) fn run<'w>(
     outs: &mut [&mut [f32]],
 ) {
     let kernel = kernel(cpu.isa());
-    crate::tile_driver::run_tiles::<NB>(
+    let tokens = t.tokens;
+    run_row_tasks(
         cpu,
         outs,
-        |p| {
-            let (w, rows) = matrix(p);
-            (w.tiles, rows)
+        |p| matrix(p).1,
+        tokens,
+        TILE_SPLIT,
+        |p, out| {
+            let w = matrix(p).0;
+            let tiles = (out.start()..out.end()).step_by(TILE);
+            assert!(out.end() <= w.tiles * TILE, "every row belongs to a tile");
+            if tokens == 1 {
+                for r0 in tiles {
+                    let mut acc = [[0.0f32; TILE]; 1];
+                    kernel(&w.tile(r0 / TILE), t, 0, &mut acc);
+                    out.write(0, r0, &acc[0][..TILE.min(out.end() - r0)]);
+                }
+                return;
+            }
+            let (first, nb) = (out.tokens().start, out.tokens().len());
+            let mut acc = [[0.0f32; TILE]; NB];
+            for r0 in tiles {
+                kernel(&w.tile(r0 / TILE), t, first, &mut acc[..nb]);
+                for (n, row) in acc[..nb].iter().enumerate() {
+                    out.write(first + n, r0, &row[..TILE.min(out.end() - r0)]);
+                }
+            }
         },
-        t.tokens,
-        |p, tile, acc| kernel(&matrix(p).0.tile(tile), t, 0, acc),
-        |p, tile, n0, nb, acc| kernel(&matrix(p).0.tile(tile), t, n0, &mut acc[..nb]),
     );
 }
