@@ -4,7 +4,7 @@
 //! judged against.
 //!
 //! Group names are `{M}x{K}/t{threads}/n{N}`, bench names the kernel (`lut2`, `int8`, `dequant4`,
-//! ...), so `cargo bench -p lutra-kernels -- '4096x4096/t1/n1/'` runs one group. Samples are few and
+//! ...), so `cargo bench -p lutra-kernels --features measure -- '4096x4096/t1/n1/'` runs one group. Samples are few and
 //! short: the whole grid takes tens of minutes, mostly in the N = 512 cases of the 7B shapes.
 //! `LUTRA_BENCH` takes a `measure::CaseFilter` string (e.g. `kernel=lut2,int8;tokens=1`) to skip
 //! preparing matrices that a criterion name filter would skip anyway.

@@ -47,9 +47,14 @@ mod int8;
 mod isa;
 mod lut;
 mod mapped;
+#[cfg(feature = "measure")]
 pub mod measure;
 mod packed;
 mod pool;
+// Without `measure` only the tests use it, and not all of it.
+#[cfg(any(test, feature = "measure"))]
+#[cfg_attr(not(feature = "measure"), allow(dead_code))]
+mod rng;
 mod tables;
 mod ternary;
 mod tiling;

@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(crate) use crate::measure::SplitMix64 as TestRng;
+pub(crate) use crate::rng::SplitMix64 as TestRng;
 
 /// Gaussian activations with a few outliers `factor` times larger, as real hidden states have.
 fn outlier_activations(rng: &mut TestRng, n: usize, factor: f32) -> Vec<f32> {

@@ -2,7 +2,7 @@
 //! tables, all of them against an exact f64 dot of the dequantized weights, GEMM against GEMVs,
 //! threads against one thread, and the errors of bad inputs.
 
-use crate::measure::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::{
     ActivationTables, Cpu, Grouping, Isa, KernelError, PackedMatrix, PlaneScales, QuantSpec,
     QuantizedWeights,

@@ -3,7 +3,7 @@
 //! the tables and the packing themselves, and the errors of bad inputs.
 
 use super::{TernaryMatrix, TernaryTables, TernaryWeights, BLOCK_TRIPLES, DIGITS, PATTERNS};
-use crate::measure::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::{Cpu, Grouping, Isa, KernelError};
 
 const MS: [usize; 5] = [1, 7, 64, 576, 4128];

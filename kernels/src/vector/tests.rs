@@ -1,5 +1,5 @@
 use super::*;
-use crate::measure::SplitMix64;
+use crate::rng::SplitMix64;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);
