@@ -91,19 +91,21 @@ def main():
         print("  " + " -> ".join(order))
         return 0
     left = set(modules) - set(order)
-    print("CYCLES among:", ", ".join(sorted(left)))
+    print("NOT acyclic; on or behind a cycle:", ", ".join(sorted(left)))
+    # Every elementary cycle, each once (starting from its smallest module).
+    cycles = set()
+
+    def walk(start, node, trail):
+        for d in sorted(edges[node]):
+            if d == start:
+                cycles.add(tuple(trail))
+            elif d in left and d > start and d not in trail:
+                walk(start, d, trail + [d])
+
     for start in sorted(left):
-        stack, seen = [(start, [start])], set()
-        while stack:
-            node, trail = stack.pop()
-            for d in sorted(edges[node]):
-                if d == start:
-                    print("  cycle: " + " -> ".join(trail + [start]))
-                    stack = []
-                    break
-                if d in left and d not in seen:
-                    seen.add(d)
-                    stack.append((d, trail + [d]))
+        walk(start, start, [start])
+    for cycle in sorted(cycles):
+        print("  cycle: " + " -> ".join(cycle + (cycle[0],)))
     return 1
 
 
