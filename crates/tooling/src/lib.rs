@@ -5,7 +5,7 @@
 //!
 //! - [`synthetic`]: named shapes of well-known models (`llama2-7b`, `bitnet-2b`, ...) and the
 //!   random weights a speed benchmark builds for them;
-//! - [`bench`]: llama-bench-style tests (`pp512`, `tg128`) timed over repetitions, with the CPU
+//! - [`bench`](mod@bench): llama-bench-style tests (`pp512`, `tg128`) timed over repetitions, with the CPU
 //!   name and resident memory to report next to them.
 
 #![forbid(unsafe_code)]
