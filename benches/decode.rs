@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use lutra::llama::{LoadOptions, Model};
-use lutra::synthetic;
+use lutra::llama::LoadOptions;
+use lutra_runtime::fixtures::synthetic_model;
+use lutra_tooling::synthetic;
 
 /// Position the measured step is decoded at: a short prompt's worth of cache.
 const POSITION: usize = 16;
@@ -26,7 +27,7 @@ fn decode_step(c: &mut Criterion) {
                 context_length: Some(POSITION + 1),
                 ..LoadOptions::default()
             };
-            let model = Model::synthetic(
+            let model = synthetic_model(
                 shape.benchmark_config(),
                 bits,
                 shape.default_group_size,

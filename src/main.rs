@@ -1,5 +1,7 @@
 //! The `lutra` command-line tool; see `lutra --help`.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 
 use std::process::ExitCode;

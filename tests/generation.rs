@@ -9,6 +9,7 @@ use lutra::llama::{LoadOptions, Model};
 use lutra::sampler::SamplerConfig;
 use lutra::session::ChatSession;
 use lutra::Error;
+use lutra_runtime::fixtures::{tiny_llama_gguf, TinyModelSpec};
 
 const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
 const REFERENCE: &str = "../shared/reference/smollm2-135m-q4_1.json";
@@ -44,8 +45,7 @@ fn tiny_model() -> &'static Model {
         let dir = std::env::temp_dir().join(format!("lutra-generation-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path: PathBuf = dir.join("tiny.gguf");
-        lutra::gguf::tiny_llama_gguf(&path, &lutra::gguf::TinyModelSpec::default(), 7)
-            .expect("write tiny model");
+        tiny_llama_gguf(&path, &TinyModelSpec::default(), 7).expect("write tiny model");
         let opts = LoadOptions {
             context_length: Some(256),
             ..LoadOptions::default()

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use lutra::chat::Message;
 use lutra::llama::{LoadOptions, Model};
 use lutra::perplexity::perplexity;
-use lutra::safetensors::{convert::gguf_to_hf_folder, Dtype};
+use lutra::safetensors::Dtype;
+use lutra_runtime::fixtures::{gguf_to_hf_folder, tiny_llama_gguf, TinyModelSpec};
 
 const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -134,7 +135,7 @@ fn cli_runs_a_tiny_hugging_face_folder() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let gguf = dir.join("tiny.gguf");
-    lutra::gguf::tiny_llama_gguf(&gguf, &lutra::gguf::TinyModelSpec::default(), 3).unwrap();
+    tiny_llama_gguf(&gguf, &TinyModelSpec::default(), 3).unwrap();
     let folder = dir.join("hf");
     gguf_to_hf_folder(&gguf, &folder, Dtype::BF16).unwrap();
     let run = |args: &[&str]| {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use lutra_runtime::chat::{ChatTemplate, Message};
+use lutra_runtime::config::ModelConfig;
 use lutra_runtime::gguf::GgufFile;
 use lutra_runtime::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -74,7 +75,7 @@ fn token_ids_match_llama_cpp() {
 fn special_tokens_and_end_of_generation() {
     let (file, tok) = load();
     assert_eq!(tok.vocab_size(), 49152);
-    assert_eq!(file.config().unwrap().vocab_size, 49152);
+    assert_eq!(ModelConfig::from_gguf(&file).unwrap().vocab_size, 49152);
     assert_eq!(tok.eos_id(), Some(2));
     assert_eq!(tok.token_str(2), Some("<|im_end|>"));
     assert!(tok.is_end_of_generation(2));
@@ -108,7 +109,7 @@ fn smollm2_chat_template_from_file() {
 #[test]
 fn real_model_config_and_tensors() {
     let (file, _) = load();
-    let c = file.config().unwrap();
+    let c = ModelConfig::from_gguf(&file).unwrap();
     assert_eq!(
         (c.hidden_size, c.layers, c.heads, c.kv_heads, c.ffn_size),
         (576, 30, 9, 3, 1536)

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lutra_kernels::measure::BANDWIDTH_BYTES;
-use lutra_runtime::bench::{self as measure, BenchOptions, Test, TestKind};
-use lutra_runtime::llama::{LoadOptions, Model, SyntheticWeights};
-use lutra_runtime::synthetic;
+use lutra_runtime::fixtures::{synthetic_model_with, SyntheticWeights};
+use lutra_runtime::llama::{LoadOptions, Model};
+use lutra_tooling::bench::{self as measure, BenchOptions, Test, TestKind};
+use lutra_tooling::synthetic;
 
 use super::plot::{self, Series};
 use super::report::{self, BenchRow, Format};
@@ -236,9 +237,8 @@ fn build(
         ModelSource::Synthetic(shape) => {
             let spec = shape.weights(args.bits, args.group_size);
             let start = std::time::Instant::now();
-            let model =
-                Model::synthetic_with(shape.benchmark_config(), spec, &opts, SYNTHETIC_SEED)
-                    .with_context(|| format!("cannot build synthetic:{}", shape.name))?;
+            let model = synthetic_model_with(shape.benchmark_config(), spec, &opts, SYNTHETIC_SEED)
+                .with_context(|| format!("cannot build synthetic:{}", shape.name))?;
             eprintln!(
                 "lutra bench: built synthetic:{} ({:?}; layers {}, embedding/LM head {}) in {:.1} s",
                 shape.name,

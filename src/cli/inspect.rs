@@ -85,8 +85,8 @@ pub(crate) fn perplexity(args: &PerplexityArgs) -> Result<()> {
 pub(crate) fn info(args: &InfoArgs) -> Result<()> {
     let model = args.model.load()?;
     let mut text = format!("{}\n", model.describe());
-    if let Some(rss) = lutra_runtime::bench::current_rss_bytes() {
-        let peak = lutra_runtime::bench::peak_rss_bytes().unwrap_or(rss);
+    if let Some(rss) = lutra_tooling::bench::current_rss_bytes() {
+        let peak = lutra_tooling::bench::peak_rss_bytes().unwrap_or(rss);
         text += &format!(
             "resident memory: {} now, {} peak (whole process, after loading)\n",
             human_bytes(rss),

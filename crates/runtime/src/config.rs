@@ -1,71 +1,6 @@
 //! Model hyper-parameters, read from GGUF metadata or a Hugging Face `config.json`.
-//!
-//! OWNER: formats helper (constructors); the struct is shared by every module.
 
-/// How RoPE pairs the dimensions of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Rotate adjacent pairs `(x[2i], x[2i+1])`: GGUF llama weights (the converter permutes q/k rows).
-    Adjacent,
-    /// Rotate halves `(x[i], x[i + d/2])`: Hugging Face checkpoints and GGUF qwen2.
-    Halves,
-}
-
-/// How a model stretches RoPE over a longer context than it was pre-trained on: the frequency of
-/// each rotated pair is divided by a factor (see [`crate::rope::Rope`]).
-#[derive(Clone, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// Frequencies `θ^(−2i/d)` as they are.
-    None,
-    /// Every frequency divided by `factor` (positions divided by `factor`): Hugging Face
-    /// `rope_type: linear`, GGUF `rope.scaling.type = linear`.
-    Linear {
-        /// The divisor.
-        factor: f32,
-    },
-    /// Llama 3.1/3.2's per-frequency scaling (Hugging Face `rope_type: llama3`): high frequencies
-    /// kept, low ones divided by `factor`, a smooth blend between.
-    Llama3 {
-        /// Divisor of the low frequencies.
-        factor: f32,
-        /// Wavelengths above `original_context_length / low_freq_factor` are divided by `factor`.
-        low_freq_factor: f32,
-        /// Wavelengths below `original_context_length / high_freq_factor` are kept.
-        high_freq_factor: f32,
-        /// The pre-training context (`original_max_position_embeddings`).
-        original_context_length: usize,
-    },
-    /// The frequency of pair `i` divided by `factors[i]`: GGUF's `rope_freqs.weight` (how
-    /// llama.cpp's converter stores Llama 3.1's scaling), times any linear factor.
-    Factors(Vec<f32>),
-}
-
-impl std::fmt::Display for RopeScaling {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RopeScaling::None => write!(f, "none"),
-            RopeScaling::Linear { factor } => write!(f, "linear ×{factor}"),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_context_length,
-            } => write!(
-                f,
-                "llama3 ×{factor} (low {low_freq_factor}, high {high_freq_factor}, original \
-                 context {original_context_length})"
-            ),
-            RopeScaling::Factors(factors) => {
-                let (lo, hi) = factors
-                    .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-                        (lo.min(x), hi.max(x))
-                    });
-                write!(f, "{} per-pair factors in [{lo}, {hi}]", factors.len())
-            }
-        }
-    }
-}
+use crate::rope::{RopeScaling, RopeStyle};
 
 /// GGUF's tensor of per-pair RoPE frequency divisors.
 pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
@@ -512,7 +447,8 @@ fn hf_rope_scaling(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::{tiny_llama_gguf, GgufFile, GgufWriter, MetaValue, TinyModelSpec};
+    use crate::fixtures::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
+    use crate::gguf::{GgufFile, MetaValue};
 
     #[test]
     fn tiny_model_config() {
@@ -522,7 +458,7 @@ mod tests {
             ..TinyModelSpec::default()
         };
         tiny_llama_gguf(&path, &spec, 7).unwrap();
-        let c = GgufFile::open(&path).unwrap().config().unwrap();
+        let c = ModelConfig::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
         assert_eq!(c.architecture, Architecture::Llama);
         assert_eq!(
             (c.hidden_size, c.layers, c.heads, c.kv_heads, c.ffn_size),
@@ -580,7 +516,7 @@ mod tests {
         );
         let path = std::env::temp_dir().join(format!("lutra-config-q-{}.gguf", std::process::id()));
         w.write(&path).unwrap();
-        let err = GgufFile::open(&path).unwrap().config().unwrap_err();
+        let err = ModelConfig::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
         assert!(
             err.to_string()
                 .contains("qwen2.attention.layer_norm_rms_epsilon"),
@@ -591,7 +527,7 @@ mod tests {
             MetaValue::F32(1e-6),
         );
         w.write(&path).unwrap();
-        let c = GgufFile::open(&path).unwrap().config().unwrap();
+        let c = ModelConfig::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
         assert_eq!((c.kv_heads, c.vocab_size, c.context_length), (4, 10, 1024));
         assert_eq!(c.rope_style, RopeStyle::Halves);
         assert_eq!(c.rope_theta, 10000.0);
@@ -625,7 +561,7 @@ mod tests {
 
     fn config_of(w: &GgufWriter, path: &std::path::Path) -> crate::Result<ModelConfig> {
         w.write(path).unwrap();
-        GgufFile::open(path).unwrap().config()
+        ModelConfig::from_gguf(&GgufFile::open(path).unwrap())
     }
 
     #[test]

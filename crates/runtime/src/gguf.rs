@@ -9,14 +9,11 @@
 //! # fn main() -> lutra_runtime::Result<()> {
 //! use lutra_runtime::gguf::GgufFile;
 //! let file = GgufFile::open("model.gguf".as_ref())?;
-//! let config = file.config()?;
+//! let layers = file.require_usize("llama.block_count")?;
 //! let embeddings = file.decode_tensor("token_embd.weight")?;
-//! assert_eq!(embeddings.rows(), config.vocab_size);
+//! println!("{layers} blocks, vocabulary of {}", embeddings.rows());
 //! # Ok(()) }
 //! ```
-
-mod tiny;
-mod writer;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,13 +21,8 @@ use std::path::{Path, PathBuf};
 
 use lutra_kernels::MappedFile;
 
-use crate::config::ModelConfig;
 use crate::weights::{decode_ggml, DecodeError, DecodedTensor, GgmlType};
 use crate::{Error, Result};
-
-#[doc(hidden)]
-pub use tiny::{tiny_llama_gguf, TinyModelSpec, TINY_CHATML_TEMPLATE};
-pub use writer::GgufWriter;
 
 /// The four bytes every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -474,11 +466,6 @@ impl GgufFile {
             },
             DecodeError::BadShape(reason) => bad(&self.path, format!("tensor '{name}': {reason}")),
         })
-    }
-
-    /// The model configuration from `{arch}.*` metadata.
-    pub fn config(&self) -> Result<ModelConfig> {
-        ModelConfig::from_gguf(self)
     }
 }
 

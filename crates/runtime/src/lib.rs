@@ -10,13 +10,15 @@
 //!   → sampler → generate::Generator (iterator of text pieces) → CLI or embedding app
 //! ```
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod attention;
-pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
@@ -28,7 +30,6 @@ pub mod rope;
 pub mod safetensors;
 pub mod sampler;
 pub mod session;
-pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

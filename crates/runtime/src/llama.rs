@@ -1,14 +1,16 @@
-//! The Llama-family transformer: a plain struct of layers built once ([`Model::load`],
-//! [`Model::synthetic`]), and a forward pass that appends tokens to a [`KvCache`] and writes logits.
+//! The Llama-family transformer: a plain struct of layers built once ([`Model::load`]), and a
+//! forward pass that appends tokens to a [`KvCache`] and writes logits.
 //!
 //! - `load`: GGUF tensors → [`Linear`] kernel matrices (exact, requantized, or dense reference);
-//! - `synthetic`: random packed weights of any shape, for benchmarks and tests;
+//! - `hf`: the same from a Hugging Face folder;
 //! - `forward`: the math, top to bottom, with every scratch buffer preallocated in a run state.
 
 mod forward;
 mod hf;
 mod load;
-mod synthetic;
+/// Random weights of any shape (`crate::fixtures`).
+#[cfg(any(test, feature = "fixtures"))]
+pub(crate) mod synthetic;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +28,6 @@ use crate::rope::Rope;
 use crate::tokenizer::Tokenizer;
 use forward::RunState;
 pub use hf::HF_DEFAULT_REQUANTIZE;
-pub use synthetic::{SyntheticSpec, SyntheticWeights};
 
 /// Largest number of tokens pushed through the matrices at once during prefill: enough for the
 /// mpGEMM kernels to reuse each weight block many times, small enough for the scratch to stay in
@@ -211,35 +212,6 @@ impl Model {
             return hf::load(path, opts);
         }
         load::load(path, opts)
-    }
-
-    /// A model of `config`'s shape with random `bits`-bit codes (groups of `group_size`), random
-    /// scales and offsets, int8 embeddings and LM head, and no tokenizer. Generated directly, so
-    /// even 7B shapes take seconds. `opts.requantize` is ignored (the weights are already low-bit).
-    pub fn synthetic(
-        config: ModelConfig,
-        bits: u8,
-        group_size: usize,
-        opts: &LoadOptions,
-        seed: u64,
-    ) -> Result<Model> {
-        let spec = SyntheticSpec {
-            layers: SyntheticWeights::LowBit { bits, group_size },
-            head: SyntheticWeights::Int8,
-        };
-        synthetic::synthetic(config, spec, opts, seed)
-    }
-
-    /// Like [`Model::synthetic`], with the weights of the layers and of the embedding / LM head
-    /// drawn as `spec` says (e.g. ternary layers and a 4-bit head for BitNet shapes). BitNet
-    /// configurations get their sub-norms (all ones).
-    pub fn synthetic_with(
-        config: ModelConfig,
-        spec: SyntheticSpec,
-        opts: &LoadOptions,
-        seed: u64,
-    ) -> Result<Model> {
-        synthetic::synthetic(config, spec, opts, seed)
     }
 
     fn from_parts(parts: ModelParts, opts: &LoadOptions) -> Result<Model> {
@@ -466,26 +438,5 @@ fn merge_count(types: &mut Vec<TensorTypeCount>, more: TensorTypeCount) {
             t.bytes += more.bytes;
         }
         None => types.push(more),
-    }
-}
-
-/// The source type of a decoded tensor, in words.
-fn source_kind(t: &crate::weights::DecodedTensor) -> String {
-    use crate::weights::DecodedTensor;
-    match t {
-        DecodedTensor::LowBit {
-            bits: 2,
-            codes,
-            scales,
-            offsets,
-            ..
-        } if codes.iter().all(|&q| q <= 2) && offsets.iter().zip(scales).all(|(o, s)| *o == -s) => {
-            "ternary".to_string()
-        }
-        DecodedTensor::LowBit {
-            bits, group_size, ..
-        } => format!("low-bit {bits}b g{group_size}"),
-        DecodedTensor::Int8 { .. } => "int8 b32".to_string(),
-        DecodedTensor::Dense { .. } => "f32".to_string(),
     }
 }

@@ -6,8 +6,72 @@
 //! rotate adjacent elements `(2i, 2i+1)`, Hugging Face checkpoints and GGUF qwen2 rotate halves
 //! `(i, i + rope_dims/2)`. Dimensions past `rope_dims` are left alone.
 
-use crate::config::{RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Rotate adjacent pairs `(x[2i], x[2i+1])`: GGUF llama weights (the converter permutes q/k rows).
+    Adjacent,
+    /// Rotate halves `(x[i], x[i + d/2])`: Hugging Face checkpoints and GGUF qwen2.
+    Halves,
+}
+
+/// How a model stretches RoPE over a longer context than it was pre-trained on: the frequency of
+/// each rotated pair is divided by a factor (see [`Rope`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Frequencies `θ^(−2i/d)` as they are.
+    None,
+    /// Every frequency divided by `factor` (positions divided by `factor`): Hugging Face
+    /// `rope_type: linear`, GGUF `rope.scaling.type = linear`.
+    Linear {
+        /// The divisor.
+        factor: f32,
+    },
+    /// Llama 3.1/3.2's per-frequency scaling (Hugging Face `rope_type: llama3`): high frequencies
+    /// kept, low ones divided by `factor`, a smooth blend between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f32,
+        /// Wavelengths above `original_context_length / low_freq_factor` are divided by `factor`.
+        low_freq_factor: f32,
+        /// Wavelengths below `original_context_length / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// The pre-training context (`original_max_position_embeddings`).
+        original_context_length: usize,
+    },
+    /// The frequency of pair `i` divided by `factors[i]`: GGUF's `rope_freqs.weight` (how
+    /// llama.cpp's converter stores Llama 3.1's scaling), times any linear factor.
+    Factors(Vec<f32>),
+}
+
+impl std::fmt::Display for RopeScaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RopeScaling::None => write!(f, "none"),
+            RopeScaling::Linear { factor } => write!(f, "linear ×{factor}"),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context_length,
+            } => write!(
+                f,
+                "llama3 ×{factor} (low {low_freq_factor}, high {high_freq_factor}, original \
+                 context {original_context_length})"
+            ),
+            RopeScaling::Factors(factors) => {
+                let (lo, hi) = factors
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+                        (lo.min(x), hi.max(x))
+                    });
+                write!(f, "{} per-pair factors in [{lo}, {hi}]", factors.len())
+            }
+        }
+    }
+}
 
 /// Precomputed rotations for positions `0..positions`.
 #[derive(Clone, Debug, PartialEq)]

@@ -7,7 +7,6 @@
 //! - [`bitnet`]: BitNet b1.58 `weight` (2-bit codes in four row blocks) + `weight_scale`.
 
 pub mod bitnet;
-pub mod convert;
 pub mod gptq;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -309,80 +308,4 @@ impl SafetensorsFolder {
             data,
         })
     }
-}
-
-/// One tensor to write with [`write_safetensors`].
-#[derive(Clone, Debug)]
-pub struct TensorData {
-    /// Name.
-    pub name: String,
-    /// Element type.
-    pub dtype: Dtype,
-    /// Shape, slowest-varying first.
-    pub shape: Vec<usize>,
-    /// Little-endian bytes.
-    pub data: Vec<u8>,
-}
-
-impl TensorData {
-    /// An F32 tensor.
-    pub fn f32(name: &str, shape: &[usize], values: &[f32]) -> TensorData {
-        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self::raw(name, Dtype::F32, shape, data)
-    }
-
-    /// An F16 tensor (values rounded to nearest).
-    pub fn f16(name: &str, shape: &[usize], values: &[f32]) -> TensorData {
-        let data = values
-            .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect();
-        Self::raw(name, Dtype::F16, shape, data)
-    }
-
-    /// A BF16 tensor (values rounded to nearest).
-    pub fn bf16(name: &str, shape: &[usize], values: &[f32]) -> TensorData {
-        let data = values
-            .iter()
-            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-            .collect();
-        Self::raw(name, Dtype::BF16, shape, data)
-    }
-
-    /// An I32 tensor.
-    pub fn i32(name: &str, shape: &[usize], values: &[i32]) -> TensorData {
-        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self::raw(name, Dtype::I32, shape, data)
-    }
-
-    /// Any tensor from its raw bytes.
-    pub fn raw(name: &str, dtype: Dtype, shape: &[usize], data: Vec<u8>) -> TensorData {
-        TensorData {
-            name: name.to_string(),
-            dtype,
-            shape: shape.to_vec(),
-            data,
-        }
-    }
-}
-
-/// Writes `tensors` as one safetensors file (tests, converters).
-pub fn write_safetensors(path: &Path, tensors: &[TensorData]) -> Result<()> {
-    let bad = |reason: String| Error::BadFile {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let views = tensors
-        .iter()
-        .map(|t| {
-            ::safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| bad(format!("tensor '{}': {e:?}", t.name)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = ::safetensors::serialize(views, &None).map_err(|e| bad(format!("{e:?}")))?;
-    std::fs::write(path, bytes).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
 }

@@ -4,8 +4,6 @@
 //! Every ggml type lutra reads is decoded here and nowhere else ([`decode_ggml`]); block layouts
 //! follow llama.cpp's `ggml-common.h` / `ggml-quants.c` exactly. Nothing is requantized: each
 //! variant reproduces the source values bit for bit (up to f16→f32 widening of the scales).
-//!
-//! OWNER: formats helper.
 
 use half::{bf16, f16};
 

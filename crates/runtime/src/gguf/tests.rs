@@ -1,5 +1,6 @@
 //! Unit tests of `gguf`.
 use super::*;
+use crate::fixtures::GgufWriter;
 
 fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lutra-gguf-test-{}", std::process::id()));
@@ -198,7 +199,7 @@ fn missing_metadata_is_metadata_error() {
     let path = temp_path("nometa.gguf");
     sample_writer().write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
-    let err = f.config().unwrap_err();
+    let err = crate::config::ModelConfig::from_gguf(&f).unwrap_err();
     assert!(
         matches!(err, Error::Metadata { ref key, .. } if key == "llama.block_count"),
         "{err}"

@@ -114,7 +114,7 @@ impl TensorLoader<'_> {
 
 pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let file = GgufFile::open(path)?;
-    let config: ModelConfig = file.config()?;
+    let config = ModelConfig::from_gguf(&file)?;
     super::check_config(&config)?;
     // The tokenizer needs only metadata: build it while the weights are repacked.
     let (parts, text) = std::thread::scope(|scope| {

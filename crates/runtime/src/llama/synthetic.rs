@@ -9,9 +9,7 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::weights::DecodedTensor;
 
-use super::{
-    count_tensor, source_kind, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount,
-};
+use super::{count_tensor, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount};
 
 /// How the random weights of one kind of matrix are drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +177,27 @@ fn int8(rng: &mut Rng, rows: usize, cols: usize) -> DecodedTensor {
     }
 }
 
-pub(super) fn synthetic(
+/// A model of `config`'s shape with random `bits`-bit codes (groups of `group_size`), random
+/// scales and offsets, int8 embeddings and LM head, and no tokenizer. Generated directly, so
+/// even 7B shapes take seconds. `opts.requantize` is ignored (the weights are already low-bit).
+pub fn synthetic_model(
+    config: ModelConfig,
+    bits: u8,
+    group_size: usize,
+    opts: &LoadOptions,
+    seed: u64,
+) -> Result<Model> {
+    let spec = SyntheticSpec {
+        layers: SyntheticWeights::LowBit { bits, group_size },
+        head: SyntheticWeights::Int8,
+    };
+    synthetic_model_with(config, spec, opts, seed)
+}
+
+/// Like [`synthetic_model`], with the weights of the layers and of the embedding / LM head
+/// drawn as `spec` says (e.g. ternary layers and a 4-bit head for BitNet shapes). BitNet
+/// configurations get their sub-norms (all ones).
+pub fn synthetic_model_with(
     config: ModelConfig,
     spec: SyntheticSpec,
     opts: &LoadOptions,
@@ -285,4 +303,24 @@ pub(super) fn synthetic(
         chat_template: None,
     };
     Model::from_parts(parts, opts)
+}
+
+/// The source type of a decoded tensor, in words.
+fn source_kind(t: &DecodedTensor) -> String {
+    match t {
+        DecodedTensor::LowBit {
+            bits: 2,
+            codes,
+            scales,
+            offsets,
+            ..
+        } if codes.iter().all(|&q| q <= 2) && offsets.iter().zip(scales).all(|(o, s)| *o == -s) => {
+            "ternary".to_string()
+        }
+        DecodedTensor::LowBit {
+            bits, group_size, ..
+        } => format!("low-bit {bits}b g{group_size}"),
+        DecodedTensor::Int8 { .. } => "int8 b32".to_string(),
+        DecodedTensor::Dense { .. } => "f32".to_string(),
+    }
 }

@@ -2,8 +2,13 @@
 //! loading and its errors.
 
 use super::*;
-use crate::config::{FfnActivation, RopeScaling, RopeStyle};
-use crate::gguf::{tiny_llama_gguf, GgufWriter, MetaValue, TinyModelSpec};
+use crate::config::FfnActivation;
+use crate::fixtures::{
+    synthetic_model, synthetic_model_with, tiny_llama_gguf, GgufWriter, SyntheticSpec,
+    SyntheticWeights, TinyModelSpec,
+};
+use crate::gguf::MetaValue;
+use crate::rope::{RopeScaling, RopeStyle};
 
 fn tiny_config() -> ModelConfig {
     ModelConfig {
@@ -98,7 +103,7 @@ fn batched_prefill_matches_token_by_token_decode() {
     // 70 tokens: one full batch of MAX_BATCH and a partial one, so causal masking inside a batch
     // and attention across batches are both exercised.
     for reference in [true, false] {
-        let model = Model::synthetic(tiny_config(), 4, 32, &options(reference), 7).unwrap();
+        let model = synthetic_model(tiny_config(), 4, 32, &options(reference), 7).unwrap();
         let vocab = model.config().vocab_size;
         let tokens = prompt(70, vocab);
         let mut cache = model.new_cache();
@@ -131,8 +136,8 @@ fn batched_prefill_matches_token_by_token_decode() {
 #[test]
 fn fast_path_agrees_with_reference() {
     let config = tiny_config();
-    let fast = Model::synthetic(config.clone(), 4, 32, &options(false), 3).unwrap();
-    let exact = Model::synthetic(config, 4, 32, &options(true), 3).unwrap();
+    let fast = synthetic_model(config.clone(), 4, 32, &options(false), 3).unwrap();
+    let exact = synthetic_model(config, 4, 32, &options(true), 3).unwrap();
     assert!(exact.is_reference() && !fast.is_reference());
     let vocab = fast.config().vocab_size;
     let (agree, reference) = agreement_with_reference(&fast, &exact, &prompt(24, vocab));
@@ -148,14 +153,14 @@ fn fast_path_agrees_with_reference() {
 #[test]
 fn f16_cache_and_threads_stay_close() {
     let config = tiny_config();
-    let base = Model::synthetic(config.clone(), 2, 32, &options(true), 5).unwrap();
+    let base = synthetic_model(config.clone(), 2, 32, &options(true), 5).unwrap();
     let opts = LoadOptions {
         threads: 2,
         reference: true,
         kv_f16: true,
         ..LoadOptions::default()
     };
-    let half = Model::synthetic(config, 2, 32, &opts, 5).unwrap();
+    let half = synthetic_model(config, 2, 32, &opts, 5).unwrap();
     assert_eq!(half.threads(), 2);
     assert!(half.new_cache().is_f16());
     let vocab = base.config().vocab_size;
@@ -171,7 +176,7 @@ fn f16_cache_and_threads_stay_close() {
 #[test]
 fn set_threads_changes_only_the_thread_count() {
     // The fast path splits work in whole tiles and table chunks, so thread counts give the same bits.
-    let mut model = Model::synthetic(tiny_config(), 2, 32, &options(false), 9).unwrap();
+    let mut model = synthetic_model(tiny_config(), 2, 32, &options(false), 9).unwrap();
     let vocab = model.config().vocab_size;
     let tokens = prompt(12, vocab);
     let run = |m: &Model| {
@@ -197,7 +202,7 @@ fn context_overflow_and_bad_arguments_are_errors() {
         threads: 1,
         ..LoadOptions::default()
     };
-    let model = Model::synthetic(tiny_config(), 2, 32, &opts, 1).unwrap();
+    let model = synthetic_model(tiny_config(), 2, 32, &opts, 1).unwrap();
     let mut cache = model.new_cache();
     assert_eq!(cache.capacity(), 8);
     let mut logits = vec![0.0; 100];
@@ -225,7 +230,7 @@ fn context_overflow_and_bad_arguments_are_errors() {
 
 #[test]
 fn describe_counts_tensors_and_bytes() {
-    let model = Model::synthetic(tiny_config(), 2, 32, &options(false), 1).unwrap();
+    let model = synthetic_model(tiny_config(), 2, 32, &options(false), 1).unwrap();
     let info = model.describe();
     let count: usize = info.tensor_types.iter().map(|t| t.count).sum();
     // Embedding + 2 layers · (7 matrices + 2 norms) + final norm; no sub-norms in Llama blocks.
@@ -380,7 +385,7 @@ fn silu(g: f32) -> f32 {
 /// no kernels, no KV cache, no Rope tables; per-tensor `.scale`s multiplied in by hand.
 fn plain_bitnet_forward(path: &std::path::Path, tokens: &[u32], v: Variant) -> Vec<f32> {
     let file = crate::gguf::GgufFile::open(path).unwrap();
-    let c = file.config().unwrap();
+    let c = ModelConfig::from_gguf(&file).unwrap();
     let tensor = |name: &str| file.decode_tensor(name).unwrap().dequantize();
     let matrix = |name: &str| {
         let mut w = tensor(&format!("{name}.weight"));
@@ -631,9 +636,9 @@ const TERNARY_SPEC: SyntheticSpec = SyntheticSpec {
 #[test]
 fn synthetic_bitnet_has_ternary_layers_sub_norms_and_a_low_bit_head() {
     let fast =
-        Model::synthetic_with(tiny_bitnet_config(), TERNARY_SPEC, &options(false), 9).unwrap();
+        synthetic_model_with(tiny_bitnet_config(), TERNARY_SPEC, &options(false), 9).unwrap();
     let exact =
-        Model::synthetic_with(tiny_bitnet_config(), TERNARY_SPEC, &options(true), 9).unwrap();
+        synthetic_model_with(tiny_bitnet_config(), TERNARY_SPEC, &options(true), 9).unwrap();
     let info = fast.describe();
     let count = |source: &str| -> usize {
         info.tensor_types
@@ -675,21 +680,32 @@ fn synthetic_bitnet_has_ternary_layers_sub_norms_and_a_low_bit_head() {
         architecture: Architecture::Llama,
         ..tiny_bitnet_config()
     };
-    let plain = Model::synthetic_with(llama, TERNARY_SPEC, &options(false), 9).unwrap();
+    let plain = synthetic_model_with(llama, TERNARY_SPEC, &options(false), 9).unwrap();
     assert!(plain.layers.iter().all(|l| l.attn_sub_norm.is_none()));
 }
 
 #[test]
 fn synthetic_bitnet_2b_shape_builds_as_bitnet() {
-    let shape = crate::synthetic::shape("bitnet-2b").unwrap();
-    // One layer and a small vocabulary keep it quick; the matrices are the real ones.
+    // BitNet b1.58 2B-4T's matrices (`synthetic:bitnet-2b` of `lutra bench`); one layer and a
+    // small vocabulary keep it quick.
     let config = ModelConfig {
+        architecture: Architecture::BitNet,
+        name: "bitnet-2b".into(),
+        hidden_size: 2560,
+        ffn_size: 6912,
         layers: 1,
+        heads: 20,
+        kv_heads: 5,
+        head_dim: 128,
         vocab_size: 1024,
-        ..shape.benchmark_config()
+        context_length: 4096,
+        rope_theta: 500_000.0,
+        rope_dims: 128,
+        ffn_activation: FfnActivation::ReluSquared,
+        ..tiny_config()
     };
-    let spec = shape.weights(None, None);
-    let model = Model::synthetic_with(config.clone(), spec, &options(false), 1).unwrap();
+    let spec = TERNARY_SPEC;
+    let model = synthetic_model_with(config.clone(), spec, &options(false), 1).unwrap();
     let c = model.config();
     assert_eq!(c, &config);
     assert_eq!(c.architecture, Architecture::BitNet);
@@ -719,7 +735,7 @@ fn synthetic_bitnet_2b_shape_builds_as_bitnet() {
 #[test]
 fn sub_norms_must_match_the_architecture() {
     let config = tiny_bitnet_config();
-    let model = Model::synthetic_with(config.clone(), TERNARY_SPEC, &options(true), 2).unwrap();
+    let model = synthetic_model_with(config.clone(), TERNARY_SPEC, &options(true), 2).unwrap();
     let mut parts_layers = model.layers;
     parts_layers[1].ffn_sub_norm = None;
     let head = Linear::from_decoded(

@@ -90,8 +90,9 @@ pub fn decode(
 }
 
 /// Packs ternary codes `[rows][cols]` (values 0..=2) into BitNet's `[rows/4][cols]` bytes: the
-/// inverse of [`decode`], for tests and converters.
-pub fn pack(codes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+/// inverse of [`decode`], for tests.
+#[cfg(test)]
+pub(crate) fn pack(codes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
     let quarter = rows / 4;
     let mut out = vec![0u8; quarter * cols];
     for i in 0..4 {

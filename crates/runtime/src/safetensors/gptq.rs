@@ -261,8 +261,9 @@ pub fn decode(cfg: &GptqConfig, t: &GptqTensors, rows: usize, cols: usize) -> Re
 }
 
 /// Packs codes `q[k][n]` (`[K][N]`, `bits` each) along K into GPTQ `qweight` words
-/// (`[K·bits/32][N]`): the inverse of [`decode`]'s unpacking, for tests and converters.
-pub fn pack_along_rows(q: &[u32], rows: usize, cols: usize, bits: u32) -> Vec<i32> {
+/// (`[K·bits/32][N]`): the inverse of [`decode`]'s unpacking, for tests.
+#[cfg(test)]
+pub(crate) fn pack_along_rows(q: &[u32], rows: usize, cols: usize, bits: u32) -> Vec<i32> {
     let mut out = vec![0u32; rows * bits as usize / 32 * cols];
     for r in 0..rows {
         for c in 0..cols {
@@ -278,8 +279,9 @@ pub fn pack_along_rows(q: &[u32], rows: usize, cols: usize, bits: u32) -> Vec<i3
     out.into_iter().map(|w| w as i32).collect()
 }
 
-/// Packs values `z[g][n]` along N into GPTQ `qzeros` words (`[G][N·bits/32]`).
-pub fn pack_along_cols(z: &[u32], rows: usize, cols: usize, bits: u32) -> Vec<i32> {
+/// Packs values `z[g][n]` along N into GPTQ `qzeros` words (`[G][N·bits/32]`), for tests.
+#[cfg(test)]
+pub(crate) fn pack_along_cols(z: &[u32], rows: usize, cols: usize, bits: u32) -> Vec<i32> {
     // Packing a row along N is packing a one-column matrix along its rows.
     z.chunks_exact(cols)
         .take(rows)

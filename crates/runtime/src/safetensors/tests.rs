@@ -1,6 +1,7 @@
 //! Unit tests of `safetensors`: folders and shards, dtypes, GPTQ and BitNet decoding, errors.
 
 use super::*;
+use crate::fixtures::{write_safetensors, TensorData};
 use crate::weights::DecodedTensor;
 use lutra_kernels::measure::SplitMix64;
 

@@ -1,6 +1,6 @@
 //! Unit tests of `tokenizer`.
 use super::*;
-use crate::gguf::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
+use crate::fixtures::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
 
 fn tiny() -> Tokenizer {
     // Tests run in parallel and each writes its own file.

@@ -8,10 +8,11 @@ use serde_json::Value;
 
 use super::*;
 use crate::chat::Message;
-use crate::gguf::{tiny_llama_gguf, TinyModelSpec};
-use crate::safetensors::convert::gguf_to_hf_folder;
+use crate::fixtures::{
+    gguf_to_hf_folder, tiny_llama_gguf, write_safetensors, GgufWriter, TensorData, TinyModelSpec,
+};
 use crate::safetensors::tests::{gptq_layer, temp_dir, GroupOrder, TempDir};
-use crate::safetensors::{write_safetensors, TensorData, SINGLE_FILE};
+use crate::safetensors::SINGLE_FILE;
 
 const LINEARS: [&str; 7] = [
     "q_proj",
@@ -70,7 +71,7 @@ fn folder_and_gguf_give_the_same_logits_and_tokens() {
         let (_tmp, gguf, folder) = tiny_pair("pair", &spec);
         let a = Model::load(&gguf, &options(true)).unwrap();
         let b = Model::load(&folder, &options(true)).unwrap();
-        assert_eq!(b.config().rope_style, crate::config::RopeStyle::Halves);
+        assert_eq!(b.config().rope_style, crate::rope::RopeStyle::Halves);
         assert_eq!(b.config().tied_embeddings, tied);
         let toks = tokens(12, spec.vocab_size());
         let (la, lb) = (logits_all(&a, &toks), logits_all(&b, &toks));
@@ -643,9 +644,9 @@ fn qwen2_folders_load_their_biases() {
 }
 
 /// Copies the GGUF `from` to `to`, letting `extra` add metadata and tensors.
-fn copy_gguf(from: &Path, to: &Path, extra: impl FnOnce(&mut crate::gguf::GgufWriter)) {
+fn copy_gguf(from: &Path, to: &Path, extra: impl FnOnce(&mut GgufWriter)) {
     let file = crate::gguf::GgufFile::open(from).unwrap();
-    let mut w = crate::gguf::GgufWriter::new();
+    let mut w = GgufWriter::new();
     for (key, value) in file.metadata_entries() {
         w.add_metadata(key, value.clone());
     }
@@ -660,7 +661,8 @@ fn copy_gguf(from: &Path, to: &Path, extra: impl FnOnce(&mut crate::gguf::GgufWr
 
 #[test]
 fn llama3_rope_scaling_is_the_same_from_rope_freqs_and_config_json() {
-    use crate::config::{RopeScaling, ROPE_FREQS_TENSOR};
+    use crate::config::ROPE_FREQS_TENSOR;
+    use crate::rope::RopeScaling;
     let spec = TinyModelSpec::default();
     let (_tmp, gguf, folder) = tiny_pair("llama3-rope", &spec);
     // Head dim 16, θ 10000: wavelengths 2π·10000^(i/8) put pairs 0–2 below 256/4 (kept), pair 3

@@ -6,14 +6,14 @@
 //! Only `forward` is timed. Token ids are random (tokenization is not measured), and the greedy
 //! argmax that picks each next generated token runs outside the timed region, so the figures are
 //! the model's own speed and do not depend on a tokenizer or sampler.
-//!
-//! OWNER: CLI/bench helper.
 
-use lutra_kernels::measure::SplitMix64;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
-use crate::sampler::argmax;
+use lutra_kernels::measure::SplitMix64;
+use lutra_runtime::kv_cache::KvCache;
+use lutra_runtime::llama::Model;
+use lutra_runtime::sampler::argmax;
+use lutra_runtime::{Error, Result};
 
 /// Mean and spread of repeated measurements.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,15 +108,15 @@ pub trait Decoder {
     fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, logits: &mut [f32]) -> Result<()>;
 }
 
-impl Decoder for crate::llama::Model {
-    type Cache = crate::kv_cache::KvCache;
+impl Decoder for Model {
+    type Cache = KvCache;
 
     fn vocab_size(&self) -> usize {
         self.config().vocab_size
     }
 
     fn new_cache(&self) -> Self::Cache {
-        crate::llama::Model::new_cache(self)
+        Model::new_cache(self)
     }
 
     fn truncate(&self, cache: &mut Self::Cache, len: usize) {
@@ -124,7 +124,7 @@ impl Decoder for crate::llama::Model {
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, logits: &mut [f32]) -> Result<()> {
-        crate::llama::Model::forward(self, tokens, cache, logits)
+        Model::forward(self, tokens, cache, logits)
     }
 }
 

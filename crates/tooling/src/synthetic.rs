@@ -1,14 +1,14 @@
 //! Named synthetic model shapes for benchmarks: the hyper-parameters of well-known models, so that
-//! `Model::synthetic` can build random weights of exactly those shapes without the real files.
+//! [`synthetic_model_with`](lutra_runtime::fixtures::synthetic_model_with) can build random
+//! weights of exactly those shapes without the real files.
 //!
 //! Decode speed of a LUT kernel depends on shapes and bit widths, never on weight values, so a
 //! synthetic 7B model measures what a real one would.
-//!
-//! OWNER: CLI/bench helper.
 
-use crate::config::{Architecture, FfnActivation, ModelConfig, RopeScaling, RopeStyle};
-use crate::error::{Error, Result};
-use crate::llama::{SyntheticSpec, SyntheticWeights};
+use lutra_runtime::config::{Architecture, FfnActivation, ModelConfig};
+use lutra_runtime::fixtures::{SyntheticSpec, SyntheticWeights};
+use lutra_runtime::rope::{RopeScaling, RopeStyle};
+use lutra_runtime::{Error, Result};
 
 /// A named shape with the quantization a benchmark uses by default.
 #[derive(Clone, Debug, PartialEq)]
@@ -341,5 +341,44 @@ mod tests {
         let llama = shape("llama2-7b").unwrap().weights(None, None);
         assert_eq!(llama.head, SyntheticWeights::Int8);
         assert!(matches!(llama.layers, SyntheticWeights::LowBit { .. }));
+    }
+
+    #[test]
+    fn bitnet_2b_shape_builds_as_bitnet() {
+        use lutra_runtime::fixtures::synthetic_model_with;
+        use lutra_runtime::llama::LoadOptions;
+
+        let shape = shape("bitnet-2b").unwrap();
+        // One layer and a small vocabulary keep it quick; the matrices are the real ones.
+        let config = ModelConfig {
+            layers: 1,
+            vocab_size: 1024,
+            ..shape.benchmark_config()
+        };
+        let opts = LoadOptions {
+            threads: 1,
+            ..LoadOptions::default()
+        };
+        let model =
+            synthetic_model_with(config.clone(), shape.weights(None, None), &opts, 1).unwrap();
+        let c = model.config();
+        assert_eq!(c, &config);
+        assert_eq!(c.architecture, Architecture::BitNet);
+        assert_eq!(
+            (c.hidden_size, c.ffn_size, c.heads, c.kv_heads, c.head_dim),
+            (2560, 6912, 20, 5, 128)
+        );
+        let info = model.describe();
+        assert!(
+            info.tensor_types
+                .iter()
+                .any(|t| t.source == "ternary" && t.count == 7),
+            "{info}"
+        );
+        let mut logits = vec![0.0; 1024];
+        model
+            .forward(&[3, 1, 4], &mut model.new_cache(), &mut logits)
+            .unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
     }
 }
