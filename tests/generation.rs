@@ -10,8 +10,9 @@ use lutra::sampler::SamplerConfig;
 use lutra::session::ChatSession;
 use lutra::Error;
 
+mod common;
+
 const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
-const REFERENCE: &str = "../shared/reference/smollm2-135m-q4_1.json";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -227,19 +228,16 @@ fn raw_greedy(model: &Model, prompt: &str, n_predict: usize) -> (Vec<u32>, bool)
 /// and its stop at EOS equal llama.cpp's.
 #[test]
 fn real_model_greedy_generator_matches_plain_greedy_and_llama_cpp() {
-    let path = root().join(REFERENCE);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let reference: serde_json::Value = serde_json::from_str(&text).expect("reference JSON");
-    let cases = reference["greedy"]["cases"].as_array().expect("cases");
+    let cases = &common::reference().greedy.cases;
     assert_eq!(cases.len(), 3);
     let model = real_model();
     let tokenizer = model.tokenizer().expect("tokenizer");
     let mut exact_matches = 0;
     for case in cases {
-        let prompt = case["prompt"].as_str().expect("prompt");
-        let n_predict = case["n_predict"].as_u64().expect("n_predict") as usize;
-        let expected = case["completion"].as_str().expect("completion");
-        let at_eos = case["stopped_at_eos"].as_bool().expect("stopped_at_eos");
+        let prompt = case.prompt.as_str();
+        let n_predict = case.n_predict;
+        let expected = case.completion.as_str();
+        let at_eos = case.stopped_at_eos;
         let mut g = Generator::new(model, prompt, greedy(n_predict)).expect("generator");
         let completion = generate_text(&mut g).expect("generate");
         let (plain, plain_eos) = raw_greedy(model, prompt, n_predict);
@@ -284,10 +282,18 @@ fn real_model_greedy_generator_matches_plain_greedy_and_llama_cpp() {
 #[test]
 fn real_model_chat_answers_and_reuses_the_cache() {
     let model = real_model();
-    let mut chat = ChatSession::new(model, None, greedy(24)).expect("session");
+    let case = common::reference().greedy_chat_case();
+    let mut chat = ChatSession::new(model, None, greedy(case.n_predict)).expect("session");
     let reply = chat.send("What is 2+2?", |_| {}).expect("turn 1");
-    // The same conversation as the reference's third case: the same answer, ended by <|im_end|>.
-    assert_eq!(reply, "The answer to this classic math problem is 4.");
+    // The conversation renders to the reference's chat prompt, so the reply is llama.cpp's
+    // completion of it, ended by <|im_end|>.
+    let rendered = model
+        .chat_template()
+        .expect("template")
+        .render(&chat.messages()[..1], true)
+        .expect("render");
+    assert_eq!(rendered, case.prompt);
+    assert_eq!(reply, case.completion);
     assert_eq!(chat.last_stop_reason(), Some(StopReason::EndOfGeneration));
     let cached = chat.cached_tokens();
     chat.send("And 3+3?", |_| {}).expect("turn 2");
