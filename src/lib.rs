@@ -5,3 +5,8 @@
 
 pub use lutra_kernels as kernels;
 pub use lutra_runtime::*;
+
+/// The README, compiled by `cargo test --doc` so that its library example keeps building.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
