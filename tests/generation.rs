@@ -121,22 +121,113 @@ fn from_tokens_matches_new_with_the_same_prompt() {
 }
 
 #[test]
-fn prompt_longer_than_context_is_an_error() {
+fn prompt_that_leaves_no_room_to_generate_is_refused_with_its_token_count() {
     let model = tiny_model();
+    let context = model.context_length();
+    let tok = model.tokenizer().expect("tokenizer");
     let prompt = "word ".repeat(200);
-    match Generator::new(model, &prompt, greedy(4)) {
-        Err(Error::ContextOverflow { tokens, context }) => {
-            assert_eq!(context, model.context_length());
-            assert!(tokens > context);
-        }
-        Err(e) => panic!("expected ContextOverflow, got {e}"),
-        Ok(_) => panic!("expected ContextOverflow, got a generator"),
-    }
-    // A short prompt with too many tokens to generate does not fit either.
+    let prompt_tokens = tok.encode(&prompt, true).expect("encode").len();
+    assert!(prompt_tokens > context);
+    let err = match Generator::new(model, &prompt, greedy(4)) {
+        Err(e) => e,
+        Ok(_) => panic!("expected PromptTooLong, got a generator"),
+    };
+    assert!(
+        matches!(err, Error::PromptTooLong { prompt_tokens: p, context: c }
+            if p == prompt_tokens && c == context),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("the prompt has {prompt_tokens} tokens"))
+            && message.contains(&format!("the context holds {context}")),
+        "{message}"
+    );
+    // A prompt of exactly the context's length leaves no room for a token either.
+    let ids: Vec<u32> = tok.encode(&prompt, true).expect("encode")[..context].to_vec();
     assert!(matches!(
-        Generator::new(model, "hi", greedy(300)),
-        Err(Error::ContextOverflow { .. })
+        Generator::from_tokens(model, ids.clone(), greedy(4)),
+        Err(Error::PromptTooLong { prompt_tokens: p, .. }) if p == context
     ));
+    // One token fewer leaves room for exactly one.
+    let opts = GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(4)
+    };
+    let mut g = Generator::from_tokens(model, ids[..context - 1].to_vec(), opts)
+        .expect("a prompt one token short of the context");
+    let pieces: Vec<_> = (&mut g).collect::<Result<_, _>>().expect("pieces");
+    assert_eq!(pieces.len(), 1);
+    assert_eq!(g.stop_reason(), Some(StopReason::ContextFull));
+}
+
+#[test]
+fn generation_stops_when_the_context_is_full() {
+    let model = tiny_model();
+    let context = model.context_length();
+    let tok = model.tokenizer().expect("tokenizer");
+    let prompt = tok.encode("hello world", true).expect("encode");
+    let room = context - prompt.len();
+    let opts = |max_tokens| GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(max_tokens)
+    };
+    // More tokens asked for than the context has room for, up to the largest count there is.
+    for max_tokens in [room + 20, usize::MAX] {
+        let mut g = Generator::from_tokens(model, prompt.clone(), opts(max_tokens)).expect("new");
+        let pieces: Vec<_> = (&mut g).collect::<Result<_, _>>().expect("pieces");
+        assert_eq!(pieces.len(), room);
+        assert_eq!(g.tokens().len(), context);
+        assert_eq!(g.stop_reason(), Some(StopReason::ContextFull));
+        let stats = g.stats();
+        assert_eq!(stats.stop_reason, Some(StopReason::ContextFull));
+        assert_eq!(stats.generated_tokens, room);
+        assert_eq!(stats.decode_steps, room - 1);
+    }
+    // Asking for exactly the room left is a stop at max_tokens, with the same tokens.
+    let mut full = Generator::from_tokens(model, prompt.clone(), opts(room + 20)).expect("new");
+    generate_text(&mut full).expect("text");
+    let mut exact = Generator::from_tokens(model, prompt, opts(room)).expect("new");
+    generate_text(&mut exact).expect("text");
+    assert_eq!(exact.tokens(), full.tokens());
+    assert_eq!(exact.stop_reason(), Some(StopReason::MaxTokens));
+    assert_eq!(exact.stats().stop_reason, Some(StopReason::MaxTokens));
+}
+
+#[test]
+fn chat_reply_stops_when_the_context_is_full_and_the_next_turn_is_refused() {
+    let model = tiny_model();
+    let context = model.context_length();
+    let opts = GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(10 * context)
+    };
+    let mut chat = ChatSession::new(model, Some("be brief"), opts).expect("session");
+    chat.send("hi", |_| {}).expect("turn 1");
+    assert_eq!(chat.last_stop_reason(), Some(StopReason::ContextFull));
+    assert_eq!(chat.last_stats().stop_reason, Some(StopReason::ContextFull));
+    // The cache holds every token but the last reply token, which was never fed.
+    assert_eq!(chat.cached_tokens(), context - 1);
+    assert_eq!(chat.messages().len(), 3);
+
+    // The conversation no longer leaves room for a reply: refused, and the turn is taken back.
+    match chat.send("and again", |_| {}) {
+        Err(Error::PromptTooLong {
+            prompt_tokens,
+            context: c,
+        }) => {
+            assert_eq!(c, context);
+            assert!(prompt_tokens > context, "{prompt_tokens}");
+        }
+        Err(e) => panic!("expected PromptTooLong, got {e}"),
+        Ok(_) => panic!("expected PromptTooLong, got a reply"),
+    }
+    assert_eq!(chat.messages().len(), 3);
+
+    // After a reset the session answers again.
+    chat.reset();
+    chat.send("hi", |_| {}).expect("turn after reset");
+    assert_eq!(chat.messages().len(), 3);
 }
 
 #[test]
