@@ -16,3 +16,8 @@ pub use lutra_runtime::{
     CancelToken, ChatSession, Error, GenerateOptions, Generator, PerplexityResult, Piece, Result,
     Sampler, SamplerConfig, Stats, StopReason,
 };
+
+/// The README, compiled by `cargo test --doc` so that its library example keeps building.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

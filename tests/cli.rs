@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+mod common;
+
 fn model_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
@@ -54,29 +56,26 @@ fn help_lists_every_subcommand() {
 #[test]
 fn tokenize_matches_llama_cpp() {
     let model = model_path();
-    let out = lutra(&[
-        "tokenize",
-        "-m",
-        model.to_str().unwrap(),
-        "-p",
-        "Hello, world!",
-    ]);
+    let case = &common::reference().tokenization.cases[0];
+    let out = lutra(&["tokenize", "-m", model.to_str().unwrap(), "-p", &case.text]);
     assert_success(&out);
     let ids: Vec<u32> =
         serde_json::from_str(text(&out.stdout).trim()).expect("a JSON array of ids");
-    // /work/shared/reference/smollm2-135m-q4_1.json, tokenization case 1 (llama.cpp).
-    assert_eq!(ids, [19556, 28, 905, 17]);
+    assert_eq!(ids, case.ids, "token ids of {:?}", case.text);
 }
 
 #[test]
 fn greedy_generate_prints_only_the_reference_continuation() {
     let model = model_path();
+    // llama.cpp's greedy completion of this prompt agrees with lutra's for its first 13 tokens
+    // (tests/model_reference.rs), so 8 tokens must be exactly a prefix of it.
+    let case = &common::reference().greedy.cases[0];
     let out = lutra(&[
         "generate",
         "-m",
         model.to_str().unwrap(),
         "-p",
-        "The meaning of life is",
+        &case.prompt,
         "-n",
         "8",
         "--temp",
@@ -86,12 +85,10 @@ fn greedy_generate_prints_only_the_reference_continuation() {
     ]);
     assert_success(&out);
     let stdout = text(&out.stdout);
-    // llama.cpp's greedy completion of this prompt (reference file, greedy case 1).
-    let reference =
-        " not just a random choice, but a choice made by someone who has been given a gift.";
     assert!(
-        stdout.starts_with(" not just a random choice") && reference.starts_with(stdout.as_str()),
-        "stdout is not a prefix of the reference completion: {stdout:?}"
+        stdout.split_whitespace().count() >= 5 && case.completion.starts_with(stdout.as_str()),
+        "stdout is not an 8-token prefix of the reference completion {:?}: {stdout:?}",
+        case.completion
     );
     // Diagnostics go to stderr, never into the text.
     assert!(text(&out.stderr).contains("t/s"));
@@ -147,10 +144,32 @@ fn missing_model_file_is_a_clear_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// How many tokens `lutra tokenize` makes of `prompt`.
+fn token_count(prompt: &str) -> usize {
+    let model = model_path();
+    let out = lutra(&["tokenize", "-m", model.to_str().unwrap(), "-p", prompt]);
+    assert_success(&out);
+    let ids: Vec<u32> =
+        serde_json::from_str(text(&out.stdout).trim()).expect("a JSON array of ids");
+    ids.len()
+}
+
+/// The `N` of `generated N tokens` in the timings line of `lutra generate`.
+fn generated_tokens(stderr: &str) -> usize {
+    stderr
+        .split("generated ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no timings line:\n{stderr}"))
+}
+
 #[test]
 fn prompt_longer_than_the_context_is_a_clear_error() {
     let model = model_path();
     let prompt = "one two three four five six seven eight nine ten eleven twelve";
+    let tokens = token_count(prompt);
+    assert!(tokens > 8, "{tokens} tokens");
     let out = lutra(&[
         "generate",
         "-m",
@@ -164,8 +183,48 @@ fn prompt_longer_than_the_context_is_a_clear_error() {
     ]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("context"), "{stderr}");
+    // The prompt's own token count, not the prompt plus -n.
+    assert!(
+        stderr.contains(&format!(
+            "the prompt has {tokens} tokens and the context holds 8"
+        )),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn generate_stops_when_the_context_is_full() {
+    let model = model_path();
+    // 51 tokens: with -c 64 there is room for 13 of the 20 tokens asked for.
+    let prompt = "The GNU General Public License is a free, copyleft license for software and other \
+                  kinds of works. It was written by Richard Stallman of the Free Software Foundation \
+                  in 1989, and it guarantees the freedom to run and share software.";
+    assert_eq!(token_count(prompt), 51);
+    let out = lutra(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        prompt,
+        "-c",
+        "64",
+        "-n",
+        "20",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+    ]);
+    assert_success(&out);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("lutra: stopped: the context of 64 tokens is full"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("prompt 51 tokens"), "{stderr}");
+    assert_eq!(generated_tokens(&stderr), 64 - 51, "{stderr}");
+    assert!(!text(&out.stdout).trim().is_empty());
 }
 
 #[test]

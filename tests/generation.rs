@@ -11,8 +11,9 @@ use lutra::session::ChatSession;
 use lutra::Error;
 use lutra_runtime::fixtures::{tiny_llama_gguf, TinyModelSpec};
 
+mod common;
+
 const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
-const REFERENCE: &str = "../shared/reference/smollm2-135m-q4_1.json";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -120,22 +121,113 @@ fn from_tokens_matches_new_with_the_same_prompt() {
 }
 
 #[test]
-fn prompt_longer_than_context_is_an_error() {
+fn prompt_that_leaves_no_room_to_generate_is_refused_with_its_token_count() {
     let model = tiny_model();
+    let context = model.context_length();
+    let tok = model.tokenizer().expect("tokenizer");
     let prompt = "word ".repeat(200);
-    match Generator::new(model, &prompt, greedy(4)) {
-        Err(Error::ContextOverflow { tokens, context }) => {
-            assert_eq!(context, model.context_length());
-            assert!(tokens > context);
-        }
-        Err(e) => panic!("expected ContextOverflow, got {e}"),
-        Ok(_) => panic!("expected ContextOverflow, got a generator"),
-    }
-    // A short prompt with too many tokens to generate does not fit either.
+    let prompt_tokens = tok.encode(&prompt, true).expect("encode").len();
+    assert!(prompt_tokens > context);
+    let err = match Generator::new(model, &prompt, greedy(4)) {
+        Err(e) => e,
+        Ok(_) => panic!("expected PromptTooLong, got a generator"),
+    };
+    assert!(
+        matches!(err, Error::PromptTooLong { prompt_tokens: p, context: c }
+            if p == prompt_tokens && c == context),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("the prompt has {prompt_tokens} tokens"))
+            && message.contains(&format!("the context holds {context}")),
+        "{message}"
+    );
+    // A prompt of exactly the context's length leaves no room for a token either.
+    let ids: Vec<u32> = tok.encode(&prompt, true).expect("encode")[..context].to_vec();
     assert!(matches!(
-        Generator::new(model, "hi", greedy(300)),
-        Err(Error::ContextOverflow { .. })
+        Generator::from_tokens(model, ids.clone(), greedy(4)),
+        Err(Error::PromptTooLong { prompt_tokens: p, .. }) if p == context
     ));
+    // One token fewer leaves room for exactly one.
+    let opts = GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(4)
+    };
+    let mut g = Generator::from_tokens(model, ids[..context - 1].to_vec(), opts)
+        .expect("a prompt one token short of the context");
+    let pieces: Vec<_> = (&mut g).collect::<Result<_, _>>().expect("pieces");
+    assert_eq!(pieces.len(), 1);
+    assert_eq!(g.stop_reason(), Some(StopReason::ContextFull));
+}
+
+#[test]
+fn generation_stops_when_the_context_is_full() {
+    let model = tiny_model();
+    let context = model.context_length();
+    let tok = model.tokenizer().expect("tokenizer");
+    let prompt = tok.encode("hello world", true).expect("encode");
+    let room = context - prompt.len();
+    let opts = |max_tokens| GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(max_tokens)
+    };
+    // More tokens asked for than the context has room for, up to the largest count there is.
+    for max_tokens in [room + 20, usize::MAX] {
+        let mut g = Generator::from_tokens(model, prompt.clone(), opts(max_tokens)).expect("new");
+        let pieces: Vec<_> = (&mut g).collect::<Result<_, _>>().expect("pieces");
+        assert_eq!(pieces.len(), room);
+        assert_eq!(g.tokens().len(), context);
+        assert_eq!(g.stop_reason(), Some(StopReason::ContextFull));
+        let stats = g.stats();
+        assert_eq!(stats.stop_reason, Some(StopReason::ContextFull));
+        assert_eq!(stats.generated_tokens, room);
+        assert_eq!(stats.decode_steps, room - 1);
+    }
+    // Asking for exactly the room left is a stop at max_tokens, with the same tokens.
+    let mut full = Generator::from_tokens(model, prompt.clone(), opts(room + 20)).expect("new");
+    generate_text(&mut full).expect("text");
+    let mut exact = Generator::from_tokens(model, prompt, opts(room)).expect("new");
+    generate_text(&mut exact).expect("text");
+    assert_eq!(exact.tokens(), full.tokens());
+    assert_eq!(exact.stop_reason(), Some(StopReason::MaxTokens));
+    assert_eq!(exact.stats().stop_reason, Some(StopReason::MaxTokens));
+}
+
+#[test]
+fn chat_reply_stops_when_the_context_is_full_and_the_next_turn_is_refused() {
+    let model = tiny_model();
+    let context = model.context_length();
+    let opts = GenerateOptions {
+        stop_at_eos: false,
+        ..greedy(10 * context)
+    };
+    let mut chat = ChatSession::new(model, Some("be brief"), opts).expect("session");
+    chat.send("hi", |_| {}).expect("turn 1");
+    assert_eq!(chat.last_stop_reason(), Some(StopReason::ContextFull));
+    assert_eq!(chat.last_stats().stop_reason, Some(StopReason::ContextFull));
+    // The cache holds every token but the last reply token, which was never fed.
+    assert_eq!(chat.cached_tokens(), context - 1);
+    assert_eq!(chat.messages().len(), 3);
+
+    // The conversation no longer leaves room for a reply: refused, and the turn is taken back.
+    match chat.send("and again", |_| {}) {
+        Err(Error::PromptTooLong {
+            prompt_tokens,
+            context: c,
+        }) => {
+            assert_eq!(c, context);
+            assert!(prompt_tokens > context, "{prompt_tokens}");
+        }
+        Err(e) => panic!("expected PromptTooLong, got {e}"),
+        Ok(_) => panic!("expected PromptTooLong, got a reply"),
+    }
+    assert_eq!(chat.messages().len(), 3);
+
+    // After a reset the session answers again.
+    chat.reset();
+    chat.send("hi", |_| {}).expect("turn after reset");
+    assert_eq!(chat.messages().len(), 3);
 }
 
 #[test]
@@ -227,19 +319,16 @@ fn raw_greedy(model: &Model, prompt: &str, n_predict: usize) -> (Vec<u32>, bool)
 /// and its stop at EOS equal llama.cpp's.
 #[test]
 fn real_model_greedy_generator_matches_plain_greedy_and_llama_cpp() {
-    let path = root().join(REFERENCE);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let reference: serde_json::Value = serde_json::from_str(&text).expect("reference JSON");
-    let cases = reference["greedy"]["cases"].as_array().expect("cases");
+    let cases = &common::reference().greedy.cases;
     assert_eq!(cases.len(), 3);
     let model = real_model();
     let tokenizer = model.tokenizer().expect("tokenizer");
     let mut exact_matches = 0;
     for case in cases {
-        let prompt = case["prompt"].as_str().expect("prompt");
-        let n_predict = case["n_predict"].as_u64().expect("n_predict") as usize;
-        let expected = case["completion"].as_str().expect("completion");
-        let at_eos = case["stopped_at_eos"].as_bool().expect("stopped_at_eos");
+        let prompt = case.prompt.as_str();
+        let n_predict = case.n_predict;
+        let expected = case.completion.as_str();
+        let at_eos = case.stopped_at_eos;
         let mut g = Generator::new(model, prompt, greedy(n_predict)).expect("generator");
         let completion = generate_text(&mut g).expect("generate");
         let (plain, plain_eos) = raw_greedy(model, prompt, n_predict);
@@ -284,10 +373,18 @@ fn real_model_greedy_generator_matches_plain_greedy_and_llama_cpp() {
 #[test]
 fn real_model_chat_answers_and_reuses_the_cache() {
     let model = real_model();
-    let mut chat = ChatSession::new(model, None, greedy(24)).expect("session");
+    let case = common::reference().greedy_chat_case();
+    let mut chat = ChatSession::new(model, None, greedy(case.n_predict)).expect("session");
     let reply = chat.send("What is 2+2?", |_| {}).expect("turn 1");
-    // The same conversation as the reference's third case: the same answer, ended by <|im_end|>.
-    assert_eq!(reply, "The answer to this classic math problem is 4.");
+    // The conversation renders to the reference's chat prompt, so the reply is llama.cpp's
+    // completion of it, ended by <|im_end|>.
+    let rendered = model
+        .chat_template()
+        .expect("template")
+        .render(&chat.messages()[..1], true)
+        .expect("render");
+    assert_eq!(rendered, case.prompt);
+    assert_eq!(reply, case.completion);
     assert_eq!(chat.last_stop_reason(), Some(StopReason::EndOfGeneration));
     let cached = chat.cached_tokens();
     chat.send("And 3+3?", |_| {}).expect("turn 2");

@@ -19,6 +19,8 @@ use lutra::perplexity::perplexity;
 use lutra::safetensors::Dtype;
 use lutra_runtime::fixtures::{gguf_to_hf_folder, tiny_llama_gguf, TinyModelSpec};
 
+mod common;
+
 const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn root() -> &'static Path {
@@ -99,9 +101,7 @@ fn smollm2_as_a_hugging_face_folder_matches_the_gguf() {
     assert_eq!(tb.end_of_generation_ids(), ta.end_of_generation_ids());
 
     // Perplexity on the start of the GPL-2 text, and next-token agreement.
-    let corpus =
-        std::fs::read_to_string(root().join("../shared/corpus/gpl-2.txt")).expect("corpus");
-    let tokens = ta.encode(&corpus, false).unwrap();
+    let tokens = ta.encode(&common::corpus(), false).unwrap();
     let tokens = &tokens[..1024.min(tokens.len())];
     let pa = perplexity(&a, tokens, 256).unwrap().ppl;
     let pb = perplexity(&b, tokens, 256).unwrap().ppl;

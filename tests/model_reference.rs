@@ -1,5 +1,5 @@
 //! End-to-end checks of the Llama forward pass on the real SmolLM2-135M-Instruct Q4_1 model
-//! against llama.cpp's greedy completions (`../shared/reference/smollm2-135m-q4_1.json`).
+//! against llama.cpp's greedy completions (`tests/data/smollm2-135m-q4_1.json`).
 //!
 //! A completion must match exactly, including where it stops at EOS. The only divergence allowed
 //! is a near tie: at the step where the text first differs, the exact f32 `reference` model must
@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use lutra::llama::{LoadOptions, Model, Requantize};
-use serde_json::Value;
+
+mod common;
 
 const EOS: u32 = 2;
 /// The largest top-2 logit gap of the exact model that counts as a near tie.
@@ -31,17 +32,6 @@ fn model_path() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn reference_cases() -> Vec<Value> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/smollm2-135m-q4_1.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let json: Value = serde_json::from_str(&text).expect("reference JSON parses");
-    json["greedy"]["cases"]
-        .as_array()
-        .expect("greedy.cases is an array")
-        .clone()
 }
 
 /// Indices of the largest and second-largest logits.
@@ -71,22 +61,6 @@ fn logits_after(model: &Model, tokens: &[u32]) -> Vec<f32> {
     logits
 }
 
-fn as_bool(v: &Value) -> bool {
-    match v {
-        Value::Bool(b) => *b,
-        Value::String(s) => s.eq_ignore_ascii_case("true"),
-        _ => panic!("not a boolean: {v}"),
-    }
-}
-
-fn as_usize(v: &Value) -> usize {
-    match v {
-        Value::Number(n) => n.as_u64().expect("a count") as usize,
-        Value::String(s) => s.parse().expect("a count"),
-        _ => panic!("not a number: {v}"),
-    }
-}
-
 #[test]
 fn greedy_completions_match_llama_cpp() {
     let path = model_path();
@@ -98,16 +72,16 @@ fn greedy_completions_match_llama_cpp() {
     let model = Model::load(&path, &opts).expect("model loads");
     let tokenizer = model.tokenizer().expect("the file has a tokenizer");
     let mut reference: Option<Model> = None;
-    let cases = reference_cases();
+    let cases = &common::reference().greedy.cases;
     assert!(!cases.is_empty());
     // Every case is checked; failures are collected so that one report shows them all.
     let mut failures = Vec::new();
 
-    for case in &cases {
-        let prompt = case["prompt"].as_str().expect("prompt");
-        let expected = case["completion"].as_str().expect("completion");
-        let n_predict = as_usize(&case["n_predict"]);
-        let expect_eos = as_bool(&case["stopped_at_eos"]);
+    for case in cases {
+        let prompt = case.prompt.as_str();
+        let expected = case.completion.as_str();
+        let n_predict = case.n_predict;
+        let expect_eos = case.stopped_at_eos;
 
         let mut tokens = tokenizer.encode(prompt, true).expect("encode");
         let prompt_len = tokens.len();

@@ -6,18 +6,13 @@ use std::path::Path;
 use lutra::llama::{LoadOptions, Model, Requantize};
 use lutra::perplexity::{perplexity, PerplexityResult};
 
+mod common;
+
 const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
-const REFERENCE: &str = "../shared/reference/smollm2-135m-q4_1.json";
 const N_CTX: usize = 512;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn reference() -> serde_json::Value {
-    let path = root().join(REFERENCE);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("reference JSON")
 }
 
 fn load(requantize: Option<Requantize>) -> Model {
@@ -36,13 +31,11 @@ fn load(requantize: Option<Requantize>) -> Model {
 }
 
 /// The corpus tokenized once, as llama-perplexity does (no special-token parsing).
-fn corpus_tokens(model: &Model, corpus: &str) -> Vec<u32> {
-    let path = root().join("..").join(corpus);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+fn corpus_tokens(model: &Model) -> Vec<u32> {
     model
         .tokenizer()
         .expect("tokenizer")
-        .encode(&text, false)
+        .encode(&common::corpus(), false)
         .expect("encode corpus")
 }
 
@@ -52,15 +45,14 @@ fn run(model: &Model, tokens: &[u32]) -> PerplexityResult {
 
 #[test]
 fn perplexity_matches_llama_cpp_and_requantized_models_rank() {
-    let reference = reference();
-    let section = &reference["perplexity"];
-    let expected_ppl = section["ppl"].as_f64().expect("ppl");
-    let expected_stderr = section["ppl_stderr"].as_f64().expect("ppl_stderr");
-    let expected_chunks = section["chunks"].as_u64().expect("chunks") as usize;
-    assert_eq!(section["n_ctx"].as_u64(), Some(N_CTX as u64));
+    let section = &common::reference().perplexity;
+    let expected_ppl = section.ppl;
+    let expected_stderr = section.ppl_stderr;
+    let expected_chunks = section.chunks;
+    assert_eq!(section.n_ctx, N_CTX);
 
     let model = load(None);
-    let tokens = corpus_tokens(&model, section["corpus"].as_str().expect("corpus"));
+    let tokens = corpus_tokens(&model);
     let q4_1 = run(&model, &tokens);
     println!(
         "Q4_1: PPL = {:.4} +/- {:.5} over {} chunks (llama.cpp: {expected_ppl} +/- {expected_stderr})",

@@ -1,5 +1,5 @@
 //! The GGUF tokenizer of the real SmolLM2-135M model against llama.cpp's token ids
-//! (`shared/reference/smollm2-135m-q4_1.json`), plus decode round trips and the chat template.
+//! (`tests/data/smollm2-135m-q4_1.json`), plus decode round trips and the chat template.
 
 use std::path::PathBuf;
 
@@ -7,6 +7,8 @@ use lutra_runtime::chat::{ChatTemplate, Message};
 use lutra_runtime::config::ModelConfig;
 use lutra_runtime::gguf::GgufFile;
 use lutra_runtime::tokenizer::{StreamDecoder, Tokenizer};
+
+mod common;
 
 fn model_path() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -19,13 +21,6 @@ fn model_path() -> PathBuf {
     path
 }
 
-fn reference() -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/reference/smollm2-135m-q4_1.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn load() -> (GgufFile, Tokenizer) {
     let file = GgufFile::open(&model_path()).unwrap();
     let tok = Tokenizer::from_gguf(&file).unwrap();
@@ -35,25 +30,16 @@ fn load() -> (GgufFile, Tokenizer) {
 #[test]
 fn token_ids_match_llama_cpp() {
     let (_, tok) = load();
-    let cases = reference()["tokenization"]["cases"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let cases = &common::reference().tokenization.cases;
     assert!(
         cases.len() >= 6,
         "reference has {} tokenization cases",
         cases.len()
     );
     for case in cases {
-        let text = case["text"].as_str().unwrap();
-        let expected: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let text = case.text.as_str();
         let ids = tok.encode(text, true).unwrap();
-        assert_eq!(ids, expected, "token ids of {text:?}");
+        assert_eq!(ids, case.ids, "token ids of {text:?}");
         assert_eq!(tok.decode(&ids, false).unwrap(), text, "decode of {text:?}");
         // Streaming gives the same text, one complete character at a time.
         let mut dec = StreamDecoder::new();
@@ -79,9 +65,10 @@ fn special_tokens_and_end_of_generation() {
     assert_eq!(tok.eos_id(), Some(2));
     assert_eq!(tok.token_str(2), Some("<|im_end|>"));
     assert!(tok.is_end_of_generation(2));
-    assert!(!tok.is_end_of_generation(19556));
+    let hello = common::reference().tokenization_of("Hello, world!");
+    assert!(!tok.is_end_of_generation(hello.ids[0]));
     // add_bos_token is false: nothing is prepended.
-    assert_eq!(tok.encode("Hello, world!", true).unwrap()[0], 19556);
+    assert_eq!(tok.encode(&hello.text, true).unwrap()[0], hello.ids[0]);
     // Without parse_special the markers are text, not control tokens.
     let plain = tok.encode("<|im_start|>user", false).unwrap();
     assert!(!plain.contains(&1), "{plain:?}");
@@ -94,13 +81,14 @@ fn special_tokens_and_end_of_generation() {
 fn smollm2_chat_template_from_file() {
     let (file, tok) = load();
     let t = ChatTemplate::from_gguf(&file, &tok).unwrap();
-    let out = t.render(&[Message::new("user", "Hi")], true).unwrap();
-    assert_eq!(
-        out,
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    );
+    // One user message renders (with the template's default system message) to the prompt of
+    // the reference's chat case.
+    let out = t
+        .render(&[Message::new("user", "What is 2+2?")], true)
+        .unwrap();
+    assert_eq!(out, common::reference().greedy_chat_case().prompt);
     assert_eq!(t.end_of_turn(), Some("<|im_end|>"));
-    // The rendered prompt of the greedy reference case tokenizes to control tokens where expected.
+    // The rendered prompt tokenizes to control tokens where expected.
     let ids = tok.encode(&out, true).unwrap();
     assert_eq!(ids[0], 1);
     assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 2);

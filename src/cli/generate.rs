@@ -70,6 +70,9 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<()> {
     if interrupted {
         eprintln!("lutra: interrupted");
     }
+    if generator.stop_reason() == Some(StopReason::ContextFull) {
+        eprintln!("{}", context_full_note(generator.context_length()));
+    }
     eprintln!(
         "lutra: prompt {} tokens in {:.3} s ({:.2} t/s); generated {} tokens in {:.3} s ({:.2} t/s)",
         stats.prompt_tokens,
@@ -141,8 +144,12 @@ pub(crate) fn chat(args: &ChatArgs) -> Result<()> {
         writeln!(stdout.lock()).context("cannot write to stdout")?;
         replies += 1;
         let stats = session.last_stats();
-        if session.last_stop_reason() == Some(StopReason::Cancelled) {
-            eprintln!("lutra: reply {replies} interrupted");
+        match session.last_stop_reason() {
+            Some(StopReason::Cancelled) => eprintln!("lutra: reply {replies} interrupted"),
+            Some(StopReason::ContextFull) => {
+                eprintln!("{}", context_full_note(model.context_length()))
+            }
+            _ => {}
         }
         eprintln!(
             "lutra: reply {replies}: {} tokens at {:.2} t/s (prompt {} tokens at {:.2} t/s)",
@@ -153,4 +160,9 @@ pub(crate) fn chat(args: &ChatArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What the CLI prints on stderr when generation stopped because the context is full.
+fn context_full_note(context: usize) -> String {
+    format!("lutra: stopped: the context of {context} tokens is full")
 }

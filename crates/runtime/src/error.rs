@@ -61,11 +61,22 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// The prompt (plus what is to be generated) does not fit in the context.
-    #[error("the prompt has {tokens} tokens but the context holds {context}; shorten the prompt or raise -c")]
+    /// A forward pass or a perplexity window needs more positions than the context holds.
+    #[error("{tokens} tokens do not fit in the context of {context} tokens; raise the context length (-c)")]
     ContextOverflow {
         /// Tokens needed.
         tokens: usize,
+        /// Context length.
+        context: usize,
+    },
+    /// A prompt leaves no room in the context for a single generated token.
+    #[error(
+        "the prompt has {prompt_tokens} tokens and the context holds {context}, which leaves no room \
+         to generate; shorten the prompt or raise the context length (-c)"
+    )]
+    PromptTooLong {
+        /// Tokens of the prompt (in a chat, of the whole conversation).
+        prompt_tokens: usize,
         /// Context length.
         context: usize,
     },

@@ -5,9 +5,11 @@
 //!   next() #1: forward(prompt) → logits    one batched prefill
 //!   next() #n: sample → Piece{token,text}  then forward(token) on the following call
 //! ```
-//! Generation stops at an end-of-generation token (not yielded), after `max_tokens` pieces, or
-//! when the [`CancelToken`] fires. The last sampled token is never fed back, so the cache needs
-//! room for `prompt + max_tokens − 1` tokens.
+//! Generation stops at an end-of-generation token (not yielded), after `max_tokens` pieces, when
+//! the [`CancelToken`] fires, or when the sequence (prompt and generated tokens) fills the
+//! context. The last sampled token is never fed back, so a sequence of the context's length needs
+//! one position less in the cache; every generated token could still be fed to continue it. A
+//! prompt must leave room for at least one generated token.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -88,11 +90,14 @@ pub enum StopReason {
     MaxTokens,
     /// The [`CancelToken`] fired.
     Cancelled,
+    /// The sequence filled the context before `max_tokens` pieces: no position is left for the
+    /// next token.
+    ContextFull,
     /// A forward pass failed (the error was yielded).
     Failed,
 }
 
-/// Timings of one generation.
+/// Timings and outcome of one generation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
     /// Tokens fed in the prefill.
@@ -113,6 +118,8 @@ pub struct Stats {
     pub sample_secs: f64,
     /// Seconds spent tokenizing the prompt.
     pub tokenize_secs: f64,
+    /// Why generation ended; `None` while it can go on.
+    pub stop_reason: Option<StopReason>,
 }
 
 impl Stats {
@@ -152,6 +159,8 @@ pub struct Generator<'m> {
     stop_at_eos: bool,
     /// Extra end-of-turn token (chat templates), stopped at like end-of-generation.
     extra_stop: Option<u32>,
+    /// The most tokens the sequence may hold: the cache's capacity, at most the model's context.
+    context: usize,
     cancel: CancelToken,
     stats: Stats,
     stop: Option<StopReason>,
@@ -162,9 +171,10 @@ pub struct Generator<'m> {
 impl<'m> Generator<'m> {
     /// Tokenizes `prompt` with the model's tokenizer and prepares to generate.
     ///
-    /// Fails with [`Error::ContextOverflow`] when the prompt plus `max_tokens` does not fit the
-    /// context, and with [`Error::InvalidOption`] for a model without a tokenizer or an empty
-    /// prompt.
+    /// Fails with [`Error::PromptTooLong`] when the prompt leaves no room in the context for a
+    /// generated token, and with [`Error::InvalidOption`] for a model without a tokenizer or an
+    /// empty prompt. When `max_tokens` would overflow the context, generation stops once the
+    /// context is full ([`StopReason::ContextFull`]).
     pub fn new(model: &'m Model, prompt: &str, opts: GenerateOptions) -> Result<Self> {
         let tokenizer = model.tokenizer().ok_or_else(|| {
             Error::InvalidOption("this model has no tokenizer; use Generator::from_tokens".into())
@@ -197,12 +207,11 @@ impl<'m> Generator<'m> {
                 "the prompt is empty: there is nothing to generate from".into(),
             ));
         }
-        // The last generated token is never fed, hence the −1.
-        let needed = tokens.len() + opts.max_tokens.saturating_sub(1);
-        if needed > cache.capacity() {
-            return Err(Error::ContextOverflow {
-                tokens: needed,
-                context: cache.capacity(),
+        let context = cache.capacity().min(model.context_length());
+        if tokens.len() >= context {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: tokens.len(),
+                context,
             });
         }
         let vocab = model.config().vocab_size;
@@ -213,7 +222,7 @@ impl<'m> Generator<'m> {
         }
         cache.truncate(fed);
         let mut tokens = tokens;
-        tokens.reserve(opts.max_tokens);
+        tokens.reserve(opts.max_tokens.min(context - tokens.len()));
         let prompt_tokens = tokens.len() - fed;
         Ok(Generator {
             model,
@@ -227,6 +236,7 @@ impl<'m> Generator<'m> {
             max_tokens: opts.max_tokens,
             stop_at_eos: opts.stop_at_eos,
             extra_stop: None,
+            context,
             cancel: CancelToken::new(),
             stats: Stats {
                 prompt_tokens,
@@ -270,6 +280,11 @@ impl<'m> Generator<'m> {
         self.stop
     }
 
+    /// The most tokens the sequence (prompt and generated) may hold.
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+
     /// Whether generation ended at an end-of-generation token.
     pub fn stopped_at_eos(&self) -> bool {
         self.stop == Some(StopReason::EndOfGeneration)
@@ -303,11 +318,15 @@ impl<'m> Generator<'m> {
             return Ok(None);
         }
         if self.cancel.is_cancelled() {
-            self.stop = Some(StopReason::Cancelled);
+            self.finish(StopReason::Cancelled);
             return Ok(None);
         }
         if self.stats.generated_tokens >= self.max_tokens {
-            self.stop = Some(StopReason::MaxTokens);
+            self.finish(StopReason::MaxTokens);
+            return Ok(None);
+        }
+        if self.tokens.len() >= self.context {
+            self.finish(StopReason::ContextFull);
             return Ok(None);
         }
 
@@ -329,7 +348,7 @@ impl<'m> Generator<'m> {
         self.stats.sample_secs += start.elapsed().as_secs_f64();
 
         if self.is_stop_token(token) {
-            self.stop = Some(StopReason::EndOfGeneration);
+            self.finish(StopReason::EndOfGeneration);
             self.end_decode_clock();
             return Ok(None);
         }
@@ -339,7 +358,7 @@ impl<'m> Generator<'m> {
             Some(tok) => self.decoder.push(tok, token),
             None => String::new(),
         };
-        if self.stats.generated_tokens == self.max_tokens {
+        if self.stats.generated_tokens == self.max_tokens || self.tokens.len() == self.context {
             // Last piece: hand out whatever bytes the decoder still holds.
             text.push_str(&self.decoder.finish());
         }
@@ -349,6 +368,12 @@ impl<'m> Generator<'m> {
             self.end_decode_clock();
         }
         Ok(Some(Piece { token, text }))
+    }
+
+    /// Ends generation for `reason`.
+    fn finish(&mut self, reason: StopReason) {
+        self.stop = Some(reason);
+        self.stats.stop_reason = Some(reason);
     }
 
     fn end_decode_clock(&mut self) {
@@ -367,7 +392,7 @@ impl Iterator for Generator<'_> {
             Ok(None) => None,
             Err(e) => {
                 // A failed forward leaves the cache in an unknown state: end here.
-                self.stop = Some(StopReason::Failed);
+                self.finish(StopReason::Failed);
                 Some(Err(e))
             }
         }

@@ -76,6 +76,10 @@ impl<'m> ChatSession<'m> {
 
     /// Sends a user message, streams the reply's text through `on_piece`, and returns the reply.
     /// The reply joins the history. On error the user message is taken back out.
+    ///
+    /// A reply that fills the context ends there ([`StopReason::ContextFull`]); a conversation
+    /// that leaves no room for a reply fails with [`Error::PromptTooLong`] and starts the next
+    /// turn from an empty cache.
     pub fn send(&mut self, user: &str, mut on_piece: impl FnMut(&str)) -> Result<String> {
         self.messages.push(Message {
             role: "user".into(),
