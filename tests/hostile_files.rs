@@ -163,7 +163,7 @@ fn mutated_real_gguf_headers_get_clean_errors() {
     let header = &original[..data_offset];
     let data = &original[data_offset..];
     let mutants = env_or("LUTRA_HOSTILE_MUTANTS", 48);
-    let mut rng = Rng(env_or("LUTRA_HOSTILE_SEED", 0x6c75_7472_61));
+    let mut rng = Rng(env_or("LUTRA_HOSTILE_SEED", 0x006c_7574_7261));
     let dir = scratch_dir();
     let path = dir.join("mutant.gguf");
     let (mut ok, mut refused, mut full_ok) = (0, 0, 0);
