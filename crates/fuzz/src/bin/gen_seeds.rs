@@ -12,6 +12,7 @@ use lutra_fuzz::drivers::{join_sections, SHARD_1};
 use lutra_runtime::gguf::{tiny_llama_gguf, GgufWriter, MetaValue, TinyModelSpec};
 use lutra_runtime::safetensors::convert::gguf_to_hf_folder;
 use lutra_runtime::safetensors::{write_safetensors, Dtype, SafetensorsFolder};
+use lutra_runtime::weights::GgmlType;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -61,6 +62,25 @@ fn every_metadata_type(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// A GGUF with a two-row tensor of every ggml type lutra decodes, filled with varied bytes.
+fn every_tensor_type(path: &Path) -> Result<(), Error> {
+    let mut w = GgufWriter::new();
+    for id in 0..64 {
+        let Some(ty) = GgmlType::from_id(id) else {
+            continue;
+        };
+        if !ty.is_decodable() {
+            continue;
+        }
+        let data: Vec<u8> = (0..2 * ty.block_bytes())
+            .map(|i| (i * 37 % 251) as u8)
+            .collect();
+        w.add_tensor_raw(&format!("t{id}.weight"), &[ty.block_elems(), 2], id, data)?;
+    }
+    w.write(path)?;
+    Ok(())
+}
+
 fn main() -> Result<(), Error> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let work = std::env::temp_dir().join(format!("lutra-fuzz-seeds-{}", std::process::id()));
@@ -81,6 +101,9 @@ fn main() -> Result<(), Error> {
     let meta = work.join("meta.gguf");
     every_metadata_type(&meta)?;
     save(&gguf_dir, "metadata.gguf", &std::fs::read(&meta)?)?;
+    let types = work.join("types.gguf");
+    every_tensor_type(&types)?;
+    save(&gguf_dir, "tensor-types.gguf", &std::fs::read(&types)?)?;
 
     // hf_folder: the tiny model as a Hugging Face folder, single-file and sharded.
     let hf = work.join("hf");
