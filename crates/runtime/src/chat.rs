@@ -47,14 +47,40 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     end_of_turn: Option<String>,
+    /// Where the source came from (`file: key`), prefixed to errors; empty for a given source.
+    origin: String,
 }
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Template instructions one render may run: a long conversation through a real template takes
+/// a few thousand per message; an endless or exponential loop runs out and fails.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Nesting depth (loops, macro calls, includes) a render may reach, well inside the stack.
+const TEMPLATE_RECURSION_LIMIT: usize = 200;
+
+/// Most bytes one render may produce.
+pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+
 impl ChatTemplate {
     /// Compiles Jinja `source`; `bos_token`/`eos_token` are the strings the template may insert.
+    /// Rendering is bounded: [`TEMPLATE_FUEL`] instructions, a recursion limit, and
+    /// [`MAX_RENDERED_BYTES`] of output; past any of them it fails with [`Error::Template`].
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        Self::compile(source, bos_token, eos_token, String::new())
+    }
+
+    /// [`ChatTemplate::new`], with errors prefixed by `origin` (the file and key of the source).
+    fn compile(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+        origin: String,
+    ) -> Result<ChatTemplate> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         // Hugging Face renders chat templates with these two on.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -63,7 +89,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(template_error)?;
+            .map_err(|e| template_error(&origin, e))?;
         let end_of_turn = TURN_ENDS
             .iter()
             .find(|m| source.contains(*m))
@@ -77,6 +103,7 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             end_of_turn,
+            origin,
         })
     }
 
@@ -89,6 +116,7 @@ impl ChatTemplate {
             bos_token: String::new(),
             eos_token: String::new(),
             end_of_turn: Some("<|im_end|>".to_string()),
+            origin: String::new(),
         })
     }
 
@@ -105,7 +133,15 @@ impl ChatTemplate {
                 .unwrap_or("")
                 .to_string()
         };
-        ChatTemplate::new(source, &text(tokenizer.bos_id()), &text(tokenizer.eos_id()))
+        ChatTemplate::compile(
+            source,
+            &text(tokenizer.bos_id()),
+            &text(tokenizer.eos_id()),
+            format!(
+                "{}: metadata 'tokenizer.chat_template'",
+                file.path().display()
+            ),
+        )
     }
 
     /// The template in a Hugging Face folder's `tokenizer_config.json` (`chat_template`: a string,
@@ -144,27 +180,36 @@ impl ChatTemplate {
                 .unwrap_or("")
                 .to_string()
         };
-        ChatTemplate::new(
+        ChatTemplate::compile(
             &source,
             &text(tokenizer.bos_id()),
             &text(tokenizer.eos_id()),
+            format!("{}: chat_template", path.display()),
         )
     }
 
     /// Renders the conversation; with `add_generation_prompt`, ends with the assistant's header.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(template_error)?;
+        let error = |e| template_error(&self.origin, e);
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(error)?;
+        let mut out = CappedOutput(Vec::new());
         template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
-            .map_err(template_error)
+            .render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => &self.bos_token,
+                    eos_token => &self.eos_token,
+                },
+                &mut out,
+            )
+            .map_err(error)?;
+        String::from_utf8(out.0).map_err(|e| {
+            template_error(
+                &self.origin,
+                minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()),
+            )
+        })
     }
 
     /// The text that ends an assistant turn (`<|im_end|>`, `<|eot_id|>`, ...), if known.
@@ -173,8 +218,33 @@ impl ChatTemplate {
     }
 }
 
-fn template_error(e: minijinja::Error) -> Error {
-    let mut msg = e.to_string();
+/// Rendered text, refusing to grow past [`MAX_RENDERED_BYTES`].
+struct CappedOutput(Vec<u8>);
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the rendered text exceeds {MAX_RENDERED_BYTES} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An [`Error::Template`] with the whole chain of causes, after `origin` when there is one.
+fn template_error(origin: &str, e: minijinja::Error) -> Error {
+    let mut msg = if origin.is_empty() {
+        String::new()
+    } else {
+        format!("{origin}: ")
+    };
+    msg.push_str(&e.to_string());
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         msg.push_str(&format!(": {s}"));

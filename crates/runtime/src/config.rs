@@ -76,7 +76,76 @@ impl Architecture {
     }
 }
 
+/// Most bytes a model file's context length may ask for in RoPE tables and attention scratch
+/// (both are sized by it when the model loads): 4 GiB, far above any published model (a 1M-token
+/// context with 128-dimensional heads needs about 0.6 GiB) and far below what a corrupt count
+/// would ask for.
+pub const MAX_CONTEXT_STATE_BYTES: usize = 4 << 30;
+
+/// Largest head dimension (and RoPE dimension count) a model file may claim; real models use 64
+/// to 256.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
+/// Which size of a configuration is out of bounds, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SizeProblem {
+    /// The head dimension is above [`MAX_HEAD_DIM`], or `heads·head_dim` overflows.
+    HeadDim,
+    /// The RoPE dimension count is above [`MAX_HEAD_DIM`].
+    RopeDims,
+    /// The context length's tables would be larger than [`MAX_CONTEXT_STATE_BYTES`].
+    ContextLength,
+}
+
 impl ModelConfig {
+    /// Bytes of the RoPE tables (cos and sin of each rotated pair at each position) and of the
+    /// attention scratch (one score per head and position) that a context of `context_length`
+    /// positions needs; `None` on overflow.
+    pub fn context_state_bytes(&self, context_length: usize) -> Option<usize> {
+        let per_position = (self.rope_dims.min(self.head_dim) / 2)
+            .checked_mul(8)?
+            .checked_add(self.heads.checked_mul(4)?)?;
+        context_length.checked_mul(per_position)
+    }
+
+    /// Checks the sizes that allocations are made from before any tensor is read.
+    fn check_sizes(&self) -> Result<(), (SizeProblem, String)> {
+        if self.rope_dims > MAX_HEAD_DIM {
+            return Err((
+                SizeProblem::RopeDims,
+                format!(
+                    "{} RoPE dimensions is more than {MAX_HEAD_DIM}; the value is corrupt",
+                    self.rope_dims
+                ),
+            ));
+        }
+        if self.head_dim > MAX_HEAD_DIM
+            || self.heads.checked_mul(self.head_dim).is_none()
+            || self.kv_heads.checked_mul(self.head_dim).is_none()
+        {
+            return Err((
+                SizeProblem::HeadDim,
+                format!(
+                    "head dimension {} (with {} heads) is larger than any model's; the value is \
+                     corrupt",
+                    self.head_dim, self.heads
+                ),
+            ));
+        }
+        match self.context_state_bytes(self.context_length) {
+            Some(b) if b <= MAX_CONTEXT_STATE_BYTES => Ok(()),
+            _ => Err((
+                SizeProblem::ContextLength,
+                format!(
+                    "context length {} would need more than {} GiB of RoPE tables and \
+                     attention scratch; the value is corrupt",
+                    self.context_length,
+                    MAX_CONTEXT_STATE_BYTES >> 30
+                ),
+            )),
+        }
+    }
+
     /// Reads the configuration from `{arch}.*` GGUF metadata (`arch` = `general.architecture`).
     ///
     /// Required keys missing or of the wrong type are [`crate::Error::Metadata`]; optional ones
@@ -150,7 +219,7 @@ impl ModelConfig {
             "bitnet-b1.58" | "bitnet-25" => FfnActivation::ReluSquared,
             _ => FfnActivation::Silu,
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             name,
             hidden_size,
@@ -168,7 +237,16 @@ impl ModelConfig {
             rms_eps,
             tied_embeddings: file.tensor_info("output.weight").is_none(),
             ffn_activation,
-        })
+        };
+        config.check_sizes().map_err(|(problem, reason)| {
+            let k = match problem {
+                SizeProblem::HeadDim => "attention.key_length",
+                SizeProblem::RopeDims => "rope.dimension_count",
+                SizeProblem::ContextLength => "context_length",
+            };
+            file.meta_error(&key(k), &reason)
+        })?;
+        Ok(config)
     }
 }
 
@@ -267,10 +345,6 @@ impl ModelConfig {
             (None, Some(scaling)) => hf_rope_scaling(scaling, "rope_scaling", &err)?,
             (None, None) => RopeScaling::None,
         };
-        // Scaling that the tables cannot use (a factor of 0, empty Llama 3 bands) is refused here,
-        // where the file can be named.
-        crate::rope::frequency_factors(&rope_scaling, rope_theta, head_dim)
-            .map_err(|reason| err("rope_scaling", reason))?;
         let ffn_activation = match v.get("hidden_act").and_then(|a| a.as_str()) {
             None | Some("silu") | Some("swish") => FfnActivation::Silu,
             Some("relu2") => FfnActivation::ReluSquared,
@@ -281,7 +355,7 @@ impl ModelConfig {
                 ))
             }
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             name: v
                 .get("_name_or_path")
@@ -307,7 +381,19 @@ impl ModelConfig {
                 .and_then(|t| t.as_bool())
                 .unwrap_or(false),
             ffn_activation,
-        })
+        };
+        config.check_sizes().map_err(|(problem, reason)| {
+            let key = match problem {
+                SizeProblem::HeadDim | SizeProblem::RopeDims => "head_dim",
+                SizeProblem::ContextLength => "max_position_embeddings",
+            };
+            err(key, reason)
+        })?;
+        // Scaling that the tables cannot use (a factor of 0, empty Llama 3 bands) is refused here,
+        // where the file can be named.
+        crate::rope::frequency_factors(&config.rope_scaling, rope_theta, head_dim)
+            .map_err(|reason| err("rope_scaling", reason))?;
+        Ok(config)
     }
 }
 

@@ -237,7 +237,23 @@ impl GgufFile {
         let n_tensors = r.count("tensor count")?;
         let n_kv = r.count("metadata count")?;
 
-        let mut metadata = Vec::with_capacity(n_kv.min(r.remaining() / 13));
+        // A metadata entry takes at least 13 bytes (key length, type, one byte of value), a
+        // tensor info at least 28 (name length, one dimension, type, offset).
+        for (count, min_bytes, what) in [(n_kv, 13, "metadata"), (n_tensors, 28, "tensor")] {
+            if count
+                .checked_mul(min_bytes)
+                .is_none_or(|b| b > r.remaining())
+            {
+                return Err(bad(
+                    path,
+                    format!(
+                        "{what} count {count} cannot fit in the {} bytes left in the file",
+                        r.remaining()
+                    ),
+                ));
+            }
+        }
+        let mut metadata = Vec::with_capacity(n_kv.min(PREALLOCATED_VALUES));
         let mut meta_index = HashMap::new();
         for i in 0..n_kv {
             let key = r.string(&format!("key of metadata entry {i}"))?;
@@ -260,7 +276,7 @@ impl GgufFile {
             },
         };
 
-        let mut infos = Vec::with_capacity(n_tensors.min(r.remaining() / 24));
+        let mut infos = Vec::with_capacity(n_tensors.min(PREALLOCATED_VALUES));
         for i in 0..n_tensors {
             let name = r.string(&format!("name of tensor {i}"))?;
             let n_dims = r.u32(&format!("dimension count of tensor '{name}'"))? as usize;
@@ -288,7 +304,7 @@ impl GgufFile {
         let data_offset = r.pos.div_ceil(alignment) * alignment;
         let file_len = mmap.len();
 
-        let mut tensors = Vec::with_capacity(infos.len());
+        let mut tensors: Vec<TensorInfo> = Vec::with_capacity(infos.len());
         let mut tensor_index = HashMap::new();
         for (name, dims, ty, rel) in infos {
             let elems = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
@@ -341,6 +357,22 @@ impl GgufFile {
                 offset: start,
                 size,
             });
+        }
+
+        // Each tensor owns its bytes: data shared between tensors would let a small file
+        // describe (and make the loader decode) far more weights than it holds.
+        let mut by_offset: Vec<&TensorInfo> = tensors.iter().filter(|t| t.size > 0).collect();
+        by_offset.sort_by_key(|t| t.offset);
+        for pair in by_offset.windows(2) {
+            if pair[1].offset < pair[0].offset + pair[0].size {
+                return Err(bad(
+                    path,
+                    format!(
+                        "the data of tensors '{}' and '{}' overlap",
+                        pair[0].name, pair[1].name
+                    ),
+                ));
+            }
         }
 
         Ok(GgufFile {
@@ -476,6 +508,22 @@ fn bad(path: &Path, reason: String) -> Error {
     }
 }
 
+/// Most array values, metadata entries or tensor infos reserved before any is read.
+const PREALLOCATED_VALUES: usize = 4096;
+
+/// The fewest bytes one metadata value of type `ty` takes in the file (a string is its 8-byte
+/// length, an array its element type and length); 1 for an unknown type, which fails when read.
+fn min_value_bytes(ty: u32) -> usize {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10 | 11 | 12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
+
 /// A bounds-checked cursor over the header.
 struct Reader<'a> {
     data: &'a [u8],
@@ -559,8 +607,21 @@ impl<'a> Reader<'a> {
                 }
                 let elem_ty = self.u32(&format!("element type of {what}"))?;
                 let n = self.count(&format!("length of {what}"))?;
-                // Never trust a count for preallocation beyond what the file could hold.
-                let mut items = Vec::with_capacity(n.min(self.remaining()));
+                let min_bytes = min_value_bytes(elem_ty);
+                if n.checked_mul(min_bytes)
+                    .is_none_or(|b| b > self.remaining())
+                {
+                    return Err(bad(
+                        self.path,
+                        format!(
+                            "{what}: an array of {n} values of type {elem_ty} needs at least \
+                             {min_bytes} bytes each, but {} bytes remain in the file",
+                            self.remaining()
+                        ),
+                    ));
+                }
+                // The count is bounded by the file; the vector still grows as values are read.
+                let mut items = Vec::with_capacity(n.min(PREALLOCATED_VALUES));
                 for _ in 0..n {
                     items.push(self.value(elem_ty, key, depth + 1)?);
                 }

@@ -103,8 +103,16 @@ impl Rope {
         let pairs = rope_dims / 2;
         let factors = frequency_factors(scaling, theta, rope_dims)
             .map_err(|reason| Error::InvalidOption(format!("RoPE scaling: {reason}")))?;
-        let mut cos = Vec::with_capacity(positions * pairs);
-        let mut sin = Vec::with_capacity(positions * pairs);
+        let too_large = || {
+            Error::InvalidOption(format!(
+                "RoPE tables for {positions} positions of {pairs} pairs do not fit in memory"
+            ))
+        };
+        let len = positions.checked_mul(pairs).ok_or_else(too_large)?;
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        cos.try_reserve_exact(len).map_err(|_| too_large())?;
+        sin.try_reserve_exact(len).map_err(|_| too_large())?;
         // Angles in f64: at position 100k an f32 product loses whole radians of phase.
         let freqs: Vec<f64> = (0..pairs)
             .map(|i| base_frequency(theta, i, rope_dims) / factors[i])

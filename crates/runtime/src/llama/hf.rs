@@ -365,7 +365,8 @@ fn load_weights(
         last_order: None,
     };
     let embedding = t.linear("model.embed_tokens", c.vocab_size, h, Role::Table)?;
-    let mut layers = Vec::with_capacity(c.layers);
+    // Grown as blocks load: the block count is the file's word, not yet checked by tensors.
+    let mut layers = Vec::new();
     for i in 0..c.layers {
         let name = |s: &str| format!("model.layers.{i}.{s}");
         for p in [

@@ -185,7 +185,8 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
                 .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
-    let mut layers = Vec::with_capacity(c.layers);
+    // Grown as blocks load: the block count is the file's word, not yet checked by tensors.
+    let mut layers = Vec::new();
     for part in loaded {
         let (part_layers, types) = part?;
         layers.extend(part_layers);

@@ -109,8 +109,11 @@ impl Tokenizer {
             }
         };
 
-        let mut with_special = tokenizers::Tokenizer::from_file(&json_path)
-            .map_err(|e| err(format!("cannot read: {e}")))?;
+        // The `tokenizers` crate may panic on a hostile file rather than return an error; the
+        // panic is turned into an error naming the file.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&json_path))
+            .map_err(|panic| err(format!("cannot read: {}", panic_message(&panic))))?;
+        let mut with_special = parsed.map_err(|e| err(format!("cannot read: {e}")))?;
         // Truncation and padding are the caller's business; lutra adds BOS/EOS itself.
         with_special
             .with_truncation(None)
@@ -204,6 +207,15 @@ impl Tokenizer {
             end_of_generation,
         })
     }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the tokenizer library panicked".to_string())
 }
 
 #[cfg(test)]
