@@ -27,7 +27,7 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
-    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0).
+    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q5_0, Q8_K, IQ4_NL, IQ4_XS).
     Int8 {
         /// Output features.
         rows: usize,
@@ -228,6 +228,8 @@ impl GgmlType {
                 | Q8_K
                 | TQ1_0
                 | TQ2_0
+                | IQ4_NL
+                | IQ4_XS
         )
     }
 
@@ -331,6 +333,45 @@ pub fn decode_ggml(
                 scales.push(f16_at(b, 0));
                 let q = q5_block(&b[2..6], &b[6..22]);
                 codes.extend(q.iter().map(|&q| q as i8 - 16));
+            }
+            DecodedTensor::Int8 {
+                rows,
+                cols,
+                codes,
+                scales,
+            }
+        }
+        GgmlType::IQ4_NL => {
+            // w = d·kvalues[idx]: the codebook entries are the int8 codes, d the block scale.
+            let mut codes = Vec::with_capacity(n);
+            let mut scales = Vec::with_capacity(n / 32);
+            for b in blocks {
+                scales.push(f16_at(b, 0));
+                codes.extend(iq4_nl_codes(&b[2..18]));
+            }
+            DecodedTensor::Int8 {
+                rows,
+                cols,
+                codes,
+                scales,
+            }
+        }
+        GgmlType::IQ4_XS => {
+            // Each 32-element sub-block is an IQ4_NL block with scale dl = d·(ls − 32), computed
+            // in f32 as `dequantize_row_iq4_xs` does (exact: an f16 times a 6-bit integer).
+            let mut codes = Vec::with_capacity(n);
+            let mut scales = Vec::with_capacity(n / 32);
+            for b in blocks {
+                let d = f16_at(b, 0);
+                let scales_h = u16::from_le_bytes([b[2], b[3]]);
+                let (scales_l, qs) = (&b[4..8], &b[8..136]);
+                for (ib, sub) in qs.chunks_exact(16).enumerate() {
+                    let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+                    let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                    let ls = i32::from(low | (high << 4));
+                    scales.push(d * (ls - 32) as f32);
+                    codes.extend(iq4_nl_codes(sub));
+                }
             }
             DecodedTensor::Int8 {
                 rows,
@@ -560,6 +601,20 @@ impl LowBitBuilder {
             offsets: self.offsets,
         }
     }
+}
+
+/// The non-uniform 4-bit codebook of IQ4_NL and IQ4_XS (`kvalues_iq4nl` in `ggml-common.h`).
+const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The 32 int8 codes of an IQ4_NL block (or IQ4_XS sub-block) from its 16 bytes of indices:
+/// low nibbles are elements 0..16, high nibbles 16..32.
+fn iq4_nl_codes(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
+    let code = |i: u8| KVALUES_IQ4NL[usize::from(i & 0xF)];
+    qs.iter()
+        .map(move |&q| code(q))
+        .chain(qs.iter().map(move |&q| code(q >> 4)))
 }
 
 /// The 32 unsigned 5-bit values of a Q5_0/Q5_1 block (`qh` as a little-endian u32).
