@@ -27,7 +27,8 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
-    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q5_0, Q8_K, IQ4_NL, IQ4_XS).
+    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q5_0, Q8_K, Q3_K, IQ4_NL,
+    /// IQ4_XS).
     Int8 {
         /// Output features.
         rows: usize,
@@ -433,29 +434,38 @@ pub fn decode_ggml(
             lb.finish(rows, cols, 2)
         }
         GgmlType::Q3_K => {
-            let mut lb = LowBitBuilder::new(n, 16);
+            // w = d·sc·(q − 4) with 6-bit signed sc (−32..31) and 3-bit q, per 16 elements: exact
+            // as int8 codes −sc·(q − 4) (in −128..=124) with scale −d for every 32.
+            let mut codes = Vec::with_capacity(n);
+            let mut scales = Vec::with_capacity(n / 32);
             for b in blocks {
                 let (hmask, qs) = (&b[0..32], &b[32..96]);
-                let scales = q3k_scales(&b[96..108]);
-                let d = f16_at(b, 108);
+                let sc = q3k_scales(&b[96..108]);
+                scales.extend([-f16_at(b, 108); QK_K / 32]);
                 let (mut is, mut m) = (0, 1u8);
                 for half in qs.chunks_exact(32) {
                     for shift in (0..8).step_by(2) {
                         for (k, sub) in half.chunks_exact(16).enumerate() {
-                            let scale = d * f32::from(scales[is]);
+                            let s = i16::from(sc[is]);
                             is += 1;
                             let hm = &hmask[16 * k..16 * k + 16];
-                            // Value = low2 − (high bit clear ? 4 : 0) = code − 4 with code = low2 + 4·high.
-                            let codes = sub.iter().zip(hm).map(|(&q, &h)| {
-                                ((q >> shift) & 3) | if h & m != 0 { 4 } else { 0 }
-                            });
-                            lb.group(scale, -4.0 * scale, codes);
+                            // q − 4 = low2 − (high bit clear ? 4 : 0).
+                            codes.extend(sub.iter().zip(hm).map(|(&q, &h)| {
+                                let low = i16::from((q >> shift) & 3);
+                                let v = if h & m != 0 { low } else { low - 4 };
+                                (-s * v) as i8
+                            }));
                         }
                         m <<= 1;
                     }
                 }
             }
-            lb.finish(rows, cols, 3)
+            DecodedTensor::Int8 {
+                rows,
+                cols,
+                codes,
+                scales,
+            }
         }
         GgmlType::Q4_K => {
             let mut lb = LowBitBuilder::new(n, 32);

@@ -184,17 +184,33 @@ fn q3_k_unpacks_ggml_layout() {
     b.extend(scales);
     b.extend(h(0.5));
     let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
-    assert!(matches!(
-        t,
-        DecodedTensor::LowBit {
-            bits: 3,
-            group_size: 16,
-            ..
-        }
-    ));
+    let DecodedTensor::Int8 { scales, .. } = &t else {
+        panic!("Q3_K is not in the int8 form")
+    };
+    assert_eq!(scales, &[-0.5; 8]);
     for (j, (&w, &v)) in t.dequantize().iter().zip(&l).enumerate() {
         assert_eq!(w, 0.5 * 13.0 * (v as f32 - 4.0), "element {j}");
     }
+}
+
+#[test]
+fn q3_k_extreme_scale_and_level_fit_int8() {
+    // Every sub-block scale −32 (stored 0), every level 0 (q − 4 = −4): code −(−32)·(−4) = −128;
+    // level 7 (q − 4 = 3): code 96.
+    let mut b = vec![0u8; 32]; // hmask: high bits clear
+    b.extend([0u8; 64]); // low bits 0
+    b.extend([0u8; 12]); // scales 0 → −32
+    b.extend(h(0.25));
+    let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
+    let DecodedTensor::Int8 { codes, .. } = &t else {
+        panic!("Q3_K is not in the int8 form")
+    };
+    assert!(codes.iter().all(|&c| c == -128));
+    assert!(t.dequantize().iter().all(|&w| w == 0.25 * -32.0 * -4.0));
+    b[..32].fill(0xFF);
+    b[32..96].fill(0xFF);
+    let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
+    assert!(t.dequantize().iter().all(|&w| w == 0.25 * -32.0 * 3.0));
 }
 
 #[test]
@@ -352,12 +368,12 @@ fn check_block_fixture(name: &str) -> DecodedTensor {
     let tensor = decode_ggml(ty, fixture.rows, fixture.cols, &data).expect("decodes");
     assert_eq!((tensor.rows(), tensor.cols()), (fixture.rows, fixture.cols));
     let got = tensor.dequantize();
-    let strict = !matches!(tensor, DecodedTensor::LowBit { .. });
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
         let e = f32::from_bits(*e);
-        // The low-bit form computes `scale·q + offset`, which gives +0 where ggml's `d·(q − 8)`
-        // gives −0 (negative d): the only difference a sum of products cannot see.
-        let same = g.to_bits() == e.to_bits() || (!strict && *g == 0.0 && e == 0.0);
+        // Zeros may differ in sign: the low-bit form computes `scale·q + offset`, which gives +0
+        // where ggml's `d·(q − 8)` gives −0 (negative d), and Q3_K's int8 form multiplies by −d.
+        // A sum of products cannot see the difference.
+        let same = g.to_bits() == e.to_bits() || (*g == 0.0 && e == 0.0);
         assert!(same, "{name} element {i}: decoded {g:?}, reference {e:?}");
     }
     tensor
@@ -417,7 +433,13 @@ fn q4_0_and_q4_1_match_reference() {
 
 #[test]
 fn k_quants_match_reference() {
-    for name in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
+    for name in ["q2_k", "q4_k", "q5_k", "q6_k"] {
         check_block_fixture(name);
     }
+}
+
+#[test]
+fn q3_k_matches_reference_as_int8() {
+    let t = check_block_fixture("q3_k");
+    assert!(matches!(t, DecodedTensor::Int8 { .. }));
 }
