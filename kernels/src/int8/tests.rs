@@ -88,9 +88,8 @@ const SHAPES: [(usize, usize, usize); 9] = [
 #[test]
 fn every_isa_matches_scalar_bit_for_bit() {
     let mut rng = TestRng::new(1);
-    for ((cols, rows, tokens), f16_scales) in SHAPES
-        .into_iter()
-        .flat_map(|s| [(s, true), (s, false)])
+    for ((cols, rows, tokens), f16_scales) in
+        SHAPES.into_iter().flat_map(|s| [(s, true), (s, false)])
     {
         let m = random_matrix_with(&mut rng, rows, cols, f16_scales);
         let x = outlier_activations(&mut rng, cols * tokens, 40.0);

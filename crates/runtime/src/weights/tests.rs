@@ -351,6 +351,26 @@ fn from_hex(hex: &str) -> Vec<u8> {
 /// Decodes the fixture of `name` and asserts that its values equal the reference bit for bit;
 /// returns the decoded tensor.
 fn check_block_fixture(name: &str) -> DecodedTensor {
+    let (tensor, expected) = decode_block_fixture(name);
+    assert_same_values(name, &tensor.dequantize(), &expected);
+    tensor
+}
+
+/// Asserts that `got` equals the reference values `expected` (f32 bit patterns) bit for bit.
+fn assert_same_values(name: &str, got: &[f32], expected: &[u32]) {
+    assert_eq!(got.len(), expected.len(), "{name}: value count");
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        let e = f32::from_bits(*e);
+        // Zeros may differ in sign: the low-bit form computes `scale·q + offset`, which gives +0
+        // where ggml's `d·(q − 8)` gives −0 (negative d), and Q3_K's int8 form multiplies by −d.
+        // A sum of products cannot see the difference.
+        let same = g.to_bits() == e.to_bits() || (*g == 0.0 && e == 0.0);
+        assert!(same, "{name} element {i}: decoded {g:?}, reference {e:?}");
+    }
+}
+
+/// The decoded tensor of fixture `name` and the reference values (f32 bit patterns).
+fn decode_block_fixture(name: &str) -> (DecodedTensor, Vec<u32>) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/data/ggml-blocks")
         .join(format!("{name}.json"));
@@ -367,16 +387,7 @@ fn check_block_fixture(name: &str) -> DecodedTensor {
     assert_eq!(expected.len(), fixture.rows * fixture.cols);
     let tensor = decode_ggml(ty, fixture.rows, fixture.cols, &data).expect("decodes");
     assert_eq!((tensor.rows(), tensor.cols()), (fixture.rows, fixture.cols));
-    let got = tensor.dequantize();
-    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-        let e = f32::from_bits(*e);
-        // Zeros may differ in sign: the low-bit form computes `scale·q + offset`, which gives +0
-        // where ggml's `d·(q − 8)` gives −0 (negative d), and Q3_K's int8 form multiplies by −d.
-        // A sum of products cannot see the difference.
-        let same = g.to_bits() == e.to_bits() || (*g == 0.0 && e == 0.0);
-        assert!(same, "{name} element {i}: decoded {g:?}, reference {e:?}");
-    }
-    tensor
+    (tensor, expected)
 }
 
 #[test]
@@ -442,4 +453,30 @@ fn k_quants_match_reference() {
 fn q3_k_matches_reference_as_int8() {
     let t = check_block_fixture("q3_k");
     assert!(matches!(t, DecodedTensor::Int8 { .. }));
+}
+
+/// The int8 kernel matrix built from each int8-form type holds the reference values exactly
+/// (f16 block scales where they are f16 values, f32 where they are not).
+#[test]
+fn int8_kernel_form_holds_reference_values() {
+    use crate::linear::Linear;
+    for (name, f16_scales) in [
+        ("iq4_nl", true),
+        ("iq4_xs", false),
+        ("q3_k", true),
+        ("q8_0", true),
+        ("q5_0", true),
+    ] {
+        let (tensor, expected) = decode_block_fixture(name);
+        let m = Linear::from_decoded(&tensor, false).unwrap();
+        let Linear::Int8(int8) = &m else {
+            panic!("{name} became {}", m.kind())
+        };
+        assert_eq!(int8.has_f16_scales(), f16_scales, "{name}");
+        let mut values = vec![0.0; tensor.rows() * tensor.cols()];
+        for (r, row) in values.chunks_exact_mut(tensor.cols()).enumerate() {
+            m.row(r, row).unwrap();
+        }
+        assert_same_values(name, &values, &expected);
+    }
 }
