@@ -44,7 +44,8 @@ const ROW_SPLIT: Split = Split {
 pub(crate) trait BlockScale: Copy + Default + Send + Sync + 'static {
     /// The scale as f32 (exact).
     fn to_f32(self) -> f32;
-    /// The scale itself when it is an f16, so that SIMD code can widen it in hardware.
+    /// The scale itself when it is an f16, so that the AVX2 kernel can widen it with F16C.
+    #[cfg(target_arch = "x86_64")]
     fn as_f16(self) -> Option<f16>;
 }
 
@@ -54,6 +55,7 @@ impl BlockScale for f16 {
         f16::to_f32(self)
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn as_f16(self) -> Option<f16> {
         Some(self)
@@ -66,6 +68,7 @@ impl BlockScale for f32 {
         self
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn as_f16(self) -> Option<f16> {
         None
