@@ -39,11 +39,48 @@ const ROW_SPLIT: Split = Split {
     tasks_per_thread: 4,
 };
 
-/// One block of weights: a scale and 32 codes, as in GGUF Q8_0 (34 bytes, no padding).
+/// A block scale as stored in an [`Int8Matrix`]: f16 (as GGUF Q8_0 stores it) or f32 (for scales
+/// that f16 cannot hold exactly, e.g. IQ4_XS's `d·(ls − 32)`).
+pub(crate) trait BlockScale: Copy + Default + Send + Sync + 'static {
+    /// The scale as f32 (exact).
+    fn to_f32(self) -> f32;
+    /// The scale itself when it is an f16, so that the AVX2 kernel can widen it with F16C.
+    #[cfg(target_arch = "x86_64")]
+    fn as_f16(self) -> Option<f16>;
+}
+
+impl BlockScale for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn as_f16(self) -> Option<f16> {
+        Some(self)
+    }
+}
+
+impl BlockScale for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn as_f16(self) -> Option<f16> {
+        None
+    }
+}
+
+/// One block of weights: a scale and 32 codes; with an f16 scale exactly GGUF Q8_0's block (34
+/// bytes, no padding).
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
-pub(crate) struct WeightBlock {
-    pub(crate) d: f16,
+pub(crate) struct WeightBlock<S> {
+    pub(crate) d: S,
     pub(crate) q: [i8; BLOCK],
 }
 
@@ -57,9 +94,19 @@ pub(crate) struct ActBlock {
     pub(crate) sum: i32,
 }
 
+/// The weight blocks of a matrix, with the narrowest scale type that holds every scale exactly.
+#[derive(Clone, Debug)]
+pub(crate) enum Blocks {
+    /// f16 scales (34-byte blocks).
+    Half(Vec<WeightBlock<f16>>),
+    /// f32 scales (36-byte blocks).
+    Single(Vec<WeightBlock<f32>>),
+}
+
 /// An int8 weight matrix with one scale per block of 32 elements along K.
 ///
-/// Scales are stored as f16 (exact for GGUF Q8_0 files; relative error below 5e-4 otherwise).
+/// Scales are kept exactly: as f16 when every scale is an f16 value (GGUF Q8_0, IQ4_NL), as f32
+/// otherwise (IQ4_XS sub-block scales, Q8_K).
 ///
 /// Layout: rows are grouped in tiles of 4 and a tile's blocks are interleaved (`[tile][block][row]`),
 /// so a tile streams as one sequential run; the last `rows % 4` rows follow row-major. Either way
@@ -67,21 +114,31 @@ pub(crate) struct ActBlock {
 pub struct Int8Matrix {
     rows: usize,
     cols: usize,
-    blocks: Vec<WeightBlock>,
+    blocks: Blocks,
 }
 
 impl Int8Matrix {
-    /// Builds the matrix from row-major codes `[rows][cols]` and scales `[rows][cols/32]`.
+    /// Builds the matrix from row-major codes `[rows][cols]` and finite scales `[rows][cols/32]`.
     pub fn new(rows: usize, cols: usize, codes: &[i8], scales: &[f32]) -> Result<Int8Matrix> {
         let mut half_scales = Vec::with_capacity(scales.len());
         for (index, &value) in scales.iter().enumerate() {
-            let d = f16::from_f32(value);
-            if !d.is_finite() {
+            if !value.is_finite() {
                 return Err(KernelError::ScaleOutOfRange { index, value });
             }
-            half_scales.push(d);
+            let d = f16::from_f32(value);
+            if d.to_f32().to_bits() == value.to_bits() {
+                half_scales.push(d);
+            }
         }
-        Int8Matrix::from_f16_scales(rows, cols, codes, &half_scales)
+        if half_scales.len() == scales.len() {
+            return Int8Matrix::from_f16_scales(rows, cols, codes, &half_scales);
+        }
+        let blocks = interleave(rows, cols, codes, scales)?;
+        Ok(Int8Matrix {
+            rows,
+            cols,
+            blocks: Blocks::Single(blocks),
+        })
     }
 
     /// Like [`Int8Matrix::new`] with f16 scales, as GGUF Q8_0 stores them.
@@ -91,28 +148,17 @@ impl Int8Matrix {
         codes: &[i8],
         scales: &[f16],
     ) -> Result<Int8Matrix> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(KernelError::KNotMultipleOf32(cols));
-        }
-        let per_row = cols / BLOCK;
-        check_len("int8 weight codes", rows * cols, codes.len())?;
-        check_len("int8 weight scales", rows * per_row, scales.len())?;
-        let mut matrix = Int8Matrix {
+        let blocks = interleave(rows, cols, codes, scales)?;
+        Ok(Int8Matrix {
             rows,
             cols,
-            blocks: vec![WeightBlock::default(); rows * per_row],
-        };
-        for row in 0..rows {
-            for b in 0..per_row {
-                let src = row * per_row + b;
-                let block = &mut matrix.blocks[block_index(rows, per_row, row, b)];
-                block.d = scales[src];
-                block
-                    .q
-                    .copy_from_slice(&codes[src * BLOCK..(src + 1) * BLOCK]);
-            }
-        }
-        Ok(matrix)
+            blocks: Blocks::Half(blocks),
+        })
+    }
+
+    /// Whether the scales are stored as f16 (else f32).
+    pub fn has_f16_scales(&self) -> bool {
+        matches!(self.blocks, Blocks::Half(_))
     }
 
     /// Output features.
@@ -127,7 +173,10 @@ impl Int8Matrix {
 
     /// Bytes of codes and scales.
     pub fn bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<WeightBlock>()
+        match &self.blocks {
+            Blocks::Half(b) => std::mem::size_of_val(b.as_slice()),
+            Blocks::Single(b) => std::mem::size_of_val(b.as_slice()),
+        }
     }
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` with `x` quantized in `acts`; `out` is `[n][rows]`.
@@ -144,27 +193,10 @@ impl Int8Matrix {
             out.fill(0.0);
             return Ok(());
         }
-        let x = acts.blocks();
-        let isa = cpu.isa();
-        let rows = self.rows;
-        run_row_tasks(
-            cpu,
-            &mut [out],
-            |_| rows,
-            acts.tokens,
-            ROW_SPLIT,
-            |_, range| {
-                let w = &self.blocks[range.start() * per_row..range.end() * per_row];
-                let x = &x[range.tokens().start * per_row..range.tokens().end * per_row];
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => avx2::matmul_rows(w, x, per_row, range),
-                    #[cfg(target_arch = "aarch64")]
-                    Isa::Neon => neon::matmul_rows(w, x, per_row, range),
-                    _ => scalar::matmul_rows(w, x, per_row, range),
-                }
-            },
-        );
+        match &self.blocks {
+            Blocks::Half(b) => matmul_blocks(cpu, b, self.rows, acts, out),
+            Blocks::Single(b) => matmul_blocks(cpu, b, self.rows, acts, out),
+        }
         Ok(())
     }
 
@@ -177,15 +209,86 @@ impl Int8Matrix {
             });
         }
         check_len("dequantized row", self.cols, out.len())?;
-        let per_row = self.cols / BLOCK;
-        for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let block = &self.blocks[block_index(self.rows, per_row, row, b)];
-            let d = block.d.to_f32();
-            for (o, &q) in dst.iter_mut().zip(&block.q) {
-                *o = d * f32::from(q);
-            }
+        match &self.blocks {
+            Blocks::Half(b) => dequantize_blocks(b, self.rows, row, out),
+            Blocks::Single(b) => dequantize_blocks(b, self.rows, row, out),
         }
         Ok(())
+    }
+}
+
+/// The blocks of row-major codes `[rows][cols]` and scales `[rows][cols/32]`, tile-interleaved.
+fn interleave<S: BlockScale>(
+    rows: usize,
+    cols: usize,
+    codes: &[i8],
+    scales: &[S],
+) -> Result<Vec<WeightBlock<S>>> {
+    if !cols.is_multiple_of(BLOCK) {
+        return Err(KernelError::KNotMultipleOf32(cols));
+    }
+    let per_row = cols / BLOCK;
+    check_len("int8 weight codes", rows * cols, codes.len())?;
+    check_len("int8 weight scales", rows * per_row, scales.len())?;
+    let mut blocks = vec![WeightBlock::<S>::default(); rows * per_row];
+    for row in 0..rows {
+        for b in 0..per_row {
+            let src = row * per_row + b;
+            let block = &mut blocks[block_index(rows, per_row, row, b)];
+            block.d = scales[src];
+            block
+                .q
+                .copy_from_slice(&codes[src * BLOCK..(src + 1) * BLOCK]);
+        }
+    }
+    Ok(blocks)
+}
+
+/// The multiply of [`Int8Matrix::matmul`] over blocks with scales of type `S` (shapes checked).
+fn matmul_blocks<S: BlockScale>(
+    cpu: &Cpu,
+    blocks: &[WeightBlock<S>],
+    rows: usize,
+    acts: &Int8Activations,
+    out: &mut [f32],
+) {
+    let per_row = acts.cols / BLOCK;
+    let x = acts.blocks();
+    let isa = cpu.isa();
+    run_row_tasks(
+        cpu,
+        &mut [out],
+        |_| rows,
+        acts.tokens,
+        ROW_SPLIT,
+        |_, range| {
+            let w = &blocks[range.start() * per_row..range.end() * per_row];
+            let x = &x[range.tokens().start * per_row..range.tokens().end * per_row];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => avx2::matmul_rows(w, x, per_row, range),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => neon::matmul_rows(w, x, per_row, range),
+                _ => scalar::matmul_rows(w, x, per_row, range),
+            }
+        },
+    );
+}
+
+/// Row `row` of a matrix of `rows` rows stored as `blocks`, dequantized into `out` (K values).
+fn dequantize_blocks<S: BlockScale>(
+    blocks: &[WeightBlock<S>],
+    rows: usize,
+    row: usize,
+    out: &mut [f32],
+) {
+    let per_row = out.len() / BLOCK;
+    for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
+        let block = &blocks[block_index(rows, per_row, row, b)];
+        let d = block.d.to_f32();
+        for (o, &q) in dst.iter_mut().zip(&block.q) {
+            *o = d * f32::from(q);
+        }
     }
 }
 
@@ -194,6 +297,7 @@ impl std::fmt::Debug for Int8Matrix {
         f.debug_struct("Int8Matrix")
             .field("rows", &self.rows)
             .field("cols", &self.cols)
+            .field("f16_scales", &self.has_f16_scales())
             .finish()
     }
 }

@@ -246,10 +246,11 @@ impl PreparedCase {
                     .into_iter()
                     .map(|b| b as i8)
                     .collect();
-                let scales: Vec<f32> = (0..rows * cols / 32)
-                    .map(|_| 0.001 + 0.01 * rng.uniform())
+                // f16 scales: the 34-byte blocks of GGUF Q8_0.
+                let scales: Vec<half::f16> = (0..rows * cols / 32)
+                    .map(|_| half::f16::from_f32(0.001 + 0.01 * rng.uniform()))
                     .collect();
-                Weights::Int8(Int8Matrix::new(rows, cols, &codes, &scales)?)
+                Weights::Int8(Int8Matrix::from_f16_scales(rows, cols, &codes, &scales)?)
             }
             KernelKind::Dequant { bits } => {
                 let mask = (1u8 << bits.min(7)) - 1;

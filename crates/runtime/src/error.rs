@@ -51,6 +51,20 @@ pub enum Error {
         /// Shape the configuration implies.
         expected: Vec<usize>,
     },
+    /// A tensor was read but could not be put into the form the kernels take (for example a
+    /// group size the kernels lack, or a scale out of range).
+    #[error("{path}: tensor {tensor} ({ty}): {error}")]
+    TensorForm {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The tensor's type in the file (and the requantization target, if any).
+        ty: String,
+        /// What went wrong (part of this error's message, not a separate cause, so that a
+        /// printed chain does not repeat it).
+        error: Box<Error>,
+    },
     /// A metadata key is missing or has the wrong type.
     #[error("{path}: metadata '{key}': {reason}")]
     Metadata {

@@ -1,10 +1,10 @@
 //! A linear layer's weight matrix in the kernel form that suits its source type, and the
 //! activations it consumes.
 //!
-//! - low-bit codes (Q4_0, Q4_1, K-quants, requantized weights) → [`PackedMatrix`] (LUT kernels);
+//! - low-bit codes (Q4_0, Q4_1, Q2_K, Q4_K, requantized weights) → [`PackedMatrix`] (LUT kernels);
 //! - ternary codes with one scale per row (BitNet b1.58: TQ1_0/TQ2_0, HF BitLinear) →
 //!   [`TernaryMatrix`] (1.67 bits per weight);
-//! - int8 codes (Q8_0) → [`Int8Matrix`];
+//! - int8 codes (Q8_0, Q5_0, Q8_K, Q3_K, IQ4_NL, IQ4_XS) → [`Int8Matrix`];
 //! - dense values (F32/F16/BF16), and every matrix in reference mode → [`DenseMatrix`];
 //! - any of these with its columns stored in another order (GPTQ act-order, sorted so that each
 //!   group's columns are contiguous) → [`Linear::Permuted`], which reads the input gathered into
@@ -32,7 +32,7 @@ pub enum Linear {
     Lut(PackedMatrix),
     /// Ternary weights `{−s, 0, +s}` (one `s` per row) packed 3 weights to 5 bits.
     Ternary(TernaryMatrix),
-    /// Int8 codes with a scale per 32 (Q8_0).
+    /// Int8 codes with a scale per 32 (Q8_0, Q3_K, IQ4_NL, IQ4_XS, ...).
     Int8(Int8Matrix),
     /// f32 values.
     Dense(DenseMatrix),

@@ -27,7 +27,8 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
-    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0).
+    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q5_0, Q8_K, Q3_K, IQ4_NL,
+    /// IQ4_XS).
     Int8 {
         /// Output features.
         rows: usize,
@@ -228,6 +229,8 @@ impl GgmlType {
                 | Q8_K
                 | TQ1_0
                 | TQ2_0
+                | IQ4_NL
+                | IQ4_XS
         )
     }
 
@@ -339,6 +342,45 @@ pub fn decode_ggml(
                 scales,
             }
         }
+        GgmlType::IQ4_NL => {
+            // w = d·kvalues[idx]: the codebook entries are the int8 codes, d the block scale.
+            let mut codes = Vec::with_capacity(n);
+            let mut scales = Vec::with_capacity(n / 32);
+            for b in blocks {
+                scales.push(f16_at(b, 0));
+                codes.extend(iq4_nl_codes(&b[2..18]));
+            }
+            DecodedTensor::Int8 {
+                rows,
+                cols,
+                codes,
+                scales,
+            }
+        }
+        GgmlType::IQ4_XS => {
+            // Each 32-element sub-block is an IQ4_NL block with scale dl = d·(ls − 32), computed
+            // in f32 as `dequantize_row_iq4_xs` does (exact: an f16 times a 6-bit integer).
+            let mut codes = Vec::with_capacity(n);
+            let mut scales = Vec::with_capacity(n / 32);
+            for b in blocks {
+                let d = f16_at(b, 0);
+                let scales_h = u16::from_le_bytes([b[2], b[3]]);
+                let (scales_l, qs) = (&b[4..8], &b[8..136]);
+                for (ib, sub) in qs.chunks_exact(16).enumerate() {
+                    let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+                    let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                    let ls = i32::from(low | (high << 4));
+                    scales.push(d * (ls - 32) as f32);
+                    codes.extend(iq4_nl_codes(sub));
+                }
+            }
+            DecodedTensor::Int8 {
+                rows,
+                cols,
+                codes,
+                scales,
+            }
+        }
         GgmlType::Q5_1 => {
             let mut values = Vec::with_capacity(n);
             for b in blocks {
@@ -392,29 +434,38 @@ pub fn decode_ggml(
             lb.finish(rows, cols, 2)
         }
         GgmlType::Q3_K => {
-            let mut lb = LowBitBuilder::new(n, 16);
+            // w = d·sc·(q − 4) with 6-bit signed sc (−32..31) and 3-bit q, per 16 elements: exact
+            // as int8 codes −sc·(q − 4) (in −128..=124) with scale −d for every 32.
+            let mut codes = Vec::with_capacity(n);
+            let mut scales = Vec::with_capacity(n / 32);
             for b in blocks {
                 let (hmask, qs) = (&b[0..32], &b[32..96]);
-                let scales = q3k_scales(&b[96..108]);
-                let d = f16_at(b, 108);
+                let sc = q3k_scales(&b[96..108]);
+                scales.extend([-f16_at(b, 108); QK_K / 32]);
                 let (mut is, mut m) = (0, 1u8);
                 for half in qs.chunks_exact(32) {
                     for shift in (0..8).step_by(2) {
                         for (k, sub) in half.chunks_exact(16).enumerate() {
-                            let scale = d * f32::from(scales[is]);
+                            let s = i16::from(sc[is]);
                             is += 1;
                             let hm = &hmask[16 * k..16 * k + 16];
-                            // Value = low2 − (high bit clear ? 4 : 0) = code − 4 with code = low2 + 4·high.
-                            let codes = sub.iter().zip(hm).map(|(&q, &h)| {
-                                ((q >> shift) & 3) | if h & m != 0 { 4 } else { 0 }
-                            });
-                            lb.group(scale, -4.0 * scale, codes);
+                            // q − 4 = low2 − (high bit clear ? 4 : 0).
+                            codes.extend(sub.iter().zip(hm).map(|(&q, &h)| {
+                                let low = i16::from((q >> shift) & 3);
+                                let v = if h & m != 0 { low } else { low - 4 };
+                                (-s * v) as i8
+                            }));
                         }
                         m <<= 1;
                     }
                 }
             }
-            lb.finish(rows, cols, 3)
+            DecodedTensor::Int8 {
+                rows,
+                cols,
+                codes,
+                scales,
+            }
         }
         GgmlType::Q4_K => {
             let mut lb = LowBitBuilder::new(n, 32);
@@ -560,6 +611,20 @@ impl LowBitBuilder {
             offsets: self.offsets,
         }
     }
+}
+
+/// The non-uniform 4-bit codebook of IQ4_NL and IQ4_XS (`kvalues_iq4nl` in `ggml-common.h`).
+const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The 32 int8 codes of an IQ4_NL block (or IQ4_XS sub-block) from its 16 bytes of indices:
+/// low nibbles are elements 0..16, high nibbles 16..32.
+fn iq4_nl_codes(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
+    let code = |i: u8| KVALUES_IQ4NL[usize::from(i & 0xF)];
+    qs.iter()
+        .map(move |&q| code(q))
+        .chain(qs.iter().map(move |&q| code(q >> 4)))
 }
 
 /// The 32 unsigned 5-bit values of a Q5_0/Q5_1 block (`qh` as a little-endian u32).

@@ -3,13 +3,15 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActBlock, WeightBlock};
+use std::marker::PhantomData;
+
+use super::{ActBlock, BlockScale, WeightBlock};
 use crate::isa::Isa;
 use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
 /// AVX2 version of the scalar kernel.
-pub(super) fn matmul_rows(
-    w: &[WeightBlock],
+pub(super) fn matmul_rows<S: BlockScale>(
+    w: &[WeightBlock<S>],
     x: &[ActBlock],
     per_row: usize,
     out: &mut RowRange<'_>,
@@ -18,32 +20,32 @@ pub(super) fn matmul_rows(
         Isa::Avx2.is_supported(),
         "AVX2 kernel called on a CPU without AVX2"
     );
-    for_each_tile(&Avx2Int8(()), w, x, per_row, out);
+    for_each_tile(&Avx2Int8::<S>(PhantomData), w, x, per_row, out);
 }
 
 /// The AVX2 tile kernel; only built by `matmul_rows` after the CPU check.
-struct Avx2Int8(());
+struct Avx2Int8<S>(PhantomData<S>);
 
-impl TileKernel for Avx2Int8 {
-    type W = WeightBlock;
+impl<S: BlockScale> TileKernel for Avx2Int8<S> {
+    type W = WeightBlock<S>;
     type X = ActBlock;
 
     fn tile<const R: usize, const T: usize>(
         &self,
-        w: &[WeightBlock],
+        w: &[WeightBlock<S>],
         x: &[ActBlock],
         per_row: usize,
     ) -> [[f32; T]; R] {
         // SAFETY: an `Avx2Int8` exists only inside `matmul_rows`, after it asserted that the CPU
         // supports AVX2, FMA and F16C.
-        unsafe { tile::<R, T>(w, x, per_row) }
+        unsafe { tile::<S, R, T>(w, x, per_row) }
     }
 }
 
 /// `R` consecutive rows (`w` = `[per_row][R]`, interleaved) times `T` consecutive tokens (`x` = `[T][per_row]`).
 #[target_feature(enable = "avx2,fma,f16c")]
-fn tile<const R: usize, const T: usize>(
-    w: &[WeightBlock],
+fn tile<S: BlockScale, const R: usize, const T: usize>(
+    w: &[WeightBlock<S>],
     x: &[ActBlock],
     per_row: usize,
 ) -> [[f32; T]; R] {
@@ -66,7 +68,10 @@ fn tile<const R: usize, const T: usize>(
             // SAFETY: as above.
             let wq = unsafe { _mm256_loadu_si256(block.q.as_ptr().cast()) };
             let wabs = _mm256_sign_epi8(wq, wq);
-            let wd = _mm256_cvtph_ps(_mm_set1_epi16(block.d.to_bits() as i16));
+            let wd = match block.d.as_f16() {
+                Some(d) => _mm256_cvtph_ps(_mm_set1_epi16(d.to_bits() as i16)),
+                None => _mm256_set1_ps(block.d.to_f32()),
+            };
             for t in 0..T {
                 let xs = _mm256_sign_epi8(xq[t], wq);
                 let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);

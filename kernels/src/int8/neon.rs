@@ -3,13 +3,15 @@
 
 use std::arch::aarch64::*;
 
-use super::{ActBlock, WeightBlock};
+use std::marker::PhantomData;
+
+use super::{ActBlock, BlockScale, WeightBlock};
 use crate::isa::Isa;
 use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
 /// NEON version of the scalar kernel.
-pub(super) fn matmul_rows(
-    w: &[WeightBlock],
+pub(super) fn matmul_rows<S: BlockScale>(
+    w: &[WeightBlock<S>],
     x: &[ActBlock],
     per_row: usize,
     out: &mut RowRange<'_>,
@@ -18,25 +20,25 @@ pub(super) fn matmul_rows(
         Isa::Neon.is_supported(),
         "NEON kernel called on a CPU without NEON"
     );
-    for_each_tile(&NeonInt8(()), w, x, per_row, out);
+    for_each_tile(&NeonInt8::<S>(PhantomData), w, x, per_row, out);
 }
 
 /// The NEON tile kernel; only built by `matmul_rows` after the CPU check.
-struct NeonInt8(());
+struct NeonInt8<S>(PhantomData<S>);
 
-impl TileKernel for NeonInt8 {
-    type W = WeightBlock;
+impl<S: BlockScale> TileKernel for NeonInt8<S> {
+    type W = WeightBlock<S>;
     type X = ActBlock;
 
     fn tile<const R: usize, const T: usize>(
         &self,
-        w: &[WeightBlock],
+        w: &[WeightBlock<S>],
         x: &[ActBlock],
         per_row: usize,
     ) -> [[f32; T]; R] {
         // SAFETY: a `NeonInt8` exists only inside `matmul_rows`, after it asserted that the CPU
         // supports NEON.
-        unsafe { tile::<R, T>(w, x, per_row) }
+        unsafe { tile::<S, R, T>(w, x, per_row) }
     }
 }
 
@@ -50,8 +52,8 @@ fn lanes16(a: int8x16_t, b: int8x16_t) -> int32x4_t {
 
 /// `R` consecutive rows (`w` = `[per_row][R]`, interleaved) times `T` consecutive tokens (`x` = `[T][per_row]`).
 #[target_feature(enable = "neon")]
-fn tile<const R: usize, const T: usize>(
-    w: &[WeightBlock],
+fn tile<S: BlockScale, const R: usize, const T: usize>(
+    w: &[WeightBlock<S>],
     x: &[ActBlock],
     per_row: usize,
 ) -> [[f32; T]; R] {

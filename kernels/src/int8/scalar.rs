@@ -1,12 +1,12 @@
 //! The portable reference kernel; every SIMD path must match it bit for bit.
 
-use super::{hsum8, ActBlock, WeightBlock, BLOCK, ROW_TILE};
+use super::{hsum8, ActBlock, BlockScale, WeightBlock, BLOCK, ROW_TILE};
 use crate::tiling::RowRange;
 
 /// Computes the rows of `out` from their weight blocks `w` (tiles of 4 interleaved rows, then
 /// row-major tail rows) and all tokens' activation blocks `x` (`[tokens][per_row]`).
-pub(super) fn matmul_rows(
-    w: &[WeightBlock],
+pub(super) fn matmul_rows<S: BlockScale>(
+    w: &[WeightBlock<S>],
     x: &[ActBlock],
     per_row: usize,
     out: &mut RowRange<'_>,
@@ -27,7 +27,7 @@ pub(super) fn matmul_rows(
 
 /// Row `i` of a tile of `rt` interleaved rows times one token, in the lane order shared by every
 /// ISA (see the module docs).
-fn dot(tile: &[WeightBlock], rt: usize, i: usize, x: &[ActBlock]) -> f32 {
+fn dot<S: BlockScale>(tile: &[WeightBlock<S>], rt: usize, i: usize, x: &[ActBlock]) -> f32 {
     let mut acc = [0.0f32; 8];
     for (b, xb) in x.iter().enumerate() {
         let wb = &tile[b * rt + i];

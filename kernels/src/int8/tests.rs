@@ -13,13 +13,37 @@ fn outlier_activations(rng: &mut TestRng, n: usize, factor: f32) -> Vec<f32> {
     x
 }
 
-/// Random codes in [-128, 127] (−128 included on purpose) and positive scales.
-fn random_matrix(rng: &mut TestRng, rows: usize, cols: usize) -> Int8Matrix {
+/// Random codes in [-128, 127] (−128 included on purpose) and positive scales, which are f16
+/// values when `f16_scales` is set and (almost all) not f16 values otherwise.
+fn random_matrix_with(rng: &mut TestRng, rows: usize, cols: usize, f16_scales: bool) -> Int8Matrix {
     let codes: Vec<i8> = (0..rows * cols).map(|_| rng.next_u64() as i8).collect();
     let scales: Vec<f32> = (0..rows * cols / BLOCK)
-        .map(|_| 0.001 + rng.uniform() * 0.01)
+        .map(|_| {
+            let s = 0.001 + rng.uniform() * 0.01;
+            if f16_scales {
+                f16::from_f32(s).to_f32()
+            } else {
+                s
+            }
+        })
         .collect();
-    Int8Matrix::new(rows, cols, &codes, &scales).unwrap()
+    let m = Int8Matrix::new(rows, cols, &codes, &scales).unwrap();
+    assert_eq!(m.has_f16_scales(), f16_scales);
+    m
+}
+
+/// A random matrix with f16 scales (the GGUF Q8_0 case).
+fn random_matrix(rng: &mut TestRng, rows: usize, cols: usize) -> Int8Matrix {
+    random_matrix_with(rng, rows, cols, true)
+}
+
+/// Scale and codes of block `b` of row `r`.
+fn block_of(m: &Int8Matrix, r: usize, b: usize) -> (f32, [i8; BLOCK]) {
+    let i = block_index(m.rows, m.cols / BLOCK, r, b);
+    match &m.blocks {
+        Blocks::Half(w) => (w[i].d.to_f32(), w[i].q),
+        Blocks::Single(w) => (w[i].d, w[i].q),
+    }
 }
 
 /// Quantizes f32 weights Q8_0-style, as a GGUF file would hold them.
@@ -64,8 +88,10 @@ const SHAPES: [(usize, usize, usize); 9] = [
 #[test]
 fn every_isa_matches_scalar_bit_for_bit() {
     let mut rng = TestRng::new(1);
-    for (cols, rows, tokens) in SHAPES {
-        let m = random_matrix(&mut rng, rows, cols);
+    for ((cols, rows, tokens), f16_scales) in
+        SHAPES.into_iter().flat_map(|s| [(s, true), (s, false)])
+    {
+        let m = random_matrix_with(&mut rng, rows, cols, f16_scales);
         let x = outlier_activations(&mut rng, cols * tokens, 40.0);
         let reference = run(Isa::Scalar, 1, &m, &x, tokens);
         assert!(reference.iter().all(|v| v.is_finite()));
@@ -75,7 +101,8 @@ fn every_isa_matches_scalar_bit_for_bit() {
                 assert_eq!(
                     a.to_bits(),
                     b.to_bits(),
-                    "{isa} K={cols} rows={rows} N={tokens} at {i}: {a} vs {b}"
+                    "{isa} K={cols} rows={rows} N={tokens} f16 scales {f16_scales} at {i}: {a} vs \
+                     {b}"
                 );
             }
         }
@@ -103,33 +130,57 @@ fn two_threads_equal_one_thread() {
 fn scalar_follows_the_block_formula() {
     let mut rng = TestRng::new(3);
     let (rows, cols) = (5, 576);
-    let m = random_matrix(&mut rng, rows, cols);
-    let x = rng.gaussians(cols);
-    let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
-    let mut acts = Int8Activations::new(cols);
-    acts.build(&cpu, &x, 1).unwrap();
-    let mut out = vec![0.0; rows];
-    m.matmul(&cpu, &acts, &mut out).unwrap();
-    let per_row = cols / BLOCK;
-    for (r, &got) in out.iter().enumerate() {
-        let mut expected = 0.0f64;
-        let mut magnitude = 0.0f64;
-        for (b, xb) in acts.blocks().iter().enumerate() {
-            let wb = &m.blocks[block_index(rows, per_row, r, b)];
-            let dot: i64 =
-                wb.q.iter()
+    for f16_scales in [true, false] {
+        let m = random_matrix_with(&mut rng, rows, cols, f16_scales);
+        let x = rng.gaussians(cols);
+        let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
+        let mut acts = Int8Activations::new(cols);
+        acts.build(&cpu, &x, 1).unwrap();
+        let mut out = vec![0.0; rows];
+        m.matmul(&cpu, &acts, &mut out).unwrap();
+        for (r, &got) in out.iter().enumerate() {
+            let mut expected = 0.0f64;
+            let mut magnitude = 0.0f64;
+            for (b, xb) in acts.blocks().iter().enumerate() {
+                let (d, q) = block_of(&m, r, b);
+                let dot: i64 = q
+                    .iter()
                     .zip(&xb.q)
                     .map(|(&a, &b)| i64::from(a) * i64::from(b))
                     .sum();
-            let scale = f64::from(wb.d.to_f32()) * f64::from(xb.d);
-            expected += scale * dot as f64;
-            magnitude += scale * dot.abs() as f64;
+                let scale = f64::from(d) * f64::from(xb.d);
+                expected += scale * dot as f64;
+                magnitude += scale * dot.abs() as f64;
+            }
+            assert!(
+                (f64::from(got) - expected).abs() <= 1e-6 * magnitude,
+                "row {r} (f16 scales {f16_scales}): {got} vs {expected}"
+            );
         }
-        assert!(
-            (f64::from(got) - expected).abs() <= 1e-6 * magnitude,
-            "row {r}: {got} vs {expected}"
-        );
     }
+}
+
+/// Scales that f16 cannot hold are kept exactly as f32 (36-byte blocks); f16 values keep the
+/// 34-byte Q8_0 block.
+#[test]
+fn scales_are_kept_exactly() {
+    // 1 + 2^-12 needs 13 significant bits; 1e6 overflows f16; 2^-20 is an f16 subnormal.
+    let scales = [1.0f32 + 1.0 / 4096.0, 1e6, 0.5, 1.0 / 1_048_576.0];
+    let codes: Vec<i8> = (0..128).map(|i| (i as i8).wrapping_mul(7)).collect();
+    let m = Int8Matrix::new(2, 64, &codes, &scales).unwrap();
+    assert!(!m.has_f16_scales());
+    assert_eq!(m.bytes(), 4 * 36);
+    let mut row = vec![0.0; 64];
+    for r in 0..2 {
+        m.dequantize_row(r, &mut row).unwrap();
+        for (k, &v) in row.iter().enumerate() {
+            let expected = scales[2 * r + k / 32] * f32::from(codes[64 * r + k]);
+            assert_eq!(v.to_bits(), expected.to_bits(), "row {r} element {k}");
+        }
+    }
+    let half = Int8Matrix::new(2, 64, &codes, &[0.5, 2.0, 1.0 / 1_048_576.0, -3.0]).unwrap();
+    assert!(half.has_f16_scales());
+    assert_eq!(half.bytes(), 4 * 34);
 }
 
 /// Normalized MSE of the int8 result against dequantized weights times the exact f32 input.
@@ -212,7 +263,7 @@ fn invalid_inputs_are_errors() {
         Err(KernelError::LengthMismatch { .. })
     ));
     assert!(matches!(
-        Int8Matrix::new(1, 32, &[0; 32], &[1e6]),
+        Int8Matrix::new(1, 32, &[0; 32], &[f32::INFINITY]),
         Err(KernelError::ScaleOutOfRange { .. })
     ));
     assert!(matches!(

@@ -70,14 +70,26 @@ impl TensorLoader<'_> {
         let tensor = per_row_if_uniform(tensor);
         let (tensor, source) = match self.opts.requantize {
             Some(spec) if requantizable => (
-                requantize(&tensor, spec)?,
+                requantize(&tensor, spec).map_err(|e| self.form_error(name, &source, e))?,
                 format!("{source}→q{}g{}", spec.bits, spec.group_size),
             ),
             _ => (tensor, source),
         };
-        let m = Linear::from_decoded(&tensor, self.opts.reference)?;
+        let m = Linear::from_decoded(&tensor, self.opts.reference)
+            .map_err(|e| self.form_error(name, &source, e))?;
         count_tensor(&mut self.types, source, m.kind(), m.bytes());
         Ok(m)
+    }
+
+    /// `error`, raised while putting tensor `name` of type `ty` into its kernel form, with the
+    /// file and the tensor named.
+    fn form_error(&self, name: &str, ty: &str, error: Error) -> Error {
+        Error::TensorForm {
+            path: self.file.path().to_path_buf(),
+            tensor: name.to_string(),
+            ty: ty.to_string(),
+            error: Box::new(error),
+        }
     }
 
     /// A vector of `len` values, kept as f32.

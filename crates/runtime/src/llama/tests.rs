@@ -9,6 +9,7 @@ use crate::fixtures::{
 };
 use crate::gguf::MetaValue;
 use crate::rope::{RopeScaling, RopeStyle};
+use crate::weights::GgmlType;
 
 fn tiny_config() -> ModelConfig {
     ModelConfig {
@@ -324,6 +325,140 @@ fn missing_and_misshapen_tensors_are_named() {
         Err(Error::MissingTensor { tensor, .. }) => assert_eq!(tensor, "blk.0.attn_norm.weight"),
         other => panic!("expected MissingTensor, got {other:?}"),
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Random blocks of `ty` for a `[rows][cols]` matrix: random bytes with the f16 block scale at
+/// byte `d_at` set to `d`.
+fn random_blocks(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    d_at: usize,
+    d: f32,
+    seed: u64,
+) -> Vec<u8> {
+    let mut rng = lutra_kernels::measure::SplitMix64::new(seed);
+    let blocks = rows * cols / ty.block_elems();
+    let mut out = Vec::with_capacity(blocks * ty.block_bytes());
+    for _ in 0..blocks {
+        let mut block: Vec<u8> = (0..ty.block_bytes())
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        block[d_at..d_at + 2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        out.extend(block);
+    }
+    out
+}
+
+#[test]
+fn iq4_and_q3_k_models_load_into_the_int8_kernels() {
+    // The tiny model with its matrices rewritten as IQ4_NL (attention), IQ4_XS (gate, up) and
+    // Q3_K (down), each with random blocks: every one loads exactly as int8 and runs close to the
+    // reference (f32) path.
+    let spec = TinyModelSpec {
+        hidden: 256,
+        ffn: 256,
+        layers: 1,
+        ..TinyModelSpec::default()
+    };
+    let tiny = tiny_file("iq4", &spec);
+    let file = crate::gguf::GgufFile::open(&tiny).unwrap();
+    let mut w = GgufWriter::new();
+    for (key, value) in file.metadata_entries() {
+        w.add_metadata(key, value.clone());
+    }
+    for (i, info) in file.tensors().iter().enumerate() {
+        let (cols, rows) = (info.dims[0], info.elements() / info.dims[0]);
+        let scale = 1.0 / (cols as f32).sqrt();
+        let name = info.name.as_str();
+        let seed = i as u64;
+        let (ty, data) = if !name.starts_with("blk.") || info.dims.len() == 1 {
+            (info.ty, file.tensor_data(name).unwrap().to_vec())
+        } else if name.contains("attn_") {
+            let d = scale / 64.0;
+            (
+                GgmlType::IQ4_NL,
+                random_blocks(GgmlType::IQ4_NL, rows, cols, 0, d, seed),
+            )
+        } else if name.contains("ffn_down") {
+            let d = scale / 64.0;
+            (
+                GgmlType::Q3_K,
+                random_blocks(GgmlType::Q3_K, rows, cols, 108, d, seed),
+            )
+        } else {
+            let d = scale / 1024.0;
+            (
+                GgmlType::IQ4_XS,
+                random_blocks(GgmlType::IQ4_XS, rows, cols, 0, d, seed),
+            )
+        };
+        w.add_tensor_raw(name, &info.dims, ty.id(), data).unwrap();
+    }
+    let path = tiny.with_file_name("iq4.gguf");
+    w.write(&path).unwrap();
+
+    let fast = Model::load(&path, &options(false)).unwrap();
+    let exact = Model::load(&path, &options(true)).unwrap();
+    let info = fast.describe();
+    for (source, count) in [("IQ4_NL", 4), ("IQ4_XS", 2), ("Q3_K", 1)] {
+        assert!(
+            info.tensor_types
+                .iter()
+                .any(|t| t.source == source && t.kernel == "int8" && t.count == count),
+            "{source}: {:?}",
+            info.tensor_types
+        );
+    }
+    let (agree, _) = agreement_with_reference(&fast, &exact, &prompt(8, fast.config().vocab_size));
+    assert!(agree >= 6, "top token agrees at {agree} of 8 positions");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn kernel_form_errors_name_the_file_and_the_tensor() {
+    // Q2_K's groups of 16 have no exact kernel form: loading must say which tensor of which file.
+    let dir = std::env::temp_dir().join(format!("lutra-llama-q2k-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = GgufWriter::new();
+    let s = |v: &str| MetaValue::String(v.to_string());
+    let u = |v: usize| MetaValue::U32(v as u32);
+    w.add_metadata("general.architecture", s("llama"));
+    w.add_metadata("llama.block_count", u(1));
+    w.add_metadata("llama.context_length", u(64));
+    w.add_metadata("llama.embedding_length", u(256));
+    w.add_metadata("llama.feed_forward_length", u(256));
+    w.add_metadata("llama.attention.head_count", u(4));
+    w.add_metadata("llama.attention.head_count_kv", u(2));
+    w.add_metadata("llama.rope.freq_base", MetaValue::F32(10000.0));
+    w.add_metadata(
+        "llama.attention.layer_norm_rms_epsilon",
+        MetaValue::F32(1e-5),
+    );
+    w.add_metadata("llama.vocab_size", u(40));
+    // 40 rows of one Q2_K block (84 bytes): sub-block scales and mins that differ, codes, d, dmin.
+    let mut block: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(37)).collect();
+    block.extend((0..64u8).map(|i| i.wrapping_mul(11)));
+    block.extend(half::f16::from_f32(0.5).to_le_bytes());
+    block.extend(half::f16::from_f32(0.25).to_le_bytes());
+    let q2_k = GgmlType::Q2_K;
+    w.add_tensor_raw("token_embd.weight", &[256, 40], q2_k.id(), block.repeat(40))
+        .unwrap();
+    let path = dir.join("q2k-embedding.gguf");
+    w.write(&path).unwrap();
+    let err = Model::load(&path, &options(false)).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, Error::TensorForm { tensor, ty, .. }
+            if tensor == "token_embd.weight" && ty == "Q2_K"),
+        "{err:?}"
+    );
+    let expected = format!(
+        "{}: tensor token_embd.weight (Q2_K): group size 16",
+        path.display()
+    );
+    assert!(message.starts_with(&expected), "{message}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

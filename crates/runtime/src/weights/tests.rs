@@ -184,17 +184,33 @@ fn q3_k_unpacks_ggml_layout() {
     b.extend(scales);
     b.extend(h(0.5));
     let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
-    assert!(matches!(
-        t,
-        DecodedTensor::LowBit {
-            bits: 3,
-            group_size: 16,
-            ..
-        }
-    ));
+    let DecodedTensor::Int8 { scales, .. } = &t else {
+        panic!("Q3_K is not in the int8 form")
+    };
+    assert_eq!(scales, &[-0.5; 8]);
     for (j, (&w, &v)) in t.dequantize().iter().zip(&l).enumerate() {
         assert_eq!(w, 0.5 * 13.0 * (v as f32 - 4.0), "element {j}");
     }
+}
+
+#[test]
+fn q3_k_extreme_scale_and_level_fit_int8() {
+    // Every sub-block scale −32 (stored 0), every level 0 (q − 4 = −4): code −(−32)·(−4) = −128;
+    // level 7 (q − 4 = 3): code 96.
+    let mut b = vec![0u8; 32]; // hmask: high bits clear
+    b.extend([0u8; 64]); // low bits 0
+    b.extend([0u8; 12]); // scales 0 → −32
+    b.extend(h(0.25));
+    let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
+    let DecodedTensor::Int8 { codes, .. } = &t else {
+        panic!("Q3_K is not in the int8 form")
+    };
+    assert!(codes.iter().all(|&c| c == -128));
+    assert!(t.dequantize().iter().all(|&w| w == 0.25 * -32.0 * -4.0));
+    b[..32].fill(0xFF);
+    b[32..96].fill(0xFF);
+    let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
+    assert!(t.dequantize().iter().all(|&w| w == 0.25 * -32.0 * 3.0));
 }
 
 #[test]
@@ -308,5 +324,159 @@ fn bf16_q5_1_and_q8_k_match_formulas() {
     let w = t.dequantize();
     for (i, &x) in w.iter().enumerate() {
         assert_eq!(x, 0.125 * f32::from((i as u8).wrapping_mul(3) as i8));
+    }
+}
+
+/// One known-answer fixture of `tests/data/ggml-blocks` (written by its `make.py` with the
+/// reference dequantizers of llama.cpp's gguf-py).
+#[derive(serde::Deserialize)]
+struct BlockFixture {
+    #[serde(rename = "type")]
+    type_name: String,
+    ggml_id: u32,
+    rows: usize,
+    cols: usize,
+    data_hex: String,
+    expected_f32_le_hex: String,
+}
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    assert!(hex.len().is_multiple_of(2), "odd-length hex string");
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("fixture hex digit"))
+        .collect()
+}
+
+/// Decodes the fixture of `name` and asserts that its values equal the reference bit for bit;
+/// returns the decoded tensor.
+fn check_block_fixture(name: &str) -> DecodedTensor {
+    let (tensor, expected) = decode_block_fixture(name);
+    assert_same_values(name, &tensor.dequantize(), &expected);
+    tensor
+}
+
+/// Asserts that `got` equals the reference values `expected` (f32 bit patterns) bit for bit.
+fn assert_same_values(name: &str, got: &[f32], expected: &[u32]) {
+    assert_eq!(got.len(), expected.len(), "{name}: value count");
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        let e = f32::from_bits(*e);
+        // Zeros may differ in sign: the low-bit form computes `scale·q + offset`, which gives +0
+        // where ggml's `d·(q − 8)` gives −0 (negative d), and Q3_K's int8 form multiplies by −d.
+        // A sum of products cannot see the difference.
+        let same = g.to_bits() == e.to_bits() || (*g == 0.0 && e == 0.0);
+        assert!(same, "{name} element {i}: decoded {g:?}, reference {e:?}");
+    }
+}
+
+/// The decoded tensor of fixture `name` and the reference values (f32 bit patterns).
+fn decode_block_fixture(name: &str) -> (DecodedTensor, Vec<u32>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/ggml-blocks")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let fixture: BlockFixture = serde_json::from_str(&text).expect("fixture JSON");
+    let ty = GgmlType::from_id(fixture.ggml_id).expect("known ggml id");
+    assert_eq!(ty.name(), fixture.type_name, "ggml id of {name}");
+    let data = from_hex(&fixture.data_hex);
+    let expected: Vec<u32> = from_hex(&fixture.expected_f32_le_hex)
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(expected.len(), fixture.rows * fixture.cols);
+    let tensor = decode_ggml(ty, fixture.rows, fixture.cols, &data).expect("decodes");
+    assert_eq!((tensor.rows(), tensor.cols()), (fixture.rows, fixture.cols));
+    (tensor, expected)
+}
+
+#[test]
+fn iq4_nl_matches_reference_as_int8() {
+    let t = check_block_fixture("iq4_nl");
+    let DecodedTensor::Int8 { codes, .. } = &t else {
+        panic!("IQ4_NL is not in the int8 form")
+    };
+    assert!(codes.iter().all(|c| KVALUES_IQ4NL.contains(c)));
+}
+
+#[test]
+fn iq4_xs_matches_reference_as_int8() {
+    let t = check_block_fixture("iq4_xs");
+    let DecodedTensor::Int8 { scales, .. } = &t else {
+        panic!("IQ4_XS is not in the int8 form")
+    };
+    // One scale per 32 elements: 8 per super-block.
+    assert_eq!(scales.len(), t.rows() * t.cols() / 32);
+}
+
+#[test]
+fn iq4_xs_sub_block_scales_follow_the_layout() {
+    // d = 1, scales_l = 0x21 0x43 0x65 0x87, scales_h = 0b11_10_01_00_11_10_01_00: sub-block ib
+    // has ls = low nibble ib of scales_l | (bits 2ib..2ib+2 of scales_h) << 4.
+    let mut b = Vec::new();
+    b.extend(h(1.0));
+    b.extend(0b1110_0100_1110_0100u16.to_le_bytes());
+    b.extend([0x21, 0x43, 0x65, 0x87]);
+    // Element j < 16 of each sub-block takes index 8 (code 1), element j ≥ 16 index 0 (−127).
+    b.extend([0x08u8; 128]);
+    let t = decode_ggml(GgmlType::IQ4_XS, 1, 256, &b).unwrap();
+    let w = t.dequantize();
+    for ib in 0..8 {
+        let ls = (ib as i32 + 1) | (((ib as i32) % 4) << 4);
+        assert_eq!(w[32 * ib], (ls - 32) as f32, "sub-block {ib}");
+        assert_eq!(w[32 * ib + 16], -127.0 * (ls - 32) as f32, "sub-block {ib}");
+    }
+}
+
+#[test]
+fn q8_0_q5_0_q5_1_match_reference() {
+    for name in ["q8_0", "q5_0", "q5_1"] {
+        check_block_fixture(name);
+    }
+}
+
+#[test]
+fn q4_0_and_q4_1_match_reference() {
+    for name in ["q4_0", "q4_1"] {
+        check_block_fixture(name);
+    }
+}
+
+#[test]
+fn k_quants_match_reference() {
+    for name in ["q2_k", "q4_k", "q5_k", "q6_k"] {
+        check_block_fixture(name);
+    }
+}
+
+#[test]
+fn q3_k_matches_reference_as_int8() {
+    let t = check_block_fixture("q3_k");
+    assert!(matches!(t, DecodedTensor::Int8 { .. }));
+}
+
+/// The int8 kernel matrix built from each int8-form type holds the reference values exactly
+/// (f16 block scales where they are f16 values, f32 where they are not).
+#[test]
+fn int8_kernel_form_holds_reference_values() {
+    use crate::linear::Linear;
+    for (name, f16_scales) in [
+        ("iq4_nl", true),
+        ("iq4_xs", false),
+        ("q3_k", true),
+        ("q8_0", true),
+        ("q5_0", true),
+    ] {
+        let (tensor, expected) = decode_block_fixture(name);
+        let m = Linear::from_decoded(&tensor, false).unwrap();
+        let Linear::Int8(int8) = &m else {
+            panic!("{name} became {}", m.kind())
+        };
+        assert_eq!(int8.has_f16_scales(), f16_scales, "{name}");
+        let mut values = vec![0.0; tensor.rows() * tensor.cols()];
+        for (r, row) in values.chunks_exact_mut(tensor.cols()).enumerate() {
+            m.row(r, row).unwrap();
+        }
+        assert_same_values(name, &values, &expected);
     }
 }
