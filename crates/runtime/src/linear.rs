@@ -23,7 +23,6 @@ use lutra_kernels::{
 };
 
 use crate::error::{Error, Result};
-use crate::quantize::dequantize;
 use crate::weights::DecodedTensor;
 
 /// A weight matrix `[rows][cols]` (rows = output features) ready for the kernels.
@@ -80,11 +79,11 @@ impl Linear {
     /// when `reference` is set, dequantized into a dense f32 matrix.
     pub fn from_decoded(tensor: &DecodedTensor, reference: bool) -> Result<Linear> {
         if reference {
-            let (rows, cols) = crate::quantize::shape(tensor);
+            let (rows, cols) = (tensor.rows(), tensor.cols());
             return Ok(Linear::Dense(DenseMatrix::new(
                 rows,
                 cols,
-                dequantize(tensor),
+                tensor.dequantize(),
             )?));
         }
         if let Some(ternary) = ternary_weights(tensor) {
@@ -140,7 +139,7 @@ impl Linear {
         perm: Arc<[u32]>,
         reference: bool,
     ) -> Result<Linear> {
-        let (rows, cols) = crate::quantize::shape(tensor);
+        let (rows, cols) = (tensor.rows(), tensor.cols());
         let mut seen = vec![false; cols];
         let valid = perm.len() == cols
             && perm.iter().all(|&c| {
@@ -158,7 +157,7 @@ impl Linear {
             )));
         }
         if reference {
-            let stored = dequantize(tensor);
+            let stored = tensor.dequantize();
             let mut values = vec![0.0; rows * cols];
             for (out, row) in values.chunks_exact_mut(cols).zip(stored.chunks_exact(cols)) {
                 for (&c, &v) in perm.iter().zip(row) {

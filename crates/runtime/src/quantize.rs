@@ -1,4 +1,4 @@
-//! Dequantizing decoded tensors to f32, and round-to-nearest requantization to low-bit codes.
+//! Round-to-nearest requantization of decoded tensors to low-bit codes.
 //!
 //! Requantization (`--bits`, `--group-size`) is asymmetric per group of `group_size` elements along
 //! a row: `scale = (max − min) / (2^b − 1)`, `offset = min`. Scale and offset are rounded to f16
@@ -17,45 +17,6 @@ pub struct Requantize {
     pub bits: u8,
     /// Elements per scale group along K (32, 64, 128 or 256; must divide every K).
     pub group_size: usize,
-}
-
-/// Output and input features of a decoded tensor.
-pub fn shape(tensor: &DecodedTensor) -> (usize, usize) {
-    match tensor {
-        DecodedTensor::LowBit { rows, cols, .. }
-        | DecodedTensor::Int8 { rows, cols, .. }
-        | DecodedTensor::Dense { rows, cols, .. } => (*rows, *cols),
-    }
-}
-
-/// The tensor as row-major f32 values `[rows][cols]`.
-pub fn dequantize(tensor: &DecodedTensor) -> Vec<f32> {
-    match tensor {
-        DecodedTensor::LowBit {
-            cols,
-            group_size,
-            codes,
-            scales,
-            offsets,
-            ..
-        } => {
-            let groups = cols / group_size;
-            codes
-                .iter()
-                .enumerate()
-                .map(|(i, &q)| {
-                    let g = (i / cols) * groups + (i % cols) / group_size;
-                    scales[g] * q as f32 + offsets[g]
-                })
-                .collect()
-        }
-        DecodedTensor::Int8 { codes, scales, .. } => codes
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| scales[i / 32] * q as f32)
-            .collect(),
-        DecodedTensor::Dense { values, .. } => values.clone(),
-    }
 }
 
 /// Quantizes `values` (`[rows][cols]`) to `bits`-bit codes with one f16-exact scale and offset
@@ -119,8 +80,13 @@ pub fn quantize_rtn(
 
 /// Dequantizes `tensor` and requantizes it as `spec` says.
 pub fn requantize(tensor: &DecodedTensor, spec: Requantize) -> Result<DecodedTensor> {
-    let (rows, cols) = shape(tensor);
-    quantize_rtn(rows, cols, &dequantize(tensor), spec.bits, spec.group_size)
+    quantize_rtn(
+        tensor.rows(),
+        tensor.cols(),
+        &tensor.dequantize(),
+        spec.bits,
+        spec.group_size,
+    )
 }
 
 #[cfg(test)]
@@ -135,7 +101,7 @@ mod tests {
             .collect();
         for bits in 1..=4u8 {
             let q = quantize_rtn(rows, cols, &values, bits, 32).unwrap();
-            let back = dequantize(&q);
+            let back = q.dequantize();
             let DecodedTensor::LowBit { scales, codes, .. } = &q else {
                 panic!("not low-bit")
             };
@@ -159,7 +125,7 @@ mod tests {
         assert!(quantize_rtn(1, 64, &v, 4, 48).is_err());
         // A constant group quantizes exactly.
         let c = quantize_rtn(1, 64, &[0.25; 64], 2, 32).unwrap();
-        assert!(dequantize(&c).iter().all(|&x| x == 0.25));
+        assert!(c.dequantize().iter().all(|&x| x == 0.25));
     }
 
     #[test]
@@ -170,7 +136,7 @@ mod tests {
             codes: (0..64).map(|i| i as i8 - 32).collect(),
             scales: vec![0.5, 2.0],
         };
-        let d = dequantize(&t);
+        let d = t.dequantize();
         assert_eq!(d[0], -16.0);
         assert_eq!(d[63], 62.0);
         let t = DecodedTensor::LowBit {
@@ -182,7 +148,7 @@ mod tests {
             scales: vec![1.0, 2.0],
             offsets: vec![-1.0, 0.5],
         };
-        let d = dequantize(&t);
+        let d = t.dequantize();
         assert_eq!((d[0], d[63]), (2.0, 6.5));
     }
 }

@@ -137,71 +137,98 @@ pub enum GgmlType {
 /// The K-quant super-block size.
 const QK_K: usize = 256;
 
-impl GgmlType {
-    /// `(ggml id, type, elements per block, bytes per block)` for every type whose size is known,
-    /// so that files holding types lutra cannot decode can still be opened and listed.
-    const TABLE: [(u32, GgmlType, usize, usize); 32] = [
-        (0, GgmlType::F32, 1, 4),
-        (1, GgmlType::F16, 1, 2),
-        (2, GgmlType::Q4_0, 32, 18),
-        (3, GgmlType::Q4_1, 32, 20),
-        (6, GgmlType::Q5_0, 32, 22),
-        (7, GgmlType::Q5_1, 32, 24),
-        (8, GgmlType::Q8_0, 32, 34),
-        (9, GgmlType::Q8_1, 32, 36),
-        (10, GgmlType::Q2_K, QK_K, 84),
-        (11, GgmlType::Q3_K, QK_K, 110),
-        (12, GgmlType::Q4_K, QK_K, 144),
-        (13, GgmlType::Q5_K, QK_K, 176),
-        (14, GgmlType::Q6_K, QK_K, 210),
-        (15, GgmlType::Q8_K, QK_K, 292),
-        (16, GgmlType::IQ2_XXS, QK_K, 66),
-        (17, GgmlType::IQ2_XS, QK_K, 74),
-        (18, GgmlType::IQ3_XXS, QK_K, 98),
-        (19, GgmlType::IQ1_S, QK_K, 50),
-        (20, GgmlType::IQ4_NL, 32, 18),
-        (21, GgmlType::IQ3_S, QK_K, 110),
-        (22, GgmlType::IQ2_S, QK_K, 82),
-        (23, GgmlType::IQ4_XS, QK_K, 136),
-        (24, GgmlType::I8, 1, 1),
-        (25, GgmlType::I16, 1, 2),
-        (26, GgmlType::I32, 1, 4),
-        (27, GgmlType::I64, 1, 8),
-        (28, GgmlType::F64, 1, 8),
-        (29, GgmlType::IQ1_M, QK_K, 56),
-        (30, GgmlType::BF16, 1, 2),
-        (34, GgmlType::TQ1_0, QK_K, 54),
-        (35, GgmlType::TQ2_0, QK_K, 66),
-        (39, GgmlType::MXFP4, 32, 17),
-    ];
+/// What lutra knows about one ggml type (like ggml's `type_traits`): its number, its block, and
+/// the decoder that turns whole blocks into a kernel form, when lutra reads the type.
+struct TypeTraits {
+    id: u32,
+    ty: GgmlType,
+    block_elems: usize,
+    block_bytes: usize,
+    decode: Option<fn(Blocks<'_>) -> DecodedTensor>,
+}
 
-    fn entry(self) -> (u32, GgmlType, usize, usize) {
-        // The table covers every variant, so the search always succeeds.
-        Self::TABLE
-            .iter()
-            .copied()
-            .find(|e| e.1 == self)
-            .unwrap_or((0, GgmlType::F32, 1, 4))
+const fn traits(
+    id: u32,
+    ty: GgmlType,
+    block_elems: usize,
+    block_bytes: usize,
+    decode: Option<fn(Blocks<'_>) -> DecodedTensor>,
+) -> TypeTraits {
+    TypeTraits {
+        id,
+        ty,
+        block_elems,
+        block_bytes,
+        decode,
+    }
+}
+
+/// Every ggml type whose size is known, so that files holding types lutra cannot decode can still
+/// be opened and listed. Adding a type is one entry here (and its decoder below). The kernel form
+/// is the [`DecodedTensor`] variant the decoder returns: low-bit codes for the LUT kernels, int8
+/// codes, or dense values.
+const TYPES: [TypeTraits; 32] = {
+    use GgmlType::*;
+    [
+        traits(0, F32, 1, 4, Some(decode_f32)),
+        traits(1, F16, 1, 2, Some(decode_f16)),
+        traits(2, Q4_0, 32, 18, Some(decode_q4_0)),
+        traits(3, Q4_1, 32, 20, Some(decode_q4_1)),
+        traits(6, Q5_0, 32, 22, Some(decode_q5_0)),
+        traits(7, Q5_1, 32, 24, Some(decode_q5_1)),
+        traits(8, Q8_0, 32, 34, Some(decode_q8_0)),
+        traits(9, Q8_1, 32, 36, None),
+        traits(10, Q2_K, QK_K, 84, Some(decode_q2_k)),
+        traits(11, Q3_K, QK_K, 110, Some(decode_q3_k)),
+        traits(12, Q4_K, QK_K, 144, Some(decode_q4_k)),
+        traits(13, Q5_K, QK_K, 176, Some(decode_q5_k)),
+        traits(14, Q6_K, QK_K, 210, Some(decode_q6_k)),
+        traits(15, Q8_K, QK_K, 292, Some(decode_q8_k)),
+        traits(16, IQ2_XXS, QK_K, 66, None),
+        traits(17, IQ2_XS, QK_K, 74, None),
+        traits(18, IQ3_XXS, QK_K, 98, None),
+        traits(19, IQ1_S, QK_K, 50, None),
+        traits(20, IQ4_NL, 32, 18, Some(decode_iq4_nl)),
+        traits(21, IQ3_S, QK_K, 110, None),
+        traits(22, IQ2_S, QK_K, 82, None),
+        traits(23, IQ4_XS, QK_K, 136, Some(decode_iq4_xs)),
+        traits(24, I8, 1, 1, None),
+        traits(25, I16, 1, 2, None),
+        traits(26, I32, 1, 4, None),
+        traits(27, I64, 1, 8, None),
+        traits(28, F64, 1, 8, None),
+        traits(29, IQ1_M, QK_K, 56, None),
+        traits(30, BF16, 1, 2, Some(decode_bf16)),
+        traits(34, TQ1_0, QK_K, 54, Some(decode_tq1_0)),
+        traits(35, TQ2_0, QK_K, 66, Some(decode_tq2_0)),
+        traits(39, MXFP4, 32, 17, None),
+    ]
+};
+
+impl GgmlType {
+    fn traits(self) -> &'static TypeTraits {
+        // The table has one entry per variant (checked by a unit test), so the search succeeds.
+        TYPES.iter().find(|t| t.ty == self).unwrap_or(&TYPES[0])
     }
 
     /// The type with ggml id `id`, if lutra knows its size.
     pub fn from_id(id: u32) -> Option<GgmlType> {
-        Self::TABLE.iter().find(|e| e.0 == id).map(|e| e.1)
+        TYPES.iter().find(|t| t.id == id).map(|t| t.ty)
     }
 
     /// The ggml id.
     pub fn id(self) -> u32 {
-        self.entry().0
+        self.traits().id
     }
 
     /// Elements per block.
     pub fn block_elems(self) -> usize {
-        self.entry().2
+        self.traits().block_elems
     }
 
     /// Bytes per block.
     pub fn block_bytes(self) -> usize {
-        self.entry().3
+        self.traits().block_bytes
     }
 
     /// The type's name as ggml spells it (`"Q4_1"`, `"F32"`, ...).
@@ -211,27 +238,7 @@ impl GgmlType {
 
     /// Whether [`decode_ggml`] can decode this type.
     pub fn is_decodable(self) -> bool {
-        use GgmlType::*;
-        matches!(
-            self,
-            F32 | F16
-                | BF16
-                | Q4_0
-                | Q4_1
-                | Q5_0
-                | Q5_1
-                | Q8_0
-                | Q2_K
-                | Q3_K
-                | Q4_K
-                | Q5_K
-                | Q6_K
-                | Q8_K
-                | TQ1_0
-                | TQ2_0
-                | IQ4_NL
-                | IQ4_XS
-        )
+        self.traits().decode.is_some()
     }
 
     /// Bytes taken by `elems` elements, or `None` when `elems` is not a whole number of blocks.
@@ -261,14 +268,13 @@ pub fn decode_ggml(
     cols: usize,
     data: &[u8],
 ) -> Result<DecodedTensor, DecodeError> {
-    if !ty.is_decodable() {
-        return Err(DecodeError::Unsupported(ty));
-    }
-    if !cols.is_multiple_of(ty.block_elems()) {
+    let traits = ty.traits();
+    let decode = traits.decode.ok_or(DecodeError::Unsupported(ty))?;
+    if !cols.is_multiple_of(traits.block_elems) {
         return Err(DecodeError::BadShape(format!(
             "row length {cols} is not a multiple of the {} block of {} elements",
             ty.name(),
-            ty.block_elems()
+            traits.block_elems
         )));
     }
     let expected = rows
@@ -282,285 +288,365 @@ pub fn decode_ggml(
             data.len()
         )));
     }
-    let blocks = data.chunks_exact(ty.block_bytes());
-    let n = rows * cols;
-    Ok(match ty {
-        GgmlType::F32 => dense(
-            rows,
-            cols,
-            blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        GgmlType::F16 => dense(rows, cols, blocks.map(|b| f16_at(b, 0))),
-        GgmlType::BF16 => dense(
-            rows,
-            cols,
-            blocks.map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        GgmlType::Q8_0 => {
-            let mut codes = Vec::with_capacity(n);
-            let mut scales = Vec::with_capacity(n / 32);
-            for b in blocks {
-                scales.push(f16_at(b, 0));
-                codes.extend(b[2..34].iter().map(|&q| q as i8));
-            }
-            DecodedTensor::Int8 {
-                rows,
-                cols,
-                codes,
-                scales,
-            }
+    Ok(decode(Blocks {
+        rows,
+        cols,
+        data,
+        block_bytes: traits.block_bytes,
+    }))
+}
+
+/// The blocks of one tensor, checked against its shape, as handed to a type's decoder.
+#[derive(Clone, Copy)]
+struct Blocks<'a> {
+    rows: usize,
+    cols: usize,
+    data: &'a [u8],
+    block_bytes: usize,
+}
+
+impl<'a> Blocks<'a> {
+    /// Elements of the tensor.
+    fn elems(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// The blocks in file order.
+    fn iter(&self) -> std::slice::ChunksExact<'a, u8> {
+        self.data.chunks_exact(self.block_bytes)
+    }
+}
+
+fn decode_f32(t: Blocks<'_>) -> DecodedTensor {
+    let values = t
+        .iter()
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    dense(t.rows, t.cols, values)
+}
+
+fn decode_f16(t: Blocks<'_>) -> DecodedTensor {
+    dense(t.rows, t.cols, t.iter().map(|b| f16_at(b, 0)))
+}
+
+fn decode_bf16(t: Blocks<'_>) -> DecodedTensor {
+    let values = t.iter().map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32());
+    dense(t.rows, t.cols, values)
+}
+
+fn decode_q4_0(t: Blocks<'_>) -> DecodedTensor {
+    decode_q4_legacy(t, false)
+}
+
+fn decode_q4_1(t: Blocks<'_>) -> DecodedTensor {
+    decode_q4_legacy(t, true)
+}
+
+/// Q4_0 (`w = d·(q − 8)`) and Q4_1 (`w = d·q + m`): 4-bit codes, groups of 32.
+fn decode_q4_legacy(t: Blocks<'_>, has_min: bool) -> DecodedTensor {
+    let mut lb = LowBitBuilder::new(t.elems(), 32);
+    for b in t.iter() {
+        let (d, m, qs) = if has_min {
+            (f16_at(b, 0), f16_at(b, 2), &b[4..20])
+        } else {
+            let d = f16_at(b, 0);
+            (d, -8.0 * d, &b[2..18])
+        };
+        // Low nibbles hold elements 0..16, high nibbles 16..32.
+        lb.group(
+            d,
+            m,
+            qs.iter()
+                .map(|&q| q & 0xF)
+                .chain(qs.iter().map(|&q| q >> 4)),
+        );
+    }
+    lb.finish(t.rows, t.cols, 4)
+}
+
+fn decode_q8_0(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    let mut codes = Vec::with_capacity(n);
+    let mut scales = Vec::with_capacity(n / 32);
+    for b in blocks {
+        scales.push(f16_at(b, 0));
+        codes.extend(b[2..34].iter().map(|&q| q as i8));
+    }
+    DecodedTensor::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+fn decode_q8_k(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    // One f32 scale per 256; the Int8 variant wants one per 32, so repeat it (exact).
+    let mut codes = Vec::with_capacity(n);
+    let mut scales = Vec::with_capacity(n / 32);
+    for b in blocks {
+        let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        scales.extend([d; QK_K / 32]);
+        codes.extend(b[4..4 + QK_K].iter().map(|&q| q as i8));
+    }
+    DecodedTensor::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+fn decode_q5_0(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    // w = d·(q − 16) with q in 0..32: exact as int8 codes q − 16.
+    let mut codes = Vec::with_capacity(n);
+    let mut scales = Vec::with_capacity(n / 32);
+    for b in blocks {
+        scales.push(f16_at(b, 0));
+        let q = q5_block(&b[2..6], &b[6..22]);
+        codes.extend(q.iter().map(|&q| q as i8 - 16));
+    }
+    DecodedTensor::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+fn decode_iq4_nl(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    // w = d·kvalues[idx]: the codebook entries are the int8 codes, d the block scale.
+    let mut codes = Vec::with_capacity(n);
+    let mut scales = Vec::with_capacity(n / 32);
+    for b in blocks {
+        scales.push(f16_at(b, 0));
+        codes.extend(iq4_nl_codes(&b[2..18]));
+    }
+    DecodedTensor::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+fn decode_iq4_xs(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    // Each 32-element sub-block is an IQ4_NL block with scale dl = d·(ls − 32), computed
+    // in f32 as `dequantize_row_iq4_xs` does (exact: an f16 times a 6-bit integer).
+    let mut codes = Vec::with_capacity(n);
+    let mut scales = Vec::with_capacity(n / 32);
+    for b in blocks {
+        let d = f16_at(b, 0);
+        let scales_h = u16::from_le_bytes([b[2], b[3]]);
+        let (scales_l, qs) = (&b[4..8], &b[8..136]);
+        for (ib, sub) in qs.chunks_exact(16).enumerate() {
+            let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+            let high = ((scales_h >> (2 * ib)) & 3) as u8;
+            let ls = i32::from(low | (high << 4));
+            scales.push(d * (ls - 32) as f32);
+            codes.extend(iq4_nl_codes(sub));
         }
-        GgmlType::Q8_K => {
-            // One f32 scale per 256; the Int8 variant wants one per 32, so repeat it (exact).
-            let mut codes = Vec::with_capacity(n);
-            let mut scales = Vec::with_capacity(n / 32);
-            for b in blocks {
-                let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                scales.extend([d; QK_K / 32]);
-                codes.extend(b[4..4 + QK_K].iter().map(|&q| q as i8));
-            }
-            DecodedTensor::Int8 {
-                rows,
-                cols,
-                codes,
-                scales,
-            }
-        }
-        GgmlType::Q5_0 => {
-            // w = d·(q − 16) with q in 0..32: exact as int8 codes q − 16.
-            let mut codes = Vec::with_capacity(n);
-            let mut scales = Vec::with_capacity(n / 32);
-            for b in blocks {
-                scales.push(f16_at(b, 0));
-                let q = q5_block(&b[2..6], &b[6..22]);
-                codes.extend(q.iter().map(|&q| q as i8 - 16));
-            }
-            DecodedTensor::Int8 {
-                rows,
-                cols,
-                codes,
-                scales,
-            }
-        }
-        GgmlType::IQ4_NL => {
-            // w = d·kvalues[idx]: the codebook entries are the int8 codes, d the block scale.
-            let mut codes = Vec::with_capacity(n);
-            let mut scales = Vec::with_capacity(n / 32);
-            for b in blocks {
-                scales.push(f16_at(b, 0));
-                codes.extend(iq4_nl_codes(&b[2..18]));
-            }
-            DecodedTensor::Int8 {
-                rows,
-                cols,
-                codes,
-                scales,
-            }
-        }
-        GgmlType::IQ4_XS => {
-            // Each 32-element sub-block is an IQ4_NL block with scale dl = d·(ls − 32), computed
-            // in f32 as `dequantize_row_iq4_xs` does (exact: an f16 times a 6-bit integer).
-            let mut codes = Vec::with_capacity(n);
-            let mut scales = Vec::with_capacity(n / 32);
-            for b in blocks {
-                let d = f16_at(b, 0);
-                let scales_h = u16::from_le_bytes([b[2], b[3]]);
-                let (scales_l, qs) = (&b[4..8], &b[8..136]);
-                for (ib, sub) in qs.chunks_exact(16).enumerate() {
-                    let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
-                    let high = ((scales_h >> (2 * ib)) & 3) as u8;
-                    let ls = i32::from(low | (high << 4));
-                    scales.push(d * (ls - 32) as f32);
-                    codes.extend(iq4_nl_codes(sub));
-                }
-            }
-            DecodedTensor::Int8 {
-                rows,
-                cols,
-                codes,
-                scales,
-            }
-        }
-        GgmlType::Q5_1 => {
-            let mut values = Vec::with_capacity(n);
-            for b in blocks {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let q = q5_block(&b[4..8], &b[8..24]);
-                values.extend(q.iter().map(|&q| d * f32::from(q) + m));
-            }
-            DecodedTensor::Dense { rows, cols, values }
-        }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let mut lb = LowBitBuilder::new(n, 32);
-            for b in blocks {
-                let (d, m, qs) = if ty == GgmlType::Q4_0 {
-                    let d = f16_at(b, 0);
-                    (d, -8.0 * d, &b[2..18])
-                } else {
-                    (f16_at(b, 0), f16_at(b, 2), &b[4..20])
-                };
-                // Low nibbles hold elements 0..16, high nibbles 16..32.
-                lb.group(
-                    d,
-                    m,
-                    qs.iter()
-                        .map(|&q| q & 0xF)
-                        .chain(qs.iter().map(|&q| q >> 4)),
-                );
-            }
-            lb.finish(rows, cols, 4)
-        }
-        GgmlType::Q2_K => {
-            let mut lb = LowBitBuilder::new(n, 16);
-            for b in blocks {
-                let (sc, qs) = (&b[0..16], &b[16..80]);
-                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
-                let mut is = 0;
-                for half in qs.chunks_exact(32) {
-                    for shift in (0..8).step_by(2) {
-                        for sub in half.chunks_exact(16) {
-                            let s = sc[is];
-                            is += 1;
-                            let scale = d * f32::from(s & 0xF);
-                            lb.group(
-                                scale,
-                                -dmin * f32::from(s >> 4),
-                                sub.iter().map(|&q| (q >> shift) & 3),
-                            );
-                        }
-                    }
-                }
-            }
-            lb.finish(rows, cols, 2)
-        }
-        GgmlType::Q3_K => {
-            // w = d·sc·(q − 4) with 6-bit signed sc (−32..31) and 3-bit q, per 16 elements: exact
-            // as int8 codes −sc·(q − 4) (in −128..=124) with scale −d for every 32.
-            let mut codes = Vec::with_capacity(n);
-            let mut scales = Vec::with_capacity(n / 32);
-            for b in blocks {
-                let (hmask, qs) = (&b[0..32], &b[32..96]);
-                let sc = q3k_scales(&b[96..108]);
-                scales.extend([-f16_at(b, 108); QK_K / 32]);
-                let (mut is, mut m) = (0, 1u8);
-                for half in qs.chunks_exact(32) {
-                    for shift in (0..8).step_by(2) {
-                        for (k, sub) in half.chunks_exact(16).enumerate() {
-                            let s = i16::from(sc[is]);
-                            is += 1;
-                            let hm = &hmask[16 * k..16 * k + 16];
-                            // q − 4 = low2 − (high bit clear ? 4 : 0).
-                            codes.extend(sub.iter().zip(hm).map(|(&q, &h)| {
-                                let low = i16::from((q >> shift) & 3);
-                                let v = if h & m != 0 { low } else { low - 4 };
-                                (-s * v) as i8
-                            }));
-                        }
-                        m <<= 1;
-                    }
-                }
-            }
-            DecodedTensor::Int8 {
-                rows,
-                cols,
-                codes,
-                scales,
-            }
-        }
-        GgmlType::Q4_K => {
-            let mut lb = LowBitBuilder::new(n, 32);
-            for b in blocks {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let (sc, qs) = (&b[4..16], &b[16..144]);
-                for (j, chunk) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min_k4(2 * j, sc);
-                    let (s2, m2) = scale_min_k4(2 * j + 1, sc);
+    }
+    DecodedTensor::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+fn decode_q5_1(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    let mut values = Vec::with_capacity(n);
+    for b in blocks {
+        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+        let q = q5_block(&b[4..8], &b[8..24]);
+        values.extend(q.iter().map(|&q| d * f32::from(q) + m));
+    }
+    DecodedTensor::Dense { rows, cols, values }
+}
+
+fn decode_q2_k(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    let mut lb = LowBitBuilder::new(n, 16);
+    for b in blocks {
+        let (sc, qs) = (&b[0..16], &b[16..80]);
+        let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+        let mut is = 0;
+        for half in qs.chunks_exact(32) {
+            for shift in (0..8).step_by(2) {
+                for sub in half.chunks_exact(16) {
+                    let s = sc[is];
+                    is += 1;
+                    let scale = d * f32::from(s & 0xF);
                     lb.group(
-                        d * f32::from(s1),
-                        -dmin * f32::from(m1),
-                        chunk.iter().map(|&q| q & 0xF),
-                    );
-                    lb.group(
-                        d * f32::from(s2),
-                        -dmin * f32::from(m2),
-                        chunk.iter().map(|&q| q >> 4),
+                        scale,
+                        -dmin * f32::from(s >> 4),
+                        sub.iter().map(|&q| (q >> shift) & 3),
                     );
                 }
             }
-            lb.finish(rows, cols, 4)
         }
-        GgmlType::Q5_K => {
-            let mut values = Vec::with_capacity(n);
-            for b in blocks {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let (sc, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-                for (j, chunk) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min_k4(2 * j, sc);
-                    let (s2, m2) = scale_min_k4(2 * j + 1, sc);
-                    let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
-                    let (d1, d2) = (d * f32::from(s1), d * f32::from(s2));
-                    let (o1, o2) = (dmin * f32::from(m1), dmin * f32::from(m2));
-                    values.extend(chunk.iter().zip(qh).map(|(&q, &h)| {
-                        d1 * f32::from((q & 0xF) + if h & u1 != 0 { 16 } else { 0 }) - o1
+    }
+    lb.finish(rows, cols, 2)
+}
+
+fn decode_q3_k(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    // w = d·sc·(q − 4) with 6-bit signed sc (−32..31) and 3-bit q, per 16 elements: exact
+    // as int8 codes −sc·(q − 4) (in −128..=124) with scale −d for every 32.
+    let mut codes = Vec::with_capacity(n);
+    let mut scales = Vec::with_capacity(n / 32);
+    for b in blocks {
+        let (hmask, qs) = (&b[0..32], &b[32..96]);
+        let sc = q3k_scales(&b[96..108]);
+        scales.extend([-f16_at(b, 108); QK_K / 32]);
+        let (mut is, mut m) = (0, 1u8);
+        for half in qs.chunks_exact(32) {
+            for shift in (0..8).step_by(2) {
+                for (k, sub) in half.chunks_exact(16).enumerate() {
+                    let s = i16::from(sc[is]);
+                    is += 1;
+                    let hm = &hmask[16 * k..16 * k + 16];
+                    // q − 4 = low2 − (high bit clear ? 4 : 0).
+                    codes.extend(sub.iter().zip(hm).map(|(&q, &h)| {
+                        let low = i16::from((q >> shift) & 3);
+                        let v = if h & m != 0 { low } else { low - 4 };
+                        (-s * v) as i8
                     }));
-                    values.extend(chunk.iter().zip(qh).map(|(&q, &h)| {
-                        d2 * f32::from((q >> 4) + if h & u2 != 0 { 16 } else { 0 }) - o2
-                    }));
                 }
+                m <<= 1;
             }
-            DecodedTensor::Dense { rows, cols, values }
         }
-        GgmlType::Q6_K => {
-            let mut values = vec![0.0f32; n];
-            for (b, y) in blocks.zip(values.chunks_exact_mut(QK_K)) {
-                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-                let d = f16_at(b, 208);
-                for half in 0..2 {
-                    let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-                    let sc = &sc[8 * half..];
-                    let y = &mut y[128 * half..];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let s = |k: usize| d * f32::from(sc[is + k] as i8);
-                        y[l] = s(0) * q1 as f32;
-                        y[l + 32] = s(2) * q2 as f32;
-                        y[l + 64] = s(4) * q3 as f32;
-                        y[l + 96] = s(6) * q4 as f32;
-                    }
-                }
+    }
+    DecodedTensor::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+fn decode_q4_k(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    let mut lb = LowBitBuilder::new(n, 32);
+    for b in blocks {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (sc, qs) = (&b[4..16], &b[16..144]);
+        for (j, chunk) in qs.chunks_exact(32).enumerate() {
+            let (s1, m1) = scale_min_k4(2 * j, sc);
+            let (s2, m2) = scale_min_k4(2 * j + 1, sc);
+            lb.group(
+                d * f32::from(s1),
+                -dmin * f32::from(m1),
+                chunk.iter().map(|&q| q & 0xF),
+            );
+            lb.group(
+                d * f32::from(s2),
+                -dmin * f32::from(m2),
+                chunk.iter().map(|&q| q >> 4),
+            );
+        }
+    }
+    lb.finish(rows, cols, 4)
+}
+
+fn decode_q5_k(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    let mut values = Vec::with_capacity(n);
+    for b in blocks {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (sc, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+        for (j, chunk) in qs.chunks_exact(32).enumerate() {
+            let (s1, m1) = scale_min_k4(2 * j, sc);
+            let (s2, m2) = scale_min_k4(2 * j + 1, sc);
+            let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+            let (d1, d2) = (d * f32::from(s1), d * f32::from(s2));
+            let (o1, o2) = (dmin * f32::from(m1), dmin * f32::from(m2));
+            values.extend(
+                chunk.iter().zip(qh).map(|(&q, &h)| {
+                    d1 * f32::from((q & 0xF) + if h & u1 != 0 { 16 } else { 0 }) - o1
+                }),
+            );
+            values.extend(
+                chunk.iter().zip(qh).map(|(&q, &h)| {
+                    d2 * f32::from((q >> 4) + if h & u2 != 0 { 16 } else { 0 }) - o2
+                }),
+            );
+        }
+    }
+    DecodedTensor::Dense { rows, cols, values }
+}
+
+fn decode_q6_k(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    let mut values = vec![0.0f32; n];
+    for (b, y) in blocks.zip(values.chunks_exact_mut(QK_K)) {
+        let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+        let d = f16_at(b, 208);
+        for half in 0..2 {
+            let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+            let sc = &sc[8 * half..];
+            let y = &mut y[128 * half..];
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                let s = |k: usize| d * f32::from(sc[is + k] as i8);
+                y[l] = s(0) * q1 as f32;
+                y[l + 32] = s(2) * q2 as f32;
+                y[l + 64] = s(4) * q3 as f32;
+                y[l + 96] = s(6) * q4 as f32;
             }
-            DecodedTensor::Dense { rows, cols, values }
         }
-        GgmlType::TQ2_0 => {
-            // Ternary as 2-bit codes {0,1,2}: w = d·(q − 1). Groups of 32 share the block's d.
-            let mut lb = LowBitBuilder::new(n, 32);
-            for b in blocks {
-                let (qs, d) = (&b[0..64], f16_at(b, 64));
-                for chunk in qs.chunks_exact(32) {
-                    for l in 0..4 {
-                        lb.group(d, -d, chunk.iter().map(|&q| (q >> (2 * l)) & 3));
-                    }
-                }
+    }
+    DecodedTensor::Dense { rows, cols, values }
+}
+
+fn decode_tq2_0(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    // Ternary as 2-bit codes {0,1,2}: w = d·(q − 1). Groups of 32 share the block's d.
+    let mut lb = LowBitBuilder::new(n, 32);
+    for b in blocks {
+        let (qs, d) = (&b[0..64], f16_at(b, 64));
+        for chunk in qs.chunks_exact(32) {
+            for l in 0..4 {
+                lb.group(d, -d, chunk.iter().map(|&q| (q >> (2 * l)) & 3));
             }
-            lb.finish(rows, cols, 2)
         }
-        GgmlType::TQ1_0 => {
-            let mut lb = LowBitBuilder::new(n, 32);
-            for b in blocks {
-                let (qs, qh, d) = (&b[0..48], &b[48..52], f16_at(b, 52));
-                let codes = tq1_block(qs, qh);
-                for g in codes.chunks_exact(32) {
-                    lb.group(d, -d, g.iter().copied());
-                }
-            }
-            lb.finish(rows, cols, 2)
+    }
+    lb.finish(rows, cols, 2)
+}
+
+fn decode_tq1_0(t: Blocks<'_>) -> DecodedTensor {
+    let Blocks { rows, cols, .. } = t;
+    let (n, blocks) = (t.elems(), t.iter());
+    let mut lb = LowBitBuilder::new(n, 32);
+    for b in blocks {
+        let (qs, qh, d) = (&b[0..48], &b[48..52], f16_at(b, 52));
+        let codes = tq1_block(qs, qh);
+        for g in codes.chunks_exact(32) {
+            lb.group(d, -d, g.iter().copied());
         }
-        _ => return Err(DecodeError::Unsupported(ty)),
-    })
+    }
+    lb.finish(rows, cols, 2)
 }
 
 fn dense(rows: usize, cols: usize, values: impl Iterator<Item = f32>) -> DecodedTensor {

@@ -260,7 +260,7 @@ impl HfLoader<'_> {
 
 /// Int8 codes with an f16-exact scale per block of 32 (`absmax / 127`), as Q8_0 stores them.
 fn quantize_int8(tensor: &DecodedTensor) -> DecodedTensor {
-    let (rows, cols) = crate::quantize::shape(tensor);
+    let (rows, cols) = (tensor.rows(), tensor.cols());
     let values = tensor.dequantize();
     let mut codes = Vec::with_capacity(values.len());
     let mut scales = Vec::with_capacity(values.len() / 32);

@@ -480,3 +480,20 @@ fn int8_kernel_form_holds_reference_values() {
         assert_same_values(name, &values, &expected);
     }
 }
+
+#[test]
+fn type_table_has_one_entry_per_type_and_id() {
+    // 32 entries with 32 distinct types: every variant has exactly one entry.
+    let mut seen = std::collections::HashSet::new();
+    for t in TYPES.iter() {
+        assert!(seen.insert(t.ty), "{:?} twice", t.ty);
+        assert_eq!(GgmlType::from_id(t.id), Some(t.ty));
+        assert_eq!(t.ty.id(), t.id);
+        assert!(t.block_elems > 0 && t.block_bytes > 0);
+    }
+    assert_eq!(seen.len(), TYPES.len());
+    assert!(
+        GgmlType::from_id(4).is_none(),
+        "ids 4 and 5 were removed from ggml"
+    );
+}
