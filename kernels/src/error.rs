@@ -6,9 +6,31 @@ pub enum KernelError {
     /// The inner dimension must be a multiple of 32 (pad the matrix otherwise).
     #[error("K = {0} is not a multiple of 32; pad the matrix to a multiple of 32 columns")]
     KNotMultipleOf32(usize),
-    /// Only 1, 2, 3 and 4 bit codes are supported by the LUT kernels.
-    #[error("{0}-bit weights are not supported by the LUT kernels (use 1, 2, 3 or 4)")]
+    /// Only 1 to 4 bit codes are supported by the LUT kernels (up to 6 with super-block scales).
+    #[error(
+        "{0}-bit weights are not supported by the LUT kernels (use 1 to 4 bits, or up to 6 with \
+         super-block scales)"
+    )]
     UnsupportedBits(u8),
+    /// Weights with super-block scales need K to be a whole number of super-blocks.
+    #[error(
+        "K = {cols} is not a multiple of the super-block size {super_block}; K-quant tensors come \
+         in whole super-blocks"
+    )]
+    KNotMultipleOfSuperBlock {
+        /// K of the matrix.
+        cols: usize,
+        /// Elements per super-block.
+        super_block: usize,
+    },
+    /// Super-block weights take sub-scale groups of 16 or 32 elements.
+    #[error(
+        "sub-scale groups of {0} elements are not supported with super-block scales (use 16 or 32)"
+    )]
+    SuperBlockGroup(usize),
+    /// Sub-mins were given without super-mins, or the other way round.
+    #[error("sub-mins and super-mins (dmin) must be given together")]
+    MinsWithoutSuperMins,
     /// The group size does not divide K or is not one of the supported sizes.
     #[error(
         "group size {group} does not fit K = {cols} (use 32, 64, 128, 256, per row or per tensor)"

@@ -10,6 +10,7 @@
 //! The public API is small:
 //! - [`Cpu`]: the ISA (chosen once at run time, `LUTRA_ISA` forces one) and the worker threads;
 //! - [`PackedMatrix::pack`]: integer codes + group scales (+ offsets) → the LUT layout;
+//!   [`PackedMatrix::pack_super_blocks`] takes two-level (K-quant) scales, exactly;
 //! - [`ActivationTables::build`]: f32 activations → int8 tables, once per distinct input;
 //! - [`PackedMatrix::matmul`]: tables → f32 outputs, for one token (GEMV) or a batch (GEMM);
 //!   [`PackedMatrix::matmul_many`] runs the matrices that read the same tables (q/k/v) in one dispatch;
@@ -66,6 +67,9 @@ pub use error::{KernelError, Result};
 pub use int8::{Int8Activations, Int8Matrix};
 pub use isa::Isa;
 pub use mapped::MappedFile;
-pub use packed::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
+pub use packed::{
+    Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights, SuperBlockWeights,
+    SUPER_BLOCK,
+};
 pub use tables::ActivationTables;
 pub use ternary::{TernaryMatrix, TernaryTables, TernaryWeights};

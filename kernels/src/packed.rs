@@ -12,10 +12,16 @@ use crate::lut::{self, Weights};
 use crate::tables::ActivationTables;
 use crate::tiling::{check_parts, MAX_PARTS};
 
+mod super_block;
+
+use super_block::SuperScaleBuffers;
+pub use super_block::{SuperBlockWeights, SUPER_BLOCK};
+
 /// How many consecutive K elements share one scale (and offset).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Grouping {
-    /// A group of this many elements along K: 32, 64, 128 or 256.
+    /// A group of this many elements along K: 32, 64, 128 or 256 (and 16 for
+    /// [`SuperBlockWeights`]).
     Size(usize),
     /// One group per row (group size = K).
     PerRow,
@@ -72,6 +78,10 @@ pub struct PackedMatrix {
     scales: Vec<u16>,
     /// f16 bits, `[tile][group][64 rows]`.
     offsets: Option<Vec<u16>>,
+    /// Weight groups of 16 (two per activation group).
+    half_groups: bool,
+    /// Two-level scales (super-block forms); `scales` is then empty and `offsets` `None`.
+    super_scales: Option<SuperScaleBuffers>,
 }
 
 /// Elements per group along K, or the error for a grouping that does not fit `cols`.
@@ -104,6 +114,51 @@ fn plane_nibble(codes: u32, p: usize) -> u8 {
     (bits.wrapping_mul(0x0102_0408) >> 24) as u8 & 0x0F
 }
 
+/// The codes `[rows][cols]` (each `< 2^bits`, checked) split into bit planes, in the layout of
+/// `lut::layout`: `[tile][K/32][plane][256]`.
+fn pack_planes(codes: &[u8], rows: usize, cols: usize, bits_u8: u8) -> Result<Vec<u8>> {
+    let bits = usize::from(bits_u8);
+    let tiles = rows.div_ceil(TILE);
+    let act_groups = cols / ACT;
+    let tile_bytes = act_groups * bits * PLANE_BYTES;
+    let mut packed = vec![0u8; tiles * tile_bytes];
+    let max_code = (1u8 << bits) - 1;
+    for (r, row) in codes.chunks_exact(cols).enumerate() {
+        // One pass to validate (vectorizes), so the packing loop below has no branch per code.
+        if row.iter().fold(0u8, |m, &c| m.max(c)) > max_code {
+            let i = row.iter().position(|&c| c > max_code).unwrap_or(0);
+            return Err(KernelError::CodeOutOfRange {
+                code: row[i],
+                index: r * cols + i,
+                bits: bits_u8,
+            });
+        }
+    }
+    // Rows r and r + 32 of a tile share bytes (low and high nibble): build each byte once.
+    let zeros = vec![0u8; cols];
+    let row_codes = |r: usize| codes.get(r * cols..(r + 1) * cols).unwrap_or(&zeros);
+    for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
+        for (lo, &byte) in ROW_BYTE.iter().enumerate() {
+            let r = tile * TILE + lo;
+            if r >= rows {
+                break;
+            }
+            let (low, high) = (row_codes(r), row_codes(r + 32));
+            for (q, (ql, qh)) in low.chunks_exact(4).zip(high.chunks_exact(4)).enumerate() {
+                let (a, j) = (q / TABLES_PER_ACT, q % TABLES_PER_ACT);
+                let cl = u32::from_le_bytes([ql[0], ql[1], ql[2], ql[3]]);
+                let ch = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+                for p in 0..bits {
+                    packed_tile[(a * bits + p) * PLANE_BYTES + j * 32 + byte] =
+                        plane_nibble(cl, p) | plane_nibble(ch, p) << 4;
+                }
+            }
+        }
+    }
+
+    Ok(packed)
+}
+
 /// f16 bits of `value`, or an error when it is not finite or overflows f16.
 fn to_f16(value: f32, index: usize) -> Result<u16> {
     let h = f16::from_f32(value);
@@ -115,11 +170,21 @@ fn to_f16(value: f32, index: usize) -> Result<u16> {
 }
 
 impl PackedMatrix {
-    /// Checks the inputs and repacks them. Scales and offsets are stored as f16.
+    /// Checks the inputs and repacks them. Scales and offsets are stored as f16. Codes have 1 to 4
+    /// bits here; [`PackedMatrix::pack_super_blocks`] takes up to 6.
     pub fn pack(weights: &QuantizedWeights<'_>) -> Result<PackedMatrix> {
+        PackedMatrix::pack_float_scales(weights, 4)
+    }
+
+    /// [`PackedMatrix::pack`] for codes of up to `max_bits` bits (the kernels take up to
+    /// `lut::MAX_BITS`).
+    pub(crate) fn pack_float_scales(
+        weights: &QuantizedWeights<'_>,
+        max_bits: u8,
+    ) -> Result<PackedMatrix> {
         let spec = weights.spec;
         let (rows, cols) = (spec.rows, spec.cols);
-        if !(1..=4).contains(&spec.bits) {
+        if !(1..=max_bits).contains(&spec.bits) {
             return Err(KernelError::UnsupportedBits(spec.bits));
         }
         if cols == 0 || cols % ACT != 0 {
@@ -157,48 +222,7 @@ impl PackedMatrix {
         let offset_index = |r: usize, g: usize| if per_tensor { 0 } else { r * groups + g };
 
         let tiles = rows.div_ceil(TILE);
-        let act_groups = cols / ACT;
-        let tile_bytes = act_groups * bits * PLANE_BYTES;
-        let mut packed = vec![0u8; tiles * tile_bytes];
-        let max_code = (1u8 << bits) - 1;
-        for (r, row) in weights.codes.chunks_exact(cols).enumerate() {
-            // One pass to validate (vectorizes), so the packing loop below has no branch per code.
-            if row.iter().fold(0u8, |m, &c| m.max(c)) > max_code {
-                let i = row.iter().position(|&c| c > max_code).unwrap_or(0);
-                return Err(KernelError::CodeOutOfRange {
-                    code: row[i],
-                    index: r * cols + i,
-                    bits: spec.bits,
-                });
-            }
-        }
-        // Rows r and r + 32 of a tile share bytes (low and high nibble): build each byte once.
-        let zeros = vec![0u8; cols];
-        let row_codes = |r: usize| {
-            weights
-                .codes
-                .get(r * cols..(r + 1) * cols)
-                .unwrap_or(&zeros)
-        };
-        for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
-            for (lo, &byte) in ROW_BYTE.iter().enumerate() {
-                let r = tile * TILE + lo;
-                if r >= rows {
-                    break;
-                }
-                let (low, high) = (row_codes(r), row_codes(r + 32));
-                for (q, (ql, qh)) in low.chunks_exact(4).zip(high.chunks_exact(4)).enumerate() {
-                    let (a, j) = (q / TABLES_PER_ACT, q % TABLES_PER_ACT);
-                    let cl = u32::from_le_bytes([ql[0], ql[1], ql[2], ql[3]]);
-                    let ch = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-                    for p in 0..bits {
-                        packed_tile[(a * bits + p) * PLANE_BYTES + j * 32 + byte] =
-                            plane_nibble(cl, p) | plane_nibble(ch, p) << 4;
-                    }
-                }
-            }
-        }
-
+        let packed = pack_planes(weights.codes, rows, cols, spec.bits)?;
         let mut scales = vec![0u16; tiles * groups * nps * TILE];
         let mut offsets = weights.offsets.map(|_| vec![0u16; tiles * groups * TILE]);
         for r in 0..rows {
@@ -222,6 +246,8 @@ impl PackedMatrix {
             weights: packed,
             scales,
             offsets,
+            half_groups: false,
+            super_scales: None,
         })
     }
 
@@ -245,6 +271,10 @@ impl PackedMatrix {
         self.weights.len()
             + 2 * self.scales.len()
             + self.offsets.as_ref().map_or(0, |o| 2 * o.len())
+            + self
+                .super_scales
+                .as_ref()
+                .map_or(0, SuperScaleBuffers::bytes)
     }
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` for every token `n` of `tables`; `out` is `[n][rows]`.
@@ -276,7 +306,8 @@ impl PackedMatrix {
         Ok(())
     }
 
-    /// Dequantized row `r` (`w = s·q + m`), for reference paths and tests.
+    /// Dequantized row `r` (`w = s·q + m`; super-block forms: `w = (d·sc)·(q − z) − dmin·m`, in
+    /// f32 as ggml computes it), for reference paths and tests.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
         let (rows, cols) = (self.rows(), self.cols());
         if row >= rows {
@@ -292,11 +323,11 @@ impl PackedMatrix {
         let bits = usize::from(self.spec.bits);
         let view = self.view();
         let nps = view.scale_planes();
+        let gs = cols / self.groups;
         let (tile, rr) = (row / TILE, row % TILE);
         let tile_bytes = cols / ACT * bits * PLANE_BYTES;
         let base = tile * tile_bytes + ROW_BYTE[rr % 32];
         let shift = if rr < 32 { 0 } else { 4 };
-        let gs = cols / self.groups;
         let f = |h: u16| f16::from_bits(h).to_f32();
         for (k, w) in out.iter_mut().enumerate() {
             let (a, j, i) = (k / ACT, (k % ACT) / 4, k % 4);
@@ -308,9 +339,13 @@ impl PackedMatrix {
                 let byte = self.weights[base + (a * bits + p) * PLANE_BYTES + j * 32];
                 let bit = u32::from((byte >> (shift + i)) & 1);
                 code |= bit << p;
-                if nps > 1 {
+                if nps > 1 && view.super_scales.is_none() {
                     value += f(self.scales[sbase + p * TILE]) * bit as f32;
                 }
+            }
+            if let Some(ss) = &self.super_scales {
+                *w = ss.dequantize(tile, rr, g, self.groups, code);
+                continue;
             }
             if nps == 1 {
                 value = f(self.scales[sbase]) * code as f32;
@@ -334,6 +369,8 @@ impl PackedMatrix {
             weights: &self.weights,
             scales: &self.scales,
             offsets: self.offsets.as_deref(),
+            half_groups: self.half_groups,
+            super_scales: self.super_scales.as_ref().map(SuperScaleBuffers::view),
         }
     }
 }

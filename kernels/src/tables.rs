@@ -39,6 +39,8 @@ pub struct ActivationTables {
     scales: Vec<f32>,
     /// `[token][cols/32]` Σx per activation group.
     sums: Vec<f32>,
+    /// `[token][cols/16]` Σx per half activation group (for weight groups of 16).
+    half_sums: Vec<f32>,
 }
 
 impl ActivationTables {
@@ -50,6 +52,7 @@ impl ActivationTables {
             tables: Vec::new(),
             scales: Vec::new(),
             sums: Vec::new(),
+            half_sums: Vec::new(),
         }
     }
 
@@ -77,6 +80,7 @@ impl ActivationTables {
         self.tables.resize(groups * TABLES_PER_ACT * TABLE_BYTES, 0);
         self.scales.resize(groups, 0.0);
         self.sums.resize(groups, 0.0);
+        self.half_sums.resize(2 * groups, 0.0);
         self.tokens = tokens;
 
         for ((xs, scale), sum) in x
@@ -92,6 +96,14 @@ impl ActivationTables {
             }
             *sum = s;
             *scale = max / 127.0;
+        }
+        // Summed apart from `sums` (not derived from it), so that the whole-group sums keep their value.
+        for (xs, half) in x.chunks_exact(ACT / 2).zip(&mut self.half_sums) {
+            let mut s = 0.0f32;
+            for quad in xs.chunks_exact(4) {
+                s += quad[0] + quad[1] + quad[2] + quad[3];
+            }
+            *half = s;
         }
 
         let chunk = table_build_chunk(self.tables.len(), cpu.threads());
@@ -122,6 +134,7 @@ impl ActivationTables {
             tables: &self.tables,
             scales: &self.scales,
             sums: &self.sums,
+            half_sums: &self.half_sums,
         }
     }
 }
@@ -182,6 +195,8 @@ mod tests {
         // The largest |entry| is 6.5 (all signs matching the first quad).
         assert!((v.scales[0] - 6.5 / 127.0).abs() < 1e-7);
         assert!((v.sums[0] - 3.5).abs() < 1e-6);
+        // Halves: columns 0..16 hold 2.5 + 1.0, columns 16..32 are zero.
+        assert_eq!(v.half_sums, &[3.5, 0.0]);
         // idx 0b1101: +x0 −x1 +x2 +x3 = 6.5 → 127; idx 0: −2.5 → round(−2.5·127/6.5) = −49.
         assert_eq!(v.tables[0b1101], 127);
         assert_eq!(v.tables[0], -49);
@@ -283,5 +298,7 @@ mod tests {
         assert_eq!(a.tables, b.tables);
         assert_eq!(a.scales, b.scales);
         assert_eq!(a.sums, b.sums);
+        assert_eq!(a.half_sums, b.half_sums);
+        assert_eq!(a.half_sums.len(), 2 * a.sums.len());
     }
 }

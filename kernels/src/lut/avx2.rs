@@ -5,9 +5,10 @@
 //! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use super::layout::{BLOCK, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
-use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS};
+use super::{scalar, Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, MAX_FAST_BITS};
 
 /// # Safety
 /// The CPU supports avx2, fma and f16c, and `v.is_consistent(t, n0, nb)` holds.
@@ -19,6 +20,15 @@ pub(super) unsafe fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
+    if v.needs_general_path() {
+        // SAFETY: the closure runs only inside this call, on the CPU the caller vouched for
+        // (the one feature `sums` needs); `sums` reads through bounds-checked slices that are
+        // shared read-only between threads and writes only `s`, this call's own buffer.
+        let lookups = |wa: &[u8], planes, tabs: &[i8], tables, s: &mut [i32; TILE]| unsafe {
+            sums(wa, planes, tabs, tables, s)
+        };
+        return scalar::tile_with(v, t, n0, nb, acc, lookups);
+    }
     if v.apg == 1 && !v.per_plane {
         // SAFETY: same contract as this function.
         return unsafe { tile_g32(v, t, n0, nb, acc) };
@@ -183,6 +193,58 @@ unsafe fn tile_g32<const NB: usize>(
                 }
             }
         }
+    }
+}
+
+/// [`scalar::sums`] with `vpshufb` lookups: planes in runs of at most [`MAX_FAST_BITS`] summed in
+/// int16 (at most 15·127·8 per row, no overflow), each run widened to i32 and shifted by its first
+/// plane's weight. Every read goes through a bounds-checked slice.
+///
+/// # Safety
+/// The CPU supports avx2, fma and f16c.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sums(
+    wa: &[u8],
+    planes: Range<usize>,
+    tabs: &[i8],
+    tables: Range<usize>,
+    out: &mut [i32; TILE],
+) {
+    debug_assert!(tables.start.is_multiple_of(2) && tables.end.is_multiple_of(2));
+    *out = [0; TILE];
+    let mut p0 = planes.start;
+    while p0 < planes.end {
+        let p1 = (p0 + MAX_FAST_BITS).min(planes.end);
+        let mut s = [_mm256_setzero_si256(); 4];
+        for p in p0..p1 {
+            let plane = &wa[p * PLANE_BYTES..][..PLANE_BYTES];
+            let pw = _mm256_set1_epi8(1 << (p - p0));
+            for pair in tables.start / 2..tables.end / 2 {
+                let blocks = &plane[2 * BLOCK * pair..][..2 * BLOCK];
+                let pair_tabs = &tabs[2 * TABLE_BYTES * pair..][..2 * TABLE_BYTES];
+                // SAFETY: `blocks` is 64 bytes and `pair_tabs` 32, what the two functions read.
+                unsafe {
+                    let idx = split_pair(blocks.as_ptr());
+                    pair_lookups(pair_tabs.as_ptr(), &idx, pw, &mut s);
+                }
+            }
+        }
+        let shift = _mm_cvtsi32_si128((p0 - planes.start) as i32);
+        for (q, &sq) in s.iter().enumerate() {
+            let halves = [
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sq)),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sq)),
+            ];
+            for (h, &v) in halves.iter().enumerate() {
+                let dst = &mut out[16 * q + 8 * h..][..8];
+                // SAFETY: `dst` is 8 i32s.
+                let old = unsafe { _mm256_loadu_si256(dst.as_ptr().cast()) };
+                let new = _mm256_add_epi32(old, _mm256_sll_epi32(v, shift));
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), new) };
+            }
+        }
+        p0 = p1;
     }
 }
 

@@ -5,6 +5,10 @@
 //! float operations in the same order (mul and add, never fused), so that the SIMD paths agree with the
 //! scalar reference bit for bit: integer lookups are exact whatever their order, and the float work per
 //! row is `F += tscale·S` per activation group, then one combine per weight group (see [`scalar`]).
+//!
+//! Forms the specialised SIMD paths do not cover (more than 4 planes, weight groups of 16, two-level
+//! super-block scales) run the scalar float work with the ISA's integer lookups
+//! ([`scalar::tile_with`]): integer sums are exact, so those paths agree with the reference too.
 
 pub(crate) mod layout;
 pub(crate) mod scalar;
@@ -15,6 +19,8 @@ pub(crate) mod avx2;
 pub(crate) mod neon;
 #[cfg(test)]
 mod tests;
+
+use std::ops::Range;
 
 use crate::cpu::Cpu;
 use crate::isa::Isa;
@@ -35,7 +41,9 @@ pub(crate) const TILE_SPLIT: Split = Split {
 };
 
 /// Most bit planes.
-pub(crate) const MAX_BITS: usize = 4;
+pub(crate) const MAX_BITS: usize = 6;
+/// Most bit planes the specialised SIMD paths take: their int16 sums of up to 4 planes cannot overflow.
+pub(crate) const MAX_FAST_BITS: usize = 4;
 
 /// Per-token, per-row accumulators of one tile, for token blocks of up to `N` tokens (1 for GEMV, so
 /// that a tile call does not clear 20 KiB of GEMM scratch).
@@ -61,6 +69,56 @@ pub(crate) struct Weights<'a> {
     pub scales: &'a [u16],
     /// f16 bits, `[tile][group][64]`.
     pub offsets: Option<&'a [u16]>,
+    /// Weight groups of 16: two per activation group (`groups == 2·act_groups`).
+    pub half_groups: bool,
+    /// Two-level scales (then `scales` is empty and `offsets` is `None`).
+    pub super_scales: Option<SuperScales<'a>>,
+}
+
+/// Two-level scales: the scale of weight group `g` of row `r` is `d·sc` and its offset `−dmin·m`,
+/// both one f32 product, with `d`, `dmin` of the super-block holding `g`. Slices are
+/// `[tile][…][64 rows]` for a matrix, `[…][64 rows]` for a tile.
+#[derive(Clone, Copy)]
+pub(crate) struct SuperScales<'a> {
+    /// Integer sub-scales `sc`, `[group][64]`.
+    pub sub_scales: &'a [i8],
+    /// Integer sub-mins `m`, `[group][64]`.
+    pub sub_mins: Option<&'a [u8]>,
+    /// f16 bits of `d`, `[super-block][64]`.
+    pub d: &'a [u16],
+    /// f16 bits of `dmin`, `[super-block][64]`.
+    pub dmin: Option<&'a [u16]>,
+    /// Weight groups per super-block.
+    pub groups_per_super: usize,
+    /// `(2^b − 1)/2 − z` for codes with zero point `z`: the `c` of the combine.
+    pub centre: f32,
+}
+
+impl<'a> SuperScales<'a> {
+    /// The part of tile `tile` of a matrix with `groups` weight groups per row.
+    fn tile(&self, tile: usize, groups: usize) -> SuperScales<'a> {
+        let g = groups * TILE;
+        let s = groups / self.groups_per_super.max(1) * TILE;
+        SuperScales {
+            sub_scales: &self.sub_scales[tile * g..][..g],
+            sub_mins: self.sub_mins.map(|m| &m[tile * g..][..g]),
+            d: &self.d[tile * s..][..s],
+            dmin: self.dmin.map(|m| &m[tile * s..][..s]),
+            ..*self
+        }
+    }
+
+    /// Whether the slices fit a tile of `groups` weight groups.
+    fn is_consistent(&self, groups: usize) -> bool {
+        let gps = self.groups_per_super;
+        gps > 0
+            && groups.is_multiple_of(gps)
+            && self.sub_scales.len() == groups * TILE
+            && self.sub_mins.is_none_or(|m| m.len() == groups * TILE)
+            && self.d.len() == groups / gps * TILE
+            && self.dmin.is_none_or(|m| m.len() == groups / gps * TILE)
+            && self.sub_mins.is_some() == self.dmin.is_some()
+    }
 }
 
 impl Weights<'_> {
@@ -78,6 +136,10 @@ impl Weights<'_> {
         let wbytes = self.act_groups * self.bits * PLANE_BYTES;
         let sbytes = self.groups * self.scale_planes() * TILE;
         let obytes = self.groups * TILE;
+        let (scales, super_scales) = match &self.super_scales {
+            Some(s) => (&self.scales[..0], Some(s.tile(tile, self.groups))),
+            None => (&self.scales[tile * sbytes..][..sbytes], None),
+        };
         TileView {
             bits: self.bits,
             per_plane: self.per_plane,
@@ -85,8 +147,10 @@ impl Weights<'_> {
             groups: self.groups,
             apg: self.act_groups / self.groups,
             weights: &self.weights[tile * wbytes..][..wbytes],
-            scales: &self.scales[tile * sbytes..][..sbytes],
+            scales,
             offsets: self.offsets.map(|o| &o[tile * obytes..][..obytes]),
+            half_groups: self.half_groups,
+            super_scales,
         }
     }
 }
@@ -105,9 +169,39 @@ pub(crate) struct TileView<'a> {
     pub scales: &'a [u16],
     /// `[group][64]`.
     pub offsets: Option<&'a [u16]>,
+    /// Weight groups of 16 (then `apg` is 0).
+    pub half_groups: bool,
+    /// Two-level scales instead of `scales` and `offsets`.
+    pub super_scales: Option<SuperScales<'a>>,
 }
 
 impl TileView<'_> {
+    /// Whether the tile needs the general path ([`scalar::tile_with`]) rather than a specialised one.
+    pub fn needs_general_path(&self) -> bool {
+        self.bits > MAX_FAST_BITS || self.half_groups || self.super_scales.is_some()
+    }
+
+    /// The activation groups `a0..a1` of weight group `g` and its table groups within each of them.
+    #[inline]
+    pub fn span(&self, g: usize) -> (usize, usize, Range<usize>) {
+        if self.half_groups {
+            let half = TABLES_PER_ACT / 2;
+            (g / 2, g / 2 + 1, g % 2 * half..(g % 2 + 1) * half)
+        } else {
+            (g * self.apg, (g + 1) * self.apg, 0..TABLES_PER_ACT)
+        }
+    }
+
+    /// Σx of one token over weight group `g` (as [`TabView::group_sum`] for whole activation groups).
+    #[inline]
+    pub fn group_sum(&self, t: &TabView<'_>, token: usize, g: usize) -> f32 {
+        if self.half_groups {
+            t.half_sums[token * 2 * t.act_groups + g]
+        } else {
+            t.group_sum(token, g * self.apg, (g + 1) * self.apg)
+        }
+    }
+
     /// Scale planes per group.
     pub fn scale_planes(&self) -> usize {
         if self.per_plane {
@@ -119,18 +213,35 @@ impl TileView<'_> {
 
     /// Whether every slice has the length the kernels index it with (what makes the SIMD reads sound).
     fn is_consistent(&self, t: &TabView<'_>, n0: usize, nb: usize, capacity: usize) -> bool {
+        let scales_fit = match &self.super_scales {
+            Some(s) => {
+                s.is_consistent(self.groups)
+                    && !self.per_plane
+                    && self.scales.is_empty()
+                    && self.offsets.is_none()
+            }
+            None => {
+                self.scales.len() == self.groups * self.scale_planes() * TILE
+                    && self.offsets.is_none_or(|o| o.len() == self.groups * TILE)
+            }
+        };
+        let groups_fit = if self.half_groups {
+            self.groups == 2 * self.act_groups
+        } else {
+            self.apg * self.groups == self.act_groups
+        };
         (1..=MAX_BITS).contains(&self.bits)
             && self.groups > 0
-            && self.apg * self.groups == self.act_groups
+            && groups_fit
+            && scales_fit
             && self.weights.len() == self.act_groups * self.bits * PLANE_BYTES
-            && self.scales.len() == self.groups * self.scale_planes() * TILE
-            && self.offsets.is_none_or(|o| o.len() == self.groups * TILE)
             && t.act_groups == self.act_groups
             && nb <= capacity
             && n0 + nb <= t.tokens
             && t.tables.len() == t.tokens * t.act_groups * TABLES_PER_ACT * TABLE_BYTES
             && t.scales.len() == t.tokens * t.act_groups
             && t.sums.len() == t.tokens * t.act_groups
+            && t.half_sums.len() == 2 * t.tokens * t.act_groups
     }
 }
 
@@ -144,6 +255,8 @@ pub(crate) struct TabView<'a> {
     pub scales: &'a [f32],
     /// `[token][act group]`: Σx.
     pub sums: &'a [f32],
+    /// `[token][act group][2]`: Σx of each half (16 columns) of an activation group.
+    pub half_sums: &'a [f32],
 }
 
 impl TabView<'_> {

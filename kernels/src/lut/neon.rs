@@ -4,9 +4,10 @@
 //! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
 
 use std::arch::aarch64::*;
+use std::ops::Range;
 
 use super::layout::{BLOCK, PLANE_BYTES, TABLE_BYTES, TILE};
-use super::{scalar, Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS};
+use super::{scalar, Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, MAX_FAST_BITS};
 
 /// # Safety
 /// The CPU supports NEON, and `v.is_consistent(t, n0, nb)` holds.
@@ -18,6 +19,15 @@ pub(super) unsafe fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
+    if v.needs_general_path() {
+        // SAFETY: the closure runs only inside this call, on the CPU the caller vouched for
+        // (the one feature `sums` needs); `sums` reads through bounds-checked slices that are
+        // shared read-only between threads and writes only `s`, this call's own buffer.
+        let lookups = |wa: &[u8], planes, tabs: &[i8], tables, s: &mut [i32; TILE]| unsafe {
+            sums(wa, planes, tabs, tables, s)
+        };
+        return scalar::tile_with(v, t, n0, nb, acc, lookups);
+    }
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     for a in acc[..nb].iter_mut() {
@@ -105,6 +115,80 @@ unsafe fn lookups(plane: *const u8, tabs: *const i8, pw: i16, s: &mut [int16x8_t
                 s[k] = vmlaq_n_s16(s[k], sum, pw);
             }
         }
+    }
+}
+
+/// [`scalar::sums`] with `tbl` lookups: planes in runs of at most [`MAX_FAST_BITS`] summed in int16
+/// (at most 15·127·8 per row, no overflow), each run widened to i32 and shifted by its first plane's
+/// weight. Every read goes through a bounds-checked slice.
+///
+/// # Safety
+/// The CPU supports NEON.
+#[target_feature(enable = "neon")]
+unsafe fn sums(
+    wa: &[u8],
+    planes: Range<usize>,
+    tabs: &[i8],
+    tables: Range<usize>,
+    out: &mut [i32; TILE],
+) {
+    debug_assert!(tables.start.is_multiple_of(2) && tables.end.is_multiple_of(2));
+    *out = [0; TILE];
+    let mask = vdupq_n_u8(0x0F);
+    let mut p0 = planes.start;
+    while p0 < planes.end {
+        let p1 = (p0 + MAX_FAST_BITS).min(planes.end);
+        let mut s = [vdupq_n_s16(0); 8];
+        for p in p0..p1 {
+            let plane = &wa[p * PLANE_BYTES..][..PLANE_BYTES];
+            let pw = 1i16 << (p - p0);
+            for j in tables.clone().step_by(2) {
+                let blocks = &plane[BLOCK * j..][..2 * BLOCK];
+                let pair_tabs = &tabs[TABLE_BYTES * j..][..2 * TABLE_BYTES];
+                // SAFETY: `pair_tabs` is 32 bytes.
+                let (t0, t1) = unsafe {
+                    (
+                        vld1q_s8(pair_tabs.as_ptr()),
+                        vld1q_s8(pair_tabs.as_ptr().add(TABLE_BYTES)),
+                    )
+                };
+                for lane in 0..2 {
+                    // SAFETY: `blocks` is 64 bytes: 32 + 16·lane + 16 <= 64.
+                    let (w0, w1) = unsafe {
+                        (
+                            vld1q_u8(blocks.as_ptr().add(16 * lane)),
+                            vld1q_u8(blocks.as_ptr().add(BLOCK + 16 * lane)),
+                        )
+                    };
+                    let rl0 = vqtbl1q_s8(t0, vandq_u8(w0, mask));
+                    let rl1 = vqtbl1q_s8(t1, vandq_u8(w1, mask));
+                    let rh0 = vqtbl1q_s8(t0, vshrq_n_u8::<4>(w0));
+                    let rh1 = vqtbl1q_s8(t1, vshrq_n_u8::<4>(w1));
+                    // The row order of `lookups`: `s[k]` holds rows 8k..8k+8.
+                    let parts = [
+                        (lane, vaddl_s8(vget_low_s8(rl0), vget_low_s8(rl1))),
+                        (2 + lane, vaddl_high_s8(rl0, rl1)),
+                        (4 + lane, vaddl_s8(vget_low_s8(rh0), vget_low_s8(rh1))),
+                        (6 + lane, vaddl_high_s8(rh0, rh1)),
+                    ];
+                    for (k, sum) in parts {
+                        s[k] = vmlaq_n_s16(s[k], sum, pw);
+                    }
+                }
+            }
+        }
+        let shift = vdupq_n_s32((p0 - planes.start) as i32);
+        for (k, &sk) in s.iter().enumerate() {
+            let halves = [vmovl_s16(vget_low_s16(sk)), vmovl_high_s16(sk)];
+            for (h, &v) in halves.iter().enumerate() {
+                let dst = &mut out[8 * k + 4 * h..][..4];
+                // SAFETY: `dst` is 4 i32s.
+                let old = unsafe { vld1q_s32(dst.as_ptr()) };
+                // SAFETY: as above.
+                unsafe { vst1q_s32(dst.as_mut_ptr(), vaddq_s32(old, vshlq_s32(v, shift))) };
+            }
+        }
+        p0 = p1;
     }
 }
 

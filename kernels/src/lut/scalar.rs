@@ -6,12 +6,18 @@
 //!   `F_p += tscale_a·S_p` in f32;
 //! - uniform: `acc += s·(0.5·F + c·Σx_g)` with `c = (2^b − 1)/2`, since `Σq·x = 0.5·Σ_p 2^p(σ_p·x) + c·Σx`;
 //! - per-plane: `acc += (F_p + Σx_g)·(0.5·s_p)` for each plane, since `Σq_p·x = 0.5·(σ_p·x + Σx)`;
-//! - then `acc += m·Σx_g` when the matrix has offsets: once per (row, group), whatever the tiling.
+//! - then `acc += m·Σx_g` when the matrix has offsets: once per (row, group), whatever the tiling;
+//! - super-block scales: the group's `s = d·sc` and `m = −dmin·m_int` are formed in f32 first
+//!   (exact products), then combined as uniform planes with `c = (2^b − 1)/2 − z` for zero point `z`;
+//! - weight groups of 16 take the lookups of half an activation group (4 table groups) and that
+//!   half's Σx.
 //!
 //! The SIMD kernels perform exactly these float operations (mul then add, no FMA) in this order.
 
+use std::ops::Range;
+
 use super::layout::{BLOCK, LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
-use super::{Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS};
+use super::{Acc, PlaneSums, SuperScales, TabView, TileView, CHUNK, MAX_BITS};
 use half::f16;
 
 /// Accumulates `acc[n]` for tokens `n0..n0+nb` over every weight group of the tile.
@@ -22,8 +28,23 @@ pub(crate) fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
+    tile_with(v, t, n0, nb, acc, sums);
+}
+
+/// [`tile`] with the integer lookups of `sums` (see [`sums`] for its contract): the float work is this
+/// module's whatever ISA does the lookups.
+#[inline]
+pub(crate) fn tile_with<const NB: usize>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+    sums: impl Fn(&[u8], Range<usize>, &[i8], Range<usize>, &mut [i32; TILE]),
+) {
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
+    let mut scales = GroupScales::new();
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
@@ -33,7 +54,7 @@ pub(crate) fn tile<const NB: usize>(
                 *plane = [0.0; TILE];
             }
         }
-        let (a0, a1) = (g * v.apg, (g + 1) * v.apg);
+        let (a0, a1, tables) = v.span(g);
         let mut c0 = a0;
         while c0 < a1 {
             let c1 = (c0 + CHUNK).min(a1);
@@ -42,42 +63,110 @@ pub(crate) fn tile<const NB: usize>(
                     let tabs = t.tables_of(n0 + n, a);
                     let ts = t.scales[(n0 + n) * t.act_groups + a];
                     let wa = &v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES];
+                    let mut s = [0i32; TILE];
                     if v.per_plane {
                         for (p, fp) in fn_[..v.bits].iter_mut().enumerate() {
-                            let mut s = [0i32; TILE];
-                            lookups(&wa[p * PLANE_BYTES..][..PLANE_BYTES], tabs, 1, &mut s);
+                            sums(wa, p..p + 1, tabs, tables.clone(), &mut s);
                             accumulate(fp, &s, ts);
                         }
                     } else {
-                        let mut s = [0i32; TILE];
-                        for p in 0..v.bits {
-                            lookups(&wa[p * PLANE_BYTES..][..PLANE_BYTES], tabs, 1 << p, &mut s);
-                        }
+                        sums(wa, 0..v.bits, tabs, tables.clone(), &mut s);
                         accumulate(&mut fn_[0], &s, ts);
                     }
                 }
             }
             c0 = c1;
         }
+        if let Some(ss) = &v.super_scales {
+            scales.fill(ss, g);
+        }
         for (n, a) in acc[..nb].iter_mut().enumerate() {
-            let sx = t.group_sum(n0 + n, a0, a1);
-            combine(v, g, &f[n], sx, a);
+            let sx = v.group_sum(t, n0 + n, g);
+            match &v.super_scales {
+                Some(ss) => combine_super(&f[n][0], sx, ss.centre, &scales, a),
+                None => combine(v, g, &f[n], sx, a),
+            }
         }
     }
 }
 
-/// `s[r] += pw·Σ_j T_j[nibble_j(r)]` for one plane of one activation group.
-fn lookups(plane: &[u8], tabs: &[i8], pw: i32, s: &mut [i32; TILE]) {
-    for (blk, tab) in plane
-        .chunks_exact(BLOCK)
-        .zip(tabs.chunks_exact(TABLE_BYTES))
-    {
-        for (&byte, &r) in blk.iter().zip(LO_ROW.iter()) {
-            s[r] += pw * i32::from(tab[usize::from(byte & 0x0F)]);
-            s[r + 32] += pw * i32::from(tab[usize::from(byte >> 4)]);
+/// `s[r] = Σ_{p ∈ planes} 2^(p − planes.start)·Σ_{j ∈ tables} T_j[nibble_{p,j}(r)]` for one activation
+/// group: `wa` holds its planes (`bits·256` bytes), `tabs` its 8 tables; `tables` starts and ends at
+/// even table groups.
+pub(crate) fn sums(
+    wa: &[u8],
+    planes: Range<usize>,
+    tabs: &[i8],
+    tables: Range<usize>,
+    s: &mut [i32; TILE],
+) {
+    debug_assert_eq!(tabs.len(), TABLES_PER_ACT * TABLE_BYTES);
+    *s = [0; TILE];
+    for p in planes.clone() {
+        let pw = 1i32 << (p - planes.start);
+        let plane = &wa[p * PLANE_BYTES..][..PLANE_BYTES];
+        for j in tables.clone() {
+            let blk = &plane[j * BLOCK..][..BLOCK];
+            let tab = &tabs[j * TABLE_BYTES..][..TABLE_BYTES];
+            for (&byte, &r) in blk.iter().zip(LO_ROW.iter()) {
+                s[r] += pw * i32::from(tab[usize::from(byte & 0x0F)]);
+                s[r + 32] += pw * i32::from(tab[usize::from(byte >> 4)]);
+            }
         }
     }
-    debug_assert_eq!(tabs.len(), TABLES_PER_ACT * TABLE_BYTES);
+}
+
+/// The f32 scale `d·sc` and offset `−(dmin·m)` of one weight group of a super-block tile, per row.
+pub(crate) struct GroupScales {
+    scale: [f32; TILE],
+    offset: Option<[f32; TILE]>,
+}
+
+impl GroupScales {
+    fn new() -> GroupScales {
+        GroupScales {
+            scale: [0.0; TILE],
+            offset: None,
+        }
+    }
+
+    /// The scales of weight group `g`: each an f32 product of two exact factors, as ggml forms them.
+    fn fill(&mut self, ss: &SuperScales<'_>, g: usize) {
+        let sb = g / ss.groups_per_super;
+        let f = |h: u16| f16::from_bits(h).to_f32();
+        let d = &ss.d[sb * TILE..][..TILE];
+        let sc = &ss.sub_scales[g * TILE..][..TILE];
+        for ((s, &d), &sc) in self.scale.iter_mut().zip(d).zip(sc) {
+            *s = f(d) * f32::from(sc);
+        }
+        self.offset = match (ss.dmin, ss.sub_mins) {
+            (Some(dmin), Some(mins)) => {
+                let mut o = [0.0f32; TILE];
+                let dmin = &dmin[sb * TILE..][..TILE];
+                let mins = &mins[g * TILE..][..TILE];
+                for ((o, &dm), &m) in o.iter_mut().zip(dmin).zip(mins) {
+                    *o = -(f(dm) * f32::from(m));
+                }
+                Some(o)
+            }
+            _ => None,
+        };
+    }
+}
+
+/// Adds the contribution of one weight group with super-block scales (see the module doc):
+/// `acc += s·(0.5·F + c·Σx)`, then `acc += m·Σx` when the matrix has mins.
+fn combine_super(f: &[f32; TILE], sx: f32, centre: f32, gs: &GroupScales, acc: &mut [f32; TILE]) {
+    let csx = centre * sx;
+    for ((a, &fv), &s) in acc.iter_mut().zip(f).zip(&gs.scale) {
+        let t = 0.5 * fv + csx;
+        *a += s * t;
+    }
+    if let Some(offset) = &gs.offset {
+        for (a, &m) in acc.iter_mut().zip(offset) {
+            *a += m * sx;
+        }
+    }
 }
 
 /// `f[r] += ts·S[r]` (mul, then add).

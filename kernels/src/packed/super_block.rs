@@ -1,0 +1,249 @@
+//! Two-level ("super-block") scales, the form of llama.cpp's K-quants: per (row, group of 16 or 32)
+//! an integer sub-scale `sc` (and sub-min `m`), per (row, super-block of 256) f16 factors `d` (and
+//! `dmin`), and `w = (d·sc)·(q − z) − dmin·m` with a zero point `z` shared by the matrix.
+//!
+//! `d` and `dmin` are kept as the f16 bits of the file and the sub-scales as bytes, so a packed
+//! matrix is about as small as the file (Q4_K: 4.625 bits per weight against 4.5; Q6_K: 6.5625,
+//! the same). The kernels form each group's scale as one f32 product `d·sc` (and `dmin·m`), which is
+//! exact, so they multiply by exactly the weights ggml dequantizes to.
+
+use half::f16;
+
+use super::{pack_planes, Grouping, PackedMatrix, PlaneScales, QuantSpec};
+use crate::error::{KernelError, Result};
+use crate::lut::layout::TILE;
+use crate::lut::{SuperScales, MAX_BITS};
+
+/// Elements per super-block along K (one `d`, `dmin` per row and super-block).
+pub const SUPER_BLOCK: usize = 256;
+
+/// Unpacked weights with two-level scales, as decoded from K-quant blocks: the input of
+/// [`PackedMatrix::pack_super_blocks`].
+///
+/// Weight `k` of row `r`, in group `g = k / group` and super-block `b = k / 256`, is
+/// `(d[r][b]·sc[r][g])·(q − zero_point) − dmin[r][b]·m[r][g]` (the last term only with mins), each
+/// product in f32. The llama.cpp types map to it as:
+///
+/// | type | bits | group | zero_point | sub_scales | sub_mins / dmin |
+/// |------|------|-------|------------|------------|-----------------|
+/// | Q2_K | 2 | 16 | 0 | 4-bit `sc` | 4-bit `m`, `dmin` |
+/// | Q3_K | 3 | 16 | 4 | 6-bit `sc − 32` (signed) | none |
+/// | Q4_K | 4 | 32 | 0 | 6-bit `sc` | 6-bit `m`, `dmin` |
+/// | Q5_K | 5 | 32 | 0 | 6-bit `sc` | 6-bit `m`, `dmin` |
+/// | Q6_K | 6 | 16 | 32 | int8 `sc` | none |
+#[derive(Clone, Copy, Debug)]
+pub struct SuperBlockWeights<'a> {
+    /// Output features (M).
+    pub rows: usize,
+    /// Input features (K); a multiple of [`SUPER_BLOCK`].
+    pub cols: usize,
+    /// Bits per code, 1 to 6.
+    pub bits: u8,
+    /// Elements per sub-scale group along K: 16 or 32.
+    pub group: usize,
+    /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, else 0).
+    pub zero_point: u8,
+    /// One code per element, row-major `[rows][cols]`, each `< 2^bits`.
+    pub codes: &'a [u8],
+    /// Sub-scales `sc`, `[rows][cols / group]`.
+    pub sub_scales: &'a [i8],
+    /// Sub-mins `m`, `[rows][cols / group]`; given exactly when `dmin` is.
+    pub sub_mins: Option<&'a [u8]>,
+    /// f16 bits of the super-scales `d`, `[rows][cols / 256]`.
+    pub d: &'a [u16],
+    /// f16 bits of the super-mins `dmin`, `[rows][cols / 256]`.
+    pub dmin: Option<&'a [u16]>,
+}
+
+/// The two-level scales of a packed matrix, in row tiles: `[tile][group or super-block][64 rows]`;
+/// padded rows hold 0.
+pub(super) struct SuperScaleBuffers {
+    sub_scales: Vec<i8>,
+    sub_mins: Option<Vec<u8>>,
+    d: Vec<u16>,
+    dmin: Option<Vec<u16>>,
+    groups_per_super: usize,
+    zero_point: u8,
+    bits: u8,
+}
+
+impl SuperScaleBuffers {
+    /// Bytes of the scales: one per sub-scale and sub-min, two per `d` and `dmin`.
+    pub(super) fn bytes(&self) -> usize {
+        self.sub_scales.len()
+            + self.sub_mins.as_ref().map_or(0, Vec::len)
+            + 2 * self.d.len()
+            + 2 * self.dmin.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The buffers, borrowed for the kernels.
+    pub(super) fn view(&self) -> SuperScales<'_> {
+        let c = ((1u32 << self.bits) - 1) as f32 * 0.5;
+        SuperScales {
+            sub_scales: &self.sub_scales,
+            sub_mins: self.sub_mins.as_deref(),
+            d: &self.d,
+            dmin: self.dmin.as_deref(),
+            groups_per_super: self.groups_per_super,
+            centre: c - f32::from(self.zero_point),
+        }
+    }
+
+    /// The weight of `code` in row `rr` of tile `tile`, group `g` (of `groups` per row), computed as
+    /// ggml does: `(d·sc)·(q − z) − dmin·m`.
+    pub(super) fn dequantize(
+        &self,
+        tile: usize,
+        rr: usize,
+        g: usize,
+        groups: usize,
+        code: u32,
+    ) -> f32 {
+        let f = |h: u16| f16::from_bits(h).to_f32();
+        let supers = groups / self.groups_per_super;
+        let sb = (tile * supers + g / self.groups_per_super) * TILE + rr;
+        let gi = (tile * groups + g) * TILE + rr;
+        let q = code as i32 - i32::from(self.zero_point);
+        let mut w = (f(self.d[sb]) * f32::from(self.sub_scales[gi])) * q as f32;
+        if let (Some(dmin), Some(mins)) = (&self.dmin, &self.sub_mins) {
+            w -= f(dmin[sb]) * f32::from(mins[gi]);
+        }
+        w
+    }
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// `[rows][per_row]` values reordered to `[tile][per_row][64 rows]`, padded rows `T::default()`.
+fn tile_major<T: Copy + Default>(src: &[T], rows: usize, per_row: usize) -> Vec<T> {
+    let tiles = rows.div_ceil(TILE);
+    let mut out = vec![T::default(); tiles * per_row * TILE];
+    for (r, row) in src.chunks_exact(per_row).enumerate() {
+        let (tile, rr) = (r / TILE, r % TILE);
+        for (i, &v) in row.iter().enumerate() {
+            out[(tile * per_row + i) * TILE + rr] = v;
+        }
+    }
+    out
+}
+
+/// An error when one of the f16 factors is not finite.
+fn check_finite(factors: &[u16]) -> Result<()> {
+    match factors.iter().position(|&h| !f16::from_bits(h).is_finite()) {
+        Some(index) => Err(KernelError::ScaleOutOfRange {
+            index,
+            value: f16::from_bits(factors[index]).to_f32(),
+        }),
+        None => Ok(()),
+    }
+}
+
+impl PackedMatrix {
+    /// Checks weights with two-level scales and repacks them; `d`, `dmin` stay f16 and the
+    /// sub-scales bytes (see [`SuperBlockWeights`]).
+    ///
+    /// ```
+    /// use lutra_kernels::{PackedMatrix, SuperBlockWeights};
+    ///
+    /// // One row of one Q4_K super-block: 8 groups of 32, codes 0..16.
+    /// let codes: Vec<u8> = (0..256).map(|k| (k % 16) as u8).collect();
+    /// let sub_scales = [1i8, 2, 3, 4, 5, 6, 7, 63];
+    /// let sub_mins = [0u8, 1, 2, 3, 4, 5, 6, 63];
+    /// let d = [half::f16::from_f32(0.01).to_bits()];
+    /// let dmin = [half::f16::from_f32(0.002).to_bits()];
+    /// let weights = SuperBlockWeights {
+    ///     rows: 1,
+    ///     cols: 256,
+    ///     bits: 4,
+    ///     group: 32,
+    ///     zero_point: 0,
+    ///     codes: &codes,
+    ///     sub_scales: &sub_scales,
+    ///     sub_mins: Some(&sub_mins),
+    ///     d: &d,
+    ///     dmin: Some(&dmin),
+    /// };
+    /// let matrix = PackedMatrix::pack_super_blocks(&weights).unwrap();
+    /// let mut row = vec![0.0f32; 256];
+    /// matrix.dequantize_row(0, &mut row).unwrap();
+    /// let (dv, mv) = (half::f16::from_bits(d[0]).to_f32(), half::f16::from_bits(dmin[0]).to_f32());
+    /// assert_eq!(row[255], (dv * 63.0) * 15.0 - mv * 63.0);
+    /// ```
+    pub fn pack_super_blocks(weights: &SuperBlockWeights<'_>) -> Result<PackedMatrix> {
+        let w = weights;
+        let (rows, cols) = (w.rows, w.cols);
+        if !(1..=MAX_BITS as u8).contains(&w.bits) {
+            return Err(KernelError::UnsupportedBits(w.bits));
+        }
+        if cols == 0 || !cols.is_multiple_of(SUPER_BLOCK) {
+            return Err(KernelError::KNotMultipleOfSuperBlock {
+                cols,
+                super_block: SUPER_BLOCK,
+            });
+        }
+        if !matches!(w.group, 16 | 32) {
+            return Err(KernelError::SuperBlockGroup(w.group));
+        }
+        if w.sub_mins.is_some() != w.dmin.is_some() {
+            return Err(KernelError::MinsWithoutSuperMins);
+        }
+        let groups = cols / w.group;
+        let supers = cols / SUPER_BLOCK;
+        let too_big = |_| KernelError::LengthMismatch {
+            what: "codes",
+            expected: usize::MAX,
+            got: w.codes.len(),
+        };
+        let elements = rows.checked_mul(cols).ok_or(()).map_err(too_big)?;
+        check_len("codes", elements, w.codes.len())?;
+        check_len("sub-scales", rows * groups, w.sub_scales.len())?;
+        if let Some(m) = w.sub_mins {
+            check_len("sub-mins", rows * groups, m.len())?;
+        }
+        check_len("d", rows * supers, w.d.len())?;
+        check_finite(w.d)?;
+        if let Some(dmin) = w.dmin {
+            check_len("dmin", rows * supers, dmin.len())?;
+            check_finite(dmin)?;
+        }
+        let packed = pack_planes(w.codes, rows, cols, w.bits)?;
+        let super_scales = SuperScaleBuffers {
+            sub_scales: tile_major(w.sub_scales, rows, groups),
+            sub_mins: w.sub_mins.map(|m| tile_major(m, rows, groups)),
+            d: tile_major(w.d, rows, supers),
+            dmin: w.dmin.map(|m| tile_major(m, rows, supers)),
+            groups_per_super: SUPER_BLOCK / w.group,
+            zero_point: w.zero_point,
+            bits: w.bits,
+        };
+        Ok(PackedMatrix {
+            spec: QuantSpec {
+                rows,
+                cols,
+                bits: w.bits,
+                grouping: Grouping::Size(w.group),
+                plane_scales: PlaneScales::Uniform,
+            },
+            tiles: rows.div_ceil(TILE),
+            groups,
+            weights: packed,
+            scales: Vec::new(),
+            offsets: None,
+            half_groups: w.group == 16,
+            super_scales: Some(super_scales),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

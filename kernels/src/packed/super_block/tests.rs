@@ -1,0 +1,694 @@
+//! Tests of super-block (K-quant) weights: dequantization bit-equal to ggml's (from the formula and
+//! from real block bytes), every ISA and thread count bit-equal to the scalar reference, accuracy
+//! against an exact f64 dot, 5 and 6 bit float-scale forms, and the errors of bad inputs.
+
+use half::f16;
+
+use crate::rng::SplitMix64;
+use crate::{
+    ActivationTables, Cpu, Grouping, Isa, KernelError, PackedMatrix, PlaneScales, QuantSpec,
+    QuantizedWeights, SuperBlockWeights, SUPER_BLOCK,
+};
+
+/// One llama.cpp K-quant type, as [`SuperBlockWeights`] describes it.
+#[derive(Clone, Copy, Debug)]
+struct KQuant {
+    name: &'static str,
+    bits: u8,
+    group: usize,
+    zero_point: u8,
+    mins: bool,
+    /// Inclusive range of the sub-scales.
+    sc: (i32, i32),
+    /// Largest sub-min.
+    m_max: u8,
+}
+
+const Q2_K: KQuant = KQuant {
+    name: "Q2_K",
+    bits: 2,
+    group: 16,
+    zero_point: 0,
+    mins: true,
+    sc: (0, 15),
+    m_max: 15,
+};
+const Q3_K: KQuant = KQuant {
+    name: "Q3_K",
+    bits: 3,
+    group: 16,
+    zero_point: 4,
+    mins: false,
+    sc: (-32, 31),
+    m_max: 0,
+};
+const Q4_K: KQuant = KQuant {
+    name: "Q4_K",
+    bits: 4,
+    group: 32,
+    zero_point: 0,
+    mins: true,
+    sc: (0, 63),
+    m_max: 63,
+};
+const Q5_K: KQuant = KQuant {
+    name: "Q5_K",
+    bits: 5,
+    group: 32,
+    zero_point: 0,
+    mins: true,
+    sc: (0, 63),
+    m_max: 63,
+};
+const Q6_K: KQuant = KQuant {
+    name: "Q6_K",
+    bits: 6,
+    group: 16,
+    zero_point: 32,
+    mins: false,
+    sc: (-128, 127),
+    m_max: 0,
+};
+const TYPES: [KQuant; 5] = [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K];
+
+struct Rng(SplitMix64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        (self.0.next_u64() % n as u64) as usize
+    }
+
+    /// f16 bits of a super-factor: mostly normal values of either sign, some subnormal, some zero.
+    fn factor(&mut self) -> u16 {
+        let sign = if self.below(4) == 0 { 0x8000 } else { 0 };
+        match self.below(10) {
+            0 => sign | (1 + self.below(0x3FF)) as u16,
+            1 => 0,
+            _ => sign | f16::from_f32(1e-4 + 0.02 * self.0.uniform()).to_bits(),
+        }
+    }
+}
+
+/// Decoded K-quant weights, owned.
+struct Parts {
+    t: KQuant,
+    rows: usize,
+    cols: usize,
+    codes: Vec<u8>,
+    sub_scales: Vec<i8>,
+    sub_mins: Option<Vec<u8>>,
+    d: Vec<u16>,
+    dmin: Option<Vec<u16>>,
+}
+
+impl Parts {
+    fn random(rng: &mut Rng, t: KQuant, rows: usize, cols: usize) -> Parts {
+        let groups = rows * cols / t.group;
+        let supers = rows * cols / SUPER_BLOCK;
+        let span = (t.sc.1 - t.sc.0 + 1) as usize;
+        Parts {
+            t,
+            rows,
+            cols,
+            codes: (0..rows * cols)
+                .map(|_| rng.below(1 << t.bits) as u8)
+                .collect(),
+            sub_scales: (0..groups)
+                .map(|_| (t.sc.0 + rng.below(span) as i32) as i8)
+                .collect(),
+            sub_mins: t.mins.then(|| {
+                (0..groups)
+                    .map(|_| rng.below(usize::from(t.m_max) + 1) as u8)
+                    .collect()
+            }),
+            d: (0..supers).map(|_| rng.factor()).collect(),
+            dmin: t.mins.then(|| (0..supers).map(|_| rng.factor()).collect()),
+        }
+    }
+
+    fn weights(&self) -> SuperBlockWeights<'_> {
+        SuperBlockWeights {
+            rows: self.rows,
+            cols: self.cols,
+            bits: self.t.bits,
+            group: self.t.group,
+            zero_point: self.t.zero_point,
+            codes: &self.codes,
+            sub_scales: &self.sub_scales,
+            sub_mins: self.sub_mins.as_deref(),
+            d: &self.d,
+            dmin: self.dmin.as_deref(),
+        }
+    }
+
+    fn pack(&self) -> PackedMatrix {
+        PackedMatrix::pack_super_blocks(&self.weights()).unwrap()
+    }
+
+    /// Weight `k` of row `r` as ggml's `dequantize_row_q*_K` computes it: `(d·sc)·(q − z) − dmin·m`.
+    fn ggml(&self, r: usize, k: usize) -> f32 {
+        let (groups, supers) = (self.cols / self.t.group, self.cols / SUPER_BLOCK);
+        let (g, b) = (r * groups + k / self.t.group, r * supers + k / SUPER_BLOCK);
+        let f = |h: u16| f16::from_bits(h).to_f32();
+        let q = i32::from(self.codes[r * self.cols + k]) - i32::from(self.t.zero_point);
+        let dl = f(self.d[b]) * f32::from(self.sub_scales[g]);
+        match (&self.dmin, &self.sub_mins) {
+            (Some(dmin), Some(m)) => dl * q as f32 - f(dmin[b]) * f32::from(m[g]),
+            _ => dl * q as f32,
+        }
+    }
+}
+
+fn run(isa: Isa, threads: usize, m: &PackedMatrix, x: &[f32], tokens: usize) -> Vec<f32> {
+    let cpu = Cpu::with_isa(isa, threads).unwrap();
+    let mut tables = ActivationTables::new(m.cols());
+    tables.build(&cpu, x, tokens).unwrap();
+    let mut out = vec![f32::NAN; tokens * m.rows()];
+    m.matmul(&cpu, &tables, &mut out).unwrap();
+    out
+}
+
+/// `y[n][r]` from the dequantized rows in f64, and `Σ (w·x)²` (the error scale of the existing forms'
+/// tests).
+fn reference(m: &PackedMatrix, x: &[f32], tokens: usize) -> (Vec<f64>, f64) {
+    let (rows, cols) = (m.rows(), m.cols());
+    let mut y = vec![0.0f64; tokens * rows];
+    let mut energy = 0.0;
+    let mut w = vec![0.0f32; cols];
+    for r in 0..rows {
+        m.dequantize_row(r, &mut w).unwrap();
+        for n in 0..tokens {
+            let mut dot = 0.0f64;
+            for (&a, &b) in w.iter().zip(&x[n * cols..][..cols]) {
+                let p = f64::from(a) * f64::from(b);
+                dot += p;
+                energy += p * p;
+            }
+            y[n * rows + r] = dot;
+        }
+    }
+    (y, energy)
+}
+
+fn nmse(y: &[f32], exact: &[f64]) -> f64 {
+    let err: f64 = y
+        .iter()
+        .zip(exact)
+        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+        .sum();
+    err / exact.iter().map(|b| b * b).sum::<f64>().max(1e-30)
+}
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn dequantize_row_is_the_ggml_formula_bit_for_bit() {
+    let mut rng = Rng(SplitMix64::new(0x5B));
+    for t in TYPES {
+        for (rows, cols) in [(67, 256), (130, 512), (67, 1536), (1, 256)] {
+            let parts = Parts::random(&mut rng, t, rows, cols);
+            let m = parts.pack();
+            assert_eq!((m.rows(), m.cols()), (rows, cols));
+            assert_eq!(m.spec().bits, t.bits);
+            assert_eq!(m.spec().grouping, Grouping::Size(t.group));
+            // Planes, one byte per sub-scale (and sub-min), two per d (and dmin), per padded row.
+            let padded = rows.div_ceil(64) * 64;
+            let per_row = usize::from(t.bits) * cols / 8
+                + (cols / t.group + 2 * cols / SUPER_BLOCK) * (1 + usize::from(t.mins));
+            assert_eq!(m.bytes(), padded * per_row, "{}", t.name);
+            let mut row = vec![0.0f32; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut row).unwrap();
+                let want: Vec<f32> = (0..cols).map(|k| parts.ggml(r, k)).collect();
+                assert_eq!(bits_of(&row), bits_of(&want), "{} row {r}", t.name);
+            }
+        }
+    }
+}
+
+/// ggml's `dequantize_row_q4_K` of one 144-byte block.
+fn ggml_q4_k(block: &[u8]) -> Vec<f32> {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let min = f16::from_le_bytes([block[2], block[3]]).to_f32();
+    let (scales, mut q) = (&block[4..16], &block[16..144]);
+    let mut y = Vec::new();
+    for is in (0..8).step_by(2) {
+        let (sc1, m1) = scale_min_k4(is, scales);
+        let (sc2, m2) = scale_min_k4(is + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        y.extend(q[..32].iter().map(|&b| d1 * f32::from(b & 0xF) - m1));
+        y.extend(q[..32].iter().map(|&b| d2 * f32::from(b >> 4) - m2));
+        q = &q[32..];
+    }
+    y
+}
+
+/// ggml's `get_scale_min_k4`.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// ggml's `dequantize_row_q6_K` of one 210-byte block.
+fn ggml_q6_k(block: &[u8]) -> Vec<f32> {
+    let (ql, qh) = (&block[..128], &block[128..192]);
+    let sc: Vec<i8> = block[192..208].iter().map(|&b| b as i8).collect();
+    let d = f16::from_le_bytes([block[208], block[209]]).to_f32();
+    let mut y = vec![0.0f32; 256];
+    for n in 0..2 {
+        let (ql, qh, sc, y) = (
+            &ql[64 * n..],
+            &qh[32 * n..],
+            &sc[8 * n..],
+            &mut y[128 * n..],
+        );
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            y[l] = d * f32::from(sc[is]) * f32::from(q1);
+            y[l + 32] = d * f32::from(sc[is + 2]) * f32::from(q2);
+            y[l + 64] = d * f32::from(sc[is + 4]) * f32::from(q3);
+            y[l + 96] = d * f32::from(sc[is + 6]) * f32::from(q4);
+        }
+    }
+    y
+}
+
+/// A random block of `len` bytes whose f16 fields (at `f16_at`) are finite.
+fn random_block(rng: &mut Rng, len: usize, f16_at: &[usize]) -> Vec<u8> {
+    let mut b = rng.0.bytes(len);
+    for &i in f16_at {
+        b[i..i + 2].copy_from_slice(&rng.factor().to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn q4_k_and_q6_k_blocks_dequantize_as_ggml() {
+    let mut rng = Rng(SplitMix64::new(0x4B));
+    let (rows, cols) = (67, 512);
+    let blocks_per_row = cols / SUPER_BLOCK;
+
+    // Q4_K: codes from the nibbles, (sc, m) from get_scale_min_k4, d and dmin as stored.
+    let q4: Vec<Vec<u8>> = (0..rows * blocks_per_row)
+        .map(|_| random_block(&mut rng, 144, &[0, 2]))
+        .collect();
+    let mut parts = Parts {
+        t: Q4_K,
+        rows,
+        cols,
+        codes: Vec::new(),
+        sub_scales: Vec::new(),
+        sub_mins: Some(Vec::new()),
+        d: Vec::new(),
+        dmin: Some(Vec::new()),
+    };
+    for block in &q4 {
+        parts.d.push(u16::from_le_bytes([block[0], block[1]]));
+        if let Some(dmin) = parts.dmin.as_mut() {
+            dmin.push(u16::from_le_bytes([block[2], block[3]]));
+        }
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &block[4..16]);
+            parts.sub_scales.push(sc as i8);
+            if let Some(mins) = parts.sub_mins.as_mut() {
+                mins.push(m);
+            }
+        }
+        for chunk in block[16..144].chunks_exact(32) {
+            parts.codes.extend(chunk.iter().map(|b| b & 0xF));
+            parts.codes.extend(chunk.iter().map(|b| b >> 4));
+        }
+    }
+    let want: Vec<f32> = q4.iter().flat_map(|b| ggml_q4_k(b)).collect();
+    assert_dequantizes_to(&parts.pack(), &want, "Q4_K");
+
+    // Q6_K: 6-bit codes from ql/qh, int8 scales per 16, d; zero point 32.
+    let q6: Vec<Vec<u8>> = (0..rows * blocks_per_row)
+        .map(|_| random_block(&mut rng, 210, &[208]))
+        .collect();
+    let mut parts = Parts {
+        t: Q6_K,
+        rows,
+        cols,
+        codes: Vec::new(),
+        sub_scales: Vec::new(),
+        sub_mins: None,
+        d: Vec::new(),
+        dmin: None,
+    };
+    for block in &q6 {
+        parts.d.push(u16::from_le_bytes([block[208], block[209]]));
+        parts
+            .sub_scales
+            .extend(block[192..208].iter().map(|&b| b as i8));
+        let mut codes = [0u8; 256];
+        for n in 0..2 {
+            let (ql, qh) = (&block[64 * n..], &block[128 + 32 * n..]);
+            for l in 0..32 {
+                let c = &mut codes[128 * n..];
+                c[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                c[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                c[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                c[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        parts.codes.extend_from_slice(&codes);
+    }
+    let want: Vec<f32> = q6.iter().flat_map(|b| ggml_q6_k(b)).collect();
+    assert_dequantizes_to(&parts.pack(), &want, "Q6_K");
+}
+
+fn assert_dequantizes_to(m: &PackedMatrix, want: &[f32], what: &str) {
+    let cols = m.cols();
+    let mut row = vec![0.0f32; cols];
+    for r in 0..m.rows() {
+        m.dequantize_row(r, &mut row).unwrap();
+        assert_eq!(
+            bits_of(&row),
+            bits_of(&want[r * cols..][..cols]),
+            "{what} row {r}"
+        );
+    }
+}
+
+#[test]
+fn every_isa_and_thread_count_matches_scalar_bit_for_bit() {
+    let mut rng = Rng(SplitMix64::new(0x15A));
+    for (i, t) in TYPES.into_iter().enumerate() {
+        let (rows, cols) = [(67, 512), (130, 256), (67, 1536)][i % 3];
+        let m = Parts::random(&mut rng, t, rows, cols).pack();
+        for tokens in [1, 3, 17, 33] {
+            let x = rng.0.gaussians(tokens * cols);
+            let want = bits_of(&run(Isa::Scalar, 1, &m, &x, tokens));
+            let (exact, energy) = reference(&m, &x, tokens);
+            let err: f64 = run(Isa::Scalar, 1, &m, &x, tokens)
+                .iter()
+                .zip(&exact)
+                .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+                .sum();
+            assert!(
+                err <= 1e-3 * energy,
+                "{} N={tokens}: {err} vs {energy}",
+                t.name
+            );
+            for isa in Isa::supported() {
+                for threads in [1, 2, 3] {
+                    let got = bits_of(&run(isa, threads, &m, &x, tokens));
+                    assert!(
+                        got == want,
+                        "{} {isa}, {threads} threads, N={tokens}",
+                        t.name
+                    );
+                }
+            }
+            if tokens > 1 {
+                // GEMM rows equal the GEMV of each token.
+                for n in [0, tokens - 1] {
+                    let gemv = run(Isa::best(), 1, &m, &x[n * cols..][..cols], 1);
+                    assert_eq!(bits_of(&gemv), want[n * rows..][..rows], "{}", t.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn accuracy_within_1e4_nmse_for_every_type() {
+    let mut rng = Rng(SplitMix64::new(0xACC));
+    for t in TYPES {
+        let mut parts = Parts::random(&mut rng, t, 64, 2048);
+        // Normal-sized factors only: a tensor of mostly subnormal scales has no signal to measure.
+        for d in parts.d.iter_mut().chain(parts.dmin.iter_mut().flatten()) {
+            *d = f16::from_f32(0.001 + 0.02 * rng.0.uniform()).to_bits();
+        }
+        let m = parts.pack();
+        for outliers in [false, true] {
+            let x: Vec<f32> = (0..4 * 2048)
+                .map(|_| {
+                    let v = rng.0.gaussian();
+                    if outliers && rng.below(64) == 0 {
+                        50.0 * v
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let (exact, _) = reference(&m, &x, 4);
+            for isa in [Isa::Scalar, Isa::best()] {
+                let e = nmse(&run(isa, 1, &m, &x, 4), &exact);
+                assert!(e <= 1e-4, "{} {isa} outliers={outliers}: nmse {e}", t.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn unit_inputs_read_back_each_weight() {
+    // x = e_k picks column k: a group-of-16 form that mixed up its halves would read the other
+    // half's scale and Σx.
+    let mut rng = Rng(SplitMix64::new(0xE1));
+    for t in TYPES {
+        let parts = Parts::random(&mut rng, t, 70, 256);
+        let m = parts.pack();
+        for k in [0, 15, 16, 31, 40, 255] {
+            let mut x = vec![0.0f32; 256];
+            x[k] = 1.0;
+            for isa in Isa::supported() {
+                let y = run(isa, 1, &m, &x, 1);
+                for (r, &v) in y.iter().enumerate() {
+                    let w = parts.ggml(r, k);
+                    assert!(
+                        (v - w).abs() <= 1e-5 * w.abs().max(1e-3),
+                        "{} {isa} row {r} col {k}: {v} vs {w}",
+                        t.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn five_and_six_bit_float_scale_forms_match_scalar_and_the_reference() {
+    let mut rng = Rng(SplitMix64::new(0x56));
+    for bits in [5u8, 6] {
+        for (planes, grouping) in [
+            (PlaneScales::Uniform, Grouping::Size(32)),
+            (PlaneScales::Uniform, Grouping::Size(128)),
+            (PlaneScales::PerPlane, Grouping::Size(64)),
+            (PlaneScales::PerPlane, Grouping::PerRow),
+        ] {
+            let (rows, cols) = (67, 512);
+            let gs = match grouping {
+                Grouping::Size(g) => g,
+                _ => cols,
+            };
+            let groups = rows * cols / gs;
+            let nps = if planes == PlaneScales::PerPlane {
+                usize::from(bits)
+            } else {
+                1
+            };
+            // Every fourth row all at the top code: with equal activations (every table entry ±127)
+            // the largest integer sums the kernels can meet, past int16.
+            let codes: Vec<u8> = (0..rows * cols)
+                .map(|i| {
+                    if (i / cols) % 4 == 0 || i % 3 == 0 {
+                        (1u8 << bits) - 1
+                    } else {
+                        rng.below(1 << bits) as u8
+                    }
+                })
+                .collect();
+            let scales: Vec<f32> = (0..groups * nps)
+                .map(|_| 0.001 + 0.01 * rng.0.uniform())
+                .collect();
+            let offsets: Vec<f32> = (0..groups).map(|_| -0.1 * rng.0.uniform()).collect();
+            let weights = QuantizedWeights {
+                spec: QuantSpec {
+                    rows,
+                    cols,
+                    bits,
+                    grouping,
+                    plane_scales: planes,
+                },
+                codes: &codes,
+                scales: &scales,
+                offsets: Some(&offsets),
+            };
+            assert!(matches!(
+                PackedMatrix::pack(&weights),
+                Err(KernelError::UnsupportedBits(b)) if b == bits
+            ));
+            let m = PackedMatrix::pack_float_scales(&weights, 6).unwrap();
+            for tokens in [1, 17] {
+                let x: Vec<f32> = (0..tokens * cols)
+                    .map(|i| if i < cols { 1.0 } else { rng.0.gaussian() })
+                    .collect();
+                let want = run(Isa::Scalar, 1, &m, &x, tokens);
+                let (exact, _) = reference(&m, &x, tokens);
+                let e = nmse(&want, &exact);
+                assert!(e <= 1e-4, "{bits} bits {planes:?} {grouping:?}: nmse {e}");
+                for isa in Isa::supported() {
+                    for threads in [1, 2] {
+                        let got = run(isa, threads, &m, &x, tokens);
+                        assert!(
+                            bits_of(&got) == bits_of(&want),
+                            "{bits} bits {planes:?} {grouping:?} {isa} {threads} threads"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn invalid_super_block_inputs_are_errors() {
+    let mut rng = Rng(SplitMix64::new(0xBAD));
+    let parts = Parts::random(&mut rng, Q4_K, 3, 512);
+    let base = parts.weights();
+    let err = |w: SuperBlockWeights<'_>| PackedMatrix::pack_super_blocks(&w).err();
+    assert!(err(base).is_none());
+    for cols in [0, 32, 320, 768 + 32] {
+        let codes = vec![0u8; 3 * cols];
+        let w = SuperBlockWeights {
+            cols,
+            codes: &codes,
+            ..base
+        };
+        let e = err(w);
+        assert!(
+            matches!(e, Some(KernelError::KNotMultipleOfSuperBlock { cols: c, super_block: 256 }) if c == cols),
+            "K = {cols}: {e:?}"
+        );
+        assert!(e.unwrap().to_string().contains("super-block"));
+    }
+    for bits in [0, 7, 8] {
+        assert!(matches!(
+            err(SuperBlockWeights { bits, ..base }),
+            Some(KernelError::UnsupportedBits(b)) if b == bits
+        ));
+    }
+    for group in [8, 64, 256] {
+        assert!(matches!(
+            err(SuperBlockWeights { group, ..base }),
+            Some(KernelError::SuperBlockGroup(g)) if g == group
+        ));
+    }
+    assert!(matches!(
+        err(SuperBlockWeights { dmin: None, ..base }),
+        Some(KernelError::MinsWithoutSuperMins)
+    ));
+    assert!(matches!(
+        err(SuperBlockWeights {
+            sub_mins: None,
+            ..base
+        }),
+        Some(KernelError::MinsWithoutSuperMins)
+    ));
+    let short = |what: &str, e: Option<KernelError>| {
+        assert!(
+            matches!(e, Some(KernelError::LengthMismatch { what: w, .. }) if w == what),
+            "{what}: {e:?}"
+        )
+    };
+    short(
+        "codes",
+        err(SuperBlockWeights {
+            codes: &parts.codes[1..],
+            ..base
+        }),
+    );
+    short(
+        "sub-scales",
+        err(SuperBlockWeights {
+            sub_scales: &parts.sub_scales[1..],
+            ..base
+        }),
+    );
+    let mins = parts.sub_mins.as_deref().unwrap();
+    short(
+        "sub-mins",
+        err(SuperBlockWeights {
+            sub_mins: Some(&mins[1..]),
+            ..base
+        }),
+    );
+    short(
+        "d",
+        err(SuperBlockWeights {
+            d: &parts.d[1..],
+            ..base
+        }),
+    );
+    let dmin = parts.dmin.as_deref().unwrap();
+    short(
+        "dmin",
+        err(SuperBlockWeights {
+            dmin: Some(&dmin[..1]),
+            ..base
+        }),
+    );
+    for bad in [f16::NAN, f16::INFINITY, f16::NEG_INFINITY] {
+        let mut d = parts.d.clone();
+        d[4] = bad.to_bits();
+        assert!(matches!(
+            err(SuperBlockWeights { d: &d, ..base }),
+            Some(KernelError::ScaleOutOfRange { index: 4, .. })
+        ));
+        let mut dm = dmin.to_vec();
+        dm[2] = bad.to_bits();
+        assert!(matches!(
+            err(SuperBlockWeights {
+                dmin: Some(&dm),
+                ..base
+            }),
+            Some(KernelError::ScaleOutOfRange { index: 2, .. })
+        ));
+    }
+    let mut codes = parts.codes.clone();
+    codes[600] = 16;
+    assert!(matches!(
+        err(SuperBlockWeights {
+            codes: &codes,
+            ..base
+        }),
+        Some(KernelError::CodeOutOfRange {
+            code: 16,
+            index: 600,
+            bits: 4
+        })
+    ));
+    // Group 16 is for super-block weights only.
+    let codes = vec![0u8; 64];
+    let plain = QuantizedWeights {
+        spec: QuantSpec {
+            rows: 1,
+            cols: 64,
+            bits: 4,
+            grouping: Grouping::Size(16),
+            plane_scales: PlaneScales::Uniform,
+        },
+        codes: &codes,
+        scales: &[1.0; 4],
+        offsets: None,
+    };
+    assert!(matches!(
+        PackedMatrix::pack(&plain),
+        Err(KernelError::BadGroupSize { group: 16, .. })
+    ));
+}
