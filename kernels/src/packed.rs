@@ -8,7 +8,7 @@ use half::f16;
 use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TABLES_PER_ACT, TILE};
-use crate::lut::{self, Weights};
+use crate::lut::{self, Weights, MAX_BITS};
 use crate::tables::ActivationTables;
 use crate::tiling::{check_parts, MAX_PARTS};
 
@@ -170,10 +170,10 @@ fn to_f16(value: f32, index: usize) -> Result<u16> {
 }
 
 impl PackedMatrix {
-    /// Checks the inputs and repacks them. Scales and offsets are stored as f16. Codes have 1 to 4
-    /// bits here; [`PackedMatrix::pack_super_blocks`] takes up to 6.
+    /// Checks the inputs and repacks them. Scales and offsets are stored as f16. Codes have 1 to 6
+    /// bits (Q5_0 and Q5_1 are 5-bit codes with f16 block scales).
     pub fn pack(weights: &QuantizedWeights<'_>) -> Result<PackedMatrix> {
-        PackedMatrix::pack_float_scales(weights, 4)
+        PackedMatrix::pack_float_scales(weights, MAX_BITS as u8)
     }
 
     /// [`PackedMatrix::pack`] for codes of up to `max_bits` bits (the kernels take up to

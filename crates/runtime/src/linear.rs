@@ -1,10 +1,11 @@
 //! A linear layer's weight matrix in the kernel form that suits its source type, and the
 //! activations it consumes.
 //!
-//! - low-bit codes (Q4_0, Q4_1, Q2_K, Q4_K, requantized weights) → [`PackedMatrix`] (LUT kernels);
+//! - low-bit codes (Q4_0, Q4_1, Q5_0, Q5_1, requantized weights) and K-quant super-blocks
+//!   (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, with their integer sub-scales) → [`PackedMatrix`] (LUT kernels);
 //! - ternary codes with one scale per row (BitNet b1.58: TQ1_0/TQ2_0, HF BitLinear) →
 //!   [`TernaryMatrix`] (1.67 bits per weight);
-//! - int8 codes (Q8_0, Q5_0, Q8_K, Q3_K, IQ4_NL, IQ4_XS) → [`Int8Matrix`];
+//! - int8 codes (Q8_0, Q8_K, IQ4_NL, IQ4_XS) → [`Int8Matrix`];
 //! - dense values (F32/F16/BF16), and every matrix in reference mode → [`DenseMatrix`];
 //! - any of these with its columns stored in another order (GPTQ act-order, sorted so that each
 //!   group's columns are contiguous) → [`Linear::Permuted`], which reads the input gathered into
@@ -19,7 +20,8 @@ use std::sync::Arc;
 
 use lutra_kernels::{
     ActivationTables, Cpu, DenseMatrix, Grouping, Int8Activations, Int8Matrix, PackedMatrix,
-    PlaneScales, QuantSpec, QuantizedWeights, TernaryMatrix, TernaryTables, TernaryWeights,
+    PlaneScales, QuantSpec, QuantizedWeights, SuperBlockWeights, TernaryMatrix, TernaryTables,
+    TernaryWeights,
 };
 
 use crate::error::{Error, Result};
@@ -118,6 +120,29 @@ impl Linear {
                     offsets: Some(offsets),
                 })?)
             }
+            DecodedTensor::SuperBlock {
+                rows,
+                cols,
+                bits,
+                group,
+                zero_point,
+                codes,
+                sub_scales,
+                sub_mins,
+                d,
+                dmin,
+            } => Linear::Lut(PackedMatrix::pack_super_blocks(&SuperBlockWeights {
+                rows: *rows,
+                cols: *cols,
+                bits: *bits,
+                group: *group,
+                zero_point: *zero_point,
+                codes,
+                sub_scales,
+                sub_mins: sub_mins.as_deref(),
+                d,
+                dmin: dmin.as_deref(),
+            })?),
             DecodedTensor::Int8 {
                 rows,
                 cols,

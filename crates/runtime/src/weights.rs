@@ -16,7 +16,7 @@ pub enum DecodedTensor {
         rows: usize,
         /// Input features.
         cols: usize,
-        /// Bits per code (1..=4).
+        /// Bits per code (1..=6).
         bits: u8,
         /// Elements per group.
         group_size: usize,
@@ -27,8 +27,7 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
-    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q5_0, Q8_K, Q3_K, IQ4_NL,
-    /// IQ4_XS).
+    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS).
     Int8 {
         /// Output features.
         rows: usize,
@@ -38,6 +37,31 @@ pub enum DecodedTensor {
         codes: Vec<i8>,
         /// `[rows][cols / 32]`.
         scales: Vec<f32>,
+    },
+    /// K-quant super-blocks of 256: `w = (d·sc)·(q − zero_point) − dmin·m`, with integer
+    /// sub-scales `sc` (and sub-mins `m`) per group of `group` elements and f16 `d` (and `dmin`)
+    /// per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
+    SuperBlock {
+        /// Output features.
+        rows: usize,
+        /// Input features (a multiple of 256).
+        cols: usize,
+        /// Bits per code (2..=6).
+        bits: u8,
+        /// Elements per sub-scale group: 16 or 32.
+        group: usize,
+        /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, else 0).
+        zero_point: u8,
+        /// One code per element, row-major.
+        codes: Vec<u8>,
+        /// `[rows][cols / group]`.
+        sub_scales: Vec<i8>,
+        /// `[rows][cols / group]`, for the types with mins.
+        sub_mins: Option<Vec<u8>>,
+        /// f16 bits, `[rows][cols / 256]`.
+        d: Vec<u16>,
+        /// f16 bits, `[rows][cols / 256]`, for the types with mins.
+        dmin: Option<Vec<u16>>,
     },
     /// Dense values, row-major (F32, F16, BF16, and types kept exact that are not low-bit).
     Dense {
@@ -56,6 +80,7 @@ impl DecodedTensor {
         match self {
             DecodedTensor::LowBit { rows, .. }
             | DecodedTensor::Int8 { rows, .. }
+            | DecodedTensor::SuperBlock { rows, .. }
             | DecodedTensor::Dense { rows, .. } => *rows,
         }
     }
@@ -65,6 +90,7 @@ impl DecodedTensor {
         match self {
             DecodedTensor::LowBit { cols, .. }
             | DecodedTensor::Int8 { cols, .. }
+            | DecodedTensor::SuperBlock { cols, .. }
             | DecodedTensor::Dense { cols, .. } => *cols,
         }
     }
@@ -91,6 +117,32 @@ impl DecodedTensor {
                 .enumerate()
                 .map(|(i, &q)| scales[i / 32] * f32::from(q))
                 .collect(),
+            DecodedTensor::SuperBlock {
+                group,
+                zero_point,
+                codes,
+                sub_scales,
+                sub_mins,
+                d,
+                dmin,
+                ..
+            } => {
+                let h = |bits: u16| f16::from_bits(bits).to_f32();
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| {
+                        let (g, b) = (i / group, i / QK_K);
+                        // The products in ggml's order: (d·sc)·(q − z) − dmin·m, each in f32.
+                        let scale = h(d[b]) * f32::from(sub_scales[g]);
+                        let w = scale * f32::from(i16::from(q) - i16::from(*zero_point));
+                        match (sub_mins, dmin) {
+                            (Some(m), Some(dm)) => w - h(dm[b]) * f32::from(m[g]),
+                            _ => w,
+                        }
+                    })
+                    .collect()
+            }
             DecodedTensor::Dense { values, .. } => values.clone(),
         }
     }
@@ -399,23 +451,14 @@ fn decode_q8_k(t: Blocks<'_>) -> DecodedTensor {
     }
 }
 
+/// Q5_0: `w = d·(q − 16)` with 5-bit `q`, groups of 32 (offset `−16·d`, exact).
 fn decode_q5_0(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    // w = d·(q − 16) with q in 0..32: exact as int8 codes q − 16.
-    let mut codes = Vec::with_capacity(n);
-    let mut scales = Vec::with_capacity(n / 32);
-    for b in blocks {
-        scales.push(f16_at(b, 0));
-        let q = q5_block(&b[2..6], &b[6..22]);
-        codes.extend(q.iter().map(|&q| q as i8 - 16));
+    let mut lb = LowBitBuilder::new(t.elems(), 32);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        lb.group(d, -16.0 * d, q5_block(&b[2..6], &b[6..22]).into_iter());
     }
-    DecodedTensor::Int8 {
-        rows,
-        cols,
-        codes,
-        scales,
-    }
+    lb.finish(t.rows, t.cols, 5)
 }
 
 fn decode_iq4_nl(t: Blocks<'_>) -> DecodedTensor {
@@ -463,160 +506,131 @@ fn decode_iq4_xs(t: Blocks<'_>) -> DecodedTensor {
     }
 }
 
+/// Q5_1: `w = d·q + m` with 5-bit `q`, groups of 32.
 fn decode_q5_1(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    let mut values = Vec::with_capacity(n);
-    for b in blocks {
+    let mut lb = LowBitBuilder::new(t.elems(), 32);
+    for b in t.iter() {
         let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-        let q = q5_block(&b[4..8], &b[8..24]);
-        values.extend(q.iter().map(|&q| d * f32::from(q) + m));
+        lb.group(d, m, q5_block(&b[4..8], &b[8..24]).into_iter());
     }
-    DecodedTensor::Dense { rows, cols, values }
+    lb.finish(t.rows, t.cols, 5)
 }
 
+/// Q2_K: 2-bit codes, 16 groups of 16 with 4-bit `sc` and `m`: `w = (d·sc)·q − dmin·m`.
 fn decode_q2_k(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    let mut lb = LowBitBuilder::new(n, 16);
-    for b in blocks {
+    let mut sb = SuperBlockBuilder::new(t, 2, 16, 0, true);
+    for b in t.iter() {
         let (sc, qs) = (&b[0..16], &b[16..80]);
-        let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
         let mut is = 0;
         for half in qs.chunks_exact(32) {
             for shift in (0..8).step_by(2) {
                 for sub in half.chunks_exact(16) {
                     let s = sc[is];
                     is += 1;
-                    let scale = d * f32::from(s & 0xF);
-                    lb.group(
-                        scale,
-                        -dmin * f32::from(s >> 4),
+                    sb.group(
+                        (s & 0xF) as i8,
+                        s >> 4,
                         sub.iter().map(|&q| (q >> shift) & 3),
                     );
                 }
             }
         }
+        sb.super_block(f16_bits_at(b, 80), f16_bits_at(b, 82));
     }
-    lb.finish(rows, cols, 2)
+    sb.finish()
 }
 
+/// Q3_K: 3-bit codes, 16 groups of 16 with 6-bit signed `sc`: `w = (d·sc)·(q − 4)`.
 fn decode_q3_k(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    // w = d·sc·(q − 4) with 6-bit signed sc (−32..31) and 3-bit q, per 16 elements: exact
-    // as int8 codes −sc·(q − 4) (in −128..=124) with scale −d for every 32.
-    let mut codes = Vec::with_capacity(n);
-    let mut scales = Vec::with_capacity(n / 32);
-    for b in blocks {
+    let mut sb = SuperBlockBuilder::new(t, 3, 16, 4, false);
+    for b in t.iter() {
         let (hmask, qs) = (&b[0..32], &b[32..96]);
         let sc = q3k_scales(&b[96..108]);
-        scales.extend([-f16_at(b, 108); QK_K / 32]);
         let (mut is, mut m) = (0, 1u8);
         for half in qs.chunks_exact(32) {
             for shift in (0..8).step_by(2) {
                 for (k, sub) in half.chunks_exact(16).enumerate() {
-                    let s = i16::from(sc[is]);
-                    is += 1;
                     let hm = &hmask[16 * k..16 * k + 16];
-                    // q − 4 = low2 − (high bit clear ? 4 : 0).
-                    codes.extend(sub.iter().zip(hm).map(|(&q, &h)| {
-                        let low = i16::from((q >> shift) & 3);
-                        let v = if h & m != 0 { low } else { low - 4 };
-                        (-s * v) as i8
-                    }));
+                    // q = low 2 bits + 4 when the high bit is set (ggml subtracts 4 when it is clear).
+                    let codes = sub.iter().zip(hm).map(|(&q, &h)| {
+                        let low = (q >> shift) & 3;
+                        if h & m != 0 {
+                            low + 4
+                        } else {
+                            low
+                        }
+                    });
+                    sb.group(sc[is], 0, codes);
+                    is += 1;
                 }
                 m <<= 1;
             }
         }
+        sb.super_block(f16_bits_at(b, 108), 0);
     }
-    DecodedTensor::Int8 {
-        rows,
-        cols,
-        codes,
-        scales,
-    }
+    sb.finish()
 }
 
+/// Q4_K: 4-bit codes, 8 groups of 32 with 6-bit `sc` and `m`: `w = (d·sc)·q − dmin·m`.
 fn decode_q4_k(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    let mut lb = LowBitBuilder::new(n, 32);
-    for b in blocks {
-        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let mut sb = SuperBlockBuilder::new(t, 4, 32, 0, true);
+    for b in t.iter() {
         let (sc, qs) = (&b[4..16], &b[16..144]);
         for (j, chunk) in qs.chunks_exact(32).enumerate() {
             let (s1, m1) = scale_min_k4(2 * j, sc);
             let (s2, m2) = scale_min_k4(2 * j + 1, sc);
-            lb.group(
-                d * f32::from(s1),
-                -dmin * f32::from(m1),
-                chunk.iter().map(|&q| q & 0xF),
-            );
-            lb.group(
-                d * f32::from(s2),
-                -dmin * f32::from(m2),
-                chunk.iter().map(|&q| q >> 4),
-            );
+            sb.group(s1 as i8, m1, chunk.iter().map(|&q| q & 0xF));
+            sb.group(s2 as i8, m2, chunk.iter().map(|&q| q >> 4));
         }
+        sb.super_block(f16_bits_at(b, 0), f16_bits_at(b, 2));
     }
-    lb.finish(rows, cols, 4)
+    sb.finish()
 }
 
+/// Q5_K: 5-bit codes, 8 groups of 32 with 6-bit `sc` and `m`: `w = (d·sc)·q − dmin·m`.
 fn decode_q5_k(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    let mut values = Vec::with_capacity(n);
-    for b in blocks {
-        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let mut sb = SuperBlockBuilder::new(t, 5, 32, 0, true);
+    for b in t.iter() {
         let (sc, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
         for (j, chunk) in qs.chunks_exact(32).enumerate() {
             let (s1, m1) = scale_min_k4(2 * j, sc);
             let (s2, m2) = scale_min_k4(2 * j + 1, sc);
             let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
-            let (d1, d2) = (d * f32::from(s1), d * f32::from(s2));
-            let (o1, o2) = (dmin * f32::from(m1), dmin * f32::from(m2));
-            values.extend(
-                chunk.iter().zip(qh).map(|(&q, &h)| {
-                    d1 * f32::from((q & 0xF) + if h & u1 != 0 { 16 } else { 0 }) - o1
-                }),
-            );
-            values.extend(
-                chunk.iter().zip(qh).map(|(&q, &h)| {
-                    d2 * f32::from((q >> 4) + if h & u2 != 0 { 16 } else { 0 }) - o2
-                }),
-            );
+            let high = |h: u8, u: u8| if h & u != 0 { 16 } else { 0 };
+            let low = chunk.iter().zip(qh).map(|(&q, &h)| (q & 0xF) + high(h, u1));
+            sb.group(s1 as i8, m1, low);
+            let up = chunk.iter().zip(qh).map(|(&q, &h)| (q >> 4) + high(h, u2));
+            sb.group(s2 as i8, m2, up);
         }
+        sb.super_block(f16_bits_at(b, 0), f16_bits_at(b, 2));
     }
-    DecodedTensor::Dense { rows, cols, values }
+    sb.finish()
 }
 
+/// Q6_K: 6-bit codes, 16 groups of 16 with int8 `sc`: `w = (d·sc)·(q − 32)`.
 fn decode_q6_k(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    let mut values = vec![0.0f32; n];
-    for (b, y) in blocks.zip(values.chunks_exact_mut(QK_K)) {
+    let mut sb = SuperBlockBuilder::new(t, 6, 16, 32, false);
+    let mut q = [0u8; QK_K];
+    for b in t.iter() {
         let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-        let d = f16_at(b, 208);
         for half in 0..2 {
             let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-            let sc = &sc[8 * half..];
-            let y = &mut y[128 * half..];
+            let q = &mut q[128 * half..];
             for l in 0..32 {
-                let is = l / 16;
-                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                let s = |k: usize| d * f32::from(sc[is + k] as i8);
-                y[l] = s(0) * q1 as f32;
-                y[l + 32] = s(2) * q2 as f32;
-                y[l + 64] = s(4) * q3 as f32;
-                y[l + 96] = s(6) * q4 as f32;
+                q[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                q[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
             }
         }
+        // Group g (elements 16g..16g+16) has scale sc[g]: within each half, element l + 32k
+        // uses sc[l / 16 + 2k].
+        for (g, codes) in q.chunks_exact(16).enumerate() {
+            sb.group(sc[g] as i8, 0, codes.iter().copied());
+        }
+        sb.super_block(f16_bits_at(b, 208), 0);
     }
-    DecodedTensor::Dense { rows, cols, values }
+    sb.finish()
 }
 
 fn decode_tq2_0(t: Blocks<'_>) -> DecodedTensor {
@@ -659,6 +673,75 @@ fn dense(rows: usize, cols: usize, values: impl Iterator<Item = f32>) -> Decoded
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+fn f16_bits_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// Collects the groups and super-blocks of a K-quant tensor, in order.
+struct SuperBlockBuilder {
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group: usize,
+    zero_point: u8,
+    codes: Vec<u8>,
+    sub_scales: Vec<i8>,
+    sub_mins: Option<Vec<u8>>,
+    d: Vec<u16>,
+    dmin: Option<Vec<u16>>,
+}
+
+impl SuperBlockBuilder {
+    fn new(t: Blocks<'_>, bits: u8, group: usize, zero_point: u8, mins: bool) -> Self {
+        let n = t.elems();
+        SuperBlockBuilder {
+            rows: t.rows,
+            cols: t.cols,
+            bits,
+            group,
+            zero_point,
+            codes: Vec::with_capacity(n),
+            sub_scales: Vec::with_capacity(n / group),
+            sub_mins: mins.then(|| Vec::with_capacity(n / group)),
+            d: Vec::with_capacity(n / QK_K),
+            dmin: mins.then(|| Vec::with_capacity(n / QK_K)),
+        }
+    }
+
+    /// One group: its sub-scale, its sub-min (ignored for types without mins) and its codes.
+    fn group(&mut self, sc: i8, m: u8, codes: impl Iterator<Item = u8>) {
+        self.codes.extend(codes);
+        self.sub_scales.push(sc);
+        if let Some(mins) = &mut self.sub_mins {
+            mins.push(m);
+        }
+        debug_assert_eq!(self.codes.len(), self.sub_scales.len() * self.group);
+    }
+
+    /// Closes a super-block with the f16 bits of its `d` (and `dmin`).
+    fn super_block(&mut self, d: u16, dmin: u16) {
+        self.d.push(d);
+        if let Some(dm) = &mut self.dmin {
+            dm.push(dmin);
+        }
+    }
+
+    fn finish(self) -> DecodedTensor {
+        DecodedTensor::SuperBlock {
+            rows: self.rows,
+            cols: self.cols,
+            bits: self.bits,
+            group: self.group,
+            zero_point: self.zero_point,
+            codes: self.codes,
+            sub_scales: self.sub_scales,
+            sub_mins: self.sub_mins,
+            d: self.d,
+            dmin: self.dmin,
+        }
+    }
 }
 
 /// Collects groups of codes with their scale and offset, in order.

@@ -606,7 +606,7 @@ fn invalid_inputs_are_errors() {
         pack(k48, &codes[..144], &scales, None),
         Some(KernelError::KNotMultipleOf32(48))
     ));
-    for bits in [0, 5, 8] {
+    for bits in [0, 7, 8] {
         let c = Case { bits, ..base };
         assert!(
             matches!(pack(c, &codes, &scales, None), Some(KernelError::UnsupportedBits(b)) if b == bits)

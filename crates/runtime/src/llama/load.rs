@@ -266,7 +266,7 @@ fn load_layer(t: &mut TensorLoader<'_>, c: &ModelConfig, i: usize) -> Result<Lay
 
 /// Multiplies every weight of `t` by `factor` (a per-tensor scale stored beside the weights).
 /// Low-bit codes keep their form: `factor·(s·q + m) = (factor·s)·q + factor·m`, so ternary stays
-/// ternary (offset −scale).
+/// ternary (offset −scale); K-quant super-blocks become dense values.
 pub(super) fn scale_tensor(t: &mut DecodedTensor, factor: f32) {
     match t {
         DecodedTensor::LowBit {
@@ -277,6 +277,12 @@ pub(super) fn scale_tensor(t: &mut DecodedTensor, factor: f32) {
         }
         DecodedTensor::Int8 { scales, .. } => scales.iter_mut().for_each(|s| *s *= factor),
         DecodedTensor::Dense { values, .. } => values.iter_mut().for_each(|v| *v *= factor),
+        DecodedTensor::SuperBlock { rows, cols, .. } => {
+            // The f16 super-scales would round once multiplied: keep the exact product instead.
+            let (rows, cols) = (*rows, *cols);
+            let values = t.dequantize().into_iter().map(|v| v * factor).collect();
+            *t = DecodedTensor::Dense { rows, cols, values };
+        }
     }
 }
 

@@ -320,6 +320,7 @@ fn source_kind(t: &DecodedTensor) -> String {
         DecodedTensor::LowBit {
             bits, group_size, ..
         } => format!("low-bit {bits}b g{group_size}"),
+        DecodedTensor::SuperBlock { bits, group, .. } => format!("k-quant {bits}b g{group}"),
         DecodedTensor::Int8 { .. } => "int8 b32".to_string(),
         DecodedTensor::Dense { .. } => "f32".to_string(),
     }

@@ -418,8 +418,9 @@ fn iq4_and_q3_k_models_load_into_the_int8_kernels() {
 
 #[test]
 fn kernel_form_errors_name_the_file_and_the_tensor() {
-    // Q2_K's groups of 16 have no exact kernel form: loading must say which tensor of which file.
-    let dir = std::env::temp_dir().join(format!("lutra-llama-q2k-{}", std::process::id()));
+    // A Q4_0 block scale of 60000 makes the offset −8·d overflow the kernel's f16 offsets: loading
+    // must say which tensor of which file.
+    let dir = std::env::temp_dir().join(format!("lutra-llama-q4-0-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut w = GgufWriter::new();
     let s = |v: &str| MetaValue::String(v.to_string());
@@ -437,27 +438,27 @@ fn kernel_form_errors_name_the_file_and_the_tensor() {
         MetaValue::F32(1e-5),
     );
     w.add_metadata("llama.vocab_size", u(40));
-    // 40 rows of one Q2_K block (84 bytes): sub-block scales and mins that differ, codes, d, dmin.
-    let mut block: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(37)).collect();
-    block.extend((0..64u8).map(|i| i.wrapping_mul(11)));
-    block.extend(half::f16::from_f32(0.5).to_le_bytes());
-    block.extend(half::f16::from_f32(0.25).to_le_bytes());
-    let q2_k = GgmlType::Q2_K;
-    w.add_tensor_raw("token_embd.weight", &[256, 40], q2_k.id(), block.repeat(40))
-        .unwrap();
-    let path = dir.join("q2k-embedding.gguf");
+    // 40 rows of 8 Q4_0 blocks (18 bytes): d, then 16 bytes of codes.
+    let mut block: Vec<u8> = half::f16::from_f32(60000.0).to_le_bytes().to_vec();
+    block.extend((0..16u8).map(|i| i.wrapping_mul(11)));
+    let q4_0 = GgmlType::Q4_0;
+    w.add_tensor_raw(
+        "token_embd.weight",
+        &[256, 40],
+        q4_0.id(),
+        block.repeat(8 * 40),
+    )
+    .unwrap();
+    let path = dir.join("q4-0-embedding.gguf");
     w.write(&path).unwrap();
     let err = Model::load(&path, &options(false)).unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(&err, Error::TensorForm { tensor, ty, .. }
-            if tensor == "token_embd.weight" && ty == "Q2_K"),
+            if tensor == "token_embd.weight" && ty == "Q4_0"),
         "{err:?}"
     );
-    let expected = format!(
-        "{}: tensor token_embd.weight (Q2_K): group size 16",
-        path.display()
-    );
+    let expected = format!("{}: tensor token_embd.weight (Q4_0): ", path.display());
     assert!(message.starts_with(&expected), "{message}");
     let _ = std::fs::remove_dir_all(&dir);
 }

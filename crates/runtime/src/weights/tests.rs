@@ -127,9 +127,11 @@ fn q4_k_and_q2_k_decode_shapes_and_values() {
     assert_eq!(w[64 + 5], 0.5 * 5.0); // second chunk, low nibble of byte 37
     assert!(matches!(
         t,
-        DecodedTensor::LowBit {
+        DecodedTensor::SuperBlock {
             bits: 4,
-            group_size: 32,
+            group: 32,
+            zero_point: 0,
+            sub_mins: Some(_),
             ..
         }
     ));
@@ -184,28 +186,34 @@ fn q3_k_unpacks_ggml_layout() {
     b.extend(scales);
     b.extend(h(0.5));
     let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
-    let DecodedTensor::Int8 { scales, .. } = &t else {
-        panic!("Q3_K is not in the int8 form")
+    let DecodedTensor::SuperBlock {
+        sub_scales,
+        zero_point: 4,
+        bits: 3,
+        group: 16,
+        ..
+    } = &t
+    else {
+        panic!("Q3_K is not in the super-block form")
     };
-    assert_eq!(scales, &[-0.5; 8]);
+    assert_eq!(sub_scales, &[13; 16]);
     for (j, (&w, &v)) in t.dequantize().iter().zip(&l).enumerate() {
         assert_eq!(w, 0.5 * 13.0 * (v as f32 - 4.0), "element {j}");
     }
 }
 
 #[test]
-fn q3_k_extreme_scale_and_level_fit_int8() {
-    // Every sub-block scale −32 (stored 0), every level 0 (q − 4 = −4): code −(−32)·(−4) = −128;
-    // level 7 (q − 4 = 3): code 96.
+fn q3_k_extreme_scale_and_levels_are_exact() {
+    // Every sub-block scale −32 (stored 0), every level 0 (q − 4 = −4), then every level 7.
     let mut b = vec![0u8; 32]; // hmask: high bits clear
     b.extend([0u8; 64]); // low bits 0
     b.extend([0u8; 12]); // scales 0 → −32
     b.extend(h(0.25));
     let t = decode_ggml(GgmlType::Q3_K, 1, 256, &b).unwrap();
-    let DecodedTensor::Int8 { codes, .. } = &t else {
-        panic!("Q3_K is not in the int8 form")
+    let DecodedTensor::SuperBlock { codes, .. } = &t else {
+        panic!("Q3_K is not in the super-block form")
     };
-    assert!(codes.iter().all(|&c| c == -128));
+    assert!(codes.iter().all(|&c| c == 0));
     assert!(t.dequantize().iter().all(|&w| w == 0.25 * -32.0 * -4.0));
     b[..32].fill(0xFF);
     b[32..96].fill(0xFF);
@@ -362,7 +370,7 @@ fn assert_same_values(name: &str, got: &[f32], expected: &[u32]) {
     for (i, (g, e)) in got.iter().zip(expected).enumerate() {
         let e = f32::from_bits(*e);
         // Zeros may differ in sign: the low-bit form computes `scale·q + offset`, which gives +0
-        // where ggml's `d·(q − 8)` gives −0 (negative d), and Q3_K's int8 form multiplies by −d.
+        // where ggml's `d·(q − 8)` gives −0 (negative d).
         // A sum of products cannot see the difference.
         let same = g.to_bits() == e.to_bits() || (*g == 0.0 && e == 0.0);
         assert!(same, "{name} element {i}: decoded {g:?}, reference {e:?}");
@@ -443,16 +451,41 @@ fn q4_0_and_q4_1_match_reference() {
 }
 
 #[test]
-fn k_quants_match_reference() {
-    for name in ["q2_k", "q4_k", "q5_k", "q6_k"] {
-        check_block_fixture(name);
+fn k_quants_match_reference_as_super_blocks() {
+    for name in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
+        let t = check_block_fixture(name);
+        assert!(matches!(t, DecodedTensor::SuperBlock { .. }), "{name}");
     }
 }
 
+/// The LUT kernel matrix built from each low-bit and K-quant type holds the reference values
+/// exactly: the weights the kernel multiplies are ggml's.
 #[test]
-fn q3_k_matches_reference_as_int8() {
-    let t = check_block_fixture("q3_k");
-    assert!(matches!(t, DecodedTensor::Int8 { .. }));
+fn lut_kernel_form_holds_reference_values() {
+    use crate::linear::Linear;
+    for (name, bits) in [
+        ("q4_0", 4),
+        ("q4_1", 4),
+        ("q5_0", 5),
+        ("q5_1", 5),
+        ("q2_k", 2),
+        ("q3_k", 3),
+        ("q4_k", 4),
+        ("q5_k", 5),
+        ("q6_k", 6),
+    ] {
+        let (tensor, expected) = decode_block_fixture(name);
+        let m = Linear::from_decoded(&tensor, false).unwrap();
+        let Linear::Lut(lut) = &m else {
+            panic!("{name} became {}", m.kind())
+        };
+        assert_eq!(lut.spec().bits, bits, "{name}");
+        let mut values = vec![0.0; tensor.rows() * tensor.cols()];
+        for (r, row) in values.chunks_exact_mut(tensor.cols()).enumerate() {
+            m.row(r, row).unwrap();
+        }
+        assert_same_values(name, &values, &expected);
+    }
 }
 
 /// The int8 kernel matrix built from each int8-form type holds the reference values exactly
@@ -460,13 +493,7 @@ fn q3_k_matches_reference_as_int8() {
 #[test]
 fn int8_kernel_form_holds_reference_values() {
     use crate::linear::Linear;
-    for (name, f16_scales) in [
-        ("iq4_nl", true),
-        ("iq4_xs", false),
-        ("q3_k", true),
-        ("q8_0", true),
-        ("q5_0", true),
-    ] {
+    for (name, f16_scales) in [("iq4_nl", true), ("iq4_xs", false), ("q8_0", true)] {
         let (tensor, expected) = decode_block_fixture(name);
         let m = Linear::from_decoded(&tensor, false).unwrap();
         let Linear::Int8(int8) = &m else {
