@@ -199,12 +199,9 @@ impl PackedMatrix {
         }
         let groups = cols / w.group;
         let supers = cols / SUPER_BLOCK;
-        let too_big = |_| KernelError::LengthMismatch {
-            what: "codes",
-            expected: usize::MAX,
-            got: w.codes.len(),
-        };
-        let elements = rows.checked_mul(cols).ok_or(()).map_err(too_big)?;
+        // Every other count is at most rows·cols, which fits once the codes match it (a slice holds
+        // fewer than usize::MAX bytes).
+        let elements = rows.saturating_mul(cols);
         check_len("codes", elements, w.codes.len())?;
         check_len("sub-scales", rows * groups, w.sub_scales.len())?;
         if let Some(m) = w.sub_mins {
