@@ -31,6 +31,10 @@ pub const SUPER_BLOCK: usize = 256;
 /// | Q4_K | 4 | 32 | 0 | 6-bit `sc` | 6-bit `m`, `dmin` |
 /// | Q5_K | 5 | 32 | 0 | 6-bit `sc` | 6-bit `m`, `dmin` |
 /// | Q6_K | 6 | 16 | 32 | int8 `sc` | none |
+///
+/// The crate's tests split real blocks of each type into these fields (`split_q2_k` ..
+/// `split_q6_k` in `packed/super_block/tests.rs`) and check the result against ggml's
+/// dequantization, bit for bit.
 #[derive(Clone, Copy, Debug)]
 pub struct SuperBlockWeights<'a> {
     /// Output features (M).
