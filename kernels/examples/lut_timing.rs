@@ -3,12 +3,13 @@
 //! `cargo run --release -p lutra-kernels --example lut_timing -- [M] [K] [N] [threads]`
 //! (defaults: 4096 14336 1 1); prints the best of several runs per bit width and the table build time.
 //! `BITS=2,t` picks the bit widths; `t` is the 1.67-bit ternary kernel (`TernaryMatrix`, per-row scales).
+//! `KQUANT=2,3,4,5,6` also times the super-block forms of Q2_K..Q6_K (`PackedMatrix::pack_super_blocks`).
 
 use std::time::Instant;
 
 use lutra_kernels::{
     ActivationTables, Cpu, Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights,
-    TernaryMatrix, TernaryTables, TernaryWeights,
+    SuperBlockWeights, TernaryMatrix, TernaryTables, TernaryWeights, SUPER_BLOCK,
 };
 
 /// CPU time of the calling thread in seconds (Linux `schedstat`), so that timings on a loaded machine
@@ -119,6 +120,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (best, cpu_s) = best_of(reps, || m.matmul(&cpu, &tables, &mut out).unwrap_or(()));
         println!(
             "{bits}-bit: best wall {:.3} ms, mean thread cpu {:.3} ms ({:.1} GB/s of packed weights, {:.2} MB) checksum {:.3}",
+            best * 1e3,
+            cpu_s * 1e3,
+            m.bytes() as f64 / best / 1e9,
+            m.bytes() as f64 / 1e6,
+            out.iter().map(|v| v.abs() as f64).sum::<f64>()
+        );
+    }
+    let kquants: Vec<u8> = match std::env::var("KQUANT") {
+        Ok(v) => v.split(',').map(|b| b.parse()).collect::<Result<_, _>>()?,
+        Err(_) => Vec::new(),
+    };
+    for bits in kquants {
+        // (group, zero point, mins) of Q2_K..Q6_K.
+        let (group, zero_point, mins) = match bits {
+            2 => (16, 0, true),
+            3 => (16, 4, false),
+            4 | 5 => (32, 0, true),
+            _ => (16, 32, false),
+        };
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|_| (next() % (1 << bits)) as u8)
+            .collect();
+        let groups = rows * cols / group;
+        let supers = rows * cols / SUPER_BLOCK;
+        let sub_scales: Vec<i8> = (0..groups).map(|_| (next() % 64) as i8 - 16).collect();
+        let sub_mins: Vec<u8> = (0..groups).map(|_| (next() % 64) as u8).collect();
+        let d: Vec<u16> = (0..supers)
+            .map(|i| half::f16::from_f32(0.001 + (i % 7) as f32 * 1e-4).to_bits())
+            .collect();
+        let w = SuperBlockWeights {
+            rows,
+            cols,
+            bits,
+            group,
+            zero_point,
+            codes: &codes,
+            sub_scales: &sub_scales,
+            sub_mins: mins.then_some(&sub_mins[..]),
+            d: &d,
+            dmin: mins.then_some(&d[..]),
+        };
+        let m = PackedMatrix::pack_super_blocks(&w)?;
+        let mut out = vec![0.0f32; tokens * rows];
+        m.matmul(&cpu, &tables, &mut out)?;
+        let (best, cpu_s) = best_of(reps, || m.matmul(&cpu, &tables, &mut out).unwrap_or(()));
+        println!(
+            "Q{bits}_K: best wall {:.3} ms, mean thread cpu {:.3} ms ({:.1} GB/s of packed weights, {:.2} MB) checksum {:.3}",
             best * 1e3,
             cpu_s * 1e3,
             m.bytes() as f64 / best / 1e9,

@@ -155,7 +155,6 @@ fn pack_planes(codes: &[u8], rows: usize, cols: usize, bits_u8: u8) -> Result<Ve
             }
         }
     }
-
     Ok(packed)
 }
 
@@ -339,7 +338,7 @@ impl PackedMatrix {
                 let byte = self.weights[base + (a * bits + p) * PLANE_BYTES + j * 32];
                 let bit = u32::from((byte >> (shift + i)) & 1);
                 code |= bit << p;
-                if nps > 1 && view.super_scales.is_none() {
+                if nps > 1 {
                     value += f(self.scales[sbase + p * TILE]) * bit as f32;
                 }
             }

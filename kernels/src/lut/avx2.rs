@@ -22,10 +22,10 @@ pub(super) unsafe fn tile<const NB: usize>(
 ) {
     if v.needs_general_path() {
         // SAFETY: the closure runs only inside this call, on the CPU the caller vouched for
-        // (the one feature `sums` needs); `sums` reads through bounds-checked slices that are
-        // shared read-only between threads and writes only `s`, this call's own buffer.
-        let lookups = |wa: &[u8], planes, tabs: &[i8], tables, s: &mut [i32; TILE]| unsafe {
-            sums(wa, planes, tabs, tables, s)
+        // (the one feature `lookup_accumulate` needs); `lookup_accumulate` reads through bounds-checked slices that are
+        // shared read-only between threads and writes only `f`, this call's own buffer.
+        let lookups = |wa: &[u8], planes, tabs: &[i8], tables, ts, f: &mut [f32; TILE]| unsafe {
+            lookup_accumulate(wa, planes, tabs, tables, ts, f)
         };
         return scalar::tile_with(v, t, n0, nb, acc, lookups);
     }
@@ -196,22 +196,25 @@ unsafe fn tile_g32<const NB: usize>(
     }
 }
 
-/// [`scalar::sums`] with `vpshufb` lookups: planes in runs of at most [`MAX_FAST_BITS`] summed in
-/// int16 (at most 15·127·8 per row, no overflow), each run widened to i32 and shifted by its first
-/// plane's weight. Every read goes through a bounds-checked slice.
+/// [`scalar::lookup_accumulate`] with `vpshufb` lookups: planes in runs of at most [`MAX_FAST_BITS`]
+/// summed in int16 (at most 15·127·8 per row, no overflow), each run widened to i32 and shifted by
+/// its first plane's weight, then `f += ts·S` as [`accumulate`] does it. Every read goes through a
+/// bounds-checked slice.
 ///
 /// # Safety
 /// The CPU supports avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn sums(
+unsafe fn lookup_accumulate(
     wa: &[u8],
     planes: Range<usize>,
     tabs: &[i8],
     tables: Range<usize>,
-    out: &mut [i32; TILE],
+    ts: f32,
+    f: &mut [f32; TILE],
 ) {
     debug_assert!(tables.start.is_multiple_of(2) && tables.end.is_multiple_of(2));
-    *out = [0; TILE];
+    // `total[2q + h]`: rows 16q + 8h .. + 8.
+    let mut total = [_mm256_setzero_si256(); 8];
     let mut p0 = planes.start;
     while p0 < planes.end {
         let p1 = (p0 + MAX_FAST_BITS).min(planes.end);
@@ -236,15 +239,19 @@ unsafe fn sums(
                 _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sq)),
             ];
             for (h, &v) in halves.iter().enumerate() {
-                let dst = &mut out[16 * q + 8 * h..][..8];
-                // SAFETY: `dst` is 8 i32s.
-                let old = unsafe { _mm256_loadu_si256(dst.as_ptr().cast()) };
-                let new = _mm256_add_epi32(old, _mm256_sll_epi32(v, shift));
-                // SAFETY: as above.
-                unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), new) };
+                total[2 * q + h] = _mm256_add_epi32(total[2 * q + h], _mm256_sll_epi32(v, shift));
             }
         }
         p0 = p1;
+    }
+    let ts = _mm256_set1_ps(ts);
+    for (i, &s) in total.iter().enumerate() {
+        let dst = &mut f[8 * i..][..8];
+        // SAFETY: `dst` is 8 f32s.
+        let old = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
+        let new = _mm256_add_ps(old, _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s)));
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), new) };
     }
 }
 

@@ -21,10 +21,10 @@ pub(super) unsafe fn tile<const NB: usize>(
 ) {
     if v.needs_general_path() {
         // SAFETY: the closure runs only inside this call, on the CPU the caller vouched for
-        // (the one feature `sums` needs); `sums` reads through bounds-checked slices that are
-        // shared read-only between threads and writes only `s`, this call's own buffer.
-        let lookups = |wa: &[u8], planes, tabs: &[i8], tables, s: &mut [i32; TILE]| unsafe {
-            sums(wa, planes, tabs, tables, s)
+        // (the one feature `lookup_accumulate` needs); `lookup_accumulate` reads through bounds-checked slices that are
+        // shared read-only between threads and writes only `f`, this call's own buffer.
+        let lookups = |wa: &[u8], planes, tabs: &[i8], tables, ts, f: &mut [f32; TILE]| unsafe {
+            lookup_accumulate(wa, planes, tabs, tables, ts, f)
         };
         return scalar::tile_with(v, t, n0, nb, acc, lookups);
     }
@@ -118,22 +118,25 @@ unsafe fn lookups(plane: *const u8, tabs: *const i8, pw: i16, s: &mut [int16x8_t
     }
 }
 
-/// [`scalar::sums`] with `tbl` lookups: planes in runs of at most [`MAX_FAST_BITS`] summed in int16
-/// (at most 15·127·8 per row, no overflow), each run widened to i32 and shifted by its first plane's
-/// weight. Every read goes through a bounds-checked slice.
+/// [`scalar::lookup_accumulate`] with `tbl` lookups: planes in runs of at most [`MAX_FAST_BITS`]
+/// summed in int16 (at most 15·127·8 per row, no overflow), each run widened to i32 and shifted by
+/// its first plane's weight, then `f += ts·S` as [`accumulate`] does it. Every read goes through a
+/// bounds-checked slice.
 ///
 /// # Safety
 /// The CPU supports NEON.
 #[target_feature(enable = "neon")]
-unsafe fn sums(
+unsafe fn lookup_accumulate(
     wa: &[u8],
     planes: Range<usize>,
     tabs: &[i8],
     tables: Range<usize>,
-    out: &mut [i32; TILE],
+    ts: f32,
+    f: &mut [f32; TILE],
 ) {
     debug_assert!(tables.start.is_multiple_of(2) && tables.end.is_multiple_of(2));
-    *out = [0; TILE];
+    // `total[2k + h]`: rows 8k + 4h .. + 4.
+    let mut total = [vdupq_n_s32(0); 16];
     let mask = vdupq_n_u8(0x0F);
     let mut p0 = planes.start;
     while p0 < planes.end {
@@ -181,14 +184,23 @@ unsafe fn sums(
         for (k, &sk) in s.iter().enumerate() {
             let halves = [vmovl_s16(vget_low_s16(sk)), vmovl_high_s16(sk)];
             for (h, &v) in halves.iter().enumerate() {
-                let dst = &mut out[8 * k + 4 * h..][..4];
-                // SAFETY: `dst` is 4 i32s.
-                let old = unsafe { vld1q_s32(dst.as_ptr()) };
-                // SAFETY: as above.
-                unsafe { vst1q_s32(dst.as_mut_ptr(), vaddq_s32(old, vshlq_s32(v, shift))) };
+                total[2 * k + h] = vaddq_s32(total[2 * k + h], vshlq_s32(v, shift));
             }
         }
         p0 = p1;
+    }
+    let ts = vdupq_n_f32(ts);
+    for (i, &s) in total.iter().enumerate() {
+        let dst = &mut f[4 * i..][..4];
+        // SAFETY: `dst` is 4 f32s.
+        let old = unsafe { vld1q_f32(dst.as_ptr()) };
+        // SAFETY: as above.
+        unsafe {
+            vst1q_f32(
+                dst.as_mut_ptr(),
+                vaddq_f32(old, vmulq_f32(ts, vcvtq_f32_s32(s))),
+            )
+        };
     }
 }
 

@@ -19,6 +19,7 @@ use std::ops::Range;
 use super::layout::{BLOCK, LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
 use super::{Acc, PlaneSums, SuperScales, TabView, TileView, CHUNK, MAX_BITS};
 use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 /// Accumulates `acc[n]` for tokens `n0..n0+nb` over every weight group of the tile.
 pub(crate) fn tile<const NB: usize>(
@@ -28,11 +29,11 @@ pub(crate) fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
-    tile_with(v, t, n0, nb, acc, sums);
+    tile_with(v, t, n0, nb, acc, lookup_accumulate);
 }
 
-/// [`tile`] with the integer lookups of `sums` (see [`sums`] for its contract): the float work is this
-/// module's whatever ISA does the lookups.
+/// [`tile`] with the lookups of `lookups` (see [`lookup_accumulate`] for its contract): the float
+/// work is this module's whatever ISA does the lookups.
 #[inline]
 pub(crate) fn tile_with<const NB: usize>(
     v: &TileView<'_>,
@@ -40,7 +41,7 @@ pub(crate) fn tile_with<const NB: usize>(
     n0: usize,
     nb: usize,
     acc: &mut Acc<NB>,
-    sums: impl Fn(&[u8], Range<usize>, &[i8], Range<usize>, &mut [i32; TILE]),
+    lookups: impl Fn(&[u8], Range<usize>, &[i8], Range<usize>, f32, &mut [f32; TILE]),
 ) {
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
@@ -63,15 +64,12 @@ pub(crate) fn tile_with<const NB: usize>(
                     let tabs = t.tables_of(n0 + n, a);
                     let ts = t.scales[(n0 + n) * t.act_groups + a];
                     let wa = &v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES];
-                    let mut s = [0i32; TILE];
                     if v.per_plane {
                         for (p, fp) in fn_[..v.bits].iter_mut().enumerate() {
-                            sums(wa, p..p + 1, tabs, tables.clone(), &mut s);
-                            accumulate(fp, &s, ts);
+                            lookups(wa, p..p + 1, tabs, tables.clone(), ts, fp);
                         }
                     } else {
-                        sums(wa, 0..v.bits, tabs, tables.clone(), &mut s);
-                        accumulate(&mut fn_[0], &s, ts);
+                        lookups(wa, 0..v.bits, tabs, tables.clone(), ts, &mut fn_[0]);
                     }
                 }
             }
@@ -90,18 +88,20 @@ pub(crate) fn tile_with<const NB: usize>(
     }
 }
 
-/// `s[r] = Σ_{p ∈ planes} 2^(p − planes.start)·Σ_{j ∈ tables} T_j[nibble_{p,j}(r)]` for one activation
+/// `f[r] += ts·S[r]` (mul, then add) with the exact integer sum
+/// `S[r] = Σ_{p ∈ planes} 2^(p − planes.start)·Σ_{j ∈ tables} T_j[nibble_{p,j}(r)]` of one activation
 /// group: `wa` holds its planes (`bits·256` bytes), `tabs` its 8 tables; `tables` starts and ends at
 /// even table groups.
-pub(crate) fn sums(
+pub(crate) fn lookup_accumulate(
     wa: &[u8],
     planes: Range<usize>,
     tabs: &[i8],
     tables: Range<usize>,
-    s: &mut [i32; TILE],
+    ts: f32,
+    f: &mut [f32; TILE],
 ) {
     debug_assert_eq!(tabs.len(), TABLES_PER_ACT * TABLE_BYTES);
-    *s = [0; TILE];
+    let mut s = [0i32; TILE];
     for p in planes.clone() {
         let pw = 1i32 << (p - planes.start);
         let plane = &wa[p * PLANE_BYTES..][..PLANE_BYTES];
@@ -114,12 +114,18 @@ pub(crate) fn sums(
             }
         }
     }
+    accumulate(f, &s, ts);
 }
 
-/// The f32 scale `d·sc` and offset `−(dmin·m)` of one weight group of a super-block tile, per row.
+/// The f32 scale `d·sc` and offset `−(dmin·m)` of one weight group of a super-block tile, per row,
+/// with the f32 values of the current super-block's `d` and `dmin` (converted once per super-block).
 pub(crate) struct GroupScales {
     scale: [f32; TILE],
     offset: Option<[f32; TILE]>,
+    d: [f32; TILE],
+    dmin: [f32; TILE],
+    /// The super-block `d` and `dmin` hold, if any.
+    sb: Option<usize>,
 }
 
 impl GroupScales {
@@ -127,30 +133,39 @@ impl GroupScales {
         GroupScales {
             scale: [0.0; TILE],
             offset: None,
+            d: [0.0; TILE],
+            dmin: [0.0; TILE],
+            sb: None,
         }
     }
 
     /// The scales of weight group `g`: each an f32 product of two exact factors, as ggml forms them.
     fn fill(&mut self, ss: &SuperScales<'_>, g: usize) {
         let sb = g / ss.groups_per_super;
-        let f = |h: u16| f16::from_bits(h).to_f32();
-        let d = &ss.d[sb * TILE..][..TILE];
-        let sc = &ss.sub_scales[g * TILE..][..TILE];
-        for ((s, &d), &sc) in self.scale.iter_mut().zip(d).zip(sc) {
-            *s = f(d) * f32::from(sc);
-        }
-        self.offset = match (ss.dmin, ss.sub_mins) {
-            (Some(dmin), Some(mins)) => {
-                let mut o = [0.0f32; TILE];
-                let dmin = &dmin[sb * TILE..][..TILE];
-                let mins = &mins[g * TILE..][..TILE];
-                for ((o, &dm), &m) in o.iter_mut().zip(dmin).zip(mins) {
-                    *o = -(f(dm) * f32::from(m));
-                }
-                Some(o)
+        if self.sb != Some(sb) {
+            // f16 → f32 is exact, however it is converted (in bulk, with F16C where there is one).
+            ss.d[sb * TILE..][..TILE]
+                .reinterpret_cast::<f16>()
+                .convert_to_f32_slice(&mut self.d);
+            if let Some(dmin) = ss.dmin {
+                dmin[sb * TILE..][..TILE]
+                    .reinterpret_cast::<f16>()
+                    .convert_to_f32_slice(&mut self.dmin);
             }
-            _ => None,
-        };
+            self.sb = Some(sb);
+        }
+        let sc = &ss.sub_scales[g * TILE..][..TILE];
+        for ((s, &d), &sc) in self.scale.iter_mut().zip(&self.d).zip(sc) {
+            *s = d * f32::from(sc);
+        }
+        self.offset = ss.sub_mins.map(|mins| {
+            let mut o = [0.0f32; TILE];
+            let mins = &mins[g * TILE..][..TILE];
+            for ((o, &dm), &m) in o.iter_mut().zip(&self.dmin).zip(mins) {
+                *o = -(dm * f32::from(m));
+            }
+            o
+        });
     }
 }
 

@@ -228,25 +228,114 @@ fn dequantize_row_is_the_ggml_formula_bit_for_bit() {
     }
 }
 
-/// ggml's `dequantize_row_q4_K` of one 144-byte block.
-fn ggml_q4_k(block: &[u8]) -> Vec<f32> {
-    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-    let min = f16::from_le_bytes([block[2], block[3]]).to_f32();
-    let (scales, mut q) = (&block[4..16], &block[16..144]);
+// ggml's `dequantize_row_q*_K` of one block each, in ggml's order of operations and of elements.
+
+/// Q2_K, 84 bytes: `scales[16]`, `qs[64]`, `d`, `dmin`.
+fn ggml_q2_k(block: &[u8]) -> Vec<f32> {
+    let (scales, qs) = (&block[..16], &block[16..80]);
+    let d = f16::from_le_bytes([block[80], block[81]]).to_f32();
+    let min = f16::from_le_bytes([block[82], block[83]]).to_f32();
     let mut y = Vec::new();
-    for is in (0..8).step_by(2) {
-        let (sc1, m1) = scale_min_k4(is, scales);
-        let (sc2, m2) = scale_min_k4(is + 1, scales);
-        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
-        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
-        y.extend(q[..32].iter().map(|&b| d1 * f32::from(b & 0xF) - m1));
-        y.extend(q[..32].iter().map(|&b| d2 * f32::from(b >> 4) - m2));
-        q = &q[32..];
+    let mut is = 0;
+    for q in qs.chunks_exact(32) {
+        for shift in (0..8).step_by(2) {
+            for half in q.chunks_exact(16) {
+                let sc = scales[is];
+                is += 1;
+                let (dl, ml) = (d * f32::from(sc & 0xF), min * f32::from(sc >> 4));
+                y.extend(
+                    half.iter()
+                        .map(|&b| dl * f32::from(((b >> shift) & 3) as i8) - ml),
+                );
+            }
+        }
     }
     y
 }
 
-/// ggml's `get_scale_min_k4`.
+/// Q3_K, 110 bytes: `hmask[32]`, `qs[64]`, `scales[12]` (16 packed 6-bit values), `d`.
+fn ggml_q3_k(block: &[u8]) -> Vec<f32> {
+    let (hmask, qs) = (&block[..32], &block[32..96]);
+    let d_all = f16::from_le_bytes([block[108], block[109]]).to_f32();
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            block[96 + 4 * i],
+            block[97 + 4 * i],
+            block[98 + 4 * i],
+            block[99 + 4 * i],
+        ])
+    };
+    let (a0, a1, tmp) = (word(0), word(1), word(2));
+    let (k1, k2) = (0x0303_0303u32, 0x0F0F_0F0Fu32);
+    let aux = [
+        (a0 & k2) | ((tmp & k1) << 4),
+        (a1 & k2) | (((tmp >> 2) & k1) << 4),
+        ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+        ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+    ];
+    let scales: Vec<i8> = aux
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .map(|b| b as i8)
+        .collect();
+    let mut y = Vec::new();
+    let (mut is, mut m) = (0, 1u8);
+    for q in qs.chunks_exact(32) {
+        for shift in (0..8).step_by(2) {
+            for h in 0..2 {
+                let dl = d_all * f32::from(scales[is] - 32);
+                is += 1;
+                for l in 16 * h..16 * h + 16 {
+                    let low = ((q[l] >> shift) & 3) as i8;
+                    let high = if hmask[l] & m != 0 { 0 } else { 4 };
+                    y.push(dl * f32::from(low - high));
+                }
+            }
+            m <<= 1;
+        }
+    }
+    y
+}
+
+/// Q4_K, 144 bytes: `d`, `dmin`, `scales[12]` (8 packed 6-bit pairs), `qs[128]`.
+fn ggml_q4_k(block: &[u8]) -> Vec<f32> {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let min = f16::from_le_bytes([block[2], block[3]]).to_f32();
+    let scales = &block[4..16];
+    let mut y = Vec::new();
+    for (c, q) in block[16..144].chunks_exact(32).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * c, scales);
+        let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        y.extend(q.iter().map(|&b| d1 * f32::from(b & 0xF) - m1));
+        y.extend(q.iter().map(|&b| d2 * f32::from(b >> 4) - m2));
+    }
+    y
+}
+
+/// Q5_K, 176 bytes: `d`, `dmin`, `scales[12]`, `qh[32]`, `qs[128]`.
+fn ggml_q5_k(block: &[u8]) -> Vec<f32> {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let min = f16::from_le_bytes([block[2], block[3]]).to_f32();
+    let (scales, qh) = (&block[4..16], &block[16..48]);
+    let mut y = Vec::new();
+    let (mut u1, mut u2) = (1u8, 2u8);
+    for (c, ql) in block[48..176].chunks_exact(32).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * c, scales);
+        let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        let high = |h: u8, u: u8| if h & u != 0 { 16 } else { 0 };
+        y.extend((0..32).map(|l| d1 * f32::from((ql[l] & 0xF) + high(qh[l], u1)) - m1));
+        y.extend((0..32).map(|l| d2 * f32::from((ql[l] >> 4) + high(qh[l], u2)) - m2));
+        u1 <<= 2;
+        u2 <<= 2;
+    }
+    y
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of group `j` of a Q4_K/Q5_K block.
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -258,19 +347,14 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// ggml's `dequantize_row_q6_K` of one 210-byte block.
+/// Q6_K, 210 bytes: `ql[128]`, `qh[64]`, `scales[16]` (int8), `d`.
 fn ggml_q6_k(block: &[u8]) -> Vec<f32> {
-    let (ql, qh) = (&block[..128], &block[128..192]);
     let sc: Vec<i8> = block[192..208].iter().map(|&b| b as i8).collect();
     let d = f16::from_le_bytes([block[208], block[209]]).to_f32();
     let mut y = vec![0.0f32; 256];
     for n in 0..2 {
-        let (ql, qh, sc, y) = (
-            &ql[64 * n..],
-            &qh[32 * n..],
-            &sc[8 * n..],
-            &mut y[128 * n..],
-        );
+        let (ql, qh) = (&block[64 * n..], &block[128 + 32 * n..]);
+        let (sc, y) = (&sc[8 * n..], &mut y[128 * n..]);
         for l in 0..32 {
             let is = l / 16;
             let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
@@ -286,101 +370,222 @@ fn ggml_q6_k(block: &[u8]) -> Vec<f32> {
     y
 }
 
-/// A random block of `len` bytes whose f16 fields (at `f16_at`) are finite.
-fn random_block(rng: &mut Rng, len: usize, f16_at: &[usize]) -> Vec<u8> {
-    let mut b = rng.0.bytes(len);
-    for &i in f16_at {
-        b[i..i + 2].copy_from_slice(&rng.factor().to_le_bytes());
-    }
-    b
+/// One block split the way a loader hands it to [`SuperBlockWeights`]: 256 codes, the sub-scales
+/// (and sub-mins) of its groups, and the f16 bits of `d` (and `dmin`).
+struct Decoded {
+    codes: Vec<u8>,
+    sub_scales: Vec<i8>,
+    sub_mins: Vec<u8>,
+    d: u16,
+    dmin: Option<u16>,
 }
+
+fn f16_at(block: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([block[i], block[i + 1]])
+}
+
+fn split_q2_k(b: &[u8]) -> Decoded {
+    // Element 128n + 32j + 16h + l is bits 2j..2j+2 of qs[32n + 16h + l]; group = element / 16.
+    let mut codes = vec![0u8; 256];
+    for (e, c) in codes.iter_mut().enumerate() {
+        let (n, j, rest) = (e / 128, e % 128 / 32, e % 32);
+        *c = (b[16 + 32 * n + rest] >> (2 * j)) & 3;
+    }
+    Decoded {
+        codes,
+        sub_scales: b[..16].iter().map(|&s| (s & 0xF) as i8).collect(),
+        sub_mins: b[..16].iter().map(|&s| s >> 4).collect(),
+        d: f16_at(b, 80),
+        dmin: Some(f16_at(b, 82)),
+    }
+}
+
+fn split_q3_k(b: &[u8]) -> Decoded {
+    // Code = low 2 bits + 4·(hmask bit 4n + j); ggml's value is code − 4, the zero point.
+    let mut codes = vec![0u8; 256];
+    for (e, c) in codes.iter_mut().enumerate() {
+        let (n, j, rest) = (e / 128, e % 128 / 32, e % 32);
+        let low = (b[32 + 32 * n + rest] >> (2 * j)) & 3;
+        let high = (b[rest] >> (4 * n + j)) & 1;
+        *c = low | high << 2;
+    }
+    // Scale g: low 4 bits from byte g (g < 8) or the high nibble of byte g − 8, high 2 bits from
+    // byte 8 + g % 4 at bit 2·(g / 4); stored as sc − 32.
+    let s = &b[96..108];
+    let sub_scales = (0..16)
+        .map(|g| {
+            let low = if g < 8 { s[g] & 0xF } else { s[g - 8] >> 4 };
+            let high = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
+            (low | high << 4) as i8 - 32
+        })
+        .collect();
+    Decoded {
+        codes,
+        sub_scales,
+        sub_mins: Vec::new(),
+        d: f16_at(b, 108),
+        dmin: None,
+    }
+}
+
+fn split_q4_k(b: &[u8]) -> Decoded {
+    let mut codes = Vec::with_capacity(256);
+    for chunk in b[16..144].chunks_exact(32) {
+        codes.extend(chunk.iter().map(|q| q & 0xF));
+        codes.extend(chunk.iter().map(|q| q >> 4));
+    }
+    let (sub_scales, sub_mins) = (0..8)
+        .map(|j| scale_min_k4(j, &b[4..16]))
+        .map(|(s, m)| (s as i8, m))
+        .unzip();
+    Decoded {
+        codes,
+        sub_scales,
+        sub_mins,
+        d: f16_at(b, 0),
+        dmin: Some(f16_at(b, 2)),
+    }
+}
+
+fn split_q5_k(b: &[u8]) -> Decoded {
+    // Element 64c + 32h + l: nibble h of qs[32c + l], plus 16 from bit 2c + h of qh[l].
+    let mut codes = vec![0u8; 256];
+    for (e, c) in codes.iter_mut().enumerate() {
+        let (chunk, h, l) = (e / 64, e % 64 / 32, e % 32);
+        let low = (b[48 + 32 * chunk + l] >> (4 * h)) & 0xF;
+        let high = (b[16 + l] >> (2 * chunk + h)) & 1;
+        *c = low | high << 4;
+    }
+    let (sub_scales, sub_mins) = (0..8)
+        .map(|j| scale_min_k4(j, &b[4..16]))
+        .map(|(s, m)| (s as i8, m))
+        .unzip();
+    Decoded {
+        codes,
+        sub_scales,
+        sub_mins,
+        d: f16_at(b, 0),
+        dmin: Some(f16_at(b, 2)),
+    }
+}
+
+fn split_q6_k(b: &[u8]) -> Decoded {
+    // Element 128n + 32k + l: nibble k / 2 of ql[64n + 32(k % 2) + l], plus bits 2k..2k+2 of
+    // qh[32n + l] as bits 4..6; ggml's value is code − 32, the zero point.
+    let mut codes = vec![0u8; 256];
+    for (e, c) in codes.iter_mut().enumerate() {
+        let (n, k, l) = (e / 128, e % 128 / 32, e % 32);
+        let low = (b[64 * n + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0xF;
+        let high = (b[128 + 32 * n + l] >> (2 * k)) & 3;
+        *c = low | high << 4;
+    }
+    Decoded {
+        codes,
+        sub_scales: b[192..208].iter().map(|&s| s as i8).collect(),
+        sub_mins: Vec::new(),
+        d: f16_at(b, 208),
+        dmin: None,
+    }
+}
+
+/// A K-quant block format: its size, where its f16 factors sit, how a loader splits it, and ggml's
+/// dequantization of it.
+struct BlockFormat {
+    t: KQuant,
+    bytes: usize,
+    factors: &'static [usize],
+    split: fn(&[u8]) -> Decoded,
+    ggml: fn(&[u8]) -> Vec<f32>,
+}
+
+const FORMATS: [BlockFormat; 5] = [
+    BlockFormat {
+        t: Q2_K,
+        bytes: 84,
+        factors: &[80, 82],
+        split: split_q2_k,
+        ggml: ggml_q2_k,
+    },
+    BlockFormat {
+        t: Q3_K,
+        bytes: 110,
+        factors: &[108],
+        split: split_q3_k,
+        ggml: ggml_q3_k,
+    },
+    BlockFormat {
+        t: Q4_K,
+        bytes: 144,
+        factors: &[0, 2],
+        split: split_q4_k,
+        ggml: ggml_q4_k,
+    },
+    BlockFormat {
+        t: Q5_K,
+        bytes: 176,
+        factors: &[0, 2],
+        split: split_q5_k,
+        ggml: ggml_q5_k,
+    },
+    BlockFormat {
+        t: Q6_K,
+        bytes: 210,
+        factors: &[208],
+        split: split_q6_k,
+        ggml: ggml_q6_k,
+    },
+];
 
 #[test]
-fn q4_k_and_q6_k_blocks_dequantize_as_ggml() {
+fn blocks_split_for_a_loader_dequantize_as_ggml() {
     let mut rng = Rng(SplitMix64::new(0x4B));
     let (rows, cols) = (67, 512);
-    let blocks_per_row = cols / SUPER_BLOCK;
-
-    // Q4_K: codes from the nibbles, (sc, m) from get_scale_min_k4, d and dmin as stored.
-    let q4: Vec<Vec<u8>> = (0..rows * blocks_per_row)
-        .map(|_| random_block(&mut rng, 144, &[0, 2]))
-        .collect();
-    let mut parts = Parts {
-        t: Q4_K,
-        rows,
-        cols,
-        codes: Vec::new(),
-        sub_scales: Vec::new(),
-        sub_mins: Some(Vec::new()),
-        d: Vec::new(),
-        dmin: Some(Vec::new()),
-    };
-    for block in &q4 {
-        parts.d.push(u16::from_le_bytes([block[0], block[1]]));
-        if let Some(dmin) = parts.dmin.as_mut() {
-            dmin.push(u16::from_le_bytes([block[2], block[3]]));
-        }
-        for j in 0..8 {
-            let (sc, m) = scale_min_k4(j, &block[4..16]);
-            parts.sub_scales.push(sc as i8);
-            if let Some(mins) = parts.sub_mins.as_mut() {
-                mins.push(m);
+    for format in FORMATS {
+        let t = format.t;
+        // Random bytes, with finite f16 factors (zero, subnormal, negative among them).
+        let blocks: Vec<Vec<u8>> = (0..rows * cols / SUPER_BLOCK)
+            .map(|_| {
+                let mut b = rng.0.bytes(format.bytes);
+                for &i in format.factors {
+                    b[i..i + 2].copy_from_slice(&rng.factor().to_le_bytes());
+                }
+                b
+            })
+            .collect();
+        let mut parts = Parts {
+            t,
+            rows,
+            cols,
+            codes: Vec::new(),
+            sub_scales: Vec::new(),
+            sub_mins: t.mins.then(Vec::new),
+            d: Vec::new(),
+            dmin: t.mins.then(Vec::new),
+        };
+        for block in &blocks {
+            let decoded = (format.split)(block);
+            assert_eq!(decoded.codes.len(), SUPER_BLOCK);
+            assert_eq!(decoded.sub_scales.len(), SUPER_BLOCK / t.group);
+            parts.codes.extend(decoded.codes);
+            parts.sub_scales.extend(decoded.sub_scales);
+            parts.d.push(decoded.d);
+            if let (Some(mins), Some(dmin)) = (parts.sub_mins.as_mut(), parts.dmin.as_mut()) {
+                mins.extend(decoded.sub_mins);
+                dmin.extend(decoded.dmin);
             }
         }
-        for chunk in block[16..144].chunks_exact(32) {
-            parts.codes.extend(chunk.iter().map(|b| b & 0xF));
-            parts.codes.extend(chunk.iter().map(|b| b >> 4));
+        let want: Vec<f32> = blocks.iter().flat_map(|b| (format.ggml)(b)).collect();
+        let m = parts.pack();
+        let mut row = vec![0.0f32; cols];
+        for r in 0..rows {
+            m.dequantize_row(r, &mut row).unwrap();
+            assert_eq!(
+                bits_of(&row),
+                bits_of(&want[r * cols..][..cols]),
+                "{} row {r}",
+                t.name
+            );
         }
-    }
-    let want: Vec<f32> = q4.iter().flat_map(|b| ggml_q4_k(b)).collect();
-    assert_dequantizes_to(&parts.pack(), &want, "Q4_K");
-
-    // Q6_K: 6-bit codes from ql/qh, int8 scales per 16, d; zero point 32.
-    let q6: Vec<Vec<u8>> = (0..rows * blocks_per_row)
-        .map(|_| random_block(&mut rng, 210, &[208]))
-        .collect();
-    let mut parts = Parts {
-        t: Q6_K,
-        rows,
-        cols,
-        codes: Vec::new(),
-        sub_scales: Vec::new(),
-        sub_mins: None,
-        d: Vec::new(),
-        dmin: None,
-    };
-    for block in &q6 {
-        parts.d.push(u16::from_le_bytes([block[208], block[209]]));
-        parts
-            .sub_scales
-            .extend(block[192..208].iter().map(|&b| b as i8));
-        let mut codes = [0u8; 256];
-        for n in 0..2 {
-            let (ql, qh) = (&block[64 * n..], &block[128 + 32 * n..]);
-            for l in 0..32 {
-                let c = &mut codes[128 * n..];
-                c[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
-                c[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
-                c[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                c[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-            }
-        }
-        parts.codes.extend_from_slice(&codes);
-    }
-    let want: Vec<f32> = q6.iter().flat_map(|b| ggml_q6_k(b)).collect();
-    assert_dequantizes_to(&parts.pack(), &want, "Q6_K");
-}
-
-fn assert_dequantizes_to(m: &PackedMatrix, want: &[f32], what: &str) {
-    let cols = m.cols();
-    let mut row = vec![0.0f32; cols];
-    for r in 0..m.rows() {
-        m.dequantize_row(r, &mut row).unwrap();
-        assert_eq!(
-            bits_of(&row),
-            bits_of(&want[r * cols..][..cols]),
-            "{what} row {r}"
-        );
     }
 }
 
