@@ -255,6 +255,12 @@ impl PackedMatrix {
         &self.spec
     }
 
+    /// Whether the group scales are two-level (integer sub-scales under f16 super-block factors,
+    /// [`PackedMatrix::pack_super_blocks`]) rather than f16 per group.
+    pub fn has_super_block_scales(&self) -> bool {
+        self.super_scales.is_some()
+    }
+
     /// Output features (M).
     pub fn rows(&self) -> usize {
         self.spec.rows

@@ -237,8 +237,8 @@ impl Linear {
         }
     }
 
-    /// Short name of the in-memory form, e.g. `lut4 g32`, `ternary 1.67b`, `int8`, `f32`,
-    /// `lut4 g128 permuted`.
+    /// Short name of the in-memory form, e.g. `lut4 g32`, `lut6 g16 two-level` (K-quant
+    /// sub-scales), `ternary 1.67b`, `int8`, `f32`, `lut4 g128 permuted`.
     pub fn kind(&self) -> String {
         match self {
             Linear::Lut(m) => {
@@ -248,7 +248,12 @@ impl Linear {
                     Grouping::PerRow => "per-row".to_string(),
                     Grouping::PerTensor => "per-tensor".to_string(),
                 };
-                format!("lut{} {group}", spec.bits)
+                let two_level = if m.has_super_block_scales() {
+                    " two-level"
+                } else {
+                    ""
+                };
+                format!("lut{} {group}{two_level}", spec.bits)
             }
             Linear::Ternary(_) => "ternary 1.67b".to_string(),
             Linear::Int8(_) => "int8".to_string(),

@@ -328,14 +328,13 @@ fn missing_and_misshapen_tensors_are_named() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Random blocks of `ty` for a `[rows][cols]` matrix: random bytes with the f16 block scale at
-/// byte `d_at` set to `d`.
+/// Random blocks of `ty` for a `[rows][cols]` matrix: random bytes with each f16 field
+/// `(byte offset, value)` of `fields` set (the block scales).
 fn random_blocks(
     ty: GgmlType,
     rows: usize,
     cols: usize,
-    d_at: usize,
-    d: f32,
+    fields: &[(usize, f32)],
     seed: u64,
 ) -> Vec<u8> {
     let mut rng = lutra_kernels::measure::SplitMix64::new(seed);
@@ -345,75 +344,94 @@ fn random_blocks(
         let mut block: Vec<u8> = (0..ty.block_bytes())
             .map(|_| rng.next_u64() as u8)
             .collect();
-        block[d_at..d_at + 2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        for &(at, value) in fields {
+            block[at..at + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes());
+        }
         out.extend(block);
     }
     out
 }
 
 #[test]
-fn iq4_and_q3_k_models_load_into_the_int8_kernels() {
-    // The tiny model with its matrices rewritten as IQ4_NL (attention), IQ4_XS (gate, up) and
-    // Q3_K (down), each with random blocks: every one loads exactly as int8 and runs close to the
-    // reference (f32) path.
+fn k_and_i_quant_models_load_exactly_into_their_kernels() {
+    // The tiny model with every block matrix rewritten in one type, with random blocks (block
+    // scales set to sizes that keep the weights near 1/√K): each loads into its kernel form, never
+    // f32, and runs close to the reference (f32) path.
     let spec = TinyModelSpec {
         hidden: 256,
         ffn: 256,
         layers: 1,
         ..TinyModelSpec::default()
     };
-    let tiny = tiny_file("iq4", &spec);
+    let tiny = tiny_file("kquants", &spec);
     let file = crate::gguf::GgufFile::open(&tiny).unwrap();
-    let mut w = GgufWriter::new();
-    for (key, value) in file.metadata_entries() {
-        w.add_metadata(key, value.clone());
-    }
-    for (i, info) in file.tensors().iter().enumerate() {
-        let (cols, rows) = (info.dims[0], info.elements() / info.dims[0]);
-        let scale = 1.0 / (cols as f32).sqrt();
-        let name = info.name.as_str();
-        let seed = i as u64;
-        let (ty, data) = if !name.starts_with("blk.") || info.dims.len() == 1 {
-            (info.ty, file.tensor_data(name).unwrap().to_vec())
-        } else if name.contains("attn_") {
-            let d = scale / 64.0;
-            (
-                GgmlType::IQ4_NL,
-                random_blocks(GgmlType::IQ4_NL, rows, cols, 0, d, seed),
-            )
-        } else if name.contains("ffn_down") {
-            let d = scale / 64.0;
-            (
-                GgmlType::Q3_K,
-                random_blocks(GgmlType::Q3_K, rows, cols, 108, d, seed),
-            )
-        } else {
-            let d = scale / 1024.0;
-            (
-                GgmlType::IQ4_XS,
-                random_blocks(GgmlType::IQ4_XS, rows, cols, 0, d, seed),
-            )
-        };
-        w.add_tensor_raw(name, &info.dims, ty.id(), data).unwrap();
-    }
-    let path = tiny.with_file_name("iq4.gguf");
-    w.write(&path).unwrap();
+    // (type, f16 fields as (byte offset, size relative to 1/√K), kernel form). Every block of a
+    // tensor gets the same scales, so the loader may merge Q5_0/Q5_1 groups into wider ones.
+    let cases: [(GgmlType, &[(usize, f32)], &str); 9] = [
+        (GgmlType::IQ4_NL, &[(0, 1.0 / 127.0)], "int8"),
+        (GgmlType::IQ4_XS, &[(0, 1.0 / 4064.0)], "int8"),
+        (
+            GgmlType::Q2_K,
+            &[(80, 1.0 / 45.0), (82, 1.0 / 45.0)],
+            "lut2 g16 two-level",
+        ),
+        (GgmlType::Q3_K, &[(108, 1.0 / 128.0)], "lut3 g16 two-level"),
+        (
+            GgmlType::Q4_K,
+            &[(0, 1.0 / 945.0), (2, 1.0 / 945.0)],
+            "lut4 g32 two-level",
+        ),
+        (
+            GgmlType::Q5_K,
+            &[(0, 1.0 / 1953.0), (2, 1.0 / 1953.0)],
+            "lut5 g32 two-level",
+        ),
+        (GgmlType::Q6_K, &[(208, 1.0 / 4096.0)], "lut6 g16 two-level"),
+        (GgmlType::Q5_0, &[(0, 1.0 / 16.0)], "lut5 "),
+        (GgmlType::Q5_1, &[(0, 1.0 / 31.0), (2, -0.5)], "lut5 "),
+    ];
+    for (ty, fields, kernel) in cases {
+        let mut w = GgufWriter::new();
+        for (key, value) in file.metadata_entries() {
+            w.add_metadata(key, value.clone());
+        }
+        for (i, info) in file.tensors().iter().enumerate() {
+            let (cols, rows) = (info.dims[0], info.elements() / info.dims[0]);
+            let name = info.name.as_str();
+            if !name.starts_with("blk.") || info.dims.len() == 1 {
+                let data = file.tensor_data(name).unwrap().to_vec();
+                w.add_tensor_raw(name, &info.dims, info.ty.id(), data)
+                    .unwrap();
+                continue;
+            }
+            let scale = 1.0 / (cols as f32).sqrt();
+            let fields: Vec<(usize, f32)> = fields.iter().map(|&(at, f)| (at, f * scale)).collect();
+            let data = random_blocks(ty, rows, cols, &fields, i as u64);
+            w.add_tensor_raw(name, &info.dims, ty.id(), data).unwrap();
+        }
+        let path = tiny.with_file_name(format!("{}.gguf", ty.name()));
+        w.write(&path).unwrap();
 
-    let fast = Model::load(&path, &options(false)).unwrap();
-    let exact = Model::load(&path, &options(true)).unwrap();
-    let info = fast.describe();
-    for (source, count) in [("IQ4_NL", 4), ("IQ4_XS", 2), ("Q3_K", 1)] {
+        let fast = Model::load(&path, &options(false)).unwrap();
+        let exact = Model::load(&path, &options(true)).unwrap();
+        let info = fast.describe();
         assert!(
             info.tensor_types
                 .iter()
-                .any(|t| t.source == source && t.kernel == "int8" && t.count == count),
-            "{source}: {:?}",
+                .any(|t| t.source == ty.name() && t.kernel.starts_with(kernel) && t.count == 7),
+            "{}: {:?}",
+            ty.name(),
             info.tensor_types
         );
+        let prompt = prompt(8, fast.config().vocab_size);
+        let (agree, _) = agreement_with_reference(&fast, &exact, &prompt);
+        assert!(
+            agree >= 6,
+            "{}: top token agrees at {agree} of 8",
+            ty.name()
+        );
     }
-    let (agree, _) = agreement_with_reference(&fast, &exact, &prompt(8, fast.config().vocab_size));
-    assert!(agree >= 6, "top token agrees at {agree} of 8 positions");
-    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    let _ = std::fs::remove_dir_all(tiny.parent().unwrap());
 }
 
 #[test]
