@@ -367,7 +367,8 @@ fn k_and_i_quant_models_load_exactly_into_their_kernels() {
     let file = crate::gguf::GgufFile::open(&tiny).unwrap();
     // (type, f16 fields as (byte offset, size relative to 1/√K), kernel form). Every block of a
     // tensor gets the same scales, so the loader may merge Q5_0/Q5_1 groups into wider ones.
-    let cases: [(GgmlType, &[(usize, f32)], &str); 9] = [
+    type Case = (GgmlType, &'static [(usize, f32)], &'static str);
+    let cases: [Case; 9] = [
         (GgmlType::IQ4_NL, &[(0, 1.0 / 127.0)], "int8"),
         (GgmlType::IQ4_XS, &[(0, 1.0 / 4064.0)], "int8"),
         (
