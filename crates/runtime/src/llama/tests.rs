@@ -30,6 +30,9 @@ fn tiny_config() -> ModelConfig {
         rms_eps: 1e-5,
         tied_embeddings: true,
         ffn_activation: FfnActivation::Silu,
+        sliding_window: None,
+        embedding_scale: 1.0,
+        logit_softcap: None,
     }
 }
 
@@ -481,7 +484,8 @@ fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
         kv_heads: 2,
         context_length: 64,
         tied_embeddings: true,
-        bitnet: true,
+        architecture: Architecture::BitNet,
+        ..TinyModelSpec::default()
     };
     tiny_file(dir, &spec)
 }
@@ -756,6 +760,9 @@ fn tiny_bitnet_config() -> ModelConfig {
         head_dim: 64,
         rope_dims: 64,
         ffn_activation: FfnActivation::ReluSquared,
+        sliding_window: None,
+        embedding_scale: 1.0,
+        logit_softcap: None,
         ..tiny_config()
     }
 }
@@ -837,6 +844,9 @@ fn synthetic_bitnet_2b_shape_builds_as_bitnet() {
         rope_theta: 500_000.0,
         rope_dims: 128,
         ffn_activation: FfnActivation::ReluSquared,
+        sliding_window: None,
+        embedding_scale: 1.0,
+        logit_softcap: None,
         ..tiny_config()
     };
     let spec = TERNARY_SPEC;

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::chat::Message;
+use crate::config::Architecture;
 use crate::fixtures::{
     gguf_to_hf_folder, tiny_llama_gguf, write_safetensors, GgufWriter, TensorData, TinyModelSpec,
 };
