@@ -696,6 +696,7 @@ mod tests {
     use super::*;
     use crate::fixtures::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
     use crate::gguf::{GgufFile, MetaValue};
+    use std::path::Path;
 
     #[test]
     fn tiny_model_config() {
@@ -809,6 +810,136 @@ mod tests {
     fn config_of(w: &GgufWriter, path: &std::path::Path) -> crate::Result<ModelConfig> {
         w.write(path).unwrap();
         ModelConfig::from_gguf(&GgufFile::open(path).unwrap())
+    }
+
+    #[test]
+    fn sliding_windows_from_gguf_and_config_json() {
+        let path = temp_gguf("swa");
+        let mut w = llama_metadata();
+        assert_eq!(config_of(&w, &path).unwrap().sliding_window, None);
+        // Mistral in a llama file: every layer.
+        w.add_metadata("llama.attention.sliding_window", MetaValue::U32(4096));
+        let window = config_of(&w, &path).unwrap().sliding_window.unwrap();
+        assert_eq!(
+            (window.size, window.local_layers, window.local_rope_theta),
+            (4096, vec![true, true], None)
+        );
+        w.add_metadata("llama.attention.sliding_window", MetaValue::U32(0));
+        assert_eq!(config_of(&w, &path).unwrap().sliding_window, None);
+
+        // Gemma 3: five local layers of every six unless the file says otherwise.
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", MetaValue::String("gemma3".into()));
+        for (k, v) in [
+            ("block_count", 13),
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("attention.head_count", 4),
+            ("attention.key_length", 32),
+            ("context_length", 1024),
+            ("vocab_size", 10),
+            ("attention.sliding_window", 512),
+        ] {
+            w.add_metadata(&format!("gemma3.{k}"), MetaValue::U32(v));
+        }
+        w.add_metadata(
+            "gemma3.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-6),
+        );
+        let c = config_of(&w, &path).unwrap();
+        assert_eq!((c.head_dim, c.rope_style), (32, RopeStyle::Halves));
+        assert_eq!(c.ffn_activation, FfnActivation::GeluTanh);
+        assert_eq!(c.embedding_scale, 8.0);
+        let window = c.sliding_window.unwrap();
+        let globals: Vec<usize> = (0..13).filter(|&l| !window.local_layers[l]).collect();
+        assert_eq!((window.size, globals), (512, vec![5, 11]));
+        assert_eq!(window.local_rope_theta, Some(10000.0));
+        w.add_metadata("gemma3.attention.sliding_window_pattern", MetaValue::U32(3));
+        w.add_metadata("gemma3.rope.freq_base_swa", MetaValue::F32(5000.0));
+        let window = config_of(&w, &path).unwrap().sliding_window.unwrap();
+        let globals: Vec<usize> = (0..13).filter(|&l| !window.local_layers[l]).collect();
+        assert_eq!(
+            (globals, window.local_rope_theta),
+            (vec![2, 5, 8, 11], Some(5000.0))
+        );
+        let flags: Vec<bool> = (0..13).map(|l| l == 4).collect();
+        w.add_metadata(
+            "gemma3.attention.sliding_window_pattern",
+            MetaValue::Array(flags.iter().map(|&b| MetaValue::Bool(b)).collect()),
+        );
+        let window = config_of(&w, &path).unwrap().sliding_window.unwrap();
+        assert_eq!(window.local_layers, flags);
+        w.add_metadata(
+            "gemma3.attention.sliding_window_pattern",
+            MetaValue::Array(vec![MetaValue::Bool(true); 3]),
+        );
+        let err = config_of(&w, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("sliding_window_pattern") && err.contains("13"),
+            "{err}"
+        );
+
+        // config.json: Mistral's window; Qwen's only with use_sliding_window, which is refused.
+        let json = |extra: &str| {
+            format!(
+                r#"{{"hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 256,
+                "num_attention_heads": 4, "num_hidden_layers": 3, "rms_norm_eps": 1e-05,
+                "vocab_size": 10{extra}}}"#
+            )
+        };
+        let hf = |extra: &str| ModelConfig::from_hf_json(&json(extra), Path::new("config.json"));
+        let mistral = hf(r#", "model_type": "mistral", "sliding_window": 4096"#).unwrap();
+        let window = mistral.sliding_window.unwrap();
+        assert_eq!((window.size, window.local_layers.len()), (4096, 3));
+        assert!(window.local_layers.iter().all(|&l| l));
+        let none = hf(r#", "model_type": "mistral", "sliding_window": null"#).unwrap();
+        assert_eq!(none.sliding_window, None);
+        let qwen = r#", "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": "#;
+        assert_eq!(hf(&format!("{qwen}false")).unwrap().sliding_window, None);
+        let err = hf(&format!("{qwen}true")).unwrap_err().to_string();
+        assert!(err.contains("use_sliding_window"), "{err}");
+        let qwen3 = hf(r#", "model_type": "qwen3", "head_dim": 32"#).unwrap();
+        assert_eq!(
+            (qwen3.architecture, qwen3.head_dim),
+            (Architecture::Qwen3, 32)
+        );
+        let err = hf(r#", "model_type": "gemma3""#).unwrap_err().to_string();
+        assert!(err.contains("'gemma3' is not supported"), "{err}");
+    }
+
+    #[test]
+    fn longrope_phi3_files_are_refused() {
+        let path = temp_gguf("phi3");
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", MetaValue::String("phi3".into()));
+        for (k, v) in [
+            ("block_count", 2),
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("attention.head_count", 4),
+            ("context_length", 1024),
+            ("vocab_size", 10),
+            ("attention.sliding_window", 2048),
+        ] {
+            w.add_metadata(&format!("phi3.{k}"), MetaValue::U32(v));
+        }
+        w.add_metadata(
+            "phi3.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        );
+        let c = config_of(&w, &path).unwrap();
+        // llama.cpp ignores Phi-3's window; so does lutra.
+        assert_eq!(
+            (c.architecture, c.sliding_window),
+            (Architecture::Phi3, None)
+        );
+        w.add_tensor_f32("rope_factors_long.weight", &[8], &[1.0; 8])
+            .unwrap();
+        let err = config_of(&w, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("longrope") && err.contains("rope_factors_long"),
+            "{err}"
+        );
     }
 
     #[test]
