@@ -7,8 +7,42 @@
 //! One loader (`llama::block`) reads any entry; adding an architecture is one entry here plus any
 //! operation the forward pass does not have yet.
 
-use crate::config::{Architecture, FfnActivation};
 use crate::rope::RopeStyle;
+
+/// Architecture family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM2, Mistral.
+    Llama,
+    /// Qwen2 (q/k/v biases).
+    Qwen2,
+    /// BitNet b1.58 (ternary weights, squared-ReLU FFN, sub-norms).
+    BitNet,
+    /// Qwen3 (per-head q/k RMSNorms before RoPE).
+    Qwen3,
+    /// Gemma 3 (GeGLU, q/k norms, post-norms, interleaved sliding-window layers).
+    Gemma3,
+    /// Phi-3 (fused q/k/v and gate/up matrices).
+    Phi3,
+}
+
+/// The gated FFN's activation: `down(act(gate(x)) · up(x))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnActivation {
+    /// SiLU (SwiGLU): Llama, Qwen2, the original 1bitLLM BitNet b1.58 checkpoints.
+    Silu,
+    /// Squared ReLU, `max(x, 0)²`: BitNet b1.58 2B-4T (`hidden_act: relu2`).
+    ReluSquared,
+    /// GELU, tanh approximation (GeGLU): Gemma.
+    GeluTanh,
+}
+
+impl Architecture {
+    /// The architecture named by GGUF's `general.architecture`, if lutra runs it.
+    pub fn from_gguf_name(name: &str) -> Option<Architecture> {
+        ArchitectureSpec::for_gguf(name).map(|a| a.architecture)
+    }
+}
 
 /// A tensor of a transformer block, by what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

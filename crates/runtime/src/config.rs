@@ -1,38 +1,11 @@
 //! Model hyper-parameters, read from GGUF metadata or a Hugging Face `config.json`.
 
+pub use crate::architecture::{Architecture, FfnActivation};
 use crate::architecture::{ArchitectureSpec, EmbeddingScale};
 use crate::rope::{RopeScaling, RopeStyle};
 
 /// GGUF's tensor of per-pair RoPE frequency divisors.
 pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
-
-/// Architecture family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    /// Llama 2/3, SmolLM2, Mistral.
-    Llama,
-    /// Qwen2 (q/k/v biases).
-    Qwen2,
-    /// BitNet b1.58 (ternary weights, squared-ReLU FFN, sub-norms).
-    BitNet,
-    /// Qwen3 (per-head q/k RMSNorms before RoPE).
-    Qwen3,
-    /// Gemma 3 (GeGLU, q/k norms, post-norms, interleaved sliding-window layers).
-    Gemma3,
-    /// Phi-3 (fused q/k/v and gate/up matrices).
-    Phi3,
-}
-
-/// The gated FFN's activation: `down(act(gate(x)) · up(x))`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FfnActivation {
-    /// SiLU (SwiGLU): Llama, Qwen2, the original 1bitLLM BitNet b1.58 checkpoints.
-    Silu,
-    /// Squared ReLU, `max(x, 0)²`: BitNet b1.58 2B-4T (`hidden_act: relu2`).
-    ReluSquared,
-    /// GELU, tanh approximation (GeGLU): Gemma.
-    GeluTanh,
-}
 
 /// Attention limited to the last `size` positions (the query's own included) in some layers.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,13 +63,6 @@ pub struct ModelConfig {
     pub embedding_scale: f32,
     /// Final logits become `cap·tanh(logits/cap)` (Gemma's final logit soft-capping).
     pub logit_softcap: Option<f32>,
-}
-
-impl Architecture {
-    /// The architecture named by GGUF's `general.architecture`, if lutra runs it.
-    pub fn from_gguf_name(name: &str) -> Option<Architecture> {
-        ArchitectureSpec::for_gguf(name).map(|a| a.architecture)
-    }
 }
 
 /// Most bytes a model file's context length may ask for in RoPE tables and attention scratch
