@@ -64,7 +64,7 @@ impl TensorLoader<'_> {
         requantizable: bool,
     ) -> Result<Linear> {
         let (tensor, source) = self.decode_scaled(name, rows, cols, requantizable)?;
-        self.to_linear(name, tensor, source, requantizable)
+        self.kernel_form(name, tensor, source, requantizable)
     }
 
     /// [`TensorLoader::decode`] with a linear layer's `.scale` folded in.
@@ -85,7 +85,7 @@ impl TensorLoader<'_> {
     }
 
     /// A decoded matrix `name` in its kernel form (requantized if asked), counted.
-    fn to_linear(
+    fn kernel_form(
         &mut self,
         name: &str,
         tensor: DecodedTensor,
@@ -284,7 +284,7 @@ impl BlockSource for TensorLoader<'_> {
         let mut out = Vec::with_capacity(rows.len());
         for &count in rows {
             let part = row_range(&tensor, start, count);
-            out.push(self.to_linear(&name, part, source.clone(), true)?);
+            out.push(self.kernel_form(&name, part, source.clone(), true)?);
             start += count;
         }
         Ok(out)
