@@ -134,6 +134,27 @@ impl std::fmt::Display for ModelInfo {
             c.rope_style, c.rope_theta, c.rope_dims, c.rope_scaling, c.rms_eps, c.tied_embeddings
         )?;
         writeln!(f, "ffn activation:  {:?}", c.ffn_activation)?;
+        if let Some(w) = &c.sliding_window {
+            let local = w.local_layers.iter().filter(|&&l| l).count();
+            write!(
+                f,
+                "sliding window:  {} positions in {local} of {} layers",
+                w.size, c.layers
+            )?;
+            match w.local_rope_theta {
+                Some(theta) => writeln!(f, " (rope theta {theta} there)")?,
+                None => writeln!(f)?,
+            }
+        }
+        if c.embedding_scale != 1.0 || c.logit_softcap.is_some() {
+            writeln!(
+                f,
+                "scaling:         embeddings ×{}, logit soft-cap {}",
+                c.embedding_scale,
+                c.logit_softcap
+                    .map_or_else(|| "none".to_string(), |cap| cap.to_string())
+            )?;
+        }
         writeln!(f, "parameters:      {}", self.parameters)?;
         writeln!(f, "tensors:")?;
         for t in &self.tensor_types {
