@@ -919,6 +919,7 @@ fn tiny_arch_spec(architecture: Architecture) -> TinyModelSpec {
     match architecture {
         Architecture::Qwen3 => TinyModelSpec {
             head_dim: Some(32),
+            tied_embeddings: false,
             ..base
         },
         Architecture::Gemma3 => TinyModelSpec {
