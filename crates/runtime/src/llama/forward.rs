@@ -10,6 +10,13 @@
 //! activations, which is at least as fine, so the ternary layers see the activations BitNet was
 //! trained for or closer to f32 ones. The weights themselves stay exactly ternary.
 //!
+//! The architecture table ([`crate::architecture`]) adds, where a model has them: per-head RMSNorms
+//! of q and k before RoPE (Qwen3, Gemma 3); RMSNorms of the attention and FFN outputs before their
+//! residual adds (Gemma 3); the embedding scaled by `sqrt(hidden)`, GELU (tanh) in the gated FFN
+//! and `cap·tanh(logits/cap)` on the final logits (Gemma); attention limited to a sliding window,
+//! with its own RoPE table where the window-limited layers rotate with another base (Mistral,
+//! Gemma 3's local layers).
+//!
 //! Tokens go through the matrices in batches of up to `max_batch` (prefill via mpGEMM; decode is
 //! a batch of one). Every buffer lives in [`RunState`], sized once for the largest batch.
 
