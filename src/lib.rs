@@ -9,8 +9,8 @@
 
 pub use lutra_kernels as kernels;
 pub use lutra_runtime::{
-    attention, chat, config, error, generate, gguf, kv_cache, linear, llama, perplexity, quantize,
-    rope, safetensors, sampler, session, tokenizer, weights,
+    architecture, attention, chat, config, error, generate, gguf, kv_cache, linear, llama,
+    perplexity, quantize, rope, safetensors, sampler, session, tokenizer, weights,
 };
 pub use lutra_runtime::{
     CancelToken, ChatSession, Error, GenerateOptions, Generator, PerplexityResult, Piece, Result,

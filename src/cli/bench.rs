@@ -82,13 +82,13 @@ pub(crate) struct BenchArgs {
 /// What a `-m` entry names.
 enum ModelSource {
     File(PathBuf),
-    Synthetic(synthetic::SyntheticShape),
+    Synthetic(Box<synthetic::SyntheticShape>),
 }
 
 impl ModelSource {
     fn parse(spec: &str) -> Result<ModelSource> {
         if spec.starts_with("synthetic:") {
-            return Ok(ModelSource::Synthetic(synthetic::shape(spec)?));
+            return Ok(ModelSource::Synthetic(Box::new(synthetic::shape(spec)?)));
         }
         Ok(ModelSource::File(PathBuf::from(spec)))
     }

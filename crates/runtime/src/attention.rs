@@ -72,8 +72,10 @@ impl Attention {
     }
 
     /// Attention of `n` query tokens (`q` is `[n][heads·head_dim]`) at positions `pos0..pos0+n`,
-    /// whose keys and values are already in `cache`; token `t` sees positions `0..=pos0+t`.
+    /// whose keys and values are already in `cache`; token `t` sees positions `0..=pos0+t`, or
+    /// with a sliding `window` only the last `window` of them (its own included).
     /// Writes `out` (`[n][heads·head_dim]`). Needs `n <= max_batch` and `pos0 + n <= capacity`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn attend(
         &mut self,
         cpu: &Cpu,
@@ -81,6 +83,7 @@ impl Attention {
         q: &[f32],
         n: usize,
         pos0: usize,
+        window: Option<usize>,
         out: &mut [f32],
     ) {
         let AttentionShape {
@@ -92,8 +95,10 @@ impl Attention {
         // An f16 cache always goes span by span (its rows are widened a span at a time); an f32
         // cache only past SPLIT_MIN, so short contexts keep the one-pass bits.
         let f16 = !matches!(cache.keys, Rows::F32(_));
-        if n == 1 && (f16 || pos0 + 1 > SPLIT_MIN) {
-            return self.attend_spans(cpu, cache, q, pos0 + 1, out);
+        // The first position token `t` of the batch sees.
+        let first = |t: usize| window.map_or(0, |w| (pos0 + t + 1).saturating_sub(w.max(1)));
+        if n == 1 && (f16 || pos0 + 1 - first(0) > SPLIT_MIN) {
+            return self.attend_spans(cpu, cache, q, first(0), pos0 + 1, out);
         }
         let q_dim = heads * hd;
         let group = heads / kv_heads;
@@ -110,14 +115,14 @@ impl Attention {
             let (outs, rest) = rest.split_at_mut(self.max_batch * hd);
             let (kbuf, vbuf) = rest.split_at_mut(WIDEN_ROWS * hd);
             for t in 0..n {
-                let seen = pos0 + t + 1;
+                let (lo, seen) = (first(t), pos0 + t + 1);
                 let qh = &q[t * q_dim + h * hd..][..hd];
-                let scores = &mut scores[..seen];
+                let scores = &mut scores[..seen - lo];
                 let o = &mut outs[t * hd..(t + 1) * hd];
                 // Scores a block of rows at a time: an f32 cache lends its rows, an f16 one is
                 // widened (exactly) into `kbuf`; dot_rows gives each row the same bits either way.
                 for (b, scores) in scores.chunks_mut(WIDEN_ROWS).enumerate() {
-                    let at = kv_start + b * WIDEN_ROWS * hd;
+                    let at = kv_start + (lo + b * WIDEN_ROWS) * hd;
                     let k = cache.keys.read(cpu, at, scores.len() * hd, &mut *kbuf);
                     vector::dot_rows(cpu, qh, k, scores);
                 }
@@ -127,7 +132,7 @@ impl Attention {
                 softmax(scores);
                 match cache.values {
                     Rows::F32(values) => {
-                        let rows = kv_start..kv_start + seen * hd;
+                        let rows = kv_start + lo * hd..kv_start + seen * hd;
                         vector::weighted_row_sum(cpu, o, scores, &values[rows]);
                     }
                     values => {
@@ -135,7 +140,7 @@ impl Attention {
                         // widened a block at a time.
                         o.fill(0.0);
                         for (b, weights) in scores.chunks(WIDEN_ROWS).enumerate() {
-                            let at = kv_start + b * WIDEN_ROWS * hd;
+                            let at = kv_start + (lo + b * WIDEN_ROWS) * hd;
                             let v = values.read(cpu, at, weights.len() * hd, &mut *vbuf);
                             for (&w, row) in weights.iter().zip(v.chunks_exact(hd)) {
                                 vector::axpy(cpu, o, w, row);
@@ -156,13 +161,14 @@ impl Attention {
 }
 
 impl Attention {
-    /// One query token (`q` is `[heads·head_dim]`) over the first `seen` positions of one layer's
+    /// One query token (`q` is `[heads·head_dim]`) over positions `first..seen` of one layer's
     /// cache, span by span (see the module docs); writes `out` (`[heads·head_dim]`).
     fn attend_spans(
         &mut self,
         cpu: &Cpu,
         cache: LayerCache<'_>,
         q: &[f32],
+        first: usize,
         seen: usize,
         out: &mut [f32],
     ) {
@@ -173,7 +179,7 @@ impl Attention {
         } = self.shape;
         let group = heads / kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let spans = seen.div_ceil(SPAN);
+        let spans = (seen - first).div_ceil(SPAN);
         // Task `t` = (KV head, span, query head of its group), in that order, so the query heads
         // that read one span of keys and values run back to back on one thread.
         let stride = hd + 2;
@@ -198,16 +204,16 @@ impl Attention {
             &mut self.spans[..ranges * range_len],
             range_len,
             |start, chunk| {
-                let first = start / range_len * per_range;
+                let first_task = start / range_len * per_range;
                 let (partials, buf) = chunk.split_at_mut(per_range * stride);
                 let (kbuf, vbuf) = buf.split_at_mut(convert / 2);
                 let mut scores = [0.0f32; SPAN];
                 let mut rows_of = None;
                 let mut span_rows: (&[f32], &[f32]) = (&[], &[]);
-                for (task, partial) in (first..tasks).zip(partials.chunks_exact_mut(stride)) {
+                for (task, partial) in (first_task..tasks).zip(partials.chunks_exact_mut(stride)) {
                     let (g, rest) = (task / (spans * group), task % (spans * group));
                     let (span, j) = (rest / group, rest % group);
-                    let p0 = span * SPAN;
+                    let p0 = first + span * SPAN;
                     let len = SPAN.min(seen - p0);
                     if rows_of != Some((g, span)) {
                         // The query heads of a group share this span: read (convert) it once.
@@ -299,13 +305,25 @@ mod tests {
 
     /// Textbook attention of one query token at `pos` over `keys`/`values` `[pos+1][kv_dim]`.
     fn naive(shape: AttentionShape, q: &[f32], keys: &[f32], vals: &[f32], pos: usize) -> Vec<f32> {
+        naive_from(shape, q, keys, vals, 0, pos)
+    }
+
+    /// Textbook attention of one query token at `pos` over positions `lo..=pos`.
+    fn naive_from(
+        shape: AttentionShape,
+        q: &[f32],
+        keys: &[f32],
+        vals: &[f32],
+        lo: usize,
+        pos: usize,
+    ) -> Vec<f32> {
         let hd = shape.head_dim;
         let kv_dim = shape.kv_heads * hd;
         let mut out = vec![0.0; shape.heads * hd];
         for h in 0..shape.heads {
             let g = h * shape.kv_heads / shape.heads;
             let qh = &q[h * hd..(h + 1) * hd];
-            let s: Vec<f64> = (0..=pos)
+            let s: Vec<f64> = (lo..=pos)
                 .map(|p| {
                     let k = &keys[p * kv_dim + g * hd..][..hd];
                     qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() / (hd as f64).sqrt()
@@ -314,7 +332,7 @@ mod tests {
             let m = s.iter().cloned().fold(f64::MIN, f64::max);
             let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
             let z: f64 = e.iter().sum();
-            for (p, w) in e.iter().enumerate() {
+            for (p, w) in (lo..).zip(&e) {
                 for i in 0..hd {
                     out[h * hd + i] += (w / z * vals[p * kv_dim + g * hd + i] as f64) as f32;
                 }
@@ -347,10 +365,10 @@ mod tests {
             let mut out = vec![0.0; total * q_dim];
             for pos in 0..4 {
                 let o = &mut out[pos * q_dim..(pos + 1) * q_dim];
-                attention.attend(&cpu, cache.layer(1), &q[pos * q_dim..], 1, pos, o);
+                attention.attend(&cpu, cache.layer(1), &q[pos * q_dim..], 1, pos, None, o);
             }
             let rest = &mut out[4 * q_dim..];
-            attention.attend(&cpu, cache.layer(1), &q[4 * q_dim..], 7, 4, rest);
+            attention.attend(&cpu, cache.layer(1), &q[4 * q_dim..], 7, 4, None, rest);
             let tol = if f16 { 2e-3 } else { 1e-5 };
             for pos in 0..total {
                 let want = naive(shape, &q[pos * q_dim..(pos + 1) * q_dim], &keys, &vals, pos);
@@ -401,7 +419,7 @@ mod tests {
             for pos in [0, 5, SPLIT_MIN - 1, SPLIT_MIN, SPLIT_MIN + 1, total - 1] {
                 let qp = &q[pos * q_dim..(pos + 1) * q_dim];
                 let mut out = vec![f32::NAN; q_dim];
-                attention.attend(&cpu, cache.layer(0), qp, 1, pos, &mut out);
+                attention.attend(&cpu, cache.layer(0), qp, 1, pos, None, &mut out);
                 let want = naive(shape, qp, &held_keys, &held_vals, pos);
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                     assert!(
@@ -409,6 +427,63 @@ mod tests {
                         "{isa:?} f16 {f16}, {threads} threads, pos {pos}, element {i}: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn sliding_window_sees_only_the_last_positions() {
+        let shape = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+        };
+        let (kv_dim, q_dim) = (32, 64);
+        let total = SPLIT_MIN + SPAN + 11;
+        let keys: Vec<f32> = values(total * kv_dim, 7).iter().map(|k| 3.0 * k).collect();
+        let vals = values(total * kv_dim, 8);
+        let q = values(total * q_dim, 9);
+        let window = SPLIT_MIN + 5;
+        for f16 in [false, true] {
+            let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, 2).unwrap();
+            let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
+            cache.store(0, 0, &keys, &vals);
+            let round = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&x| match f16 {
+                        true => half::f16::from_f32(x).to_f32(),
+                        false => x,
+                    })
+                    .collect()
+            };
+            let (held_keys, held_vals) = (round(&keys), round(&vals));
+            let mut attention = Attention::new(shape, total, 8);
+            let check = |out: &[f32], pos: usize, w: usize| {
+                let lo = (pos + 1).saturating_sub(w);
+                let qp = &q[pos * q_dim..(pos + 1) * q_dim];
+                let want = naive_from(shape, qp, &held_keys, &held_vals, lo, pos);
+                for (a, b) in out.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "f16 {f16} pos {pos} window {w}");
+                }
+                // Leaving the window out changes the result once it cuts anything off.
+                if lo > 0 {
+                    let all = naive(shape, qp, &held_keys, &held_vals, pos);
+                    assert!(out.iter().zip(&all).any(|(a, b)| (a - b).abs() > 1e-4));
+                }
+            };
+            // One token at a time (one pass, then spans), and a batch past the window.
+            for (pos, w) in [(3, 2), (40, 8), (total - 1, window), (total - 1, 3)] {
+                let mut out = vec![f32::NAN; q_dim];
+                let qp = &q[pos * q_dim..(pos + 1) * q_dim];
+                attention.attend(&cpu, cache.layer(0), qp, 1, pos, Some(w), &mut out);
+                check(&out, pos, w);
+            }
+            let (pos0, n) = (20, 8);
+            let mut out = vec![f32::NAN; n * q_dim];
+            let qs = &q[pos0 * q_dim..];
+            attention.attend(&cpu, cache.layer(0), qs, n, pos0, Some(6), &mut out);
+            for t in 0..n {
+                check(&out[t * q_dim..(t + 1) * q_dim], pos0 + t, 6);
             }
         }
     }

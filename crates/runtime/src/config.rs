@@ -1,28 +1,23 @@
 //! Model hyper-parameters, read from GGUF metadata or a Hugging Face `config.json`.
 
+pub use crate::architecture::{Architecture, FfnActivation};
+use crate::architecture::{ArchitectureSpec, EmbeddingScale};
 use crate::rope::{RopeScaling, RopeStyle};
 
 /// GGUF's tensor of per-pair RoPE frequency divisors.
 pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
 
-/// Architecture family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    /// Llama 2/3, SmolLM2, Mistral.
-    Llama,
-    /// Qwen2 (q/k/v biases).
-    Qwen2,
-    /// BitNet b1.58 (ternary weights, squared-ReLU FFN, sub-norms).
-    BitNet,
-}
-
-/// The gated FFN's activation: `down(act(gate(x)) · up(x))`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FfnActivation {
-    /// SiLU (SwiGLU): Llama, Qwen2, the original 1bitLLM BitNet b1.58 checkpoints.
-    Silu,
-    /// Squared ReLU, `max(x, 0)²`: BitNet b1.58 2B-4T (`hidden_act: relu2`).
-    ReluSquared,
+/// Attention limited to the last `size` positions (the query's own included) in some layers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    /// Positions a query sees.
+    pub size: usize,
+    /// Per layer: whether it is limited to the window (the others see the whole context).
+    pub local_layers: Vec<bool>,
+    /// RoPE base frequency of the window-limited layers, when it differs from the model's (Gemma
+    /// 3's local layers rotate with 10000, its global ones with `rope_theta`; local layers take no
+    /// RoPE scaling then).
+    pub local_rope_theta: Option<f32>,
 }
 
 /// Everything the forward pass needs to know about a model's shape.
@@ -62,18 +57,12 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
     /// Activation of the gated FFN.
     pub ffn_activation: FfnActivation,
-}
-
-impl Architecture {
-    /// The architecture named by GGUF's `general.architecture`, if lutra runs it.
-    pub fn from_gguf_name(name: &str) -> Option<Architecture> {
-        match name {
-            "llama" => Some(Architecture::Llama),
-            "qwen2" => Some(Architecture::Qwen2),
-            "bitnet" | "bitnet-b1.58" | "bitnet-25" => Some(Architecture::BitNet),
-            _ => None,
-        }
-    }
+    /// Attention limited to a window of recent positions (Mistral, Gemma 3's local layers).
+    pub sliding_window: Option<SlidingWindow>,
+    /// Factor of the token embedding before the first block (`sqrt(hidden)` for Gemma, else 1).
+    pub embedding_scale: f32,
+    /// Final logits become `cap·tanh(logits/cap)` (Gemma's final logit soft-capping).
+    pub logit_softcap: Option<f32>,
 }
 
 /// Most bytes a model file's context length may ask for in RoPE tables and attention scratch
@@ -155,12 +144,16 @@ impl ModelConfig {
     /// other scaling types (`yarn`, ...) are refused.
     pub fn from_gguf(file: &crate::gguf::GgufFile) -> crate::Result<ModelConfig> {
         let arch_name = file.require_str("general.architecture")?;
-        let architecture = Architecture::from_gguf_name(arch_name).ok_or_else(|| {
+        let spec = ArchitectureSpec::for_gguf(arch_name).ok_or_else(|| {
             file.meta_error(
                 "general.architecture",
-                &format!("architecture '{arch_name}' is not supported (llama, qwen2, bitnet are)"),
+                &format!(
+                    "architecture '{arch_name}' is not supported ({} are)",
+                    ArchitectureSpec::gguf_names_list()
+                ),
             )
         })?;
+        let architecture = spec.architecture;
         let key = |k: &str| format!("{arch_name}.{k}");
         let opt_usize = |k: &str| -> crate::Result<Option<usize>> {
             match file.metadata(&key(k)) {
@@ -172,7 +165,9 @@ impl ModelConfig {
         let hidden_size = file.require_usize(&key("embedding_length"))?;
         let ffn_size = file.require_usize(&key("feed_forward_length"))?;
         let heads = file.require_usize(&key("attention.head_count"))?;
-        if heads == 0 || hidden_size % heads != 0 {
+        let key_length = opt_usize("attention.key_length")?;
+        // Without `key_length` the head dimension is hidden/heads, which must then be whole.
+        if heads == 0 || (key_length.is_none() && hidden_size % heads != 0) {
             return Err(file.meta_error(
                 &key("attention.head_count"),
                 &format!("{heads} heads do not divide the hidden size {hidden_size}"),
@@ -185,7 +180,15 @@ impl ModelConfig {
                 &format!("{kv_heads} KV heads do not divide {heads} query heads"),
             ));
         }
-        let head_dim = opt_usize("attention.key_length")?.unwrap_or(hidden_size / heads);
+        let head_dim = key_length.unwrap_or(hidden_size / heads);
+        if let Some(v) = opt_usize("attention.value_length")? {
+            if v != head_dim {
+                return Err(file.meta_error(
+                    &key("attention.value_length"),
+                    &format!("value heads of {v} differ from key heads of {head_dim}"),
+                ));
+            }
+        }
         let rope_dims = opt_usize("rope.dimension_count")?.unwrap_or(head_dim);
         let rope_theta = match file.metadata(&key("rope.freq_base")) {
             None => 10000.0,
@@ -207,17 +210,23 @@ impl ModelConfig {
             .and_then(|v| v.as_str())
             .unwrap_or(arch_name)
             .to_string();
-        let rope_style = match architecture {
-            // llama.cpp's converter permuted q/k for llama-style rope; qwen2 keeps neox halves.
-            Architecture::Llama | Architecture::BitNet => RopeStyle::Adjacent,
-            Architecture::Qwen2 => RopeStyle::Halves,
-        };
-        // GGUF does not record the activation. llama.cpp's `bitnet` (1bitLLM's bitnet_b1_58
-        // checkpoints) is SwiGLU; `bitnet-b1.58` / `bitnet-25` (Microsoft's converter, b1.58-2B-4T)
-        // use squared ReLU.
-        let ffn_activation = match arch_name {
-            "bitnet-b1.58" | "bitnet-25" => FfnActivation::ReluSquared,
-            _ => FfnActivation::Silu,
+        // Phi-3's long-context RoPE ("su" / longrope) keeps per-pair factors in these tensors.
+        for t in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            if file.tensor_info(t).is_some() {
+                return Err(file.meta_error(
+                    &key("rope.scaling.type"),
+                    &format!(
+                        "the file has '{t}': longrope (Phi-3 128k) RoPE scaling is not supported"
+                    ),
+                ));
+            }
+        }
+        let sliding_window = gguf_sliding_window(file, architecture, arch_name, layers)?;
+        let logit_softcap = match file.metadata(&key("final_logit_softcapping")) {
+            None => None,
+            Some(_) => {
+                Some(file.require_f32(&key("final_logit_softcapping"))?).filter(|&cap| cap != 0.0)
+            }
         };
         let config = ModelConfig {
             architecture,
@@ -232,11 +241,17 @@ impl ModelConfig {
             context_length,
             rope_theta,
             rope_dims,
-            rope_style,
+            rope_style: spec.gguf_rope_style,
             rope_scaling,
             rms_eps,
             tied_embeddings: file.tensor_info("output.weight").is_none(),
-            ffn_activation,
+            ffn_activation: spec.activation,
+            sliding_window,
+            embedding_scale: match spec.embedding_scale {
+                EmbeddingScale::None => 1.0,
+                EmbeddingScale::SqrtHidden => (hidden_size as f32).sqrt(),
+            },
+            logit_softcap,
         };
         config.check_sizes().map_err(|(problem, reason)| {
             let k = match problem {
@@ -291,19 +306,16 @@ impl ModelConfig {
             .get("model_type")
             .and_then(|m| m.as_str())
             .unwrap_or("llama");
-        let architecture = match model_type {
-            "llama" | "mistral" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            "bitnet" => Architecture::BitNet,
-            other => {
-                return Err(err(
-                    "model_type",
-                    format!(
-                        "model type '{other}' is not supported (llama, mistral, qwen2, bitnet are)"
-                    ),
-                ))
-            }
+        let Some(spec) = ArchitectureSpec::for_hf(model_type) else {
+            return Err(err(
+                "model_type",
+                format!(
+                    "model type '{model_type}' is not supported ({} are)",
+                    ArchitectureSpec::hf_model_types_list()
+                ),
+            ));
         };
+        let architecture = spec.architecture;
         let hidden_size = usize_of("hidden_size")?;
         let heads = usize_of("num_attention_heads")?;
         if heads == 0 || hidden_size % heads != 0 {
@@ -345,13 +357,20 @@ impl ModelConfig {
             (None, Some(scaling)) => hf_rope_scaling(scaling, "rope_scaling", &err)?,
             (None, None) => RopeScaling::None,
         };
+        let layers = usize_of("num_hidden_layers")?;
+        let sliding_window = hf_sliding_window(&v, model_type, layers, &err)?;
         let ffn_activation = match v.get("hidden_act").and_then(|a| a.as_str()) {
-            None | Some("silu") | Some("swish") => FfnActivation::Silu,
+            None => spec.activation,
+            Some("silu") | Some("swish") => FfnActivation::Silu,
             Some("relu2") => FfnActivation::ReluSquared,
+            Some("gelu_pytorch_tanh") => FfnActivation::GeluTanh,
             Some(other) => {
                 return Err(err(
                     "hidden_act",
-                    format!("activation '{other}' is not supported (silu, relu2 are)"),
+                    format!(
+                        "activation '{other}' is not supported (silu, relu2, gelu_pytorch_tanh \
+                         are)"
+                    ),
                 ))
             }
         };
@@ -364,7 +383,7 @@ impl ModelConfig {
                 .to_string(),
             hidden_size,
             ffn_size: usize_of("intermediate_size")?,
-            layers: usize_of("num_hidden_layers")?,
+            layers,
             heads,
             kv_heads,
             head_dim,
@@ -381,6 +400,9 @@ impl ModelConfig {
                 .and_then(|t| t.as_bool())
                 .unwrap_or(false),
             ffn_activation,
+            sliding_window,
+            embedding_scale: 1.0,
+            logit_softcap: None,
         };
         config.check_sizes().map_err(|(problem, reason)| {
             let key = match problem {
@@ -394,6 +416,111 @@ impl ModelConfig {
         crate::rope::frequency_factors(&config.rope_scaling, rope_theta, head_dim)
             .map_err(|reason| err("rope_scaling", reason))?;
         Ok(config)
+    }
+}
+
+/// The sliding window of a GGUF file: `{arch}.attention.sliding_window` (0 or absent: none).
+/// Gemma 3 limits five layers of every six to it (llama.cpp's rule; the last of each six is
+/// global), or those `attention.sliding_window_pattern` names (a period, or a per-layer array of
+/// booleans), with RoPE base `rope.freq_base_swa` (10000 when absent) in those layers; Llama
+/// files (Mistral) limit every layer. Phi-3 files' window is ignored, as llama.cpp ignores it.
+fn gguf_sliding_window(
+    file: &crate::gguf::GgufFile,
+    architecture: Architecture,
+    arch_name: &str,
+    layers: usize,
+) -> crate::Result<Option<SlidingWindow>> {
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let size = match file.metadata(&key("attention.sliding_window")) {
+        None => return Ok(None),
+        Some(_) => file.require_usize(&key("attention.sliding_window"))?,
+    };
+    if size == 0 {
+        return Ok(None);
+    }
+    match architecture {
+        Architecture::Gemma3 => {
+            let pattern_key = key("attention.sliding_window_pattern");
+            let local_layers = match file.metadata(&pattern_key) {
+                Some(crate::gguf::MetaValue::Array(values)) => {
+                    let flags: Option<Vec<bool>> = values
+                        .iter()
+                        .map(|v| match v {
+                            crate::gguf::MetaValue::Bool(b) => Some(*b),
+                            _ => None,
+                        })
+                        .collect();
+                    match flags {
+                        Some(flags) if flags.len() == layers => flags,
+                        _ => {
+                            return Err(file.meta_error(
+                                &pattern_key,
+                                &format!("expected {layers} booleans, one per layer"),
+                            ))
+                        }
+                    }
+                }
+                Some(_) => {
+                    let period = file.require_usize(&pattern_key)?;
+                    (0..layers)
+                        .map(|l| period == 0 || l % period < period - 1)
+                        .collect()
+                }
+                None => (0..layers).map(|l| l % 6 < 5).collect(),
+            };
+            let local_rope_theta = match file.metadata(&key("rope.freq_base_swa")) {
+                None => 10000.0,
+                Some(_) => file.require_f32(&key("rope.freq_base_swa"))?,
+            };
+            Ok(Some(SlidingWindow {
+                size,
+                local_layers,
+                local_rope_theta: Some(local_rope_theta),
+            }))
+        }
+        Architecture::Llama => Ok(Some(SlidingWindow {
+            size,
+            local_layers: vec![true; layers],
+            local_rope_theta: None,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// The sliding window of a Hugging Face `config.json`: Mistral's `sliding_window` (null: none)
+/// limits every layer. Qwen2/Qwen3 configs carry a `sliding_window` that only applies with
+/// `use_sliding_window: true`, which is refused (their per-layer rule is not implemented).
+fn hf_sliding_window(
+    v: &serde_json::Value,
+    model_type: &str,
+    layers: usize,
+    err: &dyn Fn(&str, String) -> crate::Error,
+) -> crate::Result<Option<SlidingWindow>> {
+    if v.get("use_sliding_window").and_then(|u| u.as_bool()) == Some(true)
+        && model_type.starts_with("qwen")
+    {
+        return Err(err(
+            "use_sliding_window",
+            "Qwen's sliding-window layers are not supported".into(),
+        ));
+    }
+    if !matches!(model_type, "llama" | "mistral") {
+        return Ok(None);
+    }
+    match v.get("sliding_window") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(w) => match w.as_u64().and_then(|n| usize::try_from(n).ok()) {
+            Some(0) => Ok(None),
+            Some(size) => Ok(Some(SlidingWindow {
+                size,
+                local_layers: vec![true; layers],
+                local_rope_theta: None,
+            })),
+            None => Err(err(
+                "sliding_window",
+                format!("expected a non-negative integer or null, found {w}"),
+            )),
+        },
     }
 }
 
@@ -535,6 +662,7 @@ mod tests {
     use super::*;
     use crate::fixtures::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
     use crate::gguf::{GgufFile, MetaValue};
+    use std::path::Path;
 
     #[test]
     fn tiny_model_config() {
@@ -648,6 +776,136 @@ mod tests {
     fn config_of(w: &GgufWriter, path: &std::path::Path) -> crate::Result<ModelConfig> {
         w.write(path).unwrap();
         ModelConfig::from_gguf(&GgufFile::open(path).unwrap())
+    }
+
+    #[test]
+    fn sliding_windows_from_gguf_and_config_json() {
+        let path = temp_gguf("swa");
+        let mut w = llama_metadata();
+        assert_eq!(config_of(&w, &path).unwrap().sliding_window, None);
+        // Mistral in a llama file: every layer.
+        w.add_metadata("llama.attention.sliding_window", MetaValue::U32(4096));
+        let window = config_of(&w, &path).unwrap().sliding_window.unwrap();
+        assert_eq!(
+            (window.size, window.local_layers, window.local_rope_theta),
+            (4096, vec![true, true], None)
+        );
+        w.add_metadata("llama.attention.sliding_window", MetaValue::U32(0));
+        assert_eq!(config_of(&w, &path).unwrap().sliding_window, None);
+
+        // Gemma 3: five local layers of every six unless the file says otherwise.
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", MetaValue::String("gemma3".into()));
+        for (k, v) in [
+            ("block_count", 13),
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("attention.head_count", 4),
+            ("attention.key_length", 32),
+            ("context_length", 1024),
+            ("vocab_size", 10),
+            ("attention.sliding_window", 512),
+        ] {
+            w.add_metadata(&format!("gemma3.{k}"), MetaValue::U32(v));
+        }
+        w.add_metadata(
+            "gemma3.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-6),
+        );
+        let c = config_of(&w, &path).unwrap();
+        assert_eq!((c.head_dim, c.rope_style), (32, RopeStyle::Halves));
+        assert_eq!(c.ffn_activation, FfnActivation::GeluTanh);
+        assert_eq!(c.embedding_scale, 8.0);
+        let window = c.sliding_window.unwrap();
+        let globals: Vec<usize> = (0..13).filter(|&l| !window.local_layers[l]).collect();
+        assert_eq!((window.size, globals), (512, vec![5, 11]));
+        assert_eq!(window.local_rope_theta, Some(10000.0));
+        w.add_metadata("gemma3.attention.sliding_window_pattern", MetaValue::U32(3));
+        w.add_metadata("gemma3.rope.freq_base_swa", MetaValue::F32(5000.0));
+        let window = config_of(&w, &path).unwrap().sliding_window.unwrap();
+        let globals: Vec<usize> = (0..13).filter(|&l| !window.local_layers[l]).collect();
+        assert_eq!(
+            (globals, window.local_rope_theta),
+            (vec![2, 5, 8, 11], Some(5000.0))
+        );
+        let flags: Vec<bool> = (0..13).map(|l| l == 4).collect();
+        w.add_metadata(
+            "gemma3.attention.sliding_window_pattern",
+            MetaValue::Array(flags.iter().map(|&b| MetaValue::Bool(b)).collect()),
+        );
+        let window = config_of(&w, &path).unwrap().sliding_window.unwrap();
+        assert_eq!(window.local_layers, flags);
+        w.add_metadata(
+            "gemma3.attention.sliding_window_pattern",
+            MetaValue::Array(vec![MetaValue::Bool(true); 3]),
+        );
+        let err = config_of(&w, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("sliding_window_pattern") && err.contains("13"),
+            "{err}"
+        );
+
+        // config.json: Mistral's window; Qwen's only with use_sliding_window, which is refused.
+        let json = |extra: &str| {
+            format!(
+                r#"{{"hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 256,
+                "num_attention_heads": 4, "num_hidden_layers": 3, "rms_norm_eps": 1e-05,
+                "vocab_size": 10{extra}}}"#
+            )
+        };
+        let hf = |extra: &str| ModelConfig::from_hf_json(&json(extra), Path::new("config.json"));
+        let mistral = hf(r#", "model_type": "mistral", "sliding_window": 4096"#).unwrap();
+        let window = mistral.sliding_window.unwrap();
+        assert_eq!((window.size, window.local_layers.len()), (4096, 3));
+        assert!(window.local_layers.iter().all(|&l| l));
+        let none = hf(r#", "model_type": "mistral", "sliding_window": null"#).unwrap();
+        assert_eq!(none.sliding_window, None);
+        let qwen = r#", "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": "#;
+        assert_eq!(hf(&format!("{qwen}false")).unwrap().sliding_window, None);
+        let err = hf(&format!("{qwen}true")).unwrap_err().to_string();
+        assert!(err.contains("use_sliding_window"), "{err}");
+        let qwen3 = hf(r#", "model_type": "qwen3", "head_dim": 32"#).unwrap();
+        assert_eq!(
+            (qwen3.architecture, qwen3.head_dim),
+            (Architecture::Qwen3, 32)
+        );
+        let err = hf(r#", "model_type": "gemma3""#).unwrap_err().to_string();
+        assert!(err.contains("'gemma3' is not supported"), "{err}");
+    }
+
+    #[test]
+    fn longrope_phi3_files_are_refused() {
+        let path = temp_gguf("phi3");
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", MetaValue::String("phi3".into()));
+        for (k, v) in [
+            ("block_count", 2),
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("attention.head_count", 4),
+            ("context_length", 1024),
+            ("vocab_size", 10),
+            ("attention.sliding_window", 2048),
+        ] {
+            w.add_metadata(&format!("phi3.{k}"), MetaValue::U32(v));
+        }
+        w.add_metadata(
+            "phi3.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        );
+        let c = config_of(&w, &path).unwrap();
+        // llama.cpp ignores Phi-3's window; so does lutra.
+        assert_eq!(
+            (c.architecture, c.sliding_window),
+            (Architecture::Phi3, None)
+        );
+        w.add_tensor_f32("rope_factors_long.weight", &[8], &[1.0; 8])
+            .unwrap();
+        let err = config_of(&w, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("longrope") && err.contains("rope_factors_long"),
+            "{err}"
+        );
     }
 
     #[test]

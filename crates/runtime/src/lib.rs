@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod architecture;
 pub mod attention;
 pub mod chat;
 pub mod config;

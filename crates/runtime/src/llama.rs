@@ -5,6 +5,7 @@
 //! - `hf`: the same from a Hugging Face folder;
 //! - `forward`: the math, top to bottom, with every scratch buffer preallocated in a run state.
 
+mod block;
 mod forward;
 mod hf;
 mod load;
@@ -60,15 +61,22 @@ pub(crate) struct LayerWeights {
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
+    /// Per-head RMSNorms of queries and keys before RoPE (Qwen3, Gemma 3), `[head_dim]`.
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     /// BitNet's RMSNorm on the attention output, before `wo`.
     attn_sub_norm: Option<Vec<f32>>,
     wo: Linear,
+    /// RMSNorm of o_proj's output before the residual add (Gemma 3).
+    attn_post_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     /// BitNet's RMSNorm on the FFN hidden state, before `w_down`.
     ffn_sub_norm: Option<Vec<f32>>,
     w_gate: Linear,
     w_up: Linear,
     w_down: Linear,
+    /// RMSNorm of down_proj's output before the residual add (Gemma 3).
+    ffn_post_norm: Option<Vec<f32>>,
 }
 
 /// How many tensors of one kind a model holds, for [`ModelInfo`].
@@ -126,6 +134,27 @@ impl std::fmt::Display for ModelInfo {
             c.rope_style, c.rope_theta, c.rope_dims, c.rope_scaling, c.rms_eps, c.tied_embeddings
         )?;
         writeln!(f, "ffn activation:  {:?}", c.ffn_activation)?;
+        if let Some(w) = &c.sliding_window {
+            let local = w.local_layers.iter().filter(|&&l| l).count();
+            write!(
+                f,
+                "sliding window:  {} positions in {local} of {} layers",
+                w.size, c.layers
+            )?;
+            match w.local_rope_theta {
+                Some(theta) => writeln!(f, " (rope theta {theta} there)")?,
+                None => writeln!(f)?,
+            }
+        }
+        if c.embedding_scale != 1.0 || c.logit_softcap.is_some() {
+            writeln!(
+                f,
+                "scaling:         embeddings ×{}, logit soft-cap {}",
+                c.embedding_scale,
+                c.logit_softcap
+                    .map_or_else(|| "none".to_string(), |cap| cap.to_string())
+            )?;
+        }
         writeln!(f, "parameters:      {}", self.parameters)?;
         writeln!(f, "tensors:")?;
         for t in &self.tensor_types {
@@ -174,6 +203,8 @@ pub struct Model {
     output_norm: Vec<f32>,
     output: Option<Linear>,
     rope: Rope,
+    /// Rotations of the sliding-window layers when their RoPE base differs (Gemma 3).
+    rope_local: Option<Rope>,
     tensor_types: Vec<TensorTypeCount>,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<ChatTemplate>,
@@ -232,6 +263,21 @@ impl Model {
             &config.rope_scaling,
             context_length,
         )?;
+        let rope_local = match config
+            .sliding_window
+            .as_ref()
+            .and_then(|w| w.local_rope_theta)
+        {
+            Some(theta) => Some(Rope::new(
+                config.rope_style,
+                config.head_dim,
+                config.rope_dims,
+                theta,
+                &crate::rope::RopeScaling::None,
+                context_length,
+            )?),
+            None => None,
+        };
         let head = parts.output.as_ref().unwrap_or(&parts.embedding);
         let state = RunState::new(&config, &parts.layers, head, context_length, MAX_BATCH);
         Ok(Model {
@@ -244,6 +290,7 @@ impl Model {
             output_norm: parts.output_norm,
             output: parts.output,
             rope,
+            rope_local,
             tensor_types: parts.tensor_types,
             tokenizer: parts.tokenizer,
             chat_template: parts.chat_template,
@@ -334,6 +381,13 @@ impl Model {
             Architecture::BitNet => c.heads * c.head_dim + c.ffn_size,
             _ => 0,
         };
+        let norms = |l: &LayerWeights| {
+            [&l.q_norm, &l.k_norm, &l.attn_post_norm, &l.ffn_post_norm]
+                .iter()
+                .map(|n| n.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+        };
+        let extra_norms: usize = self.layers.iter().map(norms).sum();
         let per_layer = c.hidden_size * (c.heads + 2 * c.kv_heads) * c.head_dim
             + c.heads * c.head_dim * c.hidden_size
             + 3 * c.hidden_size * c.ffn_size
@@ -346,7 +400,11 @@ impl Model {
         };
         ModelInfo {
             config: c.clone(),
-            parameters: c.layers * per_layer + c.vocab_size * c.hidden_size + head + c.hidden_size,
+            parameters: c.layers * per_layer
+                + extra_norms
+                + c.vocab_size * c.hidden_size
+                + head
+                + c.hidden_size,
             tensor_types: self.tensor_types.clone(),
             weight_bytes: self.weight_bytes(),
             context_length: self.context_length,
@@ -375,6 +433,16 @@ fn check_config(c: &ModelConfig) -> Result<()> {
             "{} heads are not a multiple of {} kv heads",
             c.heads, c.kv_heads
         ));
+    }
+    if let Some(w) = &c.sliding_window {
+        if w.size == 0 || w.local_layers.len() != c.layers {
+            return bad(format!(
+                "a sliding window of {} positions over {} of {} layers",
+                w.size,
+                w.local_layers.len(),
+                c.layers
+            ));
+        }
     }
     if c.rope_dims > c.head_dim || !c.rope_dims.is_multiple_of(2) {
         return bad(format!(

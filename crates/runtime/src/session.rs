@@ -103,7 +103,10 @@ impl<'m> ChatSession<'m> {
     fn run_turn(&mut self, on_piece: &mut dyn FnMut(&str)) -> Result<String> {
         self.cancel.reset();
         let rendered = self.template.get().render(&self.messages, true)?;
-        let tokens = self.tokenizer.encode(&rendered, true)?;
+        let tokens = chat_tokens(
+            self.tokenizer.encode(&rendered, true)?,
+            self.tokenizer.bos_id(),
+        );
         let mut cache = match self.cache.take() {
             Some(c) => c,
             None => {
@@ -206,9 +209,27 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// The tokens of a rendered conversation with one BOS: a template that writes the BOS token itself
+/// (Gemma, Llama 3) and a tokenizer that adds one would give two, and the model was trained with
+/// one.
+fn chat_tokens(mut tokens: Vec<u32>, bos: Option<u32>) -> Vec<u32> {
+    if bos.is_some() && tokens.len() >= 2 && tokens[0] == tokens[1] && Some(tokens[0]) == bos {
+        tokens.remove(0);
+    }
+    tokens
+}
+
 #[cfg(test)]
 mod tests {
-    use super::common_prefix;
+    use super::{chat_tokens, common_prefix};
+
+    #[test]
+    fn a_conversation_starts_with_one_bos() {
+        assert_eq!(chat_tokens(vec![2, 2, 105, 7], Some(2)), [2, 105, 7]);
+        assert_eq!(chat_tokens(vec![2, 105, 7], Some(2)), [2, 105, 7]);
+        assert_eq!(chat_tokens(vec![5, 5, 7], Some(2)), [5, 5, 7]);
+        assert_eq!(chat_tokens(vec![2, 2], None), [2, 2]);
+    }
 
     #[test]
     fn common_prefix_counts_equal_leading_tokens() {

@@ -88,6 +88,9 @@ impl Dims {
             rms_eps: 1e-5,
             tied_embeddings: self.tied,
             ffn_activation: self.activation,
+            sliding_window: None,
+            embedding_scale: 1.0,
+            logit_softcap: None,
         }
     }
 }

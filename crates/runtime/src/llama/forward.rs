@@ -10,6 +10,13 @@
 //! activations, which is at least as fine, so the ternary layers see the activations BitNet was
 //! trained for or closer to f32 ones. The weights themselves stay exactly ternary.
 //!
+//! The architecture table ([`crate::architecture`]) adds, where a model has them: per-head RMSNorms
+//! of q and k before RoPE (Qwen3, Gemma 3); RMSNorms of the attention and FFN outputs before their
+//! residual adds (Gemma 3); the embedding scaled by `sqrt(hidden)`, GELU (tanh) in the gated FFN
+//! and `cap·tanh(logits/cap)` on the final logits (Gemma); attention limited to a sliding window,
+//! with its own RoPE table where the window-limited layers rotate with another base (Mistral,
+//! Gemma 3's local layers).
+//!
 //! Tokens go through the matrices in batches of up to `max_batch` (prefill via mpGEMM; decode is
 //! a batch of one). Every buffer lives in [`RunState`], sized once for the largest batch.
 
@@ -179,6 +186,9 @@ impl Model {
         for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
             self.embedding.row(t as usize, row)?;
         }
+        if c.embedding_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= c.embedding_scale);
+        }
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: q/k/v share one input (one set of tables, one per column order).
@@ -193,23 +203,43 @@ impl Model {
             add_bias(q, layer.bq.as_deref());
             add_bias(k, layer.bk.as_deref());
             add_bias(v, layer.bv.as_deref());
+            // Per-head norms: every `head_dim` values of q and k are one head.
+            if let Some(w) = &layer.q_norm {
+                rmsnorm_in_place(cpu, q, w, eps);
+            }
+            if let Some(w) = &layer.k_norm {
+                rmsnorm_in_place(cpu, k, w, eps);
+            }
+            let window = c
+                .sliding_window
+                .as_ref()
+                .filter(|w| w.local_layers.get(l).copied().unwrap_or(false));
+            let rope = match window {
+                Some(_) => self.rope_local.as_ref().unwrap_or(&self.rope),
+                None => &self.rope,
+            };
             for (t, (qt, kt)) in q
                 .chunks_exact_mut(q_dim)
                 .zip(k.chunks_exact_mut(kv_dim))
                 .enumerate()
             {
-                self.rope.apply(qt, pos0 + t);
-                self.rope.apply(kt, pos0 + t);
+                rope.apply(qt, pos0 + t);
+                rope.apply(kt, pos0 + t);
             }
             cache.store(l, pos0, k, v);
             let att = st.o_in.values_mut(n);
-            st.attention.attend(cpu, cache.layer(l), q, n, pos0, att);
+            let window = window.map(|w| w.size);
+            st.attention
+                .attend(cpu, cache.layer(l), q, n, pos0, window, att);
             if let Some(w) = &layer.attn_sub_norm {
                 rmsnorm_in_place(cpu, att, w, eps);
             }
             st.o_in.prepare(cpu, &[&layer.wo])?;
             let proj = &mut st.proj[..n * h];
             layer.wo.matmul(cpu, &st.o_in, proj)?;
+            if let Some(w) = &layer.attn_post_norm {
+                rmsnorm_in_place(cpu, proj, w, eps);
+            }
             add_assign(x, proj);
 
             // Feed-forward: gate/up share one input.
@@ -224,6 +254,9 @@ impl Model {
             }
             st.down_in.prepare(cpu, &[&layer.w_down])?;
             layer.w_down.matmul(cpu, &st.down_in, proj)?;
+            if let Some(w) = &layer.ffn_post_norm {
+                rmsnorm_in_place(cpu, proj, w, eps);
+            }
             add_assign(x, proj);
         }
         cache.advance(n);
@@ -241,6 +274,9 @@ impl Model {
             let head = self.output.as_ref().unwrap_or(&self.embedding);
             st.head_in.prepare(cpu, &[head])?;
             head.matmul(cpu, &st.head_in, logits)?;
+            if let Some(cap) = c.logit_softcap {
+                soft_cap(logits, cap);
+            }
         }
         Ok(())
     }
@@ -300,8 +336,25 @@ pub(crate) fn glu(cpu: &Cpu, act: FfnActivation, out: &mut [f32], gate: &[f32], 
         match act {
             FfnActivation::Silu => swiglu(out, gate, up),
             FfnActivation::ReluSquared => relu_squared_glu(out, gate, up),
+            FfnActivation::GeluTanh => gelu_tanh_glu(out, gate, up),
         }
     });
+}
+
+/// `out = GELU(gate) · up` with GELU's tanh approximation,
+/// `0.5·g·(1 + tanh(sqrt(2/π)·(g + 0.044715·g³)))` (Gemma's GeGLU).
+pub(crate) fn gelu_tanh_glu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = 0.5 * g * (1.0 + (SQRT_2_OVER_PI * g * (1.0 + 0.044715 * g * g)).tanh()) * u;
+    }
+}
+
+/// `x = cap · tanh(x / cap)`, elementwise (final logit soft-capping).
+fn soft_cap(x: &mut [f32], cap: f32) {
+    for v in x {
+        *v = cap * (*v / cap).tanh();
+    }
 }
 
 /// `out = max(gate, 0)² · up`, elementwise (BitNet b1.58's `relu2`).
@@ -386,11 +439,16 @@ mod tests {
         let up: Vec<f32> = (0..len)
             .map(|i| ((i * 104729) % 997) as f32 / 250.0 - 2.0)
             .collect();
-        for act in [FfnActivation::Silu, FfnActivation::ReluSquared] {
+        for act in [
+            FfnActivation::Silu,
+            FfnActivation::ReluSquared,
+            FfnActivation::GeluTanh,
+        ] {
             let mut want = vec![0.0; len];
             match act {
                 FfnActivation::Silu => swiglu(&mut want, &gate, &up),
                 FfnActivation::ReluSquared => relu_squared_glu(&mut want, &gate, &up),
+                FfnActivation::GeluTanh => gelu_tanh_glu(&mut want, &gate, &up),
             }
             for threads in [1, 2, 3] {
                 let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, threads).unwrap();
@@ -402,6 +460,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn gelu_tanh_glu_matches_known_values_and_soft_cap_bounds() {
+        // GELU(1) ≈ 0.841192, GELU(-1) ≈ -0.158808 (tanh form), GELU(0) = 0.
+        let mut out = [0.0; 4];
+        gelu_tanh_glu(&mut out, &[1.0, -1.0, 0.0, 3.0], &[1.0, 1.0, 9.0, 2.0]);
+        assert!((out[0] - 0.841_192).abs() < 1e-5, "{out:?}");
+        assert!((out[1] + 0.158_808).abs() < 1e-5, "{out:?}");
+        assert_eq!(out[2], 0.0);
+        assert!((out[3] - 2.0 * 2.996_363).abs() < 1e-4, "{out:?}");
+        let mut x = [0.0, 1.0, 100.0, -1000.0];
+        soft_cap(&mut x, 30.0);
+        assert_eq!(x[0], 0.0);
+        assert!((x[1] - 30.0 * (1.0f32 / 30.0).tanh()).abs() < 1e-6);
+        assert!(x[2] < 30.0 && x[2] > 29.0 && x[3] >= -30.0);
     }
 
     #[test]

@@ -20,8 +20,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::architecture::{ArchitectureSpec, TensorName};
 use crate::chat::ChatTemplate;
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::quantize::{requantize, Requantize};
@@ -29,7 +30,8 @@ use crate::safetensors::{bitnet, gptq, Dtype, SafetensorsFolder};
 use crate::tokenizer::Tokenizer;
 use crate::weights::DecodedTensor;
 
-use super::{count_tensor, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount};
+use super::block::{load_block, BlockSource};
+use super::{count_tensor, LoadOptions, Model, ModelParts, TensorTypeCount};
 
 #[cfg(test)]
 mod tests;
@@ -258,6 +260,54 @@ impl HfLoader<'_> {
     }
 }
 
+/// Hugging Face names: `model.layers.{i}.{hf name}` and its `.weight` (or GPTQ/BitNet parts) and
+/// `.bias`.
+impl BlockSource for HfLoader<'_> {
+    fn base_name(&self, layer: usize, tensor: &TensorName) -> String {
+        format!("model.layers.{layer}.{}", tensor.hf)
+    }
+
+    fn contains(&self, base: &str) -> bool {
+        self.folder.contains(&format!("{base}.weight"))
+            || self.folder.contains(&format!("{base}.qweight"))
+    }
+
+    fn matrix(&mut self, base: &str, rows: usize, cols: usize) -> Result<Linear> {
+        self.linear(base, rows, cols, Role::Layer)
+    }
+
+    fn stacked_matrices(
+        &mut self,
+        base: &str,
+        _rows: &[usize],
+        _cols: usize,
+    ) -> Result<Vec<Linear>> {
+        Err(Error::BadFile {
+            path: self.folder.dir().to_path_buf(),
+            reason: format!("'{base}': stacked projections are not read from Hugging Face folders"),
+        })
+    }
+
+    fn vector(&mut self, base: &str, len: usize) -> Result<Vec<f32>> {
+        HfLoader::vector(self, &format!("{base}.weight"), len)
+    }
+
+    fn bias(&mut self, base: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        self.optional_vector(&format!("{base}.bias"), len)
+    }
+
+    fn no_bias(&mut self, base: &str) -> Result<()> {
+        HfLoader::no_bias(self, &format!("{base}.bias"))
+    }
+
+    fn missing(&self, base: &str) -> Error {
+        Error::MissingTensor {
+            path: self.folder.dir().to_path_buf(),
+            tensor: format!("{base}.weight"),
+        }
+    }
+}
+
 /// Int8 codes with an f16-exact scale per block of 32 (`absmax / 127`), as Q8_0 stores them.
 fn quantize_int8(tensor: &DecodedTensor) -> DecodedTensor {
     let (rows, cols) = (tensor.rows(), tensor.cols());
@@ -350,13 +400,8 @@ fn load_weights(
     opts: &LoadOptions,
 ) -> Result<ModelParts> {
     let c = &config;
-    let (h, q_dim, kv_dim, f) = (
-        c.hidden_size,
-        c.heads * c.head_dim,
-        c.kv_heads * c.head_dim,
-        c.ffn_size,
-    );
-    let bitnet = c.architecture == Architecture::BitNet;
+    let h = c.hidden_size;
+    let spec = ArchitectureSpec::of(c.architecture);
     let mut t = HfLoader {
         folder,
         quant,
@@ -368,35 +413,7 @@ fn load_weights(
     // Grown as blocks load: the block count is the file's word, not yet checked by tensors.
     let mut layers = Vec::new();
     for i in 0..c.layers {
-        let name = |s: &str| format!("model.layers.{i}.{s}");
-        for p in [
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            t.no_bias(&name(&format!("{p}.bias")))?;
-        }
-        let sub_norm = |t: &mut HfLoader, s: &str, len: usize| match bitnet {
-            true => t.vector(&name(s), len).map(Some),
-            false => Ok(None),
-        };
-        layers.push(LayerWeights {
-            attn_norm: t.vector(&name("input_layernorm.weight"), h)?,
-            wq: t.linear(&name("self_attn.q_proj"), q_dim, h, Role::Layer)?,
-            wk: t.linear(&name("self_attn.k_proj"), kv_dim, h, Role::Layer)?,
-            wv: t.linear(&name("self_attn.v_proj"), kv_dim, h, Role::Layer)?,
-            bq: t.optional_vector(&name("self_attn.q_proj.bias"), q_dim)?,
-            bk: t.optional_vector(&name("self_attn.k_proj.bias"), kv_dim)?,
-            bv: t.optional_vector(&name("self_attn.v_proj.bias"), kv_dim)?,
-            attn_sub_norm: sub_norm(&mut t, "self_attn.attn_sub_norm.weight", q_dim)?,
-            wo: t.linear(&name("self_attn.o_proj"), h, q_dim, Role::Layer)?,
-            ffn_norm: t.vector(&name("post_attention_layernorm.weight"), h)?,
-            ffn_sub_norm: sub_norm(&mut t, "mlp.ffn_sub_norm.weight", f)?,
-            w_gate: t.linear(&name("mlp.gate_proj"), f, h, Role::Layer)?,
-            w_up: t.linear(&name("mlp.up_proj"), f, h, Role::Layer)?,
-            w_down: t.linear(&name("mlp.down_proj"), h, f, Role::Layer)?,
-        });
+        layers.push(load_block(&mut t, spec, c, i)?);
     }
     let output_norm = t.vector("model.norm.weight", h)?;
     // Tied (or no `lm_head`): the embedding is the LM head.

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use crate::architecture::{ArchitectureSpec, TensorName};
 use crate::chat::ChatTemplate;
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::linear::Linear;
@@ -13,6 +14,7 @@ use crate::quantize::requantize;
 use crate::tokenizer::Tokenizer;
 use crate::weights::DecodedTensor;
 
+use super::block::{load_block, row_range, BlockSource};
 use super::{
     count_tensor, merge_count, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount,
 };
@@ -61,12 +63,35 @@ impl TensorLoader<'_> {
         cols: usize,
         requantizable: bool,
     ) -> Result<Linear> {
+        let (tensor, source) = self.decode_scaled(name, rows, cols, requantizable)?;
+        self.kernel_form(name, tensor, source, requantizable)
+    }
+
+    /// [`TensorLoader::decode`] with a linear layer's `.scale` folded in.
+    fn decode_scaled(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        requantizable: bool,
+    ) -> Result<(DecodedTensor, String)> {
         let (mut tensor, source) = self.decode(name, rows, cols)?;
         if let Some(base) = name.strip_suffix(".weight").filter(|_| requantizable) {
             if let Some(scale) = self.tensor_scale(&format!("{base}.scale"))? {
                 scale_tensor(&mut tensor, scale);
             }
         }
+        Ok((tensor, source))
+    }
+
+    /// A decoded matrix `name` in its kernel form (requantized if asked), counted.
+    fn kernel_form(
+        &mut self,
+        name: &str,
+        tensor: DecodedTensor,
+        source: String,
+        requantizable: bool,
+    ) -> Result<Linear> {
         let tensor = per_row_if_uniform(tensor);
         let (tensor, source) = match self.opts.requantize {
             Some(spec) if requantizable => (
@@ -128,11 +153,22 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let file = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&file)?;
     super::check_config(&config)?;
+    let architecture = config.architecture;
     // The tokenizer needs only metadata: build it while the weights are repacked.
     let (parts, text) = std::thread::scope(|scope| {
         let text = scope.spawn(|| -> Result<(Tokenizer, ChatTemplate)> {
             let tokenizer = Tokenizer::from_gguf(&file)?;
-            let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
+            let chat_template = match ArchitectureSpec::of(architecture).default_chat_template {
+                Some(source) if file.metadata("tokenizer.chat_template").is_none() => {
+                    let text = |id: Option<u32>| id.and_then(|id| tokenizer.token_str(id));
+                    ChatTemplate::new(
+                        source,
+                        text(tokenizer.bos_id()).unwrap_or(""),
+                        text(tokenizer.eos_id()).unwrap_or(""),
+                    )?
+                }
+                _ => ChatTemplate::from_gguf(&file, &tokenizer)?,
+            };
             Ok((tokenizer, chat_template))
         });
         let parts = load_weights(&file, config, opts);
@@ -156,6 +192,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
 fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Result<ModelParts> {
     let c = &config;
     let h = c.hidden_size;
+    let spec = ArchitectureSpec::of(c.architecture);
     let mut t = TensorLoader {
         file,
         opts,
@@ -186,7 +223,7 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
                             types: Vec::new(),
                         };
                         let layers = range
-                            .map(|i| load_layer(&mut t, c, i))
+                            .map(|i| load_block(&mut t, spec, c, i))
                             .collect::<Result<Vec<_>>>()?;
                         Ok((layers, t.types))
                     })
@@ -226,42 +263,52 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
     })
 }
 
-/// The tensors of block `i`.
-fn load_layer(t: &mut TensorLoader<'_>, c: &ModelConfig, i: usize) -> Result<LayerWeights> {
-    let (h, q_dim, kv_dim, f) = (
-        c.hidden_size,
-        c.heads * c.head_dim,
-        c.kv_heads * c.head_dim,
-        c.ffn_size,
-    );
-    let bitnet = c.architecture == Architecture::BitNet;
-    let name = |s: &str| format!("blk.{i}.{s}");
-    // Required in BitNet blocks (a missing one is a MissingTensor error), absent elsewhere.
-    let mut sub_norm = |s: &str, len: usize| {
-        if bitnet {
-            t.vector(&name(s), len).map(Some)
-        } else {
-            Ok(None)
+/// GGUF names: `blk.{i}.{gguf name}.weight` / `.bias`.
+impl BlockSource for TensorLoader<'_> {
+    fn base_name(&self, layer: usize, tensor: &TensorName) -> String {
+        format!("blk.{layer}.{}", tensor.gguf)
+    }
+
+    fn contains(&self, base: &str) -> bool {
+        self.file.tensor_info(&format!("{base}.weight")).is_some()
+    }
+
+    fn matrix(&mut self, base: &str, rows: usize, cols: usize) -> Result<Linear> {
+        self.linear(&format!("{base}.weight"), rows, cols, true)
+    }
+
+    fn stacked_matrices(&mut self, base: &str, rows: &[usize], cols: usize) -> Result<Vec<Linear>> {
+        let name = format!("{base}.weight");
+        let (tensor, source) = self.decode_scaled(&name, rows.iter().sum(), cols, true)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(rows.len());
+        for &count in rows {
+            let part = row_range(&tensor, start, count);
+            out.push(self.kernel_form(&name, part, source.clone(), true)?);
+            start += count;
         }
-    };
-    let attn_sub_norm = sub_norm("attn_sub_norm.weight", q_dim)?;
-    let ffn_sub_norm = sub_norm("ffn_sub_norm.weight", f)?;
-    Ok(LayerWeights {
-        attn_norm: t.vector(&name("attn_norm.weight"), h)?,
-        wq: t.linear(&name("attn_q.weight"), q_dim, h, true)?,
-        wk: t.linear(&name("attn_k.weight"), kv_dim, h, true)?,
-        wv: t.linear(&name("attn_v.weight"), kv_dim, h, true)?,
-        bq: t.optional_vector(&name("attn_q.bias"), q_dim)?,
-        bk: t.optional_vector(&name("attn_k.bias"), kv_dim)?,
-        bv: t.optional_vector(&name("attn_v.bias"), kv_dim)?,
-        wo: t.linear(&name("attn_output.weight"), h, q_dim, true)?,
-        attn_sub_norm,
-        ffn_norm: t.vector(&name("ffn_norm.weight"), h)?,
-        ffn_sub_norm,
-        w_gate: t.linear(&name("ffn_gate.weight"), f, h, true)?,
-        w_up: t.linear(&name("ffn_up.weight"), f, h, true)?,
-        w_down: t.linear(&name("ffn_down.weight"), h, f, true)?,
-    })
+        Ok(out)
+    }
+
+    fn vector(&mut self, base: &str, len: usize) -> Result<Vec<f32>> {
+        TensorLoader::vector(self, &format!("{base}.weight"), len)
+    }
+
+    fn bias(&mut self, base: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        self.optional_vector(&format!("{base}.bias"), len)
+    }
+
+    /// llama.cpp leaves out biases an architecture's graph has no place for; so does lutra.
+    fn no_bias(&mut self, _base: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn missing(&self, base: &str) -> Error {
+        Error::MissingTensor {
+            path: self.file.path().to_path_buf(),
+            tensor: format!("{base}.weight"),
+        }
+    }
 }
 
 /// Multiplies every weight of `t` by `factor` (a per-tensor scale stored beside the weights).

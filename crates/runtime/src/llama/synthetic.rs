@@ -254,13 +254,17 @@ pub fn synthetic_model_with(
             bq: None,
             bk: None,
             bv: None,
+            q_norm: None,
+            k_norm: None,
             wo: m(h, q_dim, &mut types)?,
+            attn_post_norm: None,
             attn_sub_norm: sub_norm(q_dim, &mut types),
             ffn_norm: norm(&mut types),
             ffn_sub_norm: sub_norm(f, &mut types),
             w_gate: m(f, h, &mut types)?,
             w_up: m(f, h, &mut types)?,
             w_down: m(h, f, &mut types)?,
+            ffn_post_norm: None,
         };
         Ok((weights, types))
     };

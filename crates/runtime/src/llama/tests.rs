@@ -30,6 +30,9 @@ fn tiny_config() -> ModelConfig {
         rms_eps: 1e-5,
         tied_embeddings: true,
         ffn_activation: FfnActivation::Silu,
+        sliding_window: None,
+        embedding_scale: 1.0,
+        logit_softcap: None,
     }
 }
 
@@ -501,7 +504,8 @@ fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
         kv_heads: 2,
         context_length: 64,
         tied_embeddings: true,
-        bitnet: true,
+        architecture: Architecture::BitNet,
+        ..TinyModelSpec::default()
     };
     tiny_file(dir, &spec)
 }
@@ -776,6 +780,9 @@ fn tiny_bitnet_config() -> ModelConfig {
         head_dim: 64,
         rope_dims: 64,
         ffn_activation: FfnActivation::ReluSquared,
+        sliding_window: None,
+        embedding_scale: 1.0,
+        logit_softcap: None,
         ..tiny_config()
     }
 }
@@ -857,6 +864,9 @@ fn synthetic_bitnet_2b_shape_builds_as_bitnet() {
         rope_theta: 500_000.0,
         rope_dims: 128,
         ffn_activation: FfnActivation::ReluSquared,
+        sliding_window: None,
+        embedding_scale: 1.0,
+        logit_softcap: None,
         ..tiny_config()
     };
     let spec = TERNARY_SPEC;
@@ -916,4 +926,163 @@ fn sub_norms_must_match_the_architecture() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("layer 1") && err.contains("sub-norm"), "{err}");
+}
+
+// ---- Architectures of the table ----
+
+/// The tiny model of `architecture` that `tests/data/architectures` holds (seed 11).
+fn tiny_arch_spec(architecture: Architecture) -> TinyModelSpec {
+    let base = TinyModelSpec {
+        architecture,
+        ..TinyModelSpec::default()
+    };
+    match architecture {
+        Architecture::Qwen3 => TinyModelSpec {
+            head_dim: Some(32),
+            tied_embeddings: false,
+            ..base
+        },
+        Architecture::Gemma3 => TinyModelSpec {
+            head_dim: Some(32),
+            sliding_window: Some(8),
+            logit_softcap: Some(5.0),
+            ..base
+        },
+        Architecture::Phi3 => TinyModelSpec {
+            tied_embeddings: false,
+            ..base
+        },
+        _ => base,
+    }
+}
+
+#[test]
+fn qwen3_gemma3_phi3_load_by_the_table_and_agree_with_reference() {
+    for arch in [
+        Architecture::Qwen3,
+        Architecture::Gemma3,
+        Architecture::Phi3,
+    ] {
+        let spec = tiny_arch_spec(arch);
+        let path = tiny_file(&format!("arch-{arch:?}"), &spec);
+        let exact = Model::load(&path, &options(true)).unwrap();
+        let fast = Model::load(&path, &options(false)).unwrap();
+        let c = fast.config();
+        assert_eq!(c.architecture, arch);
+        assert_eq!(c.head_dim, spec.head_dim());
+        assert_eq!(c.rope_style, RopeStyle::Halves, "{arch:?}");
+        let layer = &fast.layers[1];
+        let qk_norms = matches!(arch, Architecture::Qwen3 | Architecture::Gemma3);
+        assert_eq!(
+            layer.q_norm.as_ref().map(Vec::len),
+            qk_norms.then_some(c.head_dim)
+        );
+        assert_eq!(
+            layer.k_norm.as_ref().map(Vec::len),
+            qk_norms.then_some(c.head_dim)
+        );
+        let gemma = arch == Architecture::Gemma3;
+        assert_eq!(layer.attn_post_norm.is_some(), gemma);
+        assert_eq!(layer.ffn_post_norm.is_some(), gemma);
+        assert!(layer.bq.is_none() && layer.attn_sub_norm.is_none());
+        // Phi-3's stacked matrices are split into the usual shapes.
+        assert_eq!(
+            (layer.wq.rows(), layer.wk.rows(), layer.wv.rows()),
+            (
+                c.heads * c.head_dim,
+                c.kv_heads * c.head_dim,
+                c.kv_heads * c.head_dim
+            )
+        );
+        assert_eq!(
+            (layer.w_gate.rows(), layer.w_up.rows()),
+            (c.ffn_size, c.ffn_size)
+        );
+        if gemma {
+            assert_eq!(c.ffn_activation, FfnActivation::GeluTanh);
+            assert_eq!(c.embedding_scale, (c.hidden_size as f32).sqrt());
+            assert_eq!(c.logit_softcap, Some(5.0));
+            let w = c.sliding_window.as_ref().unwrap();
+            assert_eq!((w.size, &w.local_layers[..]), (8, &[true, false][..]));
+            assert_eq!(
+                (w.local_rope_theta, c.rope_theta),
+                (Some(10000.0), 1_000_000.0)
+            );
+            // Gemma 3 files carry no chat template of their own here: the table's is used.
+            assert!(fast.chat_template().is_some());
+        } else {
+            assert!(c.sliding_window.is_none() && c.logit_softcap.is_none());
+            assert_eq!(c.embedding_scale, 1.0);
+        }
+        let vocab = c.vocab_size;
+        let (agree, reference) = agreement_with_reference(&fast, &exact, &prompt(20, vocab));
+        assert!(
+            agree >= 17,
+            "{arch:?}: top-1 agreed at {agree} of 20 positions"
+        );
+        if gemma {
+            assert!(reference.iter().all(|v| v.abs() <= 5.0));
+        }
+        // Prefill in one batch and decode one token at a time give the same logits (the window
+        // and the local RoPE table apply to both paths).
+        let tokens = prompt(24, vocab);
+        let mut batched = vec![0.0; tokens.len() * vocab];
+        exact
+            .forward_all(&tokens, &mut exact.new_cache(), &mut batched)
+            .unwrap();
+        let err = rel_error(&batched, &decode_one_by_one(&exact, &tokens));
+        assert!(err < 1e-5, "{arch:?}: batched vs one by one {err}");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
+
+/// Logits of every position of `tokens` in one batch.
+fn all_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut out = vec![0.0; tokens.len() * model.config().vocab_size];
+    model
+        .forward_all(tokens, &mut model.new_cache(), &mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn sliding_window_limits_what_every_layer_sees() {
+    let spec = |window| TinyModelSpec {
+        sliding_window: window,
+        ..TinyModelSpec::default()
+    };
+    let full = Model::load(&tiny_file("swa-none", &spec(None)), &options(true)).unwrap();
+    let windowed = Model::load(&tiny_file("swa-16", &spec(Some(16))), &options(true)).unwrap();
+    let w = windowed.config().sliding_window.as_ref().unwrap();
+    assert_eq!(
+        (w.size, w.local_layers.len(), w.local_rope_theta),
+        (16, 2, None)
+    );
+    assert!(w.local_layers.iter().all(|&l| l));
+    let vocab = full.config().vocab_size;
+    let tokens = prompt(40, vocab);
+    let (a, b) = (all_logits(&full, &tokens), all_logits(&windowed, &tokens));
+    // The first 16 positions see all they would see anyway; later ones lose the oldest.
+    for t in 0..tokens.len() {
+        let err = rel_error(&b[t * vocab..][..vocab], &a[t * vocab..][..vocab]);
+        if t < 16 {
+            assert_eq!(err, 0.0, "position {t}");
+        } else {
+            assert!(
+                err > 1e-3,
+                "position {t}: the window changed nothing ({err})"
+            );
+        }
+    }
+    assert_eq!(b, decode_one_by_one(&windowed, &tokens));
+
+    // A window of one: each token attends only to itself, whose RoPE angle cancels in q·k, so
+    // every position's logits are those of the token alone at position 0.
+    let one = Model::load(&tiny_file("swa-1", &spec(Some(1))), &options(true)).unwrap();
+    let logits = all_logits(&one, &tokens);
+    for (t, &token) in tokens.iter().enumerate() {
+        let alone = all_logits(&one, &[token]);
+        let err = rel_error(&logits[t * vocab..][..vocab], &alone);
+        assert!(err < 1e-5, "position {t}: {err}");
+    }
 }

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::chat::Message;
+use crate::config::Architecture;
 use crate::fixtures::{
     gguf_to_hf_folder, tiny_llama_gguf, write_safetensors, GgufWriter, TensorData, TinyModelSpec,
 };
@@ -59,6 +60,45 @@ fn rel_error(a: &[f32], b: &[f32]) -> f32 {
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 37 + 5) % vocab) as u32).collect()
+}
+
+#[test]
+fn qwen3_folder_reads_q_and_k_norms_by_the_table() {
+    let spec = TinyModelSpec {
+        architecture: Architecture::Qwen3,
+        head_dim: Some(32),
+        ..TinyModelSpec::default()
+    };
+    let (_tmp, gguf, folder) = tiny_pair("qwen3", &spec);
+    let a = Model::load(&gguf, &options(true)).unwrap();
+    let b = Model::load(&folder, &options(true)).unwrap();
+    assert_eq!(b.config().architecture, Architecture::Qwen3);
+    assert_eq!(b.config().head_dim, 32);
+    assert!(b
+        .layers
+        .iter()
+        .all(|l| l.q_norm.is_some() && l.k_norm.is_some()));
+    let toks = tokens(12, spec.vocab_size());
+    let err = rel_error(&logits_all(&b, &toks), &logits_all(&a, &toks));
+    assert!(err < 1e-5, "relative error {err}");
+    // Without its q/k norms the folder is refused, naming the tensor.
+    let broken = folder.with_file_name("no-norm");
+    rewrite(
+        &folder,
+        &broken,
+        |_| {},
+        |t| match t.name.as_str() {
+            "model.layers.1.self_attn.k_norm.weight" => vec![],
+            _ => vec![t],
+        },
+    );
+    let err = Model::load(&broken, &options(true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.1.self_attn.k_norm.weight"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,0 +1,139 @@
+//! Tiny random models of the architectures beyond Llama (Qwen3, Gemma 3, Phi-3), written by
+//! `lutra_runtime::fixtures::tiny_llama_gguf`, against llama.cpp's perplexity of the same files
+//! (`tests/data/architectures/`, figures in `llama-cpp.json`): the perplexity of the GPL-2 text
+//! must match llama.cpp's within 0.1%, on the fast path and on the exact reference path.
+
+use std::path::Path;
+
+use lutra::config::Architecture;
+use lutra::llama::{LoadOptions, Model};
+use lutra::perplexity::perplexity;
+use lutra_runtime::fixtures::{tiny_llama_gguf, TinyModelSpec};
+use serde::Deserialize;
+
+mod common;
+
+/// llama.cpp's figures for the tiny files (`tests/data/architectures/llama-cpp.json`).
+#[derive(Debug, Deserialize)]
+struct Figures {
+    /// Tokens per chunk.
+    n_ctx: usize,
+    /// One entry per file.
+    models: Vec<ModelFigures>,
+}
+
+/// llama-perplexity's result for one file.
+#[derive(Debug, Deserialize)]
+struct ModelFigures {
+    /// The file, relative to `tests/data/architectures/`.
+    file: String,
+    /// Its `general.architecture`.
+    architecture: String,
+    /// Chunks scored.
+    chunks: usize,
+    /// Perplexity.
+    ppl: f64,
+}
+
+fn figures() -> Figures {
+    let path = common::data_dir().join("architectures/llama-cpp.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn load(path: &Path, reference: bool, n_ctx: usize) -> Model {
+    let opts = LoadOptions {
+        reference,
+        context_length: Some(n_ctx),
+        ..LoadOptions::default()
+    };
+    Model::load(path, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// The shape of each committed file, as `tiny_llama_gguf` writes it with seed 11.
+fn spec_of(architecture: Architecture) -> TinyModelSpec {
+    let base = TinyModelSpec {
+        architecture,
+        ..TinyModelSpec::default()
+    };
+    match architecture {
+        // q/k norms with heads wider than hidden/heads; untied, so that the logits stay moderate.
+        Architecture::Qwen3 => TinyModelSpec {
+            head_dim: Some(32),
+            tied_embeddings: false,
+            ..base
+        },
+        // One local layer (window 8, RoPE base 10000) and one global (base 1e6), logits capped.
+        Architecture::Gemma3 => TinyModelSpec {
+            head_dim: Some(32),
+            sliding_window: Some(8),
+            logit_softcap: Some(5.0),
+            ..base
+        },
+        Architecture::Phi3 => TinyModelSpec {
+            tied_embeddings: false,
+            ..base
+        },
+        _ => base,
+    }
+}
+
+#[test]
+fn committed_files_are_what_the_fixture_writes() {
+    let dir = std::env::temp_dir().join(format!("lutra-arch-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for m in &figures().models {
+        let arch = Architecture::from_gguf_name(&m.architecture).expect("a known architecture");
+        let written = dir.join(&m.file);
+        tiny_llama_gguf(&written, &spec_of(arch), 11).unwrap();
+        let committed = common::data_dir().join("architectures").join(&m.file);
+        assert!(
+            std::fs::read(&written).unwrap() == std::fs::read(&committed).unwrap(),
+            "{} differs from what tiny_llama_gguf writes: the llama.cpp figures must be measured \
+             again on the new file",
+            committed.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tiny_models_match_llama_perplexity() {
+    let figures = figures();
+    let corpus = common::corpus();
+    let mut seen = Vec::new();
+    for m in &figures.models {
+        let path = common::data_dir().join("architectures").join(&m.file);
+        for reference in [false, true] {
+            let model = load(&path, reference, figures.n_ctx);
+            let expected = Architecture::from_gguf_name(&m.architecture);
+            assert_eq!(Some(model.config().architecture), expected, "{}", m.file);
+            let tokens = model
+                .tokenizer()
+                .expect("tokenizer")
+                .encode(&corpus, false)
+                .unwrap();
+            let r = perplexity(&model, &tokens, figures.n_ctx).unwrap();
+            println!(
+                "{} ({}): PPL {:.4} over {} chunks, llama.cpp {}",
+                m.file,
+                if reference { "reference" } else { "fast" },
+                r.ppl,
+                r.chunks,
+                m.ppl
+            );
+            assert_eq!(r.chunks, m.chunks, "{}", m.file);
+            let diff = (r.ppl - m.ppl).abs() / m.ppl;
+            assert!(
+                diff < 0.001,
+                "{} (reference {reference}): PPL {} is {:.3}% from llama.cpp's {}",
+                m.file,
+                r.ppl,
+                100.0 * diff,
+                m.ppl
+            );
+        }
+        seen.push(m.architecture.as_str());
+    }
+    assert_eq!(seen, ["qwen3", "gemma3", "phi3"]);
+}
