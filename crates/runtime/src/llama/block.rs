@@ -234,6 +234,35 @@ pub(super) fn row_range(t: &DecodedTensor, start: usize, count: usize) -> Decode
                 scales: scales[start * blocks..(start + count) * blocks].to_vec(),
             }
         }
+        DecodedTensor::SuperBlock {
+            cols,
+            bits,
+            group,
+            zero_point,
+            codes,
+            sub_scales,
+            sub_mins,
+            d,
+            dmin,
+            ..
+        } => {
+            let (groups, supers) = (cols / group, cols / 256);
+            let rows_of = |v: &[u16]| v[start * supers..(start + count) * supers].to_vec();
+            DecodedTensor::SuperBlock {
+                rows: count,
+                cols: *cols,
+                bits: *bits,
+                group: *group,
+                zero_point: *zero_point,
+                codes: codes[start * cols..(start + count) * cols].to_vec(),
+                sub_scales: sub_scales[start * groups..(start + count) * groups].to_vec(),
+                sub_mins: sub_mins
+                    .as_ref()
+                    .map(|m| m[start * groups..(start + count) * groups].to_vec()),
+                d: rows_of(d),
+                dmin: dmin.as_deref().map(rows_of),
+            }
+        }
         DecodedTensor::Dense { cols, values, .. } => DecodedTensor::Dense {
             rows: count,
             cols: *cols,
@@ -248,28 +277,41 @@ mod tests {
 
     #[test]
     fn row_ranges_of_every_form_dequantize_to_the_same_rows() {
-        let (rows, cols) = (6, 64);
+        let (rows, cols) = (6, 256);
         let low = DecodedTensor::LowBit {
             rows,
             cols,
             bits: 4,
             group_size: 32,
             codes: (0..rows * cols).map(|i| (i * 7 % 16) as u8).collect(),
-            scales: (0..rows * 2).map(|i| 0.5 + i as f32).collect(),
-            offsets: (0..rows * 2).map(|i| -(i as f32)).collect(),
+            scales: (0..rows * 8).map(|i| 0.5 + i as f32).collect(),
+            offsets: (0..rows * 8).map(|i| -(i as f32)).collect(),
         };
         let int8 = DecodedTensor::Int8 {
             rows,
             cols,
             codes: (0..rows * cols).map(|i| (i * 13 % 255) as i8).collect(),
-            scales: (0..rows * 2).map(|i| 0.25 * (i + 1) as f32).collect(),
+            scales: (0..rows * 8).map(|i| 0.25 * (i + 1) as f32).collect(),
+        };
+        let f16 = |x: f32| half::f16::from_f32(x).to_bits();
+        let super_block = DecodedTensor::SuperBlock {
+            rows,
+            cols,
+            bits: 4,
+            group: 32,
+            zero_point: 0,
+            codes: (0..rows * cols).map(|i| (i * 5 % 16) as u8).collect(),
+            sub_scales: (0..rows * 8).map(|i| (i % 60) as i8).collect(),
+            sub_mins: Some((0..rows * 8).map(|i| (i * 3 % 64) as u8).collect()),
+            d: (0..rows).map(|r| f16(0.01 * (r + 1) as f32)).collect(),
+            dmin: Some((0..rows).map(|r| f16(0.002 * (r + 2) as f32)).collect()),
         };
         let dense = DecodedTensor::Dense {
             rows,
             cols,
             values: (0..rows * cols).map(|i| i as f32 * 0.1).collect(),
         };
-        for t in [low, int8, dense] {
+        for t in [low, int8, super_block, dense] {
             let all = t.dequantize();
             let mut start = 0;
             for count in [1, 3, 2] {
