@@ -486,6 +486,20 @@ impl GgufFile {
         Ok(&self.mmap[info.offset..info.offset + info.size])
     }
 
+    /// Drops the file pages of tensor `name` from the process's resident memory, once its
+    /// values have been copied into their kernel form: the mapping stops counting them, and a
+    /// later read brings them back from the file unchanged. Only pages wholly inside the tensor
+    /// are released. Advisory: an unknown name or a refusal by the OS releases nothing.
+    pub fn release_tensor(&self, name: &str) -> usize {
+        match self.tensor_info(name) {
+            Some(info) => self
+                .mmap
+                .release_pages(info.offset..info.offset + info.size)
+                .unwrap_or(0),
+            None => 0,
+        }
+    }
+
     /// Decodes tensor `name` into codes + scales (+ offsets) or dense values, exactly.
     pub fn decode_tensor(&self, name: &str) -> Result<DecodedTensor> {
         let data = self.tensor_data(name)?;

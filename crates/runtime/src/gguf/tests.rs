@@ -226,3 +226,32 @@ fn custom_alignment_is_honoured() {
     let msg = GgufFile::open(&path).unwrap_err().to_string();
     assert!(msg.contains("general.alignment"), "{msg}");
 }
+
+#[test]
+fn released_tensor_pages_decode_unchanged() {
+    // A tensor spanning several pages, between two small ones.
+    let big: Vec<f32> = (0..64 * 1024).map(|i| (i as f32 * 0.01).cos()).collect();
+    let small: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", MetaValue::String("llama".into()));
+    w.add_tensor_f32("before.weight", &[64], &small).unwrap();
+    w.add_tensor_f32("big.weight", &[1024, 64], &big).unwrap();
+    w.add_tensor_f32("after.weight", &[64], &small).unwrap();
+    let path = temp_path("release.gguf");
+    w.write(&path).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.decode_tensor("big.weight").unwrap().dequantize(), big);
+    let released = f.release_tensor("big.weight");
+    if cfg!(unix) {
+        // At most one partial page at either end is kept.
+        assert!(released > 0 && released <= 4 * big.len(), "{released}");
+        assert!(4 * big.len() - released < 2 * 65536, "{released}");
+    }
+    assert_eq!(f.release_tensor("no.such.tensor"), 0);
+    assert_eq!(f.decode_tensor("big.weight").unwrap().dequantize(), big);
+    assert_eq!(
+        f.decode_tensor("before.weight").unwrap().dequantize(),
+        small
+    );
+    assert_eq!(f.decode_tensor("after.weight").unwrap().dequantize(), small);
+}
