@@ -131,6 +131,17 @@ impl Linear {
         })
     }
 
+    /// Like [`Linear::from_decoded`], taking the tensor: dense values move into the matrix
+    /// instead of being copied (no second full-size copy while a model loads).
+    pub fn from_decoded_owned(tensor: DecodedTensor, reference: bool) -> Result<Linear> {
+        match tensor {
+            DecodedTensor::Dense { rows, cols, values } => {
+                Ok(Linear::Dense(DenseMatrix::new(rows, cols, values)?))
+            }
+            tensor => Linear::from_decoded(&tensor, reference),
+        }
+    }
+
     /// Like [`Linear::from_decoded`] for a tensor whose column `i` is input feature `perm[i]`
     /// (e.g. a GPTQ act-order layer sorted by group). Reference mode puts the columns back in
     /// input order in a dense matrix; otherwise the matrix keeps the tensor's order and reads the
@@ -644,6 +655,42 @@ mod tests {
         let mut row = vec![0.0; 32];
         m.row(1, &mut row).unwrap();
         assert_eq!(&row[..4], &[-1.0, 0.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn owned_tensors_convert_like_borrowed_ones() {
+        let values: Vec<f32> = (0..64).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let dense = DecodedTensor::Dense {
+            rows: 2,
+            cols: 32,
+            values: values.clone(),
+        };
+        let low_bit = DecodedTensor::LowBit {
+            rows: 2,
+            cols: 32,
+            bits: 2,
+            group_size: 32,
+            codes: (0..64).map(|i| (i % 4) as u8).collect(),
+            scales: vec![0.5, 1.0],
+            offsets: vec![0.0, -1.0],
+        };
+        for reference in [false, true] {
+            for t in [&dense, &low_bit] {
+                let borrowed = Linear::from_decoded(t, reference).unwrap();
+                let owned = Linear::from_decoded_owned(t.clone(), reference).unwrap();
+                assert_eq!(borrowed.kind(), owned.kind());
+                let (mut a, mut b) = (vec![0.0; 32], vec![0.0; 32]);
+                for r in 0..2 {
+                    borrowed.row(r, &mut a).unwrap();
+                    owned.row(r, &mut b).unwrap();
+                    assert_eq!(a, b);
+                }
+            }
+        }
+        let owned = Linear::from_decoded_owned(dense, false).unwrap();
+        let mut row = vec![0.0; 32];
+        owned.row(1, &mut row).unwrap();
+        assert_eq!(row, values[32..]);
     }
 
     /// A 2-bit tensor of `rows × cols` with codes `(i·7 + r) mod levels`, one group per row,

@@ -400,13 +400,12 @@ pub fn decode_ggml(
                     (f16_at(b, 0), f16_at(b, 2), &b[4..20])
                 };
                 // Low nibbles hold elements 0..16, high nibbles 16..32.
-                lb.group(
-                    d,
-                    m,
-                    qs.iter()
-                        .map(|&q| q & 0xF)
-                        .chain(qs.iter().map(|&q| q >> 4)),
-                );
+                let mut codes = [0u8; 32];
+                for (j, &q) in qs.iter().enumerate().take(16) {
+                    codes[j] = q & 0xF;
+                    codes[j + 16] = q >> 4;
+                }
+                lb.group_codes(d, m, &codes);
             }
             lb.finish(rows, cols, 4)
         }
@@ -536,26 +535,29 @@ pub fn decode_ggml(
             DecodedTensor::Dense { rows, cols, values }
         }
         GgmlType::TQ2_0 => {
-            // Ternary as 2-bit codes {0,1,2}: w = d·(q − 1). Groups of 32 share the block's d.
-            let mut lb = LowBitBuilder::new(n, 32);
+            // Ternary as 2-bit codes {0,1,2}: w = d·(q − 1), one group per 256-block (its d).
+            let mut lb = LowBitBuilder::new(n, QK_K);
             for b in blocks {
                 let (qs, d) = (&b[0..64], f16_at(b, 64));
-                for chunk in qs.chunks_exact(32) {
+                let mut codes = [0u8; QK_K];
+                // Element 128·h + 32·l + m is bits 2l..2l+2 of byte 32·h + m.
+                for (h, chunk) in qs.chunks_exact(32).enumerate() {
                     for l in 0..4 {
-                        lb.group(d, -d, chunk.iter().map(|&q| (q >> (2 * l)) & 3));
+                        let out = &mut codes[128 * h + 32 * l..][..32];
+                        for (c, &q) in out.iter_mut().zip(chunk) {
+                            *c = (q >> (2 * l)) & 3;
+                        }
                     }
                 }
+                lb.group_codes(d, -d, &codes);
             }
             lb.finish(rows, cols, 2)
         }
         GgmlType::TQ1_0 => {
-            let mut lb = LowBitBuilder::new(n, 32);
+            let mut lb = LowBitBuilder::new(n, QK_K);
             for b in blocks {
                 let (qs, qh, d) = (&b[0..48], &b[48..52], f16_at(b, 52));
-                let codes = tq1_block(qs, qh);
-                for g in codes.chunks_exact(32) {
-                    lb.group(d, -d, g.iter().copied());
-                }
+                lb.group_codes(d, -d, &tq1_block(qs, qh));
             }
             lb.finish(rows, cols, 2)
         }
@@ -595,6 +597,13 @@ impl LowBitBuilder {
 
     fn group(&mut self, scale: f32, offset: f32, codes: impl Iterator<Item = u8>) {
         self.codes.extend(codes);
+        self.scales.push(scale);
+        self.offsets.push(offset);
+        debug_assert_eq!(self.codes.len(), self.scales.len() * self.group_size);
+    }
+
+    fn group_codes(&mut self, scale: f32, offset: f32, codes: &[u8]) {
+        self.codes.extend_from_slice(codes);
         self.scales.push(scale);
         self.offsets.push(offset);
         debug_assert_eq!(self.codes.len(), self.scales.len() * self.group_size);
