@@ -66,6 +66,8 @@ pub use error::{KernelError, Result};
 pub use int8::{Int8Activations, Int8Matrix};
 pub use isa::Isa;
 pub use mapped::MappedFile;
-pub use packed::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
+pub use packed::{
+    Grouping, PackedMatrix, PackedMatrixBuilder, PlaneScales, QuantSpec, QuantizedWeights,
+};
 pub use tables::ActivationTables;
 pub use ternary::{TernaryMatrix, TernaryTables, TernaryWeights};
