@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use lutra_kernels::MappedFile;
@@ -504,14 +505,38 @@ impl GgufFile {
     pub fn decode_tensor(&self, name: &str) -> Result<DecodedTensor> {
         let data = self.tensor_data(name)?;
         let info = &self.tensors[self.tensor_index[name]];
-        decode_ggml(info.ty, info.rows(), info.cols(), data).map_err(|e| match e {
+        decode_ggml(info.ty, info.rows(), info.cols(), data).map_err(|e| self.decode_error(name, e))
+    }
+
+    /// Decodes rows `range` of tensor `name` (rows of `cols()` elements, stored one after the
+    /// other), exactly as [`GgufFile::decode_tensor`] decodes them.
+    pub fn decode_rows(&self, name: &str, range: Range<usize>) -> Result<DecodedTensor> {
+        let data = self.tensor_data(name)?;
+        let info = &self.tensors[self.tensor_index[name]];
+        let (rows, cols) = (info.rows(), info.cols());
+        let bytes = info
+            .ty
+            .bytes_for(cols)
+            .filter(|_| range.start <= range.end && range.end <= rows)
+            .and_then(|row| data.get(range.start * row..range.end * row));
+        let Some(bytes) = bytes else {
+            return Err(bad(
+                &self.path,
+                format!("tensor '{name}': no rows {range:?} of {rows} rows of {cols}"),
+            ));
+        };
+        decode_ggml(info.ty, range.len(), cols, bytes).map_err(|e| self.decode_error(name, e))
+    }
+
+    fn decode_error(&self, name: &str, e: DecodeError) -> Error {
+        match e {
             DecodeError::Unsupported(ty) => Error::UnsupportedTensorType {
                 path: self.path.clone(),
                 tensor: name.to_string(),
                 ty: ty.name(),
             },
             DecodeError::BadShape(reason) => bad(&self.path, format!("tensor '{name}': {reason}")),
-        })
+        }
     }
 }
 

@@ -255,3 +255,31 @@ fn released_tensor_pages_decode_unchanged() {
     );
     assert_eq!(f.decode_tensor("after.weight").unwrap().dequantize(), small);
 }
+
+#[test]
+fn decoded_rows_are_the_rows_of_the_decoded_tensor() {
+    let vals: Vec<f32> = (0..64 * 6).map(|i| ((i * 13) % 17) as f32 - 8.0).collect();
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", MetaValue::String("llama".into()));
+    w.add_tensor_q4_0("q40.weight", &[64, 6], &vals).unwrap();
+    w.add_tensor_f32("f32.weight", &[64, 6], &vals).unwrap();
+    let path = temp_path("rows.gguf");
+    w.write(&path).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    for name in ["q40.weight", "f32.weight"] {
+        let whole = f.decode_tensor(name).unwrap().dequantize();
+        for range in [0..6, 0..1, 2..5, 5..6, 3..3] {
+            let rows = f.decode_rows(name, range.clone()).unwrap();
+            assert_eq!(rows.rows(), range.len());
+            assert_eq!(
+                rows.dequantize(),
+                whole[range.start * 64..range.end * 64],
+                "{name} {range:?}"
+            );
+        }
+        for bad in [5..7, 7..8] {
+            let err = f.decode_rows(name, bad).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains("rows"), "{err}");
+        }
+    }
+}

@@ -26,8 +26,8 @@ struct TensorLoader<'a> {
 }
 
 impl TensorLoader<'_> {
-    /// Decodes `name` after checking it is `[rows][cols]` (GGUF dims `[cols, rows]`).
-    fn decode(&self, name: &str, rows: usize, cols: usize) -> Result<(DecodedTensor, String)> {
+    /// The type of tensor `name`, after checking it is `[rows][cols]` (GGUF dims `[cols, rows]`).
+    fn check_shape(&self, name: &str, rows: usize, cols: usize) -> Result<String> {
         let info = self
             .file
             .tensor_info(name)
@@ -49,10 +49,49 @@ impl TensorLoader<'_> {
                 expected: if vector { vec![cols] } else { vec![cols, rows] },
             });
         }
+        Ok(info.ty.name())
+    }
+
+    /// Decodes `name` after checking it is `[rows][cols]` (GGUF dims `[cols, rows]`).
+    fn decode(&self, name: &str, rows: usize, cols: usize) -> Result<(DecodedTensor, String)> {
+        let source = self.check_shape(name, rows, cols)?;
         let tensor = self.file.decode_tensor(name)?;
         // The decoded copy is all that is read from here on: the file's pages can go.
         self.file.release_tensor(name);
-        Ok((tensor, info.ty.name()))
+        Ok((tensor, source))
+    }
+
+    /// The LUT form of `name` built a block of rows at a time, when it is stored as low-bit codes
+    /// that load as they are (no per-tensor scale, no requantization, no per-row form); `None`
+    /// otherwise.
+    fn lut_by_row_blocks(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        requantizable: bool,
+    ) -> Result<Option<Linear>> {
+        let source = self.check_shape(name, rows, cols)?;
+        let scaled = requantizable
+            && name
+                .strip_suffix(".weight")
+                .is_some_and(|base| self.file.tensor_info(&format!("{base}.scale")).is_some());
+        let requantized = requantizable && self.opts.requantize.is_some();
+        if self.opts.reference || scaled || requantized || rows < 2 {
+            return Ok(None);
+        }
+        let decode_rows = |range| self.file.decode_rows(name, range);
+        let m = Linear::lut_by_row_blocks(rows, cols, decode_rows, has_no_per_row_form).map_err(
+            |e| match e {
+                Error::Kernel(_) => self.form_error(name, &source, e),
+                e => e,
+            },
+        )?;
+        if let Some(m) = &m {
+            self.file.release_tensor(name);
+            count_tensor(&mut self.types, source, m.kind(), m.bytes());
+        }
+        Ok(m)
     }
 
     /// A matrix; `requantizable` marks linear layers (not the embedding or LM head). A linear
@@ -65,6 +104,9 @@ impl TensorLoader<'_> {
         cols: usize,
         requantizable: bool,
     ) -> Result<Linear> {
+        if let Some(m) = self.lut_by_row_blocks(name, rows, cols, requantizable)? {
+            return Ok(m);
+        }
         let (mut tensor, source) = self.decode(name, rows, cols)?;
         if let Some(base) = name.strip_suffix(".weight").filter(|_| requantizable) {
             if let Some(scale) = self.tensor_scale(&format!("{base}.scale"))? {
@@ -320,6 +362,16 @@ pub(super) fn scale_tensor(t: &mut DecodedTensor, factor: f32) {
         DecodedTensor::Int8 { scales, .. } => scales.iter_mut().for_each(|s| *s *= factor),
         DecodedTensor::Dense { values, .. } => values.iter_mut().for_each(|v| *v *= factor),
     }
+}
+
+/// Whether [`per_row_if_uniform`] leaves `t` as it is. Checked on a tensor's first rows: when
+/// they have no per-row form, neither has the whole tensor.
+fn has_no_per_row_form(t: &DecodedTensor) -> bool {
+    let group = |t: &DecodedTensor| match t {
+        DecodedTensor::LowBit { group_size, .. } => Some(*group_size),
+        _ => None,
+    };
+    group(&per_row_if_uniform(t.clone())) == group(t)
 }
 
 /// A low-bit tensor whose groups all share one scale and offset within each row (TQ1_0/TQ2_0 of
