@@ -7,7 +7,7 @@ use half::f16;
 
 use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
-use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TABLES_PER_ACT, TILE};
+use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TILE};
 use crate::lut::{self, Weights};
 use crate::tables::ActivationTables;
 use crate::tiling::{check_parts, MAX_PARTS};

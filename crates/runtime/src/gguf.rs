@@ -490,15 +490,25 @@ impl GgufFile {
     /// Drops the file pages of tensor `name` from the process's resident memory, once its
     /// values have been copied into their kernel form: the mapping stops counting them, and a
     /// later read brings them back from the file unchanged. Only pages wholly inside the tensor
-    /// are released. Advisory: an unknown name or a refusal by the OS releases nothing.
+    /// are released. Advisory: an unknown name or a refusal by the OS releases nothing. Returns
+    /// the bytes released.
     pub fn release_tensor(&self, name: &str) -> usize {
         match self.tensor_info(name) {
-            Some(info) => self
-                .mmap
-                .release_pages(info.offset..info.offset + info.size)
-                .unwrap_or(0),
+            Some(info) => self.release_rows(name, 0..info.rows()),
             None => 0,
         }
+    }
+
+    /// Like [`GgufFile::release_tensor`] for rows `range` of tensor `name` only (see
+    /// [`GgufFile::decode_rows`]).
+    pub fn release_rows(&self, name: &str, range: Range<usize>) -> usize {
+        let Some(info) = self.tensor_info(name) else {
+            return 0;
+        };
+        let row = info.ty.bytes_for(info.cols()).unwrap_or(0);
+        let start = info.offset + range.start.saturating_mul(row).min(info.size);
+        let end = info.offset + range.end.saturating_mul(row).min(info.size);
+        self.mmap.release_pages(start..end).unwrap_or(0)
     }
 
     /// Decodes tensor `name` into codes + scales (+ offsets) or dense values, exactly.

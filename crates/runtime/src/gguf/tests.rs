@@ -248,6 +248,12 @@ fn released_tensor_pages_decode_unchanged() {
         assert!(4 * big.len() - released < 2 * 65536, "{released}");
     }
     assert_eq!(f.release_tensor("no.such.tensor"), 0);
+    // Half the rows: about half the bytes (whole pages only); rows past the end are clamped.
+    let half = f.release_rows("big.weight", 0..32);
+    if cfg!(unix) {
+        assert!(half > 0 && half <= 2 * big.len(), "{half}");
+    }
+    assert_eq!(f.release_rows("big.weight", 100..200), 0);
     assert_eq!(f.decode_tensor("big.weight").unwrap().dequantize(), big);
     assert_eq!(
         f.decode_tensor("before.weight").unwrap().dequantize(),

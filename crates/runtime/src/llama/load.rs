@@ -80,7 +80,12 @@ impl TensorLoader<'_> {
         if self.opts.reference || scaled || requantized || rows < 2 {
             return Ok(None);
         }
-        let decode_rows = |range| self.file.decode_rows(name, range);
+        // Each block's file pages go as soon as it is decoded.
+        let decode_rows = |range: std::ops::Range<usize>| {
+            let rows = self.file.decode_rows(name, range.clone());
+            self.file.release_rows(name, range);
+            rows
+        };
         let m = Linear::lut_by_row_blocks(rows, cols, decode_rows, has_no_per_row_form).map_err(
             |e| match e {
                 Error::Kernel(_) => self.form_error(name, &source, e),
@@ -208,31 +213,39 @@ enum LoadJob {
 /// What a [`LoadJob`] produced.
 enum Loaded {
     Embedding(Linear),
-    Layer(LayerWeights),
+    Layer(Box<LayerWeights>),
     Output(Linear),
 }
+
+/// A finished [`LoadJob`]: its weights and its tensor counts.
+type JobResult = Result<(Loaded, Vec<TensorTypeCount>)>;
 
 /// Every weight tensor of a llama-family GGUF, repacked for the kernels (no tokenizer yet).
 fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Result<ModelParts> {
     let c = &config;
     let h = c.hidden_size;
-    // The embedding, every block, and (untied models) the LM head are independent: workers take
+    // The LM head (untied models), the embedding and every block are independent: workers take
     // them one at a time, in this order, so that the big matrices outside the blocks load beside
     // the blocks instead of before or after them, and at most one tensor per worker is held
-    // decoded at once.
-    let mut jobs = vec![LoadJob::Embedding];
-    jobs.extend((0..c.layers).map(LoadJob::Layer));
-    if file.tensor_info("output.weight").is_some() {
-        jobs.push(LoadJob::Output);
-    }
+    // decoded at once. The LM head comes first: when its type loads whole (Q6_K, Q8_0), its
+    // decoded copy then exists while little else is allocated. Jobs are numbered, not listed:
+    // the block count is the file's word, not yet checked by tensors.
+    let has_output = file.tensor_info("output.weight").is_some();
+    let first_layer = if has_output { 2 } else { 1 };
+    let job_count = c.layers.saturating_add(first_layer);
+    let job = |j: usize| match j {
+        0 if has_output => LoadJob::Output,
+        j if j + 1 == first_layer => LoadJob::Embedding,
+        j => LoadJob::Layer(j - first_layer),
+    };
     let workers = match opts.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     }
-    .clamp(1, jobs.len());
+    .clamp(1, job_count);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let run = |job: &LoadJob| -> Result<(Loaded, Vec<TensorTypeCount>)> {
+    let run = |job: &LoadJob| -> JobResult {
         let mut t = TensorLoader {
             file,
             opts,
@@ -242,39 +255,42 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
             LoadJob::Embedding => {
                 Loaded::Embedding(t.linear("token_embd.weight", c.vocab_size, h, false)?)
             }
-            LoadJob::Layer(i) => Loaded::Layer(load_layer(&mut t, c, i)?),
+            LoadJob::Layer(i) => Loaded::Layer(Box::new(load_layer(&mut t, c, i)?)),
             // SmolLM2 and other tied models have no `output` tensor: the embedding is the LM head.
             LoadJob::Output => Loaded::Output(t.linear("output.weight", c.vocab_size, h, false)?),
         };
         Ok((loaded, t.types))
     };
-    let mut done: Vec<(usize, Result<(Loaded, Vec<TensorTypeCount>)>)> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        // Jobs are taken in order, so when one fails every earlier job has been
-                        // taken and finishes: the first error in job order is always seen.
-                        while !failed.load(Ordering::Relaxed) {
-                            let j = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(job) = jobs.get(j) else { break };
-                            let result = run(job);
-                            if result.is_err() {
-                                failed.store(true, Ordering::Relaxed);
-                            }
-                            done.push((j, result));
+    let mut done: Vec<(usize, JobResult)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    // Jobs are taken in order, so when one fails every earlier job has been
+                    // taken and finishes: the first error in job order is always seen.
+                    while !failed.load(Ordering::Relaxed) {
+                        let j = next.fetch_add(1, Ordering::Relaxed);
+                        if j >= job_count {
+                            break;
                         }
-                        done
-                    })
+                        let result = run(&job(j));
+                        if result.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        done.push((j, result));
+                    }
+                    done
                 })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-    done.sort_by_key(|(j, _)| *j);
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    // Results in model order (embedding, blocks, LM head), for the tensor counts and so that the
+    // first error reported is the first in the model.
+    done.sort_by_key(|&(j, _)| if has_output && j == 0 { usize::MAX } else { j });
     let (mut embedding, mut output) = (None, None);
     let mut types = Vec::new();
     // Grown as blocks load: the block count is the file's word, not yet checked by tensors.
@@ -283,7 +299,7 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
         let (loaded, job_types) = result?;
         match loaded {
             Loaded::Embedding(m) => embedding = Some(m),
-            Loaded::Layer(layer) => layers.push(layer),
+            Loaded::Layer(layer) => layers.push(*layer),
             Loaded::Output(m) => output = Some(m),
         }
         for ty in job_types {
