@@ -116,6 +116,30 @@ fn plane_byte(codes: u64, p: usize) -> u8 {
     (bits.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
 }
 
+/// Writes byte `byte` of every table of every plane of one tile from two of its rows: `low`
+/// (low nibbles) and the row 32 below it, `high` (high nibbles). `BITS` is a constant so that the
+/// plane loop unrolls.
+#[inline(always)]
+fn pack_row_pair<const BITS: usize>(low: &[u8], high: &[u8], tile: &mut [u8], byte: usize) {
+    // `byte` is below 32 (a row's place in a 32-byte block); the mask lets the compiler see it.
+    let byte = byte & 31;
+    let acts = low.chunks_exact(ACT).zip(high.chunks_exact(ACT));
+    for ((ql, qh), planes) in acts.zip(tile.chunks_exact_mut(BITS * PLANE_BYTES)) {
+        // Eight codes (tables 2k and 2k + 1) of each row at a time.
+        let pairs = ql.chunks_exact(8).zip(qh.chunks_exact(8));
+        for (k, (cl, ch)) in pairs.enumerate() {
+            let cl = u64::from_le_bytes([cl[0], cl[1], cl[2], cl[3], cl[4], cl[5], cl[6], cl[7]]);
+            let ch = u64::from_le_bytes([ch[0], ch[1], ch[2], ch[3], ch[4], ch[5], ch[6], ch[7]]);
+            for p in 0..BITS {
+                let (l, h) = (plane_byte(cl, p), plane_byte(ch, p));
+                let plane = &mut planes[p * PLANE_BYTES..(p + 1) * PLANE_BYTES];
+                plane[(2 * k) * 32 + byte] = (l & 0x0F) | (h << 4);
+                plane[(2 * k + 1) * 32 + byte] = (l >> 4) | (h & 0xF0);
+            }
+        }
+    }
+}
+
 /// A [`PackedMatrix`] filled a block of rows at a time ([`PackedMatrixBuilder::push_rows`]), so
 /// that a caller decoding a file holds the codes of one block, not of the whole matrix.
 pub struct PackedMatrixBuilder {
@@ -263,24 +287,11 @@ impl PackedMatrixBuilder {
                     break;
                 }
                 let (low, high) = (row_codes(r), row_codes(r + 32));
-                let acts = low.chunks_exact(ACT).zip(high.chunks_exact(ACT));
-                for (a, (ql, qh)) in acts.enumerate() {
-                    let planes = &mut packed_tile[a * bits * PLANE_BYTES..][..bits * PLANE_BYTES];
-                    // Eight codes (tables 2k and 2k + 1) of each row at a time.
-                    let pairs = ql.chunks_exact(8).zip(qh.chunks_exact(8));
-                    for (k, (cl, ch)) in pairs.enumerate() {
-                        let cl = u64::from_le_bytes([
-                            cl[0], cl[1], cl[2], cl[3], cl[4], cl[5], cl[6], cl[7],
-                        ]);
-                        let ch = u64::from_le_bytes([
-                            ch[0], ch[1], ch[2], ch[3], ch[4], ch[5], ch[6], ch[7],
-                        ]);
-                        for (p, plane) in planes.chunks_exact_mut(PLANE_BYTES).enumerate() {
-                            let (l, h) = (plane_byte(cl, p), plane_byte(ch, p));
-                            plane[2 * k * 32 + byte] = (l & 0x0F) | (h << 4);
-                            plane[(2 * k + 1) * 32 + byte] = (l >> 4) | (h & 0xF0);
-                        }
-                    }
+                match bits {
+                    1 => pack_row_pair::<1>(low, high, packed_tile, byte),
+                    2 => pack_row_pair::<2>(low, high, packed_tile, byte),
+                    3 => pack_row_pair::<3>(low, high, packed_tile, byte),
+                    _ => pack_row_pair::<4>(low, high, packed_tile, byte),
                 }
             }
         }
