@@ -64,9 +64,13 @@ fn logits_after(model: &Model, tokens: &[u32]) -> Vec<f32> {
 #[test]
 fn greedy_completions_match_llama_cpp() {
     let path = model_path();
+    // The f32 KV cache: with the default f16 cache the first prompt's near tie (exact-model gap
+    // 0.013 after " not just a") goes to a third token (" product"), which this exact comparison
+    // with llama.cpp would count as a divergence.
     let opts = LoadOptions {
         threads: 2,
         context_length: Some(512),
+        kv_f16: false,
         ..LoadOptions::default()
     };
     let model = Model::load(&path, &opts).expect("model loads");
@@ -116,6 +120,7 @@ fn greedy_completions_match_llama_cpp() {
                         reference: true,
                         threads: 2,
                         context_length: Some(512),
+                        kv_f16: false,
                         ..LoadOptions::default()
                     };
                     Model::load(&path, &opts).expect("reference model loads")

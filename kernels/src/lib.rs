@@ -68,8 +68,8 @@ pub use int8::{Int8Activations, Int8Matrix};
 pub use isa::Isa;
 pub use mapped::MappedFile;
 pub use packed::{
-    Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights, SuperBlockWeights,
-    SUPER_BLOCK,
+    Grouping, PackedMatrix, PackedMatrixBuilder, PlaneScales, QuantSpec, QuantizedWeights,
+    SuperBlockWeights, SUPER_BLOCK,
 };
 pub use tables::ActivationTables;
 pub use ternary::{TernaryMatrix, TernaryTables, TernaryWeights};

@@ -4,7 +4,7 @@
 //! that every `unsafe` block of lutra stays in this crate, behind a safe type.
 
 use std::fs::File;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 
 /// A read-only memory map of a whole file, dereferencing to its bytes.
 pub struct MappedFile {
@@ -21,6 +21,70 @@ impl MappedFile {
         let map = unsafe { memmap2::Mmap::map(file) }?;
         Ok(MappedFile { map })
     }
+
+    /// Takes the pages that lie wholly inside bytes `range` out of the process's resident memory
+    /// (`madvise(MADV_DONTNEED)`), for data that has been copied elsewhere (a tensor repacked at
+    /// load time): the mapping then stops counting those pages. The bytes stay readable, with
+    /// the same contents, read back from the file on the next access. Partial pages at either
+    /// end are kept (a neighbour may still be in use). Returns the bytes released; 0 where the
+    /// platform has no such call or the range holds no whole page. `range` is clamped to the
+    /// mapping.
+    pub fn release_pages(&self, range: Range<usize>) -> std::io::Result<usize> {
+        let (start, end) = (
+            range.start.min(self.map.len()),
+            range.end.min(self.map.len()),
+        );
+        let Some((offset, len)) = whole_pages(self.map.as_ptr() as usize, start..end, page_size())
+        else {
+            return Ok(0);
+        };
+        self.advise_dont_need(offset, len)?;
+        Ok(len)
+    }
+
+    #[cfg(unix)]
+    fn advise_dont_need(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        // SAFETY: `offset..offset + len` lies inside the mapping (`whole_pages` keeps it within
+        // `start..end`, clamped to the length) and is page-aligned. The mapping is read-only and
+        // never written, so no page holds data that exists only in memory: dropping a page loses
+        // nothing, and the next read of it faults it back in from the file with the bytes it had.
+        // Slices borrowed from the map therefore keep their contents, as Rust requires of `&[u8]`.
+        unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn advise_dont_need(&self, _offset: usize, _len: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The page-aligned part of bytes `range` of a mapping that starts at address `base`, as
+/// `(offset, len)` relative to `base`, or `None` when `range` holds no whole page.
+fn whole_pages(base: usize, range: Range<usize>, page: usize) -> Option<(usize, usize)> {
+    if page == 0 || !cfg!(unix) {
+        return None;
+    }
+    // Mappings start on a page boundary; rounding the addresses (not the offsets) keeps the call
+    // valid even if one did not.
+    let first = (base + range.start).div_ceil(page) * page;
+    let last = (base + range.end) / page * page;
+    (last > first).then(|| (first - base, last - first))
+}
+
+/// The operating system's page size in bytes (0 when unknown).
+#[cfg(unix)]
+fn page_size() -> usize {
+    // SAFETY: `sysconf` only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(0)
+}
+
+#[cfg(not(unix))]
+fn page_size() -> usize {
+    0
 }
 
 impl Deref for MappedFile {
@@ -44,14 +108,62 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("lutra-{name}-{}.bin", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(bytes).unwrap();
+        path
+    }
+
     #[test]
     fn maps_the_bytes_of_a_file() {
-        let path = std::env::temp_dir().join(format!("lutra-mapped-{}.bin", std::process::id()));
-        let mut f = File::create(&path).unwrap();
-        f.write_all(b"GGUF and more").unwrap();
-        drop(f);
+        let path = temp_file("mapped", b"GGUF and more");
         let map = MappedFile::map(&File::open(&path).unwrap()).unwrap();
         assert_eq!(&map[..], b"GGUF and more");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn whole_pages_rounds_inward() {
+        // Base on a page boundary.
+        assert_eq!(
+            whole_pages(8192, 0..4096, 4096),
+            Some((0, 4096)).filter(|_| cfg!(unix))
+        );
+        assert_eq!(
+            whole_pages(8192, 1..8192, 4096),
+            Some((4096, 4096)).filter(|_| cfg!(unix))
+        );
+        assert_eq!(whole_pages(8192, 100..4200, 4096), None);
+        assert_eq!(whole_pages(8192, 5000..5000, 4096), None);
+        assert_eq!(whole_pages(8192, 0..4096, 0), None);
+        // A base off a page boundary: the released addresses are still whole pages.
+        assert_eq!(
+            whole_pages(100, 0..8192, 4096),
+            Some((3996, 4096)).filter(|_| cfg!(unix))
+        );
+    }
+
+    #[test]
+    fn released_pages_read_back_unchanged() {
+        let page = page_size().max(1);
+        let bytes: Vec<u8> = (0..5 * page).map(|i| (i * 7 % 251) as u8).collect();
+        let path = temp_file("release", &bytes);
+        let map = MappedFile::map(&File::open(&path).unwrap()).unwrap();
+        // Touch every page, release the middle of the file (not page-aligned at either end).
+        let sum: u64 = map.iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(sum, bytes.iter().map(|&b| u64::from(b)).sum::<u64>());
+        let released = map.release_pages(page / 2..4 * page + 1).unwrap();
+        if cfg!(unix) {
+            assert_eq!(released, 3 * page, "pages 1, 2 and 3 are wholly inside");
+        }
+        // Past the end is clamped; an empty range releases nothing.
+        assert_eq!(map.release_pages(10 * page..20 * page).unwrap(), 0);
+        assert_eq!(
+            &map[..],
+            &bytes[..],
+            "the released bytes read back from the file"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use half::f16;
 
 use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
-use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TABLES_PER_ACT, TILE};
+use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TILE};
 use crate::lut::{self, Weights, MAX_BITS};
 use crate::tables::ActivationTables;
 use crate::tiling::{check_parts, MAX_PARTS};
@@ -104,60 +104,6 @@ fn check_len(what: &'static str, expected: Option<usize>, got: usize) -> Result<
     }
 }
 
-/// Bit `p` of each of the four codes in the bytes of `codes`, as a nibble (bit `i` = code `i`).
-///
-/// The mask leaves one bit per byte, at bit `8i`; the multiplier moves byte `i`'s bit to bit `24 + i`
-/// (shift `24 − 7i`), and no two of the sixteen partial products share a bit, so nothing carries.
-#[inline]
-fn plane_nibble(codes: u32, p: usize) -> u8 {
-    let bits = (codes >> p) & 0x0101_0101;
-    (bits.wrapping_mul(0x0102_0408) >> 24) as u8 & 0x0F
-}
-
-/// The codes `[rows][cols]` (each `< 2^bits`, checked) split into bit planes, in the layout of
-/// `lut::layout`: `[tile][K/32][plane][256]`.
-fn pack_planes(codes: &[u8], rows: usize, cols: usize, bits_u8: u8) -> Result<Vec<u8>> {
-    let bits = usize::from(bits_u8);
-    let tiles = rows.div_ceil(TILE);
-    let act_groups = cols / ACT;
-    let tile_bytes = act_groups * bits * PLANE_BYTES;
-    let mut packed = vec![0u8; tiles * tile_bytes];
-    let max_code = (1u8 << bits) - 1;
-    for (r, row) in codes.chunks_exact(cols).enumerate() {
-        // One pass to validate (vectorizes), so the packing loop below has no branch per code.
-        if row.iter().fold(0u8, |m, &c| m.max(c)) > max_code {
-            let i = row.iter().position(|&c| c > max_code).unwrap_or(0);
-            return Err(KernelError::CodeOutOfRange {
-                code: row[i],
-                index: r * cols + i,
-                bits: bits_u8,
-            });
-        }
-    }
-    // Rows r and r + 32 of a tile share bytes (low and high nibble): build each byte once.
-    let zeros = vec![0u8; cols];
-    let row_codes = |r: usize| codes.get(r * cols..(r + 1) * cols).unwrap_or(&zeros);
-    for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
-        for (lo, &byte) in ROW_BYTE.iter().enumerate() {
-            let r = tile * TILE + lo;
-            if r >= rows {
-                break;
-            }
-            let (low, high) = (row_codes(r), row_codes(r + 32));
-            for (q, (ql, qh)) in low.chunks_exact(4).zip(high.chunks_exact(4)).enumerate() {
-                let (a, j) = (q / TABLES_PER_ACT, q % TABLES_PER_ACT);
-                let cl = u32::from_le_bytes([ql[0], ql[1], ql[2], ql[3]]);
-                let ch = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-                for p in 0..bits {
-                    packed_tile[(a * bits + p) * PLANE_BYTES + j * 32 + byte] =
-                        plane_nibble(cl, p) | plane_nibble(ch, p) << 4;
-                }
-            }
-        }
-    }
-    Ok(packed)
-}
-
 /// f16 bits of `value`, or an error when it is not finite or overflows f16.
 fn to_f16(value: f32, index: usize) -> Result<u16> {
     let h = f16::from_f32(value);
@@ -168,30 +114,186 @@ fn to_f16(value: f32, index: usize) -> Result<u16> {
     }
 }
 
-impl PackedMatrix {
-    /// Checks the inputs and repacks them. Scales and offsets are stored as f16. Codes have 1 to 6
-    /// bits (Q5_0 and Q5_1 are 5-bit codes with f16 block scales).
-    pub fn pack(weights: &QuantizedWeights<'_>) -> Result<PackedMatrix> {
-        PackedMatrix::pack_float_scales(weights, MAX_BITS as u8)
-    }
+/// Bit `p` of each of the eight codes in the bytes of `codes`, as a byte (bit `i` = code `i`):
+/// the low nibble is one table's index for codes 0..4, the high nibble the next table's.
+///
+/// The mask leaves one bit per byte, at bit `8i`; the multiplier moves byte `i`'s bit to bit
+/// `56 + i` (shift `56 − 7i`), and no two of the 64 partial products share a bit, so nothing
+/// carries.
+#[inline]
+fn plane_byte(codes: u64, p: usize) -> u8 {
+    let bits = (codes >> p) & 0x0101_0101_0101_0101;
+    (bits.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
+}
 
-    /// [`PackedMatrix::pack`] for codes of up to `max_bits` bits (the kernels take up to
-    /// `lut::MAX_BITS`).
-    pub(crate) fn pack_float_scales(
-        weights: &QuantizedWeights<'_>,
-        max_bits: u8,
-    ) -> Result<PackedMatrix> {
-        let spec = weights.spec;
+/// Writes byte `byte` of every table of every plane of one tile from two of its rows: `low`
+/// (low nibbles) and the row 32 below it, `high` (high nibbles). `BITS` is a constant so that the
+/// plane loop unrolls.
+#[inline(always)]
+fn pack_row_pair<const BITS: usize>(low: &[u8], high: &[u8], tile: &mut [u8], byte: usize) {
+    // `byte` is below 32 (a row's place in a 32-byte block); the mask lets the compiler see it.
+    let byte = byte & 31;
+    let acts = low.chunks_exact(ACT).zip(high.chunks_exact(ACT));
+    for ((ql, qh), planes) in acts.zip(tile.chunks_exact_mut(BITS * PLANE_BYTES)) {
+        // Eight codes (tables 2k and 2k + 1) of each row at a time.
+        let pairs = ql.chunks_exact(8).zip(qh.chunks_exact(8));
+        for (k, (cl, ch)) in pairs.enumerate() {
+            let cl = u64::from_le_bytes([cl[0], cl[1], cl[2], cl[3], cl[4], cl[5], cl[6], cl[7]]);
+            let ch = u64::from_le_bytes([ch[0], ch[1], ch[2], ch[3], ch[4], ch[5], ch[6], ch[7]]);
+            for p in 0..BITS {
+                let (l, h) = (plane_byte(cl, p), plane_byte(ch, p));
+                let plane = &mut planes[p * PLANE_BYTES..(p + 1) * PLANE_BYTES];
+                plane[(2 * k) * 32 + byte] = (l & 0x0F) | (h << 4);
+                plane[(2 * k + 1) * 32 + byte] = (l >> 4) | (h & 0xF0);
+            }
+        }
+    }
+}
+
+/// Splits the codes of `rows` rows (`[rows][cols]`, each `< 2^bits`, checked; the first is row
+/// `first` of the matrix, for error messages) into bit planes, into `packed`: the tiles holding
+/// them, in the layout of `lut::layout`, `[tile][K/32][plane][256]`.
+fn pack_code_rows(
+    codes: &[u8],
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    first: usize,
+    packed: &mut [u8],
+) -> Result<()> {
+    let max_code = (1u8 << bits) - 1;
+    for (r, row) in codes.chunks_exact(cols).enumerate() {
+        // One pass to validate (vectorizes), so the packing loop below has no branch per code.
+        if row.iter().fold(0u8, |m, &c| m.max(c)) > max_code {
+            let i = row.iter().position(|&c| c > max_code).unwrap_or(0);
+            return Err(KernelError::CodeOutOfRange {
+                code: row[i],
+                index: (first + r) * cols + i,
+                bits,
+            });
+        }
+    }
+    let tile_bytes = (cols / ACT) * usize::from(bits) * PLANE_BYTES;
+    // Rows r and r + 32 of a tile share bytes (low and high nibble): build each byte once.
+    let zeros = vec![0u8; cols];
+    let row_codes = |r: usize| codes.get(r * cols..(r + 1) * cols).unwrap_or(&zeros);
+    for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
+        for (lo, &byte) in ROW_BYTE.iter().enumerate() {
+            let r = tile * TILE + lo;
+            if r >= rows {
+                break;
+            }
+            let (low, high) = (row_codes(r), row_codes(r + 32));
+            match bits {
+                1 => pack_row_pair::<1>(low, high, packed_tile, byte),
+                2 => pack_row_pair::<2>(low, high, packed_tile, byte),
+                3 => pack_row_pair::<3>(low, high, packed_tile, byte),
+                4 => pack_row_pair::<4>(low, high, packed_tile, byte),
+                5 => pack_row_pair::<5>(low, high, packed_tile, byte),
+                _ => pack_row_pair::<6>(low, high, packed_tile, byte),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The codes `[rows][cols]` (each `< 2^bits`, checked) of a whole matrix split into bit planes.
+fn pack_planes(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Result<Vec<u8>> {
+    let tile_bytes = (cols / ACT) * usize::from(bits) * PLANE_BYTES;
+    let mut packed = vec![0u8; rows.div_ceil(TILE) * tile_bytes];
+    pack_code_rows(codes, rows, cols, bits, 0, &mut packed)?;
+    Ok(packed)
+}
+
+/// A [`PackedMatrix`] filled a block of rows at a time ([`PackedMatrixBuilder::push_rows`]), so
+/// that a caller decoding a file holds the codes of one block, not of the whole matrix.
+pub struct PackedMatrixBuilder {
+    matrix: PackedMatrix,
+    /// Rows packed so far.
+    rows_done: usize,
+}
+
+impl PackedMatrixBuilder {
+    /// Rows per tile: every block but the last must hold a multiple of this many rows.
+    pub const ROWS_PER_TILE: usize = TILE;
+
+    /// Checks `spec` and allocates the packed matrix; `offsets` says whether the weights come with
+    /// offsets.
+    pub fn new(spec: QuantSpec, offsets: bool) -> Result<PackedMatrixBuilder> {
         let (rows, cols) = (spec.rows, spec.cols);
-        if !(1..=max_bits).contains(&spec.bits) {
+        if !(1..=MAX_BITS as u8).contains(&spec.bits) {
             return Err(KernelError::UnsupportedBits(spec.bits));
         }
         if cols == 0 || cols % ACT != 0 {
             return Err(KernelError::KNotMultipleOf32(cols));
         }
         let bits = usize::from(spec.bits);
-        let gs = group_size(spec.grouping, cols)?;
-        let groups = cols / gs;
+        let groups = cols / group_size(spec.grouping, cols)?;
+        let nps = if spec.plane_scales == PlaneScales::PerPlane {
+            bits
+        } else {
+            1
+        };
+        let tiles = rows.div_ceil(TILE);
+        let tile_bytes = (cols / ACT) * bits * PLANE_BYTES;
+        let size = |per_tile: Option<usize>| {
+            per_tile
+                .and_then(|n| n.checked_mul(tiles))
+                .ok_or(KernelError::LengthMismatch {
+                    what: "rows",
+                    expected: usize::MAX,
+                    got: rows,
+                })
+        };
+        let weights = vec![0u8; size(Some(tile_bytes))?];
+        let scales = vec![0u16; size(groups.checked_mul(nps * TILE))?];
+        let offsets = match offsets {
+            true => Some(vec![0u16; size(groups.checked_mul(TILE))?]),
+            false => None,
+        };
+        Ok(PackedMatrixBuilder {
+            matrix: PackedMatrix {
+                spec,
+                tiles,
+                groups,
+                weights,
+                scales,
+                offsets,
+                half_groups: false,
+                super_scales: None,
+            },
+            rows_done: 0,
+        })
+    }
+
+    /// Packs the next `weights.spec.rows` rows (codes, scales and offsets of those rows only;
+    /// per-tensor scales as for the whole matrix). `weights.spec` must be the builder's but for
+    /// `rows`, and every block but the last must hold a multiple of
+    /// [`PackedMatrixBuilder::ROWS_PER_TILE`] rows.
+    pub fn push_rows(&mut self, weights: &QuantizedWeights<'_>) -> Result<()> {
+        let m = &mut self.matrix;
+        let spec = m.spec;
+        let (first, rows, cols) = (self.rows_done, weights.spec.rows, spec.cols);
+        let bad_rows = KernelError::LengthMismatch {
+            what: "rows",
+            expected: spec.rows - first,
+            got: rows,
+        };
+        if weights.spec != (QuantSpec { rows, ..spec }) || first + rows > spec.rows {
+            return Err(bad_rows);
+        }
+        if first + rows < spec.rows && rows % TILE != 0 {
+            return Err(bad_rows);
+        }
+        if weights.offsets.is_some() != m.offsets.is_some() {
+            return Err(KernelError::LengthMismatch {
+                what: "offsets",
+                expected: if m.offsets.is_some() { rows } else { 0 },
+                got: weights.offsets.map_or(0, <[f32]>::len),
+            });
+        }
+        let bits = usize::from(spec.bits);
+        let groups = m.groups;
         let per_plane = spec.plane_scales == PlaneScales::PerPlane;
         let nps = if per_plane { bits } else { 1 };
         let per_tensor = spec.grouping == Grouping::PerTensor;
@@ -220,34 +322,51 @@ impl PackedMatrix {
         };
         let offset_index = |r: usize, g: usize| if per_tensor { 0 } else { r * groups + g };
 
+        let tile_bytes = (cols / ACT) * bits * PLANE_BYTES;
+        let first_tile = first / TILE;
         let tiles = rows.div_ceil(TILE);
-        let packed = pack_planes(weights.codes, rows, cols, spec.bits)?;
-        let mut scales = vec![0u16; tiles * groups * nps * TILE];
-        let mut offsets = weights.offsets.map(|_| vec![0u16; tiles * groups * TILE]);
+        let packed = &mut m.weights[first_tile * tile_bytes..(first_tile + tiles) * tile_bytes];
+        pack_code_rows(weights.codes, rows, cols, spec.bits, first, packed)?;
+
         for r in 0..rows {
-            let (tile, rr) = (r / TILE, r % TILE);
+            let (tile, rr) = ((first + r) / TILE, (first + r) % TILE);
             for g in 0..groups {
                 for p in 0..nps {
                     let i = scale_index(r, g, p);
-                    scales[((tile * groups + g) * nps + p) * TILE + rr] =
+                    m.scales[((tile * groups + g) * nps + p) * TILE + rr] =
                         to_f16(weights.scales[i], i)?;
                 }
-                if let (Some(dst), Some(src)) = (offsets.as_mut(), weights.offsets) {
+                if let (Some(dst), Some(src)) = (m.offsets.as_mut(), weights.offsets) {
                     let i = offset_index(r, g);
                     dst[(tile * groups + g) * TILE + rr] = to_f16(src[i], i)?;
                 }
             }
         }
-        Ok(PackedMatrix {
-            spec,
-            tiles,
-            groups,
-            weights: packed,
-            scales,
-            offsets,
-            half_groups: false,
-            super_scales: None,
-        })
+        self.rows_done += rows;
+        Ok(())
+    }
+
+    /// The packed matrix, once every row has been pushed.
+    pub fn finish(self) -> Result<PackedMatrix> {
+        let rows = self.matrix.spec.rows;
+        if self.rows_done != rows {
+            return Err(KernelError::LengthMismatch {
+                what: "rows",
+                expected: rows,
+                got: self.rows_done,
+            });
+        }
+        Ok(self.matrix)
+    }
+}
+
+impl PackedMatrix {
+    /// Checks the inputs and repacks them. Scales and offsets are stored as f16. Codes have 1 to 6
+    /// bits (Q5_0 and Q5_1 are 5-bit codes with f16 block scales).
+    pub fn pack(weights: &QuantizedWeights<'_>) -> Result<PackedMatrix> {
+        let mut builder = PackedMatrixBuilder::new(weights.spec, weights.offsets.is_some())?;
+        builder.push_rows(weights)?;
+        builder.finish()
     }
 
     /// Shape and quantization.
@@ -382,15 +501,130 @@ impl PackedMatrix {
 
 #[cfg(test)]
 mod tests {
-    use super::plane_nibble;
+    use super::*;
 
     #[test]
-    fn plane_nibble_gathers_one_bit_of_each_code() {
-        for quad in 0..1u32 << 16 {
-            let codes: [u8; 4] = std::array::from_fn(|i| ((quad >> (4 * i)) & 0xF) as u8);
+    fn blocks_of_rows_pack_like_the_whole_matrix() {
+        let (rows, cols) = (150, 96);
+        for (bits, grouping, plane_scales, offsets) in [
+            (3, Grouping::Size(32), PlaneScales::Uniform, true),
+            (4, Grouping::PerRow, PlaneScales::Uniform, false),
+            (2, Grouping::Size(32), PlaneScales::PerPlane, true),
+            (1, Grouping::PerTensor, PlaneScales::Uniform, true),
+        ] {
+            let spec = QuantSpec {
+                rows,
+                cols,
+                bits,
+                grouping,
+                plane_scales,
+            };
+            let groups = match grouping {
+                Grouping::Size(g) => rows * cols / g,
+                Grouping::PerRow => rows,
+                Grouping::PerTensor => 1,
+            };
+            let nps = if plane_scales == PlaneScales::PerPlane {
+                usize::from(bits)
+            } else {
+                1
+            };
+            let codes: Vec<u8> = (0..rows * cols)
+                .map(|i| ((i * 7 + i / 13) % (1 << bits)) as u8)
+                .collect();
+            let scales: Vec<f32> = (0..groups * nps).map(|i| 0.5 + i as f32 / 64.0).collect();
+            let offs: Vec<f32> = (0..groups).map(|i| -(i as f32) / 32.0).collect();
+            let whole = QuantizedWeights {
+                spec,
+                codes: &codes,
+                scales: &scales,
+                offsets: offsets.then_some(&offs[..]),
+            };
+            let a = PackedMatrix::pack(&whole).unwrap();
+            let mut builder = PackedMatrixBuilder::new(spec, offsets).unwrap();
+            let per_row = groups / rows.max(1);
+            for block in [0..64, 64..128, 128..150] {
+                let n = block.len();
+                let (s, o) = match grouping {
+                    Grouping::PerTensor => (&scales[..], &offs[..]),
+                    _ => (
+                        &scales[block.start * per_row * nps..block.end * per_row * nps],
+                        &offs[block.start * per_row..block.end * per_row],
+                    ),
+                };
+                builder
+                    .push_rows(&QuantizedWeights {
+                        spec: QuantSpec { rows: n, ..spec },
+                        codes: &codes[block.start * cols..block.end * cols],
+                        scales: s,
+                        offsets: offsets.then_some(o),
+                    })
+                    .unwrap();
+            }
+            let b = builder.finish().unwrap();
+            assert_eq!(a.weights, b.weights, "{spec:?}");
+            assert_eq!(a.scales, b.scales, "{spec:?}");
+            assert_eq!(a.offsets, b.offsets, "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn a_builder_refuses_misplaced_or_missing_rows() {
+        let spec = QuantSpec {
+            rows: 100,
+            cols: 32,
+            bits: 2,
+            grouping: Grouping::PerRow,
+            plane_scales: PlaneScales::Uniform,
+        };
+        let codes = vec![1u8; 100 * 32];
+        let scales = vec![1.0f32; 100];
+        let block = |n: usize| QuantizedWeights {
+            spec: QuantSpec { rows: n, ..spec },
+            codes: &codes[..n * 32],
+            scales: &scales[..n],
+            offsets: None,
+        };
+        let mut builder = PackedMatrixBuilder::new(spec, false).unwrap();
+        assert!(
+            builder.push_rows(&block(30)).is_err(),
+            "not a whole tile and not the last"
+        );
+        builder.push_rows(&block(64)).unwrap();
+        assert!(builder.push_rows(&block(64)).is_err(), "past the last row");
+        let with_offsets = QuantizedWeights {
+            offsets: Some(&scales[..36]),
+            ..block(36)
+        };
+        assert!(
+            builder.push_rows(&with_offsets).is_err(),
+            "offsets the builder has no room for"
+        );
+        assert!(PackedMatrixBuilder::new(spec, false)
+            .unwrap()
+            .finish()
+            .is_err());
+        builder.push_rows(&block(36)).unwrap();
+        assert_eq!(builder.finish().unwrap().rows(), 100);
+    }
+
+    #[test]
+    fn plane_byte_gathers_one_bit_of_each_code() {
+        // Every 4-bit code in every position, with pseudo-random neighbours.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..20_000u64 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let mut codes: [u8; 8] = std::array::from_fn(|i| ((state >> (8 * i + 3)) & 0xF) as u8);
+            codes[(round % 8) as usize] = (round / 8 % 16) as u8;
             for p in 0..4 {
-                let expected = (0..4).fold(0u8, |n, i| n | (((codes[i] >> p) & 1) << i));
-                assert_eq!(plane_nibble(u32::from_le_bytes(codes), p), expected);
+                let expected = (0..8).fold(0u8, |n, i| n | (((codes[i] >> p) & 1) << i));
+                assert_eq!(
+                    plane_byte(u64::from_le_bytes(codes), p),
+                    expected,
+                    "{codes:?} plane {p}"
+                );
             }
         }
     }

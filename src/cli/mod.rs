@@ -73,11 +73,11 @@ pub(crate) struct ModelArgs {
 /// KV cache element types, with llama.cpp's flags (`-ctk`/`-ctv` are rewritten to the long forms).
 #[derive(Debug, Args)]
 pub(crate) struct CacheArgs {
-    /// KV cache type for keys: f32 (exact) or f16 (half the memory; llama.cpp's default)
-    #[arg(long = "cache-type-k", value_enum, default_value_t = CacheType::F32)]
+    /// KV cache type for keys: f16 (as llama.cpp) or f32 (exact, twice the memory)
+    #[arg(long = "cache-type-k", value_enum, default_value_t = CacheType::F16)]
     cache_type_k: CacheType,
     /// KV cache type for values; must equal --cache-type-k
-    #[arg(long = "cache-type-v", value_enum, default_value_t = CacheType::F32)]
+    #[arg(long = "cache-type-v", value_enum, default_value_t = CacheType::F16)]
     cache_type_v: CacheType,
 }
 
@@ -343,7 +343,8 @@ mod tests {
         assert_eq!((cfg.temperature, cfg.seed, cfg.top_k), (0.0, Some(3), 40));
         let opts = g.model.load_options().unwrap();
         assert_eq!((opts.threads, opts.context_length), (2, Some(256)));
-        assert!(!opts.kv_f16, "the cache is f32 unless asked");
+        assert!(opts.kv_f16, "the cache is f16 unless asked");
+        assert_eq!(opts.kv_f16, LoadOptions::default().kv_f16);
         let rq = opts.requantize.unwrap();
         assert_eq!((rq.bits, rq.group_size), (2, 64));
     }
@@ -363,8 +364,9 @@ mod tests {
         assert!(parse(&["-ctk", "f16", "-ctv", "f16"]).unwrap());
         assert!(parse(&["--cache-type-k", "f16", "--cache-type-v", "f16"]).unwrap());
         assert!(!parse(&["-ctk", "f32", "-ctv", "f32"]).unwrap());
-        let err = parse(&["-ctk", "f16"]).unwrap_err().to_string();
-        assert!(err.contains("-ctk f16 and -ctv f32 differ"), "{err}");
+        assert!(parse(&[]).unwrap(), "f16 by default");
+        let err = parse(&["-ctk", "f32"]).unwrap_err().to_string();
+        assert!(err.contains("-ctk f32 and -ctv f16 differ"), "{err}");
         assert!(
             Cli::try_parse_from(["lutra", "generate", "-p", "x", "--cache-type-k", "q8_0"])
                 .is_err()

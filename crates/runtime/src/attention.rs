@@ -359,6 +359,7 @@ mod tests {
         for (isa, threads, f16) in runs {
             let cpu = Cpu::with_isa(isa, threads).unwrap();
             let mut cache = KvCache::new(2, shape.kv_heads, shape.head_dim, 16, f16);
+            cache.reserve(total).unwrap();
             cache.store(1, 0, &keys, &vals);
             let mut attention = Attention::new(shape, 16, 8);
             // Positions 0..4 one at a time, then 4..11 as one batch (causal within the batch).
@@ -401,6 +402,7 @@ mod tests {
         for (isa, f16, threads) in runs {
             let cpu = Cpu::with_isa(isa, threads).unwrap();
             let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
+            cache.reserve(total).unwrap();
             cache.store(0, 0, &keys, &vals);
             // What the cache holds (f16 rounds): the textbook attention reads the same values.
             let round = |v: &[f32]| -> Vec<f32> {

@@ -83,6 +83,21 @@ pub enum Error {
         /// Context length.
         context: usize,
     },
+    /// A KV cache of the requested context length would not fit in the address space.
+    #[error(
+        "a KV cache of {positions} positions × {layers} layers × {kv_heads} KV heads × {head_dim} \
+         values is too large to allocate; lower the context length (-c)"
+    )]
+    KvCacheTooLarge {
+        /// Positions asked for.
+        positions: usize,
+        /// Layers of the model.
+        layers: usize,
+        /// Key/value heads per layer.
+        kv_heads: usize,
+        /// Values per head and position.
+        head_dim: usize,
+    },
     /// A prompt leaves no room in the context for a single generated token.
     #[error(
         "the prompt has {prompt_tokens} tokens and the context holds {context}, which leaves no room \

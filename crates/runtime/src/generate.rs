@@ -221,8 +221,11 @@ impl<'m> Generator<'m> {
             )));
         }
         cache.truncate(fed);
+        // Room for the prompt and the reply at once (the cache would otherwise grow by doubling).
+        let room = opts.max_tokens.min(context - tokens.len());
+        cache.reserve(tokens.len() + room)?;
         let mut tokens = tokens;
-        tokens.reserve(opts.max_tokens.min(context - tokens.len()));
+        tokens.reserve(room);
         let prompt_tokens = tokens.len() - fed;
         Ok(Generator {
             model,

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use lutra_kernels::MappedFile;
@@ -486,18 +487,66 @@ impl GgufFile {
         Ok(&self.mmap[info.offset..info.offset + info.size])
     }
 
+    /// Drops the file pages of tensor `name` from the process's resident memory, once its
+    /// values have been copied into their kernel form: the mapping stops counting them, and a
+    /// later read brings them back from the file unchanged. Only pages wholly inside the tensor
+    /// are released. Advisory: an unknown name or a refusal by the OS releases nothing. Returns
+    /// the bytes released.
+    pub fn release_tensor(&self, name: &str) -> usize {
+        match self.tensor_info(name) {
+            Some(info) => self.release_rows(name, 0..info.rows()),
+            None => 0,
+        }
+    }
+
+    /// Like [`GgufFile::release_tensor`] for rows `range` of tensor `name` only (see
+    /// [`GgufFile::decode_rows`]).
+    pub fn release_rows(&self, name: &str, range: Range<usize>) -> usize {
+        let Some(info) = self.tensor_info(name) else {
+            return 0;
+        };
+        let row = info.ty.bytes_for(info.cols()).unwrap_or(0);
+        let start = info.offset + range.start.saturating_mul(row).min(info.size);
+        let end = info.offset + range.end.saturating_mul(row).min(info.size);
+        self.mmap.release_pages(start..end).unwrap_or(0)
+    }
+
     /// Decodes tensor `name` into codes + scales (+ offsets) or dense values, exactly.
     pub fn decode_tensor(&self, name: &str) -> Result<DecodedTensor> {
         let data = self.tensor_data(name)?;
         let info = &self.tensors[self.tensor_index[name]];
-        decode_ggml(info.ty, info.rows(), info.cols(), data).map_err(|e| match e {
+        decode_ggml(info.ty, info.rows(), info.cols(), data).map_err(|e| self.decode_error(name, e))
+    }
+
+    /// Decodes rows `range` of tensor `name` (rows of `cols()` elements, stored one after the
+    /// other), exactly as [`GgufFile::decode_tensor`] decodes them.
+    pub fn decode_rows(&self, name: &str, range: Range<usize>) -> Result<DecodedTensor> {
+        let data = self.tensor_data(name)?;
+        let info = &self.tensors[self.tensor_index[name]];
+        let (rows, cols) = (info.rows(), info.cols());
+        let bytes = info
+            .ty
+            .bytes_for(cols)
+            .filter(|_| range.start <= range.end && range.end <= rows)
+            .and_then(|row| data.get(range.start * row..range.end * row));
+        let Some(bytes) = bytes else {
+            return Err(bad(
+                &self.path,
+                format!("tensor '{name}': no rows {range:?} of {rows} rows of {cols}"),
+            ));
+        };
+        decode_ggml(info.ty, range.len(), cols, bytes).map_err(|e| self.decode_error(name, e))
+    }
+
+    fn decode_error(&self, name: &str, e: DecodeError) -> Error {
+        match e {
             DecodeError::Unsupported(ty) => Error::UnsupportedTensorType {
                 path: self.path.clone(),
                 tensor: name.to_string(),
                 ty: ty.name(),
             },
             DecodeError::BadShape(reason) => bad(&self.path, format!("tensor '{name}': {reason}")),
-        })
+        }
     }
 }
 

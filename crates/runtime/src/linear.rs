@@ -16,16 +16,21 @@
 //! read the same vector (q/k/v; gate/up), so tables are built once per token, not once per matrix;
 //! permuted consumers share one gathered copy per distinct column order.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use lutra_kernels::{
     ActivationTables, Cpu, DenseMatrix, Grouping, Int8Activations, Int8Matrix, PackedMatrix,
-    PlaneScales, QuantSpec, QuantizedWeights, SuperBlockWeights, TernaryMatrix, TernaryTables,
-    TernaryWeights,
+    PackedMatrixBuilder, PlaneScales, QuantSpec, QuantizedWeights, SuperBlockWeights,
+    TernaryMatrix, TernaryTables, TernaryWeights,
 };
 
 use crate::error::{Error, Result};
 use crate::weights::DecodedTensor;
+
+/// Rows decoded at a time by [`Linear::lut_by_row_blocks`]: four tiles, whose codes (a few
+/// hundred KiB for 7B shapes) stay in cache between decoding and packing.
+pub const ROW_BLOCK: usize = 4 * PackedMatrixBuilder::ROWS_PER_TILE;
 
 /// A weight matrix `[rows][cols]` (rows = output features) ready for the kernels.
 pub enum Linear {
@@ -153,6 +158,86 @@ impl Linear {
                 Linear::Dense(DenseMatrix::new(*rows, *cols, values.clone())?)
             }
         })
+    }
+
+    /// Like [`Linear::from_decoded`], taking the tensor: dense values move into the matrix
+    /// instead of being copied (no second full-size copy while a model loads).
+    pub fn from_decoded_owned(tensor: DecodedTensor, reference: bool) -> Result<Linear> {
+        match tensor {
+            DecodedTensor::Dense { rows, cols, values } => {
+                Ok(Linear::Dense(DenseMatrix::new(rows, cols, values)?))
+            }
+            tensor => Linear::from_decoded(&tensor, reference),
+        }
+    }
+
+    /// The LUT form of a `[rows][cols]` tensor decoded [`ROW_BLOCK`] rows at a time by
+    /// `decode_rows`, so that only one block of codes exists at once and it is packed while it is
+    /// still in cache. `None` (nothing built) when the first block is not low-bit codes with
+    /// groups of 32, 64, 128 or 256 shorter than a row, or when `accept_first` refuses it: such
+    /// tensors take [`Linear::from_decoded`]. Exact, like [`Linear::from_decoded`].
+    pub fn lut_by_row_blocks(
+        rows: usize,
+        cols: usize,
+        mut decode_rows: impl FnMut(Range<usize>) -> Result<DecodedTensor>,
+        accept_first: impl FnOnce(&DecodedTensor) -> bool,
+    ) -> Result<Option<Linear>> {
+        let block = |start: usize| start..(start + ROW_BLOCK).min(rows);
+        let first = decode_rows(block(0))?;
+        let (bits, group_size) = match first {
+            DecodedTensor::LowBit {
+                bits, group_size, ..
+            } if matches!(group_size, 32 | 64 | 128 | 256) && group_size < cols => {
+                (bits, group_size)
+            }
+            _ => return Ok(None),
+        };
+        if !accept_first(&first) {
+            return Ok(None);
+        }
+        let spec = QuantSpec {
+            rows,
+            cols,
+            bits,
+            grouping: Grouping::Size(group_size),
+            plane_scales: PlaneScales::Uniform,
+        };
+        let mut builder = PackedMatrixBuilder::new(spec, true)?;
+        let (mut next, mut start) = (Some(first), 0);
+        while start < rows {
+            let tensor = match next.take() {
+                Some(t) => t,
+                None => decode_rows(block(start))?,
+            };
+            let DecodedTensor::LowBit {
+                rows: n,
+                bits: b,
+                group_size: g,
+                codes,
+                scales,
+                offsets,
+                ..
+            } = &tensor
+            else {
+                return Err(Error::InvalidOption(format!(
+                    "rows {start}.. of a tensor decoded to another form than its first rows"
+                )));
+            };
+            if (*b, *g) != (bits, group_size) || *n == 0 {
+                return Err(Error::InvalidOption(format!(
+                    "rows {start}.. of a tensor decoded to {b}-bit groups of {g}, its first rows \
+                     to {bits}-bit groups of {group_size}"
+                )));
+            }
+            builder.push_rows(&QuantizedWeights {
+                spec: QuantSpec { rows: *n, ..spec },
+                codes,
+                scales,
+                offsets: Some(offsets),
+            })?;
+            start += n;
+        }
+        Ok(Some(Linear::Lut(builder.finish()?)))
     }
 
     /// Like [`Linear::from_decoded`] for a tensor whose column `i` is input feature `perm[i]`
@@ -673,6 +758,142 @@ mod tests {
         let mut row = vec![0.0; 32];
         m.row(1, &mut row).unwrap();
         assert_eq!(&row[..4], &[-1.0, 0.0, 1.0, 2.0]);
+    }
+
+    /// Rows `range` of a low-bit tensor, as its own tensor.
+    fn rows_of(t: &DecodedTensor, range: Range<usize>) -> DecodedTensor {
+        let DecodedTensor::LowBit {
+            cols,
+            bits,
+            group_size,
+            codes,
+            scales,
+            offsets,
+            ..
+        } = t
+        else {
+            return t.clone();
+        };
+        let groups = cols / group_size;
+        DecodedTensor::LowBit {
+            rows: range.len(),
+            cols: *cols,
+            bits: *bits,
+            group_size: *group_size,
+            codes: codes[range.start * cols..range.end * cols].to_vec(),
+            scales: scales[range.start * groups..range.end * groups].to_vec(),
+            offsets: offsets[range.start * groups..range.end * groups].to_vec(),
+        }
+    }
+
+    #[test]
+    fn row_blocks_build_the_same_lut_matrix_as_the_whole_tensor() {
+        // Two blocks of rows (a whole one and a partial one), 3-bit codes in groups of 32.
+        let (rows, cols) = (ROW_BLOCK + 44, 96);
+        let groups = rows * cols / 32;
+        let t = DecodedTensor::LowBit {
+            rows,
+            cols,
+            bits: 3,
+            group_size: 32,
+            codes: (0..rows * cols)
+                .map(|i| ((i * 5 + i / 7) % 8) as u8)
+                .collect(),
+            scales: (0..groups).map(|g| 0.125 * (g % 9 + 1) as f32).collect(),
+            offsets: (0..groups).map(|g| -0.5 * (g % 5) as f32).collect(),
+        };
+        let whole = Linear::from_decoded(&t, false).unwrap();
+        let mut asked = Vec::new();
+        let blocks = Linear::lut_by_row_blocks(
+            rows,
+            cols,
+            |range| {
+                asked.push(range.clone());
+                Ok(rows_of(&t, range))
+            },
+            |_| true,
+        )
+        .unwrap()
+        .expect("low-bit codes in groups of 32 take the block path");
+        assert_eq!(asked, [0..ROW_BLOCK, ROW_BLOCK..rows]);
+        assert_eq!(
+            (blocks.kind(), blocks.bytes()),
+            (whole.kind(), whole.bytes())
+        );
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in [0, 1, 63, 64, ROW_BLOCK - 1, ROW_BLOCK, rows - 1] {
+            whole.row(r, &mut a).unwrap();
+            blocks.row(r, &mut b).unwrap();
+            assert_eq!(a, b, "row {r}");
+        }
+    }
+
+    #[test]
+    fn row_blocks_leave_other_forms_to_the_whole_tensor() {
+        let dense = DecodedTensor::Dense {
+            rows: 4,
+            cols: 32,
+            values: vec![1.0; 128],
+        };
+        let per_row = low_bit(4, 96, 4, |s| -0.5 * s);
+        for t in [&dense, &per_row] {
+            let built = Linear::lut_by_row_blocks(4, t.cols(), |_| Ok(t.clone()), |_| true);
+            assert!(built.unwrap().is_none(), "{t:?}");
+        }
+        let grouped = rows_of(
+            &DecodedTensor::LowBit {
+                rows: 4,
+                cols: 64,
+                bits: 2,
+                group_size: 32,
+                codes: vec![1; 256],
+                scales: vec![1.0; 8],
+                offsets: vec![0.0; 8],
+            },
+            0..4,
+        );
+        let refused = Linear::lut_by_row_blocks(4, 64, |_| Ok(grouped.clone()), |_| false);
+        assert!(refused.unwrap().is_none());
+        // A decoding error is the caller's error.
+        let failed =
+            Linear::lut_by_row_blocks(4, 64, |_| Err(Error::InvalidOption("x".into())), |_| true);
+        assert!(matches!(failed, Err(Error::InvalidOption(_))));
+    }
+
+    #[test]
+    fn owned_tensors_convert_like_borrowed_ones() {
+        let values: Vec<f32> = (0..64).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let dense = DecodedTensor::Dense {
+            rows: 2,
+            cols: 32,
+            values: values.clone(),
+        };
+        let low_bit = DecodedTensor::LowBit {
+            rows: 2,
+            cols: 32,
+            bits: 2,
+            group_size: 32,
+            codes: (0..64).map(|i| (i % 4) as u8).collect(),
+            scales: vec![0.5, 1.0],
+            offsets: vec![0.0, -1.0],
+        };
+        for reference in [false, true] {
+            for t in [&dense, &low_bit] {
+                let borrowed = Linear::from_decoded(t, reference).unwrap();
+                let owned = Linear::from_decoded_owned(t.clone(), reference).unwrap();
+                assert_eq!(borrowed.kind(), owned.kind());
+                let (mut a, mut b) = (vec![0.0; 32], vec![0.0; 32]);
+                for r in 0..2 {
+                    borrowed.row(r, &mut a).unwrap();
+                    owned.row(r, &mut b).unwrap();
+                    assert_eq!(a, b);
+                }
+            }
+        }
+        let owned = Linear::from_decoded_owned(dense, false).unwrap();
+        let mut row = vec![0.0; 32];
+        owned.row(1, &mut row).unwrap();
+        assert_eq!(row, values[32..]);
     }
 
     /// A 2-bit tensor of `rows × cols` with codes `(i·7 + r) mod levels`, one group per row,

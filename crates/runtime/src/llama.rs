@@ -36,7 +36,7 @@ pub use hf::HF_DEFAULT_REQUANTIZE;
 pub const MAX_BATCH: usize = 64;
 
 /// How to load a model.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
     /// Worker threads (0 = one per core).
     pub threads: usize,
@@ -46,8 +46,22 @@ pub struct LoadOptions {
     pub requantize: Option<Requantize>,
     /// Context length (KV cache size); the model's own when `None`.
     pub context_length: Option<usize>,
-    /// Store the KV cache as f16 instead of f32.
+    /// Store the KV cache as f16 (the default, as in llama.cpp) instead of f32.
     pub kv_f16: bool,
+}
+
+impl Default for LoadOptions {
+    /// One thread per core, the fast kernels, the file's own weights and context length, an f16
+    /// KV cache.
+    fn default() -> LoadOptions {
+        LoadOptions {
+            threads: 0,
+            reference: false,
+            requantize: None,
+            context_length: None,
+            kv_f16: true,
+        }
+    }
 }
 
 /// The weights of one transformer block.
@@ -105,7 +119,7 @@ pub struct ModelInfo {
     pub weight_bytes: usize,
     /// Context length of a new KV cache.
     pub context_length: usize,
-    /// Bytes of a new KV cache.
+    /// Bytes of a KV cache filled to the context length (a cache allocates as it fills).
     pub kv_cache_bytes: usize,
     /// KV cache entries are f16.
     pub kv_f16: bool,
@@ -170,7 +184,7 @@ impl std::fmt::Display for ModelInfo {
         writeln!(f, "weights:         {:.2} MiB", mib(self.weight_bytes))?;
         writeln!(
             f,
-            "kv cache:        {:.2} MiB ({} positions, {})",
+            "kv cache:        up to {:.2} MiB ({} positions, {}; allocated as it fills)",
             mib(self.kv_cache_bytes),
             self.context_length,
             if self.kv_f16 { "f16" } else { "f32" }
@@ -255,6 +269,15 @@ impl Model {
             Some(n) => n,
             None => config.context_length.max(1),
         };
+        let kv_dim = config.kv_heads.saturating_mul(config.head_dim);
+        if KvCache::bytes_for(config.layers, kv_dim, context_length, opts.kv_f16).is_none() {
+            return Err(Error::KvCacheTooLarge {
+                positions: context_length,
+                layers: config.layers,
+                kv_heads: config.kv_heads,
+                head_dim: config.head_dim,
+            });
+        }
         let rope = Rope::new(
             config.rope_style,
             config.head_dim,
@@ -314,7 +337,8 @@ impl Model {
         self.chat_template.as_ref()
     }
 
-    /// An empty KV cache holding the context length (`LoadOptions::context_length` or the model's).
+    /// An empty KV cache for up to the context length (`LoadOptions::context_length` or the
+    /// model's); it allocates memory as positions fill.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(
             self.config.layers,
@@ -408,12 +432,14 @@ impl Model {
             tensor_types: self.tensor_types.clone(),
             weight_bytes: self.weight_bytes(),
             context_length: self.context_length,
+            // Checked when the model was built.
             kv_cache_bytes: KvCache::bytes_for(
                 c.layers,
                 c.kv_heads * c.head_dim,
                 self.context_length,
                 self.kv_f16,
-            ),
+            )
+            .unwrap_or(usize::MAX),
             kv_f16: self.kv_f16,
             reference: self.reference,
             isa: self.isa(),

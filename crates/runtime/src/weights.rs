@@ -404,13 +404,12 @@ fn decode_q4_legacy(t: Blocks<'_>, has_min: bool) -> DecodedTensor {
             (d, -8.0 * d, &b[2..18])
         };
         // Low nibbles hold elements 0..16, high nibbles 16..32.
-        lb.group(
-            d,
-            m,
-            qs.iter()
-                .map(|&q| q & 0xF)
-                .chain(qs.iter().map(|&q| q >> 4)),
-        );
+        let mut codes = [0u8; 32];
+        for (j, &q) in qs.iter().enumerate().take(16) {
+            codes[j] = q & 0xF;
+            codes[j + 16] = q >> 4;
+        }
+        lb.group_codes(d, m, &codes);
     }
     lb.finish(t.rows, t.cols, 4)
 }
@@ -633,34 +632,34 @@ fn decode_q6_k(t: Blocks<'_>) -> DecodedTensor {
     sb.finish()
 }
 
+/// TQ2_0: ternary as 2-bit codes {0,1,2}, `w = d·(q − 1)`, one group per 256-block (its d).
 fn decode_tq2_0(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    // Ternary as 2-bit codes {0,1,2}: w = d·(q − 1). Groups of 32 share the block's d.
-    let mut lb = LowBitBuilder::new(n, 32);
-    for b in blocks {
+    let mut lb = LowBitBuilder::new(t.elems(), QK_K);
+    for b in t.iter() {
         let (qs, d) = (&b[0..64], f16_at(b, 64));
-        for chunk in qs.chunks_exact(32) {
+        let mut codes = [0u8; QK_K];
+        // Element 128·h + 32·l + m is bits 2l..2l+2 of byte 32·h + m.
+        for (h, chunk) in qs.chunks_exact(32).enumerate() {
             for l in 0..4 {
-                lb.group(d, -d, chunk.iter().map(|&q| (q >> (2 * l)) & 3));
+                let out = &mut codes[128 * h + 32 * l..][..32];
+                for (c, &q) in out.iter_mut().zip(chunk) {
+                    *c = (q >> (2 * l)) & 3;
+                }
             }
         }
+        lb.group_codes(d, -d, &codes);
     }
-    lb.finish(rows, cols, 2)
+    lb.finish(t.rows, t.cols, 2)
 }
 
+/// TQ1_0: ternary codes {0,1,2} packed in base 3, `w = d·(q − 1)`, one group per 256-block.
 fn decode_tq1_0(t: Blocks<'_>) -> DecodedTensor {
-    let Blocks { rows, cols, .. } = t;
-    let (n, blocks) = (t.elems(), t.iter());
-    let mut lb = LowBitBuilder::new(n, 32);
-    for b in blocks {
+    let mut lb = LowBitBuilder::new(t.elems(), QK_K);
+    for b in t.iter() {
         let (qs, qh, d) = (&b[0..48], &b[48..52], f16_at(b, 52));
-        let codes = tq1_block(qs, qh);
-        for g in codes.chunks_exact(32) {
-            lb.group(d, -d, g.iter().copied());
-        }
+        lb.group_codes(d, -d, &tq1_block(qs, qh));
     }
-    lb.finish(rows, cols, 2)
+    lb.finish(t.rows, t.cols, 2)
 }
 
 fn dense(rows: usize, cols: usize, values: impl Iterator<Item = f32>) -> DecodedTensor {
@@ -764,6 +763,13 @@ impl LowBitBuilder {
 
     fn group(&mut self, scale: f32, offset: f32, codes: impl Iterator<Item = u8>) {
         self.codes.extend(codes);
+        self.scales.push(scale);
+        self.offsets.push(offset);
+        debug_assert_eq!(self.codes.len(), self.scales.len() * self.group_size);
+    }
+
+    fn group_codes(&mut self, scale: f32, offset: f32, codes: &[u8]) {
+        self.codes.extend_from_slice(codes);
         self.scales.push(scale);
         self.offsets.push(offset);
         debug_assert_eq!(self.codes.len(), self.scales.len() * self.group_size);

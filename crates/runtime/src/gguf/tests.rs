@@ -226,3 +226,66 @@ fn custom_alignment_is_honoured() {
     let msg = GgufFile::open(&path).unwrap_err().to_string();
     assert!(msg.contains("general.alignment"), "{msg}");
 }
+
+#[test]
+fn released_tensor_pages_decode_unchanged() {
+    // A tensor spanning several pages, between two small ones.
+    let big: Vec<f32> = (0..64 * 1024).map(|i| (i as f32 * 0.01).cos()).collect();
+    let small: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", MetaValue::String("llama".into()));
+    w.add_tensor_f32("before.weight", &[64], &small).unwrap();
+    w.add_tensor_f32("big.weight", &[1024, 64], &big).unwrap();
+    w.add_tensor_f32("after.weight", &[64], &small).unwrap();
+    let path = temp_path("release.gguf");
+    w.write(&path).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.decode_tensor("big.weight").unwrap().dequantize(), big);
+    let released = f.release_tensor("big.weight");
+    if cfg!(unix) {
+        // At most one partial page at either end is kept.
+        assert!(released > 0 && released <= 4 * big.len(), "{released}");
+        assert!(4 * big.len() - released < 2 * 65536, "{released}");
+    }
+    assert_eq!(f.release_tensor("no.such.tensor"), 0);
+    // Half the rows: about half the bytes (whole pages only); rows past the end are clamped.
+    let half = f.release_rows("big.weight", 0..32);
+    if cfg!(unix) {
+        assert!(half > 0 && half <= 2 * big.len(), "{half}");
+    }
+    assert_eq!(f.release_rows("big.weight", 100..200), 0);
+    assert_eq!(f.decode_tensor("big.weight").unwrap().dequantize(), big);
+    assert_eq!(
+        f.decode_tensor("before.weight").unwrap().dequantize(),
+        small
+    );
+    assert_eq!(f.decode_tensor("after.weight").unwrap().dequantize(), small);
+}
+
+#[test]
+fn decoded_rows_are_the_rows_of_the_decoded_tensor() {
+    let vals: Vec<f32> = (0..64 * 6).map(|i| ((i * 13) % 17) as f32 - 8.0).collect();
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", MetaValue::String("llama".into()));
+    w.add_tensor_q4_0("q40.weight", &[64, 6], &vals).unwrap();
+    w.add_tensor_f32("f32.weight", &[64, 6], &vals).unwrap();
+    let path = temp_path("rows.gguf");
+    w.write(&path).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    for name in ["q40.weight", "f32.weight"] {
+        let whole = f.decode_tensor(name).unwrap().dequantize();
+        for range in [0..6, 0..1, 2..5, 5..6, 3..3] {
+            let rows = f.decode_rows(name, range.clone()).unwrap();
+            assert_eq!(rows.rows(), range.len());
+            assert_eq!(
+                rows.dequantize(),
+                whole[range.start * 64..range.end * 64],
+                "{name} {range:?}"
+            );
+        }
+        for bad in [5..7, 7..8] {
+            let err = f.decode_rows(name, bad).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains("rows"), "{err}");
+        }
+    }
+}

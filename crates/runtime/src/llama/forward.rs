@@ -139,6 +139,7 @@ impl Model {
                 context,
             });
         }
+        cache.reserve(cache.len() + tokens.len())?;
 
         // A poisoned lock only means an earlier forward panicked mid-way; the scratch is
         // overwritten before it is read, so it is still usable.

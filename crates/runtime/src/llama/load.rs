@@ -3,6 +3,7 @@
 //! reference mode).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::architecture::{ArchitectureSpec, TensorName};
 use crate::chat::ChatTemplate;
@@ -27,8 +28,8 @@ struct TensorLoader<'a> {
 }
 
 impl TensorLoader<'_> {
-    /// Decodes `name` after checking it is `[rows][cols]` (GGUF dims `[cols, rows]`).
-    fn decode(&self, name: &str, rows: usize, cols: usize) -> Result<(DecodedTensor, String)> {
+    /// The type of tensor `name`, after checking it is `[rows][cols]` (GGUF dims `[cols, rows]`).
+    fn check_shape(&self, name: &str, rows: usize, cols: usize) -> Result<String> {
         let info = self
             .file
             .tensor_info(name)
@@ -50,7 +51,54 @@ impl TensorLoader<'_> {
                 expected: if vector { vec![cols] } else { vec![cols, rows] },
             });
         }
-        Ok((self.file.decode_tensor(name)?, info.ty.name()))
+        Ok(info.ty.name())
+    }
+
+    /// Decodes `name` after checking it is `[rows][cols]` (GGUF dims `[cols, rows]`).
+    fn decode(&self, name: &str, rows: usize, cols: usize) -> Result<(DecodedTensor, String)> {
+        let source = self.check_shape(name, rows, cols)?;
+        let tensor = self.file.decode_tensor(name)?;
+        // The decoded copy is all that is read from here on: the file's pages can go.
+        self.file.release_tensor(name);
+        Ok((tensor, source))
+    }
+
+    /// The LUT form of `name` built a block of rows at a time, when it is stored as low-bit codes
+    /// that load as they are (no per-tensor scale, no requantization, no per-row form); `None`
+    /// otherwise.
+    fn lut_by_row_blocks(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        requantizable: bool,
+    ) -> Result<Option<Linear>> {
+        let source = self.check_shape(name, rows, cols)?;
+        let scaled = requantizable
+            && name
+                .strip_suffix(".weight")
+                .is_some_and(|base| self.file.tensor_info(&format!("{base}.scale")).is_some());
+        let requantized = requantizable && self.opts.requantize.is_some();
+        if self.opts.reference || scaled || requantized || rows < 2 {
+            return Ok(None);
+        }
+        // Each block's file pages go as soon as it is decoded.
+        let decode_rows = |range: std::ops::Range<usize>| {
+            let rows = self.file.decode_rows(name, range.clone());
+            self.file.release_rows(name, range);
+            rows
+        };
+        let m = Linear::lut_by_row_blocks(rows, cols, decode_rows, has_no_per_row_form).map_err(
+            |e| match e {
+                Error::Kernel(_) => self.form_error(name, &source, e),
+                e => e,
+            },
+        )?;
+        if let Some(m) = &m {
+            self.file.release_tensor(name);
+            count_tensor(&mut self.types, source, m.kind(), m.bytes());
+        }
+        Ok(m)
     }
 
     /// A matrix; `requantizable` marks linear layers (not the embedding or LM head). A linear
@@ -63,6 +111,9 @@ impl TensorLoader<'_> {
         cols: usize,
         requantizable: bool,
     ) -> Result<Linear> {
+        if let Some(m) = self.lut_by_row_blocks(name, rows, cols, requantizable)? {
+            return Ok(m);
+        }
         let (tensor, source) = self.decode_scaled(name, rows, cols, requantizable)?;
         self.kernel_form(name, tensor, source, requantizable)
     }
@@ -100,7 +151,7 @@ impl TensorLoader<'_> {
             ),
             _ => (tensor, source),
         };
-        let m = Linear::from_decoded(&tensor, self.opts.reference)
+        let m = Linear::from_decoded_owned(tensor, self.opts.reference)
             .map_err(|e| self.form_error(name, &source, e))?;
         count_tensor(&mut self.types, source, m.kind(), m.bytes());
         Ok(m)
@@ -188,67 +239,116 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
     Model::from_parts(parts, opts)
 }
 
+/// One unit of loading work: a whole matrix outside the blocks, or one block.
+enum LoadJob {
+    Embedding,
+    Layer(usize),
+    Output,
+}
+
+/// What a [`LoadJob`] produced.
+enum Loaded {
+    Embedding(Linear),
+    Layer(Box<LayerWeights>),
+    Output(Linear),
+}
+
+/// A finished [`LoadJob`]: its weights and its tensor counts.
+type JobResult = Result<(Loaded, Vec<TensorTypeCount>)>;
+
 /// Every weight tensor of a llama-family GGUF, repacked for the kernels (no tokenizer yet).
 fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Result<ModelParts> {
     let c = &config;
     let h = c.hidden_size;
     let spec = ArchitectureSpec::of(c.architecture);
-    let mut t = TensorLoader {
-        file,
-        opts,
-        types: Vec::new(),
+    // The LM head (untied models), the embedding and every block are independent: workers take
+    // them one at a time, in this order, so that the big matrices outside the blocks load beside
+    // the blocks instead of before or after them, and at most one tensor per worker is held
+    // decoded at once. The LM head comes first: when its type loads whole (Q6_K, Q8_0), its
+    // decoded copy then exists while little else is allocated. Jobs are numbered, not listed:
+    // the block count is the file's word, not yet checked by tensors.
+    let has_output = file.tensor_info("output.weight").is_some();
+    let first_layer = if has_output { 2 } else { 1 };
+    let job_count = c.layers.saturating_add(first_layer);
+    let job = |j: usize| match j {
+        0 if has_output => LoadJob::Output,
+        j if j + 1 == first_layer => LoadJob::Embedding,
+        j => LoadJob::Layer(j - first_layer),
     };
-
-    let embedding = t.linear("token_embd.weight", c.vocab_size, h, false)?;
-    // Layers are independent: decode and repack them on every core, in contiguous ranges, and
-    // keep the first error in layer order.
     let workers = match opts.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     }
-    .clamp(1, c.layers.max(1));
-    let per_worker = c.layers.div_ceil(workers);
-    let ranges: Vec<_> = (0..workers)
-        .map(|w| w * per_worker..((w + 1) * per_worker).min(c.layers))
-        .collect();
-    let loaded: Vec<Result<(Vec<LayerWeights>, Vec<TensorTypeCount>)>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = ranges
-                .into_iter()
-                .map(|range| {
-                    scope.spawn(move || {
-                        let mut t = TensorLoader {
-                            file,
-                            opts,
-                            types: Vec::new(),
-                        };
-                        let layers = range
-                            .map(|i| load_block(&mut t, spec, c, i))
-                            .collect::<Result<Vec<_>>>()?;
-                        Ok((layers, t.types))
-                    })
+    .clamp(1, job_count);
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let run = |job: &LoadJob| -> JobResult {
+        let mut t = TensorLoader {
+            file,
+            opts,
+            types: Vec::new(),
+        };
+        let loaded = match *job {
+            LoadJob::Embedding => {
+                Loaded::Embedding(t.linear("token_embd.weight", c.vocab_size, h, false)?)
+            }
+            LoadJob::Layer(i) => Loaded::Layer(Box::new(load_block(&mut t, spec, c, i)?)),
+            // SmolLM2 and other tied models have no `output` tensor: the embedding is the LM head.
+            LoadJob::Output => Loaded::Output(t.linear("output.weight", c.vocab_size, h, false)?),
+        };
+        Ok((loaded, t.types))
+    };
+    let mut done: Vec<(usize, JobResult)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    // Jobs are taken in order, so when one fails every earlier job has been
+                    // taken and finishes: the first error in job order is always seen.
+                    while !failed.load(Ordering::Relaxed) {
+                        let j = next.fetch_add(1, Ordering::Relaxed);
+                        if j >= job_count {
+                            break;
+                        }
+                        let result = run(&job(j));
+                        if result.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        done.push((j, result));
+                    }
+                    done
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    // Results in model order (embedding, blocks, LM head), for the tensor counts and so that the
+    // first error reported is the first in the model.
+    done.sort_by_key(|&(j, _)| if has_output && j == 0 { usize::MAX } else { j });
+    let (mut embedding, mut output) = (None, None);
+    let mut types = Vec::new();
     // Grown as blocks load: the block count is the file's word, not yet checked by tensors.
     let mut layers = Vec::new();
-    for part in loaded {
-        let (part_layers, types) = part?;
-        layers.extend(part_layers);
-        for ty in types {
-            merge_count(&mut t.types, ty);
+    for (_, result) in done {
+        let (loaded, job_types) = result?;
+        match loaded {
+            Loaded::Embedding(m) => embedding = Some(m),
+            Loaded::Layer(layer) => layers.push(*layer),
+            Loaded::Output(m) => output = Some(m),
+        }
+        for ty in job_types {
+            merge_count(&mut types, ty);
         }
     }
+    let embedding = embedding.ok_or_else(|| Error::MissingTensor {
+        path: file.path().to_path_buf(),
+        tensor: "token_embd.weight".to_string(),
+    })?;
+    let mut t = TensorLoader { file, opts, types };
     let output_norm = t.vector("output_norm.weight", h)?;
-    // SmolLM2 and other tied models have no `output` tensor: the embedding is the LM head.
-    let output = match file.tensor_info("output.weight") {
-        Some(_) => Some(t.linear("output.weight", c.vocab_size, h, false)?),
-        None => None,
-    };
     let tensor_types = t.types;
 
     Ok(ModelParts {
@@ -333,6 +433,16 @@ pub(super) fn scale_tensor(t: &mut DecodedTensor, factor: f32) {
     }
 }
 
+/// Whether [`per_row_if_uniform`] leaves `t` as it is. Checked on a tensor's first rows: when
+/// they have no per-row form, neither has the whole tensor.
+fn has_no_per_row_form(t: &DecodedTensor) -> bool {
+    let group = |t: &DecodedTensor| match t {
+        DecodedTensor::LowBit { group_size, .. } => Some(*group_size),
+        _ => None,
+    };
+    group(&per_row_if_uniform(t.clone())) == group(t)
+}
+
 /// A low-bit tensor whose groups all share one scale and offset within each row (TQ1_0/TQ2_0 of
 /// a BitNet model: every 256-block stores the tensor's one scale) rewritten exactly with one group
 /// per row, so the kernels see a per-row scale (the ternary kernel packs triples of weights,
@@ -364,24 +474,35 @@ pub(super) fn per_row_if_uniform(t: DecodedTensor) -> DecodedTensor {
     if groups <= 1 || group_size * groups != cols || scales.len() != rows * groups {
         return unchanged(codes, scales, offsets);
     }
-    let ternary = bits == 2
-        && codes.iter().all(|&q| q <= 2)
-        && offsets.iter().zip(&scales).all(|(m, s)| *m == -s);
-    let zero_group = |s: f32| ternary && s == 0.0;
-    let mut row_scale = Vec::with_capacity(rows);
-    let mut row_offset = Vec::with_capacity(rows);
-    for r in 0..rows {
-        let range = r * groups..(r + 1) * groups;
-        let (s, m) = (&scales[range.clone()], &offsets[range]);
-        // The row's scale: that of its first group with a nonzero scale (all may be zero).
-        let first = (0..groups).find(|&g| !zero_group(s[g])).unwrap_or(0);
-        let (s0, m0) = (s[first], m[first]);
-        if !(0..groups).all(|g| (s[g] == s0 && m[g] == m0) || zero_group(s[g])) {
-            return unchanged(codes, scales, offsets);
+    // Ternary: 2-bit codes in 0..=2 with offset −scale. The codes are scanned only when the
+    // scales say a per-row form may exist, so that other tensors load without a pass over them.
+    let ternary_scales = bits == 2 && offsets.iter().zip(&scales).all(|(m, s)| *m == -s);
+    let per_row = |ternary: bool| -> Option<(Vec<f32>, Vec<f32>)> {
+        let zero_group = |s: f32| ternary && s == 0.0;
+        let mut row_scale = Vec::with_capacity(rows);
+        let mut row_offset = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let range = r * groups..(r + 1) * groups;
+            let (s, m) = (&scales[range.clone()], &offsets[range]);
+            // The row's scale: that of its first group with a nonzero scale (all may be zero).
+            let first = (0..groups).find(|&g| !zero_group(s[g])).unwrap_or(0);
+            let (s0, m0) = (s[first], m[first]);
+            if !(0..groups).all(|g| (s[g] == s0 && m[g] == m0) || zero_group(s[g])) {
+                return None;
+            }
+            row_scale.push(s0);
+            row_offset.push(m0);
         }
-        row_scale.push(s0);
-        row_offset.push(m0);
-    }
+        Some((row_scale, row_offset))
+    };
+    let (ternary, (row_scale, row_offset)) = match per_row(ternary_scales) {
+        Some(found) if ternary_scales && codes.iter().all(|&q| q <= 2) => (true, found),
+        Some(found) if !ternary_scales => (false, found),
+        _ => match per_row(false) {
+            Some(found) => (false, found),
+            None => return unchanged(codes, scales, offsets),
+        },
+    };
     if ternary {
         for (g, &s) in scales.iter().enumerate() {
             if s == 0.0 {

@@ -36,10 +36,13 @@ fn tiny_config() -> ModelConfig {
     }
 }
 
+/// One thread and an f32 KV cache: the tests that compare two paths compare them on exact keys
+/// and values (`f16_cache_and_threads_stay_close` measures the f16 cache against this).
 fn options(reference: bool) -> LoadOptions {
     LoadOptions {
         threads: 1,
         reference,
+        kv_f16: false,
         ..LoadOptions::default()
     }
 }
@@ -241,7 +244,10 @@ fn describe_counts_tensors_and_bytes() {
     assert_eq!(count, 1 + 2 * 9 + 1);
     assert_eq!(info.weight_bytes, model.weight_bytes());
     assert!(info.weight_bytes > 0);
-    assert_eq!(info.kv_cache_bytes, model.new_cache().bytes());
+    let mut cache = model.new_cache();
+    assert_eq!(cache.bytes(), 0, "a new cache allocates nothing");
+    cache.reserve(model.context_length()).unwrap();
+    assert_eq!(info.kv_cache_bytes, cache.bytes());
     assert!(info.to_string().contains("lut2 g32"), "{info}");
 }
 
