@@ -20,6 +20,10 @@ pub(super) unsafe fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
+    if !v.per_plane && (v.apg == 1 || v.half_groups) {
+        // SAFETY: same contract as this function, and the condition just checked.
+        return unsafe { tile_direct(v, t, n0, nb, acc) };
+    }
     if v.needs_general_path() {
         // SAFETY: the closure runs only inside this call, on the CPU the caller vouched for
         // (the one feature `lookup_accumulate` needs); `lookup_accumulate` reads through bounds-checked slices that are
@@ -28,10 +32,6 @@ pub(super) unsafe fn tile<const NB: usize>(
             lookup_accumulate(wa, planes, tabs, tables, ts, f)
         };
         return scalar::tile_with(v, t, n0, nb, acc, lookups);
-    }
-    if v.apg == 1 && !v.per_plane {
-        // SAFETY: same contract as this function.
-        return unsafe { tile_g32(v, t, n0, nb, acc) };
     }
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
@@ -117,40 +117,47 @@ pub(super) unsafe fn tile<const NB: usize>(
     }
 }
 
-/// Uniform planes with one weight group per activation group (group size 32: Q4_0, Q4_1): a group's
-/// plane sum is the single product `F = ts·S`, so it goes from registers straight into the combine.
-/// These are the float operations of the general path (`0 + ts·S` is `ts·S`), without `F`'s round
-/// trip through memory.
+/// Uniform planes with weight groups of 32 (one per activation group: Q4_0, Q4_1, Q4_K, Q5_K) or
+/// 16 (two per activation group: Q2_K, Q3_K, Q6_K), f16 or super-block scales, 1 to 6 planes: each
+/// group's plane sum is the single product `F = ts·S`, so it goes from registers straight into the
+/// combine. These are the float operations of the general path (`0 + ts·S` is `ts·S`), without
+/// `F`'s round trip through memory; a group's scales (`d·sc` and `−dmin·m` formed as in
+/// [`scalar::GroupScales`]) are made once per group for every token of the block.
 ///
 /// # Safety
-/// As [`tile`], and `v.apg == 1`.
+/// As [`tile`], and `!v.per_plane && (v.apg == 1 || v.half_groups)`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_g32<const NB: usize>(
+unsafe fn tile_direct<const NB: usize>(
     v: &TileView<'_>,
     t: &TabView<'_>,
     n0: usize,
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
-    debug_assert!(v.apg == 1 && v.groups == v.act_groups);
+    debug_assert!(!v.per_plane && (v.apg == 1 || v.half_groups));
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
-    let half = _mm256_set1_ps(0.5);
-    let c = ((1u32 << v.bits) - 1) as f32 * 0.5;
+    let halves = if v.half_groups { 2 } else { 1 };
+    let c = match &v.super_scales {
+        Some(ss) => ss.centre,
+        None => ((1u32 << v.bits) - 1) as f32 * 0.5,
+    };
     let mut paired = PairedIndices::new();
-    for g in 0..v.groups {
-        let wa = v.weights[g * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
+    let mut scales = DirectScales::new();
+    for a in 0..v.act_groups {
+        let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
         prefetch(wa, v.bits);
         if nb > 1 {
             // The nibble indices of this group, split once and reused by every token of the block.
             // SAFETY: `wa` holds bits·256 bytes.
             unsafe { paired.split(wa, v.bits) };
         }
-        let scales = &v.scales[g * TILE..][..TILE];
-        let offsets = v.offsets.map(|o| &o[g * TILE..][..TILE]);
+        for h in 0..halves {
+            scales.fill(v, a * halves + h, h);
+        }
         for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
-            let tabs = t.tables_of(n0 + n, g).as_ptr();
+            let tabs = t.tables_of(n0 + n, a).as_ptr();
             if nb > 1 {
                 // Each token's tables are a separate stream: fetch the ones a few groups ahead.
                 let next = tabs.wrapping_add(4 * TABLES_PER_ACT * TABLE_BYTES);
@@ -158,39 +165,213 @@ unsafe fn tile_g32<const NB: usize>(
                 _mm_prefetch::<_MM_HINT_T0>(next.cast());
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
             }
-            let mut s = [_mm256_setzero_si256(); 4];
+            let mut sums = Sums::new();
             if nb > 1 {
                 // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
-                unsafe { paired.lookups(tabs, &mut s) };
+                unsafe { paired.lookups_into(tabs, v.half_groups, &mut sums) };
             } else {
-                for p in 0..v.bits {
-                    let pw = _mm256_set1_epi8(1 << p);
-                    // SAFETY: `wa` holds bits·256 bytes and p < bits; `tabs` holds 128 bytes.
-                    unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
+                // SAFETY: `wa` holds bits·256 bytes; `tabs` holds 128 bytes.
+                unsafe { direct_lookups(wa, v.bits, tabs, v.half_groups, &mut sums) };
+            }
+            let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
+            for h in 0..halves {
+                let sx = v.group_sum(t, n0 + n, a * halves + h);
+                sums.combine(h, ts, sx, c, &scales, acc_n);
+            }
+        }
+    }
+}
+
+/// The integer sums of one activation group of [`tile_direct`], per half (`[0]` only for weight
+/// groups of 32; else `[h]` = table groups `4h..4h + 4`), rows `16q..16q + 16` in `[q]`.
+///
+/// Planes below [`Sums::LO_PLANES`] (all of them, up to 5) add into `lo` with weight `2^p`, at
+/// most 31·127·8 = 31496 in magnitude, so int16 holds them; a 6th plane pair adds into `hi` with
+/// weights `(1, 2)` and the total is `lo + 16·hi`, formed in i32.
+struct Sums {
+    lo: [[__m256i; 4]; 2],
+    hi: [[__m256i; 4]; 2],
+    has_hi: bool,
+}
+
+impl Sums {
+    /// Planes summed into `lo` when there is a 6th plane (the others go into `hi`, shifted by it).
+    const LO_PLANES: usize = 4;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new() -> Sums {
+        Sums {
+            lo: [[_mm256_setzero_si256(); 4]; 2],
+            hi: [[_mm256_setzero_si256(); 4]; 2],
+            has_hi: false,
+        }
+    }
+
+    /// `acc += s·(0.5·F + c·Σx)` and `acc += m·Σx` for the weight group of half `h`, with
+    /// `F = ts·S`: the operations of [`scalar::tile_with`], 8 rows at a time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn combine(
+        &self,
+        h: usize,
+        ts: __m256,
+        sx: f32,
+        c: f32,
+        scales: &DirectScales,
+        acc: &mut [f32; TILE],
+    ) {
+        let half = _mm256_set1_ps(0.5);
+        let (sxv, csx) = (_mm256_set1_ps(sx), _mm256_set1_ps(c * sx));
+        for q in 0..4 {
+            let lo = self.lo[h][q];
+            let hi = self.hi[h][q];
+            let halves = [
+                (
+                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo)),
+                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi)),
+                ),
+                (
+                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(lo)),
+                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(hi)),
+                ),
+            ];
+            for (k, &(lo32, hi32)) in halves.iter().enumerate() {
+                let i = 2 * q + k;
+                let s32 = if self.has_hi {
+                    _mm256_add_epi32(lo32, _mm256_slli_epi32::<4>(hi32))
+                } else {
+                    lo32
+                };
+                let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
+                let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx);
+                let dst = &mut acc[8 * i..][..8];
+                // SAFETY: `dst` is 8 f32s.
+                let mut a = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
+                a = _mm256_add_ps(a, _mm256_mul_ps(scales.scale[h][i], tt));
+                if scales.has_offset {
+                    a = _mm256_add_ps(a, _mm256_mul_ps(scales.offset[h][i], sxv));
+                }
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), a) };
+            }
+        }
+    }
+}
+
+/// `sums += Σ_p 2^p·Σ_j T_j[nibble_{p,j}]` of one activation group straight from the packed
+/// weights (one token), planes split between `lo` and `hi` as [`Sums`] says.
+///
+/// # Safety
+/// `wa` points to `bits·256` readable bytes, `tabs` to 128.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn direct_lookups(
+    wa: *const u8,
+    bits: usize,
+    tabs: *const i8,
+    half_groups: bool,
+    sums: &mut Sums,
+) {
+    let lo_planes = if bits > 5 { Sums::LO_PLANES } else { bits };
+    sums.has_hi = bits > lo_planes;
+    for p in 0..bits {
+        let (target, pw) = if p < lo_planes {
+            (&mut sums.lo, _mm256_set1_epi8(1 << p))
+        } else {
+            (&mut sums.hi, _mm256_set1_epi8(1 << (p - lo_planes)))
+        };
+        for pair in 0..4 {
+            let s = &mut target[if half_groups { pair / 2 } else { 0 }];
+            // SAFETY: plane p < bits and 64·pair + 64 <= 256 weight bytes; 32·pair + 32 <= 128
+            // table bytes.
+            unsafe {
+                let idx = split_pair(wa.add(p * PLANE_BYTES + 64 * pair));
+                pair_lookups(tabs.add(32 * pair), &idx, pw, s);
+            }
+        }
+    }
+}
+
+/// The f32 scales (and offsets) of the one or two weight groups of an activation group, 8 rows a
+/// vector: f16 scales converted, or super-block scales formed as [`scalar::GroupScales`] forms them
+/// (`d·sc`, `−(dmin·m)`, each one exact product), with `d` and `dmin` converted once per
+/// super-block.
+struct DirectScales {
+    scale: [[__m256; 8]; 2],
+    offset: [[__m256; 8]; 2],
+    has_offset: bool,
+    d: [__m256; 8],
+    dmin: [__m256; 8],
+    /// The super-block `d` and `dmin` hold, if any.
+    sb: Option<usize>,
+}
+
+impl DirectScales {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new() -> DirectScales {
+        let z = _mm256_setzero_ps();
+        DirectScales {
+            scale: [[z; 8]; 2],
+            offset: [[z; 8]; 2],
+            has_offset: false,
+            d: [z; 8],
+            dmin: [z; 8],
+            sb: None,
+        }
+    }
+
+    /// The scales of weight group `g` of the tile into half `h`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fill(&mut self, v: &TileView<'_>, g: usize, h: usize) {
+        let Some(ss) = &v.super_scales else {
+            let scales = &v.scales[g * TILE..][..TILE];
+            for (i, s) in self.scale[h].iter_mut().enumerate() {
+                *s = load_f16(&scales[8 * i..][..8]);
+            }
+            self.has_offset = v.offsets.is_some();
+            if let Some(o) = v.offsets {
+                let o = &o[g * TILE..][..TILE];
+                for (i, m) in self.offset[h].iter_mut().enumerate() {
+                    *m = load_f16(&o[8 * i..][..8]);
                 }
             }
-            let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + g]);
-            let sx = t.group_sum(n0 + n, g, g + 1);
-            let (sxv, csx) = (_mm256_set1_ps(sx), _mm256_set1_ps(c * sx));
-            for (q, &sq) in s.iter().enumerate() {
-                let halves = [
-                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sq)),
-                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sq)),
-                ];
-                for (h, &s32) in halves.iter().enumerate() {
-                    let r = 16 * q + 8 * h;
-                    let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
-                    let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx);
-                    let dst = &mut acc_n[r..][..8];
-                    // SAFETY: `dst` is 8 f32s.
-                    let mut a = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
-                    a = _mm256_add_ps(a, _mm256_mul_ps(load_f16(&scales[r..][..8]), tt));
-                    if let Some(o) = offsets {
-                        a = _mm256_add_ps(a, _mm256_mul_ps(load_f16(&o[r..][..8]), sxv));
-                    }
-                    // SAFETY: as above.
-                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), a) };
+            return;
+        };
+        let sb = g / ss.groups_per_super;
+        if self.sb != Some(sb) {
+            let d = &ss.d[sb * TILE..][..TILE];
+            for (i, dv) in self.d.iter_mut().enumerate() {
+                *dv = load_f16(&d[8 * i..][..8]);
+            }
+            if let Some(dmin) = ss.dmin {
+                let dmin = &dmin[sb * TILE..][..TILE];
+                for (i, dv) in self.dmin.iter_mut().enumerate() {
+                    *dv = load_f16(&dmin[8 * i..][..8]);
                 }
+            }
+            self.sb = Some(sb);
+        }
+        let sc = &ss.sub_scales[g * TILE..][..TILE];
+        for (i, s) in self.scale[h].iter_mut().enumerate() {
+            let sc = &sc[8 * i..][..8];
+            // SAFETY: `sc` is 8 bytes, what the 64-bit load reads.
+            let sc8 = unsafe { _mm_loadl_epi64(sc.as_ptr().cast()) };
+            *s = _mm256_mul_ps(self.d[i], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+        }
+        self.has_offset = ss.sub_mins.is_some();
+        if let Some(mins) = ss.sub_mins {
+            let mins = &mins[g * TILE..][..TILE];
+            let sign = _mm256_set1_ps(-0.0);
+            for (i, o) in self.offset[h].iter_mut().enumerate() {
+                let m = &mins[8 * i..][..8];
+                // SAFETY: `m` is 8 bytes, what the 64-bit load reads.
+                let m8 = unsafe { _mm_loadl_epi64(m.as_ptr().cast()) };
+                let dm = _mm256_mul_ps(self.dmin[i], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)));
+                // −(dmin·m): flipping the sign bit is the negation.
+                *o = _mm256_xor_ps(dm, sign);
             }
         }
     }
@@ -446,23 +627,72 @@ impl PairedIndices {
         }
     }
 
-    /// `s += Σ_p 2^p·Σ_j T_j[nibble_{p,j}]` for the planes last split.
+    /// `s += Σ_p 2^p·Σ_j T_j[nibble_{p,j}]` for the planes last split (at most 4).
     ///
     /// # Safety
     /// `tabs` points to 128 readable bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lookups(&self, tabs: *const i8, s: &mut [__m256i; 4]) {
+        debug_assert!(self.bits <= MAX_FAST_BITS);
+        let mut unused = [_mm256_setzero_si256(); 4];
+        // SAFETY: the caller's contract.
+        unsafe { self.lookups_range(tabs, 0..TABLES_PER_ACT, s, &mut unused) };
+    }
+
+    /// [`PairedIndices::lookups`] for up to 6 planes into [`Sums`]: the whole activation group
+    /// into half 0, or table groups `4h..4h + 4` into half `h` for weight groups of 16.
+    ///
+    /// # Safety
+    /// `tabs` points to 128 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lookups_into(&self, tabs: *const i8, half_groups: bool, sums: &mut Sums) {
+        sums.has_hi = self.bits > 5;
+        let Sums { lo, hi, .. } = sums;
+        if half_groups {
+            let half = TABLES_PER_ACT / 2;
+            for (h, (lo, hi)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe { self.lookups_range(tabs, h * half..(h + 1) * half, lo, hi) };
+            }
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { self.lookups_range(tabs, 0..TABLES_PER_ACT, &mut lo[0], &mut hi[0]) };
+        }
+    }
+
+    /// The lookups of table groups `tables` (starting and ending at even groups): planes 0..4 into
+    /// `lo` weighted by `2^p`, an odd last plane (at most plane 4, weight 16) into `lo` too, and
+    /// the third pair (planes 4 and 5) into `hi` weighted by `(1, 2)`, as [`Sums`] lays them out.
+    ///
+    /// # Safety
+    /// `tabs` points to 128 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lookups_range(
+        &self,
+        tabs: *const i8,
+        tables: Range<usize>,
+        lo: &mut [__m256i; 4],
+        hi: &mut [__m256i; 4],
+    ) {
+        debug_assert!(tables.start.is_multiple_of(2) && tables.end <= TABLES_PER_ACT);
         let pairs = &self.pairs[..self.bits / 2];
-        // Byte weights (2^{2i}, 2^{2i+1}) of each pair, low byte first.
-        let weights = [_mm256_set1_epi16(0x0201), _mm256_set1_epi16(0x0804)];
-        for j in 0..TABLES_PER_ACT {
+        // Byte weights of each pair, low byte first: (1, 2), (4, 8) into `lo`; (1, 2) into `hi`.
+        let weights = [
+            _mm256_set1_epi16(0x0201),
+            _mm256_set1_epi16(0x0804),
+            _mm256_set1_epi16(0x0201),
+        ];
+        for j in tables.clone() {
             // SAFETY: 16·j + 16 <= 128 table bytes.
             let t = unsafe {
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(TABLE_BYTES * j).cast()))
             };
-            for (pair, &w) in pairs.iter().zip(&weights) {
-                for (sq, &iq) in s.iter_mut().zip(&pair[j]) {
+            for (i, (pair, &w)) in pairs.iter().zip(&weights).enumerate() {
+                let target = if i < 2 { &mut *lo } else { &mut *hi };
+                for (sq, &iq) in target.iter_mut().zip(&pair[j]) {
                     *sq =
                         _mm256_add_epi16(*sq, _mm256_maddubs_epi16(w, _mm256_shuffle_epi8(t, iq)));
                 }
@@ -470,8 +700,10 @@ impl PairedIndices {
         }
         if self.bits % 2 == 1 {
             let pw = _mm256_set1_epi8(1 << (self.bits - 1));
-            // SAFETY: the caller's contract.
-            unsafe { split_lookups(&self.single, tabs, pw, s) };
+            for pair in tables.start / 2..tables.end / 2 {
+                // SAFETY: 32·pair + 32 <= 128 table bytes.
+                unsafe { pair_lookups(tabs.add(32 * pair), &self.single[pair], pw, lo) };
+            }
         }
     }
 }
