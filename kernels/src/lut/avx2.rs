@@ -174,10 +174,11 @@ unsafe fn tile_direct<const NB: usize>(
                 unsafe { direct_lookups(wa, v.bits, tabs, v.half_groups, &mut sums) };
             }
             let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
-            for h in 0..halves {
-                let sx = v.group_sum(t, n0 + n, a * halves + h);
-                sums.combine(h, ts, sx, c, &scales, acc_n);
+            let mut sx = [0.0; 2];
+            for (h, sx) in sx[..halves].iter_mut().enumerate() {
+                *sx = v.group_sum(t, n0 + n, a * halves + h);
             }
+            sums.combine(halves, ts, sx, c, &scales, acc_n);
         }
     }
 }
@@ -208,54 +209,57 @@ impl Sums {
         }
     }
 
-    /// `acc += s·(0.5·F + c·Σx)` and `acc += m·Σx` for the weight group of half `h`, with
-    /// `F = ts·S`: the operations of [`scalar::tile_with`], 8 rows at a time.
+    /// `acc += s·(0.5·F + c·Σx)` and `acc += m·Σx` for the weight groups of halves `0..halves`
+    /// in order (Σx of each in `sx`), with `F = ts·S`: the operations of [`scalar::tile_with`], 8
+    /// rows at a time, each row vector of `acc` loaded and stored once.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn combine(
         &self,
-        h: usize,
+        halves: usize,
         ts: __m256,
-        sx: f32,
+        sx: [f32; 2],
         c: f32,
         scales: &DirectScales,
         acc: &mut [f32; TILE],
     ) {
         let half = _mm256_set1_ps(0.5);
-        let (sxv, csx) = (_mm256_set1_ps(sx), _mm256_set1_ps(c * sx));
+        let sxv = sx.map(|sx| _mm256_set1_ps(sx));
+        let csx = sx.map(|sx| _mm256_set1_ps(c * sx));
         for q in 0..4 {
-            let lo = self.lo[h][q];
-            let hi = self.hi[h][q];
-            let halves = [
-                (
-                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo)),
-                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi)),
-                ),
-                (
-                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(lo)),
-                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(hi)),
-                ),
-            ];
-            for (k, &(lo32, hi32)) in halves.iter().enumerate() {
+            for k in 0..2 {
                 let i = 2 * q + k;
-                let s32 = if self.has_hi {
-                    _mm256_add_epi32(lo32, _mm256_slli_epi32::<4>(hi32))
-                } else {
-                    lo32
-                };
-                let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
-                let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx);
                 let dst = &mut acc[8 * i..][..8];
                 // SAFETY: `dst` is 8 f32s.
                 let mut a = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
-                a = _mm256_add_ps(a, _mm256_mul_ps(scales.scale[h][i], tt));
-                if scales.has_offset {
-                    a = _mm256_add_ps(a, _mm256_mul_ps(scales.offset[h][i], sxv));
+                for h in 0..halves {
+                    let mut s32 = widen(self.lo[h][q], k);
+                    if self.has_hi {
+                        let hi = _mm256_slli_epi32::<4>(widen(self.hi[h][q], k));
+                        s32 = _mm256_add_epi32(s32, hi);
+                    }
+                    let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
+                    let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx[h]);
+                    a = _mm256_add_ps(a, _mm256_mul_ps(scales.scale[h][i], tt));
+                    if scales.has_offset {
+                        a = _mm256_add_ps(a, _mm256_mul_ps(scales.offset[h][i], sxv[h]));
+                    }
                 }
                 // SAFETY: as above.
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), a) };
             }
         }
+    }
+}
+
+/// Half `k` (rows `8k..8k + 8` of the 16) of an int16 row vector, widened to i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen(v: __m256i, k: usize) -> __m256i {
+    if k == 0 {
+        _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))
+    } else {
+        _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v))
     }
 }
 
