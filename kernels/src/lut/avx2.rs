@@ -2,6 +2,11 @@
 //! pairs of table groups interleaved and summed in int16 by `vpmaddubsw` (which also applies the plane
 //! weight `2^p` of uniform planes), one int16→f32 conversion per activation group.
 //!
+//! Uniform planes in weight groups of 32 or 16, with f16 or super-block scales and up to 6 planes,
+//! go from the registers of the lookups straight into the combine ([`tile_direct`]); other forms
+//! with at most 4 planes take [`tile`]'s loop, and the rest the general path
+//! ([`scalar::tile_with`] with [`lookup_accumulate`]).
+//!
 //! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
 
 use std::arch::x86_64::*;

@@ -665,7 +665,11 @@ fn largest_integer_sums_match_scalar_bit_for_bit() {
                 .zip(&exact)
                 .map(|(&a, &b)| (f64::from(a) - b).powi(2))
                 .sum();
-            assert!(err <= 1e-4 * energy, "{} N={tokens}: {err} vs {energy}", t.name);
+            assert!(
+                err <= 1e-4 * energy,
+                "{} N={tokens}: {err} vs {energy}",
+                t.name
+            );
             for isa in Isa::supported() {
                 for threads in [1, 3] {
                     let got = run(isa, threads, &m, &x, tokens);
