@@ -13,7 +13,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::layout::{BLOCK, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
-use super::{scalar, Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, MAX_FAST_BITS};
+use super::{
+    scalar, Acc, PlaneSums, SuperScales, TabView, TileView, CHUNK, MAX_BITS, MAX_FAST_BITS,
+};
 
 /// # Safety
 /// The CPU supports avx2, fma and f16c, and `v.is_consistent(t, n0, nb)` holds.
@@ -123,11 +125,8 @@ pub(super) unsafe fn tile<const NB: usize>(
 }
 
 /// Uniform planes with weight groups of 32 (one per activation group: Q4_0, Q4_1, Q4_K, Q5_K) or
-/// 16 (two per activation group: Q2_K, Q3_K, Q6_K), f16 or super-block scales, 1 to 6 planes: each
-/// group's plane sum is the single product `F = ts·S`, so it goes from registers straight into the
-/// combine. These are the float operations of the general path (`0 + ts·S` is `ts·S`), without
-/// `F`'s round trip through memory; a group's scales (`d·sc` and `−dmin·m` formed as in
-/// [`scalar::GroupScales`]) are made once per group for every token of the block.
+/// 16 (two per activation group: Q2_K, Q3_K, Q6_K), f16 or super-block scales, 1 to 6 planes: runs
+/// [`direct`] instantiated for the tile's form.
 ///
 /// # Safety
 /// As [`tile`], and `!v.per_plane && (v.apg == 1 || v.half_groups)`.
@@ -139,15 +138,91 @@ unsafe fn tile_direct<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
-    debug_assert!(!v.per_plane && (v.apg == 1 || v.half_groups));
+    let form = (
+        v.half_groups,
+        v.bits > LO_PLANES + 1,
+        v.super_scales.is_some(),
+        match &v.super_scales {
+            Some(ss) => ss.sub_mins.is_some(),
+            None => v.offsets.is_some(),
+        },
+    );
+    macro_rules! dispatch {
+        ($(($half:literal, $hi:literal, $sup:literal, $off:literal)),* $(,)?) => {
+            match form {
+                $(
+                    // SAFETY: the caller's contract, and the form matches the tile.
+                    ($half, $hi, $sup, $off) => unsafe {
+                        direct::<NB, $half, $hi, $sup, $off>(v, t, n0, nb, acc)
+                    },
+                )*
+            }
+        };
+    }
+    dispatch!(
+        (false, false, false, false),
+        (false, false, false, true),
+        (false, false, true, false),
+        (false, false, true, true),
+        (false, true, false, false),
+        (false, true, false, true),
+        (false, true, true, false),
+        (false, true, true, true),
+        (true, false, false, false),
+        (true, false, false, true),
+        (true, false, true, false),
+        (true, false, true, true),
+        (true, true, false, false),
+        (true, true, false, true),
+        (true, true, true, false),
+        (true, true, true, true),
+    );
+}
+
+/// Planes summed into the int16 `lo` sums when there is a 6th plane: planes 4 and 5 go into `hi`
+/// with weights `(1, 2)` and the total is `lo + 16·hi`, formed in i32. Up to 5 planes all go into
+/// `lo`, at most 31·127·8 = 31496 in magnitude, which int16 holds.
+const LO_PLANES: usize = 4;
+
+/// The direct path: each weight group's plane sum is the single product `F = ts·S`, so it goes from
+/// the registers of the lookups straight into the combine. These are the float operations of the
+/// general path (`0 + ts·S` is `ts·S`), without `F`'s round trip through memory. Per activation
+/// group the sums of half `h` (`[0]` for groups of 32; table groups `4h..4h + 4` for groups of 16)
+/// hold rows `16q..16q + 16` in `[q]`.
+///
+/// `HALF`: weight groups of 16. `HI`: 6 planes (see [`LO_PLANES`]). `SUPER`: super-block scales,
+/// each group's `d·sc` and `dmin·m` formed as [`scalar::GroupScales`] forms them (one exact
+/// product each; `a − (dmin·m)·Σx` is exactly the reference's `a + (−(dmin·m))·Σx`), with `d` and
+/// `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With one
+/// token the scales are formed in the combine; with several, once per group for all of them.
+///
+/// # Safety
+/// As [`tile_direct`], and the const parameters describe the tile.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn direct<
+    const NB: usize,
+    const HALF: bool,
+    const HI: bool,
+    const SUPER: bool,
+    const OFFSET: bool,
+>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+) {
+    debug_assert!(!v.per_plane && (v.apg == 1 || v.half_groups) && v.half_groups == HALF);
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
-    let halves = if v.half_groups { 2 } else { 1 };
+    let halves = if HALF { 2 } else { 1 };
+    let lo_planes = if HI { LO_PLANES } else { v.bits };
     let c = match &v.super_scales {
         Some(ss) => ss.centre,
         None => ((1u32 << v.bits) - 1) as f32 * 0.5,
     };
+    let half = _mm256_set1_ps(0.5);
     let mut paired = PairedIndices::new();
     let mut scales = DirectScales::new();
     for a in 0..v.act_groups {
@@ -158,100 +233,104 @@ unsafe fn tile_direct<const NB: usize>(
             // SAFETY: `wa` holds bits·256 bytes.
             unsafe { paired.split(wa, v.bits) };
         }
-        for h in 0..halves {
-            scales.fill(v, a * halves + h, h);
+        let g0 = a * halves;
+        scales.select::<SUPER>(v, g0);
+        let rows = [
+            GroupRows::of::<SUPER, OFFSET>(v, g0),
+            GroupRows::of::<SUPER, OFFSET>(v, g0 + halves - 1),
+        ];
+        if NB > 1 {
+            for (h, rows) in rows[..halves].iter().enumerate() {
+                scales.fill::<SUPER, OFFSET>(rows, h);
+            }
         }
         for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
             let tabs = t.tables_of(n0 + n, a).as_ptr();
+            let mut lo = [[_mm256_setzero_si256(); 4]; 2];
+            let mut hi = [[_mm256_setzero_si256(); 4]; 2];
             if nb > 1 {
                 // Each token's tables are a separate stream: fetch the ones a few groups ahead.
                 let next = tabs.wrapping_add(4 * TABLES_PER_ACT * TABLE_BYTES);
                 // Prefetching never faults, whatever the address (the intrinsic is safe).
                 _mm_prefetch::<_MM_HINT_T0>(next.cast());
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
-            }
-            let mut sums = Sums::new();
-            if nb > 1 {
-                // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
-                unsafe { paired.lookups_into(tabs, v.half_groups, &mut sums) };
-            } else {
-                // SAFETY: `wa` holds bits·256 bytes; `tabs` holds 128 bytes.
-                unsafe { direct_lookups(wa, v.bits, tabs, v.half_groups, &mut sums) };
-            }
-            let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
-            let mut sx = [0.0; 2];
-            for (h, sx) in sx[..halves].iter_mut().enumerate() {
-                *sx = v.group_sum(t, n0 + n, a * halves + h);
-            }
-            sums.combine(halves, ts, sx, c, &scales, acc_n);
-        }
-    }
-}
-
-/// The integer sums of one activation group of [`tile_direct`], per half (`[0]` only for weight
-/// groups of 32; else `[h]` = table groups `4h..4h + 4`), rows `16q..16q + 16` in `[q]`.
-///
-/// Planes below [`Sums::LO_PLANES`] (all of them, up to 5) add into `lo` with weight `2^p`, at
-/// most 31·127·8 = 31496 in magnitude, so int16 holds them; a 6th plane pair adds into `hi` with
-/// weights `(1, 2)` and the total is `lo + 16·hi`, formed in i32.
-struct Sums {
-    lo: [[__m256i; 4]; 2],
-    hi: [[__m256i; 4]; 2],
-    has_hi: bool,
-}
-
-impl Sums {
-    /// Planes summed into `lo` when there is a 6th plane (the others go into `hi`, shifted by it).
-    const LO_PLANES: usize = 4;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn new() -> Sums {
-        Sums {
-            lo: [[_mm256_setzero_si256(); 4]; 2],
-            hi: [[_mm256_setzero_si256(); 4]; 2],
-            has_hi: false,
-        }
-    }
-
-    /// `acc += s·(0.5·F + c·Σx)` and `acc += m·Σx` for the weight groups of halves `0..halves`
-    /// in order (Σx of each in `sx`), with `F = ts·S`: the operations of [`scalar::tile_with`], 8
-    /// rows at a time, each row vector of `acc` loaded and stored once.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn combine(
-        &self,
-        halves: usize,
-        ts: __m256,
-        sx: [f32; 2],
-        c: f32,
-        scales: &DirectScales,
-        acc: &mut [f32; TILE],
-    ) {
-        let half = _mm256_set1_ps(0.5);
-        let sxv = sx.map(|sx| _mm256_set1_ps(sx));
-        let csx = sx.map(|sx| _mm256_set1_ps(c * sx));
-        for q in 0..4 {
-            for k in 0..2 {
-                let i = 2 * q + k;
-                let dst = &mut acc[8 * i..][..8];
-                // SAFETY: `dst` is 8 f32s.
-                let mut a = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
                 for h in 0..halves {
-                    let mut s32 = widen(self.lo[h][q], k);
-                    if self.has_hi {
-                        let hi = _mm256_slli_epi32::<4>(widen(self.hi[h][q], k));
-                        s32 = _mm256_add_epi32(s32, hi);
-                    }
-                    let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
-                    let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx[h]);
-                    a = _mm256_add_ps(a, _mm256_mul_ps(scales.scale[h][i], tt));
-                    if scales.has_offset {
-                        a = _mm256_add_ps(a, _mm256_mul_ps(scales.offset[h][i], sxv[h]));
+                    let per = TABLES_PER_ACT / halves;
+                    // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
+                    unsafe {
+                        paired.lookups_range::<HI>(
+                            tabs,
+                            h * per..(h + 1) * per,
+                            &mut lo[h],
+                            &mut hi[h],
+                        )
+                    };
+                }
+            } else {
+                for p in 0..lo_planes {
+                    let pw = _mm256_set1_epi8(1 << p);
+                    for pair in 0..4 {
+                        let h = if HALF { pair / 2 } else { 0 };
+                        // SAFETY: plane p < bits and 64·pair + 64 <= 256 weight bytes; 32·pair +
+                        // 32 <= 128 table bytes.
+                        unsafe {
+                            let idx = split_pair(wa.add(p * PLANE_BYTES + 64 * pair));
+                            pair_lookups(tabs.add(32 * pair), &idx, pw, &mut lo[h]);
+                        }
                     }
                 }
-                // SAFETY: as above.
-                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), a) };
+                for p in lo_planes..v.bits {
+                    let pw = _mm256_set1_epi8(1 << (p - lo_planes));
+                    for pair in 0..4 {
+                        let h = if HALF { pair / 2 } else { 0 };
+                        // SAFETY: as above.
+                        unsafe {
+                            let idx = split_pair(wa.add(p * PLANE_BYTES + 64 * pair));
+                            pair_lookups(tabs.add(32 * pair), &idx, pw, &mut hi[h]);
+                        }
+                    }
+                }
+            }
+            let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
+            let mut sxv = [_mm256_setzero_ps(); 2];
+            let mut csx = [_mm256_setzero_ps(); 2];
+            for h in 0..halves {
+                let sx = v.group_sum(t, n0 + n, g0 + h);
+                sxv[h] = _mm256_set1_ps(sx);
+                csx[h] = _mm256_set1_ps(c * sx);
+            }
+            for q in 0..4 {
+                for k in 0..2 {
+                    let i = 2 * q + k;
+                    let dst = &mut acc_n[8 * i..][..8];
+                    // SAFETY: `dst` is 8 f32s.
+                    let mut acc_v = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
+                    for h in 0..halves {
+                        let mut s32 = widen(lo[h][q], k);
+                        if HI {
+                            let hi32 = _mm256_slli_epi32::<4>(widen(hi[h][q], k));
+                            s32 = _mm256_add_epi32(s32, hi32);
+                        }
+                        let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
+                        let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx[h]);
+                        let (s, m) = if NB == 1 {
+                            scales.vectors::<SUPER, OFFSET>(&rows[h], i)
+                        } else {
+                            (scales.scale[h][i], scales.offset[h][i])
+                        };
+                        acc_v = _mm256_add_ps(acc_v, _mm256_mul_ps(s, tt));
+                        if OFFSET {
+                            let y = _mm256_mul_ps(m, sxv[h]);
+                            acc_v = if SUPER {
+                                _mm256_sub_ps(acc_v, y)
+                            } else {
+                                _mm256_add_ps(acc_v, y)
+                            };
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc_v) };
+                }
             }
         }
     }
@@ -268,48 +347,13 @@ fn widen(v: __m256i, k: usize) -> __m256i {
     }
 }
 
-/// `sums += Σ_p 2^p·Σ_j T_j[nibble_{p,j}]` of one activation group straight from the packed
-/// weights (one token), planes split between `lo` and `hi` as [`Sums`] says.
-///
-/// # Safety
-/// `wa` points to `bits·256` readable bytes, `tabs` to 128.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn direct_lookups(
-    wa: *const u8,
-    bits: usize,
-    tabs: *const i8,
-    half_groups: bool,
-    sums: &mut Sums,
-) {
-    let lo_planes = if bits > 5 { Sums::LO_PLANES } else { bits };
-    sums.has_hi = bits > lo_planes;
-    for p in 0..bits {
-        let (target, pw) = if p < lo_planes {
-            (&mut sums.lo, _mm256_set1_epi8(1 << p))
-        } else {
-            (&mut sums.hi, _mm256_set1_epi8(1 << (p - lo_planes)))
-        };
-        for pair in 0..4 {
-            let s = &mut target[if half_groups { pair / 2 } else { 0 }];
-            // SAFETY: plane p < bits and 64·pair + 64 <= 256 weight bytes; 32·pair + 32 <= 128
-            // table bytes.
-            unsafe {
-                let idx = split_pair(wa.add(p * PLANE_BYTES + 64 * pair));
-                pair_lookups(tabs.add(32 * pair), &idx, pw, s);
-            }
-        }
-    }
-}
-
-/// The f32 scales (and offsets) of the one or two weight groups of an activation group, 8 rows a
-/// vector: f16 scales converted, or super-block scales formed as [`scalar::GroupScales`] forms them
-/// (`d·sc`, `−(dmin·m)`, each one exact product), with `d` and `dmin` converted once per
-/// super-block.
+/// The f32 scales and offsets of [`direct`], 8 rows a vector: f16 values converted, or `d·sc` and
+/// `dmin·m` (the offset's magnitude; [`direct`] subtracts it) of super-block scales.
 struct DirectScales {
+    /// The scales of the one or two groups of an activation group, for several tokens.
     scale: [[__m256; 8]; 2],
+    /// Their offsets.
     offset: [[__m256; 8]; 2],
-    has_offset: bool,
     d: [__m256; 8],
     dmin: [__m256; 8],
     /// The super-block `d` and `dmin` hold, if any.
@@ -324,64 +368,120 @@ impl DirectScales {
         DirectScales {
             scale: [[z; 8]; 2],
             offset: [[z; 8]; 2],
-            has_offset: false,
             d: [z; 8],
             dmin: [z; 8],
             sb: None,
         }
     }
 
-    /// The scales of weight group `g` of the tile into half `h`.
+    /// Converts `d` and `dmin` of the super-block of weight group `g` when it is a new one.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn fill(&mut self, v: &TileView<'_>, g: usize, h: usize) {
-        let Some(ss) = &v.super_scales else {
-            let scales = &v.scales[g * TILE..][..TILE];
-            for (i, s) in self.scale[h].iter_mut().enumerate() {
-                *s = load_f16(&scales[8 * i..][..8]);
-            }
-            self.has_offset = v.offsets.is_some();
-            if let Some(o) = v.offsets {
-                let o = &o[g * TILE..][..TILE];
-                for (i, m) in self.offset[h].iter_mut().enumerate() {
-                    *m = load_f16(&o[8 * i..][..8]);
-                }
-            }
+    fn select<const SUPER: bool>(&mut self, v: &TileView<'_>, g: usize) {
+        let Some(ss) = v.super_scales.as_ref().filter(|_| SUPER) else {
             return;
         };
         let sb = g / ss.groups_per_super;
         if self.sb != Some(sb) {
-            let d = &ss.d[sb * TILE..][..TILE];
-            for (i, dv) in self.d.iter_mut().enumerate() {
-                *dv = load_f16(&d[8 * i..][..8]);
-            }
-            if let Some(dmin) = ss.dmin {
-                let dmin = &dmin[sb * TILE..][..TILE];
-                for (i, dv) in self.dmin.iter_mut().enumerate() {
-                    *dv = load_f16(&dmin[8 * i..][..8]);
-                }
-            }
-            self.sb = Some(sb);
+            self.convert(ss, sb);
         }
-        let sc = &ss.sub_scales[g * TILE..][..TILE];
-        for (i, s) in self.scale[h].iter_mut().enumerate() {
-            let sc = &sc[8 * i..][..8];
+    }
+
+    /// `d` and `dmin` of super-block `sb` as f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn convert(&mut self, ss: &SuperScales<'_>, sb: usize) {
+        let d = &ss.d[sb * TILE..][..TILE];
+        for (i, dv) in self.d.iter_mut().enumerate() {
+            *dv = load_f16(&d[8 * i..][..8]);
+        }
+        if let Some(dmin) = ss.dmin {
+            let dmin = &dmin[sb * TILE..][..TILE];
+            for (i, dv) in self.dmin.iter_mut().enumerate() {
+                *dv = load_f16(&dmin[8 * i..][..8]);
+            }
+        }
+        self.sb = Some(sb);
+    }
+
+    /// Scale and offset (zero without `OFFSET`) of rows `8i..8i + 8` of the weight group whose
+    /// scale bytes are `rows` and whose super-block [`DirectScales::select`] converted.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn vectors<const SUPER: bool, const OFFSET: bool>(
+        &self,
+        rows: &GroupRows<'_>,
+        i: usize,
+    ) -> (__m256, __m256) {
+        let mut m = _mm256_setzero_ps();
+        if SUPER {
+            let sc = &rows.sub_scales[8 * i..][..8];
             // SAFETY: `sc` is 8 bytes, what the 64-bit load reads.
             let sc8 = unsafe { _mm_loadl_epi64(sc.as_ptr().cast()) };
-            *s = _mm256_mul_ps(self.d[i], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
-        }
-        self.has_offset = ss.sub_mins.is_some();
-        if let Some(mins) = ss.sub_mins {
-            let mins = &mins[g * TILE..][..TILE];
-            let sign = _mm256_set1_ps(-0.0);
-            for (i, o) in self.offset[h].iter_mut().enumerate() {
-                let m = &mins[8 * i..][..8];
-                // SAFETY: `m` is 8 bytes, what the 64-bit load reads.
-                let m8 = unsafe { _mm_loadl_epi64(m.as_ptr().cast()) };
-                let dm = _mm256_mul_ps(self.dmin[i], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)));
-                // −(dmin·m): flipping the sign bit is the negation.
-                *o = _mm256_xor_ps(dm, sign);
+            let s = _mm256_mul_ps(self.d[i], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+            if OFFSET {
+                let mins = &rows.sub_mins[8 * i..][..8];
+                // SAFETY: `mins` is 8 bytes, what the 64-bit load reads.
+                let m8 = unsafe { _mm_loadl_epi64(mins.as_ptr().cast()) };
+                m = _mm256_mul_ps(self.dmin[i], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)));
             }
+            (s, m)
+        } else {
+            if OFFSET {
+                m = load_f16(&rows.offsets[8 * i..][..8]);
+            }
+            (load_f16(&rows.scales[8 * i..][..8]), m)
+        }
+    }
+
+    /// The scales of the weight group of `rows` into half `h`, for every token of a block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fill<const SUPER: bool, const OFFSET: bool>(&mut self, rows: &GroupRows<'_>, h: usize) {
+        for i in 0..TILE / 8 {
+            (self.scale[h][i], self.offset[h][i]) = self.vectors::<SUPER, OFFSET>(rows, i);
+        }
+    }
+}
+
+/// The scale bytes of one weight group's 64 rows, as arrays so that the row vectors index them
+/// without checks; the fields a form does not have are zeros.
+#[derive(Clone, Copy)]
+struct GroupRows<'a> {
+    /// f16 scales.
+    scales: &'a [u16; TILE],
+    /// f16 offsets.
+    offsets: &'a [u16; TILE],
+    /// Super-block sub-scales.
+    sub_scales: &'a [i8; TILE],
+    /// Super-block sub-mins.
+    sub_mins: &'a [u8; TILE],
+}
+
+impl<'a> GroupRows<'a> {
+    /// The rows of weight group `g` of tile `v`.
+    #[inline]
+    fn of<const SUPER: bool, const OFFSET: bool>(v: &TileView<'a>, g: usize) -> GroupRows<'a> {
+        const Z16: [u16; TILE] = [0; TILE];
+        const ZI8: [i8; TILE] = [0; TILE];
+        const ZU8: [u8; TILE] = [0; TILE];
+        fn rows<T>(s: &[T], g: usize) -> &[T; TILE] {
+            s[g * TILE..][..TILE]
+                .try_into()
+                .expect("a slice of TILE elements is an array of TILE")
+        }
+        match v.super_scales.as_ref().filter(|_| SUPER) {
+            Some(ss) => GroupRows {
+                scales: &Z16,
+                offsets: &Z16,
+                sub_scales: rows(ss.sub_scales, g),
+                sub_mins: ss.sub_mins.filter(|_| OFFSET).map_or(&ZU8, |m| rows(m, g)),
+            },
+            None => GroupRows {
+                scales: rows(v.scales, g),
+                offsets: v.offsets.filter(|_| OFFSET).map_or(&Z16, |o| rows(o, g)),
+                sub_scales: &ZI8,
+                sub_mins: &ZU8,
+            },
         }
     }
 }
@@ -646,40 +746,19 @@ impl PairedIndices {
         debug_assert!(self.bits <= MAX_FAST_BITS);
         let mut unused = [_mm256_setzero_si256(); 4];
         // SAFETY: the caller's contract.
-        unsafe { self.lookups_range(tabs, 0..TABLES_PER_ACT, s, &mut unused) };
-    }
-
-    /// [`PairedIndices::lookups`] for up to 6 planes into [`Sums`]: the whole activation group
-    /// into half 0, or table groups `4h..4h + 4` into half `h` for weight groups of 16.
-    ///
-    /// # Safety
-    /// `tabs` points to 128 readable bytes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lookups_into(&self, tabs: *const i8, half_groups: bool, sums: &mut Sums) {
-        sums.has_hi = self.bits > 5;
-        let Sums { lo, hi, .. } = sums;
-        if half_groups {
-            let half = TABLES_PER_ACT / 2;
-            for (h, (lo, hi)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
-                // SAFETY: the caller's contract.
-                unsafe { self.lookups_range(tabs, h * half..(h + 1) * half, lo, hi) };
-            }
-        } else {
-            // SAFETY: the caller's contract.
-            unsafe { self.lookups_range(tabs, 0..TABLES_PER_ACT, &mut lo[0], &mut hi[0]) };
-        }
+        unsafe { self.lookups_range::<false>(tabs, 0..TABLES_PER_ACT, s, &mut unused) };
     }
 
     /// The lookups of table groups `tables` (starting and ending at even groups): planes 0..4 into
     /// `lo` weighted by `2^p`, an odd last plane (at most plane 4, weight 16) into `lo` too, and
-    /// the third pair (planes 4 and 5) into `hi` weighted by `(1, 2)`, as [`Sums`] lays them out.
+    /// with `HI` the third pair (planes 4 and 5) into `hi` weighted by `(1, 2)` (see
+    /// [`LO_PLANES`]).
     ///
     /// # Safety
-    /// `tabs` points to 128 readable bytes.
+    /// `tabs` points to 128 readable bytes; `HI` exactly when 6 planes were split.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lookups_range(
+    unsafe fn lookups_range<const HI: bool>(
         &self,
         tabs: *const i8,
         tables: Range<usize>,
@@ -687,21 +766,24 @@ impl PairedIndices {
         hi: &mut [__m256i; 4],
     ) {
         debug_assert!(tables.start.is_multiple_of(2) && tables.end <= TABLES_PER_ACT);
-        let pairs = &self.pairs[..self.bits / 2];
-        // Byte weights of each pair, low byte first: (1, 2), (4, 8) into `lo`; (1, 2) into `hi`.
-        let weights = [
-            _mm256_set1_epi16(0x0201),
-            _mm256_set1_epi16(0x0804),
-            _mm256_set1_epi16(0x0201),
-        ];
+        debug_assert_eq!(HI, self.bits == MAX_BITS);
+        let lo_pairs = &self.pairs[..(self.bits / 2).min(LO_PLANES / 2)];
+        // Byte weights of each pair, low byte first: (1, 2), (4, 8).
+        let weights = [_mm256_set1_epi16(0x0201), _mm256_set1_epi16(0x0804)];
         for j in tables.clone() {
             // SAFETY: 16·j + 16 <= 128 table bytes.
             let t = unsafe {
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(TABLE_BYTES * j).cast()))
             };
-            for (i, (pair, &w)) in pairs.iter().zip(&weights).enumerate() {
-                let target = if i < 2 { &mut *lo } else { &mut *hi };
-                for (sq, &iq) in target.iter_mut().zip(&pair[j]) {
+            for (pair, &w) in lo_pairs.iter().zip(&weights) {
+                for (sq, &iq) in lo.iter_mut().zip(&pair[j]) {
+                    *sq =
+                        _mm256_add_epi16(*sq, _mm256_maddubs_epi16(w, _mm256_shuffle_epi8(t, iq)));
+                }
+            }
+            if HI {
+                for (sq, &iq) in hi.iter_mut().zip(&self.pairs[LO_PLANES / 2][j]) {
+                    let w = weights[0];
                     *sq =
                         _mm256_add_epi16(*sq, _mm256_maddubs_epi16(w, _mm256_shuffle_epi8(t, iq)));
                 }
