@@ -459,7 +459,7 @@ struct GroupRows<'a> {
 
 impl<'a> GroupRows<'a> {
     /// The rows of weight group `g` of tile `v`.
-    #[inline]
+    #[inline(always)]
     fn of<const SUPER: bool, const OFFSET: bool>(v: &TileView<'a>, g: usize) -> GroupRows<'a> {
         const Z16: [u16; TILE] = [0; TILE];
         const ZI8: [i8; TILE] = [0; TILE];
