@@ -140,7 +140,7 @@ unsafe fn tile_direct<const NB: usize>(
 ) {
     let form = (
         v.half_groups,
-        v.bits > LO_PLANES + 1,
+        v.bits > LO_PLANES + 1 && !v.half_groups,
         v.super_scales.is_some(),
         match &v.super_scales {
             Some(ss) => ss.sub_mins.is_some(),
@@ -179,9 +179,12 @@ unsafe fn tile_direct<const NB: usize>(
     );
 }
 
-/// Planes summed into the int16 `lo` sums when there is a 6th plane: planes 4 and 5 go into `hi`
-/// with weights `(1, 2)` and the total is `lo + 16·hi`, formed in i32. Up to 5 planes all go into
-/// `lo`, at most 31·127·8 = 31496 in magnitude, which int16 holds.
+/// Planes summed into the int16 `lo` sums when a 6th plane would overflow them (6 planes over a
+/// whole activation group, up to 63·127·8 = 64008): planes 4 and 5 then go into `hi` with weights
+/// `(1, 2)` and the total is `lo + 16·hi`, formed in i32. Otherwise every plane goes into `lo`: 5
+/// planes over 8 table groups reach 31·127·8 = 31496, 6 over the 4 of a group of 16 reach
+/// 63·127·4 = 32004, and int16 holds both (every partial sum is bounded by the total of the
+/// magnitudes, so no order overflows).
 const LO_PLANES: usize = 4;
 
 /// The direct path: each weight group's plane sum is the single product `F = ts·S`, so it goes from
@@ -190,7 +193,7 @@ const LO_PLANES: usize = 4;
 /// group the sums of half `h` (`[0]` for groups of 32; table groups `4h..4h + 4` for groups of 16)
 /// hold rows `16q..16q + 16` in `[q]`.
 ///
-/// `HALF`: weight groups of 16. `HI`: 6 planes (see [`LO_PLANES`]). `SUPER`: super-block scales,
+/// `HALF`: weight groups of 16. `HI`: 6 planes in groups of 32 (see [`LO_PLANES`]). `SUPER`: super-block scales,
 /// each group's `d·sc` and `dmin·m` formed as [`scalar::GroupScales`] forms them (one exact
 /// product each; `a − (dmin·m)·Σx` is exactly the reference's `a + (−(dmin·m))·Σx`), with `d` and
 /// `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With one
@@ -749,13 +752,12 @@ impl PairedIndices {
         unsafe { self.lookups_range::<false>(tabs, 0..TABLES_PER_ACT, s, &mut unused) };
     }
 
-    /// The lookups of table groups `tables` (starting and ending at even groups): planes 0..4 into
-    /// `lo` weighted by `2^p`, an odd last plane (at most plane 4, weight 16) into `lo` too, and
-    /// with `HI` the third pair (planes 4 and 5) into `hi` weighted by `(1, 2)` (see
-    /// [`LO_PLANES`]).
+    /// The lookups of table groups `tables` (starting and ending at even groups) into `lo`, plane
+    /// `p` weighted by `2^p`, except with `HI` the third pair (planes 4 and 5), which goes into
+    /// `hi` weighted by `(1, 2)` (see [`LO_PLANES`]).
     ///
     /// # Safety
-    /// `tabs` points to 128 readable bytes; `HI` exactly when 6 planes were split.
+    /// `tabs` points to 128 readable bytes; with `HI`, 6 planes were split.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lookups_range<const HI: bool>(
@@ -766,10 +768,14 @@ impl PairedIndices {
         hi: &mut [__m256i; 4],
     ) {
         debug_assert!(tables.start.is_multiple_of(2) && tables.end <= TABLES_PER_ACT);
-        debug_assert_eq!(HI, self.bits == MAX_BITS);
-        let lo_pairs = &self.pairs[..(self.bits / 2).min(LO_PLANES / 2)];
-        // Byte weights of each pair, low byte first: (1, 2), (4, 8).
-        let weights = [_mm256_set1_epi16(0x0201), _mm256_set1_epi16(0x0804)];
+        debug_assert!(!HI || self.bits == MAX_BITS);
+        let lo_pairs = &self.pairs[..if HI { LO_PLANES / 2 } else { self.bits / 2 }];
+        // Byte weights of each pair, low byte first: (1, 2), (4, 8), (16, 32).
+        let weights = [
+            _mm256_set1_epi16(0x0201),
+            _mm256_set1_epi16(0x0804),
+            _mm256_set1_epi16(0x2010),
+        ];
         for j in tables.clone() {
             // SAFETY: 16·j + 16 <= 128 table bytes.
             let t = unsafe {
