@@ -3,6 +3,7 @@
 //! `cargo run --release -p lutra-kernels --example lut_timing -- [M] [K] [N] [threads]`
 //! (defaults: 4096 14336 1 1); prints the best of several runs per bit width and the table build time.
 //! `BITS=2,t` picks the bit widths; `t` is the 1.67-bit ternary kernel (`TernaryMatrix`, per-row scales).
+//! `GROUP=32` sets the weight group size of the `BITS` forms (default 128).
 //! `KQUANT=2,3,4,5,6` also times the super-block forms of Q2_K..Q6_K (`PackedMatrix::pack_super_blocks`).
 
 use std::time::Instant;
@@ -55,6 +56,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => (vec![1, 2, 3, 4], true),
     };
     let per_plane = std::env::var("PER_PLANE").is_ok();
+    let group: usize = match std::env::var("GROUP") {
+        Ok(g) => g.parse()?,
+        Err(_) => 128,
+    };
     let cpu = Cpu::new(threads)?;
     println!(
         "isa {} threads {} M {rows} K {cols} N {tokens}",
@@ -89,7 +94,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let codes: Vec<u8> = (0..rows * cols)
             .map(|_| (next() % (1 << bits)) as u8)
             .collect();
-        let groups = rows * cols / 128;
+        let groups = rows * cols / group;
         let nps = if per_plane { usize::from(bits) } else { 1 };
         let scales: Vec<f32> = (0..groups * nps)
             .map(|i| 0.01 + (i % 7) as f32 * 0.001)
@@ -101,7 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rows,
             cols,
             bits,
-            grouping: Grouping::Size(128),
+            grouping: Grouping::Size(group),
             plane_scales: if per_plane {
                 PlaneScales::PerPlane
             } else {

@@ -2,13 +2,20 @@
 //! pairs of table groups interleaved and summed in int16 by `vpmaddubsw` (which also applies the plane
 //! weight `2^p` of uniform planes), one int16→f32 conversion per activation group.
 //!
+//! Uniform planes in weight groups of 32 or 16, with f16 or super-block scales and up to 6 planes,
+//! go from the registers of the lookups straight into the combine ([`tile_direct`]); other forms
+//! with at most 4 planes take [`tile`]'s loop, and the rest the general path
+//! ([`scalar::tile_with`] with [`lookup_accumulate`]).
+//!
 //! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::layout::{BLOCK, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
-use super::{scalar, Acc, PlaneSums, TabView, TileView, CHUNK, MAX_BITS, MAX_FAST_BITS};
+use super::{
+    scalar, Acc, PlaneSums, SuperScales, TabView, TileView, CHUNK, MAX_BITS, MAX_FAST_BITS,
+};
 
 /// # Safety
 /// The CPU supports avx2, fma and f16c, and `v.is_consistent(t, n0, nb)` holds.
@@ -20,6 +27,10 @@ pub(super) unsafe fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
+    if !v.per_plane && (v.apg == 1 || v.half_groups) {
+        // SAFETY: same contract as this function, and the condition just checked.
+        return unsafe { tile_direct(v, t, n0, nb, acc) };
+    }
     if v.needs_general_path() {
         // SAFETY: the closure runs only inside this call, on the CPU the caller vouched for
         // (the one feature `lookup_accumulate` needs); `lookup_accumulate` reads through bounds-checked slices that are
@@ -28,10 +39,6 @@ pub(super) unsafe fn tile<const NB: usize>(
             lookup_accumulate(wa, planes, tabs, tables, ts, f)
         };
         return scalar::tile_with(v, t, n0, nb, acc, lookups);
-    }
-    if v.apg == 1 && !v.per_plane {
-        // SAFETY: same contract as this function.
-        return unsafe { tile_g32(v, t, n0, nb, acc) };
     }
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
@@ -117,81 +124,367 @@ pub(super) unsafe fn tile<const NB: usize>(
     }
 }
 
-/// Uniform planes with one weight group per activation group (group size 32: Q4_0, Q4_1): a group's
-/// plane sum is the single product `F = ts·S`, so it goes from registers straight into the combine.
-/// These are the float operations of the general path (`0 + ts·S` is `ts·S`), without `F`'s round
-/// trip through memory.
+/// Uniform planes with weight groups of 32 (one per activation group: Q4_0, Q4_1, Q4_K, Q5_K) or
+/// 16 (two per activation group: Q2_K, Q3_K, Q6_K), f16 or super-block scales, 1 to 6 planes: runs
+/// [`direct`] instantiated for the tile's form.
 ///
 /// # Safety
-/// As [`tile`], and `v.apg == 1`.
+/// As [`tile`], and `!v.per_plane && (v.apg == 1 || v.half_groups)`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_g32<const NB: usize>(
+unsafe fn tile_direct<const NB: usize>(
     v: &TileView<'_>,
     t: &TabView<'_>,
     n0: usize,
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
-    debug_assert!(v.apg == 1 && v.groups == v.act_groups);
+    let form = (
+        v.half_groups,
+        v.bits > LO_PLANES + 1 && !v.half_groups,
+        v.super_scales.is_some(),
+        match &v.super_scales {
+            Some(ss) => ss.sub_mins.is_some(),
+            None => v.offsets.is_some(),
+        },
+    );
+    macro_rules! dispatch {
+        ($(($half:literal, $hi:literal, $sup:literal, $off:literal)),* $(,)?) => {
+            match form {
+                $(
+                    // SAFETY: the caller's contract, and the form matches the tile.
+                    ($half, $hi, $sup, $off) => unsafe {
+                        direct::<NB, $half, $hi, $sup, $off>(v, t, n0, nb, acc)
+                    },
+                )*
+            }
+        };
+    }
+    dispatch!(
+        (false, false, false, false),
+        (false, false, false, true),
+        (false, false, true, false),
+        (false, false, true, true),
+        (false, true, false, false),
+        (false, true, false, true),
+        (false, true, true, false),
+        (false, true, true, true),
+        (true, false, false, false),
+        (true, false, false, true),
+        (true, false, true, false),
+        (true, false, true, true),
+        (true, true, false, false),
+        (true, true, false, true),
+        (true, true, true, false),
+        (true, true, true, true),
+    );
+}
+
+/// Planes summed into the int16 `lo` sums when a 6th plane would overflow them (6 planes over a
+/// whole activation group, up to 63·127·8 = 64008): planes 4 and 5 then go into `hi` with weights
+/// `(1, 2)` and the total is `lo + 16·hi`, formed in i32. Otherwise every plane goes into `lo`: 5
+/// planes over 8 table groups reach 31·127·8 = 31496, 6 over the 4 of a group of 16 reach
+/// 63·127·4 = 32004, and int16 holds both (every partial sum is bounded by the total of the
+/// magnitudes, so no order overflows).
+const LO_PLANES: usize = 4;
+
+/// The direct path: each weight group's plane sum is the single product `F = ts·S`, so it goes from
+/// the registers of the lookups straight into the combine. These are the float operations of the
+/// general path (`0 + ts·S` is `ts·S`), without `F`'s round trip through memory. Per activation
+/// group the sums of half `h` (`[0]` for groups of 32; table groups `4h..4h + 4` for groups of 16)
+/// hold rows `16q..16q + 16` in `[q]`.
+///
+/// `HALF`: weight groups of 16. `HI`: 6 planes in groups of 32 (see [`LO_PLANES`]). `SUPER`: super-block scales,
+/// each group's `d·sc` and `dmin·m` formed as [`scalar::GroupScales`] forms them (one exact
+/// product each; `a − (dmin·m)·Σx` is exactly the reference's `a + (−(dmin·m))·Σx`), with `d` and
+/// `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With one
+/// token the scales are formed in the combine; with several, once per group for all of them.
+///
+/// # Safety
+/// As [`tile_direct`], and the const parameters describe the tile.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn direct<
+    const NB: usize,
+    const HALF: bool,
+    const HI: bool,
+    const SUPER: bool,
+    const OFFSET: bool,
+>(
+    v: &TileView<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+) {
+    debug_assert!(!v.per_plane && (v.apg == 1 || v.half_groups) && v.half_groups == HALF);
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
+    let halves = if HALF { 2 } else { 1 };
+    let lo_planes = if HI { LO_PLANES } else { v.bits };
+    let c = match &v.super_scales {
+        Some(ss) => ss.centre,
+        None => ((1u32 << v.bits) - 1) as f32 * 0.5,
+    };
     let half = _mm256_set1_ps(0.5);
-    let c = ((1u32 << v.bits) - 1) as f32 * 0.5;
     let mut paired = PairedIndices::new();
-    for g in 0..v.groups {
-        let wa = v.weights[g * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
+    let mut scales = DirectScales::new();
+    for a in 0..v.act_groups {
+        let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
         prefetch(wa, v.bits);
         if nb > 1 {
             // The nibble indices of this group, split once and reused by every token of the block.
             // SAFETY: `wa` holds bits·256 bytes.
             unsafe { paired.split(wa, v.bits) };
         }
-        let scales = &v.scales[g * TILE..][..TILE];
-        let offsets = v.offsets.map(|o| &o[g * TILE..][..TILE]);
+        let g0 = a * halves;
+        scales.select::<SUPER>(v, g0);
+        let rows = [
+            GroupRows::of::<SUPER, OFFSET>(v, g0),
+            GroupRows::of::<SUPER, OFFSET>(v, g0 + halves - 1),
+        ];
+        if NB > 1 {
+            for (h, rows) in rows[..halves].iter().enumerate() {
+                scales.fill::<SUPER, OFFSET>(rows, h);
+            }
+        }
         for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
-            let tabs = t.tables_of(n0 + n, g).as_ptr();
+            let tabs = t.tables_of(n0 + n, a).as_ptr();
+            let mut lo = [[_mm256_setzero_si256(); 4]; 2];
+            let mut hi = [[_mm256_setzero_si256(); 4]; 2];
             if nb > 1 {
                 // Each token's tables are a separate stream: fetch the ones a few groups ahead.
                 let next = tabs.wrapping_add(4 * TABLES_PER_ACT * TABLE_BYTES);
                 // Prefetching never faults, whatever the address (the intrinsic is safe).
                 _mm_prefetch::<_MM_HINT_T0>(next.cast());
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
-            }
-            let mut s = [_mm256_setzero_si256(); 4];
-            if nb > 1 {
-                // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
-                unsafe { paired.lookups(tabs, &mut s) };
+                for h in 0..halves {
+                    let per = TABLES_PER_ACT / halves;
+                    // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
+                    unsafe {
+                        paired.lookups_range::<HI>(
+                            tabs,
+                            h * per..(h + 1) * per,
+                            &mut lo[h],
+                            &mut hi[h],
+                        )
+                    };
+                }
             } else {
-                for p in 0..v.bits {
+                for p in 0..lo_planes {
                     let pw = _mm256_set1_epi8(1 << p);
-                    // SAFETY: `wa` holds bits·256 bytes and p < bits; `tabs` holds 128 bytes.
-                    unsafe { lookups(wa.add(p * PLANE_BYTES), tabs, pw, &mut s) };
+                    for pair in 0..4 {
+                        let h = if HALF { pair / 2 } else { 0 };
+                        // SAFETY: plane p < bits and 64·pair + 64 <= 256 weight bytes; 32·pair +
+                        // 32 <= 128 table bytes.
+                        unsafe {
+                            let idx = split_pair(wa.add(p * PLANE_BYTES + 64 * pair));
+                            pair_lookups(tabs.add(32 * pair), &idx, pw, &mut lo[h]);
+                        }
+                    }
+                }
+                for p in lo_planes..v.bits {
+                    let pw = _mm256_set1_epi8(1 << (p - lo_planes));
+                    for pair in 0..4 {
+                        let h = if HALF { pair / 2 } else { 0 };
+                        // SAFETY: as above.
+                        unsafe {
+                            let idx = split_pair(wa.add(p * PLANE_BYTES + 64 * pair));
+                            pair_lookups(tabs.add(32 * pair), &idx, pw, &mut hi[h]);
+                        }
+                    }
                 }
             }
-            let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + g]);
-            let sx = t.group_sum(n0 + n, g, g + 1);
-            let (sxv, csx) = (_mm256_set1_ps(sx), _mm256_set1_ps(c * sx));
-            for (q, &sq) in s.iter().enumerate() {
-                let halves = [
-                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sq)),
-                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sq)),
-                ];
-                for (h, &s32) in halves.iter().enumerate() {
-                    let r = 16 * q + 8 * h;
-                    let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
-                    let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx);
-                    let dst = &mut acc_n[r..][..8];
+            let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
+            let mut sxv = [_mm256_setzero_ps(); 2];
+            let mut csx = [_mm256_setzero_ps(); 2];
+            for h in 0..halves {
+                let sx = v.group_sum(t, n0 + n, g0 + h);
+                sxv[h] = _mm256_set1_ps(sx);
+                csx[h] = _mm256_set1_ps(c * sx);
+            }
+            for q in 0..4 {
+                for k in 0..2 {
+                    let i = 2 * q + k;
+                    let dst = &mut acc_n[8 * i..][..8];
                     // SAFETY: `dst` is 8 f32s.
-                    let mut a = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
-                    a = _mm256_add_ps(a, _mm256_mul_ps(load_f16(&scales[r..][..8]), tt));
-                    if let Some(o) = offsets {
-                        a = _mm256_add_ps(a, _mm256_mul_ps(load_f16(&o[r..][..8]), sxv));
+                    let mut acc_v = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
+                    for h in 0..halves {
+                        let mut s32 = widen(lo[h][q], k);
+                        if HI {
+                            let hi32 = _mm256_slli_epi32::<4>(widen(hi[h][q], k));
+                            s32 = _mm256_add_epi32(s32, hi32);
+                        }
+                        let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
+                        let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx[h]);
+                        let (s, m) = if NB == 1 {
+                            scales.vectors::<SUPER, OFFSET>(&rows[h], i)
+                        } else {
+                            (scales.scale[h][i], scales.offset[h][i])
+                        };
+                        acc_v = _mm256_add_ps(acc_v, _mm256_mul_ps(s, tt));
+                        if OFFSET {
+                            let y = _mm256_mul_ps(m, sxv[h]);
+                            acc_v = if SUPER {
+                                _mm256_sub_ps(acc_v, y)
+                            } else {
+                                _mm256_add_ps(acc_v, y)
+                            };
+                        }
                     }
                     // SAFETY: as above.
-                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), a) };
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc_v) };
                 }
             }
+        }
+    }
+}
+
+/// Half `k` (rows `8k..8k + 8` of the 16) of an int16 row vector, widened to i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen(v: __m256i, k: usize) -> __m256i {
+    if k == 0 {
+        _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))
+    } else {
+        _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v))
+    }
+}
+
+/// The f32 scales and offsets of [`direct`], 8 rows a vector: f16 values converted, or `d·sc` and
+/// `dmin·m` (the offset's magnitude; [`direct`] subtracts it) of super-block scales.
+struct DirectScales {
+    /// The scales of the one or two groups of an activation group, for several tokens.
+    scale: [[__m256; 8]; 2],
+    /// Their offsets.
+    offset: [[__m256; 8]; 2],
+    d: [__m256; 8],
+    dmin: [__m256; 8],
+    /// The super-block `d` and `dmin` hold, if any.
+    sb: Option<usize>,
+}
+
+impl DirectScales {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new() -> DirectScales {
+        let z = _mm256_setzero_ps();
+        DirectScales {
+            scale: [[z; 8]; 2],
+            offset: [[z; 8]; 2],
+            d: [z; 8],
+            dmin: [z; 8],
+            sb: None,
+        }
+    }
+
+    /// Converts `d` and `dmin` of the super-block of weight group `g` when it is a new one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn select<const SUPER: bool>(&mut self, v: &TileView<'_>, g: usize) {
+        let Some(ss) = v.super_scales.as_ref().filter(|_| SUPER) else {
+            return;
+        };
+        let sb = g / ss.groups_per_super;
+        if self.sb != Some(sb) {
+            self.convert(ss, sb);
+        }
+    }
+
+    /// `d` and `dmin` of super-block `sb` as f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn convert(&mut self, ss: &SuperScales<'_>, sb: usize) {
+        let d = &ss.d[sb * TILE..][..TILE];
+        for (i, dv) in self.d.iter_mut().enumerate() {
+            *dv = load_f16(&d[8 * i..][..8]);
+        }
+        if let Some(dmin) = ss.dmin {
+            let dmin = &dmin[sb * TILE..][..TILE];
+            for (i, dv) in self.dmin.iter_mut().enumerate() {
+                *dv = load_f16(&dmin[8 * i..][..8]);
+            }
+        }
+        self.sb = Some(sb);
+    }
+
+    /// Scale and offset (zero without `OFFSET`) of rows `8i..8i + 8` of the weight group whose
+    /// scale bytes are `rows` and whose super-block [`DirectScales::select`] converted.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn vectors<const SUPER: bool, const OFFSET: bool>(
+        &self,
+        rows: &GroupRows<'_>,
+        i: usize,
+    ) -> (__m256, __m256) {
+        let mut m = _mm256_setzero_ps();
+        if SUPER {
+            let sc = &rows.sub_scales[8 * i..][..8];
+            // SAFETY: `sc` is 8 bytes, what the 64-bit load reads.
+            let sc8 = unsafe { _mm_loadl_epi64(sc.as_ptr().cast()) };
+            let s = _mm256_mul_ps(self.d[i], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+            if OFFSET {
+                let mins = &rows.sub_mins[8 * i..][..8];
+                // SAFETY: `mins` is 8 bytes, what the 64-bit load reads.
+                let m8 = unsafe { _mm_loadl_epi64(mins.as_ptr().cast()) };
+                m = _mm256_mul_ps(self.dmin[i], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)));
+            }
+            (s, m)
+        } else {
+            if OFFSET {
+                m = load_f16(&rows.offsets[8 * i..][..8]);
+            }
+            (load_f16(&rows.scales[8 * i..][..8]), m)
+        }
+    }
+
+    /// The scales of the weight group of `rows` into half `h`, for every token of a block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fill<const SUPER: bool, const OFFSET: bool>(&mut self, rows: &GroupRows<'_>, h: usize) {
+        for i in 0..TILE / 8 {
+            (self.scale[h][i], self.offset[h][i]) = self.vectors::<SUPER, OFFSET>(rows, i);
+        }
+    }
+}
+
+/// The scale bytes of one weight group's 64 rows, as arrays so that the row vectors index them
+/// without checks; the fields a form does not have are zeros.
+#[derive(Clone, Copy)]
+struct GroupRows<'a> {
+    /// f16 scales.
+    scales: &'a [u16; TILE],
+    /// f16 offsets.
+    offsets: &'a [u16; TILE],
+    /// Super-block sub-scales.
+    sub_scales: &'a [i8; TILE],
+    /// Super-block sub-mins.
+    sub_mins: &'a [u8; TILE],
+}
+
+impl<'a> GroupRows<'a> {
+    /// The rows of weight group `g` of tile `v`.
+    #[inline(always)]
+    fn of<const SUPER: bool, const OFFSET: bool>(v: &TileView<'a>, g: usize) -> GroupRows<'a> {
+        const Z16: [u16; TILE] = [0; TILE];
+        const ZI8: [i8; TILE] = [0; TILE];
+        const ZU8: [u8; TILE] = [0; TILE];
+        fn rows<T>(s: &[T], g: usize) -> &[T; TILE] {
+            s[g * TILE..][..TILE]
+                .try_into()
+                .expect("a slice of TILE elements is an array of TILE")
+        }
+        match v.super_scales.as_ref().filter(|_| SUPER) {
+            Some(ss) => GroupRows {
+                scales: &Z16,
+                offsets: &Z16,
+                sub_scales: rows(ss.sub_scales, g),
+                sub_mins: ss.sub_mins.filter(|_| OFFSET).map_or(&ZU8, |m| rows(m, g)),
+            },
+            None => GroupRows {
+                scales: rows(v.scales, g),
+                offsets: v.offsets.filter(|_| OFFSET).map_or(&Z16, |o| rows(o, g)),
+                sub_scales: &ZI8,
+                sub_mins: &ZU8,
+            },
         }
     }
 }
@@ -446,23 +739,57 @@ impl PairedIndices {
         }
     }
 
-    /// `s += Σ_p 2^p·Σ_j T_j[nibble_{p,j}]` for the planes last split.
+    /// `s += Σ_p 2^p·Σ_j T_j[nibble_{p,j}]` for the planes last split (at most 4).
     ///
     /// # Safety
     /// `tabs` points to 128 readable bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lookups(&self, tabs: *const i8, s: &mut [__m256i; 4]) {
-        let pairs = &self.pairs[..self.bits / 2];
-        // Byte weights (2^{2i}, 2^{2i+1}) of each pair, low byte first.
-        let weights = [_mm256_set1_epi16(0x0201), _mm256_set1_epi16(0x0804)];
-        for j in 0..TABLES_PER_ACT {
+        debug_assert!(self.bits <= MAX_FAST_BITS);
+        let mut unused = [_mm256_setzero_si256(); 4];
+        // SAFETY: the caller's contract.
+        unsafe { self.lookups_range::<false>(tabs, 0..TABLES_PER_ACT, s, &mut unused) };
+    }
+
+    /// The lookups of table groups `tables` (starting and ending at even groups) into `lo`, plane
+    /// `p` weighted by `2^p`, except with `HI` the third pair (planes 4 and 5), which goes into
+    /// `hi` weighted by `(1, 2)` (see [`LO_PLANES`]).
+    ///
+    /// # Safety
+    /// `tabs` points to 128 readable bytes; with `HI`, 6 planes were split.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lookups_range<const HI: bool>(
+        &self,
+        tabs: *const i8,
+        tables: Range<usize>,
+        lo: &mut [__m256i; 4],
+        hi: &mut [__m256i; 4],
+    ) {
+        debug_assert!(tables.start.is_multiple_of(2) && tables.end <= TABLES_PER_ACT);
+        debug_assert!(!HI || self.bits == MAX_BITS);
+        let lo_pairs = &self.pairs[..if HI { LO_PLANES / 2 } else { self.bits / 2 }];
+        // Byte weights of each pair, low byte first: (1, 2), (4, 8), (16, 32).
+        let weights = [
+            _mm256_set1_epi16(0x0201),
+            _mm256_set1_epi16(0x0804),
+            _mm256_set1_epi16(0x2010),
+        ];
+        for j in tables.clone() {
             // SAFETY: 16·j + 16 <= 128 table bytes.
             let t = unsafe {
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(tabs.add(TABLE_BYTES * j).cast()))
             };
-            for (pair, &w) in pairs.iter().zip(&weights) {
-                for (sq, &iq) in s.iter_mut().zip(&pair[j]) {
+            for (pair, &w) in lo_pairs.iter().zip(&weights) {
+                for (sq, &iq) in lo.iter_mut().zip(&pair[j]) {
+                    *sq =
+                        _mm256_add_epi16(*sq, _mm256_maddubs_epi16(w, _mm256_shuffle_epi8(t, iq)));
+                }
+            }
+            if HI {
+                for (sq, &iq) in hi.iter_mut().zip(&self.pairs[LO_PLANES / 2][j]) {
+                    let w = weights[0];
                     *sq =
                         _mm256_add_epi16(*sq, _mm256_maddubs_epi16(w, _mm256_shuffle_epi8(t, iq)));
                 }
@@ -470,8 +797,10 @@ impl PairedIndices {
         }
         if self.bits % 2 == 1 {
             let pw = _mm256_set1_epi8(1 << (self.bits - 1));
-            // SAFETY: the caller's contract.
-            unsafe { split_lookups(&self.single, tabs, pw, s) };
+            for pair in tables.start / 2..tables.end / 2 {
+                // SAFETY: 32·pair + 32 <= 128 table bytes.
+                unsafe { pair_lookups(tabs.add(32 * pair), &self.single[pair], pw, lo) };
+            }
         }
     }
 }

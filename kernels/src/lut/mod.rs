@@ -6,9 +6,12 @@
 //! scalar reference bit for bit: integer lookups are exact whatever their order, and the float work per
 //! row is `F += tscale·S` per activation group, then one combine per weight group (see [`scalar`]).
 //!
-//! Forms the specialised SIMD paths do not cover (more than 4 planes, weight groups of 16, two-level
-//! super-block scales) run the scalar float work with the ISA's integer lookups
-//! ([`scalar::tile_with`]): integer sums are exact, so those paths agree with the reference too.
+//! On AVX2, uniform planes in weight groups of 32 or 16 (Q4_0, Q4_1 and the K-quants, up to 6
+//! planes, f16 or super-block scales) take a direct path from the int16 lookup sums into the
+//! combine. Forms no specialised SIMD path covers (on AVX2: 5 or 6 planes with per-plane scales or
+//! groups of 64 and more; on NEON: more than 4 planes, groups of 16, super-block scales) run the
+//! scalar float work with the ISA's integer lookups ([`scalar::tile_with`]): integer sums are
+//! exact, so those paths agree with the reference too.
 
 pub(crate) mod layout;
 pub(crate) mod scalar;
@@ -176,7 +179,9 @@ pub(crate) struct TileView<'a> {
 }
 
 impl TileView<'_> {
-    /// Whether the tile needs the general path ([`scalar::tile_with`]) rather than a specialised one.
+    /// Whether the tile needs the general path ([`scalar::tile_with`]) rather than the specialised
+    /// one for at most 4 planes in groups of 32 or more with f16 scales (AVX2 checks for its
+    /// direct path first).
     pub fn needs_general_path(&self) -> bool {
         self.bits > MAX_FAST_BITS || self.half_groups || self.super_scales.is_some()
     }

@@ -631,6 +631,60 @@ fn every_isa_and_thread_count_matches_scalar_bit_for_bit() {
 }
 
 #[test]
+fn largest_integer_sums_match_scalar_bit_for_bit() {
+    // Rows of all-top codes against equal activations (every table entry ±127) reach the largest
+    // integer sums a group can have (6 planes: 63·127·8, past int16), in GEMV and in GEMM.
+    let mut rng = Rng(SplitMix64::new(0x70B));
+    for t in TYPES {
+        let (rows, cols) = (70, 512);
+        let mut parts = Parts::random(&mut rng, t, rows, cols);
+        let top = (1u8 << t.bits) - 1;
+        for (i, c) in parts.codes.iter_mut().enumerate() {
+            match (i / cols) % 4 {
+                0 => *c = top,
+                1 => *c = 0,
+                _ => {}
+            }
+        }
+        for d in parts.d.iter_mut().chain(parts.dmin.iter_mut().flatten()) {
+            *d = f16::from_f32(0.001 + 0.02 * rng.0.uniform()).to_bits();
+        }
+        let m = parts.pack();
+        for tokens in [1, 3, 17] {
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|i| match i / cols {
+                    0 => 1.0,
+                    1 => -1.0,
+                    _ => rng.0.gaussian(),
+                })
+                .collect();
+            let want = run(Isa::Scalar, 1, &m, &x, tokens);
+            let (exact, energy) = reference(&m, &x, tokens);
+            let err: f64 = want
+                .iter()
+                .zip(&exact)
+                .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+                .sum();
+            assert!(
+                err <= 1e-4 * energy,
+                "{} N={tokens}: {err} vs {energy}",
+                t.name
+            );
+            for isa in Isa::supported() {
+                for threads in [1, 3] {
+                    let got = run(isa, threads, &m, &x, tokens);
+                    assert!(
+                        bits_of(&got) == bits_of(&want),
+                        "{} {isa}, {threads} threads, N={tokens}",
+                        t.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn accuracy_within_1e4_nmse_for_every_type() {
     let mut rng = Rng(SplitMix64::new(0xACC));
     for t in TYPES {
@@ -735,7 +789,7 @@ fn five_and_six_bit_float_scale_forms_match_scalar_and_the_reference() {
                 offsets: Some(&offsets),
             };
             let m = PackedMatrix::pack(&weights).unwrap();
-            for tokens in [1, 17] {
+            for tokens in [1, 3, 17, 33] {
                 let x: Vec<f32> = (0..tokens * cols)
                     .map(|i| if i < cols { 1.0 } else { rng.0.gaussian() })
                     .collect();
@@ -744,11 +798,11 @@ fn five_and_six_bit_float_scale_forms_match_scalar_and_the_reference() {
                 let e = nmse(&want, &exact);
                 assert!(e <= 1e-4, "{bits} bits {planes:?} {grouping:?}: nmse {e}");
                 for isa in Isa::supported() {
-                    for threads in [1, 2] {
+                    for threads in [1, 2, 3] {
                         let got = run(isa, threads, &m, &x, tokens);
                         assert!(
                             bits_of(&got) == bits_of(&want),
-                            "{bits} bits {planes:?} {grouping:?} {isa} {threads} threads"
+                            "{bits} bits {planes:?} {grouping:?} {isa} {threads} threads N={tokens}"
                         );
                     }
                 }
