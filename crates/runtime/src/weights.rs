@@ -7,6 +7,9 @@
 
 use half::{bf16, f16};
 
+mod iq_grids;
+use iq_grids::{IQ1S_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS};
+
 /// A decoded weight tensor of shape `[rows][cols]` (cols = K, the fastest-varying dimension).
 #[derive(Clone, Debug, PartialEq)]
 pub enum DecodedTensor {
@@ -27,7 +30,8 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
-    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS).
+    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS,
+    /// IQ2_XXS, IQ3_XXS, IQ1_S).
     Int8 {
         /// Output features.
         rows: usize,
@@ -40,7 +44,7 @@ pub enum DecodedTensor {
     },
     /// K-quant super-blocks of 256: `w = (d·sc)·(q − zero_point) − dmin·m`, with integer
     /// sub-scales `sc` (and sub-mins `m`) per group of `group` elements and f16 `d` (and `dmin`)
-    /// per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
+    /// per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ3_S, IQ1_M).
     SuperBlock {
         /// Output features.
         rows: usize,
@@ -50,7 +54,8 @@ pub enum DecodedTensor {
         bits: u8,
         /// Elements per sub-scale group: 16 or 32.
         group: usize,
-        /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, else 0).
+        /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, IQ3_S: 8, IQ1_M: 9,
+        /// else 0).
         zero_point: u8,
         /// One code per element, row-major.
         codes: Vec<u8>,
@@ -236,12 +241,12 @@ const TYPES: [TypeTraits; 32] = {
         traits(13, Q5_K, QK_K, 176, Some(decode_q5_k)),
         traits(14, Q6_K, QK_K, 210, Some(decode_q6_k)),
         traits(15, Q8_K, QK_K, 292, Some(decode_q8_k)),
-        traits(16, IQ2_XXS, QK_K, 66, None),
+        traits(16, IQ2_XXS, QK_K, 66, Some(decode_iq2_xxs)),
         traits(17, IQ2_XS, QK_K, 74, None),
-        traits(18, IQ3_XXS, QK_K, 98, None),
-        traits(19, IQ1_S, QK_K, 50, None),
+        traits(18, IQ3_XXS, QK_K, 98, Some(decode_iq3_xxs)),
+        traits(19, IQ1_S, QK_K, 50, Some(decode_iq1_s)),
         traits(20, IQ4_NL, 32, 18, Some(decode_iq4_nl)),
-        traits(21, IQ3_S, QK_K, 110, None),
+        traits(21, IQ3_S, QK_K, 110, Some(decode_iq3_s)),
         traits(22, IQ2_S, QK_K, 82, None),
         traits(23, IQ4_XS, QK_K, 136, Some(decode_iq4_xs)),
         traits(24, I8, 1, 1, None),
@@ -249,7 +254,7 @@ const TYPES: [TypeTraits; 32] = {
         traits(26, I32, 1, 4, None),
         traits(27, I64, 1, 8, None),
         traits(28, F64, 1, 8, None),
-        traits(29, IQ1_M, QK_K, 56, None),
+        traits(29, IQ1_M, QK_K, 56, Some(decode_iq1_m)),
         traits(30, BF16, 1, 2, Some(decode_bf16)),
         traits(34, TQ1_0, QK_K, 54, Some(decode_tq1_0)),
         traits(35, TQ2_0, QK_K, 66, Some(decode_tq2_0)),
@@ -506,6 +511,175 @@ fn decode_iq4_xs(t: Blocks<'_>) -> DecodedTensor {
     }
 }
 
+/// IQ2_XXS: per 32 elements a 4-bit `ls` and four 8-element grid entries with 7-bit sign
+/// patterns: `w = db·grid[j]·sign` with `db = d·(0.5 + ls)·0.25`. The signed grid values
+/// (±8, ±25, ±43) are the int8 codes and `db` (exact in f32: an f16 times `(2ls + 1)/8`) the scale.
+fn decode_iq2_xxs(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 32);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        for sub in b[2..66].chunks_exact(8) {
+            let (indices, aux) = (&sub[0..4], u32_at(sub, 4));
+            scales.push(d * (0.5 + (aux >> 28) as f32) * 0.25);
+            for (l, &index) in indices.iter().enumerate() {
+                let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+                let grid = IQ2XXS_GRID[usize::from(index)].to_le_bytes();
+                codes.extend(signed_grid(&grid, signs));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        codes,
+        scales,
+    }
+}
+
+/// IQ3_XXS: per 32 elements a 4-bit `ls`, eight 4-element grid entries and four 7-bit sign
+/// patterns: `w = db·grid[j]·sign` with `db = d·(0.5 + ls)·0.5`. The signed grid values (at most
+/// ±62, not evenly spaced) are the int8 codes and `db` (exact in f32) the scale.
+fn decode_iq3_xxs(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 32);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        let (qs, scales_and_signs) = (&b[2..66], &b[66..98]);
+        for (indices, aux) in qs.chunks_exact(8).zip(scales_and_signs.chunks_exact(4)) {
+            let aux = u32_at(aux, 0);
+            scales.push(d * (0.5 + (aux >> 28) as f32) * 0.5);
+            for (l, pair) in indices.chunks_exact(2).enumerate() {
+                let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+                let mut grid = [0u8; 8];
+                grid[..4].copy_from_slice(&IQ3XXS_GRID[usize::from(pair[0])].to_le_bytes());
+                grid[4..].copy_from_slice(&IQ3XXS_GRID[usize::from(pair[1])].to_le_bytes());
+                codes.extend(signed_grid(&grid, signs));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        codes,
+        scales,
+    }
+}
+
+/// IQ3_S: per 32 elements a 4-bit `s`, eight 9-bit indices into a grid of odd values 1..15 and
+/// 32 sign bits: `w = db·grid[j]·sign` with `db = d·(1 + 2s)` (f32). A signed odd value
+/// `v = 2q − 15` (`q` in 0..15) makes it the super-block form with mins, groups of 32:
+/// `(d·2(1 + 2s))·(q − 8) − (−d)·(1 + 2s)`. Each product and the difference are exact in f32 (`d`
+/// is the file's f16, the result has at most 20 significant bits), so the weights are ggml's.
+/// (The plain low-bit form would round the scale `2db` to f16.)
+fn decode_iq3_s(t: Blocks<'_>) -> DecodedTensor {
+    let mut sb = SuperBlockBuilder::new(t, 4, 32, 8, true);
+    for b in t.iter() {
+        let (qs, qh, signs, sc) = (&b[2..66], &b[66..74], &b[74..106], &b[106..110]);
+        for (k, (indices, signs)) in qs.chunks_exact(8).zip(signs.chunks_exact(4)).enumerate() {
+            let odd = 1 + 2 * ((sc[k / 2] >> (4 * (k % 2))) & 0xF);
+            let mut values = [0i8; 32];
+            for (l, (out, &sign)) in values.chunks_exact_mut(8).zip(signs).enumerate() {
+                let mut grid = [0u8; 8];
+                for (i, half) in grid.chunks_exact_mut(4).enumerate() {
+                    let high = (u16::from(qh[k]) << (8 - 2 * l - i)) & 256;
+                    let index = usize::from(u16::from(indices[2 * l + i]) | high);
+                    half.copy_from_slice(&IQ3S_GRID[index].to_le_bytes());
+                }
+                out.copy_from_slice(&signed_grid(&grid, sign));
+            }
+            let codes = values.iter().map(|&v| ((i16::from(v) + 15) / 2) as u8);
+            sb.group(2 * odd as i8, odd, codes);
+        }
+        // dmin = −d: flipping the sign bit of the f16 is exact.
+        let d = f16_bits_at(b, 0);
+        sb.super_block(d, d ^ 0x8000);
+    }
+    sb.finish()
+}
+
+/// IQ1_S: per 32 elements a 3-bit `s`, a shift sign and four 11-bit indices into a grid of
+/// ternary values `g` (−1, 0, 1): `w = dl·(g + δ)` with `dl = d·(2s + 1)` and `δ = ±1/8`. The
+/// int8 codes are `8g + 8δ` (±1, ±7, ±9) and the scale `dl/8`, exact in f32 (a power-of-two step
+/// of a value with at most 15 significant bits).
+fn decode_iq1_s(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 32);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        let (qs, qh) = (&b[2..34], &b[34..50]);
+        for (indices, qh) in qs.chunks_exact(4).zip(qh.chunks_exact(2)) {
+            let qh = u16::from_le_bytes([qh[0], qh[1]]);
+            let dl = d * (2 * ((qh >> 12) & 7) + 1) as f32;
+            scales.push(dl * IQ1_DELTA);
+            let shift: i8 = if qh & 0x8000 != 0 { -1 } else { 1 };
+            codes.extend(indices.iter().enumerate().flat_map(|(l, &low)| {
+                let index = usize::from(low) | (usize::from((qh >> (3 * l)) & 7) << 8);
+                IQ1S_GRID[index].to_le_bytes().map(|g| 8 * g as i8 + shift)
+            }));
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        codes,
+        scales,
+    }
+}
+
+/// IQ1_M: the IQ1_S grid with a 3-bit `s` per 16 elements, a shift sign `δ = ±1/8` per 8, and an
+/// f16 `d` spread over the high nibbles of the scales: `w = dl·(g + δ)` with `dl = d·(2s + 1)`.
+///
+/// The scale changes every 16 elements, so the form is the super-block one: 5-bit codes
+/// `q = 8g + 8δ + 9` (0..18, zero point 9), sub-scales `2s + 1` per group of 16 and super-scale
+/// `d/8`: `(d/8·(2s + 1))·(q − 9)` is ggml's value exactly. That needs `d/8` to be an f16, which
+/// fails only for `|d| < 2^-11` with low mantissa bits set; a tensor with such a block is kept
+/// dense instead (exact, 32 bits per weight). Int8 codes would not do: `(2s + 1)·(8g ± 1)`
+/// reaches ±135.
+fn decode_iq1_m(t: Blocks<'_>) -> DecodedTensor {
+    let mut sb = SuperBlockBuilder::new(t, 5, 16, 9, false);
+    let mut eighth_exact = true;
+    for b in t.iter() {
+        let (qs, qh, sc) = (&b[0..32], &b[32..48], &b[48..56]);
+        let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([sc[2 * i], sc[2 * i + 1]]));
+        let d = iq1m_scale_of_block(b);
+        let eighth = f16::from_f32(d.to_f32() * 0.125);
+        eighth_exact &= eighth.to_f32() == d.to_f32() * 0.125;
+        for (ib, (indices, qh)) in qs.chunks_exact(4).zip(qh.chunks_exact(2)).enumerate() {
+            let shift = 6 * (ib % 2);
+            let index = [
+                usize::from(indices[0]) | ((usize::from(qh[0]) << 8) & 0x700),
+                usize::from(indices[1]) | ((usize::from(qh[0]) << 4) & 0x700),
+                usize::from(indices[2]) | ((usize::from(qh[1]) << 8) & 0x700),
+                usize::from(indices[3]) | ((usize::from(qh[1]) << 4) & 0x700),
+            ];
+            let negative = [qh[0] & 0x08, qh[0] & 0x80, qh[1] & 0x08, qh[1] & 0x80];
+            let code = |l: usize| {
+                let shift: i8 = if negative[l] != 0 { -1 } else { 1 };
+                IQ1S_GRID[index[l]]
+                    .to_le_bytes()
+                    .map(|g| (8 * g as i8 + shift + 9) as u8)
+            };
+            for half in 0..2 {
+                let s = (sc[ib / 2] >> (shift + 3 * half)) & 7;
+                let codes = code(2 * half).into_iter().chain(code(2 * half + 1));
+                sb.group((2 * s + 1) as i8, 0, codes);
+            }
+        }
+        sb.super_block(eighth.to_bits(), 0);
+    }
+    if eighth_exact {
+        return sb.finish();
+    }
+    // ggml's products: dl = d·(2s + 1), then dl·(g + δ) with g + δ = (q − 9)/8 (all exact).
+    let d: Vec<f32> = t.iter().map(|b| iq1m_scale_of_block(b).to_f32()).collect();
+    let values = sb.codes.iter().enumerate().map(|(i, &q)| {
+        let dl = d[i / QK_K] * f32::from(sb.sub_scales[i / 16]);
+        dl * ((f32::from(q) - 9.0) * IQ1_DELTA)
+    });
+    dense(t.rows, t.cols, values)
+}
+
 /// Q5_1: `w = d·q + m` with 5-bit `q`, groups of 32.
 fn decode_q5_1(t: Blocks<'_>) -> DecodedTensor {
     let mut lb = LowBitBuilder::new(t.elems(), 32);
@@ -675,6 +849,10 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 fn f16_bits_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -794,6 +972,30 @@ fn iq4_nl_codes(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
     qs.iter()
         .map(move |&q| code(q))
         .chain(qs.iter().map(move |&q| code(q >> 4)))
+}
+
+/// The IQ1_S and IQ1_M grid shift (`IQ1S_DELTA`, `IQ1M_DELTA`).
+const IQ1_DELTA: f32 = 0.125;
+
+/// The f16 super-scale of an IQ1_M block, from the high nibbles of its four scale words.
+fn iq1m_scale_of_block(b: &[u8]) -> f16 {
+    let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]));
+    f16::from_bits(
+        (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000),
+    )
+}
+
+/// Eight grid values as int8 codes, negated where `signs` has the element's bit
+/// (`kmask_iq2xs`).
+fn signed_grid(grid: &[u8; 8], signs: u8) -> [i8; 8] {
+    std::array::from_fn(|j| {
+        let v = grid[j] as i8;
+        if signs & KMASK_IQ2XS[j] != 0 {
+            -v
+        } else {
+            v
+        }
+    })
 }
 
 /// The 32 unsigned 5-bit values of a Q5_0/Q5_1 block (`qh` as a little-endian u32).
