@@ -8,7 +8,10 @@
 use half::{bf16, f16};
 
 mod iq_grids;
-use iq_grids::{IQ1S_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS};
+use iq_grids::{
+    IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KMASK_IQ2XS,
+    KSIGNS_IQ2XS,
+};
 
 /// A decoded weight tensor of shape `[rows][cols]` (cols = K, the fastest-varying dimension).
 #[derive(Clone, Debug, PartialEq)]
@@ -31,15 +34,17 @@ pub enum DecodedTensor {
         offsets: Vec<f32>,
     },
     /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS,
-    /// IQ2_XXS, IQ3_XXS, IQ1_S).
+    /// IQ2_XXS, IQ3_XXS, IQ1_S) or of 16 (IQ2_XS, IQ2_S).
     Int8 {
         /// Output features.
         rows: usize,
-        /// Input features.
+        /// Input features (a multiple of 32).
         cols: usize,
+        /// Elements per scale along a row: 32 or 16.
+        block: usize,
         /// One code per element, row-major.
         codes: Vec<i8>,
-        /// `[rows][cols / 32]`.
+        /// `[rows][cols / block]`.
         scales: Vec<f32>,
     },
     /// K-quant super-blocks of 256: `w = (d·sc)·(q − zero_point) − dmin·m`, with integer
@@ -117,10 +122,15 @@ impl DecodedTensor {
                     scales[g] * f32::from(q) + offsets[g]
                 })
                 .collect(),
-            DecodedTensor::Int8 { codes, scales, .. } => codes
+            DecodedTensor::Int8 {
+                block,
+                codes,
+                scales,
+                ..
+            } => codes
                 .iter()
                 .enumerate()
-                .map(|(i, &q)| scales[i / 32] * f32::from(q))
+                .map(|(i, &q)| scales[i / block] * f32::from(q))
                 .collect(),
             DecodedTensor::SuperBlock {
                 group,
@@ -242,12 +252,12 @@ const TYPES: [TypeTraits; 32] = {
         traits(14, Q6_K, QK_K, 210, Some(decode_q6_k)),
         traits(15, Q8_K, QK_K, 292, Some(decode_q8_k)),
         traits(16, IQ2_XXS, QK_K, 66, Some(decode_iq2_xxs)),
-        traits(17, IQ2_XS, QK_K, 74, None),
+        traits(17, IQ2_XS, QK_K, 74, Some(decode_iq2_xs)),
         traits(18, IQ3_XXS, QK_K, 98, Some(decode_iq3_xxs)),
         traits(19, IQ1_S, QK_K, 50, Some(decode_iq1_s)),
         traits(20, IQ4_NL, 32, 18, Some(decode_iq4_nl)),
         traits(21, IQ3_S, QK_K, 110, Some(decode_iq3_s)),
-        traits(22, IQ2_S, QK_K, 82, None),
+        traits(22, IQ2_S, QK_K, 82, Some(decode_iq2_s)),
         traits(23, IQ4_XS, QK_K, 136, Some(decode_iq4_xs)),
         traits(24, I8, 1, 1, None),
         traits(25, I16, 1, 2, None),
@@ -432,6 +442,7 @@ fn decode_q8_0(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -451,6 +462,7 @@ fn decode_q8_k(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -479,6 +491,7 @@ fn decode_iq4_nl(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -506,6 +519,7 @@ fn decode_iq4_xs(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -532,9 +546,75 @@ fn decode_iq2_xxs(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows: t.rows,
         cols: t.cols,
+        block: 32,
         codes,
         scales,
     }
+}
+
+/// IQ2_XS: per 32 elements two 4-bit scales `ls` (one per 16) and four 16-bit words of a 9-bit
+/// grid index and a 7-bit sign pattern: `w = db·grid[j]·sign` with `db = d·(0.5 + ls)·0.25`.
+/// The scale changes every 16 elements, so the form is int8 with one scale per 16: codes ±8, ±25,
+/// ±43 (neither `(2ls + 1)·grid` nor these codes fit the 6-bit super-block form exactly).
+fn decode_iq2_xs(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 16);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        let (qs, sc) = (&b[2..66], &b[66..74]);
+        for (words, &sc) in qs.chunks_exact(8).zip(sc) {
+            scales.extend(iq2_half_scales(d, sc));
+            for word in words.chunks_exact(2) {
+                let q = u16::from_le_bytes([word[0], word[1]]);
+                let grid = IQ2XS_GRID[usize::from(q & 511)].to_le_bytes();
+                codes.extend(signed_grid(&grid, KSIGNS_IQ2XS[usize::from(q >> 9)]));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 16,
+        codes,
+        scales,
+    }
+}
+
+/// IQ2_S: like IQ2_XS with 10-bit grid indices (8 bits in `qs`, 2 in `qh`) into a larger grid of
+/// the same values and explicit 8-bit sign bytes; int8 with one scale per 16.
+fn decode_iq2_s(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 16);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        let (qs, signs, qh, sc) = (&b[2..34], &b[34..66], &b[66..74], &b[74..82]);
+        for (ib, ((indices, signs), &sc)) in qs
+            .chunks_exact(4)
+            .zip(signs.chunks_exact(4))
+            .zip(sc)
+            .enumerate()
+        {
+            scales.extend(iq2_half_scales(d, sc));
+            for (l, (&low, &sign)) in indices.iter().zip(signs).enumerate() {
+                let high = (usize::from(qh[ib]) << (8 - 2 * l)) & 0x300;
+                let grid = IQ2S_GRID[usize::from(low) | high].to_le_bytes();
+                codes.extend(signed_grid(&grid, sign));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 16,
+        codes,
+        scales,
+    }
+}
+
+/// The two 16-element scales `d·(0.5 + ls)·0.25` of an IQ2_XS/IQ2_S sub-block from its scale
+/// byte (low nibble first), computed in f32 as ggml does (exact: an f16 times `(2ls + 1)/8`).
+fn iq2_half_scales(d: f32, sc: u8) -> [f32; 2] {
+    [sc & 0xF, sc >> 4].map(|ls| d * (0.5 + f32::from(ls)) * 0.25)
 }
 
 /// IQ3_XXS: per 32 elements a 4-bit `ls`, eight 4-element grid entries and four 7-bit sign
@@ -561,6 +641,7 @@ fn decode_iq3_xxs(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows: t.rows,
         cols: t.cols,
+        block: 32,
         codes,
         scales,
     }
@@ -622,6 +703,7 @@ fn decode_iq1_s(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows: t.rows,
         cols: t.cols,
+        block: 32,
         codes,
         scales,
     }

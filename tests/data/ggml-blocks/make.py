@@ -42,6 +42,8 @@ TYPES = [
     (T.IQ3_XXS, [0], 2, 2),
     (T.IQ3_S, [0], 2, 2),
     (T.IQ1_S, [0], 2, 2),
+    (T.IQ2_XS, [0], 2, 2),
+    (T.IQ2_S, [0], 2, 2),
 ]
 
 # IQ1_M keeps its f16 scale `d` in the high nibbles of its four little-endian scale words (bytes

@@ -17,6 +17,8 @@ TABLES = [
     ("kmask_iq2xs", "KMASK_IQ2XS", "u8", 8, 8),
     ("ksigns_iq2xs", "KSIGNS_IQ2XS", "u8", 128, 16),
     ("iq2xxs_grid", "IQ2XXS_GRID", "u64", 256, 4),
+    ("iq2xs_grid", "IQ2XS_GRID", "u64", 512, 4),
+    ("iq2s_grid", "IQ2S_GRID", "u64", 1024, 4),
     ("iq3xxs_grid", "IQ3XXS_GRID", "u32", 256, 8),
     ("iq3s_grid", "IQ3S_GRID", "u32", 512, 8),
     ("iq1s_grid", "IQ1S_GRID", "u64", 2048, 4),

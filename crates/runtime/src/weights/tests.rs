@@ -288,8 +288,8 @@ fn wrong_length_and_unsupported_are_errors() {
         Err(DecodeError::BadShape(_))
     ));
     assert_eq!(
-        decode_ggml(GgmlType::IQ2_XS, 1, 256, &[0; 74]),
-        Err(DecodeError::Unsupported(GgmlType::IQ2_XS))
+        decode_ggml(GgmlType::MXFP4, 1, 32, &[0; 17]),
+        Err(DecodeError::Unsupported(GgmlType::MXFP4))
     );
     assert_eq!(GgmlType::from_id(3), Some(GgmlType::Q4_1));
     assert_eq!(GgmlType::from_id(99), None);
@@ -456,6 +456,49 @@ fn iq2_xxs_and_iq3_xxs_match_reference_as_int8() {
 }
 
 #[test]
+fn iq2_xs_and_iq2_s_match_reference_as_int8_with_half_block_scales() {
+    for name in ["iq2_xs", "iq2_s"] {
+        let t = check_block_fixture(name);
+        let DecodedTensor::Int8 {
+            block: 16,
+            codes,
+            scales,
+            ..
+        } = &t
+        else {
+            panic!("{name} is not in the int8 form with a scale per 16")
+        };
+        assert_eq!(scales.len(), t.rows() * t.cols() / 16, "{name}");
+        assert!(codes
+            .iter()
+            .all(|c| [8, 25, 43].contains(&c.unsigned_abs())));
+        // Random scale nibbles: some sub-block has two different half scales.
+        assert!(scales.chunks_exact(2).any(|p| p[0] != p[1]), "{name}");
+    }
+}
+
+#[test]
+fn iq2_s_index_high_bits_and_signs_follow_the_layout() {
+    // d = 4, scales 0x10 (ls 0 then 1: db = 0.5, 1.5). Index 0x3FF (qh bits 2l..2l+2 all set)
+    // for every group; sign byte 0x01 negates element 0 of each group of 8.
+    let mut b = Vec::new();
+    b.extend(h(4.0));
+    b.extend([0xFFu8; 32]);
+    b.extend([0x01u8; 32]);
+    b.extend([0xFFu8; 8]);
+    b.extend([0x10u8; 8]);
+    let w = decode_ggml(GgmlType::IQ2_S, 1, 256, &b)
+        .unwrap()
+        .dequantize();
+    let grid = IQ2S_GRID[0x3FF].to_le_bytes();
+    for (i, &x) in w.iter().enumerate() {
+        let db = if i % 32 < 16 { 0.5 } else { 1.5 };
+        let sign = if i % 8 == 0 { -1.0 } else { 1.0 };
+        assert_eq!(x, db * f32::from(grid[i % 8]) * sign, "element {i}");
+    }
+}
+
+#[test]
 fn iq3_s_matches_reference_as_super_blocks_with_mins() {
     let t = check_block_fixture("iq3_s");
     let DecodedTensor::SuperBlock {
@@ -599,6 +642,8 @@ fn int8_kernel_form_holds_reference_values() {
         ("iq2_xxs", false),
         ("iq3_xxs", false),
         ("iq1_s", false),
+        ("iq2_xs", false),
+        ("iq2_s", false),
     ] {
         let (tensor, expected) = decode_block_fixture(name);
         let m = Linear::from_decoded(&tensor, false).unwrap();
