@@ -680,24 +680,30 @@ fn decode_iq3_s(t: Blocks<'_>) -> DecodedTensor {
 }
 
 /// IQ1_S: per 32 elements a 3-bit `s`, a shift sign and four 11-bit indices into a grid of
-/// ternary values `g` (−1, 0, 1): `w = dl·(g + δ)` with `dl = d·(2s + 1)` and `δ = ±1/8`. The
-/// int8 codes are `8g + 8δ` (±1, ±7, ±9) and the scale `dl/8`, exact in f32 (a power-of-two step
-/// of a value with at most 15 significant bits).
+/// ternary values `g` (−1, 0, 1): `w = dl·(g + δ)` with `dl = d·(2s + 1)` and `δ = ±1/8`.
+///
+/// When every block's `d/8` is an f16 (always for `|d| ≥ 2^-11`) the form is 2-bit super-blocks
+/// with mins, groups of 32, zero point 1: `(d·(2s + 1))·(q − 1) − (d/8)·m` with `q = g + 1`,
+/// `m = 2s + 1` for `δ < 0` and `q = g + 2`, `m = 7·(2s + 1)` for `δ > 0`. Each product and the
+/// difference are exact in f32 (the result has at most 19 significant bits). Otherwise it is int8
+/// with one scale `dl/8` per 32 and codes `8g + 8δ` (±1, ±7, ±9), also exact.
 fn decode_iq1_s(t: Blocks<'_>) -> DecodedTensor {
+    let eighths: Option<Vec<u16>> = t
+        .iter()
+        .map(|b| f16_eighth(f16::from_bits(f16_bits_at(b, 0))))
+        .collect();
+    if let Some(eighths) = eighths {
+        return decode_iq1_s_super_blocks(t, eighths);
+    }
     let mut codes = Vec::with_capacity(t.elems());
     let mut scales = Vec::with_capacity(t.elems() / 32);
     for b in t.iter() {
         let d = f16_at(b, 0);
-        let (qs, qh) = (&b[2..34], &b[34..50]);
-        for (indices, qh) in qs.chunks_exact(4).zip(qh.chunks_exact(2)) {
-            let qh = u16::from_le_bytes([qh[0], qh[1]]);
-            let dl = d * (2 * ((qh >> 12) & 7) + 1) as f32;
+        for (indices, qh) in iq1_s_sub_blocks(b) {
+            let dl = d * f32::from(2 * ((qh >> 12) & 7) + 1);
             scales.push(dl * IQ1_DELTA);
             let shift: i8 = if qh & 0x8000 != 0 { -1 } else { 1 };
-            codes.extend(indices.iter().enumerate().flat_map(|(l, &low)| {
-                let index = usize::from(low) | (usize::from((qh >> (3 * l)) & 7) << 8);
-                IQ1S_GRID[index].to_le_bytes().map(|g| 8 * g as i8 + shift)
-            }));
+            codes.extend(iq1_s_grid(indices, qh).map(|g| 8 * g + shift));
         }
     }
     DecodedTensor::Int8 {
@@ -709,26 +715,59 @@ fn decode_iq1_s(t: Blocks<'_>) -> DecodedTensor {
     }
 }
 
+/// IQ1_S as 2-bit super-blocks with mins (see [`decode_iq1_s`]), given each block's `d/8`.
+fn decode_iq1_s_super_blocks(t: Blocks<'_>, eighths: Vec<u16>) -> DecodedTensor {
+    let mut sb = SuperBlockBuilder::new(t, 2, 32, 1, true);
+    for (b, eighth) in t.iter().zip(eighths) {
+        for (indices, qh) in iq1_s_sub_blocks(b) {
+            let odd = (2 * ((qh >> 12) & 7) + 1) as u8;
+            let (base, m) = if qh & 0x8000 != 0 {
+                (1, odd)
+            } else {
+                (2, 7 * odd)
+            };
+            let codes = iq1_s_grid(indices, qh).map(|g| (g + base) as u8);
+            sb.group(odd as i8, m, codes);
+        }
+        sb.super_block(f16_bits_at(b, 0), eighth);
+    }
+    sb.finish()
+}
+
+/// The eight 32-element sub-blocks of an IQ1_S block: four grid index bytes and the `qh` word
+/// (index high bits, `s` in bits 12..15, shift sign in bit 15).
+fn iq1_s_sub_blocks(b: &[u8]) -> impl Iterator<Item = (&[u8], u16)> {
+    let (qs, qh) = (&b[2..34], &b[34..50]);
+    qs.chunks_exact(4)
+        .zip(qh.chunks_exact(2).map(|h| u16::from_le_bytes([h[0], h[1]])))
+}
+
+/// The 32 ternary grid values of an IQ1_S sub-block.
+fn iq1_s_grid(indices: &[u8], qh: u16) -> impl Iterator<Item = i8> + '_ {
+    indices.iter().enumerate().flat_map(move |(l, &low)| {
+        let index = usize::from(low) | (usize::from((qh >> (3 * l)) & 7) << 8);
+        IQ1S_GRID[index].to_le_bytes().map(|g| g as i8)
+    })
+}
+
 /// IQ1_M: the IQ1_S grid with a 3-bit `s` per 16 elements, a shift sign `δ = ±1/8` per 8, and an
 /// f16 `d` spread over the high nibbles of the scales: `w = dl·(g + δ)` with `dl = d·(2s + 1)`.
 ///
-/// The scale changes every 16 elements, so the form is the super-block one: 5-bit codes
-/// `q = 8g + 8δ + 9` (0..18, zero point 9), sub-scales `2s + 1` per group of 16 and super-scale
-/// `d/8`: `(d/8·(2s + 1))·(q − 9)` is ggml's value exactly. That needs `d/8` to be an f16, which
-/// fails only for `|d| < 2^-11` with low mantissa bits set; a tensor with such a block is kept
-/// dense instead (exact, 32 bits per weight). Int8 codes would not do: `(2s + 1)·(8g ± 1)`
-/// reaches ±135.
+/// When every block's `d/8` is an f16 (always for `|d| ≥ 2^-11`) the form is 5-bit super-blocks
+/// with groups of 16: codes `q = 8g + 8δ + 9` (0..18, zero point 9), sub-scales `2s + 1` and
+/// super-scale `d/8`, so that `(d/8·(2s + 1))·(q − 9)` is ggml's value exactly. Otherwise it is
+/// int8 with one scale `dl/8` per 16 and codes `8g + 8δ` (±1, ±7, ±9), also exact. (Int8 with a
+/// scale per 32 would need codes `(2s + 1)·(8g + 8δ)`, up to ±135.)
 fn decode_iq1_m(t: Blocks<'_>) -> DecodedTensor {
+    let eighths: Option<Vec<u16>> = t.iter().map(|b| f16_eighth(iq1m_scale(b))).collect();
     let mut sb = SuperBlockBuilder::new(t, 5, 16, 9, false);
-    let mut eighth_exact = true;
-    for b in t.iter() {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 16);
+    for (i, b) in t.iter().enumerate() {
         let (qs, qh, sc) = (&b[0..32], &b[32..48], &b[48..56]);
         let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([sc[2 * i], sc[2 * i + 1]]));
-        let d = iq1m_scale_of_block(b);
-        let eighth = f16::from_f32(d.to_f32() * 0.125);
-        eighth_exact &= eighth.to_f32() == d.to_f32() * 0.125;
+        let d = iq1m_scale(b).to_f32();
         for (ib, (indices, qh)) in qs.chunks_exact(4).zip(qh.chunks_exact(2)).enumerate() {
-            let shift = 6 * (ib % 2);
             let index = [
                 usize::from(indices[0]) | ((usize::from(qh[0]) << 8) & 0x700),
                 usize::from(indices[1]) | ((usize::from(qh[0]) << 4) & 0x700),
@@ -736,30 +775,38 @@ fn decode_iq1_m(t: Blocks<'_>) -> DecodedTensor {
                 usize::from(indices[3]) | ((usize::from(qh[1]) << 4) & 0x700),
             ];
             let negative = [qh[0] & 0x08, qh[0] & 0x80, qh[1] & 0x08, qh[1] & 0x80];
-            let code = |l: usize| {
+            // 8·(g + δ) for the 8 elements of grid entry l.
+            let shifted = |l: usize| {
                 let shift: i8 = if negative[l] != 0 { -1 } else { 1 };
                 IQ1S_GRID[index[l]]
                     .to_le_bytes()
-                    .map(|g| (8 * g as i8 + shift + 9) as u8)
+                    .map(|g| 8 * g as i8 + shift)
             };
             for half in 0..2 {
-                let s = (sc[ib / 2] >> (shift + 3 * half)) & 7;
-                let codes = code(2 * half).into_iter().chain(code(2 * half + 1));
-                sb.group((2 * s + 1) as i8, 0, codes);
+                let odd = 2 * ((sc[ib / 2] >> (6 * (ib % 2) + 3 * half)) & 7) + 1;
+                let values = shifted(2 * half).into_iter().chain(shifted(2 * half + 1));
+                if eighths.is_some() {
+                    sb.group(odd as i8, 0, values.map(|v| (v + 9) as u8));
+                } else {
+                    scales.push(d * f32::from(odd) * IQ1_DELTA);
+                    codes.extend(values);
+                }
             }
         }
-        sb.super_block(eighth.to_bits(), 0);
+        if let Some(eighths) = &eighths {
+            sb.super_block(eighths[i], 0);
+        }
     }
-    if eighth_exact {
+    if eighths.is_some() {
         return sb.finish();
     }
-    // ggml's products: dl = d·(2s + 1), then dl·(g + δ) with g + δ = (q − 9)/8 (all exact).
-    let d: Vec<f32> = t.iter().map(|b| iq1m_scale_of_block(b).to_f32()).collect();
-    let values = sb.codes.iter().enumerate().map(|(i, &q)| {
-        let dl = d[i / QK_K] * f32::from(sb.sub_scales[i / 16]);
-        dl * ((f32::from(q) - 9.0) * IQ1_DELTA)
-    });
-    dense(t.rows, t.cols, values)
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 16,
+        codes,
+        scales,
+    }
 }
 
 /// Q5_1: `w = d·q + m` with 5-bit `q`, groups of 32.
@@ -1059,8 +1106,15 @@ fn iq4_nl_codes(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
 /// The IQ1_S and IQ1_M grid shift (`IQ1S_DELTA`, `IQ1M_DELTA`).
 const IQ1_DELTA: f32 = 0.125;
 
+/// `d/8` as f16 bits, when it is an f16 value.
+fn f16_eighth(d: f16) -> Option<u16> {
+    let eighth = d.to_f32() * 0.125;
+    let h = f16::from_f32(eighth);
+    (h.to_f32() == eighth).then_some(h.to_bits())
+}
+
 /// The f16 super-scale of an IQ1_M block, from the high nibbles of its four scale words.
-fn iq1m_scale_of_block(b: &[u8]) -> f16 {
+fn iq1m_scale(b: &[u8]) -> f16 {
     let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]));
     f16::from_bits(
         (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000),

@@ -2,8 +2,8 @@
 """Writes the known-answer fixtures of lutra's ggml block decoders.
 
 For each ggml type below, one JSON file `<type>.json` holds a few blocks of random bytes (every
-f16 scale field replaced by a random finite f16; IQ1_M's scattered scale drawn as described at
-`SCATTERED_SCALE_FIXTURES`) and the values the reference dequantizer of the
+f16 scale field replaced by a random finite f16; the IQ1_S/IQ1_M scales of
+`DRAWN_SCALE_FIXTURES` drawn by their rule) and the values the reference dequantizer of the
 `gguf` Python package (llama.cpp's gguf-py, `gguf.quants.dequantize`) gives for them, as
 little-endian f32 bytes so that a test can compare bit patterns.
 
@@ -47,13 +47,30 @@ TYPES = [
 ]
 
 # IQ1_M keeps its f16 scale `d` in the high nibbles of its four little-endian scale words (bytes
-# 48..56). Fixture name -> how to draw the f16 bits of `d` for each block (2 blocks per row, 2 rows).
+# 48..56).
 IQ1_M_SCALE_AT = 48
-SCATTERED_SCALE_FIXTURES = {
-    # |d| >= 2^-11, so that d/8 is an f16: lutra's super-block form.
-    "iq1_m": lambda rng: normal_f16(rng, min_exponent=4),
-    # Subnormal d with low bits set, so that d/8 is not an f16: lutra's dense fallback.
-    "iq1_m_subnormal_scale": lambda rng: int(rng.integers(0, 128)) << 3 | int(rng.integers(1, 8)),
+
+
+def large_scale(rng: np.random.Generator) -> int:
+    """f16 bits of a finite d with |d| >= 2^-11, so that d/8 is an f16 value."""
+    return normal_f16(rng, min_exponent=4)
+
+
+def subnormal_scale(rng: np.random.Generator) -> int:
+    """f16 bits of a tiny d (|d| < 2^-13) with low bits set, so that d/8 is not an f16 value."""
+    return int(rng.integers(0, 256)) << 3 | int(rng.integers(1, 8))
+
+
+# Fixtures whose f16 scale is drawn by a given rule (lutra's form of IQ1_S and IQ1_M depends on
+# whether d/8 is an f16): name -> (type, draw d, write d into a block). 2 blocks per row, 2 rows.
+DRAWN_SCALE_FIXTURES = {
+    "iq1_s_subnormal_scale": (T.IQ1_S, subnormal_scale, lambda block, d: write_f16(block, 0, d)),
+    "iq1_m": (T.IQ1_M, large_scale, lambda block, d: scatter_iq1_m_scale(block, d)),
+    "iq1_m_subnormal_scale": (
+        T.IQ1_M,
+        subnormal_scale,
+        lambda block, d: scatter_iq1_m_scale(block, d),
+    ),
 }
 
 
@@ -71,6 +88,11 @@ def normal_f16(rng: np.random.Generator, min_exponent: int) -> int:
         bits = int(rng.integers(0, 1 << 16))
         if min_exponent <= (bits >> 10) & 0x1F < 0x1F:
             return bits
+
+
+def write_f16(block: bytearray, at: int, bits: int) -> None:
+    """Writes the f16 bits `bits` at byte offset `at` of a block."""
+    block[at : at + 2] = bits.to_bytes(2, "little")
 
 
 def scatter_iq1_m_scale(block: bytearray, d_bits: int) -> None:
@@ -116,15 +138,15 @@ def main() -> None:
                 block[at : at + 2] = finite_f16(rng)
             data += block
         write_fixture(out_dir, qtype.name.lower(), qtype, rows, bytes(data))
-    for name, d_bits in SCATTERED_SCALE_FIXTURES.items():
-        _, block_bytes = GGML_QUANT_SIZES[T.IQ1_M]
+    for name, (qtype, draw, write) in DRAWN_SCALE_FIXTURES.items():
+        _, block_bytes = GGML_QUANT_SIZES[qtype]
         blocks_per_row, rows = 2, 2
         data = bytearray()
         for _ in range(blocks_per_row * rows):
             block = bytearray(rng.integers(0, 256, size=block_bytes, dtype=np.uint8).tobytes())
-            scatter_iq1_m_scale(block, d_bits(rng))
+            write(block, draw(rng))
             data += block
-        write_fixture(out_dir, name, T.IQ1_M, rows, bytes(data))
+        write_fixture(out_dir, name, qtype, rows, bytes(data))
 
 
 if __name__ == "__main__":

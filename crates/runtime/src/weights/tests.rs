@@ -524,12 +524,27 @@ fn iq3_s_matches_reference_as_super_blocks_with_mins() {
 }
 
 #[test]
-fn iq1_s_matches_reference_as_int8() {
+fn iq1_s_matches_reference_as_super_blocks_with_mins() {
     let t = check_block_fixture("iq1_s");
-    let DecodedTensor::Int8 { codes, .. } = &t else {
-        panic!("IQ1_S is not in the int8 form")
+    let DecodedTensor::SuperBlock {
+        bits: 2,
+        group: 32,
+        zero_point: 1,
+        codes,
+        sub_scales,
+        sub_mins: Some(sub_mins),
+        ..
+    } = &t
+    else {
+        panic!("IQ1_S is not in the 2-bit super-block form with mins")
     };
-    assert!(codes.iter().all(|c| [1, 7, 9].contains(&c.unsigned_abs())));
+    assert!(codes.iter().all(|&q| q < 4));
+    for (&sc, &m) in sub_scales.iter().zip(sub_mins) {
+        assert!(
+            m == sc as u8 || m == 7 * sc as u8,
+            "sub-scale {sc}, sub-min {m}"
+        );
+    }
 }
 
 #[test]
@@ -554,9 +569,15 @@ fn iq1_m_matches_reference_as_super_blocks() {
 }
 
 #[test]
-fn iq1_m_with_a_scale_whose_eighth_is_not_f16_is_dense_and_exact() {
-    let t = check_block_fixture("iq1_m_subnormal_scale");
-    assert!(matches!(t, DecodedTensor::Dense { .. }));
+fn iq1_s_and_iq1_m_with_a_scale_whose_eighth_is_not_f16_are_int8() {
+    for (name, per_scale) in [("iq1_s_subnormal_scale", 32), ("iq1_m_subnormal_scale", 16)] {
+        let t = check_block_fixture(name);
+        let DecodedTensor::Int8 { block, codes, .. } = &t else {
+            panic!("{name} is not in the int8 form")
+        };
+        assert_eq!(*block, per_scale, "{name}");
+        assert!(codes.iter().all(|c| [1, 7, 9].contains(&c.unsigned_abs())));
+    }
 }
 
 #[test]
@@ -614,6 +635,7 @@ fn lut_kernel_form_holds_reference_values() {
         ("q5_k", 5),
         ("q6_k", 6),
         ("iq3_s", 4),
+        ("iq1_s", 2),
         ("iq1_m", 5),
     ] {
         let (tensor, expected) = decode_block_fixture(name);
@@ -641,7 +663,8 @@ fn int8_kernel_form_holds_reference_values() {
         ("q8_0", true),
         ("iq2_xxs", false),
         ("iq3_xxs", false),
-        ("iq1_s", false),
+        ("iq1_s_subnormal_scale", false),
+        ("iq1_m_subnormal_scale", false),
         ("iq2_xs", false),
         ("iq2_s", false),
     ] {
@@ -674,18 +697,4 @@ fn type_table_has_one_entry_per_type_and_id() {
         GgmlType::from_id(4).is_none(),
         "ids 4 and 5 were removed from ggml"
     );
-}
-
-/// A tensor kept dense (IQ1_M with a tiny scale) becomes a dense matrix with the reference values.
-#[test]
-fn dense_fallback_holds_reference_values() {
-    use crate::linear::Linear;
-    let (tensor, expected) = decode_block_fixture("iq1_m_subnormal_scale");
-    let m = Linear::from_decoded(&tensor, false).unwrap();
-    assert!(matches!(m, Linear::Dense(_)), "became {}", m.kind());
-    let mut values = vec![0.0; tensor.rows() * tensor.cols()];
-    for (r, row) in values.chunks_exact_mut(tensor.cols()).enumerate() {
-        m.row(r, row).unwrap();
-    }
-    assert_same_values("iq1_m_subnormal_scale", &values, &expected);
 }
