@@ -44,6 +44,10 @@ const ROW_SPLIT: Split = Split {
 /// that f16 cannot hold exactly, e.g. IQ4_XS's `d·(ls − 32)`), or one f32 per 16-element half
 /// ([`HalfScales`], e.g. IQ2_XS).
 pub(crate) trait BlockScale: Copy + Default + Send + Sync + 'static {
+    /// Whether the two halves of a block may have different scales (else the kernels broadcast
+    /// one scale to all eight lanes).
+    const PER_HALF: bool = false;
+
     /// The scales of elements 0..16 and 16..32 as f32 (exact); equal unless the block has one
     /// scale per half.
     fn halves(self) -> [f32; 2];
@@ -85,6 +89,8 @@ impl BlockScale for f32 {
 pub(crate) struct HalfScales(pub(crate) [f32; 2]);
 
 impl BlockScale for HalfScales {
+    const PER_HALF: bool = true;
+
     #[inline(always)]
     fn halves(self) -> [f32; 2] {
         self.0
