@@ -34,7 +34,8 @@ pub enum DecodedTensor {
         offsets: Vec<f32>,
     },
     /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS,
-    /// IQ2_XXS, IQ3_XXS, IQ1_S) or of 16 (IQ2_XS, IQ2_S).
+    /// IQ2_XXS, IQ3_XXS, IQ1_S with a tiny scale) or of 16 (IQ2_XS, IQ2_S, IQ1_M with a tiny
+    /// scale).
     Int8 {
         /// Output features.
         rows: usize,
@@ -49,7 +50,7 @@ pub enum DecodedTensor {
     },
     /// K-quant super-blocks of 256: `w = (d·sc)·(q − zero_point) − dmin·m`, with integer
     /// sub-scales `sc` (and sub-mins `m`) per group of `group` elements and f16 `d` (and `dmin`)
-    /// per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ3_S, IQ1_M).
+    /// per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ3_S, IQ1_S, IQ1_M).
     SuperBlock {
         /// Output features.
         rows: usize,
@@ -59,8 +60,8 @@ pub enum DecodedTensor {
         bits: u8,
         /// Elements per sub-scale group: 16 or 32.
         group: usize,
-        /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, IQ3_S: 8, IQ1_M: 9,
-        /// else 0).
+        /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, IQ3_S: 8, IQ1_S: 1,
+        /// IQ1_M: 9, else 0).
         zero_point: u8,
         /// One code per element, row-major.
         codes: Vec<u8>,
@@ -554,8 +555,9 @@ fn decode_iq2_xxs(t: Blocks<'_>) -> DecodedTensor {
 
 /// IQ2_XS: per 32 elements two 4-bit scales `ls` (one per 16) and four 16-bit words of a 9-bit
 /// grid index and a 7-bit sign pattern: `w = db·grid[j]·sign` with `db = d·(0.5 + ls)·0.25`.
-/// The scale changes every 16 elements, so the form is int8 with one scale per 16: codes ±8, ±25,
-/// ±43 (neither `(2ls + 1)·grid` nor these codes fit the 6-bit super-block form exactly).
+/// The scale changes every 16 elements, so the form is int8 with one scale per 16 and codes ±8,
+/// ±25, ±43: `(2ls + 1)·grid` overflows int8 (one scale per 32), and ±43 needs 7-bit codes, more
+/// than the super-block form has.
 fn decode_iq2_xs(t: Blocks<'_>) -> DecodedTensor {
     let mut codes = Vec::with_capacity(t.elems());
     let mut scales = Vec::with_capacity(t.elems() / 16);
