@@ -5,8 +5,9 @@
 //!
 //! Every ISA computes the same thing in the same order, so results are bit-identical:
 //! per block of 32, eight int32 lanes hold the exact sums of elements `4j..4j+4`; each lane is
-//! converted to f32 and fused-multiply-added with `d_w·d_x` into a per-lane f32 accumulator; the
-//! eight lanes are summed at the end in the tree order of [`hsum8`].
+//! converted to f32 and fused-multiply-added with `d_w·d_x` (`d_w` the scale of the lane's
+//! 16-element half) into a per-lane f32 accumulator; the eight lanes are summed at the end in the
+//! tree order of [`hsum8`].
 
 use half::f16;
 
@@ -39,11 +40,17 @@ const ROW_SPLIT: Split = Split {
     tasks_per_thread: 4,
 };
 
-/// A block scale as stored in an [`Int8Matrix`]: f16 (as GGUF Q8_0 stores it) or f32 (for scales
-/// that f16 cannot hold exactly, e.g. IQ4_XS's `d·(ls − 32)`).
+/// A block scale as stored in an [`Int8Matrix`]: f16 (as GGUF Q8_0 stores it), f32 (for scales
+/// that f16 cannot hold exactly, e.g. IQ4_XS's `d·(ls − 32)`), or one f32 per 16-element half
+/// ([`HalfScales`], e.g. IQ2_XS).
 pub(crate) trait BlockScale: Copy + Default + Send + Sync + 'static {
-    /// The scale as f32 (exact).
-    fn to_f32(self) -> f32;
+    /// Whether the two halves of a block may have different scales (else the kernels broadcast
+    /// one scale to all eight lanes).
+    const PER_HALF: bool = false;
+
+    /// The scales of elements 0..16 and 16..32 as f32 (exact); equal unless the block has one
+    /// scale per half.
+    fn halves(self) -> [f32; 2];
     /// The scale itself when it is an f16, so that the AVX2 kernel can widen it with F16C.
     #[cfg(target_arch = "x86_64")]
     fn as_f16(self) -> Option<f16>;
@@ -51,8 +58,8 @@ pub(crate) trait BlockScale: Copy + Default + Send + Sync + 'static {
 
 impl BlockScale for f16 {
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+    fn halves(self) -> [f32; 2] {
+        [f16::to_f32(self); 2]
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -64,8 +71,29 @@ impl BlockScale for f16 {
 
 impl BlockScale for f32 {
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
+    fn halves(self) -> [f32; 2] {
+        [self; 2]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn as_f16(self) -> Option<f16> {
+        None
+    }
+}
+
+/// One f32 scale for each 16-element half of a block (ggml types whose scales change every 16
+/// elements, such as IQ2_XS and IQ2_S).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub(crate) struct HalfScales(pub(crate) [f32; 2]);
+
+impl BlockScale for HalfScales {
+    const PER_HALF: bool = true;
+
+    #[inline(always)]
+    fn halves(self) -> [f32; 2] {
+        self.0
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -101,12 +129,17 @@ pub(crate) enum Blocks {
     Half(Vec<WeightBlock<f16>>),
     /// f32 scales (36-byte blocks).
     Single(Vec<WeightBlock<f32>>),
+    /// Two f32 scales, one per 16 elements (40-byte blocks).
+    Split(Vec<WeightBlock<HalfScales>>),
 }
 
-/// An int8 weight matrix with one scale per block of 32 elements along K.
+/// An int8 weight matrix with one scale per block of 32 elements along K, or one per 16
+/// ([`Int8Matrix::with_half_block_scales`]).
 ///
 /// Scales are kept exactly: as f16 when every scale is an f16 value (GGUF Q8_0, IQ4_NL), as f32
-/// otherwise (IQ4_XS sub-block scales, Q8_K).
+/// otherwise (IQ4_XS sub-block scales, Q8_K), as two f32 per block when they change every 16
+/// elements (IQ2_XS, IQ2_S). The kernel multiplies each 16-element half's exact int32 sums by
+/// its own scale, so all three forms share one summation order.
 ///
 /// Layout: rows are grouped in tiles of 4 and a tile's blocks are interleaved (`[tile][block][row]`),
 /// so a tile streams as one sequential run; the last `rows % 4` rows follow row-major. Either way
@@ -141,6 +174,41 @@ impl Int8Matrix {
         })
     }
 
+    /// Builds the matrix from row-major codes `[rows][cols]` and finite scales `[rows][cols/16]`,
+    /// one per 16 elements. When every block's two scales are equal it is [`Int8Matrix::new`]'s
+    /// matrix.
+    pub fn with_half_block_scales(
+        rows: usize,
+        cols: usize,
+        codes: &[i8],
+        scales: &[f32],
+    ) -> Result<Int8Matrix> {
+        if let Some(index) = scales.iter().position(|s| !s.is_finite()) {
+            let value = scales[index];
+            return Err(KernelError::ScaleOutOfRange { index, value });
+        }
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(KernelError::KNotMultipleOf32(cols));
+        }
+        check_len(
+            "int8 weight half-block scales",
+            rows * cols / 16,
+            scales.len(),
+        )?;
+        let pairs = scales.chunks_exact(2);
+        if pairs.clone().all(|p| p[0].to_bits() == p[1].to_bits()) {
+            let per_block: Vec<f32> = pairs.map(|p| p[0]).collect();
+            return Int8Matrix::new(rows, cols, codes, &per_block);
+        }
+        let per_block: Vec<HalfScales> = pairs.map(|p| HalfScales([p[0], p[1]])).collect();
+        let blocks = interleave(rows, cols, codes, &per_block)?;
+        Ok(Int8Matrix {
+            rows,
+            cols,
+            blocks: Blocks::Split(blocks),
+        })
+    }
+
     /// Like [`Int8Matrix::new`] with f16 scales, as GGUF Q8_0 stores them.
     pub fn from_f16_scales(
         rows: usize,
@@ -156,7 +224,7 @@ impl Int8Matrix {
         })
     }
 
-    /// Whether the scales are stored as f16 (else f32).
+    /// Whether the scales are stored as f16 (else f32, one or two per block).
     pub fn has_f16_scales(&self) -> bool {
         matches!(self.blocks, Blocks::Half(_))
     }
@@ -176,6 +244,7 @@ impl Int8Matrix {
         match &self.blocks {
             Blocks::Half(b) => std::mem::size_of_val(b.as_slice()),
             Blocks::Single(b) => std::mem::size_of_val(b.as_slice()),
+            Blocks::Split(b) => std::mem::size_of_val(b.as_slice()),
         }
     }
 
@@ -196,6 +265,7 @@ impl Int8Matrix {
         match &self.blocks {
             Blocks::Half(b) => matmul_blocks(cpu, b, self.rows, acts, out),
             Blocks::Single(b) => matmul_blocks(cpu, b, self.rows, acts, out),
+            Blocks::Split(b) => matmul_blocks(cpu, b, self.rows, acts, out),
         }
         Ok(())
     }
@@ -212,6 +282,7 @@ impl Int8Matrix {
         match &self.blocks {
             Blocks::Half(b) => dequantize_blocks(b, self.rows, row, out),
             Blocks::Single(b) => dequantize_blocks(b, self.rows, row, out),
+            Blocks::Split(b) => dequantize_blocks(b, self.rows, row, out),
         }
         Ok(())
     }
@@ -285,9 +356,9 @@ fn dequantize_blocks<S: BlockScale>(
     let per_row = out.len() / BLOCK;
     for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
         let block = &blocks[block_index(rows, per_row, row, b)];
-        let d = block.d.to_f32();
-        for (o, &q) in dst.iter_mut().zip(&block.q) {
-            *o = d * f32::from(q);
+        let halves = block.d.halves();
+        for (e, (o, &q)) in dst.iter_mut().zip(&block.q).enumerate() {
+            *o = halves[e / 16] * f32::from(q);
         }
     }
 }

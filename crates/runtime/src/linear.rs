@@ -38,7 +38,7 @@ pub enum Linear {
     Lut(PackedMatrix),
     /// Ternary weights `{−s, 0, +s}` (one `s` per row) packed 3 weights to 5 bits.
     Ternary(TernaryMatrix),
-    /// Int8 codes with a scale per 32 (Q8_0, Q3_K, IQ4_NL, IQ4_XS, ...).
+    /// Int8 codes with a scale per 32 (Q8_0, IQ4_NL, IQ4_XS, ...) or per 16 (IQ2_XS, IQ2_S).
     Int8(Int8Matrix),
     /// f32 values.
     Dense(DenseMatrix),
@@ -151,8 +151,18 @@ impl Linear {
             DecodedTensor::Int8 {
                 rows,
                 cols,
+                block: 16,
                 codes,
                 scales,
+            } => Linear::Int8(Int8Matrix::with_half_block_scales(
+                *rows, *cols, codes, scales,
+            )?),
+            DecodedTensor::Int8 {
+                rows,
+                cols,
+                codes,
+                scales,
+                ..
             } => Linear::Int8(Int8Matrix::new(*rows, *cols, codes, scales)?),
             DecodedTensor::Dense { rows, cols, values } => {
                 Linear::Dense(DenseMatrix::new(*rows, *cols, values.clone())?)

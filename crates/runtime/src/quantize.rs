@@ -133,6 +133,7 @@ mod tests {
         let t = DecodedTensor::Int8 {
             rows: 1,
             cols: 64,
+            block: 32,
             codes: (0..64).map(|i| i as i8 - 32).collect(),
             scales: vec![0.5, 2.0],
         };

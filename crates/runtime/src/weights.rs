@@ -7,6 +7,12 @@
 
 use half::{bf16, f16};
 
+mod iq_grids;
+use iq_grids::{
+    IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KMASK_IQ2XS,
+    KSIGNS_IQ2XS,
+};
+
 /// A decoded weight tensor of shape `[rows][cols]` (cols = K, the fastest-varying dimension).
 #[derive(Clone, Debug, PartialEq)]
 pub enum DecodedTensor {
@@ -27,20 +33,24 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
-    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS).
+    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS,
+    /// IQ2_XXS, IQ3_XXS, IQ1_S with a tiny scale) or of 16 (IQ2_XS, IQ2_S, IQ1_M with a tiny
+    /// scale).
     Int8 {
         /// Output features.
         rows: usize,
-        /// Input features.
+        /// Input features (a multiple of 32).
         cols: usize,
+        /// Elements per scale along a row: 32 or 16.
+        block: usize,
         /// One code per element, row-major.
         codes: Vec<i8>,
-        /// `[rows][cols / 32]`.
+        /// `[rows][cols / block]`.
         scales: Vec<f32>,
     },
     /// K-quant super-blocks of 256: `w = (d·sc)·(q − zero_point) − dmin·m`, with integer
     /// sub-scales `sc` (and sub-mins `m`) per group of `group` elements and f16 `d` (and `dmin`)
-    /// per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
+    /// per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ3_S, IQ1_S, IQ1_M).
     SuperBlock {
         /// Output features.
         rows: usize,
@@ -50,7 +60,8 @@ pub enum DecodedTensor {
         bits: u8,
         /// Elements per sub-scale group: 16 or 32.
         group: usize,
-        /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, else 0).
+        /// Subtracted from every code before scaling (Q3_K: 4, Q6_K: 32, IQ3_S: 8, IQ1_S: 1,
+        /// IQ1_M: 9, else 0).
         zero_point: u8,
         /// One code per element, row-major.
         codes: Vec<u8>,
@@ -112,10 +123,15 @@ impl DecodedTensor {
                     scales[g] * f32::from(q) + offsets[g]
                 })
                 .collect(),
-            DecodedTensor::Int8 { codes, scales, .. } => codes
+            DecodedTensor::Int8 {
+                block,
+                codes,
+                scales,
+                ..
+            } => codes
                 .iter()
                 .enumerate()
-                .map(|(i, &q)| scales[i / 32] * f32::from(q))
+                .map(|(i, &q)| scales[i / block] * f32::from(q))
                 .collect(),
             DecodedTensor::SuperBlock {
                 group,
@@ -236,20 +252,20 @@ const TYPES: [TypeTraits; 32] = {
         traits(13, Q5_K, QK_K, 176, Some(decode_q5_k)),
         traits(14, Q6_K, QK_K, 210, Some(decode_q6_k)),
         traits(15, Q8_K, QK_K, 292, Some(decode_q8_k)),
-        traits(16, IQ2_XXS, QK_K, 66, None),
-        traits(17, IQ2_XS, QK_K, 74, None),
-        traits(18, IQ3_XXS, QK_K, 98, None),
-        traits(19, IQ1_S, QK_K, 50, None),
+        traits(16, IQ2_XXS, QK_K, 66, Some(decode_iq2_xxs)),
+        traits(17, IQ2_XS, QK_K, 74, Some(decode_iq2_xs)),
+        traits(18, IQ3_XXS, QK_K, 98, Some(decode_iq3_xxs)),
+        traits(19, IQ1_S, QK_K, 50, Some(decode_iq1_s)),
         traits(20, IQ4_NL, 32, 18, Some(decode_iq4_nl)),
-        traits(21, IQ3_S, QK_K, 110, None),
-        traits(22, IQ2_S, QK_K, 82, None),
+        traits(21, IQ3_S, QK_K, 110, Some(decode_iq3_s)),
+        traits(22, IQ2_S, QK_K, 82, Some(decode_iq2_s)),
         traits(23, IQ4_XS, QK_K, 136, Some(decode_iq4_xs)),
         traits(24, I8, 1, 1, None),
         traits(25, I16, 1, 2, None),
         traits(26, I32, 1, 4, None),
         traits(27, I64, 1, 8, None),
         traits(28, F64, 1, 8, None),
-        traits(29, IQ1_M, QK_K, 56, None),
+        traits(29, IQ1_M, QK_K, 56, Some(decode_iq1_m)),
         traits(30, BF16, 1, 2, Some(decode_bf16)),
         traits(34, TQ1_0, QK_K, 54, Some(decode_tq1_0)),
         traits(35, TQ2_0, QK_K, 66, Some(decode_tq2_0)),
@@ -426,6 +442,7 @@ fn decode_q8_0(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -445,6 +462,7 @@ fn decode_q8_k(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -473,6 +491,7 @@ fn decode_iq4_nl(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -500,6 +519,292 @@ fn decode_iq4_xs(t: Blocks<'_>) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
+        codes,
+        scales,
+    }
+}
+
+/// IQ2_XXS: per 32 elements a 4-bit `ls` and four 8-element grid entries with 7-bit sign
+/// patterns: `w = db·grid[j]·sign` with `db = d·(0.5 + ls)·0.25`. The signed grid values
+/// (±8, ±25, ±43) are the int8 codes and `db` (exact in f32: an f16 times `(2ls + 1)/8`) the scale.
+fn decode_iq2_xxs(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 32);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        for sub in b[2..66].chunks_exact(8) {
+            let (indices, aux) = (&sub[0..4], u32_at(sub, 4));
+            scales.push(d * (0.5 + (aux >> 28) as f32) * 0.25);
+            for (l, &index) in indices.iter().enumerate() {
+                let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+                let grid = IQ2XXS_GRID[usize::from(index)].to_le_bytes();
+                codes.extend(signed_grid(&grid, signs));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 32,
+        codes,
+        scales,
+    }
+}
+
+/// IQ2_XS: per 32 elements two 4-bit scales `ls` (one per 16) and four 16-bit words of a 9-bit
+/// grid index and a 7-bit sign pattern: `w = db·grid[j]·sign` with `db = d·(0.5 + ls)·0.25`.
+/// The scale changes every 16 elements, so the form is int8 with one scale per 16 and codes ±8,
+/// ±25, ±43: `(2ls + 1)·grid` overflows int8 (one scale per 32), and ±43 needs 7-bit codes, more
+/// than the super-block form has.
+fn decode_iq2_xs(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 16);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        let (qs, sc) = (&b[2..66], &b[66..74]);
+        for (words, &sc) in qs.chunks_exact(8).zip(sc) {
+            scales.extend(iq2_half_scales(d, sc));
+            for word in words.chunks_exact(2) {
+                let q = u16::from_le_bytes([word[0], word[1]]);
+                let grid = IQ2XS_GRID[usize::from(q & 511)].to_le_bytes();
+                codes.extend(signed_grid(&grid, KSIGNS_IQ2XS[usize::from(q >> 9)]));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 16,
+        codes,
+        scales,
+    }
+}
+
+/// IQ2_S: like IQ2_XS with 10-bit grid indices (8 bits in `qs`, 2 in `qh`) into a larger grid of
+/// the same values and explicit 8-bit sign bytes; int8 with one scale per 16.
+fn decode_iq2_s(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 16);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        let (qs, signs, qh, sc) = (&b[2..34], &b[34..66], &b[66..74], &b[74..82]);
+        for (ib, ((indices, signs), &sc)) in qs
+            .chunks_exact(4)
+            .zip(signs.chunks_exact(4))
+            .zip(sc)
+            .enumerate()
+        {
+            scales.extend(iq2_half_scales(d, sc));
+            for (l, (&low, &sign)) in indices.iter().zip(signs).enumerate() {
+                let high = (usize::from(qh[ib]) << (8 - 2 * l)) & 0x300;
+                let grid = IQ2S_GRID[usize::from(low) | high].to_le_bytes();
+                codes.extend(signed_grid(&grid, sign));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 16,
+        codes,
+        scales,
+    }
+}
+
+/// The two 16-element scales `d·(0.5 + ls)·0.25` of an IQ2_XS/IQ2_S sub-block from its scale
+/// byte (low nibble first), computed in f32 as ggml does (exact: an f16 times `(2ls + 1)/8`).
+fn iq2_half_scales(d: f32, sc: u8) -> [f32; 2] {
+    [sc & 0xF, sc >> 4].map(|ls| d * (0.5 + f32::from(ls)) * 0.25)
+}
+
+/// IQ3_XXS: per 32 elements a 4-bit `ls`, eight 4-element grid entries and four 7-bit sign
+/// patterns: `w = db·grid[j]·sign` with `db = d·(0.5 + ls)·0.5`. The signed grid values (at most
+/// ±62, not evenly spaced) are the int8 codes and `db` (exact in f32) the scale.
+fn decode_iq3_xxs(t: Blocks<'_>) -> DecodedTensor {
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 32);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        let (qs, scales_and_signs) = (&b[2..66], &b[66..98]);
+        for (indices, aux) in qs.chunks_exact(8).zip(scales_and_signs.chunks_exact(4)) {
+            let aux = u32_at(aux, 0);
+            scales.push(d * (0.5 + (aux >> 28) as f32) * 0.5);
+            for (l, pair) in indices.chunks_exact(2).enumerate() {
+                let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+                let mut grid = [0u8; 8];
+                grid[..4].copy_from_slice(&IQ3XXS_GRID[usize::from(pair[0])].to_le_bytes());
+                grid[4..].copy_from_slice(&IQ3XXS_GRID[usize::from(pair[1])].to_le_bytes());
+                codes.extend(signed_grid(&grid, signs));
+            }
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 32,
+        codes,
+        scales,
+    }
+}
+
+/// IQ3_S: per 32 elements a 4-bit `s`, eight 9-bit indices into a grid of odd values 1..15 and
+/// 32 sign bits: `w = db·grid[j]·sign` with `db = d·(1 + 2s)` (f32). A signed odd value
+/// `v = 2q − 15` (`q` in 0..15) makes it the super-block form with mins, groups of 32:
+/// `(d·2(1 + 2s))·(q − 8) − (−d)·(1 + 2s)`. Each product and the difference are exact in f32 (`d`
+/// is the file's f16, the result has at most 20 significant bits), so the weights are ggml's.
+/// (The plain low-bit form would round the scale `2db` to f16.)
+fn decode_iq3_s(t: Blocks<'_>) -> DecodedTensor {
+    let mut sb = SuperBlockBuilder::new(t, 4, 32, 8, true);
+    for b in t.iter() {
+        let (qs, qh, signs, sc) = (&b[2..66], &b[66..74], &b[74..106], &b[106..110]);
+        for (k, (indices, signs)) in qs.chunks_exact(8).zip(signs.chunks_exact(4)).enumerate() {
+            let odd = 1 + 2 * ((sc[k / 2] >> (4 * (k % 2))) & 0xF);
+            let mut values = [0i8; 32];
+            for (l, (out, &sign)) in values.chunks_exact_mut(8).zip(signs).enumerate() {
+                let mut grid = [0u8; 8];
+                for (i, half) in grid.chunks_exact_mut(4).enumerate() {
+                    let high = (u16::from(qh[k]) << (8 - 2 * l - i)) & 256;
+                    let index = usize::from(u16::from(indices[2 * l + i]) | high);
+                    half.copy_from_slice(&IQ3S_GRID[index].to_le_bytes());
+                }
+                out.copy_from_slice(&signed_grid(&grid, sign));
+            }
+            let codes = values.iter().map(|&v| ((i16::from(v) + 15) / 2) as u8);
+            sb.group(2 * odd as i8, odd, codes);
+        }
+        // dmin = −d: flipping the sign bit of the f16 is exact.
+        let d = f16_bits_at(b, 0);
+        sb.super_block(d, d ^ 0x8000);
+    }
+    sb.finish()
+}
+
+/// IQ1_S: per 32 elements a 3-bit `s`, a shift sign and four 11-bit indices into a grid of
+/// ternary values `g` (−1, 0, 1): `w = dl·(g + δ)` with `dl = d·(2s + 1)` and `δ = ±1/8`.
+///
+/// When every block's `d/8` is an f16 (always for `|d| ≥ 2^-11`) the form is 2-bit super-blocks
+/// with mins, groups of 32, zero point 1: `(d·(2s + 1))·(q − 1) − (d/8)·m` with `q = g + 1`,
+/// `m = 2s + 1` for `δ < 0` and `q = g + 2`, `m = 7·(2s + 1)` for `δ > 0`. Each product and the
+/// difference are exact in f32 (the result has at most 19 significant bits). Otherwise it is int8
+/// with one scale `dl/8` per 32 and codes `8g + 8δ` (±1, ±7, ±9), also exact.
+fn decode_iq1_s(t: Blocks<'_>) -> DecodedTensor {
+    let eighths: Option<Vec<u16>> = t
+        .iter()
+        .map(|b| f16_eighth(f16::from_bits(f16_bits_at(b, 0))))
+        .collect();
+    if let Some(eighths) = eighths {
+        return decode_iq1_s_super_blocks(t, eighths);
+    }
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 32);
+    for b in t.iter() {
+        let d = f16_at(b, 0);
+        for (indices, qh) in iq1_s_sub_blocks(b) {
+            let dl = d * f32::from(2 * ((qh >> 12) & 7) + 1);
+            scales.push(dl * IQ1_DELTA);
+            let shift: i8 = if qh & 0x8000 != 0 { -1 } else { 1 };
+            codes.extend(iq1_s_grid(indices, qh).map(|g| 8 * g + shift));
+        }
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 32,
+        codes,
+        scales,
+    }
+}
+
+/// IQ1_S as 2-bit super-blocks with mins (see [`decode_iq1_s`]), given each block's `d/8`.
+fn decode_iq1_s_super_blocks(t: Blocks<'_>, eighths: Vec<u16>) -> DecodedTensor {
+    let mut sb = SuperBlockBuilder::new(t, 2, 32, 1, true);
+    for (b, eighth) in t.iter().zip(eighths) {
+        for (indices, qh) in iq1_s_sub_blocks(b) {
+            let odd = (2 * ((qh >> 12) & 7) + 1) as u8;
+            let (base, m) = if qh & 0x8000 != 0 {
+                (1, odd)
+            } else {
+                (2, 7 * odd)
+            };
+            let codes = iq1_s_grid(indices, qh).map(|g| (g + base) as u8);
+            sb.group(odd as i8, m, codes);
+        }
+        sb.super_block(f16_bits_at(b, 0), eighth);
+    }
+    sb.finish()
+}
+
+/// The eight 32-element sub-blocks of an IQ1_S block: four grid index bytes and the `qh` word
+/// (index high bits, `s` in bits 12..15, shift sign in bit 15).
+fn iq1_s_sub_blocks(b: &[u8]) -> impl Iterator<Item = (&[u8], u16)> {
+    let (qs, qh) = (&b[2..34], &b[34..50]);
+    qs.chunks_exact(4)
+        .zip(qh.chunks_exact(2).map(|h| u16::from_le_bytes([h[0], h[1]])))
+}
+
+/// The 32 ternary grid values of an IQ1_S sub-block.
+fn iq1_s_grid(indices: &[u8], qh: u16) -> impl Iterator<Item = i8> + '_ {
+    indices.iter().enumerate().flat_map(move |(l, &low)| {
+        let index = usize::from(low) | (usize::from((qh >> (3 * l)) & 7) << 8);
+        IQ1S_GRID[index].to_le_bytes().map(|g| g as i8)
+    })
+}
+
+/// IQ1_M: the IQ1_S grid with a 3-bit `s` per 16 elements, a shift sign `δ = ±1/8` per 8, and an
+/// f16 `d` spread over the high nibbles of the scales: `w = dl·(g + δ)` with `dl = d·(2s + 1)`.
+///
+/// When every block's `d/8` is an f16 (always for `|d| ≥ 2^-11`) the form is 5-bit super-blocks
+/// with groups of 16: codes `q = 8g + 8δ + 9` (0..18, zero point 9), sub-scales `2s + 1` and
+/// super-scale `d/8`, so that `(d/8·(2s + 1))·(q − 9)` is ggml's value exactly. Otherwise it is
+/// int8 with one scale `dl/8` per 16 and codes `8g + 8δ` (±1, ±7, ±9), also exact. (Int8 with a
+/// scale per 32 would need codes `(2s + 1)·(8g + 8δ)`, up to ±135.)
+fn decode_iq1_m(t: Blocks<'_>) -> DecodedTensor {
+    let eighths: Option<Vec<u16>> = t.iter().map(|b| f16_eighth(iq1m_scale(b))).collect();
+    let mut sb = SuperBlockBuilder::new(t, 5, 16, 9, false);
+    let mut codes = Vec::with_capacity(t.elems());
+    let mut scales = Vec::with_capacity(t.elems() / 16);
+    for (i, b) in t.iter().enumerate() {
+        let (qs, qh, sc) = (&b[0..32], &b[32..48], &b[48..56]);
+        let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([sc[2 * i], sc[2 * i + 1]]));
+        let d = iq1m_scale(b).to_f32();
+        for (ib, (indices, qh)) in qs.chunks_exact(4).zip(qh.chunks_exact(2)).enumerate() {
+            let index = [
+                usize::from(indices[0]) | ((usize::from(qh[0]) << 8) & 0x700),
+                usize::from(indices[1]) | ((usize::from(qh[0]) << 4) & 0x700),
+                usize::from(indices[2]) | ((usize::from(qh[1]) << 8) & 0x700),
+                usize::from(indices[3]) | ((usize::from(qh[1]) << 4) & 0x700),
+            ];
+            let negative = [qh[0] & 0x08, qh[0] & 0x80, qh[1] & 0x08, qh[1] & 0x80];
+            // 8·(g + δ) for the 8 elements of grid entry l.
+            let shifted = |l: usize| {
+                let shift: i8 = if negative[l] != 0 { -1 } else { 1 };
+                IQ1S_GRID[index[l]]
+                    .to_le_bytes()
+                    .map(|g| 8 * g as i8 + shift)
+            };
+            for half in 0..2 {
+                let odd = 2 * ((sc[ib / 2] >> (6 * (ib % 2) + 3 * half)) & 7) + 1;
+                let values = shifted(2 * half).into_iter().chain(shifted(2 * half + 1));
+                if eighths.is_some() {
+                    sb.group(odd as i8, 0, values.map(|v| (v + 9) as u8));
+                } else {
+                    scales.push(d * f32::from(odd) * IQ1_DELTA);
+                    codes.extend(values);
+                }
+            }
+        }
+        if let Some(eighths) = &eighths {
+            sb.super_block(eighths[i], 0);
+        }
+    }
+    if eighths.is_some() {
+        return sb.finish();
+    }
+    DecodedTensor::Int8 {
+        rows: t.rows,
+        cols: t.cols,
+        block: 16,
         codes,
         scales,
     }
@@ -674,6 +979,10 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 fn f16_bits_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -800,6 +1109,37 @@ fn iq4_nl_codes(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
     qs.iter()
         .map(move |&q| code(q))
         .chain(qs.iter().map(move |&q| code(q >> 4)))
+}
+
+/// The IQ1_S and IQ1_M grid shift (`IQ1S_DELTA`, `IQ1M_DELTA`).
+const IQ1_DELTA: f32 = 0.125;
+
+/// `d/8` as f16 bits, when it is an f16 value.
+fn f16_eighth(d: f16) -> Option<u16> {
+    let eighth = d.to_f32() * 0.125;
+    let h = f16::from_f32(eighth);
+    (h.to_f32() == eighth).then_some(h.to_bits())
+}
+
+/// The f16 super-scale of an IQ1_M block, from the high nibbles of its four scale words.
+fn iq1m_scale(b: &[u8]) -> f16 {
+    let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]));
+    f16::from_bits(
+        (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000),
+    )
+}
+
+/// Eight grid values as int8 codes, negated where `signs` has the element's bit
+/// (`kmask_iq2xs`).
+fn signed_grid(grid: &[u8; 8], signs: u8) -> [i8; 8] {
+    std::array::from_fn(|j| {
+        let v = grid[j] as i8;
+        if signs & KMASK_IQ2XS[j] != 0 {
+            -v
+        } else {
+            v
+        }
+    })
 }
 
 /// The 32 unsigned 5-bit values of a Q5_0/Q5_1 block (`qh` as a little-endian u32).

@@ -70,7 +70,12 @@ fn tile<S: BlockScale, const R: usize, const T: usize>(
             let wabs = _mm256_sign_epi8(wq, wq);
             let wd = match block.d.as_f16() {
                 Some(d) => _mm256_cvtph_ps(_mm_set1_epi16(d.to_bits() as i16)),
-                None => _mm256_set1_ps(block.d.to_f32()),
+                None if S::PER_HALF => {
+                    // Lanes 0..4 sum elements 0..16, lanes 4..8 elements 16..32.
+                    let [lo, hi] = block.d.halves();
+                    _mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi)
+                }
+                None => _mm256_set1_ps(block.d.halves()[0]),
             };
             for t in 0..T {
                 let xs = _mm256_sign_epi8(xq[t], wq);

@@ -84,10 +84,17 @@ fn tile<S: BlockScale, const R: usize, const T: usize>(
                     vld1q_s8(block.q.as_ptr().add(16)),
                 ]
             };
-            let wd = block.d.to_f32();
+            let wd = block.d.halves();
             for t in 0..T {
-                let scale = vdupq_n_f32(wd * xd[t]);
+                // Half h holds elements 16h..16h+16 (lanes 4h..4h+4).
+                let low = vdupq_n_f32(wd[0] * xd[t]);
+                let scales = if S::PER_HALF {
+                    [low, vdupq_n_f32(wd[1] * xd[t])]
+                } else {
+                    [low; 2]
+                };
                 for h in 0..2 {
+                    let scale = scales[h];
                     let lanes = vcvtq_f32_s32(lanes16(wq[h], xq[t][h]));
                     acc[r][t][h] = vfmaq_f32(acc[r][t][h], lanes, scale);
                 }

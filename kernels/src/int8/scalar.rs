@@ -31,13 +31,15 @@ fn dot<S: BlockScale>(tile: &[WeightBlock<S>], rt: usize, i: usize, x: &[ActBloc
     let mut acc = [0.0f32; 8];
     for (b, xb) in x.iter().enumerate() {
         let wb = &tile[b * rt + i];
-        let scale = wb.d.to_f32() * xb.d;
+        let [lo, hi] = wb.d.halves();
+        let scale = [lo * xb.d, hi * xb.d];
         for (j, lane) in acc.iter_mut().enumerate() {
             let k = 4 * j;
             let s: i32 = (k..k + 4)
                 .map(|e| i32::from(wb.q[e]) * i32::from(xb.q[e]))
                 .sum();
-            *lane = (s as f32).mul_add(scale, *lane);
+            // Lanes 0..4 sum elements 0..16, lanes 4..8 elements 16..32.
+            *lane = (s as f32).mul_add(scale[j / 4], *lane);
         }
     }
     debug_assert_eq!(BLOCK, 32);

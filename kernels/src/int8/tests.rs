@@ -13,36 +13,58 @@ fn outlier_activations(rng: &mut TestRng, n: usize, factor: f32) -> Vec<f32> {
     x
 }
 
-/// Random codes in [-128, 127] (−128 included on purpose) and positive scales, which are f16
-/// values when `f16_scales` is set and (almost all) not f16 values otherwise.
-fn random_matrix_with(rng: &mut TestRng, rows: usize, cols: usize, f16_scales: bool) -> Int8Matrix {
+/// How the scales of a random test matrix are stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ScaleForm {
+    /// One f16 scale per block.
+    F16,
+    /// One f32 scale per block (almost none an f16 value).
+    F32,
+    /// One f32 scale per 16 elements.
+    Halves,
+}
+
+const SCALE_FORMS: [ScaleForm; 3] = [ScaleForm::F16, ScaleForm::F32, ScaleForm::Halves];
+
+/// Random codes in [-128, 127] (−128 included on purpose) and positive scales in `form`.
+fn random_matrix_with(rng: &mut TestRng, rows: usize, cols: usize, form: ScaleForm) -> Int8Matrix {
     let codes: Vec<i8> = (0..rows * cols).map(|_| rng.next_u64() as i8).collect();
-    let scales: Vec<f32> = (0..rows * cols / BLOCK)
+    let per_scale = if form == ScaleForm::Halves { 16 } else { BLOCK };
+    let scales: Vec<f32> = (0..rows * cols / per_scale)
         .map(|_| {
             let s = 0.001 + rng.uniform() * 0.01;
-            if f16_scales {
+            if form == ScaleForm::F16 {
                 f16::from_f32(s).to_f32()
             } else {
                 s
             }
         })
         .collect();
-    let m = Int8Matrix::new(rows, cols, &codes, &scales).unwrap();
-    assert_eq!(m.has_f16_scales(), f16_scales);
+    let m = if form == ScaleForm::Halves {
+        Int8Matrix::with_half_block_scales(rows, cols, &codes, &scales).unwrap()
+    } else {
+        Int8Matrix::new(rows, cols, &codes, &scales).unwrap()
+    };
+    assert_eq!(m.has_f16_scales(), form == ScaleForm::F16);
+    assert_eq!(
+        matches!(m.blocks, Blocks::Split(_)),
+        form == ScaleForm::Halves
+    );
     m
 }
 
 /// A random matrix with f16 scales (the GGUF Q8_0 case).
 fn random_matrix(rng: &mut TestRng, rows: usize, cols: usize) -> Int8Matrix {
-    random_matrix_with(rng, rows, cols, true)
+    random_matrix_with(rng, rows, cols, ScaleForm::F16)
 }
 
-/// Scale and codes of block `b` of row `r`.
-fn block_of(m: &Int8Matrix, r: usize, b: usize) -> (f32, [i8; BLOCK]) {
+/// Scales of the two 16-element halves and codes of block `b` of row `r`.
+fn block_of(m: &Int8Matrix, r: usize, b: usize) -> ([f32; 2], [i8; BLOCK]) {
     let i = block_index(m.rows, m.cols / BLOCK, r, b);
     match &m.blocks {
-        Blocks::Half(w) => (w[i].d.to_f32(), w[i].q),
-        Blocks::Single(w) => (w[i].d, w[i].q),
+        Blocks::Half(w) => ([w[i].d.to_f32(); 2], w[i].q),
+        Blocks::Single(w) => ([w[i].d; 2], w[i].q),
+        Blocks::Split(w) => (w[i].d.0, w[i].q),
     }
 }
 
@@ -88,10 +110,9 @@ const SHAPES: [(usize, usize, usize); 9] = [
 #[test]
 fn every_isa_matches_scalar_bit_for_bit() {
     let mut rng = TestRng::new(1);
-    for ((cols, rows, tokens), f16_scales) in
-        SHAPES.into_iter().flat_map(|s| [(s, true), (s, false)])
+    for ((cols, rows, tokens), form) in SHAPES.into_iter().flat_map(|s| SCALE_FORMS.map(|f| (s, f)))
     {
-        let m = random_matrix_with(&mut rng, rows, cols, f16_scales);
+        let m = random_matrix_with(&mut rng, rows, cols, form);
         let x = outlier_activations(&mut rng, cols * tokens, 40.0);
         let reference = run(Isa::Scalar, 1, &m, &x, tokens);
         assert!(reference.iter().all(|v| v.is_finite()));
@@ -101,7 +122,7 @@ fn every_isa_matches_scalar_bit_for_bit() {
                 assert_eq!(
                     a.to_bits(),
                     b.to_bits(),
-                    "{isa} K={cols} rows={rows} N={tokens} f16 scales {f16_scales} at {i}: {a} vs \
+                    "{isa} K={cols} rows={rows} N={tokens} {form:?} scales at {i}: {a} vs \
                      {b}"
                 );
             }
@@ -130,8 +151,8 @@ fn two_threads_equal_one_thread() {
 fn scalar_follows_the_block_formula() {
     let mut rng = TestRng::new(3);
     let (rows, cols) = (5, 576);
-    for f16_scales in [true, false] {
-        let m = random_matrix_with(&mut rng, rows, cols, f16_scales);
+    for form in SCALE_FORMS {
+        let m = random_matrix_with(&mut rng, rows, cols, form);
         let x = rng.gaussians(cols);
         let cpu = Cpu::with_isa(Isa::Scalar, 1).unwrap();
         let mut acts = Int8Activations::new(cols);
@@ -143,18 +164,20 @@ fn scalar_follows_the_block_formula() {
             let mut magnitude = 0.0f64;
             for (b, xb) in acts.blocks().iter().enumerate() {
                 let (d, q) = block_of(&m, r, b);
-                let dot: i64 = q
-                    .iter()
-                    .zip(&xb.q)
-                    .map(|(&a, &b)| i64::from(a) * i64::from(b))
-                    .sum();
-                let scale = f64::from(d) * f64::from(xb.d);
-                expected += scale * dot as f64;
-                magnitude += scale * dot.abs() as f64;
+                for (h, (q, x)) in q.chunks_exact(16).zip(xb.q.chunks_exact(16)).enumerate() {
+                    let dot: i64 = q
+                        .iter()
+                        .zip(x)
+                        .map(|(&a, &b)| i64::from(a) * i64::from(b))
+                        .sum();
+                    let scale = f64::from(d[h]) * f64::from(xb.d);
+                    expected += scale * dot as f64;
+                    magnitude += scale * dot.abs() as f64;
+                }
             }
             assert!(
                 (f64::from(got) - expected).abs() <= 1e-6 * magnitude,
-                "row {r} (f16 scales {f16_scales}): {got} vs {expected}"
+                "row {r} ({form:?} scales): {got} vs {expected}"
             );
         }
     }
@@ -236,6 +259,33 @@ fn dequantize_row_is_code_times_scale() {
         assert_eq!(row[k], f32::from(codes[64 + k]) * scale);
     }
     assert_eq!(m.bytes(), 4 * 34);
+}
+
+#[test]
+fn half_block_scales_apply_to_their_sixteen_elements() {
+    let codes: Vec<i8> = (0..128).map(|i| (i as i8).wrapping_mul(5)).collect();
+    let scales = [0.5f32, 0.25, 2.0, 1.0, 3.0, 0.125, 4.0, 4.0];
+    let m = Int8Matrix::with_half_block_scales(2, 64, &codes, &scales).unwrap();
+    assert!(!m.has_f16_scales());
+    assert_eq!(m.bytes(), 4 * 40);
+    let mut row = vec![0.0; 64];
+    for r in 0..2 {
+        m.dequantize_row(r, &mut row).unwrap();
+        for k in 0..64 {
+            assert_eq!(
+                row[k],
+                f32::from(codes[64 * r + k]) * scales[4 * r + k / 16]
+            );
+        }
+    }
+    // Equal halves everywhere: the one-scale-per-block matrix.
+    let equal = [0.5f32, 0.5, 0.25, 0.25, 2.0, 2.0, 1.0, 1.0];
+    let m = Int8Matrix::with_half_block_scales(2, 64, &codes, &equal).unwrap();
+    assert!(m.has_f16_scales());
+    assert!(Int8Matrix::with_half_block_scales(2, 64, &codes, &scales[..7]).is_err());
+    let mut bad = scales;
+    bad[3] = f32::NAN;
+    assert!(Int8Matrix::with_half_block_scales(2, 64, &codes, &bad).is_err());
 }
 
 #[test]

@@ -185,13 +185,13 @@ fn unknown_tensor_type_is_unsupported() {
     }
     // A known but undecodable type opens, and fails only when decoded.
     let mut w = GgufWriter::new();
-    w.add_tensor_raw("iq.weight", &[256], GgmlType::IQ2_XXS.id(), vec![0; 66])
+    w.add_tensor_raw("fp4.weight", &[32], GgmlType::MXFP4.id(), vec![0; 17])
         .unwrap();
     w.write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
-    let err = f.decode_tensor("iq.weight").unwrap_err();
+    let err = f.decode_tensor("fp4.weight").unwrap_err();
     assert!(matches!(err, Error::UnsupportedTensorType { .. }), "{err}");
-    assert!(err.to_string().contains("IQ2_XXS"));
+    assert!(err.to_string().contains("MXFP4"));
 }
 
 #[test]

@@ -222,14 +222,16 @@ pub(super) fn row_range(t: &DecodedTensor, start: usize, count: usize) -> Decode
         }
         DecodedTensor::Int8 {
             cols,
+            block,
             codes,
             scales,
             ..
         } => {
-            let blocks = cols / 32;
+            let blocks = cols / (*block).max(1);
             DecodedTensor::Int8 {
                 rows: count,
                 cols: *cols,
+                block: *block,
                 codes: codes[start * cols..(start + count) * cols].to_vec(),
                 scales: scales[start * blocks..(start + count) * blocks].to_vec(),
             }
@@ -290,6 +292,7 @@ mod tests {
         let int8 = DecodedTensor::Int8 {
             rows,
             cols,
+            block: 32,
             codes: (0..rows * cols).map(|i| (i * 13 % 255) as i8).collect(),
             scales: (0..rows * 8).map(|i| 0.25 * (i + 1) as f32).collect(),
         };

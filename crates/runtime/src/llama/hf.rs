@@ -328,6 +328,7 @@ fn quantize_int8(tensor: &DecodedTensor) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }

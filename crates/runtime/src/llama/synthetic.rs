@@ -172,6 +172,7 @@ fn int8(rng: &mut Rng, rows: usize, cols: usize) -> DecodedTensor {
     DecodedTensor::Int8 {
         rows,
         cols,
+        block: 32,
         codes,
         scales,
     }
@@ -325,7 +326,7 @@ fn source_kind(t: &DecodedTensor) -> String {
             bits, group_size, ..
         } => format!("low-bit {bits}b g{group_size}"),
         DecodedTensor::SuperBlock { bits, group, .. } => format!("k-quant {bits}b g{group}"),
-        DecodedTensor::Int8 { .. } => "int8 b32".to_string(),
+        DecodedTensor::Int8 { block, .. } => format!("int8 b{block}"),
         DecodedTensor::Dense { .. } => "f32".to_string(),
     }
 }

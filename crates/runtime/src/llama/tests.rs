@@ -377,7 +377,7 @@ fn k_and_i_quant_models_load_exactly_into_their_kernels() {
     // (type, f16 fields as (byte offset, size relative to 1/√K), kernel form). Every block of a
     // tensor gets the same scales, so the loader may merge Q5_0/Q5_1 groups into wider ones.
     type Case = (GgmlType, &'static [(usize, f32)], &'static str);
-    let cases: [Case; 9] = [
+    let cases: [Case; 16] = [
         (GgmlType::IQ4_NL, &[(0, 1.0 / 127.0)], "int8"),
         (GgmlType::IQ4_XS, &[(0, 1.0 / 4064.0)], "int8"),
         (
@@ -399,6 +399,14 @@ fn k_and_i_quant_models_load_exactly_into_their_kernels() {
         (GgmlType::Q6_K, &[(208, 1.0 / 4096.0)], "lut6 g16 two-level"),
         (GgmlType::Q5_0, &[(0, 1.0 / 16.0)], "lut5 "),
         (GgmlType::Q5_1, &[(0, 1.0 / 31.0), (2, -0.5)], "lut5 "),
+        (GgmlType::IQ2_XXS, &[(0, 1.0 / 50.0)], "int8"),
+        (GgmlType::IQ2_XS, &[(0, 1.0 / 50.0)], "int8"),
+        (GgmlType::IQ2_S, &[(0, 1.0 / 50.0)], "int8"),
+        (GgmlType::IQ3_XXS, &[(0, 1.0 / 120.0)], "int8"),
+        (GgmlType::IQ3_S, &[(0, 1.0 / 128.0)], "lut4 g32 two-level"),
+        (GgmlType::IQ1_S, &[(0, 1.0 / 6.0)], "lut2 g32 two-level"),
+        // IQ1_M's scale is spread over four nibbles; set below.
+        (GgmlType::IQ1_M, &[], "lut5 g16 two-level"),
     ];
     for (ty, fields, kernel) in cases {
         let mut w = GgufWriter::new();
@@ -416,7 +424,17 @@ fn k_and_i_quant_models_load_exactly_into_their_kernels() {
             }
             let scale = 1.0 / (cols as f32).sqrt();
             let fields: Vec<(usize, f32)> = fields.iter().map(|&(at, f)| (at, f * scale)).collect();
-            let data = random_blocks(ty, rows, cols, &fields, i as u64);
+            let mut data = random_blocks(ty, rows, cols, &fields, i as u64);
+            if ty == GgmlType::IQ1_M {
+                let d = half::f16::from_f32(scale / 6.0).to_bits();
+                for block in data.chunks_exact_mut(ty.block_bytes()) {
+                    // The high nibble of scale word j (bytes 48..56) is nibble j of d.
+                    for j in 0..4 {
+                        let nibble = ((d >> (4 * j)) & 0xF) as u8;
+                        block[49 + 2 * j] = (block[49 + 2 * j] & 0x0F) | (nibble << 4);
+                    }
+                }
+            }
             w.add_tensor_raw(name, &info.dims, ty.id(), data).unwrap();
         }
         let path = tiny.with_file_name(format!("{}.gguf", ty.name()));

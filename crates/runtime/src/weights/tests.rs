@@ -288,8 +288,8 @@ fn wrong_length_and_unsupported_are_errors() {
         Err(DecodeError::BadShape(_))
     ));
     assert_eq!(
-        decode_ggml(GgmlType::IQ2_XXS, 1, 256, &[0; 66]),
-        Err(DecodeError::Unsupported(GgmlType::IQ2_XXS))
+        decode_ggml(GgmlType::MXFP4, 1, 32, &[0; 17]),
+        Err(DecodeError::Unsupported(GgmlType::MXFP4))
     );
     assert_eq!(GgmlType::from_id(3), Some(GgmlType::Q4_1));
     assert_eq!(GgmlType::from_id(99), None);
@@ -437,6 +437,167 @@ fn iq4_xs_sub_block_scales_follow_the_layout() {
 }
 
 #[test]
+fn iq2_xxs_and_iq3_xxs_match_reference_as_int8() {
+    for (name, grid_values) in [
+        ("iq2_xxs", &[8, 25, 43][..]),
+        ("iq3_xxs", &[4, 12, 20, 28, 36, 44, 52, 62][..]),
+    ] {
+        let t = check_block_fixture(name);
+        let DecodedTensor::Int8 { codes, scales, .. } = &t else {
+            panic!("{name} is not in the int8 form")
+        };
+        assert_eq!(scales.len(), t.rows() * t.cols() / 32, "{name}");
+        for &c in codes {
+            assert!(grid_values.contains(&c.unsigned_abs()), "{name}: code {c}");
+        }
+        // Random sign patterns give both signs.
+        assert!(codes.iter().any(|&c| c < 0) && codes.iter().any(|&c| c > 0));
+    }
+}
+
+#[test]
+fn iq2_xs_and_iq2_s_match_reference_as_int8_with_half_block_scales() {
+    for name in ["iq2_xs", "iq2_s"] {
+        let t = check_block_fixture(name);
+        let DecodedTensor::Int8 {
+            block: 16,
+            codes,
+            scales,
+            ..
+        } = &t
+        else {
+            panic!("{name} is not in the int8 form with a scale per 16")
+        };
+        assert_eq!(scales.len(), t.rows() * t.cols() / 16, "{name}");
+        assert!(codes
+            .iter()
+            .all(|c| [8, 25, 43].contains(&c.unsigned_abs())));
+        // Random scale nibbles: some sub-block has two different half scales.
+        assert!(scales.chunks_exact(2).any(|p| p[0] != p[1]), "{name}");
+    }
+}
+
+#[test]
+fn iq2_s_index_high_bits_and_signs_follow_the_layout() {
+    // d = 4, scales 0x10 (ls 0 then 1: db = 0.5, 1.5). Index 0x3FF (qh bits 2l..2l+2 all set)
+    // for every group; sign byte 0x01 negates element 0 of each group of 8.
+    let mut b = Vec::new();
+    b.extend(h(4.0));
+    b.extend([0xFFu8; 32]);
+    b.extend([0x01u8; 32]);
+    b.extend([0xFFu8; 8]);
+    b.extend([0x10u8; 8]);
+    let w = decode_ggml(GgmlType::IQ2_S, 1, 256, &b)
+        .unwrap()
+        .dequantize();
+    let grid = IQ2S_GRID[0x3FF].to_le_bytes();
+    for (i, &x) in w.iter().enumerate() {
+        let db = if i % 32 < 16 { 0.5 } else { 1.5 };
+        let sign = if i % 8 == 0 { -1.0 } else { 1.0 };
+        assert_eq!(x, db * f32::from(grid[i % 8]) * sign, "element {i}");
+    }
+}
+
+#[test]
+fn iq3_s_matches_reference_as_super_blocks_with_mins() {
+    let t = check_block_fixture("iq3_s");
+    let DecodedTensor::SuperBlock {
+        bits: 4,
+        group: 32,
+        zero_point: 8,
+        sub_scales,
+        sub_mins: Some(sub_mins),
+        d,
+        dmin: Some(dmin),
+        ..
+    } = &t
+    else {
+        panic!("IQ3_S is not in the 4-bit super-block form with mins")
+    };
+    for (&sc, &m) in sub_scales.iter().zip(sub_mins) {
+        assert_eq!(i16::from(sc), 2 * i16::from(m));
+        assert!(m % 2 == 1 && m <= 31);
+    }
+    for (&d, &dmin) in d.iter().zip(dmin) {
+        assert_eq!(f16::from_bits(dmin).to_f32(), -f16::from_bits(d).to_f32());
+    }
+}
+
+#[test]
+fn iq1_s_matches_reference_as_super_blocks_with_mins() {
+    let t = check_block_fixture("iq1_s");
+    let DecodedTensor::SuperBlock {
+        bits: 2,
+        group: 32,
+        zero_point: 1,
+        codes,
+        sub_scales,
+        sub_mins: Some(sub_mins),
+        ..
+    } = &t
+    else {
+        panic!("IQ1_S is not in the 2-bit super-block form with mins")
+    };
+    assert!(codes.iter().all(|&q| q < 4));
+    for (&sc, &m) in sub_scales.iter().zip(sub_mins) {
+        assert!(
+            m == sc as u8 || m == 7 * sc as u8,
+            "sub-scale {sc}, sub-min {m}"
+        );
+    }
+}
+
+#[test]
+fn iq1_m_matches_reference_as_super_blocks() {
+    let t = check_block_fixture("iq1_m");
+    let DecodedTensor::SuperBlock {
+        bits: 5,
+        group: 16,
+        zero_point: 9,
+        codes,
+        sub_scales,
+        sub_mins: None,
+        ..
+    } = &t
+    else {
+        panic!("IQ1_M is not in the 5-bit super-block form")
+    };
+    assert!(codes.iter().all(|q| [0, 2, 8, 10, 16, 18].contains(q)));
+    assert!(sub_scales
+        .iter()
+        .all(|&s| s % 2 == 1 && (1..=15).contains(&s)));
+}
+
+#[test]
+fn iq1_s_and_iq1_m_with_a_scale_whose_eighth_is_not_f16_are_int8() {
+    for (name, per_scale) in [("iq1_s_subnormal_scale", 32), ("iq1_m_subnormal_scale", 16)] {
+        let t = check_block_fixture(name);
+        let DecodedTensor::Int8 { block, codes, .. } = &t else {
+            panic!("{name} is not in the int8 form")
+        };
+        assert_eq!(*block, per_scale, "{name}");
+        assert!(codes.iter().all(|c| [1, 7, 9].contains(&c.unsigned_abs())));
+    }
+}
+
+#[test]
+fn iq1_s_uses_the_grid_shift_sign() {
+    // d = 1, every index 0 (grid entry all −1), s = 2 (dl = 5): shift +1/8 in the first 32,
+    // −1/8 in the next 32 (bit 15 of qh).
+    let mut b = Vec::new();
+    b.extend(h(1.0));
+    b.extend([0u8; 32]);
+    for ib in 0..8u16 {
+        b.extend((2 << 12 | (ib % 2) << 15).to_le_bytes());
+    }
+    let w = decode_ggml(GgmlType::IQ1_S, 1, 256, &b)
+        .unwrap()
+        .dequantize();
+    assert_eq!(w[0], 5.0 * (-1.0 + 0.125));
+    assert_eq!(w[32], 5.0 * (-1.0 - 0.125));
+}
+
+#[test]
 fn q8_0_q5_0_q5_1_match_reference() {
     for name in ["q8_0", "q5_0", "q5_1"] {
         check_block_fixture(name);
@@ -458,7 +619,7 @@ fn k_quants_match_reference_as_super_blocks() {
     }
 }
 
-/// The LUT kernel matrix built from each low-bit and K-quant type holds the reference values
+/// The LUT kernel matrix built from each low-bit, K-quant and super-block i-quant type holds the reference values
 /// exactly: the weights the kernel multiplies are ggml's.
 #[test]
 fn lut_kernel_form_holds_reference_values() {
@@ -473,6 +634,9 @@ fn lut_kernel_form_holds_reference_values() {
         ("q4_k", 4),
         ("q5_k", 5),
         ("q6_k", 6),
+        ("iq3_s", 4),
+        ("iq1_s", 2),
+        ("iq1_m", 5),
     ] {
         let (tensor, expected) = decode_block_fixture(name);
         let m = Linear::from_decoded(&tensor, false).unwrap();
@@ -493,7 +657,17 @@ fn lut_kernel_form_holds_reference_values() {
 #[test]
 fn int8_kernel_form_holds_reference_values() {
     use crate::linear::Linear;
-    for (name, f16_scales) in [("iq4_nl", true), ("iq4_xs", false), ("q8_0", true)] {
+    for (name, f16_scales) in [
+        ("iq4_nl", true),
+        ("iq4_xs", false),
+        ("q8_0", true),
+        ("iq2_xxs", false),
+        ("iq3_xxs", false),
+        ("iq1_s_subnormal_scale", false),
+        ("iq1_m_subnormal_scale", false),
+        ("iq2_xs", false),
+        ("iq2_s", false),
+    ] {
         let (tensor, expected) = decode_block_fixture(name);
         let m = Linear::from_decoded(&tensor, false).unwrap();
         let Linear::Int8(int8) = &m else {
