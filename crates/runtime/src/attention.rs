@@ -449,6 +449,7 @@ mod tests {
         for f16 in [false, true] {
             let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, 2).unwrap();
             let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
+            cache.reserve(total).unwrap();
             cache.store(0, 0, &keys, &vals);
             let round = |v: &[f32]| -> Vec<f32> {
                 v.iter()
