@@ -250,7 +250,7 @@ fn build(
             // Which kernel each kind of tensor runs on, so that a row can be read without guessing.
             for t in &model.describe().tensor_types {
                 eprintln!(
-                    "lutra bench:   {:>4} × {:<18} → {:<16} {:>9.1} MiB",
+                    "lutra bench:   {:>4} × {:<18} → {:<18} {:>9.1} MiB",
                     t.count,
                     t.source,
                     t.kernel,

@@ -174,7 +174,7 @@ impl std::fmt::Display for ModelInfo {
         for t in &self.tensor_types {
             writeln!(
                 f,
-                "  {:>4} × {:<16} → {:<14} {:>9.2} MiB",
+                "  {:>4} × {:<16} → {:<18} {:>9.2} MiB",
                 t.count,
                 t.source,
                 t.kernel,
