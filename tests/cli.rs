@@ -438,3 +438,52 @@ fn ctrl_c_stops_generate_which_prints_its_timings_and_exits_130() {
         "{generated} tokens:\n{stderr}"
     );
 }
+
+#[test]
+fn info_lists_every_tensor_with_its_type_form_and_bytes() {
+    let model = model_path();
+    let out = lutra(&[
+        "info",
+        "-m",
+        model.to_str().unwrap(),
+        "-t",
+        "1",
+        "--tensors",
+    ]);
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.ends_with(" bytes"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // SmolLM2-135M: the embedding, 30 blocks of 9 tensors, the final norm (tied LM head).
+    assert_eq!(rows.len(), 1 + 30 * 9 + 1, "{stdout}");
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r[0] == name)
+            .unwrap_or_else(|| panic!("{name} is not listed:\n{stdout}"))
+    };
+    assert_eq!(&row("token_embd.weight")[1..4], ["Q8_0", "→", "int8"]);
+    assert_eq!(
+        &row("blk.29.ffn_down.weight")[1..5],
+        ["Q4_1", "→", "lut4", "g32"]
+    );
+    assert_eq!(&row("output_norm.weight")[1..4], ["F32", "→", "f32"]);
+    // The per-tensor bytes add up to the weights line.
+    let total: usize = rows
+        .iter()
+        .map(|r| r[r.len() - 2].parse::<usize>().unwrap())
+        .sum();
+    let weights_line = stdout.lines().find(|l| l.starts_with("weights:")).unwrap();
+    let mib: f64 = weights_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (total as f64 / (1 << 20) as f64 - mib).abs() < 0.01,
+        "{total} vs {weights_line}"
+    );
+}

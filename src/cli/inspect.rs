@@ -36,6 +36,9 @@ pub(crate) struct PerplexityArgs {
 pub(crate) struct InfoArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Also list every tensor: its name, type in the file, form in memory and bytes
+    #[arg(long)]
+    tensors: bool,
 }
 
 /// Runs `lutra tokenize`: only the tokenizer is read, no weights are repacked.
@@ -84,7 +87,8 @@ pub(crate) fn perplexity(args: &PerplexityArgs) -> Result<()> {
 /// Runs `lutra info`.
 pub(crate) fn info(args: &InfoArgs) -> Result<()> {
     let model = args.model.load()?;
-    let mut text = format!("{}\n", model.describe());
+    let info = model.describe();
+    let mut text = format!("{info}\n");
     if let Some(rss) = lutra_tooling::bench::current_rss_bytes() {
         let peak = lutra_tooling::bench::peak_rss_bytes().unwrap_or(rss);
         text += &format!(
@@ -92,6 +96,15 @@ pub(crate) fn info(args: &InfoArgs) -> Result<()> {
             human_bytes(rss),
             human_bytes(peak)
         );
+    }
+    if args.tensors {
+        let width = info.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
+        for t in &info.tensors {
+            text += &format!(
+                "{:<width$}  {:<12} → {:<18} {:>12} bytes\n",
+                t.name, t.source, t.kernel, t.bytes
+            );
+        }
     }
     write_stdout(&text)
 }

@@ -106,6 +106,19 @@ pub struct TensorTypeCount {
     pub bytes: usize,
 }
 
+/// One tensor of a loaded model: its name, its type in the file and its form in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorForm {
+    /// Name in the file (e.g. `blk.0.attn_q.weight`).
+    pub name: String,
+    /// Type in the source (e.g. `Q4_K`, `f16→q4g32`).
+    pub source: String,
+    /// Form in memory (e.g. `lut4 g32 two-level`, `int8`, `f32`).
+    pub kernel: String,
+    /// Bytes in memory.
+    pub bytes: usize,
+}
+
 /// A summary of a loaded model, for `lutra info`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
@@ -115,6 +128,8 @@ pub struct ModelInfo {
     pub parameters: usize,
     /// Tensor kinds, source → memory.
     pub tensor_types: Vec<TensorTypeCount>,
+    /// Every tensor, in load order.
+    pub tensors: Vec<TensorForm>,
     /// Bytes of all weights in memory.
     pub weight_bytes: usize,
     /// Context length of a new KV cache.
@@ -219,7 +234,7 @@ pub struct Model {
     rope: Rope,
     /// Rotations of the sliding-window layers when their RoPE base differs (Gemma 3).
     rope_local: Option<Rope>,
-    tensor_types: Vec<TensorTypeCount>,
+    tensors: Vec<TensorForm>,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<ChatTemplate>,
     /// Scratch of the forward pass; a mutex because `forward` takes `&self`.
@@ -243,7 +258,7 @@ pub(crate) struct ModelParts {
     layers: Vec<LayerWeights>,
     output_norm: Vec<f32>,
     output: Option<Linear>,
-    tensor_types: Vec<TensorTypeCount>,
+    tensors: Vec<TensorForm>,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<ChatTemplate>,
 }
@@ -314,7 +329,7 @@ impl Model {
             output: parts.output,
             rope,
             rope_local,
-            tensor_types: parts.tensor_types,
+            tensors: parts.tensors,
             tokenizer: parts.tokenizer,
             chat_template: parts.chat_template,
             state: Mutex::new(state),
@@ -373,7 +388,7 @@ impl Model {
 
     /// Bytes of all weights in memory.
     pub fn weight_bytes(&self) -> usize {
-        self.tensor_types.iter().map(|t| t.bytes).sum()
+        self.tensors.iter().map(|t| t.bytes).sum()
     }
 
     /// Worker threads.
@@ -429,7 +444,8 @@ impl Model {
                 + c.vocab_size * c.hidden_size
                 + head
                 + c.hidden_size,
-            tensor_types: self.tensor_types.clone(),
+            tensor_types: count_kinds(&self.tensors),
+            tensors: self.tensors.clone(),
             weight_bytes: self.weight_bytes(),
             context_length: self.context_length,
             // Checked when the model was built.
@@ -502,35 +518,41 @@ fn check_sub_norms(c: &ModelConfig, layers: &[LayerWeights]) -> Result<()> {
     Ok(())
 }
 
-/// Adds one tensor to the per-kind counts.
-fn count_tensor(types: &mut Vec<TensorTypeCount>, source: String, kernel: String, bytes: usize) {
-    match types
-        .iter_mut()
-        .find(|t| t.source == source && t.kernel == kernel)
-    {
-        Some(t) => {
-            t.count += 1;
-            t.bytes += bytes;
-        }
-        None => types.push(TensorTypeCount {
-            source,
-            kernel,
-            count: 1,
-            bytes,
-        }),
-    }
+/// Records one loaded tensor.
+fn count_tensor(
+    tensors: &mut Vec<TensorForm>,
+    name: &str,
+    source: String,
+    kernel: String,
+    bytes: usize,
+) {
+    tensors.push(TensorForm {
+        name: name.to_string(),
+        source,
+        kernel,
+        bytes,
+    });
 }
 
-/// Adds the counts of one kind (from another loader) to `types`.
-fn merge_count(types: &mut Vec<TensorTypeCount>, more: TensorTypeCount) {
-    match types
-        .iter_mut()
-        .find(|t| t.source == more.source && t.kernel == more.kernel)
-    {
-        Some(t) => {
-            t.count += more.count;
-            t.bytes += more.bytes;
+/// The tensors grouped by (source, kernel form), in order of first appearance.
+fn count_kinds(tensors: &[TensorForm]) -> Vec<TensorTypeCount> {
+    let mut kinds: Vec<TensorTypeCount> = Vec::new();
+    for t in tensors {
+        match kinds
+            .iter_mut()
+            .find(|k| k.source == t.source && k.kernel == t.kernel)
+        {
+            Some(k) => {
+                k.count += 1;
+                k.bytes += t.bytes;
+            }
+            None => kinds.push(TensorTypeCount {
+                source: t.source.clone(),
+                kernel: t.kernel.clone(),
+                count: 1,
+                bytes: t.bytes,
+            }),
         }
-        None => types.push(more),
     }
+    kinds
 }

@@ -31,7 +31,7 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::DecodedTensor;
 
 use super::block::{load_block, BlockSource};
-use super::{count_tensor, LoadOptions, Model, ModelParts, TensorTypeCount};
+use super::{count_tensor, LoadOptions, Model, ModelParts, TensorForm};
 
 #[cfg(test)]
 mod tests;
@@ -92,7 +92,7 @@ struct HfLoader<'a> {
     folder: &'a SafetensorsFolder,
     quant: Quantization,
     opts: &'a LoadOptions,
-    types: Vec<TensorTypeCount>,
+    types: Vec<TensorForm>,
     /// The column order of the last permuted matrix, shared by the next ones that have the same
     /// (q/k/v, gate/up) so that they share one gathered input.
     last_order: Option<Arc<[u32]>>,
@@ -220,7 +220,7 @@ impl HfLoader<'_> {
             }
             None => Linear::from_decoded(&tensor, self.opts.reference)?,
         };
-        count_tensor(&mut self.types, source, m.kind(), m.bytes());
+        count_tensor(&mut self.types, prefix, source, m.kind(), m.bytes());
         Ok(m)
     }
 
@@ -231,6 +231,7 @@ impl HfLoader<'_> {
         let values = t.to_f32()?;
         count_tensor(
             &mut self.types,
+            name,
             format!("{:?}", t.dtype).to_lowercase(),
             "f32".into(),
             4 * len,
@@ -430,7 +431,7 @@ fn load_weights(
         layers,
         output_norm,
         output,
-        tensor_types: t.types,
+        tensors: t.types,
         tokenizer: None,
         chat_template: None,
     })

@@ -16,15 +16,13 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::DecodedTensor;
 
 use super::block::{load_block, row_range, BlockSource};
-use super::{
-    count_tensor, merge_count, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount,
-};
+use super::{count_tensor, LayerWeights, LoadOptions, Model, ModelParts, TensorForm};
 
 /// Reads tensors of one file, checking shapes and keeping the per-kind counts.
 struct TensorLoader<'a> {
     file: &'a GgufFile,
     opts: &'a LoadOptions,
-    types: Vec<TensorTypeCount>,
+    types: Vec<TensorForm>,
 }
 
 impl TensorLoader<'_> {
@@ -96,7 +94,7 @@ impl TensorLoader<'_> {
         )?;
         if let Some(m) = &m {
             self.file.release_tensor(name);
-            count_tensor(&mut self.types, source, m.kind(), m.bytes());
+            count_tensor(&mut self.types, name, source, m.kind(), m.bytes());
         }
         Ok(m)
     }
@@ -153,7 +151,7 @@ impl TensorLoader<'_> {
         };
         let m = Linear::from_decoded_owned(tensor, self.opts.reference)
             .map_err(|e| self.form_error(name, &source, e))?;
-        count_tensor(&mut self.types, source, m.kind(), m.bytes());
+        count_tensor(&mut self.types, name, source, m.kind(), m.bytes());
         Ok(m)
     }
 
@@ -171,7 +169,7 @@ impl TensorLoader<'_> {
     /// A vector of `len` values, kept as f32.
     fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (tensor, source) = self.decode(name, 1, len)?;
-        count_tensor(&mut self.types, source, "f32".into(), 4 * len);
+        count_tensor(&mut self.types, name, source, "f32".into(), 4 * len);
         Ok(tensor.dequantize())
     }
 
@@ -254,7 +252,7 @@ enum Loaded {
 }
 
 /// A finished [`LoadJob`]: its weights and its tensor counts.
-type JobResult = Result<(Loaded, Vec<TensorTypeCount>)>;
+type JobResult = Result<(Loaded, Vec<TensorForm>)>;
 
 /// Every weight tensor of a llama-family GGUF, repacked for the kernels (no tokenizer yet).
 fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Result<ModelParts> {
@@ -339,9 +337,7 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
             Loaded::Layer(layer) => layers.push(*layer),
             Loaded::Output(m) => output = Some(m),
         }
-        for ty in job_types {
-            merge_count(&mut types, ty);
-        }
+        types.extend(job_types);
     }
     let embedding = embedding.ok_or_else(|| Error::MissingTensor {
         path: file.path().to_path_buf(),
@@ -349,7 +345,7 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
     })?;
     let mut t = TensorLoader { file, opts, types };
     let output_norm = t.vector("output_norm.weight", h)?;
-    let tensor_types = t.types;
+    let tensors = t.types;
 
     Ok(ModelParts {
         config,
@@ -357,7 +353,7 @@ fn load_weights(file: &GgufFile, config: ModelConfig, opts: &LoadOptions) -> Res
         layers,
         output_norm,
         output,
-        tensor_types,
+        tensors,
         tokenizer: None,
         chat_template: None,
     })

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::weights::DecodedTensor;
 
-use super::{count_tensor, LayerWeights, LoadOptions, Model, ModelParts, TensorTypeCount};
+use super::{count_tensor, LayerWeights, LoadOptions, Model, ModelParts, TensorForm};
 
 /// How the random weights of one kind of matrix are drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub struct SyntheticSpec {
 }
 
 /// One layer's weights with the kinds of its tensors.
-type BuiltLayer = (LayerWeights, Vec<TensorTypeCount>);
+type BuiltLayer = (LayerWeights, Vec<TensorForm>);
 
 /// xorshift64*: cheap and good enough for random weights; 8 codes per step.
 struct Rng(u64);
@@ -220,18 +220,18 @@ pub fn synthetic_model_with(
     let bitnet = c.architecture == Architecture::BitNet;
     let mut rng = Rng::new(seed);
     let mut types = Vec::new();
-    let linear = |t: DecodedTensor, types: &mut Vec<_>| -> Result<Linear> {
+    // Tensors are named as in a GGUF file of the same model.
+    let linear = |name: &str, t: DecodedTensor, types: &mut Vec<_>| -> Result<Linear> {
         let m = Linear::from_decoded(&t, opts.reference)?;
-        count_tensor(types, source_kind(&t), m.kind(), m.bytes());
+        count_tensor(types, name, source_kind(&t), m.kind(), m.bytes());
         Ok(m)
     };
-    let norm_of = |len: usize, types: &mut Vec<_>| {
-        count_tensor(types, "f32".into(), "f32".into(), 4 * len);
+    let norm_of = |name: &str, len: usize, types: &mut Vec<_>| {
+        count_tensor(types, name, "f32".into(), "f32".into(), 4 * len);
         vec![1.0f32; len]
     };
-    let norm = |types: &mut Vec<_>| norm_of(h, types);
-    let sub_norm = |len: usize, types: &mut Vec<_>| bitnet.then(|| norm_of(len, types));
     let embedding = linear(
+        "token_embd.weight",
         random_matrix(&mut rng, c.vocab_size, h, spec.head),
         &mut types,
     )?;
@@ -244,27 +244,32 @@ pub fn synthetic_model_with(
     let layer = |i: usize| -> Result<BuiltLayer> {
         let mut rng = Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut types = Vec::new();
-        let mut m = |rows, cols, types: &mut Vec<_>| {
-            linear(random_matrix(&mut rng, rows, cols, spec.layers), types)
+        let name = |s: &str| format!("blk.{i}.{s}.weight");
+        let mut m = |s: &str, rows, cols, types: &mut Vec<_>| {
+            let t = random_matrix(&mut rng, rows, cols, spec.layers);
+            linear(&name(s), t, types)
         };
+        let norm = |s: &str, types: &mut Vec<_>| norm_of(&name(s), h, types);
+        let sub_norm =
+            |s: &str, len: usize, types: &mut Vec<_>| bitnet.then(|| norm_of(&name(s), len, types));
         let weights = LayerWeights {
-            attn_norm: norm(&mut types),
-            wq: m(q_dim, h, &mut types)?,
-            wk: m(kv_dim, h, &mut types)?,
-            wv: m(kv_dim, h, &mut types)?,
+            attn_norm: norm("attn_norm", &mut types),
+            wq: m("attn_q", q_dim, h, &mut types)?,
+            wk: m("attn_k", kv_dim, h, &mut types)?,
+            wv: m("attn_v", kv_dim, h, &mut types)?,
             bq: None,
             bk: None,
             bv: None,
             q_norm: None,
             k_norm: None,
-            wo: m(h, q_dim, &mut types)?,
+            wo: m("attn_output", h, q_dim, &mut types)?,
             attn_post_norm: None,
-            attn_sub_norm: sub_norm(q_dim, &mut types),
-            ffn_norm: norm(&mut types),
-            ffn_sub_norm: sub_norm(f, &mut types),
-            w_gate: m(f, h, &mut types)?,
-            w_up: m(f, h, &mut types)?,
-            w_down: m(h, f, &mut types)?,
+            attn_sub_norm: sub_norm("attn_sub_norm", q_dim, &mut types),
+            ffn_norm: norm("ffn_norm", &mut types),
+            ffn_sub_norm: sub_norm("ffn_sub_norm", f, &mut types),
+            w_gate: m("ffn_gate", f, h, &mut types)?,
+            w_up: m("ffn_up", f, h, &mut types)?,
+            w_down: m("ffn_down", h, f, &mut types)?,
             ffn_post_norm: None,
         };
         Ok((weights, types))
@@ -274,25 +279,15 @@ pub fn synthetic_model_with(
     let mut layers = Vec::with_capacity(c.layers);
     for result in built.into_iter().flatten() {
         let (weights, layer_types) = result?;
-        for t in layer_types {
-            match types
-                .iter_mut()
-                .find(|x| x.source == t.source && x.kernel == t.kernel)
-            {
-                Some(x) => {
-                    x.count += t.count;
-                    x.bytes += t.bytes;
-                }
-                None => types.push(t),
-            }
-        }
+        types.extend(layer_types);
         layers.push(weights);
     }
-    let output_norm = norm(&mut types);
+    let output_norm = norm_of("output_norm.weight", h, &mut types);
     let output = if c.tied_embeddings {
         None
     } else {
         Some(linear(
+            "output.weight",
             random_matrix(&mut rng, c.vocab_size, h, spec.head),
             &mut types,
         )?)
@@ -303,7 +298,7 @@ pub fn synthetic_model_with(
         layers,
         output_norm,
         output,
-        tensor_types: types,
+        tensors: types,
         tokenizer: None,
         chat_template: None,
     };

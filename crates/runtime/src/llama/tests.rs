@@ -942,7 +942,7 @@ fn sub_norms_must_match_the_architecture() {
         layers: parts_layers,
         output_norm: vec![1.0; 256],
         output: None,
-        tensor_types: vec![],
+        tensors: vec![],
         tokenizer: None,
         chat_template: None,
     };
