@@ -1,7 +1,8 @@
 //! Tiny random models of the architectures beyond Llama (Qwen3, Gemma 3, Phi-3), written by
-//! `lutra_runtime::fixtures::tiny_llama_gguf`, against llama.cpp's perplexity of the same files
-//! (`tests/data/architectures/`, figures in `llama-cpp.json`): the perplexity of the GPL-2 text
-//! must match llama.cpp's within 0.1%, on the fast path and on the exact reference path.
+//! `lutra_runtime::fixtures::tiny_llama_gguf` at test time, against llama.cpp's perplexity of the
+//! same bytes (`tests/data/architectures/llama-cpp.json`, with each file's size and digest): the
+//! perplexity of the GPL-2 text must match llama.cpp's within 0.1%, on the fast path and on the
+//! exact reference path.
 
 use std::path::Path;
 
@@ -25,7 +26,7 @@ struct Figures {
 /// llama-perplexity's result for one file.
 #[derive(Debug, Deserialize)]
 struct ModelFigures {
-    /// The file, relative to `tests/data/architectures/`.
+    /// The file's name.
     file: String,
     /// Its `general.architecture`.
     architecture: String,
@@ -33,6 +34,17 @@ struct ModelFigures {
     chunks: usize,
     /// Perplexity.
     ppl: f64,
+    /// Size of the file llama.cpp measured.
+    bytes: usize,
+    /// FNV-1a 64 digest of that file, in hex.
+    fnv1a64: String,
+}
+
+/// FNV-1a, 64 bits: enough to tell that a written file is the one the figures were measured on.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn figures() -> Figures {
@@ -50,7 +62,7 @@ fn load(path: &Path, reference: bool, n_ctx: usize) -> Model {
     Model::load(path, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
-/// The shape of each committed file, as `tiny_llama_gguf` writes it with seed 11.
+/// The shape of each file, as `tiny_llama_gguf` writes it with seed 11.
 fn spec_of(architecture: Architecture) -> TinyModelSpec {
     let base = TinyModelSpec {
         architecture,
@@ -78,32 +90,29 @@ fn spec_of(architecture: Architecture) -> TinyModelSpec {
     }
 }
 
-#[test]
-fn committed_files_are_what_the_fixture_writes() {
-    let dir = std::env::temp_dir().join(format!("lutra-arch-files-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for m in &figures().models {
-        let arch = Architecture::from_gguf_name(&m.architecture).expect("a known architecture");
-        let written = dir.join(&m.file);
-        tiny_llama_gguf(&written, &spec_of(arch), 11).unwrap();
-        let committed = common::data_dir().join("architectures").join(&m.file);
-        assert!(
-            std::fs::read(&written).unwrap() == std::fs::read(&committed).unwrap(),
-            "{} differs from what tiny_llama_gguf writes: the llama.cpp figures must be measured \
-             again on the new file",
-            committed.display()
-        );
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+/// Writes the tiny file of `m` into `dir` and checks it is the one llama.cpp measured.
+fn write_tiny_file(dir: &Path, m: &ModelFigures) -> std::path::PathBuf {
+    let arch = Architecture::from_gguf_name(&m.architecture).expect("a known architecture");
+    let path = dir.join(&m.file);
+    tiny_llama_gguf(&path, &spec_of(arch), 11).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(
+        bytes.len() == m.bytes && format!("{:016x}", fnv1a64(&bytes)) == m.fnv1a64,
+        "{} is not what llama.cpp measured: the figures must be measured again on the new file",
+        m.file
+    );
+    path
 }
 
 #[test]
 fn tiny_models_match_llama_perplexity() {
     let figures = figures();
     let corpus = common::corpus();
+    let dir = std::env::temp_dir().join(format!("lutra-arch-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let mut seen = Vec::new();
     for m in &figures.models {
-        let path = common::data_dir().join("architectures").join(&m.file);
+        let path = write_tiny_file(&dir, m);
         for reference in [false, true] {
             let model = load(&path, reference, figures.n_ctx);
             let expected = Architecture::from_gguf_name(&m.architecture);
@@ -136,4 +145,5 @@ fn tiny_models_match_llama_perplexity() {
         seen.push(m.architecture.as_str());
     }
     assert_eq!(seen, ["qwen3", "gemma3", "phi3"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }
