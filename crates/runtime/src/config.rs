@@ -750,8 +750,13 @@ mod tests {
 
     /// Metadata of a llama GGUF (head dim 16: 8 rotated pairs) and no tensors.
     fn llama_metadata() -> GgufWriter {
+        arch_metadata("llama")
+    }
+
+    /// The same shape under architecture `arch`'s keys.
+    fn arch_metadata(arch: &str) -> GgufWriter {
         let mut w = GgufWriter::new();
-        w.add_metadata("general.architecture", MetaValue::String("llama".into()));
+        w.add_metadata("general.architecture", MetaValue::String(arch.into()));
         for (k, v) in [
             ("block_count", 2),
             ("embedding_length", 64),
@@ -760,10 +765,10 @@ mod tests {
             ("context_length", 1024),
             ("vocab_size", 10),
         ] {
-            w.add_metadata(&format!("llama.{k}"), MetaValue::U32(v));
+            w.add_metadata(&format!("{arch}.{k}"), MetaValue::U32(v));
         }
         w.add_metadata(
-            "llama.attention.layer_norm_rms_epsilon",
+            &format!("{arch}.attention.layer_norm_rms_epsilon"),
             MetaValue::F32(1e-5),
         );
         w
@@ -876,23 +881,8 @@ mod tests {
     #[test]
     fn longrope_phi3_files_are_refused() {
         let path = temp_gguf("phi3");
-        let mut w = GgufWriter::new();
-        w.add_metadata("general.architecture", MetaValue::String("phi3".into()));
-        for (k, v) in [
-            ("block_count", 2),
-            ("embedding_length", 64),
-            ("feed_forward_length", 128),
-            ("attention.head_count", 4),
-            ("context_length", 1024),
-            ("vocab_size", 10),
-            ("attention.sliding_window", 2048),
-        ] {
-            w.add_metadata(&format!("phi3.{k}"), MetaValue::U32(v));
-        }
-        w.add_metadata(
-            "phi3.attention.layer_norm_rms_epsilon",
-            MetaValue::F32(1e-5),
-        );
+        let mut w = arch_metadata("phi3");
+        w.add_metadata("phi3.attention.sliding_window", MetaValue::U32(2048));
         let c = config_of(&w, &path).unwrap();
         // llama.cpp ignores Phi-3's window; so does lutra.
         assert_eq!(
