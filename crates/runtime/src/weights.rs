@@ -106,6 +106,82 @@ impl DecodedTensor {
         }
     }
 
+    /// Rows `start..start + count`, in the same form.
+    pub fn row_range(&self, start: usize, count: usize) -> DecodedTensor {
+        match self {
+            DecodedTensor::LowBit {
+                cols,
+                bits,
+                group_size,
+                codes,
+                scales,
+                offsets,
+                ..
+            } => {
+                let groups = cols / (*group_size).max(1);
+                DecodedTensor::LowBit {
+                    rows: count,
+                    cols: *cols,
+                    bits: *bits,
+                    group_size: *group_size,
+                    codes: codes[start * cols..(start + count) * cols].to_vec(),
+                    scales: scales[start * groups..(start + count) * groups].to_vec(),
+                    offsets: offsets[start * groups..(start + count) * groups].to_vec(),
+                }
+            }
+            DecodedTensor::Int8 {
+                cols,
+                block,
+                codes,
+                scales,
+                ..
+            } => {
+                let blocks = cols / (*block).max(1);
+                DecodedTensor::Int8 {
+                    rows: count,
+                    cols: *cols,
+                    block: *block,
+                    codes: codes[start * cols..(start + count) * cols].to_vec(),
+                    scales: scales[start * blocks..(start + count) * blocks].to_vec(),
+                }
+            }
+            DecodedTensor::SuperBlock {
+                cols,
+                bits,
+                group,
+                zero_point,
+                codes,
+                sub_scales,
+                sub_mins,
+                d,
+                dmin,
+                ..
+            } => {
+                let (groups, supers) = (cols / group, cols / 256);
+                let rows_of = |v: &[u16]| v[start * supers..(start + count) * supers].to_vec();
+                DecodedTensor::SuperBlock {
+                    rows: count,
+                    cols: *cols,
+                    bits: *bits,
+                    group: *group,
+                    zero_point: *zero_point,
+                    codes: codes[start * cols..(start + count) * cols].to_vec(),
+                    sub_scales: sub_scales[start * groups..(start + count) * groups].to_vec(),
+                    sub_mins: sub_mins
+                        .as_ref()
+                        .map(|m| m[start * groups..(start + count) * groups].to_vec()),
+                    d: rows_of(d),
+                    dmin: dmin.as_deref().map(rows_of),
+                }
+            }
+            DecodedTensor::Dense { cols, values, .. } => DecodedTensor::Dense {
+                rows: count,
+                cols: *cols,
+                values: values[start * cols..(start + count) * cols].to_vec(),
+            },
+        }
+    }
+
     /// All `rows·cols` values as f32, row-major (for reference paths, requantization and tests).
     pub fn dequantize(&self) -> Vec<f32> {
         match self {

@@ -15,7 +15,7 @@ use crate::quantize::requantize;
 use crate::tokenizer::Tokenizer;
 use crate::weights::DecodedTensor;
 
-use super::block::{load_block, row_range, BlockSource};
+use super::block::{load_block, BlockSource};
 use super::{count_tensor, LayerWeights, LoadOptions, Model, ModelParts, TensorForm};
 
 /// Reads tensors of one file, checking shapes and keeping the per-kind counts.
@@ -379,7 +379,7 @@ impl BlockSource for TensorLoader<'_> {
         let mut start = 0;
         let mut out = Vec::with_capacity(rows.len());
         for &count in rows {
-            let part = row_range(&tensor, start, count);
+            let part = tensor.row_range(start, count);
             out.push(self.kernel_form(&name, part, source.clone(), true)?);
             start += count;
         }

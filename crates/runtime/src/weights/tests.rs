@@ -698,3 +698,52 @@ fn type_table_has_one_entry_per_type_and_id() {
         "ids 4 and 5 were removed from ggml"
     );
 }
+
+#[test]
+fn row_ranges_of_every_form_dequantize_to_the_same_rows() {
+    let (rows, cols) = (6, 256);
+    let low = DecodedTensor::LowBit {
+        rows,
+        cols,
+        bits: 4,
+        group_size: 32,
+        codes: (0..rows * cols).map(|i| (i * 7 % 16) as u8).collect(),
+        scales: (0..rows * 8).map(|i| 0.5 + i as f32).collect(),
+        offsets: (0..rows * 8).map(|i| -(i as f32)).collect(),
+    };
+    let int8 = DecodedTensor::Int8 {
+        rows,
+        cols,
+        block: 32,
+        codes: (0..rows * cols).map(|i| (i * 13 % 255) as i8).collect(),
+        scales: (0..rows * 8).map(|i| 0.25 * (i + 1) as f32).collect(),
+    };
+    let f16 = |x: f32| half::f16::from_f32(x).to_bits();
+    let super_block = DecodedTensor::SuperBlock {
+        rows,
+        cols,
+        bits: 4,
+        group: 32,
+        zero_point: 0,
+        codes: (0..rows * cols).map(|i| (i * 5 % 16) as u8).collect(),
+        sub_scales: (0..rows * 8).map(|i| (i % 60) as i8).collect(),
+        sub_mins: Some((0..rows * 8).map(|i| (i * 3 % 64) as u8).collect()),
+        d: (0..rows).map(|r| f16(0.01 * (r + 1) as f32)).collect(),
+        dmin: Some((0..rows).map(|r| f16(0.002 * (r + 2) as f32)).collect()),
+    };
+    let dense = DecodedTensor::Dense {
+        rows,
+        cols,
+        values: (0..rows * cols).map(|i| i as f32 * 0.1).collect(),
+    };
+    for t in [low, int8, super_block, dense] {
+        let all = t.dequantize();
+        let mut start = 0;
+        for count in [1, 3, 2] {
+            let part = t.row_range(start, count);
+            assert_eq!(part.rows(), count);
+            assert_eq!(part.dequantize(), all[start * cols..(start + count) * cols]);
+            start += count;
+        }
+    }
+}
