@@ -6,6 +6,7 @@
 //! - `forward`: the math, top to bottom, with every scratch buffer preallocated in a run state.
 
 mod block;
+pub(crate) mod calibrate;
 mod forward;
 mod hf;
 mod load;

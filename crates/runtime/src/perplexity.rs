@@ -130,7 +130,7 @@ pub fn perplexity_with_progress(
 
 /// The BOS token when the tokenizer adds one. The tokenizer has no accessor for its
 /// `add_bos_token` flag, so this asks it what it makes of empty text.
-fn chunk_bos(tok: &Tokenizer) -> Result<Option<u32>> {
+pub(crate) fn chunk_bos(tok: &Tokenizer) -> Result<Option<u32>> {
     let bos = tok.bos_id();
     let empty = tok.encode("", false)?;
     Ok(bos.filter(|&b| empty.first() == Some(&b)))

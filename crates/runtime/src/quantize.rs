@@ -5,6 +5,9 @@
 //! *before* the codes are computed, because the kernels store them as f16: the codes are then the
 //! best ones for the scales actually used.
 
+pub mod calibration;
+pub mod model;
+
 use half::f16;
 
 use crate::error::{Error, Result};

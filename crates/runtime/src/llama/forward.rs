@@ -30,6 +30,22 @@ use crate::linear::{Input, Linear};
 
 use super::{LayerWeights, Model};
 
+/// The inputs of a block's matrices: each is read by one group of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum MatrixInput {
+    /// The normed residual read by q, k and v.
+    Attention,
+    /// The attention output read by o_proj.
+    Output,
+    /// The normed residual read by gate and up.
+    Ffn,
+    /// The gated hidden state read by down_proj.
+    Down,
+}
+
+/// Sees the rows each group of a block's matrices reads (calibration of `lutra quantize`).
+pub(crate) type InputObserver<'a> = &'a mut dyn FnMut(MatrixInput, &[f32]);
+
 /// Scratch memory of the forward pass; `[batch][...]` row-major everywhere.
 #[derive(Debug)]
 pub(crate) struct RunState {
@@ -57,6 +73,12 @@ pub(crate) struct RunState {
 }
 
 impl RunState {
+    /// The residual rows of a batch of `n` tokens.
+    pub(crate) fn x_mut(&mut self, n: usize) -> &mut [f32] {
+        let h = self.x.len() / self.max_batch;
+        &mut self.x[..n * h]
+    }
+
     pub(crate) fn new(
         c: &ModelConfig,
         layers: &[LayerWeights],
@@ -174,93 +196,14 @@ impl Model {
         let c = &self.config;
         let cpu = &self.cpu;
         let (n, pos0) = (tokens.len(), cache.len());
-        let (h, q_dim, kv_dim, f) = (
-            c.hidden_size,
-            c.heads * c.head_dim,
-            c.kv_heads * c.head_dim,
-            c.ffn_size,
-        );
-        let eps = c.rms_eps;
-        let x = &mut st.x[..n * h];
+        let (h, eps) = (c.hidden_size, c.rms_eps);
+        self.embed(tokens, &mut st.x[..n * h])?;
 
-        // Token embeddings.
-        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
-            self.embedding.row(t as usize, row)?;
-        }
-        if c.embedding_scale != 1.0 {
-            x.iter_mut().for_each(|v| *v *= c.embedding_scale);
-        }
-
-        for (l, layer) in self.layers.iter().enumerate() {
-            // Attention: q/k/v share one input (one set of tables, one per column order).
-            rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
-            st.attn_in.prepare(cpu, &layer.qkv())?;
-            let (q, k, v) = (
-                &mut st.q[..n * q_dim],
-                &mut st.k[..n * kv_dim],
-                &mut st.v[..n * kv_dim],
-            );
-            Linear::matmul_many(cpu, &st.attn_in, layer.qkv(), [&mut *q, &mut *k, &mut *v])?;
-            add_bias(q, layer.bq.as_deref());
-            add_bias(k, layer.bk.as_deref());
-            add_bias(v, layer.bv.as_deref());
-            // Per-head norms: every `head_dim` values of q and k are one head.
-            if let Some(w) = &layer.q_norm {
-                rmsnorm_in_place(cpu, q, w, eps);
-            }
-            if let Some(w) = &layer.k_norm {
-                rmsnorm_in_place(cpu, k, w, eps);
-            }
-            let window = c
-                .sliding_window
-                .as_ref()
-                .filter(|w| w.local_layers.get(l).copied().unwrap_or(false));
-            let rope = match window {
-                Some(_) => self.rope_local.as_ref().unwrap_or(&self.rope),
-                None => &self.rope,
-            };
-            for (t, (qt, kt)) in q
-                .chunks_exact_mut(q_dim)
-                .zip(k.chunks_exact_mut(kv_dim))
-                .enumerate()
-            {
-                rope.apply(qt, pos0 + t);
-                rope.apply(kt, pos0 + t);
-            }
-            cache.store(l, pos0, k, v);
-            let att = st.o_in.values_mut(n);
-            let window = window.map(|w| w.size);
-            st.attention
-                .attend(cpu, cache.layer(l), q, n, pos0, window, att);
-            if let Some(w) = &layer.attn_sub_norm {
-                rmsnorm_in_place(cpu, att, w, eps);
-            }
-            st.o_in.prepare(cpu, &[&layer.wo])?;
-            let proj = &mut st.proj[..n * h];
-            layer.wo.matmul(cpu, &st.o_in, proj)?;
-            if let Some(w) = &layer.attn_post_norm {
-                rmsnorm_in_place(cpu, proj, w, eps);
-            }
-            add_assign(x, proj);
-
-            // Feed-forward: gate/up share one input.
-            rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
-            st.ffn_in.prepare(cpu, &layer.gate_up())?;
-            let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
-            Linear::matmul_many(cpu, &st.ffn_in, layer.gate_up(), [&mut *gate, &mut *up])?;
-            let hidden = st.down_in.values_mut(n);
-            glu(cpu, c.ffn_activation, hidden, gate, up);
-            if let Some(w) = &layer.ffn_sub_norm {
-                rmsnorm_in_place(cpu, hidden, w, eps);
-            }
-            st.down_in.prepare(cpu, &[&layer.w_down])?;
-            layer.w_down.matmul(cpu, &st.down_in, proj)?;
-            if let Some(w) = &layer.ffn_post_norm {
-                rmsnorm_in_place(cpu, proj, w, eps);
-            }
-            add_assign(x, proj);
+        for l in 0..self.layers.len() {
+            self.block(st, l, n, pos0, cache, l, None)?;
         }
         cache.advance(n);
+        let x = &st.x[..n * h];
 
         // Final norm and LM head, only for the tokens whose logits are wanted.
         if let Some((logits, wanted)) = out {
@@ -279,6 +222,127 @@ impl Model {
                 soft_cap(logits, cap);
             }
         }
+        Ok(())
+    }
+
+    /// The embeddings of `tokens` (scaled where the architecture scales them) into `x`
+    /// (`[tokens][hidden]`).
+    pub(super) fn embed(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
+        let h = self.config.hidden_size;
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embedding.row(t as usize, row)?;
+        }
+        if self.config.embedding_scale != 1.0 {
+            let scale = self.config.embedding_scale;
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        Ok(())
+    }
+
+    /// Transformer block `l` on the `n` residual rows in `st.x`, at positions `pos0..pos0 + n`,
+    /// storing keys and values in layer `cache_layer` of `cache` (which has room for them).
+    /// `observe`, when given, sees the input rows of each group of matrices as they read them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block(
+        &self,
+        st: &mut RunState,
+        l: usize,
+        n: usize,
+        pos0: usize,
+        cache: &mut KvCache,
+        cache_layer: usize,
+        mut observe: Option<InputObserver<'_>>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let cpu = &self.cpu;
+        let layer = &self.layers[l];
+        let (h, q_dim, kv_dim, f) = (
+            c.hidden_size,
+            c.heads * c.head_dim,
+            c.kv_heads * c.head_dim,
+            c.ffn_size,
+        );
+        let eps = c.rms_eps;
+        let x = &mut st.x[..n * h];
+        // Attention: q/k/v share one input (one set of tables, one per column order).
+        rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
+        if let Some(observe) = observe.as_mut() {
+            observe(MatrixInput::Attention, st.attn_in.values());
+        }
+        st.attn_in.prepare(cpu, &layer.qkv())?;
+        let (q, k, v) = (
+            &mut st.q[..n * q_dim],
+            &mut st.k[..n * kv_dim],
+            &mut st.v[..n * kv_dim],
+        );
+        Linear::matmul_many(cpu, &st.attn_in, layer.qkv(), [&mut *q, &mut *k, &mut *v])?;
+        add_bias(q, layer.bq.as_deref());
+        add_bias(k, layer.bk.as_deref());
+        add_bias(v, layer.bv.as_deref());
+        // Per-head norms: every `head_dim` values of q and k are one head.
+        if let Some(w) = &layer.q_norm {
+            rmsnorm_in_place(cpu, q, w, eps);
+        }
+        if let Some(w) = &layer.k_norm {
+            rmsnorm_in_place(cpu, k, w, eps);
+        }
+        let window = c
+            .sliding_window
+            .as_ref()
+            .filter(|w| w.local_layers.get(l).copied().unwrap_or(false));
+        let rope = match window {
+            Some(_) => self.rope_local.as_ref().unwrap_or(&self.rope),
+            None => &self.rope,
+        };
+        for (t, (qt, kt)) in q
+            .chunks_exact_mut(q_dim)
+            .zip(k.chunks_exact_mut(kv_dim))
+            .enumerate()
+        {
+            rope.apply(qt, pos0 + t);
+            rope.apply(kt, pos0 + t);
+        }
+        cache.store(cache_layer, pos0, k, v);
+        let att = st.o_in.values_mut(n);
+        let window = window.map(|w| w.size);
+        st.attention
+            .attend(cpu, cache.layer(cache_layer), q, n, pos0, window, att);
+        if let Some(w) = &layer.attn_sub_norm {
+            rmsnorm_in_place(cpu, att, w, eps);
+        }
+        if let Some(observe) = observe.as_mut() {
+            observe(MatrixInput::Output, att);
+        }
+        st.o_in.prepare(cpu, &[&layer.wo])?;
+        let proj = &mut st.proj[..n * h];
+        layer.wo.matmul(cpu, &st.o_in, proj)?;
+        if let Some(w) = &layer.attn_post_norm {
+            rmsnorm_in_place(cpu, proj, w, eps);
+        }
+        add_assign(x, proj);
+
+        // Feed-forward: gate/up share one input.
+        rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
+        if let Some(observe) = observe.as_mut() {
+            observe(MatrixInput::Ffn, st.ffn_in.values());
+        }
+        st.ffn_in.prepare(cpu, &layer.gate_up())?;
+        let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
+        Linear::matmul_many(cpu, &st.ffn_in, layer.gate_up(), [&mut *gate, &mut *up])?;
+        let hidden = st.down_in.values_mut(n);
+        glu(cpu, c.ffn_activation, hidden, gate, up);
+        if let Some(w) = &layer.ffn_sub_norm {
+            rmsnorm_in_place(cpu, hidden, w, eps);
+        }
+        if let Some(observe) = observe.as_mut() {
+            observe(MatrixInput::Down, hidden);
+        }
+        st.down_in.prepare(cpu, &[&layer.w_down])?;
+        layer.w_down.matmul(cpu, &st.down_in, proj)?;
+        if let Some(w) = &layer.ffn_post_norm {
+            rmsnorm_in_place(cpu, proj, w, eps);
+        }
+        add_assign(x, proj);
         Ok(())
     }
 }

@@ -1110,3 +1110,78 @@ fn sliding_window_limits_what_every_layer_sees() {
         assert!(err < 1e-5, "position {t}: {err}");
     }
 }
+
+#[test]
+fn blocks_run_one_at_a_time_give_the_forward_pass() {
+    // 100 tokens: run_block cuts them into batches of MAX_BATCH, like the forward pass.
+    let model = synthetic_model(tiny_config(), 4, 32, &options(true), 5).unwrap();
+    let (vocab, h) = (model.config().vocab_size, model.config().hidden_size);
+    let tokens = prompt(100, vocab);
+    let mut logits = vec![0.0; vocab];
+    model
+        .forward(&tokens, &mut model.new_cache(), &mut logits)
+        .unwrap();
+
+    let mut x = model.embed_tokens(&tokens).unwrap();
+    let mut runner = model.block_runner(tokens.len());
+    let mut seen = Vec::new();
+    for layer in 0..model.block_count() {
+        let mut observe = |input, rows: &[f32]| seen.push((layer, input, rows.len()));
+        model
+            .run_block(&mut runner, layer, &mut x, Some(&mut observe))
+            .unwrap();
+    }
+    // Each of the four inputs of each block, in two batches (64 + 36 rows).
+    assert_eq!(seen.len(), 2 * 4 * 2);
+    assert!(seen.contains(&(1, calibrate::MatrixInput::Down, 36 * 128)));
+    let last = &x[(tokens.len() - 1) * h..];
+    let mut normed = vec![0.0; h];
+    forward::rmsnorm(
+        &model.cpu,
+        &mut normed,
+        last,
+        &model.output_norm,
+        model.config.rms_eps,
+    );
+    let head = model.output.as_ref().unwrap_or(&model.embedding);
+    let mut row = vec![0.0; h];
+    let mine: Vec<f32> = (0..vocab)
+        .map(|v| {
+            head.row(v, &mut row).unwrap();
+            row.iter().zip(&normed).map(|(a, b)| a * b).sum()
+        })
+        .collect();
+    let err = rel_error(&mine, &logits);
+    assert!(err < 1e-4, "relative error {err}");
+}
+
+#[test]
+fn a_block_matrix_is_replaced_only_by_one_of_its_shape() {
+    let mut model = synthetic_model(tiny_config(), 4, 32, &options(false), 6).unwrap();
+    let (vocab, h) = (model.config().vocab_size, model.config().hidden_size);
+    let tokens = prompt(10, vocab);
+    let run = |m: &Model| {
+        let mut logits = vec![0.0; vocab];
+        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
+        logits
+    };
+    let before = run(&model);
+    let wrong = Linear::from_decoded(
+        &crate::quantize::quantize_rtn(h + 32, h, &vec![0.5; (h + 32) * h], 2, 32).unwrap(),
+        false,
+    )
+    .unwrap();
+    let err = model
+        .replace_block_matrix(1, calibrate::BlockMatrix::Q, wrong)
+        .unwrap_err();
+    assert!(err.to_string().contains("blk.1.attn_q.weight"), "{err}");
+    let zeros = Linear::from_decoded(
+        &crate::quantize::quantize_rtn(h, h, &vec![0.0; h * h], 2, 32).unwrap(),
+        false,
+    )
+    .unwrap();
+    model
+        .replace_block_matrix(1, calibrate::BlockMatrix::O, zeros)
+        .unwrap();
+    assert_ne!(run(&model), before);
+}

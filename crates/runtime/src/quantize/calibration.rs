@@ -1,0 +1,172 @@
+//! Calibration data: token sequences cut from a text, and the second-moment (Hessian) matrices
+//! `H = Σ x·xᵀ` of the rows each matrix reads while the model runs over them.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// The calibration text that ships with lutra: chapters of *The Rust Programming Language*
+/// (MIT OR Apache-2.0), prose and code never used for evaluation.
+pub const DEFAULT_TEXT: &str = include_str!("calibration.txt");
+
+/// Where the calibration sequences come from and how many there are.
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    /// The text the sequences are cut from.
+    pub text: String,
+    /// A name for the text (a file name, or "built-in"), recorded in quantized files.
+    pub source: String,
+    /// Sequences (llama.cpp's `--chunks`).
+    pub sequences: usize,
+    /// Tokens per sequence.
+    pub tokens: usize,
+}
+
+impl Calibration {
+    /// The built-in text, cut into `sequences` sequences of `tokens` tokens.
+    pub fn builtin(sequences: usize, tokens: usize) -> Calibration {
+        Calibration {
+            text: DEFAULT_TEXT.to_string(),
+            source: "built-in (The Rust Programming Language, excerpts)".into(),
+            sequences,
+            tokens,
+        }
+    }
+
+    /// A one-line description: `32 x 256 tokens of <source>`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} x {} tokens of {}",
+            self.sequences, self.tokens, self.source
+        )
+    }
+
+    /// The token sequences: `sequences` runs of `tokens` tokens, spread evenly over the text,
+    /// each starting with BOS when the tokenizer starts every text with it (as perplexity's
+    /// chunks do).
+    pub fn token_sequences(&self, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>> {
+        if self.sequences == 0 || self.tokens < 2 {
+            return Err(Error::InvalidOption(format!(
+                "calibration needs at least one sequence of at least 2 tokens, not {} of {}",
+                self.sequences, self.tokens
+            )));
+        }
+        let bos = crate::perplexity::chunk_bos(tokenizer)?;
+        let mut ids = tokenizer.encode(&self.text, false)?;
+        if bos.is_some() && ids.first() == bos.as_ref() {
+            ids.remove(0);
+        }
+        let body = self.tokens - usize::from(bos.is_some());
+        let needed = self.sequences.saturating_mul(body);
+        if ids.len() < needed {
+            return Err(Error::InvalidOption(format!(
+                "calibration text {} has {} tokens; {} sequences of {} need {needed}",
+                self.source,
+                ids.len(),
+                self.sequences,
+                self.tokens
+            )));
+        }
+        let stride = (ids.len() - body) / self.sequences.max(2).saturating_sub(1).max(1);
+        Ok((0..self.sequences)
+            .map(|s| {
+                let start = (s * stride).min(ids.len() - body);
+                bos.into_iter()
+                    .chain(ids[start..start + body].iter().copied())
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// `Σ x·xᵀ` over the rows `x` of a matrix input, `[k][k]` in f64, with the rows that arrive
+/// buffered so that each product is one large matrix multiplication.
+pub(crate) struct Hessian {
+    k: usize,
+    sum: Vec<f64>,
+    pending: Vec<f32>,
+    rows: usize,
+    threads: usize,
+}
+
+/// Rows buffered before they are folded into the sum.
+const FOLD_ROWS: usize = 512;
+
+impl Hessian {
+    pub(crate) fn new(k: usize, threads: usize) -> Hessian {
+        Hessian {
+            k,
+            sum: vec![0.0; k * k],
+            pending: Vec::new(),
+            rows: 0,
+            threads: threads.max(1),
+        }
+    }
+
+    /// Adds rows `[n][k]`.
+    pub(crate) fn add(&mut self, rows: &[f32]) {
+        debug_assert!(rows.len().is_multiple_of(self.k));
+        self.pending.extend_from_slice(rows);
+        if self.pending.len() >= FOLD_ROWS * self.k {
+            self.fold();
+        }
+    }
+
+    fn fold(&mut self) {
+        let (k, n) = (self.k, self.pending.len() / self.k);
+        if n == 0 {
+            return;
+        }
+        let x = MatRef::from_row_major_slice(&self.pending, n, k);
+        let mut gram = Mat::<f32>::zeros(k, k);
+        let par = if self.threads > 1 {
+            Par::rayon(self.threads)
+        } else {
+            Par::Seq
+        };
+        matmul(gram.as_mut(), Accum::Replace, x.transpose(), x, 1.0, par);
+        for (i, row) in self.sum.chunks_exact_mut(k).enumerate() {
+            for (j, s) in row.iter_mut().enumerate() {
+                *s += f64::from(gram[(i, j)]);
+            }
+        }
+        self.rows += n;
+        self.pending.clear();
+    }
+
+    /// The sum over every row added, `[k][k]` row-major, and the number of rows.
+    pub(crate) fn finish(mut self) -> (Vec<f64>, usize) {
+        self.fold();
+        (self.sum, self.rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hessian_is_the_sum_of_outer_products() {
+        let k = 5;
+        let rows: Vec<f32> = (0..700 * k)
+            .map(|i| ((i * 7919) % 23) as f32 - 11.0)
+            .collect();
+        let mut h = Hessian::new(k, 2);
+        for chunk in rows.chunks(37 * k) {
+            h.add(chunk);
+        }
+        let (sum, n) = h.finish();
+        assert_eq!(n, 700);
+        for i in 0..k {
+            for j in 0..k {
+                let want: f64 = rows
+                    .chunks_exact(k)
+                    .map(|r| f64::from(r[i]) * f64::from(r[j]))
+                    .sum();
+                assert!((sum[i * k + j] - want).abs() <= 1e-6 * want.abs().max(1.0));
+            }
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! Quantizing a loaded model block by block, GPTQ-style: the calibration sequences run through
+//! the blocks already quantized, each block's matrix inputs give the Hessians its matrices are
+//! quantized with, and the quantized block then carries the sequences on to the next one. Memory
+//! stays near one block's f32 weights and Hessians beside the model itself.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use crate::llama::calibrate::{BlockMatrix, MatrixInput};
+use crate::llama::Model;
+use crate::weights::DecodedTensor;
+
+use super::calibration::{Calibration, Hessian};
+
+/// How codes are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Round to nearest on a min/max grid per group.
+    Rtn,
+    /// GPTQ: column by column, rounding error compensated through the inverse Hessian.
+    Gptq,
+    /// Round to nearest on a per-bit-plane grid fitted by least squares (HLQ).
+    Hlq,
+    /// GPTQ on HLQ grids, plane scales refitted after rounding.
+    GptqHlq,
+}
+
+impl Method {
+    /// Whether the method reads calibration Hessians.
+    pub fn calibrated(self) -> bool {
+        matches!(self, Method::Gptq | Method::GptqHlq)
+    }
+
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::Hlq => "hlq",
+            Method::GptqHlq => "gptq+hlq",
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Method> {
+        match s {
+            "rtn" => Ok(Method::Rtn),
+            "gptq" => Ok(Method::Gptq),
+            "hlq" => Ok(Method::Hlq),
+            "gptq+hlq" | "hlq+gptq" => Ok(Method::GptqHlq),
+            _ => Err(Error::InvalidOption(format!(
+                "quantization method {s:?}: use rtn, gptq, hlq or gptq+hlq"
+            ))),
+        }
+    }
+}
+
+/// Bits per weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Bits {
+    /// Every matrix this many bits (1..=4).
+    Uniform(u8),
+    /// Matrices of `floor(average)` and `floor(average) + 1` bits, the wider ones those whose
+    /// calibrated error falls most per added bit, so that the average over all block weights is
+    /// `average` (like the `_M` mixes of llama.cpp's K-quants, but measured).
+    Mixed {
+        /// Average bits per weight, in (1, 4).
+        average: f32,
+    },
+}
+
+impl Bits {
+    /// The narrowest width used.
+    pub fn base(self) -> u8 {
+        match self {
+            Bits::Uniform(b) => b,
+            Bits::Mixed { average } => average.floor() as u8,
+        }
+    }
+}
+
+impl std::str::FromStr for Bits {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Bits> {
+        let bad = || {
+            Error::InvalidOption(format!(
+                "bits {s:?}: use 1, 2, 3 or 4, or an average between them such as 2.5"
+            ))
+        };
+        if let Ok(b) = s.parse::<u8>() {
+            return if (1..=4).contains(&b) {
+                Ok(Bits::Uniform(b))
+            } else {
+                Err(bad())
+            };
+        }
+        let average: f32 = s.parse().map_err(|_| bad())?;
+        if average > 1.0 && average < 4.0 && average.fract() != 0.0 {
+            Ok(Bits::Mixed { average })
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+impl std::fmt::Display for Bits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bits::Uniform(b) => write!(f, "{b}"),
+            Bits::Mixed { average } => write!(f, "{average} (mixed)"),
+        }
+    }
+}
+
+/// What [`quantize_model`] does.
+#[derive(Clone, Debug)]
+pub struct QuantizeOptions {
+    /// How codes are chosen.
+    pub method: Method,
+    /// Bits per weight of every matrix, or their average.
+    pub bits: Bits,
+    /// Weights per group along a row (32, 64, 128 or 256).
+    pub group_size: usize,
+    /// Calibration sequences (read by the calibrated methods only).
+    pub calibration: Calibration,
+}
+
+/// Where [`quantize_model`] is.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Blocks done.
+    pub done: usize,
+    /// Blocks in all.
+    pub blocks: usize,
+    /// Time since the start.
+    pub elapsed: Duration,
+}
+
+/// One quantized matrix, as [`quantize_model`] hands it on.
+pub struct QuantizedMatrix<'a> {
+    /// GGUF tensor name.
+    pub name: String,
+    /// Bits per weight of this matrix.
+    pub bits: u8,
+    /// Codes, scales and offsets.
+    pub tensor: &'a DecodedTensor,
+    /// The same packed for the kernels (now part of the model).
+    pub linear: &'a Linear,
+}
+
+/// Quantizes every block matrix of `model` in place (embeddings, norms and the LM head keep
+/// their form), handing each to `on_matrix` as it is made and reporting `progress` after each
+/// block.
+pub fn quantize_model(
+    model: &mut Model,
+    opts: &QuantizeOptions,
+    on_matrix: &mut dyn FnMut(QuantizedMatrix<'_>) -> Result<()>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
+    let start = Instant::now();
+    let blocks = model.block_count();
+    let threads = model.threads();
+    let needs_calibration = opts.method.calibrated() || matches!(opts.bits, Bits::Mixed { .. });
+    // Residual rows of every calibration sequence entering the next block.
+    let mut residuals = if needs_calibration {
+        calibration_residuals(model, &opts.calibration)?
+    } else {
+        Vec::new()
+    };
+    let widths = match opts.bits {
+        Bits::Uniform(b) => vec![[b; 7]; blocks],
+        Bits::Mixed { average } => plan_widths(model, residuals.clone(), average, opts)?,
+    };
+    let positions = opts.calibration.tokens;
+    for (layer, widths) in widths.iter().enumerate() {
+        let hessians = if opts.method.calibrated() {
+            block_hessians(model, layer, &residuals, positions, threads, false)?
+        } else {
+            HashMap::new()
+        };
+        for (which, &bits) in BlockMatrix::ALL.into_iter().zip(widths) {
+            let name = which.gguf_name(layer);
+            let weights = matrix_values(model.block_matrix(layer, which))?;
+            let (rows, cols) = {
+                let m = model.block_matrix(layer, which);
+                (m.rows(), m.cols())
+            };
+            let hessian = hessians.get(&which.input()).map(Vec::as_slice);
+            let tensor = quantize_matrix(&weights, rows, cols, hessian, bits, opts)
+                .map_err(|e| Error::InvalidOption(format!("{name}: {e}")))?;
+            drop(weights);
+            let linear = Linear::from_decoded(&tensor, false)?;
+            model.replace_block_matrix(layer, which, linear)?;
+            on_matrix(QuantizedMatrix {
+                name,
+                bits,
+                tensor: &tensor,
+                linear: model.block_matrix(layer, which),
+            })?;
+        }
+        if !residuals.is_empty() {
+            let mut runner = model.block_runner(positions);
+            for residual in &mut residuals {
+                model.run_block(&mut runner, layer, residual, None)?;
+            }
+        }
+        progress(Progress {
+            done: layer + 1,
+            blocks,
+            elapsed: start.elapsed(),
+        });
+    }
+    Ok(())
+}
+
+/// The embedded calibration sequences: the rows entering the first block.
+fn calibration_residuals(model: &Model, calibration: &Calibration) -> Result<Vec<Vec<f32>>> {
+    let tokenizer = model.tokenizer().ok_or_else(|| {
+        Error::InvalidOption("calibration needs the model's tokenizer, and it has none".into())
+    })?;
+    calibration
+        .token_sequences(tokenizer)?
+        .iter()
+        .map(|seq| model.embed_tokens(seq))
+        .collect()
+}
+
+/// The Hessian `Σ x·xᵀ` of each matrix input of block `layer` over the calibration residuals
+/// (only its diagonal when `diagonal`, stored in the first `k` values).
+fn block_hessians(
+    model: &Model,
+    layer: usize,
+    residuals: &[Vec<f32>],
+    positions: usize,
+    threads: usize,
+    diagonal: bool,
+) -> Result<HashMap<MatrixInput, Vec<f64>>> {
+    let mut full: HashMap<MatrixInput, Hessian> = HashMap::new();
+    let mut diag: HashMap<MatrixInput, Vec<f64>> = HashMap::new();
+    let mut runner = model.block_runner(positions);
+    let mut x = Vec::new();
+    for residual in residuals {
+        x.clear();
+        x.extend_from_slice(residual);
+        let mut observe = |input: MatrixInput, rows: &[f32]| {
+            let k = input_width(model, layer, input);
+            if diagonal {
+                let d = diag.entry(input).or_insert_with(|| vec![0.0; k]);
+                for row in rows.chunks_exact(k) {
+                    for (d, &v) in d.iter_mut().zip(row) {
+                        *d += f64::from(v) * f64::from(v);
+                    }
+                }
+            } else {
+                full.entry(input)
+                    .or_insert_with(|| Hessian::new(k, threads))
+                    .add(rows);
+            }
+        };
+        model.run_block(&mut runner, layer, &mut x, Some(&mut observe))?;
+    }
+    if diagonal {
+        return Ok(diag);
+    }
+    Ok(full
+        .into_iter()
+        .map(|(input, h)| (input, h.finish().0))
+        .collect())
+}
+
+/// The f32 values `[rows][cols]` of a matrix.
+fn matrix_values(m: &Linear) -> Result<Vec<f32>> {
+    let cols = m.cols();
+    let mut values = vec![0.0f32; m.rows() * cols];
+    for (r, row) in values.chunks_exact_mut(cols).enumerate() {
+        m.row(r, row)?;
+    }
+    Ok(values)
+}
+
+/// Bit widths per block matrix for an `average`: every matrix starts at `floor(average)` bits;
+/// then, in order of the drop in calibrated error per added weight bit (round to nearest,
+/// errors weighted by the input's mean square, measured on the unquantized model), matrices
+/// get one bit more while the average stays within `average`.
+fn plan_widths(
+    model: &Model,
+    mut residuals: Vec<Vec<f32>>,
+    average: f32,
+    opts: &QuantizeOptions,
+) -> Result<Vec<[u8; 7]>> {
+    let base = average.floor() as u8;
+    let positions = opts.calibration.tokens;
+    let blocks = model.block_count();
+    // (gain per weight, layer, matrix index, weights)
+    let mut gains: Vec<(f64, usize, usize, usize)> = Vec::new();
+    let mut total_weights = 0usize;
+    for layer in 0..blocks {
+        let diag = block_hessians(model, layer, &residuals, positions, 1, true)?;
+        for (i, which) in BlockMatrix::ALL.into_iter().enumerate() {
+            let m = model.block_matrix(layer, which);
+            let (rows, cols) = (m.rows(), m.cols());
+            let weights = matrix_values(m)?;
+            let importance = &diag[&which.input()];
+            let error = |bits: u8| -> Result<f64> {
+                let q = super::quantize_rtn(rows, cols, &weights, bits, opts.group_size)?;
+                Ok(q.dequantize()
+                    .chunks_exact(cols)
+                    .zip(weights.chunks_exact(cols))
+                    .map(|(q, w)| {
+                        q.iter()
+                            .zip(w)
+                            .zip(importance)
+                            .map(|((q, w), h)| f64::from(q - w).powi(2) * h)
+                            .sum::<f64>()
+                    })
+                    .sum())
+            };
+            let gain = (error(base)? - error(base + 1)?) / (rows * cols) as f64;
+            gains.push((gain, layer, i, rows * cols));
+            total_weights += rows * cols;
+        }
+        let mut runner = model.block_runner(positions);
+        for residual in &mut residuals {
+            model.run_block(&mut runner, layer, residual, None)?;
+        }
+    }
+    gains.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let budget = ((average - f32::from(base)) as f64 * total_weights as f64) as usize;
+    let mut widths = vec![[base; 7]; blocks];
+    let mut spent = 0usize;
+    for (_, layer, i, n) in gains {
+        if spent + n <= budget {
+            widths[layer][i] = base + 1;
+            spent += n;
+        }
+    }
+    Ok(widths)
+}
+
+/// Values per row of a block's matrix input.
+fn input_width(model: &Model, layer: usize, input: MatrixInput) -> usize {
+    let which = BlockMatrix::ALL
+        .into_iter()
+        .find(|m| m.input() == input)
+        .unwrap_or(BlockMatrix::Q);
+    model.block_matrix(layer, which).cols()
+}
+
+/// One matrix `[rows][cols]` quantized to `bits` as `opts` says, with the Hessian of its input
+/// when the method is calibrated.
+fn quantize_matrix(
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: Option<&[f64]>,
+    bits: u8,
+    opts: &QuantizeOptions,
+) -> Result<DecodedTensor> {
+    let _ = hessian;
+    super::quantize_rtn(rows, cols, weights, bits, opts.group_size)
+}
