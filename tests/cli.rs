@@ -487,3 +487,44 @@ fn info_lists_every_tensor_with_its_type_form_and_bytes() {
         "{total} vs {weights_line}"
     );
 }
+
+#[test]
+fn a_lutra_file_loads_in_place_and_info_shows_how_it_was_quantized() {
+    let dir = std::env::temp_dir().join(format!("lutra-cli-lutra-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("smollm2-2bit.lutra.gguf");
+    let spec = lutra_runtime::quantize::Requantize {
+        bits: 2,
+        group_size: 32,
+    };
+    let packed =
+        lutra_runtime::fixtures::requantized_lutra_file(&model_path(), &file, spec).unwrap();
+    assert_eq!(packed, 30 * 7);
+    let path = file.to_str().unwrap();
+    let out = lutra(&["info", "-m", path, "-t", "1", "--tensors"]);
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("210 lutra matrices read in place from the file (mmap, no repack)"),
+        "{stdout}"
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("blk.29.ffn_down.weight "))
+        .unwrap_or_else(|| panic!("no ffn_down row:\n{stdout}"));
+    let row: Vec<&str> = lines[at].split_whitespace().collect();
+    assert_eq!(&row[1..6], ["LUT2_G32_OFF", "→", "lut2", "g32", "mapped"]);
+    assert_eq!(
+        lines[at + 1].trim(),
+        "method rtn, 2 bits, group size 32, calibration: none"
+    );
+    // Other commands take the file with -m too.
+    let tokens = |m: &str| text(&lutra(&["tokenize", "-m", m, "-p", "Hello there"]).stdout);
+    assert_eq!(tokens(path), tokens(model_path().to_str().unwrap()));
+    let out = lutra(&[
+        "generate", "-m", path, "-p", "Hi", "-n", "4", "--temp", "0", "-t", "2",
+    ]);
+    assert_success(&out);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -113,6 +113,21 @@ pub enum KernelError {
     /// A kernel-measurement filter (`measure::CaseFilter`) that does not parse.
     #[error("bad kernel case filter: {0}")]
     BadCaseFilter(String),
+    /// A range of a mapped file that cannot hold a buffer of the element type asked for.
+    #[error("mapped bytes {start}..{end} (file of {file_len} bytes): {reason}")]
+    BadMappedRange {
+        /// First byte of the range.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+        /// Bytes in the mapping.
+        file_len: usize,
+        /// What is wrong (out of the file, misaligned, not a whole number of elements).
+        reason: &'static str,
+    },
+    /// A packed form [`crate::PackedMatrix`] buffers cannot be taken from or given as raw parts.
+    #[error("{0}")]
+    UnsupportedForm(&'static str),
     /// The thread pool could not be created.
     #[error("could not start a pool of {threads} threads: {reason}")]
     ThreadPool {

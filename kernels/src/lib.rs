@@ -56,6 +56,7 @@ mod pool;
 #[cfg(any(test, feature = "measure"))]
 #[cfg_attr(not(feature = "measure"), allow(dead_code))]
 mod rng;
+mod storage;
 mod tables;
 mod ternary;
 mod tiling;
@@ -68,8 +69,9 @@ pub use int8::{Int8Activations, Int8Matrix};
 pub use isa::Isa;
 pub use mapped::MappedFile;
 pub use packed::{
-    Grouping, PackedMatrix, PackedMatrixBuilder, PlaneScales, QuantSpec, QuantizedWeights,
-    SuperBlockWeights, SUPER_BLOCK,
+    Grouping, PackedLayout, PackedMatrix, PackedMatrixBuilder, PackedParts, PlaneScales, QuantSpec,
+    QuantizedWeights, SuperBlockWeights, SUPER_BLOCK,
 };
+pub use storage::Storage;
 pub use tables::ActivationTables;
 pub use ternary::{TernaryMatrix, TernaryTables, TernaryWeights};

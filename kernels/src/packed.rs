@@ -9,6 +9,7 @@ use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TILE};
 use crate::lut::{self, Weights, MAX_BITS};
+use crate::storage::Storage;
 use crate::tables::ActivationTables;
 use crate::tiling::{check_parts, MAX_PARTS};
 
@@ -67,21 +68,113 @@ pub struct QuantizedWeights<'a> {
     pub offsets: Option<&'a [f32]>,
 }
 
-/// A weight matrix repacked into the LUT layout (bit planes, nibbles, row tiles).
+/// A weight matrix repacked into the LUT layout (bit planes, nibbles, row tiles). Its buffers
+/// are owned, or borrowed from a mapped file already in this layout ([`PackedMatrix::from_parts`]).
 pub struct PackedMatrix {
     spec: QuantSpec,
     tiles: usize,
     groups: usize,
     /// `[tile][K/32][plane][256]`: nibbles of 4 columns of one plane, 64 rows per 32 bytes.
-    weights: Vec<u8>,
+    weights: Storage<u8>,
     /// f16 bits, `[tile][group][plane or 1][64 rows]`; padded rows hold 0.
-    scales: Vec<u16>,
+    scales: Storage<u16>,
     /// f16 bits, `[tile][group][64 rows]`.
-    offsets: Option<Vec<u16>>,
+    offsets: Option<Storage<u16>>,
     /// Weight groups of 16 (two per activation group).
     half_groups: bool,
     /// Two-level scales (super-block forms); `scales` is then empty and `offsets` `None`.
     super_scales: Option<SuperScaleBuffers>,
+}
+
+/// Lengths of the buffers of a [`PackedMatrix`] with one-level f16 scales
+/// ([`QuantSpec::packed_layout`]), in the order a file stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedLayout {
+    /// Bytes of bit-plane weights: `tiles · K/32 · bits · 256`.
+    pub weight_bytes: usize,
+    /// f16 scales: `tiles · groups · (bits if per-plane, else 1) · 64`.
+    pub scales: usize,
+    /// f16 offsets: `tiles · groups · 64`, or 0 without offsets.
+    pub offsets: usize,
+    /// Row tiles of 64 rows (the last one padded).
+    pub tiles: usize,
+    /// Scale groups per row.
+    pub groups: usize,
+}
+
+impl PackedLayout {
+    /// Bytes of all three buffers, weights first, then scales, then offsets (each a multiple of
+    /// 128 bytes, so every buffer starts where the previous one ends, aligned for f16).
+    pub fn total_bytes(&self) -> usize {
+        self.weight_bytes + 2 * (self.scales + self.offsets)
+    }
+}
+
+impl QuantSpec {
+    /// The buffer lengths of this matrix packed with one-level scales (and `offsets` or not), or
+    /// the error for a spec the kernels cannot run (bits, K, grouping) or sizes that overflow.
+    pub fn packed_layout(&self, offsets: bool) -> Result<PackedLayout> {
+        let (rows, cols) = (self.rows, self.cols);
+        if !(1..=MAX_BITS as u8).contains(&self.bits) {
+            return Err(KernelError::UnsupportedBits(self.bits));
+        }
+        if cols == 0 || cols % ACT != 0 {
+            return Err(KernelError::KNotMultipleOf32(cols));
+        }
+        let bits = usize::from(self.bits);
+        let groups = cols / group_size(self.grouping, cols)?;
+        let nps = if self.plane_scales == PlaneScales::PerPlane {
+            bits
+        } else {
+            1
+        };
+        let tiles = rows.div_ceil(TILE);
+        let size = |per_tile: Option<usize>| {
+            per_tile
+                .and_then(|n| n.checked_mul(tiles))
+                .filter(|&n| n.checked_mul(2).is_some())
+                .ok_or(KernelError::LengthMismatch {
+                    what: "rows",
+                    expected: usize::MAX,
+                    got: rows,
+                })
+        };
+        let weight_bytes = size((cols / ACT).checked_mul(bits * PLANE_BYTES))?;
+        let scales = size(groups.checked_mul(nps * TILE))?;
+        let offsets = match offsets {
+            true => size(groups.checked_mul(TILE))?,
+            false => 0,
+        };
+        let layout = PackedLayout {
+            weight_bytes,
+            scales,
+            offsets,
+            tiles,
+            groups,
+        };
+        // The sum must fit too (it is what a file holds).
+        weight_bytes
+            .checked_add(2 * scales)
+            .and_then(|n| n.checked_add(2 * offsets))
+            .ok_or(KernelError::LengthMismatch {
+                what: "rows",
+                expected: usize::MAX,
+                got: rows,
+            })?;
+        Ok(layout)
+    }
+}
+
+/// The buffers of a [`PackedMatrix`] with one-level f16 scales, borrowed
+/// ([`PackedMatrix::raw_parts`]): what a file in the kernels' layout stores.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedParts<'a> {
+    /// Bit-plane weights, `[tile][K/32][plane][256]`.
+    pub weights: &'a [u8],
+    /// f16 bits of the scales, `[tile][group][plane or 1][64 rows]`.
+    pub scales: &'a [u16],
+    /// f16 bits of the offsets, `[tile][group][64 rows]`.
+    pub offsets: Option<&'a [u16]>,
 }
 
 /// Elements per group along K, or the error for a grouping that does not fit `cols`.
@@ -208,7 +301,12 @@ fn pack_planes(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Result<Vec<u
 /// A [`PackedMatrix`] filled a block of rows at a time ([`PackedMatrixBuilder::push_rows`]), so
 /// that a caller decoding a file holds the codes of one block, not of the whole matrix.
 pub struct PackedMatrixBuilder {
-    matrix: PackedMatrix,
+    spec: QuantSpec,
+    tiles: usize,
+    groups: usize,
+    weights: Vec<u8>,
+    scales: Vec<u16>,
+    offsets: Option<Vec<u16>>,
     /// Rows packed so far.
     rows_done: usize,
 }
@@ -220,48 +318,14 @@ impl PackedMatrixBuilder {
     /// Checks `spec` and allocates the packed matrix; `offsets` says whether the weights come with
     /// offsets.
     pub fn new(spec: QuantSpec, offsets: bool) -> Result<PackedMatrixBuilder> {
-        let (rows, cols) = (spec.rows, spec.cols);
-        if !(1..=MAX_BITS as u8).contains(&spec.bits) {
-            return Err(KernelError::UnsupportedBits(spec.bits));
-        }
-        if cols == 0 || cols % ACT != 0 {
-            return Err(KernelError::KNotMultipleOf32(cols));
-        }
-        let bits = usize::from(spec.bits);
-        let groups = cols / group_size(spec.grouping, cols)?;
-        let nps = if spec.plane_scales == PlaneScales::PerPlane {
-            bits
-        } else {
-            1
-        };
-        let tiles = rows.div_ceil(TILE);
-        let tile_bytes = (cols / ACT) * bits * PLANE_BYTES;
-        let size = |per_tile: Option<usize>| {
-            per_tile
-                .and_then(|n| n.checked_mul(tiles))
-                .ok_or(KernelError::LengthMismatch {
-                    what: "rows",
-                    expected: usize::MAX,
-                    got: rows,
-                })
-        };
-        let weights = vec![0u8; size(Some(tile_bytes))?];
-        let scales = vec![0u16; size(groups.checked_mul(nps * TILE))?];
-        let offsets = match offsets {
-            true => Some(vec![0u16; size(groups.checked_mul(TILE))?]),
-            false => None,
-        };
+        let layout = spec.packed_layout(offsets)?;
         Ok(PackedMatrixBuilder {
-            matrix: PackedMatrix {
-                spec,
-                tiles,
-                groups,
-                weights,
-                scales,
-                offsets,
-                half_groups: false,
-                super_scales: None,
-            },
+            spec,
+            tiles: layout.tiles,
+            groups: layout.groups,
+            weights: vec![0u8; layout.weight_bytes],
+            scales: vec![0u16; layout.scales],
+            offsets: offsets.then(|| vec![0u16; layout.offsets]),
             rows_done: 0,
         })
     }
@@ -271,9 +335,9 @@ impl PackedMatrixBuilder {
     /// `rows`, and every block but the last must hold a multiple of
     /// [`PackedMatrixBuilder::ROWS_PER_TILE`] rows.
     pub fn push_rows(&mut self, weights: &QuantizedWeights<'_>) -> Result<()> {
-        let m = &mut self.matrix;
+        let m = &mut *self;
         let spec = m.spec;
-        let (first, rows, cols) = (self.rows_done, weights.spec.rows, spec.cols);
+        let (first, rows, cols) = (m.rows_done, weights.spec.rows, spec.cols);
         let bad_rows = KernelError::LengthMismatch {
             what: "rows",
             expected: spec.rows - first,
@@ -342,13 +406,13 @@ impl PackedMatrixBuilder {
                 }
             }
         }
-        self.rows_done += rows;
+        m.rows_done += rows;
         Ok(())
     }
 
     /// The packed matrix, once every row has been pushed.
     pub fn finish(self) -> Result<PackedMatrix> {
-        let rows = self.matrix.spec.rows;
+        let rows = self.spec.rows;
         if self.rows_done != rows {
             return Err(KernelError::LengthMismatch {
                 what: "rows",
@@ -356,7 +420,16 @@ impl PackedMatrixBuilder {
                 got: self.rows_done,
             });
         }
-        Ok(self.matrix)
+        Ok(PackedMatrix {
+            spec: self.spec,
+            tiles: self.tiles,
+            groups: self.groups,
+            weights: Storage::owned(self.weights),
+            scales: Storage::owned(self.scales),
+            offsets: self.offsets.map(Storage::owned),
+            half_groups: false,
+            super_scales: None,
+        })
     }
 }
 
@@ -367,6 +440,58 @@ impl PackedMatrix {
         let mut builder = PackedMatrixBuilder::new(weights.spec, weights.offsets.is_some())?;
         builder.push_rows(weights)?;
         builder.finish()
+    }
+
+    /// A matrix from buffers already in the packed layout (e.g. ranges of a mapped file written
+    /// from [`PackedMatrix::raw_parts`]), used as they are: nothing is copied or repacked. Checks
+    /// `spec` and every length against it ([`QuantSpec::packed_layout`]); the values themselves
+    /// (any bit pattern is a code, any f16 a scale) need no check.
+    pub fn from_parts(
+        spec: QuantSpec,
+        weights: Storage<u8>,
+        scales: Storage<u16>,
+        offsets: Option<Storage<u16>>,
+    ) -> Result<PackedMatrix> {
+        let layout = spec.packed_layout(offsets.is_some())?;
+        check_len(
+            "packed weight bytes",
+            Some(layout.weight_bytes),
+            weights.len(),
+        )?;
+        check_len("packed scales", Some(layout.scales), scales.len())?;
+        if let Some(o) = &offsets {
+            check_len("packed offsets", Some(layout.offsets), o.len())?;
+        }
+        Ok(PackedMatrix {
+            spec,
+            tiles: layout.tiles,
+            groups: layout.groups,
+            weights,
+            scales,
+            offsets,
+            half_groups: false,
+            super_scales: None,
+        })
+    }
+
+    /// The packed buffers, for writing them to a file that [`PackedMatrix::from_parts`] reads
+    /// back. Two-level (super-block) scales have no such form: they are refused.
+    pub fn raw_parts(&self) -> Result<PackedParts<'_>> {
+        if self.super_scales.is_some() || self.half_groups {
+            return Err(KernelError::UnsupportedForm(
+                "a matrix with two-level (super-block) scales has no one-level packed form",
+            ));
+        }
+        Ok(PackedParts {
+            weights: &self.weights,
+            scales: &self.scales,
+            offsets: self.offsets.as_deref(),
+        })
+    }
+
+    /// Whether the buffers are read in place from a mapped file rather than owned.
+    pub fn is_mapped(&self) -> bool {
+        self.weights.is_mapped()
     }
 
     /// Shape and quantization.
@@ -562,9 +687,9 @@ mod tests {
                     .unwrap();
             }
             let b = builder.finish().unwrap();
-            assert_eq!(a.weights, b.weights, "{spec:?}");
-            assert_eq!(a.scales, b.scales, "{spec:?}");
-            assert_eq!(a.offsets, b.offsets, "{spec:?}");
+            assert_eq!(a.weights[..], b.weights[..], "{spec:?}");
+            assert_eq!(a.scales[..], b.scales[..], "{spec:?}");
+            assert_eq!(a.offsets.as_deref(), b.offsets.as_deref(), "{spec:?}");
         }
     }
 
@@ -606,6 +731,72 @@ mod tests {
             .is_err());
         builder.push_rows(&block(36)).unwrap();
         assert_eq!(builder.finish().unwrap().rows(), 100);
+    }
+
+    #[test]
+    fn raw_parts_rebuild_the_matrix_and_lengths_are_checked() {
+        let spec = QuantSpec {
+            rows: 70,
+            cols: 64,
+            bits: 3,
+            grouping: Grouping::Size(32),
+            plane_scales: PlaneScales::PerPlane,
+        };
+        let codes: Vec<u8> = (0..70 * 64).map(|i| (i * 5 % 8) as u8).collect();
+        let scales: Vec<f32> = (0..70 * 2 * 3).map(|i| 0.25 + i as f32 / 512.0).collect();
+        let offsets: Vec<f32> = (0..70 * 2).map(|i| -(i as f32) / 64.0).collect();
+        let m = PackedMatrix::pack(&QuantizedWeights {
+            spec,
+            codes: &codes,
+            scales: &scales,
+            offsets: Some(&offsets),
+        })
+        .unwrap();
+        let p = m.raw_parts().unwrap();
+        let layout = spec.packed_layout(true).unwrap();
+        assert_eq!(p.weights.len(), layout.weight_bytes);
+        assert_eq!(
+            (p.scales.len(), layout.scales),
+            (2 * 2 * 3 * 64, 2 * 2 * 3 * 64)
+        );
+        assert_eq!(p.offsets.map(<[u16]>::len), Some(layout.offsets));
+        let owned = |v: &[u16]| Storage::owned(v.to_vec());
+        let again = PackedMatrix::from_parts(
+            spec,
+            Storage::owned(p.weights.to_vec()),
+            owned(p.scales),
+            p.offsets.map(owned),
+        )
+        .unwrap();
+        assert!(!again.is_mapped());
+        let (mut a, mut b) = (vec![0.0f32; 64], vec![1.0f32; 64]);
+        for r in [0, 63, 69] {
+            m.dequantize_row(r, &mut a).unwrap();
+            again.dequantize_row(r, &mut b).unwrap();
+            assert_eq!(a, b);
+        }
+        let short = PackedMatrix::from_parts(
+            spec,
+            Storage::owned(p.weights[1..].to_vec()),
+            owned(p.scales),
+            p.offsets.map(owned),
+        );
+        assert!(matches!(short, Err(KernelError::LengthMismatch { .. })));
+        let no_room = PackedMatrix::from_parts(
+            spec,
+            Storage::owned(p.weights.to_vec()),
+            owned(&p.scales[..10]),
+            None,
+        );
+        assert!(no_room.is_err());
+        let huge = QuantSpec {
+            rows: usize::MAX / 2,
+            ..spec
+        };
+        assert!(
+            huge.packed_layout(true).is_err(),
+            "sizes that overflow are refused"
+        );
     }
 
     #[test]

@@ -36,7 +36,8 @@ pub(crate) struct PerplexityArgs {
 pub(crate) struct InfoArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Also list every tensor: its name, type in the file, form in memory and bytes
+    /// Also list every tensor: its name, type in the file, form in memory and bytes, and under a
+    /// lutra tensor how it was quantized (method, bits, group size, calibration)
     #[arg(long)]
     tensors: bool,
 }
@@ -86,9 +87,24 @@ pub(crate) fn perplexity(args: &PerplexityArgs) -> Result<()> {
 
 /// Runs `lutra info`.
 pub(crate) fn info(args: &InfoArgs) -> Result<()> {
+    let start = std::time::Instant::now();
     let model = args.model.load()?;
+    let load_time = start.elapsed().as_secs_f64();
     let info = model.describe();
     let mut text = format!("{info}\n");
+    let mapped = info.tensors.iter().filter(|t| t.mapped).count();
+    let others = info
+        .tensors
+        .iter()
+        .filter(|t| !t.mapped && t.kernel != "f32")
+        .count();
+    text += &match mapped {
+        0 => format!("load time:       {load_time:.3} s\n"),
+        n => format!(
+            "load time:       {load_time:.3} s: {n} lutra matrices read in place from the file \
+             (mmap, no repack), {others} other matrices decoded from their ggml types\n"
+        ),
+    };
     if let Some(rss) = lutra_tooling::bench::current_rss_bytes() {
         let peak = lutra_tooling::bench::peak_rss_bytes().unwrap_or(rss);
         text += &format!(
@@ -104,6 +120,12 @@ pub(crate) fn info(args: &InfoArgs) -> Result<()> {
                 "{:<width$}  {:<12} → {:<18} {:>12} bytes\n",
                 t.name, t.source, t.kernel, t.bytes
             );
+            if let Some(q) = &t.quantization {
+                text += &format!(
+                    "{:<width$}    method {}, {} bits, group size {}, calibration: {}\n",
+                    "", q.method, q.bits, q.group_size, q.calibration
+                );
+            }
         }
     }
     write_stdout(&text)

@@ -5,10 +5,12 @@
 //!   directly in kernel form (speed measurements, forward-pass tests);
 //! - [`GgufWriter`], [`write_safetensors`]: files written on the fly, good or deliberately broken;
 //! - [`tiny_llama_gguf`]: a complete tiny model file (weights, tokenizer, chat template);
-//! - [`gguf_to_hf_folder`]: the same weights as a Hugging Face folder, to compare the loaders.
+//! - [`gguf_to_hf_folder`]: the same weights as a Hugging Face folder, to compare the loaders;
+//! - [`requantized_lutra_file`]: a GGUF model requantized into a lutra file.
 
 mod gguf_writer;
 mod hf_folder;
+mod lutra_file;
 mod safetensors_writer;
 mod tiny_gguf;
 
@@ -17,5 +19,6 @@ pub use crate::llama::synthetic::{
 };
 pub use gguf_writer::GgufWriter;
 pub use hf_folder::gguf_to_hf_folder;
+pub use lutra_file::requantized_lutra_file;
 pub use safetensors_writer::{write_safetensors, TensorData};
 pub use tiny_gguf::{tiny_llama_gguf, TinyModelSpec, TINY_CHATML_TEMPLATE};

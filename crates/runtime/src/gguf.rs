@@ -3,7 +3,8 @@
 //!
 //! Every read is bounds-checked: a truncated or corrupt file is an [`Error::BadFile`] that names
 //! the file and says what is wrong, never a panic. Tensor data is decoded through the one type
-//! table in [`crate::weights`].
+//! table in [`crate::weights`]; lutra's own packed tensor types ([`lutra`]) are read in place.
+//! [`writer`] writes GGUF files.
 //!
 //! ```no_run
 //! # fn main() -> lutra_runtime::Result<()> {
@@ -19,11 +20,17 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use lutra_kernels::MappedFile;
+use lutra_kernels::{MappedFile, PackedMatrix};
 
 use crate::weights::{decode_ggml, DecodeError, DecodedTensor, GgmlType};
 use crate::{Error, Result};
+
+pub mod lutra;
+pub mod writer;
+
+use lutra::{is_lutra_id, LutraType, TensorQuantInfo, FILE_VERSION, FILE_VERSION_KEY};
 
 /// The four bytes every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -140,6 +147,71 @@ impl MetaValue {
     }
 }
 
+/// The type of a tensor's data: a ggml type, or one of lutra's packed types ([`lutra`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorType {
+    /// A type of `ggml.h`.
+    Ggml(GgmlType),
+    /// A low-bit matrix in the kernels' tile layout.
+    Lutra(LutraType),
+}
+
+impl TensorType {
+    /// The type id in the file. (Every lutra type read from or written to a file has one.)
+    pub fn id(&self) -> u32 {
+        match self {
+            TensorType::Ggml(t) => t.id(),
+            TensorType::Lutra(t) => t.id().unwrap_or(lutra::LUTRA_TYPE_BASE),
+        }
+    }
+
+    /// The type's name: ggml's spelling (`Q4_1`), or a lutra type's (`LUT2_G32_PP_OFF`).
+    pub fn name(&self) -> String {
+        match self {
+            TensorType::Ggml(t) => t.name(),
+            TensorType::Lutra(t) => t.name(),
+        }
+    }
+
+    /// The ggml type, for a ggml-typed tensor.
+    pub fn ggml(&self) -> Option<GgmlType> {
+        match self {
+            TensorType::Ggml(t) => Some(*t),
+            TensorType::Lutra(_) => None,
+        }
+    }
+
+    /// The bytes of data of a tensor of this type with GGUF dims `dims`, or why it cannot exist.
+    pub fn data_bytes(&self, dims: &[usize]) -> std::result::Result<usize, String> {
+        match self {
+            TensorType::Ggml(ty) => {
+                let elems = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+                if dims.first().is_some_and(|&d| d % ty.block_elems() != 0) {
+                    return Err(format!(
+                        "row length {} is not a multiple of the {} block size {}",
+                        dims[0],
+                        ty.name(),
+                        ty.block_elems()
+                    ));
+                }
+                elems.and_then(|n| ty.bytes_for(n)).ok_or_else(|| {
+                    format!(
+                        "dimensions {dims:?} are not a whole number of {} blocks",
+                        ty.name()
+                    )
+                })
+            }
+            TensorType::Lutra(ty) => ty.layout(dims).map(|l| l.total_bytes()),
+        }
+    }
+}
+
+impl PartialEq<GgmlType> for TensorType {
+    fn eq(&self, other: &GgmlType) -> bool {
+        *self == TensorType::Ggml(*other)
+    }
+}
+
 /// Where a tensor lives in the file and what it holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
@@ -148,7 +220,7 @@ pub struct TensorInfo {
     /// Dimensions in GGUF order: `dims[0]` = ne0 is the fastest-varying (K for a matrix).
     pub dims: Vec<usize>,
     /// Element type.
-    pub ty: GgmlType,
+    pub ty: TensorType,
     /// Absolute byte offset of the data in the file.
     pub offset: usize,
     /// Bytes of data.
@@ -175,7 +247,7 @@ impl TensorInfo {
 /// An open, memory-mapped GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: MappedFile,
+    mmap: Arc<MappedFile>,
     version: u32,
     metadata: Vec<(String, MetaValue)>,
     meta_index: HashMap<String, usize>,
@@ -212,10 +284,10 @@ impl GgufFile {
             ));
         }
         let mmap = MappedFile::map(&file).map_err(io)?;
-        Self::parse(path, mmap)
+        Self::parse(path, Arc::new(mmap))
     }
 
-    fn parse(path: &Path, mmap: MappedFile) -> Result<GgufFile> {
+    fn parse(path: &Path, mmap: Arc<MappedFile>) -> Result<GgufFile> {
         let mut r = Reader {
             data: &mmap,
             pos: 0,
@@ -293,42 +365,39 @@ impl GgufFile {
             }
             let ty_id = r.u32(&format!("type of tensor '{name}'"))?;
             let rel = r.count(&format!("offset of tensor '{name}'"))?;
-            let Some(ty) = GgmlType::from_id(ty_id) else {
-                return Err(Error::UnsupportedTensorType {
-                    path: path.to_path_buf(),
-                    tensor: name,
-                    ty: format!("ggml type id {ty_id}"),
-                });
+            let ty = match (GgmlType::from_id(ty_id), LutraType::from_id(ty_id)) {
+                (Some(t), _) => TensorType::Ggml(t),
+                (None, Some(t)) => TensorType::Lutra(t),
+                (None, None) => {
+                    return Err(Error::UnsupportedTensorType {
+                        path: path.to_path_buf(),
+                        tensor: name,
+                        ty: match is_lutra_id(ty_id) {
+                            true => format!(
+                                "lutra type id {ty_id:#x}, which this lutra (file version \
+                                 {FILE_VERSION}) does not define"
+                            ),
+                            false => format!("ggml type id {ty_id}"),
+                        },
+                    })
+                }
             };
             infos.push((name, dims, ty, rel));
         }
         let data_offset = r.pos.div_ceil(alignment) * alignment;
         let file_len = mmap.len();
+        let first_lutra = infos
+            .iter()
+            .find(|i| matches!(i.2, TensorType::Lutra(_)))
+            .map(|i| i.0.as_str());
+        check_lutra_version(path, &metadata, &meta_index, first_lutra)?;
 
         let mut tensors: Vec<TensorInfo> = Vec::with_capacity(infos.len());
         let mut tensor_index = HashMap::new();
         for (name, dims, ty, rel) in infos {
-            let elems = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-            let size = elems.and_then(|n| ty.bytes_for(n)).ok_or_else(|| {
-                bad(
-                    path,
-                    format!(
-                        "tensor '{name}' with dimensions {dims:?} is not a whole number of {} blocks",
-                        ty.name()
-                    ),
-                )
-            })?;
-            if dims[0] % ty.block_elems() != 0 {
-                return Err(bad(
-                    path,
-                    format!(
-                        "tensor '{name}': row length {} is not a multiple of the {} block size {}",
-                        dims[0],
-                        ty.name(),
-                        ty.block_elems()
-                    ),
-                ));
-            }
+            let size = ty
+                .data_bytes(&dims)
+                .map_err(|reason| bad(path, format!("tensor '{name}': {reason}")))?;
             if rel % alignment != 0 {
                 return Err(bad(
                     path,
@@ -505,17 +574,79 @@ impl GgufFile {
         let Some(info) = self.tensor_info(name) else {
             return 0;
         };
-        let row = info.ty.bytes_for(info.cols()).unwrap_or(0);
+        // Rows of a lutra tensor are not contiguous (row tiles), and it is read in place.
+        let row = match info.ty {
+            TensorType::Ggml(ty) => ty.bytes_for(info.cols()).unwrap_or(0),
+            TensorType::Lutra(_) => return 0,
+        };
         let start = info.offset + range.start.saturating_mul(row).min(info.size);
         let end = info.offset + range.end.saturating_mul(row).min(info.size);
         self.mmap.release_pages(start..end).unwrap_or(0)
     }
 
-    /// Decodes tensor `name` into codes + scales (+ offsets) or dense values, exactly.
+    /// Decodes tensor `name` into codes + scales (+ offsets) or dense values, exactly. A lutra
+    /// packed tensor (loaded in place by [`GgufFile::lutra_matrix`]) decodes to its dequantized
+    /// values.
     pub fn decode_tensor(&self, name: &str) -> Result<DecodedTensor> {
         let data = self.tensor_data(name)?;
         let info = &self.tensors[self.tensor_index[name]];
-        decode_ggml(info.ty, info.rows(), info.cols(), data).map_err(|e| self.decode_error(name, e))
+        match info.ty {
+            TensorType::Ggml(ty) => decode_ggml(ty, info.rows(), info.cols(), data)
+                .map_err(|e| self.decode_error(name, e)),
+            TensorType::Lutra(_) => self.dequantize_lutra(name, 0..info.rows()),
+        }
+    }
+
+    /// The packed matrix of lutra tensor `name`, read in place from the mapping (no copy, no
+    /// repack); the matrix keeps the mapping alive. Errors name the file and the tensor.
+    pub fn lutra_matrix(&self, name: &str) -> Result<PackedMatrix> {
+        let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+        })?;
+        let TensorType::Lutra(ty) = info.ty else {
+            return Err(bad(
+                &self.path,
+                format!(
+                    "tensor '{name}' has type {}, not a lutra packed type",
+                    info.ty.name()
+                ),
+            ));
+        };
+        ty.map(&info.dims, &self.mmap, info.offset..info.offset + info.size)
+            .map_err(|reason| bad(&self.path, format!("tensor '{name}': {reason}")))
+    }
+
+    /// How lutra tensor `name` was quantized, as the file records it (`None` when it records
+    /// nothing); an error when the record is malformed or contradicts the tensor's type.
+    pub fn lutra_quant_info(&self, name: &str) -> Result<Option<TensorQuantInfo>> {
+        let info = TensorQuantInfo::from_metadata(name, |k| self.metadata(k))
+            .map_err(|(key, reason)| self.meta_error(&key, &reason))?;
+        if let (Some(q), Some(TensorType::Lutra(ty))) =
+            (&info, self.tensor_info(name).map(|t| t.ty))
+        {
+            let cols = self.tensor_info(name).map_or(0, TensorInfo::cols);
+            if let Some(reason) = q.mismatch(&ty, cols) {
+                return Err(bad(&self.path, format!("tensor '{name}': {reason}")));
+            }
+        }
+        Ok(info)
+    }
+
+    /// Rows `range` of lutra tensor `name`, dequantized.
+    fn dequantize_lutra(&self, name: &str, range: Range<usize>) -> Result<DecodedTensor> {
+        let m = self.lutra_matrix(name)?;
+        let cols = m.cols();
+        let mut values = vec![0.0f32; range.len() * cols];
+        for (r, row) in range.clone().zip(values.chunks_exact_mut(cols.max(1))) {
+            m.dequantize_row(r, row)
+                .map_err(|e| bad(&self.path, format!("tensor '{name}': {e}")))?;
+        }
+        Ok(DecodedTensor::Dense {
+            rows: range.len(),
+            cols,
+            values,
+        })
     }
 
     /// Decodes rows `range` of tensor `name` (rows of `cols()` elements, stored one after the
@@ -524,8 +655,14 @@ impl GgufFile {
         let data = self.tensor_data(name)?;
         let info = &self.tensors[self.tensor_index[name]];
         let (rows, cols) = (info.rows(), info.cols());
-        let bytes = info
-            .ty
+        let ty = match info.ty {
+            TensorType::Ggml(ty) => ty,
+            TensorType::Lutra(_) if range.start <= range.end && range.end <= rows => {
+                return self.dequantize_lutra(name, range)
+            }
+            TensorType::Lutra(_) => GgmlType::F32,
+        };
+        let bytes = ty
             .bytes_for(cols)
             .filter(|_| range.start <= range.end && range.end <= rows)
             .and_then(|row| data.get(range.start * row..range.end * row));
@@ -535,7 +672,7 @@ impl GgufFile {
                 format!("tensor '{name}': no rows {range:?} of {rows} rows of {cols}"),
             ));
         };
-        decode_ggml(info.ty, range.len(), cols, bytes).map_err(|e| self.decode_error(name, e))
+        decode_ggml(ty, range.len(), cols, bytes).map_err(|e| self.decode_error(name, e))
     }
 
     fn decode_error(&self, name: &str, e: DecodeError) -> Error {
@@ -547,6 +684,36 @@ impl GgufFile {
             },
             DecodeError::BadShape(reason) => bad(&self.path, format!("tensor '{name}': {reason}")),
         }
+    }
+}
+
+/// Refuses a `lutra.file_version` other than [`FILE_VERSION`], and lutra tensor types (the first
+/// is `first_lutra`) in a file without the key.
+fn check_lutra_version(
+    path: &Path,
+    metadata: &[(String, MetaValue)],
+    meta_index: &HashMap<String, usize>,
+    first_lutra: Option<&str>,
+) -> Result<()> {
+    let version = meta_index.get(FILE_VERSION_KEY).map(|&i| &metadata[i].1);
+    match (version, first_lutra) {
+        (None, None) => Ok(()),
+        (None, Some(tensor)) => Err(bad(
+            path,
+            format!(
+                "tensor '{tensor}' has a lutra packed type but the file has no \
+                 {FILE_VERSION_KEY} key"
+            ),
+        )),
+        (Some(v), _) if v.as_u64() == Some(u64::from(FILE_VERSION)) => Ok(()),
+        (Some(v), tensor) => Err(bad(
+            path,
+            format!(
+                "{FILE_VERSION_KEY} is {v:?}{}: this lutra reads lutra files of version \
+                 {FILE_VERSION} only (a newer lutra wrote this file?)",
+                tensor.map_or(String::new(), |t| format!(" (first lutra tensor '{t}')"))
+            ),
+        )),
     }
 }
 

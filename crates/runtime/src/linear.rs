@@ -348,7 +348,12 @@ impl Linear {
                 } else {
                     ""
                 };
-                format!("lut{} {group}{two_level}", spec.bits)
+                let per_plane = match spec.plane_scales {
+                    PlaneScales::PerPlane => " per-plane",
+                    PlaneScales::Uniform => "",
+                };
+                let mapped = if m.is_mapped() { " mapped" } else { "" };
+                format!("lut{} {group}{per_plane}{two_level}{mapped}", spec.bits)
             }
             Linear::Ternary(_) => "ternary 1.67b".to_string(),
             Linear::Int8(_) => "int8".to_string(),

@@ -116,8 +116,12 @@ pub struct TensorForm {
     pub source: String,
     /// Form in memory (e.g. `lut4 g32 two-level`, `int8`, `f32`).
     pub kernel: String,
-    /// Bytes in memory.
+    /// Bytes in memory (for a mapped tensor: of the file, read in place).
     pub bytes: usize,
+    /// A lutra packed tensor used in place from the file's mapping: loaded with no repack.
+    pub mapped: bool,
+    /// How a lutra tensor was quantized, as its file records it.
+    pub quantization: Option<crate::gguf::lutra::TensorQuantInfo>,
 }
 
 /// A summary of a loaded model, for `lutra info`.
@@ -198,6 +202,20 @@ impl std::fmt::Display for ModelInfo {
             )?;
         }
         writeln!(f, "weights:         {:.2} MiB", mib(self.weight_bytes))?;
+        let mapped = self.tensors.iter().filter(|t| t.mapped).count();
+        if mapped > 0 {
+            let bytes: usize = self
+                .tensors
+                .iter()
+                .filter(|t| t.mapped)
+                .map(|t| t.bytes)
+                .sum();
+            writeln!(
+                f,
+                "lutra tensors:   {mapped} read in place from the file ({:.2} MiB), no repack",
+                mib(bytes)
+            )?;
+        }
         writeln!(
             f,
             "kv cache:        up to {:.2} MiB ({} positions, {}; allocated as it fills)",
@@ -532,6 +550,8 @@ fn count_tensor(
         source,
         kernel,
         bytes,
+        mapped: false,
+        quantization: None,
     });
 }
 

@@ -13,6 +13,7 @@ use super::{pack_planes, Grouping, PackedMatrix, PlaneScales, QuantSpec};
 use crate::error::{KernelError, Result};
 use crate::lut::layout::TILE;
 use crate::lut::{SuperScales, MAX_BITS};
+use crate::storage::Storage;
 
 /// Elements per super-block along K (one `d`, `dmin` per row and super-block).
 pub const SUPER_BLOCK: usize = 256;
@@ -237,8 +238,8 @@ impl PackedMatrix {
             },
             tiles: rows.div_ceil(TILE),
             groups,
-            weights: packed,
-            scales: Vec::new(),
+            weights: Storage::owned(packed),
+            scales: Storage::owned(Vec::new()),
             offsets: None,
             half_groups: w.group == 16,
             super_scales: Some(super_scales),

@@ -1,6 +1,7 @@
 //! Building a [`Model`] from a GGUF file: every tensor is checked against the configuration,
 //! decoded exactly, and converted to its kernel form (or requantized, or dequantized for
-//! reference mode).
+//! reference mode). Tensors in lutra's packed types are already in kernel form: they are used
+//! in place from the file's mapping ([`GgufFile::lutra_matrix`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -9,7 +10,7 @@ use crate::architecture::{ArchitectureSpec, TensorName};
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, TensorType};
 use crate::linear::Linear;
 use crate::quantize::requantize;
 use crate::tokenizer::Tokenizer;
@@ -99,6 +100,41 @@ impl TensorLoader<'_> {
         Ok(m)
     }
 
+    /// The matrix `name` read in place from the file's mapping, when it has a lutra packed type
+    /// and is used as it is (not requantized, not dequantized for reference mode, no `.scale`
+    /// to fold in); `None` otherwise (it is then dequantized like any other type).
+    fn lutra_in_place(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        requantizable: bool,
+    ) -> Result<Option<Linear>> {
+        let source = self.check_shape(name, rows, cols)?;
+        let Some(TensorType::Lutra(_)) = self.file.tensor_info(name).map(|t| t.ty) else {
+            return Ok(None);
+        };
+        let scaled = requantizable
+            && name
+                .strip_suffix(".weight")
+                .is_some_and(|base| self.file.tensor_info(&format!("{base}.scale")).is_some());
+        let requantized = requantizable && self.opts.requantize.is_some();
+        if self.opts.reference || scaled || requantized {
+            return Ok(None);
+        }
+        let quantization = self.file.lutra_quant_info(name)?;
+        let m = Linear::Lut(self.file.lutra_matrix(name)?);
+        self.types.push(TensorForm {
+            name: name.to_string(),
+            source,
+            kernel: m.kind(),
+            bytes: m.bytes(),
+            mapped: true,
+            quantization,
+        });
+        Ok(Some(m))
+    }
+
     /// A matrix; `requantizable` marks linear layers (not the embedding or LM head). A linear
     /// layer `X.weight` may come with a one-value `X.scale` (BitNet converters that keep the
     /// ternary codes and the tensor's scale apart): the scale is folded into the weights.
@@ -109,6 +145,9 @@ impl TensorLoader<'_> {
         cols: usize,
         requantizable: bool,
     ) -> Result<Linear> {
+        if let Some(m) = self.lutra_in_place(name, rows, cols, requantizable)? {
+            return Ok(m);
+        }
         if let Some(m) = self.lut_by_row_blocks(name, rows, cols, requantizable)? {
             return Ok(m);
         }
