@@ -1,11 +1,11 @@
 //! Load time of a model requantized at load against the same matrices stored as a lutra file.
 //!
 //! ```text
-//! cargo run --release --example lutra_file_load -- [MODEL.gguf] [BITS] [GROUP]
+//! cargo run --release --example lutra_file_load -- [MODEL.gguf] [BITS] [GROUP] [OUT]
 //! ```
 //! The model defaults to `models/cache/SmolLM2-135M-Instruct.Q4_1.gguf` (fetch it with
-//! `bash models/fetch.sh`), bits to 2 and the group size to 32. The lutra file is written next to
-//! the system's temporary directory and removed at the end. Both loads read a file already in the
+//! `bash models/fetch.sh`), bits to 2 and the group size to 32. The lutra file is written to
+//! `OUT` and kept, or without `OUT` to the system's temporary directory and removed at the end. Both loads read a file already in the
 //! page cache (each is timed three times; the best is printed), and the logits of both models for
 //! one prompt are compared.
 
@@ -44,7 +44,10 @@ fn main() -> anyhow::Result<()> {
     let bits = args.next().map_or(Ok(2), |b| b.parse()).context("BITS")?;
     let group_size = args.next().map_or(Ok(32), |g| g.parse()).context("GROUP")?;
     let spec = Requantize { bits, group_size };
-    let out = std::env::temp_dir().join(format!("lutra-load-{}.lutra.gguf", std::process::id()));
+    let keep = args.next().map(PathBuf::from);
+    let out = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("lutra-load-{}.lutra.gguf", std::process::id()))
+    });
 
     let start = Instant::now();
     let packed = requantized_lutra_file(&src, &out, spec)?;
@@ -78,7 +81,9 @@ fn main() -> anyhow::Result<()> {
         .encode("The capital of France is", false)?;
     let same = first_logits(&a, &tokens)? == first_logits(&b, &tokens)?;
     println!("logits equal bit for bit: {same}");
-    std::fs::remove_file(&out).with_context(|| format!("removing {}", out.display()))?;
+    if keep.is_none() {
+        std::fs::remove_file(&out).with_context(|| format!("removing {}", out.display()))?;
+    }
     anyhow::ensure!(same, "the two models differ");
     Ok(())
 }

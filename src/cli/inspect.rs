@@ -102,7 +102,9 @@ pub(crate) fn info(args: &InfoArgs) -> Result<()> {
         0 => format!("load time:       {load_time:.3} s\n"),
         n => format!(
             "load time:       {load_time:.3} s: {n} lutra matrices read in place from the file \
-             (mmap, no repack), {others} other matrices decoded from their ggml types\n"
+             (mmap, no repack), {others} other {} decoded from {} ggml type\n",
+            if others == 1 { "matrix" } else { "matrices" },
+            if others == 1 { "its" } else { "their" },
         ),
     };
     if let Some(rss) = lutra_tooling::bench::current_rss_bytes() {
