@@ -7,6 +7,7 @@ mod inspect;
 mod interrupt;
 mod kernels;
 mod plot;
+mod quantize;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Speed of the matrix kernels alone, as JSON records.
     BenchKernels(kernels::BenchKernelsArgs),
+    /// Quantize a model with GPTQ / HLQ into a file that loads without repacking.
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Model file and how to load it; shared by the subcommands that run a model.
@@ -286,6 +289,7 @@ pub fn run() -> Result<()> {
         Command::Info(args) => inspect::info(&args),
         Command::Bench(args) => bench::bench(&args),
         Command::BenchKernels(args) => kernels::bench_kernels(&args),
+        Command::Quantize(args) => quantize::quantize(&args),
     }
 }
 

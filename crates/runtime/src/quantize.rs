@@ -6,6 +6,9 @@
 //! best ones for the scales actually used.
 
 pub mod calibration;
+pub mod file;
+pub mod gptq;
+pub mod grid;
 pub mod model;
 
 use half::f16;

@@ -10,9 +10,11 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::llama::calibrate::{BlockMatrix, MatrixInput};
 use crate::llama::Model;
-use crate::weights::DecodedTensor;
+use lutra_kernels::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
 
 use super::calibration::{Calibration, Hessian};
+use super::gptq::{gptq, rtn, GptqOptions, PreparedHessian, Quantized};
+use super::grid::{PlaneBlock, PlaneGrid, UniformBlock, UniformGrid};
 
 /// How codes are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +129,8 @@ pub struct QuantizeOptions {
     pub group_size: usize,
     /// Calibration sequences (read by the calibrated methods only).
     pub calibration: Calibration,
+    /// GPTQ's dampening, block and column order (its `threads` are the model's).
+    pub gptq: GptqOptions,
 }
 
 /// Where [`quantize_model`] is.
@@ -146,9 +150,7 @@ pub struct QuantizedMatrix<'a> {
     pub name: String,
     /// Bits per weight of this matrix.
     pub bits: u8,
-    /// Codes, scales and offsets.
-    pub tensor: &'a DecodedTensor,
-    /// The same packed for the kernels (now part of the model).
+    /// The matrix packed for the kernels (now part of the model).
     pub linear: &'a Linear,
 }
 
@@ -179,26 +181,28 @@ pub fn quantize_model(
     for (layer, widths) in widths.iter().enumerate() {
         let hessians = if opts.method.calibrated() {
             block_hessians(model, layer, &residuals, positions, threads, false)?
+                .into_iter()
+                .map(|(input, h)| {
+                    let k = input_width(model, layer, input);
+                    Ok((input, PreparedHessian::new(&h, k, &opts.gptq)?))
+                })
+                .collect::<Result<HashMap<_, _>>>()?
         } else {
             HashMap::new()
         };
         for (which, &bits) in BlockMatrix::ALL.into_iter().zip(widths) {
             let name = which.gguf_name(layer);
-            let weights = matrix_values(model.block_matrix(layer, which))?;
-            let (rows, cols) = {
-                let m = model.block_matrix(layer, which);
-                (m.rows(), m.cols())
-            };
-            let hessian = hessians.get(&which.input()).map(Vec::as_slice);
-            let tensor = quantize_matrix(&weights, rows, cols, hessian, bits, opts)
+            let matrix = model.block_matrix(layer, which);
+            let (rows, cols) = (matrix.rows(), matrix.cols());
+            let weights = matrix_values(matrix)?;
+            let hessian = hessians.get(&which.input());
+            let linear = quantize_matrix(&weights, rows, cols, hessian, bits, opts, threads)
                 .map_err(|e| Error::InvalidOption(format!("{name}: {e}")))?;
             drop(weights);
-            let linear = Linear::from_decoded(&tensor, false)?;
             model.replace_block_matrix(layer, which, linear)?;
             on_matrix(QuantizedMatrix {
                 name,
                 bits,
-                tensor: &tensor,
                 linear: model.block_matrix(layer, which),
             })?;
         }
@@ -350,16 +354,95 @@ fn input_width(model: &Model, layer: usize, input: MatrixInput) -> usize {
     model.block_matrix(layer, which).cols()
 }
 
-/// One matrix `[rows][cols]` quantized to `bits` as `opts` says, with the Hessian of its input
-/// when the method is calibrated.
+/// One matrix `[rows][cols]` quantized to `bits` as `opts` says (with its input's prepared
+/// Hessian when the method is calibrated), packed for the kernels.
 fn quantize_matrix(
     weights: &[f32],
     rows: usize,
     cols: usize,
-    hessian: Option<&[f64]>,
+    hessian: Option<&PreparedHessian>,
     bits: u8,
     opts: &QuantizeOptions,
-) -> Result<DecodedTensor> {
-    let _ = hessian;
-    super::quantize_rtn(rows, cols, weights, bits, opts.group_size)
+    threads: usize,
+) -> Result<Linear> {
+    let group_size = opts.group_size;
+    if !matches!(group_size, 32 | 64 | 128 | 256) {
+        return Err(Error::InvalidOption(format!(
+            "group size {group_size}: use 32, 64, 128 or 256"
+        )));
+    }
+    let gptq_opts = GptqOptions {
+        threads,
+        ..opts.gptq
+    };
+    let importance = hessian.map(|h| h.importance());
+    match opts.method {
+        Method::Rtn | Method::Gptq => {
+            let grid = UniformGrid { bits, group_size };
+            let q = match hessian {
+                Some(h) => gptq(&grid, rows, cols, weights, h, &gptq_opts)?,
+                None => rtn(&grid, rows, cols, weights, importance)?,
+            };
+            pack_uniform(rows, cols, &grid, &q)
+        }
+        Method::Hlq | Method::GptqHlq => {
+            let grid = PlaneGrid { bits, group_size };
+            let q = match hessian {
+                Some(h) => gptq(&grid, rows, cols, weights, h, &gptq_opts)?,
+                None => rtn(&grid, rows, cols, weights, importance)?,
+            };
+            pack_planes(rows, cols, &grid, &q)
+        }
+    }
+}
+
+fn pack_uniform(
+    rows: usize,
+    cols: usize,
+    grid: &UniformGrid,
+    q: &Quantized<UniformBlock>,
+) -> Result<Linear> {
+    let scales: Vec<f32> = q.blocks.iter().map(|b| b.scale).collect();
+    let offsets: Vec<f32> = q.blocks.iter().map(|b| b.offset).collect();
+    let spec = QuantSpec {
+        rows,
+        cols,
+        bits: grid.bits,
+        grouping: Grouping::Size(grid.group_size),
+        plane_scales: PlaneScales::Uniform,
+    };
+    Ok(Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
+        spec,
+        codes: &q.codes,
+        scales: &scales,
+        offsets: Some(&offsets),
+    })?))
+}
+
+fn pack_planes(
+    rows: usize,
+    cols: usize,
+    grid: &PlaneGrid,
+    q: &Quantized<PlaneBlock>,
+) -> Result<Linear> {
+    let bits = usize::from(grid.bits);
+    let scales: Vec<f32> = q
+        .blocks
+        .iter()
+        .flat_map(|b| b.scales[..bits].to_vec())
+        .collect();
+    let offsets: Vec<f32> = q.blocks.iter().map(|b| b.offset).collect();
+    let spec = QuantSpec {
+        rows,
+        cols,
+        bits: grid.bits,
+        grouping: Grouping::Size(grid.group_size),
+        plane_scales: PlaneScales::PerPlane,
+    };
+    Ok(Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
+        spec,
+        codes: &q.codes,
+        scales: &scales,
+        offsets: Some(&offsets),
+    })?))
 }

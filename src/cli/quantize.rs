@@ -1,0 +1,122 @@
+//! `lutra quantize`: GPTQ / HLQ quantization of a model into a file that loads without repacking.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lutra_runtime::quantize::calibration::Calibration;
+use lutra_runtime::quantize::gptq::GptqOptions;
+use lutra_runtime::quantize::model::{Bits, Method, QuantizeOptions};
+
+use super::ensure_exists;
+use super::report::human_bytes;
+
+/// Arguments of `lutra quantize`.
+#[derive(Debug, Args)]
+pub(crate) struct QuantizeArgs {
+    /// Source model: a GGUF file of any type lutra reads (dequantized exactly)
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// Output GGUF file (lutra tensor types in the kernels' layout)
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// Bits per weight: 1, 2, 3 or 4, or an average such as 2.5 (per-matrix widths chosen by
+    /// measured sensitivity)
+    #[arg(long, default_value = "2")]
+    bits: String,
+    /// Weights per scale group along a row (32, 64, 128 or 256; must divide every row)
+    #[arg(long = "group-size", default_value_t = 32)]
+    group_size: usize,
+    /// rtn, gptq, hlq or gptq+hlq
+    #[arg(long, default_value = "gptq+hlq")]
+    method: String,
+    /// Calibration text [default: the built-in text, chapters of The Rust Programming Language]
+    #[arg(long = "calib")]
+    calib: Option<PathBuf>,
+    /// Calibration sequences (llama-imatrix's --chunks)
+    #[arg(long = "chunks", default_value_t = 64)]
+    chunks: usize,
+    /// Tokens per calibration sequence
+    #[arg(long = "calib-ctx", default_value_t = 256)]
+    calib_ctx: usize,
+    /// GPTQ dampening, as a fraction of the mean Hessian diagonal
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// Quantize columns in their natural order instead of by descending Hessian diagonal
+    #[arg(long = "no-act-order")]
+    no_act_order: bool,
+    /// Worker threads (0 = one per core)
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    threads: usize,
+}
+
+/// Runs `lutra quantize`.
+pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
+    ensure_exists(&args.model)?;
+    let calibration = match &args.calib {
+        Some(path) => Calibration {
+            text: std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read calibration text {}", path.display()))?,
+            source: path.display().to_string(),
+            sequences: args.chunks,
+            tokens: args.calib_ctx,
+        },
+        None => Calibration::builtin(args.chunks, args.calib_ctx),
+    };
+    let opts = QuantizeOptions {
+        method: args.method.parse::<Method>()?,
+        bits: args.bits.parse::<Bits>()?,
+        group_size: args.group_size,
+        calibration,
+        gptq: GptqOptions {
+            damp: args.damp,
+            act_order: !args.no_act_order,
+            ..GptqOptions::default()
+        },
+    };
+    eprintln!(
+        "lutra: quantizing {} to {} bits, groups of {}, {} (calibration: {})",
+        args.model.display(),
+        opts.bits,
+        opts.group_size,
+        opts.method.name(),
+        opts.calibration.describe()
+    );
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "block {pos}/{len} [{bar:30}] {elapsed_precise} elapsed, about {eta} left",
+        )
+        .context("progress bar template")?
+        .progress_chars("=> "),
+    );
+    let start = std::time::Instant::now();
+    let summary = lutra_runtime::quantize::file::quantize(
+        &args.model,
+        &args.output,
+        &opts,
+        args.threads,
+        &mut |p| {
+            bar.set_length(p.blocks as u64);
+            bar.set_position(p.done as u64);
+        },
+    )
+    .with_context(|| {
+        format!(
+            "failed to quantize {} into {}",
+            args.model.display(),
+            args.output.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "lutra: wrote {} ({}): {} matrices, {:.2} bits per weight on average, in {:.1} s",
+        args.output.display(),
+        human_bytes(summary.file_bytes),
+        summary.matrices,
+        summary.average_bits,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
