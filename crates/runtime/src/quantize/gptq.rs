@@ -1,0 +1,446 @@
+//! GPTQ (Frantar et al., 2022): the columns of a weight matrix are quantized one at a time, and
+//! each column's rounding error is spread over the columns not yet quantized through the inverse
+//! Hessian of the layer's calibration inputs, so that the layer's *output* error
+//! `tr((W−Q)·H·(W−Q)ᵀ)` stays small rather than each weight's.
+//!
+//! As in the reference implementation: dead inputs (zero Hessian diagonal) are zeroed; the
+//! Hessian is dampened by a fraction of its mean diagonal (more when its Cholesky fails); columns
+//! go in blocks, with the error of a block applied to the rest of the matrix as one product
+//! ("lazy batch updates"); with act-order the columns go by descending Hessian diagonal and the
+//! grid of each block of the row is fitted first on the unquantized weights ("static groups"),
+//! otherwise each grid block is fitted on the updated weights when its first column comes.
+//! After the pass every block's grid is refitted to its codes (HLQ's least squares), per row
+//! only when that lowers the row's output error.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+use super::grid::Grid;
+
+/// GPTQ's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct GptqOptions {
+    /// Dampening, as a fraction of the mean Hessian diagonal (0.01 in the reference).
+    pub damp: f64,
+    /// Columns per lazy update block (rounded up to a multiple of the grid's block).
+    pub block: usize,
+    /// Quantize columns by descending Hessian diagonal.
+    pub act_order: bool,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl Default for GptqOptions {
+    fn default() -> GptqOptions {
+        GptqOptions {
+            damp: 0.01,
+            block: 128,
+            act_order: true,
+            threads: 1,
+        }
+    }
+}
+
+/// Codes and grid parameters of a quantized matrix.
+#[derive(Clone, Debug)]
+pub struct Quantized<B> {
+    /// One code per weight, `[rows][cols]`.
+    pub codes: Vec<u8>,
+    /// Grid parameters, `[rows][cols / block_len]`.
+    pub blocks: Vec<B>,
+}
+
+impl<B> Quantized<B> {
+    /// The weights the codes stand for, `[rows][cols]`.
+    pub fn dequantize<G: Grid<Block = B>>(&self, grid: &G, cols: usize) -> Vec<f32> {
+        let n = grid.block_len();
+        let per_row = cols / n;
+        self.codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let (r, k) = (i / cols, i % cols);
+                grid.level(&self.blocks[r * per_row + k / n], k % n, c)
+            })
+            .collect()
+    }
+}
+
+/// A calibration Hessian made ready for GPTQ: shared by the matrices that read one input.
+pub struct PreparedHessian {
+    k: usize,
+    /// Column order of the pass (identity without act-order).
+    order: Vec<usize>,
+    /// Inputs whose Hessian diagonal is 0: their weights are zeroed.
+    dead: Vec<bool>,
+    /// Upper Cholesky factor of the inverse dampened Hessian, in pass order, `[k][k]`.
+    inverse_factor: Mat<f32>,
+    /// The dampened Hessian in the original order, for output errors.
+    damped: Mat<f32>,
+    /// Its diagonal: the importance of each input for grid fits.
+    importance: Vec<f32>,
+}
+
+impl PreparedHessian {
+    /// Prepares `hessian` (`[k][k]`, `Σ x·xᵀ` at any positive scale).
+    pub fn new(hessian: &[f64], k: usize, opts: &GptqOptions) -> Result<PreparedHessian> {
+        if k == 0 || hessian.len() != k * k {
+            return Err(Error::InvalidOption(format!(
+                "Hessian of {} values for {k} inputs",
+                hessian.len()
+            )));
+        }
+        if let Some(bad) = hessian.iter().position(|v| !v.is_finite()) {
+            return Err(Error::InvalidOption(format!(
+                "Hessian entry ({}, {}) is {} (calibration activations overflowed?)",
+                bad / k,
+                bad % k,
+                hessian[bad]
+            )));
+        }
+        let mut h = Mat::<f64>::from_fn(k, k, |i, j| hessian[i * k + j]);
+        let mut dead = vec![false; k];
+        for (i, d) in dead.iter_mut().enumerate() {
+            if h[(i, i)] == 0.0 {
+                *d = true;
+                h[(i, i)] = 1.0;
+            } else if h[(i, i)] < 0.0 {
+                return Err(Error::InvalidOption(format!(
+                    "Hessian diagonal entry {i} is negative ({}): not a sum of outer products",
+                    h[(i, i)]
+                )));
+            }
+        }
+        let diag: Vec<f64> = (0..k).map(|i| h[(i, i)]).collect();
+        let mut order: Vec<usize> = (0..k).collect();
+        if opts.act_order {
+            order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
+        }
+        let mean = diag.iter().sum::<f64>() / k as f64;
+        let permuted = Mat::<f64>::from_fn(k, k, |i, j| h[(order[i], order[j])]);
+        let mut damp = opts.damp.max(0.0) * mean;
+        let mut factor = None;
+        for _ in 0..5 {
+            let damped = Mat::<f64>::from_fn(k, k, |i, j| {
+                permuted[(i, j)] + if i == j { damp } else { 0.0 }
+            });
+            if let Ok(llt) = damped.llt(Side::Lower) {
+                use faer::linalg::solvers::DenseSolveCore;
+                let inverse = llt.inverse();
+                if let Ok(inv_llt) = inverse.llt(Side::Lower) {
+                    let l = inv_llt.L();
+                    factor = Some((
+                        Mat::<f32>::from_fn(
+                            k,
+                            k,
+                            |i, j| if j >= i { l[(j, i)] as f32 } else { 0.0 },
+                        ),
+                        damp,
+                    ));
+                    break;
+                }
+            }
+            damp = if damp > 0.0 {
+                damp * 10.0
+            } else {
+                1e-6 * mean.max(1e-30)
+            };
+        }
+        let Some((inverse_factor, damp)) = factor else {
+            return Err(Error::InvalidOption(format!(
+                "the {k}x{k} Hessian is not positive definite even after dampening by {:.3e} \
+                 (calibrate with more or other text)",
+                damp
+            )));
+        };
+        let damped = Mat::<f32>::from_fn(k, k, |i, j| {
+            (h[(i, j)] + if i == j { damp } else { 0.0 }) as f32
+        });
+        Ok(PreparedHessian {
+            k,
+            order,
+            dead,
+            inverse_factor,
+            damped,
+            importance: diag.iter().map(|&d| d as f32).collect(),
+        })
+    }
+
+    /// Inputs.
+    pub fn inputs(&self) -> usize {
+        self.k
+    }
+
+    /// The Hessian diagonal: how much each input's errors weigh.
+    pub fn importance(&self) -> &[f32] {
+        &self.importance
+    }
+
+    /// `tr((W−Q)·H·(W−Q)ᵀ)` row by row, with the dampened Hessian.
+    pub fn output_errors(&self, weights: &[f32], approx: &[f32], threads: usize) -> Vec<f64> {
+        let k = self.k;
+        let rows = weights.len() / k;
+        let diff: Vec<f32> = weights.iter().zip(approx).map(|(w, q)| w - q).collect();
+        let d = MatRef::from_row_major_slice(&diff, rows, k);
+        let mut dh = Mat::<f32>::zeros(rows, k);
+        matmul(
+            dh.as_mut(),
+            Accum::Replace,
+            d,
+            self.damped.as_ref(),
+            1.0,
+            par(threads),
+        );
+        (0..rows)
+            .map(|r| {
+                (0..k)
+                    .map(|j| f64::from(dh[(r, j)]) * f64::from(diff[r * k + j]))
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+fn par(threads: usize) -> Par {
+    if threads > 1 {
+        Par::rayon(threads)
+    } else {
+        Par::Seq
+    }
+}
+
+/// Round to nearest: each block of each row fitted (weighted by `importance`, or evenly) and
+/// every weight given its nearest code.
+pub fn rtn<G: Grid>(
+    grid: &G,
+    rows: usize,
+    cols: usize,
+    weights: &[f32],
+    importance: Option<&[f32]>,
+) -> Result<Quantized<G::Block>> {
+    check_shape(grid, rows, cols, weights)?;
+    let n = grid.block_len();
+    let ones = vec![1.0f32; cols];
+    let importance = importance.unwrap_or(&ones);
+    let mut codes = vec![0u8; rows * cols];
+    let mut blocks = Vec::with_capacity(rows * cols / n);
+    for (w_row, c_row) in weights.chunks_exact(cols).zip(codes.chunks_exact_mut(cols)) {
+        for ((w, c), h) in w_row
+            .chunks_exact(n)
+            .zip(c_row.chunks_exact_mut(n))
+            .zip(importance.chunks_exact(n))
+        {
+            let block = grid.fit(w, h);
+            for (i, (c, &w)) in c.iter_mut().zip(w).enumerate() {
+                *c = grid.nearest(&block, i, w);
+            }
+            blocks.push(block);
+        }
+    }
+    Ok(Quantized { codes, blocks })
+}
+
+fn check_shape<G: Grid>(grid: &G, rows: usize, cols: usize, weights: &[f32]) -> Result<()> {
+    let n = grid.block_len();
+    if n == 0 || !cols.is_multiple_of(n) {
+        return Err(Error::InvalidOption(format!(
+            "groups of {n} do not divide the row length {cols}"
+        )));
+    }
+    if weights.len() != rows * cols {
+        return Err(Error::InvalidOption(format!(
+            "{} weights for a {rows}x{cols} matrix",
+            weights.len()
+        )));
+    }
+    Ok(())
+}
+
+/// GPTQ of `weights` (`[rows][cols]`) on `grid`, with `hessian` (`[cols][cols]`, row-major,
+/// `Σ x·xᵀ` over the calibration rows of the matrix's input, at any positive scale).
+pub fn gptq<G: Grid>(
+    grid: &G,
+    rows: usize,
+    cols: usize,
+    weights: &[f32],
+    hessian: &[f64],
+    opts: &GptqOptions,
+) -> Result<Quantized<G::Block>> {
+    check_shape(grid, rows, cols, weights)?;
+    let prepared = PreparedHessian::new(hessian, cols, opts)?;
+    gptq_prepared(grid, rows, cols, weights, &prepared, opts)
+}
+
+/// [`gptq`] with a Hessian already prepared (factored once for all the matrices that read one
+/// input). `opts.act_order` and `opts.damp` are those `hessian` was prepared with.
+pub fn gptq_prepared<G: Grid>(
+    grid: &G,
+    rows: usize,
+    cols: usize,
+    weights: &[f32],
+    hessian: &PreparedHessian,
+    opts: &GptqOptions,
+) -> Result<Quantized<G::Block>> {
+    check_shape(grid, rows, cols, weights)?;
+    if hessian.k != cols {
+        return Err(Error::InvalidOption(format!(
+            "a Hessian of {} inputs for rows of {cols}",
+            hessian.k
+        )));
+    }
+    let n = grid.block_len();
+    let per_row = cols / n;
+    let order = &hessian.order;
+    let importance = &hessian.importance;
+    // The weights GPTQ quantizes: dead inputs zeroed (natural order, then pass order).
+    let natural: Vec<f32> = weights
+        .chunks_exact(cols)
+        .flat_map(|row| (0..cols).map(move |j| if hessian.dead[j] { 0.0 } else { row[j] }))
+        .collect();
+    let mut w: Vec<f32> = Vec::with_capacity(rows * cols);
+    for row in natural.chunks_exact(cols) {
+        w.extend(order.iter().map(|&j| row[j]));
+    }
+    // Any order but the natural one would split groups across lazy blocks: fit them first.
+    let static_groups = order.iter().enumerate().any(|(i, &j)| i != j);
+    let group_importance: Vec<f32> = importance.clone();
+    let mut blocks: Vec<Option<G::Block>> = vec![None; rows * per_row];
+    if static_groups {
+        blocks
+            .par_chunks_mut(per_row)
+            .zip(natural.par_chunks_exact(cols))
+            .for_each(|(b_row, w_row)| {
+                for (g, b) in b_row.iter_mut().enumerate() {
+                    *b = Some(grid.fit(
+                        &w_row[g * n..(g + 1) * n],
+                        &group_importance[g * n..(g + 1) * n],
+                    ));
+                }
+            });
+    }
+    let step = opts.block.max(n).div_ceil(n) * n;
+    let u = &hessian.inverse_factor;
+    let mut codes_pass = vec![0u8; rows * cols];
+    let mut errors = vec![0.0f32; rows * step];
+    let mut start = 0;
+    while start < cols {
+        let end = (start + step).min(cols);
+        let width = end - start;
+        // The factor's diagonal block, row-major, for the row-wise updates below.
+        let mut diag_block = vec![0.0f32; width * width];
+        for (a, row) in diag_block.chunks_exact_mut(width).enumerate() {
+            for (b, v) in row.iter_mut().enumerate().skip(a) {
+                *v = u[(start + a, start + b)];
+            }
+        }
+        let diag_block = &diag_block;
+        // Within the block: each row on its own (rows are independent given the factor).
+        w.par_chunks_exact_mut(cols)
+            .zip(codes_pass.par_chunks_exact_mut(cols))
+            .zip(errors.par_chunks_exact_mut(step))
+            .zip(blocks.par_chunks_mut(per_row))
+            .for_each(|(((w_row, c_row), e_row), b_row)| {
+                for i in start..end {
+                    let j = order[i];
+                    let (g, at) = (j / n, j % n);
+                    if b_row[g].is_none() {
+                        // Natural order: the group starts here and lies inside this block.
+                        b_row[g] =
+                            Some(grid.fit(&w_row[i..i + n], &group_importance[g * n..(g + 1) * n]));
+                    }
+                    let block = b_row[g].as_ref().expect("fitted above");
+                    let value = w_row[i];
+                    let code = grid.nearest(block, at, value);
+                    c_row[i] = code;
+                    let a = i - start;
+                    let u_row = &diag_block[a * width..(a + 1) * width];
+                    let err = (value - grid.level(block, at, code)) / u_row[a];
+                    e_row[a] = err;
+                    for (w, &f) in w_row[i + 1..end].iter_mut().zip(&u_row[a + 1..]) {
+                        *w -= err * f;
+                    }
+                }
+            });
+        if end < cols {
+            // The rest of the matrix takes the block's errors in one product.
+            let e = MatRef::from_row_major_slice(&errors, rows, step).subcols(0, width);
+            let mut rest =
+                MatMut::from_row_major_slice_mut(&mut w, rows, cols).subcols_mut(end, cols - end);
+            matmul(
+                rest.as_mut(),
+                Accum::Add,
+                e,
+                u.as_ref().submatrix(start, end, width, cols - end),
+                -1.0,
+                par(opts.threads),
+            );
+        }
+        start = end;
+    }
+    // Codes back in natural order.
+    let mut codes = vec![0u8; rows * cols];
+    for (c_row, p_row) in codes
+        .chunks_exact_mut(cols)
+        .zip(codes_pass.chunks_exact(cols))
+    {
+        for (i, &j) in order.iter().enumerate() {
+            c_row[j] = p_row[i];
+        }
+    }
+    let fitted: Vec<G::Block> = blocks
+        .into_iter()
+        .map(|b| b.expect("every group is fitted during the pass"))
+        .collect();
+    let mut out = Quantized {
+        codes,
+        blocks: fitted,
+    };
+    refit_rows(grid, rows, cols, &natural, hessian, &mut out, opts.threads);
+    Ok(out)
+}
+
+/// Refits every block's grid to its codes, keeping a row's refit only when its output error
+/// falls.
+fn refit_rows<G: Grid>(
+    grid: &G,
+    rows: usize,
+    cols: usize,
+    weights: &[f32],
+    hessian: &PreparedHessian,
+    q: &mut Quantized<G::Block>,
+    threads: usize,
+) {
+    let n = grid.block_len();
+    let per_row = cols / n;
+    let mut refitted = q.blocks.clone();
+    refitted
+        .par_chunks_mut(per_row)
+        .zip(weights.par_chunks_exact(cols))
+        .zip(q.codes.par_chunks_exact(cols))
+        .for_each(|((b_row, w_row), c_row)| {
+            for (g, b) in b_row.iter_mut().enumerate() {
+                let span = g * n..(g + 1) * n;
+                grid.refit(
+                    b,
+                    &w_row[span.clone()],
+                    &hessian.importance[span.clone()],
+                    &c_row[span],
+                );
+            }
+        });
+    let before = hessian.output_errors(weights, &q.dequantize(grid, cols), threads);
+    let candidate = Quantized {
+        codes: q.codes.clone(),
+        blocks: refitted,
+    };
+    let after = hessian.output_errors(weights, &candidate.dequantize(grid, cols), threads);
+    for r in 0..rows {
+        if after[r] < before[r] {
+            q.blocks[r * per_row..(r + 1) * per_row]
+                .clone_from_slice(&candidate.blocks[r * per_row..(r + 1) * per_row]);
+        }
+    }
+}
