@@ -13,12 +13,16 @@
 //! only when that lowers the row's output error.
 
 use faer::linalg::matmul::matmul;
+use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
 use super::grid::Grid;
+
+/// Dampenings tried (each 10× the last) before a Hessian is declared not positive definite.
+const DAMP_TRIES: usize = 5;
 
 /// GPTQ's settings.
 #[derive(Clone, Copy, Debug)]
@@ -120,26 +124,28 @@ impl PreparedHessian {
             order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
         }
         let mean = diag.iter().sum::<f64>() / k as f64;
-        let permuted = Mat::<f64>::from_fn(k, k, |i, j| h[(order[i], order[j])]);
+        // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU, in pass order) without forming H⁻¹:
+        // with R the reversal of the order, RHR = LLᵀ gives H⁻¹ = (R·L⁻¹·R)ᵀ(R·L⁻¹·R), and
+        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U.
+        let at = |i: usize| order[k - 1 - i];
         let mut damp = opts.damp.max(0.0) * mean;
         let mut factor = None;
-        for _ in 0..5 {
-            let damped = Mat::<f64>::from_fn(k, k, |i, j| {
-                permuted[(i, j)] + if i == j { damp } else { 0.0 }
+        for _ in 0..DAMP_TRIES {
+            let reversed = Mat::<f64>::from_fn(k, k, |i, j| {
+                h[(at(i), at(j))] + if i == j { damp } else { 0.0 }
             });
-            if let Ok(llt) = damped.llt(Side::Lower) {
-                use faer::linalg::solvers::DenseSolveCore;
-                let inverse = llt.inverse();
-                if let Ok(inv_llt) = inverse.llt(Side::Lower) {
-                    let l = inv_llt.L();
-                    factor = Some((
-                        Mat::<f32>::from_fn(
-                            k,
-                            k,
-                            |i, j| if j >= i { l[(j, i)] as f32 } else { 0.0 },
-                        ),
-                        damp,
-                    ));
+            if let Ok(llt) = reversed.llt(Side::Lower) {
+                let mut inverse = Mat::<f64>::zeros(k, k);
+                invert_lower_triangular(inverse.as_mut(), llt.L(), par(opts.threads));
+                let u = Mat::<f32>::from_fn(k, k, |i, j| {
+                    if j >= i {
+                        inverse[(k - 1 - i, k - 1 - j)] as f32
+                    } else {
+                        0.0
+                    }
+                });
+                if (0..k).all(|i| u[(i, i)].is_finite() && u[(i, i)] > 0.0) {
+                    factor = Some(u);
                     break;
                 }
             }
@@ -149,11 +155,13 @@ impl PreparedHessian {
                 1e-6 * mean.max(1e-30)
             };
         }
-        let Some((inverse_factor, damp)) = factor else {
+        let Some(inverse_factor) = factor else {
             return Err(Error::InvalidOption(format!(
-                "the {k}x{k} Hessian is not positive definite even after dampening by {:.3e} \
-                 (calibrate with more or other text)",
-                damp
+                "the {k}x{k} Hessian is not positive definite even after dampening by up to \
+                 {:.3e} ({DAMP_TRIES} tries from {} of its mean diagonal; calibrate with more or \
+                 other text)",
+                damp / 10.0,
+                opts.damp
             )));
         };
         let damped = Mat::<f32>::from_fn(k, k, |i, j| {
