@@ -33,7 +33,8 @@ pub struct GptqOptions {
     pub block: usize,
     /// Quantize columns by descending Hessian diagonal.
     pub act_order: bool,
-    /// Worker threads.
+    /// Threads of the faer products and factorizations (the row-parallel parts run on the
+    /// current rayon pool).
     pub threads: usize,
 }
 
@@ -89,7 +90,8 @@ pub struct PreparedHessian {
 }
 
 impl PreparedHessian {
-    /// Prepares `hessian` (`[k][k]`, `Σ x·xᵀ` at any positive scale).
+    /// Prepares `hessian` (`[k][k]`, `Σ x·xᵀ` at any positive scale) with the column order
+    /// (`opts.act_order`) and dampening (`opts.damp`) of `opts`.
     pub fn new(hessian: &[f64], k: usize, opts: &GptqOptions) -> Result<PreparedHessian> {
         if k == 0 || hessian.len() != k * k {
             return Err(Error::InvalidOption(format!(
@@ -192,20 +194,22 @@ impl PreparedHessian {
         let k = self.k;
         let rows = weights.len() / k;
         let diff: Vec<f32> = weights.iter().zip(approx).map(|(w, q)| w - q).collect();
-        let d = MatRef::from_row_major_slice(&diff, rows, k);
-        let mut dh = Mat::<f32>::zeros(rows, k);
+        // H·(W−Q)ᵀ, column-major: column r (row r's product) is contiguous.
+        let mut hd = vec![0.0f32; rows * k];
         matmul(
-            dh.as_mut(),
+            MatMut::from_column_major_slice_mut(&mut hd, k, rows),
             Accum::Replace,
-            d,
             self.damped.as_ref(),
+            MatRef::from_column_major_slice(&diff, k, rows),
             1.0,
             par(threads),
         );
-        (0..rows)
-            .map(|r| {
-                (0..k)
-                    .map(|j| f64::from(dh[(r, j)]) * f64::from(diff[r * k + j]))
+        hd.par_chunks_exact(k)
+            .zip(diff.par_chunks_exact(k))
+            .map(|(h, d)| {
+                h.iter()
+                    .zip(d)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
                     .sum()
             })
             .collect()

@@ -1,6 +1,6 @@
 //! Quantization of weight matrices to the LUT kernels' low-bit forms.
 //!
-//! - [`rtn`](mod@rtn): round to nearest with min/max scales, applied at load time ([`Requantize`]).
+//! - Round to nearest with min/max scales, applied at load time: [`Requantize`], [`quantize_rtn`].
 //! - [`grid`]: the [`Grid`] trait (how a block of a row maps to codes) and [`UniformGrid`]
 //!   (`w = s·q + m`); [`hlq`]: [`PlaneGrid`], ELUTQ's hierarchical linear quantization
 //!   (`w = z + Σ_p s_p·q_p`).

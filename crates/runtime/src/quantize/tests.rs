@@ -349,3 +349,41 @@ fn quantized_layers_run_on_the_kernels_as_they_dequantize() {
         }
     }
 }
+
+#[test]
+fn per_plane_tensors_of_every_width_and_grouping_match_their_dequantization() {
+    let mut rng = SplitMix64::new(9);
+    let (rows, cols) = (8, 256);
+    let weights = rng.gaussians(rows * cols);
+    let cpu = Cpu::new(1).unwrap();
+    for bits in 1..=4u8 {
+        // Groups of 32, 128 and whole rows (PerRow).
+        for group_size in [32, 128, 256] {
+            let grid = PlaneGrid { bits, group_size };
+            let t = rtn(&grid, rows, cols, &weights, None)
+                .unwrap()
+                .into_decoded(&grid, cols)
+                .unwrap();
+            let want = t.dequantize();
+            let m = Linear::from_decoded(&t, false).unwrap();
+            let mut input = Input::for_consumers(cols, 1, [[&m]]);
+            let x = input.values_mut(1);
+            for (i, v) in x.iter_mut().enumerate() {
+                *v = ((i * 29) % 17) as f32 / 8.0 - 1.0;
+            }
+            input.prepare(&cpu, &[&m]).unwrap();
+            let mut out = vec![0.0; rows];
+            m.matmul(&cpu, &input, &mut out).unwrap();
+            let x = &input.values()[..cols];
+            for (r, &got) in out.iter().enumerate() {
+                let w = &want[r * cols..(r + 1) * cols];
+                let exact: f32 = w.iter().zip(x).map(|(w, x)| w * x).sum();
+                let l1: f32 = w.iter().zip(x).map(|(w, x)| (w * x).abs()).sum();
+                assert!(
+                    (got - exact).abs() <= 0.01 * l1,
+                    "{bits}b g{group_size} row {r}: {got} vs {exact}"
+                );
+            }
+        }
+    }
+}
