@@ -106,17 +106,35 @@ impl Linear {
                 scales,
                 offsets,
             } => {
-                let grouping = match *group_size {
-                    32 | 64 | 128 | 256 => Grouping::Size(*group_size),
-                    g if g == *cols => Grouping::PerRow,
-                    g => Grouping::Size(g),
-                };
                 let spec = QuantSpec {
                     rows: *rows,
                     cols: *cols,
                     bits: *bits,
-                    grouping,
+                    grouping: grouping_of(*group_size, *cols),
                     plane_scales: PlaneScales::Uniform,
+                };
+                Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
+                    spec,
+                    codes,
+                    scales,
+                    offsets: Some(offsets),
+                })?)
+            }
+            DecodedTensor::PlaneLowBit {
+                rows,
+                cols,
+                bits,
+                group_size,
+                codes,
+                scales,
+                offsets,
+            } => {
+                let spec = QuantSpec {
+                    rows: *rows,
+                    cols: *cols,
+                    bits: *bits,
+                    grouping: grouping_of(*group_size, *cols),
+                    plane_scales: PlaneScales::PerPlane,
                 };
                 Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
                     spec,
@@ -471,6 +489,16 @@ impl Linear {
             }
         }
         Ok(())
+    }
+}
+
+/// The kernels' grouping for groups of `group_size` along rows of `cols` (sizes the kernels do not
+/// take are passed on for [`PackedMatrix::pack`] to refuse by name).
+fn grouping_of(group_size: usize, cols: usize) -> Grouping {
+    match group_size {
+        32 | 64 | 128 | 256 => Grouping::Size(group_size),
+        g if g == cols => Grouping::PerRow,
+        g => Grouping::Size(g),
     }
 }
 

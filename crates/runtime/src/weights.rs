@@ -33,6 +33,24 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
+    /// `w = z + Σ_p s_p·q_p` over the bit planes `q_p` of each code, with one scale per plane and
+    /// an offset `z` per group of `group_size` elements along a row (HLQ, from `lutra quantize`).
+    PlaneLowBit {
+        /// Output features.
+        rows: usize,
+        /// Input features.
+        cols: usize,
+        /// Bits per code (1..=4): the number of planes.
+        bits: u8,
+        /// Elements per group.
+        group_size: usize,
+        /// One code per element, row-major.
+        codes: Vec<u8>,
+        /// `[rows][cols / group_size][bits]`, plane 0 least significant.
+        scales: Vec<f32>,
+        /// `[rows][cols / group_size]`.
+        offsets: Vec<f32>,
+    },
     /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS,
     /// IQ2_XXS, IQ3_XXS, IQ1_S with a tiny scale) or of 16 (IQ2_XS, IQ2_S, IQ1_M with a tiny
     /// scale).
@@ -90,6 +108,7 @@ impl DecodedTensor {
     pub fn rows(&self) -> usize {
         match self {
             DecodedTensor::LowBit { rows, .. }
+            | DecodedTensor::PlaneLowBit { rows, .. }
             | DecodedTensor::Int8 { rows, .. }
             | DecodedTensor::SuperBlock { rows, .. }
             | DecodedTensor::Dense { rows, .. } => *rows,
@@ -100,6 +119,7 @@ impl DecodedTensor {
     pub fn cols(&self) -> usize {
         match self {
             DecodedTensor::LowBit { cols, .. }
+            | DecodedTensor::PlaneLowBit { cols, .. }
             | DecodedTensor::Int8 { cols, .. }
             | DecodedTensor::SuperBlock { cols, .. }
             | DecodedTensor::Dense { cols, .. } => *cols,
@@ -126,6 +146,28 @@ impl DecodedTensor {
                     group_size: *group_size,
                     codes: codes[start * cols..(start + count) * cols].to_vec(),
                     scales: scales[start * groups..(start + count) * groups].to_vec(),
+                    offsets: offsets[start * groups..(start + count) * groups].to_vec(),
+                }
+            }
+            DecodedTensor::PlaneLowBit {
+                cols,
+                bits,
+                group_size,
+                codes,
+                scales,
+                offsets,
+                ..
+            } => {
+                let groups = cols / (*group_size).max(1);
+                let planes = usize::from(*bits);
+                DecodedTensor::PlaneLowBit {
+                    rows: count,
+                    cols: *cols,
+                    bits: *bits,
+                    group_size: *group_size,
+                    codes: codes[start * cols..(start + count) * cols].to_vec(),
+                    scales: scales[start * groups * planes..(start + count) * groups * planes]
+                        .to_vec(),
                     offsets: offsets[start * groups..(start + count) * groups].to_vec(),
                 }
             }
@@ -199,6 +241,28 @@ impl DecodedTensor {
                     scales[g] * f32::from(q) + offsets[g]
                 })
                 .collect(),
+            DecodedTensor::PlaneLowBit {
+                bits,
+                group_size,
+                codes,
+                scales,
+                offsets,
+                ..
+            } => {
+                let planes = usize::from(*bits);
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| {
+                        let g = i / group_size;
+                        let s = &scales[g * planes..(g + 1) * planes];
+                        s.iter()
+                            .enumerate()
+                            .filter(|&(p, _)| (q >> p) & 1 == 1)
+                            .fold(offsets[g], |w, (_, &sp)| w + sp)
+                    })
+                    .collect()
+            }
             DecodedTensor::Int8 {
                 block,
                 codes,

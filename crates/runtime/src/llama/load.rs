@@ -453,6 +453,9 @@ pub(super) fn scale_tensor(t: &mut DecodedTensor, factor: f32) {
     match t {
         DecodedTensor::LowBit {
             scales, offsets, ..
+        }
+        | DecodedTensor::PlaneLowBit {
+            scales, offsets, ..
         } => {
             scales.iter_mut().for_each(|s| *s *= factor);
             offsets.iter_mut().for_each(|m| *m *= factor);

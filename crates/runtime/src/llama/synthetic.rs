@@ -320,6 +320,9 @@ fn source_kind(t: &DecodedTensor) -> String {
         DecodedTensor::LowBit {
             bits, group_size, ..
         } => format!("low-bit {bits}b g{group_size}"),
+        DecodedTensor::PlaneLowBit {
+            bits, group_size, ..
+        } => format!("per-plane {bits}b g{group_size}"),
         DecodedTensor::SuperBlock { bits, group, .. } => format!("k-quant {bits}b g{group}"),
         DecodedTensor::Int8 { block, .. } => format!("int8 b{block}"),
         DecodedTensor::Dense { .. } => "f32".to_string(),

@@ -13,12 +13,16 @@
 //! only when that lowers the row's output error.
 
 use faer::linalg::matmul::matmul;
+use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
 use super::grid::Grid;
+
+/// Dampenings tried (each 10× the last) before a Hessian is declared not positive definite.
+const DAMP_TRIES: usize = 5;
 
 /// GPTQ's settings.
 #[derive(Clone, Copy, Debug)]
@@ -29,7 +33,8 @@ pub struct GptqOptions {
     pub block: usize,
     /// Quantize columns by descending Hessian diagonal.
     pub act_order: bool,
-    /// Worker threads.
+    /// Threads of the faer products and factorizations (the row-parallel parts run on the
+    /// current rayon pool).
     pub threads: usize,
 }
 
@@ -85,7 +90,8 @@ pub struct PreparedHessian {
 }
 
 impl PreparedHessian {
-    /// Prepares `hessian` (`[k][k]`, `Σ x·xᵀ` at any positive scale).
+    /// Prepares `hessian` (`[k][k]`, `Σ x·xᵀ` at any positive scale) with the column order
+    /// (`opts.act_order`) and dampening (`opts.damp`) of `opts`.
     pub fn new(hessian: &[f64], k: usize, opts: &GptqOptions) -> Result<PreparedHessian> {
         if k == 0 || hessian.len() != k * k {
             return Err(Error::InvalidOption(format!(
@@ -120,26 +126,28 @@ impl PreparedHessian {
             order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
         }
         let mean = diag.iter().sum::<f64>() / k as f64;
-        let permuted = Mat::<f64>::from_fn(k, k, |i, j| h[(order[i], order[j])]);
+        // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU, in pass order) without forming H⁻¹:
+        // with R the reversal of the order, RHR = LLᵀ gives H⁻¹ = (R·L⁻¹·R)ᵀ(R·L⁻¹·R), and
+        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U.
+        let at = |i: usize| order[k - 1 - i];
         let mut damp = opts.damp.max(0.0) * mean;
         let mut factor = None;
-        for _ in 0..5 {
-            let damped = Mat::<f64>::from_fn(k, k, |i, j| {
-                permuted[(i, j)] + if i == j { damp } else { 0.0 }
+        for _ in 0..DAMP_TRIES {
+            let reversed = Mat::<f64>::from_fn(k, k, |i, j| {
+                h[(at(i), at(j))] + if i == j { damp } else { 0.0 }
             });
-            if let Ok(llt) = damped.llt(Side::Lower) {
-                use faer::linalg::solvers::DenseSolveCore;
-                let inverse = llt.inverse();
-                if let Ok(inv_llt) = inverse.llt(Side::Lower) {
-                    let l = inv_llt.L();
-                    factor = Some((
-                        Mat::<f32>::from_fn(
-                            k,
-                            k,
-                            |i, j| if j >= i { l[(j, i)] as f32 } else { 0.0 },
-                        ),
-                        damp,
-                    ));
+            if let Ok(llt) = reversed.llt(Side::Lower) {
+                let mut inverse = Mat::<f64>::zeros(k, k);
+                invert_lower_triangular(inverse.as_mut(), llt.L(), par(opts.threads));
+                let u = Mat::<f32>::from_fn(k, k, |i, j| {
+                    if j >= i {
+                        inverse[(k - 1 - i, k - 1 - j)] as f32
+                    } else {
+                        0.0
+                    }
+                });
+                if (0..k).all(|i| u[(i, i)].is_finite() && u[(i, i)] > 0.0) {
+                    factor = Some(u);
                     break;
                 }
             }
@@ -149,11 +157,13 @@ impl PreparedHessian {
                 1e-6 * mean.max(1e-30)
             };
         }
-        let Some((inverse_factor, damp)) = factor else {
+        let Some(inverse_factor) = factor else {
             return Err(Error::InvalidOption(format!(
-                "the {k}x{k} Hessian is not positive definite even after dampening by {:.3e} \
-                 (calibrate with more or other text)",
-                damp
+                "the {k}x{k} Hessian is not positive definite even after dampening by up to \
+                 {:.3e} ({DAMP_TRIES} tries from {} of its mean diagonal; calibrate with more or \
+                 other text)",
+                damp / 10.0,
+                opts.damp
             )));
         };
         let damped = Mat::<f32>::from_fn(k, k, |i, j| {
@@ -184,20 +194,22 @@ impl PreparedHessian {
         let k = self.k;
         let rows = weights.len() / k;
         let diff: Vec<f32> = weights.iter().zip(approx).map(|(w, q)| w - q).collect();
-        let d = MatRef::from_row_major_slice(&diff, rows, k);
-        let mut dh = Mat::<f32>::zeros(rows, k);
+        // H·(W−Q)ᵀ, column-major: column r (row r's product) is contiguous.
+        let mut hd = vec![0.0f32; rows * k];
         matmul(
-            dh.as_mut(),
+            MatMut::from_column_major_slice_mut(&mut hd, k, rows),
             Accum::Replace,
-            d,
             self.damped.as_ref(),
+            MatRef::from_column_major_slice(&diff, k, rows),
             1.0,
             par(threads),
         );
-        (0..rows)
-            .map(|r| {
-                (0..k)
-                    .map(|j| f64::from(dh[(r, j)]) * f64::from(diff[r * k + j]))
+        hd.par_chunks_exact(k)
+            .zip(diff.par_chunks_exact(k))
+            .map(|(h, d)| {
+                h.iter()
+                    .zip(d)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
                     .sum()
             })
             .collect()
@@ -259,8 +271,24 @@ fn check_shape<G: Grid>(grid: &G, rows: usize, cols: usize, weights: &[f32]) -> 
     Ok(())
 }
 
-/// GPTQ of `weights` (`[rows][cols]`) on `grid` with the prepared Hessian of its input.
+/// GPTQ of `weights` (`[rows][cols]`) on `grid`, with `hessian` (`[cols][cols]`, row-major,
+/// `Σ x·xᵀ` over the calibration rows of the matrix's input, at any positive scale).
 pub fn gptq<G: Grid>(
+    grid: &G,
+    rows: usize,
+    cols: usize,
+    weights: &[f32],
+    hessian: &[f64],
+    opts: &GptqOptions,
+) -> Result<Quantized<G::Block>> {
+    check_shape(grid, rows, cols, weights)?;
+    let prepared = PreparedHessian::new(hessian, cols, opts)?;
+    gptq_prepared(grid, rows, cols, weights, &prepared, opts)
+}
+
+/// [`gptq`] with a Hessian already prepared (factored once for all the matrices that read one
+/// input). `opts.act_order` and `opts.damp` are those `hessian` was prepared with.
+pub fn gptq_prepared<G: Grid>(
     grid: &G,
     rows: usize,
     cols: usize,
@@ -279,24 +307,20 @@ pub fn gptq<G: Grid>(
     let per_row = cols / n;
     let order = &hessian.order;
     let importance = &hessian.importance;
-    // Weights in pass order, dead inputs zeroed.
+    // The weights GPTQ quantizes: dead inputs zeroed (natural order, then pass order).
+    let natural: Vec<f32> = weights
+        .chunks_exact(cols)
+        .flat_map(|row| (0..cols).map(move |j| if hessian.dead[j] { 0.0 } else { row[j] }))
+        .collect();
     let mut w: Vec<f32> = Vec::with_capacity(rows * cols);
-    for row in weights.chunks_exact(cols) {
-        w.extend(
-            order
-                .iter()
-                .map(|&j| if hessian.dead[j] { 0.0 } else { row[j] }),
-        );
+    for row in natural.chunks_exact(cols) {
+        w.extend(order.iter().map(|&j| row[j]));
     }
-    let natural: Vec<f32>;
-    let static_groups = opts.act_order;
+    // Any order but the natural one would split groups across lazy blocks: fit them first.
+    let static_groups = order.iter().enumerate().any(|(i, &j)| i != j);
     let group_importance: Vec<f32> = importance.clone();
     let mut blocks: Vec<Option<G::Block>> = vec![None; rows * per_row];
     if static_groups {
-        natural = weights
-            .chunks_exact(cols)
-            .flat_map(|row| (0..cols).map(move |j| if hessian.dead[j] { 0.0 } else { row[j] }))
-            .collect();
         blocks
             .par_chunks_mut(per_row)
             .zip(natural.par_chunks_exact(cols))
@@ -317,6 +341,14 @@ pub fn gptq<G: Grid>(
     while start < cols {
         let end = (start + step).min(cols);
         let width = end - start;
+        // The factor's diagonal block, row-major, for the row-wise updates below.
+        let mut diag_block = vec![0.0f32; width * width];
+        for (a, row) in diag_block.chunks_exact_mut(width).enumerate() {
+            for (b, v) in row.iter_mut().enumerate().skip(a) {
+                *v = u[(start + a, start + b)];
+            }
+        }
+        let diag_block = &diag_block;
         // Within the block: each row on its own (rows are independent given the factor).
         w.par_chunks_exact_mut(cols)
             .zip(codes_pass.par_chunks_exact_mut(cols))
@@ -335,10 +367,12 @@ pub fn gptq<G: Grid>(
                     let value = w_row[i];
                     let code = grid.nearest(block, at, value);
                     c_row[i] = code;
-                    let err = (value - grid.level(block, at, code)) / u[(i, i)];
-                    e_row[i - start] = err;
-                    for t in i + 1..end {
-                        w_row[t] -= err * u[(i, t)];
+                    let a = i - start;
+                    let u_row = &diag_block[a * width..(a + 1) * width];
+                    let err = (value - grid.level(block, at, code)) / u_row[a];
+                    e_row[a] = err;
+                    for (w, &f) in w_row[i + 1..end].iter_mut().zip(&u_row[a + 1..]) {
+                        *w -= err * f;
                     }
                 }
             });
@@ -376,7 +410,7 @@ pub fn gptq<G: Grid>(
         codes,
         blocks: fitted,
     };
-    refit_rows(grid, rows, cols, weights, hessian, &mut out, opts.threads);
+    refit_rows(grid, rows, cols, &natural, hessian, &mut out, opts.threads);
     Ok(out)
 }
 

@@ -1,16 +1,20 @@
 //! Quantization grids: how a run of consecutive weights of one row maps to codes and back.
 //!
-//! Two grids run on the LUT kernels as they are: [`UniformGrid`] (`w = s·q + m` per group) and
-//! [`PlaneGrid`], ELUTQ's hierarchical linear quantization (HLQ, `w = z + Σ_p s_p·q_p` with one
-//! scale per bit plane, fitted by least squares). Parameters are rounded to f16 before codes are
-//! chosen, since the kernels store them as f16.
+//! Two grids run on the LUT kernels as they are: [`UniformGrid`] here (`w = s·q + m` per group)
+//! and [`PlaneGrid`](super::hlq::PlaneGrid), ELUTQ's hierarchical linear quantization. Parameters
+//! are rounded to f16 before codes are chosen, since the kernels store them as f16.
 
 use half::f16;
+
+use crate::error::{Error, Result};
+use crate::weights::DecodedTensor;
+
+use super::gptq::Quantized;
 
 /// How a run of `block_len()` consecutive weights of one row is quantized.
 pub trait Grid: Sync {
     /// Fitted parameters of one block.
-    type Block: Clone + Send + Sync;
+    type Block: Clone + Send;
     /// Weights per block along a row (must divide the row length).
     fn block_len(&self) -> usize;
     /// Number of codes: a code is `0..codes()` (at most 256).
@@ -20,7 +24,7 @@ pub trait Grid: Sync {
     fn fit(&self, weights: &[f32], importance: &[f32]) -> Self::Block;
     /// The weight `code` stands for at position `index` (0..block_len) of a block.
     fn level(&self, block: &Self::Block, index: usize, code: u8) -> f32;
-    /// The code whose level is nearest to `w` at `index`.
+    /// The code whose level is nearest to `w` at `index` (provided: scan of all codes).
     fn nearest(&self, block: &Self::Block, index: usize, w: f32) -> u8 {
         let mut best = (0u8, f32::INFINITY);
         for c in 0..self.codes() {
@@ -31,7 +35,8 @@ pub trait Grid: Sync {
         }
         best.0
     }
-    /// Refits the block's parameters to fixed `codes` (least squares where the grid allows).
+    /// Refits the block's parameters to fixed `codes` (least squares where the grid allows;
+    /// provided: no change).
     fn refit(
         &self,
         _block: &mut Self::Block,
@@ -60,7 +65,7 @@ pub fn block_error<G: Grid + ?Sized>(
         .sum()
 }
 
-fn round_f16(v: f32) -> f32 {
+pub(super) fn round_f16(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
 
@@ -205,7 +210,7 @@ impl Grid for UniformGrid {
 }
 
 /// Weighted squared error of `weights` against the levels of the given `codes`.
-fn fixed_code_error<G: Grid + ?Sized>(
+pub fn fixed_code_error<G: Grid + ?Sized>(
     grid: &G,
     block: &G::Block,
     weights: &[f32],
@@ -221,142 +226,8 @@ fn fixed_code_error<G: Grid + ?Sized>(
         .sum()
 }
 
-/// HLQ: `w = z + Σ_p s_p·q_p` over the bit planes `q_p` of the code, one scale per plane and an
-/// offset per group.
-#[derive(Clone, Copy, Debug)]
-pub struct PlaneGrid {
-    /// Bits per code (planes), 1..=4.
-    pub bits: u8,
-    /// Weights per group.
-    pub group_size: usize,
-}
-
-/// Offset and plane scales of one group (f16-exact); planes beyond `bits` are 0.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PlaneBlock {
-    /// Level of code 0.
-    pub offset: f32,
-    /// Scale of plane `p` (plane 0 least significant).
-    pub scales: [f32; 4],
-}
-
-/// Alternating rounds of [`PlaneGrid::fit`]: codes for the levels, levels for the codes.
-const PLANE_FIT_ROUNDS: usize = 6;
-
-impl PlaneGrid {
-    /// Weighted least squares for offset and plane scales given the codes; `None` when singular.
-    fn solve_for(&self, weights: &[f32], importance: &[f32], codes: &[u8]) -> Option<PlaneBlock> {
-        let n = usize::from(self.bits) + 1;
-        let mut design = [[0.0f64; 5]; 5];
-        let mut rhs = [0.0f64; 5];
-        for ((&w, &h), &c) in weights.iter().zip(importance).zip(codes) {
-            let mut x = [0.0f64; 5];
-            x[0] = 1.0;
-            for p in 0..usize::from(self.bits) {
-                x[p + 1] = f64::from((c >> p) & 1);
-            }
-            for a in 0..n {
-                for b in 0..n {
-                    design[a][b] += f64::from(h) * x[a] * x[b];
-                }
-                rhs[a] += f64::from(h) * x[a] * f64::from(w);
-            }
-        }
-        // Planes no code sets (or that duplicate another) make the system singular: give them
-        // a tiny ridge so they solve to ~0 instead of failing.
-        let trace: f64 = (0..n)
-            .map(|a| design[a][a])
-            .sum::<f64>()
-            .max(f64::MIN_POSITIVE);
-        for (a, row) in design.iter_mut().enumerate().take(n) {
-            row[a] += 1e-9 * trace;
-        }
-        for (a, row) in design.iter_mut().enumerate().skip(n) {
-            row[a] = 1.0;
-        }
-        let sol = solve::<5>(design, rhs)?;
-        let mut block = PlaneBlock {
-            offset: round_f16(sol[0] as f32),
-            scales: [0.0; 4],
-        };
-        for p in 0..usize::from(self.bits) {
-            block.scales[p] = round_f16(sol[p + 1] as f32);
-        }
-        let finite = block.offset.is_finite() && block.scales.iter().all(|v| v.is_finite());
-        finite.then_some(block)
-    }
-}
-
-impl Grid for PlaneGrid {
-    type Block = PlaneBlock;
-
-    fn block_len(&self) -> usize {
-        self.group_size
-    }
-
-    fn codes(&self) -> usize {
-        1 << self.bits
-    }
-
-    /// Starts from the uniform grid's fit (plane scales `s·2^p`), then alternates nearest codes
-    /// and least-squares levels, keeping the best grid seen.
-    fn fit(&self, weights: &[f32], importance: &[f32]) -> PlaneBlock {
-        let uniform = UniformGrid {
-            bits: self.bits,
-            group_size: self.group_size,
-        }
-        .fit(weights, importance);
-        let mut block = PlaneBlock {
-            offset: uniform.offset,
-            scales: [0.0; 4],
-        };
-        for p in 0..usize::from(self.bits) {
-            block.scales[p] = round_f16(uniform.scale * (1u32 << p) as f32);
-        }
-        let mut best_err = block_error(self, &block, weights, importance);
-        let mut current = block;
-        let mut codes = vec![0u8; weights.len()];
-        for _ in 0..PLANE_FIT_ROUNDS {
-            for (i, (c, &w)) in codes.iter_mut().zip(weights).enumerate() {
-                *c = self.nearest(&current, i, w);
-            }
-            let Some(next) = self.solve_for(weights, importance, &codes) else {
-                break;
-            };
-            let err = block_error(self, &next, weights, importance);
-            current = next;
-            if err < best_err {
-                (block, best_err) = (next, err);
-            } else {
-                break;
-            }
-        }
-        block
-    }
-
-    fn level(&self, block: &PlaneBlock, _index: usize, code: u8) -> f32 {
-        let mut v = block.offset;
-        for p in 0..usize::from(self.bits) {
-            if (code >> p) & 1 == 1 {
-                v += block.scales[p];
-            }
-        }
-        v
-    }
-
-    fn refit(&self, block: &mut PlaneBlock, weights: &[f32], importance: &[f32], codes: &[u8]) {
-        if let Some(cand) = self.solve_for(weights, importance, codes) {
-            if fixed_code_error(self, &cand, weights, importance, codes)
-                < fixed_code_error(self, block, weights, importance, codes)
-            {
-                *block = cand;
-            }
-        }
-    }
-}
-
 /// Solves the `N`×`N` system by Gaussian elimination with partial pivoting; `None` when singular.
-fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
+pub(super) fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
     for col in 0..N {
         let pivot = (col..N).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
         if a[pivot][col].abs() < 1e-300 {
@@ -364,11 +235,11 @@ fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; 
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
-        let pivot_row = a[col];
         for row in col + 1..N {
-            let f = a[row][col] / pivot_row[col];
-            for (x, &p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
-                *x -= f * p;
+            let f = a[row][col] / a[col][col];
+            let pivot_row = a[col];
+            for (v, p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *v -= f * p;
             }
             b[row] -= f * b[col];
         }
@@ -379,4 +250,37 @@ fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; 
         x[row] = (b[row] - s) / a[row][row];
     }
     x.iter().all(|v| v.is_finite()).then_some(x)
+}
+
+/// Checks that `q` holds a whole `[rows][cols]` matrix of blocks of `block_len`; the row count.
+pub(super) fn check_quantized<B>(q: &Quantized<B>, cols: usize, block_len: usize) -> Result<usize> {
+    let ok = block_len > 0
+        && cols > 0
+        && cols.is_multiple_of(block_len)
+        && q.codes.len().is_multiple_of(cols)
+        && q.blocks.len() * block_len == q.codes.len();
+    if !ok {
+        return Err(Error::InvalidOption(format!(
+            "{} codes and {} blocks of {block_len} are not a matrix with rows of {cols}",
+            q.codes.len(),
+            q.blocks.len()
+        )));
+    }
+    Ok(q.codes.len() / cols)
+}
+
+impl Quantized<UniformBlock> {
+    /// The `[rows][cols]` matrix in the kernels' low-bit form (`DecodedTensor::LowBit`).
+    pub fn into_decoded(self, grid: &UniformGrid, cols: usize) -> Result<DecodedTensor> {
+        let rows = check_quantized(&self, cols, grid.group_size)?;
+        Ok(DecodedTensor::LowBit {
+            rows,
+            cols,
+            bits: grid.bits,
+            group_size: grid.group_size,
+            codes: self.codes,
+            scales: self.blocks.iter().map(|b| b.scale).collect(),
+            offsets: self.blocks.iter().map(|b| b.offset).collect(),
+        })
+    }
 }

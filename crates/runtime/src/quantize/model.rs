@@ -10,11 +10,11 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::llama::calibrate::{BlockMatrix, MatrixInput};
 use crate::llama::Model;
-use lutra_kernels::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
 
 use super::calibration::{Calibration, Hessian};
-use super::gptq::{gptq, rtn, GptqOptions, PreparedHessian, Quantized};
-use super::grid::{PlaneBlock, PlaneGrid, UniformBlock, UniformGrid};
+use super::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian};
+use super::grid::UniformGrid;
+use super::hlq::PlaneGrid;
 
 /// How codes are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -380,69 +380,18 @@ fn quantize_matrix(
         Method::Rtn | Method::Gptq => {
             let grid = UniformGrid { bits, group_size };
             let q = match hessian {
-                Some(h) => gptq(&grid, rows, cols, weights, h, &gptq_opts)?,
+                Some(h) => gptq_prepared(&grid, rows, cols, weights, h, &gptq_opts)?,
                 None => rtn(&grid, rows, cols, weights, importance)?,
             };
-            pack_uniform(rows, cols, &grid, &q)
+            Linear::from_decoded(&q.into_decoded(&grid, cols)?, false)
         }
         Method::Hlq | Method::GptqHlq => {
             let grid = PlaneGrid { bits, group_size };
             let q = match hessian {
-                Some(h) => gptq(&grid, rows, cols, weights, h, &gptq_opts)?,
+                Some(h) => gptq_prepared(&grid, rows, cols, weights, h, &gptq_opts)?,
                 None => rtn(&grid, rows, cols, weights, importance)?,
             };
-            pack_planes(rows, cols, &grid, &q)
+            Linear::from_decoded(&q.into_decoded(&grid, cols)?, false)
         }
     }
-}
-
-fn pack_uniform(
-    rows: usize,
-    cols: usize,
-    grid: &UniformGrid,
-    q: &Quantized<UniformBlock>,
-) -> Result<Linear> {
-    let scales: Vec<f32> = q.blocks.iter().map(|b| b.scale).collect();
-    let offsets: Vec<f32> = q.blocks.iter().map(|b| b.offset).collect();
-    let spec = QuantSpec {
-        rows,
-        cols,
-        bits: grid.bits,
-        grouping: Grouping::Size(grid.group_size),
-        plane_scales: PlaneScales::Uniform,
-    };
-    Ok(Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
-        spec,
-        codes: &q.codes,
-        scales: &scales,
-        offsets: Some(&offsets),
-    })?))
-}
-
-fn pack_planes(
-    rows: usize,
-    cols: usize,
-    grid: &PlaneGrid,
-    q: &Quantized<PlaneBlock>,
-) -> Result<Linear> {
-    let bits = usize::from(grid.bits);
-    let scales: Vec<f32> = q
-        .blocks
-        .iter()
-        .flat_map(|b| b.scales[..bits].to_vec())
-        .collect();
-    let offsets: Vec<f32> = q.blocks.iter().map(|b| b.offset).collect();
-    let spec = QuantSpec {
-        rows,
-        cols,
-        bits: grid.bits,
-        grouping: Grouping::Size(grid.group_size),
-        plane_scales: PlaneScales::PerPlane,
-    };
-    Ok(Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
-        spec,
-        codes: &q.codes,
-        scales: &scales,
-        offsets: Some(&offsets),
-    })?))
 }

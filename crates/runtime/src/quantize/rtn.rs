@@ -1,15 +1,9 @@
-//! Round-to-nearest requantization of decoded tensors to low-bit codes.
+//! Round-to-nearest requantization of decoded tensors to low-bit codes (the load-time `--bits`).
 //!
 //! Requantization (`--bits`, `--group-size`) is asymmetric per group of `group_size` elements along
 //! a row: `scale = (max − min) / (2^b − 1)`, `offset = min`. Scale and offset are rounded to f16
 //! *before* the codes are computed, because the kernels store them as f16: the codes are then the
 //! best ones for the scales actually used.
-
-pub mod calibration;
-pub mod file;
-pub mod gptq;
-pub mod grid;
-pub mod model;
 
 use half::f16;
 

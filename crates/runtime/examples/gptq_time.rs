@@ -1,0 +1,86 @@
+//! Times GPTQ (act-order, lazy blocks of 128) on random matrices with a random correlated
+//! Hessian: `cargo run --profile test -p lutra-runtime --example gptq_time -- [ROWSxCOLS ...]`
+//! (default: SmolLM2's 1536x576 and 576x1536). Threads: `RAYON_NUM_THREADS` (default 2).
+
+use std::time::Instant;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, Par};
+use lutra_kernels::measure::SplitMix64;
+use lutra_runtime::quantize::{
+    gptq_prepared, rtn, GptqOptions, PlaneGrid, PreparedHessian, UniformGrid,
+};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let threads: usize = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()?;
+    let mut shapes: Vec<(usize, usize)> = Vec::new();
+    for arg in std::env::args().skip(1) {
+        let (r, c) = arg.split_once('x').ok_or("shapes are ROWSxCOLS")?;
+        shapes.push((r.parse()?, c.parse()?));
+    }
+    if shapes.is_empty() {
+        shapes = vec![(1536, 576), (576, 1536)];
+    }
+    let mut rng = SplitMix64::new(11);
+    for (rows, cols) in shapes {
+        // X: 2048 rows with 16 shared factors; H = XᵀX.
+        let samples = 2048;
+        let loadings = Mat::<f64>::from_fn(16, cols, |_, _| f64::from(rng.gaussian()));
+        let latent = Mat::<f64>::from_fn(samples, 16, |_, _| f64::from(rng.gaussian()));
+        let mut x = Mat::<f64>::from_fn(samples, cols, |_, _| 0.5 * f64::from(rng.gaussian()));
+        matmul(
+            x.as_mut(),
+            Accum::Add,
+            &latent,
+            &loadings,
+            1.0,
+            Par::rayon(threads),
+        );
+        let mut h = Mat::<f64>::zeros(cols, cols);
+        matmul(
+            h.as_mut(),
+            Accum::Replace,
+            x.transpose(),
+            &x,
+            1.0,
+            Par::rayon(threads),
+        );
+        let hessian: Vec<f64> = (0..cols * cols).map(|i| h[(i / cols, i % cols)]).collect();
+        let weights = rng.gaussians(rows * cols);
+        let opts = GptqOptions {
+            threads,
+            ..GptqOptions::default()
+        };
+        let uniform = UniformGrid {
+            bits: 2,
+            group_size: 64,
+        };
+        let plane = PlaneGrid {
+            bits: 2,
+            group_size: 64,
+        };
+        let t = Instant::now();
+        rtn(&plane, rows, cols, &weights, None)?;
+        let t_rtn = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let prepared = PreparedHessian::new(&hessian, cols, &opts)?;
+        let t_prepare = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        gptq_prepared(&uniform, rows, cols, &weights, &prepared, &opts)?;
+        let t_uniform = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        gptq_prepared(&plane, rows, cols, &weights, &prepared, &opts)?;
+        let t_plane = t.elapsed().as_secs_f64();
+        println!(
+            "{rows}x{cols}, {threads} threads: Hessian factor {t_prepare:.2} s, then gptq uniform \
+             2b g64 {t_uniform:.2} s, gptq hlq 2b g64 {t_plane:.2} s (rtn hlq {t_rtn:.2} s)"
+        );
+    }
+    Ok(())
+}

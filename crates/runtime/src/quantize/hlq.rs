@@ -1,0 +1,167 @@
+//! ELUTQ's hierarchical linear quantization (HLQ): `w = z + Σ_p s_p·q_p` over the bit planes
+//! `q_p` of a code, with one scale per plane and an offset per group, fitted by alternating
+//! nearest codes and weighted least squares. The LUT kernels run it at the cost of the uniform
+//! grid ([`PlaneScales::PerPlane`](lutra_kernels::PlaneScales)).
+
+use crate::error::Result;
+use crate::weights::DecodedTensor;
+
+use super::gptq::Quantized;
+use super::grid::{
+    block_error, check_quantized, fixed_code_error, round_f16, solve, Grid, UniformGrid,
+};
+
+/// HLQ: `w = z + Σ_p s_p·q_p` over the bit planes `q_p` of the code, one scale per plane and an
+/// offset per group.
+#[derive(Clone, Copy, Debug)]
+pub struct PlaneGrid {
+    /// Bits per code (planes), 1..=4.
+    pub bits: u8,
+    /// Weights per group.
+    pub group_size: usize,
+}
+
+/// Offset and plane scales of one group (f16-exact); planes beyond `bits` are 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlaneBlock {
+    /// Level of code 0.
+    pub offset: f32,
+    /// Scale of plane `p` (plane 0 least significant).
+    pub scales: [f32; 4],
+}
+
+/// Alternating rounds of [`PlaneGrid::fit`]: codes for the levels, levels for the codes.
+const PLANE_FIT_ROUNDS: usize = 6;
+
+impl PlaneGrid {
+    /// Weighted least squares for offset and plane scales given the codes; `None` when singular.
+    fn solve_for(&self, weights: &[f32], importance: &[f32], codes: &[u8]) -> Option<PlaneBlock> {
+        let n = usize::from(self.bits) + 1;
+        let mut design = [[0.0f64; 5]; 5];
+        let mut rhs = [0.0f64; 5];
+        for ((&w, &h), &c) in weights.iter().zip(importance).zip(codes) {
+            let mut x = [0.0f64; 5];
+            x[0] = 1.0;
+            for p in 0..usize::from(self.bits) {
+                x[p + 1] = f64::from((c >> p) & 1);
+            }
+            for a in 0..n {
+                for b in 0..n {
+                    design[a][b] += f64::from(h) * x[a] * x[b];
+                }
+                rhs[a] += f64::from(h) * x[a] * f64::from(w);
+            }
+        }
+        // Planes no code sets (or that duplicate another) make the system singular: give them
+        // a tiny ridge so they solve to ~0 instead of failing.
+        let trace: f64 = (0..n)
+            .map(|a| design[a][a])
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
+        for (a, row) in design.iter_mut().enumerate().take(n) {
+            row[a] += 1e-9 * trace;
+        }
+        for (a, row) in design.iter_mut().enumerate().skip(n) {
+            row[a] = 1.0;
+        }
+        let sol = solve::<5>(design, rhs)?;
+        let mut block = PlaneBlock {
+            offset: round_f16(sol[0] as f32),
+            scales: [0.0; 4],
+        };
+        for p in 0..usize::from(self.bits) {
+            block.scales[p] = round_f16(sol[p + 1] as f32);
+        }
+        let finite = block.offset.is_finite() && block.scales.iter().all(|v| v.is_finite());
+        finite.then_some(block)
+    }
+}
+
+impl Grid for PlaneGrid {
+    type Block = PlaneBlock;
+
+    fn block_len(&self) -> usize {
+        self.group_size
+    }
+
+    fn codes(&self) -> usize {
+        1 << self.bits
+    }
+
+    /// Starts from the uniform grid's fit (plane scales `s·2^p`), then alternates nearest codes
+    /// and least-squares levels, keeping the best grid seen.
+    fn fit(&self, weights: &[f32], importance: &[f32]) -> PlaneBlock {
+        let uniform = UniformGrid {
+            bits: self.bits,
+            group_size: self.group_size,
+        }
+        .fit(weights, importance);
+        let mut block = PlaneBlock {
+            offset: uniform.offset,
+            scales: [0.0; 4],
+        };
+        for p in 0..usize::from(self.bits) {
+            block.scales[p] = round_f16(uniform.scale * (1u32 << p) as f32);
+        }
+        let mut best_err = block_error(self, &block, weights, importance);
+        let mut current = block;
+        let mut codes = vec![0u8; weights.len()];
+        for _ in 0..PLANE_FIT_ROUNDS {
+            for (i, (c, &w)) in codes.iter_mut().zip(weights).enumerate() {
+                *c = self.nearest(&current, i, w);
+            }
+            let Some(next) = self.solve_for(weights, importance, &codes) else {
+                break;
+            };
+            let err = block_error(self, &next, weights, importance);
+            current = next;
+            if err < best_err {
+                (block, best_err) = (next, err);
+            } else {
+                break;
+            }
+        }
+        block
+    }
+
+    fn level(&self, block: &PlaneBlock, _index: usize, code: u8) -> f32 {
+        let mut v = block.offset;
+        for p in 0..usize::from(self.bits) {
+            if (code >> p) & 1 == 1 {
+                v += block.scales[p];
+            }
+        }
+        v
+    }
+
+    fn refit(&self, block: &mut PlaneBlock, weights: &[f32], importance: &[f32], codes: &[u8]) {
+        if let Some(cand) = self.solve_for(weights, importance, codes) {
+            if fixed_code_error(self, &cand, weights, importance, codes)
+                < fixed_code_error(self, block, weights, importance, codes)
+            {
+                *block = cand;
+            }
+        }
+    }
+}
+
+impl Quantized<PlaneBlock> {
+    /// The `[rows][cols]` matrix in the kernels' per-plane form (`DecodedTensor::PlaneLowBit`).
+    pub fn into_decoded(self, grid: &PlaneGrid, cols: usize) -> Result<DecodedTensor> {
+        let rows = check_quantized(&self, cols, grid.group_size)?;
+        let planes = usize::from(grid.bits);
+        Ok(DecodedTensor::PlaneLowBit {
+            rows,
+            cols,
+            bits: grid.bits,
+            group_size: grid.group_size,
+            codes: self.codes,
+            scales: self
+                .blocks
+                .iter()
+                .flat_map(|b| b.scales[..planes].iter().copied())
+                .collect(),
+            offsets: self.blocks.iter().map(|b| b.offset).collect(),
+        })
+    }
+}

@@ -1,0 +1,26 @@
+//! Quantization of weight matrices to the LUT kernels' low-bit forms.
+//!
+//! - Round to nearest with min/max scales, applied at load time: [`Requantize`], [`quantize_rtn`].
+//! - [`grid`]: the [`Grid`] trait (how a block of a row maps to codes) and [`UniformGrid`]
+//!   (`w = s·q + m`); [`hlq`]: [`PlaneGrid`], ELUTQ's hierarchical linear quantization
+//!   (`w = z + Σ_p s_p·q_p`).
+//! - [`gptq`](mod@gptq): GPTQ over any grid with the Hessian of the layer's calibration inputs,
+//!   and [`rtn`](fn@rtn) over any grid for comparison.
+//! - [`calibration`] and [`model`]: Hessians from calibration text, and a whole model quantized
+//!   block by block; [`file`]: the same from a model file into a lutra file.
+
+pub mod calibration;
+pub mod file;
+pub mod gptq;
+pub mod grid;
+pub mod hlq;
+pub mod model;
+mod rtn;
+
+pub use gptq::{gptq, gptq_prepared, rtn, GptqOptions, PreparedHessian, Quantized};
+pub use grid::{Grid, UniformBlock, UniformGrid};
+pub use hlq::{PlaneBlock, PlaneGrid};
+pub use rtn::{quantize_rtn, requantize, Requantize};
+
+#[cfg(test)]
+mod tests;
