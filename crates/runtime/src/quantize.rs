@@ -6,6 +6,7 @@
 //! best ones for the scales actually used.
 
 pub mod calibration;
+pub mod ggml_types;
 pub mod model;
 
 use half::f16;
