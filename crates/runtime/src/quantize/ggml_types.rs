@@ -106,6 +106,50 @@ enum SubScales {
     Signed { lo: i16, hi: i16 },
 }
 
+const fn legacy_spec(ty: GgmlType, codes: usize, levels: Levels) -> Spec {
+    Spec {
+        ty,
+        block_len: 32,
+        group_len: 32,
+        codes,
+        levels,
+        sub: SubScales::None,
+        sweep: (0.0, 0.0, 0),
+    }
+}
+
+const fn k_spec(
+    ty: GgmlType,
+    group_len: usize,
+    codes: usize,
+    levels: Levels,
+    sub: SubScales,
+    sweep: (f32, f32, usize),
+) -> Spec {
+    Spec {
+        ty,
+        block_len: QK_K,
+        group_len,
+        codes,
+        levels,
+        sub,
+        sweep,
+    }
+}
+
+/// The specs of the targets, in declaration order (`GgmlTarget as usize`).
+const SPECS: [Spec; 9] = [
+    GgmlTarget::Q4_0.build_spec(),
+    GgmlTarget::Q5_0.build_spec(),
+    GgmlTarget::Q8_0.build_spec(),
+    GgmlTarget::IQ4_NL.build_spec(),
+    GgmlTarget::Q2_K.build_spec(),
+    GgmlTarget::Q3_K.build_spec(),
+    GgmlTarget::Q4_K.build_spec(),
+    GgmlTarget::Q5_K.build_spec(),
+    GgmlTarget::Q6_K.build_spec(),
+];
+
 /// Everything about one target that the grid and the encoder need.
 #[derive(Clone, Copy, Debug)]
 struct Spec {
@@ -133,31 +177,18 @@ impl GgmlTarget {
         GgmlTarget::IQ4_NL,
     ];
 
-    fn spec(self) -> Spec {
-        let legacy = |ty, codes, levels| Spec {
-            ty,
-            block_len: 32,
-            group_len: 32,
-            codes,
-            levels,
-            sub: SubScales::None,
-            sweep: (0.0, 0.0, 0),
-        };
-        let k = |ty, group_len, codes, levels, sub, sweep| Spec {
-            ty,
-            block_len: QK_K,
-            group_len,
-            codes,
-            levels,
-            sub,
-            sweep,
-        };
+    /// What the grid and the encoder need to know about this target.
+    fn spec(self) -> &'static Spec {
+        &SPECS[self as usize]
+    }
+
+    const fn build_spec(self) -> Spec {
         match self {
-            GgmlTarget::Q4_0 => legacy(GgmlType::Q4_0, 16, Levels::Offset { zero: 8 }),
-            GgmlTarget::Q5_0 => legacy(GgmlType::Q5_0, 32, Levels::Offset { zero: 16 }),
-            GgmlTarget::Q8_0 => legacy(GgmlType::Q8_0, 256, Levels::Signed { zero: 128 }),
-            GgmlTarget::IQ4_NL => legacy(GgmlType::IQ4_NL, 16, Levels::Table),
-            GgmlTarget::Q2_K => k(
+            GgmlTarget::Q4_0 => legacy_spec(GgmlType::Q4_0, 16, Levels::Offset { zero: 8 }),
+            GgmlTarget::Q5_0 => legacy_spec(GgmlType::Q5_0, 32, Levels::Offset { zero: 16 }),
+            GgmlTarget::Q8_0 => legacy_spec(GgmlType::Q8_0, 256, Levels::Signed { zero: 128 }),
+            GgmlTarget::IQ4_NL => legacy_spec(GgmlType::IQ4_NL, 16, Levels::Table),
+            GgmlTarget::Q2_K => k_spec(
                 GgmlType::Q2_K,
                 16,
                 4,
@@ -165,7 +196,7 @@ impl GgmlTarget {
                 SubScales::Unsigned { max: 15 },
                 (-0.5, 0.1, 15),
             ),
-            GgmlTarget::Q3_K => k(
+            GgmlTarget::Q3_K => k_spec(
                 GgmlType::Q3_K,
                 16,
                 8,
@@ -173,7 +204,7 @@ impl GgmlTarget {
                 SubScales::Signed { lo: -32, hi: 31 },
                 (0.0, 0.0, 0),
             ),
-            GgmlTarget::Q4_K => k(
+            GgmlTarget::Q4_K => k_spec(
                 GgmlType::Q4_K,
                 32,
                 16,
@@ -181,7 +212,7 @@ impl GgmlTarget {
                 SubScales::Unsigned { max: 63 },
                 (-1.0, 0.1, 20),
             ),
-            GgmlTarget::Q5_K => k(
+            GgmlTarget::Q5_K => k_spec(
                 GgmlType::Q5_K,
                 32,
                 32,
@@ -189,7 +220,7 @@ impl GgmlTarget {
                 SubScales::Unsigned { max: 63 },
                 (-0.5, 0.1, 15),
             ),
-            GgmlTarget::Q6_K => k(
+            GgmlTarget::Q6_K => k_spec(
                 GgmlType::Q6_K,
                 16,
                 64,
@@ -346,9 +377,19 @@ impl GgmlTarget {
         (codes, e)
     }
 
+    /// The weighted squared error of `w` against the levels of its nearest codes.
+    fn nearest_error(&self, b: &GgmlBlock, w: &[f32], h: &[f32]) -> f64 {
+        let mut e = 0.0f32;
+        for (i, (&x, &hh)) in w.iter().zip(h).enumerate() {
+            let d = x - self.level(b, i, self.nearest(b, i, x));
+            e += hh * d * d;
+        }
+        f64::from(e)
+    }
+
     /// The block of a type without sub-scales with scale `d`.
     fn single(&self, d: f32) -> GgmlBlock {
-        GgmlBlock::new(&self.spec(), to_f16(d), f16::ZERO, [0; 16], [0; 16])
+        GgmlBlock::new(self.spec(), to_f16(d), f16::ZERO, [0; 16], [0; 16])
     }
 
     /// The integer multiples of `d` the codes of a type without sub-scales stand for.
@@ -374,36 +415,41 @@ impl GgmlTarget {
     }
 
     /// Legacy types and IQ4_NL: scales `xmax / t` for `t` around either end of the multiplier
-    /// range (ggml's reference is `t` = the negative end; Q8_0's the positive), each refitted by
-    /// weighted least squares to its codes; the least error after f16 rounding wins.
+    /// range (ggml's reference is `t` = the negative end; Q8_0's the positive), each rounded to
+    /// f16; the best few are refitted by weighted least squares to their codes, and the least
+    /// error wins.
     fn fit_single(&self, w: &[f32], h: &[f32]) -> GgmlBlock {
         let xm = signed_absmax(w);
         if xm == 0.0 {
             return self.single(0.0);
         }
         let (lo, hi) = self.multiplier_range();
-        let mut best = self.single(xm / lo);
-        let (_, mut best_err) = self.codes_and_error(&best, w, h);
+        let mut cands: Vec<(GgmlBlock, f64)> = Vec::with_capacity(36);
+        let mut push = |b: GgmlBlock| {
+            let e = self.nearest_error(&b, w, h);
+            cands.push((b, e));
+        };
         if self == &GgmlTarget::Q8_0 {
-            let cand = self.single(xm.abs() / hi);
-            let (_, e) = self.codes_and_error(&cand, w, h);
-            if e < best_err {
-                (best, best_err) = (cand, e);
-            }
+            push(self.single(xm.abs() / hi));
         }
         for end in [lo, hi] {
             for i in -8..=8 {
-                let t = end * (1.0 + 0.0125 * i as f32);
-                let mut cand = self.single(xm / t);
-                let (codes, _) = self.codes_and_error(&cand, w, h);
-                self.refit(&mut cand, w, h, &codes);
-                let (_, e) = self.codes_and_error(&cand, w, h);
-                if e < best_err {
-                    (best, best_err) = (cand, e);
-                }
+                push(self.single(xm / (end * (1.0 + 0.0125 * i as f32))));
             }
         }
-        best
+        cands.sort_by(|a, b| a.1.total_cmp(&b.1));
+        cands.truncate(REFINED_CANDIDATES);
+        cands
+            .into_iter()
+            .map(|(mut b, _)| {
+                let (codes, _) = self.codes_and_error(&b, w, h);
+                self.refit(&mut b, w, h, &codes);
+                let e = self.nearest_error(&b, w, h);
+                (b, e)
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(b, _)| b)
+            .unwrap_or_else(|| self.single(xm / lo))
     }
 
     /// Q3_K/Q6_K groups: the float scale `s` of `(q − zero)·s` with least weighted error.
@@ -505,16 +551,17 @@ impl GgmlTarget {
         best
     }
 
-    /// K-quants: per-group float scales (and mins), then integer sub-scales for a few super-scales
-    /// `d` (and `dmin`) around ggml's choice, the least error after rounding winning, then a
-    /// least-squares refit of `d` (and `dmin`).
+    /// K-quants: per-group float scales (and mins), fitted once with `importance` and once with
+    /// ggml's own weights; integer sub-scales for a few super-scales `d` (and `dmin`) around
+    /// ggml's choice; the best few candidates after rounding refined (least-squares `d`/`dmin`,
+    /// search of the integer sub-scales), the least error winning.
     fn fit_k(&self, w: &[f32], h: &[f32]) -> GgmlBlock {
         let spec = self.spec();
         let (gl, ng) = (spec.group_len, self.groups());
         // Every candidate with the error of its nearest codes; the best few are then refined.
         let mut best: Vec<(GgmlBlock, f64)> = Vec::new();
         let consider = |b: GgmlBlock, best: &mut Vec<(GgmlBlock, f64)>| {
-            let (_, e) = self.codes_and_error(&b, w, h);
+            let e = self.nearest_error(&b, w, h);
             best.push((b, e));
         };
         match spec.sub {
@@ -539,7 +586,7 @@ impl GgmlTarget {
                             for g in 0..ng {
                                 sc[g] = (s[g] / df).round().clamp(flo, fhi) as i16;
                             }
-                            consider(GgmlBlock::new(&spec, d, f16::ZERO, sc, [0; 16]), &mut best);
+                            consider(GgmlBlock::new(spec, d, f16::ZERO, sc, [0; 16]), &mut best);
                         }
                     }
                 }
@@ -572,7 +619,7 @@ impl GgmlTarget {
                                 to_f16(mmax / (fmax * (1.0 - 0.03 * j as f32)))
                             };
                             let mi = ints(&m, dm.to_f32());
-                            consider(GgmlBlock::new(&spec, d, dm, sc, mi), &mut best);
+                            consider(GgmlBlock::new(spec, d, dm, sc, mi), &mut best);
                         }
                     }
                 }
@@ -588,12 +635,12 @@ impl GgmlTarget {
                 self.improve_groups(&mut r, w, h);
                 let (codes, _) = self.codes_and_error(&r, w, h);
                 self.refit(&mut r, w, h, &codes);
-                let (_, e) = self.codes_and_error(&r, w, h);
+                let e = self.nearest_error(&r, w, h);
                 (r, e)
             })
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(b, _)| b)
-            .unwrap_or_else(|| GgmlBlock::new(&spec, f16::ZERO, f16::ZERO, [0; 16], [0; 16]))
+            .unwrap_or_else(|| GgmlBlock::new(spec, f16::ZERO, f16::ZERO, [0; 16], [0; 16]))
     }
 
     /// The weights ggml's reference K-quantizers fit each group's scale with, times `h`:
@@ -652,7 +699,7 @@ impl GgmlTarget {
                     let mut mins = b.mins;
                     scales[g] = s;
                     mins[g] = m as u8;
-                    let cand = GgmlBlock::new(&spec, b.d, b.dmin, scales, mins);
+                    let cand = GgmlBlock::new(spec, b.d, b.dmin, scales, mins);
                     let e = group_error(&cand, g);
                     if e < best_err {
                         (best, best_err) = ((s, m as u8), e);
@@ -662,7 +709,7 @@ impl GgmlTarget {
             if best != (s0, m0) {
                 b.scales[g] = best.0;
                 b.mins[g] = best.1;
-                *b = GgmlBlock::new(&spec, b.d, b.dmin, b.scales, b.mins);
+                *b = GgmlBlock::new(spec, b.d, b.dmin, b.scales, b.mins);
             }
         }
     }
@@ -937,7 +984,7 @@ impl Grid for GgmlTarget {
             (sxa / saa, 0.0)
         };
         let cand = GgmlBlock::new(
-            &spec,
+            spec,
             to_f16(d as f32),
             to_f16(dmin as f32),
             block.scales,
