@@ -87,7 +87,8 @@ const QK_K: usize = 256;
 enum Levels {
     /// `d·q + (−zero·d)`: Q4_0, Q5_0 (the decoder's offset form, one group).
     Offset { zero: i16 },
-    /// `(d·sc)·(q − zero)`: Q8_0 (`sc` = 1), Q3_K, Q6_K.
+    /// `(d·sc)·(q − zero)`: Q8_0 (`sc` = 1; codes are the int8 value + 127, ggml's −127..=127,
+    /// never −128), Q3_K, Q6_K.
     Signed { zero: i16 },
     /// `(d·sc)·q − dmin·m`: Q2_K, Q4_K, Q5_K.
     Min,
@@ -186,7 +187,7 @@ impl GgmlTarget {
         match self {
             GgmlTarget::Q4_0 => legacy_spec(GgmlType::Q4_0, 16, Levels::Offset { zero: 8 }),
             GgmlTarget::Q5_0 => legacy_spec(GgmlType::Q5_0, 32, Levels::Offset { zero: 16 }),
-            GgmlTarget::Q8_0 => legacy_spec(GgmlType::Q8_0, 256, Levels::Signed { zero: 128 }),
+            GgmlTarget::Q8_0 => legacy_spec(GgmlType::Q8_0, 255, Levels::Signed { zero: 127 }),
             GgmlTarget::IQ4_NL => legacy_spec(GgmlType::IQ4_NL, 16, Levels::Table),
             GgmlTarget::Q2_K => k_spec(
                 GgmlType::Q2_K,
@@ -782,7 +783,7 @@ impl GgmlTarget {
             }
             GgmlTarget::Q8_0 => {
                 out.extend(d);
-                out.extend(q.iter().map(|&c| c.wrapping_sub(128)));
+                out.extend(q.iter().map(|&c| c.wrapping_sub(127)));
             }
             GgmlTarget::Q2_K => {
                 scale_range(0, 15)?;

@@ -198,7 +198,7 @@ fn q8_0_reference(w: &[f32]) -> (Vec<GgmlBlock>, Vec<u8>) {
     for x in w.chunks_exact(32) {
         let d = signed_absmax(x).abs() / 127.0;
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-        codes.extend(x.iter().map(|&v| ((v * id).round() as i32 + 128) as u8));
+        codes.extend(x.iter().map(|&v| ((v * id).round() as i32 + 127) as u8));
         blocks.push(t.single(d));
     }
     (blocks, codes)
