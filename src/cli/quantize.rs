@@ -6,8 +6,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lutra_runtime::quantize::calibration::Calibration;
+use lutra_runtime::quantize::ggml_types::GgmlTarget;
 use lutra_runtime::quantize::gptq::GptqOptions;
-use lutra_runtime::quantize::model::{Bits, Method, QuantizeOptions};
+use lutra_runtime::quantize::model::{Bits, Method, QuantizeOptions, Target};
 
 use super::ensure_exists;
 use super::report::human_bytes;
@@ -28,14 +29,18 @@ pub(crate) struct QuantizeArgs {
     /// Weights per scale group along a row (32, 64, 128 or 256; must divide every row)
     #[arg(long = "group-size", default_value_t = 32)]
     group_size: usize,
-    /// rtn, gptq, hlq or gptq+hlq
-    #[arg(long, default_value = "gptq+hlq")]
-    method: String,
+    /// Write a standard GGUF type llama.cpp reads instead of lutra's types: Q4_0, Q5_0, Q8_0,
+    /// IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K (codes chosen by --method rtn or gptq)
+    #[arg(long = "type")]
+    ggml_type: Option<String>,
+    /// rtn, gptq, hlq or gptq+hlq (gptq when --type is given and --method is not)
+    #[arg(long)]
+    method: Option<String>,
     /// Calibration text [default: the built-in text, chapters of The Rust Programming Language]
     #[arg(long = "calib")]
     calib: Option<PathBuf>,
     /// Calibration sequences (llama-imatrix's --chunks)
-    #[arg(long = "chunks", default_value_t = 64)]
+    #[arg(long = "chunks", default_value_t = 32)]
     chunks: usize,
     /// Tokens per calibration sequence
     #[arg(long = "calib-ctx", default_value_t = 256)]
@@ -65,7 +70,11 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
         None => Calibration::builtin(args.chunks, args.calib_ctx),
     };
     let opts = QuantizeOptions {
-        method: args.method.parse::<Method>()?,
+        method: match (&args.method, &args.ggml_type) {
+            (Some(m), _) => m.parse::<Method>()?,
+            (None, Some(_)) => Method::Gptq,
+            (None, None) => Method::GptqHlq,
+        },
         bits: args.bits.parse::<Bits>()?,
         group_size: args.group_size,
         calibration,
@@ -74,12 +83,18 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
             act_order: !args.no_act_order,
             ..GptqOptions::default()
         },
+        target: match &args.ggml_type {
+            Some(t) => Target::Ggml(t.parse::<GgmlTarget>()?),
+            None => Target::Lut,
+        },
+    };
+    let form = match opts.target {
+        Target::Lut => format!("{} bits, groups of {}", opts.bits, opts.group_size),
+        Target::Ggml(t) => format!("ggml type {t:?}"),
     };
     eprintln!(
-        "lutra: quantizing {} to {} bits, groups of {}, {} (calibration: {})",
+        "lutra: quantizing {} to {form}, {} (calibration: {})",
         args.model.display(),
-        opts.bits,
-        opts.group_size,
         opts.method.name(),
         opts.calibration.describe()
     );
@@ -110,12 +125,15 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
         )
     })?;
     bar.finish_and_clear();
+    let bits = match opts.target {
+        Target::Lut => format!(", {:.2} bits per weight on average", summary.average_bits),
+        Target::Ggml(_) => String::new(),
+    };
     eprintln!(
-        "lutra: wrote {} ({}): {} matrices, {:.2} bits per weight on average, in {:.1} s",
+        "lutra: wrote {} ({}): {} matrices{bits}, in {:.1} s",
         args.output.display(),
         human_bytes(summary.file_bytes),
         summary.matrices,
-        summary.average_bits,
         start.elapsed().as_secs_f64()
     );
     Ok(())

@@ -13,7 +13,8 @@ use crate::gguf::{GgufFile, MetaValue};
 use crate::linear::Linear;
 use crate::llama::{LoadOptions, Model};
 
-use super::model::{quantize_model, Progress, QuantizeOptions, QuantizedMatrix};
+use super::ggml_types::GgmlTarget;
+use super::model::{quantize_model, Progress, QuantizeOptions, QuantizedMatrix, Target};
 
 /// What [`quantize`] made.
 #[derive(Clone, Debug)]
@@ -54,17 +55,31 @@ pub fn quantize(
     let mut model = Model::load(src, &load)?;
     let mut writer = GgufWriter::create(out)?;
     writer.copy_metadata_from(&file);
-    for (key, value) in [
-        ("lutra.quantize.method", opts.method.name().to_string()),
-        ("lutra.quantize.bits", opts.bits.to_string()),
-        ("lutra.quantize.calibration", calibration_note(opts)),
-    ] {
-        writer.set_metadata(key, MetaValue::String(value));
-    }
     writer.set_metadata(
-        "lutra.quantize.group_size",
-        MetaValue::U32(opts.group_size as u32),
+        "lutra.quantize.method",
+        MetaValue::String(opts.method.name().to_string()),
     );
+    writer.set_metadata(
+        "lutra.quantize.calibration",
+        MetaValue::String(calibration_note(opts)),
+    );
+    match opts.target {
+        Target::Lut => {
+            writer.set_metadata(
+                "lutra.quantize.bits",
+                MetaValue::String(opts.bits.to_string()),
+            );
+            writer.set_metadata(
+                "lutra.quantize.group_size",
+                MetaValue::U32(opts.group_size as u32),
+            );
+        }
+        Target::Ggml(t) => {
+            writer.set_metadata("lutra.quantize.type", MetaValue::String(format!("{t:?}")));
+            // llama.cpp's file type of a file whose block matrices are all of this type.
+            writer.set_metadata("general.file_type", MetaValue::U32(llama_file_type(t)));
+        }
+    }
     let mut written = std::collections::HashSet::new();
     let (mut weights, mut bits_sum) = (0usize, 0.0f64);
     let calibration = calibration_note(opts);
@@ -72,20 +87,26 @@ pub fn quantize(
         &mut model,
         opts,
         &mut |m: QuantizedMatrix<'_>| {
-            let Linear::Lut(packed) = m.linear else {
-                return Err(Error::InvalidOption(format!(
-                    "{}: quantized to a form ({}) lutra files do not store",
-                    m.name,
-                    m.linear.kind()
-                )));
-            };
-            let info = TensorQuantInfo {
-                method: opts.method.name().to_string(),
-                bits: m.bits,
-                group_size: opts.group_size,
-                calibration: calibration.clone(),
-            };
-            writer.put_packed(&m.name, packed, &info)?;
+            let dims = [m.linear.cols(), m.linear.rows()];
+            match (m.ggml, m.linear) {
+                (Some((ty, bytes)), _) => writer.put_raw(&m.name, ty.id(), &dims, bytes)?,
+                (None, Linear::Lut(packed)) => {
+                    let info = TensorQuantInfo {
+                        method: opts.method.name().to_string(),
+                        bits: m.bits,
+                        group_size: opts.group_size,
+                        calibration: calibration.clone(),
+                    };
+                    writer.put_packed(&m.name, packed, &info)?
+                }
+                (None, other) => {
+                    return Err(Error::InvalidOption(format!(
+                        "{}: quantized to a form ({}) lutra files do not store",
+                        m.name,
+                        other.kind()
+                    )))
+                }
+            }
             let n = m.linear.rows() * m.linear.cols();
             weights += n;
             bits_sum += f64::from(m.bits) * n as f64;
@@ -124,5 +145,21 @@ fn calibration_note(opts: &QuantizeOptions) -> String {
         opts.calibration.describe()
     } else {
         "none".into()
+    }
+}
+
+/// llama.cpp's `llama_ftype` of a file whose quantized matrices are all `t` (the `_S` mix for
+/// K-quants, which quantizes everything to the named type).
+fn llama_file_type(t: GgmlTarget) -> u32 {
+    match t {
+        GgmlTarget::Q4_0 => 2,
+        GgmlTarget::Q8_0 => 7,
+        GgmlTarget::Q5_0 => 8,
+        GgmlTarget::Q2_K => 10,
+        GgmlTarget::Q3_K => 11,
+        GgmlTarget::Q4_K => 14,
+        GgmlTarget::Q5_K => 16,
+        GgmlTarget::Q6_K => 18,
+        GgmlTarget::IQ4_NL => 25,
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod calibration;
 pub mod file;
+pub mod ggml_types;
 pub mod gptq;
 pub mod grid;
 pub mod hlq;

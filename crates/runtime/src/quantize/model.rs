@@ -12,9 +12,11 @@ use crate::llama::calibrate::{BlockMatrix, MatrixInput};
 use crate::llama::Model;
 
 use super::calibration::{Calibration, Hessian};
+use super::ggml_types::GgmlTarget;
 use super::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian};
 use super::grid::UniformGrid;
 use super::hlq::PlaneGrid;
+use crate::weights::{decode_ggml, GgmlType};
 
 /// How codes are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +133,19 @@ pub struct QuantizeOptions {
     pub calibration: Calibration,
     /// GPTQ's dampening, block and column order (its `threads` are the model's).
     pub gptq: GptqOptions,
+    /// What the block matrices become.
+    pub target: Target,
+}
+
+/// The form of the quantized block matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// lutra's LUT forms: uniform or HLQ grids (by the method), of [`QuantizeOptions::bits`]
+    /// and [`QuantizeOptions::group_size`].
+    Lut,
+    /// A standard ggml block type that llama.cpp reads, its codes chosen by the method (round
+    /// to nearest or GPTQ); bits and group size are the type's.
+    Ggml(GgmlTarget),
 }
 
 /// Where [`quantize_model`] is.
@@ -152,6 +167,8 @@ pub struct QuantizedMatrix<'a> {
     pub bits: u8,
     /// The matrix packed for the kernels (now part of the model).
     pub linear: &'a Linear,
+    /// For a ggml target: the type and the matrix's bytes in it.
+    pub ggml: Option<(GgmlType, &'a [u8])>,
 }
 
 /// Quantizes every block matrix of `model` in place (embeddings, norms and the LM head keep
@@ -196,14 +213,26 @@ pub fn quantize_model(
             let (rows, cols) = (matrix.rows(), matrix.cols());
             let weights = matrix_values(matrix)?;
             let hessian = hessians.get(&which.input());
-            let linear = quantize_matrix(&weights, rows, cols, hessian, bits, opts, threads)
-                .map_err(|e| Error::InvalidOption(format!("{name}: {e}")))?;
+            let (linear, ggml) = match opts.target {
+                Target::Lut => (
+                    quantize_matrix(&weights, rows, cols, hessian, bits, opts, threads),
+                    None,
+                ),
+                Target::Ggml(t) => {
+                    match quantize_ggml(t, &weights, rows, cols, hessian, opts, threads) {
+                        Ok((linear, bytes)) => (Ok(linear), Some((t, bytes))),
+                        Err(e) => (Err(e), None),
+                    }
+                }
+            };
+            let linear = linear.map_err(|e| Error::InvalidOption(format!("{name}: {e}")))?;
             drop(weights);
             model.replace_block_matrix(layer, which, linear)?;
             on_matrix(QuantizedMatrix {
                 name,
                 bits,
                 linear: model.block_matrix(layer, which),
+                ggml: ggml.as_ref().map(|(t, b)| (t.ggml_type(), b.as_slice())),
             })?;
         }
         if !residuals.is_empty() {
@@ -394,4 +423,49 @@ fn quantize_matrix(
             Linear::from_decoded(&q.into_decoded(&grid, cols)?, false)
         }
     }
+}
+
+/// One matrix in ggml type `target`, codes by round to nearest or GPTQ: the matrix for the
+/// kernels (decoded from the bytes, exactly what llama.cpp reads) and the bytes.
+fn quantize_ggml(
+    target: GgmlTarget,
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: Option<&PreparedHessian>,
+    opts: &QuantizeOptions,
+    threads: usize,
+) -> Result<(Linear, Vec<u8>)> {
+    if matches!(opts.method, Method::Hlq | Method::GptqHlq) {
+        return Err(Error::InvalidOption(
+            "HLQ grids are lutra's own: a ggml type takes --method rtn or gptq".into(),
+        ));
+    }
+    let n = target.block_len();
+    if !cols.is_multiple_of(n) {
+        return Err(Error::InvalidOption(format!(
+            "rows of {cols} are not whole {target:?} blocks of {n} (llama.cpp would fall back to \
+             another type here; choose one whose block divides {cols}, e.g. Q4_0, Q5_0 or Q8_0)"
+        )));
+    }
+    let gptq_opts = GptqOptions {
+        threads,
+        ..opts.gptq
+    };
+    let q = match hessian {
+        Some(h) => gptq_prepared(&target, rows, cols, weights, h, &gptq_opts)?,
+        None => rtn(&target, rows, cols, weights, None)?,
+    };
+    let per_row = cols / n;
+    let mut bytes = Vec::with_capacity(rows * target.row_bytes(cols)?);
+    for (blocks, codes) in q
+        .blocks
+        .chunks_exact(per_row)
+        .zip(q.codes.chunks_exact(cols))
+    {
+        bytes.extend_from_slice(&target.encode_row(blocks, codes)?);
+    }
+    let decoded = decode_ggml(target.ggml_type(), rows, cols, &bytes)
+        .map_err(|e| Error::InvalidOption(format!("{target:?} bytes do not decode: {e:?}")))?;
+    Ok((Linear::from_decoded(&decoded, false)?, bytes))
 }
