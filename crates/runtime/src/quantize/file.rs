@@ -115,16 +115,13 @@ pub fn quantize(
         },
         progress,
     )?;
-    let mut rest = 0usize;
     for info in file.tensors() {
         if written.contains(&info.name) {
             continue;
         }
         let data = file.tensor_data(&info.name)?;
         writer.put_raw(&info.name, info.ty.id(), &info.dims, data)?;
-        rest += 1;
     }
-    let _ = rest;
     writer.finish()?;
     let file_bytes = std::fs::metadata(out)
         .map_err(|e| Error::Io {
@@ -161,5 +158,193 @@ fn llama_file_type(t: GgmlTarget) -> u32 {
         GgmlTarget::Q5_K => 16,
         GgmlTarget::Q6_K => 18,
         GgmlTarget::IQ4_NL => 25,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{tiny_llama_gguf, TinyModelSpec};
+    use crate::gguf::TensorType;
+    use crate::quantize::calibration::Calibration;
+    use crate::quantize::gptq::GptqOptions;
+    use crate::quantize::model::{Bits, Method};
+    use crate::weights::GgmlType;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("lutra-quantize-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn options(method: Method, bits: Bits, target: Target) -> QuantizeOptions {
+        QuantizeOptions {
+            method,
+            bits,
+            group_size: 32,
+            calibration: Calibration::builtin(6, 96),
+            gptq: GptqOptions::default(),
+            target,
+        }
+    }
+
+    /// Logits of every position of a text the calibration never saw.
+    fn logits(path: &Path) -> Vec<f32> {
+        let model = Model::load(
+            path,
+            &LoadOptions {
+                threads: 1,
+                kv_f16: false,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let tokens = model
+            .tokenizer()
+            .unwrap()
+            .encode(
+                "Hello there: the rain in Spain stays mainly in the plain.",
+                false,
+            )
+            .unwrap();
+        let mut out = vec![0.0; tokens.len() * model.config().vocab_size];
+        model
+            .forward_all(&tokens, &mut model.new_cache(), &mut out)
+            .unwrap();
+        out
+    }
+
+    fn rel_error(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn calibrated_files_load_in_place_and_beat_round_to_nearest() {
+        let d = dir("gptq");
+        let src = d.join("tiny.gguf");
+        tiny_llama_gguf(&src, &TinyModelSpec::default(), 21).unwrap();
+        let exact = logits(&src);
+        let mut errors = Vec::new();
+        for method in [Method::Rtn, Method::GptqHlq] {
+            let out = d.join(format!("tiny-{}.gguf", method.name()));
+            let opts = options(method, Bits::Uniform(2), Target::Lut);
+            let summary = quantize(&src, &out, &opts, 1, &mut |_| {}).unwrap();
+            assert_eq!(summary.matrices, 2 * 7);
+            assert_eq!(summary.average_bits, 2.0);
+            let file = GgufFile::open(&out).unwrap();
+            assert_eq!(
+                file.metadata("lutra.quantize.method")
+                    .and_then(|v| v.as_str()),
+                Some(method.name())
+            );
+            let lutra = file
+                .tensors()
+                .iter()
+                .filter(|t| matches!(t.ty, TensorType::Lutra(_)))
+                .count();
+            assert_eq!(lutra, 2 * 7, "every block matrix in a lutra type");
+            errors.push(rel_error(&logits(&out), &exact));
+        }
+        assert!(
+            errors[1] < errors[0],
+            "gptq+hlq logit error {} not below rtn's {}",
+            errors[1],
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn a_ggml_target_writes_its_standard_type() {
+        let d = dir("ggml");
+        let src = d.join("tiny.gguf");
+        tiny_llama_gguf(&src, &TinyModelSpec::default(), 22).unwrap();
+        let out = d.join("tiny-q4_0.gguf");
+        let opts = options(
+            Method::Gptq,
+            Bits::Uniform(4),
+            Target::Ggml(GgmlTarget::Q4_0),
+        );
+        quantize(&src, &out, &opts, 1, &mut |_| {}).unwrap();
+        let file = GgufFile::open(&out).unwrap();
+        let q = file.tensor_info("blk.1.ffn_down.weight").unwrap();
+        assert_eq!(q.ty, TensorType::Ggml(GgmlType::Q4_0));
+        assert_eq!(
+            file.metadata("general.file_type").and_then(|v| v.as_u64()),
+            Some(2)
+        );
+        let err = rel_error(&logits(&out), &logits(&src));
+        assert!(err < 0.2, "Q4_0 logit error {err}");
+
+        // K-quant blocks of 256 do not fit rows of 64; HLQ is not a ggml grid.
+        let bad = d.join("bad.gguf");
+        let k = options(
+            Method::Gptq,
+            Bits::Uniform(4),
+            Target::Ggml(GgmlTarget::Q4_K),
+        );
+        let e = quantize(&src, &bad, &k, 1, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains("256"),
+            "{e}"
+        );
+        let h = options(
+            Method::GptqHlq,
+            Bits::Uniform(4),
+            Target::Ggml(GgmlTarget::Q4_0),
+        );
+        let e = quantize(&src, &bad, &h, 1, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HLQ"), "{e}");
+        assert!(!bad.exists(), "a failed quantization leaves no file");
+    }
+
+    #[test]
+    fn mixed_bits_average_what_was_asked() {
+        let d = dir("mixed");
+        let src = d.join("tiny.gguf");
+        tiny_llama_gguf(&src, &TinyModelSpec::default(), 23).unwrap();
+        let out = d.join("tiny-mixed.gguf");
+        let opts = options(Method::Rtn, Bits::Mixed { average: 2.5 }, Target::Lut);
+        let summary = quantize(&src, &out, &opts, 1, &mut |_| {}).unwrap();
+        assert!(
+            summary.average_bits > 2.0 && summary.average_bits <= 2.5,
+            "average {}",
+            summary.average_bits
+        );
+        let file = GgufFile::open(&out).unwrap();
+        let widths: std::collections::HashSet<u8> = file
+            .tensors()
+            .iter()
+            .filter_map(|t| match t.ty {
+                TensorType::Lutra(l) => Some(l.bits),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(widths, [2, 3].into_iter().collect());
+    }
+
+    #[test]
+    fn sources_and_options_that_cannot_work_are_clear_errors() {
+        let d = dir("errors");
+        let opts = options(Method::Gptq, Bits::Uniform(2), Target::Lut);
+        let e = quantize(&d, &d.join("o.gguf"), &opts, 1, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Hugging Face folder"), "{e}");
+        let src = d.join("tiny.gguf");
+        tiny_llama_gguf(&src, &TinyModelSpec::default(), 24).unwrap();
+        let mut long = opts.clone();
+        long.calibration = Calibration::builtin(100_000, 512);
+        let e = quantize(&src, &d.join("o.gguf"), &long, 1, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("calibration text"), "{e}");
+        assert!("2.5".parse::<Bits>().is_ok() && "5".parse::<Bits>().is_err());
+        assert!("gptq+hlq".parse::<Method>().is_ok() && "awq".parse::<Method>().is_err());
     }
 }
