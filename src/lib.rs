@@ -10,7 +10,7 @@
 pub use lutra_kernels as kernels;
 pub use lutra_runtime::{
     architecture, attention, chat, config, error, generate, gguf, kv_cache, linear, llama,
-    perplexity, quantize, rope, safetensors, sampler, session, tokenizer, weights,
+    perplexity, quantize, quantizer, rope, safetensors, sampler, session, tokenizer, weights,
 };
 pub use lutra_runtime::{
     CancelToken, ChatSession, Error, GenerateOptions, Generator, PerplexityResult, Piece, Result,

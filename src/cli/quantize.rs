@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lutra_runtime::quantize::calibration::Calibration;
 use lutra_runtime::quantize::ggml_types::GgmlTarget;
 use lutra_runtime::quantize::gptq::GptqOptions;
-use lutra_runtime::quantize::model::{Bits, Method, QuantizeOptions, Target};
+use lutra_runtime::quantizer::blocks::{Bits, Method, QuantizeOptions, Target};
+use lutra_runtime::quantizer::calibration::Calibration;
 
 use super::ensure_exists;
 use super::report::human_bytes;
@@ -107,7 +107,7 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     let start = std::time::Instant::now();
-    let summary = lutra_runtime::quantize::file::quantize(
+    let summary = lutra_runtime::quantizer::file::quantize(
         &args.model,
         &args.output,
         &opts,

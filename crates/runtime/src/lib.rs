@@ -27,6 +27,7 @@ pub mod linear;
 pub mod llama;
 pub mod perplexity;
 pub mod quantize;
+pub mod quantizer;
 pub mod rope;
 pub mod safetensors;
 pub mod sampler;

@@ -6,16 +6,13 @@
 //!   (`w = z + Σ_p s_p·q_p`).
 //! - [`gptq`](mod@gptq): GPTQ over any grid with the Hessian of the layer's calibration inputs,
 //!   and [`rtn`](fn@rtn) over any grid for comparison.
-//! - [`calibration`] and [`model`]: Hessians from calibration text, and a whole model quantized
-//!   block by block; [`file`]: the same from a model file into a lutra file.
+//!
+//! Calibrated quantization of whole models (`lutra quantize`) is [`crate::quantizer`].
 
-pub mod calibration;
-pub mod file;
 pub mod ggml_types;
 pub mod gptq;
 pub mod grid;
 pub mod hlq;
-pub mod model;
 mod rtn;
 
 pub use gptq::{gptq, gptq_prepared, rtn, GptqOptions, PreparedHessian, Quantized};

@@ -12,10 +12,10 @@ use crate::llama::calibrate::{BlockMatrix, MatrixInput};
 use crate::llama::Model;
 
 use super::calibration::{Calibration, Hessian};
-use super::ggml_types::GgmlTarget;
-use super::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian};
-use super::grid::UniformGrid;
-use super::hlq::PlaneGrid;
+use crate::quantize::ggml_types::GgmlTarget;
+use crate::quantize::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian};
+use crate::quantize::grid::UniformGrid;
+use crate::quantize::hlq::PlaneGrid;
 use crate::weights::{decode_ggml, GgmlType};
 
 /// How codes are chosen.
@@ -339,7 +339,7 @@ fn plan_widths(
             let weights = matrix_values(m)?;
             let importance = &diag[&which.input()];
             let error = |bits: u8| -> Result<f64> {
-                let q = super::quantize_rtn(rows, cols, &weights, bits, opts.group_size)?;
+                let q = crate::quantize::quantize_rtn(rows, cols, &weights, bits, opts.group_size)?;
                 Ok(q.dequantize()
                     .chunks_exact(cols)
                     .zip(weights.chunks_exact(cols))

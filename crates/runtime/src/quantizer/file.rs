@@ -13,8 +13,8 @@ use crate::gguf::{GgufFile, MetaValue};
 use crate::linear::Linear;
 use crate::llama::{LoadOptions, Model};
 
-use super::ggml_types::GgmlTarget;
-use super::model::{quantize_model, Progress, QuantizeOptions, QuantizedMatrix, Target};
+use super::blocks::{quantize_model, Progress, QuantizeOptions, QuantizedMatrix, Target};
+use crate::quantize::ggml_types::GgmlTarget;
 
 /// What [`quantize`] made.
 #[derive(Clone, Debug)]
@@ -138,7 +138,7 @@ pub fn quantize(
 
 /// The calibration as recorded in the file ("none" for methods that read none).
 fn calibration_note(opts: &QuantizeOptions) -> String {
-    if opts.method.calibrated() || matches!(opts.bits, super::model::Bits::Mixed { .. }) {
+    if opts.method.calibrated() || matches!(opts.bits, super::blocks::Bits::Mixed { .. }) {
         opts.calibration.describe()
     } else {
         "none".into()
@@ -166,9 +166,9 @@ mod tests {
     use super::*;
     use crate::fixtures::{tiny_llama_gguf, TinyModelSpec};
     use crate::gguf::TensorType;
-    use crate::quantize::calibration::Calibration;
     use crate::quantize::gptq::GptqOptions;
-    use crate::quantize::model::{Bits, Method};
+    use crate::quantizer::blocks::{Bits, Method};
+    use crate::quantizer::calibration::Calibration;
     use crate::weights::GgmlType;
 
     fn dir(name: &str) -> std::path::PathBuf {
