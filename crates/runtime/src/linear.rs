@@ -105,22 +105,8 @@ impl Linear {
                 codes,
                 scales,
                 offsets,
-            } => {
-                let spec = QuantSpec {
-                    rows: *rows,
-                    cols: *cols,
-                    bits: *bits,
-                    grouping: grouping_of(*group_size, *cols),
-                    plane_scales: PlaneScales::Uniform,
-                };
-                Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
-                    spec,
-                    codes,
-                    scales,
-                    offsets: Some(offsets),
-                })?)
             }
-            DecodedTensor::PlaneLowBit {
+            | DecodedTensor::PlaneLowBit {
                 rows,
                 cols,
                 bits,
@@ -129,12 +115,16 @@ impl Linear {
                 scales,
                 offsets,
             } => {
+                let plane_scales = match tensor {
+                    DecodedTensor::PlaneLowBit { .. } => PlaneScales::PerPlane,
+                    _ => PlaneScales::Uniform,
+                };
                 let spec = QuantSpec {
                     rows: *rows,
                     cols: *cols,
                     bits: *bits,
                     grouping: grouping_of(*group_size, *cols),
-                    plane_scales: PlaneScales::PerPlane,
+                    plane_scales,
                 };
                 Linear::Lut(PackedMatrix::pack(&QuantizedWeights {
                     spec,
