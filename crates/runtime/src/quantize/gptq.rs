@@ -318,7 +318,6 @@ pub fn gptq_prepared<G: Grid>(
     }
     // Any order but the natural one would split groups across lazy blocks: fit them first.
     let static_groups = order.iter().enumerate().any(|(i, &j)| i != j);
-    let group_importance: Vec<f32> = importance.clone();
     let mut blocks: Vec<Option<G::Block>> = vec![None; rows * per_row];
     if static_groups {
         blocks
@@ -326,10 +325,8 @@ pub fn gptq_prepared<G: Grid>(
             .zip(natural.par_chunks_exact(cols))
             .for_each(|(b_row, w_row)| {
                 for (g, b) in b_row.iter_mut().enumerate() {
-                    *b = Some(grid.fit(
-                        &w_row[g * n..(g + 1) * n],
-                        &group_importance[g * n..(g + 1) * n],
-                    ));
+                    *b =
+                        Some(grid.fit(&w_row[g * n..(g + 1) * n], &importance[g * n..(g + 1) * n]));
                 }
             });
     }
@@ -361,7 +358,7 @@ pub fn gptq_prepared<G: Grid>(
                     if b_row[g].is_none() {
                         // Natural order: the group starts here and lies inside this block.
                         b_row[g] =
-                            Some(grid.fit(&w_row[i..i + n], &group_importance[g * n..(g + 1) * n]));
+                            Some(grid.fit(&w_row[i..i + n], &importance[g * n..(g + 1) * n]));
                     }
                     let block = b_row[g].as_ref().expect("fitted above");
                     let value = w_row[i];
@@ -444,15 +441,12 @@ fn refit_rows<G: Grid>(
             }
         });
     let before = hessian.output_errors(weights, &q.dequantize(grid, cols), threads);
-    let candidate = Quantized {
-        codes: q.codes.clone(),
-        blocks: refitted,
-    };
-    let after = hessian.output_errors(weights, &candidate.dequantize(grid, cols), threads);
+    let fitted = std::mem::replace(&mut q.blocks, refitted);
+    let after = hessian.output_errors(weights, &q.dequantize(grid, cols), threads);
     for r in 0..rows {
-        if after[r] < before[r] {
+        if after[r] >= before[r] {
             q.blocks[r * per_row..(r + 1) * per_row]
-                .clone_from_slice(&candidate.blocks[r * per_row..(r + 1) * per_row]);
+                .clone_from_slice(&fitted[r * per_row..(r + 1) * per_row]);
         }
     }
 }

@@ -213,19 +213,14 @@ pub fn quantize_model(
             let (rows, cols) = (matrix.rows(), matrix.cols());
             let weights = matrix_values(matrix)?;
             let hessian = hessians.get(&which.input());
-            let (linear, ggml) = match opts.target {
-                Target::Lut => (
-                    quantize_matrix(&weights, rows, cols, hessian, bits, opts, threads),
-                    None,
-                ),
-                Target::Ggml(t) => {
-                    match quantize_ggml(t, &weights, rows, cols, hessian, opts, threads) {
-                        Ok((linear, bytes)) => (Ok(linear), Some((t, bytes))),
-                        Err(e) => (Err(e), None),
-                    }
-                }
+            let quantized = match opts.target {
+                Target::Lut => quantize_matrix(&weights, rows, cols, hessian, bits, opts, threads)
+                    .map(|linear| (linear, None)),
+                Target::Ggml(t) => quantize_ggml(t, &weights, rows, cols, hessian, opts, threads)
+                    .map(|(linear, bytes)| (linear, Some((t, bytes)))),
             };
-            let linear = linear.map_err(|e| Error::InvalidOption(format!("{name}: {e}")))?;
+            let (linear, ggml) =
+                quantized.map_err(|e| Error::InvalidOption(format!("{name}: {e}")))?;
             drop(weights);
             model.replace_block_matrix(layer, which, linear)?;
             on_matrix(QuantizedMatrix {

@@ -86,6 +86,8 @@ impl Calibration {
 pub(crate) struct Hessian {
     k: usize,
     sum: Vec<f64>,
+    /// `xᵀx` of the rows pending, `[k][k]`, reused by every fold.
+    gram: Mat<f32>,
     pending: Vec<f32>,
     rows: usize,
     threads: usize,
@@ -99,6 +101,7 @@ impl Hessian {
         Hessian {
             k,
             sum: vec![0.0; k * k],
+            gram: Mat::zeros(k, k),
             pending: Vec::new(),
             rows: 0,
             threads: threads.max(1),
@@ -120,16 +123,22 @@ impl Hessian {
             return;
         }
         let x = MatRef::from_row_major_slice(&self.pending, n, k);
-        let mut gram = Mat::<f32>::zeros(k, k);
         let par = if self.threads > 1 {
             Par::rayon(self.threads)
         } else {
             Par::Seq
         };
-        matmul(gram.as_mut(), Accum::Replace, x.transpose(), x, 1.0, par);
+        matmul(
+            self.gram.as_mut(),
+            Accum::Replace,
+            x.transpose(),
+            x,
+            1.0,
+            par,
+        );
         for (i, row) in self.sum.chunks_exact_mut(k).enumerate() {
             for (j, s) in row.iter_mut().enumerate() {
-                *s += f64::from(gram[(i, j)]);
+                *s += f64::from(self.gram[(i, j)]);
             }
         }
         self.rows += n;
