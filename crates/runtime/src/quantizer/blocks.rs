@@ -180,6 +180,12 @@ pub fn quantize_model(
     on_matrix: &mut dyn FnMut(QuantizedMatrix<'_>) -> Result<()>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
+    if opts.target == Target::Lut && !matches!(opts.group_size, 32 | 64 | 128 | 256) {
+        return Err(Error::InvalidOption(format!(
+            "group size {}: use 32, 64, 128 or 256",
+            opts.group_size
+        )));
+    }
     let start = Instant::now();
     let blocks = model.block_count();
     let threads = model.threads();
@@ -390,11 +396,6 @@ fn quantize_matrix(
     threads: usize,
 ) -> Result<Linear> {
     let group_size = opts.group_size;
-    if !matches!(group_size, 32 | 64 | 128 | 256) {
-        return Err(Error::InvalidOption(format!(
-            "group size {group_size}: use 32, 64, 128 or 256"
-        )));
-    }
     let gptq_opts = GptqOptions {
         threads,
         ..opts.gptq

@@ -69,7 +69,10 @@ impl Calibration {
                 self.tokens
             )));
         }
-        let stride = (ids.len() - body) / self.sequences.max(2).saturating_sub(1).max(1);
+        let stride = match self.sequences {
+            1 => 0,
+            n => (ids.len() - body) / (n - 1),
+        };
         Ok((0..self.sequences)
             .map(|s| {
                 let start = (s * stride).min(ids.len() - body);

@@ -53,6 +53,7 @@ pub fn quantize(
         ..LoadOptions::default()
     };
     let mut model = Model::load(src, &load)?;
+    let calibration = calibration_note(opts);
     let mut writer = GgufWriter::create(out)?;
     writer.copy_metadata_from(&file);
     writer.set_metadata(
@@ -61,7 +62,7 @@ pub fn quantize(
     );
     writer.set_metadata(
         "lutra.quantize.calibration",
-        MetaValue::String(calibration_note(opts)),
+        MetaValue::String(calibration.clone()),
     );
     match opts.target {
         Target::Lut => {
@@ -82,7 +83,6 @@ pub fn quantize(
     }
     let mut written = std::collections::HashSet::new();
     let (mut weights, mut bits_sum) = (0usize, 0.0f64);
-    let calibration = calibration_note(opts);
     quantize_model(
         &mut model,
         opts,
