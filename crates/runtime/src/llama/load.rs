@@ -110,10 +110,10 @@ impl TensorLoader<'_> {
         cols: usize,
         requantizable: bool,
     ) -> Result<Option<Linear>> {
-        let source = self.check_shape(name, rows, cols)?;
         let Some(TensorType::Lutra(_)) = self.file.tensor_info(name).map(|t| t.ty) else {
             return Ok(None);
         };
+        let source = self.check_shape(name, rows, cols)?;
         let scaled = requantizable
             && name
                 .strip_suffix(".weight")
