@@ -16,7 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let model = Arc::new(Model::load(path.as_ref(), &LoadOptions::default())?);
     let engine = Engine::new(Arc::clone(&model), EngineOptions::default())?;
-    let questions = ["What is the capital of France?", "Name three planets.", "What is rust?"];
+    let questions = [
+        "What is the capital of France?",
+        "Name three planets.",
+        "What is rust?",
+    ];
     let mut streams = Vec::new();
     for q in questions {
         let prompt = chat_prompt(&model, &[Message::new("user", q)])?;
