@@ -9,6 +9,7 @@ mod kernels;
 mod plot;
 mod quantize;
 mod report;
+mod serve;
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,8 @@ enum Command {
     BenchKernels(kernels::BenchKernelsArgs),
     /// Quantize a model with GPTQ / HLQ into a file that loads without repacking.
     Quantize(quantize::QuantizeArgs),
+    /// OpenAI-compatible HTTP server (chat and text completions, streamed or not).
+    Serve(serve::ServeArgs),
 }
 
 /// Model file and how to load it; shared by the subcommands that run a model.
@@ -116,7 +119,7 @@ impl CacheArgs {
 
 impl ModelArgs {
     /// The model path: `-m`, or the default model found by [`default_model_path`].
-    fn path(&self) -> Result<PathBuf> {
+    pub(crate) fn path(&self) -> Result<PathBuf> {
         match &self.model {
             Some(path) => Ok(path.clone()),
             None => default_model_path(),
@@ -134,7 +137,7 @@ impl ModelArgs {
     }
 
     /// Loads the model, reporting what and how long on stderr.
-    fn load(&self) -> Result<Model> {
+    pub(crate) fn load(&self) -> Result<Model> {
         let path = self.path()?;
         load_model(&path, &self.load_options()?)
     }
@@ -252,7 +255,7 @@ impl SamplingArgs {
 
 /// Writes `text` to stdout and flushes; a closed pipe (`lutra ... | head`) becomes an error
 /// instead of the panic `print!` would raise.
-fn write_stdout(text: &str) -> Result<()> {
+pub(crate) fn write_stdout(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
@@ -290,6 +293,7 @@ pub fn run() -> Result<()> {
         Command::Bench(args) => bench::bench(&args),
         Command::BenchKernels(args) => kernels::bench_kernels(&args),
         Command::Quantize(args) => quantize::quantize(&args),
+        Command::Serve(args) => serve::serve(&args),
     }
 }
 
