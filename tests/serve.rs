@@ -643,6 +643,24 @@ fn a_full_queue_is_503_and_a_client_that_leaves_cancels_its_generation() {
         left.elapsed()
     );
 
+    // The same for a client that leaves while waiting for a whole (not streamed) answer.
+    let mut whole = long.clone();
+    whole["stream"] = json!(false);
+    let waiting = server.send("POST", "/v1/completions", &[], &whole.to_string());
+    std::thread::sleep(Duration::from_millis(500));
+    drop(waiting);
+    let left = Instant::now();
+    let r = server.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        left.elapsed() < Duration::from_secs(10),
+        "the abandoned whole answer kept the slot for {:?}",
+        left.elapsed()
+    );
+
     // SIGTERM while a request streams: it ends (finished, or cancelled after the grace) with
     // [DONE], and the server exits 0.
     let mut streaming = open_stream(&server, "/v1/completions", &long, "\"text\"");

@@ -391,6 +391,52 @@ mod tests {
     }
 
     #[test]
+    fn serve_flags_follow_llama_server() {
+        let cli = Cli::try_parse_from([
+            "lutra",
+            "serve",
+            "-m",
+            "x.gguf",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--parallel",
+            "2",
+            "-c",
+            "512",
+            "-t",
+            "3",
+            "--api-key",
+            "k",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            (s.host.as_str(), s.port, s.parallel, s.queue),
+            ("0.0.0.0", 0, 2, 64)
+        );
+        assert_eq!(s.api_key.as_deref(), Some("k"));
+        let opts = s.model.load_options().unwrap();
+        assert_eq!((opts.threads, opts.context_length), (3, Some(512)));
+        let defaults = Cli::try_parse_from(["lutra", "serve"]).unwrap();
+        let Command::Serve(d) = defaults.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            (d.host.as_str(), d.port, d.parallel, d.api_key),
+            ("127.0.0.1", 8080, 4, None)
+        );
+        for bad in [["--parallel", "0"], ["--queue", "0"], ["--port", "70000"]] {
+            let mut args = vec!["lutra", "serve"];
+            args.extend(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn default_model_is_looked_for_in_the_repository() {
         let candidates = default_model_candidates();
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL);
