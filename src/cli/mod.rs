@@ -255,7 +255,7 @@ impl SamplingArgs {
 
 /// Writes `text` to stdout and flushes; a closed pipe (`lutra ... | head`) becomes an error
 /// instead of the panic `print!` would raise.
-pub(crate) fn write_stdout(text: &str) -> Result<()> {
+fn write_stdout(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())

@@ -81,7 +81,7 @@ async fn serve(state: Arc<AppState>, opts: &ServeOptions) -> Result<()> {
         .local_addr()
         .context("cannot read the bound address")?;
     // Tests and scripts read this line to find the port (`--port 0`).
-    crate::cli::write_stdout(&format!("lutra serve: listening on http://{addr}\n"))?;
+    announce(addr)?;
     let app = routes::router(state.clone());
     let signalled = Arc::new(tokio::sync::Notify::new());
     let server = axum::serve(listener, app)
@@ -126,6 +126,15 @@ async fn shutdown_signal(state: Arc<AppState>, signalled: Arc<tokio::sync::Notif
         tokio::time::sleep(SHUTDOWN_GRACE).await;
         state.engine.cancel_all();
     });
+}
+
+/// Prints `lutra serve: listening on http://ADDR` on stdout, flushed at once.
+fn announce(addr: SocketAddr) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "lutra serve: listening on http://{addr}")
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
 }
 
 /// Seconds since the Unix epoch (0 for a clock before it).
