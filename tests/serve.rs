@@ -661,13 +661,18 @@ fn a_full_queue_is_503_and_a_client_that_leaves_cancels_its_generation() {
         left.elapsed()
     );
 
-    // SIGTERM while a request streams: it ends (finished, or cancelled after the grace) with
-    // [DONE], and the server exits 0.
+    // SIGTERM while a request streams: it ends (finished, or cancelled after the grace with an
+    // error event) with [DONE], and the server exits 0.
     let mut streaming = open_stream(&server, "/v1/completions", &long, "\"text\"");
     assert_eq!(server.terminate(), Some(0));
     let mut rest = String::new();
     let _ = streaming.read_to_string(&mut rest);
     assert!(rest.contains("data: [DONE]"), "{rest}");
+    // 3000 tokens do not fit in the grace: the stream says it was cancelled.
+    assert!(
+        rest.contains(r#""code":"cancelled""#) || rest.contains(r#""finish_reason":"length""#),
+        "{rest}"
+    );
 }
 
 #[test]
