@@ -429,7 +429,7 @@ mod tests {
             (d.host.as_str(), d.port, d.parallel, d.api_key),
             ("127.0.0.1", 8080, 4, None)
         );
-        for bad in [["--parallel", "0"], ["--queue", "0"], ["--port", "70000"]] {
+        for bad in [["--parallel", "0"], ["--queue", "-1"], ["--port", "70000"]] {
             let mut args = vec!["lutra", "serve"];
             args.extend(bad);
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");

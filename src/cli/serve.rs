@@ -24,9 +24,8 @@ pub(crate) struct ServeArgs {
     /// Requests generated together (each has its own KV cache of -c tokens)
     #[arg(long, default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub(crate) parallel: usize,
-    /// Requests that may wait for a free slot (at least 1: every request passes the queue); more
-    /// are refused with 503
-    #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Requests that may wait while every slot is busy (0: none wait); more are refused with 503
+    #[arg(long, default_value_t = 64)]
     pub(crate) queue: usize,
     /// Require `Authorization: Bearer KEY` on every endpoint but /health
     #[arg(long = "api-key")]

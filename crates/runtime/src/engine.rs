@@ -35,8 +35,8 @@ pub struct EngineOptions {
     /// Sequences decoded together in one batch, each with its own KV cache of the model's
     /// context length (llama-server's `--parallel`). Default 4.
     pub parallel: usize,
-    /// Requests that may wait for a free sequence; [`Engine::submit`] fails with
-    /// [`Error::QueueFull`] beyond. Default 64.
+    /// Requests that may wait while every sequence is busy; [`Engine::submit`] fails with
+    /// [`Error::QueueFull`] beyond (0: none wait, a request needs a free sequence). Default 64.
     pub queue: usize,
 }
 
@@ -149,6 +149,8 @@ struct Shared {
 struct Queue {
     waiting: VecDeque<Job>,
     capacity: usize,
+    /// Sequences of the scheduler.
+    sequences: usize,
     running: usize,
     accepting: bool,
     /// [`Engine::cancel_all`] asks the scheduler to cancel what it runs.
@@ -177,6 +179,7 @@ impl Engine {
             queue: Mutex::new(Queue {
                 waiting: VecDeque::new(),
                 capacity: opts.queue,
+                sequences: opts.parallel,
                 running: 0,
                 accepting: true,
                 cancel_running: false,
@@ -223,7 +226,9 @@ impl Engine {
             return Err(Error::ShuttingDown);
         }
         queue.waiting.retain(|job| !job.cancel.is_cancelled());
-        if queue.waiting.len() >= queue.capacity {
+        // Queued requests that free sequences will take at the scheduler's next step do not wait.
+        let free = queue.sequences.saturating_sub(queue.running);
+        if queue.waiting.len() >= queue.capacity + free {
             return Err(Error::QueueFull {
                 queue: queue.capacity,
             });
@@ -917,6 +922,34 @@ mod tests {
         engine.shutdown();
         let late = engine.submit(Request::new(prompt(4, 3, vocab), greedy(3)));
         assert!(matches!(late, Err(Error::ShuttingDown)));
+    }
+
+    /// With no waiting room, a request is taken while a sequence is free and refused while none
+    /// is.
+    #[test]
+    fn a_queue_of_zero_takes_requests_only_for_free_sequences() {
+        let model = tiny_model(1);
+        let vocab = model.config().vocab_size;
+        let engine = Engine::new(
+            Arc::clone(&model),
+            EngineOptions {
+                parallel: 1,
+                queue: 0,
+            },
+        )
+        .unwrap();
+        let (tokens, _, _) = collect(
+            engine
+                .submit(Request::new(prompt(4, 0, vocab), greedy(2)))
+                .unwrap(),
+        );
+        assert_eq!(tokens.len(), 2);
+        let mut running = engine
+            .submit(Request::new(prompt(4, 1, vocab), greedy(10_000)))
+            .unwrap();
+        assert!(matches!(running.next(), Some(Event::Piece(_))));
+        let refused = engine.submit(Request::new(prompt(4, 2, vocab), greedy(2)));
+        assert!(matches!(refused, Err(Error::QueueFull { queue: 0 })));
     }
 
     /// Dropping a stream, a sink returning false, `cancel_all` and dropping the engine all end
