@@ -118,6 +118,15 @@ pub enum Error {
     /// An option value is invalid.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// The scheduler's queue is full: as many requests wait as it was allowed to hold.
+    #[error("the server is busy: {queue} requests are already waiting; retry later")]
+    QueueFull {
+        /// How many requests may wait.
+        queue: usize,
+    },
+    /// The scheduler no longer accepts requests (it is shutting down).
+    #[error("the server is shutting down and accepts no new requests")]
+    ShuttingDown,
     /// A kernel rejected its inputs.
     #[error(transparent)]
     Kernel(#[from] lutra_kernels::KernelError),

@@ -17,6 +17,7 @@ pub mod architecture;
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod engine;
 pub mod error;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
@@ -35,6 +36,7 @@ pub mod session;
 pub mod tokenizer;
 pub mod weights;
 
+pub use engine::{Engine, EngineOptions, Event, Request, RequestStream};
 pub use error::{Error, Result};
 pub use generate::{CancelToken, GenerateOptions, Generator, Piece, Stats, StopReason};
 pub use perplexity::{perplexity, PerplexityResult};

@@ -16,8 +16,6 @@ pub(crate) mod synthetic;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Mutex;
-
 use lutra_kernels::{Cpu, Isa};
 
 use crate::chat::ChatTemplate;
@@ -28,7 +26,8 @@ use crate::linear::Linear;
 pub use crate::quantize::Requantize;
 use crate::rope::Rope;
 use crate::tokenizer::Tokenizer;
-use forward::RunState;
+pub use forward::SequenceBatch;
+use forward::{RunState, ScratchPool};
 pub use hf::HF_DEFAULT_REQUANTIZE;
 
 /// Largest number of tokens pushed through the matrices at once during prefill: enough for the
@@ -256,8 +255,8 @@ pub struct Model {
     tensors: Vec<TensorForm>,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<ChatTemplate>,
-    /// Scratch of the forward pass; a mutex because `forward` takes `&self`.
-    state: Mutex<RunState>,
+    /// Scratch of the forward passes running now and of those that ran before.
+    scratch: ScratchPool,
 }
 
 impl std::fmt::Debug for Model {
@@ -351,9 +350,21 @@ impl Model {
             tensors: parts.tensors,
             tokenizer: parts.tokenizer,
             chat_template: parts.chat_template,
-            state: Mutex::new(state),
+            scratch: ScratchPool::with(state),
             config,
         })
+    }
+
+    /// Scratch for one forward pass of up to [`MAX_BATCH`] tokens.
+    fn new_run_state(&self) -> RunState {
+        let head = self.output.as_ref().unwrap_or(&self.embedding);
+        RunState::new(
+            &self.config,
+            &self.layers,
+            head,
+            self.context_length,
+            MAX_BATCH,
+        )
     }
 
     /// Shape and hyper-parameters.

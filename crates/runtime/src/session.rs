@@ -36,20 +36,9 @@ impl<'m> ChatSession<'m> {
     /// A new conversation, with an optional system message. Uses the model's chat template
     /// (ChatML when the model has none).
     pub fn new(model: &'m Model, system: Option<&str>, opts: GenerateOptions) -> Result<Self> {
-        let tokenizer = model.tokenizer().ok_or_else(|| {
-            Error::InvalidOption("this model has no tokenizer, so it cannot chat".into())
-        })?;
-        let template = match model.chat_template() {
-            Some(t) => TemplateRef::Model(t),
-            None => TemplateRef::Owned(Box::new(ChatTemplate::chatml())),
-        };
-        let end_of_turn = match template.get().end_of_turn() {
-            Some(marker) => match tokenizer.encode(marker, true)?.as_slice() {
-                [id] => Some(*id),
-                _ => None,
-            },
-            None => None,
-        };
+        let tokenizer = chat_tokenizer(model)?;
+        let template = TemplateRef::of(model);
+        let end_of_turn = end_of_turn_token(template.get(), tokenizer)?;
         let messages = system
             .map(|s| {
                 vec![Message {
@@ -189,10 +178,62 @@ impl<'m> ChatSession<'m> {
     }
 }
 
+/// A conversation rendered for a model to reply to ([`chat_prompt`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatPrompt {
+    /// The conversation as the chat template writes it, ending with the assistant's header.
+    pub text: String,
+    /// Its tokens (special tokens parsed), with one BOS where the model wants one.
+    pub tokens: Vec<u32>,
+    /// The template's end-of-turn marker, when it is one token: generation should stop there.
+    pub end_of_turn: Option<u32>,
+}
+
+/// Renders `messages` with the model's chat template (ChatML when the model has none), ready for
+/// the assistant's reply, and tokenizes it as [`ChatSession`] does, so that every front end (chat,
+/// server, C library) feeds a model the same tokens for the same conversation.
+pub fn chat_prompt(model: &Model, messages: &[Message]) -> Result<ChatPrompt> {
+    let tokenizer = chat_tokenizer(model)?;
+    let template = TemplateRef::of(model);
+    let text = template.get().render(messages, true)?;
+    let tokens = chat_tokens(tokenizer.encode(&text, true)?, tokenizer.bos_id());
+    Ok(ChatPrompt {
+        text,
+        tokens,
+        end_of_turn: end_of_turn_token(template.get(), tokenizer)?,
+    })
+}
+
+fn chat_tokenizer(model: &Model) -> Result<&Tokenizer> {
+    model.tokenizer().ok_or_else(|| {
+        Error::InvalidOption("this model has no tokenizer, so it cannot chat".into())
+    })
+}
+
+/// The template's end-of-turn marker as a token id, when it is exactly one token.
+fn end_of_turn_token(template: &ChatTemplate, tokenizer: &Tokenizer) -> Result<Option<u32>> {
+    Ok(match template.end_of_turn() {
+        Some(marker) => match tokenizer.encode(marker, true)?.as_slice() {
+            [id] => Some(*id),
+            _ => None,
+        },
+        None => None,
+    })
+}
+
 /// The model's template, or a fallback owned by the session.
 enum TemplateRef<'m> {
     Model(&'m ChatTemplate),
     Owned(Box<ChatTemplate>),
+}
+
+impl<'m> TemplateRef<'m> {
+    fn of(model: &'m Model) -> TemplateRef<'m> {
+        match model.chat_template() {
+            Some(t) => TemplateRef::Model(t),
+            None => TemplateRef::Owned(Box::new(ChatTemplate::chatml())),
+        }
+    }
 }
 
 impl TemplateRef<'_> {
@@ -205,7 +246,7 @@ impl TemplateRef<'_> {
 }
 
 /// Length of the longest common prefix of two token sequences.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 

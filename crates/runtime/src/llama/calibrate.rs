@@ -6,7 +6,7 @@ use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 
 pub(crate) use super::forward::MatrixInput;
-use super::forward::{InputObserver, RunState};
+use super::forward::{InputObserver, RunState, Segment};
 use super::{Model, MAX_BATCH};
 
 /// A matrix of a transformer block, by role.
@@ -120,6 +120,8 @@ impl Model {
             BlockMatrix::Down => &mut l.w_down,
         };
         *slot = matrix;
+        // Run states are sized for the matrices they were made for.
+        self.scratch = super::forward::ScratchPool::default();
         Ok(())
     }
 
@@ -174,15 +176,12 @@ impl Model {
             let observe = observe
                 .as_mut()
                 .map(|f| &mut **f as &mut dyn FnMut(MatrixInput, &[f32]));
-            self.block(
-                &mut runner.state,
-                layer,
-                n,
-                b * MAX_BATCH,
-                &mut runner.cache,
-                0,
-                observe,
-            )?;
+            let mut segs = [Segment {
+                rows: n,
+                pos0: b * MAX_BATCH,
+                cache: &mut runner.cache,
+            }];
+            self.block(&mut runner.state, layer, &mut segs, 0, observe)?;
             chunk.copy_from_slice(runner.state.x_mut(n));
         }
         Ok(())

@@ -20,6 +20,8 @@
 //! Tokens go through the matrices in batches of up to `max_batch` (prefill via mpGEMM; decode is
 //! a batch of one). Every buffer lives in [`RunState`], sized once for the largest batch.
 
+use std::sync::Mutex;
+
 use lutra_kernels::{vector, Cpu};
 
 use crate::attention::{Attention, AttentionShape};
@@ -72,6 +74,36 @@ pub(crate) struct RunState {
     attention: Attention,
 }
 
+/// Run states not in use. A forward pass takes one (or makes one when all are in use) and puts it
+/// back, so callers on several threads never wait for each other's scratch; the pool keeps as many
+/// as were ever in use at once.
+#[derive(Debug, Default)]
+pub(crate) struct ScratchPool(Mutex<Vec<RunState>>);
+
+impl ScratchPool {
+    /// A pool holding `state`.
+    pub(crate) fn with(state: RunState) -> ScratchPool {
+        ScratchPool(Mutex::new(vec![state]))
+    }
+
+    /// A run state for `model`'s forward pass.
+    pub(crate) fn take(&self, model: &Model) -> RunState {
+        let spare = self.spares().pop();
+        spare.unwrap_or_else(|| model.new_run_state())
+    }
+
+    /// Gives back a run state taken from this pool.
+    pub(crate) fn put(&self, state: RunState) {
+        self.spares().push(state);
+    }
+
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<RunState>> {
+        // A poisoned lock only means a thread panicked while pushing or popping; the list is
+        // still a list of complete run states.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl RunState {
     /// The residual rows of a batch of `n` tokens.
     pub(crate) fn x_mut(&mut self, n: usize) -> &mut [f32] {
@@ -116,15 +148,27 @@ impl RunState {
     }
 }
 
+/// One sequence's share of a batched forward pass ([`Model::forward_sequences`]).
+pub struct SequenceBatch<'a> {
+    /// Tokens appended to the sequence, at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    /// The sequence's KV cache.
+    pub cache: &'a mut KvCache,
+    /// Whether to write the logits of the last of `tokens`.
+    pub logits: bool,
+}
+
+/// One sequence's rows in a block's batch: `rows` residual rows at positions `pos0..`, whose keys
+/// and values go to `cache`.
+pub(super) struct Segment<'c> {
+    pub(super) rows: usize,
+    pub(super) pos0: usize,
+    pub(super) cache: &'c mut KvCache,
+}
+
 impl Model {
-    /// Checks the arguments, then runs the tokens through in batches.
-    pub(super) fn run(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        logits: &mut [f32],
-        all_logits: bool,
-    ) -> Result<()> {
+    /// Checks that `tokens` can be appended to `cache`, and makes room for them.
+    fn check_sequence(&self, tokens: &[u32], cache: &mut KvCache) -> Result<()> {
         let c = &self.config;
         let vocab = c.vocab_size;
         if tokens.is_empty() {
@@ -143,6 +187,26 @@ impl Model {
                 "the KV cache was made for a different model".into(),
             ));
         }
+        let context = cache.capacity().min(self.context_length);
+        if cache.len() + tokens.len() > context {
+            return Err(Error::ContextOverflow {
+                tokens: cache.len() + tokens.len(),
+                context,
+            });
+        }
+        cache.reserve(cache.len() + tokens.len())
+    }
+
+    /// Checks the arguments, then runs the tokens through in batches.
+    pub(super) fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: &mut [f32],
+        all_logits: bool,
+    ) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        self.check_sequence(tokens, cache)?;
         let want = if all_logits {
             tokens.len() * vocab
         } else {
@@ -154,67 +218,121 @@ impl Model {
                 logits.len()
             )));
         }
-        let context = cache.capacity().min(self.context_length);
-        if cache.len() + tokens.len() > context {
-            return Err(Error::ContextOverflow {
-                tokens: cache.len() + tokens.len(),
-                context,
-            });
-        }
-        cache.reserve(cache.len() + tokens.len())?;
-
-        // A poisoned lock only means an earlier forward panicked mid-way; the scratch is
-        // overwritten before it is read, so it is still usable.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let st = &mut *state;
+        let mut st = self.scratch.take(self);
         let batches = tokens.chunks(st.max_batch);
         let last = batches.len() - 1;
-        for (b, batch) in batches.enumerate() {
+        let result = batches.enumerate().try_for_each(|(b, batch)| {
             let n = batch.len();
-            let out = if all_logits {
+            let (out, wanted) = if all_logits {
                 let start = b * st.max_batch * vocab;
-                Some((&mut logits[start..start + n * vocab], 0..n))
+                (&mut logits[start..start + n * vocab], 0..n)
             } else if b == last {
-                Some((&mut logits[..], n - 1..n))
+                (&mut logits[..], n - 1..n)
             } else {
-                None
+                (&mut logits[..0], 0..0)
             };
-            self.forward_batch(st, batch, cache, out)?;
-        }
-        Ok(())
+            let pos0 = cache.len();
+            let mut segs = [Segment {
+                rows: n,
+                pos0,
+                cache: &mut *cache,
+            }];
+            self.forward_rows(&mut st, batch, &mut segs, wanted, out)
+        });
+        self.scratch.put(st);
+        result
     }
 
-    /// One batch of tokens at positions `cache.len()..`; writes the logits of the tokens in
-    /// `out.1` (indices within the batch) into `out.0`.
-    fn forward_batch(
+    /// Runs the tokens of several sequences through the model together: each matrix multiplies
+    /// the rows of all of them at once (the weights are read once per step, not once per
+    /// sequence), while each sequence attends only to its own KV cache at its own positions.
+    /// For every sequence whose `logits` is set, in order, the logits of its last token are
+    /// written to `logits` (`[wanted][vocab_size]`).
+    ///
+    /// At most [`MAX_BATCH`](super::MAX_BATCH) tokens in all. The result for each sequence
+    /// equals a [`Model::forward`] of its tokens alone, up to the rounding of the batched kernels.
+    pub fn forward_sequences(
+        &self,
+        seqs: &mut [SequenceBatch<'_>],
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if seqs.is_empty() {
+            return Err(Error::InvalidOption("forward of zero sequences".into()));
+        }
+        if total > super::MAX_BATCH {
+            return Err(Error::InvalidOption(format!(
+                "a batch of {total} tokens; at most {} go through at once",
+                super::MAX_BATCH
+            )));
+        }
+        let wanted = seqs.iter().filter(|s| s.logits).count();
+        if logits.len() != wanted * vocab {
+            return Err(Error::InvalidOption(format!(
+                "logits buffer holds {} values, expected {}",
+                logits.len(),
+                wanted * vocab
+            )));
+        }
+        for s in seqs.iter_mut() {
+            self.check_sequence(s.tokens, s.cache)?;
+        }
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let mut rows = Vec::with_capacity(wanted);
+        let mut end = 0;
+        for s in seqs.iter() {
+            end += s.tokens.len();
+            if s.logits {
+                rows.push(end - 1);
+            }
+        }
+        let mut segs: Vec<Segment<'_>> = seqs
+            .iter_mut()
+            .map(|s| Segment {
+                rows: s.tokens.len(),
+                pos0: s.cache.len(),
+                cache: &mut *s.cache,
+            })
+            .collect();
+        let mut st = self.scratch.take(self);
+        let result = self.forward_rows(&mut st, &tokens, &mut segs, rows, logits);
+        self.scratch.put(st);
+        result
+    }
+
+    /// One batch of rows: `tokens` split into `segs` (one per sequence, in order); writes the
+    /// logits of the rows in `wanted` (indices within the batch, ascending) into `logits`.
+    fn forward_rows(
         &self,
         st: &mut RunState,
         tokens: &[u32],
-        cache: &mut KvCache,
-        out: Option<(&mut [f32], std::ops::Range<usize>)>,
+        segs: &mut [Segment<'_>],
+        wanted: impl IntoIterator<Item = usize>,
+        logits: &mut [f32],
     ) -> Result<()> {
         let c = &self.config;
         let cpu = &self.cpu;
-        let (n, pos0) = (tokens.len(), cache.len());
+        let n = tokens.len();
         let (h, eps) = (c.hidden_size, c.rms_eps);
         self.embed(tokens, &mut st.x[..n * h])?;
 
         for l in 0..self.layers.len() {
-            self.block(st, l, n, pos0, cache, l, None)?;
+            self.block(st, l, segs, l, None)?;
         }
-        cache.advance(n);
+        for seg in segs.iter_mut() {
+            seg.cache.advance(seg.rows);
+        }
         let x = &st.x[..n * h];
 
-        // Final norm and LM head, only for the tokens whose logits are wanted.
-        if let Some((logits, wanted)) = out {
-            let m = wanted.len();
-            rmsnorm(
-                cpu,
-                st.head_in.values_mut(m),
-                &x[wanted.start * h..wanted.end * h],
-                &self.output_norm,
-                eps,
-            );
+        // Final norm and LM head, only for the rows whose logits are wanted.
+        let wanted: Vec<usize> = wanted.into_iter().collect();
+        let m = wanted.len();
+        if m > 0 {
+            let head_in = st.head_in.values_mut(m);
+            for (out, &r) in head_in.chunks_exact_mut(h).zip(&wanted) {
+                rmsnorm(cpu, out, &x[r * h..(r + 1) * h], &self.output_norm, eps);
+            }
             let head = self.output.as_ref().unwrap_or(&self.embedding);
             st.head_in.prepare(cpu, &[head])?;
             head.matmul(cpu, &st.head_in, logits)?;
@@ -239,20 +357,20 @@ impl Model {
         Ok(())
     }
 
-    /// Transformer block `l` on the `n` residual rows in `st.x`, at positions `pos0..pos0 + n`,
-    /// storing keys and values in layer `cache_layer` of `cache` (which has room for them).
-    /// `observe`, when given, sees the input rows of each group of matrices as they read them.
-    #[allow(clippy::too_many_arguments)]
+    /// Transformer block `l` on the residual rows in `st.x`: the rows of each sequence in
+    /// `segs`, in order, at that sequence's positions, storing keys and values in layer
+    /// `cache_layer` of its cache (which has room for them). The matrices read all rows at once;
+    /// attention reads each sequence's own cache. `observe`, when given, sees the input rows of
+    /// each group of matrices as they read them.
     pub(super) fn block(
         &self,
         st: &mut RunState,
         l: usize,
-        n: usize,
-        pos0: usize,
-        cache: &mut KvCache,
+        segs: &mut [Segment<'_>],
         cache_layer: usize,
         mut observe: Option<InputObserver<'_>>,
     ) -> Result<()> {
+        let n: usize = segs.iter().map(|s| s.rows).sum();
         let c = &self.config;
         let cpu = &self.cpu;
         let layer = &self.layers[l];
@@ -294,19 +412,34 @@ impl Model {
             Some(_) => self.rope_local.as_ref().unwrap_or(&self.rope),
             None => &self.rope,
         };
-        for (t, (qt, kt)) in q
-            .chunks_exact_mut(q_dim)
-            .zip(k.chunks_exact_mut(kv_dim))
-            .enumerate()
-        {
-            rope.apply(qt, pos0 + t);
-            rope.apply(kt, pos0 + t);
-        }
-        cache.store(cache_layer, pos0, k, v);
         let att = st.o_in.values_mut(n);
         let window = window.map(|w| w.size);
-        st.attention
-            .attend(cpu, cache.layer(cache_layer), q, n, pos0, window, att);
+        let mut row = 0;
+        for seg in segs.iter_mut() {
+            let (rows, pos0) = (row..row + seg.rows, seg.pos0);
+            row += seg.rows;
+            let qs = &mut q[rows.start * q_dim..rows.end * q_dim];
+            let ks = &mut k[rows.start * kv_dim..rows.end * kv_dim];
+            for (t, (qt, kt)) in qs
+                .chunks_exact_mut(q_dim)
+                .zip(ks.chunks_exact_mut(kv_dim))
+                .enumerate()
+            {
+                rope.apply(qt, pos0 + t);
+                rope.apply(kt, pos0 + t);
+            }
+            let vs = &v[rows.start * kv_dim..rows.end * kv_dim];
+            seg.cache.store(cache_layer, pos0, ks, vs);
+            st.attention.attend(
+                cpu,
+                seg.cache.layer(cache_layer),
+                qs,
+                seg.rows,
+                pos0,
+                window,
+                &mut att[rows.start * q_dim..rows.end * q_dim],
+            );
+        }
         if let Some(w) = &layer.attn_sub_norm {
             rmsnorm_in_place(cpu, att, w, eps);
         }

@@ -1185,3 +1185,144 @@ fn a_block_matrix_is_replaced_only_by_one_of_its_shape() {
         .unwrap();
     assert_ne!(run(&model), before);
 }
+
+/// Three sequences at different depths in one batch (a prefill chunk between two decode steps)
+/// give each the logits it gets alone, and fill each cache as running alone does.
+#[test]
+fn sequences_batched_together_equal_each_alone() {
+    for (reference, threads) in [(true, 1), (false, 1), (false, 2)] {
+        let opts = LoadOptions {
+            threads,
+            ..options(reference)
+        };
+        let model = synthetic_model(tiny_config(), 4, 32, &opts, 11).unwrap();
+        let vocab = model.config().vocab_size;
+        let histories = [prompt(9, vocab), prompt(1, vocab), prompt(30, vocab)];
+        let steps: [Vec<u32>; 3] = [vec![5], vec![7, 8, 9, 10, 11, 12], vec![42]];
+        let mut alone = Vec::new();
+        let mut caches = Vec::new();
+        for (history, step) in histories.iter().zip(&steps) {
+            let mut cache = model.new_cache();
+            let mut logits = vec![0.0; vocab];
+            model.forward(history, &mut cache, &mut logits).unwrap();
+            caches.push(cache.clone());
+            model.forward(step, &mut cache, &mut logits).unwrap();
+            alone.push(logits);
+        }
+        let [c0, c1, c2] = &mut caches[..] else {
+            unreachable!()
+        };
+        let mut seqs = [
+            SequenceBatch {
+                tokens: &steps[0],
+                cache: c0,
+                logits: true,
+            },
+            SequenceBatch {
+                tokens: &steps[1],
+                cache: c1,
+                logits: false,
+            },
+            SequenceBatch {
+                tokens: &steps[2],
+                cache: c2,
+                logits: true,
+            },
+        ];
+        let mut logits = vec![0.0; 2 * vocab];
+        model.forward_sequences(&mut seqs, &mut logits).unwrap();
+        for (got, want) in logits.chunks_exact(vocab).zip([&alone[0], &alone[2]]) {
+            let err = rel_error(got, want);
+            assert!(
+                err < 1e-4,
+                "reference {reference}, {threads} threads: {err}"
+            );
+        }
+        let lens: Vec<usize> = caches.iter().map(KvCache::len).collect();
+        assert_eq!(lens, [10, 7, 31]);
+        // The middle sequence's cache now holds its step: its next token matches running alone.
+        let mut next = vec![0.0; vocab];
+        model.forward(&[3], &mut caches[1], &mut next).unwrap();
+        let mut cache = model.new_cache();
+        let mut want = vec![0.0; vocab];
+        let mut all: Vec<u32> = histories[1].clone();
+        all.extend(&steps[1]);
+        all.push(3);
+        model.forward(&all, &mut cache, &mut want).unwrap();
+        assert!(rel_error(&next, &want) < 1e-4);
+    }
+}
+
+#[test]
+fn batched_sequences_are_checked() {
+    let model = synthetic_model(tiny_config(), 4, 32, &options(false), 11).unwrap();
+    let vocab = model.config().vocab_size;
+    let mut cache = model.new_cache();
+    let long = prompt(MAX_BATCH + 1, vocab);
+    let mut logits = vec![0.0; vocab];
+    let too_many = model.forward_sequences(
+        &mut [SequenceBatch {
+            tokens: &long,
+            cache: &mut cache,
+            logits: true,
+        }],
+        &mut logits,
+    );
+    assert!(matches!(too_many, Err(Error::InvalidOption(m)) if m.contains("at most")));
+    let wrong_logits = model.forward_sequences(
+        &mut [SequenceBatch {
+            tokens: &[1, 2],
+            cache: &mut cache,
+            logits: false,
+        }],
+        &mut logits,
+    );
+    assert!(matches!(wrong_logits, Err(Error::InvalidOption(m)) if m.contains("logits")));
+    let bad_token = model.forward_sequences(
+        &mut [SequenceBatch {
+            tokens: &[vocab as u32],
+            cache: &mut cache,
+            logits: true,
+        }],
+        &mut logits,
+    );
+    assert!(matches!(bad_token, Err(Error::InvalidOption(m)) if m.contains("vocabulary")));
+    assert_eq!(cache.len(), 0);
+}
+
+/// Forward passes on several threads at once (each with its own cache) give what one gives alone:
+/// each takes its own scratch, and the worker pool serves one dispatch at a time.
+#[test]
+fn concurrent_forwards_do_not_share_scratch() {
+    let opts = LoadOptions {
+        threads: 2,
+        ..options(false)
+    };
+    let model = synthetic_model(tiny_config(), 4, 32, &opts, 13).unwrap();
+    let vocab = model.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(20 + 13 * i, vocab)).collect();
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut logits = vec![0.0; vocab];
+            model
+                .forward(p, &mut model.new_cache(), &mut logits)
+                .unwrap();
+            logits
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (p, want) in prompts.iter().zip(&alone) {
+            let model = &model;
+            s.spawn(move || {
+                for _ in 0..10 {
+                    let mut logits = vec![0.0; vocab];
+                    model
+                        .forward(p, &mut model.new_cache(), &mut logits)
+                        .unwrap();
+                    assert_eq!(&logits, want);
+                }
+            });
+        }
+    });
+}
