@@ -68,7 +68,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 fn set_last_error(message: Option<String>) {
-    let message = message.map(|m| crate::strings::to_c_string(&m));
+    let message = message.map(|m| crate::text::to_c_string(&m));
     // `try_with`: during thread teardown the slot may be gone; the message is then dropped.
     let _ = LAST_ERROR.try_with(|slot| *slot.borrow_mut() = message);
 }

@@ -9,7 +9,7 @@ use crate::ffi::{opt_ref_arg, ref_arg, str_arg, write_out};
 use crate::model::lutra_model;
 use crate::params::lutra_generate_params;
 use crate::stream::{self, lutra_token_callback, Sink};
-use crate::strings::to_c_string;
+use crate::text::to_c_string;
 
 /// Continues `prompt` (raw text; special-token text such as `<|im_start|>` becomes its token, and
 /// a BOS is added when the model asks for one), without a chat template.
@@ -45,7 +45,7 @@ pub unsafe extern "C" fn lutra_generate(
         let prompt = unsafe { str_arg(prompt, "prompt") }?;
         // SAFETY: the caller passes a valid params struct or NULL.
         let params = unsafe { opt_ref_arg(params) }.copied().unwrap_or_default();
-        let options = params.to_options()?;
+        let options = params.options()?;
         let tokenizer = model
             .model()
             .tokenizer()

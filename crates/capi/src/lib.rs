@@ -36,6 +36,7 @@ pub mod strings;
 
 mod ffi;
 mod stream;
+mod text;
 
 #[cfg(test)]
 mod tests;

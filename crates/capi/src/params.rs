@@ -8,7 +8,7 @@ use crate::error::{ApiError, ApiResult};
 /// How to load a model. Zero in a field means its default; `lutra_load_options_default()` gives
 /// all defaults.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct lutra_load_options {
     /// Worker threads of the matrix kernels; 0: one per core.
     pub threads: u32,
@@ -23,16 +23,6 @@ pub struct lutra_load_options {
 #[no_mangle]
 pub extern "C" fn lutra_load_options_default() -> lutra_load_options {
     lutra_load_options::default()
-}
-
-impl Default for lutra_load_options {
-    fn default() -> lutra_load_options {
-        lutra_load_options {
-            threads: 0,
-            context_length: 0,
-            parallel: 0,
-        }
-    }
 }
 
 /// Sequences batched together when `parallel` is 0.
@@ -94,7 +84,7 @@ impl Default for lutra_generate_params {
 
 impl lutra_generate_params {
     /// The runtime's options for these parameters, or an error naming the first bad field.
-    pub(crate) fn to_options(&self) -> ApiResult<GenerateOptions> {
+    pub(crate) fn options(&self) -> ApiResult<GenerateOptions> {
         if self.max_tokens == 0 {
             return Err("max_tokens is 0; it must be at least 1".into());
         }
@@ -142,7 +132,7 @@ mod tests {
 
     #[test]
     fn defaults_convert_to_the_runtime_defaults() {
-        let opts = lutra_generate_params_default().to_options().unwrap();
+        let opts = lutra_generate_params_default().options().unwrap();
         assert_eq!(opts, lutra_runtime::generate::GenerateOptions::default());
     }
 
@@ -150,16 +140,17 @@ mod tests {
     fn a_seed_is_used_only_when_flagged() {
         let mut p = lutra_generate_params_default();
         p.seed = 42;
-        assert_eq!(p.to_options().unwrap().sampler.seed, None);
+        assert_eq!(p.options().unwrap().sampler.seed, None);
         p.has_seed = true;
-        assert_eq!(p.to_options().unwrap().sampler.seed, Some(42));
+        assert_eq!(p.options().unwrap().sampler.seed, Some(42));
         p.seed = 0;
-        assert_eq!(p.to_options().unwrap().sampler.seed, Some(0));
+        assert_eq!(p.options().unwrap().sampler.seed, Some(0));
     }
 
     #[test]
     fn bad_fields_are_named() {
-        let bad: [(&str, fn(&mut lutra_generate_params)); 6] = [
+        type Spoil = fn(&mut lutra_generate_params);
+        let bad: [(&str, Spoil); 6] = [
             ("max_tokens", |p| p.max_tokens = 0),
             ("temperature", |p| p.temperature = f32::NAN),
             ("top_p", |p| p.top_p = 1.5),
@@ -170,7 +161,7 @@ mod tests {
         for (field, spoil) in bad {
             let mut p = lutra_generate_params_default();
             spoil(&mut p);
-            let err = p.to_options().unwrap_err();
+            let err = p.options().unwrap_err();
             assert!(err.0.starts_with(field), "{field}: {}", err.0);
         }
     }

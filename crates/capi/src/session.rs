@@ -14,7 +14,7 @@ use crate::ffi::{opt_ref_arg, opt_str_arg, ref_arg, str_arg, write_out};
 use crate::model::lutra_model;
 use crate::params::lutra_generate_params;
 use crate::stream::{self, lutra_token_callback, Sink};
-use crate::strings::to_c_string;
+use crate::text::to_c_string;
 
 /// A chat conversation with a model (opaque). Turns of one session run one at a time (a second
 /// `lutra_session_send` waits for the first); different sessions run at once, batched together.
@@ -31,7 +31,7 @@ impl lutra_session {
     /// Runs one turn: `user` joins the conversation, the reply streams to `sink` and joins it
     /// too. On error the user message is taken back out.
     fn send(&self, user: &str, params: &lutra_generate_params, sink: &Sink) -> ApiResult<String> {
-        let options = params.to_options()?;
+        let options = params.options()?;
         let mut messages = self.messages.lock().unwrap_or_else(PoisonError::into_inner);
         messages.push(Message::new("user", user));
         let turn = || -> ApiResult<String> {

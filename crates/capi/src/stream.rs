@@ -7,7 +7,7 @@ use lutra_runtime::engine::{Engine, Event, Request};
 use lutra_runtime::generate::{CancelToken, StopReason};
 
 use crate::error::{ApiError, ApiResult};
-use crate::strings::to_c_string;
+use crate::text::to_c_string;
 
 /// Called with each piece of generated text (`piece`: NUL-terminated UTF-8, valid only during
 /// the call) and the `user_data` given with it, on the thread that made the request. Return 0 to

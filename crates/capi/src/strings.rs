@@ -1,4 +1,4 @@
-//! Strings handed to C: the library's version, replies and messages, and their release.
+//! The strings C frees or reads: `lutra_string_free` and the library's version.
 
 use std::ffi::{c_char, CStr, CString};
 
@@ -8,17 +8,6 @@ const VERSION: &CStr =
         Ok(v) => v,
         Err(_) => panic!("the package version has an interior NUL"),
     };
-
-/// `text` as a C string. A C string cannot hold a NUL character, so any NUL in `text` (a model
-/// may generate one) is left out.
-pub(crate) fn to_c_string(text: &str) -> CString {
-    let bytes: Vec<u8> = text.bytes().filter(|&b| b != 0).collect();
-    match CString::new(bytes) {
-        Ok(s) => s,
-        // Unreachable: every NUL was removed above.
-        Err(_) => CString::default(),
-    }
-}
 
 /// Frees a string that lutra returned through an out-parameter (`reply_out`, `out`). NULL is
 /// ignored. Never pass it the result of `lutra_last_error` or `lutra_version`.

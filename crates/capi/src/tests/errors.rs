@@ -77,7 +77,6 @@ fn null_arguments_are_errors() {
     let model = real_model();
     let text = c_string("Hi");
     let mut n = 0usize;
-    let mut out: *mut c_char = null_mut();
 
     // SAFETY (every call below): NULL where a pointer is tested, valid pointers elsewhere.
     assert!(unsafe { lutra_model_load(null(), null()) }.is_null());
@@ -108,7 +107,7 @@ fn null_arguments_are_errors() {
         Some("tokens is NULL but capacity is 4")
     );
 
-    out = 1 as *mut c_char; // a stale value the call must overwrite
+    let mut out = std::ptr::dangling_mut::<c_char>(); // a stale value the call must overwrite
     let status =
         unsafe { lutra_generate(null(), text.as_ptr(), null(), None, null_mut(), &mut out) };
     assert_eq!(
