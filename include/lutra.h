@@ -128,6 +128,9 @@ void lutra_session_free(struct lutra_session *session);
 // why; the user message is then not part of the conversation). A conversation too long for the
 // context is an error.
 //
+// The callback may call other lutra functions (`lutra_session_cancel` included); a
+// `lutra_session_send` on this same session from it fails (a session runs one turn at a time).
+//
 // # Safety
 // `session` is NULL or a live session; `user_message` is NULL or a NUL-terminated string;
 // `params` is NULL or points to a `lutra_generate_params`; `callback` is NULL or a function of
@@ -193,9 +196,9 @@ int lutra_tokenize(const struct lutra_model *model,
 // succeeded (or it has made none).
 //
 // Every function that returns a status or a handle (`lutra_model_load`, `lutra_session_new`,
-// `lutra_session_send`, `lutra_session_cancel`, `lutra_generate`, `lutra_tokenize`) clears the
-// message when it starts. The pointer stays valid until the calling thread's next call of one of
-// them; do not free it.
+// `lutra_session_send`, `lutra_session_cancel`, `lutra_generate`, `lutra_tokenize`) sets or
+// clears the message when it returns. The pointer stays valid until the calling thread's next
+// call of one of them returns; do not free it.
 const char *lutra_last_error(void);
 
 // Frees a string that lutra returned through an out-parameter (`reply_out`, `out`). NULL is

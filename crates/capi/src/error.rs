@@ -32,16 +32,19 @@ impl From<&str> for ApiError {
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 thread_local! {
-    /// The message of this thread's last failed call; cleared when a fallible call starts.
+    /// The message of this thread's last failed call; cleared when a fallible call succeeds.
     static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
 }
 
-/// Runs the body of a fallible exported function: clears this thread's last error, runs `body`
-/// catching panics, and on failure records the message and returns `on_error`.
+/// Runs the body of a fallible exported function, catching panics, and records the outcome as
+/// this thread's last error: none on success (also when a callback inside `body` made a failing
+/// call), the message on failure, when `on_error` is returned.
 pub(crate) fn guard<T>(on_error: T, body: impl FnOnce() -> ApiResult<T>) -> T {
-    set_last_error(None);
     let message = match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(value)) => return value,
+        Ok(Ok(value)) => {
+            set_last_error(None);
+            return value;
+        }
         Ok(Err(ApiError(message))) => message,
         Err(payload) => panic_message(payload.as_ref()),
     };
@@ -77,9 +80,9 @@ fn set_last_error(message: Option<String>) {
 /// succeeded (or it has made none).
 ///
 /// Every function that returns a status or a handle (`lutra_model_load`, `lutra_session_new`,
-/// `lutra_session_send`, `lutra_session_cancel`, `lutra_generate`, `lutra_tokenize`) clears the
-/// message when it starts. The pointer stays valid until the calling thread's next call of one of
-/// them; do not free it.
+/// `lutra_session_send`, `lutra_session_cancel`, `lutra_generate`, `lutra_tokenize`) sets or
+/// clears the message when it returns. The pointer stays valid until the calling thread's next
+/// call of one of them returns; do not free it.
 #[no_mangle]
 pub extern "C" fn lutra_last_error() -> *const c_char {
     LAST_ERROR
@@ -89,4 +92,41 @@ pub extern "C" fn lutra_last_error() -> *const c_char {
                 .map_or(std::ptr::null(), |m| m.as_ptr())
         })
         .unwrap_or(std::ptr::null())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+
+    use super::{guard, lutra_last_error, ApiError};
+
+    fn last_error() -> Option<String> {
+        let ptr = lutra_last_error();
+        // SAFETY: NULL or a C string valid until this thread's next fallible call.
+        (!ptr.is_null()).then(|| unsafe { CStr::from_ptr(ptr) }.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_return() {
+        let status = guard(-1, || -> Result<i32, ApiError> {
+            panic!("boom at step {}", 3)
+        });
+        assert_eq!(status, -1);
+        let message = last_error().unwrap();
+        assert!(message.starts_with("internal error in lutra"), "{message}");
+        assert!(message.ends_with("boom at step 3"), "{message}");
+    }
+
+    #[test]
+    fn the_outer_calls_outcome_is_the_last_error() {
+        let status = guard(-1, || {
+            // A failing call made inside a successful one (a callback's, say).
+            assert_eq!(guard(-1, || Err("inner".into())), -1);
+            assert_eq!(last_error().as_deref(), Some("inner"));
+            Ok(0)
+        });
+        assert_eq!((status, last_error()), (0, None));
+        assert_eq!(guard(-1, || Err("outer".into())), -1);
+        assert_eq!(last_error().as_deref(), Some("outer"));
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::ThreadId;
 
 use lutra_runtime::chat::Message;
 use lutra_runtime::engine::{Engine, Request};
@@ -25,6 +26,24 @@ pub struct lutra_session {
     messages: Mutex<Vec<Message>>,
     /// The cancel token of the turn in progress, if any.
     running: Mutex<Option<CancelToken>>,
+    /// The thread running a turn, if any (a callback sending on its own session is refused).
+    turn_thread: Mutex<Option<ThreadId>>,
+}
+
+/// Marks the calling thread as running a turn of a session until dropped.
+struct TurnMark<'s>(&'s Mutex<Option<ThreadId>>);
+
+impl<'s> TurnMark<'s> {
+    fn new(slot: &'s Mutex<Option<ThreadId>>) -> TurnMark<'s> {
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(std::thread::current().id());
+        TurnMark(slot)
+    }
+}
+
+impl Drop for TurnMark<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 impl lutra_session {
@@ -32,7 +51,21 @@ impl lutra_session {
     /// too. On error the user message is taken back out.
     fn send(&self, user: &str, params: &lutra_generate_params, sink: &Sink) -> ApiResult<String> {
         let options = params.options()?;
+        let this_thread = std::thread::current().id();
+        if *self
+            .turn_thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            == Some(this_thread)
+        {
+            return Err(
+                "lutra_session_send was called from a callback of the same session's turn; \
+                 a session runs one turn at a time"
+                    .into(),
+            );
+        }
         let mut messages = self.messages.lock().unwrap_or_else(PoisonError::into_inner);
+        let _mark = TurnMark::new(&self.turn_thread);
         messages.push(Message::new("user", user));
         let turn = || -> ApiResult<String> {
             let prompt = chat_prompt(self.engine.model(), &messages)?;
@@ -82,6 +115,7 @@ pub unsafe extern "C" fn lutra_session_new(
             engine: Arc::clone(&model.engine),
             messages: Mutex::new(messages),
             running: Mutex::new(None),
+            turn_thread: Mutex::new(None),
         };
         Ok(Box::into_raw(Box::new(session)))
     })
@@ -112,6 +146,9 @@ pub unsafe extern "C" fn lutra_session_free(session: *mut lutra_session) {
 /// Returns 0 on success (also when the reply was stopped), -1 on error (`lutra_last_error` says
 /// why; the user message is then not part of the conversation). A conversation too long for the
 /// context is an error.
+///
+/// The callback may call other lutra functions (`lutra_session_cancel` included); a
+/// `lutra_session_send` on this same session from it fails (a session runs one turn at a time).
 ///
 /// # Safety
 /// `session` is NULL or a live session; `user_message` is NULL or a NUL-terminated string;

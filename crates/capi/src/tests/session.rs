@@ -224,6 +224,47 @@ fn lutra_session_cancel_from_another_thread_stops_the_reply() {
 }
 
 #[test]
+fn a_callback_cannot_send_on_its_own_session() {
+    let session = new_session();
+    let handle = SessionPtr(session);
+    let inner = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let seen = inner.clone();
+    let mut pieces = Pieces {
+        on_piece: Some(Box::new(move |n| {
+            if n == 1 {
+                let message = c_string("Interrupting!");
+                // SAFETY: the live session of the turn in progress, a C string, NULL elsewhere.
+                let status = unsafe {
+                    lutra_session_send(
+                        handle.0,
+                        message.as_ptr(),
+                        null(),
+                        None,
+                        null_mut(),
+                        null_mut(),
+                    )
+                };
+                *seen.borrow_mut() = Some((status, last_error()));
+            }
+        })),
+        ..Pieces::default()
+    };
+    let reply = send(
+        session,
+        "What is the capital of France?",
+        &greedy(8),
+        &mut pieces,
+    );
+    assert!(!reply.is_empty());
+    let (status, message) = inner.borrow_mut().take().expect("the callback ran");
+    assert_eq!(status, -1);
+    assert!(message.unwrap().contains("same session"));
+    assert_eq!(last_error(), None, "the outer turn succeeded");
+    // SAFETY: made by lutra_session_new, freed once.
+    unsafe { lutra_session_free(session) };
+}
+
+#[test]
 fn two_sessions_on_two_threads_both_complete() {
     let questions = ["What is the capital of France?", "Name three colors."];
     let barrier = Barrier::new(questions.len());
