@@ -9,12 +9,12 @@
 
 pub use lutra_kernels as kernels;
 pub use lutra_runtime::{
-    architecture, attention, chat, config, error, generate, gguf, kv_cache, linear, llama,
+    architecture, attention, chat, config, engine, error, generate, gguf, kv_cache, linear, llama,
     perplexity, quantize, quantizer, rope, safetensors, sampler, session, tokenizer, weights,
 };
 pub use lutra_runtime::{
-    CancelToken, ChatSession, Error, GenerateOptions, Generator, PerplexityResult, Piece, Result,
-    Sampler, SamplerConfig, Stats, StopReason,
+    CancelToken, ChatSession, Engine, EngineOptions, Error, GenerateOptions, Generator,
+    PerplexityResult, Piece, Result, Sampler, SamplerConfig, Stats, StopReason,
 };
 
 /// The README, compiled by `cargo test --doc` so that its library example keeps building.

@@ -45,6 +45,7 @@ fn help_lists_every_subcommand() {
         "info",
         "bench",
         "bench-kernels",
+        "serve",
     ] {
         assert!(
             help.lines().any(|l| l.trim_start().starts_with(sub)),

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -54,6 +55,12 @@ pub(crate) struct BenchArgs {
         default_value = "0"
     )]
     n_depth: Vec<usize>,
+    /// Also generate with this many sequences at once through the scheduler (continuous
+    /// batching), comma-separated: a `tgN xS` row per -n value, with all sequences' tokens per
+    /// second together
+    #[arg(long = "parallel", value_delimiter = ',',
+          value_parser = clap::value_parser!(u64).range(1..))]
+    parallel: Vec<u64>,
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -116,8 +123,15 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         .iter()
         .filter(|&&n| n > 0)
         .map(|&tokens| (TestKind::Generate, tokens));
+    let parallel = args.parallel.iter().flat_map(|&sequences| {
+        args.n_gen.iter().filter(|&&n| n > 0).map(move |&tokens| {
+            let sequences = sequences as usize;
+            (TestKind::ParallelGenerate { sequences }, tokens)
+        })
+    });
     let tests: Vec<Test> = prompts
         .chain(gens)
+        .chain(parallel)
         .flat_map(|(kind, tokens)| {
             args.n_depth.iter().map(move |&depth| Test {
                 kind,
@@ -131,7 +145,8 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     }
     // Every test starts at its depth; d + p + n is enough for the longest, as in llama-bench.
     let longest = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
-    let context = longest(&args.n_depth) + longest(&args.n_prompt) + longest(&args.n_gen);
+    // The scheduler's tests start from an 8-token prompt and generate one token more.
+    let context = longest(&args.n_depth) + longest(&args.n_prompt) + longest(&args.n_gen) + 9;
     let sources = models
         .iter()
         .map(|m| ModelSource::parse(m).map(|s| (m.clone(), s)))
@@ -163,15 +178,25 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     for (name, source) in &sources {
         // Peak RSS per model rather than per process, where the kernel allows the reset.
         measure::reset_peak_rss();
-        let (mut model, bits, group) = build(source, args, build_threads, context)?;
+        let (model, bits, group) = build(source, args, build_threads, context)?;
+        let mut model = Arc::new(model);
         for &t in &threads {
-            model
+            Arc::get_mut(&mut model)
+                .context("the model is still in use by a scheduler")?
                 .set_threads(t)
                 .with_context(|| format!("{name}: cannot run on {t} threads"))?;
             for &test in &tests {
+                if test.depth > 0 && matches!(test.kind, TestKind::ParallelGenerate { .. }) {
+                    continue;
+                }
                 eprintln!("lutra bench: {name}, {t} threads, {} ...", test.name());
-                let result = measure::run_test(&model, test, &opts)
-                    .with_context(|| format!("{name}: {} failed", test.name()))?;
+                let result = match test.kind {
+                    TestKind::ParallelGenerate { .. } => {
+                        measure::run_parallel_test(&model, test, &opts)
+                    }
+                    _ => measure::run_test(&*model, test, &opts),
+                }
+                .with_context(|| format!("{name}: {} failed", test.name()))?;
                 let size = model.weight_bytes() as u64;
                 let tps = &result.tokens_per_sec;
                 rows.push(BenchRow {
@@ -188,7 +213,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
                     samples: result
                         .seconds
                         .iter()
-                        .map(|s| test.tokens as f64 / s)
+                        .map(|s| timed_tokens(test) as f64 / s)
                         .collect(),
                     effective_gb_per_sec: (test.kind == TestKind::Generate)
                         .then(|| size as f64 * tps.mean / 1e9),
@@ -265,6 +290,14 @@ fn build(
             };
             Ok((model, Some(bits), group))
         }
+    }
+}
+
+/// Tokens one repetition of `test` times: all sequences' together in a scheduler test.
+fn timed_tokens(test: Test) -> usize {
+    match test.kind {
+        TestKind::ParallelGenerate { sequences } => sequences * test.tokens,
+        _ => test.tokens,
     }
 }
 

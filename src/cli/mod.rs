@@ -9,6 +9,7 @@ mod kernels;
 mod plot;
 mod quantize;
 mod report;
+mod serve;
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,8 @@ enum Command {
     BenchKernels(kernels::BenchKernelsArgs),
     /// Quantize a model with GPTQ / HLQ into a file that loads without repacking.
     Quantize(quantize::QuantizeArgs),
+    /// OpenAI-compatible HTTP server (chat and text completions, streamed or not).
+    Serve(serve::ServeArgs),
 }
 
 /// Model file and how to load it; shared by the subcommands that run a model.
@@ -116,7 +119,7 @@ impl CacheArgs {
 
 impl ModelArgs {
     /// The model path: `-m`, or the default model found by [`default_model_path`].
-    fn path(&self) -> Result<PathBuf> {
+    pub(crate) fn path(&self) -> Result<PathBuf> {
         match &self.model {
             Some(path) => Ok(path.clone()),
             None => default_model_path(),
@@ -134,7 +137,7 @@ impl ModelArgs {
     }
 
     /// Loads the model, reporting what and how long on stderr.
-    fn load(&self) -> Result<Model> {
+    pub(crate) fn load(&self) -> Result<Model> {
         let path = self.path()?;
         load_model(&path, &self.load_options()?)
     }
@@ -290,6 +293,7 @@ pub fn run() -> Result<()> {
         Command::Bench(args) => bench::bench(&args),
         Command::BenchKernels(args) => kernels::bench_kernels(&args),
         Command::Quantize(args) => quantize::quantize(&args),
+        Command::Serve(args) => serve::serve(&args),
     }
 }
 
@@ -384,6 +388,52 @@ mod tests {
         assert!(
             Cli::try_parse_from(["lutra", "generate", "-p", "x", "--group-size", "32"]).is_err()
         );
+    }
+
+    #[test]
+    fn serve_flags_follow_llama_server() {
+        let cli = Cli::try_parse_from([
+            "lutra",
+            "serve",
+            "-m",
+            "x.gguf",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--parallel",
+            "2",
+            "-c",
+            "512",
+            "-t",
+            "3",
+            "--api-key",
+            "k",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            (s.host.as_str(), s.port, s.parallel, s.queue),
+            ("0.0.0.0", 0, 2, 64)
+        );
+        assert_eq!(s.api_key.as_deref(), Some("k"));
+        let opts = s.model.load_options().unwrap();
+        assert_eq!((opts.threads, opts.context_length), (3, Some(512)));
+        let defaults = Cli::try_parse_from(["lutra", "serve"]).unwrap();
+        let Command::Serve(d) = defaults.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            (d.host.as_str(), d.port, d.parallel, d.api_key),
+            ("127.0.0.1", 8080, 4, None)
+        );
+        for bad in [["--parallel", "0"], ["--queue", "0"], ["--port", "70000"]] {
+            let mut args = vec!["lutra", "serve"];
+            args.extend(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

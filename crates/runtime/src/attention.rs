@@ -14,6 +14,11 @@
 //! This spreads the work evenly over the threads (a 9-head model on 2 threads split 5/4 by heads),
 //! and the query heads of a group read each span of keys and values while it is in cache. Shorter
 //! contexts keep the one-pass form.
+//!
+//! A batch of query tokens (prefill) goes through the keys and values [`KV_BLOCK`] positions at a
+//! time, flash-attention style: each block is read (an f16 one widened) once for every token of
+//! the batch, and each token keeps a running maximum, sum of exps and weighted sum of values,
+//! rescaled when a later block raises the maximum; no score row as long as the context is kept.
 
 use lutra_kernels::{vector, Cpu};
 
@@ -36,8 +41,7 @@ pub struct Attention {
     shape: AttentionShape,
     capacity: usize,
     max_batch: usize,
-    /// Per head: `[capacity]` scores, `[max_batch][head_dim]` outputs, two conversion blocks of
-    /// `WIDEN_ROWS` rows.
+    /// Per query head: see [`Attention::stride`].
     scratch: Vec<f32>,
     /// Per thread's range of (KV head, span, query head) tasks: each task's `m`, `l` and
     /// `[head_dim]` partial outputs, then f32 rows converted from an f16 cache.
@@ -47,8 +51,9 @@ pub struct Attention {
 /// Positions per task when one token's attention is split over spans of the cache.
 pub(crate) const SPAN: usize = 256;
 
-/// Key/value rows read per call in the batched (prefill) path; an f16 cache widens them to f32.
-const WIDEN_ROWS: usize = 32;
+/// Key/value rows per block of the batched (prefill) path: read (an f16 cache widened to f32) once
+/// for all the batch's tokens.
+const KV_BLOCK: usize = 64;
 
 /// A decoded token attends span by span once it sees more than this many positions.
 pub(crate) const SPLIT_MIN: usize = 2 * SPAN;
@@ -67,8 +72,12 @@ impl Attention {
         attention
     }
 
+    /// Scratch per query head: `[max_batch][head_dim]` outputs, `[max_batch]` running maxima and
+    /// sums, `[KV_BLOCK]` scores, one block's `[head_dim]` weighted values, and a block of keys and
+    /// one of values widened from an f16 cache.
     fn stride(&self) -> usize {
-        self.capacity + (self.max_batch + 2 * WIDEN_ROWS) * self.shape.head_dim
+        let hd = self.shape.head_dim;
+        3 * self.max_batch + KV_BLOCK + hd + (self.max_batch + 2 * KV_BLOCK) * hd
     }
 
     /// Attention of `n` query tokens (`q` is `[n][heads·head_dim]`) at positions `pos0..pos0+n`,
@@ -103,56 +112,72 @@ impl Attention {
         let q_dim = heads * hd;
         let group = heads / kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let capacity = self.capacity;
+        let max_batch = self.max_batch;
         let stride = self.stride();
         let head_stride = cache.head_stride;
+        // Positions some token of the batch sees (`first` does not decrease with `t`).
+        let (lo_all, end_all) = (first(0), pos0 + n);
 
         cpu.for_each_chunk(&mut self.scratch, stride, |start, chunk| {
             let h = start / stride;
             // This KV head's rows, `[position][head_dim]`, contiguous.
             let kv_start = (h / group) * head_stride;
-            let (scores, rest) = chunk.split_at_mut(capacity);
-            let (outs, rest) = rest.split_at_mut(self.max_batch * hd);
-            let (kbuf, vbuf) = rest.split_at_mut(WIDEN_ROWS * hd);
-            for t in 0..n {
-                let (lo, seen) = (first(t), pos0 + t + 1);
-                let qh = &q[t * q_dim + h * hd..][..hd];
-                let scores = &mut scores[..seen - lo];
-                let o = &mut outs[t * hd..(t + 1) * hd];
-                // Scores a block of rows at a time: an f32 cache lends its rows, an f16 one is
-                // widened (exactly) into `kbuf`; dot_rows gives each row the same bits either way.
-                for (b, scores) in scores.chunks_mut(WIDEN_ROWS).enumerate() {
-                    let at = kv_start + (lo + b * WIDEN_ROWS) * hd;
-                    let k = cache.keys.read(cpu, at, scores.len() * hd, &mut *kbuf);
-                    vector::dot_rows(cpu, qh, k, scores);
-                }
-                for score in scores.iter_mut() {
-                    *score *= scale;
-                }
-                softmax(scores);
-                match cache.values {
-                    Rows::F32(values) => {
-                        let rows = kv_start + lo * hd..kv_start + seen * hd;
-                        vector::weighted_row_sum(cpu, o, scores, &values[rows]);
+            let (outs, rest) = chunk.split_at_mut(max_batch * hd);
+            let (maxes, rest) = rest.split_at_mut(max_batch);
+            let (sums, rest) = rest.split_at_mut(max_batch);
+            let (scores, rest) = rest.split_at_mut(KV_BLOCK);
+            let (block_out, rest) = rest.split_at_mut(hd);
+            let (kbuf, vbuf) = rest.split_at_mut(KV_BLOCK * hd);
+            outs[..n * hd].fill(0.0);
+            maxes[..n].fill(f32::NEG_INFINITY);
+            sums[..n].fill(0.0);
+            // Block by block of keys and values (an f16 cache widened once per block for every
+            // token), each token keeping its running maximum, sum of exps and weighted values.
+            let mut p0 = lo_all;
+            while p0 < end_all {
+                let p1 = (p0 + KV_BLOCK).min(end_all);
+                let at = kv_start + p0 * hd;
+                let k = cache.keys.read(cpu, at, (p1 - p0) * hd, &mut *kbuf);
+                let v = cache.values.read(cpu, at, (p1 - p0) * hd, &mut *vbuf);
+                for t in 0..n {
+                    let (lo, seen) = (first(t).max(p0), (pos0 + t + 1).min(p1));
+                    if lo >= seen {
+                        continue;
                     }
-                    values => {
-                        // weighted_row_sum's bits (fill, then one axpy per row), over rows
-                        // widened a block at a time.
-                        o.fill(0.0);
-                        for (b, weights) in scores.chunks(WIDEN_ROWS).enumerate() {
-                            let at = kv_start + (lo + b * WIDEN_ROWS) * hd;
-                            let v = values.read(cpu, at, weights.len() * hd, &mut *vbuf);
-                            for (&w, row) in weights.iter().zip(v.chunks_exact(hd)) {
-                                vector::axpy(cpu, o, w, row);
-                            }
-                        }
+                    let rows = (lo - p0) * hd..(seen - p0) * hd;
+                    let scores = &mut scores[..seen - lo];
+                    let qh = &q[t * q_dim + h * hd..][..hd];
+                    vector::dot_rows(cpu, qh, &k[rows.clone()], scores);
+                    let mut block_max = f32::NEG_INFINITY;
+                    for score in scores.iter_mut() {
+                        *score *= scale;
+                        block_max = block_max.max(*score);
+                    }
+                    let max = maxes[t].max(block_max);
+                    // Rescales what earlier blocks summed (0 before the first block).
+                    let correction = (maxes[t] - max).exp();
+                    let mut sum = 0.0;
+                    for score in scores.iter_mut() {
+                        *score = (*score - max).exp();
+                        sum += *score;
+                    }
+                    maxes[t] = max;
+                    sums[t] = sums[t] * correction + sum;
+                    vector::weighted_row_sum(cpu, block_out, scores, &v[rows]);
+                    for (o, &b) in outs[t * hd..(t + 1) * hd].iter_mut().zip(&*block_out) {
+                        *o = *o * correction + b;
                     }
                 }
+                p0 = p1;
+            }
+            for (o, &sum) in outs[..n * hd].chunks_exact_mut(hd).zip(&sums[..n]) {
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|x| *x *= inv);
             }
         });
 
         for h in 0..heads {
-            let outs = &self.scratch[h * stride + capacity..][..n * hd];
+            let outs = &self.scratch[h * stride..][..n * hd];
             for (t, o) in outs.chunks_exact(hd).enumerate() {
                 out[t * q_dim + h * hd..][..hd].copy_from_slice(o);
             }
@@ -275,15 +300,6 @@ fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
     (max, sum)
 }
 
-/// In-place softmax, stable for large scores.
-pub(crate) fn softmax(x: &mut [f32]) {
-    let (_, sum) = exp_shifted(x);
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +391,66 @@ mod tests {
                 let want = naive(shape, &q[pos * q_dim..(pos + 1) * q_dim], &keys, &vals, pos);
                 for (a, b) in out[pos * q_dim..(pos + 1) * q_dim].iter().zip(&want) {
                     assert!((a - b).abs() < tol, "pos {pos}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// A batch of query tokens deep in the cache goes through several key/value blocks, the batch
+    /// starting inside one; scores scaled so that later blocks raise the running maximum.
+    #[test]
+    fn a_batch_over_many_blocks_matches_naive() {
+        let shape = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 24,
+        };
+        let (kv_dim, q_dim) = (48, 96);
+        let (pos0, n) = (3 * KV_BLOCK + 21, 50);
+        let total = pos0 + n;
+        let keys: Vec<f32> = values(total * kv_dim, 11)
+            .iter()
+            .enumerate()
+            .map(|(i, k)| k * (1.0 + 5.0 * (i / kv_dim) as f32 / total as f32))
+            .collect();
+        let vals = values(total * kv_dim, 12);
+        let q = values(total * q_dim, 13);
+        let runs = lutra_kernels::Isa::supported()
+            .into_iter()
+            .flat_map(|isa| [(isa, 1, false), (isa, 3, false), (isa, 2, true)]);
+        for (isa, threads, f16) in runs {
+            let cpu = Cpu::with_isa(isa, threads).unwrap();
+            let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
+            cache.reserve(total).unwrap();
+            cache.store(0, 0, &keys, &vals);
+            let round = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&x| {
+                        if f16 {
+                            half::f16::from_f32(x).to_f32()
+                        } else {
+                            x
+                        }
+                    })
+                    .collect()
+            };
+            let (held_keys, held_vals) = (round(&keys), round(&vals));
+            let mut attention = Attention::new(shape, total, 64);
+            for window in [None, Some(KV_BLOCK + 7)] {
+                let mut out = vec![f32::NAN; n * q_dim];
+                let qs = &q[pos0 * q_dim..];
+                attention.attend(&cpu, cache.layer(0), qs, n, pos0, window, &mut out);
+                for t in 0..n {
+                    let pos = pos0 + t;
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let qp = &q[pos * q_dim..(pos + 1) * q_dim];
+                    let want = naive_from(shape, qp, &held_keys, &held_vals, lo, pos);
+                    for (a, b) in out[t * q_dim..(t + 1) * q_dim].iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{isa:?} {threads} threads f16 {f16} window {window:?} token {t}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
@@ -489,13 +565,5 @@ mod tests {
                 check(&out[t * q_dim..(t + 1) * q_dim], pos0 + t, 6);
             }
         }
-    }
-
-    #[test]
-    fn softmax_is_stable_and_normalized() {
-        let mut x = [1000.0, 1001.0, 999.0];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[1] > x[0] && x[0] > x[2]);
     }
 }

@@ -7,12 +7,15 @@
 //! argmax that picks each next generated token runs outside the timed region, so the figures are
 //! the model's own speed and do not depend on a tokenizer or sampler.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lutra_kernels::measure::SplitMix64;
+use lutra_runtime::engine::{Engine, EngineOptions, Event, Request};
+use lutra_runtime::generate::GenerateOptions;
 use lutra_runtime::kv_cache::KvCache;
 use lutra_runtime::llama::Model;
-use lutra_runtime::sampler::argmax;
+use lutra_runtime::sampler::{argmax, SamplerConfig};
 use lutra_runtime::{Error, Result};
 
 /// Mean and spread of repeated measurements.
@@ -64,6 +67,13 @@ pub enum TestKind {
     /// Token generation: one-token `forward` steps on an empty cache, each feeding the greedy
     /// argmax of the previous step.
     Generate,
+    /// Token generation of this many sequences at once through the scheduler
+    /// ([`lutra_runtime::Engine`]): every step decodes one token of each in one batch; the rate
+    /// is all sequences' tokens together ([`run_parallel_test`]).
+    ParallelGenerate {
+        /// Sequences decoded together.
+        sequences: usize,
+    },
 }
 
 /// One test: a kind, a token count and a cache depth, named like llama-bench (`pp512`, `tg128`,
@@ -79,11 +89,13 @@ pub struct Test {
 }
 
 impl Test {
-    /// llama-bench's name: `pp` or `tg` followed by the token count, and ` @ dN` at depth N > 0.
+    /// llama-bench's name: `pp` or `tg` followed by the token count, ` xS` for S sequences at
+    /// once, and ` @ dN` at depth N > 0.
     pub fn name(&self) -> String {
         let name = match self.kind {
             TestKind::Prompt => format!("pp{}", self.tokens),
             TestKind::Generate => format!("tg{}", self.tokens),
+            TestKind::ParallelGenerate { sequences } => format!("tg{} x{sequences}", self.tokens),
         };
         if self.depth > 0 {
             format!("{name} @ d{}", self.depth)
@@ -175,6 +187,12 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
             "repetitions must be at least 1".into(),
         ));
     }
+    if let TestKind::ParallelGenerate { .. } = test.kind {
+        return Err(Error::InvalidOption(format!(
+            "test {} runs on the scheduler (run_parallel_test)",
+            test.name()
+        )));
+    }
     let vocab = decoder.vocab_size();
     let mut cache = decoder.new_cache();
     let mut logits = vec![0.0f32; vocab];
@@ -205,6 +223,7 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
                 }
                 timed
             }
+            TestKind::ParallelGenerate { .. } => unreachable!("refused above"),
         };
         if run >= usize::from(opts.warmup) {
             seconds.push(elapsed.as_secs_f64());
@@ -214,6 +233,101 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
         .iter()
         .map(|&s| test.tokens as f64 / s.max(1e-12))
         .collect();
+    let tokens_per_sec = Stats::from_samples(&rates)
+        .ok_or_else(|| Error::InvalidOption("no timed repetitions".into()))?;
+    Ok(TestResult {
+        test,
+        seconds,
+        tokens_per_sec,
+    })
+}
+
+/// Runs a [`TestKind::ParallelGenerate`] test: `sequences` requests of random 8-token prompts
+/// submitted together to an [`Engine`] with as many sequences, each generating `test.tokens + 1`
+/// tokens greedily (end-of-generation ignored). Timed from the moment every request has its first
+/// token (the prefills are done) to the moment the last one ends: `sequences × tokens` decoded
+/// tokens, the aggregate rate.
+pub fn run_parallel_test(
+    model: &Arc<Model>,
+    test: Test,
+    opts: &BenchOptions,
+) -> Result<TestResult> {
+    let TestKind::ParallelGenerate { sequences } = test.kind else {
+        return Err(Error::InvalidOption(format!(
+            "test {} is not a parallel generation test",
+            test.name()
+        )));
+    };
+    if test.tokens == 0 || sequences == 0 || opts.repetitions == 0 || test.depth > 0 {
+        return Err(Error::InvalidOption(format!(
+            "test {} needs tokens, sequences and repetitions, and no depth",
+            test.name()
+        )));
+    }
+    let engine = Engine::new(
+        Arc::clone(model),
+        EngineOptions {
+            parallel: sequences,
+            queue: sequences,
+        },
+    )?;
+    let vocab = model.config().vocab_size;
+    let mut rng = TokenRng(SplitMix64::new(opts.seed));
+    let options = GenerateOptions {
+        max_tokens: test.tokens + 1,
+        sampler: SamplerConfig::greedy(),
+        stop_at_eos: false,
+        ..GenerateOptions::default()
+    };
+    let mut seconds = Vec::with_capacity(opts.repetitions);
+    for run in 0..opts.repetitions + usize::from(opts.warmup) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for s in 0..sequences {
+            let prompt: Vec<u32> = (0..8).map(|_| rng.token(vocab)).collect();
+            let tx = tx.clone();
+            let sink = Box::new(move |event: Event| {
+                let when = Instant::now();
+                let _ = match event {
+                    Event::Piece(_) => tx.send((s, when, None)),
+                    Event::Done(c) => tx.send((s, when, Some(c))),
+                };
+                true
+            });
+            engine.submit_with(Request::new(prompt, options.clone()), sink)?;
+        }
+        drop(tx);
+        let mut first: Vec<Option<Instant>> = vec![None; sequences];
+        let mut end = None;
+        for (s, when, done) in rx {
+            match done {
+                None => {
+                    first[s].get_or_insert(when);
+                }
+                Some(c) if c.generated_tokens != test.tokens + 1 => {
+                    return Err(Error::InvalidOption(format!(
+                        "test {}: a request ended after {} tokens ({:?}{})",
+                        test.name(),
+                        c.generated_tokens,
+                        c.stop,
+                        c.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    )));
+                }
+                Some(_) => end = Some(when),
+            }
+        }
+        let start = first.iter().flatten().max().copied();
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(Error::InvalidOption(format!(
+                "test {}: no tokens",
+                test.name()
+            )));
+        };
+        if run >= usize::from(opts.warmup) {
+            seconds.push((end - start).as_secs_f64());
+        }
+    }
+    let total = (sequences * test.tokens) as f64;
+    let rates: Vec<f64> = seconds.iter().map(|&s| total / s.max(1e-12)).collect();
     let tokens_per_sec = Stats::from_samples(&rates)
         .ok_or_else(|| Error::InvalidOption("no timed repetitions".into()))?;
     Ok(TestResult {
