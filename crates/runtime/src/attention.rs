@@ -319,6 +319,32 @@ mod tests {
             .collect()
     }
 
+    /// A one-layer cache holding `keys` and `values` (`[positions][kv_dim]`), and the values it
+    /// holds (rounded to f16 in an f16 cache).
+    fn filled_cache(
+        shape: AttentionShape,
+        keys: &[f32],
+        vals: &[f32],
+        f16: bool,
+    ) -> (KvCache, Vec<f32>, Vec<f32>) {
+        let total = keys.len() / (shape.kv_heads * shape.head_dim);
+        let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
+        cache.reserve(total).unwrap();
+        cache.store(0, 0, keys, vals);
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| {
+                    if f16 {
+                        half::f16::from_f32(x).to_f32()
+                    } else {
+                        x
+                    }
+                })
+                .collect()
+        };
+        (cache, round(keys), round(vals))
+    }
+
     /// Textbook attention of one query token at `pos` over `keys`/`values` `[pos+1][kv_dim]`.
     fn naive(shape: AttentionShape, q: &[f32], keys: &[f32], vals: &[f32], pos: usize) -> Vec<f32> {
         naive_from(shape, q, keys, vals, 0, pos)
@@ -420,21 +446,8 @@ mod tests {
             .flat_map(|isa| [(isa, 1, false), (isa, 3, false), (isa, 2, true)]);
         for (isa, threads, f16) in runs {
             let cpu = Cpu::with_isa(isa, threads).unwrap();
-            let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
-            cache.reserve(total).unwrap();
-            cache.store(0, 0, &keys, &vals);
-            let round = |v: &[f32]| -> Vec<f32> {
-                v.iter()
-                    .map(|&x| {
-                        if f16 {
-                            half::f16::from_f32(x).to_f32()
-                        } else {
-                            x
-                        }
-                    })
-                    .collect()
-            };
-            let (held_keys, held_vals) = (round(&keys), round(&vals));
+            // What the cache holds (f16 rounds): the textbook attention reads the same values.
+            let (cache, held_keys, held_vals) = filled_cache(shape, &keys, &vals, f16);
             let mut attention = Attention::new(shape, total, 64);
             for window in [None, Some(KV_BLOCK + 7)] {
                 let mut out = vec![f32::NAN; n * q_dim];
@@ -477,22 +490,8 @@ mod tests {
             .flat_map(|(isa, f16)| [1, 2, 3].map(|threads| (isa, f16, threads)));
         for (isa, f16, threads) in runs {
             let cpu = Cpu::with_isa(isa, threads).unwrap();
-            let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
-            cache.reserve(total).unwrap();
-            cache.store(0, 0, &keys, &vals);
             // What the cache holds (f16 rounds): the textbook attention reads the same values.
-            let round = |v: &[f32]| -> Vec<f32> {
-                v.iter()
-                    .map(|&x| {
-                        if f16 {
-                            half::f16::from_f32(x).to_f32()
-                        } else {
-                            x
-                        }
-                    })
-                    .collect()
-            };
-            let (held_keys, held_vals) = (round(&keys), round(&vals));
+            let (cache, held_keys, held_vals) = filled_cache(shape, &keys, &vals, f16);
             let mut attention = Attention::new(shape, total, 4);
             for pos in [0, 5, SPLIT_MIN - 1, SPLIT_MIN, SPLIT_MIN + 1, total - 1] {
                 let qp = &q[pos * q_dim..(pos + 1) * q_dim];
@@ -524,18 +523,8 @@ mod tests {
         let window = SPLIT_MIN + 5;
         for f16 in [false, true] {
             let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, 2).unwrap();
-            let mut cache = KvCache::new(1, shape.kv_heads, shape.head_dim, total, f16);
-            cache.reserve(total).unwrap();
-            cache.store(0, 0, &keys, &vals);
-            let round = |v: &[f32]| -> Vec<f32> {
-                v.iter()
-                    .map(|&x| match f16 {
-                        true => half::f16::from_f32(x).to_f32(),
-                        false => x,
-                    })
-                    .collect()
-            };
-            let (held_keys, held_vals) = (round(&keys), round(&vals));
+            // What the cache holds (f16 rounds): the textbook attention reads the same values.
+            let (cache, held_keys, held_vals) = filled_cache(shape, &keys, &vals, f16);
             let mut attention = Attention::new(shape, total, 8);
             let check = |out: &[f32], pos: usize, w: usize| {
                 let lo = (pos + 1).saturating_sub(w);

@@ -229,9 +229,14 @@ pub fn run_test<D: Decoder>(decoder: &D, test: Test, opts: &BenchOptions) -> Res
             seconds.push(elapsed.as_secs_f64());
         }
     }
+    result(test, test.tokens, seconds)
+}
+
+/// The result of `test` whose repetitions each timed `tokens` tokens in `seconds`.
+fn result(test: Test, tokens: usize, seconds: Vec<f64>) -> Result<TestResult> {
     let rates: Vec<f64> = seconds
         .iter()
-        .map(|&s| test.tokens as f64 / s.max(1e-12))
+        .map(|&s| tokens as f64 / s.max(1e-12))
         .collect();
     let tokens_per_sec = Stats::from_samples(&rates)
         .ok_or_else(|| Error::InvalidOption("no timed repetitions".into()))?;
@@ -326,15 +331,7 @@ pub fn run_parallel_test(
             seconds.push((end - start).as_secs_f64());
         }
     }
-    let total = (sequences * test.tokens) as f64;
-    let rates: Vec<f64> = seconds.iter().map(|&s| total / s.max(1e-12)).collect();
-    let tokens_per_sec = Stats::from_samples(&rates)
-        .ok_or_else(|| Error::InvalidOption("no timed repetitions".into()))?;
-    Ok(TestResult {
-        test,
-        seconds,
-        tokens_per_sec,
-    })
+    result(test, sequences * test.tokens, seconds)
 }
 
 /// Random token ids from the shared splitmix64 stream (no dependency needed for benchmark input).
@@ -425,6 +422,57 @@ mod tests {
         assert_eq!(tg.name(), "tg128");
         let deep = Test { depth: 2048, ..tg };
         assert_eq!(deep.name(), "tg128 @ d2048");
+    }
+
+    /// The scheduler test on a one-layer SmolLM2-shaped model: one timed span per repetition, a
+    /// rate for all sequences' tokens together, and the wrong tests refused.
+    #[test]
+    fn parallel_test_times_every_sequence_together() {
+        use lutra_runtime::fixtures::synthetic_model_with;
+        use lutra_runtime::llama::LoadOptions;
+
+        let shape = crate::synthetic::shape("smollm2-135m").unwrap();
+        let config = lutra_runtime::config::ModelConfig {
+            layers: 1,
+            vocab_size: 512,
+            context_length: 64,
+            ..shape.benchmark_config()
+        };
+        let opts = LoadOptions {
+            threads: 1,
+            ..LoadOptions::default()
+        };
+        let model = Arc::new(
+            synthetic_model_with(config, shape.weights(Some(4), Some(32)), &opts, 1).unwrap(),
+        );
+        let test = Test {
+            kind: TestKind::ParallelGenerate { sequences: 3 },
+            tokens: 5,
+            depth: 0,
+        };
+        assert_eq!(test.name(), "tg5 x3");
+        let bench = BenchOptions {
+            repetitions: 2,
+            warmup: false,
+            seed: 1,
+        };
+        let r = run_parallel_test(&model, test, &bench).unwrap();
+        assert_eq!(r.seconds.len(), 2);
+        // 3 sequences × 5 decoded tokens in each timed span.
+        let fastest = r.seconds.iter().map(|&s| 15.0 / s).fold(0.0, f64::max);
+        assert!(
+            (r.tokens_per_sec.max - fastest).abs() <= 1e-9 * fastest,
+            "{r:?}"
+        );
+        assert_eq!(r.tokens_per_sec.count, 2);
+        // A plain test does not run on the scheduler, nor a parallel one without it.
+        let plain = Test {
+            kind: TestKind::Generate,
+            ..test
+        };
+        assert!(run_parallel_test(&model, plain, &bench).is_err());
+        assert!(run_test(&*model, test, &bench).is_err());
+        assert!(run_parallel_test(&model, Test { depth: 8, ..test }, &bench).is_err());
     }
 
     /// Records every forward call; its "logits" make token `(last + 1) % vocab` the argmax.
