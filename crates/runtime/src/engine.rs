@@ -768,6 +768,32 @@ mod tests {
         (tokens, text)
     }
 
+    /// Submits `request` with a sink that holds the scheduler thread at the request's first event
+    /// until `release` is sent (so the request is surely running meanwhile); its completion comes
+    /// on the receiver.
+    fn submit_held(
+        engine: &Engine,
+        request: Request,
+    ) -> (mpsc::Sender<()>, mpsc::Receiver<Completion>) {
+        let (release, hold) = mpsc::channel::<()>();
+        let (entered, started) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<Completion>();
+        let mut first = true;
+        let sink = Box::new(move |event| {
+            if std::mem::take(&mut first) {
+                let _ = entered.send(());
+                let _ = hold.recv();
+            }
+            if let Event::Done(c) = event {
+                let _ = done_tx.send(c);
+            }
+            true
+        });
+        engine.submit_with(request, sink).unwrap();
+        started.recv().unwrap();
+        (release, done_rx)
+    }
+
     /// Six requests of different lengths on three sequences, all submitted at once: prompt chunks
     /// and decode steps of several requests share batches, and each request gets what it gets
     /// alone.
@@ -881,27 +907,7 @@ mod tests {
             },
         )
         .unwrap();
-        let (release, hold) = mpsc::channel::<()>();
-        let (entered, started) = mpsc::channel::<()>();
-        let (done_tx, done_rx) = mpsc::channel::<Completion>();
-        let mut first_piece = true;
-        engine
-            .submit_with(
-                Request::new(prompt(4, 0, vocab), greedy(3)),
-                Box::new(move |event| {
-                    if first_piece {
-                        first_piece = false;
-                        entered.send(()).unwrap();
-                        hold.recv().unwrap();
-                    }
-                    if let Event::Done(c) = event {
-                        done_tx.send(c).unwrap();
-                    }
-                    true
-                }),
-            )
-            .unwrap();
-        started.recv().unwrap();
+        let (release, done_rx) = submit_held(&engine, Request::new(prompt(4, 0, vocab), greedy(3)));
         let queued = engine
             .submit(Request::new(prompt(4, 1, vocab), greedy(3)))
             .unwrap();
@@ -944,12 +950,11 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(tokens.len(), 2);
-        let mut running = engine
-            .submit(Request::new(prompt(4, 1, vocab), greedy(10_000)))
-            .unwrap();
-        assert!(matches!(running.next(), Some(Event::Piece(_))));
+        let (release, done) = submit_held(&engine, Request::new(prompt(4, 1, vocab), greedy(3)));
         let refused = engine.submit(Request::new(prompt(4, 2, vocab), greedy(2)));
         assert!(matches!(refused, Err(Error::QueueFull { queue: 0 })));
+        release.send(()).unwrap();
+        assert_eq!(done.recv().unwrap().stop, StopReason::MaxTokens);
     }
 
     /// Dropping a stream, a sink returning false, `cancel_all` and dropping the engine all end
@@ -989,17 +994,22 @@ mod tests {
         );
         assert_eq!((tokens.len(), done.stop), (4, StopReason::MaxTokens));
 
-        let mut stream = engine.submit(long()).unwrap();
-        assert!(matches!(stream.next(), Some(Event::Piece(_))));
+        // Held at its first piece, so it is running when cancelled (it would otherwise fill the
+        // tiny model's context soon).
+        let (release, done) = submit_held(&engine, long());
         engine.cancel_all();
-        let (_, _, done) = collect(stream);
-        assert_eq!(done.stop, StopReason::Cancelled);
+        release.send(()).unwrap();
+        assert_eq!(done.recv().unwrap().stop, StopReason::Cancelled);
 
-        let mut stream = engine.submit(long()).unwrap();
-        assert!(matches!(stream.next(), Some(Event::Piece(_))));
+        let (release, done) = submit_held(&engine, long());
+        let releaser = std::thread::spawn(move || {
+            // Dropping the engine marks it closing at once, then waits for the scheduler.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            release.send(()).unwrap();
+        });
         drop(engine);
-        let (_, _, done) = collect(stream);
-        assert_eq!(done.stop, StopReason::Cancelled);
+        releaser.join().unwrap();
+        assert_eq!(done.recv().unwrap().stop, StopReason::Cancelled);
     }
 
     /// A frequency penalty that outweighs any logit never picks a token twice; stop tokens end
