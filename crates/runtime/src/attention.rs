@@ -148,12 +148,7 @@ impl Attention {
                     let scores = &mut scores[..seen - lo];
                     let qh = &q[t * q_dim + h * hd..][..hd];
                     vector::dot_rows(cpu, qh, &k[rows.clone()], scores);
-                    let mut block_max = f32::NEG_INFINITY;
-                    for score in scores.iter_mut() {
-                        *score *= scale;
-                        block_max = block_max.max(*score);
-                    }
-                    let max = maxes[t].max(block_max);
+                    let max = maxes[t].max(scale_and_max(scores, scale));
                     // Rescales what earlier blocks summed (0 before the first block).
                     let correction = (maxes[t] - max).exp();
                     let sum = exp_sum(scores, max);
@@ -291,6 +286,25 @@ fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
     (max, exp_sum(x, max))
 }
 
+/// `x[i] *= scale` in place; returns the largest result, found in eight interleaved lanes (a
+/// loop the compiler vectorizes).
+fn scale_and_max(x: &mut [f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut blocks = x.chunks_exact_mut(8);
+    for block in &mut blocks {
+        for (lane, v) in lanes.iter_mut().zip(block) {
+            *v *= scale;
+            *lane = lane.max(*v);
+        }
+    }
+    let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for v in blocks.into_remainder() {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    max
+}
+
 /// `x[i] = exp(x[i] − shift)` in place ([`exp`]); returns their sum, taken in eight interleaved
 /// partial sums. Both loops are plain arithmetic that the compiler vectorizes.
 fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
@@ -329,8 +343,10 @@ fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let e_r = p * r * r + r + 1.0;
-    // 2^n as an f32: n is in −126..=127 after the clamp, a normal exponent.
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n as an f32: n is in −126..=127 after the clamp, a normal exponent. The integer n + 127
+    // is read from the low bits of (n + 127) + 1.5·2^23 (no float-to-int conversion).
+    let biased = (n + 127.0 + ROUND).to_bits() - ROUND.to_bits();
+    e_r * f32::from_bits(biased << 23)
 }
 
 #[cfg(test)]
@@ -373,6 +389,13 @@ mod tests {
             "{sum} vs {plain}"
         );
         assert!((x[3] as f64 - (-1.61f64).exp()).abs() < 1e-6);
+        for len in [1, 7, 8, 19] {
+            let mut x: Vec<f32> = (0..len).map(|i| ((i * 7 % 5) as f32) - 2.5).collect();
+            let want: Vec<f32> = x.iter().map(|v| v * 0.5).collect();
+            let max = scale_and_max(&mut x, 0.5);
+            assert_eq!(x, want);
+            assert_eq!(max, want.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        }
     }
 
     /// A one-layer cache holding `keys` and `values` (`[positions][kv_dim]`), and the values it
