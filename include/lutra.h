@@ -82,7 +82,7 @@ extern "C" {
 // Returns NULL on error (`lutra_last_error` says why, naming the file). Free the model with
 // `lutra_model_free`.
 //
-// # Safety
+// # Contract (C caller)
 // `path` is NULL or a NUL-terminated string; `opts` is NULL or points to a `lutra_load_options`.
 struct lutra_model *lutra_model_load(const char *path, const struct lutra_load_options *opts);
 
@@ -90,7 +90,7 @@ struct lutra_model *lutra_model_load(const char *path, const struct lutra_load_o
 // it is freed itself, and the memory goes with the last of them. No other call may be using
 // `model` (this pointer) while or after it is freed.
 //
-// # Safety
+// # Contract (C caller)
 // `model` is NULL or a model from `lutra_model_load` that was not freed yet.
 void lutra_model_free(struct lutra_model *model);
 
@@ -106,13 +106,13 @@ struct lutra_generate_params lutra_generate_params_default(void);
 // Returns NULL on error. The session keeps the model alive: it may outlive `lutra_model_free`.
 // Free it with `lutra_session_free`.
 //
-// # Safety
+// # Contract (C caller)
 // `model` is NULL or a live model; `system_prompt` is NULL or a NUL-terminated string.
 struct lutra_session *lutra_session_new(const struct lutra_model *model, const char *system_prompt);
 
 // Frees a session (NULL is ignored); no other call may be using it.
 //
-// # Safety
+// # Contract (C caller)
 // `session` is NULL or a session from `lutra_session_new` that was not freed yet.
 void lutra_session_free(struct lutra_session *session);
 
@@ -131,7 +131,7 @@ void lutra_session_free(struct lutra_session *session);
 // The callback may call other lutra functions (`lutra_session_cancel` included); a
 // `lutra_session_send` on this same session from it fails (a session runs one turn at a time).
 //
-// # Safety
+// # Contract (C caller)
 // `session` is NULL or a live session; `user_message` is NULL or a NUL-terminated string;
 // `params` is NULL or points to a `lutra_generate_params`; `callback` is NULL or a function of
 // the `lutra_token_callback` type; `reply_out` is NULL or writable.
@@ -146,7 +146,7 @@ int lutra_session_send(struct lutra_session *session,
 // progress then returns 0 with the reply so far). May be called from any thread; does nothing
 // when no reply is in progress. Returns 0, or -1 when `session` is NULL.
 //
-// # Safety
+// # Contract (C caller)
 // `session` is NULL or a live session.
 int lutra_session_cancel(struct lutra_session *session);
 
@@ -162,7 +162,7 @@ int lutra_session_cancel(struct lutra_session *session);
 // (`lutra_last_error` says why). Blocks until generation ends; calls from several threads on one
 // model are decoded together.
 //
-// # Safety
+// # Contract (C caller)
 // `model` is NULL or a live model; `prompt` is NULL or a NUL-terminated string; `params` is NULL
 // or points to a `lutra_generate_params`; `callback` is NULL or a function of the
 // `lutra_token_callback` type; `out` is NULL or writable.
@@ -182,7 +182,7 @@ int lutra_generate(const struct lutra_model *model,
 // -1 when `capacity` was too small (or on any other error; `lutra_last_error` says which). To
 // size a buffer, call with `tokens` NULL and `capacity` 0, then again with `*n_tokens` slots.
 //
-// # Safety
+// # Contract (C caller)
 // `model` is NULL or a live model; `text` is NULL or a NUL-terminated string; `tokens` is NULL
 // or has room for `capacity` ids; `n_tokens` is NULL or writable.
 int lutra_tokenize(const struct lutra_model *model,
@@ -204,7 +204,7 @@ const char *lutra_last_error(void);
 // Frees a string that lutra returned through an out-parameter (`reply_out`, `out`). NULL is
 // ignored. Never pass it the result of `lutra_last_error` or `lutra_version`.
 //
-// # Safety
+// # Contract (C caller)
 // `s` is NULL or a string lutra allocated and that was not freed yet.
 void lutra_string_free(char *s);
 

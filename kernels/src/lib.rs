@@ -44,6 +44,7 @@
 mod cpu;
 mod dense;
 mod error;
+pub mod ffi;
 mod int8;
 mod isa;
 mod lut;

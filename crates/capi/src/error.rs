@@ -96,14 +96,12 @@ pub extern "C" fn lutra_last_error() -> *const c_char {
 
 #[cfg(test)]
 mod tests {
-    use std::ffi::CStr;
 
     use super::{guard, lutra_last_error, ApiError};
 
     fn last_error() -> Option<String> {
         let ptr = lutra_last_error();
-        // SAFETY: NULL or a C string valid until this thread's next fallible call.
-        (!ptr.is_null()).then(|| unsafe { CStr::from_ptr(ptr) }.to_str().unwrap().to_owned())
+        lutra_kernels::ffi::c_str(ptr).map(|s| s.to_str().unwrap().to_owned())
     }
 
     #[test]

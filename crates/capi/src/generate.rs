@@ -23,12 +23,12 @@ use crate::text::to_c_string;
 /// (`lutra_last_error` says why). Blocks until generation ends; calls from several threads on one
 /// model are decoded together.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `model` is NULL or a live model; `prompt` is NULL or a NUL-terminated string; `params` is NULL
 /// or points to a `lutra_generate_params`; `callback` is NULL or a function of the
 /// `lutra_token_callback` type; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_generate(
+pub extern "C" fn lutra_generate(
     model: *const lutra_model,
     prompt: *const c_char,
     params: *const lutra_generate_params,
@@ -37,14 +37,10 @@ pub unsafe extern "C" fn lutra_generate(
     out: *mut *mut c_char,
 ) -> c_int {
     guard(-1, || {
-        // SAFETY: the caller passes NULL or a writable pointer.
-        unsafe { write_out(out, std::ptr::null_mut()) };
-        // SAFETY: the caller passes a live model or NULL.
-        let model = unsafe { ref_arg(model, "model") }?;
-        // SAFETY: the caller passes a C string or NULL.
-        let prompt = unsafe { str_arg(prompt, "prompt") }?;
-        // SAFETY: the caller passes a valid params struct or NULL.
-        let params = unsafe { opt_ref_arg(params) }.copied().unwrap_or_default();
+        write_out(out, std::ptr::null_mut());
+        let model = ref_arg(model, "model")?;
+        let prompt = str_arg(prompt, "prompt")?;
+        let params = opt_ref_arg(params).copied().unwrap_or_default();
         let options = params.options()?;
         let tokenizer = model
             .model()
@@ -56,8 +52,7 @@ pub unsafe extern "C" fn lutra_generate(
             user_data,
         };
         let text = stream::run(&model.engine, Request::new(tokens, options), &sink, None)?;
-        // SAFETY: as above.
-        unsafe { write_out(out, to_c_string(&text).into_raw()) };
+        write_out(out, to_c_string(&text).into_raw());
         Ok(0)
     })
 }

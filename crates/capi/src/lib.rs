@@ -14,7 +14,6 @@
 //! Requests of every thread go to the model's one [`Engine`](lutra_runtime::engine::Engine), which
 //! batches them; each caller blocks on its own request and gets its pieces on its own thread.
 
-#![deny(unsafe_op_in_unsafe_fn)]
 // The Rust names are the C names.
 #![allow(non_camel_case_types)]
 

@@ -35,18 +35,16 @@ impl lutra_model {
 /// Returns NULL on error (`lutra_last_error` says why, naming the file). Free the model with
 /// `lutra_model_free`.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `path` is NULL or a NUL-terminated string; `opts` is NULL or points to a `lutra_load_options`.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_model_load(
+pub extern "C" fn lutra_model_load(
     path: *const std::ffi::c_char,
     opts: *const lutra_load_options,
 ) -> *mut lutra_model {
     guard(std::ptr::null_mut(), || {
-        // SAFETY: the caller passes a C string or NULL.
-        let path = unsafe { str_arg(path, "path") }?;
-        // SAFETY: the caller passes a valid options struct or NULL.
-        let opts = unsafe { opt_ref_arg(opts) }.copied().unwrap_or_default();
+        let path = str_arg(path, "path")?;
+        let opts = opt_ref_arg(opts).copied().unwrap_or_default();
         if opts.threads as usize > MAX_THREADS {
             return Err(ApiError(format!(
                 "threads is {}; at most {MAX_THREADS} are allowed (0: one per core)",
@@ -88,14 +86,11 @@ pub unsafe extern "C" fn lutra_model_load(
 /// it is freed itself, and the memory goes with the last of them. No other call may be using
 /// `model` (this pointer) while or after it is freed.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `model` is NULL or a model from `lutra_model_load` that was not freed yet.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_model_free(model: *mut lutra_model) {
+pub extern "C" fn lutra_model_free(model: *mut lutra_model) {
     guard_void(|| {
-        if !model.is_null() {
-            // SAFETY: made by `Box::into_raw` in `lutra_model_load`; the caller frees it once.
-            drop(unsafe { Box::from_raw(model) });
-        }
+        drop(lutra_kernels::ffi::take_box(model));
     })
 }

@@ -92,18 +92,16 @@ impl lutra_session {
 /// Returns NULL on error. The session keeps the model alive: it may outlive `lutra_model_free`.
 /// Free it with `lutra_session_free`.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `model` is NULL or a live model; `system_prompt` is NULL or a NUL-terminated string.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_session_new(
+pub extern "C" fn lutra_session_new(
     model: *const lutra_model,
     system_prompt: *const c_char,
 ) -> *mut lutra_session {
     guard(std::ptr::null_mut(), || {
-        // SAFETY: the caller passes a live model or NULL.
-        let model = unsafe { ref_arg(model, "model") }?;
-        // SAFETY: the caller passes a C string or NULL.
-        let system = unsafe { opt_str_arg(system_prompt, "system_prompt") }?;
+        let model = ref_arg(model, "model")?;
+        let system = opt_str_arg(system_prompt, "system_prompt")?;
         if model.model().tokenizer().is_none() {
             return Err("this model has no tokenizer, so it cannot chat".into());
         }
@@ -123,15 +121,12 @@ pub unsafe extern "C" fn lutra_session_new(
 
 /// Frees a session (NULL is ignored); no other call may be using it.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `session` is NULL or a session from `lutra_session_new` that was not freed yet.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_session_free(session: *mut lutra_session) {
+pub extern "C" fn lutra_session_free(session: *mut lutra_session) {
     guard_void(|| {
-        if !session.is_null() {
-            // SAFETY: made by `Box::into_raw` in `lutra_session_new`; the caller frees it once.
-            drop(unsafe { Box::from_raw(session) });
-        }
+        drop(lutra_kernels::ffi::take_box(session));
     })
 }
 
@@ -150,12 +145,12 @@ pub unsafe extern "C" fn lutra_session_free(session: *mut lutra_session) {
 /// The callback may call other lutra functions (`lutra_session_cancel` included); a
 /// `lutra_session_send` on this same session from it fails (a session runs one turn at a time).
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `session` is NULL or a live session; `user_message` is NULL or a NUL-terminated string;
 /// `params` is NULL or points to a `lutra_generate_params`; `callback` is NULL or a function of
 /// the `lutra_token_callback` type; `reply_out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_session_send(
+pub extern "C" fn lutra_session_send(
     session: *mut lutra_session,
     user_message: *const c_char,
     params: *const lutra_generate_params,
@@ -164,21 +159,16 @@ pub unsafe extern "C" fn lutra_session_send(
     reply_out: *mut *mut c_char,
 ) -> c_int {
     guard(-1, || {
-        // SAFETY: the caller passes NULL or a writable pointer.
-        unsafe { write_out(reply_out, std::ptr::null_mut()) };
-        // SAFETY: the caller passes a live session or NULL.
-        let session = unsafe { ref_arg(session, "session") }?;
-        // SAFETY: the caller passes a C string or NULL.
-        let user = unsafe { str_arg(user_message, "user_message") }?;
-        // SAFETY: the caller passes a valid params struct or NULL.
-        let params = unsafe { opt_ref_arg(params) }.copied().unwrap_or_default();
+        write_out(reply_out, std::ptr::null_mut());
+        let session = ref_arg(session, "session")?;
+        let user = str_arg(user_message, "user_message")?;
+        let params = opt_ref_arg(params).copied().unwrap_or_default();
         let sink = Sink {
             callback,
             user_data,
         };
         let reply = session.send(user, &params, &sink)?;
-        // SAFETY: as above.
-        unsafe { write_out(reply_out, to_c_string(&reply).into_raw()) };
+        write_out(reply_out, to_c_string(&reply).into_raw());
         Ok(0)
     })
 }
@@ -187,13 +177,12 @@ pub unsafe extern "C" fn lutra_session_send(
 /// progress then returns 0 with the reply so far). May be called from any thread; does nothing
 /// when no reply is in progress. Returns 0, or -1 when `session` is NULL.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `session` is NULL or a live session.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_session_cancel(session: *mut lutra_session) -> c_int {
+pub extern "C" fn lutra_session_cancel(session: *mut lutra_session) -> c_int {
     guard(-1, || {
-        // SAFETY: the caller passes a live session or NULL.
-        let session = unsafe { ref_arg(session, "session") }?;
+        let session = ref_arg(session, "session")?;
         let running = session
             .running
             .lock()

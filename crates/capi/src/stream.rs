@@ -13,7 +13,7 @@ use crate::text::to_c_string;
 /// the call) and the `user_data` given with it, on the thread that made the request. Return 0 to
 /// go on, non-zero to stop generating (the call then returns 0 with the text so far).
 pub type lutra_token_callback =
-    Option<unsafe extern "C" fn(piece: *const c_char, user_data: *mut c_void) -> c_int>;
+    Option<extern "C" fn(piece: *const c_char, user_data: *mut c_void) -> c_int>;
 
 /// Where a request's pieces go.
 pub(crate) struct Sink {
@@ -28,9 +28,7 @@ impl Sink {
             return true;
         };
         let piece = to_c_string(text);
-        // SAFETY: the caller of the exported function passed `callback` as a function of this
-        // signature, and `user_data` is handed back to it untouched; `piece` outlives the call.
-        let status = unsafe { callback(piece.as_ptr(), self.user_data) };
+        let status = callback(piece.as_ptr(), self.user_data);
         status == 0
     }
 }

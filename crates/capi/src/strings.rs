@@ -1,6 +1,6 @@
 //! The strings C frees or reads: `lutra_string_free` and the library's version.
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CStr};
 
 /// The crate version as a C string (a compile-time constant: a missing NUL fails the build).
 const VERSION: &CStr =
@@ -12,15 +12,12 @@ const VERSION: &CStr =
 /// Frees a string that lutra returned through an out-parameter (`reply_out`, `out`). NULL is
 /// ignored. Never pass it the result of `lutra_last_error` or `lutra_version`.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `s` is NULL or a string lutra allocated and that was not freed yet.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_string_free(s: *mut c_char) {
+pub extern "C" fn lutra_string_free(s: *mut c_char) {
     crate::error::guard_void(|| {
-        if !s.is_null() {
-            // SAFETY: lutra made `s` with `CString::into_raw`, and the caller frees it once.
-            drop(unsafe { CString::from_raw(s) });
-        }
+        drop(lutra_kernels::ffi::take_c_string(s));
     })
 }
 

@@ -15,11 +15,11 @@ use crate::model::lutra_model;
 /// -1 when `capacity` was too small (or on any other error; `lutra_last_error` says which). To
 /// size a buffer, call with `tokens` NULL and `capacity` 0, then again with `*n_tokens` slots.
 ///
-/// # Safety
+/// # Contract (C caller)
 /// `model` is NULL or a live model; `text` is NULL or a NUL-terminated string; `tokens` is NULL
 /// or has room for `capacity` ids; `n_tokens` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn lutra_tokenize(
+pub extern "C" fn lutra_tokenize(
     model: *const lutra_model,
     text: *const c_char,
     parse_special: c_int,
@@ -31,12 +31,9 @@ pub unsafe extern "C" fn lutra_tokenize(
         if n_tokens.is_null() {
             return Err("n_tokens is NULL".into());
         }
-        // SAFETY: checked non-NULL; the caller guarantees it is writable.
-        unsafe { write_out(n_tokens, 0) };
-        // SAFETY: the caller passes a live model or NULL.
-        let model = unsafe { ref_arg(model, "model") }?;
-        // SAFETY: the caller passes a C string or NULL.
-        let text = unsafe { str_arg(text, "text") }?;
+        write_out(n_tokens, 0);
+        let model = ref_arg(model, "model")?;
+        let text = str_arg(text, "text")?;
         if tokens.is_null() && capacity > 0 {
             return Err(ApiError(format!(
                 "tokens is NULL but capacity is {capacity}"
@@ -47,14 +44,12 @@ pub unsafe extern "C" fn lutra_tokenize(
             .tokenizer()
             .ok_or("this model has no tokenizer")?;
         let ids = tokenizer.encode(text, parse_special != 0)?;
-        // SAFETY: checked non-NULL above.
-        unsafe { write_out(n_tokens, ids.len()) };
+        write_out(n_tokens, ids.len());
         let fit = ids.len().min(capacity);
-        if fit > 0 {
-            // SAFETY: `tokens` is not NULL (capacity > 0) and has room for `capacity` ≥ `fit` ids
-            // by the caller's guarantee; a Rust Vec never overlaps C's buffer.
-            let out = unsafe { std::slice::from_raw_parts_mut(tokens, fit) };
-            out.copy_from_slice(&ids[..fit]);
+        // `tokens` has room for `capacity` ≥ `fit` ids (the C caller's contract); NULL only
+        // with capacity 0, checked above.
+        if !lutra_kernels::ffi::copy_to(tokens, &ids[..fit]) {
+            return Err("tokens is NULL".into());
         }
         if ids.len() > capacity {
             return Err(ApiError(format!(

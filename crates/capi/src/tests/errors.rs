@@ -1,6 +1,6 @@
 //! Failures end in NULL or -1 and a message, never a crash.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 use std::ptr::{null, null_mut};
 
 use super::{c_string, collect, last_error, real_model, Pieces};
@@ -17,8 +17,7 @@ use crate::tokenize::lutra_tokenize;
 fn a_missing_file_gives_null_and_names_the_file() {
     let path = std::env::temp_dir().join("lutra-capi-no-such-model.gguf");
     let c_path = c_string(path.to_str().unwrap());
-    // SAFETY: a C string and NULL options.
-    let model = unsafe { lutra_model_load(c_path.as_ptr(), null()) };
+    let model = lutra_model_load(c_path.as_ptr(), null());
     assert!(model.is_null());
     let message = last_error().expect("an error message");
     assert!(
@@ -35,8 +34,7 @@ fn a_file_that_is_not_a_model_is_refused() {
     ));
     std::fs::write(&path, b"this is not a GGUF file").unwrap();
     let c_path = c_string(path.to_str().unwrap());
-    // SAFETY: a C string and NULL options.
-    let model = unsafe { lutra_model_load(c_path.as_ptr(), null()) };
+    let model = lutra_model_load(c_path.as_ptr(), null());
     let _ = std::fs::remove_file(&path);
     assert!(model.is_null());
     let message = last_error().expect("an error message");
@@ -64,8 +62,7 @@ fn out_of_range_load_options_are_refused_before_loading() {
             "parallel",
         ),
     ] {
-        // SAFETY: a C string and an options struct.
-        let model = unsafe { lutra_model_load(path.as_ptr(), &opts) };
+        let model = lutra_model_load(path.as_ptr(), &opts);
         assert!(model.is_null());
         let message = last_error().unwrap();
         assert!(message.starts_with(field), "{message}");
@@ -79,28 +76,28 @@ fn null_arguments_are_errors() {
     let mut n = 0usize;
 
     // SAFETY (every call below): NULL where a pointer is tested, valid pointers elsewhere.
-    assert!(unsafe { lutra_model_load(null(), null()) }.is_null());
+    assert!(lutra_model_load(null(), null()).is_null());
     assert_eq!(last_error().as_deref(), Some("path is NULL"));
 
-    assert!(unsafe { lutra_session_new(null(), null()) }.is_null());
+    assert!(lutra_session_new(null(), null()).is_null());
     assert_eq!(last_error().as_deref(), Some("model is NULL"));
 
-    let status = unsafe { lutra_tokenize(null(), text.as_ptr(), 1, null_mut(), 0, &mut n) };
+    let status = lutra_tokenize(null(), text.as_ptr(), 1, null_mut(), 0, &mut n);
     assert_eq!(
         (status, last_error().as_deref()),
         (-1, Some("model is NULL"))
     );
-    let status = unsafe { lutra_tokenize(model, null(), 1, null_mut(), 0, &mut n) };
+    let status = lutra_tokenize(model, null(), 1, null_mut(), 0, &mut n);
     assert_eq!(
         (status, last_error().as_deref()),
         (-1, Some("text is NULL"))
     );
-    let status = unsafe { lutra_tokenize(model, text.as_ptr(), 1, null_mut(), 0, null_mut()) };
+    let status = lutra_tokenize(model, text.as_ptr(), 1, null_mut(), 0, null_mut());
     assert_eq!(
         (status, last_error().as_deref()),
         (-1, Some("n_tokens is NULL"))
     );
-    let status = unsafe { lutra_tokenize(model, text.as_ptr(), 1, null_mut(), 4, &mut n) };
+    let status = lutra_tokenize(model, text.as_ptr(), 1, null_mut(), 4, &mut n);
     assert_eq!(status, -1);
     assert_eq!(
         last_error().as_deref(),
@@ -108,50 +105,45 @@ fn null_arguments_are_errors() {
     );
 
     let mut out = std::ptr::dangling_mut::<c_char>(); // a stale value the call must overwrite
-    let status =
-        unsafe { lutra_generate(null(), text.as_ptr(), null(), None, null_mut(), &mut out) };
+    let status = lutra_generate(null(), text.as_ptr(), null(), None, null_mut(), &mut out);
     assert_eq!(
         (status, last_error().as_deref()),
         (-1, Some("model is NULL"))
     );
     assert!(out.is_null(), "*out is NULL after an error");
-    let status = unsafe { lutra_generate(model, null(), null(), None, null_mut(), null_mut()) };
+    let status = lutra_generate(model, null(), null(), None, null_mut(), null_mut());
     assert_eq!(
         (status, last_error().as_deref()),
         (-1, Some("prompt is NULL"))
     );
 
-    let status = unsafe {
-        lutra_session_send(
-            null_mut(),
-            text.as_ptr(),
-            null(),
-            None,
-            null_mut(),
-            &mut out,
-        )
-    };
+    let status = lutra_session_send(
+        null_mut(),
+        text.as_ptr(),
+        null(),
+        None,
+        null_mut(),
+        &mut out,
+    );
     assert_eq!(
         (status, last_error().as_deref()),
         (-1, Some("session is NULL"))
     );
-    let session = unsafe { lutra_session_new(model, null()) };
+    let session = lutra_session_new(model, null());
     assert!(!session.is_null(), "{:?}", last_error());
-    let status = unsafe { lutra_session_send(session, null(), null(), None, null_mut(), &mut out) };
+    let status = lutra_session_send(session, null(), null(), None, null_mut(), &mut out);
     assert_eq!(
         (status, last_error().as_deref()),
         (-1, Some("user_message is NULL"))
     );
-    assert_eq!(unsafe { lutra_session_cancel(null_mut()) }, -1);
+    assert_eq!(lutra_session_cancel(null_mut()), -1);
     assert_eq!(last_error().as_deref(), Some("session is NULL"));
 
     // Destructors take NULL.
-    unsafe {
-        lutra_session_free(session);
-        lutra_session_free(null_mut());
-        lutra_model_free(null_mut());
-        lutra_string_free(null_mut());
-    }
+    lutra_session_free(session);
+    lutra_session_free(null_mut());
+    lutra_model_free(null_mut());
+    lutra_string_free(null_mut());
 }
 
 #[test]
@@ -159,13 +151,11 @@ fn strings_must_be_utf8() {
     let model = real_model();
     let bad = c"caf\xe9".as_ptr(); // Latin-1 é
     let mut n = 0usize;
-    // SAFETY: a live model and NUL-terminated strings.
-    let status = unsafe { lutra_tokenize(model, bad, 1, null_mut(), 0, &mut n) };
+    let status = lutra_tokenize(model, bad, 1, null_mut(), 0, &mut n);
     assert_eq!(status, -1);
     let message = last_error().unwrap();
     assert!(message.starts_with("text is not valid UTF-8"), "{message}");
-    // SAFETY: as above.
-    assert!(unsafe { lutra_session_new(model, bad) }.is_null());
+    assert!(lutra_session_new(model, bad).is_null());
     assert!(last_error()
         .unwrap()
         .starts_with("system_prompt is not valid UTF-8"));
@@ -178,17 +168,14 @@ fn bad_params_are_refused_without_generating() {
     let mut params = lutra_generate_params_default();
     params.top_p = 2.0;
     let mut pieces = Pieces::default();
-    // SAFETY: a live model, a C string, a params struct and a callback with its user data.
-    let status = unsafe {
-        lutra_generate(
-            model,
-            prompt.as_ptr(),
-            &params,
-            Some(collect),
-            pieces.user_data(),
-            null_mut(),
-        )
-    };
+    let status = lutra_generate(
+        model,
+        prompt.as_ptr(),
+        &params,
+        Some(collect),
+        pieces.user_data(),
+        null_mut(),
+    );
     assert_eq!(status, -1);
     assert_eq!(
         last_error().as_deref(),
@@ -200,23 +187,19 @@ fn bad_params_are_refused_without_generating() {
 #[test]
 fn a_success_clears_the_last_error() {
     let model = real_model();
-    // SAFETY: NULL path, to fail.
-    assert!(unsafe { lutra_model_load(null(), null()) }.is_null());
+    assert!(lutra_model_load(null(), null()).is_null());
     assert!(last_error().is_some());
     let text = c_string("Hi");
     let mut tokens = [0u32; 16];
     let mut n = 0usize;
-    // SAFETY: a live model, a C string, a buffer of 16 ids, a writable count.
-    let status =
-        unsafe { lutra_tokenize(model, text.as_ptr(), 0, tokens.as_mut_ptr(), 16, &mut n) };
+    let status = lutra_tokenize(model, text.as_ptr(), 0, tokens.as_mut_ptr(), 16, &mut n);
     assert_eq!(status, 0);
     assert_eq!(last_error(), None);
 }
 
 #[test]
 fn errors_are_per_thread() {
-    // SAFETY: NULL path, to fail.
-    assert!(unsafe { lutra_model_load(null(), null()) }.is_null());
+    assert!(lutra_model_load(null(), null()).is_null());
     let other = std::thread::spawn(last_error).join().unwrap();
     assert_eq!(
         other, None,
@@ -227,7 +210,6 @@ fn errors_are_per_thread() {
 
 #[test]
 fn the_version_is_the_crate_version() {
-    // SAFETY: lutra_version returns a static C string.
-    let version = unsafe { CStr::from_ptr(lutra_version()) };
+    let version = lutra_kernels::ffi::c_str(lutra_version()).expect("a static string");
     assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
 }

@@ -3,7 +3,7 @@
 //! The real-model tests use the fetched SmolLM2-135M-Instruct Q4_1 file (`bash models/fetch.sh`),
 //! loaded once per test binary through `lutra_model_load`.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -38,11 +38,9 @@ fn real_model() -> &'static lutra_model {
             context_length: 1024,
             parallel: 4,
         };
-        // SAFETY: a C string and an options struct that live across the call.
-        let model = unsafe { lutra_model_load(path.as_ptr(), &opts) };
+        let model = lutra_model_load(path.as_ptr(), &opts);
         assert!(!model.is_null(), "lutra_model_load: {:?}", last_error());
-        // SAFETY: a live model that is never freed, and lutra_model is Sync.
-        unsafe { &*model }
+        lutra_kernels::ffi::as_ref(model).expect("checked not NULL")
     })
 }
 
@@ -52,24 +50,13 @@ fn c_string(s: &str) -> CString {
 
 /// The calling thread's last error message.
 fn last_error() -> Option<String> {
-    let ptr = lutra_last_error();
-    // SAFETY: lutra_last_error returns NULL or a C string valid until this thread's next call.
-    (!ptr.is_null()).then(|| {
-        unsafe { CStr::from_ptr(ptr) }
-            .to_string_lossy()
-            .into_owned()
-    })
+    lutra_kernels::ffi::c_str(lutra_last_error()).map(|s| s.to_string_lossy().into_owned())
 }
 
 /// Takes ownership of a string lutra returned through an out-parameter.
 fn take_string(ptr: *mut c_char) -> Option<String> {
-    if ptr.is_null() {
-        return None;
-    }
-    // SAFETY: a C string lutra allocated; freed right after the copy.
-    let text = unsafe { CStr::from_ptr(ptr) }.to_str().map(str::to_owned);
-    // SAFETY: lutra allocated it and it is freed once.
-    unsafe { lutra_string_free(ptr) };
+    let text = lutra_kernels::ffi::c_str(ptr)?.to_str().map(str::to_owned);
+    lutra_string_free(ptr);
     Some(text.expect("lutra hands out UTF-8"))
 }
 
@@ -94,11 +81,10 @@ impl Pieces {
 }
 
 /// The test callback: records the piece in the `Pieces` behind `user_data`.
-unsafe extern "C" fn collect(piece: *const c_char, user_data: *mut c_void) -> c_int {
-    // SAFETY: every test passes a `Pieces` it owns for the duration of the call as user_data.
-    let pieces = unsafe { &mut *user_data.cast::<Pieces>() };
-    // SAFETY: lutra passes a C string valid during the call.
-    let text = unsafe { CStr::from_ptr(piece) }
+extern "C" fn collect(piece: *const c_char, user_data: *mut c_void) -> c_int {
+    let pieces = lutra_kernels::ffi::as_mut(user_data.cast::<Pieces>()).expect("user_data");
+    let text = lutra_kernels::ffi::c_str(piece)
+        .expect("a piece")
         .to_string_lossy()
         .into_owned();
     pieces.pieces.push(text);

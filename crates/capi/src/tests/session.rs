@@ -44,8 +44,7 @@ fn reference_reply(messages: &[Message], max_tokens: usize) -> (String, usize) {
 
 /// A new session without a system prompt.
 fn new_session() -> *mut lutra_session {
-    // SAFETY: a live model, no system prompt.
-    let session = unsafe { lutra_session_new(real_model(), null()) };
+    let session = lutra_session_new(real_model(), null());
     assert!(!session.is_null(), "lutra_session_new: {:?}", last_error());
     session
 }
@@ -59,18 +58,15 @@ fn send(
 ) -> String {
     let message = c_string(message);
     let mut reply: *mut c_char = null_mut();
-    // SAFETY: a live session, a C string, a params struct, a callback with its user data and a
     // writable out-pointer, all alive across the call.
-    let status = unsafe {
-        lutra_session_send(
-            session,
-            message.as_ptr(),
-            params,
-            Some(collect),
-            pieces.user_data(),
-            &mut reply,
-        )
-    };
+    let status = lutra_session_send(
+        session,
+        message.as_ptr(),
+        params,
+        Some(collect),
+        pieces.user_data(),
+        &mut reply,
+    );
     assert_eq!(status, 0, "lutra_session_send: {:?}", last_error());
     take_string(reply).expect("a reply")
 }
@@ -94,8 +90,7 @@ fn a_greedy_turn_is_the_generators_text_and_the_conversation_goes_on() {
     let mut pieces = Pieces::default();
     let second = send(session, "And of Germany?", &greedy(48), &mut pieces);
     assert_eq!(second, reference_reply(&messages, 48).0);
-    // SAFETY: made by lutra_session_new, freed once.
-    unsafe { lutra_session_free(session) };
+    lutra_session_free(session);
 }
 
 #[test]
@@ -112,17 +107,14 @@ fn lutra_generate_is_the_generators_text() {
     let c_prompt = c_string(prompt);
     let mut pieces = Pieces::default();
     let mut out: *mut c_char = null_mut();
-    // SAFETY: a live model, a C string, params, a callback with its user data, an out-pointer.
-    let status = unsafe {
-        lutra_generate(
-            real_model(),
-            c_prompt.as_ptr(),
-            &greedy(24),
-            Some(collect),
-            pieces.user_data(),
-            &mut out,
-        )
-    };
+    let status = lutra_generate(
+        real_model(),
+        c_prompt.as_ptr(),
+        &greedy(24),
+        Some(collect),
+        pieces.user_data(),
+        &mut out,
+    );
     assert_eq!(status, 0, "{:?}", last_error());
     let text = take_string(out).unwrap();
     assert!(!text.is_empty());
@@ -130,17 +122,14 @@ fn lutra_generate_is_the_generators_text() {
     assert_eq!(pieces.text(), text);
 
     // No callback, no out-pointer: still generates and succeeds.
-    // SAFETY: as above, with NULLs where they are allowed.
-    let status = unsafe {
-        lutra_generate(
-            real_model(),
-            c_prompt.as_ptr(),
-            &greedy(4),
-            None,
-            null_mut(),
-            null_mut(),
-        )
-    };
+    let status = lutra_generate(
+        real_model(),
+        c_prompt.as_ptr(),
+        &greedy(4),
+        None,
+        null_mut(),
+        null_mut(),
+    );
     assert_eq!(status, 0, "{:?}", last_error());
 }
 
@@ -171,16 +160,23 @@ fn a_non_zero_callback_return_stops_the_reply() {
     let mut pieces = Pieces::default();
     let next = send(session, "Thanks!", &greedy(8), &mut pieces);
     assert!(!next.is_empty());
-    // SAFETY: made by lutra_session_new, freed once.
-    unsafe { lutra_session_free(session) };
+    lutra_session_free(session);
 }
 
-/// A session pointer handed to another thread (lutra_session is Sync; the pointer stays valid
-/// until the test frees it after joining).
+/// A session pointer handed to another thread as an address, as a C program may (lutra_session is
+/// Sync; the pointer stays valid until the test frees it after joining).
 #[derive(Clone, Copy)]
-struct SessionPtr(*mut lutra_session);
-// SAFETY: the functions taking the pointer are thread-safe, and it outlives the thread.
-unsafe impl Send for SessionPtr {}
+struct SessionPtr(usize);
+
+impl SessionPtr {
+    fn new(session: *mut lutra_session) -> SessionPtr {
+        SessionPtr(session as usize)
+    }
+
+    fn get(self) -> *mut lutra_session {
+        self.0 as *mut lutra_session
+    }
+}
 
 #[test]
 fn lutra_session_cancel_from_another_thread_stops_the_reply() {
@@ -192,14 +188,13 @@ fn lutra_session_cancel_from_another_thread_stops_the_reply() {
     );
 
     let session = new_session();
-    let handle = SessionPtr(session);
+    let handle = SessionPtr::new(session);
     let mut pieces = Pieces {
         on_piece: Some(Box::new(move |n| {
             if n == 2 {
                 let canceller = std::thread::spawn(move || {
                     let handle = handle;
-                    // SAFETY: the session is alive until the test frees it after this returns.
-                    unsafe { lutra_session_cancel(handle.0) }
+                    lutra_session_cancel(handle.get())
                 });
                 assert_eq!(canceller.join().unwrap(), 0);
             }
@@ -215,35 +210,30 @@ fn lutra_session_cancel_from_another_thread_stops_the_reply() {
     assert!(full.starts_with(&reply) && reply.len() < full.len());
 
     // Cancelling with no reply in progress does nothing, and the next turn runs in full.
-    // SAFETY: a live session.
-    assert_eq!(unsafe { lutra_session_cancel(session) }, 0);
+    assert_eq!(lutra_session_cancel(session), 0);
     let mut pieces = Pieces::default();
     assert!(!send(session, "Thanks!", &greedy(8), &mut pieces).is_empty());
-    // SAFETY: made by lutra_session_new, freed once.
-    unsafe { lutra_session_free(session) };
+    lutra_session_free(session);
 }
 
 #[test]
 fn a_callback_cannot_send_on_its_own_session() {
     let session = new_session();
-    let handle = SessionPtr(session);
+    let handle = SessionPtr::new(session);
     let inner = std::rc::Rc::new(std::cell::RefCell::new(None));
     let seen = inner.clone();
     let mut pieces = Pieces {
         on_piece: Some(Box::new(move |n| {
             if n == 1 {
                 let message = c_string("Interrupting!");
-                // SAFETY: the live session of the turn in progress, a C string, NULL elsewhere.
-                let status = unsafe {
-                    lutra_session_send(
-                        handle.0,
-                        message.as_ptr(),
-                        null(),
-                        None,
-                        null_mut(),
-                        null_mut(),
-                    )
-                };
+                let status = lutra_session_send(
+                    handle.get(),
+                    message.as_ptr(),
+                    null(),
+                    None,
+                    null_mut(),
+                    null_mut(),
+                );
                 *seen.borrow_mut() = Some((status, last_error()));
             }
         })),
@@ -260,8 +250,7 @@ fn a_callback_cannot_send_on_its_own_session() {
     assert_eq!(status, -1);
     assert!(message.unwrap().contains("same session"));
     assert_eq!(last_error(), None, "the outer turn succeeded");
-    // SAFETY: made by lutra_session_new, freed once.
-    unsafe { lutra_session_free(session) };
+    lutra_session_free(session);
 }
 
 #[test]
@@ -279,8 +268,7 @@ fn two_sessions_on_two_threads_both_complete() {
                     let mut pieces = Pieces::default();
                     let reply = send(session, question, &greedy(32), &mut pieces);
                     assert_eq!(pieces.text(), reply);
-                    // SAFETY: made by lutra_session_new on this thread, freed once.
-                    unsafe { lutra_session_free(session) };
+                    lutra_session_free(session);
                     reply
                 })
             })
@@ -302,20 +290,16 @@ fn a_session_outlives_lutra_model_free() {
         context_length: 256,
         parallel: 1,
     };
-    // SAFETY: a C string and an options struct.
-    let model = unsafe { lutra_model_load(path.as_ptr(), &opts) };
+    let model = lutra_model_load(path.as_ptr(), &opts);
     assert!(!model.is_null(), "{:?}", last_error());
     let system = c_string("You are terse.");
-    // SAFETY: a live model and a C string.
-    let session = unsafe { lutra_session_new(model, system.as_ptr()) };
+    let session = lutra_session_new(model, system.as_ptr());
     assert!(!session.is_null(), "{:?}", last_error());
-    // SAFETY: made by lutra_model_load, freed once; the session holds the model.
-    unsafe { lutra_model_free(model) };
+    lutra_model_free(model);
     let mut pieces = Pieces::default();
     let reply = send(session, "Hi!", &greedy(6), &mut pieces);
     assert!(!reply.is_empty());
-    // SAFETY: made by lutra_session_new, freed once.
-    unsafe { lutra_session_free(session) };
+    lutra_session_free(session);
 }
 
 #[test]
@@ -326,16 +310,12 @@ fn a_conversation_longer_than_the_context_is_an_error_and_is_not_kept() {
         context_length: 64,
         parallel: 1,
     };
-    // SAFETY: a C string and an options struct.
-    let model = unsafe { lutra_model_load(path.as_ptr(), &opts) };
+    let model = lutra_model_load(path.as_ptr(), &opts);
     assert!(!model.is_null(), "{:?}", last_error());
-    // SAFETY: a live model, no system prompt.
-    let session = unsafe { lutra_session_new(model, null()) };
+    let session = lutra_session_new(model, null());
     let long = c_string(&"word ".repeat(80));
     let mut reply: *mut c_char = null_mut();
-    // SAFETY: a live session, a C string, NULL params and callback, an out-pointer.
-    let status =
-        unsafe { lutra_session_send(session, long.as_ptr(), null(), None, null_mut(), &mut reply) };
+    let status = lutra_session_send(session, long.as_ptr(), null(), None, null_mut(), &mut reply);
     assert_eq!(status, -1);
     assert!(reply.is_null());
     let message = last_error().unwrap();
@@ -343,9 +323,6 @@ fn a_conversation_longer_than_the_context_is_an_error_and_is_not_kept() {
     // The failed message is not part of the conversation: a short one still fits.
     let mut pieces = Pieces::default();
     assert!(!send(session, "Hi", &greedy(2), &mut pieces).is_empty());
-    // SAFETY: each made by lutra, freed once.
-    unsafe {
-        lutra_session_free(session);
-        lutra_model_free(model);
-    }
+    lutra_session_free(session);
+    lutra_model_free(model);
 }

@@ -15,17 +15,14 @@ fn tokenize(text: &str, parse_special: bool, capacity: usize) -> (i32, usize, Ve
     } else {
         buffer.as_mut_ptr()
     };
-    // SAFETY: a live model, a C string, a buffer of `capacity` ids, a writable count.
-    let status = unsafe {
-        lutra_tokenize(
-            real_model(),
-            text.as_ptr(),
-            i32::from(parse_special),
-            ptr,
-            capacity,
-            &mut n,
-        )
-    };
+    let status = lutra_tokenize(
+        real_model(),
+        text.as_ptr(),
+        i32::from(parse_special),
+        ptr,
+        capacity,
+        &mut n,
+    );
     (status, n, buffer)
 }
 
