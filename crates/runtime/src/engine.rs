@@ -725,6 +725,10 @@ mod tests {
         Arc::new(Model::load(&path, &opts).unwrap())
     }
 
+    fn engine(model: &Arc<Model>, parallel: usize, queue: usize) -> Engine {
+        Engine::new(Arc::clone(model), EngineOptions { parallel, queue }).unwrap()
+    }
+
     fn greedy(max_tokens: usize) -> GenerateOptions {
         GenerateOptions {
             max_tokens,
@@ -807,14 +811,7 @@ mod tests {
                 .iter()
                 .map(|p| alone(&model, p, greedy(12)))
                 .collect();
-            let engine = Engine::new(
-                Arc::clone(&model),
-                EngineOptions {
-                    parallel: 3,
-                    queue: 8,
-                },
-            )
-            .unwrap();
+            let engine = engine(&model, 3, 8);
             let streams: Vec<_> = prompts
                 .iter()
                 .map(|p| engine.submit(Request::new(p.clone(), greedy(12))).unwrap())
@@ -899,14 +896,7 @@ mod tests {
     fn a_full_queue_refuses_and_shutdown_stops_accepting() {
         let model = tiny_model(1);
         let vocab = model.config().vocab_size;
-        let engine = Engine::new(
-            Arc::clone(&model),
-            EngineOptions {
-                parallel: 1,
-                queue: 1,
-            },
-        )
-        .unwrap();
+        let engine = engine(&model, 1, 1);
         let (release, done_rx) = submit_held(&engine, Request::new(prompt(4, 0, vocab), greedy(3)));
         let queued = engine
             .submit(Request::new(prompt(4, 1, vocab), greedy(3)))
@@ -936,14 +926,7 @@ mod tests {
     fn a_queue_of_zero_takes_requests_only_for_free_sequences() {
         let model = tiny_model(1);
         let vocab = model.config().vocab_size;
-        let engine = Engine::new(
-            Arc::clone(&model),
-            EngineOptions {
-                parallel: 1,
-                queue: 0,
-            },
-        )
-        .unwrap();
+        let engine = engine(&model, 1, 0);
         let (tokens, _, _) = collect(
             engine
                 .submit(Request::new(prompt(4, 0, vocab), greedy(2)))

@@ -296,7 +296,7 @@ impl Model {
             })
             .collect();
         let mut st = self.scratch.take(self);
-        let result = self.forward_rows(&mut st, &tokens, &mut segs, rows, logits);
+        let result = self.forward_rows(&mut st, &tokens, &mut segs, rows.into_iter(), logits);
         self.scratch.put(st);
         result
     }
@@ -308,7 +308,7 @@ impl Model {
         st: &mut RunState,
         tokens: &[u32],
         segs: &mut [Segment<'_>],
-        wanted: impl IntoIterator<Item = usize>,
+        wanted: impl ExactSizeIterator<Item = usize>,
         logits: &mut [f32],
     ) -> Result<()> {
         let c = &self.config;
@@ -326,11 +326,10 @@ impl Model {
         let x = &st.x[..n * h];
 
         // Final norm and LM head, only for the rows whose logits are wanted.
-        let wanted: Vec<usize> = wanted.into_iter().collect();
         let m = wanted.len();
         if m > 0 {
             let head_in = st.head_in.values_mut(m);
-            for (out, &r) in head_in.chunks_exact_mut(h).zip(&wanted) {
+            for (out, r) in head_in.chunks_exact_mut(h).zip(wanted) {
                 rmsnorm(cpu, out, &x[r * h..(r + 1) * h], &self.output_norm, eps);
             }
             let head = self.output.as_ref().unwrap_or(&self.embedding);
