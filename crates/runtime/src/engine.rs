@@ -462,15 +462,10 @@ impl Scheduler {
             return finish_unstarted(job, StopReason::Cancelled, None);
         }
         let prompt = &job.request.prompt;
-        let Some(i) = (0..self.seqs.len())
+        let Some((i, shared)) = (0..self.seqs.len())
             .filter(|&i| self.seqs[i].active.is_none())
-            .max_by_key(|&i| {
-                let s = &self.seqs[i];
-                (
-                    common_prefix(&s.cached, prompt),
-                    std::cmp::Reverse(s.last_used),
-                )
-            })
+            .map(|i| (i, common_prefix(&self.seqs[i].cached, prompt)))
+            .max_by_key(|&(i, shared)| (shared, std::cmp::Reverse(self.seqs[i].last_used)))
         else {
             // The caller admits no more jobs than there are free sequences.
             return finish_unstarted(
@@ -481,7 +476,7 @@ impl Scheduler {
         };
         let seq = &mut self.seqs[i];
         // At least one prompt token is computed: its logits choose the first token.
-        let common = common_prefix(&seq.cached, prompt).min(prompt.len() - 1);
+        let common = shared.min(prompt.len() - 1);
         seq.cached.truncate(common);
         seq.cache.truncate(common);
         let context = self.model.context_length();
