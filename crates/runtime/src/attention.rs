@@ -73,11 +73,12 @@ impl Attention {
     }
 
     /// Scratch per query head: `[max_batch][head_dim]` outputs, `[max_batch]` running maxima and
-    /// sums, `[KV_BLOCK]` scores, one block's `[head_dim]` weighted values, and a block of keys and
-    /// one of values widened from an f16 cache.
+    /// sums, the head's `[max_batch][head_dim]` queries, one block's `[max_batch][KV_BLOCK]`
+    /// scores and `[max_batch][head_dim]` weighted values, and a block of keys and one of values
+    /// widened from an f16 cache.
     fn stride(&self) -> usize {
         let hd = self.shape.head_dim;
-        3 * self.max_batch + KV_BLOCK + hd + (self.max_batch + 2 * KV_BLOCK) * hd
+        2 * self.max_batch + 3 * self.max_batch * hd + self.max_batch * KV_BLOCK + 2 * KV_BLOCK * hd
     }
 
     /// Attention of `n` query tokens (`q` is `[n][heads·head_dim]`) at positions `pos0..pos0+n`,
@@ -125,41 +126,55 @@ impl Attention {
             let (outs, rest) = chunk.split_at_mut(max_batch * hd);
             let (maxes, rest) = rest.split_at_mut(max_batch);
             let (sums, rest) = rest.split_at_mut(max_batch);
-            let (scores, rest) = rest.split_at_mut(KV_BLOCK);
-            let (block_out, rest) = rest.split_at_mut(hd);
+            let (queries, rest) = rest.split_at_mut(max_batch * hd);
+            let (scores, rest) = rest.split_at_mut(max_batch * KV_BLOCK);
+            let (block_outs, rest) = rest.split_at_mut(max_batch * hd);
             let (kbuf, vbuf) = rest.split_at_mut(KV_BLOCK * hd);
             outs[..n * hd].fill(0.0);
             maxes[..n].fill(f32::NEG_INFINITY);
             sums[..n].fill(0.0);
+            // This head's query of every token, contiguous: `[n][head_dim]`.
+            for (t, query) in queries[..n * hd].chunks_exact_mut(hd).enumerate() {
+                query.copy_from_slice(&q[t * q_dim + h * hd..][..hd]);
+            }
             // Block by block of keys and values (an f16 cache widened once per block for every
             // token), each token keeping its running maximum, sum of exps and weighted values.
             let mut p0 = lo_all;
             while p0 < end_all {
-                let p1 = (p0 + KV_BLOCK).min(end_all);
+                // The tokens that see a position of the block (token t sees
+                // `first(t)..=pos0 + t`; `first` does not decrease), and the block's positions
+                // the last of them sees.
+                let ta = p0.saturating_sub(pos0);
+                let tb = (ta..n).find(|&t| first(t) >= p0 + KV_BLOCK).unwrap_or(n);
+                let p1 = (p0 + KV_BLOCK).min(pos0 + tb);
+                let cols = p1 - p0;
                 let at = kv_start + p0 * hd;
-                let k = cache.keys.read(cpu, at, (p1 - p0) * hd, &mut *kbuf);
-                let v = cache.values.read(cpu, at, (p1 - p0) * hd, &mut *vbuf);
-                for t in 0..n {
-                    let (lo, seen) = (first(t).max(p0), (pos0 + t + 1).min(p1));
-                    if lo >= seen {
-                        continue;
-                    }
-                    let rows = (lo - p0) * hd..(seen - p0) * hd;
-                    let scores = &mut scores[..seen - lo];
-                    let qh = &q[t * q_dim + h * hd..][..hd];
-                    vector::dot_rows(cpu, qh, &k[rows.clone()], scores);
-                    let max = maxes[t].max(scale_and_max(scores, scale));
+                let k = cache.keys.read(cpu, at, cols * hd, &mut *kbuf);
+                let v = cache.values.read(cpu, at, cols * hd, &mut *vbuf);
+                let scores = &mut scores[..(tb - ta) * cols];
+                vector::dot_matrix(cpu, &queries[ta * hd..tb * hd], k, hd, scores);
+                for (t, row) in (ta..tb).zip(scores.chunks_exact_mut(cols)) {
+                    // The positions token t sees in the block; the others get weight 0.
+                    let (lo, seen) = (first(t).max(p0) - p0, (pos0 + t + 1).min(p1) - p0);
+                    let seen_scores = &mut row[lo..seen];
+                    let max = maxes[t].max(vector::scale_max(cpu, seen_scores, scale));
                     // Rescales what earlier blocks summed (0 before the first block).
                     let correction = (maxes[t] - max).exp();
-                    let sum = exp_sum(scores, max);
+                    let sum = vector::exp_sum(cpu, seen_scores, max);
                     maxes[t] = max;
                     sums[t] = sums[t] * correction + sum;
-                    vector::weighted_row_sum(cpu, block_out, scores, &v[rows]);
-                    for (o, &b) in outs[t * hd..(t + 1) * hd].iter_mut().zip(&*block_out) {
-                        *o = *o * correction + b;
-                    }
+                    row[..lo].fill(0.0);
+                    row[seen..].fill(0.0);
+                    outs[t * hd..(t + 1) * hd]
+                        .iter_mut()
+                        .for_each(|o| *o *= correction);
                 }
-                p0 = p1;
+                let block_outs = &mut block_outs[..(tb - ta) * hd];
+                vector::weighted_row_sums(cpu, block_outs, scores, v, hd);
+                for (o, &b) in outs[ta * hd..tb * hd].iter_mut().zip(&*block_outs) {
+                    *o += b;
+                }
+                p0 += KV_BLOCK;
             }
             for (o, &sum) in outs[..n * hd].chunks_exact_mut(hd).zip(&sums[..n]) {
                 let inv = 1.0 / sum;
@@ -246,7 +261,7 @@ impl Attention {
                     for score in scores.iter_mut() {
                         *score *= scale;
                     }
-                    let (max, sum) = exp_shifted(scores);
+                    let (max, sum) = exp_shifted(cpu, scores);
                     let (ml, o) = partial.split_at_mut(2);
                     ml[0] = max;
                     ml[1] = sum;
@@ -281,72 +296,9 @@ impl Attention {
 }
 
 /// `x[i] = exp(x[i] − max x)` in place; returns the maximum and the sum of the exps.
-fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
+fn exp_shifted(cpu: &Cpu, x: &mut [f32]) -> (f32, f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    (max, exp_sum(x, max))
-}
-
-/// `x[i] *= scale` in place; returns the largest result, found in eight interleaved lanes (a
-/// loop the compiler vectorizes).
-fn scale_and_max(x: &mut [f32], scale: f32) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut blocks = x.chunks_exact_mut(8);
-    for block in &mut blocks {
-        for (lane, v) in lanes.iter_mut().zip(block) {
-            *v *= scale;
-            *lane = lane.max(*v);
-        }
-    }
-    let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for v in blocks.into_remainder() {
-        *v *= scale;
-        max = max.max(*v);
-    }
-    max
-}
-
-/// `x[i] = exp(x[i] − shift)` in place ([`exp`]); returns their sum, taken in eight interleaved
-/// partial sums. Both loops are plain arithmetic that the compiler vectorizes.
-fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
-    for v in x.iter_mut() {
-        *v = exp(*v - shift);
-    }
-    let mut lanes = [0.0f32; 8];
-    let mut blocks = x.chunks_exact(8);
-    for block in &mut blocks {
-        for (lane, &v) in lanes.iter_mut().zip(block) {
-            *lane += v;
-        }
-    }
-    lanes.iter().sum::<f32>() + blocks.remainder().iter().sum::<f32>()
-}
-
-/// `e^x` for `x ≤ 0` (softmax weights), within 2 units in the last place of f32 for
-/// `x ≥ −87`; below that it returns about `1.6e-38` instead of a smaller number or 0, which
-/// is nothing next to the weight 1 of the maximum.
-///
-/// `e^x = 2^n · e^r` with `n` the integer nearest `x / ln 2` and `|r| ≤ ln 2 / 2` (ln 2 split in two
-/// parts, so `r` is exact), `e^r` by Cephes' `expf` polynomial. No branch and no call: a loop of
-/// them is vectorized.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer in f32 arithmetic.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2_E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    // 2^n as an f32: n is in −126..=127 after the clamp, a normal exponent. The integer n + 127
-    // is read from the low bits of (n + 127) + 1.5·2^23 (no float-to-int conversion).
-    let biased = (n + 127.0 + ROUND).to_bits() - ROUND.to_bits();
-    e_r * f32::from_bits(biased << 23)
+    (max, vector::exp_sum(cpu, x, max))
 }
 
 #[cfg(test)]
@@ -366,36 +318,6 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    #[test]
-    fn exp_is_within_two_ulps_and_sums_like_a_plain_loop() {
-        let mut worst = 0.0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let want = (x as f64).exp();
-            let got = exp(x) as f64;
-            worst = worst.max((got - want).abs() / want);
-        }
-        // Two units in the last place of f32 are 2.4e-7 relative.
-        assert!(worst < 2.4e-7, "worst relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(f32::NEG_INFINITY) < 1e-37 && exp(-1000.0) >= 0.0);
-        let mut x: Vec<f32> = (0..37).map(|i| -0.37 * i as f32).collect();
-        let plain: f64 = x.iter().map(|&v| ((v - 0.5) as f64).exp()).sum();
-        let sum = exp_sum(&mut x, 0.5);
-        assert!(
-            (sum as f64 - plain).abs() < 1e-6 * plain,
-            "{sum} vs {plain}"
-        );
-        assert!((x[3] as f64 - (-1.61f64).exp()).abs() < 1e-6);
-        for len in [1, 7, 8, 19] {
-            let mut x: Vec<f32> = (0..len).map(|i| ((i * 7 % 5) as f32) - 2.5).collect();
-            let want: Vec<f32> = x.iter().map(|v| v * 0.5).collect();
-            let max = scale_and_max(&mut x, 0.5);
-            assert_eq!(x, want);
-            assert_eq!(max, want.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-        }
     }
 
     /// A one-layer cache holding `keys` and `values` (`[positions][kv_dim]`), and the values it

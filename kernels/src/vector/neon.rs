@@ -151,3 +151,33 @@ pub(super) unsafe fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
         y[j] += w * x[j];
     }
 }
+
+/// One pair of `dot_matrix`: the lanes of [`dot`], added pairwise as
+/// [`super::pair_lanes_sum`] (`vpaddq` adds neighbouring lanes), then the tail.
+///
+/// # Safety
+/// The CPU supports NEON, and `a.len() == b.len()`.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn pair_dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let n = a.len() / 8 * 8;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut lo, mut hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i + 8 <= n <= len of both slices.
+        unsafe {
+            lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i))));
+            hi = vaddq_f32(
+                hi,
+                vmulq_f32(vld1q_f32(pa.add(i + 4)), vld1q_f32(pb.add(i + 4))),
+            );
+        }
+        i += 8;
+    }
+    // [l0+l1, l2+l3, l4+l5, l6+l7], then [(l0+l1)+(l2+l3), (l4+l5)+(l6+l7), ..].
+    let pairs = vpaddq_f32(lo, hi);
+    let quads = vpaddq_f32(pairs, pairs);
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    (vgetq_lane_f32::<0>(quads) + vgetq_lane_f32::<1>(quads)) + tail
+}

@@ -119,3 +119,107 @@ fn widening_f16_is_exact_on_every_isa() {
         assert!(nan.iter().all(|v| v.is_nan()), "{isa:?}");
     }
 }
+
+#[test]
+fn many_query_forms_give_the_scalar_bits_on_every_isa() {
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        // Row lengths with and without a tail past 8; query and key counts around the 2×4 tile.
+        for len in [64, 8, 13, 1, 40] {
+            for (queries, keys) in [(1, 1), (2, 4), (3, 7), (5, 64), (64, 13), (4, 0), (0, 5)] {
+                let a = random(queries * len, 5 + (queries * len) as u64);
+                let b = random(keys * len, 50 + (keys * len) as u64);
+                let mut got = vec![f32::NAN; queries * keys];
+                dot_matrix(&cpu, &a, &b, len, &mut got);
+                for i in 0..queries {
+                    for j in 0..keys {
+                        let want = scalar_pair_dot(&a[i * len..][..len], &b[j * len..][..len]);
+                        let exact: f64 = a[i * len..][..len]
+                            .iter()
+                            .zip(&b[j * len..][..len])
+                            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                            .sum();
+                        assert!((f64::from(want) - exact).abs() < 1e-5 * len as f64);
+                        assert_eq!(
+                            got[i * keys + j].to_bits(),
+                            want.to_bits(),
+                            "{isa:?} dot_matrix len={len} {queries}×{keys} pair ({i}, {j})"
+                        );
+                    }
+                }
+
+                let w = random(queries * keys, 90 + keys as u64);
+                let mut sums = vec![f32::NAN; queries * len];
+                weighted_row_sums(&cpu, &mut sums, &w, &b, len);
+                for i in 0..queries {
+                    let mut want = vec![0.0f32; len];
+                    for (&wp, row) in w[i * keys..][..keys].iter().zip(b.chunks_exact(len)) {
+                        scalar_axpy(&mut want, wp, row);
+                    }
+                    let got: Vec<u32> =
+                        sums[i * len..][..len].iter().map(|v| v.to_bits()).collect();
+                    let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(
+                        got, want,
+                        "{isa:?} weighted_row_sums len={len} {queries}×{keys} row {i}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_steps_give_the_scalar_bits_on_every_isa() {
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        for n in [0, 1, 7, 8, 9, 64, 67, 200] {
+            // Scores spread over the whole range exp sees, down to far below −87.
+            let x: Vec<f32> = random(n, 7 + n as u64).iter().map(|v| v * 60.0).collect();
+            let (mut got, mut want) = (x.clone(), x.clone());
+            let (m, m_ref) = (
+                scale_max(&cpu, &mut got, 1.7),
+                scalar_scale_max(&mut want, 1.7),
+            );
+            assert_eq!(m.to_bits(), m_ref.to_bits(), "{isa:?} scale_max n={n}");
+            assert_eq!(got, want, "{isa:?} scale_max n={n}");
+            if n > 0 {
+                let top = x.iter().map(|v| v * 1.7).fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(m, top);
+            }
+            let (s, s_ref) = (exp_sum(&cpu, &mut got, m), scalar_exp_sum(&mut want, m));
+            assert_eq!(s.to_bits(), s_ref.to_bits(), "{isa:?} exp_sum n={n}");
+            let (g, w): (Vec<u32>, Vec<u32>) = (
+                got.iter().map(|v| v.to_bits()).collect(),
+                want.iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(g, w, "{isa:?} exp_sum n={n}");
+        }
+    }
+}
+
+#[test]
+fn exp_is_within_two_ulps_and_sums_like_a_plain_loop() {
+    let mut worst = 0.0f64;
+    for i in 0..=200_000 {
+        let x = -87.0 * i as f32 / 200_000.0;
+        let want = (x as f64).exp();
+        let got = exp(x) as f64;
+        worst = worst.max((got - want).abs() / want);
+    }
+    // Two units in the last place of f32 are 2.4e-7 relative.
+    assert!(worst < 2.4e-7, "worst relative error {worst}");
+    assert_eq!(exp(0.0), 1.0);
+    assert!(exp(f32::NEG_INFINITY) < 1e-37 && exp(-1000.0) >= 0.0);
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        let mut x: Vec<f32> = (0..37).map(|i| -0.37 * i as f32).collect();
+        let plain: f64 = x.iter().map(|&v| ((v - 0.5) as f64).exp()).sum();
+        let sum = exp_sum(&cpu, &mut x, 0.5);
+        assert!(
+            (sum as f64 - plain).abs() < 1e-6 * plain,
+            "{isa:?}: {sum} vs {plain}"
+        );
+        assert!((x[3] as f64 - (-1.61f64).exp()).abs() < 1e-6);
+    }
+}
