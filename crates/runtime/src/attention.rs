@@ -216,8 +216,8 @@ impl Attention {
         let stride = hd + 2;
         let tasks = kv_heads * spans * group;
         // One contiguous range of tasks per thread, so each thread's keys and values are one
-        // stream. A range's scratch holds its tasks' partials, then (f16 caches) the current
-        // span's keys and values converted to f32.
+        // stream. A range's scratch holds its tasks' partials, the scores of the query heads of
+        // the current span, then (f16 caches) the span's keys and values converted to f32.
         let per_range = tasks.div_ceil(cpu.threads());
         let ranges = tasks.div_ceil(per_range);
         let convert = if matches!(cache.keys, Rows::F32(_)) {
@@ -225,7 +225,7 @@ impl Attention {
         } else {
             2 * SPAN * hd
         };
-        let range_len = per_range * stride + convert;
+        let range_len = per_range * stride + group * SPAN + convert;
         // Grows once to the longest context and thread count seen, then is reused.
         if self.spans.len() < ranges * range_len {
             self.spans.resize(ranges * range_len, 0.0);
@@ -236,32 +236,43 @@ impl Attention {
             range_len,
             |start, chunk| {
                 let first_task = start / range_len * per_range;
+                let end_task = (first_task + per_range).min(tasks);
                 let (partials, buf) = chunk.split_at_mut(per_range * stride);
+                let (scores, buf) = buf.split_at_mut(group * SPAN);
                 let (kbuf, vbuf) = buf.split_at_mut(convert / 2);
-                let mut scores = [0.0f32; SPAN];
+                // The span whose rows are read and the first query head whose scores are held.
                 let mut rows_of = None;
+                let mut j0 = 0;
                 let mut span_rows: (&[f32], &[f32]) = (&[], &[]);
-                for (task, partial) in (first_task..tasks).zip(partials.chunks_exact_mut(stride)) {
+                for (task, partial) in (first_task..end_task).zip(partials.chunks_exact_mut(stride))
+                {
                     let (g, rest) = (task / (spans * group), task % (spans * group));
                     let (span, j) = (rest / group, rest % group);
                     let p0 = first + span * SPAN;
                     let len = SPAN.min(seen - p0);
                     if rows_of != Some((g, span)) {
-                        // The query heads of a group share this span: read (convert) it once.
+                        // The query heads of a group share this span: read (convert) it once and
+                        // score it against all of them in this range at once.
                         let at = g * head_stride + p0 * hd;
                         span_rows = (
                             cache.keys.read(cpu, at, len * hd, &mut *kbuf),
                             cache.values.read(cpu, at, len * hd, &mut *vbuf),
                         );
                         rows_of = Some((g, span));
+                        j0 = j;
+                        let j1 = group.min(j + (end_task - task));
+                        let heads_q = &q[(g * group + j0) * hd..(g * group + j1) * hd];
+                        vector::dot_matrix(
+                            cpu,
+                            heads_q,
+                            span_rows.0,
+                            hd,
+                            &mut scores[..(j1 - j0) * len],
+                        );
                     }
-                    let h = g * group + j;
-                    let scores = &mut scores[..len];
-                    vector::dot_rows(cpu, &q[h * hd..][..hd], span_rows.0, scores);
-                    for score in scores.iter_mut() {
-                        *score *= scale;
-                    }
-                    let (max, sum) = exp_shifted(cpu, scores);
+                    let scores = &mut scores[(j - j0) * len..][..len];
+                    let max = vector::scale_max(cpu, scores, scale);
+                    let sum = vector::exp_sum(cpu, scores, max);
                     let (ml, o) = partial.split_at_mut(2);
                     ml[0] = max;
                     ml[1] = sum;
@@ -293,12 +304,6 @@ impl Attention {
             }
         }
     }
-}
-
-/// `x[i] = exp(x[i] − max x)` in place; returns the maximum and the sum of the exps.
-fn exp_shifted(cpu: &Cpu, x: &mut [f32]) -> (f32, f32) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    (max, vector::exp_sum(cpu, x, max))
 }
 
 #[cfg(test)]
