@@ -518,9 +518,9 @@ fn model_can_be_shared_across_threads() {
 
 // ---- BitNet b1.58 ----
 
-/// A tiny BitNet GGUF: hidden 256 and FFN 512 (TQ2_0 blocks are 256 wide), GQA 4/2.
-fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
-    let spec = TinyModelSpec {
+/// A tiny BitNet: hidden 256 and FFN 512 (TQ2_0 blocks are 256 wide), GQA 4/2.
+fn tiny_bitnet_spec(layers: usize) -> TinyModelSpec {
+    TinyModelSpec {
         hidden: 256,
         ffn: 512,
         layers,
@@ -530,8 +530,58 @@ fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
         tied_embeddings: true,
         architecture: Architecture::BitNet,
         ..TinyModelSpec::default()
+    }
+}
+
+/// The GGUF of [`tiny_bitnet_spec`], with TQ2_0 matrices.
+fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
+    tiny_file(dir, &tiny_bitnet_spec(layers))
+}
+
+#[test]
+fn bitnet_i2_s_file_gives_the_logits_of_the_same_weights_in_tq2_0() {
+    // The same ternary weights in bitnet.cpp's I2_S (each tensor's scale inside it) and in TQ2_0
+    // (block scales times a `.scale` tensor): the loaded weights are equal, so are the logits.
+    let tq2 = tiny_bitnet_file("bitnet-tq2", 2);
+    let i2s_spec = TinyModelSpec {
+        ternary_type: GgmlType::I2_S,
+        ..tiny_bitnet_spec(2)
     };
-    tiny_file(dir, &spec)
+    let i2s = tiny_file("bitnet-i2s", &i2s_spec);
+    let file = crate::gguf::GgufFile::open(&i2s).unwrap();
+    let types = |ty: GgmlType| file.tensors().iter().filter(|t| t.ty == ty).count();
+    assert_eq!((types(GgmlType::I2_S), types(GgmlType::TQ2_0)), (2 * 7, 0));
+    assert!(file.tensors().iter().all(|t| !t.name.ends_with(".scale")));
+    for reference in [false, true] {
+        let (a, b) = (
+            Model::load(&tq2, &options(reference)).unwrap(),
+            Model::load(&i2s, &options(reference)).unwrap(),
+        );
+        let vocab = a.config().vocab_size;
+        let tokens = prompt(7, vocab);
+        let logits = |m: &Model| {
+            let mut out = vec![0.0; vocab];
+            m.forward(&tokens, &mut m.new_cache(), &mut out).unwrap();
+            out
+        };
+        let want = logits(&a);
+        assert!(want.iter().any(|&v| v != 0.0));
+        assert_eq!(logits(&b), want, "reference: {reference}");
+        if !reference {
+            // Every I2_S matrix runs on the ternary kernel, as the TQ2_0 ones do.
+            let info = b.describe();
+            let i2s: Vec<_> = info
+                .tensor_types
+                .iter()
+                .filter(|t| t.source == "I2_S")
+                .collect();
+            assert_eq!(i2s.iter().map(|t| t.count).sum::<usize>(), 2 * 7, "{info}");
+            assert!(i2s.iter().all(|t| t.kernel == "ternary 1.67b"), "{info}");
+        }
+    }
+    for path in [tq2, i2s] {
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }
 
 /// `W·x` for a row-major `[rows][x.len()]` matrix.
