@@ -186,11 +186,7 @@ fn set_threads_changes_only_the_thread_count() {
     let mut model = synthetic_model(tiny_config(), 2, 32, &options(false), 9).unwrap();
     let vocab = model.config().vocab_size;
     let tokens = prompt(12, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let one = run(&model);
     let isa = model.isa();
     model.set_threads(3).unwrap();
@@ -267,11 +263,7 @@ fn loads_a_gguf_exactly_requantized_and_in_reference_mode() {
     assert!(fast.tokenizer().is_some() && fast.chat_template().is_some());
     let vocab = fast.config().vocab_size;
     let tokens = prompt(12, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let want = run(&exact);
     assert!(rel_error(&run(&fast), &want) < 0.05);
     for bits in 1..=4u8 {
@@ -559,11 +551,7 @@ fn bitnet_i2_s_file_gives_the_logits_of_the_same_weights_in_tq2_0() {
         );
         let vocab = a.config().vocab_size;
         let tokens = prompt(7, vocab);
-        let logits = |m: &Model| {
-            let mut out = vec![0.0; vocab];
-            m.forward(&tokens, &mut m.new_cache(), &mut out).unwrap();
-            out
-        };
+        let logits = |m: &Model| last_logits(m, &tokens);
         let want = logits(&a);
         assert!(want.iter().any(|&v| v != 0.0));
         assert_eq!(logits(&b), want, "reference: {reference}");
@@ -898,11 +886,7 @@ fn synthetic_bitnet_has_ternary_layers_sub_norms_and_a_low_bit_head() {
 
     let vocab = fast.config().vocab_size;
     let tokens = prompt(20, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let (f, r) = (run(&fast), run(&exact));
     assert!(r.iter().all(|v| v.is_finite()));
     let spread =
@@ -1110,6 +1094,15 @@ fn qwen3_gemma3_phi3_load_by_the_table_and_agree_with_reference() {
     }
 }
 
+/// Logits of the last position of `tokens`, in a fresh cache.
+fn last_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut out = vec![0.0; model.config().vocab_size];
+    model
+        .forward(tokens, &mut model.new_cache(), &mut out)
+        .unwrap();
+    out
+}
+
 /// Logits of every position of `tokens` in one batch.
 fn all_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut out = vec![0.0; tokens.len() * model.config().vocab_size];
@@ -1210,11 +1203,7 @@ fn a_block_matrix_is_replaced_only_by_one_of_its_shape() {
     let mut model = synthetic_model(tiny_config(), 4, 32, &options(false), 6).unwrap();
     let (vocab, h) = (model.config().vocab_size, model.config().hidden_size);
     let tokens = prompt(10, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let before = run(&model);
     let wrong = Linear::from_decoded(
         &crate::quantize::quantize_rtn(h + 32, h, &vec![0.5; (h + 32) * h], 2, 32).unwrap(),
