@@ -623,15 +623,15 @@ fn plain_bitnet_forward(path: &std::path::Path, tokens: &[u32], v: Variant) -> V
         .iter()
         .map(|&t| embd[t as usize * h..(t as usize + 1) * h].to_vec())
         .collect();
-    // Adjacent-pair RoPE, angle pos·θ^(−2i/d).
+    // RoPE on the halves of a head (ggml's NEOX, as for BitNet GGUFs), angle pos·θ^(−2i/d).
     let rope = |x: &mut [f32], pos: usize| {
         for head in x.chunks_exact_mut(hd) {
             for i in 0..hd / 2 {
                 let angle = pos as f64 * (c.rope_theta as f64).powf(-2.0 * i as f64 / hd as f64);
                 let (cos, sin) = (angle.cos() as f32, angle.sin() as f32);
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos - b * sin;
-                head[2 * i + 1] = a * sin + b * cos;
+                let (a, b) = (head[i], head[i + hd / 2]);
+                head[i] = a * cos - b * sin;
+                head[i + hd / 2] = a * sin + b * cos;
             }
         }
     };
@@ -715,6 +715,7 @@ fn bitnet_gguf_loads_with_sub_norms_and_fast_path_agrees_with_reference() {
     let c = fast.config();
     assert_eq!(c.architecture, Architecture::BitNet);
     assert_eq!(c.ffn_activation, FfnActivation::ReluSquared);
+    assert_eq!(c.rope_style, RopeStyle::Halves);
     assert!(fast
         .layers
         .iter()
