@@ -1182,9 +1182,10 @@ fn decode_tq1_0(t: Blocks<'_>) -> DecodedTensor {
 /// f32 scale `s` per tensor, stored little-endian in the first 4 bytes of the 32 that follow the
 /// blocks (the other 28 are padding, which writers fill differently). A block of 128 elements is
 /// 32 bytes: element `32·l + m` is bits `6 − 2l..8 − 2l` of byte `m` (`quantize_i2_s` of
-/// bitnet.cpp's x86 build, the layout of the published files). Code 3, which no writer emits,
-/// is 0 as in bitnet.cpp's `dequantize_row_i2_s`. The tensor decodes to one group per row (the
-/// scale repeated), the form the ternary kernel takes.
+/// bitnet.cpp's x86 build, the layout of the published files; its ARM build packs blocks of 64
+/// in 16 bytes instead, and nothing in a file says which, so such files decode wrong). Code 3,
+/// which no writer emits, is 0 as in bitnet.cpp's `dequantize_row_i2_s`. The tensor decodes to
+/// one group per row (the scale repeated), the form the ternary kernel takes.
 fn decode_i2_s(t: Blocks<'_>) -> DecodedTensor {
     let s = f32::from_le_bytes([t.tail[0], t.tail[1], t.tail[2], t.tail[3]]);
     let mut codes = Vec::with_capacity(t.elems());
