@@ -496,6 +496,36 @@ fn info_lists_every_tensor_with_its_type_form_and_bytes() {
 }
 
 #[test]
+fn info_shows_bitnet_cpp_i2_s_matrices_on_the_ternary_kernel() {
+    use lutra_runtime::{config::Architecture, weights::GgmlType};
+    let dir = std::env::temp_dir().join(format!("lutra-cli-i2s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiny-bitnet-i2_s.gguf");
+    let spec = lutra_runtime::fixtures::TinyModelSpec {
+        hidden: 256,
+        ffn: 512,
+        architecture: Architecture::BitNet,
+        ternary_type: GgmlType::I2_S,
+        ..Default::default()
+    };
+    lutra_runtime::fixtures::tiny_llama_gguf(&file, &spec, 3).unwrap();
+    let out = lutra(&["info", "-m", file.to_str().unwrap(), "-t", "1", "--tensors"]);
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    for matrix in ["attn_q", "attn_output", "ffn_gate", "ffn_down"] {
+        let name = format!("blk.1.{matrix}.weight ");
+        let row: Vec<&str> = stdout
+            .lines()
+            .find(|l| l.starts_with(&name))
+            .unwrap_or_else(|| panic!("no {name}row:\n{stdout}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(&row[1..5], ["I2_S", "→", "ternary", "1.67b"], "{stdout}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_lutra_file_loads_in_place_and_info_shows_how_it_was_quantized() {
     let dir = std::env::temp_dir().join(format!("lutra-cli-lutra-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

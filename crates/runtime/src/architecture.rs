@@ -299,12 +299,14 @@ pub const ARCHITECTURES: &[ArchitectureSpec] = &[
         tensors: QWEN3_BLOCK,
         default_chat_template: None,
     },
-    // llama.cpp's `bitnet` (1bitLLM's bitnet_b1_58 checkpoints) is SwiGLU.
+    // llama.cpp's `bitnet` (1bitLLM's bitnet_b1_58 checkpoints) is SwiGLU. The BitNet converters
+    // keep q/k rows as Hugging Face orders them and ggml rotates halves (`LLAMA_ROPE_TYPE_NEOX`),
+    // for this name and for Microsoft's below.
     ArchitectureSpec {
         architecture: Architecture::BitNet,
         gguf_names: &["bitnet"],
         hf_model_types: &["bitnet"],
-        gguf_rope_style: RopeStyle::Adjacent,
+        gguf_rope_style: RopeStyle::Halves,
         activation: FfnActivation::Silu,
         embedding_scale: EmbeddingScale::None,
         tensors: BITNET_BLOCK,
@@ -315,7 +317,7 @@ pub const ARCHITECTURES: &[ArchitectureSpec] = &[
         architecture: Architecture::BitNet,
         gguf_names: &["bitnet-b1.58", "bitnet-25"],
         hf_model_types: &[],
-        gguf_rope_style: RopeStyle::Adjacent,
+        gguf_rope_style: RopeStyle::Halves,
         activation: FfnActivation::ReluSquared,
         embedding_scale: EmbeddingScale::None,
         tensors: BITNET_BLOCK,

@@ -21,4 +21,4 @@ pub use gguf_writer::GgufWriter;
 pub use hf_folder::gguf_to_hf_folder;
 pub use lutra_file::requantized_lutra_file;
 pub use safetensors_writer::{write_safetensors, TensorData};
-pub use tiny_gguf::{tiny_llama_gguf, TinyModelSpec, TINY_CHATML_TEMPLATE};
+pub use tiny_gguf::{i2_s_tensor, tiny_llama_gguf, TinyModelSpec, TINY_CHATML_TEMPLATE};

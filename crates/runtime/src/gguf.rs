@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use lutra_kernels::{MappedFile, PackedMatrix};
 
-use crate::weights::{decode_ggml, DecodeError, DecodedTensor, GgmlType};
+use crate::weights::{decode_ggml, decode_ggml_rows, DecodeError, DecodedTensor, GgmlType};
 use crate::{Error, Result};
 
 pub mod lutra;
@@ -194,7 +194,7 @@ impl TensorType {
                         ty.block_elems()
                     ));
                 }
-                elems.and_then(|n| ty.bytes_for(n)).ok_or_else(|| {
+                elems.and_then(|n| ty.tensor_bytes(n)).ok_or_else(|| {
                     format!(
                         "dimensions {dims:?} are not a whole number of {} blocks",
                         ty.name()
@@ -666,13 +666,18 @@ impl GgufFile {
             .bytes_for(cols)
             .filter(|_| range.start <= range.end && range.end <= rows)
             .and_then(|row| data.get(range.start * row..range.end * row));
-        let Some(bytes) = bytes else {
+        // The tensor's tail (I2_S's scale) holds for every row.
+        let tail = data
+            .len()
+            .checked_sub(ty.tensor_tail())
+            .and_then(|at| data.get(at..));
+        let (Some(bytes), Some(tail)) = (bytes, tail) else {
             return Err(bad(
                 &self.path,
                 format!("tensor '{name}': no rows {range:?} of {rows} rows of {cols}"),
             ));
         };
-        decode_ggml(ty, range.len(), cols, bytes).map_err(|e| self.decode_error(name, e))
+        decode_ggml_rows(ty, range.len(), cols, bytes, tail).map_err(|e| self.decode_error(name, e))
     }
 
     fn decode_error(&self, name: &str, e: DecodeError) -> Error {

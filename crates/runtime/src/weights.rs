@@ -339,19 +339,25 @@ pub enum GgmlType {
     BF16,
     TQ1_0,
     TQ2_0,
+    I2_S,
     MXFP4,
 }
 
 /// The K-quant super-block size.
 const QK_K: usize = 256;
 
-/// What lutra knows about one ggml type (like ggml's `type_traits`): its number, its block, and
-/// the decoder that turns whole blocks into a kernel form, when lutra reads the type.
+/// The I2_S block: 128 ternary codes in 32 bytes (bitnet.cpp's x86 layout, `QK_I2_S`).
+const QK_I2_S: usize = 128;
+
+/// What lutra knows about one ggml type (like ggml's `type_traits`): its number, its block, the
+/// bytes a tensor stores once after all of its blocks (I2_S's scale), and the decoder that turns
+/// whole blocks into a kernel form, when lutra reads the type.
 struct TypeTraits {
     id: u32,
     ty: GgmlType,
     block_elems: usize,
     block_bytes: usize,
+    tensor_tail: usize,
     decode: Option<fn(Blocks<'_>) -> DecodedTensor>,
 }
 
@@ -367,7 +373,18 @@ const fn traits(
         ty,
         block_elems,
         block_bytes,
+        tensor_tail: 0,
         decode,
+    }
+}
+
+impl TypeTraits {
+    /// The same type with `bytes` stored once per tensor after its blocks.
+    const fn with_tensor_tail(self, bytes: usize) -> TypeTraits {
+        TypeTraits {
+            tensor_tail: bytes,
+            ..self
+        }
     }
 }
 
@@ -375,7 +392,7 @@ const fn traits(
 /// be opened and listed. Adding a type is one entry here (and its decoder below). The kernel form
 /// is the [`DecodedTensor`] variant the decoder returns: low-bit codes for the LUT kernels, int8
 /// codes, or dense values.
-const TYPES: [TypeTraits; 32] = {
+const TYPES: [TypeTraits; 33] = {
     use GgmlType::*;
     [
         traits(0, F32, 1, 4, Some(decode_f32)),
@@ -409,6 +426,8 @@ const TYPES: [TypeTraits; 32] = {
         traits(30, BF16, 1, 2, Some(decode_bf16)),
         traits(34, TQ1_0, QK_K, 54, Some(decode_tq1_0)),
         traits(35, TQ2_0, QK_K, 66, Some(decode_tq2_0)),
+        // bitnet.cpp's type (its ggml fork's id 36, free in ggml's own numbering).
+        traits(36, I2_S, QK_I2_S, 32, Some(decode_i2_s)).with_tensor_tail(32),
         traits(39, MXFP4, 32, 17, None),
     ]
 };
@@ -449,12 +468,25 @@ impl GgmlType {
         self.traits().decode.is_some()
     }
 
-    /// Bytes taken by `elems` elements, or `None` when `elems` is not a whole number of blocks.
+    /// Bytes of the blocks of `elems` elements (e.g. of one row), or `None` when `elems` is not a
+    /// whole number of blocks. A tensor may store more: see [`GgmlType::tensor_bytes`].
     pub fn bytes_for(self, elems: usize) -> Option<usize> {
         if !elems.is_multiple_of(self.block_elems()) {
             return None;
         }
         (elems / self.block_elems()).checked_mul(self.block_bytes())
+    }
+
+    /// Bytes a tensor stores once after all of its blocks: 32 for I2_S (its f32 scale, padded),
+    /// 0 for every other type.
+    pub fn tensor_tail(self) -> usize {
+        self.traits().tensor_tail
+    }
+
+    /// Bytes of a whole tensor of `elems` elements: its blocks and its tail, or `None` when
+    /// `elems` is not a whole number of blocks.
+    pub fn tensor_bytes(self, elems: usize) -> Option<usize> {
+        self.bytes_for(elems)?.checked_add(self.tensor_tail())
     }
 }
 
@@ -476,6 +508,58 @@ pub fn decode_ggml(
     cols: usize,
     data: &[u8],
 ) -> Result<DecodedTensor, DecodeError> {
+    row_decoder(ty, cols)?;
+    let expected = rows
+        .checked_mul(cols)
+        .and_then(|n| ty.tensor_bytes(n))
+        .ok_or_else(|| DecodeError::BadShape(format!("{rows}x{cols} elements overflow")))?;
+    if data.len() != expected {
+        return Err(DecodeError::BadShape(format!(
+            "{rows}x{cols} {} needs {expected} bytes, got {}",
+            ty.name(),
+            data.len()
+        )));
+    }
+    let (blocks, tail) = data.split_at(expected - ty.tensor_tail());
+    decode_ggml_rows(ty, rows, cols, blocks, tail)
+}
+
+/// Decodes `rows` rows of `cols` elements of type `ty` from their blocks, exactly as
+/// [`decode_ggml`] decodes them as part of their tensor: `tail` is the tensor's
+/// [`GgmlType::tensor_tail`] (its last bytes; empty for most types).
+pub fn decode_ggml_rows(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    blocks: &[u8],
+    tail: &[u8],
+) -> Result<DecodedTensor, DecodeError> {
+    let decode = row_decoder(ty, cols)?;
+    let expected = rows
+        .checked_mul(cols)
+        .and_then(|n| ty.bytes_for(n))
+        .ok_or_else(|| DecodeError::BadShape(format!("{rows}x{cols} elements overflow")))?;
+    if blocks.len() != expected || tail.len() != ty.tensor_tail() {
+        return Err(DecodeError::BadShape(format!(
+            "{rows} rows of {cols} {} need {expected} bytes of blocks and {} after them, got {} \
+             and {}",
+            ty.name(),
+            ty.tensor_tail(),
+            blocks.len(),
+            tail.len()
+        )));
+    }
+    Ok(decode(Blocks {
+        rows,
+        cols,
+        data: blocks,
+        block_bytes: ty.block_bytes(),
+        tail,
+    }))
+}
+
+/// The decoder of `ty`, after checking that rows of `cols` elements are whole blocks.
+fn row_decoder(ty: GgmlType, cols: usize) -> Result<fn(Blocks<'_>) -> DecodedTensor, DecodeError> {
     let traits = ty.traits();
     let decode = traits.decode.ok_or(DecodeError::Unsupported(ty))?;
     if !cols.is_multiple_of(traits.block_elems) {
@@ -485,32 +569,19 @@ pub fn decode_ggml(
             traits.block_elems
         )));
     }
-    let expected = rows
-        .checked_mul(cols)
-        .and_then(|n| ty.bytes_for(n))
-        .ok_or_else(|| DecodeError::BadShape(format!("{rows}x{cols} elements overflow")))?;
-    if data.len() != expected {
-        return Err(DecodeError::BadShape(format!(
-            "{rows}x{cols} {} needs {expected} bytes, got {}",
-            ty.name(),
-            data.len()
-        )));
-    }
-    Ok(decode(Blocks {
-        rows,
-        cols,
-        data,
-        block_bytes: traits.block_bytes,
-    }))
+    Ok(decode)
 }
 
-/// The blocks of one tensor, checked against its shape, as handed to a type's decoder.
+/// The blocks of one tensor (or of some of its rows), checked against their shape, as handed to
+/// a type's decoder, with the tensor's tail.
 #[derive(Clone, Copy)]
 struct Blocks<'a> {
     rows: usize,
     cols: usize,
     data: &'a [u8],
     block_bytes: usize,
+    /// The bytes the tensor stores after all of its blocks ([`GgmlType::tensor_tail`]).
+    tail: &'a [u8],
 }
 
 impl<'a> Blocks<'a> {
@@ -1105,6 +1176,36 @@ fn decode_tq1_0(t: Blocks<'_>) -> DecodedTensor {
         lb.group_codes(d, -d, &tq1_block(qs, qh));
     }
     lb.finish(t.rows, t.cols, 2)
+}
+
+/// I2_S (bitnet.cpp): ternary 2-bit codes {0, 1, 2} for {−1, 0, +1}, `w = s·(q − 1)` with one
+/// f32 scale `s` per tensor, stored little-endian in the first 4 bytes of the 32 that follow the
+/// blocks (the other 28 are padding, which writers fill differently). A block of 128 elements is
+/// 32 bytes: element `32·l + m` is bits `6 − 2l..8 − 2l` of byte `m` (`quantize_i2_s` of
+/// bitnet.cpp's x86 build, the layout of the published files; its ARM build packs blocks of 64
+/// in 16 bytes instead, and nothing in a file says which, so such files decode wrong). Code 3,
+/// which no writer emits, is 0 as in bitnet.cpp's `dequantize_row_i2_s`. The tensor decodes to
+/// one group per row (the scale repeated), the form the ternary kernel takes.
+fn decode_i2_s(t: Blocks<'_>) -> DecodedTensor {
+    let s = f32::from_le_bytes([t.tail[0], t.tail[1], t.tail[2], t.tail[3]]);
+    let mut codes = Vec::with_capacity(t.elems());
+    for b in t.iter() {
+        for l in 0..4 {
+            codes.extend(b.iter().map(|&q| match (q >> (6 - 2 * l)) & 3 {
+                3 => 1,
+                q => q,
+            }));
+        }
+    }
+    DecodedTensor::LowBit {
+        rows: t.rows,
+        cols: t.cols,
+        bits: 2,
+        group_size: t.cols,
+        codes,
+        scales: vec![s; t.rows],
+        offsets: vec![-s; t.rows],
+    }
 }
 
 fn dense(rows: usize, cols: usize, values: impl Iterator<Item = f32>) -> DecodedTensor {

@@ -74,9 +74,8 @@ fn every_tensor_type(path: &Path) -> Result<(), Error> {
         if !ty.is_decodable() {
             continue;
         }
-        let data: Vec<u8> = (0..2 * ty.block_bytes())
-            .map(|i| (i * 37 % 251) as u8)
-            .collect();
+        let bytes = ty.tensor_bytes(2 * ty.block_elems()).unwrap_or(0);
+        let data: Vec<u8> = (0..bytes).map(|i| (i * 37 % 251) as u8).collect();
         w.add_tensor_raw(&format!("t{id}.weight"), &[ty.block_elems(), 2], id, data)?;
     }
     w.write(path)?;

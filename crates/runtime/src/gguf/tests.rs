@@ -269,17 +269,23 @@ fn decoded_rows_are_the_rows_of_the_decoded_tensor() {
     w.add_metadata("general.architecture", MetaValue::String("llama".into()));
     w.add_tensor_q4_0("q40.weight", &[64, 6], &vals).unwrap();
     w.add_tensor_f32("f32.weight", &[64, 6], &vals).unwrap();
+    // I2_S keeps its scale after the blocks of all rows: every row range must still see it.
+    let codes: Vec<u8> = (0..128 * 6).map(|i| (i * 7 % 3) as u8).collect();
+    let i2_s = crate::fixtures::i2_s_tensor(&codes, 0.375);
+    w.add_tensor_raw("i2s.weight", &[128, 6], GgmlType::I2_S.id(), i2_s)
+        .unwrap();
     let path = temp_path("rows.gguf");
     w.write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
-    for name in ["q40.weight", "f32.weight"] {
+    for name in ["q40.weight", "f32.weight", "i2s.weight"] {
         let whole = f.decode_tensor(name).unwrap().dequantize();
+        let cols = f.tensor_info(name).unwrap().cols();
         for range in [0..6, 0..1, 2..5, 5..6, 3..3] {
             let rows = f.decode_rows(name, range.clone()).unwrap();
             assert_eq!(rows.rows(), range.len());
             assert_eq!(
                 rows.dequantize(),
-                whole[range.start * 64..range.end * 64],
+                whole[range.start * cols..range.end * cols],
                 "{name} {range:?}"
             );
         }

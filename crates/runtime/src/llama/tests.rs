@@ -186,11 +186,7 @@ fn set_threads_changes_only_the_thread_count() {
     let mut model = synthetic_model(tiny_config(), 2, 32, &options(false), 9).unwrap();
     let vocab = model.config().vocab_size;
     let tokens = prompt(12, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let one = run(&model);
     let isa = model.isa();
     model.set_threads(3).unwrap();
@@ -267,11 +263,7 @@ fn loads_a_gguf_exactly_requantized_and_in_reference_mode() {
     assert!(fast.tokenizer().is_some() && fast.chat_template().is_some());
     let vocab = fast.config().vocab_size;
     let tokens = prompt(12, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let want = run(&exact);
     assert!(rel_error(&run(&fast), &want) < 0.05);
     for bits in 1..=4u8 {
@@ -518,9 +510,9 @@ fn model_can_be_shared_across_threads() {
 
 // ---- BitNet b1.58 ----
 
-/// A tiny BitNet GGUF: hidden 256 and FFN 512 (TQ2_0 blocks are 256 wide), GQA 4/2.
-fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
-    let spec = TinyModelSpec {
+/// A tiny BitNet: hidden 256 and FFN 512 (TQ2_0 blocks are 256 wide), GQA 4/2.
+fn tiny_bitnet_spec(layers: usize) -> TinyModelSpec {
+    TinyModelSpec {
         hidden: 256,
         ffn: 512,
         layers,
@@ -530,8 +522,54 @@ fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
         tied_embeddings: true,
         architecture: Architecture::BitNet,
         ..TinyModelSpec::default()
+    }
+}
+
+/// The GGUF of [`tiny_bitnet_spec`], with TQ2_0 matrices.
+fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
+    tiny_file(dir, &tiny_bitnet_spec(layers))
+}
+
+#[test]
+fn bitnet_i2_s_file_gives_the_logits_of_the_same_weights_in_tq2_0() {
+    // The same ternary weights in bitnet.cpp's I2_S (each tensor's scale inside it) and in TQ2_0
+    // (block scales times a `.scale` tensor): the loaded weights are equal, so are the logits.
+    let tq2 = tiny_bitnet_file("bitnet-tq2", 2);
+    let i2s_spec = TinyModelSpec {
+        ternary_type: GgmlType::I2_S,
+        ..tiny_bitnet_spec(2)
     };
-    tiny_file(dir, &spec)
+    let i2s = tiny_file("bitnet-i2s", &i2s_spec);
+    let file = crate::gguf::GgufFile::open(&i2s).unwrap();
+    let types = |ty: GgmlType| file.tensors().iter().filter(|t| t.ty == ty).count();
+    assert_eq!((types(GgmlType::I2_S), types(GgmlType::TQ2_0)), (2 * 7, 0));
+    assert!(file.tensors().iter().all(|t| !t.name.ends_with(".scale")));
+    for reference in [false, true] {
+        let (a, b) = (
+            Model::load(&tq2, &options(reference)).unwrap(),
+            Model::load(&i2s, &options(reference)).unwrap(),
+        );
+        let vocab = a.config().vocab_size;
+        let tokens = prompt(7, vocab);
+        let logits = |m: &Model| last_logits(m, &tokens);
+        let want = logits(&a);
+        assert!(want.iter().any(|&v| v != 0.0));
+        assert_eq!(logits(&b), want, "reference: {reference}");
+        if !reference {
+            // Every I2_S matrix runs on the ternary kernel, as the TQ2_0 ones do.
+            let info = b.describe();
+            let i2s: Vec<_> = info
+                .tensor_types
+                .iter()
+                .filter(|t| t.source == "I2_S")
+                .collect();
+            assert_eq!(i2s.iter().map(|t| t.count).sum::<usize>(), 2 * 7, "{info}");
+            assert!(i2s.iter().all(|t| t.kernel == "ternary 1.67b"), "{info}");
+        }
+    }
+    for path in [tq2, i2s] {
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }
 
 /// `W·x` for a row-major `[rows][x.len()]` matrix.
@@ -585,15 +623,15 @@ fn plain_bitnet_forward(path: &std::path::Path, tokens: &[u32], v: Variant) -> V
         .iter()
         .map(|&t| embd[t as usize * h..(t as usize + 1) * h].to_vec())
         .collect();
-    // Adjacent-pair RoPE, angle pos·θ^(−2i/d).
+    // RoPE on the halves of a head (ggml's NEOX, as for BitNet GGUFs), angle pos·θ^(−2i/d).
     let rope = |x: &mut [f32], pos: usize| {
         for head in x.chunks_exact_mut(hd) {
             for i in 0..hd / 2 {
                 let angle = pos as f64 * (c.rope_theta as f64).powf(-2.0 * i as f64 / hd as f64);
                 let (cos, sin) = (angle.cos() as f32, angle.sin() as f32);
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos - b * sin;
-                head[2 * i + 1] = a * sin + b * cos;
+                let (a, b) = (head[i], head[i + hd / 2]);
+                head[i] = a * cos - b * sin;
+                head[i + hd / 2] = a * sin + b * cos;
             }
         }
     };
@@ -677,6 +715,7 @@ fn bitnet_gguf_loads_with_sub_norms_and_fast_path_agrees_with_reference() {
     let c = fast.config();
     assert_eq!(c.architecture, Architecture::BitNet);
     assert_eq!(c.ffn_activation, FfnActivation::ReluSquared);
+    assert_eq!(c.rope_style, RopeStyle::Halves);
     assert!(fast
         .layers
         .iter()
@@ -848,11 +887,7 @@ fn synthetic_bitnet_has_ternary_layers_sub_norms_and_a_low_bit_head() {
 
     let vocab = fast.config().vocab_size;
     let tokens = prompt(20, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let (f, r) = (run(&fast), run(&exact));
     assert!(r.iter().all(|v| v.is_finite()));
     let spread =
@@ -1060,6 +1095,15 @@ fn qwen3_gemma3_phi3_load_by_the_table_and_agree_with_reference() {
     }
 }
 
+/// Logits of the last position of `tokens`, in a fresh cache.
+fn last_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut out = vec![0.0; model.config().vocab_size];
+    model
+        .forward(tokens, &mut model.new_cache(), &mut out)
+        .unwrap();
+    out
+}
+
 /// Logits of every position of `tokens` in one batch.
 fn all_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut out = vec![0.0; tokens.len() * model.config().vocab_size];
@@ -1160,11 +1204,7 @@ fn a_block_matrix_is_replaced_only_by_one_of_its_shape() {
     let mut model = synthetic_model(tiny_config(), 4, 32, &options(false), 6).unwrap();
     let (vocab, h) = (model.config().vocab_size, model.config().hidden_size);
     let tokens = prompt(10, vocab);
-    let run = |m: &Model| {
-        let mut logits = vec![0.0; vocab];
-        m.forward(&tokens, &mut m.new_cache(), &mut logits).unwrap();
-        logits
-    };
+    let run = |m: &Model| last_logits(m, &tokens);
     let before = run(&model);
     let wrong = Linear::from_decoded(
         &crate::quantize::quantize_rtn(h + 32, h, &vec![0.5; (h + 32) * h], 2, 32).unwrap(),

@@ -684,7 +684,7 @@ fn int8_kernel_form_holds_reference_values() {
 
 #[test]
 fn type_table_has_one_entry_per_type_and_id() {
-    // 32 entries with 32 distinct types: every variant has exactly one entry.
+    // One entry per type: every variant has exactly one entry.
     let mut seen = std::collections::HashSet::new();
     for t in TYPES.iter() {
         assert!(seen.insert(t.ty), "{:?} twice", t.ty);
@@ -746,4 +746,93 @@ fn row_ranges_of_every_form_dequantize_to_the_same_rows() {
             start += count;
         }
     }
+}
+
+/// The bytes of a one-block I2_S tensor worked out by hand (the example `make_i2_s.py` checks
+/// its encoder against), with scale 0.5 and padding that is not zero.
+fn i2_s_hand_tensor() -> Vec<u8> {
+    // Byte m of a block holds elements m, 32 + m, 64 + m, 96 + m from its top bits down;
+    // 0x55 = 0b01_01_01_01 is four zeros.
+    let mut data = vec![0x55u8; 32];
+    data[0] = 0b10_01_00_10; // elements 0, 32, 64, 96: +1, 0, −1, +1
+    data[31] = 0b00_11_10_01; // elements 31, 63, 95, 127: −1, code 3 (= 0), +1, 0
+    data.extend(0.5f32.to_le_bytes());
+    data.extend([0xFF; 28]); // NaN bits, were they read as scales
+    data
+}
+
+#[test]
+fn i2_s_hand_example() {
+    let t = decode_ggml(GgmlType::I2_S, 1, 128, &i2_s_hand_tensor()).unwrap();
+    let w = t.dequantize();
+    let mut want = vec![0.0f32; 128];
+    for (at, v) in [(0, 0.5), (64, -0.5), (96, 0.5), (31, -0.5), (95, 0.5)] {
+        want[at] = v;
+    }
+    assert_eq!(w, want);
+    // One group per row with offset −scale: the form the ternary kernel takes.
+    let DecodedTensor::LowBit {
+        bits: 2,
+        group_size: 128,
+        codes,
+        scales,
+        offsets,
+        ..
+    } = &t
+    else {
+        panic!("I2_S is not in the per-row 2-bit form: {t:?}")
+    };
+    assert_eq!(
+        (scales.as_slice(), offsets.as_slice()),
+        (&[0.5][..], &[-0.5][..])
+    );
+    assert!(codes.iter().all(|&q| q <= 2), "code 3 is kept");
+    // The fixture writer's encoder packs the same codes into the same bytes.
+    let packed = crate::fixtures::i2_s_tensor(codes, 0.5);
+    let mut hand = i2_s_hand_tensor();
+    hand[31] = 0b00_01_10_01; // code 3 decoded as 0, which the encoder writes as 1
+    assert_eq!(packed[..36], hand[..36]);
+}
+
+#[test]
+fn i2_s_matches_reference_in_the_ternary_form() {
+    let t = check_block_fixture("i2_s");
+    let DecodedTensor::LowBit {
+        group_size, scales, ..
+    } = &t
+    else {
+        panic!("I2_S is not low-bit")
+    };
+    // The tensor's one scale on every row.
+    assert_eq!(*group_size, t.cols());
+    assert_eq!(scales.len(), t.rows());
+    assert!(scales.iter().all(|&s| s == scales[0] && s > 0.0));
+}
+
+#[test]
+fn i2_s_sizes_count_the_scale_after_the_blocks() {
+    assert_eq!(GgmlType::from_id(36), Some(GgmlType::I2_S));
+    // 2 rows of 256: 2·256/4 bytes of codes, then 32 bytes (f32 scale and padding).
+    assert_eq!(GgmlType::I2_S.tensor_bytes(512), Some(128 + 32));
+    assert_eq!(GgmlType::I2_S.bytes_for(256), Some(64));
+    assert_eq!(
+        GgmlType::Q4_0.tensor_bytes(64),
+        GgmlType::Q4_0.bytes_for(64)
+    );
+    let bad = |rows, cols, len| match decode_ggml(GgmlType::I2_S, rows, cols, &vec![0; len]) {
+        Err(DecodeError::BadShape(reason)) => reason,
+        other => panic!("{rows}x{cols} in {len} bytes: {other:?}"),
+    };
+    // The blocks alone (no scale), one byte short, and rows that are not whole blocks.
+    assert!(bad(1, 128, 32).contains("needs 64 bytes"));
+    assert!(bad(2, 128, 95).contains("needs 96 bytes"));
+    assert!(bad(1, 64, 48).contains("not a multiple of the I2_S block of 128"));
+    // Rows decoded apart need the tensor's tail beside their blocks.
+    assert!(matches!(
+        decode_ggml_rows(GgmlType::I2_S, 1, 128, &[0x55; 32], &[]),
+        Err(DecodeError::BadShape(_))
+    ));
+    let data = i2_s_hand_tensor();
+    let rows = decode_ggml_rows(GgmlType::I2_S, 1, 128, &data[..32], &data[32..]).unwrap();
+    assert_eq!(rows, decode_ggml(GgmlType::I2_S, 1, 128, &data).unwrap());
 }
