@@ -118,7 +118,9 @@ pub fn dot_matrix(cpu: &Cpu, a: &[f32], b: &[f32], len: usize, out: &mut [f32]) 
         return;
     }
     assert!(
-        a.len() % len == 0 && b.len() % len == 0 && out.len() == a.len() / len * (b.len() / len),
+        a.len().is_multiple_of(len)
+            && b.len().is_multiple_of(len)
+            && out.len() == a.len() / len * (b.len() / len),
         "dot_matrix: rows of different lengths"
     );
     let m = b.len() / len;
@@ -162,7 +164,7 @@ pub fn weighted_row_sums(cpu: &Cpu, out: &mut [f32], weights: &[f32], rows: &[f3
         return;
     }
     assert!(
-        out.len() % len == 0 && rows.len() % len == 0,
+        out.len().is_multiple_of(len) && rows.len().is_multiple_of(len),
         "weighted_row_sums: rows of different lengths"
     );
     let p_len = rows.len() / len;
