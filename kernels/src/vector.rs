@@ -312,6 +312,13 @@ pub fn widen_f16(cpu: &Cpu, src: &[f16], dst: &mut [f32]) {
 
 /// The reference `dot`: eight interleaved partial sums, then the tail.
 pub(crate) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
+    let (lanes, tail) = scalar_lanes(a, b);
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The eight interleaved partial sums of `a·b` (lane `i mod 8`, mul then add) and the sum of the
+/// tail's products.
+fn scalar_lanes(a: &[f32], b: &[f32]) -> ([f32; 8], f32) {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
         .remainder()
@@ -325,25 +332,13 @@ pub(crate) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    (acc, tail)
 }
 
 /// The reference pair of [`dot_matrix`]: the lanes of [`scalar_dot`], added pairwise.
 pub(crate) fn scalar_pair_dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut acc = [0.0f32; 8];
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    pair_lanes_sum(acc) + tail
+    let (lanes, tail) = scalar_lanes(a, b);
+    pair_lanes_sum(lanes) + tail
 }
 
 /// `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`: the lane order of [`dot_matrix`].

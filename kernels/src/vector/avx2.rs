@@ -8,7 +8,16 @@ use std::arch::x86_64::*;
 /// The CPU supports avx2, and `a.len() == b.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
+    let (acc, n) = lanes(a, b);
+    finish(acc, &a[n..], &b[n..])
+}
+
+/// The eight interleaved partial sums of `a·b` over its first `n` (a multiple of 8) values, and
+/// `n`. Needs `a.len() == b.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn lanes(a: &[f32], b: &[f32]) -> (__m256, usize) {
+    assert_eq!(a.len(), b.len());
     let n = a.len() / 8 * 8;
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut acc = _mm256_setzero_ps();
@@ -21,7 +30,7 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
         i += 8;
     }
-    finish(acc, &a[n..], &b[n..])
+    (acc, n)
 }
 
 /// The lanes of `acc` summed in order, plus the products of the tails.
@@ -266,20 +275,7 @@ pub(super) unsafe fn dot_matrix(a: &[f32], b: &[f32], len: usize, out: &mut [f32
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn pair_dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        // SAFETY: i + 8 <= n <= a.len() == b.len() (the rows of one pair).
-        unsafe {
-            let prod = _mm256_mul_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-            );
-            acc = _mm256_add_ps(acc, prod);
-        }
-        i += 8;
-    }
+    let (acc, n) = lanes(a, b);
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` is 8 f32s.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };

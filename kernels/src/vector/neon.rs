@@ -7,6 +7,19 @@ use std::arch::aarch64::*;
 /// The CPU supports NEON, and `a.len() == b.len()`.
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: the caller's contract.
+    let (lo, hi, n) = unsafe { lanes(a, b) };
+    finish(lo, hi, &a[n..], &b[n..])
+}
+
+/// The eight interleaved partial sums of `a·b` over its first `n` (a multiple of 8) values, as
+/// two vectors, and `n`.
+///
+/// # Safety
+/// The CPU supports NEON, and `a.len() == b.len()`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn lanes(a: &[f32], b: &[f32]) -> (float32x4_t, float32x4_t, usize) {
     debug_assert_eq!(a.len(), b.len());
     let n = a.len() / 8 * 8;
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -23,7 +36,7 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
         i += 8;
     }
-    finish(lo, hi, &a[n..], &b[n..])
+    (lo, hi, n)
 }
 
 /// The lanes of `lo`, `hi` summed in order, plus the products of the tails.
@@ -159,22 +172,8 @@ pub(super) unsafe fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
 /// The CPU supports NEON, and `a.len() == b.len()`.
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn pair_dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let n = a.len() / 8 * 8;
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let (mut lo, mut hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
-    let mut i = 0;
-    while i < n {
-        // SAFETY: i + 8 <= n <= len of both slices.
-        unsafe {
-            lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i))));
-            hi = vaddq_f32(
-                hi,
-                vmulq_f32(vld1q_f32(pa.add(i + 4)), vld1q_f32(pb.add(i + 4))),
-            );
-        }
-        i += 8;
-    }
+    // SAFETY: the caller's contract.
+    let (lo, hi, n) = unsafe { lanes(a, b) };
     // [l0+l1, l2+l3, l4+l5, l6+l7], then [(l0+l1)+(l2+l3), (l4+l5)+(l6+l7), ..].
     let pairs = vpaddq_f32(lo, hi);
     let quads = vpaddq_f32(pairs, pairs);
