@@ -1,8 +1,8 @@
-//! Tiny random models of the architectures beyond Llama (Qwen3, Gemma 3, Phi-3), written by
-//! `lutra_runtime::fixtures::tiny_llama_gguf` at test time, against llama.cpp's perplexity of the
-//! same bytes (`tests/data/architectures/llama-cpp.json`, with each file's size and digest): the
-//! perplexity of the GPL-2 text must match llama.cpp's within 0.1%, on the fast path and on the
-//! exact reference path.
+//! Tiny random models of the architectures beyond Llama (Qwen3, Gemma 3, Phi-3, llama.cpp's
+//! BitNet), written by `lutra_runtime::fixtures::tiny_llama_gguf` at test time, against
+//! llama.cpp's perplexity of the same bytes (`tests/data/architectures/llama-cpp.json`, with each
+//! file's size and digest): the perplexity of the GPL-2 text must match llama.cpp's within 0.1%,
+//! on the fast path and on the exact reference path.
 
 use std::path::Path;
 
@@ -86,6 +86,18 @@ fn spec_of(architecture: Architecture) -> TinyModelSpec {
             tied_embeddings: false,
             ..base
         },
+        // llama.cpp's `bitnet`: SwiGLU, sub-norms, TQ2_0 matrices with `.scale` tensors, RoPE on
+        // head halves. The LM head is the embedding (llama.cpp loads no `output.weight` for it),
+        // kept small so that the logits stay moderate. TQ2_0 blocks are 256 wide; one layer
+        // keeps the file small.
+        Architecture::BitNet => TinyModelSpec {
+            gguf_name: Some("bitnet"),
+            embedding_range: 0.09,
+            hidden: 256,
+            ffn: 256,
+            layers: 1,
+            ..base
+        },
         _ => base,
     }
 }
@@ -144,6 +156,6 @@ fn tiny_models_match_llama_perplexity() {
         }
         seen.push(m.architecture.as_str());
     }
-    assert_eq!(seen, ["qwen3", "gemma3", "phi3"]);
+    assert_eq!(seen, ["qwen3", "gemma3", "phi3", "bitnet"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -421,6 +421,11 @@ mod tests {
             ArchitectureSpec::for_gguf("bitnet-25").map(|a| a.activation),
             Some(FfnActivation::ReluSquared)
         );
+        // llama.cpp's `llm_build_bitnet`: SwiGLU, and `LLAMA_ROPE_TYPE_NEOX` for the name.
+        assert_eq!(
+            ArchitectureSpec::for_gguf("bitnet").map(|a| (a.activation, a.gguf_rope_style)),
+            Some((FfnActivation::Silu, RopeStyle::Halves))
+        );
         assert_eq!(
             ArchitectureSpec::for_hf("mistral").map(|a| a.architecture),
             Some(Architecture::Llama)

@@ -782,6 +782,70 @@ fn bitnet_blocks_match_plain_f32_loops_with_sub_norms_and_squared_relu() {
 }
 
 #[test]
+fn bitnet_named_file_runs_swiglu_as_llama_cpp_does() {
+    // llama.cpp's `bitnet` graph gates its FFN with SiLU (Microsoft's `bitnet-b1.58` squares
+    // ReLU); both rotate head halves.
+    let spec = TinyModelSpec {
+        gguf_name: Some("bitnet"),
+        ..tiny_bitnet_spec(2)
+    };
+    let path = tiny_file("bitnet-swiglu", &spec);
+    let file = crate::gguf::GgufFile::open(&path).unwrap();
+    assert_eq!(
+        file.metadata("general.architecture"),
+        Some(&MetaValue::String("bitnet".into()))
+    );
+    assert_eq!(
+        file.tensors()
+            .iter()
+            .filter(|t| t.name.ends_with(".scale"))
+            .count(),
+        2 * 7
+    );
+    let model = Model::load(&path, &options(true)).unwrap();
+    let c = model.config();
+    assert_eq!(c.architecture, Architecture::BitNet);
+    assert_eq!(c.ffn_activation, FfnActivation::Silu);
+    assert_eq!(c.rope_style, RopeStyle::Halves);
+    let tokens = prompt(5, c.vocab_size);
+    let mut logits = vec![0.0; c.vocab_size];
+    model
+        .forward(&tokens, &mut model.new_cache(), &mut logits)
+        .unwrap();
+    let plain = |act| {
+        let v = Variant {
+            act,
+            unit_sub_norms: false,
+        };
+        rel_error(&logits, &plain_bitnet_forward(&path, &tokens, v))
+    };
+    let err = plain(silu as fn(f32) -> f32);
+    assert!(
+        err < 1e-4,
+        "model vs plain SwiGLU loops: relative error {err}"
+    );
+    let with_relu_sq = plain(relu_sq);
+    assert!(
+        with_relu_sq > 1e-2,
+        "squared ReLU gives nearly the same logits: {with_relu_sq}"
+    );
+
+    // A name of another architecture is refused, naming the key.
+    let wrong = TinyModelSpec {
+        gguf_name: Some("qwen3"),
+        ..spec
+    };
+    let err = tiny_llama_gguf(&path.with_file_name("wrong.gguf"), &wrong, 11)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("general.architecture") && err.contains("'qwen3'"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
 fn tq2_0_groups_become_per_row_exactly() {
     use crate::weights::DecodedTensor;
     // Row 0: two groups with scale 0.5; row 1: an all-zero group (scale 0, any codes) and 0.25.
