@@ -105,15 +105,15 @@ fn load_codes<C: Codes>(q: &C) -> __m256i {
                 _mm_loadu_si128(KVALUES_IQ4NL.as_ptr().cast()),
             )
         };
-        let mask = _mm_set1_epi8(0x0F);
-        let low = _mm_and_si128(packed, mask);
-        let high = _mm_and_si128(_mm_srli_epi16::<4>(packed), mask);
-        // Indices of elements 0..16 (low nibbles) then 16..32 (high nibbles); the shuffle looks
-        // each 128-bit lane up in its own copy of the table.
-        _mm256_shuffle_epi8(
-            _mm256_broadcastsi128_si256(table),
-            _mm256_set_m128i(high, low),
-        )
+        // Both 128-bit lanes hold the 16 bytes; shifting the high lane's by 4 and masking gives
+        // the indices of elements 0..16 (low nibbles) then 16..32 (high nibbles). The shuffle
+        // looks each lane up in its own copy of the table.
+        let shifted = _mm256_srlv_epi64(
+            _mm256_broadcastsi128_si256(packed),
+            _mm256_setr_epi64x(0, 0, 4, 4),
+        );
+        let indices = _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
+        _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table), indices)
     } else {
         // SAFETY: int8 storage is `[i8; 32]`, 32 readable bytes; loadu has no alignment
         // requirement.
