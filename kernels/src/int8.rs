@@ -2,6 +2,8 @@
 //!
 //! Used for the token embedding / tied LM head of small models, which are Q8_0 in GGUF files: an
 //! int8 dot kernel moves 8.5 bits per weight, where bit-serial LUT planes would need 8 lookups.
+//! IQ4_NL and IQ4_XS weights stay 4-bit indices into [`KVALUES_IQ4NL`] ([`Nibbles`]), looked up
+//! into the same int8 codes as each block is loaded, so both code storages share one kernel.
 //!
 //! Every ISA computes the same thing in the same order, so results are bit-identical:
 //! per block of 32, eight int32 lanes hold the exact sums of elements `4j..4j+4`; each lane is
@@ -15,6 +17,19 @@ use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
 use crate::tiling::{run_row_tasks, Split, ROW_TILE};
+
+/// Evaluates `$body` with `$b` bound to the block vector of whichever form `$blocks` holds.
+macro_rules! with_blocks {
+    ($blocks:expr, $b:ident => $body:expr) => {
+        match $blocks {
+            Blocks::Half($b) => $body,
+            Blocks::Single($b) => $body,
+            Blocks::Split($b) => $body,
+            Blocks::NibbleHalf($b) => $body,
+            Blocks::NibbleSingle($b) => $body,
+        }
+    };
+}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -103,13 +118,56 @@ impl BlockScale for HalfScales {
     }
 }
 
-/// One block of weights: a scale and 32 codes; with an f16 scale exactly GGUF Q8_0's block (34
-/// bytes, no padding).
+/// The non-uniform 4-bit codebook of IQ4_NL and IQ4_XS (`kvalues_iq4nl` in ggml's
+/// `ggml-common.h`): the int8 code each 4-bit index stands for.
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The 32 codes of a weight block as stored: int8 values (`[i8; 32]`) or 4-bit codebook indices
+/// ([`Nibbles`]). The kernels turn either into the same int8 codes before multiplying.
+pub(crate) trait Codes: Copy + Default + Send + Sync + 'static {
+    /// Whether the storage is [`Nibbles`] (16 bytes), else 32 int8 codes.
+    const NIBBLES: bool;
+
+    /// The block's 32 int8 codes, element order.
+    fn codes(&self) -> [i8; BLOCK];
+}
+
+impl Codes for [i8; BLOCK] {
+    const NIBBLES: bool = false;
+
+    #[inline(always)]
+    fn codes(&self) -> [i8; BLOCK] {
+        *self
+    }
+}
+
+/// 32 indices into [`KVALUES_IQ4NL`] in ggml's IQ4_NL order: byte `j` holds element `j` in its
+/// low nibble and element `j + 16` in its high nibble.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(transparent)]
+pub(crate) struct Nibbles(pub(crate) [u8; BLOCK / 2]);
+
+impl Codes for Nibbles {
+    const NIBBLES: bool = true;
+
+    #[inline(always)]
+    fn codes(&self) -> [i8; BLOCK] {
+        std::array::from_fn(|e| {
+            let byte = self.0[e % 16];
+            KVALUES_IQ4NL[usize::from((byte >> (4 * (e / 16))) & 0xF)]
+        })
+    }
+}
+
+/// One block of weights: a scale and 32 codes. With an f16 scale and int8 codes exactly GGUF
+/// Q8_0's block (34 bytes, no padding); with an f16 scale and [`Nibbles`] exactly IQ4_NL's (18).
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
-pub(crate) struct WeightBlock<S> {
+pub(crate) struct WeightBlock<S, C = [i8; BLOCK]> {
     pub(crate) d: S,
-    pub(crate) q: [i8; BLOCK],
+    pub(crate) q: C,
 }
 
 /// One block of quantized activations: codes, scale and the sum of the codes.
@@ -131,6 +189,10 @@ pub(crate) enum Blocks {
     Single(Vec<WeightBlock<f32>>),
     /// Two f32 scales, one per 16 elements (40-byte blocks).
     Split(Vec<WeightBlock<HalfScales>>),
+    /// IQ4 codebook indices with f16 scales (18-byte blocks).
+    NibbleHalf(Vec<WeightBlock<f16, Nibbles>>),
+    /// IQ4 codebook indices with f32 scales (20-byte blocks).
+    NibbleSingle(Vec<WeightBlock<f32, Nibbles>>),
 }
 
 /// An int8 weight matrix with one scale per block of 32 elements along K, or one per 16
@@ -144,6 +206,9 @@ pub(crate) enum Blocks {
 /// Layout: rows are grouped in tiles of 4 and a tile's blocks are interleaved (`[tile][block][row]`),
 /// so a tile streams as one sequential run; the last `rows % 4` rows follow row-major. Either way
 /// rows `a..b` (a a multiple of 4) occupy blocks `a·K/32 .. b·K/32`.
+///
+/// IQ4_NL / IQ4_XS weights ([`Int8Matrix::from_iq4_nibbles`]) keep their 4-bit indices (18- or
+/// 20-byte blocks); the result is bit-identical to [`Int8Matrix::new`] with the looked-up codes.
 pub struct Int8Matrix {
     rows: usize,
     cols: usize,
@@ -153,25 +218,41 @@ pub struct Int8Matrix {
 impl Int8Matrix {
     /// Builds the matrix from row-major codes `[rows][cols]` and finite scales `[rows][cols/32]`.
     pub fn new(rows: usize, cols: usize, codes: &[i8], scales: &[f32]) -> Result<Int8Matrix> {
-        let mut half_scales = Vec::with_capacity(scales.len());
-        for (index, &value) in scales.iter().enumerate() {
-            if !value.is_finite() {
-                return Err(KernelError::ScaleOutOfRange { index, value });
-            }
-            let d = f16::from_f32(value);
-            if d.to_f32().to_bits() == value.to_bits() {
-                half_scales.push(d);
-            }
-        }
-        if half_scales.len() == scales.len() {
+        if let Some(half_scales) = exact_f16(scales)? {
             return Int8Matrix::from_f16_scales(rows, cols, codes, &half_scales);
         }
-        let blocks = interleave(rows, cols, codes, scales)?;
+        let blocks = interleave(rows, cols, scales, codes, BLOCK, int8_codes)?;
         Ok(Int8Matrix {
             rows,
             cols,
             blocks: Blocks::Single(blocks),
         })
+    }
+
+    /// Builds the matrix from 4-bit indices into [`KVALUES_IQ4NL`] (IQ4_NL, IQ4_XS) and finite
+    /// scales `[rows][cols/32]`: `nibbles` is `[rows][cols/32][16]` bytes in ggml's IQ4_NL order
+    /// (byte `j` of a block: element `j` in the low nibble, element `j + 16` in the high one).
+    /// Computes exactly what [`Int8Matrix::new`] computes from the looked-up codes, from 4.5 bits
+    /// per weight (f16 scales) or 5 (scales that f16 cannot hold).
+    pub fn from_iq4_nibbles(
+        rows: usize,
+        cols: usize,
+        nibbles: &[u8],
+        scales: &[f32],
+    ) -> Result<Int8Matrix> {
+        const BYTES: usize = BLOCK / 2;
+        let unpack = |c: &[u8]| {
+            let mut q = Nibbles::default();
+            q.0.copy_from_slice(c);
+            q
+        };
+        let blocks = match exact_f16(scales)? {
+            Some(half) => {
+                Blocks::NibbleHalf(interleave(rows, cols, &half, nibbles, BYTES, unpack)?)
+            }
+            None => Blocks::NibbleSingle(interleave(rows, cols, scales, nibbles, BYTES, unpack)?),
+        };
+        Ok(Int8Matrix { rows, cols, blocks })
     }
 
     /// Builds the matrix from row-major codes `[rows][cols]` and finite scales `[rows][cols/16]`,
@@ -201,7 +282,7 @@ impl Int8Matrix {
             return Int8Matrix::new(rows, cols, codes, &per_block);
         }
         let per_block: Vec<HalfScales> = pairs.map(|p| HalfScales([p[0], p[1]])).collect();
-        let blocks = interleave(rows, cols, codes, &per_block)?;
+        let blocks = interleave(rows, cols, &per_block, codes, BLOCK, int8_codes)?;
         Ok(Int8Matrix {
             rows,
             cols,
@@ -216,7 +297,7 @@ impl Int8Matrix {
         codes: &[i8],
         scales: &[f16],
     ) -> Result<Int8Matrix> {
-        let blocks = interleave(rows, cols, codes, scales)?;
+        let blocks = interleave(rows, cols, scales, codes, BLOCK, int8_codes)?;
         Ok(Int8Matrix {
             rows,
             cols,
@@ -226,7 +307,13 @@ impl Int8Matrix {
 
     /// Whether the scales are stored as f16 (else f32, one or two per block).
     pub fn has_f16_scales(&self) -> bool {
-        matches!(self.blocks, Blocks::Half(_))
+        matches!(self.blocks, Blocks::Half(_) | Blocks::NibbleHalf(_))
+    }
+
+    /// Whether the codes are stored as 4-bit IQ4 codebook indices
+    /// ([`Int8Matrix::from_iq4_nibbles`]), else as int8 values.
+    pub fn has_nibble_codes(&self) -> bool {
+        matches!(self.blocks, Blocks::NibbleHalf(_) | Blocks::NibbleSingle(_))
     }
 
     /// Output features.
@@ -241,11 +328,7 @@ impl Int8Matrix {
 
     /// Bytes of codes and scales.
     pub fn bytes(&self) -> usize {
-        match &self.blocks {
-            Blocks::Half(b) => std::mem::size_of_val(b.as_slice()),
-            Blocks::Single(b) => std::mem::size_of_val(b.as_slice()),
-            Blocks::Split(b) => std::mem::size_of_val(b.as_slice()),
-        }
+        with_blocks!(&self.blocks, b => std::mem::size_of_val(b.as_slice()))
     }
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` with `x` quantized in `acts`; `out` is `[n][rows]`.
@@ -262,11 +345,7 @@ impl Int8Matrix {
             out.fill(0.0);
             return Ok(());
         }
-        match &self.blocks {
-            Blocks::Half(b) => matmul_blocks(cpu, b, self.rows, acts, out),
-            Blocks::Single(b) => matmul_blocks(cpu, b, self.rows, acts, out),
-            Blocks::Split(b) => matmul_blocks(cpu, b, self.rows, acts, out),
-        }
+        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, acts, out));
         Ok(())
     }
 
@@ -279,46 +358,66 @@ impl Int8Matrix {
             });
         }
         check_len("dequantized row", self.cols, out.len())?;
-        match &self.blocks {
-            Blocks::Half(b) => dequantize_blocks(b, self.rows, row, out),
-            Blocks::Single(b) => dequantize_blocks(b, self.rows, row, out),
-            Blocks::Split(b) => dequantize_blocks(b, self.rows, row, out),
-        }
+        with_blocks!(&self.blocks, b => dequantize_blocks(b, self.rows, row, out));
         Ok(())
     }
 }
 
-/// The blocks of row-major codes `[rows][cols]` and scales `[rows][cols/32]`, tile-interleaved.
-fn interleave<S: BlockScale>(
+/// Scales as f16 when every one is an f16 value, else `None`; an error names the first one that
+/// is not finite.
+fn exact_f16(scales: &[f32]) -> Result<Option<Vec<f16>>> {
+    let mut half_scales = Vec::with_capacity(scales.len());
+    for (index, &value) in scales.iter().enumerate() {
+        if !value.is_finite() {
+            return Err(KernelError::ScaleOutOfRange { index, value });
+        }
+        let d = f16::from_f32(value);
+        if d.to_f32().to_bits() == value.to_bits() {
+            half_scales.push(d);
+        }
+    }
+    Ok((half_scales.len() == scales.len()).then_some(half_scales))
+}
+
+/// One block's int8 codes from its 32 stored values.
+fn int8_codes(c: &[i8]) -> [i8; BLOCK] {
+    let mut q = [0; BLOCK];
+    q.copy_from_slice(c);
+    q
+}
+
+/// The blocks of row-major stored codes `[rows][cols/32][per_block]` (`code` builds one block's
+/// storage from its `per_block` items) and scales `[rows][cols/32]`, tile-interleaved.
+fn interleave<S: BlockScale, T, C: Codes>(
     rows: usize,
     cols: usize,
-    codes: &[i8],
     scales: &[S],
-) -> Result<Vec<WeightBlock<S>>> {
+    codes: &[T],
+    per_block: usize,
+    code: impl Fn(&[T]) -> C,
+) -> Result<Vec<WeightBlock<S, C>>> {
     if !cols.is_multiple_of(BLOCK) {
         return Err(KernelError::KNotMultipleOf32(cols));
     }
     let per_row = cols / BLOCK;
-    check_len("int8 weight codes", rows * cols, codes.len())?;
+    check_len("int8 weight codes", rows * per_row * per_block, codes.len())?;
     check_len("int8 weight scales", rows * per_row, scales.len())?;
-    let mut blocks = vec![WeightBlock::<S>::default(); rows * per_row];
+    let mut blocks = vec![WeightBlock::<S, C>::default(); rows * per_row];
     for row in 0..rows {
         for b in 0..per_row {
             let src = row * per_row + b;
             let block = &mut blocks[block_index(rows, per_row, row, b)];
             block.d = scales[src];
-            block
-                .q
-                .copy_from_slice(&codes[src * BLOCK..(src + 1) * BLOCK]);
+            block.q = code(&codes[src * per_block..(src + 1) * per_block]);
         }
     }
     Ok(blocks)
 }
 
 /// The multiply of [`Int8Matrix::matmul`] over blocks with scales of type `S` (shapes checked).
-fn matmul_blocks<S: BlockScale>(
+fn matmul_blocks<S: BlockScale, C: Codes>(
     cpu: &Cpu,
-    blocks: &[WeightBlock<S>],
+    blocks: &[WeightBlock<S, C>],
     rows: usize,
     acts: &Int8Activations,
     out: &mut [f32],
@@ -347,8 +446,8 @@ fn matmul_blocks<S: BlockScale>(
 }
 
 /// Row `row` of a matrix of `rows` rows stored as `blocks`, dequantized into `out` (K values).
-fn dequantize_blocks<S: BlockScale>(
-    blocks: &[WeightBlock<S>],
+fn dequantize_blocks<S: BlockScale, C: Codes>(
+    blocks: &[WeightBlock<S, C>],
     rows: usize,
     row: usize,
     out: &mut [f32],
@@ -357,7 +456,7 @@ fn dequantize_blocks<S: BlockScale>(
     for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
         let block = &blocks[block_index(rows, per_row, row, b)];
         let halves = block.d.halves();
-        for (e, (o, &q)) in dst.iter_mut().zip(&block.q).enumerate() {
+        for (e, (o, q)) in dst.iter_mut().zip(block.q.codes()).enumerate() {
             *o = halves[e / 16] * f32::from(q);
         }
     }
@@ -369,6 +468,7 @@ impl std::fmt::Debug for Int8Matrix {
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .field("f16_scales", &self.has_f16_scales())
+            .field("nibble_codes", &self.has_nibble_codes())
             .finish()
     }
 }

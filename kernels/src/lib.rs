@@ -66,7 +66,7 @@ pub mod vector;
 pub use cpu::Cpu;
 pub use dense::DenseMatrix;
 pub use error::{KernelError, Result};
-pub use int8::{Int8Activations, Int8Matrix};
+pub use int8::{Int8Activations, Int8Matrix, KVALUES_IQ4NL};
 pub use isa::Isa;
 pub use mapped::MappedFile;
 pub use packed::{

@@ -5,7 +5,8 @@
 //!   (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, with their integer sub-scales) → [`PackedMatrix`] (LUT kernels);
 //! - ternary codes with one scale per row (BitNet b1.58: TQ1_0/TQ2_0, HF BitLinear) →
 //!   [`TernaryMatrix`] (1.67 bits per weight);
-//! - int8 codes (Q8_0, Q8_K, IQ4_NL, IQ4_XS) → [`Int8Matrix`];
+//! - int8 codes (Q8_0, Q8_K, IQ2/IQ3 grids) → [`Int8Matrix`]; IQ4_NL and IQ4_XS → [`Int8Matrix`]
+//!   holding their 4-bit codebook indices (4.5 and 5 bits per weight);
 //! - dense values (F32/F16/BF16), and every matrix in reference mode → [`DenseMatrix`];
 //! - any of these with its columns stored in another order (GPTQ act-order, sorted so that each
 //!   group's columns are contiguous) → [`Linear::Permuted`], which reads the input gathered into
@@ -38,7 +39,8 @@ pub enum Linear {
     Lut(PackedMatrix),
     /// Ternary weights `{−s, 0, +s}` (one `s` per row) packed 3 weights to 5 bits.
     Ternary(TernaryMatrix),
-    /// Int8 codes with a scale per 32 (Q8_0, IQ4_NL, IQ4_XS, ...) or per 16 (IQ2_XS, IQ2_S).
+    /// Int8 codes with a scale per 32 (Q8_0, IQ4_NL, IQ4_XS as 4-bit codebook indices, ...) or per
+    /// 16 (IQ2_XS, IQ2_S).
     Int8(Int8Matrix),
     /// f32 values.
     Dense(DenseMatrix),
@@ -172,6 +174,12 @@ impl Linear {
                 scales,
                 ..
             } => Linear::Int8(Int8Matrix::new(*rows, *cols, codes, scales)?),
+            DecodedTensor::Iq4 {
+                rows,
+                cols,
+                nibbles,
+                scales,
+            } => Linear::Int8(Int8Matrix::from_iq4_nibbles(*rows, *cols, nibbles, scales)?),
             DecodedTensor::Dense { rows, cols, values } => {
                 Linear::Dense(DenseMatrix::new(*rows, *cols, values.clone())?)
             }
@@ -341,7 +349,7 @@ impl Linear {
     }
 
     /// Short name of the in-memory form, e.g. `lut4 g32`, `lut6 g16 two-level` (K-quant
-    /// sub-scales), `ternary 1.67b`, `int8`, `f32`, `lut4 g128 permuted`.
+    /// sub-scales), `ternary 1.67b`, `int8`, `int8 iq4` (IQ4 codebook indices), `f32`, `lut4 g128 permuted`.
     pub fn kind(&self) -> String {
         match self {
             Linear::Lut(m) => {
@@ -364,6 +372,7 @@ impl Linear {
                 format!("lut{} {group}{per_plane}{two_level}{mapped}", spec.bits)
             }
             Linear::Ternary(_) => "ternary 1.67b".to_string(),
+            Linear::Int8(m) if m.has_nibble_codes() => "int8 iq4".to_string(),
             Linear::Int8(_) => "int8".to_string(),
             Linear::Dense(_) => "f32".to_string(),
             Linear::Permuted(p) => format!("{} permuted", p.inner.kind()),

@@ -6,6 +6,7 @@
 //! variant reproduces the source values bit for bit (up to f16→f32 widening of the scales).
 
 use half::{bf16, f16};
+use lutra_kernels::KVALUES_IQ4NL;
 
 mod iq_grids;
 use iq_grids::{
@@ -51,7 +52,7 @@ pub enum DecodedTensor {
         /// `[rows][cols / group_size]`.
         offsets: Vec<f32>,
     },
-    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K, IQ4_NL, IQ4_XS,
+    /// `w = scale·q` with int8 `q` and one scale per block of 32 (Q8_0, Q8_K,
     /// IQ2_XXS, IQ3_XXS, IQ1_S with a tiny scale) or of 16 (IQ2_XS, IQ2_S, IQ1_M with a tiny
     /// scale).
     Int8 {
@@ -64,6 +65,19 @@ pub enum DecodedTensor {
         /// One code per element, row-major.
         codes: Vec<i8>,
         /// `[rows][cols / block]`.
+        scales: Vec<f32>,
+    },
+    /// `w = scale·KVALUES_IQ4NL[i]` with 4-bit codebook indices `i` and one scale per block of 32
+    /// (IQ4_NL, IQ4_XS), kept at 4 bits for the int8 kernel.
+    Iq4 {
+        /// Output features.
+        rows: usize,
+        /// Input features (a multiple of 32).
+        cols: usize,
+        /// `[rows][cols / 32][16]` bytes in ggml's IQ4_NL order: byte `j` of a block holds element
+        /// `j` in its low nibble and element `j + 16` in its high nibble.
+        nibbles: Vec<u8>,
+        /// `[rows][cols / 32]`.
         scales: Vec<f32>,
     },
     /// K-quant super-blocks of 256: `w = (d·sc)·(q − zero_point) − dmin·m`, with integer
@@ -110,6 +124,7 @@ impl DecodedTensor {
             DecodedTensor::LowBit { rows, .. }
             | DecodedTensor::PlaneLowBit { rows, .. }
             | DecodedTensor::Int8 { rows, .. }
+            | DecodedTensor::Iq4 { rows, .. }
             | DecodedTensor::SuperBlock { rows, .. }
             | DecodedTensor::Dense { rows, .. } => *rows,
         }
@@ -121,6 +136,7 @@ impl DecodedTensor {
             DecodedTensor::LowBit { cols, .. }
             | DecodedTensor::PlaneLowBit { cols, .. }
             | DecodedTensor::Int8 { cols, .. }
+            | DecodedTensor::Iq4 { cols, .. }
             | DecodedTensor::SuperBlock { cols, .. }
             | DecodedTensor::Dense { cols, .. } => *cols,
         }
@@ -184,6 +200,20 @@ impl DecodedTensor {
                     cols: *cols,
                     block: *block,
                     codes: codes[start * cols..(start + count) * cols].to_vec(),
+                    scales: scales[start * blocks..(start + count) * blocks].to_vec(),
+                }
+            }
+            DecodedTensor::Iq4 {
+                cols,
+                nibbles,
+                scales,
+                ..
+            } => {
+                let blocks = cols / 32;
+                DecodedTensor::Iq4 {
+                    rows: count,
+                    cols: *cols,
+                    nibbles: nibbles[start * cols / 2..(start + count) * cols / 2].to_vec(),
                     scales: scales[start * blocks..(start + count) * blocks].to_vec(),
                 }
             }
@@ -272,6 +302,13 @@ impl DecodedTensor {
                 .iter()
                 .enumerate()
                 .map(|(i, &q)| scales[i / block] * f32::from(q))
+                .collect(),
+            DecodedTensor::Iq4 {
+                nibbles, scales, ..
+            } => nibbles
+                .chunks_exact(16)
+                .zip(scales)
+                .flat_map(|(qs, &d)| iq4_nl_codes(qs).map(move |q| d * f32::from(q)))
                 .collect(),
             DecodedTensor::SuperBlock {
                 group,
@@ -689,49 +726,48 @@ fn decode_q5_0(t: Blocks<'_>) -> DecodedTensor {
     lb.finish(t.rows, t.cols, 5)
 }
 
+/// IQ4_NL: `w = d·kvalues[idx]` with an f16 `d` per 32 elements; the indices stay 4-bit.
 fn decode_iq4_nl(t: Blocks<'_>) -> DecodedTensor {
     let Blocks { rows, cols, .. } = t;
     let (n, blocks) = (t.elems(), t.iter());
-    // w = d·kvalues[idx]: the codebook entries are the int8 codes, d the block scale.
-    let mut codes = Vec::with_capacity(n);
+    let mut nibbles = Vec::with_capacity(n / 2);
     let mut scales = Vec::with_capacity(n / 32);
     for b in blocks {
         scales.push(f16_at(b, 0));
-        codes.extend(iq4_nl_codes(&b[2..18]));
+        nibbles.extend_from_slice(&b[2..18]);
     }
-    DecodedTensor::Int8 {
+    DecodedTensor::Iq4 {
         rows,
         cols,
-        block: 32,
-        codes,
+        nibbles,
         scales,
     }
 }
 
+/// IQ4_XS: super-blocks of 256 whose 32-element sub-blocks are IQ4_NL blocks with scale
+/// `dl = d·(ls − 32)`, computed in f32 as `dequantize_row_iq4_xs` does (exact: an f16 times a
+/// 6-bit integer); the indices stay 4-bit.
 fn decode_iq4_xs(t: Blocks<'_>) -> DecodedTensor {
     let Blocks { rows, cols, .. } = t;
     let (n, blocks) = (t.elems(), t.iter());
-    // Each 32-element sub-block is an IQ4_NL block with scale dl = d·(ls − 32), computed
-    // in f32 as `dequantize_row_iq4_xs` does (exact: an f16 times a 6-bit integer).
-    let mut codes = Vec::with_capacity(n);
+    let mut nibbles = Vec::with_capacity(n / 2);
     let mut scales = Vec::with_capacity(n / 32);
     for b in blocks {
         let d = f16_at(b, 0);
         let scales_h = u16::from_le_bytes([b[2], b[3]]);
         let (scales_l, qs) = (&b[4..8], &b[8..136]);
-        for (ib, sub) in qs.chunks_exact(16).enumerate() {
+        for ib in 0..QK_K / 32 {
             let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
             let high = ((scales_h >> (2 * ib)) & 3) as u8;
             let ls = i32::from(low | (high << 4));
             scales.push(d * (ls - 32) as f32);
-            codes.extend(iq4_nl_codes(sub));
         }
+        nibbles.extend_from_slice(qs);
     }
-    DecodedTensor::Int8 {
+    DecodedTensor::Iq4 {
         rows,
         cols,
-        block: 32,
-        codes,
+        nibbles,
         scales,
     }
 }
@@ -1337,11 +1373,6 @@ impl LowBitBuilder {
         }
     }
 }
-
-/// The non-uniform 4-bit codebook of IQ4_NL and IQ4_XS (`kvalues_iq4nl` in `ggml-common.h`).
-const KVALUES_IQ4NL: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
 
 /// The 32 int8 codes of an IQ4_NL block (or IQ4_XS sub-block) from its 16 bytes of indices:
 /// low nibbles are elements 0..16, high nibbles 16..32.

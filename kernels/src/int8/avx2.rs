@@ -1,17 +1,18 @@
 //! AVX2 int8 kernel: `maddubs(|w|, sign(x, w))` then `madd` with ones gives the eight exact int32
-//! lane sums of a block; taking |w| (not |x|) keeps a code of −128 exact.
+//! lane sums of a block; taking |w| (not |x|) keeps a code of −128 exact. IQ4 nibble blocks are
+//! split into their 32 indices and looked up with `shuffle_epi8` as they are loaded.
 
 use std::arch::x86_64::*;
 
 use std::marker::PhantomData;
 
-use super::{ActBlock, BlockScale, WeightBlock};
+use super::{ActBlock, BlockScale, Codes, WeightBlock, KVALUES_IQ4NL};
 use crate::isa::Isa;
 use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
 /// AVX2 version of the scalar kernel.
-pub(super) fn matmul_rows<S: BlockScale>(
-    w: &[WeightBlock<S>],
+pub(super) fn matmul_rows<S: BlockScale, C: Codes>(
+    w: &[WeightBlock<S, C>],
     x: &[ActBlock],
     per_row: usize,
     out: &mut RowRange<'_>,
@@ -20,32 +21,32 @@ pub(super) fn matmul_rows<S: BlockScale>(
         Isa::Avx2.is_supported(),
         "AVX2 kernel called on a CPU without AVX2"
     );
-    for_each_tile(&Avx2Int8::<S>(PhantomData), w, x, per_row, out);
+    for_each_tile(&Avx2Int8::<S, C>(PhantomData), w, x, per_row, out);
 }
 
 /// The AVX2 tile kernel; only built by `matmul_rows` after the CPU check.
-struct Avx2Int8<S>(PhantomData<S>);
+struct Avx2Int8<S, C>(PhantomData<(S, C)>);
 
-impl<S: BlockScale> TileKernel for Avx2Int8<S> {
-    type W = WeightBlock<S>;
+impl<S: BlockScale, C: Codes> TileKernel for Avx2Int8<S, C> {
+    type W = WeightBlock<S, C>;
     type X = ActBlock;
 
     fn tile<const R: usize, const T: usize>(
         &self,
-        w: &[WeightBlock<S>],
+        w: &[WeightBlock<S, C>],
         x: &[ActBlock],
         per_row: usize,
     ) -> [[f32; T]; R] {
         // SAFETY: an `Avx2Int8` exists only inside `matmul_rows`, after it asserted that the CPU
         // supports AVX2, FMA and F16C.
-        unsafe { tile::<S, R, T>(w, x, per_row) }
+        unsafe { tile::<S, C, R, T>(w, x, per_row) }
     }
 }
 
 /// `R` consecutive rows (`w` = `[per_row][R]`, interleaved) times `T` consecutive tokens (`x` = `[T][per_row]`).
 #[target_feature(enable = "avx2,fma,f16c")]
-fn tile<S: BlockScale, const R: usize, const T: usize>(
-    w: &[WeightBlock<S>],
+fn tile<S: BlockScale, C: Codes, const R: usize, const T: usize>(
+    w: &[WeightBlock<S, C>],
     x: &[ActBlock],
     per_row: usize,
 ) -> [[f32; T]; R] {
@@ -65,8 +66,7 @@ fn tile<S: BlockScale, const R: usize, const T: usize>(
         }
         for r in 0..R {
             let block = &w[b * R + r];
-            // SAFETY: as above.
-            let wq = unsafe { _mm256_loadu_si256(block.q.as_ptr().cast()) };
+            let wq = load_codes(&block.q);
             let wabs = _mm256_sign_epi8(wq, wq);
             let wd = match block.d.as_f16() {
                 Some(d) => _mm256_cvtph_ps(_mm_set1_epi16(d.to_bits() as i16)),
@@ -89,6 +89,36 @@ fn tile<S: BlockScale, const R: usize, const T: usize>(
         }
     }
     acc.map(|per_token| per_token.map(|v| hsum(v)))
+}
+
+/// The 32 int8 codes of a block's code storage, element order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn load_codes<C: Codes>(q: &C) -> __m256i {
+    let bytes: *const u8 = (q as *const C).cast();
+    if C::NIBBLES {
+        // SAFETY: a nibble block is 16 readable bytes (`Nibbles` is `[u8; 16]`), as is the table;
+        // loadu has no alignment requirement.
+        let (packed, table) = unsafe {
+            (
+                _mm_loadu_si128(bytes.cast()),
+                _mm_loadu_si128(KVALUES_IQ4NL.as_ptr().cast()),
+            )
+        };
+        // Both 128-bit lanes hold the 16 bytes; shifting the high lane's by 4 and masking gives
+        // the indices of elements 0..16 (low nibbles) then 16..32 (high nibbles). The shuffle
+        // looks each lane up in its own copy of the table.
+        let shifted = _mm256_srlv_epi64(
+            _mm256_broadcastsi128_si256(packed),
+            _mm256_setr_epi64x(0, 0, 4, 4),
+        );
+        let indices = _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
+        _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table), indices)
+    } else {
+        // SAFETY: int8 storage is `[i8; 32]`, 32 readable bytes; loadu has no alignment
+        // requirement.
+        unsafe { _mm256_loadu_si256(bytes.cast()) }
+    }
 }
 
 /// Lane sum in the order of `int8::hsum8`.

@@ -460,7 +460,9 @@ pub(super) fn scale_tensor(t: &mut DecodedTensor, factor: f32) {
             scales.iter_mut().for_each(|s| *s *= factor);
             offsets.iter_mut().for_each(|m| *m *= factor);
         }
-        DecodedTensor::Int8 { scales, .. } => scales.iter_mut().for_each(|s| *s *= factor),
+        DecodedTensor::Int8 { scales, .. } | DecodedTensor::Iq4 { scales, .. } => {
+            scales.iter_mut().for_each(|s| *s *= factor)
+        }
         DecodedTensor::Dense { values, .. } => values.iter_mut().for_each(|v| *v *= factor),
         DecodedTensor::SuperBlock { rows, cols, .. } => {
             // The f16 super-scales would round once multiplied: keep the exact product instead.

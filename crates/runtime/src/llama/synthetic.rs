@@ -325,6 +325,7 @@ fn source_kind(t: &DecodedTensor) -> String {
         } => format!("per-plane {bits}b g{group_size}"),
         DecodedTensor::SuperBlock { bits, group, .. } => format!("k-quant {bits}b g{group}"),
         DecodedTensor::Int8 { block, .. } => format!("int8 b{block}"),
+        DecodedTensor::Iq4 { .. } => "iq4 b32".to_string(),
         DecodedTensor::Dense { .. } => "f32".to_string(),
     }
 }

@@ -370,8 +370,8 @@ fn k_and_i_quant_models_load_exactly_into_their_kernels() {
     // tensor gets the same scales, so the loader may merge Q5_0/Q5_1 groups into wider ones.
     type Case = (GgmlType, &'static [(usize, f32)], &'static str);
     let cases: [Case; 16] = [
-        (GgmlType::IQ4_NL, &[(0, 1.0 / 127.0)], "int8"),
-        (GgmlType::IQ4_XS, &[(0, 1.0 / 4064.0)], "int8"),
+        (GgmlType::IQ4_NL, &[(0, 1.0 / 127.0)], "int8 iq4"),
+        (GgmlType::IQ4_XS, &[(0, 1.0 / 4064.0)], "int8 iq4"),
         (
             GgmlType::Q2_K,
             &[(80, 1.0 / 45.0), (82, 1.0 / 45.0)],

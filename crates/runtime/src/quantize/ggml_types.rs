@@ -15,6 +15,7 @@
 use std::str::FromStr;
 
 use half::f16;
+use lutra_kernels::KVALUES_IQ4NL;
 
 use crate::error::{Error, Result};
 use crate::weights::GgmlType;
@@ -35,11 +36,6 @@ pub enum GgmlTarget {
     Q5_K,
     Q6_K,
 }
-
-/// The non-uniform 4-bit codebook of IQ4_NL (`kvalues_iq4nl` in `ggml-common.h`).
-const KVALUES_IQ4NL: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
 
 /// K-quant candidates (super-scales from both group fits) refined by least squares and a search
 /// of the integer sub-scales.

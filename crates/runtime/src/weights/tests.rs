@@ -398,23 +398,34 @@ fn decode_block_fixture(name: &str) -> (DecodedTensor, Vec<u32>) {
     (tensor, expected)
 }
 
+/// IQ4_NL and IQ4_XS keep the file's 16 index bytes per 32 elements, with one scale per 32
+/// (8 per IQ4_XS super-block).
 #[test]
-fn iq4_nl_matches_reference_as_int8() {
-    let t = check_block_fixture("iq4_nl");
-    let DecodedTensor::Int8 { codes, .. } = &t else {
-        panic!("IQ4_NL is not in the int8 form")
-    };
-    assert!(codes.iter().all(|c| KVALUES_IQ4NL.contains(c)));
+fn iq4_nl_and_iq4_xs_match_reference_as_nibbles() {
+    for name in ["iq4_nl", "iq4_xs"] {
+        let t = check_block_fixture(name);
+        let DecodedTensor::Iq4 {
+            nibbles, scales, ..
+        } = &t
+        else {
+            panic!("{name} is not in the IQ4 nibble form")
+        };
+        assert_eq!(nibbles.len(), t.rows() * t.cols() / 2, "{name}");
+        assert_eq!(scales.len(), t.rows() * t.cols() / 32, "{name}");
+    }
 }
 
+/// Rows of an IQ4 tensor taken apart hold the same values as the whole tensor's rows.
 #[test]
-fn iq4_xs_matches_reference_as_int8() {
-    let t = check_block_fixture("iq4_xs");
-    let DecodedTensor::Int8 { scales, .. } = &t else {
-        panic!("IQ4_XS is not in the int8 form")
-    };
-    // One scale per 32 elements: 8 per super-block.
-    assert_eq!(scales.len(), t.rows() * t.cols() / 32);
+fn iq4_row_range_keeps_its_rows() {
+    for name in ["iq4_nl", "iq4_xs"] {
+        let (t, _) = decode_block_fixture(name);
+        let all = t.dequantize();
+        let cols = t.cols();
+        let part = t.row_range(1, t.rows() - 1);
+        assert!(matches!(part, DecodedTensor::Iq4 { .. }), "{name}");
+        assert_eq!(part.dequantize(), all[cols..], "{name}");
+    }
 }
 
 #[test]
@@ -653,20 +664,21 @@ fn lut_kernel_form_holds_reference_values() {
 }
 
 /// The int8 kernel matrix built from each int8-form type holds the reference values exactly
-/// (f16 block scales where they are f16 values, f32 where they are not).
+/// (f16 block scales where they are f16 values, f32 where they are not; IQ4 types as 4-bit
+/// codebook indices).
 #[test]
 fn int8_kernel_form_holds_reference_values() {
     use crate::linear::Linear;
-    for (name, f16_scales) in [
-        ("iq4_nl", true),
-        ("iq4_xs", false),
-        ("q8_0", true),
-        ("iq2_xxs", false),
-        ("iq3_xxs", false),
-        ("iq1_s_subnormal_scale", false),
-        ("iq1_m_subnormal_scale", false),
-        ("iq2_xs", false),
-        ("iq2_s", false),
+    for (name, f16_scales, nibbles) in [
+        ("iq4_nl", true, true),
+        ("iq4_xs", false, true),
+        ("q8_0", true, false),
+        ("iq2_xxs", false, false),
+        ("iq3_xxs", false, false),
+        ("iq1_s_subnormal_scale", false, false),
+        ("iq1_m_subnormal_scale", false, false),
+        ("iq2_xs", false, false),
+        ("iq2_s", false, false),
     ] {
         let (tensor, expected) = decode_block_fixture(name);
         let m = Linear::from_decoded(&tensor, false).unwrap();
@@ -674,6 +686,16 @@ fn int8_kernel_form_holds_reference_values() {
             panic!("{name} became {}", m.kind())
         };
         assert_eq!(int8.has_f16_scales(), f16_scales, "{name}");
+        assert_eq!(int8.has_nibble_codes(), nibbles, "{name}");
+        // 18-byte IQ4_NL blocks as in the file; 20 bytes for IQ4_XS's f32 sub-block scales.
+        if nibbles {
+            let block_bytes = if f16_scales { 18 } else { 20 };
+            assert_eq!(
+                m.bytes(),
+                tensor.rows() * tensor.cols() / 32 * block_bytes,
+                "{name}"
+            );
+        }
         let mut values = vec![0.0; tensor.rows() * tensor.cols()];
         for (r, row) in values.chunks_exact_mut(tensor.cols()).enumerate() {
             m.row(r, row).unwrap();
