@@ -133,10 +133,10 @@ pub fn dot_matrix(cpu: &Cpu, a: &[f32], b: &[f32], len: usize, out: &mut [f32]) 
         // per pair.
         Isa::Avx2 => unsafe { avx2::dot_matrix(a, b, len, out) },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: as in `dot`; the rows of each pair have `len` values.
         Isa::Neon => {
             for (row, o) in a.chunks_exact(len).zip(out.chunks_exact_mut(m)) {
                 for (o, b_row) in o.iter_mut().zip(b.chunks_exact(len)) {
+                    // SAFETY: as in `dot`; both rows have `len` values.
                     *o = unsafe { neon::pair_dot(row, b_row) };
                 }
             }
