@@ -7,9 +7,10 @@
 //! group whose codes span 0..15 gets back (up to f16 rounding) the same grid, so the folder's
 //! weights differ from the GGUF's only by f16 roundings (plus groups whose codes did not span the
 //! full range, which RTN stretches to a finer grid). Perplexity is therefore held to within 1%
-//! (measured: 17.09 vs 17.12 on 1024 tokens, 0.1–0.2%), and the most likely next token to agree
-//! at 90% of 128 positions (measured: 124 to 127; the others are near ties that a 1e-3 change of
-//! the weights can flip).
+//! (measured: 17.09 vs 17.12 on 1024 tokens, 0.1–0.2%; 17.07 vs 17.19, 0.7%, after the attention
+//! kernels changed their summation order), and the most likely next token to agree at 90% of 128
+//! positions (measured: 121 to 127; the others are near ties that a 1e-3 change of the weights, or
+//! of the rounding, can flip).
 
 use std::path::{Path, PathBuf};
 
@@ -121,7 +122,7 @@ fn smollm2_as_a_hugging_face_folder_matches_the_gguf() {
         .count();
     eprintln!("top-1 agreement: {agree} of {}", window.len());
     assert!(
-        agree * 100 >= 95 * window.len(),
+        agree * 100 >= 90 * window.len(),
         "top-1 agreed at {agree} of {}",
         window.len()
     );
