@@ -43,6 +43,7 @@
 
 mod cpu;
 mod dense;
+mod dot;
 mod error;
 pub mod ffi;
 mod int8;

@@ -51,6 +51,14 @@ pub enum KernelKind {
     Ternary167,
     /// The int8 kernel (Q8_0 weights and activations).
     Int8,
+    /// The int8 dot GEMM over the LUT-packed matrix ([`PackedMatrix::matmul_dot`]), uniform
+    /// planes, `bits` ∈ 1..=6, scale and offset per group of `group_size`.
+    Dot {
+        /// Bits per weight.
+        bits: u8,
+        /// Elements per scale group.
+        group_size: usize,
+    },
     /// The dequantize-then-dot baseline ([`DequantMatrix`], `bits` ∈ {1, 2, 4}, groups of 32).
     Dequant {
         /// Bits per weight.
@@ -67,6 +75,7 @@ impl KernelKind {
             KernelKind::Ternary { .. } => "ternary".to_string(),
             KernelKind::Ternary167 => "ternary1.67".to_string(),
             KernelKind::Int8 => "int8".to_string(),
+            KernelKind::Dot { bits, .. } => format!("dot{bits}"),
             KernelKind::Dequant { bits } => format!("dequant{bits}"),
         }
     }
@@ -75,7 +84,9 @@ impl KernelKind {
     /// size is in the record's `weight_bytes`).
     pub fn bits(&self) -> u8 {
         match *self {
-            KernelKind::Lut { bits, .. } | KernelKind::Dequant { bits } => bits,
+            KernelKind::Lut { bits, .. }
+            | KernelKind::Dot { bits, .. }
+            | KernelKind::Dequant { bits } => bits,
             KernelKind::Ternary { .. } | KernelKind::Ternary167 => 2,
             KernelKind::Int8 => 8,
         }
@@ -85,7 +96,9 @@ impl KernelKind {
     /// says K).
     pub fn group_size(&self) -> usize {
         match *self {
-            KernelKind::Lut { group_size, .. } | KernelKind::Ternary { group_size } => group_size,
+            KernelKind::Lut { group_size, .. }
+            | KernelKind::Dot { group_size, .. }
+            | KernelKind::Ternary { group_size } => group_size,
             KernelKind::Ternary167 => 0,
             KernelKind::Int8 | KernelKind::Dequant { .. } => 32,
         }
@@ -223,7 +236,7 @@ impl PreparedCase {
         let (rows, cols) = (case.rows, case.cols);
         let mut rng = SplitMix64::new(0x5EED ^ (rows * 31 + cols) as u64);
         let weights = match case.kind {
-            KernelKind::Lut { bits, group_size } => {
+            KernelKind::Lut { bits, group_size } | KernelKind::Dot { bits, group_size } => {
                 lut_weights(&mut rng, rows, cols, bits, group_size, false)?
             }
             KernelKind::Ternary { group_size } => {
@@ -268,6 +281,9 @@ impl PreparedCase {
             }
         };
         let inputs = match weights {
+            Weights::Lut(_) if matches!(case.kind, KernelKind::Dot { .. }) => {
+                Inputs::Int8(Int8Activations::new(cols))
+            }
             Weights::Lut(_) => Inputs::Tables(ActivationTables::new(cols)),
             Weights::Ternary(_) => Inputs::Ternary(TernaryTables::new(cols)),
             Weights::Int8(_) | Weights::Dequant(_) => Inputs::Int8(Int8Activations::new(cols)),
@@ -324,6 +340,7 @@ impl PreparedCase {
             (Weights::Lut(m), Inputs::Tables(t)) => m.matmul(&self.cpu, t, &mut self.out),
             (Weights::Ternary(m), Inputs::Ternary(t)) => m.matmul(&self.cpu, t, &mut self.out),
             (Weights::Int8(m), Inputs::Int8(a)) => m.matmul(&self.cpu, a, &mut self.out),
+            (Weights::Lut(m), Inputs::Int8(a)) => m.matmul_dot(&self.cpu, a, &mut self.out),
             (Weights::Dequant(m), Inputs::Int8(a)) => m.matmul(&self.cpu, a, &mut self.out),
             // `new` pairs every weight kind with its input kind.
             _ => unreachable!("weights and inputs are created together"),

@@ -7,6 +7,7 @@ use half::f16;
 
 use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
+use crate::int8::Int8Activations;
 use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TILE};
 use crate::lut::{self, Weights, MAX_BITS};
 use crate::storage::Storage;
@@ -555,6 +556,47 @@ impl PackedMatrix {
         Ok(())
     }
 
+    /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
+    /// bits in weight groups of 32 or more (f16 or two-level scales), not per-plane scales or
+    /// groups of 16.
+    pub fn has_dot_form(&self) -> bool {
+        crate::dot::supports(&self.view())
+    }
+
+    /// `out[n][r] = Σ_k w[r][k]·x[n][k]` for every token of the int8 activations `acts`, by
+    /// integer dot products of the codes with the int8 activations: the path for batches of
+    /// tokens (prefill), where it does more work per instruction than the table lookups.
+    pub fn matmul_dot(&self, cpu: &Cpu, acts: &Int8Activations, out: &mut [f32]) -> Result<()> {
+        PackedMatrix::matmul_many_dot(cpu, acts, &[self], &mut [out])
+    }
+
+    /// [`PackedMatrix::matmul_dot`] of each matrix `mats[p]` into `outs[p]`, all reading the same
+    /// `acts`, in one hand-over to the threads. Results are those of separate calls, bit for bit.
+    pub fn matmul_many_dot(
+        cpu: &Cpu,
+        acts: &Int8Activations,
+        mats: &[&PackedMatrix],
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        check_parts(
+            "matmul output",
+            |p| (mats[p].cols(), mats[p].rows()),
+            mats.len(),
+            acts.cols(),
+            acts.tokens(),
+            outs,
+        )?;
+        if !mats.iter().all(|m| m.has_dot_form()) {
+            return Err(KernelError::UnsupportedForm(
+                "the int8 dot path takes uniform planes of 1 to 6 bits in groups of 32 or more",
+            ));
+        }
+        for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
+            crate::dot::run(cpu, |p| (mats[p].view(), mats[p].rows()), acts, outs);
+        }
+        Ok(())
+    }
+
     /// Dequantized row `r` (`w = s·q + m`; super-block forms: `w = (d·sc)·(q − z) − dmin·m`, in
     /// f32 as ggml computes it), for reference paths and tests.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
@@ -608,7 +650,7 @@ impl PackedMatrix {
     }
 
     /// The packed buffers, borrowed for the kernels.
-    fn view(&self) -> Weights<'_> {
+    pub(crate) fn view(&self) -> Weights<'_> {
         Weights {
             bits: usize::from(self.spec.bits),
             per_plane: self.spec.plane_scales == PlaneScales::PerPlane,

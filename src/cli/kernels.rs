@@ -15,7 +15,7 @@ use lutra_kernels::Isa;
 /// Arguments of `lutra bench-kernels`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchKernelsArgs {
-    /// Kernels, comma-separated name prefixes: lut1..lut4, ternary, int8, dequant2, dequant4
+    /// Kernels, comma-separated name prefixes: lut1..lut4, ternary, int8, dot2, dot4, dequant2, dequant4
     /// [default: all]
     #[arg(short = 'k', long = "kernel", value_delimiter = ',')]
     kernels: Vec<String>,
@@ -129,6 +129,7 @@ fn shape_grid(shapes: &[(usize, usize)]) -> Vec<KernelCase> {
             .collect();
         kinds.push(KernelKind::Ternary { group_size });
         kinds.push(KernelKind::Int8);
+        kinds.extend([2, 4].map(|bits| KernelKind::Dot { bits, group_size }));
         kinds.extend([2, 4].map(|bits| KernelKind::Dequant { bits }));
         for threads in DEFAULT_THREADS {
             for tokens in DEFAULT_TOKENS {
@@ -153,7 +154,7 @@ mod tests {
     fn a_shape_outside_the_default_grid_gets_every_kernel() {
         let grid = shape_grid(&[(64, 96)]);
         let per_point = grid.len() / (DEFAULT_THREADS.len() * DEFAULT_TOKENS.len());
-        assert_eq!(per_point, 8);
+        assert_eq!(per_point, 10);
         assert!(grid.iter().all(|c| (c.rows, c.cols) == (64, 96)));
         // 96 is not a multiple of 128: GGUF-style groups of 32.
         assert!(grid.iter().any(|c| c.kind

@@ -112,7 +112,7 @@ impl<'a> SuperScales<'a> {
     }
 
     /// Whether the slices fit a tile of `groups` weight groups.
-    fn is_consistent(&self, groups: usize) -> bool {
+    pub(crate) fn is_consistent(&self, groups: usize) -> bool {
         let gps = self.groups_per_super;
         gps > 0
             && groups.is_multiple_of(gps)
@@ -135,7 +135,7 @@ impl Weights<'_> {
     }
 
     /// The slices of one tile; panics only if the packed buffers break their own invariants.
-    fn tile(&self, tile: usize) -> TileView<'_> {
+    pub(crate) fn tile(&self, tile: usize) -> TileView<'_> {
         let wbytes = self.act_groups * self.bits * PLANE_BYTES;
         let sbytes = self.groups * self.scale_planes() * TILE;
         let obytes = self.groups * TILE;

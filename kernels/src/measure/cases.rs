@@ -29,8 +29,8 @@ fn lut_group(cols: usize) -> usize {
     }
 }
 
-/// Every shape × kernel (LUT 1–4 bits, ternary as 2-bit planes and at 1.67 bits, int8, baseline 2
-/// and 4 bits) × threads × N.
+/// Every shape × kernel (LUT 1–4 bits, ternary as 2-bit planes and at 1.67 bits, int8, the dot
+/// GEMM and the baseline at 2 and 4 bits) × threads × N.
 pub fn default_cases() -> Vec<KernelCase> {
     let mut cases = Vec::new();
     for (rows, cols) in DEFAULT_SHAPES {
@@ -41,6 +41,7 @@ pub fn default_cases() -> Vec<KernelCase> {
         kinds.push(KernelKind::Ternary { group_size });
         kinds.push(KernelKind::Ternary167);
         kinds.push(KernelKind::Int8);
+        kinds.extend([2, 4].map(|bits| KernelKind::Dot { bits, group_size }));
         kinds.extend([2, 4].map(|bits| KernelKind::Dequant { bits }));
         for threads in DEFAULT_THREADS {
             for tokens in DEFAULT_TOKENS {

@@ -1,0 +1,254 @@
+//! The int8 dot-product GEMM over LUT-packed matrices, for batches of tokens (prefill).
+//!
+//! Once a batch of tokens makes a matmul compute-bound, multiplying integer codes by int8
+//! activations (`maddubs` on AVX2, `vpdpbusd` with AVX-512 VNNI) does more work per instruction
+//! than table lookups. This path reads the same [`crate::PackedMatrix`] as the LUT kernels (no
+//! second copy of the weights): for each tile of 64 rows it unpacks the bit planes of a few
+//! activation groups at a time into unsigned byte codes, four consecutive columns of a row per
+//! 32-bit lane, and multiplies them with Q8_0-style activations ([`Int8Activations`]).
+//!
+//! It takes uniform planes (1 to 6 bits) in weight groups of 32 or more, with f16 scales and
+//! offsets or two-level (super-block) scales; each weight is `s·q + o` for its group's scale `s`
+//! and offset `o` (two-level: `s = d·sc`, `o = −s·z − dmin·m`). Per activation block `a` of 32
+//! columns with scale `d_x`, code sum `Σx` and exact integer dot `Σ q·x`, every ISA computes, for
+//! each row and token, in block order,
+//! `acc = fma(Σq·x, s·d_x, acc); acc = fma(o, d_x·Σx, acc)`,
+//! so all ISAs give the same bits.
+
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
+use crate::cpu::Cpu;
+use crate::int8::{ActBlock, Int8Activations};
+use crate::isa::Isa;
+use crate::lut::layout::{ACT, LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TILE};
+use crate::lut::{TileView, Weights};
+use crate::tiling::{run_row_tasks, Split};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(test)]
+mod tests;
+
+/// Tokens per task block: the codes of a tile are unpacked once per block of this many tokens.
+pub(crate) const NB: usize = 64;
+/// Activation groups unpacked at a time: their codes (8 KiB per tile) and the block's activations
+/// stay in L1 while the tokens go over them.
+pub(crate) const CHUNK: usize = 4;
+/// Most bit planes: a `maddubs` pair of 6-bit codes times int8 stays inside int16.
+pub(crate) const MAX_BITS: usize = 6;
+/// Bytes of unpacked codes per activation group of a tile: 8 column quads × 64 rows × 4.
+pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
+
+/// Tasks own whole tiles and blocks of [`NB`] tokens.
+const DOT_SPLIT: Split = Split {
+    tile_rows: TILE,
+    token_block: NB,
+    tasks_per_thread: 1,
+};
+
+/// A chunk of one tile unpacked for the dot kernels.
+///
+/// `codes[a][j][r][i]` is the code of row `r`, column `32a + 4j + i` of the chunk; `scale[a][r]`
+/// and `offset[a][r]` are the scale and offset of the group holding activation group `a` of row
+/// `r` (0 for padded rows).
+#[repr(C, align(64))]
+pub(crate) struct Unpacked {
+    pub codes: [[u8; GROUP_BYTES]; CHUNK],
+    pub scale: [[f32; TILE]; CHUNK],
+    pub offset: [[f32; TILE]; CHUNK],
+}
+
+impl Unpacked {
+    fn new() -> Unpacked {
+        Unpacked {
+            codes: [[0; GROUP_BYTES]; CHUNK],
+            scale: [[0.0; TILE]; CHUNK],
+            offset: [[0.0; TILE]; CHUNK],
+        }
+    }
+}
+
+/// Per-token, per-row accumulators of one tile and token block.
+pub(crate) type Acc = [[f32; TILE]; NB];
+
+/// Whether the dot path can multiply a matrix of this form.
+pub(crate) fn supports(w: &Weights<'_>) -> bool {
+    !w.per_plane && !w.half_groups && (1..=MAX_BITS).contains(&w.bits) && w.groups > 0
+}
+
+/// `outs[p][n][r]` for every token of `acts` and every row of each matrix `p`, in one dispatch.
+/// The caller checked that every matrix is [`supports`]ed, agrees with `acts` on K and that
+/// `outs[p].len() == acts.tokens() · rows`.
+pub(crate) fn run<'w>(
+    cpu: &Cpu,
+    matrix: impl Fn(usize) -> (Weights<'w>, usize) + Sync,
+    acts: &Int8Activations,
+    outs: &mut [&mut [f32]],
+) {
+    let blocks = acts.blocks();
+    let per_row = acts.cols() / ACT;
+    let isa = kernels(cpu.isa());
+    run_row_tasks(
+        cpu,
+        outs,
+        |p| matrix(p).1,
+        acts.tokens(),
+        DOT_SPLIT,
+        |p, out| {
+            let w = matrix(p).0;
+            assert!(out.end() <= w.tiles * TILE, "every row belongs to a tile");
+            let tokens = out.tokens();
+            let x = &blocks[tokens.start * per_row..tokens.end * per_row];
+            let mut unpacked = Unpacked::new();
+            let mut acc: Acc = [[0.0; TILE]; NB];
+            for r0 in (out.start()..out.end()).step_by(TILE) {
+                let tile = w.tile(r0 / TILE);
+                assert!(
+                    tile_is_consistent(&tile, per_row),
+                    "inconsistent packed tile"
+                );
+                for row in &mut acc[..tokens.len()] {
+                    row.fill(0.0);
+                }
+                for a0 in (0..per_row).step_by(CHUNK) {
+                    let count = CHUNK.min(per_row - a0);
+                    unpack_scales(&tile, a0, count, &mut unpacked);
+                    (isa.unpack)(&tile, a0, count, &mut unpacked);
+                    (isa.multiply)(&unpacked, count, x, per_row, a0, &mut acc);
+                }
+                for (n, row) in acc[..tokens.len()].iter().enumerate() {
+                    out.write(tokens.start + n, r0, &row[..TILE.min(out.end() - r0)]);
+                }
+            }
+        },
+    );
+}
+
+/// Whether the tile's slices have the lengths the unpackers index (what makes SIMD reads sound).
+fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
+    let scales_fit = match &v.super_scales {
+        Some(s) => s.is_consistent(v.groups) && v.scales.is_empty() && v.offsets.is_none(),
+        None => {
+            v.scales.len() == v.groups * TILE
+                && v.offsets.is_none_or(|o| o.len() == v.groups * TILE)
+        }
+    };
+    !v.per_plane
+        && !v.half_groups
+        && (1..=MAX_BITS).contains(&v.bits)
+        && v.act_groups == act_groups
+        && v.groups > 0
+        && v.apg * v.groups == v.act_groups
+        && v.weights.len() == v.act_groups * v.bits * PLANE_BYTES
+        && scales_fit
+}
+
+/// The unpack and multiply steps of one ISA.
+struct Kernels {
+    /// Fills `u.codes[..count]` with the codes of activation groups `a0..a0 + count`.
+    unpack: fn(&TileView<'_>, usize, usize, &mut Unpacked),
+    /// Adds the chunk's products with the tokens `x` (`[token][per_row]`, chunk at `a0`) to `acc`.
+    multiply: fn(&Unpacked, usize, &[ActBlock], usize, usize, &mut Acc),
+}
+
+fn kernels(isa: Isa) -> Kernels {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Kernels {
+            unpack: avx2::unpack_checked,
+            multiply: avx2::multiply_checked,
+        },
+        _ => Kernels {
+            unpack: unpack_scalar,
+            multiply: multiply_scalar,
+        },
+    }
+}
+
+/// Fills `u.scale[..count]` and `u.offset[..count]` for activation groups `a0..a0 + count`.
+fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+    let f = |h: u16| f16::from_bits(h).to_f32();
+    for c in 0..count {
+        let g = (a0 + c) / v.apg;
+        let (scale, offset) = (&mut u.scale[c], &mut u.offset[c]);
+        match &v.super_scales {
+            None => {
+                let rows = g * TILE..(g + 1) * TILE;
+                v.scales[rows.clone()]
+                    .reinterpret_cast::<f16>()
+                    .convert_to_f32_slice(scale);
+                match v.offsets {
+                    Some(o) => o[rows]
+                        .reinterpret_cast::<f16>()
+                        .convert_to_f32_slice(offset),
+                    None => offset.fill(0.0),
+                }
+            }
+            Some(s) => {
+                let sb = g / s.groups_per_super;
+                // `centre` is `(2^b − 1)/2 − z`, exact in f32 for these small integers.
+                let z = ((1u32 << v.bits) - 1) as f32 * 0.5 - s.centre;
+                for r in 0..TILE {
+                    let d = f(s.d[sb * TILE + r]) * f32::from(s.sub_scales[g * TILE + r]);
+                    let mut o = -(d * z);
+                    if let (Some(dmin), Some(mins)) = (s.dmin, s.sub_mins) {
+                        o -= f(dmin[sb * TILE + r]) * f32::from(mins[g * TILE + r]);
+                    }
+                    scale[r] = d;
+                    offset[r] = o;
+                }
+            }
+        }
+    }
+}
+
+/// Scalar unpacking: every plane bit of every code, one at a time.
+pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+    for c in 0..count {
+        let codes = &mut u.codes[c];
+        codes.fill(0);
+        for p in 0..v.bits {
+            let plane = &v.weights[((a0 + c) * v.bits + p) * PLANE_BYTES..][..PLANE_BYTES];
+            for (j, block) in plane.chunks_exact(32).enumerate() {
+                for (b, &byte) in block.iter().enumerate() {
+                    for (row, nibble) in [(LO_ROW[b], byte & 0xF), (LO_ROW[b] + 32, byte >> 4)] {
+                        for i in 0..4 {
+                            codes[(j * TILE + row) * 4 + i] |= ((nibble >> i) & 1) << p;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reference multiply: exact integer dots, then the two fused steps per block.
+pub(crate) fn multiply_scalar(
+    u: &Unpacked,
+    count: usize,
+    x: &[ActBlock],
+    per_row: usize,
+    a0: usize,
+    acc: &mut Acc,
+) {
+    let tokens = x.len() / per_row;
+    for (n, row_acc) in acc[..tokens].iter_mut().enumerate() {
+        for c in 0..count {
+            let xb = &x[n * per_row + a0 + c];
+            let dsum = xb.d * xb.sum as f32;
+            for (r, out) in row_acc.iter_mut().enumerate() {
+                let mut dot = 0i32;
+                for j in 0..TABLES_PER_ACT {
+                    let w = &u.codes[c][(j * TILE + r) * 4..][..4];
+                    for (&w, &x) in w.iter().zip(&xb.q[4 * j..4 * j + 4]) {
+                        dot += i32::from(w) * i32::from(x);
+                    }
+                }
+                let mut a = (dot as f32).mul_add(u.scale[c][r] * xb.d, *out);
+                a = u.offset[c][r].mul_add(dsum, a);
+                *out = a;
+            }
+        }
+    }
+}

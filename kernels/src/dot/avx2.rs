@@ -1,0 +1,277 @@
+//! AVX2 unpacking and multiply of the dot GEMM; `vpdpbusd` (AVX-512 VNNI on 256-bit vectors)
+//! where the CPU has it. Same operations in the same order as the scalar reference.
+
+use std::arch::x86_64::*;
+
+use super::{Acc, Unpacked, CHUNK, GROUP_BYTES};
+use crate::int8::ActBlock;
+use crate::isa::Isa;
+use crate::lut::layout::{PLANE_BYTES, TABLES_PER_ACT, TILE};
+use crate::lut::TileView;
+
+/// Rows (in vectors of 8) and tokens of one register tile.
+const ROW_VECS: usize = 2;
+/// Tokens per register tile with `maddubs` (16 registers) and with `vpdpbusd` (32).
+const TOKENS_MADD: usize = 2;
+const TOKENS_VNNI: usize = 4;
+
+/// Whether the CPU has `vpdpbusd` on 256-bit vectors.
+pub(crate) fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+/// [`unpack`] after the checks its reads rely on.
+pub(super) fn unpack_checked(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+    assert!(count <= CHUNK && (a0 + count) * v.bits * PLANE_BYTES <= v.weights.len());
+    assert!(v.bits <= super::MAX_BITS && Isa::Avx2.is_supported());
+    // SAFETY: avx2, fma and f16c were checked just above; the
+    // reads cover planes `(a0 + c)·bits + p` for c < count ≤ CHUNK, checked above to lie in the
+    // tile's weights, and the writes stay in `u.codes[c]` for c < CHUNK.
+    unsafe { unpack(v, a0, count, u) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+    let bits = v.bits;
+    let one = _mm256_set1_epi8(1);
+    for c in 0..count {
+        let planes = &v.weights[(a0 + c) * bits * PLANE_BYTES..][..bits * PLANE_BYTES];
+        let out = &mut u.codes[c];
+        for j in 0..TABLES_PER_ACT {
+            // cols[half][i]: code bytes of column 4j + i for the 32 rows of the low (half 0) or
+            // high (half 1) nibbles, in the byte order of the packed block.
+            let mut cols = [[_mm256_setzero_si256(); 4]; 2];
+            for p in 0..bits {
+                // SAFETY: plane p's block j is 32 bytes inside `planes` (p < bits, j < 8).
+                let packed = unsafe {
+                    _mm256_loadu_si256(planes.as_ptr().add(p * PLANE_BYTES + j * 32).cast())
+                };
+                for (half, col) in cols.iter_mut().enumerate() {
+                    for (i, code) in col.iter_mut().enumerate() {
+                        let at = 4 * half + i;
+                        // Bit `at` of every byte to bit 0, masked, then to bit p. 64-bit shifts
+                        // move bits across bytes, but the mask keeps only each byte's own bit.
+                        let bit = _mm256_and_si256(
+                            _mm256_srl_epi64(packed, _mm_cvtsi32_si128(at as i32)),
+                            one,
+                        );
+                        let bit = _mm256_sll_epi64(bit, _mm_cvtsi32_si128(p as i32));
+                        *code = _mm256_or_si256(*code, bit);
+                    }
+                }
+            }
+            for (half, col) in cols.iter().enumerate() {
+                // Byte b of a block is row lo_row(b) (+32 for the high nibbles): lane l holds rows
+                // 8l..8l+8 in bytes 0..8 and 16+8l..24+8l in bytes 8..16. Interleave the four
+                // columns into one dword per row, then put the lanes in row order.
+                let lo01 = _mm256_unpacklo_epi8(col[0], col[1]);
+                let hi01 = _mm256_unpackhi_epi8(col[0], col[1]);
+                let lo23 = _mm256_unpacklo_epi8(col[2], col[3]);
+                let hi23 = _mm256_unpackhi_epi8(col[2], col[3]);
+                let a = _mm256_unpacklo_epi16(lo01, lo23); // rows 0-3 | 8-11
+                let b = _mm256_unpackhi_epi16(lo01, lo23); // rows 4-7 | 12-15
+                let c2 = _mm256_unpacklo_epi16(hi01, hi23); // rows 16-19 | 24-27
+                let d = _mm256_unpackhi_epi16(hi01, hi23); // rows 20-23 | 28-31
+                let rows = [
+                    _mm256_permute2x128_si256::<0x20>(a, b),
+                    _mm256_permute2x128_si256::<0x31>(a, b),
+                    _mm256_permute2x128_si256::<0x20>(c2, d),
+                    _mm256_permute2x128_si256::<0x31>(c2, d),
+                ];
+                for (q, r) in rows.into_iter().enumerate() {
+                    let at = (j * TILE + 32 * half + 8 * q) * 4;
+                    debug_assert!(at + 32 <= GROUP_BYTES);
+                    // SAFETY: rows 32·half + 8q .. +8 of column quad j: 32 bytes inside the
+                    // GROUP_BYTES of `out` (j < 8, 32·half + 8q + 8 ≤ 64).
+                    unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(at).cast(), r) };
+                }
+            }
+        }
+    }
+}
+
+/// The instruction that multiplies codes by activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Multiply {
+    /// `maddubs` + `madd` (AVX2).
+    Madd,
+    /// `vpdpbusd` (AVX-512 VNNI with VL).
+    Vnni,
+}
+
+/// The multiply with the best instruction this CPU has.
+pub(super) fn multiply_checked(
+    u: &Unpacked,
+    count: usize,
+    x: &[ActBlock],
+    per_row: usize,
+    a0: usize,
+    acc: &mut Acc,
+) {
+    let choice = if has_vnni() {
+        Multiply::Vnni
+    } else {
+        Multiply::Madd
+    };
+    multiply_with(choice, u, count, x, per_row, a0, acc);
+}
+
+/// [`multiply_madd`] or [`multiply_vnni`] after the checks their reads rely on.
+pub(crate) fn multiply_with(
+    choice: Multiply,
+    u: &Unpacked,
+    count: usize,
+    x: &[ActBlock],
+    per_row: usize,
+    a0: usize,
+    acc: &mut Acc,
+) {
+    let tokens = x.len() / per_row;
+    assert!(count <= CHUNK && a0 + count <= per_row && tokens <= acc.len());
+    assert_eq!(x.len(), tokens * per_row);
+    assert!(Isa::Avx2.is_supported());
+    match choice {
+        Multiply::Vnni => {
+            assert!(has_vnni(), "vpdpbusd needs AVX-512 VNNI and VL");
+            // SAFETY: AVX-512 VNNI and VL, AVX2, FMA and F16C were checked above; indices are
+            // bounded by the assertions.
+            unsafe { multiply_vnni(u, count, x, per_row, a0, tokens, acc) }
+        }
+        // SAFETY: avx2, fma and f16c were checked above; indices as above.
+        Multiply::Madd => unsafe { multiply_madd(u, count, x, per_row, a0, tokens, acc) },
+    }
+}
+
+/// One register tile of `ROW_VECS·8` rows from `r0` and `T` tokens from `n0`: the body shared by
+/// both instruction choices, which differ only in `$dot` (`isum += Σ4 w·x` per 32-bit lane).
+macro_rules! tile_body {
+    ($u:ident, $count:ident, $x:ident, $per_row:ident, $a0:ident, $acc:ident, $r0:ident, $n0:ident, $T:ident, $dot:expr) => {{
+        let mut accf = [[_mm256_setzero_ps(); $T]; ROW_VECS];
+        for (rv, lane) in accf.iter_mut().enumerate() {
+            for (t, a) in lane.iter_mut().enumerate() {
+                // SAFETY: the slice is 8 checked f32s.
+                *a = unsafe { _mm256_loadu_ps($acc[$n0 + t][$r0 + 8 * rv..][..8].as_ptr()) };
+            }
+        }
+        for c in 0..$count {
+            let codes = &$u.codes[c];
+            let blocks: [&ActBlock; $T] =
+                std::array::from_fn(|t| &$x[($n0 + t) * $per_row + $a0 + c]);
+            let mut isum = [[_mm256_setzero_si256(); $T]; ROW_VECS];
+            for j in 0..TABLES_PER_ACT {
+                let w: [__m256i; ROW_VECS] = std::array::from_fn(|rv| {
+                    let at = (j * TILE + $r0 + 8 * rv) * 4;
+                    // SAFETY: rows r0 + 8rv .. +8 ≤ 64 of quad j: inside GROUP_BYTES.
+                    unsafe { _mm256_loadu_si256(codes[at..at + 32].as_ptr().cast()) }
+                });
+                for t in 0..$T {
+                    let q = &blocks[t].q[4 * j..4 * j + 4];
+                    let xq = _mm256_set1_epi32(i32::from_le_bytes([
+                        q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
+                    ]));
+                    for rv in 0..ROW_VECS {
+                        isum[rv][t] = $dot(isum[rv][t], w[rv], xq);
+                    }
+                }
+            }
+            for t in 0..$T {
+                let d = _mm256_set1_ps(blocks[t].d);
+                let dsum = _mm256_set1_ps(blocks[t].d * blocks[t].sum as f32);
+                for rv in 0..ROW_VECS {
+                    let rows = $r0 + 8 * rv;
+                    // SAFETY: both slices are 8 checked f32s.
+                    let (scale, offset) = unsafe {
+                        (
+                            _mm256_loadu_ps($u.scale[c][rows..rows + 8].as_ptr()),
+                            _mm256_loadu_ps($u.offset[c][rows..rows + 8].as_ptr()),
+                        )
+                    };
+                    let a = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[rv][t]),
+                        _mm256_mul_ps(scale, d),
+                        accf[rv][t],
+                    );
+                    accf[rv][t] = _mm256_fmadd_ps(offset, dsum, a);
+                }
+            }
+        }
+        for (rv, lane) in accf.iter().enumerate() {
+            for (t, a) in lane.iter().enumerate() {
+                // SAFETY: the slice is 8 checked f32s.
+                unsafe { _mm256_storeu_ps($acc[$n0 + t][$r0 + 8 * rv..][..8].as_mut_ptr(), *a) };
+            }
+        }
+    }};
+}
+
+/// Generates a multiply over all row tiles and tokens with register tiles of `$T` tokens (and
+/// single tokens at the end), for one instruction choice.
+macro_rules! multiply_fn {
+    ($name:ident, $tile:ident, $features:literal, $T:ident, $dot:expr) => {
+        // The register tile's coordinates travel as arguments so that the body stays one macro.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        fn $tile<const T: usize>(
+            u: &Unpacked,
+            count: usize,
+            x: &[ActBlock],
+            per_row: usize,
+            a0: usize,
+            acc: &mut Acc,
+            r0: usize,
+            n0: usize,
+        ) {
+            tile_body!(u, count, x, per_row, a0, acc, r0, n0, T, $dot)
+        }
+
+        #[target_feature(enable = $features)]
+        fn $name(
+            u: &Unpacked,
+            count: usize,
+            x: &[ActBlock],
+            per_row: usize,
+            a0: usize,
+            tokens: usize,
+            acc: &mut Acc,
+        ) {
+            for r0 in (0..TILE).step_by(8 * ROW_VECS) {
+                let mut n0 = 0;
+                while n0 + $T <= tokens {
+                    $tile::<$T>(u, count, x, per_row, a0, acc, r0, n0);
+                    n0 += $T;
+                }
+                while n0 < tokens {
+                    $tile::<1>(u, count, x, per_row, a0, acc, r0, n0);
+                    n0 += 1;
+                }
+            }
+        }
+    };
+}
+
+#[target_feature(enable = "avx2")]
+fn dot_madd(isum: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    // u8 codes < 64 times int8: each pair sum is at most 2·63·127 in magnitude, inside int16.
+    let pairs = _mm256_maddubs_epi16(w, x);
+    _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dot_vnni(isum: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(isum, w, x)
+}
+
+multiply_fn!(
+    multiply_madd,
+    tile_madd,
+    "avx2,fma,f16c",
+    TOKENS_MADD,
+    dot_madd
+);
+multiply_fn!(
+    multiply_vnni,
+    tile_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    TOKENS_VNNI,
+    dot_vnni
+);

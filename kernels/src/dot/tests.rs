@@ -1,0 +1,317 @@
+//! Tests of the dot GEMM: unpacking and multiply of every ISA (and both x86 instruction choices)
+//! against the scalar reference bit for bit, the whole matmul against an exact f64 product of the
+//! dequantized weights, threads and token blocks against one call, and the forms it refuses.
+
+use super::*;
+use crate::rng::SplitMix64;
+use crate::{
+    Cpu, Grouping, Int8Activations, KernelError, PackedMatrix, PlaneScales, QuantSpec,
+    QuantizedWeights, SuperBlockWeights,
+};
+
+fn unit(rng: &mut SplitMix64) -> f32 {
+    (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Random codes, scales in [0.5, 1.5)/2^bits and offsets around minus half the grid.
+fn random_matrix(
+    rng: &mut SplitMix64,
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    grouping: Grouping,
+    offsets: bool,
+) -> PackedMatrix {
+    let per_row = match grouping {
+        Grouping::Size(g) => cols / g,
+        Grouping::PerRow => 1,
+        Grouping::PerTensor => 0,
+    };
+    let count = if per_row == 0 { 1 } else { rows * per_row };
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| (rng.next_u64() % (1u64 << bits)) as u8)
+        .collect();
+    let top = ((1u32 << bits) - 1) as f32;
+    let scales: Vec<f32> = (0..count).map(|_| (0.5 + unit(rng)) / top).collect();
+    let offs: Vec<f32> = (0..count).map(|_| -0.5 - 0.1 * unit(rng)).collect();
+    let spec = QuantSpec {
+        rows,
+        cols,
+        bits,
+        grouping,
+        plane_scales: PlaneScales::Uniform,
+    };
+    PackedMatrix::pack(&QuantizedWeights {
+        spec,
+        codes: &codes,
+        scales: &scales,
+        offsets: offsets.then_some(&offs[..]),
+    })
+    .unwrap()
+}
+
+/// Activations with a few large values, like a transformer's.
+fn random_acts(rng: &mut SplitMix64, cols: usize, tokens: usize) -> Vec<f32> {
+    (0..cols * tokens)
+        .map(|i| {
+            let v = 2.0 * unit(rng) - 1.0;
+            if i % 37 == 5 {
+                8.0 * v
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn quantize(x: &[f32], cols: usize, tokens: usize) -> Int8Activations {
+    let mut acts = Int8Activations::new(cols);
+    acts.build(&Cpu::with_isa(Isa::Scalar, 1).unwrap(), x, tokens)
+        .unwrap();
+    acts
+}
+
+fn run(cpu: &Cpu, m: &PackedMatrix, acts: &Int8Activations) -> Vec<f32> {
+    let mut out = vec![f32::NAN; acts.tokens() * m.rows()];
+    m.matmul_dot(cpu, acts, &mut out).unwrap();
+    out
+}
+
+/// `Σ_k w·x` in f64 over the dequantized rows and the unquantized activations.
+fn exact(m: &PackedMatrix, x: &[f32], tokens: usize) -> Vec<f64> {
+    let (rows, cols) = (m.rows(), m.cols());
+    let mut w = vec![0.0f32; cols];
+    let mut out = vec![0.0f64; rows * tokens];
+    for r in 0..rows {
+        m.dequantize_row(r, &mut w).unwrap();
+        for n in 0..tokens {
+            out[n * rows + r] = w
+                .iter()
+                .zip(&x[n * cols..(n + 1) * cols])
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+        }
+    }
+    out
+}
+
+/// Error energy relative to signal energy.
+fn nmse(y: &[f32], exact: &[f64]) -> f64 {
+    let err: f64 = y
+        .iter()
+        .zip(exact)
+        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+        .sum();
+    let sig: f64 = exact.iter().map(|b| b * b).sum();
+    err / sig.max(1e-30)
+}
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+#[test]
+fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
+    let mut rng = SplitMix64::new(11);
+    let shapes = [(5, 32), (67, 96), (130, 160), (64, 576)];
+    let forms = [
+        (1, Grouping::Size(32), false),
+        (2, Grouping::Size(64), true),
+        (3, Grouping::PerRow, true),
+        (4, Grouping::Size(32), true),
+        (4, Grouping::PerTensor, false),
+        (5, Grouping::Size(32), true),
+        (6, Grouping::Size(32), false),
+    ];
+    let scalar = Cpu::with_isa(Isa::Scalar, 1).unwrap();
+    for (s, &(rows, cols)) in shapes.iter().enumerate() {
+        for (f, &(bits, grouping, offsets)) in forms.iter().enumerate() {
+            if let Grouping::Size(g) = grouping {
+                if cols % g != 0 {
+                    continue;
+                }
+            }
+            let m = random_matrix(&mut rng, rows, cols, bits, grouping, offsets);
+            assert!(m.has_dot_form());
+            let tokens = [1, 3, 17, 70][(s + f) % 4];
+            let x = random_acts(&mut rng, cols, tokens);
+            let acts = quantize(&x, cols, tokens);
+            let want = run(&scalar, &m, &acts);
+            let error = nmse(&want, &exact(&m, &x, tokens));
+            assert!(
+                error < 2e-4,
+                "{rows}x{cols} {bits}-bit {grouping:?}: nmse {error}"
+            );
+            for isa in Isa::supported() {
+                for threads in [1, 3] {
+                    let cpu = Cpu::with_isa(isa, threads).unwrap();
+                    let got = run(&cpu, &m, &acts);
+                    assert_eq!(
+                        bits_of(&got),
+                        bits_of(&want),
+                        "{isa:?} x{threads}, {rows}x{cols} {bits}-bit {grouping:?}, {tokens} tokens"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn two_level_scales_follow_the_dequantized_weights() {
+    let mut rng = SplitMix64::new(5);
+    let (rows, cols, tokens) = (70, 512, 9);
+    // Q4_K-like (mins) and Q5_K-like groups of 32, and a zero-point form without mins.
+    for (bits, zero_point, mins) in [(4u8, 0u8, true), (5, 0, true), (3, 4, false)] {
+        let groups = cols / 32;
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|_| (rng.next_u64() % (1u64 << bits)) as u8)
+            .collect();
+        let sub_scales: Vec<i8> = (0..rows * groups)
+            .map(|_| (rng.next_u64() % 63) as i8 - if mins { 0 } else { 31 })
+            .collect();
+        let sub_mins: Vec<u8> = (0..rows * groups)
+            .map(|_| (rng.next_u64() % 64) as u8)
+            .collect();
+        let supers = rows * cols / 256;
+        let d: Vec<u16> = (0..supers)
+            .map(|_| half::f16::from_f32(0.001 + 0.01 * unit(&mut rng)).to_bits())
+            .collect();
+        let dmin: Vec<u16> = (0..supers)
+            .map(|_| half::f16::from_f32(0.002 * unit(&mut rng)).to_bits())
+            .collect();
+        let m = PackedMatrix::pack_super_blocks(&SuperBlockWeights {
+            rows,
+            cols,
+            bits,
+            group: 32,
+            zero_point,
+            codes: &codes,
+            sub_scales: &sub_scales,
+            sub_mins: mins.then_some(&sub_mins[..]),
+            d: &d,
+            dmin: mins.then_some(&dmin[..]),
+        })
+        .unwrap();
+        assert!(m.has_dot_form());
+        let x = random_acts(&mut rng, cols, tokens);
+        let acts = quantize(&x, cols, tokens);
+        let want = run(&Cpu::with_isa(Isa::Scalar, 1).unwrap(), &m, &acts);
+        let error = nmse(&want, &exact(&m, &x, tokens));
+        assert!(error < 2e-4, "{bits}-bit two-level: nmse {error}");
+        for isa in Isa::supported() {
+            let got = run(&Cpu::with_isa(isa, 2).unwrap(), &m, &acts);
+            assert_eq!(
+                bits_of(&got),
+                bits_of(&want),
+                "{isa:?} {bits}-bit two-level"
+            );
+        }
+    }
+}
+
+#[test]
+fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2.is_supported() {
+        let mut rng = SplitMix64::new(3);
+        for bits in 1..=6u8 {
+            let cols = 32 * 6;
+            let m = random_matrix(&mut rng, 64, cols, bits, Grouping::Size(32), true);
+            let w = m.view();
+            let tile = w.tile(0);
+            let per_row = cols / ACT;
+            for tokens in [1, 2, 5, 7, 64] {
+                let x = random_acts(&mut rng, cols, tokens);
+                let acts = quantize(&x, cols, tokens);
+                for a0 in [0, 4] {
+                    let count = CHUNK.min(per_row - a0);
+                    let (mut want, mut got) = (Unpacked::new(), Unpacked::new());
+                    unpack_scalar(&tile, a0, count, &mut want);
+                    avx2::unpack_checked(&tile, a0, count, &mut got);
+                    assert_eq!(want.codes, got.codes, "{bits}-bit unpack at {a0}");
+                    unpack_scales(&tile, a0, count, &mut want);
+                    let mut reference: Acc = [[0.5; TILE]; NB];
+                    multiply_scalar(&want, count, acts.blocks(), per_row, a0, &mut reference);
+                    let mut choices = vec![avx2::Multiply::Madd];
+                    if avx2::has_vnni() {
+                        choices.push(avx2::Multiply::Vnni);
+                    }
+                    for choice in choices {
+                        let mut acc: Acc = [[0.5; TILE]; NB];
+                        avx2::multiply_with(
+                            choice,
+                            &want,
+                            count,
+                            acts.blocks(),
+                            per_row,
+                            a0,
+                            &mut acc,
+                        );
+                        for n in 0..tokens {
+                            assert_eq!(
+                                bits_of(&acc[n]),
+                                bits_of(&reference[n]),
+                                "{choice:?} {bits}-bit, {tokens} tokens, token {n}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn many_matrices_in_one_call_equal_one_call_each() {
+    let mut rng = SplitMix64::new(9);
+    let cols = 128;
+    let a = random_matrix(&mut rng, 40, cols, 4, Grouping::Size(32), true);
+    let b = random_matrix(&mut rng, 100, cols, 2, Grouping::Size(64), false);
+    let x = random_acts(&mut rng, cols, 6);
+    let acts = quantize(&x, cols, 6);
+    let cpu = Cpu::new(2).unwrap();
+    let (mut oa, mut ob) = (vec![0.0; 6 * 40], vec![0.0; 6 * 100]);
+    PackedMatrix::matmul_many_dot(&cpu, &acts, &[&a, &b], &mut [&mut oa, &mut ob]).unwrap();
+    assert_eq!(bits_of(&oa), bits_of(&run(&cpu, &a, &acts)));
+    assert_eq!(bits_of(&ob), bits_of(&run(&cpu, &b, &acts)));
+}
+
+#[test]
+fn forms_outside_the_dot_path_and_bad_shapes_are_refused() {
+    let mut rng = SplitMix64::new(1);
+    let cols = 64;
+    let codes = vec![1u8; 8 * cols];
+    let scales = vec![0.5f32; 8 * 2 * 2];
+    let per_plane = PackedMatrix::pack(&QuantizedWeights {
+        spec: QuantSpec {
+            rows: 8,
+            cols,
+            bits: 2,
+            grouping: Grouping::Size(32),
+            plane_scales: PlaneScales::PerPlane,
+        },
+        codes: &codes,
+        scales: &scales,
+        offsets: None,
+    })
+    .unwrap();
+    assert!(!per_plane.has_dot_form());
+    let acts = quantize(&random_acts(&mut rng, cols, 2), cols, 2);
+    let mut out = vec![0.0; 16];
+    assert!(matches!(
+        per_plane.matmul_dot(&Cpu::new(1).unwrap(), &acts, &mut out),
+        Err(KernelError::UnsupportedForm(_))
+    ));
+    let m = random_matrix(&mut rng, 8, cols, 4, Grouping::Size(32), true);
+    let mut short = vec![0.0; 15];
+    assert!(matches!(
+        m.matmul_dot(&Cpu::new(1).unwrap(), &acts, &mut short),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    let wide = quantize(&random_acts(&mut rng, 96, 2), 96, 2);
+    assert!(matches!(
+        m.matmul_dot(&Cpu::new(1).unwrap(), &wide, &mut out),
+        Err(KernelError::ShapeMismatch { .. })
+    ));
+}
