@@ -508,11 +508,10 @@ impl Int8Activations {
         }
         // Quantizing is linear in K and tiny next to the matmul; split by tokens only when many.
         let chunk = per_row.max(1) * tokens.div_ceil(cpu.threads()).max(1);
+        let isa = cpu.isa();
         cpu.for_each_chunk(&mut self.blocks[..count], chunk, |first, part| {
             let src = &x[first * BLOCK..first * BLOCK + part.len() * BLOCK];
-            for (block, xs) in part.iter_mut().zip(src.chunks_exact(BLOCK)) {
-                quantize_block(xs, block);
-            }
+            quantize_blocks(isa, src, part);
         });
         self.tokens = tokens;
         Ok(())
@@ -534,11 +533,27 @@ impl Int8Activations {
     }
 }
 
-/// Q8_0 quantization of one block (scalar on every ISA, so all ISAs see the same codes).
+/// Quantizes `x` (32 values per block) into `blocks` on `isa`; every ISA gives exactly the blocks
+/// of [`quantize_block`].
+fn quantize_blocks(isa: Isa, x: &[f32], blocks: &mut [ActBlock]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::quantize(x, blocks),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::quantize(x, blocks),
+        _ => {
+            for (block, xs) in blocks.iter_mut().zip(x.chunks_exact(BLOCK)) {
+                quantize_block(xs, block);
+            }
+        }
+    }
+}
+
+/// Q8_0 quantization of one block: the reference the SIMD quantizers match bit for bit.
+/// NaN values are left out of `max|x|` and get code 0.
 fn quantize_block(x: &[f32], block: &mut ActBlock) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (d, inv) = block_scale(amax);
     let mut sum = 0i32;
     for (q, &v) in block.q.iter_mut().zip(x) {
         // `as` saturates (and maps NaN to 0), so odd inputs cannot wrap.
@@ -547,6 +562,15 @@ fn quantize_block(x: &[f32], block: &mut ActBlock) {
     }
     block.d = d;
     block.sum = sum;
+}
+
+/// The scale `d = amax / 127` of a block with largest magnitude `amax`, and the factor `1 / d`
+/// (0 when `d` is 0) its values are multiplied by before rounding.
+#[inline(always)]
+fn block_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    (d, inv)
 }
 
 /// Position of block `b` of `row` in the tile-interleaved layout (see [`Int8Matrix`]).

@@ -1,12 +1,15 @@
 //! AVX2 int8 kernel: `maddubs(|w|, sign(x, w))` then `madd` with ones gives the eight exact int32
 //! lane sums of a block; taking |w| (not |x|) keeps a code of −128 exact. IQ4 nibble blocks are
 //! split into their 32 indices and looked up with `shuffle_epi8` as they are loaded.
+//!
+//! The activation quantizer rounds half away from zero exactly (AVX has no such rounding mode):
+//! `t = trunc(s)`, `f = s − t` (exact), `t ± 1` when `|f| ≥ 0.5`.
 
 use std::arch::x86_64::*;
 
 use std::marker::PhantomData;
 
-use super::{ActBlock, BlockScale, Codes, WeightBlock, KVALUES_IQ4NL};
+use super::{block_scale, ActBlock, BlockScale, Codes, WeightBlock, BLOCK, KVALUES_IQ4NL};
 use crate::isa::Isa;
 use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
@@ -127,4 +130,77 @@ pub(crate) fn hsum(v: __m256) -> f32 {
     let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(h, _mm_movehl_ps(h, h));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+/// AVX2 version of `int8::quantize_block` for each block of `blocks`, from 32 values of `x` each.
+pub(super) fn quantize(x: &[f32], blocks: &mut [ActBlock]) {
+    assert!(
+        Isa::Avx2.is_supported(),
+        "AVX2 quantizer called on a CPU without AVX2"
+    );
+    // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above).
+    unsafe { quantize_blocks(x, blocks) }
+}
+
+/// The blocks of [`quantize`].
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_blocks(x: &[f32], blocks: &mut [ActBlock]) {
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let sign = _mm256_set1_ps(-0.0);
+    let one = _mm256_set1_ps(1.0);
+    let half = _mm256_set1_ps(0.5);
+    let (low, high) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    // `packs` interleaves the 128-bit lanes: dwords 0..8 of the packed bytes hold elements
+    // 0..4, 8..12, 16..20, 24..28, 4..8, 12..16, 20..24, 28..32.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (block, xs) in blocks.iter_mut().zip(x.chunks_exact(BLOCK)) {
+        let mut v = [_mm256_setzero_ps(); 4];
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: `xs` is 32 f32, so elements 8i..8i+8 (i < 4) are readable; loadu has no
+            // alignment requirement.
+            *v = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) };
+        }
+        // `max_ps` returns its second operand when either is NaN, so with the running maximum
+        // second NaN values are skipped, as `f32::max` skips them.
+        let mut m = _mm256_setzero_ps();
+        for &v in &v {
+            m = _mm256_max_ps(_mm256_and_ps(v, magnitude), m);
+        }
+        let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        let amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps::<1>(h, h)));
+        let (d, inv) = block_scale(amax);
+        let inv = _mm256_set1_ps(inv);
+        let mut codes = [_mm256_setzero_si256(); 4];
+        for (c, &v) in codes.iter_mut().zip(&v) {
+            let s = _mm256_mul_ps(v, inv);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+            let away =
+                _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_and_ps(_mm256_sub_ps(s, t), magnitude), half);
+            let step = _mm256_and_ps(away, _mm256_or_ps(one, _mm256_and_ps(s, sign)));
+            let r = _mm256_add_ps(t, step);
+            // NaN (only where `s` is NaN) becomes 0 before the clamp, which would turn it into
+            // −127; ±∞ clamp to ±127.
+            let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(s, s));
+            *c = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, low), high));
+        }
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(codes[0], codes[1]),
+            _mm256_packs_epi32(codes[2], codes[3]),
+        );
+        let q = _mm256_permutevar8x32_epi32(packed, order);
+        // SAFETY: `block.q` is 32 writable bytes; storeu has no alignment requirement.
+        unsafe { _mm256_storeu_si256(block.q.as_mut_ptr().cast(), q) };
+        let total = _mm256_add_epi32(
+            _mm256_add_epi32(codes[0], codes[1]),
+            _mm256_add_epi32(codes[2], codes[3]),
+        );
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(total),
+            _mm256_extracti128_si256::<1>(total),
+        );
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        block.sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<1>(s)));
+        block.d = d;
+    }
 }

@@ -1,12 +1,15 @@
 //! NEON int8 kernel: `vmull_s8` products, pairwise-widened to the eight int32 lane sums of a block
 //! (the same grouping as AVX2's `maddubs`+`madd` and as `vdotq_s32`). IQ4 nibble blocks are split
 //! into their 32 indices and looked up with `vqtbl1q_s8` as they are loaded.
+//!
+//! The activation quantizer rounds with `vrndaq_f32` (to nearest, ties away from zero, as
+//! `f32::round`) and converts with `vcvtq_s32_f32`, which maps NaN to 0 as `as` does.
 
 use std::arch::aarch64::*;
 
 use std::marker::PhantomData;
 
-use super::{ActBlock, BlockScale, Codes, WeightBlock, KVALUES_IQ4NL};
+use super::{block_scale, ActBlock, BlockScale, Codes, WeightBlock, BLOCK, KVALUES_IQ4NL};
 use crate::isa::Isa;
 use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
@@ -123,4 +126,56 @@ fn load_codes<C: Codes>(q: &C) -> [int8x16_t; 2] {
 pub(crate) fn hsum(lo: float32x4_t, hi: float32x4_t) -> f32 {
     let h = vaddq_f32(lo, hi);
     vpadds_f32(vadd_f32(vget_low_f32(h), vget_high_f32(h)))
+}
+
+/// NEON version of `int8::quantize_block` for each block of `blocks`, from 32 values of `x` each.
+pub(super) fn quantize(x: &[f32], blocks: &mut [ActBlock]) {
+    assert!(
+        Isa::Neon.is_supported(),
+        "NEON quantizer called on a CPU without NEON"
+    );
+    // SAFETY: the CPU supports NEON (asserted above).
+    unsafe { quantize_blocks(x, blocks) }
+}
+
+/// The blocks of [`quantize`].
+#[target_feature(enable = "neon")]
+fn quantize_blocks(x: &[f32], blocks: &mut [ActBlock]) {
+    let (low, high) = (vdupq_n_f32(-127.0), vdupq_n_f32(127.0));
+    for (block, xs) in blocks.iter_mut().zip(x.chunks_exact(BLOCK)) {
+        let mut v = [vdupq_n_f32(0.0); 8];
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: `xs` is 32 f32, so elements 4i..4i+4 (i < 8) are readable; vld1q has no
+            // alignment requirement.
+            *v = unsafe { vld1q_f32(xs.as_ptr().add(4 * i)) };
+        }
+        // `vmaxnmq` returns the number when one operand is a NaN, as `f32::max` does.
+        let mut m = vdupq_n_f32(0.0);
+        for &v in &v {
+            m = vmaxnmq_f32(m, vabsq_f32(v));
+        }
+        let (d, inv) = block_scale(vmaxnmvq_f32(m));
+        let inv = vdupq_n_f32(inv);
+        let mut codes = [vdupq_n_s32(0); 8];
+        for (c, &v) in codes.iter_mut().zip(&v) {
+            // `vmaxq`/`vminq` keep a NaN, which the conversion turns into 0; ±∞ clamp to ±127.
+            let r = vrndaq_f32(vmulq_f32(v, inv));
+            *c = vcvtq_s32_f32(vminq_f32(vmaxq_f32(r, low), high));
+        }
+        let mut total = vdupq_n_s32(0);
+        for (i, four) in codes.chunks_exact(4).enumerate() {
+            let lo = vcombine_s16(vmovn_s32(four[0]), vmovn_s32(four[1]));
+            let hi = vcombine_s16(vmovn_s32(four[2]), vmovn_s32(four[3]));
+            let q = vcombine_s8(vmovn_s16(lo), vmovn_s16(hi));
+            // SAFETY: `block.q` is 32 writable bytes, so bytes 16i..16i+16 (i < 2) are;
+            // vst1q has no alignment requirement.
+            unsafe { vst1q_s8(block.q.as_mut_ptr().add(16 * i), q) };
+            total = vaddq_s32(
+                total,
+                vaddq_s32(vaddq_s32(four[0], four[1]), vaddq_s32(four[2], four[3])),
+            );
+        }
+        block.sum = vaddvq_s32(total);
+        block.d = d;
+    }
 }

@@ -485,3 +485,152 @@ fn iq4_nibbles_follow_the_ggml_block_layout() {
         Err(KernelError::KNotMultipleOf32(16))
     ));
 }
+
+/// The largest f32 below 0.5: it rounds to 0 where 0.5 rounds to 1.
+const BELOW_HALF: f32 = 0.499_999_97;
+/// The largest f32 below 1.5: it rounds to 1 where 1.5 rounds to 2.
+const BELOW_ONE_AND_HALF: f32 = 1.499_999_9;
+
+/// 32-value blocks that stress the quantizer: exact ties after scaling (max 127 gives `1/d = 1`,
+/// max 254 gives `1/d = 0.5`), values just below a tie, zeros, all-equal blocks, huge and tiny
+/// magnitudes (a scale that underflows to 0, one whose inverse overflows to ∞), NaN and ±∞, and
+/// values near ties of random scales.
+fn awkward_blocks(rng: &mut TestRng) -> Vec<[f32; BLOCK]> {
+    let with = |first: &[f32], rest: &mut dyn FnMut(usize) -> f32| -> [f32; BLOCK] {
+        std::array::from_fn(|i| first.get(i).copied().unwrap_or_else(|| rest(i)))
+    };
+    let ties = [
+        127.0,
+        0.5,
+        -0.5,
+        1.5,
+        -1.5,
+        2.5,
+        -2.5,
+        126.5,
+        -126.5,
+        BELOW_HALF,
+        -BELOW_HALF,
+        BELOW_ONE_AND_HALF,
+        -BELOW_ONE_AND_HALF,
+        0.500_000_06,
+        0.0,
+        -0.0,
+        1e-30,
+        -127.0,
+    ];
+    let mut blocks = vec![
+        with(&ties, &mut |i| i as f32 - 15.5),
+        with(&[254.0], &mut |i| (2 * i) as f32 - 33.0),
+        [0.0; BLOCK],
+        [-0.0; BLOCK],
+        [3.7; BLOCK],
+        [-0.1; BLOCK],
+        with(&[f32::MAX, -f32::MAX, 1e38], &mut |i| i as f32 * 1e36),
+        with(&[f32::from_bits(1)], &mut |i| {
+            if i % 2 == 0 {
+                0.0
+            } else {
+                -0.0
+            }
+        }),
+        with(&[1e-38, -5e-39, 0.0, -0.0, f32::from_bits(1)], &mut |i| {
+            (i as f32 - 16.0) * 1e-40
+        }),
+        with(&[127.0, f32::NAN, -1.0], &mut |_| rng.gaussian()),
+        [f32::NAN; BLOCK],
+        with(&[f32::INFINITY, 1.0, -2.0], &mut |_| rng.gaussian()),
+        with(&[0.0, f32::NEG_INFINITY, f32::NAN], &mut |_| rng.gaussian()),
+    ];
+    let mut last = with(&[], &mut |_| rng.gaussian());
+    last[BLOCK - 1] = f32::NAN;
+    blocks.push(last);
+    for _ in 0..6 {
+        // Values (k + ½)·d for a random d: after scaling by 1/d, ties or just off them.
+        let d = 1e-3 + rng.uniform();
+        let mut block = with(&[127.0 * d], &mut |i| (i as f32 - 16.5) * d);
+        block[1] = -127.0 * d;
+        blocks.push(block);
+    }
+    blocks
+}
+
+/// The scalar reference's blocks for `x`, one per 32 values.
+fn reference_blocks(x: &[f32]) -> Vec<ActBlock> {
+    x.chunks_exact(BLOCK)
+        .map(|xs| {
+            let mut block = ActBlock::default();
+            quantize_block(xs, &mut block);
+            block
+        })
+        .collect()
+}
+
+/// The reference rounds half away from zero, leaves NaN out of the scale and codes it 0, clamps
+/// ±∞ to ±127, and sums its codes.
+#[test]
+fn reference_quantizer_rounds_half_away_from_zero() {
+    let blocks = awkward_blocks(&mut TestRng::new(12));
+    let got = reference_blocks(blocks.as_flattened());
+    for block in &got {
+        let sum: i32 = block.q.iter().map(|&q| i32::from(q)).sum();
+        assert_eq!(block.sum, sum);
+    }
+    let ties = &got[0];
+    assert_eq!(ties.d, 1.0);
+    assert_eq!(
+        ties.q[..18],
+        [127, 1, -1, 2, -2, 3, -3, 127, -127, 0, 0, 1, -1, 1, 0, 0, 0, -127]
+    );
+    assert_eq!(got[1].d, 2.0);
+    assert_eq!(got[1].q[1..5], [-16, -15, -14, -13]);
+    assert_eq!(got[1].q[16..19], [-1, 1, 2]);
+    for zero in &got[2..4] {
+        assert_eq!((zero.q, zero.d, zero.sum), ([0; BLOCK], 0.0, 0));
+    }
+    assert_eq!((got[4].q, got[5].q), ([127; BLOCK], [-127; BLOCK]));
+    assert_eq!(got[6].q[..3], [127, -127, 37]);
+    // max 2^-149: the scale underflows to 0, every code is 0.
+    assert_eq!((got[7].q, got[7].d), ([0; BLOCK], 0.0));
+    // max 1e-38: the scale is subnormal and its inverse ∞, so non-zero values saturate.
+    assert!(got[8].d > 0.0 && 1.0 / got[8].d == f32::INFINITY);
+    assert_eq!(got[8].q[..5], [127, -127, 0, 0, 127]);
+    assert_eq!(got[9].d, 1.0);
+    assert_eq!(got[9].q[..3], [127, 0, -1]);
+    assert_eq!((got[10].q, got[10].d), ([0; BLOCK], 0.0));
+    // An infinite max gives d = ∞ and 1/d = 0: finite values code 0, ∞·0 is NaN and codes 0.
+    for inf in &got[11..13] {
+        assert_eq!((inf.q, inf.d), ([0; BLOCK], f32::INFINITY));
+    }
+    assert_eq!(got[13].q[BLOCK - 1], 0);
+}
+
+/// Every ISA quantizes activations exactly as the scalar reference (codes, scale and code sum),
+/// on the awkward blocks and random ones with outliers, one block per token (K = 32) and 18.
+#[test]
+fn every_isa_quantizes_like_scalar_bit_for_bit() {
+    let mut rng = TestRng::new(11);
+    let awkward = awkward_blocks(&mut rng);
+    let mut values = awkward.as_flattened().to_vec();
+    values.extend(outlier_activations(&mut rng, 576 * 7, 40.0));
+    for (cols, tokens) in [(32, awkward.len()), (32, 1), (576, 1), (576, 8)] {
+        let x = &values[..cols * tokens];
+        let expected = reference_blocks(x);
+        for isa in Isa::supported() {
+            for threads in [1, 3] {
+                let cpu = Cpu::with_isa(isa, threads).unwrap();
+                let mut acts = Int8Activations::new(cols);
+                acts.build(&cpu, x, tokens).unwrap();
+                assert_eq!(acts.blocks().len(), expected.len());
+                for (i, (got, want)) in acts.blocks().iter().zip(&expected).enumerate() {
+                    assert_eq!(
+                        (got.q, got.d.to_bits(), got.sum),
+                        (want.q, want.d.to_bits(), want.sum),
+                        "{isa} K={cols} N={tokens} {threads} threads, block {i} of input {:?}",
+                        &x[i * BLOCK..(i + 1) * BLOCK]
+                    );
+                }
+            }
+        }
+    }
+}
