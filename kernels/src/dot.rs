@@ -8,12 +8,15 @@
 //! 32-bit lane, and multiplies them with Q8_0-style activations ([`Int8Activations`]).
 //!
 //! It takes uniform planes (1 to 6 bits) in weight groups of 32 or more, with f16 scales and
-//! offsets or two-level (super-block) scales; each weight is `s·q + o` for its group's scale `s`
-//! and offset `o` (two-level: `s = d·sc`, `o = −s·z − dmin·m`). Per activation block `a` of 32
-//! columns with scale `d_x`, code sum `Σx` and exact integer dot `Σ q·x`, every ISA computes, for
-//! each row and token, in block order,
-//! `acc = fma(Σq·x, s·d_x, acc); acc = fma(o, d_x·Σx, acc)`,
-//! so all ISAs give the same bits.
+//! offsets or two-level (super-block) scales. Each weight is written `s·(q − c) + o` with `c` the
+//! centre of the code range, `(2^b − 1)/2`, for its group's scale `s` and offset `o = s·c + m`
+//! (two-level: `s = d·sc`, `o = s·(c − z) − dmin·m`): only the centred part multiplies rounded
+//! activations, and the offset multiplies the exact `Σx`, as in the table lookups, which keeps the
+//! rounding error of the activations from growing with the offset. Per activation block of 32
+//! columns with scale `d_x`, code sum `Σq_x`, value sum `Σx` and exact integer dot `Σ q·q_x`,
+//! every ISA computes, for each row and token, in block order,
+//! `acc = fma(Σq·q_x − c·Σq_x, s·d_x, acc); acc = fma(o, Σx, acc)`
+//! (the difference is exact in f32), so all ISAs give the same bits.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -40,6 +43,23 @@ pub(crate) const MAX_BITS: usize = 6;
 /// Bytes of unpacked codes per activation group of a tile: 8 column quads × 64 rows × 4.
 pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
 
+/// Whether `cpu` has a SIMD dot path: only x86 so far; NEON and the scalar reference keep the
+/// table lookups.
+pub(crate) fn available(cpu: &Cpu) -> bool {
+    instruction(cpu).is_some()
+}
+
+/// The instruction the dot path multiplies with on `cpu`, or `None` where it has no SIMD form.
+pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if avx2::has_vnni() => Some("vpdpbusd"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Some("maddubs"),
+        _ => None,
+    }
+}
+
 /// Tasks own whole tiles and blocks of [`NB`] tokens.
 const DOT_SPLIT: Split = Split {
     tile_rows: TILE,
@@ -50,13 +70,14 @@ const DOT_SPLIT: Split = Split {
 /// A chunk of one tile unpacked for the dot kernels.
 ///
 /// `codes[a][j][r][i]` is the code of row `r`, column `32a + 4j + i` of the chunk; `scale[a][r]`
-/// and `offset[a][r]` are the scale and offset of the group holding activation group `a` of row
-/// `r` (0 for padded rows).
+/// and `offset[a][r]` are the scale and the offset of the centred codes of the group holding
+/// activation group `a` of row `r` (0 for padded rows); `centre` is `c`.
 #[repr(C, align(64))]
 pub(crate) struct Unpacked {
     pub codes: [[u8; GROUP_BYTES]; CHUNK],
     pub scale: [[f32; TILE]; CHUNK],
     pub offset: [[f32; TILE]; CHUNK],
+    pub centre: f32,
 }
 
 impl Unpacked {
@@ -65,6 +86,7 @@ impl Unpacked {
             codes: [[0; GROUP_BYTES]; CHUNK],
             scale: [[0.0; TILE]; CHUNK],
             offset: [[0.0; TILE]; CHUNK],
+            centre: 0.0,
         }
     }
 }
@@ -169,6 +191,8 @@ fn kernels(isa: Isa) -> Kernels {
 /// Fills `u.scale[..count]` and `u.offset[..count]` for activation groups `a0..a0 + count`.
 fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     let f = |h: u16| f16::from_bits(h).to_f32();
+    let centre = ((1u32 << v.bits) - 1) as f32 * 0.5;
+    u.centre = centre;
     for c in 0..count {
         let g = (a0 + c) / v.apg;
         let (scale, offset) = (&mut u.scale[c], &mut u.offset[c]);
@@ -184,14 +208,16 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                         .convert_to_f32_slice(offset),
                     None => offset.fill(0.0),
                 }
+                for (o, &s) in offset.iter_mut().zip(scale.iter()) {
+                    *o = s.mul_add(centre, *o);
+                }
             }
             Some(s) => {
                 let sb = g / s.groups_per_super;
-                // `centre` is `(2^b − 1)/2 − z`, exact in f32 for these small integers.
-                let z = ((1u32 << v.bits) - 1) as f32 * 0.5 - s.centre;
+                // `s.centre` is `c − z`.
                 for r in 0..TILE {
                     let d = f(s.d[sb * TILE + r]) * f32::from(s.sub_scales[g * TILE + r]);
-                    let mut o = -(d * z);
+                    let mut o = d * s.centre;
                     if let (Some(dmin), Some(mins)) = (s.dmin, s.sub_mins) {
                         o -= f(dmin[sb * TILE + r]) * f32::from(mins[g * TILE + r]);
                     }
@@ -236,7 +262,7 @@ pub(crate) fn multiply_scalar(
     for (n, row_acc) in acc[..tokens].iter_mut().enumerate() {
         for c in 0..count {
             let xb = &x[n * per_row + a0 + c];
-            let dsum = xb.d * xb.sum as f32;
+            let centred = u.centre * xb.sum as f32;
             for (r, out) in row_acc.iter_mut().enumerate() {
                 let mut dot = 0i32;
                 for j in 0..TABLES_PER_ACT {
@@ -245,8 +271,8 @@ pub(crate) fn multiply_scalar(
                         dot += i32::from(w) * i32::from(x);
                     }
                 }
-                let mut a = (dot as f32).mul_add(u.scale[c][r] * xb.d, *out);
-                a = u.offset[c][r].mul_add(dsum, a);
+                let mut a = (dot as f32 - centred).mul_add(u.scale[c][r] * xb.d, *out);
+                a = u.offset[c][r].mul_add(xb.xsum, a);
                 *out = a;
             }
         }

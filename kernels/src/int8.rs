@@ -170,14 +170,17 @@ pub(crate) struct WeightBlock<S, C = [i8; BLOCK]> {
     pub(crate) q: C,
 }
 
-/// One block of quantized activations: codes, scale and the sum of the codes.
+/// One block of quantized activations: codes, scale, the sum of the codes and of the values.
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C, align(8))]
 pub(crate) struct ActBlock {
     pub(crate) q: [i8; BLOCK],
     pub(crate) d: f32,
-    /// `Σ q`, for weight formats with a per-block offset (the dequantize-then-dot baseline).
+    /// `Σ q`, for weight formats with a per-block offset.
     pub(crate) sum: i32,
+    /// `Σ x` of the unquantized values ([`block_sum`]): the dot path multiplies the offset of
+    /// centred codes by it, so that offsets add no rounding of the activations.
+    pub(crate) xsum: f32,
 }
 
 /// The weight blocks of a matrix, with the narrowest scale type that holds every scale exactly.
@@ -547,6 +550,21 @@ fn quantize_blocks(isa: Isa, x: &[f32], blocks: &mut [ActBlock]) {
             }
         }
     }
+    for (block, xs) in blocks.iter_mut().zip(x.chunks_exact(BLOCK)) {
+        block.xsum = block_sum(xs);
+    }
+}
+
+/// `Σ x` of one block in one order on every ISA: eight lanes of every eighth value, then
+/// [`hsum8`].
+fn block_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for part in x.chunks_exact(8) {
+        for (l, &v) in lanes.iter_mut().zip(part) {
+            *l += v;
+        }
+    }
+    hsum8(lanes)
 }
 
 /// Q8_0 quantization of one block: the reference the SIMD quantizers match bit for bit.

@@ -220,6 +220,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
                     machine_gb_per_sec: machine_bandwidth.get(&t).copied(),
                     peak_rss_bytes: measure::peak_rss_bytes(),
                     cpu: cpu.clone(),
+                    prefill: model.prefill_kernel(),
                     synthetic: matches!(source, ModelSource::Synthetic(_)),
                 });
             }

@@ -38,6 +38,8 @@ pub struct BenchRow {
     pub peak_rss_bytes: Option<u64>,
     /// CPU model name.
     pub cpu: String,
+    /// How batches of tokens were multiplied ([`lutra_runtime::Model::prefill_kernel`]).
+    pub prefill: String,
     /// Weights are random values of the real shapes.
     pub synthetic: bool,
 }
@@ -73,6 +75,9 @@ fn markdown(rows: &[BenchRow]) -> String {
     let isa = rows.first().map_or("unknown", |r| r.isa.as_str());
     let _ = writeln!(out, "CPU: {cpu}");
     let _ = writeln!(out, "ISA: {isa}");
+    if let Some(r) = rows.first() {
+        let _ = writeln!(out, "prefill GEMM: {}", r.prefill);
+    }
     if rows.iter().any(|r| r.synthetic) {
         let _ = writeln!(out, "{SYNTHETIC_NOTE}");
     }
@@ -194,6 +199,7 @@ mod tests {
             machine_gb_per_sec: Some(28.0),
             peak_rss_bytes: Some(300 << 20),
             cpu: "AMD EPYC, 2 cores".into(),
+            prefill: "table lookups".into(),
             synthetic,
         }
     }
@@ -204,6 +210,7 @@ mod tests {
         let md = render(&rows, Format::Md);
         assert!(md.contains("CPU: AMD EPYC, 2 cores"));
         assert!(md.contains("ISA: avx2"));
+        assert!(md.contains("prefill GEMM: table lookups"));
         assert!(md.contains(SYNTHETIC_NOTE));
         let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
         assert_eq!(table.len(), 4, "header, separator and two rows");

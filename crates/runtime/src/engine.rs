@@ -561,6 +561,8 @@ impl Scheduler {
                 let Sequence { cache, active, .. } = s;
                 let r = active.as_ref()?;
                 Some(SequenceBatch {
+                    // Tokens before the sampled ones are the prompt.
+                    prompt: p.start < r.tokens.len() - r.generated,
                     logits: p.end == r.tokens.len(),
                     tokens: &r.tokens[p],
                     cache,

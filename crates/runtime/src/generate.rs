@@ -335,8 +335,12 @@ impl<'m> Generator<'m> {
 
         let prefill = self.stats.generated_tokens == 0;
         let start = Instant::now();
-        self.model
-            .forward(&self.tokens[self.fed..], &mut self.cache, &mut self.logits)?;
+        let (fresh, cache, logits) = (&self.tokens[self.fed..], &mut self.cache, &mut self.logits);
+        if prefill {
+            self.model.forward_prompt(fresh, cache, logits)?;
+        } else {
+            self.model.forward(fresh, cache, logits)?;
+        }
         let forward_secs = start.elapsed().as_secs_f64();
         self.fed = self.tokens.len();
         if prefill {

@@ -402,6 +402,19 @@ impl Linear {
         };
         // A form counts only if the last `prepare` built it from the current vectors.
         match self {
+            Linear::Lut(m) if input.dot > 0 => {
+                let (head, tail) = out.split_at_mut(input.dot * self.rows());
+                match (&input.int8, input.built.int8) {
+                    (Some(acts), true) => m.matmul_dot(cpu, acts, head)?,
+                    _ => return Err(missing("int8 activations")),
+                }
+                if !tail.is_empty() {
+                    match (&input.tables, input.built.tables) {
+                        (Some(tables), true) => m.matmul(cpu, tables, tail)?,
+                        _ => return Err(missing("tables")),
+                    }
+                }
+            }
             Linear::Lut(m) => match (&input.tables, input.built.tables) {
                 (Some(tables), true) => m.matmul(cpu, tables, out)?,
                 _ => return Err(missing("tables")),
@@ -440,7 +453,31 @@ impl Linear {
             .iter()
             .zip(&outs)
             .all(|(m, o)| o.len() == input.tokens * m.rows());
-        if ready && lengths {
+        if ready && lengths && input.dot > 0 {
+            if let (Some(Linear::Lut(first)), Some(acts)) = (mats.first(), &input.int8) {
+                let mut packed = [first; N];
+                if fill_same_kind(&mut packed, &mats, |m| match m {
+                    Linear::Lut(p) => Some(p),
+                    _ => None,
+                }) {
+                    let mut heads = outs.each_mut().map(|o| &mut o[..]);
+                    let mut tails: [&mut [f32]; N] = std::array::from_fn(|_| &mut [][..]);
+                    for (i, o) in heads.iter_mut().enumerate() {
+                        let (h, t) = std::mem::take(o).split_at_mut(input.dot * packed[i].rows());
+                        *o = h;
+                        tails[i] = t;
+                    }
+                    PackedMatrix::matmul_many_dot(cpu, acts, &packed, &mut heads)?;
+                    if input.dot < input.tokens {
+                        if let Some(tables) = &input.tables {
+                            PackedMatrix::matmul_many(cpu, tables, &packed, &mut tails)?;
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        if ready && lengths && input.dot == 0 {
             match (mats.first(), &input.tables, &input.ternary) {
                 (Some(Linear::Lut(first)), Some(tables), _) if input.built.tables => {
                     let mut packed = [first; N];
@@ -546,7 +583,10 @@ impl Forms {
         Forms {
             tables: matches!(m, Linear::Lut(_)),
             ternary: matches!(m, Linear::Ternary(_)),
-            int8: matches!(m, Linear::Int8(_)),
+            int8: match m {
+                Linear::Lut(p) => p.has_dot_form(),
+                other => matches!(other, Linear::Int8(_)),
+            },
         }
     }
 
@@ -584,6 +624,10 @@ pub struct Input {
     ready: bool,
     /// Forms built from the current vectors by the last [`Input::prepare`].
     built: Forms,
+    /// Leading vectors that the last prepare quantized to int8 for the dot path of its LUT
+    /// consumers (their int8 activations hold these, their tables the rest); 0 when every form
+    /// holds every vector.
+    dot: usize,
     values: Vec<f32>,
     tables: Option<ActivationTables>,
     ternary: Option<TernaryTables>,
@@ -642,6 +686,7 @@ impl Input {
             tokens: 0,
             ready: false,
             built: Forms::default(),
+            dot: 0,
             values: vec![0.0; cols * max_batch],
             tables: forms.tables.then(|| ActivationTables::new(cols)),
             ternary: forms.ternary.then(|| TernaryTables::new(cols)),
@@ -667,6 +712,7 @@ impl Input {
         self.tokens = tokens.min(self.max_batch);
         self.ready = false;
         self.built = Forms::default();
+        self.dot = 0;
         self.orders_used = 0;
         &mut self.values[..self.tokens * self.cols]
     }
@@ -679,7 +725,28 @@ impl Input {
     /// Builds what `consumers` read from the current vectors: the tables and int8 activations,
     /// once for all of them, and one gathered copy per distinct column order of the permuted ones.
     pub fn prepare(&mut self, cpu: &Cpu, consumers: &[&Linear]) -> Result<()> {
+        self.prepare_rows(cpu, consumers, 0)
+    }
+
+    /// [`Input::prepare`], with the first `dot_tokens` vectors quantized to int8 for the dot path
+    /// ([`lutra_kernels::PackedMatrix::matmul_dot`]) when every consumer is a LUT matrix with a
+    /// dot form (else as `prepare`); the rest get tables. The caller chooses the rows (whole
+    /// sequences long enough for the dot path to pay, see [`Cpu::prefers_dot`]), so a sequence's
+    /// results do not depend on which other sequences share its batch.
+    pub fn prepare_rows(
+        &mut self,
+        cpu: &Cpu,
+        consumers: &[&Linear],
+        dot_tokens: usize,
+    ) -> Result<()> {
         self.ready = false;
+        let all_dot = consumers
+            .iter()
+            .all(|m| matches!(m, Linear::Lut(p) if p.has_dot_form()));
+        if dot_tokens > 0 && all_dot && !consumers.is_empty() {
+            return self.build_split(cpu, dot_tokens.min(self.tokens));
+        }
+        self.dot = 0;
         let plain = consumers
             .iter()
             .fold(Forms::default(), |f, m| f.union(Forms::of(m)));
@@ -723,6 +790,35 @@ impl Input {
             slot.input.build(cpu, forms)?;
             slot.input.ready = true;
         }
+        self.ready = true;
+        Ok(())
+    }
+
+    /// Int8 activations of the first `dot` vectors and tables of the rest.
+    fn build_split(&mut self, cpu: &Cpu, dot: usize) -> Result<()> {
+        let (n, cols) = (self.tokens, self.cols);
+        let absent = |what: &str| {
+            Error::InvalidOption(format!(
+                "an input of {cols} values was sized without {what}"
+            ))
+        };
+        let (head, tail) = self.values[..n * cols].split_at(dot * cols);
+        let int8 = self
+            .int8
+            .as_mut()
+            .ok_or_else(|| absent("int8 activations"))?;
+        int8.build(cpu, head, dot)?;
+        if dot < n {
+            let tables = self.tables.as_mut().ok_or_else(|| absent("tables"))?;
+            tables.build(cpu, tail, n - dot)?;
+        }
+        self.built = Forms {
+            tables: dot < n,
+            ternary: false,
+            int8: true,
+        };
+        self.dot = dot;
+        self.orders_used = 0;
         self.ready = true;
         Ok(())
     }
@@ -995,6 +1091,63 @@ mod tests {
             let r = Linear::matmul_many(&cpu, &input, [&lut_a, &lut_b], [&mut a, &mut b]);
             assert!(r.is_err());
         }
+    }
+
+    #[test]
+    fn leading_rows_take_the_dot_path_and_the_rest_the_tables() {
+        let lut_a = Linear::from_decoded(&low_bit(70, 96, 4, |s| -0.5 * s), false).unwrap();
+        let lut_b = Linear::from_decoded(&low_bit(5, 96, 4, |s| s), false).unwrap();
+        let ternary = Linear::from_decoded(&low_bit(9, 96, 3, |s| -s), false).unwrap();
+        let (tokens, dot) = (7, 4);
+        let cpu = Cpu::new(2).unwrap();
+        let mut input = Input::for_consumers(96, tokens, [[&lut_a, &lut_b, &ternary]]);
+        let fill = |input: &mut Input, n: usize| {
+            for (i, v) in input.values_mut(n).iter_mut().enumerate() {
+                *v = ((i * 37) % 11) as f32 - 5.0 + 0.01 * i as f32;
+            }
+        };
+        fill(&mut input, tokens);
+        let values = input.values().to_vec();
+        input.prepare_rows(&cpu, &[&lut_a, &lut_b], dot).unwrap();
+        let Linear::Lut(packed) = &lut_a else {
+            unreachable!("a 2-bit tensor is a LUT matrix")
+        };
+        // The first rows equal the dot kernel on their own, the rest the table lookups.
+        let mut acts = Int8Activations::new(96);
+        acts.build(&cpu, &values[..dot * 96], dot).unwrap();
+        let mut tables = ActivationTables::new(96);
+        tables
+            .build(&cpu, &values[dot * 96..], tokens - dot)
+            .unwrap();
+        let mut want = vec![0.0; tokens * 70];
+        let (head, tail) = want.split_at_mut(dot * 70);
+        packed.matmul_dot(&cpu, &acts, head).unwrap();
+        packed.matmul(&cpu, &tables, tail).unwrap();
+        let mut got = vec![f32::NAN; tokens * 70];
+        lut_a.matmul(&cpu, &input, &mut got).unwrap();
+        assert_eq!(got, want);
+        // matmul_many gives the same as one matmul each.
+        let mut b = vec![0.0; tokens * 5];
+        lut_b.matmul(&cpu, &input, &mut b).unwrap();
+        let (mut ga, mut gb) = (vec![f32::NAN; tokens * 70], vec![f32::NAN; tokens * 5]);
+        Linear::matmul_many(&cpu, &input, [&lut_a, &lut_b], [&mut ga, &mut gb]).unwrap();
+        assert_eq!((ga, gb), (want.clone(), b));
+        // All rows on the dot path: no tables are needed.
+        input.prepare_rows(&cpu, &[&lut_a], tokens).unwrap();
+        acts.build(&cpu, &values, tokens).unwrap();
+        let mut all = vec![0.0; tokens * 70];
+        packed.matmul_dot(&cpu, &acts, &mut all).unwrap();
+        lut_a.matmul(&cpu, &input, &mut got).unwrap();
+        assert_eq!(got, all);
+        // A consumer without a dot form keeps every row on its own form.
+        input.prepare_rows(&cpu, &[&lut_a, &ternary], dot).unwrap();
+        tables.build(&cpu, &values, tokens).unwrap();
+        packed.matmul(&cpu, &tables, &mut want).unwrap();
+        lut_a.matmul(&cpu, &input, &mut got).unwrap();
+        assert_eq!(got, want);
+        // Fresh values invalidate the split forms.
+        fill(&mut input, tokens);
+        assert!(lut_a.matmul(&cpu, &input, &mut got).is_err());
     }
 
     #[test]

@@ -401,8 +401,23 @@ impl Model {
 
     /// Appends `tokens` at position `cache.len()` (prefill in batches of up to [`MAX_BATCH`]) and
     /// writes the logits of the last token into `logits` (`vocab_size` values).
+    ///
+    /// Several tokens are taken as a prompt, one as a sampled token: prompts are multiplied on
+    /// the int8 dot path where the CPU has one (faster for batches), sampled tokens on the table
+    /// lookups (faster for one). The two round activations differently, so a token's logits
+    /// depend on which it was; [`Model::forward_prompt`] feeds a one-token prompt as a prompt.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
-        self.run(tokens, cache, logits, false)
+        self.run(tokens, cache, logits, false, tokens.len() > 1)
+    }
+
+    /// [`Model::forward`] of a prompt, whatever its length.
+    pub fn forward_prompt(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        self.run(tokens, cache, logits, false, true)
     }
 
     /// Like [`Model::forward`], but writes the logits of every token: `logits` is
@@ -413,7 +428,7 @@ impl Model {
         cache: &mut KvCache,
         logits: &mut [f32],
     ) -> Result<()> {
-        self.run(tokens, cache, logits, true)
+        self.run(tokens, cache, logits, true, true)
     }
 
     /// Bytes of all weights in memory.
@@ -436,6 +451,11 @@ impl Model {
     /// Kernel ISA.
     pub fn isa(&self) -> Isa {
         self.cpu.isa()
+    }
+
+    /// How this model's matrices multiply batches of tokens (prefill), for reports.
+    pub fn prefill_kernel(&self) -> String {
+        self.cpu.prefill_kernel()
     }
 
     /// Whether every matrix is dense f32 (reference mode).

@@ -176,7 +176,8 @@ macro_rules! tile_body {
             }
             for t in 0..$T {
                 let d = _mm256_set1_ps(blocks[t].d);
-                let dsum = _mm256_set1_ps(blocks[t].d * blocks[t].sum as f32);
+                let centred = _mm256_set1_ps($u.centre * blocks[t].sum as f32);
+                let xsum = _mm256_set1_ps(blocks[t].xsum);
                 for rv in 0..ROW_VECS {
                     let rows = $r0 + 8 * rv;
                     // SAFETY: both slices are 8 checked f32s.
@@ -187,11 +188,11 @@ macro_rules! tile_body {
                         )
                     };
                     let a = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum[rv][t]),
+                        _mm256_sub_ps(_mm256_cvtepi32_ps(isum[rv][t]), centred),
                         _mm256_mul_ps(scale, d),
                         accf[rv][t],
                     );
-                    accf[rv][t] = _mm256_fmadd_ps(offset, dsum, a);
+                    accf[rv][t] = _mm256_fmadd_ps(offset, xsum, a);
                 }
             }
         }

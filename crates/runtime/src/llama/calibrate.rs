@@ -177,6 +177,7 @@ impl Model {
                 .as_mut()
                 .map(|f| &mut **f as &mut dyn FnMut(MatrixInput, &[f32]));
             let mut segs = [Segment {
+                prompt: true,
                 rows: n,
                 pos0: b * MAX_BATCH,
                 cache: &mut runner.cache,

@@ -156,6 +156,10 @@ pub struct SequenceBatch<'a> {
     pub cache: &'a mut KvCache,
     /// Whether to write the logits of the last of `tokens`.
     pub logits: bool,
+    /// Whether `tokens` are (part of) a prompt rather than one sampled token: prompts are
+    /// multiplied on the int8 dot path where the CPU has one, sampled tokens on the table
+    /// lookups (see [`Model::forward`]).
+    pub prompt: bool,
 }
 
 /// One sequence's rows in a block's batch: `rows` residual rows at positions `pos0..`, whose keys
@@ -164,6 +168,8 @@ pub(super) struct Segment<'c> {
     pub(super) rows: usize,
     pub(super) pos0: usize,
     pub(super) cache: &'c mut KvCache,
+    /// Prompt rows, which take the dot path (see [`SequenceBatch::prompt`]).
+    pub(super) prompt: bool,
 }
 
 impl Model {
@@ -204,6 +210,7 @@ impl Model {
         cache: &mut KvCache,
         logits: &mut [f32],
         all_logits: bool,
+        prompt: bool,
     ) -> Result<()> {
         let vocab = self.config.vocab_size;
         self.check_sequence(tokens, cache)?;
@@ -236,6 +243,7 @@ impl Model {
                 rows: n,
                 pos0,
                 cache: &mut *cache,
+                prompt,
             }];
             self.forward_rows(&mut st, batch, &mut segs, wanted, out)
         });
@@ -278,21 +286,35 @@ impl Model {
         for s in seqs.iter_mut() {
             self.check_sequence(s.tokens, s.cache)?;
         }
-        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let mut rows = Vec::with_capacity(wanted);
+        // Prompts go first, so that their rows are one run (`block` multiplies that run on the
+        // dot path); logits stay in the callers' order.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| !seqs[i].prompt);
+        let mut first_row = vec![0; seqs.len()];
         let mut end = 0;
-        for s in seqs.iter() {
-            end += s.tokens.len();
-            if s.logits {
-                rows.push(end - 1);
-            }
+        for &i in &order {
+            first_row[i] = end;
+            end += seqs[i].tokens.len();
         }
-        let mut segs: Vec<Segment<'_>> = seqs
-            .iter_mut()
-            .map(|s| Segment {
-                rows: s.tokens.len(),
-                pos0: s.cache.len(),
-                cache: &mut *s.cache,
+        let tokens: Vec<u32> = order
+            .iter()
+            .flat_map(|&i| seqs[i].tokens.iter().copied())
+            .collect();
+        let rows: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].logits)
+            .map(|i| first_row[i] + seqs[i].tokens.len() - 1)
+            .collect();
+        let mut by_order: Vec<Option<&mut SequenceBatch<'_>>> = seqs.iter_mut().map(Some).collect();
+        let mut segs: Vec<Segment<'_>> = order
+            .iter()
+            .map(|&i| {
+                let s = by_order[i].take().expect("each sequence once");
+                Segment {
+                    rows: s.tokens.len(),
+                    pos0: s.cache.len(),
+                    cache: &mut *s.cache,
+                    prompt: s.prompt,
+                }
             })
             .collect();
         let mut st = self.scratch.take(self);
@@ -302,7 +324,7 @@ impl Model {
     }
 
     /// One batch of rows: `tokens` split into `segs` (one per sequence, in order); writes the
-    /// logits of the rows in `wanted` (indices within the batch, ascending) into `logits`.
+    /// logits of the rows in `wanted` (indices within the batch), in that order, into `logits`.
     fn forward_rows(
         &self,
         st: &mut RunState,
@@ -380,13 +402,20 @@ impl Model {
             c.ffn_size,
         );
         let eps = c.rms_eps;
+        // The leading prompt rows take the dot path where the CPU has one: a sequence's results
+        // depend on whether its tokens are a prompt, not on what else shares the batch.
+        let dot: usize = if cpu.has_dot_path() {
+            segs.iter().take_while(|s| s.prompt).map(|s| s.rows).sum()
+        } else {
+            0
+        };
         let x = &mut st.x[..n * h];
         // Attention: q/k/v share one input (one set of tables, one per column order).
         rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Attention, st.attn_in.values());
         }
-        st.attn_in.prepare(cpu, &layer.qkv())?;
+        st.attn_in.prepare_rows(cpu, &layer.qkv(), dot)?;
         let (q, k, v) = (
             &mut st.q[..n * q_dim],
             &mut st.k[..n * kv_dim],
@@ -445,7 +474,7 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Output, att);
         }
-        st.o_in.prepare(cpu, &[&layer.wo])?;
+        st.o_in.prepare_rows(cpu, &[&layer.wo], dot)?;
         let proj = &mut st.proj[..n * h];
         layer.wo.matmul(cpu, &st.o_in, proj)?;
         if let Some(w) = &layer.attn_post_norm {
@@ -458,7 +487,7 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Ffn, st.ffn_in.values());
         }
-        st.ffn_in.prepare(cpu, &layer.gate_up())?;
+        st.ffn_in.prepare_rows(cpu, &layer.gate_up(), dot)?;
         let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
         Linear::matmul_many(cpu, &st.ffn_in, layer.gate_up(), [&mut *gate, &mut *up])?;
         let hidden = st.down_in.values_mut(n);
@@ -469,7 +498,7 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Down, hidden);
         }
-        st.down_in.prepare(cpu, &[&layer.w_down])?;
+        st.down_in.prepare_rows(cpu, &[&layer.w_down], dot)?;
         layer.w_down.matmul(cpu, &st.down_in, proj)?;
         if let Some(w) = &layer.ffn_post_norm {
             rmsnorm_in_place(cpu, proj, w, eps);

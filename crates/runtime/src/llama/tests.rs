@@ -120,6 +120,11 @@ fn batched_prefill_matches_token_by_token_decode() {
             .unwrap();
         assert_eq!(cache.len(), 70);
         let single = decode_one_by_one(&model, &tokens);
+        // The fast model's 64-token batch takes the int8 dot path (on CPUs that have one) and
+        // its single tokens the table lookups: two roundings of the activations, each about 1%
+        // from the exact logits here (measured 0.8-1.6%) and at most 3.3% from each other over
+        // the 70 tokens. The reference model checks the masking and the cache exactly.
+        let limit = if reference { 1e-4 } else { 0.06 };
         for (t, (b, s)) in batched
             .chunks_exact(vocab)
             .zip(single.chunks_exact(vocab))
@@ -128,7 +133,7 @@ fn batched_prefill_matches_token_by_token_decode() {
             assert!(b.iter().all(|v| v.is_finite()));
             let err = rel_error(b, s);
             assert!(
-                err < 1e-4,
+                err < limit,
                 "reference {reference}, token {t}: rel error {err}"
             );
         }
@@ -1302,7 +1307,10 @@ fn sequences_batched_together_equal_each_alone() {
         let model = synthetic_model(tiny_config(), 4, 32, &opts, 11).unwrap();
         let vocab = model.config().vocab_size;
         let histories = [prompt(9, vocab), prompt(1, vocab), prompt(30, vocab)];
-        let steps: [Vec<u32>; 3] = [vec![5], vec![7, 8, 9, 10, 11, 12], vec![42]];
+        // The middle step is a prompt, multiplied on the dot path where the CPU has one (it then
+        // runs first in the batch), the others single sampled tokens, as `forward` takes them
+        // alone: each must equal its own run alone.
+        let steps: [Vec<u32>; 3] = [vec![5], (7..27).collect(), vec![42]];
         let mut alone = Vec::new();
         let mut caches = Vec::new();
         for (history, step) in histories.iter().zip(&steps) {
@@ -1321,21 +1329,24 @@ fn sequences_batched_together_equal_each_alone() {
                 tokens: &steps[0],
                 cache: c0,
                 logits: true,
+                prompt: false,
             },
             SequenceBatch {
                 tokens: &steps[1],
                 cache: c1,
-                logits: false,
+                logits: true,
+                prompt: true,
             },
             SequenceBatch {
                 tokens: &steps[2],
                 cache: c2,
                 logits: true,
+                prompt: false,
             },
         ];
-        let mut logits = vec![0.0; 2 * vocab];
+        let mut logits = vec![0.0; 3 * vocab];
         model.forward_sequences(&mut seqs, &mut logits).unwrap();
-        for (got, want) in logits.chunks_exact(vocab).zip([&alone[0], &alone[2]]) {
+        for (got, want) in logits.chunks_exact(vocab).zip(&alone) {
             let err = rel_error(got, want);
             assert!(
                 err < 1e-4,
@@ -1343,16 +1354,15 @@ fn sequences_batched_together_equal_each_alone() {
             );
         }
         let lens: Vec<usize> = caches.iter().map(KvCache::len).collect();
-        assert_eq!(lens, [10, 7, 31]);
+        assert_eq!(lens, [10, 21, 31]);
         // The middle sequence's cache now holds its step: its next token matches running alone.
         let mut next = vec![0.0; vocab];
         model.forward(&[3], &mut caches[1], &mut next).unwrap();
         let mut cache = model.new_cache();
         let mut want = vec![0.0; vocab];
-        let mut all: Vec<u32> = histories[1].clone();
-        all.extend(&steps[1]);
-        all.push(3);
-        model.forward(&all, &mut cache, &mut want).unwrap();
+        for part in [&histories[1][..], &steps[1], &[3]] {
+            model.forward(part, &mut cache, &mut want).unwrap();
+        }
         assert!(rel_error(&next, &want) < 1e-4);
     }
 }
@@ -1369,6 +1379,7 @@ fn batched_sequences_are_checked() {
             tokens: &long,
             cache: &mut cache,
             logits: true,
+            prompt: true,
         }],
         &mut logits,
     );
@@ -1378,6 +1389,7 @@ fn batched_sequences_are_checked() {
             tokens: &[1, 2],
             cache: &mut cache,
             logits: false,
+            prompt: true,
         }],
         &mut logits,
     );
@@ -1387,6 +1399,7 @@ fn batched_sequences_are_checked() {
             tokens: &[vocab as u32],
             cache: &mut cache,
             logits: true,
+            prompt: true,
         }],
         &mut logits,
     );
