@@ -12,11 +12,12 @@
 //! centre of the code range, `(2^b − 1)/2`, for its group's scale `s` and offset `o = s·c + m`
 //! (two-level: `s = d·sc`, `o = s·(c − z) − dmin·m`): only the centred part multiplies rounded
 //! activations, and the offset multiplies the exact `Σx`, as in the table lookups, which keeps the
-//! rounding error of the activations from growing with the offset. Per activation block of 32
-//! columns with scale `d_x`, code sum `Σq_x`, value sum `Σx` and exact integer dot `Σ q·q_x`,
-//! every ISA computes, for each row and token, in block order,
-//! `acc = fma(Σq·q_x − c·Σq_x, s·d_x, acc); acc = fma(o, Σx, acc)`
-//! (the difference is exact in f32), so all ISAs give the same bits.
+//! rounding error of the activations from growing with the offset. The codes are unpacked doubled,
+//! so that the centred dot is an integer: per activation block of 32 columns with scale `d_x`,
+//! code sum `Σq_x` and value sum `Σx`, the integer `D = Σ 2q·q_x − (2^b − 1)·Σq_x` (the
+//! accumulator starts at the second term) is exact, and every ISA computes, for each row and
+//! token, in block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, so all ISAs give
+//! the same bits.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -38,7 +39,8 @@ pub(crate) const NB: usize = 64;
 /// Activation groups unpacked at a time: their codes (8 KiB per tile) and the block's activations
 /// stay in L1 while the tokens go over them.
 pub(crate) const CHUNK: usize = 4;
-/// Most bit planes: a `maddubs` pair of 6-bit codes times int8 stays inside int16.
+/// Most bit planes: a `maddubs` pair of doubled 6-bit codes (< 128) times int8 stays inside
+/// int16.
 pub(crate) const MAX_BITS: usize = 6;
 /// Bytes of unpacked codes per activation group of a tile: 8 column quads × 64 rows × 4.
 pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
@@ -69,15 +71,15 @@ const DOT_SPLIT: Split = Split {
 
 /// A chunk of one tile unpacked for the dot kernels.
 ///
-/// `codes[a][j][r][i]` is the code of row `r`, column `32a + 4j + i` of the chunk; `scale[a][r]`
-/// and `offset[a][r]` are the scale and the offset of the centred codes of the group holding
-/// activation group `a` of row `r` (0 for padded rows); `centre` is `c`.
+/// `codes[a][j][r][i]` is twice the code of row `r`, column `32a + 4j + i` of the chunk;
+/// `scale[a][r]` is half the scale and `offset[a][r]` the offset of the centred codes of the group
+/// holding activation group `a` of row `r` (0 for padded rows); `top` is `2^b − 1`.
 #[repr(C, align(64))]
 pub(crate) struct Unpacked {
     pub codes: [[u8; GROUP_BYTES]; CHUNK],
     pub scale: [[f32; TILE]; CHUNK],
     pub offset: [[f32; TILE]; CHUNK],
-    pub centre: f32,
+    pub top: i32,
 }
 
 impl Unpacked {
@@ -86,13 +88,46 @@ impl Unpacked {
             codes: [[0; GROUP_BYTES]; CHUNK],
             scale: [[0.0; TILE]; CHUNK],
             offset: [[0.0; TILE]; CHUNK],
-            centre: 0.0,
+            top: 0,
         }
     }
 }
 
 /// Per-token, per-row accumulators of one tile and token block.
 pub(crate) type Acc = [[f32; TILE]; NB];
+
+/// The activations one unpacked chunk multiplies: a task's tokens `x` (`[token][per_row]`
+/// blocks) and the chunk's `count` activation groups from `a0`.
+#[derive(Clone, Copy)]
+pub(crate) struct Chunk<'a> {
+    pub x: &'a [ActBlock],
+    pub per_row: usize,
+    pub a0: usize,
+    pub count: usize,
+}
+
+impl Chunk<'_> {
+    /// Tokens in `x`.
+    pub fn tokens(&self) -> usize {
+        self.x.len() / self.per_row
+    }
+
+    /// Whether the indices the multiplies use lie in `x` and in accumulators for `capacity`
+    /// tokens.
+    pub fn fits(&self, capacity: usize) -> bool {
+        self.per_row > 0
+            && self.count <= CHUNK
+            && self.a0 + self.count <= self.per_row
+            && self.x.len() == self.tokens() * self.per_row
+            && self.tokens() <= capacity
+    }
+
+    /// Token `n`'s block of the chunk's activation group `c`.
+    #[inline(always)]
+    pub fn block(&self, n: usize, c: usize) -> &ActBlock {
+        &self.x[n * self.per_row + self.a0 + c]
+    }
+}
 
 /// Whether the dot path can multiply a matrix of this form.
 pub(crate) fn supports(w: &Weights<'_>) -> bool {
@@ -137,7 +172,13 @@ pub(crate) fn run<'w>(
                     let count = CHUNK.min(per_row - a0);
                     unpack_scales(&tile, a0, count, &mut unpacked);
                     (isa.unpack)(&tile, a0, count, &mut unpacked);
-                    (isa.multiply)(&unpacked, count, x, per_row, a0, &mut acc);
+                    let chunk = Chunk {
+                        x,
+                        per_row,
+                        a0,
+                        count,
+                    };
+                    (isa.multiply)(&unpacked, chunk, &mut acc);
                 }
                 for (n, row) in acc[..tokens.len()].iter().enumerate() {
                     out.write(tokens.start + n, r0, &row[..TILE.min(out.end() - r0)]);
@@ -170,8 +211,8 @@ fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
 struct Kernels {
     /// Fills `u.codes[..count]` with the codes of activation groups `a0..a0 + count`.
     unpack: fn(&TileView<'_>, usize, usize, &mut Unpacked),
-    /// Adds the chunk's products with the tokens `x` (`[token][per_row]`, chunk at `a0`) to `acc`.
-    multiply: fn(&Unpacked, usize, &[ActBlock], usize, usize, &mut Acc),
+    /// Adds the chunk's products with its tokens' activations to `acc`.
+    multiply: fn(&Unpacked, Chunk<'_>, &mut Acc),
 }
 
 fn kernels(isa: Isa) -> Kernels {
@@ -191,8 +232,8 @@ fn kernels(isa: Isa) -> Kernels {
 /// Fills `u.scale[..count]` and `u.offset[..count]` for activation groups `a0..a0 + count`.
 fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     let f = |h: u16| f16::from_bits(h).to_f32();
-    let centre = ((1u32 << v.bits) - 1) as f32 * 0.5;
-    u.centre = centre;
+    u.top = (1 << v.bits) - 1;
+    let centre = u.top as f32 * 0.5;
     for c in 0..count {
         let g = (a0 + c) / v.apg;
         let (scale, offset) = (&mut u.scale[c], &mut u.offset[c]);
@@ -226,10 +267,12 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                 }
             }
         }
+        // The codes are doubled: halving is exact.
+        scale.iter_mut().for_each(|s| *s *= 0.5);
     }
 }
 
-/// Scalar unpacking: every plane bit of every code, one at a time.
+/// Scalar unpacking: every plane bit of every (doubled) code, one at a time.
 pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     for c in 0..count {
         let codes = &mut u.codes[c];
@@ -240,7 +283,7 @@ pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut U
                 for (b, &byte) in block.iter().enumerate() {
                     for (row, nibble) in [(LO_ROW[b], byte & 0xF), (LO_ROW[b] + 32, byte >> 4)] {
                         for i in 0..4 {
-                            codes[(j * TILE + row) * 4 + i] |= ((nibble >> i) & 1) << p;
+                            codes[(j * TILE + row) * 4 + i] |= ((nibble >> i) & 1) << (p + 1);
                         }
                     }
                 }
@@ -250,28 +293,19 @@ pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut U
 }
 
 /// The reference multiply: exact integer dots, then the two fused steps per block.
-pub(crate) fn multiply_scalar(
-    u: &Unpacked,
-    count: usize,
-    x: &[ActBlock],
-    per_row: usize,
-    a0: usize,
-    acc: &mut Acc,
-) {
-    let tokens = x.len() / per_row;
-    for (n, row_acc) in acc[..tokens].iter_mut().enumerate() {
-        for c in 0..count {
-            let xb = &x[n * per_row + a0 + c];
-            let centred = u.centre * xb.sum as f32;
+pub(crate) fn multiply_scalar(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    for (n, row_acc) in acc[..chunk.tokens()].iter_mut().enumerate() {
+        for c in 0..chunk.count {
+            let xb = chunk.block(n, c);
             for (r, out) in row_acc.iter_mut().enumerate() {
-                let mut dot = 0i32;
+                let mut dot = -u.top * xb.sum;
                 for j in 0..TABLES_PER_ACT {
                     let w = &u.codes[c][(j * TILE + r) * 4..][..4];
                     for (&w, &x) in w.iter().zip(&xb.q[4 * j..4 * j + 4]) {
                         dot += i32::from(w) * i32::from(x);
                     }
                 }
-                let mut a = (dot as f32 - centred).mul_add(u.scale[c][r] * xb.d, *out);
+                let mut a = (dot as f32).mul_add(u.scale[c][r] * xb.d, *out);
                 a = u.offset[c][r].mul_add(xb.xsum, a);
                 *out = a;
             }

@@ -541,19 +541,10 @@ impl PackedMatrix {
         mats: &[&PackedMatrix],
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
-        check_parts(
-            "matmul output",
-            |p| (mats[p].cols(), mats[p].rows()),
-            mats.len(),
-            tables.cols(),
-            tables.tokens(),
-            outs,
-        )?;
         let t = tables.view();
-        for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
-            lut::run(cpu, |p| (mats[p].view(), mats[p].rows()), &t, outs);
-        }
-        Ok(())
+        for_parts(mats, outs, tables.cols(), tables.tokens(), |mats, outs| {
+            lut::run(cpu, |p| (mats[p].view(), mats[p].rows()), &t, outs)
+        })
     }
 
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
@@ -578,23 +569,14 @@ impl PackedMatrix {
         mats: &[&PackedMatrix],
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
-        check_parts(
-            "matmul output",
-            |p| (mats[p].cols(), mats[p].rows()),
-            mats.len(),
-            acts.cols(),
-            acts.tokens(),
-            outs,
-        )?;
         if !mats.iter().all(|m| m.has_dot_form()) {
             return Err(KernelError::UnsupportedForm(
                 "the int8 dot path takes uniform planes of 1 to 6 bits in groups of 32 or more",
             ));
         }
-        for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
-            crate::dot::run(cpu, |p| (mats[p].view(), mats[p].rows()), acts, outs);
-        }
-        Ok(())
+        for_parts(mats, outs, acts.cols(), acts.tokens(), |mats, outs| {
+            crate::dot::run(cpu, |p| (mats[p].view(), mats[p].rows()), acts, outs)
+        })
     }
 
     /// Dequantized row `r` (`w = s·q + m`; super-block forms: `w = (d·sc)·(q − z) − dmin·m`, in
@@ -664,6 +646,30 @@ impl PackedMatrix {
             super_scales: self.super_scales.as_ref().map(SuperScaleBuffers::view),
         }
     }
+}
+
+/// Checks that each `outs[p]` holds `tokens` outputs of `mats[p]` for inputs of `cols` values,
+/// then calls `run` on the matrices and outputs, at most [`MAX_PARTS`] at a time (one dispatch
+/// each).
+fn for_parts(
+    mats: &[&PackedMatrix],
+    outs: &mut [&mut [f32]],
+    cols: usize,
+    tokens: usize,
+    mut run: impl FnMut(&[&PackedMatrix], &mut [&mut [f32]]),
+) -> Result<()> {
+    check_parts(
+        "matmul output",
+        |p| (mats[p].cols(), mats[p].rows()),
+        mats.len(),
+        cols,
+        tokens,
+        outs,
+    )?;
+    for (mats, outs) in mats.chunks(MAX_PARTS).zip(outs.chunks_mut(MAX_PARTS)) {
+        run(mats, outs);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Acc, Unpacked, CHUNK, GROUP_BYTES};
+use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
 use crate::int8::ActBlock;
 use crate::isa::Isa;
 use crate::lut::layout::{PLANE_BYTES, TABLES_PER_ACT, TILE};
@@ -55,7 +55,8 @@ fn unpack(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                             _mm256_srl_epi64(packed, _mm_cvtsi32_si128(at as i32)),
                             one,
                         );
-                        let bit = _mm256_sll_epi64(bit, _mm_cvtsi32_si128(p as i32));
+                        // Bit p of the code is bit p + 1 of the doubled code.
+                        let bit = _mm256_sll_epi64(bit, _mm_cvtsi32_si128(p as i32 + 1));
                         *code = _mm256_or_si256(*code, bit);
                     }
                 }
@@ -100,52 +101,34 @@ pub(crate) enum Multiply {
 }
 
 /// The multiply with the best instruction this CPU has.
-pub(super) fn multiply_checked(
-    u: &Unpacked,
-    count: usize,
-    x: &[ActBlock],
-    per_row: usize,
-    a0: usize,
-    acc: &mut Acc,
-) {
+pub(super) fn multiply_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
     let choice = if has_vnni() {
         Multiply::Vnni
     } else {
         Multiply::Madd
     };
-    multiply_with(choice, u, count, x, per_row, a0, acc);
+    multiply_with(choice, u, chunk, acc);
 }
 
 /// [`multiply_madd`] or [`multiply_vnni`] after the checks their reads rely on.
-pub(crate) fn multiply_with(
-    choice: Multiply,
-    u: &Unpacked,
-    count: usize,
-    x: &[ActBlock],
-    per_row: usize,
-    a0: usize,
-    acc: &mut Acc,
-) {
-    let tokens = x.len() / per_row;
-    assert!(count <= CHUNK && a0 + count <= per_row && tokens <= acc.len());
-    assert_eq!(x.len(), tokens * per_row);
-    assert!(Isa::Avx2.is_supported());
+pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    assert!(chunk.fits(acc.len()) && Isa::Avx2.is_supported());
     match choice {
         Multiply::Vnni => {
             assert!(has_vnni(), "vpdpbusd needs AVX-512 VNNI and VL");
             // SAFETY: AVX-512 VNNI and VL, AVX2, FMA and F16C were checked above; indices are
             // bounded by the assertions.
-            unsafe { multiply_vnni(u, count, x, per_row, a0, tokens, acc) }
+            unsafe { multiply_vnni(u, chunk, acc) }
         }
         // SAFETY: avx2, fma and f16c were checked above; indices as above.
-        Multiply::Madd => unsafe { multiply_madd(u, count, x, per_row, a0, tokens, acc) },
+        Multiply::Madd => unsafe { multiply_madd(u, chunk, acc) },
     }
 }
 
 /// One register tile of `ROW_VECS·8` rows from `r0` and `T` tokens from `n0`: the body shared by
 /// both instruction choices, which differ only in `$dot` (`isum += Σ4 w·x` per 32-bit lane).
 macro_rules! tile_body {
-    ($u:ident, $count:ident, $x:ident, $per_row:ident, $a0:ident, $acc:ident, $r0:ident, $n0:ident, $T:ident, $dot:expr) => {{
+    ($u:ident, $chunk:ident, $acc:ident, $r0:ident, $n0:ident, $T:ident, $dot:expr) => {{
         let mut accf = [[_mm256_setzero_ps(); $T]; ROW_VECS];
         for (rv, lane) in accf.iter_mut().enumerate() {
             for (t, a) in lane.iter_mut().enumerate() {
@@ -153,11 +136,13 @@ macro_rules! tile_body {
                 *a = unsafe { _mm256_loadu_ps($acc[$n0 + t][$r0 + 8 * rv..][..8].as_ptr()) };
             }
         }
-        for c in 0..$count {
+        for c in 0..$chunk.count {
             let codes = &$u.codes[c];
-            let blocks: [&ActBlock; $T] =
-                std::array::from_fn(|t| &$x[($n0 + t) * $per_row + $a0 + c]);
-            let mut isum = [[_mm256_setzero_si256(); $T]; ROW_VECS];
+            let blocks: [&ActBlock; $T] = std::array::from_fn(|t| $chunk.block($n0 + t, c));
+            // Each dot starts at −(2^b − 1)·Σq_x, which centres the doubled codes.
+            let start: [__m256i; $T] =
+                std::array::from_fn(|t| _mm256_set1_epi32(-$u.top * blocks[t].sum));
+            let mut isum = [start; ROW_VECS];
             for j in 0..TABLES_PER_ACT {
                 let w: [__m256i; ROW_VECS] = std::array::from_fn(|rv| {
                     let at = (j * TILE + $r0 + 8 * rv) * 4;
@@ -176,7 +161,6 @@ macro_rules! tile_body {
             }
             for t in 0..$T {
                 let d = _mm256_set1_ps(blocks[t].d);
-                let centred = _mm256_set1_ps($u.centre * blocks[t].sum as f32);
                 let xsum = _mm256_set1_ps(blocks[t].xsum);
                 for rv in 0..ROW_VECS {
                     let rows = $r0 + 8 * rv;
@@ -188,7 +172,7 @@ macro_rules! tile_body {
                         )
                     };
                     let a = _mm256_fmadd_ps(
-                        _mm256_sub_ps(_mm256_cvtepi32_ps(isum[rv][t]), centred),
+                        _mm256_cvtepi32_ps(isum[rv][t]),
                         _mm256_mul_ps(scale, d),
                         accf[rv][t],
                     );
@@ -209,40 +193,28 @@ macro_rules! tile_body {
 /// single tokens at the end), for one instruction choice.
 macro_rules! multiply_fn {
     ($name:ident, $tile:ident, $features:literal, $T:ident, $dot:expr) => {
-        // The register tile's coordinates travel as arguments so that the body stays one macro.
-        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
         fn $tile<const T: usize>(
             u: &Unpacked,
-            count: usize,
-            x: &[ActBlock],
-            per_row: usize,
-            a0: usize,
+            chunk: Chunk<'_>,
             acc: &mut Acc,
             r0: usize,
             n0: usize,
         ) {
-            tile_body!(u, count, x, per_row, a0, acc, r0, n0, T, $dot)
+            tile_body!(u, chunk, acc, r0, n0, T, $dot)
         }
 
         #[target_feature(enable = $features)]
-        fn $name(
-            u: &Unpacked,
-            count: usize,
-            x: &[ActBlock],
-            per_row: usize,
-            a0: usize,
-            tokens: usize,
-            acc: &mut Acc,
-        ) {
+        fn $name(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+            let tokens = chunk.tokens();
             for r0 in (0..TILE).step_by(8 * ROW_VECS) {
                 let mut n0 = 0;
                 while n0 + $T <= tokens {
-                    $tile::<$T>(u, count, x, per_row, a0, acc, r0, n0);
+                    $tile::<$T>(u, chunk, acc, r0, n0);
                     n0 += $T;
                 }
                 while n0 < tokens {
-                    $tile::<1>(u, count, x, per_row, a0, acc, r0, n0);
+                    $tile::<1>(u, chunk, acc, r0, n0);
                     n0 += 1;
                 }
             }
@@ -252,7 +224,8 @@ macro_rules! multiply_fn {
 
 #[target_feature(enable = "avx2")]
 fn dot_madd(isum: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    // u8 codes < 64 times int8: each pair sum is at most 2·63·127 in magnitude, inside int16.
+    // Doubled codes < 128 times int8: each pair sum is at most 2·126·127 in magnitude, inside
+    // int16.
     let pairs = _mm256_maddubs_epi16(w, x);
     _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }

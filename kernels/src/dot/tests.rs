@@ -231,23 +231,21 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
                     avx2::unpack_checked(&tile, a0, count, &mut got);
                     assert_eq!(want.codes, got.codes, "{bits}-bit unpack at {a0}");
                     unpack_scales(&tile, a0, count, &mut want);
+                    let chunk = Chunk {
+                        x: acts.blocks(),
+                        per_row,
+                        a0,
+                        count,
+                    };
                     let mut reference: Acc = [[0.5; TILE]; NB];
-                    multiply_scalar(&want, count, acts.blocks(), per_row, a0, &mut reference);
+                    multiply_scalar(&want, chunk, &mut reference);
                     let mut choices = vec![avx2::Multiply::Madd];
                     if avx2::has_vnni() {
                         choices.push(avx2::Multiply::Vnni);
                     }
                     for choice in choices {
                         let mut acc: Acc = [[0.5; TILE]; NB];
-                        avx2::multiply_with(
-                            choice,
-                            &want,
-                            count,
-                            acts.blocks(),
-                            per_row,
-                            a0,
-                            &mut acc,
-                        );
+                        avx2::multiply_with(choice, &want, chunk, &mut acc);
                         for n in 0..tokens {
                             assert_eq!(
                                 bits_of(&acc[n]),
