@@ -61,21 +61,6 @@ impl Cpu {
         self.threads
     }
 
-    /// Whether this ISA has a SIMD form of the int8 dot path
-    /// ([`crate::PackedMatrix::matmul_dot`]), the faster one for batches of tokens.
-    pub fn has_dot_path(&self) -> bool {
-        crate::dot::available(self)
-    }
-
-    /// How prompts are multiplied, for reports: the dot path's instruction, or the table
-    /// lookups.
-    pub fn prefill_kernel(&self) -> String {
-        match crate::dot::instruction(self) {
-            Some(op) => format!("int8 dot ({op}); sampled tokens: table lookups"),
-            None => "table lookups".to_string(),
-        }
-    }
-
     /// Splits `out` into chunks of `chunk` elements (the last may be shorter) and calls
     /// `work(first_index, chunk)` for each, spread over the worker threads. See [`Cpu`] for
     /// concurrent and nested calls.

@@ -45,12 +45,6 @@ pub(crate) const MAX_BITS: usize = 6;
 /// Bytes of unpacked codes per activation group of a tile: 8 column quads × 64 rows × 4.
 pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
 
-/// Whether `cpu` has a SIMD dot path: only x86 so far; NEON and the scalar reference keep the
-/// table lookups.
-pub(crate) fn available(cpu: &Cpu) -> bool {
-    instruction(cpu).is_some()
-}
-
 /// The instruction the dot path multiplies with on `cpu`, or `None` where it has no SIMD form.
 pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
     match cpu.isa() {
@@ -294,6 +288,7 @@ pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut U
 
 /// The reference multiply: exact integer dots, then the two fused steps per block.
 pub(crate) fn multiply_scalar(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    assert!(chunk.fits(acc.len()), "chunk outside its activations");
     for (n, row_acc) in acc[..chunk.tokens()].iter_mut().enumerate() {
         for c in 0..chunk.count {
             let xb = chunk.block(n, c);

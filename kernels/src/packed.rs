@@ -547,6 +547,13 @@ impl PackedMatrix {
         })
     }
 
+    /// The instruction [`PackedMatrix::matmul_dot`] multiplies with on `cpu` (`vpdpbusd` with
+    /// AVX-512 VNNI, else `maddubs` on AVX2), or `None` where it has no SIMD form (NEON and the
+    /// scalar reference so far), so that batches are faster on the table lookups there.
+    pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
+        crate::dot::instruction(cpu)
+    }
+
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
     /// bits in weight groups of 32 or more (f16 or two-level scales), not per-plane scales or
     /// groups of 16.

@@ -577,17 +577,25 @@ struct Forms {
 }
 
 impl Forms {
-    /// The forms `m` reads from an input; a permuted matrix reads none of them (it reads a
-    /// gathered copy).
+    /// The forms `m` reads from an input outside the dot path; a permuted matrix reads none of
+    /// them (it reads a gathered copy).
     fn of(m: &Linear) -> Forms {
         Forms {
             tables: matches!(m, Linear::Lut(_)),
             ternary: matches!(m, Linear::Ternary(_)),
-            int8: match m {
-                Linear::Lut(p) => p.has_dot_form(),
-                other => matches!(other, Linear::Int8(_)),
-            },
+            int8: matches!(m, Linear::Int8(_)),
         }
+    }
+
+    /// The buffers an input needs for `m`: its forms, and int8 activations for the dot path of
+    /// a LUT matrix that has one ([`Input::prepare_rows`]).
+    fn buffers(m: &Linear) -> Forms {
+        let dot = matches!(m, Linear::Lut(p) if p.has_dot_form());
+        Forms {
+            int8: dot,
+            ..Forms::default()
+        }
+        .union(Forms::of(m))
     }
 
     /// The forms the input gathered for a permuted matrix must hold.
@@ -664,7 +672,7 @@ impl Input {
         for group in groups {
             let group = group.as_ref();
             for m in group {
-                plain = plain.union(Forms::of(m));
+                plain = plain.union(Forms::buffers(m));
                 permuted = permuted.union(Forms::of_permuted(m));
             }
             slots = slots.max(distinct_orders(group));
@@ -730,9 +738,9 @@ impl Input {
 
     /// [`Input::prepare`], with the first `dot_tokens` vectors quantized to int8 for the dot path
     /// ([`lutra_kernels::PackedMatrix::matmul_dot`]) when every consumer is a LUT matrix with a
-    /// dot form (else as `prepare`); the rest get tables. The caller chooses the rows (whole
-    /// sequences long enough for the dot path to pay, see [`Cpu::prefers_dot`]), so a sequence's
-    /// results do not depend on which other sequences share its batch.
+    /// dot form (else as `prepare`); the rest get tables. The caller chooses the rows (the
+    /// prompts of a batch, see [`crate::llama::SequenceBatch::prompt`]), so a sequence's results
+    /// do not depend on which other sequences share its batch.
     pub fn prepare_rows(
         &mut self,
         cpu: &Cpu,

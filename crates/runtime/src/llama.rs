@@ -16,7 +16,7 @@ pub(crate) mod synthetic;
 #[cfg(test)]
 mod tests;
 
-use lutra_kernels::{Cpu, Isa};
+use lutra_kernels::{Cpu, Isa, PackedMatrix};
 
 use crate::chat::ChatTemplate;
 use crate::config::{Architecture, ModelConfig};
@@ -453,9 +453,12 @@ impl Model {
         self.cpu.isa()
     }
 
-    /// How this model's matrices multiply batches of tokens (prefill), for reports.
+    /// How this model's matrices multiply prompts, for reports.
     pub fn prefill_kernel(&self) -> String {
-        self.cpu.prefill_kernel()
+        match PackedMatrix::dot_instruction(&self.cpu) {
+            Some(op) => format!("int8 dot ({op}); sampled tokens: table lookups"),
+            None => "table lookups".to_string(),
+        }
     }
 
     /// Whether every matrix is dense f32 (reference mode).

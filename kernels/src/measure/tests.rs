@@ -15,8 +15,15 @@ fn default_grid_covers_the_issue_list() {
     let cases = default_cases();
     assert_eq!(
         cases.len(),
-        DEFAULT_SHAPES.len() * 9 * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
+        DEFAULT_SHAPES.len() * 11 * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
     );
+    assert!(cases.iter().any(|c| c.kind
+        == KernelKind::Dot {
+            bits: 4,
+            group_size: 128
+        }
+        && (c.rows, c.cols) == (4096, 4096)
+        && c.tokens == 512));
     assert!(cases.iter().any(|c| c.kind == KernelKind::Int8
         && (c.rows, c.cols) == (49152, 576)
         && c.tokens == 512));

@@ -22,7 +22,7 @@
 
 use std::sync::Mutex;
 
-use lutra_kernels::{vector, Cpu};
+use lutra_kernels::{vector, Cpu, PackedMatrix};
 
 use crate::attention::{Attention, AttentionShape};
 use crate::config::{FfnActivation, ModelConfig};
@@ -404,7 +404,7 @@ impl Model {
         let eps = c.rms_eps;
         // The leading prompt rows take the dot path where the CPU has one: a sequence's results
         // depend on whether its tokens are a prompt, not on what else shares the batch.
-        let dot: usize = if cpu.has_dot_path() {
+        let dot: usize = if PackedMatrix::dot_instruction(cpu).is_some() {
             segs.iter().take_while(|s| s.prompt).map(|s| s.rows).sum()
         } else {
             0
