@@ -14,8 +14,8 @@
 //! activations, and the offset multiplies the exact `Σx`, as in the table lookups, which keeps the
 //! rounding error of the activations from growing with the offset. The codes are unpacked doubled,
 //! so that the centred dot is an integer: per activation block of 32 columns with scale `d_x`,
-//! code sum `Σq_x` and value sum `Σx`, the integer `D = Σ 2q·q_x − (2^b − 1)·Σq_x` (the
-//! accumulator starts at the second term) is exact, and every ISA computes, for each row and
+//! code sum `Σq_x` and value sum `Σx`, the integer `D = Σ 2q·q_x − (2^b − 1)·Σq_x` is exact, and
+//! every ISA computes, for each row and
 //! token, in block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, so all ISAs give
 //! the same bits.
 
@@ -244,7 +244,8 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                     None => offset.fill(0.0),
                 }
                 for (o, &s) in offset.iter_mut().zip(scale.iter()) {
-                    *o = s.mul_add(centre, *o);
+                    // Not fused: a plain `mul_add` here is a libm call per element on x86.
+                    *o += s * centre;
                 }
             }
             Some(s) => {
@@ -293,13 +294,14 @@ pub(crate) fn multiply_scalar(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
         for c in 0..chunk.count {
             let xb = chunk.block(n, c);
             for (r, out) in row_acc.iter_mut().enumerate() {
-                let mut dot = -u.top * xb.sum;
+                let mut dot = 0i32;
                 for j in 0..TABLES_PER_ACT {
                     let w = &u.codes[c][(j * TILE + r) * 4..][..4];
                     for (&w, &x) in w.iter().zip(&xb.q[4 * j..4 * j + 4]) {
                         dot += i32::from(w) * i32::from(x);
                     }
                 }
+                dot -= u.top * xb.sum;
                 let mut a = (dot as f32).mul_add(u.scale[c][r] * xb.d, *out);
                 a = u.offset[c][r].mul_add(xb.xsum, a);
                 *out = a;

@@ -558,8 +558,8 @@ fn quantize_blocks(isa: Isa, x: &[f32], blocks: &mut [ActBlock]) {
 /// `Σ x` of one block in one order on every ISA: eight lanes of every eighth value, then
 /// [`hsum8`].
 fn block_sum(x: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    for part in x.chunks_exact(8) {
+    let mut lanes: [f32; 8] = std::array::from_fn(|i| x[i]);
+    for part in x[8..].chunks_exact(8) {
         for (l, &v) in lanes.iter_mut().zip(part) {
             *l += v;
         }

@@ -136,13 +136,11 @@ macro_rules! tile_body {
                 *a = unsafe { _mm256_loadu_ps($acc[$n0 + t][$r0 + 8 * rv..][..8].as_ptr()) };
             }
         }
+        let (x, per_row, a0) = ($chunk.x, $chunk.per_row, $chunk.a0);
         for c in 0..$chunk.count {
             let codes = &$u.codes[c];
-            let blocks: [&ActBlock; $T] = std::array::from_fn(|t| $chunk.block($n0 + t, c));
-            // Each dot starts at −(2^b − 1)·Σq_x, which centres the doubled codes.
-            let start: [__m256i; $T] =
-                std::array::from_fn(|t| _mm256_set1_epi32(-$u.top * blocks[t].sum));
-            let mut isum = [start; ROW_VECS];
+            let blocks: [&ActBlock; $T] = std::array::from_fn(|t| &x[($n0 + t) * per_row + a0 + c]);
+            let mut isum = [[_mm256_setzero_si256(); $T]; ROW_VECS];
             for j in 0..TABLES_PER_ACT {
                 let w: [__m256i; ROW_VECS] = std::array::from_fn(|rv| {
                     let at = (j * TILE + $r0 + 8 * rv) * 4;
@@ -162,6 +160,8 @@ macro_rules! tile_body {
             for t in 0..$T {
                 let d = _mm256_set1_ps(blocks[t].d);
                 let xsum = _mm256_set1_ps(blocks[t].xsum);
+                // (2^b − 1)·Σq_x, which centres the doubled codes.
+                let centre = _mm256_set1_epi32($u.top * blocks[t].sum);
                 for rv in 0..ROW_VECS {
                     let rows = $r0 + 8 * rv;
                     // SAFETY: both slices are 8 checked f32s.
@@ -172,7 +172,7 @@ macro_rules! tile_body {
                         )
                     };
                     let a = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum[rv][t]),
+                        _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[rv][t], centre)),
                         _mm256_mul_ps(scale, d),
                         accf[rv][t],
                     );
