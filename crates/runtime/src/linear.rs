@@ -454,7 +454,8 @@ impl Linear {
             .zip(&outs)
             .all(|(m, o)| o.len() == input.tokens * m.rows());
         if ready && lengths && input.dot > 0 {
-            if let (Some(Linear::Lut(first)), Some(acts)) = (mats.first(), &input.int8) {
+            let acts = input.int8.as_ref().filter(|_| input.built.int8);
+            if let (Some(Linear::Lut(first)), Some(acts)) = (mats.first(), acts) {
                 let mut packed = [first; N];
                 if fill_same_kind(&mut packed, &mats, |m| match m {
                     Linear::Lut(p) => Some(p),
@@ -469,8 +470,15 @@ impl Linear {
                     }
                     PackedMatrix::matmul_many_dot(cpu, acts, &packed, &mut heads)?;
                     if input.dot < input.tokens {
-                        if let Some(tables) = &input.tables {
-                            PackedMatrix::matmul_many(cpu, tables, &packed, &mut tails)?;
+                        match (&input.tables, input.built.tables) {
+                            (Some(tables), true) => {
+                                PackedMatrix::matmul_many(cpu, tables, &packed, &mut tails)?
+                            }
+                            _ => {
+                                return Err(Error::InvalidOption(
+                                    "input was not prepared with tables for its last rows".into(),
+                                ))
+                            }
                         }
                     }
                     return Ok(());
