@@ -61,6 +61,8 @@ mod rng;
 mod storage;
 mod tables;
 mod ternary;
+#[cfg(test)]
+mod test_util;
 mod tiling;
 pub mod vector;
 

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::rng::SplitMix64;
+use crate::test_util::{bits_of, nmse};
 use crate::{
     Cpu, Grouping, Int8Activations, KernelError, PackedMatrix, PlaneScales, QuantSpec,
     QuantizedWeights, SuperBlockWeights,
@@ -93,21 +94,6 @@ fn exact(m: &PackedMatrix, x: &[f32], tokens: usize) -> Vec<f64> {
         }
     }
     out
-}
-
-/// Error energy relative to signal energy.
-fn nmse(y: &[f32], exact: &[f64]) -> f64 {
-    let err: f64 = y
-        .iter()
-        .zip(exact)
-        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
-        .sum();
-    let sig: f64 = exact.iter().map(|b| b * b).sum();
-    err / sig.max(1e-30)
-}
-
-fn bits_of(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 #[test]

@@ -5,6 +5,7 @@
 use half::f16;
 
 use crate::rng::SplitMix64;
+use crate::test_util::{bits_of, nmse};
 use crate::{
     ActivationTables, Cpu, Grouping, Isa, KernelError, PackedMatrix, PlaneScales, QuantSpec,
     QuantizedWeights, SuperBlockWeights, SUPER_BLOCK,
@@ -188,19 +189,6 @@ fn reference(m: &PackedMatrix, x: &[f32], tokens: usize) -> (Vec<f64>, f64) {
         }
     }
     (y, energy)
-}
-
-fn nmse(y: &[f32], exact: &[f64]) -> f64 {
-    let err: f64 = y
-        .iter()
-        .zip(exact)
-        .map(|(&a, &b)| (f64::from(a) - b).powi(2))
-        .sum();
-    err / exact.iter().map(|b| b * b).sum::<f64>().max(1e-30)
-}
-
-fn bits_of(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]
