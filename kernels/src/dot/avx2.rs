@@ -1,5 +1,5 @@
-//! AVX2 unpacking and multiply of the dot GEMM; `vpdpbusd` (AVX-512 VNNI on 256-bit vectors)
-//! where the CPU has it. Same operations in the same order as the scalar reference.
+//! AVX2 unpacking and multiply of the dot GEMM; `vpdpbusd` on 512-bit vectors where the CPU has
+//! AVX-512 VNNI. Same operations in the same order as the scalar reference.
 
 use std::arch::x86_64::*;
 
@@ -9,15 +9,12 @@ use crate::isa::Isa;
 use crate::lut::layout::{PLANE_BYTES, TABLES_PER_ACT, TILE};
 use crate::lut::TileView;
 
-/// Rows (in vectors of 8) and tokens of one register tile.
-const ROW_VECS: usize = 2;
-/// Tokens per register tile with `maddubs` (16 registers) and with `vpdpbusd` (32).
-const TOKENS_MADD: usize = 2;
-const TOKENS_VNNI: usize = 4;
-
-/// Whether the CPU has `vpdpbusd` on 256-bit vectors.
+/// Whether the CPU has `vpdpbusd` on 512-bit vectors.
 pub(crate) fn has_vnni() -> bool {
-    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 /// [`unpack`] after the checks its reads rely on.
@@ -94,9 +91,9 @@ fn unpack(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
 /// The instruction that multiplies codes by activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Multiply {
-    /// `maddubs` + `madd` (AVX2).
+    /// `maddubs` + `madd` on 256-bit vectors (AVX2).
     Madd,
-    /// `vpdpbusd` (AVX-512 VNNI with VL).
+    /// `vpdpbusd` on 512-bit vectors (AVX-512 VNNI).
     Vnni,
 }
 
@@ -115,8 +112,8 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
     assert!(chunk.fits(acc.len()) && Isa::Avx2.is_supported());
     match choice {
         Multiply::Vnni => {
-            assert!(has_vnni(), "vpdpbusd needs AVX-512 VNNI and VL");
-            // SAFETY: AVX-512 VNNI and VL, AVX2, FMA and F16C were checked above; indices are
+            assert!(has_vnni(), "vpdpbusd needs AVX-512 F, BW and VNNI");
+            // SAFETY: AVX-512 F, BW and VNNI, AVX2, FMA and F16C were checked above; indices are
             // bounded by the assertions.
             unsafe { multiply_vnni(u, chunk, acc) }
         }
@@ -125,96 +122,82 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
     }
 }
 
-/// One register tile of `ROW_VECS·8` rows from `r0` and `T` tokens from `n0`: the body shared by
-/// both instruction choices, which differ only in `$dot` (`isum += Σ4 w·x` per 32-bit lane).
-macro_rules! tile_body {
-    ($u:ident, $chunk:ident, $acc:ident, $r0:ident, $n0:ident, $T:ident, $dot:expr) => {{
-        let mut accf = [[_mm256_setzero_ps(); $T]; ROW_VECS];
-        for (rv, lane) in accf.iter_mut().enumerate() {
-            for (t, a) in lane.iter_mut().enumerate() {
-                // SAFETY: the slice is 8 checked f32s.
-                *a = unsafe { _mm256_loadu_ps($acc[$n0 + t][$r0 + 8 * rv..][..8].as_ptr()) };
-            }
-        }
-        let (x, per_row, a0) = ($chunk.x, $chunk.per_row, $chunk.a0);
-        for c in 0..$chunk.count {
-            let codes = &$u.codes[c];
-            let blocks: [&ActBlock; $T] = std::array::from_fn(|t| &x[($n0 + t) * per_row + a0 + c]);
-            let mut isum = [[_mm256_setzero_si256(); $T]; ROW_VECS];
-            for j in 0..TABLES_PER_ACT {
-                let w: [__m256i; ROW_VECS] = std::array::from_fn(|rv| {
-                    let at = (j * TILE + $r0 + 8 * rv) * 4;
-                    // SAFETY: rows r0 + 8rv .. +8 ≤ 64 of quad j: inside GROUP_BYTES.
-                    unsafe { _mm256_loadu_si256(codes[at..at + 32].as_ptr().cast()) }
-                });
-                for t in 0..$T {
-                    let q = &blocks[t].q[4 * j..4 * j + 4];
-                    let xq = _mm256_set1_epi32(i32::from_le_bytes([
-                        q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
-                    ]));
-                    for rv in 0..ROW_VECS {
-                        isum[rv][t] = $dot(isum[rv][t], w[rv], xq);
-                    }
-                }
-            }
-            for t in 0..$T {
-                let d = _mm256_set1_ps(blocks[t].d);
-                let xsum = _mm256_set1_ps(blocks[t].xsum);
-                // (2^b − 1)·Σq_x, which centres the doubled codes.
-                let centre = _mm256_set1_epi32($u.top * blocks[t].sum);
-                for rv in 0..ROW_VECS {
-                    let rows = $r0 + 8 * rv;
-                    // SAFETY: both slices are 8 checked f32s.
-                    let (scale, offset) = unsafe {
-                        (
-                            _mm256_loadu_ps($u.scale[c][rows..rows + 8].as_ptr()),
-                            _mm256_loadu_ps($u.offset[c][rows..rows + 8].as_ptr()),
-                        )
-                    };
-                    let a = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[rv][t], centre)),
-                        _mm256_mul_ps(scale, d),
-                        accf[rv][t],
-                    );
-                    accf[rv][t] = _mm256_fmadd_ps(offset, xsum, a);
-                }
-            }
-        }
-        for (rv, lane) in accf.iter().enumerate() {
-            for (t, a) in lane.iter().enumerate() {
-                // SAFETY: the slice is 8 checked f32s.
-                unsafe { _mm256_storeu_ps($acc[$n0 + t][$r0 + 8 * rv..][..8].as_mut_ptr(), *a) };
-            }
-        }
-    }};
-}
-
-/// Generates a multiply over all row tiles and tokens with register tiles of `$T` tokens (and
-/// single tokens at the end), for one instruction choice.
+/// Generates, for one vector width and instruction, a register tile of `RV` vectors of `$L` rows
+/// and `T` tokens (`$tile`), and a multiply over all rows and tokens of a chunk (`$name`) with
+/// register tiles of `$RV × $T` (single tokens at the end). `$v` names the width's operations
+/// (module-like: `$v::dot` is `isum += Σ4 w·x` per 32-bit lane).
 macro_rules! multiply_fn {
-    ($name:ident, $tile:ident, $features:literal, $T:ident, $dot:expr) => {
+    ($name:ident, $tile:ident, $features:literal, $RV:literal, $T:literal, $v:ident) => {
         #[target_feature(enable = $features)]
-        fn $tile<const T: usize>(
+        fn $tile<const RV: usize, const T: usize>(
             u: &Unpacked,
             chunk: Chunk<'_>,
             acc: &mut Acc,
             r0: usize,
             n0: usize,
         ) {
-            tile_body!(u, chunk, acc, r0, n0, T, $dot)
+            const L: usize = $v::L;
+            let mut accf = [[$v::zero_ps(); T]; RV];
+            for (rv, lane) in accf.iter_mut().enumerate() {
+                for (t, a) in lane.iter_mut().enumerate() {
+                    *a = $v::load_ps(&acc[n0 + t][r0 + L * rv..][..L]);
+                }
+            }
+            let (x, per_row, a0) = (chunk.x, chunk.per_row, chunk.a0);
+            for c in 0..chunk.count {
+                let codes = &u.codes[c];
+                let blocks: [&ActBlock; T] =
+                    std::array::from_fn(|t| &x[(n0 + t) * per_row + a0 + c]);
+                // The sums start at −(2^b − 1)·Σq_x, which centres the doubled codes.
+                let start: [_; T] = std::array::from_fn(|t| $v::set1_epi32(-u.top * blocks[t].sum));
+                let mut isum = [start; RV];
+                for j in 0..TABLES_PER_ACT {
+                    let w: [_; RV] = std::array::from_fn(|rv| {
+                        let at = (j * TILE + r0 + L * rv) * 4;
+                        $v::load_codes(&codes[at..at + 4 * L])
+                    });
+                    for t in 0..T {
+                        let q = &blocks[t].q[4 * j..4 * j + 4];
+                        let xq = $v::set1_epi32(i32::from_le_bytes([
+                            q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
+                        ]));
+                        for rv in 0..RV {
+                            isum[rv][t] = $v::dot(isum[rv][t], w[rv], xq);
+                        }
+                    }
+                }
+                for rv in 0..RV {
+                    let rows = r0 + L * rv..r0 + L * rv + L;
+                    let scale = $v::load_ps(&u.scale[c][rows.clone()]);
+                    let offset = $v::load_ps(&u.offset[c][rows]);
+                    for t in 0..T {
+                        let a = $v::fmadd_ps(
+                            $v::cvt(isum[rv][t]),
+                            $v::mul_ps(scale, $v::set1_ps(blocks[t].d)),
+                            accf[rv][t],
+                        );
+                        accf[rv][t] = $v::fmadd_ps(offset, $v::set1_ps(blocks[t].xsum), a);
+                    }
+                }
+            }
+            for (rv, lane) in accf.iter().enumerate() {
+                for (t, a) in lane.iter().enumerate() {
+                    $v::store_ps(&mut acc[n0 + t][r0 + L * rv..][..L], *a);
+                }
+            }
         }
 
         #[target_feature(enable = $features)]
         fn $name(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
             let tokens = chunk.tokens();
-            for r0 in (0..TILE).step_by(8 * ROW_VECS) {
+            for r0 in (0..TILE).step_by($v::L * $RV) {
                 let mut n0 = 0;
                 while n0 + $T <= tokens {
-                    $tile::<$T>(u, chunk, acc, r0, n0);
+                    $tile::<$RV, $T>(u, chunk, acc, r0, n0);
                     n0 += $T;
                 }
                 while n0 < tokens {
-                    $tile::<1>(u, chunk, acc, r0, n0);
+                    $tile::<$RV, 1>(u, chunk, acc, r0, n0);
                     n0 += 1;
                 }
             }
@@ -222,30 +205,124 @@ macro_rules! multiply_fn {
     };
 }
 
-#[target_feature(enable = "avx2")]
-fn dot_madd(isum: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    // Doubled codes < 128 times int8: each pair sum is at most 2·126·127 in magnitude, inside
-    // int16.
-    let pairs = _mm256_maddubs_epi16(w, x);
-    _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+/// Generates a width's operations for [`multiply_fn`]: `#[inline(always)]` wrappers that only run
+/// inlined into the multiply of the same width, whose target features include `$features`.
+macro_rules! vector_ops {
+    ($v:ident, $L:literal, $I:ty, $F:ty, $features:literal,
+     $zero:ident, $loadu_ps:ident, $storeu_ps:ident, $loadu_si:ident, $set1_epi32:ident,
+     $set1_ps:ident, $cvt:ident, $mul:ident, $fmadd:ident, $dot:expr) => {
+        mod $v {
+            use std::arch::x86_64::*;
+
+            /// Rows per vector.
+            pub const L: usize = $L;
+
+            #[inline(always)]
+            pub fn zero_ps() -> $F {
+                // SAFETY: only called inlined into functions with `$features` enabled.
+                unsafe { $zero() }
+            }
+            #[inline(always)]
+            pub fn load_ps(s: &[f32]) -> $F {
+                assert!(s.len() >= L);
+                // SAFETY: L f32s checked above; features as in `zero_ps`.
+                unsafe { $loadu_ps(s.as_ptr()) }
+            }
+            #[inline(always)]
+            pub fn store_ps(s: &mut [f32], v: $F) {
+                assert!(s.len() >= L);
+                // SAFETY: L f32s checked above; features as in `zero_ps`.
+                unsafe { $storeu_ps(s.as_mut_ptr(), v) }
+            }
+            #[inline(always)]
+            pub fn load_codes(s: &[u8]) -> $I {
+                assert!(s.len() >= 4 * L);
+                // SAFETY: 4L bytes checked above; features as in `zero_ps`.
+                unsafe { $loadu_si(s.as_ptr().cast()) }
+            }
+            #[inline(always)]
+            pub fn set1_epi32(x: i32) -> $I {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $set1_epi32(x) }
+            }
+            #[inline(always)]
+            pub fn set1_ps(x: f32) -> $F {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $set1_ps(x) }
+            }
+            #[inline(always)]
+            pub fn cvt(x: $I) -> $F {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $cvt(x) }
+            }
+            #[inline(always)]
+            pub fn mul_ps(a: $F, b: $F) -> $F {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $mul(a, b) }
+            }
+            #[inline(always)]
+            pub fn fmadd_ps(a: $F, b: $F, c: $F) -> $F {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $fmadd(a, b, c) }
+            }
+            #[inline(always)]
+            pub fn dot(isum: $I, w: $I, x: $I) -> $I {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $dot(isum, w, x) }
+            }
+        }
+    };
 }
 
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-fn dot_vnni(isum: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(isum, w, x)
-}
-
-multiply_fn!(
-    multiply_madd,
-    tile_madd,
+vector_ops!(
+    ymm,
+    8,
+    __m256i,
+    __m256,
     "avx2,fma,f16c",
-    TOKENS_MADD,
-    dot_madd
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_loadu_si256,
+    _mm256_set1_epi32,
+    _mm256_set1_ps,
+    _mm256_cvtepi32_ps,
+    _mm256_mul_ps,
+    _mm256_fmadd_ps,
+    |isum: __m256i, w: __m256i, x: __m256i| {
+        // Doubled codes < 128 times int8: each pair sum is at most 2·126·127 in magnitude,
+        // inside int16.
+        let pairs = _mm256_maddubs_epi16(w, x);
+        _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
 );
+vector_ops!(
+    zmm,
+    16,
+    __m512i,
+    __m512,
+    "avx512f,avx512bw,avx512vnni",
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_loadu_si512,
+    _mm512_set1_epi32,
+    _mm512_set1_ps,
+    _mm512_cvtepi32_ps,
+    _mm512_mul_ps,
+    _mm512_fmadd_ps,
+    _mm512_dpbusd_epi32
+);
+
+// 16 registers: 2 vectors × 2 tokens of sums and of accumulators.
+multiply_fn!(multiply_madd, tile_madd, "avx2,fma,f16c", 2, 2, ymm);
+// 32 registers: the whole 64-row tile (4 vectors) × 2 tokens, measured the fastest of 1–4 vectors
+// × 2–8 tokens.
 multiply_fn!(
     multiply_vnni,
     tile_vnni,
-    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-    TOKENS_VNNI,
-    dot_vnni
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    4,
+    2,
+    zmm
 );
