@@ -35,7 +35,7 @@ mod avx2;
 mod tests;
 
 /// Tokens per task block: the codes of a tile are unpacked once per block of this many tokens.
-pub(crate) const NB: usize = 64;
+pub(crate) const NB: usize = 256;
 /// Activation groups unpacked at a time: their codes (8 KiB per tile) and the block's activations
 /// stay in L1 while the tokens go over them.
 pub(crate) const CHUNK: usize = 4;

@@ -30,10 +30,10 @@ pub use forward::SequenceBatch;
 use forward::{RunState, ScratchPool};
 pub use hf::HF_DEFAULT_REQUANTIZE;
 
-/// Largest number of tokens pushed through the matrices at once during prefill: enough for the
-/// mpGEMM kernels to reuse each weight block many times, small enough for the scratch to stay in
-/// cache.
-pub const MAX_BATCH: usize = 64;
+/// Largest number of tokens pushed through the matrices at once during prefill (llama.cpp's
+/// default micro-batch): each weight tile is read, and on the dot path unpacked, once per
+/// [`lutra_kernels`] token block of such a batch rather than once per few dozen tokens.
+pub const MAX_BATCH: usize = 512;
 
 /// How to load a model.
 #[derive(Clone, Debug, PartialEq)]
