@@ -2,7 +2,7 @@
 //! (attention scores and value sums): `dot` and `axpy`, their many-row forms `dot_rows` and
 //! `weighted_row_sum`, and their many-query forms `dot_matrix` and `weighted_row_sums` (a batch of
 //! queries against one block of keys and values, register-blocked); the softmax steps
-//! `scale_max` and `exp_sum`; and `widen_f16` for caches stored as f16, all on the [`Cpu`]'s ISA.
+//! `scale_max` and `exp_sum`; SwiGLU's `silu_mul`; and `widen_f16` for caches stored as f16, all on the [`Cpu`]'s ISA.
 //!
 //! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, mul then add), sums the lanes
 //! in order and adds the tail last; the SIMD paths perform exactly these operations, so every ISA
@@ -212,6 +212,29 @@ pub fn exp_sum(cpu: &Cpu, x: &mut [f32], shift: f32) -> f32 {
     }
 }
 
+/// `out[i] = gate[i] / (1 + e^(−gate[i])) · up[i]`: SiLU of the gate times the up projection
+/// (SwiGLU), with the polynomial [`exp`] (accurate on the whole f32 range it is clamped to, either
+/// sign). Every ISA gives the bits of the scalar form. Panics if the lengths differ (a caller bug).
+pub fn silu_mul(cpu: &Cpu, out: &mut [f32], gate: &[f32], up: &[f32]) {
+    assert!(
+        gate.len() == out.len() && up.len() == out.len(),
+        "silu_mul of slices of different lengths"
+    );
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a Cpu holds Isa::Avx2 only when avx2+fma were detected; the lengths are equal.
+        Isa::Avx2 => unsafe { avx2::silu_mul(out, gate, up) },
+        _ => scalar_silu_mul(out, gate, up),
+    }
+}
+
+/// The reference `silu_mul`.
+pub(crate) fn scalar_silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+
 /// The reference `scale_max`: eight interleaved maxima, then the tail.
 pub(crate) fn scalar_scale_max(x: &mut [f32], scale: f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
@@ -265,8 +288,8 @@ mod exp_consts {
     pub const HI: f32 = 88.0;
 }
 
-/// `e^x` for `x ≤ 0` (softmax weights), within 2 units in the last place of f32 for
-/// `x ≥ −87`; below that it returns about `1.6e-38` instead of a smaller number or 0, which
+/// `e^x` within 2 units in the last place of f32 for `−87 ≤ x ≤ 88` (softmax weights, SiLU);
+/// below that it returns about `1.6e-38` instead of a smaller number or 0, which
 /// is nothing next to the weight 1 of the maximum.
 ///
 /// `e^x = 2^n · e^r` with `n` the integer nearest `x / ln 2` and `|r| ≤ ln 2 / 2` (ln 2 split in two

@@ -223,3 +223,28 @@ fn exp_is_within_two_ulps_and_sums_like_a_plain_loop() {
         assert!((x[3] as f64 - (-1.61f64).exp()).abs() < 1e-6);
     }
 }
+
+#[test]
+fn silu_mul_gives_the_scalar_bits_on_every_isa_and_follows_libm() {
+    for n in [0, 1, 7, 8, 9, 67, 200] {
+        // Gates over the whole clamped range of exp and beyond, on both sides of 0.
+        let gate: Vec<f32> = random(n, 5 + n as u64).iter().map(|v| v * 120.0).collect();
+        let up = random(n, 11 + n as u64);
+        let mut want = vec![0.0; n];
+        scalar_silu_mul(&mut want, &gate, &up);
+        for (i, ((&w, &g), &u)) in want.iter().zip(&gate).zip(&up).enumerate() {
+            let exact = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
+            assert!(
+                (w as f64 - exact).abs() <= 1e-6 * exact.abs() + 1e-30,
+                "n={n} [{i}]: silu({g})·{u} = {w}, exact {exact}"
+            );
+        }
+        for isa in Isa::supported() {
+            let cpu = Cpu::with_isa(isa, 1).unwrap();
+            let mut got = vec![f32::NAN; n];
+            silu_mul(&cpu, &mut got, &gate, &up);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{isa:?} silu_mul n={n}");
+        }
+    }
+}

@@ -560,7 +560,7 @@ pub(crate) fn glu(cpu: &Cpu, act: FfnActivation, out: &mut [f32], gate: &[f32], 
     cpu.for_each_chunk(out, chunk, |start, out| {
         let (gate, up) = (&gate[start..][..out.len()], &up[start..][..out.len()]);
         match act {
-            FfnActivation::Silu => swiglu(out, gate, up),
+            FfnActivation::Silu => vector::silu_mul(cpu, out, gate, up),
             FfnActivation::ReluSquared => relu_squared_glu(out, gate, up),
             FfnActivation::GeluTanh => gelu_tanh_glu(out, gate, up),
         }
@@ -588,13 +588,6 @@ pub(crate) fn relu_squared_glu(out: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         let r = g.max(0.0);
         *o = r * r * u;
-    }
-}
-
-/// `out = SiLU(gate) · up`, elementwise.
-pub(crate) fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
     }
 }
 
@@ -636,22 +629,13 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_matches_definition() {
-        let mut out = [0.0; 3];
-        swiglu(&mut out, &[0.0, 2.0, -30.0], &[5.0, 3.0, 1.0]);
-        assert_eq!(out[0], 0.0);
-        assert!((out[1] - 2.0 / (1.0 + (-2.0f32).exp()) * 3.0).abs() < 1e-6);
-        assert!(out[2].abs() < 1e-9);
-    }
-
-    #[test]
-    fn relu_squared_glu_matches_definition_and_differs_from_swiglu() {
+    fn relu_squared_glu_matches_definition_and_differs_from_silu() {
         let (gate, up) = ([-2.0, 0.0, 0.5, 3.0], [7.0, 7.0, 2.0, -1.0]);
         let mut out = [1.0; 4];
         relu_squared_glu(&mut out, &gate, &up);
         assert_eq!(out, [0.0, 0.0, 0.5, -9.0]);
         let mut silu = [0.0; 4];
-        swiglu(&mut silu, &gate, &up);
+        vector::silu_mul(&scalar(), &mut silu, &gate, &up);
         // SiLU lets negative gates through and does not square: a mix-up would show.
         assert!(silu[0] < -0.5 && (silu[3] - out[3]).abs() > 5.0);
     }
@@ -672,7 +656,7 @@ mod tests {
         ] {
             let mut want = vec![0.0; len];
             match act {
-                FfnActivation::Silu => swiglu(&mut want, &gate, &up),
+                FfnActivation::Silu => vector::silu_mul(&scalar(), &mut want, &gate, &up),
                 FfnActivation::ReluSquared => relu_squared_glu(&mut want, &gate, &up),
                 FfnActivation::GeluTanh => gelu_tanh_glu(&mut want, &gate, &up),
             }
