@@ -2,7 +2,7 @@
 //! (attention scores and value sums): `dot` and `axpy`, their many-row forms `dot_rows` and
 //! `weighted_row_sum`, and their many-query forms `dot_matrix` and `weighted_row_sums` (a batch of
 //! queries against one block of keys and values, register-blocked); the softmax steps
-//! `scale_max` and `exp_sum`; SwiGLU's `silu_mul`; and `widen_f16` for caches stored as f16, all on the [`Cpu`]'s ISA.
+//! `scale_max` and `exp_sum`; the gated activations `silu_mul` and `gelu_tanh_mul`; and `widen_f16` for caches stored as f16, all on the [`Cpu`]'s ISA.
 //!
 //! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, mul then add), sums the lanes
 //! in order and adds the tail last; the SIMD paths perform exactly these operations, so every ISA
@@ -216,22 +216,44 @@ pub fn exp_sum(cpu: &Cpu, x: &mut [f32], shift: f32) -> f32 {
 /// (SwiGLU), with the polynomial [`exp`] (accurate on the whole f32 range it is clamped to, either
 /// sign). Every ISA gives the bits of the scalar form. Panics if the lengths differ (a caller bug).
 pub fn silu_mul(cpu: &Cpu, out: &mut [f32], gate: &[f32], up: &[f32]) {
+    gated_mul::<false>(cpu, out, gate, up);
+}
+
+/// `out[i] = GELU(gate[i]) · up[i]` with GELU's tanh approximation (Gemma's GeGLU),
+/// `0.5·g·(1 + tanh(u))` with `u = √(2/π)·(g + 0.044715·g³)`, computed as `g / (1 + e^(−2u))`
+/// (the same value: `1 + tanh(u) = 2 / (1 + e^(−2u))`) with the polynomial [`exp`], so no
+/// cancellation near 0. Every ISA gives the bits of the scalar form. Panics if the lengths differ.
+pub fn gelu_tanh_mul(cpu: &Cpu, out: &mut [f32], gate: &[f32], up: &[f32]) {
+    gated_mul::<true>(cpu, out, gate, up);
+}
+
+/// `2·√(2/π)` and the cubic coefficient of GELU's tanh approximation.
+const GELU_2K: f32 = 1.595_769_2;
+const GELU_C: f32 = 0.044_715;
+
+fn gated_mul<const GELU: bool>(cpu: &Cpu, out: &mut [f32], gate: &[f32], up: &[f32]) {
     assert!(
         gate.len() == out.len() && up.len() == out.len(),
-        "silu_mul of slices of different lengths"
+        "gated activation of slices of different lengths"
     );
     match cpu.isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a Cpu holds Isa::Avx2 only when avx2+fma were detected; the lengths are equal.
-        Isa::Avx2 => unsafe { avx2::silu_mul(out, gate, up) },
-        _ => scalar_silu_mul(out, gate, up),
+        Isa::Avx2 => unsafe { avx2::gated_mul::<GELU>(out, gate, up) },
+        _ => scalar_gated_mul::<GELU>(out, gate, up),
     }
 }
 
-/// The reference `silu_mul`.
-pub(crate) fn scalar_silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+/// The reference of [`silu_mul`] (`GELU` false) and [`gelu_tanh_mul`] (true):
+/// `g / (1 + e^(−z)) · u` with `z = g`, or `z = 2√(2/π)·(g·(1 + (0.044715·g)·g))`.
+pub(crate) fn scalar_gated_mul<const GELU: bool>(out: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp(-g)) * u;
+        let z = if GELU {
+            GELU_2K * (g * (1.0 + GELU_C * g * g))
+        } else {
+            g
+        };
+        *o = g / (1.0 + exp(-z)) * u;
     }
 }
 

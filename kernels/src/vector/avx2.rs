@@ -435,12 +435,12 @@ pub(super) unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + x[n..].iter().sum::<f32>()
 }
 
-/// [`super::scalar_silu_mul`] eight lanes at a time.
+/// [`super::scalar_gated_mul`] eight lanes at a time.
 ///
 /// # Safety
 /// The CPU supports avx2; the three slices have the same length.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+pub(super) unsafe fn gated_mul<const GELU: bool>(out: &mut [f32], gate: &[f32], up: &[f32]) {
     let n = out.len() / 8 * 8;
     let one = _mm256_set1_ps(1.0);
     let sign = _mm256_set1_ps(-0.0);
@@ -449,12 +449,19 @@ pub(super) unsafe fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
         // SAFETY: i + 8 <= n <= the length of each slice (equal, per the contract).
         unsafe {
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-            let e = exp8(_mm256_xor_ps(g, sign));
+            let z = if GELU {
+                let cgg = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(super::GELU_C), g), g);
+                let inner = _mm256_mul_ps(g, _mm256_add_ps(one, cgg));
+                _mm256_mul_ps(_mm256_set1_ps(super::GELU_2K), inner)
+            } else {
+                g
+            };
+            let e = exp8(_mm256_xor_ps(z, sign));
             let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
             let o = _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(i)));
             _mm256_storeu_ps(out.as_mut_ptr().add(i), o);
         }
         i += 8;
     }
-    super::scalar_silu_mul(&mut out[n..], &gate[n..], &up[n..]);
+    super::scalar_gated_mul::<GELU>(&mut out[n..], &gate[n..], &up[n..]);
 }

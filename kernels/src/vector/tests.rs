@@ -225,26 +225,57 @@ fn exp_is_within_two_ulps_and_sums_like_a_plain_loop() {
 }
 
 #[test]
-fn silu_mul_gives_the_scalar_bits_on_every_isa_and_follows_libm() {
+fn gated_activations_give_the_scalar_bits_on_every_isa_and_follow_f64() {
+    // 0.5·g·(1 + tanh(u)) in its sigmoid form, which f64 evaluates without cancellation.
+    let gelu = |g: f64| {
+        let u = 0.797_884_560_802_865_4 * (g + 0.044715 * g * g * g);
+        g / (1.0 + (-2.0 * u).exp())
+    };
+    let silu = |g: f64| g / (1.0 + (-g).exp());
     for n in [0, 1, 7, 8, 9, 67, 200] {
-        // Gates over the whole clamped range of exp and beyond, on both sides of 0.
-        let gate: Vec<f32> = random(n, 5 + n as u64).iter().map(|v| v * 120.0).collect();
-        let up = random(n, 11 + n as u64);
-        let mut want = vec![0.0; n];
-        scalar_silu_mul(&mut want, &gate, &up);
-        for (i, ((&w, &g), &u)) in want.iter().zip(&gate).zip(&up).enumerate() {
-            let exact = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
-            assert!(
-                (w as f64 - exact).abs() <= 1e-6 * exact.abs() + 1e-30,
-                "n={n} [{i}]: silu({g})·{u} = {w}, exact {exact}"
-            );
+        // Gates over the whole clamped range of exp and beyond, on both sides of 0, and tiny.
+        let mut gate: Vec<f32> = random(n, 5 + n as u64).iter().map(|v| v * 120.0).collect();
+        for (i, g) in gate.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+            *g = (i as f32 - 30.0) * 1e-3;
         }
-        for isa in Isa::supported() {
-            let cpu = Cpu::with_isa(isa, 1).unwrap();
-            let mut got = vec![f32::NAN; n];
-            silu_mul(&cpu, &mut got, &gate, &up);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{isa:?} silu_mul n={n}");
+        let up = random(n, 11 + n as u64);
+        for is_gelu in [false, true] {
+            let mut want = vec![0.0; n];
+            if is_gelu {
+                scalar_gated_mul::<true>(&mut want, &gate, &up);
+            } else {
+                scalar_gated_mul::<false>(&mut want, &gate, &up);
+            }
+            for (i, ((&w, &g), &u)) in want.iter().zip(&gate).zip(&up).enumerate() {
+                let exact = if is_gelu {
+                    gelu(g as f64)
+                } else {
+                    silu(g as f64)
+                } * u as f64;
+                // The exponent's argument z is rounded to f32 (relative 6e-8, so e^z moves by
+                // 6e-8·|z| relative), then exp and the division add a few ulps.
+                let g64 = g as f64;
+                let z = if is_gelu {
+                    1.6 * (g64 + 0.044715 * g64.powi(3))
+                } else {
+                    g64
+                };
+                assert!(
+                    (w as f64 - exact).abs() <= 3e-7 * (1.0 + z.abs()) * exact.abs() + 1e-30,
+                    "gelu {is_gelu} n={n} [{i}]: f({g})·{u} = {w}, exact {exact}"
+                );
+            }
+            for isa in Isa::supported() {
+                let cpu = Cpu::with_isa(isa, 1).unwrap();
+                let mut got = vec![f32::NAN; n];
+                if is_gelu {
+                    gelu_tanh_mul(&cpu, &mut got, &gate, &up);
+                } else {
+                    silu_mul(&cpu, &mut got, &gate, &up);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{isa:?} gelu {is_gelu} n={n}");
+            }
         }
     }
 }

@@ -562,18 +562,9 @@ pub(crate) fn glu(cpu: &Cpu, act: FfnActivation, out: &mut [f32], gate: &[f32], 
         match act {
             FfnActivation::Silu => vector::silu_mul(cpu, out, gate, up),
             FfnActivation::ReluSquared => relu_squared_glu(out, gate, up),
-            FfnActivation::GeluTanh => gelu_tanh_glu(out, gate, up),
+            FfnActivation::GeluTanh => vector::gelu_tanh_mul(cpu, out, gate, up),
         }
     });
-}
-
-/// `out = GELU(gate) · up` with GELU's tanh approximation,
-/// `0.5·g·(1 + tanh(sqrt(2/π)·(g + 0.044715·g³)))` (Gemma's GeGLU).
-pub(crate) fn gelu_tanh_glu(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = 0.5 * g * (1.0 + (SQRT_2_OVER_PI * g * (1.0 + 0.044715 * g * g)).tanh()) * u;
-    }
 }
 
 /// `x = cap · tanh(x / cap)`, elementwise (final logit soft-capping).
@@ -658,7 +649,7 @@ mod tests {
             match act {
                 FfnActivation::Silu => vector::silu_mul(&scalar(), &mut want, &gate, &up),
                 FfnActivation::ReluSquared => relu_squared_glu(&mut want, &gate, &up),
-                FfnActivation::GeluTanh => gelu_tanh_glu(&mut want, &gate, &up),
+                FfnActivation::GeluTanh => vector::gelu_tanh_mul(&scalar(), &mut want, &gate, &up),
             }
             for threads in [1, 2, 3] {
                 let cpu = Cpu::with_isa(lutra_kernels::Isa::Scalar, threads).unwrap();
@@ -676,7 +667,12 @@ mod tests {
     fn gelu_tanh_glu_matches_known_values_and_soft_cap_bounds() {
         // GELU(1) ≈ 0.841192, GELU(-1) ≈ -0.158808 (tanh form), GELU(0) = 0.
         let mut out = [0.0; 4];
-        gelu_tanh_glu(&mut out, &[1.0, -1.0, 0.0, 3.0], &[1.0, 1.0, 9.0, 2.0]);
+        vector::gelu_tanh_mul(
+            &scalar(),
+            &mut out,
+            &[1.0, -1.0, 0.0, 3.0],
+            &[1.0, 1.0, 9.0, 2.0],
+        );
         assert!((out[0] - 0.841_192).abs() < 1e-5, "{out:?}");
         assert!((out[1] + 0.158_808).abs() < 1e-5, "{out:?}");
         assert_eq!(out[2], 0.0);
