@@ -4,11 +4,13 @@
 //! queries against one block of keys and values, register-blocked); the softmax steps
 //! `scale_max` and `exp_sum`; the gated activations `silu_mul` and `gelu_tanh_mul`; and `widen_f16` for caches stored as f16, all on the [`Cpu`]'s ISA.
 //!
-//! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, mul then add), sums the lanes
-//! in order and adds the tail last; the SIMD paths perform exactly these operations, so every ISA
-//! gives the same bits. That matters more than the few cycles FMA would save: the activation tables
-//! that follow attention round to int8, so a last-bit difference here becomes a different
-//! quantization noise downstream, and greedy outputs would depend on the ISA.
+//! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, each product fused into
+//! its lane with `mul_add`), sums the lanes in order and adds the tail's plain products last; the
+//! SIMD paths perform exactly these operations (FMA instructions), so every ISA gives the same
+//! bits. That matters: the activation tables that follow attention round to int8, so a last-bit
+//! difference here becomes a different quantization noise downstream, and greedy outputs would
+//! depend on the ISA. (`f32::mul_add` is a libm call where the compiler may not assume FMA, which
+//! only the scalar path on x86 pays.)
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -361,7 +363,7 @@ pub(crate) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// The eight interleaved partial sums of `a·b` (lane `i mod 8`, mul then add) and the sum of the
+/// The eight interleaved partial sums of `a·b` (lane `i mod 8`, fused multiply-add) and the sum of the
 /// tail's products.
 fn scalar_lanes(a: &[f32], b: &[f32]) -> ([f32; 8], f32) {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -374,7 +376,7 @@ fn scalar_lanes(a: &[f32], b: &[f32]) -> ([f32; 8], f32) {
     let mut acc = [0.0f32; 8];
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
     (acc, tail)
@@ -395,6 +397,6 @@ pub(crate) fn pair_lanes_sum(l: [f32; 8]) -> f32 {
 /// The reference `axpy`.
 pub(crate) fn scalar_axpy(y: &mut [f32], w: f32, x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
-        *y += w * x;
+        *y = w.mul_add(x, *y);
     }
 }

@@ -1,5 +1,5 @@
 //! AVX2 `dot` and `axpy` (and their many-row forms): the scalar reference's operations (eight lanes,
-//! mul then add, lanes summed in order, then the tail), eight elements per instruction, so results
+//! fused multiply-adds, lanes summed in order, then the tail), eight elements per instruction, so results
 //! are bit-identical to it.
 
 use std::arch::x86_64::*;
@@ -25,8 +25,7 @@ fn lanes(a: &[f32], b: &[f32]) -> (__m256, usize) {
     while i < n {
         // SAFETY: i + 8 <= n <= len of both slices.
         unsafe {
-            let prod = _mm256_mul_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
-            acc = _mm256_add_ps(acc, prod);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
         }
         i += 8;
     }
@@ -64,8 +63,7 @@ pub(super) unsafe fn dot_rows(a: &[f32], rows: &[f32], out: &mut [f32]) {
             unsafe {
                 let av = _mm256_loadu_ps(pa.add(i));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let prod = _mm256_mul_ps(av, _mm256_loadu_ps(pr.add(r * len + i)));
-                    *acc = _mm256_add_ps(*acc, prod);
+                    *acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(pr.add(r * len + i)), *acc);
                 }
             }
             i += 8;
@@ -102,7 +100,7 @@ pub(super) unsafe fn weighted_row_sum(out: &mut [f32], w: &[f32], rows: &[f32]) 
             for (k, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: p < w.len() and c0 + 8k + 8 <= len, so the 8 values lie in row p.
                 let v = unsafe { _mm256_loadu_ps(pr.add(p * len + c0 + 8 * k)) };
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wv, v));
+                *acc = _mm256_fmadd_ps(wv, v, *acc);
             }
         }
         for (k, &acc) in acc.iter().enumerate() {
@@ -116,7 +114,7 @@ pub(super) unsafe fn weighted_row_sum(out: &mut [f32], w: &[f32], rows: &[f32]) 
         for (p, &wp) in w.iter().enumerate() {
             // SAFETY: as above, for one vector.
             let v = unsafe { _mm256_loadu_ps(pr.add(p * len + c0)) };
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(wp), v));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(wp), v, acc);
         }
         // SAFETY: c0 + 8 <= len.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c0), acc) };
@@ -125,7 +123,7 @@ pub(super) unsafe fn weighted_row_sum(out: &mut [f32], w: &[f32], rows: &[f32]) 
     for j in c0..len {
         let mut o = 0.0f32;
         for (p, &wp) in w.iter().enumerate() {
-            o += wp * rows[p * len + j];
+            o = wp.mul_add(rows[p * len + j], o);
         }
         out[j] = o;
     }
@@ -143,16 +141,13 @@ pub(super) unsafe fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
     while i + 8 <= n {
         // SAFETY: i + 8 <= n = len of both slices; `y` and `x` do not overlap (`&mut` vs `&`).
         unsafe {
-            let v = _mm256_add_ps(
-                _mm256_loadu_ps(py.add(i)),
-                _mm256_mul_ps(wv, _mm256_loadu_ps(px.add(i))),
-            );
+            let v = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
             _mm256_storeu_ps(py.add(i), v);
         }
         i += 8;
     }
     for j in i..n {
-        y[j] += w * x[j];
+        y[j] = w.mul_add(x[j], y[j]);
     }
 }
 
@@ -224,8 +219,8 @@ pub(super) unsafe fn dot_matrix(a: &[f32], b: &[f32], len: usize, out: &mut [f32
                     let a1 = _mm256_loadu_ps(pa.add((i + 1) * len + d));
                     for k in 0..4 {
                         let bk = _mm256_loadu_ps(pb.add((j + k) * len + d));
-                        acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a0, bk));
-                        acc[4 + k] = _mm256_add_ps(acc[4 + k], _mm256_mul_ps(a1, bk));
+                        acc[k] = _mm256_fmadd_ps(a0, bk, acc[k]);
+                        acc[4 + k] = _mm256_fmadd_ps(a1, bk, acc[4 + k]);
                     }
                 }
                 d += 8;
@@ -309,7 +304,7 @@ pub(super) unsafe fn weighted_row_sums(out: &mut [f32], w: &[f32], rows: &[f32],
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let wv = _mm256_set1_ps(*pw.add((i + r) * p_len + p));
                         for (acc, &v) in acc.iter_mut().zip(&v) {
-                            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wv, v));
+                            *acc = _mm256_fmadd_ps(wv, v, *acc);
                         }
                     }
                 }
@@ -332,7 +327,7 @@ pub(super) unsafe fn weighted_row_sums(out: &mut [f32], w: &[f32], rows: &[f32],
                 for c in cols..len {
                     let mut o = 0.0f32;
                     for (p, &wp) in weights.iter().enumerate() {
-                        o += wp * rows[p * len + c];
+                        o = wp.mul_add(rows[p * len + c], o);
                     }
                     out[r * len + c] = o;
                 }

@@ -1,5 +1,5 @@
-//! NEON `dot` and `axpy` (and their many-row forms): the scalar reference's operations (eight lanes as two vectors, mul then
-//! add, lanes summed in order, then the tail), so results are bit-identical to it.
+//! NEON `dot` and `axpy` (and their many-row forms): the scalar reference's operations (eight lanes as two vectors, fused
+//! multiply-adds, lanes summed in order, then the tail), so results are bit-identical to it.
 
 use std::arch::aarch64::*;
 
@@ -28,11 +28,8 @@ unsafe fn lanes(a: &[f32], b: &[f32]) -> (float32x4_t, float32x4_t, usize) {
     while i < n {
         // SAFETY: i + 8 <= n <= len of both slices.
         unsafe {
-            lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i))));
-            hi = vaddq_f32(
-                hi,
-                vmulq_f32(vld1q_f32(pa.add(i + 4)), vld1q_f32(pb.add(i + 4))),
-            );
+            lo = vfmaq_f32(lo, vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+            hi = vfmaq_f32(hi, vld1q_f32(pa.add(i + 4)), vld1q_f32(pb.add(i + 4)));
         }
         i += 8;
     }
@@ -74,8 +71,8 @@ pub(super) unsafe fn dot_rows(a: &[f32], rows: &[f32], out: &mut [f32]) {
                 let (alo, ahi) = (vld1q_f32(pa.add(i)), vld1q_f32(pa.add(i + 4)));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let row = pr.add(r * len + i);
-                    acc[0] = vaddq_f32(acc[0], vmulq_f32(alo, vld1q_f32(row)));
-                    acc[1] = vaddq_f32(acc[1], vmulq_f32(ahi, vld1q_f32(row.add(4))));
+                    acc[0] = vfmaq_f32(acc[0], alo, vld1q_f32(row));
+                    acc[1] = vfmaq_f32(acc[1], ahi, vld1q_f32(row.add(4)));
                 }
             }
             i += 8;
@@ -112,7 +109,7 @@ pub(super) unsafe fn weighted_row_sum(out: &mut [f32], w: &[f32], rows: &[f32]) 
             for (k, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: p < w.len() and c0 + 4k + 4 <= len, so the 4 values lie in row p.
                 let v = unsafe { vld1q_f32(pr.add(p * len + c0 + 4 * k)) };
-                *acc = vaddq_f32(*acc, vmulq_f32(wv, v));
+                *acc = vfmaq_f32(*acc, wv, v);
             }
         }
         for (k, &acc) in acc.iter().enumerate() {
@@ -126,7 +123,7 @@ pub(super) unsafe fn weighted_row_sum(out: &mut [f32], w: &[f32], rows: &[f32]) 
         for (p, &wp) in w.iter().enumerate() {
             // SAFETY: as above, for one vector.
             let v = unsafe { vld1q_f32(pr.add(p * len + c0)) };
-            acc = vaddq_f32(acc, vmulq_f32(vdupq_n_f32(wp), v));
+            acc = vfmaq_f32(acc, vdupq_n_f32(wp), v);
         }
         // SAFETY: c0 + 4 <= len.
         unsafe { vst1q_f32(out.as_mut_ptr().add(c0), acc) };
@@ -135,7 +132,7 @@ pub(super) unsafe fn weighted_row_sum(out: &mut [f32], w: &[f32], rows: &[f32]) 
     for j in c0..len {
         let mut o = 0.0f32;
         for (p, &wp) in w.iter().enumerate() {
-            o += wp * rows[p * len + j];
+            o = wp.mul_add(rows[p * len + j], o);
         }
         out[j] = o;
     }
@@ -155,13 +152,13 @@ pub(super) unsafe fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
         unsafe {
             vst1q_f32(
                 py.add(i),
-                vaddq_f32(vld1q_f32(py.add(i)), vmulq_f32(wv, vld1q_f32(px.add(i)))),
+                vfmaq_f32(vld1q_f32(py.add(i)), wv, vld1q_f32(px.add(i))),
             )
         };
         i += 4;
     }
     for j in i..n {
-        y[j] += w * x[j];
+        y[j] = w.mul_add(x[j], y[j]);
     }
 }
 
