@@ -402,17 +402,13 @@ impl Linear {
         };
         // A form counts only if the last `prepare` built it from the current vectors.
         match self {
-            Linear::Lut(m) if input.dot > 0 => {
+            Linear::Lut(m) if input.dot > 0 && m.has_dot_form() => {
                 let (head, tail) = out.split_at_mut(input.dot * self.rows());
-                match (&input.int8, input.built.int8) {
-                    (Some(acts), true) => m.matmul_dot(cpu, acts, head)?,
-                    _ => return Err(missing("int8 activations")),
-                }
+                let acts = input.dot_head.as_ref().filter(|_| input.built.dot);
+                m.matmul_dot(cpu, acts.ok_or_else(|| missing("int8 activations"))?, head)?;
                 if !tail.is_empty() {
-                    match (&input.tables, input.built.tables) {
-                        (Some(tables), true) => m.matmul(cpu, tables, tail)?,
-                        _ => return Err(missing("tables")),
-                    }
+                    let tables = input.dot_tail.as_ref().filter(|_| input.built.dot);
+                    m.matmul(cpu, tables.ok_or_else(|| missing("tables"))?, tail)?;
                 }
             }
             Linear::Lut(m) => match (&input.tables, input.built.tables) {
@@ -454,11 +450,11 @@ impl Linear {
             .zip(&outs)
             .all(|(m, o)| o.len() == input.tokens * m.rows());
         if ready && lengths && input.dot > 0 {
-            let acts = input.int8.as_ref().filter(|_| input.built.int8);
+            let acts = input.dot_head.as_ref().filter(|_| input.built.dot);
             if let (Some(Linear::Lut(first)), Some(acts)) = (mats.first(), acts) {
                 let mut packed = [first; N];
                 if fill_same_kind(&mut packed, &mats, |m| match m {
-                    Linear::Lut(p) => Some(p),
+                    Linear::Lut(p) if p.has_dot_form() => Some(p),
                     _ => None,
                 }) {
                     let mut heads = outs.each_mut().map(|o| &mut o[..]);
@@ -470,11 +466,11 @@ impl Linear {
                     }
                     PackedMatrix::matmul_many_dot(cpu, acts, &packed, &mut heads)?;
                     if input.dot < input.tokens {
-                        match (&input.tables, input.built.tables) {
-                            (Some(tables), true) => {
+                        match &input.dot_tail {
+                            Some(tables) => {
                                 PackedMatrix::matmul_many(cpu, tables, &packed, &mut tails)?
                             }
-                            _ => {
+                            None => {
                                 return Err(Error::InvalidOption(
                                     "input was not prepared with tables for its last rows".into(),
                                 ))
@@ -582,6 +578,9 @@ struct Forms {
     tables: bool,
     ternary: bool,
     int8: bool,
+    /// The dot path's split: int8 activations of the leading (prompt) vectors and tables of the
+    /// rest, for the LUT matrices that have a dot form.
+    dot: bool,
 }
 
 impl Forms {
@@ -592,18 +591,17 @@ impl Forms {
             tables: matches!(m, Linear::Lut(_)),
             ternary: matches!(m, Linear::Ternary(_)),
             int8: matches!(m, Linear::Int8(_)),
+            dot: false,
         }
     }
 
-    /// The buffers an input needs for `m`: its forms, and int8 activations for the dot path of
-    /// a LUT matrix that has one ([`Input::prepare_rows`]).
+    /// The buffers an input needs for `m`: its forms, and the dot path's split for a LUT matrix
+    /// that has a dot form ([`Input::prepare_rows`]).
     fn buffers(m: &Linear) -> Forms {
-        let dot = matches!(m, Linear::Lut(p) if p.has_dot_form());
         Forms {
-            int8: dot,
-            ..Forms::default()
+            dot: has_dot_form(m),
+            ..Forms::of(m)
         }
-        .union(Forms::of(m))
     }
 
     /// The forms the input gathered for a permuted matrix must hold.
@@ -619,8 +617,14 @@ impl Forms {
             tables: self.tables || o.tables,
             ternary: self.ternary || o.ternary,
             int8: self.int8 || o.int8,
+            dot: self.dot || o.dot,
         }
     }
+}
+
+/// Whether `m` is a LUT matrix the int8 dot path can multiply.
+fn has_dot_form(m: &Linear) -> bool {
+    matches!(m, Linear::Lut(p) if p.has_dot_form())
 }
 
 /// The current vectors gathered into one column order.
@@ -641,13 +645,15 @@ pub struct Input {
     /// Forms built from the current vectors by the last [`Input::prepare`].
     built: Forms,
     /// Leading vectors that the last prepare quantized to int8 for the dot path of its LUT
-    /// consumers (their int8 activations hold these, their tables the rest); 0 when every form
-    /// holds every vector.
+    /// consumers with a dot form (`dot_head` holds these, `dot_tail` the tables of the rest);
+    /// 0 when there is no split. The other forms always hold every vector.
     dot: usize,
     values: Vec<f32>,
     tables: Option<ActivationTables>,
     ternary: Option<TernaryTables>,
     int8: Option<Int8Activations>,
+    dot_head: Option<Int8Activations>,
+    dot_tail: Option<ActivationTables>,
     /// One slot per column order that one `prepare` may have to serve at once.
     orders: Vec<Gathered>,
     /// Slots filled by the last `prepare`.
@@ -707,6 +713,8 @@ impl Input {
             tables: forms.tables.then(|| ActivationTables::new(cols)),
             ternary: forms.ternary.then(|| TernaryTables::new(cols)),
             int8: forms.int8.then(|| Int8Activations::new(cols)),
+            dot_head: forms.dot.then(|| Int8Activations::new(cols)),
+            dot_tail: forms.dot.then(|| ActivationTables::new(cols)),
             orders: Vec::new(),
             orders_used: 0,
         }
@@ -744,11 +752,12 @@ impl Input {
         self.prepare_rows(cpu, consumers, 0)
     }
 
-    /// [`Input::prepare`], with the first `dot_tokens` vectors quantized to int8 for the dot path
-    /// ([`lutra_kernels::PackedMatrix::matmul_dot`]) when every consumer is a LUT matrix with a
-    /// dot form (else as `prepare`); the rest get tables. The caller chooses the rows (the
-    /// prompts of a batch, see [`crate::llama::SequenceBatch::prompt`]), so a sequence's results
-    /// do not depend on which other sequences share its batch.
+    /// [`Input::prepare`], where the consumers that are LUT matrices with a dot form multiply
+    /// the first `dot_tokens` vectors on the dot path
+    /// ([`lutra_kernels::PackedMatrix::matmul_dot`], int8 activations) and the rest with tables,
+    /// while every other consumer reads all vectors in its own form. The caller chooses the rows
+    /// (the prompts of a batch, see [`crate::llama::SequenceBatch::prompt`]), so a sequence's
+    /// results do not depend on which other sequences share its batch.
     pub fn prepare_rows(
         &mut self,
         cpu: &Cpu,
@@ -756,17 +765,16 @@ impl Input {
         dot_tokens: usize,
     ) -> Result<()> {
         self.ready = false;
-        let all_dot = consumers
-            .iter()
-            .all(|m| matches!(m, Linear::Lut(p) if p.has_dot_form()));
-        if dot_tokens > 0 && all_dot && !consumers.is_empty() {
-            return self.build_split(cpu, dot_tokens.min(self.tokens));
-        }
-        self.dot = 0;
+        let split = dot_tokens > 0 && consumers.iter().any(|m| has_dot_form(m));
         let plain = consumers
             .iter()
+            .filter(|m| !(split && has_dot_form(m)))
             .fold(Forms::default(), |f, m| f.union(Forms::of(m)));
         self.build(cpu, plain)?;
+        self.dot = 0;
+        if split {
+            self.build_split(cpu, dot_tokens.min(self.tokens))?;
+        }
 
         // Assign a slot to each distinct order, in the order the consumers come.
         self.orders_used = 0;
@@ -810,32 +818,20 @@ impl Input {
         Ok(())
     }
 
-    /// Int8 activations of the first `dot` vectors and tables of the rest.
+    /// The dot path's split: int8 activations of the first `dot` vectors, tables of the rest.
     fn build_split(&mut self, cpu: &Cpu, dot: usize) -> Result<()> {
         let (n, cols) = (self.tokens, self.cols);
-        let absent = |what: &str| {
-            Error::InvalidOption(format!(
-                "an input of {cols} values was sized without {what}"
-            ))
+        let (Some(head_acts), Some(tail_tables)) = (self.dot_head.as_mut(), self.dot_tail.as_mut())
+        else {
+            return Err(Error::InvalidOption(format!(
+                "an input of {cols} values was sized without the dot path's forms"
+            )));
         };
         let (head, tail) = self.values[..n * cols].split_at(dot * cols);
-        let int8 = self
-            .int8
-            .as_mut()
-            .ok_or_else(|| absent("int8 activations"))?;
-        int8.build(cpu, head, dot)?;
-        if dot < n {
-            let tables = self.tables.as_mut().ok_or_else(|| absent("tables"))?;
-            tables.build(cpu, tail, n - dot)?;
-        }
-        self.built = Forms {
-            tables: dot < n,
-            ternary: false,
-            int8: true,
-        };
+        head_acts.build(cpu, head, dot)?;
+        tail_tables.build(cpu, tail, n - dot)?;
+        self.built.dot = true;
         self.dot = dot;
-        self.orders_used = 0;
-        self.ready = true;
         Ok(())
     }
 
@@ -1067,6 +1063,25 @@ mod tests {
         }
     }
 
+    /// A `bits`-bit tensor with per-plane scales (HLQ) per group of 32, a LUT form without a dot
+    /// form.
+    fn plane_low_bit(rows: usize, cols: usize, bits: u8) -> DecodedTensor {
+        let groups = rows * cols / 32;
+        DecodedTensor::PlaneLowBit {
+            rows,
+            cols,
+            bits,
+            group_size: 32,
+            codes: (0..rows * cols)
+                .map(|i| ((i * 5 + i / cols) % (1 << bits)) as u8)
+                .collect(),
+            scales: (0..groups * bits as usize)
+                .map(|g| 0.01 * (g % 7 + 1) as f32)
+                .collect(),
+            offsets: (0..groups).map(|g| -0.02 * (g % 5) as f32).collect(),
+        }
+    }
+
     #[test]
     fn matmul_many_equals_one_matmul_each_for_every_mix_of_kinds() {
         let lut_a = Linear::from_decoded(&low_bit(70, 96, 4, |s| -0.5 * s), false).unwrap();
@@ -1155,12 +1170,39 @@ mod tests {
         packed.matmul_dot(&cpu, &acts, &mut all).unwrap();
         lut_a.matmul(&cpu, &input, &mut got).unwrap();
         assert_eq!(got, all);
-        // A consumer without a dot form keeps every row on its own form.
+        // Beside a consumer without a dot form, the LUT matrix still splits (the same rows as
+        // above), and the other reads every row in its own form.
         input.prepare_rows(&cpu, &[&lut_a, &ternary], dot).unwrap();
-        tables.build(&cpu, &values, tokens).unwrap();
-        packed.matmul(&cpu, &tables, &mut want).unwrap();
         lut_a.matmul(&cpu, &input, &mut got).unwrap();
         assert_eq!(got, want);
+        let mut t_got = vec![f32::NAN; tokens * 9];
+        ternary.matmul(&cpu, &input, &mut t_got).unwrap();
+        let mut alone = Input::for_consumers(96, tokens, [[&ternary]]);
+        alone.values_mut(tokens).copy_from_slice(&values);
+        alone.prepare_rows(&cpu, &[&ternary], dot).unwrap();
+        let mut t_want = vec![0.0; tokens * 9];
+        ternary.matmul(&cpu, &alone, &mut t_want).unwrap();
+        assert_eq!(t_got, t_want);
+        // matmul_many over the mixed pair: one matmul each, the same results.
+        let (mut ga, mut gt) = (vec![f32::NAN; tokens * 70], vec![f32::NAN; tokens * 9]);
+        Linear::matmul_many(&cpu, &input, [&lut_a, &ternary], [&mut ga, &mut gt]).unwrap();
+        assert_eq!((ga, gt), (want.clone(), t_want));
+        // A LUT matrix without a dot form (per-plane scales) beside one with it: every row on
+        // tables, as it would be alone, while the other splits.
+        let half = Linear::from_decoded(&plane_low_bit(6, 96, 3), false).unwrap();
+        let Linear::Lut(half_packed) = &half else {
+            unreachable!("a 3-bit tensor with plane scales is a LUT matrix")
+        };
+        assert!(!half_packed.has_dot_form());
+        let mut mixed = Input::for_consumers(96, tokens, [[&lut_a, &half]]);
+        mixed.values_mut(tokens).copy_from_slice(&values);
+        mixed.prepare_rows(&cpu, &[&lut_a, &half], dot).unwrap();
+        tables.build(&cpu, &values, tokens).unwrap();
+        let mut h_want = vec![0.0; tokens * 6];
+        half_packed.matmul(&cpu, &tables, &mut h_want).unwrap();
+        let (mut ga, mut gh) = (vec![f32::NAN; tokens * 70], vec![f32::NAN; tokens * 6]);
+        Linear::matmul_many(&cpu, &mixed, [&lut_a, &half], [&mut ga, &mut gh]).unwrap();
+        assert_eq!((ga, gh), (want.clone(), h_want));
         // Fresh values invalidate the split forms.
         fill(&mut input, tokens);
         assert!(lut_a.matmul(&cpu, &input, &mut got).is_err());
