@@ -7,17 +7,18 @@
 //! activation groups at a time into unsigned byte codes, four consecutive columns of a row per
 //! 32-bit lane, and multiplies them with Q8_0-style activations ([`Int8Activations`]).
 //!
-//! It takes uniform planes (1 to 6 bits) in weight groups of 32 or more, with f16 scales and
-//! offsets or two-level (super-block) scales. Each weight is written `s·(q − c) + o` with `c` the
-//! centre of the code range, `(2^b − 1)/2`, for its group's scale `s` and offset `o = s·c + m`
-//! (two-level: `s = d·sc`, `o = s·(c − z) − dmin·m`): only the centred part multiplies rounded
-//! activations, and the offset multiplies the exact `Σx`, as in the table lookups, which keeps the
-//! rounding error of the activations from growing with the offset. The codes are unpacked doubled,
-//! so that the centred dot is an integer: per activation block of 32 columns with scale `d_x`,
-//! code sum `Σq_x` and value sum `Σx`, the integer `D = Σ 2q·q_x − (2^b − 1)·Σq_x` is exact, and
-//! every ISA computes, for each row and
-//! token, in block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, so all ISAs give
-//! the same bits.
+//! It takes uniform planes (1 to 6 bits) in weight groups of 16 or of 32 or more, with f16 scales
+//! and offsets or two-level (super-block) scales. Each weight is written `s·(q − c) + o` with `c`
+//! the centre of the code range, `(2^b − 1)/2`, for its group's scale `s` and offset
+//! `o = s·c + m` (two-level: `s = d·sc`, `o = s·(c − z) − dmin·m`): only the centred part
+//! multiplies rounded activations, and the offset multiplies the exact `Σx`, as in the table
+//! lookups, which keeps the rounding error of the activations from growing with the offset. The
+//! codes are unpacked doubled, so that the centred dot is an integer: per activation block of 32
+//! columns with scale `d_x`, code sum `Σq_x` and value sum `Σx`, the integer
+//! `D = Σ 2q·q_x − (2^b − 1)·Σq_x` is exact, and every ISA computes, for each row and token, in
+//! block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, so all ISAs give the same
+//! bits. With groups of 16, each block is two halves, each with its own `Σq_x`, `Σx`, scale and
+//! offset, multiplied in that order.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -66,23 +67,26 @@ const DOT_SPLIT: Split = Split {
 /// A chunk of one tile unpacked for the dot kernels.
 ///
 /// `codes[a][j][r][i]` is twice the code of row `r`, column `32a + 4j + i` of the chunk;
-/// `scale[a][r]` is half the scale and `offset[a][r]` the offset of the centred codes of the group
-/// holding activation group `a` of row `r` (0 for padded rows); `top` is `2^b − 1`.
+/// `scale[2a + h][r]` is half the scale and `offset[2a + h][r]` the offset of the centred codes of
+/// the group holding half `h` of activation group `a` of row `r` (0 for padded rows), where there
+/// are `halves` (1, or 2 for weight groups of 16) halves per activation group; `top` is `2^b − 1`.
 #[repr(C, align(64))]
 pub(crate) struct Unpacked {
     pub codes: [[u8; GROUP_BYTES]; CHUNK],
-    pub scale: [[f32; TILE]; CHUNK],
-    pub offset: [[f32; TILE]; CHUNK],
+    pub scale: [[f32; TILE]; 2 * CHUNK],
+    pub offset: [[f32; TILE]; 2 * CHUNK],
     pub top: i32,
+    pub halves: usize,
 }
 
 impl Unpacked {
     fn new() -> Unpacked {
         Unpacked {
             codes: [[0; GROUP_BYTES]; CHUNK],
-            scale: [[0.0; TILE]; CHUNK],
-            offset: [[0.0; TILE]; CHUNK],
+            scale: [[0.0; TILE]; 2 * CHUNK],
+            offset: [[0.0; TILE]; 2 * CHUNK],
             top: 0,
+            halves: 1,
         }
     }
 }
@@ -125,7 +129,7 @@ impl Chunk<'_> {
 
 /// Whether the dot path can multiply a matrix of this form.
 pub(crate) fn supports(w: &Weights<'_>) -> bool {
-    !w.per_plane && !w.half_groups && (1..=MAX_BITS).contains(&w.bits) && w.groups > 0
+    !w.per_plane && (1..=MAX_BITS).contains(&w.bits) && w.groups > 0
 }
 
 /// `outs[p][n][r]` for every token of `acts` and every row of each matrix `p`, in one dispatch.
@@ -191,12 +195,15 @@ fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
                 && v.offsets.is_none_or(|o| o.len() == v.groups * TILE)
         }
     };
+    let groups_fit = if v.half_groups {
+        v.groups == 2 * v.act_groups
+    } else {
+        v.groups > 0 && v.apg * v.groups == v.act_groups
+    };
     !v.per_plane
-        && !v.half_groups
         && (1..=MAX_BITS).contains(&v.bits)
         && v.act_groups == act_groups
-        && v.groups > 0
-        && v.apg * v.groups == v.act_groups
+        && groups_fit
         && v.weights.len() == v.act_groups * v.bits * PLANE_BYTES
         && scales_fit
 }
@@ -223,14 +230,19 @@ fn kernels(isa: Isa) -> Kernels {
     }
 }
 
-/// Fills `u.scale[..count]` and `u.offset[..count]` for activation groups `a0..a0 + count`.
+/// Fills `u.scale` and `u.offset` for the halves of activation groups `a0..a0 + count`.
 fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     let f = |h: u16| f16::from_bits(h).to_f32();
     u.top = (1 << v.bits) - 1;
+    u.halves = if v.half_groups { 2 } else { 1 };
     let centre = u.top as f32 * 0.5;
-    for c in 0..count {
-        let g = (a0 + c) / v.apg;
-        let (scale, offset) = (&mut u.scale[c], &mut u.offset[c]);
+    for (c, h) in (0..count).flat_map(|c| (0..u.halves).map(move |h| (c, h))) {
+        let g = if v.half_groups {
+            2 * (a0 + c) + h
+        } else {
+            (a0 + c) / v.apg
+        };
+        let (scale, offset) = (&mut u.scale[2 * c + h], &mut u.offset[2 * c + h]);
         match &v.super_scales {
             None => {
                 let rows = g * TILE..(g + 1) * TILE;
@@ -290,21 +302,25 @@ pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut U
 /// The reference multiply: exact integer dots, then the two fused steps per block.
 pub(crate) fn multiply_scalar(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
     assert!(chunk.fits(acc.len()), "chunk outside its activations");
+    let quads = TABLES_PER_ACT / u.halves;
     for (n, row_acc) in acc[..chunk.tokens()].iter_mut().enumerate() {
         for c in 0..chunk.count {
             let xb = chunk.block(n, c);
-            for (r, out) in row_acc.iter_mut().enumerate() {
-                let mut dot = 0i32;
-                for j in 0..TABLES_PER_ACT {
-                    let w = &u.codes[c][(j * TILE + r) * 4..][..4];
-                    for (&w, &x) in w.iter().zip(&xb.q[4 * j..4 * j + 4]) {
-                        dot += i32::from(w) * i32::from(x);
+            for h in 0..u.halves {
+                let (scale, offset) = (&u.scale[2 * c + h], &u.offset[2 * c + h]);
+                for (r, out) in row_acc.iter_mut().enumerate() {
+                    let mut dot = 0i32;
+                    for j in h * quads..(h + 1) * quads {
+                        let w = &u.codes[c][(j * TILE + r) * 4..][..4];
+                        for (&w, &x) in w.iter().zip(&xb.q[4 * j..4 * j + 4]) {
+                            dot += i32::from(w) * i32::from(x);
+                        }
                     }
+                    dot -= u.top * xb.code_sum(u.halves, h);
+                    let mut a = (dot as f32).mul_add(scale[r] * xb.d, *out);
+                    a = offset[r].mul_add(xb.value_sum(u.halves, h), a);
+                    *out = a;
                 }
-                dot -= u.top * xb.sum;
-                let mut a = (dot as f32).mul_add(u.scale[c][r] * xb.d, *out);
-                a = u.offset[c][r].mul_add(xb.xsum, a);
-                *out = a;
             }
         }
     }

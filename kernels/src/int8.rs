@@ -181,6 +181,32 @@ pub(crate) struct ActBlock {
     /// `Σ x` of the unquantized values ([`block_sum`]): the dot path multiplies the offset of
     /// centred codes by it, so that offsets add no rounding of the activations.
     pub(crate) xsum: f32,
+    /// `Σ q` of the first 16 codes, and `Σ x` of each half of the block ([`half_sums`]), for
+    /// weight groups of 16.
+    pub(crate) sum_lo: i32,
+    pub(crate) xsum_halves: [f32; 2],
+}
+
+impl ActBlock {
+    /// `Σ q` over half `h` of the block when `halves` is 2, over the whole block when it is 1.
+    #[inline(always)]
+    pub(crate) fn code_sum(&self, halves: usize, h: usize) -> i32 {
+        match (halves, h) {
+            (1, _) => self.sum,
+            (_, 0) => self.sum_lo,
+            _ => self.sum - self.sum_lo,
+        }
+    }
+
+    /// `Σ x` over half `h` of the block when `halves` is 2, over the whole block when it is 1.
+    #[inline(always)]
+    pub(crate) fn value_sum(&self, halves: usize, h: usize) -> f32 {
+        if halves == 1 {
+            self.xsum
+        } else {
+            self.xsum_halves[h]
+        }
+    }
 }
 
 /// The weight blocks of a matrix, with the narrowest scale type that holds every scale exactly.
@@ -552,7 +578,18 @@ fn quantize_blocks(isa: Isa, x: &[f32], blocks: &mut [ActBlock]) {
     }
     for (block, xs) in blocks.iter_mut().zip(x.chunks_exact(BLOCK)) {
         block.xsum = block_sum(xs);
+        block.xsum_halves = half_sums(xs);
+        block.sum_lo = block.q[..BLOCK / 2].iter().map(|&q| i32::from(q)).sum();
     }
+}
+
+/// `Σ x` of each 16-value half of a block in one order on every ISA: eight lanes of `x[i] +
+/// x[i + 8]`, then [`hsum8`].
+fn half_sums(x: &[f32]) -> [f32; 2] {
+    [0, 1].map(|h| {
+        let half = &x[16 * h..16 * h + 16];
+        hsum8(std::array::from_fn(|i| half[i] + half[i + 8]))
+    })
 }
 
 /// `Σ x` of one block in one order on every ISA: eight lanes of every eighth value, then

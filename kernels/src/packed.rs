@@ -555,8 +555,8 @@ impl PackedMatrix {
     }
 
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
-    /// bits in weight groups of 32 or more (f16 or two-level scales), not per-plane scales or
-    /// groups of 16.
+    /// bits in any of the packed weight groups (16, or 32 or more; f16 or two-level scales), not
+    /// per-plane scales.
     pub fn has_dot_form(&self) -> bool {
         crate::dot::supports(&self.view())
     }
@@ -578,7 +578,7 @@ impl PackedMatrix {
     ) -> Result<()> {
         if !mats.iter().all(|m| m.has_dot_form()) {
             return Err(KernelError::UnsupportedForm(
-                "the int8 dot path takes uniform planes of 1 to 6 bits in groups of 32 or more",
+                "the int8 dot path takes uniform planes of 1 to 6 bits (not per-plane scales)",
             ));
         }
         for_parts(mats, outs, acts.cols(), acts.tokens(), |mats, outs| {

@@ -129,7 +129,7 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
 macro_rules! multiply_fn {
     ($name:ident, $tile:ident, $features:literal, $RV:literal, $T:literal, $v:ident) => {
         #[target_feature(enable = $features)]
-        fn $tile<const RV: usize, const T: usize>(
+        fn $tile<const RV: usize, const T: usize, const H: usize>(
             u: &Unpacked,
             chunk: Chunk<'_>,
             acc: &mut Acc,
@@ -144,39 +144,45 @@ macro_rules! multiply_fn {
                 }
             }
             let (x, per_row, a0) = (chunk.x, chunk.per_row, chunk.a0);
+            // Each activation block in H parts (2 for weight groups of 16), each with its scale.
+            let quads = TABLES_PER_ACT / H;
             for c in 0..chunk.count {
                 let codes = &u.codes[c];
                 let blocks: [&ActBlock; T] =
                     std::array::from_fn(|t| &x[(n0 + t) * per_row + a0 + c]);
-                // The sums start at −(2^b − 1)·Σq_x, which centres the doubled codes.
-                let start: [_; T] = std::array::from_fn(|t| $v::set1_epi32(-u.top * blocks[t].sum));
-                let mut isum = [start; RV];
-                for j in 0..TABLES_PER_ACT {
-                    let w: [_; RV] = std::array::from_fn(|rv| {
-                        let at = (j * TILE + r0 + L * rv) * 4;
-                        $v::load_codes(&codes[at..at + 4 * L])
-                    });
-                    for t in 0..T {
-                        let q = &blocks[t].q[4 * j..4 * j + 4];
-                        let xq = $v::set1_epi32(i32::from_le_bytes([
-                            q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
-                        ]));
-                        for rv in 0..RV {
-                            isum[rv][t] = $v::dot(isum[rv][t], w[rv], xq);
+                for h in 0..H {
+                    // The sums start at −(2^b − 1)·Σq_x, which centres the doubled codes.
+                    let start: [_; T] =
+                        std::array::from_fn(|t| $v::set1_epi32(-u.top * blocks[t].code_sum(H, h)));
+                    let mut isum = [start; RV];
+                    for j in h * quads..(h + 1) * quads {
+                        let w: [_; RV] = std::array::from_fn(|rv| {
+                            let at = (j * TILE + r0 + L * rv) * 4;
+                            $v::load_codes(&codes[at..at + 4 * L])
+                        });
+                        for t in 0..T {
+                            let q = &blocks[t].q[4 * j..4 * j + 4];
+                            let xq = $v::set1_epi32(i32::from_le_bytes([
+                                q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
+                            ]));
+                            for rv in 0..RV {
+                                isum[rv][t] = $v::dot(isum[rv][t], w[rv], xq);
+                            }
                         }
                     }
-                }
-                for rv in 0..RV {
-                    let rows = r0 + L * rv..r0 + L * rv + L;
-                    let scale = $v::load_ps(&u.scale[c][rows.clone()]);
-                    let offset = $v::load_ps(&u.offset[c][rows]);
-                    for t in 0..T {
-                        let a = $v::fmadd_ps(
-                            $v::cvt(isum[rv][t]),
-                            $v::mul_ps(scale, $v::set1_ps(blocks[t].d)),
-                            accf[rv][t],
-                        );
-                        accf[rv][t] = $v::fmadd_ps(offset, $v::set1_ps(blocks[t].xsum), a);
+                    for rv in 0..RV {
+                        let rows = r0 + L * rv..r0 + L * rv + L;
+                        let scale = $v::load_ps(&u.scale[2 * c + h][rows.clone()]);
+                        let offset = $v::load_ps(&u.offset[2 * c + h][rows]);
+                        for t in 0..T {
+                            let a = $v::fmadd_ps(
+                                $v::cvt(isum[rv][t]),
+                                $v::mul_ps(scale, $v::set1_ps(blocks[t].d)),
+                                accf[rv][t],
+                            );
+                            let xsum = $v::set1_ps(blocks[t].value_sum(H, h));
+                            accf[rv][t] = $v::fmadd_ps(offset, xsum, a);
+                        }
                     }
                 }
             }
@@ -193,11 +199,19 @@ macro_rules! multiply_fn {
             for r0 in (0..TILE).step_by($v::L * $RV) {
                 let mut n0 = 0;
                 while n0 + $T <= tokens {
-                    $tile::<$RV, $T>(u, chunk, acc, r0, n0);
+                    if u.halves == 2 {
+                        $tile::<$RV, $T, 2>(u, chunk, acc, r0, n0);
+                    } else {
+                        $tile::<$RV, $T, 1>(u, chunk, acc, r0, n0);
+                    }
                     n0 += $T;
                 }
                 while n0 < tokens {
-                    $tile::<$RV, 1>(u, chunk, acc, r0, n0);
+                    if u.halves == 2 {
+                        $tile::<$RV, 1, 2>(u, chunk, acc, r0, n0);
+                    } else {
+                        $tile::<$RV, 1, 1>(u, chunk, acc, r0, n0);
+                    }
                     n0 += 1;
                 }
             }

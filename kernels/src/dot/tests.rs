@@ -143,54 +143,76 @@ fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
     }
 }
 
+/// A random two-level (K-quant-like) matrix: integer sub-scales (signed without mins), f16
+/// super-block scales, groups of `group`.
+fn random_super(
+    rng: &mut SplitMix64,
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    zero_point: u8,
+    mins: bool,
+    group: usize,
+) -> PackedMatrix {
+    let groups = cols / group;
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| (rng.next_u64() % (1u64 << bits)) as u8)
+        .collect();
+    let sub_scales: Vec<i8> = (0..rows * groups)
+        .map(|_| (rng.next_u64() % 63) as i8 - if mins { 0 } else { 31 })
+        .collect();
+    let sub_mins: Vec<u8> = (0..rows * groups)
+        .map(|_| (rng.next_u64() % 64) as u8)
+        .collect();
+    let supers = rows * cols / 256;
+    let d: Vec<u16> = (0..supers)
+        .map(|_| half::f16::from_f32(0.001 + 0.01 * unit(rng)).to_bits())
+        .collect();
+    let dmin: Vec<u16> = (0..supers)
+        .map(|_| half::f16::from_f32(0.002 * unit(rng)).to_bits())
+        .collect();
+    PackedMatrix::pack_super_blocks(&SuperBlockWeights {
+        rows,
+        cols,
+        bits,
+        group,
+        zero_point,
+        codes: &codes,
+        sub_scales: &sub_scales,
+        sub_mins: mins.then_some(&sub_mins[..]),
+        d: &d,
+        dmin: mins.then_some(&dmin[..]),
+    })
+    .unwrap()
+}
+
 #[test]
 fn two_level_scales_follow_the_dequantized_weights() {
     let mut rng = SplitMix64::new(5);
     let (rows, cols, tokens) = (70, 512, 9);
-    // Q4_K-like (mins) and Q5_K-like groups of 32, and a zero-point form without mins.
-    for (bits, zero_point, mins) in [(4u8, 0u8, true), (5, 0, true), (3, 4, false)] {
-        let groups = cols / 32;
-        let codes: Vec<u8> = (0..rows * cols)
-            .map(|_| (rng.next_u64() % (1u64 << bits)) as u8)
-            .collect();
-        let sub_scales: Vec<i8> = (0..rows * groups)
-            .map(|_| (rng.next_u64() % 63) as i8 - if mins { 0 } else { 31 })
-            .collect();
-        let sub_mins: Vec<u8> = (0..rows * groups)
-            .map(|_| (rng.next_u64() % 64) as u8)
-            .collect();
-        let supers = rows * cols / 256;
-        let d: Vec<u16> = (0..supers)
-            .map(|_| half::f16::from_f32(0.001 + 0.01 * unit(&mut rng)).to_bits())
-            .collect();
-        let dmin: Vec<u16> = (0..supers)
-            .map(|_| half::f16::from_f32(0.002 * unit(&mut rng)).to_bits())
-            .collect();
-        let m = PackedMatrix::pack_super_blocks(&SuperBlockWeights {
-            rows,
-            cols,
-            bits,
-            group: 32,
-            zero_point,
-            codes: &codes,
-            sub_scales: &sub_scales,
-            sub_mins: mins.then_some(&sub_mins[..]),
-            d: &d,
-            dmin: mins.then_some(&dmin[..]),
-        })
-        .unwrap();
+    // Q4_K-like (mins) and Q5_K-like groups of 32, and a zero-point form without mins; groups of
+    // 16 like Q6_K and Q3_K (zero points) and Q2_K (mins).
+    for (bits, zero_point, mins, group) in [
+        (4u8, 0u8, true, 32),
+        (5, 0, true, 32),
+        (3, 4, false, 32),
+        (6, 32, false, 16),
+        (3, 4, false, 16),
+        (2, 0, true, 16),
+    ] {
+        let m = random_super(&mut rng, rows, cols, bits, zero_point, mins, group);
         assert!(m.has_dot_form());
         let x = random_acts(&mut rng, cols, tokens);
         let acts = quantize(&x, cols, tokens);
         let want = run(&Cpu::with_isa(Isa::Scalar, 1).unwrap(), &m, &acts);
         let error = nmse(&want, &exact(&m, &x, tokens));
-        assert!(error < 2e-4, "{bits}-bit two-level: nmse {error}");
+        assert!(error < 2e-4, "{bits}-bit two-level g{group}: nmse {error}");
         for isa in Isa::supported() {
             let got = run(&Cpu::with_isa(isa, 2).unwrap(), &m, &acts);
             assert_eq!(
                 bits_of(&got),
                 bits_of(&want),
-                "{isa:?} {bits}-bit two-level"
+                "{isa:?} {bits}-bit two-level g{group}"
             );
         }
     }
@@ -201,16 +223,23 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
     #[cfg(target_arch = "x86_64")]
     if Isa::Avx2.is_supported() {
         let mut rng = SplitMix64::new(3);
-        for bits in 1..=6u8 {
-            let cols = 32 * 6;
+        let cols = 256 * 2;
+        let uniform = (1..=6u8).map(|bits| {
             let m = random_matrix(&mut rng, 64, cols, bits, Grouping::Size(32), true);
+            (bits, m)
+        });
+        let mut rng2 = SplitMix64::new(4);
+        // Groups of 16 (each activation block in two halves): Q6_K-like and Q2_K-like.
+        let halves = [(6u8, 32u8, false), (2, 0, true)]
+            .map(|(bits, z, mins)| (bits, random_super(&mut rng2, 64, cols, bits, z, mins, 16)));
+        for (bits, m) in uniform.collect::<Vec<_>>().into_iter().chain(halves) {
             let w = m.view();
             let tile = w.tile(0);
             let per_row = cols / ACT;
             for tokens in [1, 2, 5, 7, 64] {
                 let x = random_acts(&mut rng, cols, tokens);
                 let acts = quantize(&x, cols, tokens);
-                for a0 in [0, 4] {
+                for a0 in [0, 5, 14] {
                     let count = CHUNK.min(per_row - a0);
                     let (mut want, mut got) = (Unpacked::new(), Unpacked::new());
                     unpack_scalar(&tile, a0, count, &mut want);
