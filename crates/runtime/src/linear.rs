@@ -404,8 +404,10 @@ impl Linear {
         match self {
             Linear::Lut(m) if input.dot > 0 && m.has_dot_form() => {
                 let (head, tail) = out.split_at_mut(input.dot * self.rows());
-                let acts = input.dot_head.as_ref().filter(|_| input.built.dot);
-                m.matmul_dot(cpu, acts.ok_or_else(|| missing("int8 activations"))?, head)?;
+                let acts = input
+                    .dot_acts()
+                    .ok_or_else(|| missing("int8 activations"))?;
+                m.matmul_dot(cpu, acts, head)?;
                 if !tail.is_empty() {
                     let tables = input.dot_tail.as_ref().filter(|_| input.built.dot);
                     m.matmul(cpu, tables.ok_or_else(|| missing("tables"))?, tail)?;
@@ -450,8 +452,7 @@ impl Linear {
             .zip(&outs)
             .all(|(m, o)| o.len() == input.tokens * m.rows());
         if ready && lengths && input.dot > 0 {
-            let acts = input.dot_head.as_ref().filter(|_| input.built.dot);
-            if let (Some(Linear::Lut(first)), Some(acts)) = (mats.first(), acts) {
+            if let (Some(Linear::Lut(first)), Some(acts)) = (mats.first(), input.dot_acts()) {
                 let mut packed = [first; N];
                 if fill_same_kind(&mut packed, &mats, |m| match m {
                     Linear::Lut(p) if p.has_dot_form() => Some(p),
@@ -828,11 +829,27 @@ impl Input {
             )));
         };
         let (head, tail) = self.values[..n * cols].split_at(dot * cols);
-        head_acts.build(cpu, head, dot)?;
+        // When int8 consumers already hold every vector and all are on the dot path, those
+        // activations are the head's (see `dot_acts`): quantized once.
+        if !(self.built.int8 && dot == n) {
+            head_acts.build(cpu, head, dot)?;
+        }
         tail_tables.build(cpu, tail, n - dot)?;
         self.built.dot = true;
         self.dot = dot;
         Ok(())
+    }
+
+    /// The int8 activations of the dot path's leading vectors, when the last prepare split them:
+    /// the int8 form itself when it was built for int8 consumers and every vector is a dot row.
+    fn dot_acts(&self) -> Option<&Int8Activations> {
+        if !self.built.dot {
+            None
+        } else if self.built.int8 && self.dot == self.tokens {
+            self.int8.as_ref()
+        } else {
+            self.dot_head.as_ref()
+        }
     }
 
     /// Builds the forms `want` of the current vectors.
