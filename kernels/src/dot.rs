@@ -237,11 +237,7 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     u.halves = if v.half_groups { 2 } else { 1 };
     let centre = u.top as f32 * 0.5;
     for (c, h) in (0..count).flat_map(|c| (0..u.halves).map(move |h| (c, h))) {
-        let g = if v.half_groups {
-            2 * (a0 + c) + h
-        } else {
-            (a0 + c) / v.apg
-        };
+        let g = v.group_of(a0 + c, h);
         let (scale, offset) = (&mut u.scale[2 * c + h], &mut u.offset[2 * c + h]);
         match &v.super_scales {
             None => {

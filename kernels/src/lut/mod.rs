@@ -197,6 +197,17 @@ impl TileView<'_> {
         }
     }
 
+    /// The weight group holding half `h` of activation group `a` (`h` is 0 unless groups are 16
+    /// wide): the inverse of [`TileView::span`].
+    #[inline]
+    pub fn group_of(&self, a: usize, h: usize) -> usize {
+        if self.half_groups {
+            2 * a + h
+        } else {
+            a / self.apg
+        }
+    }
+
     /// Σx of one token over weight group `g` (as [`TabView::group_sum`] for whole activation groups).
     #[inline]
     pub fn group_sum(&self, t: &TabView<'_>, token: usize, g: usize) -> f32 {
