@@ -576,11 +576,6 @@ fn quantize_blocks(isa: Isa, x: &[f32], blocks: &mut [ActBlock]) {
             }
         }
     }
-    for (block, xs) in blocks.iter_mut().zip(x.chunks_exact(BLOCK)) {
-        block.xsum = block_sum(xs);
-        block.xsum_halves = half_sums(xs);
-        block.sum_lo = block.q[..BLOCK / 2].iter().map(|&q| i32::from(q)).sum();
-    }
 }
 
 /// `Σ x` of each 16-value half of a block in one order on every ISA: eight lanes of `x[i] +
@@ -604,19 +599,21 @@ fn block_sum(x: &[f32]) -> f32 {
     hsum8(lanes)
 }
 
-/// Q8_0 quantization of one block: the reference the SIMD quantizers match bit for bit.
-/// NaN values are left out of `max|x|` and get code 0.
+/// Q8_0 quantization of one block, with its code and value sums: the reference the SIMD
+/// quantizers match bit for bit. NaN values are left out of `max|x|` and get code 0.
 fn quantize_block(x: &[f32], block: &mut ActBlock) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let (d, inv) = block_scale(amax);
-    let mut sum = 0i32;
     for (q, &v) in block.q.iter_mut().zip(x) {
         // `as` saturates (and maps NaN to 0), so odd inputs cannot wrap.
         *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-        sum += i32::from(*q);
     }
+    let code_sum = |q: &[i8]| q.iter().map(|&q| i32::from(q)).sum::<i32>();
     block.d = d;
-    block.sum = sum;
+    block.sum = code_sum(&block.q);
+    block.sum_lo = code_sum(&block.q[..BLOCK / 2]);
+    block.xsum = block_sum(x);
+    block.xsum_halves = half_sums(x);
 }
 
 /// The scale `d = amax / 127` of a block with largest magnitude `amax`, and the factor `1 / d`

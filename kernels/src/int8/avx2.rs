@@ -132,7 +132,8 @@ pub(crate) fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
-/// AVX2 version of `int8::quantize_block` for each block of `blocks`, from 32 values of `x` each.
+/// AVX2 version of `int8::quantize_block` (codes, scale, code sums and value sums) for each block
+/// of `blocks`, from 32 values of `x` each.
 pub(super) fn quantize(x: &[f32], blocks: &mut [ActBlock]) {
     assert!(
         Isa::Avx2.is_supported(),
@@ -191,16 +192,23 @@ fn quantize_blocks(x: &[f32], blocks: &mut [ActBlock]) {
         let q = _mm256_permutevar8x32_epi32(packed, order);
         // SAFETY: `block.q` is 32 writable bytes; storeu has no alignment requirement.
         unsafe { _mm256_storeu_si256(block.q.as_mut_ptr().cast(), q) };
-        let total = _mm256_add_epi32(
-            _mm256_add_epi32(codes[0], codes[1]),
-            _mm256_add_epi32(codes[2], codes[3]),
-        );
-        let s = _mm_add_epi32(
-            _mm256_castsi256_si128(total),
-            _mm256_extracti128_si256::<1>(total),
-        );
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        block.sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<1>(s)));
+        let lo = _mm256_add_epi32(codes[0], codes[1]);
+        block.sum_lo = hsum_epi32(lo);
+        block.sum = hsum_epi32(_mm256_add_epi32(lo, _mm256_add_epi32(codes[2], codes[3])));
         block.d = d;
+        // Lane i of `v[0] + v[1]` is `x[i] + x[i + 8]`: the lanes of `int8::half_sums` (and
+        // `v[2] + v[3]` the second half's); adding `v[2]` then `v[3]` to it gives the lanes of
+        // `int8::block_sum`.
+        let lo = _mm256_add_ps(v[0], v[1]);
+        block.xsum_halves = [hsum(lo), hsum(_mm256_add_ps(v[2], v[3]))];
+        block.xsum = hsum(_mm256_add_ps(_mm256_add_ps(lo, v[2]), v[3]));
     }
+}
+
+/// Sum of the eight int32 lanes of `v` (exact, so any order).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<1>(s)))
 }

@@ -128,7 +128,8 @@ pub(crate) fn hsum(lo: float32x4_t, hi: float32x4_t) -> f32 {
     vpadds_f32(vadd_f32(vget_low_f32(h), vget_high_f32(h)))
 }
 
-/// NEON version of `int8::quantize_block` for each block of `blocks`, from 32 values of `x` each.
+/// NEON version of `int8::quantize_block` (codes, scale, code sums and value sums) for each block
+/// of `blocks`, from 32 values of `x` each.
 pub(super) fn quantize(x: &[f32], blocks: &mut [ActBlock]) {
     assert!(
         Isa::Neon.is_supported(),
@@ -162,20 +163,31 @@ fn quantize_blocks(x: &[f32], blocks: &mut [ActBlock]) {
             let r = vrndaq_f32(vmulq_f32(v, inv));
             *c = vcvtq_s32_f32(vminq_f32(vmaxq_f32(r, low), high));
         }
-        let mut total = vdupq_n_s32(0);
-        for (i, four) in codes.chunks_exact(4).enumerate() {
+        let mut halves = [vdupq_n_s32(0); 2];
+        for (i, (four, half)) in codes.chunks_exact(4).zip(&mut halves).enumerate() {
             let lo = vcombine_s16(vmovn_s32(four[0]), vmovn_s32(four[1]));
             let hi = vcombine_s16(vmovn_s32(four[2]), vmovn_s32(four[3]));
             let q = vcombine_s8(vmovn_s16(lo), vmovn_s16(hi));
             // SAFETY: `block.q` is 32 writable bytes, so bytes 16i..16i+16 (i < 2) are;
             // vst1q has no alignment requirement.
             unsafe { vst1q_s8(block.q.as_mut_ptr().add(16 * i), q) };
-            total = vaddq_s32(
-                total,
-                vaddq_s32(vaddq_s32(four[0], four[1]), vaddq_s32(four[2], four[3])),
-            );
+            *half = vaddq_s32(vaddq_s32(four[0], four[1]), vaddq_s32(four[2], four[3]));
         }
-        block.sum = vaddvq_s32(total);
+        block.sum_lo = vaddvq_s32(halves[0]);
+        block.sum = vaddvq_s32(vaddq_s32(halves[0], halves[1]));
         block.d = d;
+        // Lanes 0..4 of `int8::half_sums`' first half are `v[0] + v[2]` (`x[i] + x[i + 8]`),
+        // lanes 4..8 `v[1] + v[3]`; the second half's are `v[4] + v[6]` and `v[5] + v[7]`.
+        // Adding the next two vectors of each lane group in turn gives the lanes of
+        // `int8::block_sum`.
+        let (lo, hi) = (vaddq_f32(v[0], v[2]), vaddq_f32(v[1], v[3]));
+        block.xsum_halves = [
+            hsum(lo, hi),
+            hsum(vaddq_f32(v[4], v[6]), vaddq_f32(v[5], v[7])),
+        ];
+        block.xsum = hsum(
+            vaddq_f32(vaddq_f32(lo, v[4]), v[6]),
+            vaddq_f32(vaddq_f32(hi, v[5]), v[7]),
+        );
     }
 }

@@ -493,8 +493,8 @@ const BELOW_ONE_AND_HALF: f32 = 1.499_999_9;
 
 /// 32-value blocks that stress the quantizer: exact ties after scaling (max 127 gives `1/d = 1`,
 /// max 254 gives `1/d = 0.5`), values just below a tie, zeros, all-equal blocks, huge and tiny
-/// magnitudes (a scale that underflows to 0, one whose inverse overflows to ∞), NaN and ±∞, and
-/// values near ties of random scales.
+/// magnitudes (a scale that underflows to 0, one whose inverse overflows to ∞), NaN and ±∞ (with
+/// sums ∞ − ∞ in both halves), large values of both signs, and values near ties of random scales.
 fn awkward_blocks(rng: &mut TestRng) -> Vec<[f32; BLOCK]> {
     let with = |first: &[f32], rest: &mut dyn FnMut(usize) -> f32| -> [f32; BLOCK] {
         std::array::from_fn(|i| first.get(i).copied().unwrap_or_else(|| rest(i)))
@@ -545,6 +545,30 @@ fn awkward_blocks(rng: &mut TestRng) -> Vec<[f32; BLOCK]> {
     let mut last = with(&[], &mut |_| rng.gaussian());
     last[BLOCK - 1] = f32::NAN;
     blocks.push(last);
+    blocks.push(with(
+        &[
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            1.0,
+            2.0,
+        ],
+        &mut |i| match i {
+            16 => f32::INFINITY,
+            17 => f32::NEG_INFINITY,
+            _ => 0.5,
+        },
+    ));
+    // Large values of both signs beside small ones: other summation orders round differently.
+    blocks.push(with(&[], &mut |i| {
+        let big = ((i * 7919) % 32) as f32 * 1e5;
+        0.1 * i as f32 + if (i + i / 8) % 2 == 0 { big } else { -big }
+    }));
     for _ in 0..6 {
         // Values (k + ½)·d for a random d: after scaling by 1/d, ties or just off them.
         let d = 1e-3 + rng.uniform();
@@ -553,6 +577,12 @@ fn awkward_blocks(rng: &mut TestRng) -> Vec<[f32; BLOCK]> {
         blocks.push(block);
     }
     blocks
+}
+
+/// Whether `a` and `b` are the same f32 bits, or both NaN (Rust leaves a NaN's sign and payload
+/// unspecified, e.g. for ∞ − ∞ or a sum of two NaNs, so only NaN-ness is compared).
+fn same_bits(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
 
 /// The scalar reference's blocks for `x`, one per 32 values.
@@ -572,10 +602,18 @@ fn reference_blocks(x: &[f32]) -> Vec<ActBlock> {
 fn reference_quantizer_rounds_half_away_from_zero() {
     let blocks = awkward_blocks(&mut TestRng::new(12));
     let got = reference_blocks(blocks.as_flattened());
-    for block in &got {
+    for (block, xs) in got.iter().zip(&blocks) {
         let sum: i32 = block.q.iter().map(|&q| i32::from(q)).sum();
-        assert_eq!(block.sum, sum);
+        let sum_lo: i32 = block.q[..BLOCK / 2].iter().map(|&q| i32::from(q)).sum();
+        assert_eq!((block.sum, block.sum_lo), (sum, sum_lo));
+        assert!(same_bits(block.xsum, block_sum(xs)));
+        assert!(same_bits(block.xsum_halves[0], half_sums(xs)[0]));
+        assert!(same_bits(block.xsum_halves[1], half_sums(xs)[1]));
     }
+    // Small integers sum exactly: 254 + Σ (2i − 33) over i = 1..16, and over i = 16..32.
+    assert_eq!((got[1].xsum, got[1].xsum_halves), (223.0, [-1.0, 224.0]));
+    // ∞ − ∞ is NaN.
+    assert!(got[14].xsum.is_nan() && got[14].xsum_halves.iter().all(|s| s.is_nan()));
     let ties = &got[0];
     assert_eq!(ties.d, 1.0);
     assert_eq!(
@@ -605,8 +643,8 @@ fn reference_quantizer_rounds_half_away_from_zero() {
     assert_eq!(got[13].q[BLOCK - 1], 0);
 }
 
-/// Every ISA quantizes activations exactly as the scalar reference (codes, scale and code sum),
-/// on the awkward blocks and random ones with outliers, one block per token (K = 32) and 18.
+/// Every ISA quantizes activations exactly as the scalar reference (codes, scale, code sums and
+/// value sums), on the awkward blocks and random ones with outliers, one block per token (K = 32) and 18.
 #[test]
 fn every_isa_quantizes_like_scalar_bit_for_bit() {
     let mut rng = TestRng::new(11);
@@ -623,12 +661,24 @@ fn every_isa_quantizes_like_scalar_bit_for_bit() {
                 acts.build(&cpu, x, tokens).unwrap();
                 assert_eq!(acts.blocks().len(), expected.len());
                 for (i, (got, want)) in acts.blocks().iter().zip(&expected).enumerate() {
-                    assert_eq!(
-                        (got.q, got.d.to_bits(), got.sum),
-                        (want.q, want.d.to_bits(), want.sum),
+                    let context = format!(
                         "{isa} K={cols} N={tokens} {threads} threads, block {i} of input {:?}",
                         &x[i * BLOCK..(i + 1) * BLOCK]
                     );
+                    assert_eq!(
+                        (got.q, got.d.to_bits(), got.sum, got.sum_lo),
+                        (want.q, want.d.to_bits(), want.sum, want.sum_lo),
+                        "{context}"
+                    );
+                    let sums = |b: &ActBlock| [b.xsum, b.xsum_halves[0], b.xsum_halves[1]];
+                    for (g, w) in sums(got).into_iter().zip(sums(want)) {
+                        assert!(
+                            same_bits(g, w),
+                            "{context}: sums {:?} {:?}",
+                            sums(got),
+                            sums(want)
+                        );
+                    }
                 }
             }
         }
