@@ -176,13 +176,20 @@ impl Model {
             let observe = observe
                 .as_mut()
                 .map(|f| &mut **f as &mut dyn FnMut(MatrixInput, &[f32]));
-            let mut segs = [Segment {
+            let segs = [Segment {
                 prompt: true,
                 rows: n,
                 pos0: b * MAX_BATCH,
-                cache: &mut runner.cache,
+                cache: 0,
             }];
-            self.block(&mut runner.state, layer, &mut segs, 0, observe)?;
+            self.block(
+                &mut runner.state,
+                layer,
+                &segs,
+                &mut runner.cache,
+                0,
+                observe,
+            )?;
             chunk.copy_from_slice(runner.state.x_mut(n));
         }
         Ok(())

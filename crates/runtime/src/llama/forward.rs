@@ -72,6 +72,57 @@ pub(crate) struct RunState {
     /// Final-normed residual of the tokens whose logits are wanted.
     head_in: Input,
     attention: Attention,
+    /// The layout of a [`Model::forward_sequences`] batch.
+    layout: BatchLayout,
+}
+
+/// How a [`Model::forward_sequences`] batch lays its sequences out in rows, rebuilt every step in
+/// buffers that keep their capacity (reserved for a full batch), so a step allocates nothing.
+#[derive(Debug, Default)]
+struct BatchLayout {
+    /// Every sequence's tokens, in segment order.
+    tokens: Vec<u32>,
+    /// One per sequence, prompts first.
+    segments: Vec<Segment>,
+    /// The batch row of each sequence's last token, in the callers' order.
+    last_row: Vec<usize>,
+    /// The rows whose logits are wanted, in the callers' order.
+    wanted: Vec<usize>,
+}
+
+impl BatchLayout {
+    fn with_capacity(rows: usize) -> BatchLayout {
+        BatchLayout {
+            tokens: Vec::with_capacity(rows),
+            segments: Vec::with_capacity(rows),
+            last_row: Vec::with_capacity(rows),
+            wanted: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Lays out `seqs`: prompts first, so that their rows are one run (`block` multiplies that
+    /// run on the dot path), each group in the callers' order.
+    fn build(&mut self, seqs: &[SequenceBatch<'_>]) {
+        self.tokens.clear();
+        self.segments.clear();
+        self.last_row.clear();
+        self.last_row.resize(seqs.len(), 0);
+        for prompts in [true, false] {
+            for (i, s) in seqs.iter().enumerate().filter(|(_, s)| s.prompt == prompts) {
+                self.tokens.extend_from_slice(s.tokens);
+                self.last_row[i] = self.tokens.len() - 1;
+                self.segments.push(Segment {
+                    rows: s.tokens.len(),
+                    pos0: s.cache.len(),
+                    cache: i,
+                    prompt: s.prompt,
+                });
+            }
+        }
+        self.wanted.clear();
+        let wanted = seqs.iter().zip(&self.last_row).filter(|(s, _)| s.logits);
+        self.wanted.extend(wanted.map(|(_, &row)| row));
+    }
 }
 
 /// Run states not in use. A forward pass takes one (or makes one when all are in use) and puts it
@@ -144,6 +195,7 @@ impl RunState {
             down_in: Input::for_consumers(f, max_batch, layers.iter().map(|l| [&l.w_down])),
             head_in: Input::for_consumers(h, max_batch, [[head]]),
             attention: Attention::new(shape, context, max_batch),
+            layout: BatchLayout::with_capacity(max_batch),
         }
     }
 }
@@ -163,13 +215,34 @@ pub struct SequenceBatch<'a> {
 }
 
 /// One sequence's rows in a block's batch: `rows` residual rows at positions `pos0..`, whose keys
-/// and values go to `cache`.
-pub(super) struct Segment<'c> {
+/// and values go to KV cache `cache` of the batch's [`Caches`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Segment {
     pub(super) rows: usize,
     pub(super) pos0: usize,
-    pub(super) cache: &'c mut KvCache,
+    pub(super) cache: usize,
     /// Prompt rows, which take the dot path (see [`SequenceBatch::prompt`]).
     pub(super) prompt: bool,
+}
+
+/// The KV caches of a batch's sequences, by the index its [`Segment`]s name.
+pub(super) trait Caches {
+    /// The cache of the segments that name `index`.
+    fn cache(&mut self, index: usize) -> &mut KvCache;
+}
+
+/// A single sequence's cache (index 0).
+impl Caches for KvCache {
+    fn cache(&mut self, _: usize) -> &mut KvCache {
+        self
+    }
+}
+
+/// Sequence `index`'s cache.
+impl Caches for [SequenceBatch<'_>] {
+    fn cache(&mut self, index: usize) -> &mut KvCache {
+        self[index].cache
+    }
 }
 
 impl Model {
@@ -238,14 +311,13 @@ impl Model {
             } else {
                 (&mut logits[..0], 0..0)
             };
-            let pos0 = cache.len();
-            let mut segs = [Segment {
+            let segs = [Segment {
                 rows: n,
-                pos0,
-                cache: &mut *cache,
+                pos0: cache.len(),
+                cache: 0,
                 prompt,
             }];
-            self.forward_rows(&mut st, batch, &mut segs, wanted, out)
+            self.forward_rows(&mut st, batch, &segs, cache, wanted, out)
         });
         self.scratch.put(st);
         result
@@ -286,50 +358,33 @@ impl Model {
         for s in seqs.iter_mut() {
             self.check_sequence(s.tokens, s.cache)?;
         }
-        // Prompts go first, so that their rows are one run (`block` multiplies that run on the
-        // dot path); logits stay in the callers' order.
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| !seqs[i].prompt);
-        let mut first_row = vec![0; seqs.len()];
-        let mut end = 0;
-        for &i in &order {
-            first_row[i] = end;
-            end += seqs[i].tokens.len();
-        }
-        let tokens: Vec<u32> = order
-            .iter()
-            .flat_map(|&i| seqs[i].tokens.iter().copied())
-            .collect();
-        let rows: Vec<usize> = (0..seqs.len())
-            .filter(|&i| seqs[i].logits)
-            .map(|i| first_row[i] + seqs[i].tokens.len() - 1)
-            .collect();
-        let mut by_order: Vec<Option<&mut SequenceBatch<'_>>> = seqs.iter_mut().map(Some).collect();
-        let mut segs: Vec<Segment<'_>> = order
-            .iter()
-            .map(|&i| {
-                let s = by_order[i].take().expect("each sequence once");
-                Segment {
-                    rows: s.tokens.len(),
-                    pos0: s.cache.len(),
-                    cache: &mut *s.cache,
-                    prompt: s.prompt,
-                }
-            })
-            .collect();
         let mut st = self.scratch.take(self);
-        let result = self.forward_rows(&mut st, &tokens, &mut segs, rows.into_iter(), logits);
+        // Taken out of the run state while the blocks borrow it; given back with its buffers.
+        let mut layout = std::mem::take(&mut st.layout);
+        layout.build(seqs);
+        let wanted = layout.wanted.iter().copied();
+        let result = self.forward_rows(
+            &mut st,
+            &layout.tokens,
+            &layout.segments,
+            seqs,
+            wanted,
+            logits,
+        );
+        st.layout = layout;
         self.scratch.put(st);
         result
     }
 
-    /// One batch of rows: `tokens` split into `segs` (one per sequence, in order); writes the
-    /// logits of the rows in `wanted` (indices within the batch), in that order, into `logits`.
+    /// One batch of rows: `tokens` split into `segs` (one per sequence, in order, with their
+    /// caches in `caches`); writes the logits of the rows in `wanted` (indices within the batch),
+    /// in that order, into `logits`.
     fn forward_rows(
         &self,
         st: &mut RunState,
         tokens: &[u32],
-        segs: &mut [Segment<'_>],
+        segs: &[Segment],
+        caches: &mut (impl Caches + ?Sized),
         wanted: impl ExactSizeIterator<Item = usize>,
         logits: &mut [f32],
     ) -> Result<()> {
@@ -340,10 +395,10 @@ impl Model {
         self.embed(tokens, &mut st.x[..n * h])?;
 
         for l in 0..self.layers.len() {
-            self.block(st, l, segs, l, None)?;
+            self.block(st, l, segs, caches, l, None)?;
         }
-        for seg in segs.iter_mut() {
-            seg.cache.advance(seg.rows);
+        for seg in segs {
+            caches.cache(seg.cache).advance(seg.rows);
         }
         let x = &st.x[..n * h];
 
@@ -380,14 +435,15 @@ impl Model {
 
     /// Transformer block `l` on the residual rows in `st.x`: the rows of each sequence in
     /// `segs`, in order, at that sequence's positions, storing keys and values in layer
-    /// `cache_layer` of its cache (which has room for them). The matrices read all rows at once;
+    /// `cache_layer` of its cache in `caches` (which has room for them). The matrices read all rows at once;
     /// attention reads each sequence's own cache. `observe`, when given, sees the input rows of
     /// each group of matrices as they read them.
     pub(super) fn block(
         &self,
         st: &mut RunState,
         l: usize,
-        segs: &mut [Segment<'_>],
+        segs: &[Segment],
+        caches: &mut (impl Caches + ?Sized),
         cache_layer: usize,
         mut observe: Option<InputObserver<'_>>,
     ) -> Result<()> {
@@ -443,7 +499,7 @@ impl Model {
         let att = st.o_in.values_mut(n);
         let window = window.map(|w| w.size);
         let mut row = 0;
-        for seg in segs.iter_mut() {
+        for seg in segs {
             let (rows, pos0) = (row..row + seg.rows, seg.pos0);
             row += seg.rows;
             let qs = &mut q[rows.start * q_dim..rows.end * q_dim];
@@ -457,10 +513,11 @@ impl Model {
                 rope.apply(kt, pos0 + t);
             }
             let vs = &v[rows.start * kv_dim..rows.end * kv_dim];
-            seg.cache.store(cache_layer, pos0, ks, vs);
+            let cache = caches.cache(seg.cache);
+            cache.store(cache_layer, pos0, ks, vs);
             st.attention.attend(
                 cpu,
-                seg.cache.layer(cache_layer),
+                cache.layer(cache_layer),
                 qs,
                 seg.rows,
                 pos0,

@@ -1322,6 +1322,7 @@ fn sequences_batched_together_equal_each_alone() {
             model.forward(step, &mut cache, &mut logits).unwrap();
             alone.push(logits);
         }
+        let mut again = caches.clone();
         let [c0, c1, c2] = &mut caches[..] else {
             unreachable!()
         };
@@ -1356,6 +1357,21 @@ fn sequences_batched_together_equal_each_alone() {
         }
         let lens: Vec<usize> = caches.iter().map(KvCache::len).collect();
         assert_eq!(lens, [10, 21, 31]);
+        // The same step again without the prompt's logits: the others' rows still come in the
+        // callers' order.
+        let mut seqs: Vec<SequenceBatch<'_>> = (steps.iter().zip(&mut again).enumerate())
+            .map(|(i, (tokens, cache))| SequenceBatch {
+                tokens,
+                cache,
+                logits: i != 1,
+                prompt: i == 1,
+            })
+            .collect();
+        let mut two = vec![0.0; 2 * vocab];
+        model.forward_sequences(&mut seqs, &mut two).unwrap();
+        for (got, want) in two.chunks_exact(vocab).zip([&alone[0], &alone[2]]) {
+            assert!(rel_error(got, want) < 1e-4);
+        }
         // The middle sequence's cache now holds its step: its next token matches running alone.
         let mut next = vec![0.0; vocab];
         model.forward(&[3], &mut caches[1], &mut next).unwrap();
