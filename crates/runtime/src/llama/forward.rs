@@ -245,7 +245,8 @@ impl Model {
                 cache: &mut *cache,
                 prompt,
             }];
-            self.forward_rows(&mut st, batch, &mut segs, wanted, out)
+            let head_prompt = all_logits && prompt;
+            self.forward_rows(&mut st, batch, &mut segs, wanted, head_prompt, out)
         });
         self.scratch.put(st);
         result
@@ -318,19 +319,23 @@ impl Model {
             })
             .collect();
         let mut st = self.scratch.take(self);
-        let result = self.forward_rows(&mut st, &tokens, &mut segs, rows.into_iter(), logits);
+        let result =
+            self.forward_rows(&mut st, &tokens, &mut segs, rows.into_iter(), false, logits);
         self.scratch.put(st);
         result
     }
 
     /// One batch of rows: `tokens` split into `segs` (one per sequence, in order); writes the
     /// logits of the rows in `wanted` (indices within the batch), in that order, into `logits`.
+    /// With `head_prompt` (every row of one prompt wanted, as perplexity wants them) the LM head
+    /// multiplies them as prompt rows, on the dot path where the CPU has one.
     fn forward_rows(
         &self,
         st: &mut RunState,
         tokens: &[u32],
         segs: &mut [Segment<'_>],
         wanted: impl ExactSizeIterator<Item = usize>,
+        head_prompt: bool,
         logits: &mut [f32],
     ) -> Result<()> {
         let c = &self.config;
@@ -355,7 +360,11 @@ impl Model {
                 rmsnorm(cpu, out, &x[r * h..(r + 1) * h], &self.output_norm, eps);
             }
             let head = self.output.as_ref().unwrap_or(&self.embedding);
-            st.head_in.prepare(cpu, &[head])?;
+            let dot = match PackedMatrix::dot_instruction(cpu) {
+                Some(_) if head_prompt => m,
+                _ => 0,
+            };
+            st.head_in.prepare_rows(cpu, &[head], dot)?;
             head.matmul(cpu, &st.head_in, logits)?;
             if let Some(cap) = c.logit_softcap {
                 soft_cap(logits, cap);
