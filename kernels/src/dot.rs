@@ -19,21 +19,28 @@
 //! block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, so all ISAs give the same
 //! bits. With groups of 16, each block is two halves, each with its own `Σq_x`, `Σx`, scale and
 //! offset, multiplied in that order.
+//!
+//! The same tiles and multiplies take [`crate::Int8Matrix`] weights (Q8_0 codes, IQ4 codebook
+//! values; [`int8_tiles`]) where the CPU has `vpdpbusd`: their codes fill all eight bits, which
+//! `maddubs` pairs could overflow. Each matrix kind is a [`DotTiles`]: how a tile is unpacked.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::cpu::Cpu;
-use crate::int8::{ActBlock, Int8Activations};
+use crate::int8::ActBlock;
 use crate::isa::Isa;
-use crate::lut::layout::{ACT, LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TILE};
+use crate::lut::layout::{LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TILE};
 use crate::lut::{TileView, Weights};
 use crate::tiling::{run_row_tasks, Split};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod int8_tiles;
 #[cfg(test)]
 mod tests;
+
+pub(crate) use int8_tiles::Int8Tiles;
 
 /// Tokens per task block: the codes of a tile are unpacked once per block of this many tokens.
 pub(crate) const NB: usize = 256;
@@ -46,13 +53,15 @@ pub(crate) const MAX_BITS: usize = 6;
 /// Bytes of unpacked codes per activation group of a tile: 8 column quads × 64 rows × 4.
 pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
 
-/// The instruction the dot path multiplies with on `cpu`, or `None` where it has no SIMD form.
-pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
+/// The instruction the dot path multiplies with on `cpu`, or `None` where it has no SIMD form
+/// for these codes ([`DotTiles::WIDE_CODES`] need `vpdpbusd`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+pub(crate) fn instruction(cpu: &Cpu, wide_codes: bool) -> Option<&'static str> {
     match cpu.isa() {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if avx2::has_vnni() => Some("vpdpbusd"),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some("maddubs"),
+        Isa::Avx2 if !wide_codes => Some("maddubs"),
         _ => None,
     }
 }
@@ -132,52 +141,107 @@ pub(crate) fn supports(w: &Weights<'_>) -> bool {
     !w.per_plane && (1..=MAX_BITS).contains(&w.bits) && w.groups > 0
 }
 
-/// `outs[p][n][r]` for every token of `acts` and every row of each matrix `p`, in one dispatch.
-/// The caller checked that every matrix is [`supports`]ed, agrees with `acts` on K and that
-/// `outs[p].len() == acts.tokens() · rows`.
-pub(crate) fn run<'w>(
+/// A matrix the dot path multiplies, as tiles of [`TILE`] rows unpacked a chunk of activation
+/// groups at a time.
+pub(crate) trait DotTiles: Sync {
+    /// Whether codes may reach 255 (then only `vpdpbusd` and the scalar reference multiply them:
+    /// `maddubs` pairs of such codes overflow int16).
+    const WIDE_CODES: bool;
+
+    /// Output rows.
+    fn rows(&self) -> usize;
+
+    /// For each chunk of at most [`CHUNK`] activation groups (`a0`, `count`) of tile `t` (rows
+    /// `TILE·t..`), in order, fills `u` with the chunk's codes, scales and offsets and calls
+    /// `multiply(u, a0, count)`. `act_groups` is the activations' groups per token.
+    fn each_chunk(
+        &self,
+        isa: Isa,
+        t: usize,
+        act_groups: usize,
+        u: &mut Unpacked,
+        multiply: impl FnMut(&Unpacked, usize, usize),
+    );
+}
+
+/// LUT-packed bit planes ([`crate::PackedMatrix`]) of `rows` rows, all [`supports`]ed.
+pub(crate) struct Planes<'w> {
+    pub w: Weights<'w>,
+    pub rows: usize,
+}
+
+impl DotTiles for Planes<'_> {
+    const WIDE_CODES: bool = false;
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn each_chunk(
+        &self,
+        isa: Isa,
+        t: usize,
+        act_groups: usize,
+        u: &mut Unpacked,
+        mut multiply: impl FnMut(&Unpacked, usize, usize),
+    ) {
+        let tile = self.w.tile(t);
+        assert!(
+            tile_is_consistent(&tile, act_groups),
+            "inconsistent packed tile"
+        );
+        let unpack = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::unpack_checked,
+            _ => unpack_scalar,
+        };
+        for a0 in (0..act_groups).step_by(CHUNK) {
+            let count = CHUNK.min(act_groups - a0);
+            unpack_scales(&tile, a0, count, u);
+            unpack(&tile, a0, count, u);
+            multiply(u, a0, count);
+        }
+    }
+}
+
+/// `outs[p][n][r]` for every token `n` of the activation blocks `x` (`[tokens][act_groups]`) and
+/// every row `r` of each matrix `p`, in one dispatch. The caller checked that every matrix agrees
+/// with `x` on K and that `outs[p].len() == tokens · rows`.
+pub(crate) fn run<M: DotTiles>(
     cpu: &Cpu,
-    matrix: impl Fn(usize) -> (Weights<'w>, usize) + Sync,
-    acts: &Int8Activations,
+    matrix: impl Fn(usize) -> M + Sync,
+    x: &[ActBlock],
+    act_groups: usize,
     outs: &mut [&mut [f32]],
 ) {
-    let blocks = acts.blocks();
-    let per_row = acts.cols() / ACT;
-    let isa = kernels(cpu.isa());
+    let tokens = x.len() / act_groups.max(1);
+    let isa = cpu.isa();
+    let multiply = multiply_for(isa, M::WIDE_CODES);
     run_row_tasks(
         cpu,
         outs,
-        |p| matrix(p).1,
-        acts.tokens(),
+        |p| matrix(p).rows(),
+        tokens,
         DOT_SPLIT,
         |p, out| {
-            let w = matrix(p).0;
-            assert!(out.end() <= w.tiles * TILE, "every row belongs to a tile");
+            let m = matrix(p);
             let tokens = out.tokens();
-            let x = &blocks[tokens.start * per_row..tokens.end * per_row];
+            let x = &x[tokens.start * act_groups..tokens.end * act_groups];
             let mut unpacked = Unpacked::new();
             let mut acc: Acc = [[0.0; TILE]; NB];
             for r0 in (out.start()..out.end()).step_by(TILE) {
-                let tile = w.tile(r0 / TILE);
-                assert!(
-                    tile_is_consistent(&tile, per_row),
-                    "inconsistent packed tile"
-                );
                 for row in &mut acc[..tokens.len()] {
                     row.fill(0.0);
                 }
-                for a0 in (0..per_row).step_by(CHUNK) {
-                    let count = CHUNK.min(per_row - a0);
-                    unpack_scales(&tile, a0, count, &mut unpacked);
-                    (isa.unpack)(&tile, a0, count, &mut unpacked);
+                m.each_chunk(isa, r0 / TILE, act_groups, &mut unpacked, |u, a0, count| {
                     let chunk = Chunk {
                         x,
-                        per_row,
+                        per_row: act_groups,
                         a0,
                         count,
                     };
-                    (isa.multiply)(&unpacked, chunk, &mut acc);
-                }
+                    multiply(u, chunk, &mut acc);
+                });
                 for (n, row) in acc[..tokens.len()].iter().enumerate() {
                     out.write(tokens.start + n, r0, &row[..TILE.min(out.end() - r0)]);
                 }
@@ -208,25 +272,16 @@ fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
         && scales_fit
 }
 
-/// The unpack and multiply steps of one ISA.
-struct Kernels {
-    /// Fills `u.codes[..count]` with the codes of activation groups `a0..a0 + count`.
-    unpack: fn(&TileView<'_>, usize, usize, &mut Unpacked),
-    /// Adds the chunk's products with its tokens' activations to `acc`.
-    multiply: fn(&Unpacked, Chunk<'_>, &mut Acc),
-}
-
-fn kernels(isa: Isa) -> Kernels {
+/// The multiply for `isa`: `vpdpbusd` where the CPU has AVX-512 VNNI, else `maddubs` on AVX2
+/// unless codes may be wide, else the scalar reference.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn multiply_for(isa: Isa, wide_codes: bool) -> fn(&Unpacked, Chunk<'_>, &mut Acc) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Kernels {
-            unpack: avx2::unpack_checked,
-            multiply: avx2::multiply_checked,
-        },
-        _ => Kernels {
-            unpack: unpack_scalar,
-            multiply: multiply_scalar,
-        },
+        Isa::Avx2 if avx2::has_vnni() => avx2::multiply_vnni_checked,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if !wide_codes => avx2::multiply_madd_checked,
+        _ => multiply_scalar,
     }
 }
 

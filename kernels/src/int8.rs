@@ -40,7 +40,7 @@ mod scalar;
 pub(crate) mod tests;
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::hsum as avx2_hsum;
+pub(crate) use avx2::{hsum as avx2_hsum, load_codes as avx2_load_codes};
 #[cfg(target_arch = "aarch64")]
 pub(crate) use neon::hsum as neon_hsum;
 
@@ -241,7 +241,7 @@ pub(crate) enum Blocks {
 pub struct Int8Matrix {
     rows: usize,
     cols: usize,
-    blocks: Blocks,
+    pub(crate) blocks: Blocks,
 }
 
 impl Int8Matrix {
@@ -362,6 +362,28 @@ impl Int8Matrix {
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` with `x` quantized in `acts`; `out` is `[n][rows]`.
     pub fn matmul(&self, cpu: &Cpu, acts: &Int8Activations, out: &mut [f32]) -> Result<()> {
+        self.matmul_prompt(cpu, acts, 0, out)
+    }
+
+    /// The instruction [`Int8Matrix::matmul_prompt`] multiplies prompt tokens with on `cpu`
+    /// (`vpdpbusd` where the CPU has AVX-512 VNNI), or `None` where every token takes the int8
+    /// kernel of [`Int8Matrix::matmul`].
+    pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
+        crate::dot::instruction(cpu, true)
+    }
+
+    /// [`Int8Matrix::matmul`], where the first `prompt` tokens of `acts` go through the int8 dot
+    /// GEMM when the CPU has one ([`Int8Matrix::dot_instruction`]): tiles of 64 rows unpacked
+    /// once for up to 256 tokens, the path for batches of prompt tokens. The two paths sum in
+    /// different orders, so a token's result depends on whether it is a prompt token, not on
+    /// what else shares the batch.
+    pub fn matmul_prompt(
+        &self,
+        cpu: &Cpu,
+        acts: &Int8Activations,
+        prompt: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         if acts.cols != self.cols {
             return Err(KernelError::ShapeMismatch {
                 matrix: self.cols,
@@ -374,8 +396,27 @@ impl Int8Matrix {
             out.fill(0.0);
             return Ok(());
         }
-        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, acts, out));
+        let prompt = match Int8Matrix::dot_instruction(cpu) {
+            Some(_) => prompt.min(acts.tokens),
+            None => 0,
+        };
+        let (head, tail) = out.split_at_mut(prompt * self.rows);
+        let (x_head, x_tail) = acts.blocks().split_at(prompt * per_row);
+        if prompt > 0 {
+            self.matmul_dot(cpu, x_head, head);
+        }
+        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, x_tail, per_row, tail));
         Ok(())
+    }
+
+    /// The dot GEMM of every token of `x` (`[tokens][cols / 32]`) into `out` (`[tokens][rows]`);
+    /// shapes checked by the caller.
+    pub(crate) fn matmul_dot(&self, cpu: &Cpu, x: &[ActBlock], out: &mut [f32]) {
+        let (rows, act_groups) = (self.rows, self.cols / BLOCK);
+        with_blocks!(&self.blocks, blocks => {
+            let tiles = |_| crate::dot::Int8Tiles { blocks, rows, act_groups };
+            crate::dot::run(cpu, tiles, x, act_groups, &mut [out]);
+        });
     }
 
     /// Dequantized row `r` (embedding lookup).
@@ -443,22 +484,22 @@ fn interleave<S: BlockScale, T, C: Codes>(
     Ok(blocks)
 }
 
-/// The multiply of [`Int8Matrix::matmul`] over blocks with scales of type `S` (shapes checked).
+/// The int8 kernel of [`Int8Matrix::matmul`] over blocks with scales of type `S`, for the tokens
+/// of `x` (`[tokens][per_row]`; shapes checked).
 fn matmul_blocks<S: BlockScale, C: Codes>(
     cpu: &Cpu,
     blocks: &[WeightBlock<S, C>],
     rows: usize,
-    acts: &Int8Activations,
+    x: &[ActBlock],
+    per_row: usize,
     out: &mut [f32],
 ) {
-    let per_row = acts.cols / BLOCK;
-    let x = acts.blocks();
     let isa = cpu.isa();
     run_row_tasks(
         cpu,
         &mut [out],
         |_| rows,
-        acts.tokens,
+        x.len() / per_row,
         ROW_SPLIT,
         |_, range| {
             let w = &blocks[range.start() * per_row..range.end() * per_row];

@@ -551,7 +551,7 @@ impl PackedMatrix {
     /// AVX-512 VNNI, else `maddubs` on AVX2), or `None` where it has no SIMD form (NEON and the
     /// scalar reference so far), so that batches are faster on the table lookups there.
     pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
-        crate::dot::instruction(cpu)
+        crate::dot::instruction(cpu, false)
     }
 
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
@@ -582,7 +582,17 @@ impl PackedMatrix {
             ));
         }
         for_parts(mats, outs, acts.cols(), acts.tokens(), |mats, outs| {
-            crate::dot::run(cpu, |p| (mats[p].view(), mats[p].rows()), acts, outs)
+            let planes = |p: usize| crate::dot::Planes {
+                w: mats[p].view(),
+                rows: mats[p].rows(),
+            };
+            crate::dot::run(
+                cpu,
+                planes,
+                acts.blocks(),
+                acts.cols() / crate::int8::BLOCK,
+                outs,
+            )
         })
     }
 

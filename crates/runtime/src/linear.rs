@@ -422,7 +422,7 @@ impl Linear {
                 _ => return Err(missing("ternary tables")),
             },
             Linear::Int8(m) => match (&input.int8, input.built.int8) {
-                (Some(acts), true) => m.matmul(cpu, acts, out)?,
+                (Some(acts), true) => m.matmul_prompt(cpu, acts, input.prompt, out)?,
                 _ => return Err(missing("int8 activations")),
             },
             Linear::Dense(m) => m.matmul(cpu, input.values(), n, out)?,
@@ -649,6 +649,9 @@ pub struct Input {
     /// consumers with a dot form (`dot_head` holds these, `dot_tail` the tables of the rest);
     /// 0 when there is no split. The other forms always hold every vector.
     dot: usize,
+    /// Leading vectors that the last prepare was told are prompt rows: int8 matrices multiply
+    /// these on their dot GEMM where the CPU has one.
+    prompt: usize,
     values: Vec<f32>,
     tables: Option<ActivationTables>,
     ternary: Option<TernaryTables>,
@@ -710,6 +713,7 @@ impl Input {
             ready: false,
             built: Forms::default(),
             dot: 0,
+            prompt: 0,
             values: vec![0.0; cols * max_batch],
             tables: forms.tables.then(|| ActivationTables::new(cols)),
             ternary: forms.ternary.then(|| TernaryTables::new(cols)),
@@ -738,6 +742,7 @@ impl Input {
         self.ready = false;
         self.built = Forms::default();
         self.dot = 0;
+        self.prompt = 0;
         self.orders_used = 0;
         &mut self.values[..self.tokens * self.cols]
     }
@@ -756,7 +761,9 @@ impl Input {
     /// [`Input::prepare`], where the consumers that are LUT matrices with a dot form multiply
     /// the first `dot_tokens` vectors on the dot path
     /// ([`lutra_kernels::PackedMatrix::matmul_dot`], int8 activations) and the rest with tables,
-    /// while every other consumer reads all vectors in its own form. The caller chooses the rows
+    /// while every other consumer reads all vectors in its own form (int8 matrices multiply the
+    /// first `dot_tokens` on their own dot GEMM, [`lutra_kernels::Int8Matrix::matmul_prompt`],
+    /// where the CPU has one). The caller chooses the rows
     /// (the prompts of a batch, see [`crate::llama::SequenceBatch::prompt`]), so a sequence's
     /// results do not depend on which other sequences share its batch.
     pub fn prepare_rows(
@@ -773,6 +780,7 @@ impl Input {
             .fold(Forms::default(), |f, m| f.union(Forms::of(m)));
         self.build(cpu, plain)?;
         self.dot = 0;
+        self.prompt = dot_tokens.min(self.tokens);
         if split {
             self.build_split(cpu, dot_tokens.min(self.tokens))?;
         }
@@ -813,6 +821,7 @@ impl Input {
                 }
             }
             slot.input.build(cpu, forms)?;
+            slot.input.prompt = self.prompt;
             slot.input.ready = true;
         }
         self.ready = true;
@@ -1223,6 +1232,63 @@ mod tests {
         // Fresh values invalidate the split forms.
         fill(&mut input, tokens);
         assert!(lut_a.matmul(&cpu, &input, &mut got).is_err());
+    }
+
+    #[test]
+    fn int8_matrices_multiply_the_prompt_rows_on_their_dot_gemm_beside_any_split() {
+        let (rows, cols, tokens, dot) = (40, 96, 7, 4);
+        let int8 = Linear::from_decoded(
+            &DecodedTensor::Int8 {
+                rows,
+                cols,
+                block: 32,
+                codes: (0..rows * cols).map(|i| (i * 29 % 255) as i8).collect(),
+                scales: (0..rows * cols / 32)
+                    .map(|b| 0.01 + 0.001 * (b % 5) as f32)
+                    .collect(),
+            },
+            false,
+        )
+        .unwrap();
+        let Linear::Int8(m) = &int8 else {
+            unreachable!("an int8 tensor is an int8 matrix")
+        };
+        let lut = Linear::from_decoded(&low_bit(70, cols, 4, |s| -0.5 * s), false).unwrap();
+        let cpu = Cpu::new(2).unwrap();
+        let mut input = Input::for_consumers(cols, tokens, [[&lut, &int8]]);
+        for (i, v) in input.values_mut(tokens).iter_mut().enumerate() {
+            *v = ((i * 37) % 11) as f32 - 5.0 + 0.01 * i as f32;
+        }
+        let mut acts = Int8Activations::new(cols);
+        acts.build(&cpu, input.values(), tokens).unwrap();
+        // Alone and beside a LUT matrix that splits its rows: the first `dot` rows are prompt
+        // rows for the int8 matrix too; with none, every row takes the int8 kernel.
+        for (consumers, prompt) in [
+            (&[&int8][..], dot),
+            (&[&lut, &int8][..], dot),
+            (&[&int8][..], 0),
+        ] {
+            input.prepare_rows(&cpu, consumers, prompt).unwrap();
+            let mut want = vec![0.0; tokens * rows];
+            m.matmul_prompt(&cpu, &acts, prompt, &mut want).unwrap();
+            let mut got = vec![f32::NAN; tokens * rows];
+            int8.matmul(&cpu, &input, &mut got).unwrap();
+            assert_eq!(
+                got,
+                want,
+                "{} consumers, {prompt} prompt rows",
+                consumers.len()
+            );
+        }
+        // Where the CPU has the int8 dot GEMM, prompt rows differ from the int8 kernel's sums.
+        if Int8Matrix::dot_instruction(&cpu).is_some()
+            && PackedMatrix::dot_instruction(&cpu).is_some()
+        {
+            let (mut kernel, mut prompt) = (vec![0.0; tokens * rows], vec![0.0; tokens * rows]);
+            m.matmul(&cpu, &acts, &mut kernel).unwrap();
+            m.matmul_prompt(&cpu, &acts, tokens, &mut prompt).unwrap();
+            assert_ne!(kernel, prompt, "the prompt rows took the int8 kernel");
+        }
     }
 
     #[test]

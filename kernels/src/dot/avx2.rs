@@ -3,8 +3,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
-use crate::int8::ActBlock;
+use std::ops::Range;
+
+use super::{Acc, Chunk, Int8Tiles, Unpacked, CHUNK, GROUP_BYTES};
+use crate::int8::{avx2_load_codes, ActBlock, BlockScale, Codes};
 use crate::isa::Isa;
 use crate::lut::layout::{PLANE_BYTES, TABLES_PER_ACT, TILE};
 use crate::lut::TileView;
@@ -88,6 +90,84 @@ fn unpack(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     }
 }
 
+/// [`unpack_int8`] after the checks its writes rely on.
+pub(super) fn unpack_int8_checked<S: BlockScale, C: Codes>(
+    m: &Int8Tiles<'_, S, C>,
+    rows: Range<usize>,
+    a0: usize,
+    count: usize,
+    u: &mut Unpacked,
+) {
+    assert!(count <= CHUNK && a0 + count <= m.act_groups && rows.len() == TILE);
+    assert!(Isa::Avx2.is_supported());
+    // SAFETY: avx2, fma and f16c were checked just above; the stores are bounds-checked slices.
+    unsafe { unpack_int8(m, rows, a0, count, u) }
+}
+
+/// The codes of int8 blocks as unsigned bytes (`q + 128`), eight rows at a time: each row's 32
+/// codes are one vector of eight column quads, and an 8×8 transpose of 32-bit lanes gives each
+/// quad's eight rows, stored together. Rows past the matrix go through the scalar row step.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_int8<S: BlockScale, C: Codes>(
+    m: &Int8Tiles<'_, S, C>,
+    rows: Range<usize>,
+    a0: usize,
+    count: usize,
+    u: &mut Unpacked,
+) {
+    let flip = _mm256_set1_epi8(i8::MIN);
+    for c in 0..count {
+        for r8 in (0..TILE).step_by(8) {
+            let first = rows.start + r8;
+            if first + 8 > m.rows {
+                for r in r8..r8 + 8 {
+                    m.unpack_row(rows.start + r, a0 + c, r, c, u);
+                }
+                continue;
+            }
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (i, v) in v.iter_mut().enumerate() {
+                *v = _mm256_xor_si256(avx2_load_codes(&m.block(first + i, a0 + c).q), flip);
+            }
+            // Row i's lane j is quad j of row i; after the transpose vector j holds quad j of
+            // the eight rows.
+            let t: [__m256i; 8] = [
+                _mm256_unpacklo_epi32(v[0], v[1]),
+                _mm256_unpackhi_epi32(v[0], v[1]),
+                _mm256_unpacklo_epi32(v[2], v[3]),
+                _mm256_unpackhi_epi32(v[2], v[3]),
+                _mm256_unpacklo_epi32(v[4], v[5]),
+                _mm256_unpackhi_epi32(v[4], v[5]),
+                _mm256_unpacklo_epi32(v[6], v[7]),
+                _mm256_unpackhi_epi32(v[6], v[7]),
+            ];
+            // s[k] holds quad k of rows 0..4 (low 128 bits of each pair: quads 0..4; high: 4..8).
+            let s: [__m256i; 8] = [
+                _mm256_unpacklo_epi64(t[0], t[2]),
+                _mm256_unpackhi_epi64(t[0], t[2]),
+                _mm256_unpacklo_epi64(t[1], t[3]),
+                _mm256_unpackhi_epi64(t[1], t[3]),
+                _mm256_unpacklo_epi64(t[4], t[6]),
+                _mm256_unpackhi_epi64(t[4], t[6]),
+                _mm256_unpacklo_epi64(t[5], t[7]),
+                _mm256_unpackhi_epi64(t[5], t[7]),
+            ];
+            for k in 0..4 {
+                let quads = [
+                    (k, _mm256_permute2x128_si256::<0x20>(s[k], s[k + 4])),
+                    (k + 4, _mm256_permute2x128_si256::<0x31>(s[k], s[k + 4])),
+                ];
+                for (j, quad) in quads {
+                    let at = (j * TILE + r8) * 4;
+                    let out = &mut u.codes[c][at..at + 32];
+                    // SAFETY: `out` is 32 writable bytes; storeu has no alignment requirement.
+                    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), quad) };
+                }
+            }
+        }
+    }
+}
+
 /// The instruction that multiplies codes by activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Multiply {
@@ -97,14 +177,14 @@ pub(crate) enum Multiply {
     Vnni,
 }
 
-/// The multiply with the best instruction this CPU has.
-pub(super) fn multiply_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
-    let choice = if has_vnni() {
-        Multiply::Vnni
-    } else {
-        Multiply::Madd
-    };
-    multiply_with(choice, u, chunk, acc);
+/// The `vpdpbusd` multiply; the caller checked [`has_vnni`].
+pub(super) fn multiply_vnni_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    multiply_with(Multiply::Vnni, u, chunk, acc);
+}
+
+/// The `maddubs` multiply, for codes below 128.
+pub(super) fn multiply_madd_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    multiply_with(Multiply::Madd, u, chunk, acc);
 }
 
 /// [`multiply_madd`] or [`multiply_vnni`] after the checks their reads rely on.
@@ -117,8 +197,12 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
             // bounded by the assertions.
             unsafe { multiply_vnni(u, chunk, acc) }
         }
-        // SAFETY: avx2, fma and f16c were checked above; indices as above.
-        Multiply::Madd => unsafe { multiply_madd(u, chunk, acc) },
+        Multiply::Madd => {
+            // Pairs of codes of 128 or more times int8 could overflow `maddubs`'s int16 sums.
+            assert!(u.top < 128, "maddubs takes doubled codes below 128");
+            // SAFETY: avx2, fma and f16c were checked above; indices as above.
+            unsafe { multiply_madd(u, chunk, acc) }
+        }
     }
 }
 

@@ -3,10 +3,12 @@
 //! dequantized weights, threads and token blocks against one call, and the forms it refuses.
 
 use super::*;
+#[cfg(target_arch = "x86_64")]
+use crate::int8::{BlockScale, Blocks, Codes};
 use crate::rng::SplitMix64;
 use crate::test_util::{bits_of, nmse};
 use crate::{
-    Cpu, Grouping, Int8Activations, KernelError, PackedMatrix, PlaneScales, QuantSpec,
+    Cpu, Grouping, Int8Activations, Int8Matrix, KernelError, PackedMatrix, PlaneScales, QuantSpec,
     QuantizedWeights, SuperBlockWeights,
 };
 
@@ -235,7 +237,7 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
         for (bits, m) in uniform.collect::<Vec<_>>().into_iter().chain(halves) {
             let w = m.view();
             let tile = w.tile(0);
-            let per_row = cols / ACT;
+            let per_row = cols / crate::lut::layout::ACT;
             for tokens in [1, 2, 5, 7, 64] {
                 let x = random_acts(&mut rng, cols, tokens);
                 let acts = quantize(&x, cols, tokens);
@@ -327,4 +329,179 @@ fn forms_outside_the_dot_path_and_bad_shapes_are_refused() {
         m.matmul_dot(&Cpu::new(1).unwrap(), &wide, &mut out),
         Err(KernelError::ShapeMismatch { .. })
     ));
+}
+
+/// Int8 matrices of every block form: int8 codes (all of −128..=127) with f16, f32 and per-half
+/// scales, and IQ4 codebook indices with f16 and f32 scales.
+fn random_int8_forms(
+    rng: &mut SplitMix64,
+    rows: usize,
+    cols: usize,
+) -> Vec<(&'static str, Int8Matrix)> {
+    let blocks = rows * cols / 32;
+    let codes: Vec<i8> = (0..rows * cols).map(|_| rng.next_u64() as i8).collect();
+    let nibbles: Vec<u8> = (0..blocks * 16).map(|_| rng.next_u64() as u8).collect();
+    let f16_scales: Vec<f32> = (0..blocks)
+        .map(|_| half::f16::from_f32(0.01 * (0.5 + unit(rng))).to_f32())
+        .collect();
+    let f32_scales: Vec<f32> = (0..blocks)
+        .map(|_| 0.01 * (0.5 + unit(rng)) + 1e-9)
+        .collect();
+    let half_scales: Vec<f32> = (0..2 * blocks).map(|_| 0.01 * (0.5 + unit(rng))).collect();
+    let forms = vec![
+        ("int8 f16", Int8Matrix::new(rows, cols, &codes, &f16_scales)),
+        ("int8 f32", Int8Matrix::new(rows, cols, &codes, &f32_scales)),
+        (
+            "int8 halves",
+            Int8Matrix::with_half_block_scales(rows, cols, &codes, &half_scales),
+        ),
+        (
+            "iq4 f16",
+            Int8Matrix::from_iq4_nibbles(rows, cols, &nibbles, &f16_scales),
+        ),
+        (
+            "iq4 f32",
+            Int8Matrix::from_iq4_nibbles(rows, cols, &nibbles, &f32_scales),
+        ),
+    ];
+    forms
+        .into_iter()
+        .map(|(name, m)| (name, m.unwrap()))
+        .collect()
+}
+
+/// `Σ_k w·x` in f64 over an int8 matrix's dequantized rows and the unquantized activations.
+fn exact_int8(m: &Int8Matrix, x: &[f32], tokens: usize) -> Vec<f64> {
+    let (rows, cols) = (m.rows(), m.cols());
+    let mut w = vec![0.0f32; cols];
+    let mut out = vec![0.0f64; rows * tokens];
+    for r in 0..rows {
+        m.dequantize_row(r, &mut w).unwrap();
+        for n in 0..tokens {
+            out[n * rows + r] = w
+                .iter()
+                .zip(&x[n * cols..(n + 1) * cols])
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+        }
+    }
+    out
+}
+
+#[test]
+fn int8_matrices_on_every_isa_give_the_scalar_bits_and_the_exact_product() {
+    let mut rng = SplitMix64::new(21);
+    let scalar = Cpu::with_isa(Isa::Scalar, 1).unwrap();
+    for (s, &(rows, cols)) in [(5, 32), (67, 96), (130, 576), (64, 160)]
+        .iter()
+        .enumerate()
+    {
+        for (f, (name, m)) in random_int8_forms(&mut rng, rows, cols)
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(m.has_f16_scales(), name.ends_with("f16"), "{name}");
+            // 300 tokens cross a token block (NB).
+            let tokens = [1, 3, 17, 70, 300][(s + f) % 5];
+            let x = random_acts(&mut rng, cols, tokens);
+            let acts = quantize(&x, cols, tokens);
+            let mut want = vec![f32::NAN; tokens * rows];
+            m.matmul_dot(&scalar, acts.blocks(), &mut want);
+            let error = nmse(&want, &exact_int8(&m, &x, tokens));
+            assert!(error < 2e-4, "{name} {rows}x{cols}: nmse {error}");
+            for isa in Isa::supported() {
+                for threads in [1, 3] {
+                    let cpu = Cpu::with_isa(isa, threads).unwrap();
+                    let mut got = vec![f32::NAN; tokens * rows];
+                    m.matmul_dot(&cpu, acts.blocks(), &mut got);
+                    assert_eq!(
+                        bits_of(&got),
+                        bits_of(&want),
+                        "{name} {isa:?} x{threads}, {rows}x{cols}, {tokens} tokens"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn int8_prompt_tokens_take_the_dot_gemm_where_the_cpu_has_it_and_the_rest_the_int8_kernel() {
+    let mut rng = SplitMix64::new(22);
+    let (rows, cols, tokens) = (70, 96, 9);
+    let cpu = Cpu::new(2).unwrap();
+    for (name, m) in random_int8_forms(&mut rng, rows, cols) {
+        let x = random_acts(&mut rng, cols, tokens);
+        let acts = quantize(&x, cols, tokens);
+        for prompt in [0, 4, tokens, tokens + 3] {
+            let mut got = vec![f32::NAN; tokens * rows];
+            m.matmul_prompt(&cpu, &acts, prompt, &mut got).unwrap();
+            let head = match Int8Matrix::dot_instruction(&cpu) {
+                Some(_) => prompt.min(tokens),
+                None => 0,
+            };
+            let mut want = vec![f32::NAN; tokens * rows];
+            let (want_head, want_tail) = want.split_at_mut(head * rows);
+            m.matmul_dot(&cpu, &acts.blocks()[..head * cols / 32], want_head);
+            let tail_acts = quantize(&x[head * cols..], cols, tokens - head);
+            m.matmul(&cpu, &tail_acts, want_tail).unwrap();
+            assert_eq!(
+                bits_of(&got),
+                bits_of(&want),
+                "{name}, {prompt} prompt tokens"
+            );
+        }
+    }
+    let acts = quantize(&random_acts(&mut rng, 64, 2), 64, 2);
+    let (_, m) = random_int8_forms(&mut rng, 8, cols).swap_remove(0);
+    assert!(matches!(
+        m.matmul_prompt(&cpu, &acts, 2, &mut [0.0; 16]),
+        Err(KernelError::ShapeMismatch { .. })
+    ));
+}
+
+/// The AVX2 unpacking of tiles `0..2` of `m` equals the scalar one.
+#[cfg(target_arch = "x86_64")]
+fn check_int8_unpacking<S: BlockScale, C: Codes>(m: &Int8Tiles<'_, S, C>, name: &str) {
+    for t in 0..2 {
+        for a0 in [0, 5] {
+            let (mut want, mut got) = (Unpacked::new(), Unpacked::new());
+            let rows = TILE * t..TILE * (t + 1);
+            int8_tiles::unpack_scalar(m, rows.clone(), a0, CHUNK - 1, &mut want);
+            avx2::unpack_int8_checked(m, rows, a0, CHUNK - 1, &mut got);
+            assert_eq!(want.codes, got.codes, "{name}, tile {t}, groups from {a0}");
+        }
+    }
+}
+
+#[test]
+fn simd_int8_unpacking_equals_the_scalar_rows() {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2.is_supported() {
+        let mut rng = SplitMix64::new(23);
+        // 77 rows: the second tile has one whole group of eight rows, five rows and padding.
+        let (rows, cols) = (77, 256);
+        for (name, m) in random_int8_forms(&mut rng, rows, cols) {
+            let act_groups = cols / 32;
+            macro_rules! check {
+                ($blocks:expr) => {
+                    check_int8_unpacking(
+                        &Int8Tiles {
+                            blocks: $blocks,
+                            rows,
+                            act_groups,
+                        },
+                        name,
+                    )
+                };
+            }
+            match &m.blocks {
+                Blocks::Half(b) => check!(b),
+                Blocks::Single(b) => check!(b),
+                Blocks::Split(b) => check!(b),
+                Blocks::NibbleHalf(b) => check!(b),
+                Blocks::NibbleSingle(b) => check!(b),
+            }
+        }
+    }
 }

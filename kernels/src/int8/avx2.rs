@@ -97,7 +97,7 @@ fn tile<S: BlockScale, C: Codes, const R: usize, const T: usize>(
 /// The 32 int8 codes of a block's code storage, element order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn load_codes<C: Codes>(q: &C) -> __m256i {
+pub(crate) fn load_codes<C: Codes>(q: &C) -> __m256i {
     let bytes: *const u8 = (q as *const C).cast();
     if C::NIBBLES {
         // SAFETY: a nibble block is 16 readable bytes (`Nibbles` is `[u8; 16]`), as is the table;

@@ -225,6 +225,17 @@ pub(super) struct Segment {
     pub(super) prompt: bool,
 }
 
+/// The rows of a batch whose logits are written, and where.
+pub(super) struct LogitRows<'a, I> {
+    /// Indices within the batch, in the order their logits are written to `out`.
+    pub(super) rows: I,
+    /// Whether the rows are every row of one prompt (perplexity): the LM head then multiplies
+    /// them as prompt rows, on the dot path where the CPU has one.
+    pub(super) prompt: bool,
+    /// `[rows][vocab_size]`.
+    pub(super) out: &'a mut [f32],
+}
+
 /// The KV caches of a batch's sequences, by the index its [`Segment`]s name.
 pub(super) trait Caches {
     /// The cache of the segments that name `index`.
@@ -317,7 +328,12 @@ impl Model {
                 cache: 0,
                 prompt,
             }];
-            self.forward_rows(&mut st, batch, &segs, cache, wanted, out)
+            let wanted = LogitRows {
+                rows: wanted,
+                prompt: all_logits && prompt,
+                out,
+            };
+            self.forward_rows(&mut st, batch, &segs, cache, wanted)
         });
         self.scratch.put(st);
         result
@@ -362,32 +378,32 @@ impl Model {
         // Taken out of the run state while the blocks borrow it; given back with its buffers.
         let mut layout = std::mem::take(&mut st.layout);
         layout.build(seqs);
-        let wanted = layout.wanted.iter().copied();
-        let result = self.forward_rows(
-            &mut st,
-            &layout.tokens,
-            &layout.segments,
-            seqs,
-            wanted,
-            logits,
-        );
+        let wanted = LogitRows {
+            rows: layout.wanted.iter().copied(),
+            prompt: false,
+            out: logits,
+        };
+        let result = self.forward_rows(&mut st, &layout.tokens, &layout.segments, seqs, wanted);
         st.layout = layout;
         self.scratch.put(st);
         result
     }
 
     /// One batch of rows: `tokens` split into `segs` (one per sequence, in order, with their
-    /// caches in `caches`); writes the logits of the rows in `wanted` (indices within the batch),
-    /// in that order, into `logits`.
+    /// caches in `caches`); writes the logits of the rows `wanted` asks for.
     fn forward_rows(
         &self,
         st: &mut RunState,
         tokens: &[u32],
         segs: &[Segment],
         caches: &mut (impl Caches + ?Sized),
-        wanted: impl ExactSizeIterator<Item = usize>,
-        logits: &mut [f32],
+        wanted: LogitRows<'_, impl ExactSizeIterator<Item = usize>>,
     ) -> Result<()> {
+        let LogitRows {
+            rows: wanted,
+            prompt: head_prompt,
+            out: logits,
+        } = wanted;
         let c = &self.config;
         let cpu = &self.cpu;
         let n = tokens.len();
@@ -410,7 +426,11 @@ impl Model {
                 rmsnorm(cpu, out, &x[r * h..(r + 1) * h], &self.output_norm, eps);
             }
             let head = self.output.as_ref().unwrap_or(&self.embedding);
-            st.head_in.prepare(cpu, &[head])?;
+            let dot = match PackedMatrix::dot_instruction(cpu) {
+                Some(_) if head_prompt => m,
+                _ => 0,
+            };
+            st.head_in.prepare_rows(cpu, &[head], dot)?;
             head.matmul(cpu, &st.head_in, logits)?;
             if let Some(cap) = c.logit_softcap {
                 soft_cap(logits, cap);

@@ -1,0 +1,113 @@
+//! [`crate::Int8Matrix`] weights on the dot path: int8 codes (Q8_0) or IQ4 codebook values,
+//! with one scale per block of 32 (or per half block) and no offset.
+//!
+//! A code `q` (−128..=127) is stored as the byte `q + 128`, so it is the unsigned operand of
+//! `vpdpbusd`; the sums start at `−128·Σq_x`, which gives the exact `Σ q·q_x`. The scale is the
+//! block's (not halved: these codes are not doubled) and the offset 0.
+
+use std::ops::Range;
+
+use super::{DotTiles, Unpacked, CHUNK};
+use crate::int8::{block_index, BlockScale, Codes, WeightBlock, BLOCK};
+use crate::isa::Isa;
+use crate::lut::layout::TILE;
+
+/// What the unpacked codes are centred on: the byte of code 0.
+const CODE_ZERO: i32 = 128;
+
+/// The blocks of an int8 matrix of `rows` rows and `act_groups` blocks per row, in the
+/// tile-interleaved layout of [`crate::Int8Matrix`].
+pub(crate) struct Int8Tiles<'w, S, C> {
+    pub blocks: &'w [WeightBlock<S, C>],
+    pub rows: usize,
+    pub act_groups: usize,
+}
+
+impl<S: BlockScale, C: Codes> Int8Tiles<'_, S, C> {
+    /// The block of activation group `a` of row `row`.
+    #[inline(always)]
+    pub(crate) fn block(&self, row: usize, a: usize) -> &WeightBlock<S, C> {
+        &self.blocks[block_index(self.rows, self.act_groups, row, a)]
+    }
+
+    /// Writes tile row `r`'s codes of activation group `a` (matrix row `row`, or a padded row of
+    /// code 0 when `row` is past the end) into chunk slot `c`.
+    pub(crate) fn unpack_row(&self, row: usize, a: usize, r: usize, c: usize, u: &mut Unpacked) {
+        let bytes = if row < self.rows {
+            self.block(row, a).q.codes().map(|q| (q as u8) ^ 0x80)
+        } else {
+            [0x80; BLOCK]
+        };
+        for (j, quad) in bytes.chunks_exact(4).enumerate() {
+            let at = (j * TILE + r) * 4;
+            u.codes[c][at..at + 4].copy_from_slice(quad);
+        }
+    }
+}
+
+/// Unpacks the codes of activation groups `a0..a0 + count` into chunk slots `0..count` for the
+/// [`TILE`] rows `rows` of one tile.
+type UnpackCodes<S, C> = fn(&Int8Tiles<'_, S, C>, Range<usize>, usize, usize, &mut Unpacked);
+
+/// [`UnpackCodes`] row by row.
+pub(crate) fn unpack_scalar<S: BlockScale, C: Codes>(
+    m: &Int8Tiles<'_, S, C>,
+    rows: Range<usize>,
+    a0: usize,
+    count: usize,
+    u: &mut Unpacked,
+) {
+    for c in 0..count {
+        for r in 0..TILE {
+            m.unpack_row(rows.start + r, a0 + c, r, c, u);
+        }
+    }
+}
+
+impl<S: BlockScale, C: Codes> DotTiles for Int8Tiles<'_, S, C> {
+    const WIDE_CODES: bool = true;
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn each_chunk(
+        &self,
+        isa: Isa,
+        t: usize,
+        act_groups: usize,
+        u: &mut Unpacked,
+        mut multiply: impl FnMut(&Unpacked, usize, usize),
+    ) {
+        assert!(
+            act_groups == self.act_groups && self.blocks.len() == self.rows * act_groups,
+            "int8 blocks do not match the activations"
+        );
+        let unpack: UnpackCodes<S, C> = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => super::avx2::unpack_int8_checked,
+            _ => unpack_scalar,
+        };
+        u.top = CODE_ZERO;
+        u.halves = if S::PER_HALF { 2 } else { 1 };
+        let rows = TILE * t..TILE * (t + 1);
+        for a0 in (0..act_groups).step_by(CHUNK) {
+            let count = CHUNK.min(act_groups - a0);
+            unpack(self, rows.clone(), a0, count, u);
+            for c in 0..count {
+                for (r, row) in rows.clone().enumerate() {
+                    // Padded rows: scale 0.
+                    let scales = match row < self.rows {
+                        true => self.block(row, a0 + c).d.halves(),
+                        false => [0.0; 2],
+                    };
+                    for (h, &scale) in scales[..u.halves].iter().enumerate() {
+                        u.scale[2 * c + h][r] = scale;
+                        u.offset[2 * c + h][r] = 0.0;
+                    }
+                }
+            }
+            multiply(u, a0, count);
+        }
+    }
+}
