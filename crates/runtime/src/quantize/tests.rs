@@ -387,3 +387,97 @@ fn per_plane_tensors_of_every_width_and_grouping_match_their_dequantization() {
         }
     }
 }
+
+/// Source rows `S` (as [`layer`]'s) and the rows `X = S·(I + E) + noise` a quantized model
+/// upstream would feed the same layer instead, `[SAMPLES][COLS]` each.
+fn drifted_inputs(seed: u64) -> (Vec<f64>, Vec<f64>) {
+    let mut rng = SplitMix64::new(seed);
+    let loadings = rng.gaussians(8 * COLS);
+    let drift = rng.gaussians(COLS * COLS);
+    let mut s = vec![0.0f64; SAMPLES * COLS];
+    for row in s.chunks_exact_mut(COLS) {
+        let latent = rng.gaussians(8);
+        let noise = rng.gaussians(COLS);
+        for (j, v) in row.iter_mut().enumerate() {
+            let shared: f32 = (0..8).map(|f| latent[f] * loadings[f * COLS + j]).sum();
+            *v = f64::from(0.5 * noise[j] + shared);
+        }
+    }
+    let mut x = s.clone();
+    for (xr, sr) in x.chunks_exact_mut(COLS).zip(s.chunks_exact(COLS)) {
+        let noise = rng.gaussians(COLS);
+        for (j, v) in xr.iter_mut().enumerate() {
+            let mixed: f64 = (0..COLS)
+                .map(|i| sr[i] * f64::from(drift[i * COLS + j]))
+                .sum();
+            *v += 0.02 * mixed + 0.1 * f64::from(noise[j]);
+        }
+    }
+    (s, x)
+}
+
+/// `Σ_t ‖W·s_t − Q·x_t‖²`.
+fn source_error(weights: &[f32], q: &[f32], s: &[f64], x: &[f64]) -> f64 {
+    let mut total = 0.0;
+    for (sr, xr) in s.chunks_exact(COLS).zip(x.chunks_exact(COLS)) {
+        for (w, q) in weights.chunks_exact(COLS).zip(q.chunks_exact(COLS)) {
+            let want: f64 = w.iter().zip(sr).map(|(&w, &v)| f64::from(w) * v).sum();
+            let got: f64 = q.iter().zip(xr).map(|(&q, &v)| f64::from(q) * v).sum();
+            total += (want - got).powi(2);
+        }
+    }
+    total
+}
+
+#[test]
+fn a_source_target_brings_the_outputs_nearer_the_source_models() {
+    let (weights, _) = layer(3);
+    let (s, x) = drifted_inputs(4);
+    let h = gram(&x, COLS);
+    let mut cross = vec![0.0f64; COLS * COLS];
+    for (sr, xr) in s.chunks_exact(COLS).zip(x.chunks_exact(COLS)) {
+        for a in 0..COLS {
+            for b in 0..COLS {
+                cross[a * COLS + b] += (sr[a] - xr[a]) * xr[b];
+            }
+        }
+    }
+    let opts = GptqOptions {
+        block: 64,
+        ..GptqOptions::default()
+    };
+    let prepared = PreparedHessian::new(&h, COLS, &opts).unwrap();
+    // No drift, no shift.
+    let none = prepared.source_shift(&vec![0.0; COLS * COLS]).unwrap();
+    assert_eq!(none.target(&weights, 1).unwrap(), weights);
+    let target = prepared
+        .source_shift(&cross)
+        .unwrap()
+        .target(&weights, 2)
+        .unwrap();
+    let unquantized = [&weights, &target].map(|w| source_error(&weights, w, &s, &x));
+    assert!(
+        unquantized[1] < 0.5 * unquantized[0],
+        "the target itself: {:.4e} against W's {:.4e}",
+        unquantized[1],
+        unquantized[0]
+    );
+    for bits in [2u8, 3] {
+        let grid = PlaneGrid {
+            bits,
+            group_size: 32,
+        };
+        let errors = [&weights, &target].map(|w| {
+            let q = gptq_prepared(&grid, ROWS, COLS, w, &prepared, &opts).unwrap();
+            source_error(&weights, &q.dequantize(&grid, COLS), &s, &x)
+        });
+        assert!(
+            errors[1] < 0.9 * errors[0],
+            "{bits} bits: GPTQ of the source target {:.4e}, of W {:.4e}",
+            errors[1],
+            errors[0]
+        );
+    }
+    assert!(prepared.source_shift(&[0.0; 3]).is_err());
+    assert!(none.target(&weights[..COLS + 1], 1).is_err());
+}

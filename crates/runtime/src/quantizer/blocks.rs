@@ -1,7 +1,14 @@
 //! Quantizing a loaded model block by block, GPTQ-style: the calibration sequences run through
 //! the blocks already quantized, each block's matrix inputs give the Hessians its matrices are
 //! quantized with, and the quantized block then carries the sequences on to the next one. Memory
-//! stays near one block's f32 weights and Hessians beside the model itself.
+//! stays near one block's f32 weights and Hessians beside the model itself, plus the source
+//! model's inputs of one block over the calibration sequences.
+//!
+//! Within a block the inputs are measured in turn (q/k/v's, then o's with q/k/v quantized, then
+//! gate/up's, then down's), and each matrix aims at the *source* model's outputs: the same
+//! sequences also run through the source blocks, and the pairing of the two models' inputs
+//! shifts each matrix's GPTQ target ([`PreparedHessian::source_shift`]) so that it makes up for
+//! the error of everything quantized before it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -13,7 +20,7 @@ use crate::llama::Model;
 
 use super::calibration::{Calibration, Hessian};
 use crate::quantize::ggml_types::GgmlTarget;
-use crate::quantize::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian};
+use crate::quantize::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian, SourceShift};
 use crate::quantize::grid::UniformGrid;
 use crate::quantize::hlq::PlaneGrid;
 use crate::weights::{decode_ggml, GgmlType};
@@ -201,32 +208,51 @@ pub fn quantize_model(
         Bits::Mixed { average } => plan_widths(model, residuals.clone(), average, opts)?,
     };
     let positions = opts.calibration.tokens;
+    // The same sequences through the source model's blocks: the outputs the quantized matrices
+    // aim at.
+    let mut sources = if opts.method.calibrated() {
+        residuals.clone()
+    } else {
+        Vec::new()
+    };
     for (layer, widths) in widths.iter().enumerate() {
-        let hessians = if opts.method.calibrated() {
-            block_hessians(model, layer, &residuals, positions, threads, false)?
-                .into_iter()
-                .map(|(input, h)| {
-                    let k = input_width(model, layer, input);
-                    Ok((input, PreparedHessian::new(&h, k, &opts.gptq)?))
-                })
-                .collect::<Result<HashMap<_, _>>>()?
-        } else {
-            HashMap::new()
-        };
+        let source_inputs = source_inputs(model, layer, &mut sources, positions)?;
+        // Each input's Hessian and source shift, measured when its first matrix comes, so after
+        // the block's earlier matrices are quantized (q/k/v, then o, then gate/up, then down).
+        let mut calibrated: HashMap<MatrixInput, (PreparedHessian, SourceShift)> = HashMap::new();
         for (which, &bits) in BlockMatrix::ALL.into_iter().zip(widths) {
             let name = which.gguf_name(layer);
+            let named = |e: Error| Error::InvalidOption(format!("{name}: {e}"));
+            let input = which.input();
+            if opts.method.calibrated() && !calibrated.contains_key(&input) {
+                let k = input_width(model, layer, input);
+                let (h, cross) = input_hessian(
+                    model,
+                    layer,
+                    input,
+                    &residuals,
+                    &source_inputs,
+                    positions,
+                    threads,
+                )?;
+                let h = PreparedHessian::new(&h, k, &opts.gptq).map_err(named)?;
+                let shift = h.source_shift(&cross).map_err(named)?;
+                calibrated.insert(input, (h, shift));
+            }
             let matrix = model.block_matrix(layer, which);
             let (rows, cols) = (matrix.rows(), matrix.cols());
-            let weights = matrix_values(matrix)?;
-            let hessian = hessians.get(&which.input());
+            let mut weights = matrix_values(matrix)?;
+            let hessian = calibrated.get(&input).map(|(h, _)| h);
+            if let Some((_, shift)) = calibrated.get(&input) {
+                weights = shift.target(&weights, threads).map_err(named)?;
+            }
             let quantized = match opts.target {
                 Target::Lut => quantize_matrix(&weights, rows, cols, hessian, bits, opts, threads)
                     .map(|linear| (linear, None)),
                 Target::Ggml(t) => quantize_ggml(t, &weights, rows, cols, hessian, opts, threads)
                     .map(|(linear, bytes)| (linear, Some((t, bytes)))),
             };
-            let (linear, ggml) =
-                quantized.map_err(|e| Error::InvalidOption(format!("{name}: {e}")))?;
+            let (linear, ggml) = quantized.map_err(named)?;
             drop(weights);
             model.replace_block_matrix(layer, which, linear)?;
             on_matrix(QuantizedMatrix {
@@ -263,17 +289,84 @@ fn calibration_residuals(model: &Model, calibration: &Calibration) -> Result<Vec
         .collect()
 }
 
-/// The Hessian `Σ x·xᵀ` of each matrix input of block `layer` over the calibration residuals
-/// (only its diagonal when `diagonal`, stored in the first `k` values).
-fn block_hessians(
+/// Every matrix input's rows of block `layer`, one map per sequence, as the block runs over
+/// `sources` (which it carries on to the block's outputs).
+fn source_inputs(
+    model: &Model,
+    layer: usize,
+    sources: &mut [Vec<f32>],
+    positions: usize,
+) -> Result<Vec<HashMap<MatrixInput, Vec<f32>>>> {
+    let mut runner = model.block_runner(positions);
+    sources
+        .iter_mut()
+        .map(|x| {
+            let mut rows: HashMap<MatrixInput, Vec<f32>> = HashMap::new();
+            let mut observe = |input: MatrixInput, r: &[f32]| {
+                rows.entry(input).or_default().extend_from_slice(r);
+            };
+            model.run_block(&mut runner, layer, x, Some(&mut observe))?;
+            Ok(rows)
+        })
+        .collect()
+}
+
+/// The Hessian `Σ x·xᵀ` of matrix input `input` of block `layer` as the block runs over the
+/// calibration residuals, and the cross sums `Σ (s − x)·xᵀ` against the source model's rows `s`
+/// of the same input (`sources`, one map per sequence), `[k][k]` each.
+fn input_hessian(
+    model: &Model,
+    layer: usize,
+    input: MatrixInput,
+    residuals: &[Vec<f32>],
+    sources: &[HashMap<MatrixInput, Vec<f32>>],
+    positions: usize,
+    threads: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let k = input_width(model, layer, input);
+    let mut hessian = Hessian::new(k, threads);
+    let mut cross = Hessian::new(k, threads);
+    let mut runner = model.block_runner(positions);
+    let (mut x, mut shift) = (Vec::new(), Vec::new());
+    for (residual, source) in residuals.iter().zip(sources) {
+        let source = source.get(&input).map_or(&[][..], Vec::as_slice);
+        x.clear();
+        x.extend_from_slice(residual);
+        let mut seen = 0;
+        let mut mismatch = false;
+        let mut observe = |at: MatrixInput, rows: &[f32]| {
+            if at != input {
+                return;
+            }
+            hessian.add(rows);
+            let Some(source) = source.get(seen..seen + rows.len()) else {
+                mismatch = true;
+                return;
+            };
+            seen += rows.len();
+            shift.clear();
+            shift.extend(source.iter().zip(rows).map(|(s, x)| s - x));
+            cross.add_pairs(&shift, rows);
+        };
+        model.run_block(&mut runner, layer, &mut x, Some(&mut observe))?;
+        if mismatch || seen != source.len() {
+            return Err(Error::InvalidOption(format!(
+                "block {layer}: the source model's {input:?} rows do not pair with the quantized \
+                 model's"
+            )));
+        }
+    }
+    Ok((hessian.finish().0, cross.finish().0))
+}
+
+/// The diagonal of the Hessian `Σ x·xᵀ` of each matrix input of block `layer` over the
+/// calibration residuals.
+fn block_hessian_diagonals(
     model: &Model,
     layer: usize,
     residuals: &[Vec<f32>],
     positions: usize,
-    threads: usize,
-    diagonal: bool,
 ) -> Result<HashMap<MatrixInput, Vec<f64>>> {
-    let mut full: HashMap<MatrixInput, Hessian> = HashMap::new();
     let mut diag: HashMap<MatrixInput, Vec<f64>> = HashMap::new();
     let mut runner = model.block_runner(positions);
     let mut x = Vec::new();
@@ -282,28 +375,16 @@ fn block_hessians(
         x.extend_from_slice(residual);
         let mut observe = |input: MatrixInput, rows: &[f32]| {
             let k = input_width(model, layer, input);
-            if diagonal {
-                let d = diag.entry(input).or_insert_with(|| vec![0.0; k]);
-                for row in rows.chunks_exact(k) {
-                    for (d, &v) in d.iter_mut().zip(row) {
-                        *d += f64::from(v) * f64::from(v);
-                    }
+            let d = diag.entry(input).or_insert_with(|| vec![0.0; k]);
+            for row in rows.chunks_exact(k) {
+                for (d, &v) in d.iter_mut().zip(row) {
+                    *d += f64::from(v) * f64::from(v);
                 }
-            } else {
-                full.entry(input)
-                    .or_insert_with(|| Hessian::new(k, threads))
-                    .add(rows);
             }
         };
         model.run_block(&mut runner, layer, &mut x, Some(&mut observe))?;
     }
-    if diagonal {
-        return Ok(diag);
-    }
-    Ok(full
-        .into_iter()
-        .map(|(input, h)| (input, h.finish().0))
-        .collect())
+    Ok(diag)
 }
 
 /// The f32 values `[rows][cols]` of a matrix.
@@ -333,7 +414,7 @@ fn plan_widths(
     let mut gains: Vec<(f64, usize, usize, usize)> = Vec::new();
     let mut total_weights = 0usize;
     for layer in 0..blocks {
-        let diag = block_hessians(model, layer, &residuals, positions, 1, true)?;
+        let diag = block_hessian_diagonals(model, layer, &residuals, positions)?;
         for (i, which) in BlockMatrix::ALL.into_iter().enumerate() {
             let m = model.block_matrix(layer, which);
             let (rows, cols) = (m.rows(), m.cols());

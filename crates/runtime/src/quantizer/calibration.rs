@@ -85,13 +85,17 @@ impl Calibration {
 }
 
 /// `Σ x·xᵀ` over the rows `x` of a matrix input, `[k][k]` in f64, with the rows that arrive
-/// buffered so that each product is one large matrix multiplication.
+/// buffered so that each product is one large matrix multiplication. Built with
+/// [`Hessian::add_pairs`] instead of [`Hessian::add`], it is the cross product `Σ a·bᵀ` of
+/// paired rows.
 pub(crate) struct Hessian {
     k: usize,
     sum: Vec<f64>,
-    /// `xᵀx` of the rows pending, `[k][k]`, reused by every fold.
+    /// `aᵀb` of the rows pending, `[k][k]`, reused by every fold.
     gram: Mat<f32>,
     pending: Vec<f32>,
+    /// The right-hand rows `b` of pairs (empty for `Σ x·xᵀ`).
+    pending_right: Vec<f32>,
     rows: usize,
     threads: usize,
 }
@@ -106,6 +110,7 @@ impl Hessian {
             sum: vec![0.0; k * k],
             gram: Mat::zeros(k, k),
             pending: Vec::new(),
+            pending_right: Vec::new(),
             rows: 0,
             threads: threads.max(1),
         }
@@ -113,8 +118,19 @@ impl Hessian {
 
     /// Adds rows `[n][k]`.
     pub(crate) fn add(&mut self, rows: &[f32]) {
-        debug_assert!(rows.len().is_multiple_of(self.k));
+        debug_assert!(rows.len().is_multiple_of(self.k) && self.pending_right.is_empty());
         self.pending.extend_from_slice(rows);
+        if self.pending.len() >= FOLD_ROWS * self.k {
+            self.fold();
+        }
+    }
+
+    /// Adds the pairs of rows `left[i]`, `right[i]` (`[n][k]` each) to `Σ a·bᵀ`.
+    pub(crate) fn add_pairs(&mut self, left: &[f32], right: &[f32]) {
+        debug_assert!(left.len().is_multiple_of(self.k) && left.len() == right.len());
+        debug_assert!(self.pending.len() == self.pending_right.len());
+        self.pending.extend_from_slice(left);
+        self.pending_right.extend_from_slice(right);
         if self.pending.len() >= FOLD_ROWS * self.k {
             self.fold();
         }
@@ -125,7 +141,12 @@ impl Hessian {
         if n == 0 {
             return;
         }
-        let x = MatRef::from_row_major_slice(&self.pending, n, k);
+        let a = MatRef::from_row_major_slice(&self.pending, n, k);
+        let b = if self.pending_right.is_empty() {
+            a
+        } else {
+            MatRef::from_row_major_slice(&self.pending_right, n, k)
+        };
         let par = if self.threads > 1 {
             Par::rayon(self.threads)
         } else {
@@ -134,8 +155,8 @@ impl Hessian {
         matmul(
             self.gram.as_mut(),
             Accum::Replace,
-            x.transpose(),
-            x,
+            a.transpose(),
+            b,
             1.0,
             par,
         );
@@ -146,6 +167,7 @@ impl Hessian {
         }
         self.rows += n;
         self.pending.clear();
+        self.pending_right.clear();
     }
 
     /// The sum over every row added, `[k][k]` row-major, and the number of rows.
@@ -158,6 +180,30 @@ impl Hessian {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_rows_give_the_sum_of_cross_products() {
+        let k = 4;
+        let a: Vec<f32> = (0..600 * k).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
+        let b: Vec<f32> = (0..600 * k).map(|i| ((i * 13) % 11) as f32 - 5.0).collect();
+        let mut h = Hessian::new(k, 2);
+        for (a, b) in a.chunks(53 * k).zip(b.chunks(53 * k)) {
+            h.add_pairs(a, b);
+        }
+        let (sum, n) = h.finish();
+        assert_eq!(n, 600);
+        for i in 0..k {
+            for j in 0..k {
+                let want: f64 = a
+                    .chunks_exact(k)
+                    .zip(b.chunks_exact(k))
+                    .map(|(a, b)| f64::from(a[i]) * f64::from(b[j]))
+                    .sum();
+                assert_eq!(sum[i * k + j], want, "({i}, {j})");
+            }
+        }
+        assert_ne!(sum[1], sum[k], "the cross product is not symmetric here");
+    }
 
     #[test]
     fn hessian_is_the_sum_of_outer_products() {
