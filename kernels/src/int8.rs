@@ -361,62 +361,38 @@ impl Int8Matrix {
     }
 
     /// `out[n][r] = Σ_k w[r][k]·x[n][k]` with `x` quantized in `acts`; `out` is `[n][rows]`.
+    /// (`Int8Matrix::matmul_prompt` takes prompt tokens through the dot GEMM.)
     pub fn matmul(&self, cpu: &Cpu, acts: &Int8Activations, out: &mut [f32]) -> Result<()> {
-        self.matmul_prompt(cpu, acts, 0, out)
+        self.check_matmul(acts, out)?;
+        self.matmul_tokens(cpu, acts.blocks(), out);
+        Ok(())
     }
 
-    /// The instruction [`Int8Matrix::matmul_prompt`] multiplies prompt tokens with on `cpu`
-    /// (`vpdpbusd` where the CPU has AVX-512 VNNI), or `None` where every token takes the int8
-    /// kernel of [`Int8Matrix::matmul`].
-    pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
-        crate::dot::instruction(cpu, true)
-    }
-
-    /// [`Int8Matrix::matmul`], where the first `prompt` tokens of `acts` go through the int8 dot
-    /// GEMM when the CPU has one ([`Int8Matrix::dot_instruction`]): tiles of 64 rows unpacked
-    /// once for up to 256 tokens, the path for batches of prompt tokens. The two paths sum in
-    /// different orders, so a token's result depends on whether it is a prompt token, not on
-    /// what else shares the batch.
-    pub fn matmul_prompt(
-        &self,
-        cpu: &Cpu,
-        acts: &Int8Activations,
-        prompt: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
+    /// The shape checks of a product with `acts` into `out`.
+    pub(crate) fn check_matmul(&self, acts: &Int8Activations, out: &[f32]) -> Result<()> {
         if acts.cols != self.cols {
             return Err(KernelError::ShapeMismatch {
                 matrix: self.cols,
                 activations: acts.cols,
             });
         }
-        check_len("int8 matmul output", acts.tokens * self.rows, out.len())?;
+        check_len("int8 matmul output", acts.tokens * self.rows, out.len())
+    }
+
+    /// The int8 kernel over every token of `x` (`[tokens][cols / 32]`) into `out`
+    /// (`[tokens][rows]`); shapes checked by the caller.
+    pub(crate) fn matmul_tokens(&self, cpu: &Cpu, x: &[ActBlock], out: &mut [f32]) {
         let per_row = self.cols / BLOCK;
         if per_row == 0 {
             out.fill(0.0);
-            return Ok(());
+            return;
         }
-        let prompt = match Int8Matrix::dot_instruction(cpu) {
-            Some(_) => prompt.min(acts.tokens),
-            None => 0,
-        };
-        let (head, tail) = out.split_at_mut(prompt * self.rows);
-        let (x_head, x_tail) = acts.blocks().split_at(prompt * per_row);
-        if prompt > 0 {
-            self.matmul_dot(cpu, x_head, head);
-        }
-        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, x_tail, per_row, tail));
-        Ok(())
+        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, x, per_row, out));
     }
 
-    /// The dot GEMM of every token of `x` (`[tokens][cols / 32]`) into `out` (`[tokens][rows]`);
-    /// shapes checked by the caller.
-    pub(crate) fn matmul_dot(&self, cpu: &Cpu, x: &[ActBlock], out: &mut [f32]) {
-        let (rows, act_groups) = (self.rows, self.cols / BLOCK);
-        with_blocks!(&self.blocks, blocks => {
-            let tiles = |_| crate::dot::Int8Tiles { blocks, rows, act_groups };
-            crate::dot::run(cpu, tiles, x, act_groups, &mut [out]);
-        });
+    /// Runs `visitor` on the matrix's blocks, whichever scale and code form they have.
+    pub(crate) fn visit_blocks<V: BlocksVisitor>(&self, visitor: V) -> V::Output {
+        with_blocks!(&self.blocks, b => visitor.visit(b))
     }
 
     /// Dequantized row `r` (embedding lookup).
@@ -431,6 +407,14 @@ impl Int8Matrix {
         with_blocks!(&self.blocks, b => dequantize_blocks(b, self.rows, row, out));
         Ok(())
     }
+}
+
+/// Work on the blocks of an [`Int8Matrix`] generic over their scale and code forms.
+pub(crate) trait BlocksVisitor {
+    /// What the work gives.
+    type Output;
+    /// Does the work on `blocks` (the tile-interleaved layout of [`Int8Matrix`]).
+    fn visit<S: BlockScale, C: Codes>(self, blocks: &[WeightBlock<S, C>]) -> Self::Output;
 }
 
 /// Scales as f16 when every one is an f16 value, else `None`; an error names the first one that

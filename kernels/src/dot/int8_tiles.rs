@@ -8,9 +8,85 @@
 use std::ops::Range;
 
 use super::{DotTiles, Unpacked, CHUNK};
-use crate::int8::{block_index, BlockScale, Codes, WeightBlock, BLOCK};
+use crate::cpu::Cpu;
+use crate::error::Result;
+use crate::int8::{
+    block_index, ActBlock, BlockScale, BlocksVisitor, Codes, Int8Activations, Int8Matrix,
+    WeightBlock, BLOCK,
+};
 use crate::isa::Isa;
 use crate::lut::layout::TILE;
+
+impl Int8Matrix {
+    /// The instruction [`Int8Matrix::matmul_prompt`] multiplies prompt tokens with on `cpu`
+    /// (`vpdpbusd` where the CPU has AVX-512 VNNI), or `None` where every token takes the int8
+    /// kernel of [`Int8Matrix::matmul`].
+    pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
+        super::instruction(cpu, true)
+    }
+
+    /// [`Int8Matrix::matmul`], where the first `prompt` tokens of `acts` go through the int8 dot
+    /// GEMM when the CPU has one ([`Int8Matrix::dot_instruction`]): tiles of 64 rows unpacked
+    /// once for up to 256 tokens, the path for batches of prompt tokens. The two paths sum in
+    /// different orders, so a token's result depends on whether it is a prompt token, not on
+    /// what else shares the batch.
+    pub fn matmul_prompt(
+        &self,
+        cpu: &Cpu,
+        acts: &Int8Activations,
+        prompt: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_matmul(acts, out)?;
+        let (rows, act_groups) = (self.rows(), self.cols() / BLOCK);
+        let prompt = match (Int8Matrix::dot_instruction(cpu), act_groups) {
+            (Some(_), 1..) => prompt.min(acts.tokens()),
+            _ => 0,
+        };
+        let (head, tail) = out.split_at_mut(prompt * rows);
+        let (x_head, x_tail) = acts.blocks().split_at(prompt * act_groups);
+        if prompt > 0 {
+            self.matmul_dot(cpu, x_head, head);
+        }
+        self.matmul_tokens(cpu, x_tail, tail);
+        Ok(())
+    }
+
+    /// The dot GEMM of every token of `x` (`[tokens][cols / 32]`) into `out` (`[tokens][rows]`);
+    /// shapes checked by the caller.
+    pub(crate) fn matmul_dot(&self, cpu: &Cpu, x: &[ActBlock], out: &mut [f32]) {
+        self.visit_blocks(DotGemm {
+            cpu,
+            rows: self.rows(),
+            act_groups: self.cols() / BLOCK,
+            x,
+            out,
+        });
+    }
+}
+
+/// The dot GEMM of every token of `x` (`[tokens][act_groups]`) into `out` (`[tokens][rows]`).
+struct DotGemm<'a> {
+    cpu: &'a Cpu,
+    rows: usize,
+    act_groups: usize,
+    x: &'a [ActBlock],
+    out: &'a mut [f32],
+}
+
+impl BlocksVisitor for DotGemm<'_> {
+    type Output = ();
+
+    fn visit<S: BlockScale, C: Codes>(self, blocks: &[WeightBlock<S, C>]) {
+        let (rows, act_groups) = (self.rows, self.act_groups);
+        let tiles = |_| Int8Tiles {
+            blocks,
+            rows,
+            act_groups,
+        };
+        super::run(self.cpu, tiles, self.x, act_groups, &mut [self.out]);
+    }
+}
 
 /// What the unpacked codes are centred on: the byte of code 0.
 const CODE_ZERO: i32 = 128;
