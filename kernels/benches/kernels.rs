@@ -1,7 +1,8 @@
 //! Criterion benches of the kernels: GEMV (N = 1) and GEMM (N = 8, 64, 512) on the shapes of
 //! `measure::DEFAULT_SHAPES` for LUT 1–4 bits, ternary (2-bit planes and 1.67-bit), int8 and the
 //! dequantize-then-dot baseline, on 1 and 2 threads, plus the memory read-bandwidth probe they are
-//! judged against.
+//! judged against, and the repack of a 4096×4096 matrix of 4-bit codes into bit planes
+//! (`pack/4096x4096/b4`, what loading a Q4_0 file spends most of its time on).
 //!
 //! Group names are `{M}x{K}/t{threads}/n{N}`, bench names the kernel (`lut2`, `int8`, `dequant4`,
 //! ...), so `cargo bench -p lutra-kernels --features measure -- '4096x4096/t1/n1/'` runs one group. Samples are few and
@@ -16,6 +17,7 @@ use lutra_kernels::measure::{
     default_cases, measure_cases, read_bandwidth, CaseFilter, KernelCase, MeasureOptions,
     PreparedCase, BANDWIDTH_BYTES, DEFAULT_SHAPES,
 };
+use lutra_kernels::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
 
 fn bench_bandwidth(c: &mut Criterion) {
     let mut group = c.benchmark_group("bandwidth");
@@ -35,6 +37,34 @@ fn bench_bandwidth(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+}
+
+fn bench_packing(c: &mut Criterion) {
+    let (rows, cols, bits) = (4096, 4096, 4u8);
+    let codes: Vec<u8> = (0..rows * cols).map(|i| (i * 7 % 13) as u8).collect();
+    let scales: Vec<f32> = (0..rows * cols / 32)
+        .map(|i| 0.01 + (i % 5) as f32 * 1e-3)
+        .collect();
+    let offsets: Vec<f32> = scales.iter().map(|s| -8.0 * s).collect();
+    let weights = QuantizedWeights {
+        spec: QuantSpec {
+            rows,
+            cols,
+            bits,
+            grouping: Grouping::Size(32),
+            plane_scales: PlaneScales::Uniform,
+        },
+        codes: &codes,
+        scales: &scales,
+        offsets: Some(&offsets),
+    };
+    let mut group = c.benchmark_group("pack");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((rows * cols) as u64));
+    group.bench_function(format!("{rows}x{cols}/b{bits}"), |b| {
+        b.iter(|| PackedMatrix::pack(&weights).expect("valid codes"))
+    });
     group.finish();
 }
 
@@ -119,6 +149,7 @@ fn main() {
         return print_records();
     }
     let mut criterion = Criterion::default().configure_from_args();
+    bench_packing(&mut criterion);
     bench_bandwidth(&mut criterion);
     bench_kernels(&mut criterion);
     criterion.final_summary();

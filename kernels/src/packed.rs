@@ -14,7 +14,10 @@ use crate::storage::Storage;
 use crate::tables::ActivationTables;
 use crate::tiling::{check_parts, MAX_PARTS};
 
+mod planes;
 mod super_block;
+
+use planes::{pack_code_rows, pack_planes};
 
 use super_block::SuperScaleBuffers;
 pub use super_block::{SuperBlockWeights, SUPER_BLOCK};
@@ -198,6 +201,22 @@ fn check_len(what: &'static str, expected: Option<usize>, got: usize) -> Result<
     }
 }
 
+/// f16 bits of `values` (the first is element `first` of its array, for the error) into `out`, or
+/// an error naming the first that is not finite or overflows f16.
+fn to_f16_row(values: &[f32], first: usize, out: &mut [u16]) -> Result<()> {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    out.reinterpret_cast_mut::<f16>()
+        .convert_from_f32_slice(values);
+    // An all-ones exponent is an infinity or a NaN.
+    match out.iter().position(|&h| h & 0x7C00 == 0x7C00) {
+        Some(i) => Err(KernelError::ScaleOutOfRange {
+            index: first + i,
+            value: values[i],
+        }),
+        None => Ok(()),
+    }
+}
+
 /// f16 bits of `value`, or an error when it is not finite or overflows f16.
 fn to_f16(value: f32, index: usize) -> Result<u16> {
     let h = f16::from_f32(value);
@@ -206,97 +225,6 @@ fn to_f16(value: f32, index: usize) -> Result<u16> {
     } else {
         Err(KernelError::ScaleOutOfRange { index, value })
     }
-}
-
-/// Bit `p` of each of the eight codes in the bytes of `codes`, as a byte (bit `i` = code `i`):
-/// the low nibble is one table's index for codes 0..4, the high nibble the next table's.
-///
-/// The mask leaves one bit per byte, at bit `8i`; the multiplier moves byte `i`'s bit to bit
-/// `56 + i` (shift `56 − 7i`), and no two of the 64 partial products share a bit, so nothing
-/// carries.
-#[inline]
-fn plane_byte(codes: u64, p: usize) -> u8 {
-    let bits = (codes >> p) & 0x0101_0101_0101_0101;
-    (bits.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
-}
-
-/// Writes byte `byte` of every table of every plane of one tile from two of its rows: `low`
-/// (low nibbles) and the row 32 below it, `high` (high nibbles). `BITS` is a constant so that the
-/// plane loop unrolls.
-#[inline(always)]
-fn pack_row_pair<const BITS: usize>(low: &[u8], high: &[u8], tile: &mut [u8], byte: usize) {
-    // `byte` is below 32 (a row's place in a 32-byte block); the mask lets the compiler see it.
-    let byte = byte & 31;
-    let acts = low.chunks_exact(ACT).zip(high.chunks_exact(ACT));
-    for ((ql, qh), planes) in acts.zip(tile.chunks_exact_mut(BITS * PLANE_BYTES)) {
-        // Eight codes (tables 2k and 2k + 1) of each row at a time.
-        let pairs = ql.chunks_exact(8).zip(qh.chunks_exact(8));
-        for (k, (cl, ch)) in pairs.enumerate() {
-            let cl = u64::from_le_bytes([cl[0], cl[1], cl[2], cl[3], cl[4], cl[5], cl[6], cl[7]]);
-            let ch = u64::from_le_bytes([ch[0], ch[1], ch[2], ch[3], ch[4], ch[5], ch[6], ch[7]]);
-            for p in 0..BITS {
-                let (l, h) = (plane_byte(cl, p), plane_byte(ch, p));
-                let plane = &mut planes[p * PLANE_BYTES..(p + 1) * PLANE_BYTES];
-                plane[(2 * k) * 32 + byte] = (l & 0x0F) | (h << 4);
-                plane[(2 * k + 1) * 32 + byte] = (l >> 4) | (h & 0xF0);
-            }
-        }
-    }
-}
-
-/// Splits the codes of `rows` rows (`[rows][cols]`, each `< 2^bits`, checked; the first is row
-/// `first` of the matrix, for error messages) into bit planes, into `packed`: the tiles holding
-/// them, in the layout of `lut::layout`, `[tile][K/32][plane][256]`.
-fn pack_code_rows(
-    codes: &[u8],
-    rows: usize,
-    cols: usize,
-    bits: u8,
-    first: usize,
-    packed: &mut [u8],
-) -> Result<()> {
-    let max_code = (1u8 << bits) - 1;
-    for (r, row) in codes.chunks_exact(cols).enumerate() {
-        // One pass to validate (vectorizes), so the packing loop below has no branch per code.
-        if row.iter().fold(0u8, |m, &c| m.max(c)) > max_code {
-            let i = row.iter().position(|&c| c > max_code).unwrap_or(0);
-            return Err(KernelError::CodeOutOfRange {
-                code: row[i],
-                index: (first + r) * cols + i,
-                bits,
-            });
-        }
-    }
-    let tile_bytes = (cols / ACT) * usize::from(bits) * PLANE_BYTES;
-    // Rows r and r + 32 of a tile share bytes (low and high nibble): build each byte once.
-    let zeros = vec![0u8; cols];
-    let row_codes = |r: usize| codes.get(r * cols..(r + 1) * cols).unwrap_or(&zeros);
-    for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
-        for (lo, &byte) in ROW_BYTE.iter().enumerate() {
-            let r = tile * TILE + lo;
-            if r >= rows {
-                break;
-            }
-            let (low, high) = (row_codes(r), row_codes(r + 32));
-            match bits {
-                1 => pack_row_pair::<1>(low, high, packed_tile, byte),
-                2 => pack_row_pair::<2>(low, high, packed_tile, byte),
-                3 => pack_row_pair::<3>(low, high, packed_tile, byte),
-                4 => pack_row_pair::<4>(low, high, packed_tile, byte),
-                5 => pack_row_pair::<5>(low, high, packed_tile, byte),
-                _ => pack_row_pair::<6>(low, high, packed_tile, byte),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The codes `[rows][cols]` (each `< 2^bits`, checked) of a whole matrix split into bit planes.
-fn pack_planes(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Result<Vec<u8>> {
-    let tile_bytes = (cols / ACT) * usize::from(bits) * PLANE_BYTES;
-    let mut packed = vec![0u8; rows.div_ceil(TILE) * tile_bytes];
-    pack_code_rows(codes, rows, cols, bits, 0, &mut packed)?;
-    Ok(packed)
 }
 
 /// A [`PackedMatrix`] filled a block of rows at a time ([`PackedMatrixBuilder::push_rows`]), so
@@ -377,33 +305,47 @@ impl PackedMatrixBuilder {
         if let Some(offsets) = weights.offsets {
             check_len("offsets", per_matrix, offsets.len())?;
         }
-        // Index of the scale (plane p) and offset of (row, group) in the caller's arrays.
-        let scale_index = |r: usize, g: usize, p: usize| {
-            if per_tensor {
-                p
-            } else {
-                (r * groups + g) * nps + p
-            }
-        };
-        let offset_index = |r: usize, g: usize| if per_tensor { 0 } else { r * groups + g };
-
         let tile_bytes = (cols / ACT) * bits * PLANE_BYTES;
         let first_tile = first / TILE;
         let tiles = rows.div_ceil(TILE);
         let packed = &mut m.weights[first_tile * tile_bytes..(first_tile + tiles) * tile_bytes];
         pack_code_rows(weights.codes, rows, cols, spec.bits, first, packed)?;
 
+        // Each row's scales (and offsets) converted together, then spread over the tile layout
+        // `[tile][group][plane or 1][64 rows]`.
+        let per_row = groups * nps;
+        let mut row_f16 = vec![0u16; per_row];
         for r in 0..rows {
             let (tile, rr) = ((first + r) / TILE, (first + r) % TILE);
-            for g in 0..groups {
-                for p in 0..nps {
-                    let i = scale_index(r, g, p);
-                    m.scales[((tile * groups + g) * nps + p) * TILE + rr] =
-                        to_f16(weights.scales[i], i)?;
+            let at = |i: usize| tile * per_row * TILE + i * TILE + rr;
+            if per_tensor {
+                for g in 0..groups {
+                    for p in 0..nps {
+                        m.scales[at(g * nps + p)] = to_f16(weights.scales[p], p)?;
+                    }
                 }
-                if let (Some(dst), Some(src)) = (m.offsets.as_mut(), weights.offsets) {
-                    let i = offset_index(r, g);
-                    dst[(tile * groups + g) * TILE + rr] = to_f16(src[i], i)?;
+            } else {
+                to_f16_row(
+                    &weights.scales[r * per_row..][..per_row],
+                    r * per_row,
+                    &mut row_f16,
+                )?;
+                for (i, &h) in row_f16.iter().enumerate() {
+                    m.scales[at(i)] = h;
+                }
+            }
+            if let (Some(dst), Some(src)) = (m.offsets.as_mut(), weights.offsets) {
+                let at = |g: usize| (tile * groups + g) * TILE + rr;
+                if per_tensor {
+                    for g in 0..groups {
+                        dst[at(g)] = to_f16(src[0], 0)?;
+                    }
+                } else {
+                    let row = &mut row_f16[..groups];
+                    to_f16_row(&src[r * groups..][..groups], r * groups, row)?;
+                    for (g, &h) in row.iter().enumerate() {
+                        dst[at(g)] = h;
+                    }
                 }
             }
         }
@@ -862,26 +804,5 @@ mod tests {
             huge.packed_layout(true).is_err(),
             "sizes that overflow are refused"
         );
-    }
-
-    #[test]
-    fn plane_byte_gathers_one_bit_of_each_code() {
-        // Every 4-bit code in every position, with pseudo-random neighbours.
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        for round in 0..20_000u64 {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let mut codes: [u8; 8] = std::array::from_fn(|i| ((state >> (8 * i + 3)) & 0xF) as u8);
-            codes[(round % 8) as usize] = (round / 8 % 16) as u8;
-            for p in 0..4 {
-                let expected = (0..8).fold(0u8, |n, i| n | (((codes[i] >> p) & 1) << i));
-                assert_eq!(
-                    plane_byte(u64::from_le_bytes(codes), p),
-                    expected,
-                    "{codes:?} plane {p}"
-                );
-            }
-        }
     }
 }
