@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::linear::Linear;
-use crate::llama::calibrate::{BlockMatrix, MatrixInput};
+use crate::llama::calibrate::{BlockMatrix, BlockRunner, MatrixInput};
 use crate::llama::Model;
 
 use super::calibration::{Calibration, Hessian};
@@ -360,19 +360,15 @@ fn input_hessian(
 }
 
 /// The diagonal of the Hessian `Σ x·xᵀ` of each matrix input of block `layer` over the
-/// calibration residuals.
+/// calibration residuals, which the block carries on to its outputs.
 fn block_hessian_diagonals(
     model: &Model,
+    runner: &mut BlockRunner,
     layer: usize,
-    residuals: &[Vec<f32>],
-    positions: usize,
+    residuals: &mut [Vec<f32>],
 ) -> Result<HashMap<MatrixInput, Vec<f64>>> {
     let mut diag: HashMap<MatrixInput, Vec<f64>> = HashMap::new();
-    let mut runner = model.block_runner(positions);
-    let mut x = Vec::new();
     for residual in residuals {
-        x.clear();
-        x.extend_from_slice(residual);
         let mut observe = |input: MatrixInput, rows: &[f32]| {
             let k = input_width(model, layer, input);
             let d = diag.entry(input).or_insert_with(|| vec![0.0; k]);
@@ -382,7 +378,7 @@ fn block_hessian_diagonals(
                 }
             }
         };
-        model.run_block(&mut runner, layer, &mut x, Some(&mut observe))?;
+        model.run_block(runner, layer, residual, Some(&mut observe))?;
     }
     Ok(diag)
 }
@@ -413,8 +409,10 @@ fn plan_widths(
     // (gain per weight, layer, matrix index, weights)
     let mut gains: Vec<(f64, usize, usize, usize)> = Vec::new();
     let mut total_weights = 0usize;
+    // The model's matrices stay as they are here, so one run state serves every block.
+    let mut runner = model.block_runner(positions);
     for layer in 0..blocks {
-        let diag = block_hessian_diagonals(model, layer, &residuals, positions)?;
+        let diag = block_hessian_diagonals(model, &mut runner, layer, &mut residuals)?;
         for (i, which) in BlockMatrix::ALL.into_iter().enumerate() {
             let m = model.block_matrix(layer, which);
             let (rows, cols) = (m.rows(), m.cols());
@@ -437,10 +435,6 @@ fn plan_widths(
             let gain = (error(base)? - error(base + 1)?) / (rows * cols) as f64;
             gains.push((gain, layer, i, rows * cols));
             total_weights += rows * cols;
-        }
-        let mut runner = model.block_runner(positions);
-        for residual in &mut residuals {
-            model.run_block(&mut runner, layer, residual, None)?;
         }
     }
     gains.sort_by(|a, b| b.0.total_cmp(&a.0));
