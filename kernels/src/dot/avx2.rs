@@ -279,25 +279,27 @@ macro_rules! multiply_fn {
 
         #[target_feature(enable = $features)]
         fn $name(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
-            let tokens = chunk.tokens();
-            for r0 in (0..TILE).step_by($v::L * $RV) {
-                let mut n0 = 0;
-                while n0 + $T <= tokens {
-                    if u.halves == 2 {
-                        $tile::<$RV, $T, 2>(u, chunk, acc, r0, n0);
-                    } else {
-                        $tile::<$RV, $T, 1>(u, chunk, acc, r0, n0);
+            /// The register tiles over every row and token of the chunk, with `H` parts per
+            /// activation block (`u.halves`, the same for the whole chunk).
+            #[target_feature(enable = $features)]
+            fn tiles<const H: usize>(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+                let tokens = chunk.tokens();
+                for r0 in (0..TILE).step_by($v::L * $RV) {
+                    let mut n0 = 0;
+                    while n0 + $T <= tokens {
+                        $tile::<$RV, $T, H>(u, chunk, acc, r0, n0);
+                        n0 += $T;
                     }
-                    n0 += $T;
-                }
-                while n0 < tokens {
-                    if u.halves == 2 {
-                        $tile::<$RV, 1, 2>(u, chunk, acc, r0, n0);
-                    } else {
-                        $tile::<$RV, 1, 1>(u, chunk, acc, r0, n0);
+                    while n0 < tokens {
+                        $tile::<$RV, 1, H>(u, chunk, acc, r0, n0);
+                        n0 += 1;
                     }
-                    n0 += 1;
                 }
+            }
+            if u.halves == 2 {
+                tiles::<2>(u, chunk, acc);
+            } else {
+                tiles::<1>(u, chunk, acc);
             }
         }
     };

@@ -644,7 +644,8 @@ fn reference_quantizer_rounds_half_away_from_zero() {
 }
 
 /// Every ISA quantizes activations exactly as the scalar reference (codes, scale, code sums and
-/// value sums), on the awkward blocks and random ones with outliers, one block per token (K = 32) and 18.
+/// value sums), on the awkward blocks and random ones with outliers, one block per token
+/// (K = 32) and 18.
 #[test]
 fn every_isa_quantizes_like_scalar_bit_for_bit() {
     let mut rng = TestRng::new(11);

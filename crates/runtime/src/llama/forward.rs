@@ -455,9 +455,9 @@ impl Model {
 
     /// Transformer block `l` on the residual rows in `st.x`: the rows of each sequence in
     /// `segs`, in order, at that sequence's positions, storing keys and values in layer
-    /// `cache_layer` of its cache in `caches` (which has room for them). The matrices read all rows at once;
-    /// attention reads each sequence's own cache. `observe`, when given, sees the input rows of
-    /// each group of matrices as they read them.
+    /// `cache_layer` of its cache in `caches` (which has room for them). The matrices read all
+    /// rows at once; attention reads each sequence's own cache. `observe`, when given, sees the
+    /// input rows of each group of matrices as they read them.
     pub(super) fn block(
         &self,
         st: &mut RunState,

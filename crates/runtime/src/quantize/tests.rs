@@ -19,6 +19,13 @@ fn layer(seed: u64) -> (Vec<f32>, Vec<f64>) {
     let weights = rng.gaussians(ROWS * COLS);
     let loadings = rng.gaussians(8 * COLS);
     let scale: Vec<f32> = (0..COLS).map(|j| 0.25 * (1 << (j % 5)) as f32).collect();
+    let x = latent_rows(&mut rng, &loadings, &scale);
+    (weights, gram(&x, COLS))
+}
+
+/// `SAMPLES` rows of `COLS` features that share 8 latent factors through `loadings`
+/// (`[8][COLS]`), with noise, feature `j` scaled by `scale[j]`.
+fn latent_rows(rng: &mut SplitMix64, loadings: &[f32], scale: &[f32]) -> Vec<f64> {
     let mut x = vec![0.0f64; SAMPLES * COLS];
     for row in x.chunks_exact_mut(COLS) {
         let latent = rng.gaussians(8);
@@ -28,7 +35,7 @@ fn layer(seed: u64) -> (Vec<f32>, Vec<f64>) {
             *v = f64::from(scale[j] * (0.5 * noise[j] + shared));
         }
     }
-    (weights, gram(&x, COLS))
+    x
 }
 
 fn gram(x: &[f64], k: usize) -> Vec<f64> {
@@ -394,15 +401,8 @@ fn drifted_inputs(seed: u64) -> (Vec<f64>, Vec<f64>) {
     let mut rng = SplitMix64::new(seed);
     let loadings = rng.gaussians(8 * COLS);
     let drift = rng.gaussians(COLS * COLS);
-    let mut s = vec![0.0f64; SAMPLES * COLS];
-    for row in s.chunks_exact_mut(COLS) {
-        let latent = rng.gaussians(8);
-        let noise = rng.gaussians(COLS);
-        for (j, v) in row.iter_mut().enumerate() {
-            let shared: f32 = (0..8).map(|f| latent[f] * loadings[f * COLS + j]).sum();
-            *v = f64::from(0.5 * noise[j] + shared);
-        }
-    }
+    // Unscaled features: multiplying by 1 is exact.
+    let s = latent_rows(&mut rng, &loadings, &[1.0; COLS]);
     let mut x = s.clone();
     for (xr, sr) in x.chunks_exact_mut(COLS).zip(s.chunks_exact(COLS)) {
         let noise = rng.gaussians(COLS);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::linear::Linear;
-use crate::llama::calibrate::{BlockMatrix, MatrixInput};
+use crate::llama::calibrate::{BlockMatrix, BlockRunner, MatrixInput};
 use crate::llama::Model;
 
 use super::calibration::{Calibration, Hessian};
@@ -215,8 +215,16 @@ pub fn quantize_model(
     } else {
         Vec::new()
     };
+    // Scratch for running blocks: a run state is sized for the matrices it was made for, so
+    // this is made again only after a matrix is replaced.
+    let mut runner: Option<BlockRunner> = None;
     for (layer, widths) in widths.iter().enumerate() {
-        let source_inputs = source_inputs(model, layer, &mut sources, positions)?;
+        let source_inputs = if opts.method.calibrated() {
+            let runner = runner.get_or_insert_with(|| model.block_runner(positions));
+            source_inputs(model, runner, layer, &mut sources)?
+        } else {
+            HashMap::new()
+        };
         // Each input's Hessian and source shift, measured when its first matrix comes, so after
         // the block's earlier matrices are quantized (q/k/v, then o, then gate/up, then down).
         let mut calibrated: HashMap<MatrixInput, (PreparedHessian, SourceShift)> = HashMap::new();
@@ -228,11 +236,11 @@ pub fn quantize_model(
                 let k = input_width(model, layer, input);
                 let (h, cross) = input_hessian(
                     model,
+                    runner.get_or_insert_with(|| model.block_runner(positions)),
                     layer,
                     input,
                     &residuals,
-                    &source_inputs,
-                    positions,
+                    &source_inputs[&input],
                     threads,
                 )?;
                 let h = PreparedHessian::new(&h, k, &opts.gptq).map_err(named)?;
@@ -255,6 +263,7 @@ pub fn quantize_model(
             let (linear, ggml) = quantized.map_err(named)?;
             drop(weights);
             model.replace_block_matrix(layer, which, linear)?;
+            runner = None;
             on_matrix(QuantizedMatrix {
                 name,
                 bits,
@@ -263,9 +272,9 @@ pub fn quantize_model(
             })?;
         }
         if !residuals.is_empty() {
-            let mut runner = model.block_runner(positions);
+            let runner = runner.get_or_insert_with(|| model.block_runner(positions));
             for residual in &mut residuals {
-                model.run_block(&mut runner, layer, residual, None)?;
+                model.run_block(runner, layer, residual, None)?;
             }
         }
         progress(Progress {
@@ -289,47 +298,54 @@ fn calibration_residuals(model: &Model, calibration: &Calibration) -> Result<Vec
         .collect()
 }
 
-/// Every matrix input's rows of block `layer`, one map per sequence, as the block runs over
-/// `sources` (which it carries on to the block's outputs).
+/// Every matrix input's rows of block `layer`, one vector per sequence (in the order of
+/// `sources`), as the block runs over `sources` (which it carries on to the block's outputs).
 fn source_inputs(
     model: &Model,
+    runner: &mut BlockRunner,
     layer: usize,
     sources: &mut [Vec<f32>],
-    positions: usize,
-) -> Result<Vec<HashMap<MatrixInput, Vec<f32>>>> {
-    let mut runner = model.block_runner(positions);
-    sources
-        .iter_mut()
-        .map(|x| {
-            let mut rows: HashMap<MatrixInput, Vec<f32>> = HashMap::new();
-            let mut observe = |input: MatrixInput, r: &[f32]| {
-                rows.entry(input).or_default().extend_from_slice(r);
-            };
-            model.run_block(&mut runner, layer, x, Some(&mut observe))?;
-            Ok(rows)
-        })
-        .collect()
+) -> Result<HashMap<MatrixInput, Vec<Vec<f32>>>> {
+    let hidden = model.config().hidden_size;
+    let mut inputs: HashMap<MatrixInput, Vec<Vec<f32>>> = BlockMatrix::ALL
+        .into_iter()
+        .map(|m| (m.input(), Vec::with_capacity(sources.len())))
+        .collect();
+    for x in sources.iter_mut() {
+        // Each input gets one row per token.
+        let tokens = x.len() / hidden;
+        for (&input, rows) in inputs.iter_mut() {
+            rows.push(Vec::with_capacity(
+                tokens * input_width(model, layer, input),
+            ));
+        }
+        let mut observe = |input: MatrixInput, r: &[f32]| {
+            if let Some(rows) = inputs.get_mut(&input).and_then(|seqs| seqs.last_mut()) {
+                rows.extend_from_slice(r);
+            }
+        };
+        model.run_block(runner, layer, x, Some(&mut observe))?;
+    }
+    Ok(inputs)
 }
 
 /// The Hessian `Σ x·xᵀ` of matrix input `input` of block `layer` as the block runs over the
 /// calibration residuals, and the cross sums `Σ (s − x)·xᵀ` against the source model's rows `s`
-/// of the same input (`sources`, one map per sequence), `[k][k]` each.
+/// of the same input (`sources`, one vector per sequence), `[k][k]` each.
 fn input_hessian(
     model: &Model,
+    runner: &mut BlockRunner,
     layer: usize,
     input: MatrixInput,
     residuals: &[Vec<f32>],
-    sources: &[HashMap<MatrixInput, Vec<f32>>],
-    positions: usize,
+    sources: &[Vec<f32>],
     threads: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let k = input_width(model, layer, input);
     let mut hessian = Hessian::new(k, threads);
     let mut cross = Hessian::new(k, threads);
-    let mut runner = model.block_runner(positions);
     let (mut x, mut shift) = (Vec::new(), Vec::new());
     for (residual, source) in residuals.iter().zip(sources) {
-        let source = source.get(&input).map_or(&[][..], Vec::as_slice);
         x.clear();
         x.extend_from_slice(residual);
         let mut seen = 0;
@@ -348,7 +364,7 @@ fn input_hessian(
             shift.extend(source.iter().zip(rows).map(|(s, x)| s - x));
             cross.add_pairs(&shift, rows);
         };
-        model.run_block(&mut runner, layer, &mut x, Some(&mut observe))?;
+        model.run_block(runner, layer, &mut x, Some(&mut observe))?;
         if mismatch || seen != source.len() {
             return Err(Error::InvalidOption(format!(
                 "block {layer}: the source model's {input:?} rows do not pair with the quantized \
@@ -360,19 +376,15 @@ fn input_hessian(
 }
 
 /// The diagonal of the Hessian `Σ x·xᵀ` of each matrix input of block `layer` over the
-/// calibration residuals.
+/// calibration residuals, which the block carries on to its outputs.
 fn block_hessian_diagonals(
     model: &Model,
+    runner: &mut BlockRunner,
     layer: usize,
-    residuals: &[Vec<f32>],
-    positions: usize,
+    residuals: &mut [Vec<f32>],
 ) -> Result<HashMap<MatrixInput, Vec<f64>>> {
     let mut diag: HashMap<MatrixInput, Vec<f64>> = HashMap::new();
-    let mut runner = model.block_runner(positions);
-    let mut x = Vec::new();
     for residual in residuals {
-        x.clear();
-        x.extend_from_slice(residual);
         let mut observe = |input: MatrixInput, rows: &[f32]| {
             let k = input_width(model, layer, input);
             let d = diag.entry(input).or_insert_with(|| vec![0.0; k]);
@@ -382,7 +394,7 @@ fn block_hessian_diagonals(
                 }
             }
         };
-        model.run_block(&mut runner, layer, &mut x, Some(&mut observe))?;
+        model.run_block(runner, layer, residual, Some(&mut observe))?;
     }
     Ok(diag)
 }
@@ -413,8 +425,10 @@ fn plan_widths(
     // (gain per weight, layer, matrix index, weights)
     let mut gains: Vec<(f64, usize, usize, usize)> = Vec::new();
     let mut total_weights = 0usize;
+    // The model's matrices stay as they are here, so one run state serves every block.
+    let mut runner = model.block_runner(positions);
     for layer in 0..blocks {
-        let diag = block_hessian_diagonals(model, layer, &residuals, positions)?;
+        let diag = block_hessian_diagonals(model, &mut runner, layer, &mut residuals)?;
         for (i, which) in BlockMatrix::ALL.into_iter().enumerate() {
             let m = model.block_matrix(layer, which);
             let (rows, cols) = (m.rows(), m.cols());
@@ -437,10 +451,6 @@ fn plan_widths(
             let gain = (error(base)? - error(base + 1)?) / (rows * cols) as f64;
             gains.push((gain, layer, i, rows * cols));
             total_weights += rows * cols;
-        }
-        let mut runner = model.block_runner(positions);
-        for residual in &mut residuals {
-            model.run_block(&mut runner, layer, residual, None)?;
         }
     }
     gains.sort_by(|a, b| b.0.total_cmp(&a.0));

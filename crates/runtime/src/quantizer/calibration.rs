@@ -181,6 +181,14 @@ impl Hessian {
 mod tests {
     use super::*;
 
+    /// `Σ a[i]·b[j]` in f64 over the paired rows of `a` and `b` (`[n][k]` each).
+    fn product_sum(a: &[f32], b: &[f32], k: usize, i: usize, j: usize) -> f64 {
+        a.chunks_exact(k)
+            .zip(b.chunks_exact(k))
+            .map(|(a, b)| f64::from(a[i]) * f64::from(b[j]))
+            .sum()
+    }
+
     #[test]
     fn paired_rows_give_the_sum_of_cross_products() {
         let k = 4;
@@ -194,11 +202,7 @@ mod tests {
         assert_eq!(n, 600);
         for i in 0..k {
             for j in 0..k {
-                let want: f64 = a
-                    .chunks_exact(k)
-                    .zip(b.chunks_exact(k))
-                    .map(|(a, b)| f64::from(a[i]) * f64::from(b[j]))
-                    .sum();
+                let want = product_sum(&a, &b, k, i, j);
                 assert_eq!(sum[i * k + j], want, "({i}, {j})");
             }
         }
@@ -219,10 +223,7 @@ mod tests {
         assert_eq!(n, 700);
         for i in 0..k {
             for j in 0..k {
-                let want: f64 = rows
-                    .chunks_exact(k)
-                    .map(|r| f64::from(r[i]) * f64::from(r[j]))
-                    .sum();
+                let want = product_sum(&rows, &rows, k, i, j);
                 assert!((sum[i * k + j] - want).abs() <= 1e-6 * want.abs().max(1.0));
             }
         }
