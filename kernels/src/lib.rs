@@ -74,7 +74,7 @@ pub use isa::Isa;
 pub use mapped::MappedFile;
 pub use packed::{
     Grouping, PackedLayout, PackedMatrix, PackedMatrixBuilder, PackedParts, PlaneScales, QuantSpec,
-    QuantizedWeights, SuperBlockWeights, SUPER_BLOCK,
+    QuantizedWeights, SuperBlockMatrixBuilder, SuperBlockWeights, SUPER_BLOCK,
 };
 pub use storage::Storage;
 pub use tables::ActivationTables;

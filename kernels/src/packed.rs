@@ -17,10 +17,10 @@ use crate::tiling::{check_parts, MAX_PARTS};
 mod planes;
 mod super_block;
 
-use planes::{pack_code_rows, pack_planes};
+use planes::pack_code_rows;
 
 use super_block::SuperScaleBuffers;
-pub use super_block::{SuperBlockWeights, SUPER_BLOCK};
+pub use super_block::{SuperBlockMatrixBuilder, SuperBlockWeights, SUPER_BLOCK};
 
 /// How many consecutive K elements share one scale (and offset).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

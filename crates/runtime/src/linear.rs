@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use lutra_kernels::{
     ActivationTables, Cpu, DenseMatrix, Grouping, Int8Activations, Int8Matrix, PackedMatrix,
-    PackedMatrixBuilder, PlaneScales, QuantSpec, QuantizedWeights, SuperBlockWeights,
-    TernaryMatrix, TernaryTables, TernaryWeights,
+    PackedMatrixBuilder, PlaneScales, QuantSpec, QuantizedWeights, SuperBlockMatrixBuilder,
+    SuperBlockWeights, TernaryMatrix, TernaryTables, TernaryWeights,
 };
 
 use crate::error::{Error, Result};
@@ -199,9 +199,10 @@ impl Linear {
 
     /// The LUT form of a `[rows][cols]` tensor decoded [`ROW_BLOCK`] rows at a time by
     /// `decode_rows`, so that only one block of codes exists at once and it is packed while it is
-    /// still in cache. `None` (nothing built) when the first block is not low-bit codes with
-    /// groups of 32, 64, 128 or 256 shorter than a row, or when `accept_first` refuses it: such
-    /// tensors take [`Linear::from_decoded`]. Exact, like [`Linear::from_decoded`].
+    /// still in cache. `None` (nothing built) when the first block is neither low-bit codes with
+    /// groups of 32, 64, 128 or 256 shorter than a row nor two-level (K-quant) codes, or when
+    /// `accept_first` refuses it: such tensors take [`Linear::from_decoded`]. Exact, like
+    /// [`Linear::from_decoded`].
     pub fn lut_by_row_blocks(
         rows: usize,
         cols: usize,
@@ -210,56 +211,49 @@ impl Linear {
     ) -> Result<Option<Linear>> {
         let block = |start: usize| start..(start + ROW_BLOCK).min(rows);
         let first = decode_rows(block(0))?;
-        let (bits, group_size) = match first {
+        let mut builder = match &first {
             DecodedTensor::LowBit {
                 bits, group_size, ..
-            } if matches!(group_size, 32 | 64 | 128 | 256) && group_size < cols => {
-                (bits, group_size)
+            } if matches!(group_size, 32 | 64 | 128 | 256) && *group_size < cols => {
+                let spec = QuantSpec {
+                    rows,
+                    cols,
+                    bits: *bits,
+                    grouping: Grouping::Size(*group_size),
+                    plane_scales: PlaneScales::Uniform,
+                };
+                RowBlockBuilder::Groups(PackedMatrixBuilder::new(spec, true)?, spec)
             }
+            DecodedTensor::SuperBlock {
+                bits,
+                group,
+                zero_point,
+                sub_mins,
+                ..
+            } => RowBlockBuilder::SuperBlocks(SuperBlockMatrixBuilder::new(
+                rows,
+                cols,
+                *bits,
+                *group,
+                *zero_point,
+                sub_mins.is_some(),
+            )?),
             _ => return Ok(None),
         };
         if !accept_first(&first) {
             return Ok(None);
         }
-        let spec = QuantSpec {
-            rows,
-            cols,
-            bits,
-            grouping: Grouping::Size(group_size),
-            plane_scales: PlaneScales::Uniform,
-        };
-        let mut builder = PackedMatrixBuilder::new(spec, true)?;
         let (mut next, mut start) = (Some(first), 0);
         while start < rows {
             let tensor = match next.take() {
                 Some(t) => t,
                 None => decode_rows(block(start))?,
             };
-            let DecodedTensor::LowBit {
-                rows: n,
-                bits: b,
-                group_size: g,
-                codes,
-                scales,
-                offsets,
-                ..
-            } = &tensor
-            else {
-                return Err(Error::InvalidOption(format!(
-                    "rows {start}.. of a tensor decoded to another form than its first rows"
-                )));
-            };
-            if (*b, *g) != (bits, group_size) || *n == 0 {
-                return Err(Error::InvalidOption(format!(
-                    "rows {start}.. of a tensor decoded to {b}-bit groups of {g}, its first rows \
-                     to {bits}-bit groups of {group_size}"
-                )));
-            }
-            builder.push_rows(&QuantizedWeights {
-                spec: QuantSpec { rows: *n, ..spec },
-                codes,
-                scales,
-                offsets: Some(offsets),
+            let n = builder.push(&tensor).map_err(|e| match e {
+                Error::InvalidOption(why) => {
+                    Error::InvalidOption(format!("rows {start}.. of a tensor {why}"))
+                }
+                e => e,
             })?;
             start += n;
         }
@@ -901,6 +895,82 @@ fn distinct_orders(group: &[&Linear]) -> usize {
         .count()
 }
 
+/// The builder of [`Linear::lut_by_row_blocks`], for the form of the tensor's first rows.
+enum RowBlockBuilder {
+    /// One-level groups (with the matrix's spec, which each block must share but for its rows).
+    Groups(PackedMatrixBuilder, QuantSpec),
+    /// Two-level (K-quant) scales.
+    SuperBlocks(SuperBlockMatrixBuilder),
+}
+
+impl RowBlockBuilder {
+    /// Packs the rows of `tensor`, the next block; returns how many. A block decoded to another
+    /// form than the first is an error saying so.
+    fn push(&mut self, tensor: &DecodedTensor) -> Result<usize> {
+        match (self, tensor) {
+            (
+                RowBlockBuilder::Groups(builder, spec),
+                DecodedTensor::LowBit {
+                    rows: n,
+                    bits,
+                    group_size,
+                    codes,
+                    scales,
+                    offsets,
+                    ..
+                },
+            ) if Grouping::Size(*group_size) == spec.grouping && *bits == spec.bits && *n > 0 => {
+                builder.push_rows(&QuantizedWeights {
+                    spec: QuantSpec { rows: *n, ..*spec },
+                    codes,
+                    scales,
+                    offsets: Some(offsets),
+                })?;
+                Ok(*n)
+            }
+            (
+                RowBlockBuilder::SuperBlocks(builder),
+                DecodedTensor::SuperBlock {
+                    rows: n,
+                    cols,
+                    bits,
+                    group,
+                    zero_point,
+                    codes,
+                    sub_scales,
+                    sub_mins,
+                    d,
+                    dmin,
+                },
+            ) if *n > 0 => {
+                builder.push_rows(&SuperBlockWeights {
+                    rows: *n,
+                    cols: *cols,
+                    bits: *bits,
+                    group: *group,
+                    zero_point: *zero_point,
+                    codes,
+                    sub_scales,
+                    sub_mins: sub_mins.as_deref(),
+                    d,
+                    dmin: dmin.as_deref(),
+                })?;
+                Ok(*n)
+            }
+            _ => Err(Error::InvalidOption(
+                "decoded to another form than its first rows".to_string(),
+            )),
+        }
+    }
+
+    fn finish(self) -> Result<PackedMatrix> {
+        Ok(match self {
+            RowBlockBuilder::Groups(builder, _) => builder.finish()?,
+            RowBlockBuilder::SuperBlocks(builder) => builder.finish()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1002,6 +1072,102 @@ mod tests {
             blocks.row(r, &mut b).unwrap();
             assert_eq!(a, b, "row {r}");
         }
+    }
+
+    /// Rows `range` of a two-level tensor, as its own tensor.
+    fn super_rows_of(t: &DecodedTensor, range: Range<usize>) -> DecodedTensor {
+        let DecodedTensor::SuperBlock {
+            cols,
+            bits,
+            group,
+            zero_point,
+            codes,
+            sub_scales,
+            sub_mins,
+            d,
+            dmin,
+            ..
+        } = t
+        else {
+            panic!("not a two-level tensor");
+        };
+        let (groups, supers) = (cols / group, cols / 256);
+        let rows = |v: &[u16], per: usize| v[range.start * per..range.end * per].to_vec();
+        DecodedTensor::SuperBlock {
+            rows: range.len(),
+            cols: *cols,
+            bits: *bits,
+            group: *group,
+            zero_point: *zero_point,
+            codes: codes[range.start * cols..range.end * cols].to_vec(),
+            sub_scales: sub_scales[range.start * groups..range.end * groups].to_vec(),
+            sub_mins: sub_mins
+                .as_ref()
+                .map(|m| m[range.start * groups..range.end * groups].to_vec()),
+            d: rows(d, supers),
+            dmin: dmin.as_ref().map(|m| rows(m, supers)),
+        }
+    }
+
+    #[test]
+    fn row_blocks_of_two_level_codes_build_the_whole_tensors_matrix() {
+        // Q2_K's form (2-bit codes, groups of 16 with sub-mins), a whole and a partial block.
+        let (rows, cols) = (ROW_BLOCK + 70, 512);
+        let (groups, supers) = (rows * cols / 16, rows * cols / 256);
+        let f16s = |n: usize, k: usize| -> Vec<u16> {
+            (0..n)
+                .map(|i| half::f16::from_f32(0.01 * ((i * k) % 13 + 1) as f32).to_bits())
+                .collect()
+        };
+        let t = DecodedTensor::SuperBlock {
+            rows,
+            cols,
+            bits: 2,
+            group: 16,
+            zero_point: 0,
+            codes: (0..rows * cols)
+                .map(|i| ((i * 7 + i / 11) % 4) as u8)
+                .collect(),
+            sub_scales: (0..groups).map(|g| (g % 15) as i8).collect(),
+            sub_mins: Some((0..groups).map(|g| (g * 3 % 16) as u8).collect()),
+            d: f16s(supers, 5),
+            dmin: Some(f16s(supers, 3)),
+        };
+        let whole = Linear::from_decoded(&t, false).unwrap();
+        let blocks = Linear::lut_by_row_blocks(rows, cols, |r| Ok(super_rows_of(&t, r)), |_| true)
+            .unwrap()
+            .expect("two-level codes take the block path");
+        assert_eq!(
+            (blocks.kind(), blocks.bytes()),
+            (whole.kind(), whole.bytes())
+        );
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in [0, 1, 63, 64, ROW_BLOCK - 1, ROW_BLOCK, rows - 1] {
+            whole.row(r, &mut a).unwrap();
+            blocks.row(r, &mut b).unwrap();
+            assert_eq!(a, b, "row {r}");
+        }
+        assert!(a.iter().any(|&w| w != 0.0));
+        // A later block in another form is an error, not a silent mix.
+        let mut calls = 0;
+        let mixed = Linear::lut_by_row_blocks(
+            rows,
+            cols,
+            |r| {
+                calls += 1;
+                Ok(if calls == 1 {
+                    super_rows_of(&t, r)
+                } else {
+                    low_bit(r.len(), cols, 2, |s| -0.5 * s)
+                })
+            },
+            |_| true,
+        );
+        assert!(
+            matches!(mixed, Err(Error::InvalidOption(_))),
+            "{:?}",
+            mixed.err()
+        );
     }
 
     #[test]

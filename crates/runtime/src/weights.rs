@@ -1252,8 +1252,10 @@ fn dense(rows: usize, cols: usize, values: impl Iterator<Item = f32>) -> Decoded
     }
 }
 
+/// The f16 at byte `at` of `b`, widened. The portable conversion inlines into the decoders'
+/// loops (`to_f32` calls a run-time dispatched routine per value); both are exact.
 fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32_const()
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {

@@ -194,14 +194,6 @@ fn pack_code_rows_on(
     Ok(())
 }
 
-/// The codes `[rows][cols]` (each `< 2^bits`, checked) of a whole matrix split into bit planes.
-pub(super) fn pack_planes(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Result<Vec<u8>> {
-    let tile_bytes = (cols / ACT) * usize::from(bits) * PLANE_BYTES;
-    let mut packed = vec![0u8; rows.div_ceil(TILE) * tile_bytes];
-    pack_code_rows(codes, rows, cols, bits, 0, &mut packed)?;
-    Ok(packed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@
 
 use half::f16;
 
-use super::{pack_planes, Grouping, PackedMatrix, PlaneScales, QuantSpec};
+use super::{pack_code_rows, Grouping, PackedMatrix, PlaneScales, QuantSpec};
 use crate::error::{KernelError, Result};
-use crate::lut::layout::TILE;
+use crate::lut::layout::{ACT, PLANE_BYTES, TILE};
 use crate::lut::{SuperScales, MAX_BITS};
 use crate::storage::Storage;
 
@@ -129,17 +129,15 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     }
 }
 
-/// `[rows][per_row]` values reordered to `[tile][per_row][64 rows]`, padded rows `T::default()`.
-fn tile_major<T: Copy + Default>(src: &[T], rows: usize, per_row: usize) -> Vec<T> {
-    let tiles = rows.div_ceil(TILE);
-    let mut out = vec![T::default(); tiles * per_row * TILE];
+/// Rows `first..first + src.len() / per_row` of `[rows][per_row]` values written into `out`,
+/// laid out `[tile][per_row][64 rows]`.
+fn scatter_tile_major<T: Copy>(src: &[T], first: usize, per_row: usize, out: &mut [T]) {
     for (r, row) in src.chunks_exact(per_row).enumerate() {
-        let (tile, rr) = (r / TILE, r % TILE);
+        let (tile, rr) = ((first + r) / TILE, (first + r) % TILE);
         for (i, &v) in row.iter().enumerate() {
             out[(tile * per_row + i) * TILE + rr] = v;
         }
     }
-    out
 }
 
 /// An error when one of the f16 factors is not finite.
@@ -186,9 +184,45 @@ impl PackedMatrix {
     /// ```
     pub fn pack_super_blocks(weights: &SuperBlockWeights<'_>) -> Result<PackedMatrix> {
         let w = weights;
-        let (rows, cols) = (w.rows, w.cols);
-        if !(1..=MAX_BITS as u8).contains(&w.bits) {
-            return Err(KernelError::UnsupportedBits(w.bits));
+        // The codes are checked against the shape before anything is allocated for it.
+        check_len("codes", w.rows.saturating_mul(w.cols), w.codes.len())?;
+        let mins = w.sub_mins.is_some();
+        let mut builder =
+            SuperBlockMatrixBuilder::new(w.rows, w.cols, w.bits, w.group, w.zero_point, mins)?;
+        builder.push_rows(w)?;
+        builder.finish()
+    }
+}
+
+/// A [`PackedMatrix`] with two-level scales filled a block of rows at a time
+/// ([`SuperBlockMatrixBuilder::push_rows`]), so that a caller decoding a file holds the codes of
+/// one block, not of the whole matrix.
+pub struct SuperBlockMatrixBuilder {
+    spec: QuantSpec,
+    group: usize,
+    zero_point: u8,
+    weights: Vec<u8>,
+    scales: SuperScaleBuffers,
+    /// Rows packed so far.
+    rows_done: usize,
+}
+
+impl SuperBlockMatrixBuilder {
+    /// Rows per tile: every block but the last must hold a multiple of this many rows.
+    pub const ROWS_PER_TILE: usize = TILE;
+
+    /// Checks the form and allocates a `rows × cols` matrix of `bits`-bit codes in groups of
+    /// `group` (16 or 32) with zero point `zero_point`, with sub-mins and `dmin` when `mins`.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        group: usize,
+        zero_point: u8,
+        mins: bool,
+    ) -> Result<SuperBlockMatrixBuilder> {
+        if !(1..=MAX_BITS as u8).contains(&bits) {
+            return Err(KernelError::UnsupportedBits(bits));
         }
         if cols == 0 || !cols.is_multiple_of(SUPER_BLOCK) {
             return Err(KernelError::KNotMultipleOfSuperBlock {
@@ -196,13 +230,76 @@ impl PackedMatrix {
                 super_block: SUPER_BLOCK,
             });
         }
-        if !matches!(w.group, 16 | 32) {
-            return Err(KernelError::SuperBlockGroup(w.group));
+        if !matches!(group, 16 | 32) {
+            return Err(KernelError::SuperBlockGroup(group));
         }
+        let spec = QuantSpec {
+            rows,
+            cols,
+            bits,
+            grouping: Grouping::Size(group),
+            plane_scales: PlaneScales::Uniform,
+        };
+        let tiles = rows.div_ceil(TILE);
+        // The planes take `bits / 8` of a byte per weight, the scales at most a byte per group
+        // of 16: the size of the weights is checked, as the others are smaller.
+        let weight_bytes = (cols / ACT)
+            .checked_mul(usize::from(bits) * PLANE_BYTES)
+            .and_then(|tile_bytes| tiles.checked_mul(tile_bytes))
+            .ok_or(KernelError::LengthMismatch {
+                what: "rows",
+                expected: usize::MAX,
+                got: rows,
+            })?;
+        let (groups, supers) = (cols / group, cols / SUPER_BLOCK);
+        Ok(SuperBlockMatrixBuilder {
+            spec,
+            group,
+            zero_point,
+            weights: vec![0u8; weight_bytes],
+            scales: SuperScaleBuffers {
+                sub_scales: vec![0; tiles * groups * TILE],
+                sub_mins: mins.then(|| vec![0; tiles * groups * TILE]),
+                d: vec![0; tiles * supers * TILE],
+                dmin: mins.then(|| vec![0; tiles * supers * TILE]),
+                groups_per_super: SUPER_BLOCK / group,
+                zero_point,
+                bits,
+            },
+            rows_done: 0,
+        })
+    }
+
+    /// Packs the next `weights.rows` rows. `weights` must have the builder's columns, bits,
+    /// group, zero point and mins, and every block but the last must hold a multiple of
+    /// [`SuperBlockMatrixBuilder::ROWS_PER_TILE`] rows.
+    pub fn push_rows(&mut self, weights: &SuperBlockWeights<'_>) -> Result<()> {
+        let w = weights;
+        let (first, spec) = (self.rows_done, self.spec);
+        let (rows, cols) = (w.rows, spec.cols);
         if w.sub_mins.is_some() != w.dmin.is_some() {
             return Err(KernelError::MinsWithoutSuperMins);
         }
-        let groups = cols / w.group;
+        let bad_rows = KernelError::LengthMismatch {
+            what: "rows",
+            expected: spec.rows - first,
+            got: rows,
+        };
+        let same_form = (w.cols, w.bits, w.group, w.zero_point, w.sub_mins.is_some())
+            == (
+                cols,
+                spec.bits,
+                self.group,
+                self.zero_point,
+                self.scales.sub_mins.is_some(),
+            );
+        if !same_form || first + rows > spec.rows {
+            return Err(bad_rows);
+        }
+        if first + rows < spec.rows && rows % TILE != 0 {
+            return Err(bad_rows);
+        }
+        let groups = cols / self.group;
         let supers = cols / SUPER_BLOCK;
         // Every other count is at most rows·cols, which fits once the codes match it (a slice holds
         // fewer than usize::MAX bytes).
@@ -218,31 +315,42 @@ impl PackedMatrix {
             check_len("dmin", rows * supers, dmin.len())?;
             check_finite(dmin)?;
         }
-        let packed = pack_planes(w.codes, rows, cols, w.bits)?;
-        let super_scales = SuperScaleBuffers {
-            sub_scales: tile_major(w.sub_scales, rows, groups),
-            sub_mins: w.sub_mins.map(|m| tile_major(m, rows, groups)),
-            d: tile_major(w.d, rows, supers),
-            dmin: w.dmin.map(|m| tile_major(m, rows, supers)),
-            groups_per_super: SUPER_BLOCK / w.group,
-            zero_point: w.zero_point,
-            bits: w.bits,
-        };
+        let tile_bytes = (cols / ACT) * usize::from(spec.bits) * PLANE_BYTES;
+        let tiles = first / TILE..(first + rows).div_ceil(TILE);
+        let packed = &mut self.weights[tiles.start * tile_bytes..tiles.end * tile_bytes];
+        pack_code_rows(w.codes, rows, cols, spec.bits, first, packed)?;
+        let s = &mut self.scales;
+        scatter_tile_major(w.sub_scales, first, groups, &mut s.sub_scales);
+        scatter_tile_major(w.d, first, supers, &mut s.d);
+        if let (Some(src), Some(dst)) = (w.sub_mins, s.sub_mins.as_mut()) {
+            scatter_tile_major(src, first, groups, dst);
+        }
+        if let (Some(src), Some(dst)) = (w.dmin, s.dmin.as_mut()) {
+            scatter_tile_major(src, first, supers, dst);
+        }
+        self.rows_done += rows;
+        Ok(())
+    }
+
+    /// The packed matrix, once every row has been pushed.
+    pub fn finish(self) -> Result<PackedMatrix> {
+        let spec = self.spec;
+        if self.rows_done != spec.rows {
+            return Err(KernelError::LengthMismatch {
+                what: "rows",
+                expected: spec.rows,
+                got: self.rows_done,
+            });
+        }
         Ok(PackedMatrix {
-            spec: QuantSpec {
-                rows,
-                cols,
-                bits: w.bits,
-                grouping: Grouping::Size(w.group),
-                plane_scales: PlaneScales::Uniform,
-            },
-            tiles: rows.div_ceil(TILE),
-            groups,
-            weights: Storage::owned(packed),
+            spec,
+            tiles: spec.rows.div_ceil(TILE),
+            groups: spec.cols / self.group,
+            weights: Storage::owned(self.weights),
             scales: Storage::owned(Vec::new()),
             offsets: None,
-            half_groups: w.group == 16,
-            super_scales: Some(super_scales),
+            half_groups: self.group == 16,
+            super_scales: Some(self.scales),
         })
     }
 }
