@@ -1070,21 +1070,22 @@ fn decode_q5_1(t: Blocks<'_>) -> DecodedTensor {
 /// Q2_K: 2-bit codes, 16 groups of 16 with 4-bit `sc` and `m`: `w = (d·sc)·q − dmin·m`.
 fn decode_q2_k(t: Blocks<'_>) -> DecodedTensor {
     let mut sb = SuperBlockBuilder::new(t, 2, 16, 0, true);
+    let mut q = [0u8; QK_K];
     for b in t.iter() {
         let (sc, qs) = (&b[0..16], &b[16..80]);
-        let mut is = 0;
-        for half in qs.chunks_exact(32) {
-            for shift in (0..8).step_by(2) {
-                for sub in half.chunks_exact(16) {
-                    let s = sc[is];
-                    is += 1;
-                    sb.group(
-                        (s & 0xF) as i8,
-                        s >> 4,
-                        sub.iter().map(|&q| (q >> shift) & 3),
-                    );
+        // Element 128h + 32s + i is bits 2s..2s+2 of byte i of the h-th 32 bytes.
+        for (h, half) in qs.chunks_exact(32).enumerate() {
+            for s in 0..4 {
+                let out = &mut q[128 * h + 32 * s..][..32];
+                for (o, &v) in out.iter_mut().zip(half) {
+                    *o = (v >> (2 * s)) & 3;
                 }
             }
+        }
+        sb.codes(&q);
+        // Group g (elements 16g..16g+16) has scale and min sc[g].
+        for &s in sc {
+            sb.scale((s & 0xF) as i8, s >> 4);
         }
         sb.super_block(f16_bits_at(b, 80), f16_bits_at(b, 82));
     }
@@ -1094,28 +1095,24 @@ fn decode_q2_k(t: Blocks<'_>) -> DecodedTensor {
 /// Q3_K: 3-bit codes, 16 groups of 16 with 6-bit signed `sc`: `w = (d·sc)·(q − 4)`.
 fn decode_q3_k(t: Blocks<'_>) -> DecodedTensor {
     let mut sb = SuperBlockBuilder::new(t, 3, 16, 4, false);
+    let mut q = [0u8; QK_K];
     for b in t.iter() {
         let (hmask, qs) = (&b[0..32], &b[32..96]);
         let sc = q3k_scales(&b[96..108]);
-        let (mut is, mut m) = (0, 1u8);
-        for half in qs.chunks_exact(32) {
-            for shift in (0..8).step_by(2) {
-                for (k, sub) in half.chunks_exact(16).enumerate() {
-                    let hm = &hmask[16 * k..16 * k + 16];
-                    // q = low 2 bits + 4 when the high bit is set (ggml subtracts 4 when it is clear).
-                    let codes = sub.iter().zip(hm).map(|(&q, &h)| {
-                        let low = (q >> shift) & 3;
-                        if h & m != 0 {
-                            low + 4
-                        } else {
-                            low
-                        }
-                    });
-                    sb.group(sc[is], 0, codes);
-                    is += 1;
+        // Element 128h + 32s + i: bits 2s..2s+2 of byte i of the h-th 32 bytes, plus 4 when bit
+        // 4h + s of hmask[i] is set (ggml subtracts 4 when it is clear).
+        for (h, half) in qs.chunks_exact(32).enumerate() {
+            for s in 0..4 {
+                let out = &mut q[128 * h + 32 * s..][..32];
+                let m = 4 * h + s;
+                for ((o, &v), &hm) in out.iter_mut().zip(half).zip(hmask) {
+                    *o = ((v >> (2 * s)) & 3) | (((hm >> m) & 1) << 2);
                 }
-                m <<= 1;
             }
+        }
+        sb.codes(&q);
+        for &s in &sc {
+            sb.scale(s, 0);
         }
         sb.super_block(f16_bits_at(b, 108), 0);
     }
@@ -1176,8 +1173,9 @@ fn decode_q6_k(t: Blocks<'_>) -> DecodedTensor {
         }
         // Group g (elements 16g..16g+16) has scale sc[g]: within each half, element l + 32k
         // uses sc[l / 16 + 2k].
-        for (g, codes) in q.chunks_exact(16).enumerate() {
-            sb.group(sc[g] as i8, 0, codes.iter().copied());
+        sb.codes(&q);
+        for &s in sc {
+            sb.scale(s as i8, 0);
         }
         sb.super_block(f16_bits_at(b, 208), 0);
     }
@@ -1300,15 +1298,26 @@ impl SuperBlockBuilder {
     /// One group: its sub-scale, its sub-min (ignored for types without mins) and its codes.
     fn group(&mut self, sc: i8, m: u8, codes: impl Iterator<Item = u8>) {
         self.codes.extend(codes);
+        self.scale(sc, m);
+    }
+
+    /// The codes of the next groups, in element order (their scales follow by
+    /// [`SuperBlockBuilder::scale`]).
+    fn codes(&mut self, codes: &[u8]) {
+        self.codes.extend_from_slice(codes);
+    }
+
+    /// The sub-scale and sub-min (ignored for types without mins) of the next group.
+    fn scale(&mut self, sc: i8, m: u8) {
         self.sub_scales.push(sc);
         if let Some(mins) = &mut self.sub_mins {
             mins.push(m);
         }
-        debug_assert_eq!(self.codes.len(), self.sub_scales.len() * self.group);
     }
 
     /// Closes a super-block with the f16 bits of its `d` (and `dmin`).
     fn super_block(&mut self, d: u16, dmin: u16) {
+        debug_assert_eq!(self.codes.len(), self.sub_scales.len() * self.group);
         self.d.push(d);
         if let Some(dm) = &mut self.dmin {
             dm.push(dmin);
