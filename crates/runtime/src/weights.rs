@@ -1072,21 +1072,22 @@ fn decode_q2_k(t: Blocks<'_>) -> DecodedTensor {
     let mut sb = SuperBlockBuilder::new(t, 2, 16, 0, true);
     let mut q = [0u8; QK_K];
     for b in t.iter() {
-        let (sc, qs) = (&b[0..16], &b[16..80]);
+        let sc: [u8; 16] = b[0..16].try_into().expect("16 scale bytes");
+        let qs = &b[16..80];
         // Element 128h + 32s + i is bits 2s..2s+2 of byte i of the h-th 32 bytes.
         for (h, half) in qs.chunks_exact(32).enumerate() {
             for s in 0..4 {
                 let out = &mut q[128 * h + 32 * s..][..32];
-                for (o, &v) in out.iter_mut().zip(half) {
-                    *o = (v >> (2 * s)) & 3;
+                for (o, v) in out.chunks_exact_mut(8).zip(half.chunks_exact(8)) {
+                    // Eight bytes at once: the mask keeps each byte's own two bits.
+                    let v = u64::from_le_bytes(v.try_into().expect("8 bytes"));
+                    o.copy_from_slice(&((v >> (2 * s)) & 0x0303_0303_0303_0303).to_le_bytes());
                 }
             }
         }
         sb.codes(&q);
         // Group g (elements 16g..16g+16) has scale and min sc[g].
-        for &s in sc {
-            sb.scale((s & 0xF) as i8, s >> 4);
-        }
+        sb.scales(&sc.map(|s| (s & 0xF) as i8), &sc.map(|s| s >> 4));
         sb.super_block(f16_bits_at(b, 80), f16_bits_at(b, 82));
     }
     sb.finish()
@@ -1105,15 +1106,19 @@ fn decode_q3_k(t: Blocks<'_>) -> DecodedTensor {
             for s in 0..4 {
                 let out = &mut q[128 * h + 32 * s..][..32];
                 let m = 4 * h + s;
-                for ((o, &v), &hm) in out.iter_mut().zip(half).zip(hmask) {
-                    *o = ((v >> (2 * s)) & 3) | (((hm >> m) & 1) << 2);
+                let words = out.chunks_exact_mut(8).zip(half.chunks_exact(8));
+                for ((o, v), hm) in words.zip(hmask.chunks_exact(8)) {
+                    // Eight bytes at once: the masks keep each byte's own bits.
+                    let v = u64::from_le_bytes(v.try_into().expect("8 bytes"));
+                    let hm = u64::from_le_bytes(hm.try_into().expect("8 bytes"));
+                    let low = (v >> (2 * s)) & 0x0303_0303_0303_0303;
+                    let high = ((hm >> m) & 0x0101_0101_0101_0101) << 2;
+                    o.copy_from_slice(&(low | high).to_le_bytes());
                 }
             }
         }
         sb.codes(&q);
-        for &s in &sc {
-            sb.scale(s, 0);
-        }
+        sb.scales(&sc, &[]);
         sb.super_block(f16_bits_at(b, 108), 0);
     }
     sb.finish()
@@ -1174,9 +1179,7 @@ fn decode_q6_k(t: Blocks<'_>) -> DecodedTensor {
         // Group g (elements 16g..16g+16) has scale sc[g]: within each half, element l + 32k
         // uses sc[l / 16 + 2k].
         sb.codes(&q);
-        for &s in sc {
-            sb.scale(s as i8, 0);
-        }
+        sb.scales(bytemuck::cast_slice(sc), &[]);
         sb.super_block(f16_bits_at(b, 208), 0);
     }
     sb.finish()
@@ -1298,20 +1301,20 @@ impl SuperBlockBuilder {
     /// One group: its sub-scale, its sub-min (ignored for types without mins) and its codes.
     fn group(&mut self, sc: i8, m: u8, codes: impl Iterator<Item = u8>) {
         self.codes.extend(codes);
-        self.scale(sc, m);
+        self.scales(&[sc], &[m]);
     }
 
     /// The codes of the next groups, in element order (their scales follow by
-    /// [`SuperBlockBuilder::scale`]).
+    /// [`SuperBlockBuilder::scales`]).
     fn codes(&mut self, codes: &[u8]) {
         self.codes.extend_from_slice(codes);
     }
 
-    /// The sub-scale and sub-min (ignored for types without mins) of the next group.
-    fn scale(&mut self, sc: i8, m: u8) {
-        self.sub_scales.push(sc);
+    /// The sub-scales and sub-mins (ignored for types without mins) of the next groups.
+    fn scales(&mut self, sc: &[i8], m: &[u8]) {
+        self.sub_scales.extend_from_slice(sc);
         if let Some(mins) = &mut self.sub_mins {
-            mins.push(m);
+            mins.extend_from_slice(m);
         }
     }
 
