@@ -1074,17 +1074,7 @@ fn decode_q2_k(t: Blocks<'_>) -> DecodedTensor {
     for b in t.iter() {
         let sc: [u8; 16] = b[0..16].try_into().expect("16 scale bytes");
         let qs = &b[16..80];
-        // Element 128h + 32s + i is bits 2s..2s+2 of byte i of the h-th 32 bytes.
-        for (h, half) in qs.chunks_exact(32).enumerate() {
-            for s in 0..4 {
-                let out = &mut q[128 * h + 32 * s..][..32];
-                for (o, v) in out.chunks_exact_mut(8).zip(half.chunks_exact(8)) {
-                    // Eight bytes at once: the mask keeps each byte's own two bits.
-                    let v = u64::from_le_bytes(v.try_into().expect("8 bytes"));
-                    o.copy_from_slice(&((v >> (2 * s)) & 0x0303_0303_0303_0303).to_le_bytes());
-                }
-            }
-        }
+        unpack_crumbs(qs, &mut q);
         sb.codes(&q);
         // Group g (elements 16g..16g+16) has scale and min sc[g].
         sb.scales(&sc.map(|s| (s & 0xF) as i8), &sc.map(|s| s >> 4));
@@ -1100,21 +1090,16 @@ fn decode_q3_k(t: Blocks<'_>) -> DecodedTensor {
     for b in t.iter() {
         let (hmask, qs) = (&b[0..32], &b[32..96]);
         let sc = q3k_scales(&b[96..108]);
-        // Element 128h + 32s + i: bits 2s..2s+2 of byte i of the h-th 32 bytes, plus 4 when bit
-        // 4h + s of hmask[i] is set (ggml subtracts 4 when it is clear).
-        for (h, half) in qs.chunks_exact(32).enumerate() {
-            for s in 0..4 {
-                let out = &mut q[128 * h + 32 * s..][..32];
-                let m = 4 * h + s;
-                let words = out.chunks_exact_mut(8).zip(half.chunks_exact(8));
-                for ((o, v), hm) in words.zip(hmask.chunks_exact(8)) {
-                    // Eight bytes at once: the masks keep each byte's own bits.
-                    let v = u64::from_le_bytes(v.try_into().expect("8 bytes"));
-                    let hm = u64::from_le_bytes(hm.try_into().expect("8 bytes"));
-                    let low = (v >> (2 * s)) & 0x0303_0303_0303_0303;
-                    let high = ((hm >> m) & 0x0101_0101_0101_0101) << 2;
-                    o.copy_from_slice(&(low | high).to_le_bytes());
-                }
+        // The low two bits as in Q2_K; element 128h + 32s + i gets 4 more when bit 4h + s of
+        // hmask[i] is set (ggml subtracts 4 when it is clear).
+        unpack_crumbs(qs, &mut q);
+        for (k, out) in q.chunks_exact_mut(32).enumerate() {
+            for (o, hm) in out.chunks_exact_mut(8).zip(hmask.chunks_exact(8)) {
+                // Eight bytes at once: the mask keeps each byte's own bit.
+                let hm = u64::from_le_bytes(hm.try_into().expect("8 bytes"));
+                let low = u64::from_le_bytes((&*o).try_into().expect("8 bytes"));
+                let high = ((hm >> k) & 0x0101_0101_0101_0101) << 2;
+                o.copy_from_slice(&(low | high).to_le_bytes());
             }
         }
         sb.codes(&q);
@@ -1191,18 +1176,25 @@ fn decode_tq2_0(t: Blocks<'_>) -> DecodedTensor {
     for b in t.iter() {
         let (qs, d) = (&b[0..64], f16_at(b, 64));
         let mut codes = [0u8; QK_K];
-        // Element 128·h + 32·l + m is bits 2l..2l+2 of byte 32·h + m.
-        for (h, chunk) in qs.chunks_exact(32).enumerate() {
-            for l in 0..4 {
-                let out = &mut codes[128 * h + 32 * l..][..32];
-                for (c, &q) in out.iter_mut().zip(chunk) {
-                    *c = (q >> (2 * l)) & 3;
-                }
-            }
-        }
+        unpack_crumbs(qs, &mut codes);
         lb.group_codes(d, -d, &codes);
     }
     lb.finish(t.rows, t.cols, 2)
+}
+
+/// The 256 two-bit codes of 64 bytes laid out as in Q2_K, Q3_K and TQ2_0: element
+/// `128h + 32s + i` is bits `2s..2s+2` of byte `32h + i`.
+fn unpack_crumbs(qs: &[u8], codes: &mut [u8; QK_K]) {
+    for (h, half) in qs.chunks_exact(32).enumerate() {
+        for s in 0..4 {
+            let out = &mut codes[128 * h + 32 * s..][..32];
+            for (o, v) in out.chunks_exact_mut(8).zip(half.chunks_exact(8)) {
+                // Eight bytes at once: the mask keeps each byte's own two bits.
+                let v = u64::from_le_bytes(v.try_into().expect("8 bytes"));
+                o.copy_from_slice(&((v >> (2 * s)) & 0x0303_0303_0303_0303).to_le_bytes());
+            }
+        }
+    }
 }
 
 /// TQ1_0: ternary codes {0,1,2} packed in base 3, `w = d·(q − 1)`, one group per 256-block.
