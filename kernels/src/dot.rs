@@ -40,8 +40,6 @@ mod int8_tiles;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use int8_tiles::Int8Tiles;
-
 /// Tokens per task block: the codes of a tile are unpacked once per block of this many tokens.
 pub(crate) const NB: usize = 256;
 /// Activation groups unpacked at a time: their codes (8 KiB per tile) and the block's activations

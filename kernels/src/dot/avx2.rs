@@ -5,7 +5,8 @@ use std::arch::x86_64::*;
 
 use std::ops::Range;
 
-use super::{Acc, Chunk, Int8Tiles, Unpacked, CHUNK, GROUP_BYTES};
+use super::int8_tiles::Int8Tiles;
+use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
 use crate::int8::{avx2_load_codes, ActBlock, BlockScale, Codes};
 use crate::isa::Isa;
 use crate::lut::layout::{PLANE_BYTES, TABLES_PER_ACT, TILE};

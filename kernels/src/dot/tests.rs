@@ -468,7 +468,10 @@ fn int8_prompt_tokens_take_the_dot_gemm_where_the_cpu_has_it_and_the_rest_the_in
 
 /// The AVX2 unpacking of tiles `0..2` of `m` equals the scalar one.
 #[cfg(target_arch = "x86_64")]
-fn check_int8_unpacking<S: BlockScale, C: Codes>(m: &Int8Tiles<'_, S, C>, name: &str) {
+fn check_int8_unpacking<S: BlockScale, C: Codes>(
+    m: &super::int8_tiles::Int8Tiles<'_, S, C>,
+    name: &str,
+) {
     for t in 0..2 {
         for a0 in [0, 5] {
             let (mut want, mut got) = (Unpacked::new(), Unpacked::new());
@@ -492,7 +495,7 @@ fn simd_int8_unpacking_equals_the_scalar_rows() {
             macro_rules! check {
                 ($blocks:expr) => {
                     check_int8_unpacking(
-                        &Int8Tiles {
+                        &super::int8_tiles::Int8Tiles {
                             blocks: $blocks,
                             rows,
                             act_groups,

@@ -8,7 +8,8 @@
 
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
-use crate::lut::layout::{ACT, LO_ROW, PLANE_BYTES, ROW_BYTE, TILE};
+
+use crate::lut::layout::{ACT, PLANE_BYTES, ROW_BYTE, TILE};
 
 /// Bit `p` of each of the eight codes in the bytes of `codes`, as a byte (bit `i` = code `i`):
 /// the low nibble is one table's index for codes 0..4, the high nibble the next table's.
@@ -166,8 +167,9 @@ fn pack_code_rows_on(
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && Isa::Avx2.is_supported() {
         for (tile, packed_tile) in packed.chunks_exact_mut(tile_bytes).enumerate() {
-            let slots: [&[u8]; TILE] =
-                std::array::from_fn(|b| row_codes(tile * TILE + 32 * (b / 32) + LO_ROW[b % 32]));
+            let slots: [&[u8]; TILE] = std::array::from_fn(|b| {
+                row_codes(tile * TILE + 32 * (b / 32) + crate::lut::layout::LO_ROW[b % 32])
+            });
             // SAFETY: AVX2 was checked just above; the function reads and writes only through
             // the slices it is given, with bounds checks.
             unsafe { pack_tile_avx2(&slots, packed_tile, usize::from(bits)) };
@@ -197,6 +199,7 @@ fn pack_code_rows_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lut::layout::LO_ROW;
 
     #[test]
     fn plane_byte_gathers_one_bit_of_each_code() {
