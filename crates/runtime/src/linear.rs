@@ -135,29 +135,9 @@ impl Linear {
                     offsets: Some(offsets),
                 })?)
             }
-            DecodedTensor::SuperBlock {
-                rows,
-                cols,
-                bits,
-                group,
-                zero_point,
-                codes,
-                sub_scales,
-                sub_mins,
-                d,
-                dmin,
-            } => Linear::Lut(PackedMatrix::pack_super_blocks(&SuperBlockWeights {
-                rows: *rows,
-                cols: *cols,
-                bits: *bits,
-                group: *group,
-                zero_point: *zero_point,
-                codes,
-                sub_scales,
-                sub_mins: sub_mins.as_deref(),
-                d,
-                dmin: dmin.as_deref(),
-            })?),
+            DecodedTensor::SuperBlock { .. } => Linear::Lut(PackedMatrix::pack_super_blocks(
+                &super_block_weights(tensor).expect("a two-level tensor"),
+            )?),
             DecodedTensor::Int8 {
                 rows,
                 cols,
@@ -895,6 +875,36 @@ fn distinct_orders(group: &[&Linear]) -> usize {
         .count()
 }
 
+/// The kernels' view of a two-level (K-quant) tensor; `None` for other forms.
+fn super_block_weights(tensor: &DecodedTensor) -> Option<SuperBlockWeights<'_>> {
+    match tensor {
+        DecodedTensor::SuperBlock {
+            rows,
+            cols,
+            bits,
+            group,
+            zero_point,
+            codes,
+            sub_scales,
+            sub_mins,
+            d,
+            dmin,
+        } => Some(SuperBlockWeights {
+            rows: *rows,
+            cols: *cols,
+            bits: *bits,
+            group: *group,
+            zero_point: *zero_point,
+            codes,
+            sub_scales,
+            sub_mins: sub_mins.as_deref(),
+            d,
+            dmin: dmin.as_deref(),
+        }),
+        _ => None,
+    }
+}
+
 /// The builder of [`Linear::lut_by_row_blocks`], for the form of the tensor's first rows.
 enum RowBlockBuilder {
     /// One-level groups (with the matrix's spec, which each block must share but for its rows).
@@ -928,35 +938,15 @@ impl RowBlockBuilder {
                 })?;
                 Ok(*n)
             }
-            (
-                RowBlockBuilder::SuperBlocks(builder),
-                DecodedTensor::SuperBlock {
-                    rows: n,
-                    cols,
-                    bits,
-                    group,
-                    zero_point,
-                    codes,
-                    sub_scales,
-                    sub_mins,
-                    d,
-                    dmin,
-                },
-            ) if *n > 0 => {
-                builder.push_rows(&SuperBlockWeights {
-                    rows: *n,
-                    cols: *cols,
-                    bits: *bits,
-                    group: *group,
-                    zero_point: *zero_point,
-                    codes,
-                    sub_scales,
-                    sub_mins: sub_mins.as_deref(),
-                    d,
-                    dmin: dmin.as_deref(),
-                })?;
-                Ok(*n)
-            }
+            (RowBlockBuilder::SuperBlocks(builder), tensor) => match super_block_weights(tensor) {
+                Some(weights) if weights.rows > 0 => {
+                    builder.push_rows(&weights)?;
+                    Ok(weights.rows)
+                }
+                _ => Err(Error::InvalidOption(
+                    "decoded to another form than its first rows".to_string(),
+                )),
+            },
             _ => Err(Error::InvalidOption(
                 "decoded to another form than its first rows".to_string(),
             )),
@@ -1032,6 +1022,21 @@ mod tests {
         }
     }
 
+    /// `blocks` has the kind and size of `whole` and the same rows (those at the edges of tiles
+    /// and of row blocks, and the last).
+    fn assert_same_rows(whole: &Linear, blocks: &Linear, rows: usize, cols: usize) {
+        assert_eq!(
+            (blocks.kind(), blocks.bytes()),
+            (whole.kind(), whole.bytes())
+        );
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in [0, 1, 63, 64, ROW_BLOCK - 1, ROW_BLOCK, rows - 1] {
+            whole.row(r, &mut a).unwrap();
+            blocks.row(r, &mut b).unwrap();
+            assert_eq!(a, b, "row {r}");
+        }
+    }
+
     #[test]
     fn row_blocks_build_the_same_lut_matrix_as_the_whole_tensor() {
         // Two blocks of rows (a whole one and a partial one), 3-bit codes in groups of 32.
@@ -1062,51 +1067,7 @@ mod tests {
         .unwrap()
         .expect("low-bit codes in groups of 32 take the block path");
         assert_eq!(asked, [0..ROW_BLOCK, ROW_BLOCK..rows]);
-        assert_eq!(
-            (blocks.kind(), blocks.bytes()),
-            (whole.kind(), whole.bytes())
-        );
-        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
-        for r in [0, 1, 63, 64, ROW_BLOCK - 1, ROW_BLOCK, rows - 1] {
-            whole.row(r, &mut a).unwrap();
-            blocks.row(r, &mut b).unwrap();
-            assert_eq!(a, b, "row {r}");
-        }
-    }
-
-    /// Rows `range` of a two-level tensor, as its own tensor.
-    fn super_rows_of(t: &DecodedTensor, range: Range<usize>) -> DecodedTensor {
-        let DecodedTensor::SuperBlock {
-            cols,
-            bits,
-            group,
-            zero_point,
-            codes,
-            sub_scales,
-            sub_mins,
-            d,
-            dmin,
-            ..
-        } = t
-        else {
-            panic!("not a two-level tensor");
-        };
-        let (groups, supers) = (cols / group, cols / 256);
-        let rows = |v: &[u16], per: usize| v[range.start * per..range.end * per].to_vec();
-        DecodedTensor::SuperBlock {
-            rows: range.len(),
-            cols: *cols,
-            bits: *bits,
-            group: *group,
-            zero_point: *zero_point,
-            codes: codes[range.start * cols..range.end * cols].to_vec(),
-            sub_scales: sub_scales[range.start * groups..range.end * groups].to_vec(),
-            sub_mins: sub_mins
-                .as_ref()
-                .map(|m| m[range.start * groups..range.end * groups].to_vec()),
-            d: rows(d, supers),
-            dmin: dmin.as_ref().map(|m| rows(m, supers)),
-        }
+        assert_same_rows(&whole, &blocks, rows, cols);
     }
 
     #[test]
@@ -1134,19 +1095,13 @@ mod tests {
             dmin: Some(f16s(supers, 3)),
         };
         let whole = Linear::from_decoded(&t, false).unwrap();
-        let blocks = Linear::lut_by_row_blocks(rows, cols, |r| Ok(super_rows_of(&t, r)), |_| true)
-            .unwrap()
-            .expect("two-level codes take the block path");
-        assert_eq!(
-            (blocks.kind(), blocks.bytes()),
-            (whole.kind(), whole.bytes())
-        );
-        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
-        for r in [0, 1, 63, 64, ROW_BLOCK - 1, ROW_BLOCK, rows - 1] {
-            whole.row(r, &mut a).unwrap();
-            blocks.row(r, &mut b).unwrap();
-            assert_eq!(a, b, "row {r}");
-        }
+        let blocks =
+            Linear::lut_by_row_blocks(rows, cols, |r| Ok(t.row_range(r.start, r.len())), |_| true)
+                .unwrap()
+                .expect("two-level codes take the block path");
+        assert_same_rows(&whole, &blocks, rows, cols);
+        let mut a = vec![0.0; cols];
+        whole.row(rows - 1, &mut a).unwrap();
         assert!(a.iter().any(|&w| w != 0.0));
         // A later block in another form is an error, not a silent mix.
         let mut calls = 0;
@@ -1156,7 +1111,7 @@ mod tests {
             |r| {
                 calls += 1;
                 Ok(if calls == 1 {
-                    super_rows_of(&t, r)
+                    t.row_range(r.start, r.len())
                 } else {
                     low_bit(r.len(), cols, 2, |s| -0.5 * s)
                 })
