@@ -711,7 +711,11 @@ mod tests {
                 context_length: 96,
                 ..TinyModelSpec::default()
             };
-            let tmp = dir.join(format!("tiny-{threads}.tmp"));
+            // Tests run in parallel: each writes its own temporary file, and the rename that
+            // lands last replaces an identical file.
+            static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = dir.join(format!("tiny-{threads}-{n}.tmp"));
             tiny_llama_gguf(&tmp, &spec, 5).unwrap();
             std::fs::rename(&tmp, &path).unwrap();
         }
