@@ -54,9 +54,6 @@ mod mapped;
 pub mod measure;
 mod packed;
 mod pool;
-// Without `measure` only the tests use it, and not all of it.
-#[cfg(any(test, feature = "measure"))]
-#[cfg_attr(not(feature = "measure"), allow(dead_code))]
 mod rng;
 mod storage;
 mod tables;
@@ -76,6 +73,7 @@ pub use packed::{
     Grouping, PackedLayout, PackedMatrix, PackedMatrixBuilder, PackedParts, PlaneScales, QuantSpec,
     QuantizedWeights, SuperBlockMatrixBuilder, SuperBlockWeights, SUPER_BLOCK,
 };
+pub use rng::SplitMix64;
 pub use storage::Storage;
 pub use tables::ActivationTables;
 pub use ternary::{TernaryMatrix, TernaryTables, TernaryWeights};

@@ -124,8 +124,13 @@ pub(crate) fn info(args: &InfoArgs) -> Result<()> {
             );
             if let Some(q) = &t.quantization {
                 text += &format!(
-                    "{:<width$}    method {}, {} bits, group size {}, calibration: {}\n",
-                    "", q.method, q.bits, q.group_size, q.calibration
+                    "{:<width$}    method {}, {} bits, group size {}{}, calibration: {}\n",
+                    "",
+                    q.method,
+                    q.bits,
+                    q.group_size,
+                    if q.rotated { ", rotated input" } else { "" },
+                    q.calibration
                 );
             }
         }

@@ -30,6 +30,7 @@ pub mod perplexity;
 pub mod quantize;
 pub mod quantizer;
 pub mod rope;
+pub mod rotation;
 pub mod safetensors;
 pub mod sampler;
 pub mod session;

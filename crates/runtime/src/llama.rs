@@ -25,6 +25,7 @@ use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 pub use crate::quantize::Requantize;
 use crate::rope::Rope;
+use crate::rotation::InputRotation;
 use crate::tokenizer::Tokenizer;
 pub use forward::SequenceBatch;
 use forward::{RunState, ScratchPool};
@@ -91,6 +92,9 @@ pub(crate) struct LayerWeights {
     w_down: Linear,
     /// RMSNorm of down_proj's output before the residual add (Gemma 3).
     ffn_post_norm: Option<Vec<f32>>,
+    /// The rotation of each matrix input ([`forward::MatrixInput::index`]) whose matrices are
+    /// stored rotated (files of `lutra quantize`).
+    rotations: [Option<InputRotation>; 4],
 }
 
 /// How many tensors of one kind a model holds, for [`ModelInfo`].

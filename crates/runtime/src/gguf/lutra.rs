@@ -214,6 +214,8 @@ pub struct TensorQuantInfo {
     pub group_size: usize,
     /// The calibration data, e.g. `64x256 tokens of calibration.txt`, or `none`.
     pub calibration: String,
+    /// The matrix is stored for rotated inputs ([`crate::rotation`]; the key is absent when not).
+    pub rotated: bool,
 }
 
 /// The metadata key of `field` of tensor `tensor`'s [`TensorQuantInfo`].
@@ -223,8 +225,8 @@ pub fn info_key(tensor: &str, field: &str) -> String {
 
 impl TensorQuantInfo {
     /// The metadata entries recording this info for tensor `tensor`.
-    pub fn to_metadata(&self, tensor: &str) -> [(String, MetaValue); 4] {
-        [
+    pub fn to_metadata(&self, tensor: &str) -> Vec<(String, MetaValue)> {
+        let mut entries = vec![
             (
                 info_key(tensor, "method"),
                 MetaValue::String(self.method.clone()),
@@ -238,7 +240,11 @@ impl TensorQuantInfo {
                 info_key(tensor, "calibration"),
                 MetaValue::String(self.calibration.clone()),
             ),
-        ]
+        ];
+        if self.rotated {
+            entries.push((info_key(tensor, "rotated"), MetaValue::Bool(true)));
+        }
+        entries
     }
 
     /// The info of tensor `tensor` read from metadata through `get`: `Ok(None)` when the file
@@ -267,6 +273,13 @@ impl TensorQuantInfo {
             bits: number("bits", 8)? as u8,
             group_size: number("group_size", u64::from(u32::MAX))? as usize,
             calibration: string("calibration", get(&key("calibration")))?,
+            rotated: match get(&key("rotated")) {
+                None => false,
+                Some(MetaValue::Bool(b)) => *b,
+                Some(other) => {
+                    return Err((key("rotated"), format!("expected a bool, found {other:?}")))
+                }
+            },
         }))
     }
 

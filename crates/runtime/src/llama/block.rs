@@ -6,7 +6,9 @@ use crate::architecture::{ArchitectureSpec, BlockTensor, Presence, TensorName};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
+use crate::rotation::InputRotation;
 
+use super::forward::MatrixInput;
 use super::LayerWeights;
 
 /// Tensors of one file, read by the names of the architecture table.
@@ -36,7 +38,47 @@ pub(super) trait BlockSource {
 
     /// The error for a required tensor `base` that is absent.
     fn missing(&self, base: &str) -> Error;
+
+    /// The rotation of `cols` input features stored as tensor `name`, if the file has it (see
+    /// [`crate::rotation`]; only GGUF files written by `lutra quantize` do).
+    fn rotation(&mut self, _name: &str, _cols: usize) -> Result<Option<InputRotation>> {
+        Ok(None)
+    }
+
+    /// Whether the file records matrix `base` as stored for rotated inputs.
+    fn stored_rotated(&self, _base: &str) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// The error for tensors that do not fit together, naming the file where there is one.
+    fn inconsistent(&self, reason: String) -> Error {
+        Error::InvalidOption(reason)
+    }
 }
+
+/// The matrices of a block that read each input, by role (either of a pair may be absent: Phi-3
+/// stacks q/k/v and gate/up).
+const INPUT_READERS: [(MatrixInput, &[BlockTensor]); 4] = [
+    (
+        MatrixInput::Attention,
+        &[
+            BlockTensor::AttnQ,
+            BlockTensor::AttnK,
+            BlockTensor::AttnV,
+            BlockTensor::AttnQkv,
+        ],
+    ),
+    (MatrixInput::Output, &[BlockTensor::AttnOutput]),
+    (
+        MatrixInput::Ffn,
+        &[
+            BlockTensor::FfnGate,
+            BlockTensor::FfnUp,
+            BlockTensor::FfnGateUp,
+        ],
+    ),
+    (MatrixInput::Down, &[BlockTensor::FfnDown]),
+];
 
 /// Block `layer` of a model of architecture `spec` and shape `c`.
 pub(super) fn load_block<S: BlockSource>(
@@ -105,6 +147,32 @@ pub(super) fn load_block<S: BlockSource>(
     let ffn_sub_norm = r.optional_vector(BlockTensor::FfnSubNorm, f)?;
     let (w_down, _) = r.projection(BlockTensor::FfnDown, h, f)?;
     let ffn_post_norm = r.optional_vector(BlockTensor::FfnPostNorm, h)?;
+    let mut rotations: [Option<InputRotation>; 4] = Default::default();
+    for ((input, readers), cols) in INPUT_READERS.into_iter().zip([h, q_dim, h, f]) {
+        let name = input.rotation_tensor(layer);
+        let rotation = r.s.rotation(&name, cols)?;
+        // A matrix stored for rotated inputs and an input left unrotated (or the reverse) would
+        // compute something else than the file's model.
+        for &role in readers {
+            let Some(t) = r.present(role) else { continue };
+            let base = r.s.base_name(layer, t);
+            if !r.s.contains(&base) {
+                continue;
+            }
+            if r.s.stored_rotated(&base)? != rotation.is_some() {
+                return Err(r.s.inconsistent(format!(
+                    "{base}: {} but the file {} {name}",
+                    if rotation.is_some() {
+                        "not recorded as stored for rotated inputs"
+                    } else {
+                        "recorded as stored for rotated inputs"
+                    },
+                    if rotation.is_some() { "has" } else { "lacks" }
+                )));
+            }
+        }
+        rotations[input.index()] = rotation;
+    }
     Ok(LayerWeights {
         attn_norm,
         wq,
@@ -124,6 +192,7 @@ pub(super) fn load_block<S: BlockSource>(
         w_up,
         w_down,
         ffn_post_norm,
+        rotations,
     })
 }
 

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::rotation::InputRotation;
 
 pub(crate) use super::forward::MatrixInput;
 use super::forward::{InputObserver, RunState, Segment};
@@ -89,6 +90,37 @@ impl Model {
             BlockMatrix::Up => &l.w_up,
             BlockMatrix::Down => &l.w_down,
         }
+    }
+
+    /// The rotation of input `input` of block `layer`, when its matrices are stored rotated.
+    pub(crate) fn input_rotation(
+        &self,
+        layer: usize,
+        input: MatrixInput,
+    ) -> Option<&InputRotation> {
+        self.layers[layer].rotations[input.index()].as_ref()
+    }
+
+    /// Sets the rotation of input `input` of block `layer` (which must match its width): the
+    /// matrices reading it must then be stored rotated before the block runs again.
+    pub(crate) fn set_input_rotation(
+        &mut self,
+        layer: usize,
+        input: MatrixInput,
+        rotation: InputRotation,
+    ) -> Result<()> {
+        let reader = BlockMatrix::ALL
+            .into_iter()
+            .find(|m| m.input() == input)
+            .map(|m| self.block_matrix(layer, m).cols());
+        if reader != Some(rotation.cols()) {
+            return Err(Error::InvalidOption(format!(
+                "block {layer}: a rotation of {} features for the {input:?} input of {reader:?}",
+                rotation.cols()
+            )));
+        }
+        self.layers[layer].rotations[input.index()] = Some(rotation);
+        Ok(())
     }
 
     /// Replaces matrix `which` of block `layer` by `matrix`, which must have its shape.

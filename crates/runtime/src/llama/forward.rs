@@ -45,6 +45,33 @@ pub(crate) enum MatrixInput {
     Down,
 }
 
+impl MatrixInput {
+    /// Every input of a block, in the order the block reads them.
+    pub(crate) const ALL: [MatrixInput; 4] = [
+        MatrixInput::Attention,
+        MatrixInput::Output,
+        MatrixInput::Ffn,
+        MatrixInput::Down,
+    ];
+
+    /// Position in [`MatrixInput::ALL`].
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The GGUF tensor holding this input's rotation in block `layer`
+    /// (`blk.{layer}.attn_in_rotation`, see [`crate::rotation`]).
+    pub(crate) fn rotation_tensor(self, layer: usize) -> String {
+        let stem = match self {
+            MatrixInput::Attention => "attn_in",
+            MatrixInput::Output => "attn_output_in",
+            MatrixInput::Ffn => "ffn_in",
+            MatrixInput::Down => "ffn_down_in",
+        };
+        format!("blk.{layer}.{stem}{}", crate::rotation::ROTATION_TENSOR)
+    }
+}
+
 /// Sees the rows each group of a block's matrices reads (calibration of `lutra quantize`).
 pub(crate) type InputObserver<'a> = &'a mut dyn FnMut(MatrixInput, &[f32]);
 
@@ -74,6 +101,8 @@ pub(crate) struct RunState {
     attention: Attention,
     /// The layout of a [`Model::forward_sequences`] batch.
     layout: BatchLayout,
+    /// One row of the widest matrix input, for [`InputRotation::rotate_rows`].
+    rotation_scratch: Vec<f32>,
 }
 
 /// How a [`Model::forward_sequences`] batch lays its sequences out in rows, rebuilt every step in
@@ -196,6 +225,7 @@ impl RunState {
             head_in: Input::for_consumers(h, max_batch, [[head]]),
             attention: Attention::new(shape, context, max_batch),
             layout: BatchLayout::with_capacity(max_batch),
+            rotation_scratch: vec![0.0; h.max(q_dim).max(f)],
         }
     }
 }
@@ -491,6 +521,11 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Attention, st.attn_in.values());
         }
+        layer.rotate(
+            MatrixInput::Attention,
+            st.attn_in.values_mut(n),
+            &mut st.rotation_scratch,
+        )?;
         st.attn_in.prepare_rows(cpu, &layer.qkv(), dot)?;
         let (q, k, v) = (
             &mut st.q[..n * q_dim],
@@ -551,6 +586,7 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Output, att);
         }
+        layer.rotate(MatrixInput::Output, att, &mut st.rotation_scratch)?;
         st.o_in.prepare_rows(cpu, &[&layer.wo], dot)?;
         let proj = &mut st.proj[..n * h];
         layer.wo.matmul(cpu, &st.o_in, proj)?;
@@ -564,6 +600,11 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Ffn, st.ffn_in.values());
         }
+        layer.rotate(
+            MatrixInput::Ffn,
+            st.ffn_in.values_mut(n),
+            &mut st.rotation_scratch,
+        )?;
         st.ffn_in.prepare_rows(cpu, &layer.gate_up(), dot)?;
         let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
         Linear::matmul_many(cpu, &st.ffn_in, layer.gate_up(), [&mut *gate, &mut *up])?;
@@ -575,6 +616,7 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Down, hidden);
         }
+        layer.rotate(MatrixInput::Down, hidden, &mut st.rotation_scratch)?;
         st.down_in.prepare_rows(cpu, &[&layer.w_down], dot)?;
         layer.w_down.matmul(cpu, &st.down_in, proj)?;
         if let Some(w) = &layer.ffn_post_norm {
@@ -594,6 +636,15 @@ impl LayerWeights {
     /// The matrices that read the normed residual before the feed-forward.
     fn gate_up(&self) -> [&Linear; 2] {
         [&self.w_gate, &self.w_up]
+    }
+
+    /// Rotates the rows `x` of `input` when the matrices reading it are stored rotated (their
+    /// inputs seen by an observer are the unrotated rows).
+    fn rotate(&self, input: MatrixInput, x: &mut [f32], scratch: &mut [f32]) -> Result<()> {
+        match &self.rotations[input.index()] {
+            Some(r) => r.rotate_rows(x, scratch),
+            None => Ok(()),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorType};
 use crate::linear::Linear;
 use crate::quantize::requantize;
+use crate::rotation::InputRotation;
 use crate::tokenizer::Tokenizer;
 use crate::weights::DecodedTensor;
 
@@ -442,6 +443,32 @@ impl BlockSource for TensorLoader<'_> {
         Error::MissingTensor {
             path: self.file.path().to_path_buf(),
             tensor: format!("{base}.weight"),
+        }
+    }
+
+    fn rotation(&mut self, name: &str, cols: usize) -> Result<Option<InputRotation>> {
+        let Some(len) = self.file.tensor_info(name).map(|t| t.elements()) else {
+            return Ok(None);
+        };
+        // `len` values are in the file (the reader checked the tensor's bytes against its size).
+        let values = TensorLoader::vector(self, name, len)?;
+        InputRotation::from_values(cols, &values)
+            .map(Some)
+            .map_err(|e| Error::BadFile {
+                path: self.file.path().to_path_buf(),
+                reason: format!("tensor '{name}': {e}"),
+            })
+    }
+
+    fn stored_rotated(&self, base: &str) -> Result<bool> {
+        let info = self.file.lutra_quant_info(&format!("{base}.weight"))?;
+        Ok(info.is_some_and(|q| q.rotated))
+    }
+
+    fn inconsistent(&self, reason: String) -> Error {
+        Error::BadFile {
+            path: self.file.path().to_path_buf(),
+            reason,
         }
     }
 }

@@ -271,6 +271,7 @@ pub fn synthetic_model_with(
             w_up: m("ffn_up", f, h, &mut types)?,
             w_down: m("ffn_down", h, f, &mut types)?,
             ffn_post_norm: None,
+            rotations: Default::default(),
         };
         Ok((weights, types))
     };

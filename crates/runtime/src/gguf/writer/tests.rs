@@ -66,6 +66,7 @@ fn info(bits: u8, group_size: usize) -> TensorQuantInfo {
         bits,
         group_size,
         calibration: "64x256 tokens of calibration.txt".into(),
+        rotated: false,
     }
 }
 
