@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lutra_runtime::quantize::ggml_types::GgmlTarget;
 use lutra_runtime::quantize::gptq::GptqOptions;
-use lutra_runtime::quantizer::blocks::{Bits, Method, QuantizeOptions, Target};
+use lutra_runtime::quantizer::blocks::{Bits, Method, QuantizeOptions, Rotate, Target};
 use lutra_runtime::quantizer::calibration::Calibration;
 
 use super::ensure_exists;
@@ -51,6 +51,11 @@ pub(crate) struct QuantizeArgs {
     /// Quantize columns in their natural order instead of by descending Hessian diagonal
     #[arg(long = "no-act-order")]
     no_act_order: bool,
+    /// Rotate block inputs (a random orthogonal rotation per input, applied to the activations at
+    /// run time; lutra types only): auto (inputs whose matrices are all under 4 bits), always or
+    /// never
+    #[arg(long, default_value = "auto")]
+    rotate: String,
     /// Worker threads (0 = one per core)
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     threads: usize,
@@ -87,6 +92,7 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
             Some(t) => Target::Ggml(t.parse::<GgmlTarget>()?),
             None => Target::Lut,
         },
+        rotate: args.rotate.parse::<Rotate>()?,
     };
     let form = match opts.target {
         Target::Lut => format!("{} bits, groups of {}", opts.bits, opts.group_size),

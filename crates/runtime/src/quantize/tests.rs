@@ -481,3 +481,41 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
     assert!(prepared.source_shift(&[0.0; 3]).is_err());
     assert!(none.target(&weights[..COLS + 1], 1).is_err());
 }
+
+#[test]
+fn rotated_inputs_lower_the_output_error_of_heavy_tailed_weights() {
+    // Weights with a few large entries per row (as trained matrices have): a group's grid is
+    // stretched by its largest weight unless a rotation spreads it over every input.
+    let (mut weights, h) = layer(31);
+    let mut rng = SplitMix64::new(32);
+    for row in weights.chunks_exact_mut(COLS) {
+        for _ in 0..3 {
+            let at = (rng.next_u64() % COLS as u64) as usize;
+            row[at] *= 12.0;
+        }
+    }
+    let opts = GptqOptions {
+        act_order: false,
+        block: 64,
+        ..GptqOptions::default()
+    };
+    let grid = PlaneGrid {
+        bits: 2,
+        group_size: 32,
+    };
+    let plain = gptq(&grid, ROWS, COLS, &weights, &h, &opts).unwrap();
+    let plain_error = output_error(&weights, &plain.dequantize(&grid, COLS), &h);
+
+    // Quantize W·Rᵀ against R·H·Rᵀ; the error is that of Q·R against W and H.
+    let r = crate::rotation::InputRotation::random(COLS, 33).unwrap();
+    let mut rotated = weights.clone();
+    r.rotate_rows(&mut rotated, &mut vec![0.0; COLS]).unwrap();
+    let mut rh = h.clone();
+    r.conjugate(&mut rh).unwrap();
+    let q = gptq(&grid, ROWS, COLS, &rotated, &rh, &opts).unwrap();
+    let rotated_error = output_error(&rotated, &q.dequantize(&grid, COLS), &rh);
+    assert!(
+        rotated_error < 0.8 * plain_error,
+        "rotated {rotated_error} vs plain {plain_error}"
+    );
+}

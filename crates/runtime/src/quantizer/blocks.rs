@@ -23,7 +23,12 @@ use crate::quantize::ggml_types::GgmlTarget;
 use crate::quantize::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian, SourceShift};
 use crate::quantize::grid::UniformGrid;
 use crate::quantize::hlq::PlaneGrid;
+use crate::rotation::InputRotation;
 use crate::weights::{decode_ggml, GgmlType};
+
+/// Seed of the rotations of [`QuantizeOptions::rotate`] (each block input's is this mixed with
+/// the block and the input).
+const ROTATION_SEED: u64 = 0x6c75_7472_612d_726f;
 
 /// How codes are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +147,47 @@ pub struct QuantizeOptions {
     pub gptq: GptqOptions,
     /// What the block matrices become.
     pub target: Target,
+    /// Which block inputs are rotated ([`crate::rotation`]): a random rotation per input, applied
+    /// to the weights and the Hessians before quantizing and to the activations at run time.
+    pub rotate: Rotate,
+}
+
+/// Which block inputs [`quantize_model`] rotates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotate {
+    /// The inputs whose matrices are all narrower than 4 bits, in lutra types (a rotation
+    /// lowers the error of 2- and 3-bit grids, while at 4 bits a source that is itself 4-bit,
+    /// such as a Q4_0 or Q4_1 file, is best kept on its own grid).
+    Auto,
+    /// Every input (lutra types only).
+    Always,
+    /// None.
+    Never,
+}
+
+impl Rotate {
+    /// Whether an input read by matrices of `widths` bits is rotated for `target`.
+    fn applies(self, target: Target, widths: impl IntoIterator<Item = u8>) -> bool {
+        match (self, target) {
+            (Rotate::Never, _) | (_, Target::Ggml(_)) => false,
+            (Rotate::Always, Target::Lut) => true,
+            (Rotate::Auto, Target::Lut) => widths.into_iter().all(|b| b < 4),
+        }
+    }
+}
+
+impl std::str::FromStr for Rotate {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Rotate> {
+        match s {
+            "auto" => Ok(Rotate::Auto),
+            "always" => Ok(Rotate::Always),
+            "never" => Ok(Rotate::Never),
+            _ => Err(Error::InvalidOption(format!(
+                "rotation {s:?}: use auto, always or never"
+            ))),
+        }
+    }
 }
 
 /// The form of the quantized block matrices.
@@ -176,6 +222,8 @@ pub struct QuantizedMatrix<'a> {
     pub linear: &'a Linear,
     /// For a ggml target: the type and the matrix's bytes in it.
     pub ggml: Option<(GgmlType, &'a [u8])>,
+    /// The matrix is stored for its input rotated ([`QuantizeOptions::rotate`]).
+    pub rotated: bool,
 }
 
 /// Quantizes every block matrix of `model` in place (embeddings, norms and the LM head keep
@@ -187,6 +235,11 @@ pub fn quantize_model(
     on_matrix: &mut dyn FnMut(QuantizedMatrix<'_>) -> Result<()>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
+    if opts.rotate == Rotate::Always && opts.target != Target::Lut {
+        return Err(Error::InvalidOption(
+            "rotated inputs are lutra's own: a ggml type is written unrotated".into(),
+        ));
+    }
     if opts.target == Target::Lut && !matches!(opts.group_size, 32 | 64 | 128 | 256) {
         return Err(Error::InvalidOption(format!(
             "group size {}: use 32, 64, 128 or 256",
@@ -228,13 +281,27 @@ pub fn quantize_model(
         // Each input's Hessian and source shift, measured when its first matrix comes, so after
         // the block's earlier matrices are quantized (q/k/v, then o, then gate/up, then down).
         let mut calibrated: HashMap<MatrixInput, (PreparedHessian, SourceShift)> = HashMap::new();
+        // Each input's rotation, drawn when its first matrix comes.
+        let mut rotations: HashMap<MatrixInput, Option<InputRotation>> = HashMap::new();
         for (which, &bits) in BlockMatrix::ALL.into_iter().zip(widths) {
             let name = which.gguf_name(layer);
             let named = |e: Error| Error::InvalidOption(format!("{name}: {e}"));
             let input = which.input();
+            let k = input_width(model, layer, input);
+            let rotation = rotations
+                .entry(input)
+                .or_insert_with(|| {
+                    let readers = BlockMatrix::ALL.into_iter().zip(widths.iter().copied());
+                    let read_by = readers.filter(|(m, _)| m.input() == input).map(|(_, b)| b);
+                    let seed = ROTATION_SEED ^ ((layer as u64) << 8 | input.index() as u64);
+                    opts.rotate
+                        .applies(opts.target, read_by)
+                        .then(|| InputRotation::random(k, seed))
+                        .flatten()
+                })
+                .clone();
             if opts.method.calibrated() && !calibrated.contains_key(&input) {
-                let k = input_width(model, layer, input);
-                let (h, cross) = input_hessian(
+                let (mut h, mut cross) = input_hessian(
                     model,
                     runner.get_or_insert_with(|| model.block_runner(positions)),
                     layer,
@@ -243,13 +310,26 @@ pub fn quantize_model(
                     &source_inputs[&input],
                     threads,
                 )?;
-                let h = PreparedHessian::new(&h, k, &opts.gptq).map_err(named)?;
+                if let Some(r) = &rotation {
+                    r.conjugate(&mut h)?;
+                    r.conjugate(&mut cross)?;
+                }
+                // A rotation evens out the Hessian diagonal, so act-order has little to sort and
+                // its static groups (fitted before GPTQ's updates) cost more than they gain.
+                let gptq = GptqOptions {
+                    act_order: opts.gptq.act_order && rotation.is_none(),
+                    ..opts.gptq
+                };
+                let h = PreparedHessian::new(&h, k, &gptq).map_err(named)?;
                 let shift = h.source_shift(&cross).map_err(named)?;
                 calibrated.insert(input, (h, shift));
             }
             let matrix = model.block_matrix(layer, which);
             let (rows, cols) = (matrix.rows(), matrix.cols());
             let mut weights = matrix_values(matrix)?;
+            if let Some(r) = &rotation {
+                r.rotate_rows(&mut weights, &mut vec![0.0; cols])?;
+            }
             let hessian = calibrated.get(&input).map(|(h, _)| h);
             if let Some((_, shift)) = calibrated.get(&input) {
                 weights = shift.target(&weights, threads).map_err(named)?;
@@ -263,12 +343,17 @@ pub fn quantize_model(
             let (linear, ggml) = quantized.map_err(named)?;
             drop(weights);
             model.replace_block_matrix(layer, which, linear)?;
+            let rotated = rotation.is_some();
+            if let Some(r) = rotation {
+                model.set_input_rotation(layer, input, r)?;
+            }
             runner = None;
             on_matrix(QuantizedMatrix {
                 name,
                 bits,
                 linear: model.block_matrix(layer, which),
                 ggml: ggml.as_ref().map(|(t, b)| (t.ggml_type(), b.as_slice())),
+                rotated,
             })?;
         }
         if !residuals.is_empty() {

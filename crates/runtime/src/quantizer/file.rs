@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::gguf::writer::{GgufWriter, TensorQuantInfo};
 use crate::gguf::{GgufFile, MetaValue};
 use crate::linear::Linear;
+use crate::llama::calibrate::MatrixInput;
 use crate::llama::{LoadOptions, Model};
+use crate::weights::GgmlType;
 
 use super::blocks::{quantize_model, Progress, QuantizeOptions, QuantizedMatrix, Target};
 use crate::quantize::ggml_types::GgmlTarget;
@@ -96,6 +98,7 @@ pub fn quantize(
                         bits: m.bits,
                         group_size: opts.group_size,
                         calibration: calibration.clone(),
+                        rotated: m.rotated,
                     };
                     writer.put_packed(&m.name, packed, &info)?
                 }
@@ -115,6 +118,20 @@ pub fn quantize(
         },
         progress,
     )?;
+    for layer in 0..model.block_count() {
+        for input in MatrixInput::ALL {
+            if let Some(r) = model.input_rotation(layer, input) {
+                let values = r.values();
+                let name = input.rotation_tensor(layer);
+                writer.put_raw(
+                    &name,
+                    GgmlType::F32.id(),
+                    &[values.len()],
+                    bytemuck::cast_slice(&values),
+                )?;
+            }
+        }
+    }
     for info in file.tensors() {
         if written.contains(&info.name) {
             continue;
@@ -166,10 +183,10 @@ mod tests {
     use super::*;
     use crate::fixtures::{tiny_llama_gguf, TinyModelSpec};
     use crate::gguf::TensorType;
+    use crate::llama::calibrate::BlockMatrix;
     use crate::quantize::gptq::GptqOptions;
-    use crate::quantizer::blocks::{Bits, Method};
+    use crate::quantizer::blocks::{Bits, Method, Rotate};
     use crate::quantizer::calibration::Calibration;
-    use crate::weights::GgmlType;
 
     fn dir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("lutra-quantize-{name}-{}", std::process::id()));
@@ -185,6 +202,7 @@ mod tests {
             calibration: Calibration::builtin(6, 96),
             gptq: GptqOptions::default(),
             target,
+            rotate: Rotate::Never,
         }
     }
 
@@ -253,6 +271,75 @@ mod tests {
             errors[1],
             errors[0]
         );
+    }
+
+    #[test]
+    fn rotated_files_rotate_the_activations_they_were_quantized_for() {
+        let d = dir("rotated");
+        let src = d.join("tiny.gguf");
+        tiny_llama_gguf(&src, &TinyModelSpec::default(), 25).unwrap();
+        let exact = logits(&src);
+        let out = d.join("tiny-rot.gguf");
+        let mut opts = options(Method::GptqHlq, Bits::Uniform(4), Target::Lut);
+        opts.rotate = Rotate::Always;
+        quantize(&src, &out, &opts, 1, &mut |_| {}).unwrap();
+        let file = GgufFile::open(&out).unwrap();
+        for layer in 0..2 {
+            for input in MatrixInput::ALL {
+                let name = input.rotation_tensor(layer);
+                assert!(file.tensor_info(&name).is_some(), "{name} missing");
+            }
+        }
+        // The matrices are stored as W·Rᵀ: only with the activations rotated do the logits
+        // stay near the source's.
+        let err = rel_error(&logits(&out), &exact);
+        assert!(err < 0.1, "rotated 4-bit logit error {err}");
+
+        // A rotation tensor that is not a rotation is refused by name.
+        let name = MatrixInput::Ffn.rotation_tensor(1);
+        let at = file.tensor_info(&name).unwrap().offset;
+        let mut bytes = std::fs::read(&out).unwrap();
+        bytes[at..at + 4].copy_from_slice(&0.5f32.to_le_bytes());
+        let bad = d.join("bad-rot.gguf");
+        std::fs::write(&bad, &bytes).unwrap();
+        let e = Model::load(&bad, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&name) && e.contains("bad-rot.gguf"), "{e}");
+
+        // Without a rotation its matrices were stored for, the file is refused.
+        let missing = d.join("no-rot.gguf");
+        let mut writer = GgufWriter::create(&missing).unwrap();
+        writer.copy_metadata_from(&file);
+        for (key, value) in file.metadata_entries() {
+            if key.starts_with("lutra.tensor.") {
+                writer.set_metadata(key, value.clone());
+            }
+        }
+        for t in file.tensors().iter().filter(|t| t.name != name) {
+            let data = file.tensor_data(&t.name).unwrap();
+            writer.put_raw(&t.name, t.ty.id(), &t.dims, data).unwrap();
+        }
+        writer.finish().unwrap();
+        let e = Model::load(&missing, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blk.1.ffn_gate") && e.contains(&name) && e.contains("no-rot.gguf"),
+            "{e}"
+        );
+
+        // ggml types carry no rotations.
+        let mut ggml = options(
+            Method::Gptq,
+            Bits::Uniform(4),
+            Target::Ggml(GgmlTarget::Q4_0),
+        );
+        ggml.rotate = Rotate::Always;
+        let e = quantize(&src, &d.join("o.gguf"), &ggml, 1, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rotated"), "{e}");
     }
 
     #[test]
@@ -326,6 +413,51 @@ mod tests {
             })
             .collect();
         assert_eq!(widths, [2, 3].into_iter().collect());
+    }
+
+    #[test]
+    fn auto_rotation_rotates_the_inputs_read_only_by_narrow_matrices() {
+        let d = dir("auto-rot");
+        let src = d.join("tiny.gguf");
+        tiny_llama_gguf(&src, &TinyModelSpec::default(), 26).unwrap();
+        let out = d.join("tiny-3.5.gguf");
+        let mut opts = options(Method::Gptq, Bits::Mixed { average: 3.5 }, Target::Lut);
+        opts.rotate = Rotate::Auto;
+        quantize(&src, &out, &opts, 1, &mut |_| {}).unwrap();
+        let file = GgufFile::open(&out).unwrap();
+        let (mut rotated, mut plain) = (0, 0);
+        for layer in 0..2 {
+            for input in MatrixInput::ALL {
+                let readers: Vec<_> = BlockMatrix::ALL
+                    .into_iter()
+                    .filter(|m| m.input() == input)
+                    .map(|m| {
+                        let name = m.gguf_name(layer);
+                        let bits = match file.tensor_info(&name).unwrap().ty {
+                            TensorType::Lutra(l) => l.bits,
+                            other => panic!("{name} is {other:?}"),
+                        };
+                        let info = file.lutra_quant_info(&name).unwrap().unwrap();
+                        (bits, info.rotated)
+                    })
+                    .collect();
+                let narrow = readers.iter().all(|&(bits, _)| bits < 4);
+                assert!(
+                    readers.iter().all(|&(_, r)| r == narrow),
+                    "{layer} {input:?}"
+                );
+                let has = file.tensor_info(&input.rotation_tensor(layer)).is_some();
+                assert_eq!(has, narrow, "{layer} {input:?}");
+                if narrow {
+                    rotated += 1;
+                } else {
+                    plain += 1;
+                }
+            }
+        }
+        assert!(rotated > 0 && plain > 0, "{rotated} rotated, {plain} not");
+        let err = rel_error(&logits(&out), &logits(&src));
+        assert!(err < 0.15, "3.5-bit logit error {err}");
     }
 
     #[test]
