@@ -13,7 +13,7 @@
 //! row-major.
 
 use faer::Mat;
-use lutra_kernels::SplitMix64;
+use lutra_kernels::{vector, Cpu, SplitMix64};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -179,33 +179,13 @@ impl InputRotation {
     }
 
     /// Replaces each row of `rows` (`[n][cols]`) by `R·row`, using `scratch` (at least `cols`
-    /// values).
+    /// values); plain loops, for weights and Hessians.
     pub fn rotate_rows<T: RotationFloat>(&self, rows: &mut [T], scratch: &mut [T]) -> Result<()> {
-        let cols = self.cols();
-        if !rows.len().is_multiple_of(cols) || scratch.len() < cols {
-            return Err(Error::InvalidOption(format!(
-                "rotating rows of {cols}: {} values, {} of scratch",
-                rows.len(),
-                scratch.len()
-            )));
-        }
-        let (b, m) = (self.block, cols / self.block);
-        let norm = T::of(1.0 / (b as f32).sqrt());
-        let y = &mut scratch[..cols];
-        for row in rows.chunks_exact_mut(cols) {
-            for ((y, &x), &s) in y.iter_mut().zip(row.iter()).zip(&self.signs) {
-                *y = x * T::of(s) * norm;
-            }
-            for run in y.chunks_exact_mut(b) {
-                walsh_hadamard(run);
-            }
-            if m == 1 {
-                let w = T::of(self.mix[0]);
-                for (o, &v) in row.iter_mut().zip(y.iter()) {
-                    *o = w * v;
-                }
-                continue;
-            }
+        let (b, m) = self.check(rows.len(), scratch.len(), self.cols())?;
+        let y = &mut scratch[..self.cols()];
+        for row in rows.chunks_exact_mut(self.cols()) {
+            y.copy_from_slice(row);
+            self.spread(y);
             for (a, out) in row.chunks_exact_mut(b).enumerate() {
                 out.fill(T::zero());
                 for (c, run) in y.chunks_exact(b).enumerate() {
@@ -217,6 +197,59 @@ impl InputRotation {
             }
         }
         Ok(())
+    }
+
+    /// [`InputRotation::rotate_rows`] of activations `[n][cols]`, rows spread over the `cpu`'s
+    /// threads and the mix of the runs on its vector unit
+    /// ([`lutra_kernels::vector::weighted_row_sums`]); `buffer` holds at least as many values as
+    /// `rows`.
+    pub fn rotate_activations(
+        &self,
+        cpu: &Cpu,
+        rows: &mut [f32],
+        buffer: &mut [f32],
+    ) -> Result<()> {
+        let (b, _) = self.check(rows.len(), buffer.len(), rows.len())?;
+        let cols = self.cols();
+        // Rows per hand-over to the threads: a few thousand values each.
+        let chunk = (4096 / cols).max(1) * cols;
+        let spread = &mut buffer[..rows.len()];
+        spread.copy_from_slice(rows);
+        cpu.for_each_chunk(spread, chunk, |_, part| {
+            part.chunks_exact_mut(cols).for_each(|y| self.spread(y));
+        });
+        let spread = &*spread;
+        cpu.for_each_chunk(rows, chunk, |start, part| {
+            for (row, y) in part
+                .chunks_exact_mut(cols)
+                .zip(spread[start..].chunks_exact(cols))
+            {
+                vector::weighted_row_sums(cpu, row, &self.mix, y, b);
+            }
+        });
+        Ok(())
+    }
+
+    /// `(b, m)` when `len` values are whole rows and `scratch` holds at least `need`.
+    fn check(&self, len: usize, scratch: usize, need: usize) -> Result<(usize, usize)> {
+        let cols = self.cols();
+        if !len.is_multiple_of(cols) || scratch < need {
+            return Err(Error::InvalidOption(format!(
+                "rotating rows of {cols}: {len} values, {scratch} of scratch"
+            )));
+        }
+        Ok((self.block, cols / self.block))
+    }
+
+    /// `y ← (I ⊗ H_b)·S·y`: signs, then the normalized Walsh–Hadamard transform of each run.
+    fn spread<T: RotationFloat>(&self, y: &mut [T]) {
+        let norm = 1.0 / (self.block as f32).sqrt();
+        for (y, &s) in y.iter_mut().zip(&self.signs) {
+            *y = *y * T::of(s * norm);
+        }
+        for run in y.chunks_exact_mut(self.block) {
+            walsh_hadamard(run);
+        }
     }
 
     /// `R·A·Rᵀ` of a `[cols][cols]` matrix `a`, in place: a Hessian `Σ x·xᵀ` of the inputs
@@ -244,16 +277,17 @@ impl InputRotation {
     }
 }
 
-/// In-place unnormalized Walsh–Hadamard transform of a power-of-two run.
+/// In-place unnormalized Walsh–Hadamard transform of a power-of-two run (each stage as
+/// element-wise sums and differences of two halves, which the compiler vectorizes).
 fn walsh_hadamard<T: RotationFloat>(v: &mut [T]) {
-    let n = v.len();
     let mut h = 1;
-    while h < n {
-        for start in (0..n).step_by(2 * h) {
-            for i in start..start + h {
-                let (a, b) = (v[i], v[i + h]);
-                v[i] = a + b;
-                v[i + h] = a - b;
+    while h < v.len() {
+        for pair in v.chunks_exact_mut(2 * h) {
+            let (a, b) = pair.split_at_mut(h);
+            for (x, y) in a.iter_mut().zip(b.iter_mut()) {
+                let (p, q) = (*x, *y);
+                *x = p + q;
+                *y = p - q;
             }
         }
         h *= 2;
@@ -319,6 +353,37 @@ mod tests {
                 );
                 assert!((nx - ny).abs() < 1e-3 * nx, "{cols}: norm {nx} -> {ny}");
             }
+        }
+    }
+
+    #[test]
+    fn activations_rotate_as_rows_do_on_every_isa() {
+        let mut isas = vec![lutra_kernels::Isa::Scalar];
+        isas.push(Cpu::new(1).unwrap().isa());
+        for cols in [576, 1536, 48, 64] {
+            let r = InputRotation::random(cols, 5).unwrap();
+            // Enough rows for the threads to take several chunks each.
+            let n = 40;
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 41 % 103) as f32 - 51.0) / 3.0)
+                .collect();
+            let mut want = x.clone();
+            r.rotate_rows(&mut want, &mut vec![0.0; cols]).unwrap();
+            for &isa in &isas {
+                let cpu = Cpu::with_isa(isa, 2).unwrap();
+                let mut got = x.clone();
+                r.rotate_activations(&cpu, &mut got, &mut vec![0.0; n * cols])
+                    .unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{isa:?} {cols}: {g} vs {w}"
+                    );
+                }
+            }
+            assert!(r
+                .rotate_activations(&Cpu::new(1).unwrap(), &mut x.clone(), &mut vec![0.0; cols])
+                .is_err());
         }
     }
 

@@ -101,7 +101,8 @@ pub(crate) struct RunState {
     attention: Attention,
     /// The layout of a [`Model::forward_sequences`] batch.
     layout: BatchLayout,
-    /// One row of the widest matrix input, for [`InputRotation::rotate_rows`].
+    /// A batch of the widest matrix input, for
+    /// [`crate::rotation::InputRotation::rotate_activations`] (empty when no layer rotates).
     rotation_scratch: Vec<f32>,
 }
 
@@ -225,7 +226,14 @@ impl RunState {
             head_in: Input::for_consumers(h, max_batch, [[head]]),
             attention: Attention::new(shape, context, max_batch),
             layout: BatchLayout::with_capacity(max_batch),
-            rotation_scratch: vec![0.0; h.max(q_dim).max(f)],
+            rotation_scratch: if layers
+                .iter()
+                .any(|l| l.rotations.iter().any(Option::is_some))
+            {
+                vec![0.0; max_batch * h.max(q_dim).max(f)]
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -522,6 +530,7 @@ impl Model {
             observe(MatrixInput::Attention, st.attn_in.values());
         }
         layer.rotate(
+            cpu,
             MatrixInput::Attention,
             st.attn_in.values_mut(n),
             &mut st.rotation_scratch,
@@ -586,7 +595,7 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Output, att);
         }
-        layer.rotate(MatrixInput::Output, att, &mut st.rotation_scratch)?;
+        layer.rotate(cpu, MatrixInput::Output, att, &mut st.rotation_scratch)?;
         st.o_in.prepare_rows(cpu, &[&layer.wo], dot)?;
         let proj = &mut st.proj[..n * h];
         layer.wo.matmul(cpu, &st.o_in, proj)?;
@@ -601,6 +610,7 @@ impl Model {
             observe(MatrixInput::Ffn, st.ffn_in.values());
         }
         layer.rotate(
+            cpu,
             MatrixInput::Ffn,
             st.ffn_in.values_mut(n),
             &mut st.rotation_scratch,
@@ -616,7 +626,7 @@ impl Model {
         if let Some(observe) = observe.as_mut() {
             observe(MatrixInput::Down, hidden);
         }
-        layer.rotate(MatrixInput::Down, hidden, &mut st.rotation_scratch)?;
+        layer.rotate(cpu, MatrixInput::Down, hidden, &mut st.rotation_scratch)?;
         st.down_in.prepare_rows(cpu, &[&layer.w_down], dot)?;
         layer.w_down.matmul(cpu, &st.down_in, proj)?;
         if let Some(w) = &layer.ffn_post_norm {
@@ -640,9 +650,15 @@ impl LayerWeights {
 
     /// Rotates the rows `x` of `input` when the matrices reading it are stored rotated (their
     /// inputs seen by an observer are the unrotated rows).
-    fn rotate(&self, input: MatrixInput, x: &mut [f32], scratch: &mut [f32]) -> Result<()> {
+    fn rotate(
+        &self,
+        cpu: &Cpu,
+        input: MatrixInput,
+        x: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<()> {
         match &self.rotations[input.index()] {
-            Some(r) => r.rotate_rows(x, scratch),
+            Some(r) => r.rotate_activations(cpu, x, scratch),
             None => Ok(()),
         }
     }
