@@ -311,7 +311,7 @@ mod tests {
         let (cols, b) = (r.cols(), r.block);
         let m = cols / b;
         let h = |i: usize, j: usize| {
-            let s = if (i & j).count_ones() % 2 == 0 {
+            let s = if (i & j).count_ones().is_multiple_of(2) {
                 1.0
             } else {
                 -1.0
