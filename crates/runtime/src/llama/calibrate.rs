@@ -92,6 +92,15 @@ impl Model {
         }
     }
 
+    /// Values per row of matrix input `input` of block `layer`.
+    pub(crate) fn input_width(&self, layer: usize, input: MatrixInput) -> usize {
+        let which = BlockMatrix::ALL
+            .into_iter()
+            .find(|m| m.input() == input)
+            .unwrap_or(BlockMatrix::Q);
+        self.block_matrix(layer, which).cols()
+    }
+
     /// The rotation of input `input` of block `layer`, when its matrices are stored rotated.
     pub(crate) fn input_rotation(
         &self,
@@ -109,13 +118,10 @@ impl Model {
         input: MatrixInput,
         rotation: InputRotation,
     ) -> Result<()> {
-        let reader = BlockMatrix::ALL
-            .into_iter()
-            .find(|m| m.input() == input)
-            .map(|m| self.block_matrix(layer, m).cols());
-        if reader != Some(rotation.cols()) {
+        let width = self.input_width(layer, input);
+        if width != rotation.cols() {
             return Err(Error::InvalidOption(format!(
-                "block {layer}: a rotation of {} features for the {input:?} input of {reader:?}",
+                "block {layer}: a rotation of {} features for the {input:?} input of {width}",
                 rotation.cols()
             )));
         }

@@ -287,7 +287,7 @@ pub fn quantize_model(
             let name = which.gguf_name(layer);
             let named = |e: Error| Error::InvalidOption(format!("{name}: {e}"));
             let input = which.input();
-            let k = input_width(model, layer, input);
+            let k = model.input_width(layer, input);
             let rotation = rotations
                 .entry(input)
                 .or_insert_with(|| {
@@ -400,9 +400,7 @@ fn source_inputs(
         // Each input gets one row per token.
         let tokens = x.len() / hidden;
         for (&input, rows) in inputs.iter_mut() {
-            rows.push(Vec::with_capacity(
-                tokens * input_width(model, layer, input),
-            ));
+            rows.push(Vec::with_capacity(tokens * model.input_width(layer, input)));
         }
         let mut observe = |input: MatrixInput, r: &[f32]| {
             if let Some(rows) = inputs.get_mut(&input).and_then(|seqs| seqs.last_mut()) {
@@ -426,7 +424,7 @@ fn input_hessian(
     sources: &[Vec<f32>],
     threads: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let k = input_width(model, layer, input);
+    let k = model.input_width(layer, input);
     let mut hessian = Hessian::new(k, threads);
     let mut cross = Hessian::new(k, threads);
     let (mut x, mut shift) = (Vec::new(), Vec::new());
@@ -471,7 +469,7 @@ fn block_hessian_diagonals(
     let mut diag: HashMap<MatrixInput, Vec<f64>> = HashMap::new();
     for residual in residuals {
         let mut observe = |input: MatrixInput, rows: &[f32]| {
-            let k = input_width(model, layer, input);
+            let k = model.input_width(layer, input);
             let d = diag.entry(input).or_insert_with(|| vec![0.0; k]);
             for row in rows.chunks_exact(k) {
                 for (d, &v) in d.iter_mut().zip(row) {
@@ -549,15 +547,6 @@ fn plan_widths(
         }
     }
     Ok(widths)
-}
-
-/// Values per row of a block's matrix input.
-fn input_width(model: &Model, layer: usize, input: MatrixInput) -> usize {
-    let which = BlockMatrix::ALL
-        .into_iter()
-        .find(|m| m.input() == input)
-        .unwrap_or(BlockMatrix::Q);
-    model.block_matrix(layer, which).cols()
 }
 
 /// One matrix `[rows][cols]` quantized to `bits` as `opts` says (with its input's prepared
