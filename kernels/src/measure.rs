@@ -29,7 +29,9 @@ mod cases;
 mod dequant;
 
 pub use crate::rng::SplitMix64;
-pub use cases::{default_cases, CaseFilter, DEFAULT_SHAPES, DEFAULT_THREADS, DEFAULT_TOKENS};
+pub use cases::{
+    default_cases, kinds_for, CaseFilter, DEFAULT_SHAPES, DEFAULT_THREADS, DEFAULT_TOKENS,
+};
 pub use dequant::DequantMatrix;
 
 /// What is multiplied.

@@ -7,15 +7,14 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use lutra_kernels::measure::{
-    self, CaseFilter, KernelCase, KernelKind, MeasureOptions, BANDWIDTH_BYTES, DEFAULT_THREADS,
-    DEFAULT_TOKENS,
+    self, CaseFilter, KernelCase, MeasureOptions, BANDWIDTH_BYTES, DEFAULT_THREADS, DEFAULT_TOKENS,
 };
 use lutra_kernels::Isa;
 
 /// Arguments of `lutra bench-kernels`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchKernelsArgs {
-    /// Kernels, comma-separated name prefixes: lut1..lut4, ternary, int8, dot2, dot4, dequant2, dequant4
+    /// Kernels, comma-separated name prefixes: lut1..lut4, ternary, int8, dot2, dot4, dot6, dequant2, dequant4
     /// [default: all]
     #[arg(short = 'k', long = "kernel", value_delimiter = ',')]
     kernels: Vec<String>,
@@ -118,19 +117,11 @@ pub(crate) fn bench_kernels(args: &BenchKernelsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every kernel kind × default threads × default N for `shapes` (M, K), like the default grid
-/// (LUT groups of 128 where they divide K, else 32).
+/// Every kernel of [`measure::kinds_for`] × default threads × default N for `shapes` (M, K).
 fn shape_grid(shapes: &[(usize, usize)]) -> Vec<KernelCase> {
     let mut cases = Vec::new();
     for &(rows, cols) in shapes {
-        let group_size = if cols % 128 == 0 { 128 } else { 32 };
-        let mut kinds: Vec<KernelKind> = (1..=4)
-            .map(|bits| KernelKind::Lut { bits, group_size })
-            .collect();
-        kinds.push(KernelKind::Ternary { group_size });
-        kinds.push(KernelKind::Int8);
-        kinds.extend([2, 4].map(|bits| KernelKind::Dot { bits, group_size }));
-        kinds.extend([2, 4].map(|bits| KernelKind::Dequant { bits }));
+        let kinds = measure::kinds_for(cols);
         for threads in DEFAULT_THREADS {
             for tokens in DEFAULT_TOKENS {
                 cases.extend(kinds.iter().map(|&kind| KernelCase {
@@ -149,12 +140,13 @@ fn shape_grid(shapes: &[(usize, usize)]) -> Vec<KernelCase> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lutra_kernels::measure::KernelKind;
 
     #[test]
     fn a_shape_outside_the_default_grid_gets_every_kernel() {
         let grid = shape_grid(&[(64, 96)]);
         let per_point = grid.len() / (DEFAULT_THREADS.len() * DEFAULT_TOKENS.len());
-        assert_eq!(per_point, 10);
+        assert_eq!(per_point, 11);
         assert!(grid.iter().all(|c| (c.rows, c.cols) == (64, 96)));
         // 96 is not a multiple of 128: GGUF-style groups of 32.
         assert!(grid.iter().any(|c| c.kind

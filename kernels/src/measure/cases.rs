@@ -29,20 +29,26 @@ fn lut_group(cols: usize) -> usize {
     }
 }
 
-/// Every shape × kernel (LUT 1–4 bits, ternary as 2-bit planes and at 1.67 bits, int8, the dot
-/// GEMM and the baseline at 2 and 4 bits) × threads × N.
+/// The kernels measured on a matrix of K = `cols` (LUT 1–4 bits, ternary as 2-bit planes, int8,
+/// the dot GEMM at 2, 4 and 6 bits, the baseline at 2 and 4 bits).
+pub fn kinds_for(cols: usize) -> Vec<KernelKind> {
+    let group_size = lut_group(cols);
+    let mut kinds: Vec<KernelKind> = (1..=4)
+        .map(|bits| KernelKind::Lut { bits, group_size })
+        .collect();
+    kinds.push(KernelKind::Ternary { group_size });
+    kinds.push(KernelKind::Int8);
+    kinds.extend([2, 4, 6].map(|bits| KernelKind::Dot { bits, group_size }));
+    kinds.extend([2, 4].map(|bits| KernelKind::Dequant { bits }));
+    kinds
+}
+
+/// Every shape × kernel ([`kinds_for`], and ternary at 1.67 bits) × threads × N.
 pub fn default_cases() -> Vec<KernelCase> {
     let mut cases = Vec::new();
     for (rows, cols) in DEFAULT_SHAPES {
-        let group_size = lut_group(cols);
-        let mut kinds: Vec<KernelKind> = (1..=4)
-            .map(|bits| KernelKind::Lut { bits, group_size })
-            .collect();
-        kinds.push(KernelKind::Ternary { group_size });
+        let mut kinds = kinds_for(cols);
         kinds.push(KernelKind::Ternary167);
-        kinds.push(KernelKind::Int8);
-        kinds.extend([2, 4].map(|bits| KernelKind::Dot { bits, group_size }));
-        kinds.extend([2, 4].map(|bits| KernelKind::Dequant { bits }));
         for threads in DEFAULT_THREADS {
             for tokens in DEFAULT_TOKENS {
                 for kind in &kinds {

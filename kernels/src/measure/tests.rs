@@ -15,7 +15,7 @@ fn default_grid_covers_the_issue_list() {
     let cases = default_cases();
     assert_eq!(
         cases.len(),
-        DEFAULT_SHAPES.len() * 11 * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
+        DEFAULT_SHAPES.len() * 12 * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
     );
     assert!(cases.iter().any(|c| c.kind
         == KernelKind::Dot {
