@@ -21,8 +21,10 @@
 //! offset, multiplied in that order.
 //!
 //! The same tiles and multiplies take [`crate::Int8Matrix`] weights (Q8_0 codes, IQ4 codebook
-//! values; [`int8_tiles`]) where the CPU has `vpdpbusd`: their codes fill all eight bits, which
-//! `maddubs` pairs could overflow. Each matrix kind is a [`DotTiles`]: how a tile is unpacked.
+//! values; [`int8_tiles`]). Their codes fill all eight bits, which `maddubs` pairs of unsigned
+//! codes could overflow: `vpdpbusd` takes them offset to unsigned bytes, and `maddubs` takes them
+//! signed, as `|q|` times the activation carrying the sign of `q` (a pair is at most 2·128·127,
+//! inside int16). Each matrix kind is a [`DotTiles`]: how a tile is unpacked.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -51,15 +53,13 @@ pub(crate) const MAX_BITS: usize = 6;
 /// Bytes of unpacked codes per activation group of a tile: 8 column quads × 64 rows × 4.
 pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
 
-/// The instruction the dot path multiplies with on `cpu`, or `None` where it has no SIMD form
-/// for these codes ([`DotTiles::WIDE_CODES`] need `vpdpbusd`).
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-pub(crate) fn instruction(cpu: &Cpu, wide_codes: bool) -> Option<&'static str> {
+/// The instruction the dot path multiplies with on `cpu`, or `None` where it has no SIMD form.
+pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
     match cpu.isa() {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if avx2::has_vnni() => Some("vpdpbusd"),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if !wide_codes => Some("maddubs"),
+        Isa::Avx2 => Some("maddubs"),
         _ => None,
     }
 }
@@ -77,6 +77,9 @@ const DOT_SPLIT: Split = Split {
 /// `scale[2a + h][r]` is half the scale and `offset[2a + h][r]` the offset of the centred codes of
 /// the group holding half `h` of activation group `a` of row `r` (0 for padded rows), where there
 /// are `halves` (1, or 2 for weight groups of 16) halves per activation group; `top` is `2^b − 1`.
+/// With `signed` (set by the multiply before unpacking, only for [`DotTiles::WIDE_CODES`]) the
+/// code bytes are two's complement int8 values and `top` is 0; [`int8_tiles`] documents the
+/// scale and offset of those.
 #[repr(C, align(64))]
 pub(crate) struct Unpacked {
     pub codes: [[u8; GROUP_BYTES]; CHUNK],
@@ -84,6 +87,7 @@ pub(crate) struct Unpacked {
     pub offset: [[f32; TILE]; 2 * CHUNK],
     pub top: i32,
     pub halves: usize,
+    pub signed: bool,
 }
 
 impl Unpacked {
@@ -94,6 +98,7 @@ impl Unpacked {
             offset: [[0.0; TILE]; 2 * CHUNK],
             top: 0,
             halves: 1,
+            signed: false,
         }
     }
 }
@@ -142,8 +147,9 @@ pub(crate) fn supports(w: &Weights<'_>) -> bool {
 /// A matrix the dot path multiplies, as tiles of [`TILE`] rows unpacked a chunk of activation
 /// groups at a time.
 pub(crate) trait DotTiles: Sync {
-    /// Whether codes may reach 255 (then only `vpdpbusd` and the scalar reference multiply them:
-    /// `maddubs` pairs of such codes overflow int16).
+    /// Whether codes fill eight bits: then they are unpacked as signed bytes when
+    /// [`Unpacked::signed`] is set (for `maddubs`, whose pairs of unsigned codes that wide would
+    /// overflow int16), else offset to unsigned bytes.
     const WIDE_CODES: bool;
 
     /// Output rows.
@@ -214,7 +220,7 @@ pub(crate) fn run<M: DotTiles>(
 ) {
     let tokens = x.len() / act_groups.max(1);
     let isa = cpu.isa();
-    let multiply = multiply_for(isa, M::WIDE_CODES);
+    let (multiply, signed) = multiply_for(isa, M::WIDE_CODES);
     run_row_tasks(
         cpu,
         outs,
@@ -226,6 +232,7 @@ pub(crate) fn run<M: DotTiles>(
             let tokens = out.tokens();
             let x = &x[tokens.start * act_groups..tokens.end * act_groups];
             let mut unpacked = Unpacked::new();
+            unpacked.signed = signed;
             let mut acc: Acc = [[0.0; TILE]; NB];
             for r0 in (out.start()..out.end()).step_by(TILE) {
                 for row in &mut acc[..tokens.len()] {
@@ -270,16 +277,22 @@ fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
         && scales_fit
 }
 
-/// The multiply for `isa`: `vpdpbusd` where the CPU has AVX-512 VNNI, else `maddubs` on AVX2
-/// unless codes may be wide, else the scalar reference.
+/// A multiply of unpacked chunks.
+type MultiplyFn = fn(&Unpacked, Chunk<'_>, &mut Acc);
+
+/// The multiply for `isa` and whether it takes wide codes signed ([`Unpacked::signed`]):
+/// `vpdpbusd` where the CPU has AVX-512 VNNI, else `maddubs` on AVX2 (signed wide codes), else the
+/// scalar reference.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn multiply_for(isa: Isa, wide_codes: bool) -> fn(&Unpacked, Chunk<'_>, &mut Acc) {
+fn multiply_for(isa: Isa, wide_codes: bool) -> (MultiplyFn, bool) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if avx2::has_vnni() => avx2::multiply_vnni_checked,
+        Isa::Avx2 if avx2::has_vnni() => (avx2::multiply_vnni_checked, false),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if !wide_codes => avx2::multiply_madd_checked,
-        _ => multiply_scalar,
+        Isa::Avx2 if wide_codes => (avx2::multiply_madd_signed_checked, true),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => (avx2::multiply_madd_checked, false),
+        _ => (multiply_scalar, false),
     }
 }
 
@@ -362,7 +375,11 @@ pub(crate) fn multiply_scalar(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
                     for j in h * quads..(h + 1) * quads {
                         let w = &u.codes[c][(j * TILE + r) * 4..][..4];
                         for (&w, &x) in w.iter().zip(&xb.q[4 * j..4 * j + 4]) {
-                            dot += i32::from(w) * i32::from(x);
+                            let w = match u.signed {
+                                true => i32::from(w as i8),
+                                false => i32::from(w),
+                            };
+                            dot += w * i32::from(x);
                         }
                     }
                     dot -= u.top * xb.code_sum(u.halves, h);

@@ -493,7 +493,7 @@ impl PackedMatrix {
     /// AVX-512 VNNI, else `maddubs` on AVX2), or `None` where it has no SIMD form (NEON and the
     /// scalar reference so far), so that batches are faster on the table lookups there.
     pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
-        crate::dot::instruction(cpu, false)
+        crate::dot::instruction(cpu)
     }
 
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6

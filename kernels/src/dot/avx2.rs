@@ -105,7 +105,8 @@ pub(super) fn unpack_int8_checked<S: BlockScale, C: Codes>(
     unsafe { unpack_int8(m, rows, a0, count, u) }
 }
 
-/// The codes of int8 blocks as unsigned bytes (`q + 128`), eight rows at a time: each row's 32
+/// The codes of int8 blocks as bytes (`q + 128`, or `q` itself when `u.signed`), eight rows at a
+/// time: each row's 32
 /// codes are one vector of eight column quads, and an 8×8 transpose of 32-bit lanes gives each
 /// quad's eight rows, stored together. Rows past the matrix go through the scalar row step.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -116,7 +117,7 @@ fn unpack_int8<S: BlockScale, C: Codes>(
     count: usize,
     u: &mut Unpacked,
 ) {
-    let flip = _mm256_set1_epi8(i8::MIN);
+    let flip = _mm256_set1_epi8(super::int8_tiles::code_zero(u.signed) as u8 as i8);
     for c in 0..count {
         for r8 in (0..TILE).step_by(8) {
             let first = rows.start + r8;
@@ -172,8 +173,11 @@ fn unpack_int8<S: BlockScale, C: Codes>(
 /// The instruction that multiplies codes by activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Multiply {
-    /// `maddubs` + `madd` on 256-bit vectors (AVX2).
+    /// `maddubs` + `madd` on 256-bit vectors (AVX2), unsigned codes below 128.
     Madd,
+    /// `maddubs(|q|, sign(x, q))` + `madd` on 256-bit vectors (AVX2), signed codes
+    /// ([`Unpacked::signed`]).
+    MaddSigned,
     /// `vpdpbusd` on 512-bit vectors (AVX-512 VNNI).
     Vnni,
 }
@@ -188,7 +192,13 @@ pub(super) fn multiply_madd_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Ac
     multiply_with(Multiply::Madd, u, chunk, acc);
 }
 
-/// [`multiply_madd`] or [`multiply_vnni`] after the checks their reads rely on.
+/// The `maddubs` multiply of signed codes.
+pub(super) fn multiply_madd_signed_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    multiply_with(Multiply::MaddSigned, u, chunk, acc);
+}
+
+/// [`multiply_madd`], [`multiply_madd_signed`] or [`multiply_vnni`] after the checks their reads
+/// rely on.
 pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
     assert!(chunk.fits(acc.len()) && Isa::Avx2.is_supported());
     match choice {
@@ -200,9 +210,17 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
         }
         Multiply::Madd => {
             // Pairs of codes of 128 or more times int8 could overflow `maddubs`'s int16 sums.
-            assert!(u.top < 128, "maddubs takes doubled codes below 128");
+            assert!(
+                !u.signed && u.top < 128,
+                "maddubs takes doubled codes below 128"
+            );
             // SAFETY: avx2, fma and f16c were checked above; indices as above.
             unsafe { multiply_madd(u, chunk, acc) }
+        }
+        Multiply::MaddSigned => {
+            assert!(u.signed && u.top == 0, "signed codes are not centred");
+            // SAFETY: avx2, fma and f16c were checked above; indices as above.
+            unsafe { multiply_madd_signed(u, chunk, acc) }
         }
     }
 }
@@ -210,11 +228,13 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
 /// Generates, for one vector width and instruction, a register tile of `RV` vectors of `$L` rows
 /// and `T` tokens (`$tile`), and a multiply over all rows and tokens of a chunk (`$name`) with
 /// register tiles of `$RV × $T` (single tokens at the end). `$v` names the width's operations
-/// (module-like: `$v::dot` is `isum += Σ4 w·x` per 32-bit lane).
+/// (module-like: `$v::dot` adds `Σ4 w·x` of each 32-bit lane into a partial sum, `$v::flush` adds
+/// a partial sum into the int32 sums; `$v::quads_per_flush(top)` says how many column quads one
+/// partial sum may take for codes up to `2·top`: `maddubs` partial sums are int16).
 macro_rules! multiply_fn {
     ($name:ident, $tile:ident, $features:literal, $RV:literal, $T:literal, $v:ident) => {
         #[target_feature(enable = $features)]
-        fn $tile<const RV: usize, const T: usize, const H: usize>(
+        fn $tile<const RV: usize, const T: usize, const H: usize, const K: usize>(
             u: &Unpacked,
             chunk: Chunk<'_>,
             acc: &mut Acc,
@@ -240,18 +260,27 @@ macro_rules! multiply_fn {
                     let start: [_; T] =
                         std::array::from_fn(|t| $v::set1_epi32(-u.top * blocks[t].code_sum(H, h)));
                     let mut isum = [start; RV];
-                    for j in h * quads..(h + 1) * quads {
-                        let w: [_; RV] = std::array::from_fn(|rv| {
-                            let at = (j * TILE + r0 + L * rv) * 4;
-                            $v::load_codes(&codes[at..at + 4 * L])
-                        });
-                        for t in 0..T {
-                            let q = &blocks[t].q[4 * j..4 * j + 4];
-                            let xq = $v::set1_epi32(i32::from_le_bytes([
-                                q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
-                            ]));
-                            for rv in 0..RV {
-                                isum[rv][t] = $v::dot(isum[rv][t], w[rv], xq);
+                    // K quads per partial sum (exact: see `quads_per_flush`).
+                    for j0 in (h * quads..(h + 1) * quads).step_by(K) {
+                        let mut part = [[$v::zero_si(); T]; RV];
+                        for j in j0..(j0 + K).min((h + 1) * quads) {
+                            let w: [_; RV] = std::array::from_fn(|rv| {
+                                let at = (j * TILE + r0 + L * rv) * 4;
+                                $v::load_codes(&codes[at..at + 4 * L])
+                            });
+                            for t in 0..T {
+                                let q = &blocks[t].q[4 * j..4 * j + 4];
+                                let xq = $v::set1_epi32(i32::from_le_bytes([
+                                    q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
+                                ]));
+                                for rv in 0..RV {
+                                    part[rv][t] = $v::dot(part[rv][t], w[rv], xq);
+                                }
+                            }
+                        }
+                        for rv in 0..RV {
+                            for t in 0..T {
+                                isum[rv][t] = $v::flush(isum[rv][t], part[rv][t]);
                             }
                         }
                     }
@@ -281,26 +310,35 @@ macro_rules! multiply_fn {
         #[target_feature(enable = $features)]
         fn $name(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
             /// The register tiles over every row and token of the chunk, with `H` parts per
-            /// activation block (`u.halves`, the same for the whole chunk).
+            /// activation block (`u.halves`, the same for the whole chunk) and `K` quads per
+            /// partial sum.
             #[target_feature(enable = $features)]
-            fn tiles<const H: usize>(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+            fn tiles<const H: usize, const K: usize>(
+                u: &Unpacked,
+                chunk: Chunk<'_>,
+                acc: &mut Acc,
+            ) {
                 let tokens = chunk.tokens();
                 for r0 in (0..TILE).step_by($v::L * $RV) {
                     let mut n0 = 0;
                     while n0 + $T <= tokens {
-                        $tile::<$RV, $T, H>(u, chunk, acc, r0, n0);
+                        $tile::<$RV, $T, H, K>(u, chunk, acc, r0, n0);
                         n0 += $T;
                     }
                     while n0 < tokens {
-                        $tile::<$RV, 1, H>(u, chunk, acc, r0, n0);
+                        $tile::<$RV, 1, H, K>(u, chunk, acc, r0, n0);
                         n0 += 1;
                     }
                 }
             }
-            if u.halves == 2 {
-                tiles::<2>(u, chunk, acc);
-            } else {
-                tiles::<1>(u, chunk, acc);
+            match (u.halves, $v::quads_per_flush(u.top)) {
+                (2, 1) => tiles::<2, 1>(u, chunk, acc),
+                (2, 2) => tiles::<2, 2>(u, chunk, acc),
+                (2, _) => tiles::<2, 4>(u, chunk, acc),
+                (_, 1) => tiles::<1, 1>(u, chunk, acc),
+                (_, 2) => tiles::<1, 2>(u, chunk, acc),
+                (_, 4) => tiles::<1, 4>(u, chunk, acc),
+                _ => tiles::<1, 8>(u, chunk, acc),
             }
         }
     };
@@ -310,8 +348,9 @@ macro_rules! multiply_fn {
 /// inlined into the multiply of the same width, whose target features include `$features`.
 macro_rules! vector_ops {
     ($v:ident, $L:literal, $I:ty, $F:ty, $features:literal,
-     $zero:ident, $loadu_ps:ident, $storeu_ps:ident, $loadu_si:ident, $set1_epi32:ident,
-     $set1_ps:ident, $cvt:ident, $mul:ident, $fmadd:ident, $dot:expr) => {
+     $zero:ident, $zero_si:ident, $loadu_ps:ident, $storeu_ps:ident, $loadu_si:ident,
+     $set1_epi32:ident, $set1_ps:ident, $cvt:ident, $mul:ident, $fmadd:ident, $dot:expr,
+     $flush:expr, $quads_per_flush:expr) => {
         mod $v {
             use std::arch::x86_64::*;
 
@@ -367,9 +406,24 @@ macro_rules! vector_ops {
                 unsafe { $fmadd(a, b, c) }
             }
             #[inline(always)]
-            pub fn dot(isum: $I, w: $I, x: $I) -> $I {
+            pub fn zero_si() -> $I {
                 // SAFETY: features as in `zero_ps`.
-                unsafe { $dot(isum, w, x) }
+                unsafe { $zero_si() }
+            }
+            #[inline(always)]
+            pub fn dot(part: $I, w: $I, x: $I) -> $I {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $dot(part, w, x) }
+            }
+            #[inline(always)]
+            pub fn flush(isum: $I, part: $I) -> $I {
+                // SAFETY: features as in `zero_ps`.
+                unsafe { $flush(isum, part) }
+            }
+            /// Column quads one partial sum may take for codes up to `2·top` (1, 2, 4 or 8).
+            #[inline(always)]
+            pub fn quads_per_flush(top: i32) -> usize {
+                $quads_per_flush(top)
             }
         }
     };
@@ -382,6 +436,7 @@ vector_ops!(
     __m256,
     "avx2,fma,f16c",
     _mm256_setzero_ps,
+    _mm256_setzero_si256,
     _mm256_loadu_ps,
     _mm256_storeu_ps,
     _mm256_loadu_si256,
@@ -390,12 +445,41 @@ vector_ops!(
     _mm256_cvtepi32_ps,
     _mm256_mul_ps,
     _mm256_fmadd_ps,
-    |isum: __m256i, w: __m256i, x: __m256i| {
-        // Doubled codes < 128 times int8: each pair sum is at most 2·126·127 in magnitude,
-        // inside int16.
-        let pairs = _mm256_maddubs_epi16(w, x);
-        _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
+    // Doubled codes ≤ 2·top < 128 times int8: each pair sum is at most 2·2top·127 in magnitude,
+    // inside int16; `quads_per_flush` such sums are added in int16 before widening.
+    |part: __m256i, w: __m256i, x: __m256i| _mm256_add_epi16(part, _mm256_maddubs_epi16(w, x)),
+    |isum: __m256i, part: __m256i| {
+        _mm256_add_epi32(isum, _mm256_madd_epi16(part, _mm256_set1_epi16(1)))
+    },
+    |top: i32| super::madd_quads(2 * 2 * top * 127)
+);
+vector_ops!(
+    ymm_signed,
+    8,
+    __m256i,
+    __m256,
+    "avx2,fma,f16c",
+    _mm256_setzero_ps,
+    _mm256_setzero_si256,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_loadu_si256,
+    _mm256_set1_epi32,
+    _mm256_set1_ps,
+    _mm256_cvtepi32_ps,
+    _mm256_mul_ps,
+    _mm256_fmadd_ps,
+    // |q| ≤ 128 (as an unsigned byte) times int8 activations of magnitude ≤ 127 carrying the
+    // sign of q (0 where q is 0): each pair sum is at most 2·128·127, inside int16, and the
+    // products are exactly q·x.
+    |part: __m256i, w: __m256i, x: __m256i| {
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+        _mm256_add_epi16(part, pairs)
+    },
+    |isum: __m256i, part: __m256i| {
+        _mm256_add_epi32(isum, _mm256_madd_epi16(part, _mm256_set1_epi16(1)))
+    },
+    |_top: i32| super::madd_quads(2 * 128 * 127)
 );
 vector_ops!(
     zmm,
@@ -404,6 +488,7 @@ vector_ops!(
     __m512,
     "avx512f,avx512bw,avx512vnni",
     _mm512_setzero_ps,
+    _mm512_setzero_si512,
     _mm512_loadu_ps,
     _mm512_storeu_ps,
     _mm512_loadu_si512,
@@ -412,11 +497,35 @@ vector_ops!(
     _mm512_cvtepi32_ps,
     _mm512_mul_ps,
     _mm512_fmadd_ps,
-    _mm512_dpbusd_epi32
+    _mm512_dpbusd_epi32,
+    _mm512_add_epi32,
+    // int32 partial sums: every quad of an activation block in one.
+    |_top: i32| 8
 );
 
-// 16 registers: 2 vectors × 2 tokens of sums and of accumulators.
-multiply_fn!(multiply_madd, tile_madd, "avx2,fma,f16c", 2, 2, ymm);
+/// Column quads whose `maddubs` pair sums, each at most `pair` in magnitude, one int16 partial sum
+/// may add exactly: the largest of 1, 2, 4, 8 whose total stays within `i16::MAX`.
+#[inline(always)]
+fn madd_quads(pair: i32) -> usize {
+    match i32::from(i16::MAX) / pair.max(1) {
+        8.. => 8,
+        4.. => 4,
+        2.. => 2,
+        _ => 1,
+    }
+}
+
+// One vector × 4 tokens of sums and of accumulators: 2 × 2 spilled the signed form's extra
+// operands and ran 6–15% slower; 1 × 6 measured the same as 1 × 4.
+multiply_fn!(multiply_madd, tile_madd, "avx2,fma,f16c", 1, 4, ymm);
+multiply_fn!(
+    multiply_madd_signed,
+    tile_madd_signed,
+    "avx2,fma,f16c",
+    1,
+    4,
+    ymm_signed
+);
 // 32 registers: the whole 64-row tile (4 vectors) × 2 tokens, measured the fastest of 1–4 vectors
 // × 2–8 tokens.
 multiply_fn!(

@@ -1,9 +1,10 @@
 //! [`crate::Int8Matrix`] weights on the dot path: int8 codes (Q8_0) or IQ4 codebook values,
 //! with one scale per block of 32 (or per half block) and no offset.
 //!
-//! A code `q` (−128..=127) is stored as the byte `q + 128`, so it is the unsigned operand of
-//! `vpdpbusd`; the sums start at `−128·Σq_x`, which gives the exact `Σ q·q_x`. The scale is the
-//! block's (not halved: these codes are not doubled) and the offset 0.
+//! For `vpdpbusd` (and the scalar reference) a code `q` (−128..=127) is stored as the byte
+//! `q + 128`, so it is the unsigned operand; the sums start at `−128·Σq_x`, which gives the exact
+//! `Σ q·q_x`. For `maddubs` ([`Unpacked::signed`]) it is stored as itself and the sums start at 0.
+//! The scale is the block's (not halved: these codes are not doubled) and the offset 0.
 
 use std::ops::Range;
 
@@ -19,10 +20,10 @@ use crate::lut::layout::TILE;
 
 impl Int8Matrix {
     /// The instruction [`Int8Matrix::matmul_prompt`] multiplies prompt tokens with on `cpu`
-    /// (`vpdpbusd` where the CPU has AVX-512 VNNI), or `None` where every token takes the int8
-    /// kernel of [`Int8Matrix::matmul`].
+    /// (`vpdpbusd` where the CPU has AVX-512 VNNI, else `maddubs` on AVX2), or `None` where every
+    /// token takes the int8 kernel of [`Int8Matrix::matmul`].
     pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
-        super::instruction(cpu, true)
+        super::instruction(cpu)
     }
 
     /// [`Int8Matrix::matmul`], where the first `prompt` tokens of `acts` go through the int8 dot
@@ -88,8 +89,14 @@ impl BlocksVisitor for DotGemm<'_> {
     }
 }
 
-/// What the unpacked codes are centred on: the byte of code 0.
-const CODE_ZERO: i32 = 128;
+/// What the unpacked codes are centred on: the byte of code 0, signed or offset.
+pub(crate) fn code_zero(signed: bool) -> i32 {
+    if signed {
+        0
+    } else {
+        128
+    }
+}
 
 /// The blocks of an int8 matrix of `rows` rows and `act_groups` blocks per row, in the
 /// tile-interleaved layout of [`crate::Int8Matrix`].
@@ -107,12 +114,14 @@ impl<S: BlockScale, C: Codes> Int8Tiles<'_, S, C> {
     }
 
     /// Writes tile row `r`'s codes of activation group `a` (matrix row `row`, or a padded row of
-    /// code 0 when `row` is past the end) into chunk slot `c`.
+    /// code 0 when `row` is past the end) into chunk slot `c`, signed or offset as `u.signed`
+    /// says.
     pub(crate) fn unpack_row(&self, row: usize, a: usize, r: usize, c: usize, u: &mut Unpacked) {
+        let zero = code_zero(u.signed) as u8;
         let bytes = if row < self.rows {
-            self.block(row, a).q.codes().map(|q| (q as u8) ^ 0x80)
+            self.block(row, a).q.codes().map(|q| (q as u8) ^ zero)
         } else {
-            [0x80; BLOCK]
+            [zero; BLOCK]
         };
         for (j, quad) in bytes.chunks_exact(4).enumerate() {
             let at = (j * TILE + r) * 4;
@@ -164,7 +173,7 @@ impl<S: BlockScale, C: Codes> DotTiles for Int8Tiles<'_, S, C> {
             Isa::Avx2 => super::avx2::unpack_int8_checked,
             _ => unpack_scalar,
         };
-        u.top = CODE_ZERO;
+        u.top = code_zero(u.signed);
         u.halves = if S::PER_HALF { 2 } else { 1 };
         let rows = TILE * t..TILE * (t + 1);
         for a0 in (0..act_groups).step_by(CHUNK) {

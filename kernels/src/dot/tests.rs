@@ -303,6 +303,63 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
 }
 
 #[test]
+fn the_largest_codes_times_the_largest_activations_stay_exact() {
+    // Every code at the top of its range (or at 0) times activations of ±127 with the sign of
+    // the block: the int16 partial sums of `maddubs` are as large as they get.
+    let (rows, cols) = (64, 256);
+    for bits in 1..=6u8 {
+        for top in [true, false] {
+            let code = if top { (1u8 << bits) - 1 } else { 0 };
+            let codes = vec![code; rows * cols];
+            let scales = vec![1.0; rows * cols / 32];
+            let m = PackedMatrix::pack(&QuantizedWeights {
+                spec: QuantSpec {
+                    rows,
+                    cols,
+                    bits,
+                    grouping: Grouping::Size(32),
+                    plane_scales: PlaneScales::Uniform,
+                },
+                codes: &codes,
+                scales: &scales,
+                offsets: None,
+            })
+            .unwrap();
+            let tokens = 6;
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|i| {
+                    if (i / 32 + i / cols) % 3 == 0 {
+                        -1.0
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let acts = quantize(&x, cols, tokens);
+            let want = run(&Cpu::with_isa(Isa::Scalar, 1).unwrap(), &m, &acts);
+            // Each row's weights are all `code`: the product is `code` times the activations' sum.
+            for (n, row) in want.chunks_exact(rows).enumerate() {
+                let sum: f32 = x[n * cols..(n + 1) * cols].iter().sum();
+                let want_row = f32::from(code) * sum;
+                assert!(
+                    row.iter().all(|&v| (v - want_row).abs() < 1e-3),
+                    "{bits} bits: {} against {want_row}",
+                    row[0]
+                );
+            }
+            for isa in Isa::supported() {
+                let got = run(&Cpu::with_isa(isa, 1).unwrap(), &m, &acts);
+                assert_eq!(
+                    bits_of(&got),
+                    bits_of(&want),
+                    "{isa:?}, {bits} bits, top {top}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn many_matrices_in_one_call_equal_one_call_each() {
     let mut rng = SplitMix64::new(9);
     let cols = 128;
@@ -466,30 +523,67 @@ fn int8_prompt_tokens_take_the_dot_gemm_where_the_cpu_has_it_and_the_rest_the_in
     ));
 }
 
-/// The AVX2 unpacking of tiles `0..2` of `m` equals the scalar one.
+/// The AVX2 unpacking of tiles `0..2` of `m` equals the scalar one, offset and signed, and the
+/// x86 multiplies of each code form give the scalar reference's bits on `tokens` tokens.
 #[cfg(target_arch = "x86_64")]
 fn check_int8_unpacking<S: BlockScale, C: Codes>(
     m: &super::int8_tiles::Int8Tiles<'_, S, C>,
     name: &str,
+    acts: &Int8Activations,
 ) {
-    for t in 0..2 {
-        for a0 in [0, 5] {
-            let (mut want, mut got) = (Unpacked::new(), Unpacked::new());
-            let rows = TILE * t..TILE * (t + 1);
-            int8_tiles::unpack_scalar(m, rows.clone(), a0, CHUNK - 1, &mut want);
-            avx2::unpack_int8_checked(m, rows, a0, CHUNK - 1, &mut got);
-            assert_eq!(want.codes, got.codes, "{name}, tile {t}, groups from {a0}");
+    let tokens = acts.tokens();
+    for signed in [false, true] {
+        for t in 0..2 {
+            for a0 in [0, 5] {
+                let (mut want, mut got) = (Unpacked::new(), Unpacked::new());
+                (want.signed, got.signed) = (signed, signed);
+                let rows = TILE * t..TILE * (t + 1);
+                int8_tiles::unpack_scalar(m, rows.clone(), a0, CHUNK - 1, &mut want);
+                avx2::unpack_int8_checked(m, rows, a0, CHUNK - 1, &mut got);
+                assert_eq!(want.codes, got.codes, "{name}, tile {t}, groups from {a0}");
+            }
+            let mut u = Unpacked::new();
+            u.signed = signed;
+            let choices = match signed {
+                true => vec![avx2::Multiply::MaddSigned],
+                false if avx2::has_vnni() => vec![avx2::Multiply::Vnni],
+                false => vec![],
+            };
+            m.each_chunk(Isa::Scalar, t, m.act_groups, &mut u, |u, a0, count| {
+                let chunk = Chunk {
+                    x: acts.blocks(),
+                    per_row: m.act_groups,
+                    a0,
+                    count,
+                };
+                let mut reference: Acc = [[0.5; TILE]; NB];
+                multiply_scalar(u, chunk, &mut reference);
+                assert!(reference[..tokens].iter().flatten().any(|&v| v != 0.5));
+                for &choice in &choices {
+                    let mut acc: Acc = [[0.5; TILE]; NB];
+                    avx2::multiply_with(choice, u, chunk, &mut acc);
+                    assert_eq!(
+                        bits_of(acc[..tokens].as_flattened()),
+                        bits_of(reference[..tokens].as_flattened()),
+                        "{name}, {choice:?}, tile {t}, groups from {a0}"
+                    );
+                }
+            });
         }
     }
 }
 
 #[test]
-fn simd_int8_unpacking_equals_the_scalar_rows() {
+fn simd_int8_unpacking_and_multiplies_equal_the_scalar_steps() {
     #[cfg(target_arch = "x86_64")]
     if Isa::Avx2.is_supported() {
         let mut rng = SplitMix64::new(23);
         // 77 rows: the second tile has one whole group of eight rows, five rows and padding.
         let (rows, cols) = (77, 256);
+        // Codes of every value times activations of ±127 and mixed signs: the largest sums.
+        let mut x = random_acts(&mut rng, cols, 5);
+        x[..2 * cols].iter_mut().for_each(|v| *v = v.signum());
+        let acts = quantize(&x, cols, 5);
         for (name, m) in random_int8_forms(&mut rng, rows, cols) {
             let act_groups = cols / 32;
             macro_rules! check {
@@ -501,6 +595,7 @@ fn simd_int8_unpacking_equals_the_scalar_rows() {
                             act_groups,
                         },
                         name,
+                        &acts,
                     )
                 };
             }
