@@ -429,22 +429,34 @@ macro_rules! vector_ops {
     };
 }
 
-vector_ops!(
+/// [`vector_ops`] on 256-bit vectors (AVX2) with the given partial-sum steps.
+macro_rules! ymm_ops {
+    ($v:ident, $dot:expr, $flush:expr, $quads_per_flush:expr) => {
+        vector_ops!(
+            $v,
+            8,
+            __m256i,
+            __m256,
+            "avx2,fma,f16c",
+            _mm256_setzero_ps,
+            _mm256_setzero_si256,
+            _mm256_loadu_ps,
+            _mm256_storeu_ps,
+            _mm256_loadu_si256,
+            _mm256_set1_epi32,
+            _mm256_set1_ps,
+            _mm256_cvtepi32_ps,
+            _mm256_mul_ps,
+            _mm256_fmadd_ps,
+            $dot,
+            $flush,
+            $quads_per_flush
+        );
+    };
+}
+
+ymm_ops!(
     ymm,
-    8,
-    __m256i,
-    __m256,
-    "avx2,fma,f16c",
-    _mm256_setzero_ps,
-    _mm256_setzero_si256,
-    _mm256_loadu_ps,
-    _mm256_storeu_ps,
-    _mm256_loadu_si256,
-    _mm256_set1_epi32,
-    _mm256_set1_ps,
-    _mm256_cvtepi32_ps,
-    _mm256_mul_ps,
-    _mm256_fmadd_ps,
     // Doubled codes ≤ 2·top < 128 times int8: each pair sum is at most 2·2top·127 in magnitude,
     // inside int16; `quads_per_flush` such sums are added in int16 before widening.
     |part: __m256i, w: __m256i, x: __m256i| _mm256_add_epi16(part, _mm256_maddubs_epi16(w, x)),
@@ -453,22 +465,8 @@ vector_ops!(
     },
     |top: i32| super::madd_quads(2 * 2 * top * 127)
 );
-vector_ops!(
+ymm_ops!(
     ymm_signed,
-    8,
-    __m256i,
-    __m256,
-    "avx2,fma,f16c",
-    _mm256_setzero_ps,
-    _mm256_setzero_si256,
-    _mm256_loadu_ps,
-    _mm256_storeu_ps,
-    _mm256_loadu_si256,
-    _mm256_set1_epi32,
-    _mm256_set1_ps,
-    _mm256_cvtepi32_ps,
-    _mm256_mul_ps,
-    _mm256_fmadd_ps,
     // |q| ≤ 128 (as an unsigned byte) times int8 activations of magnitude ≤ 127 carrying the
     // sign of q (0 where q is 0): each pair sum is at most 2·128·127, inside int16, and the
     // products are exactly q·x.
