@@ -429,9 +429,10 @@ macro_rules! vector_ops {
     };
 }
 
-/// [`vector_ops`] on 256-bit vectors (AVX2) with the given partial-sum steps.
+/// [`vector_ops`] on 256-bit vectors (AVX2) with the given `maddubs` step: its int16 partial
+/// sums are widened by `madd` with ones and added to the int32 sums.
 macro_rules! ymm_ops {
-    ($v:ident, $dot:expr, $flush:expr, $quads_per_flush:expr) => {
+    ($v:ident, $dot:expr, $quads_per_flush:expr) => {
         vector_ops!(
             $v,
             8,
@@ -449,7 +450,9 @@ macro_rules! ymm_ops {
             _mm256_mul_ps,
             _mm256_fmadd_ps,
             $dot,
-            $flush,
+            |isum: __m256i, part: __m256i| {
+                _mm256_add_epi32(isum, _mm256_madd_epi16(part, _mm256_set1_epi16(1)))
+            },
             $quads_per_flush
         );
     };
@@ -460,9 +463,6 @@ ymm_ops!(
     // Doubled codes ≤ 2·top < 128 times int8: each pair sum is at most 2·2top·127 in magnitude,
     // inside int16; `quads_per_flush` such sums are added in int16 before widening.
     |part: __m256i, w: __m256i, x: __m256i| _mm256_add_epi16(part, _mm256_maddubs_epi16(w, x)),
-    |isum: __m256i, part: __m256i| {
-        _mm256_add_epi32(isum, _mm256_madd_epi16(part, _mm256_set1_epi16(1)))
-    },
     |top: i32| super::madd_quads(2 * 2 * top * 127)
 );
 ymm_ops!(
@@ -473,9 +473,6 @@ ymm_ops!(
     |part: __m256i, w: __m256i, x: __m256i| {
         let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
         _mm256_add_epi16(part, pairs)
-    },
-    |isum: __m256i, part: __m256i| {
-        _mm256_add_epi32(isum, _mm256_madd_epi16(part, _mm256_set1_epi16(1)))
     },
     |_top: i32| super::madd_quads(2 * 128 * 127)
 );
@@ -513,8 +510,8 @@ fn madd_quads(pair: i32) -> usize {
     }
 }
 
-// One vector × 4 tokens of sums and of accumulators: 2 × 2 spilled the signed form's extra
-// operands and ran 6–15% slower; 1 × 6 measured the same as 1 × 4.
+// One vector × 4 tokens of partial sums, sums and accumulators (2 × 2 spills the signed form's
+// extra operands).
 multiply_fn!(multiply_madd, tile_madd, "avx2,fma,f16c", 1, 4, ymm);
 multiply_fn!(
     multiply_madd_signed,
