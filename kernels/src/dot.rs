@@ -55,13 +55,7 @@ pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
 
 /// The instruction the dot path multiplies with on `cpu`, or `None` where it has no SIMD form.
 pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
-    match cpu.isa() {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if avx2::has_vnni() => Some("vpdpbusd"),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some("maddubs"),
-        _ => None,
-    }
+    multiplier(cpu.isa(), false).instruction
 }
 
 /// Tasks own whole tiles and blocks of [`NB`] tokens.
@@ -220,7 +214,9 @@ pub(crate) fn run<M: DotTiles>(
 ) {
     let tokens = x.len() / act_groups.max(1);
     let isa = cpu.isa();
-    let (multiply, signed) = multiply_for(isa, M::WIDE_CODES);
+    let Multiplier {
+        multiply, signed, ..
+    } = multiplier(isa, M::WIDE_CODES);
     run_row_tasks(
         cpu,
         outs,
@@ -277,22 +273,33 @@ fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
         && scales_fit
 }
 
-/// A multiply of unpacked chunks.
-type MultiplyFn = fn(&Unpacked, Chunk<'_>, &mut Acc);
+/// How the dot path multiplies on an ISA.
+struct Multiplier {
+    /// The SIMD instruction, `None` for the scalar reference.
+    instruction: Option<&'static str>,
+    multiply: fn(&Unpacked, Chunk<'_>, &mut Acc),
+    /// Whether wide codes are unpacked signed ([`Unpacked::signed`]).
+    signed: bool,
+}
 
-/// The multiply for `isa` and whether it takes wide codes signed ([`Unpacked::signed`]):
-/// `vpdpbusd` where the CPU has AVX-512 VNNI, else `maddubs` on AVX2 (signed wide codes), else the
-/// scalar reference.
+/// The multiply for `isa` and codes of [`DotTiles::WIDE_CODES`] `wide_codes`: `vpdpbusd` where
+/// the CPU has AVX-512 VNNI, else `maddubs` on AVX2 (wide codes signed), else the scalar
+/// reference.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn multiply_for(isa: Isa, wide_codes: bool) -> (MultiplyFn, bool) {
-    match isa {
+fn multiplier(isa: Isa, wide_codes: bool) -> Multiplier {
+    let (instruction, multiply, signed): (_, fn(&Unpacked, Chunk<'_>, &mut Acc), _) = match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if avx2::has_vnni() => (avx2::multiply_vnni_checked, false),
+        Isa::Avx2 if avx2::has_vnni() => (Some("vpdpbusd"), avx2::multiply_vnni_checked, false),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if wide_codes => (avx2::multiply_madd_signed_checked, true),
+        Isa::Avx2 if wide_codes => (Some("maddubs"), avx2::multiply_madd_signed_checked, true),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => (avx2::multiply_madd_checked, false),
-        _ => (multiply_scalar, false),
+        Isa::Avx2 => (Some("maddubs"), avx2::multiply_madd_checked, false),
+        _ => (None, multiply_scalar, false),
+    };
+    Multiplier {
+        instruction,
+        multiply,
+        signed,
     }
 }
 
