@@ -10,7 +10,8 @@
 //! It takes uniform planes (1 to 6 bits) in weight groups of 16 or of 32 or more, with f16 scales
 //! and offsets or two-level (super-block) scales. Each weight is written `s·(q − c) + o` with `c`
 //! the centre of the code range, `(2^b − 1)/2`, for its group's scale `s` and offset
-//! `o = s·c + m` (two-level: `s = d·sc`, `o = s·(c − z) − dmin·m`): only the centred part
+//! `o = s·c + m` (codes centred on a zero point `z` instead of offsets: `o = s·(c − z)`;
+//! two-level: `s = d·sc`, `o = s·(c − z) − dmin·m`): only the centred part
 //! multiplies rounded activations, and the offset multiplies the exact `Σx`, as in the table
 //! lookups, which keeps the rounding error of the activations from growing with the offset. The
 //! codes are unpacked doubled, so that the centred dot is an integer: per activation block of 32
@@ -307,7 +308,7 @@ fn multiplier(isa: Isa, wide_codes: bool) -> Multiplier {
 fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     u.top = (1 << v.bits) - 1;
     u.halves = if v.half_groups { 2 } else { 1 };
-    let centre = u.top as f32 * 0.5;
+    let centre = v.centre;
     for (c, h) in (0..count).flat_map(|c| (0..u.halves).map(move |h| (c, h))) {
         let g = v.group_of(a0 + c, h);
         let (scale, offset) = (&mut u.scale[2 * c + h], &mut u.offset[2 * c + h]);

@@ -84,6 +84,9 @@ pub struct PackedMatrix {
     scales: Storage<u16>,
     /// f16 bits, `[tile][group][64 rows]`.
     offsets: Option<Storage<u16>>,
+    /// The code `z` of one-level codes without offsets, `w = s·(q − z)`: 0 but for formats whose
+    /// offset is `−z·s` in every group (Q4_0, Q5_0), which then need no stored offsets.
+    zero_point: u8,
     /// Weight groups of 16 (two per activation group).
     half_groups: bool,
     /// Two-level scales (super-block forms); `scales` is then empty and `offsets` `None`.
@@ -236,6 +239,7 @@ pub struct PackedMatrixBuilder {
     weights: Vec<u8>,
     scales: Vec<u16>,
     offsets: Option<Vec<u16>>,
+    zero_point: u8,
     /// Rows packed so far.
     rows_done: usize,
 }
@@ -255,8 +259,24 @@ impl PackedMatrixBuilder {
             weights: vec![0u8; layout.weight_bytes],
             scales: vec![0u16; layout.scales],
             offsets: offsets.then(|| vec![0u16; layout.offsets]),
+            zero_point: 0,
             rows_done: 0,
         })
+    }
+
+    /// A builder for codes centred on `zero_point`: `w = s·(q − z)` with one uniform scale per
+    /// group and no stored offsets (Q4_0 is `d·(q − 8)`, Q5_0 `d·(q − 16)`), so the matrix holds
+    /// the file's bytes per weight instead of an f16 offset per group beside each scale. The
+    /// weights pushed carry no offsets.
+    pub fn with_zero_point(spec: QuantSpec, zero_point: u8) -> Result<PackedMatrixBuilder> {
+        let mut builder = PackedMatrixBuilder::new(spec, false)?;
+        if spec.plane_scales != PlaneScales::Uniform || u32::from(zero_point) >= 1 << spec.bits {
+            return Err(KernelError::UnsupportedForm(
+                "a zero point needs uniform planes and a code below 2^bits",
+            ));
+        }
+        builder.zero_point = zero_point;
+        Ok(builder)
     }
 
     /// Packs the next `weights.spec.rows` rows (codes, scales and offsets of those rows only;
@@ -370,6 +390,7 @@ impl PackedMatrixBuilder {
             weights: Storage::owned(self.weights),
             scales: Storage::owned(self.scales),
             offsets: self.offsets.map(Storage::owned),
+            zero_point: self.zero_point,
             half_groups: false,
             super_scales: None,
         })
@@ -412,6 +433,7 @@ impl PackedMatrix {
             weights,
             scales,
             offsets,
+            zero_point: 0,
             half_groups: false,
             super_scales: None,
         })
@@ -423,6 +445,11 @@ impl PackedMatrix {
         if self.super_scales.is_some() || self.half_groups {
             return Err(KernelError::UnsupportedForm(
                 "a matrix with two-level (super-block) scales has no one-level packed form",
+            ));
+        }
+        if self.zero_point != 0 {
+            return Err(KernelError::UnsupportedForm(
+                "a matrix with a zero point has no one-level packed form",
             ));
         }
         Ok(PackedParts {
@@ -580,7 +607,7 @@ impl PackedMatrix {
                 continue;
             }
             if nps == 1 {
-                value = f(self.scales[sbase]) * code as f32;
+                value = f(self.scales[sbase]) * (code as f32 - f32::from(self.zero_point));
             }
             if let Some(o) = &self.offsets {
                 value += f(o[(tile * self.groups + g) * TILE + rr]);
@@ -601,6 +628,7 @@ impl PackedMatrix {
             weights: &self.weights,
             scales: &self.scales,
             offsets: self.offsets.as_deref(),
+            centre: ((1u32 << self.spec.bits) - 1) as f32 * 0.5 - f32::from(self.zero_point),
             half_groups: self.half_groups,
             super_scales: self.super_scales.as_ref().map(SuperScaleBuffers::view),
         }

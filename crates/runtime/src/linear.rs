@@ -182,10 +182,13 @@ impl Linear {
     /// still in cache. `None` (nothing built) when the first block is neither low-bit codes with
     /// groups of 32, 64, 128 or 256 shorter than a row nor two-level (K-quant) codes, or when
     /// `accept_first` refuses it: such tensors take [`Linear::from_decoded`]. Exact, like
-    /// [`Linear::from_decoded`].
+    /// [`Linear::from_decoded`]. With `zero_point` `Some(z)` (the file type's codes are centred on
+    /// `z`, [`crate::gguf::GgmlType::zero_point`]) one-level codes are packed without offsets, and
+    /// a block whose offsets are not exactly `−z·scale` is an error.
     pub fn lut_by_row_blocks(
         rows: usize,
         cols: usize,
+        zero_point: Option<u8>,
         mut decode_rows: impl FnMut(Range<usize>) -> Result<DecodedTensor>,
         accept_first: impl FnOnce(&DecodedTensor) -> bool,
     ) -> Result<Option<Linear>> {
@@ -202,7 +205,11 @@ impl Linear {
                     grouping: Grouping::Size(*group_size),
                     plane_scales: PlaneScales::Uniform,
                 };
-                RowBlockBuilder::Groups(PackedMatrixBuilder::new(spec, true)?, spec)
+                let builder = match zero_point {
+                    Some(z) => PackedMatrixBuilder::with_zero_point(spec, z)?,
+                    None => PackedMatrixBuilder::new(spec, true)?,
+                };
+                RowBlockBuilder::Groups(builder, spec, zero_point)
             }
             DecodedTensor::SuperBlock {
                 bits,
@@ -907,8 +914,9 @@ fn super_block_weights(tensor: &DecodedTensor) -> Option<SuperBlockWeights<'_>> 
 
 /// The builder of [`Linear::lut_by_row_blocks`], for the form of the tensor's first rows.
 enum RowBlockBuilder {
-    /// One-level groups (with the matrix's spec, which each block must share but for its rows).
-    Groups(PackedMatrixBuilder, QuantSpec),
+    /// One-level groups (with the matrix's spec, which each block must share but for its rows,
+    /// and the zero point its codes are centred on, if they have no offsets).
+    Groups(PackedMatrixBuilder, QuantSpec, Option<u8>),
     /// Two-level (K-quant) scales.
     SuperBlocks(SuperBlockMatrixBuilder),
 }
@@ -919,7 +927,7 @@ impl RowBlockBuilder {
     fn push(&mut self, tensor: &DecodedTensor) -> Result<usize> {
         match (self, tensor) {
             (
-                RowBlockBuilder::Groups(builder, spec),
+                RowBlockBuilder::Groups(builder, spec, zero_point),
                 DecodedTensor::LowBit {
                     rows: n,
                     bits,
@@ -930,11 +938,20 @@ impl RowBlockBuilder {
                     ..
                 },
             ) if Grouping::Size(*group_size) == spec.grouping && *bits == spec.bits && *n > 0 => {
+                if let Some(z) = zero_point {
+                    let z = f32::from(*z);
+                    if let Some(g) = offsets.iter().zip(scales).position(|(&o, &s)| o != -z * s) {
+                        return Err(Error::InvalidOption(format!(
+                            "has an offset {} in group {g} that is not −{z}·scale (scale {})",
+                            offsets[g], scales[g]
+                        )));
+                    }
+                }
                 builder.push_rows(&QuantizedWeights {
                     spec: QuantSpec { rows: *n, ..*spec },
                     codes,
                     scales,
-                    offsets: Some(offsets),
+                    offsets: zero_point.is_none().then_some(&offsets[..]),
                 })?;
                 Ok(*n)
             }
@@ -955,7 +972,7 @@ impl RowBlockBuilder {
 
     fn finish(self) -> Result<PackedMatrix> {
         Ok(match self {
-            RowBlockBuilder::Groups(builder, _) => builder.finish()?,
+            RowBlockBuilder::Groups(builder, ..) => builder.finish()?,
             RowBlockBuilder::SuperBlocks(builder) => builder.finish()?,
         })
     }
@@ -1058,6 +1075,7 @@ mod tests {
         let blocks = Linear::lut_by_row_blocks(
             rows,
             cols,
+            None,
             |range| {
                 asked.push(range.clone());
                 Ok(rows_of(&t, range))
@@ -1068,6 +1086,49 @@ mod tests {
         .expect("low-bit codes in groups of 32 take the block path");
         assert_eq!(asked, [0..ROW_BLOCK, ROW_BLOCK..rows]);
         assert_same_rows(&whole, &blocks, rows, cols);
+    }
+
+    #[test]
+    fn row_blocks_of_a_zero_point_type_hold_no_offsets() {
+        // Q4_0's form: 4-bit codes, offsets −8·scale; a whole block and a partial one.
+        let (rows, cols) = (ROW_BLOCK + 44, 96);
+        let groups = rows * cols / 32;
+        let scales: Vec<f32> = (0..groups).map(|g| 0.125 * (g % 9 + 1) as f32).collect();
+        let t = DecodedTensor::LowBit {
+            rows,
+            cols,
+            bits: 4,
+            group_size: 32,
+            codes: (0..rows * cols)
+                .map(|i| ((i * 5 + i / 7) % 16) as u8)
+                .collect(),
+            offsets: scales.iter().map(|s| -8.0 * s).collect(),
+            scales,
+        };
+        let whole = Linear::from_decoded(&t, false).unwrap();
+        let centred =
+            Linear::lut_by_row_blocks(rows, cols, Some(8), |r| Ok(rows_of(&t, r)), |_| true)
+                .unwrap()
+                .expect("low-bit codes in groups of 32 take the block path");
+        // The same weights without an f16 offset beside each f16 scale.
+        assert_eq!(
+            whole.bytes() - centred.bytes(),
+            2 * rows.div_ceil(64) * 64 * (cols / 32)
+        );
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in [0, 63, 64, ROW_BLOCK, rows - 1] {
+            whole.row(r, &mut a).unwrap();
+            centred.row(r, &mut b).unwrap();
+            assert_eq!(a, b, "row {r}");
+        }
+        // Offsets that are not −z·scale (a decoder and a type table that disagree) are an error.
+        let wrong =
+            Linear::lut_by_row_blocks(rows, cols, Some(7), |r| Ok(rows_of(&t, r)), |_| true);
+        assert!(
+            matches!(&wrong, Err(Error::InvalidOption(why)) if why.contains("not −7·scale")),
+            "{:?}",
+            wrong.err()
+        );
     }
 
     #[test]
@@ -1095,10 +1156,15 @@ mod tests {
             dmin: Some(f16s(supers, 3)),
         };
         let whole = Linear::from_decoded(&t, false).unwrap();
-        let blocks =
-            Linear::lut_by_row_blocks(rows, cols, |r| Ok(t.row_range(r.start, r.len())), |_| true)
-                .unwrap()
-                .expect("two-level codes take the block path");
+        let blocks = Linear::lut_by_row_blocks(
+            rows,
+            cols,
+            None,
+            |r| Ok(t.row_range(r.start, r.len())),
+            |_| true,
+        )
+        .unwrap()
+        .expect("two-level codes take the block path");
         assert_same_rows(&whole, &blocks, rows, cols);
         let mut a = vec![0.0; cols];
         whole.row(rows - 1, &mut a).unwrap();
@@ -1108,6 +1174,7 @@ mod tests {
         let mixed = Linear::lut_by_row_blocks(
             rows,
             cols,
+            None,
             |r| {
                 calls += 1;
                 Ok(if calls == 1 {
@@ -1134,7 +1201,7 @@ mod tests {
         };
         let per_row = low_bit(4, 96, 4, |s| -0.5 * s);
         for t in [&dense, &per_row] {
-            let built = Linear::lut_by_row_blocks(4, t.cols(), |_| Ok(t.clone()), |_| true);
+            let built = Linear::lut_by_row_blocks(4, t.cols(), None, |_| Ok(t.clone()), |_| true);
             assert!(built.unwrap().is_none(), "{t:?}");
         }
         let grouped = rows_of(
@@ -1149,11 +1216,16 @@ mod tests {
             },
             0..4,
         );
-        let refused = Linear::lut_by_row_blocks(4, 64, |_| Ok(grouped.clone()), |_| false);
+        let refused = Linear::lut_by_row_blocks(4, 64, None, |_| Ok(grouped.clone()), |_| false);
         assert!(refused.unwrap().is_none());
         // A decoding error is the caller's error.
-        let failed =
-            Linear::lut_by_row_blocks(4, 64, |_| Err(Error::InvalidOption("x".into())), |_| true);
+        let failed = Linear::lut_by_row_blocks(
+            4,
+            64,
+            None,
+            |_| Err(Error::InvalidOption("x".into())),
+            |_| true,
+        );
         assert!(matches!(failed, Err(Error::InvalidOption(_))));
     }
 

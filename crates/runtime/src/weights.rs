@@ -395,6 +395,9 @@ struct TypeTraits {
     block_elems: usize,
     block_bytes: usize,
     tensor_tail: usize,
+    /// `z` when every block's offset is `−z·d` (Q4_0: 8, Q5_0: 16): the kernels then need no
+    /// offsets.
+    zero_point: Option<u8>,
     decode: Option<fn(Blocks<'_>) -> DecodedTensor>,
 }
 
@@ -411,11 +414,20 @@ const fn traits(
         block_elems,
         block_bytes,
         tensor_tail: 0,
+        zero_point: None,
         decode,
     }
 }
 
 impl TypeTraits {
+    /// The same type with codes centred on `z`: every block's offset is `−z·d`.
+    const fn with_zero_point(self, z: u8) -> TypeTraits {
+        TypeTraits {
+            zero_point: Some(z),
+            ..self
+        }
+    }
+
     /// The same type with `bytes` stored once per tensor after its blocks.
     const fn with_tensor_tail(self, bytes: usize) -> TypeTraits {
         TypeTraits {
@@ -434,9 +446,9 @@ const TYPES: [TypeTraits; 33] = {
     [
         traits(0, F32, 1, 4, Some(decode_f32)),
         traits(1, F16, 1, 2, Some(decode_f16)),
-        traits(2, Q4_0, 32, 18, Some(decode_q4_0)),
+        traits(2, Q4_0, 32, 18, Some(decode_q4_0)).with_zero_point(8),
         traits(3, Q4_1, 32, 20, Some(decode_q4_1)),
-        traits(6, Q5_0, 32, 22, Some(decode_q5_0)),
+        traits(6, Q5_0, 32, 22, Some(decode_q5_0)).with_zero_point(16),
         traits(7, Q5_1, 32, 24, Some(decode_q5_1)),
         traits(8, Q8_0, 32, 34, Some(decode_q8_0)),
         traits(9, Q8_1, 32, 36, None),
@@ -473,6 +485,12 @@ impl GgmlType {
     fn traits(self) -> &'static TypeTraits {
         // The table has one entry per variant (checked by a unit test), so the search succeeds.
         TYPES.iter().find(|t| t.ty == self).unwrap_or(&TYPES[0])
+    }
+
+    /// The code `z` that the type's codes are centred on when its decoded offsets are `−z·d`
+    /// in every block (Q4_0: 8, Q5_0: 16), so that a kernel form needs no offsets.
+    pub fn zero_point(self) -> Option<u8> {
+        self.traits().zero_point
     }
 
     /// The type with ggml id `id`, if lutra knows its size.

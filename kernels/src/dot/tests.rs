@@ -163,6 +163,38 @@ fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
     }
 }
 
+/// Codes centred on a zero point (no stored offsets) give, on every ISA, the scalar bits and
+/// the exact product of the weights they dequantize to.
+#[test]
+fn zero_point_codes_give_the_exact_product() {
+    for (i, &(bits, z, rows, cols, tokens)) in [
+        (4u8, 8u8, 70, 576, 5),
+        (5, 16, 130, 160, 17),
+        (2, 1, 7, 32, 1),
+        (6, 32, 64, 96, 3),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (m, _) = crate::test_util::zero_point_pair(100 + i as u64, rows, cols, bits, z);
+        let mut rng = SplitMix64::new(i as u64);
+        let x = random_acts(&mut rng, cols, tokens);
+        let acts = quantize(&x, cols, tokens);
+        let sums = exact(
+            rows,
+            cols,
+            |r, w| m.dequantize_row(r, w).unwrap(),
+            &x,
+            tokens,
+        );
+        check_every_isa(
+            &format!("{rows}x{cols} {bits}-bit codes centred on {z}, {tokens} tokens"),
+            &sums,
+            |cpu| run(cpu, &m, &acts),
+        );
+    }
+}
+
 /// A random two-level (K-quant-like) matrix: integer sub-scales (signed without mins), f16
 /// super-block scales, groups of `group`.
 fn random_super(

@@ -223,7 +223,7 @@ unsafe fn direct<
     let lo_planes = if HI { LO_PLANES } else { v.bits };
     let c = match &v.super_scales {
         Some(ss) => ss.centre,
-        None => ((1u32 << v.bits) - 1) as f32 * 0.5,
+        None => v.centre,
     };
     let half = _mm256_set1_ps(0.5);
     let mut paired = PairedIndices::new();
@@ -865,7 +865,7 @@ fn combine(
     let nps = v.scale_planes();
     let half = _mm256_set1_ps(0.5);
     let sxv = _mm256_set1_ps(sx);
-    let csx = _mm256_set1_ps(((1u32 << v.bits) - 1) as f32 * 0.5 * sx);
+    let csx = _mm256_set1_ps(v.centre * sx);
     for c in 0..TILE / 8 {
         let r = 8 * c;
         // SAFETY: r + 8 <= TILE.

@@ -72,6 +72,8 @@ pub(crate) struct Weights<'a> {
     pub scales: &'a [u16],
     /// f16 bits, `[tile][group][64]`.
     pub offsets: Option<&'a [u16]>,
+    /// The `c` of the uniform one-level combine: `(2^b − 1)/2 − z` for codes centred on `z`.
+    pub centre: f32,
     /// Weight groups of 16: two per activation group (`groups == 2·act_groups`).
     pub half_groups: bool,
     /// Two-level scales (then `scales` is empty and `offsets` is `None`).
@@ -152,6 +154,7 @@ impl Weights<'_> {
             weights: &self.weights[tile * wbytes..][..wbytes],
             scales,
             offsets: self.offsets.map(|o| &o[tile * obytes..][..obytes]),
+            centre: self.centre,
             half_groups: self.half_groups,
             super_scales,
         }
@@ -172,6 +175,8 @@ pub(crate) struct TileView<'a> {
     pub scales: &'a [u16],
     /// `[group][64]`.
     pub offsets: Option<&'a [u16]>,
+    /// As [`Weights::centre`].
+    pub centre: f32,
     /// Weight groups of 16 (then `apg` is 0).
     pub half_groups: bool,
     /// Two-level scales instead of `scales` and `offsets`.

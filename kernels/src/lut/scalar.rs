@@ -4,7 +4,8 @@
 //! - per activation group `a` of `g`: `S = Σ_p w_p·Σ_j T_j[nibble_{p,j}(r)]` exactly in integers
 //!   (`w_p = 2^p` for uniform planes, one `S` per plane with `w_p = 1` for per-plane scales), then
 //!   `F_p += tscale_a·S_p` in f32;
-//! - uniform: `acc += s·(0.5·F + c·Σx_g)` with `c = (2^b − 1)/2`, since `Σq·x = 0.5·Σ_p 2^p(σ_p·x) + c·Σx`;
+//! - uniform: `acc += s·(0.5·F + c·Σx_g)` with `c = (2^b − 1)/2`, since `Σq·x = 0.5·Σ_p 2^p(σ_p·x) + c·Σx`
+//!   (`c = (2^b − 1)/2 − z` for codes centred on a zero point `z`, `w = s·(q − z)`);
 //! - per-plane: `acc += (F_p + Σx_g)·(0.5·s_p)` for each plane, since `Σq_p·x = 0.5·(σ_p·x + Σx)`;
 //! - then `acc += m·Σx_g` when the matrix has offsets: once per (row, group), whatever the tiling;
 //! - super-block scales: the group's `s = d·sc` and `m = −dmin·m_int` are formed in f32 first
@@ -209,8 +210,7 @@ pub(crate) fn combine(
             }
         }
     } else {
-        let c = ((1u32 << v.bits) - 1) as f32 * 0.5;
-        let csx = c * sx;
+        let csx = v.centre * sx;
         let scales = &v.scales[g * TILE..][..TILE];
         for ((a, &fv), &s) in acc.iter_mut().zip(&f[0]).zip(scales) {
             let t = 0.5 * fv + csx;

@@ -706,3 +706,49 @@ fn invalid_inputs_are_errors() {
         Err(KernelError::LengthMismatch { .. })
     ));
 }
+
+/// Codes centred on a zero point (Q4_0's `d·(q − 8)`, Q5_0's `d·(q − 16)`, a ternary `s·(q − 1)`)
+/// hold no offsets: they dequantize to the weights of the form with offsets `−z·s`, take fewer
+/// bytes, and every ISA gives the scalar result, which is the exact product within the tables'
+/// rounding.
+#[test]
+fn zero_point_codes_match_their_offset_form() {
+    let cases = [
+        (4u8, 8u8, 70, 576, 1),
+        (4, 8, 7, 32, 3),
+        (5, 16, 130, 1536, 2),
+        (5, 16, 64, 96, 17),
+        (2, 1, 65, 576, 1),
+        (6, 32, 9, 64, 3),
+    ];
+    let mut rng = Rng(SplitMix64::new(19));
+    for (i, &(bits, z, rows, cols, tokens)) in cases.iter().enumerate() {
+        let what = format!("{bits}-bit codes centred on {z}, {rows}x{cols}, {tokens} tokens");
+        let (centred, offset) = crate::test_util::zero_point_pair(i as u64, rows, cols, bits, z);
+        assert!(centred.bytes() < offset.bytes(), "{what}");
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in 0..rows {
+            centred.dequantize_row(r, &mut a).unwrap();
+            offset.dequantize_row(r, &mut b).unwrap();
+            assert_eq!(a, b, "{what}: row {r}");
+        }
+        let x = gaussian(&mut rng, tokens * cols);
+        let scalar = run(Isa::Scalar, 1, &centred, &x, tokens);
+        let (exact, energy) = reference_and_energy(&centred, &x, tokens);
+        let err: f64 = scalar
+            .iter()
+            .zip(&exact)
+            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+            .sum();
+        assert!(
+            err <= 1e-3 * energy,
+            "{what}: error {err} vs energy {energy}"
+        );
+        for isa in Isa::supported() {
+            for threads in [1, 2] {
+                let fast = run(isa, threads, &centred, &x, tokens);
+                assert_close(&fast, &scalar, &format!("{isa} x{threads}, {what}"));
+            }
+        }
+    }
+}

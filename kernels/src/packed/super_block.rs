@@ -349,6 +349,7 @@ impl SuperBlockMatrixBuilder {
             weights: Storage::owned(self.weights),
             scales: Storage::owned(Vec::new()),
             offsets: None,
+            zero_point: 0,
             half_groups: self.group == 16,
             super_scales: Some(self.scales),
         })

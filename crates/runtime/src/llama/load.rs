@@ -88,12 +88,15 @@ impl TensorLoader<'_> {
             self.file.release_rows(name, range);
             rows
         };
-        let m = Linear::lut_by_row_blocks(rows, cols, decode_rows, has_no_per_row_form).map_err(
-            |e| match e {
+        let zero_point = match self.file.tensor_info(name).map(|t| t.ty) {
+            Some(TensorType::Ggml(ty)) => ty.zero_point(),
+            _ => None,
+        };
+        let m = Linear::lut_by_row_blocks(rows, cols, zero_point, decode_rows, has_no_per_row_form)
+            .map_err(|e| match e {
                 Error::Kernel(_) => self.form_error(name, &source, e),
                 e => e,
-            },
-        )?;
+            })?;
         if let Some(m) = &m {
             self.file.release_tensor(name);
             count_tensor(&mut self.types, name, source, m.kind(), m.bytes());
