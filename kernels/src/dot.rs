@@ -346,7 +346,7 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                     .zip(offset.iter_mut())
                     .zip(d.iter().zip(&s.sub_scales[g * TILE..(g + 1) * TILE]))
                 {
-                    *sc = d * f32::from(q);
+                    *sc = d * f32::from(s.sub_scale(q));
                     *o = *sc * s.centre;
                 }
                 if let (Some(dmin), Some(mins)) = (s.dmin, s.sub_mins) {
@@ -356,7 +356,7 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                         .zip(&dmin)
                         .zip(&mins[g * TILE..(g + 1) * TILE])
                     {
-                        *o -= dm * f32::from(m);
+                        *o -= dm * f32::from(s.sub_min(m));
                     }
                 }
             }

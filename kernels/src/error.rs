@@ -28,6 +28,20 @@ pub enum KernelError {
         "sub-scale groups of {0} elements are not supported with super-block scales (use 16 or 32)"
     )]
     SuperBlockGroup(usize),
+    /// A sub-scale or sub-min of a two-level matrix in groups of 16 with mins (Q2_K's form, which
+    /// keeps the two in one byte) does not fit 4 bits.
+    #[error(
+        "sub-scale {sub_scale} or sub-min {sub_min} of group {index} does not fit 4 bits (groups \
+         of 16 with mins keep both in one byte)"
+    )]
+    SubScaleOutOfRange {
+        /// The group (row-major over the rows pushed).
+        index: usize,
+        /// Its sub-scale.
+        sub_scale: i8,
+        /// Its sub-min.
+        sub_min: u8,
+    },
     /// Sub-mins were given without super-mins, or the other way round.
     #[error("sub-mins and super-mins (dmin) must be given together")]
     MinsWithoutSuperMins,

@@ -210,11 +210,13 @@ fn random_super(
     let codes: Vec<u8> = (0..rows * cols)
         .map(|_| (rng.next_u64() % (1u64 << bits)) as u8)
         .collect();
+    // Groups of 16 with mins (Q2_K's form) keep 4-bit sub-scales and sub-mins.
+    let top = if mins && group == 16 { 16 } else { 64 };
     let sub_scales: Vec<i8> = (0..rows * groups)
-        .map(|_| (rng.next_u64() % 63) as i8 - if mins { 0 } else { 31 })
+        .map(|_| (rng.next_u64() % (top - 1)) as i8 - if mins { 0 } else { 31 })
         .collect();
     let sub_mins: Vec<u8> = (0..rows * groups)
-        .map(|_| (rng.next_u64() % 64) as u8)
+        .map(|_| (rng.next_u64() % top) as u8)
         .collect();
     let supers = rows * cols / 256;
     let d: Vec<u16> = (0..supers)

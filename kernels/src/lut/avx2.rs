@@ -147,13 +147,19 @@ unsafe fn tile_direct<const NB: usize>(
             None => v.offsets.is_some(),
         },
     );
+    if v.super_scales.is_some_and(|ss| ss.nibbles) {
+        // Nibble pairs are the form of groups of 16 with mins only (Q2_K).
+        debug_assert_eq!(form, (true, false, true, true));
+        // SAFETY: the caller's contract, and the form matches the tile.
+        return unsafe { direct::<NB, true, false, true, true, true>(v, t, n0, nb, acc) };
+    }
     macro_rules! dispatch {
         ($(($half:literal, $hi:literal, $sup:literal, $off:literal)),* $(,)?) => {
             match form {
                 $(
                     // SAFETY: the caller's contract, and the form matches the tile.
                     ($half, $hi, $sup, $off) => unsafe {
-                        direct::<NB, $half, $hi, $sup, $off>(v, t, n0, nb, acc)
+                        direct::<NB, $half, $hi, $sup, $off, false>(v, t, n0, nb, acc)
                     },
                 )*
             }
@@ -198,6 +204,7 @@ const LO_PLANES: usize = 4;
 /// product each; `a − (dmin·m)·Σx` is exactly the reference's `a + (−(dmin·m))·Σx`), with `d` and
 /// `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With one
 /// token the scales are formed in the combine; with several, once per group for all of them.
+/// `NIBBLES`: sub-scales and sub-mins are the nibbles of one byte ([`SuperScales::nibbles`]).
 ///
 /// # Safety
 /// As [`tile_direct`], and the const parameters describe the tile.
@@ -208,6 +215,7 @@ unsafe fn direct<
     const HI: bool,
     const SUPER: bool,
     const OFFSET: bool,
+    const NIBBLES: bool,
 >(
     v: &TileView<'_>,
     t: &TabView<'_>,
@@ -244,7 +252,7 @@ unsafe fn direct<
         ];
         if NB > 1 {
             for (h, rows) in rows[..halves].iter().enumerate() {
-                scales.fill::<SUPER, OFFSET>(rows, h);
+                scales.fill::<SUPER, OFFSET, NIBBLES>(rows, h);
             }
         }
         for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
@@ -317,7 +325,7 @@ unsafe fn direct<
                         let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
                         let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx[h]);
                         let (s, m) = if NB == 1 {
-                            scales.vectors::<SUPER, OFFSET>(&rows[h], i)
+                            scales.vectors::<SUPER, OFFSET, NIBBLES>(&rows[h], i)
                         } else {
                             (scales.scale[h][i], scales.offset[h][i])
                         };
@@ -410,7 +418,7 @@ impl DirectScales {
     /// scale bytes are `rows` and whose super-block [`DirectScales::select`] converted.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn vectors<const SUPER: bool, const OFFSET: bool>(
+    fn vectors<const SUPER: bool, const OFFSET: bool, const NIBBLES: bool>(
         &self,
         rows: &GroupRows<'_>,
         i: usize,
@@ -420,12 +428,23 @@ impl DirectScales {
             let sc = &rows.sub_scales[8 * i..][..8];
             // SAFETY: `sc` is 8 bytes, what the 64-bit load reads.
             let sc8 = unsafe { _mm_loadl_epi64(sc.as_ptr().cast()) };
-            let s = _mm256_mul_ps(self.d[i], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
-            if OFFSET {
+            // Nibble pairs are widened once and split in 32-bit lanes (as many operations as
+            // widening separate sub-scale and sub-min bytes).
+            let (sc32, m32) = if NIBBLES {
+                let both = _mm256_cvtepu8_epi32(sc8);
+                let sc32 = _mm256_and_si256(both, _mm256_set1_epi32(0x0F));
+                (sc32, _mm256_srli_epi32::<4>(both))
+            } else if OFFSET {
                 let mins = &rows.sub_mins[8 * i..][..8];
                 // SAFETY: `mins` is 8 bytes, what the 64-bit load reads.
                 let m8 = unsafe { _mm_loadl_epi64(mins.as_ptr().cast()) };
-                m = _mm256_mul_ps(self.dmin[i], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)));
+                (_mm256_cvtepi8_epi32(sc8), _mm256_cvtepu8_epi32(m8))
+            } else {
+                (_mm256_cvtepi8_epi32(sc8), _mm256_setzero_si256())
+            };
+            let s = _mm256_mul_ps(self.d[i], _mm256_cvtepi32_ps(sc32));
+            if OFFSET {
+                m = _mm256_mul_ps(self.dmin[i], _mm256_cvtepi32_ps(m32));
             }
             (s, m)
         } else {
@@ -439,9 +458,13 @@ impl DirectScales {
     /// The scales of the weight group of `rows` into half `h`, for every token of a block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn fill<const SUPER: bool, const OFFSET: bool>(&mut self, rows: &GroupRows<'_>, h: usize) {
+    fn fill<const SUPER: bool, const OFFSET: bool, const NIBBLES: bool>(
+        &mut self,
+        rows: &GroupRows<'_>,
+        h: usize,
+    ) {
         for i in 0..TILE / 8 {
-            (self.scale[h][i], self.offset[h][i]) = self.vectors::<SUPER, OFFSET>(rows, i);
+            (self.scale[h][i], self.offset[h][i]) = self.vectors::<SUPER, OFFSET, NIBBLES>(rows, i);
         }
     }
 }

@@ -97,9 +97,32 @@ pub(crate) struct SuperScales<'a> {
     pub groups_per_super: usize,
     /// `(2^b − 1)/2 − z` for codes with zero point `z`: the `c` of the combine.
     pub centre: f32,
+    /// Each group's sub-scale and sub-min are the low and high nibbles of one byte (Q2_K's
+    /// form): `sub_scales` and `sub_mins` are then the same bytes.
+    pub nibbles: bool,
 }
 
 impl<'a> SuperScales<'a> {
+    /// The sub-scale held by the byte `b` of `sub_scales`.
+    #[inline]
+    pub fn sub_scale(&self, b: i8) -> i8 {
+        if self.nibbles {
+            b & 0x0F
+        } else {
+            b
+        }
+    }
+
+    /// The sub-min held by the byte `b` of `sub_mins`.
+    #[inline]
+    pub fn sub_min(&self, b: u8) -> u8 {
+        if self.nibbles {
+            b >> 4
+        } else {
+            b
+        }
+    }
+
     /// The part of tile `tile` of a matrix with `groups` weight groups per row.
     fn tile(&self, tile: usize, groups: usize) -> SuperScales<'a> {
         let g = groups * TILE;

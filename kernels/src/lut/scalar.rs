@@ -157,13 +157,13 @@ impl GroupScales {
         }
         let sc = &ss.sub_scales[g * TILE..][..TILE];
         for ((s, &d), &sc) in self.scale.iter_mut().zip(&self.d).zip(sc) {
-            *s = d * f32::from(sc);
+            *s = d * f32::from(ss.sub_scale(sc));
         }
         self.offset = ss.sub_mins.map(|mins| {
             let mut o = [0.0f32; TILE];
             let mins = &mins[g * TILE..][..TILE];
             for ((o, &dm), &m) in o.iter_mut().zip(&self.dmin).zip(mins) {
-                *o = -(dm * f32::from(m));
+                *o = -(dm * f32::from(ss.sub_min(m)));
             }
             o
         });

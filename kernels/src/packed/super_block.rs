@@ -2,9 +2,10 @@
 //! an integer sub-scale `sc` (and sub-min `m`), per (row, super-block of 256) f16 factors `d` (and
 //! `dmin`), and `w = (d·sc)·(q − z) − dmin·m` with a zero point `z` shared by the matrix.
 //!
-//! `d` and `dmin` are kept as the f16 bits of the file and the sub-scales as bytes, so a packed
-//! matrix is about as small as the file (Q4_K: 4.625 bits per weight against 4.5; Q6_K: 6.5625,
-//! the same). The kernels form each group's scale as one f32 product `d·sc` (and `dmin·m`), which is
+//! `d` and `dmin` are kept as the f16 bits of the file and the sub-scales as bytes (in groups of
+//! 16 with mins, Q2_K's form, a sub-scale and its sub-min as the two nibbles of one byte, as in
+//! the file), so a packed matrix is about as small as the file (Q4_K: 4.625 bits per weight
+//! against 4.5; Q2_K: 2.625 and Q6_K: 6.5625, the same). The kernels form each group's scale as one f32 product `d·sc` (and `dmin·m`), which is
 //! exact, so they multiply by exactly the weights ggml dequantizes to.
 
 use half::f16;
@@ -50,9 +51,10 @@ pub struct SuperBlockWeights<'a> {
     pub zero_point: u8,
     /// One code per element, row-major `[rows][cols]`, each `< 2^bits`.
     pub codes: &'a [u8],
-    /// Sub-scales `sc`, `[rows][cols / group]`.
+    /// Sub-scales `sc`, `[rows][cols / group]`; 0 to 15 in groups of 16 with mins.
     pub sub_scales: &'a [i8],
-    /// Sub-mins `m`, `[rows][cols / group]`; given exactly when `dmin` is.
+    /// Sub-mins `m`, `[rows][cols / group]`; given exactly when `dmin` is; 0 to 15 in groups of
+    /// 16.
     pub sub_mins: Option<&'a [u8]>,
     /// f16 bits of the super-scales `d`, `[rows][cols / 256]`.
     pub d: &'a [u16],
@@ -63,8 +65,12 @@ pub struct SuperBlockWeights<'a> {
 /// The two-level scales of a packed matrix, in row tiles: `[tile][group or super-block][64 rows]`;
 /// padded rows hold 0.
 pub(super) struct SuperScaleBuffers {
+    /// Sub-scales, or with `nibbles` `sc | m << 4`.
     sub_scales: Vec<i8>,
+    /// Sub-mins, when they have bytes of their own.
     sub_mins: Option<Vec<u8>>,
+    /// Groups of 16 with mins: a sub-scale and its sub-min share a byte of `sub_scales`.
+    nibbles: bool,
     d: Vec<u16>,
     dmin: Option<Vec<u16>>,
     groups_per_super: usize,
@@ -84,13 +90,19 @@ impl SuperScaleBuffers {
     /// The buffers, borrowed for the kernels.
     pub(super) fn view(&self) -> SuperScales<'_> {
         let c = ((1u32 << self.bits) - 1) as f32 * 0.5;
+        let shared: &[u8] = bytemuck::cast_slice(&self.sub_scales);
         SuperScales {
             sub_scales: &self.sub_scales,
-            sub_mins: self.sub_mins.as_deref(),
+            sub_mins: if self.nibbles {
+                Some(shared)
+            } else {
+                self.sub_mins.as_deref()
+            },
             d: &self.d,
             dmin: self.dmin.as_deref(),
             groups_per_super: self.groups_per_super,
             centre: c - f32::from(self.zero_point),
+            nibbles: self.nibbles,
         }
     }
 
@@ -109,9 +121,10 @@ impl SuperScaleBuffers {
         let sb = (tile * supers + g / self.groups_per_super) * TILE + rr;
         let gi = (tile * groups + g) * TILE + rr;
         let q = code as i32 - i32::from(self.zero_point);
-        let mut w = (f(self.d[sb]) * f32::from(self.sub_scales[gi])) * q as f32;
-        if let (Some(dmin), Some(mins)) = (&self.dmin, &self.sub_mins) {
-            w -= f(dmin[sb]) * f32::from(mins[gi]);
+        let ss = self.view();
+        let mut w = (f(self.d[sb]) * f32::from(ss.sub_scale(self.sub_scales[gi]))) * q as f32;
+        if let (Some(dmin), Some(mins)) = (ss.dmin, ss.sub_mins) {
+            w -= f(dmin[sb]) * f32::from(ss.sub_min(mins[gi]));
         }
         w
     }
@@ -138,6 +151,24 @@ fn scatter_tile_major<T: Copy>(src: &[T], first: usize, per_row: usize, out: &mu
             out[(tile * per_row + i) * TILE + rr] = v;
         }
     }
+}
+
+/// `sc | m << 4` for each sub-scale and sub-min, or the error naming the first that does not fit
+/// 4 bits.
+fn nibble_pairs(sub_scales: &[i8], sub_mins: &[u8]) -> Result<Vec<i8>> {
+    sub_scales
+        .iter()
+        .zip(sub_mins)
+        .enumerate()
+        .map(|(index, (&sc, &m))| match (u8::try_from(sc), m) {
+            (Ok(sc @ 0..16), 0..16) => Ok((sc | m << 4) as i8),
+            _ => Err(KernelError::SubScaleOutOfRange {
+                index,
+                sub_scale: sc,
+                sub_min: m,
+            }),
+        })
+        .collect()
 }
 
 /// An error when one of the f16 factors is not finite.
@@ -212,7 +243,8 @@ impl SuperBlockMatrixBuilder {
     pub const ROWS_PER_TILE: usize = TILE;
 
     /// Checks the form and allocates a `rows × cols` matrix of `bits`-bit codes in groups of
-    /// `group` (16 or 32) with zero point `zero_point`, with sub-mins and `dmin` when `mins`.
+    /// `group` (16 or 32) with zero point `zero_point`, with sub-mins and `dmin` when `mins`
+    /// (in groups of 16, sub-scales and sub-mins of 4 bits, packed a pair to a byte).
     pub fn new(
         rows: usize,
         cols: usize,
@@ -259,7 +291,8 @@ impl SuperBlockMatrixBuilder {
             weights: vec![0u8; weight_bytes],
             scales: SuperScaleBuffers {
                 sub_scales: vec![0; tiles * groups * TILE],
-                sub_mins: mins.then(|| vec![0; tiles * groups * TILE]),
+                sub_mins: (mins && group != 16).then(|| vec![0; tiles * groups * TILE]),
+                nibbles: mins && group == 16,
                 d: vec![0; tiles * supers * TILE],
                 dmin: mins.then(|| vec![0; tiles * supers * TILE]),
                 groups_per_super: SUPER_BLOCK / group,
@@ -291,7 +324,7 @@ impl SuperBlockMatrixBuilder {
                 spec.bits,
                 self.group,
                 self.zero_point,
-                self.scales.sub_mins.is_some(),
+                self.scales.dmin.is_some(),
             );
         if !same_form || first + rows > spec.rows {
             return Err(bad_rows);
@@ -320,7 +353,13 @@ impl SuperBlockMatrixBuilder {
         let packed = &mut self.weights[tiles.start * tile_bytes..tiles.end * tile_bytes];
         pack_code_rows(w.codes, rows, cols, spec.bits, first, packed)?;
         let s = &mut self.scales;
-        scatter_tile_major(w.sub_scales, first, groups, &mut s.sub_scales);
+        match w.sub_mins.filter(|_| s.nibbles) {
+            Some(mins) => {
+                let bytes = nibble_pairs(w.sub_scales, mins)?;
+                scatter_tile_major(&bytes, first, groups, &mut s.sub_scales);
+            }
+            None => scatter_tile_major(w.sub_scales, first, groups, &mut s.sub_scales),
+        }
         scatter_tile_major(w.d, first, supers, &mut s.d);
         if let (Some(src), Some(dst)) = (w.sub_mins, s.sub_mins.as_mut()) {
             scatter_tile_major(src, first, groups, dst);

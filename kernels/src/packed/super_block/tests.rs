@@ -201,10 +201,13 @@ fn dequantize_row_is_the_ggml_formula_bit_for_bit() {
             assert_eq!((m.rows(), m.cols()), (rows, cols));
             assert_eq!(m.spec().bits, t.bits);
             assert_eq!(m.spec().grouping, Grouping::Size(t.group));
-            // Planes, one byte per sub-scale (and sub-min), two per d (and dmin), per padded row.
+            // Planes, one byte per sub-scale and one per sub-min (one for both in groups of 16,
+            // as in Q2_K's blocks), two per d (and dmin), per padded row.
             let padded = rows.div_ceil(64) * 64;
+            let min_bytes = usize::from(t.mins && t.group != 16);
             let per_row = usize::from(t.bits) * cols / 8
-                + (cols / t.group + 2 * cols / SUPER_BLOCK) * (1 + usize::from(t.mins));
+                + cols / t.group * (1 + min_bytes)
+                + 2 * cols / SUPER_BLOCK * (1 + usize::from(t.mins));
             assert_eq!(m.bytes(), padded * per_row, "{}", t.name);
             let mut row = vec![0.0f32; cols];
             for r in 0..rows {
@@ -934,4 +937,29 @@ fn invalid_super_block_inputs_are_errors() {
         PackedMatrix::pack(&plain),
         Err(KernelError::BadGroupSize { group: 16, .. })
     ));
+}
+
+/// Groups of 16 with mins keep a sub-scale and its sub-min in one byte: values that do not fit 4
+/// bits are an error naming the group, not a silently wrapped weight.
+#[test]
+fn q2_k_sub_scales_past_4_bits_are_errors() {
+    let mut rng = Rng(SplitMix64::new(0x2B));
+    let parts = Parts::random(&mut rng, Q2_K, 3, 512);
+    let base = parts.weights();
+    assert!(PackedMatrix::pack_super_blocks(&base).is_ok());
+    let mins = parts.sub_mins.as_deref().unwrap();
+    for (index, sc, m) in [(5, 16i8, 0u8), (7, -1, 3), (9, 2, 16)] {
+        let (mut scales, mut mins) = (parts.sub_scales.clone(), mins.to_vec());
+        (scales[index], mins[index]) = (sc, m);
+        let e = PackedMatrix::pack_super_blocks(&SuperBlockWeights {
+            sub_scales: &scales,
+            sub_mins: Some(&mins),
+            ..base
+        })
+        .err();
+        assert!(
+            matches!(e, Some(KernelError::SubScaleOutOfRange { index: i, sub_scale, sub_min }) if i == index && sub_scale == sc && sub_min == m),
+            "{e:?}"
+        );
+    }
 }
