@@ -10,6 +10,20 @@ pub(crate) fn nmse(y: &[f32], exact: &[f64]) -> f64 {
     err / exact.iter().map(|b| b * b).sum::<f64>().max(1e-30)
 }
 
+/// Asserts that the squared error of `y` against `exact` is at most `1e-3·energy`, where `energy`
+/// is `Σ (w·x)²` of the product (an error scale that does not vanish when outputs are near zero).
+pub(crate) fn assert_error_within_energy(y: &[f32], exact: &[f32], energy: f64, what: &str) {
+    let err: f64 = y
+        .iter()
+        .zip(exact)
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+        .sum();
+    assert!(
+        err <= 1e-3 * energy,
+        "{what}: scalar error {err} vs energy {energy}"
+    );
+}
+
 /// The bits of each value, so that results compare bit for bit (NaNs included).
 pub(crate) fn bits_of(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()

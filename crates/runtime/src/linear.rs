@@ -1054,22 +1054,39 @@ mod tests {
         }
     }
 
+    /// `bits`-bit codes in groups of 32 with scales `s` from 0.125 to 1.125 and offsets
+    /// `offset(g, s)` for group `g`.
+    fn grouped_low_bit(
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        offset: fn(usize, f32) -> f32,
+    ) -> DecodedTensor {
+        let scales: Vec<f32> = (0..rows * cols / 32)
+            .map(|g| 0.125 * (g % 9 + 1) as f32)
+            .collect();
+        DecodedTensor::LowBit {
+            rows,
+            cols,
+            bits,
+            group_size: 32,
+            codes: (0..rows * cols)
+                .map(|i| ((i * 5 + i / 7) % (1 << bits)) as u8)
+                .collect(),
+            offsets: scales
+                .iter()
+                .enumerate()
+                .map(|(g, &s)| offset(g, s))
+                .collect(),
+            scales,
+        }
+    }
+
     #[test]
     fn row_blocks_build_the_same_lut_matrix_as_the_whole_tensor() {
         // Two blocks of rows (a whole one and a partial one), 3-bit codes in groups of 32.
         let (rows, cols) = (ROW_BLOCK + 44, 96);
-        let groups = rows * cols / 32;
-        let t = DecodedTensor::LowBit {
-            rows,
-            cols,
-            bits: 3,
-            group_size: 32,
-            codes: (0..rows * cols)
-                .map(|i| ((i * 5 + i / 7) % 8) as u8)
-                .collect(),
-            scales: (0..groups).map(|g| 0.125 * (g % 9 + 1) as f32).collect(),
-            offsets: (0..groups).map(|g| -0.5 * (g % 5) as f32).collect(),
-        };
+        let t = grouped_low_bit(rows, cols, 3, |g, _| -0.5 * (g % 5) as f32);
         let whole = Linear::from_decoded(&t, false).unwrap();
         let mut asked = Vec::new();
         let blocks = Linear::lut_by_row_blocks(
@@ -1092,19 +1109,7 @@ mod tests {
     fn row_blocks_of_a_zero_point_type_hold_no_offsets() {
         // Q4_0's form: 4-bit codes, offsets −8·scale; a whole block and a partial one.
         let (rows, cols) = (ROW_BLOCK + 44, 96);
-        let groups = rows * cols / 32;
-        let scales: Vec<f32> = (0..groups).map(|g| 0.125 * (g % 9 + 1) as f32).collect();
-        let t = DecodedTensor::LowBit {
-            rows,
-            cols,
-            bits: 4,
-            group_size: 32,
-            codes: (0..rows * cols)
-                .map(|i| ((i * 5 + i / 7) % 16) as u8)
-                .collect(),
-            offsets: scales.iter().map(|s| -8.0 * s).collect(),
-            scales,
-        };
+        let t = grouped_low_bit(rows, cols, 4, |_, s| -8.0 * s);
         let whole = Linear::from_decoded(&t, false).unwrap();
         let centred =
             Linear::lut_by_row_blocks(rows, cols, Some(8), |r| Ok(rows_of(&t, r)), |_| true)

@@ -122,6 +122,22 @@ fn check_every_isa(what: &str, exact: &[f64], mut product: impl FnMut(&Cpu) -> V
     }
 }
 
+/// [`check_every_isa`] for the product of `rows` rows of `cols` weights (`row(r, w)` writes the
+/// dequantized row `r`; `product` multiplies on a CPU) with random activations of `tokens` tokens.
+fn check_random_product(
+    what: &str,
+    (rows, cols): (usize, usize),
+    row: impl FnMut(usize, &mut [f32]),
+    mut product: impl FnMut(&Cpu, &Int8Activations) -> Vec<f32>,
+    rng: &mut SplitMix64,
+    tokens: usize,
+) {
+    let x = random_acts(rng, cols, tokens);
+    let acts = quantize(&x, cols, tokens);
+    let sums = exact(rows, cols, row, &x, tokens);
+    check_every_isa(what, &sums, |cpu| product(cpu, &acts));
+}
+
 #[test]
 fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
     let mut rng = SplitMix64::new(11);
@@ -145,19 +161,13 @@ fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
             let m = random_matrix(&mut rng, rows, cols, bits, grouping, offsets);
             assert!(m.has_dot_form());
             let tokens = [1, 3, 17, 70][(s + f) % 4];
-            let x = random_acts(&mut rng, cols, tokens);
-            let acts = quantize(&x, cols, tokens);
-            let sums = exact(
-                rows,
-                cols,
-                |r, w| m.dequantize_row(r, w).unwrap(),
-                &x,
-                tokens,
-            );
-            check_every_isa(
+            check_random_product(
                 &format!("{rows}x{cols} {bits}-bit {grouping:?}, {tokens} tokens"),
-                &sums,
-                |cpu| run(cpu, &m, &acts),
+                (rows, cols),
+                |r, w| m.dequantize_row(r, w).unwrap(),
+                |cpu, acts| run(cpu, &m, acts),
+                &mut rng,
+                tokens,
             );
         }
     }
@@ -177,20 +187,13 @@ fn zero_point_codes_give_the_exact_product() {
     .enumerate()
     {
         let (m, _) = crate::test_util::zero_point_pair(100 + i as u64, rows, cols, bits, z);
-        let mut rng = SplitMix64::new(i as u64);
-        let x = random_acts(&mut rng, cols, tokens);
-        let acts = quantize(&x, cols, tokens);
-        let sums = exact(
-            rows,
-            cols,
-            |r, w| m.dequantize_row(r, w).unwrap(),
-            &x,
-            tokens,
-        );
-        check_every_isa(
+        check_random_product(
             &format!("{rows}x{cols} {bits}-bit codes centred on {z}, {tokens} tokens"),
-            &sums,
-            |cpu| run(cpu, &m, &acts),
+            (rows, cols),
+            |r, w| m.dequantize_row(r, w).unwrap(),
+            |cpu, acts| run(cpu, &m, acts),
+            &mut SplitMix64::new(i as u64),
+            tokens,
         );
     }
 }
@@ -500,23 +503,17 @@ fn int8_matrices_on_every_isa_give_the_scalar_bits_and_the_exact_product() {
             assert_eq!(m.has_f16_scales(), name.ends_with("f16"), "{name}");
             // 300 tokens cross a token block (NB).
             let tokens = [1, 3, 17, 70, 300][(s + f) % 5];
-            let x = random_acts(&mut rng, cols, tokens);
-            let acts = quantize(&x, cols, tokens);
-            let sums = exact(
-                rows,
-                cols,
-                |r, w| m.dequantize_row(r, w).unwrap(),
-                &x,
-                tokens,
-            );
-            check_every_isa(
+            check_random_product(
                 &format!("{name} {rows}x{cols}, {tokens} tokens"),
-                &sums,
-                |cpu| {
+                (rows, cols),
+                |r, w| m.dequantize_row(r, w).unwrap(),
+                |cpu, acts| {
                     let mut out = vec![f32::NAN; tokens * rows];
                     m.matmul_dot(cpu, acts.blocks(), &mut out);
                     out
                 },
+                &mut rng,
+                tokens,
             );
         }
     }

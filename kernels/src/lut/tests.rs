@@ -293,6 +293,14 @@ fn sampled_cases() -> Vec<(Case, usize)> {
     cases
 }
 
+/// The scalar kernel's product of `m` and `x`, asserted within 1e-3 of the reference's energy.
+fn scalar_near_reference(m: &PackedMatrix, x: &[f32], tokens: usize, what: &str) -> Vec<f32> {
+    let scalar = run(Isa::Scalar, 1, m, x, tokens);
+    let (exact, energy) = reference_and_energy(m, x, tokens);
+    crate::test_util::assert_error_within_energy(&scalar, &exact, energy, what);
+    scalar
+}
+
 #[test]
 fn every_isa_matches_scalar_and_the_reference() {
     let mut rng = Rng(SplitMix64::new(7));
@@ -300,17 +308,7 @@ fn every_isa_matches_scalar_and_the_reference() {
         let made = make(&mut rng, &case);
         let m = PackedMatrix::pack(&made.weights(&case)).unwrap();
         let x = gaussian(&mut rng, tokens * case.cols);
-        let scalar = run(Isa::Scalar, 1, &m, &x, tokens);
-        let (exact, energy) = reference_and_energy(&m, &x, tokens);
-        let err: f64 = scalar
-            .iter()
-            .zip(&exact)
-            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
-            .sum();
-        assert!(
-            err <= 1e-3 * energy,
-            "{case:?} N={tokens}: scalar error {err} vs energy {energy}"
-        );
+        let scalar = scalar_near_reference(&m, &x, tokens, &format!("{case:?} N={tokens}"));
         for isa in Isa::supported() {
             if isa != Isa::Scalar {
                 let fast = run(isa, 1, &m, &x, tokens);
@@ -733,17 +731,7 @@ fn zero_point_codes_match_their_offset_form() {
             assert_eq!(a, b, "{what}: row {r}");
         }
         let x = gaussian(&mut rng, tokens * cols);
-        let scalar = run(Isa::Scalar, 1, &centred, &x, tokens);
-        let (exact, energy) = reference_and_energy(&centred, &x, tokens);
-        let err: f64 = scalar
-            .iter()
-            .zip(&exact)
-            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
-            .sum();
-        assert!(
-            err <= 1e-3 * energy,
-            "{what}: error {err} vs energy {energy}"
-        );
+        let scalar = scalar_near_reference(&centred, &x, tokens, &what);
         for isa in Isa::supported() {
             for threads in [1, 2] {
                 let fast = run(isa, threads, &centred, &x, tokens);

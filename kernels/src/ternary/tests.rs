@@ -137,14 +137,11 @@ fn every_isa_matches_scalar_bit_for_bit_on_every_shape() {
             let x = rng.gaussians(tokens * cols);
             let scalar = run(Isa::Scalar, 1, &m, &x, tokens);
             let (exact, energy) = made.reference(&x, tokens);
-            let err: f64 = scalar
-                .iter()
-                .zip(&exact)
-                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
-                .sum();
-            assert!(
-                err <= 1e-3 * energy,
-                "M={rows} K={cols} N={tokens}: scalar error {err} vs energy {energy}"
+            crate::test_util::assert_error_within_energy(
+                &scalar,
+                &exact,
+                energy,
+                &format!("M={rows} K={cols} N={tokens}"),
             );
             for isa in Isa::supported() {
                 if isa != Isa::Scalar {
