@@ -5,8 +5,9 @@
 //! `d` and `dmin` are kept as the f16 bits of the file and the sub-scales as bytes (in groups of
 //! 16 with mins, Q2_K's form, a sub-scale and its sub-min as the two nibbles of one byte, as in
 //! the file), so a packed matrix is about as small as the file (Q4_K: 4.625 bits per weight
-//! against 4.5; Q2_K: 2.625 and Q6_K: 6.5625, the same). The kernels form each group's scale as one f32 product `d·sc` (and `dmin·m`), which is
-//! exact, so they multiply by exactly the weights ggml dequantizes to.
+//! against 4.5; Q2_K: 2.625 and Q6_K: 6.5625, the same). The kernels form each group's scale as
+//! one f32 product `d·sc` (and `dmin·m`), which is exact, so they multiply by exactly the weights
+//! ggml dequantizes to.
 
 use half::f16;
 
