@@ -338,7 +338,7 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                         .convert_to_f32_slice(&mut out);
                     out
                 };
-                // Whole rows at a time (the f16 widening and the products vectorize); `s.centre`
+                // Whole rows at a time (the f16 widening and the products vectorize); `centre`
                 // is `c − z`.
                 let d = rows(s.d, sb);
                 for ((sc, o), (&d, &q)) in scale
@@ -347,7 +347,7 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                     .zip(d.iter().zip(&s.sub_scales[g * TILE..(g + 1) * TILE]))
                 {
                     *sc = d * f32::from(s.sub_scale(q));
-                    *o = *sc * s.centre;
+                    *o = *sc * centre;
                 }
                 if let (Some(dmin), Some(mins)) = (s.dmin, s.sub_mins) {
                     let dmin = rows(dmin, sb);

@@ -84,8 +84,9 @@ pub struct PackedMatrix {
     scales: Storage<u16>,
     /// f16 bits, `[tile][group][64 rows]`.
     offsets: Option<Storage<u16>>,
-    /// The code `z` of one-level codes without offsets, `w = s·(q − z)`: 0 but for formats whose
-    /// offset is `−z·s` in every group (Q4_0, Q5_0), which then need no stored offsets.
+    /// The code `z` every code is centred on, `w = s·(q − z)`: 0 but for formats whose offset is
+    /// `−z·s` in every group (Q4_0, Q5_0, which then need no stored offsets) and the two-level
+    /// forms' zero points (Q3_K: 4, Q6_K: 32).
     zero_point: u8,
     /// Weight groups of 16 (two per activation group).
     half_groups: bool,
@@ -579,6 +580,7 @@ impl PackedMatrix {
                 got: out.len(),
             });
         }
+        let super_scales = self.super_scales.as_ref().map(SuperScaleBuffers::view);
         let bits = usize::from(self.spec.bits);
         let view = self.view();
         let nps = view.scale_planes();
@@ -602,8 +604,14 @@ impl PackedMatrix {
                     value += f(self.scales[sbase + p * TILE]) * bit as f32;
                 }
             }
-            if let Some(ss) = &self.super_scales {
-                *w = ss.dequantize(tile, rr, g, self.groups, code);
+            if let Some(ss) = &super_scales {
+                *w = ss.dequantize(
+                    tile,
+                    rr,
+                    g,
+                    self.groups,
+                    code as i32 - i32::from(self.zero_point),
+                );
                 continue;
             }
             if nps == 1 {

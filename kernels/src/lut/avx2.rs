@@ -229,10 +229,7 @@ unsafe fn direct<
     }
     let halves = if HALF { 2 } else { 1 };
     let lo_planes = if HI { LO_PLANES } else { v.bits };
-    let c = match &v.super_scales {
-        Some(ss) => ss.centre,
-        None => v.centre,
-    };
+    let c = v.centre;
     let half = _mm256_set1_ps(0.5);
     let mut paired = PairedIndices::new();
     let mut scales = DirectScales::new();

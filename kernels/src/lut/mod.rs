@@ -72,7 +72,8 @@ pub(crate) struct Weights<'a> {
     pub scales: &'a [u16],
     /// f16 bits, `[tile][group][64]`.
     pub offsets: Option<&'a [u16]>,
-    /// The `c` of the uniform one-level combine: `(2^b − 1)/2 − z` for codes centred on `z`.
+    /// The `c` of the uniform combine (one-level or two-level): `(2^b − 1)/2 − z` for codes
+    /// centred on `z`.
     pub centre: f32,
     /// Weight groups of 16: two per activation group (`groups == 2·act_groups`).
     pub half_groups: bool,
@@ -95,8 +96,6 @@ pub(crate) struct SuperScales<'a> {
     pub dmin: Option<&'a [u16]>,
     /// Weight groups per super-block.
     pub groups_per_super: usize,
-    /// `(2^b − 1)/2 − z` for codes with zero point `z`: the `c` of the combine.
-    pub centre: f32,
     /// Each group's sub-scale and sub-min are the low and high nibbles of one byte (Q2_K's
     /// form): `sub_scales` and `sub_mins` are then the same bytes.
     pub nibbles: bool,
@@ -121,6 +120,28 @@ impl<'a> SuperScales<'a> {
         } else {
             b
         }
+    }
+
+    /// The weight of the centred code `q` (the code less the matrix's zero point) in row `rr` of
+    /// tile `tile`, group `g` (of `groups` per row) of a whole matrix's scales, computed as ggml
+    /// does: `(d·sc)·q − dmin·m`.
+    pub(crate) fn dequantize(
+        &self,
+        tile: usize,
+        rr: usize,
+        g: usize,
+        groups: usize,
+        q: i32,
+    ) -> f32 {
+        let f = |h: u16| half::f16::from_bits(h).to_f32();
+        let supers = groups / self.groups_per_super;
+        let sb = (tile * supers + g / self.groups_per_super) * TILE + rr;
+        let gi = (tile * groups + g) * TILE + rr;
+        let mut w = (f(self.d[sb]) * f32::from(self.sub_scale(self.sub_scales[gi]))) * q as f32;
+        if let (Some(dmin), Some(mins)) = (self.dmin, self.sub_mins) {
+            w -= f(dmin[sb]) * f32::from(self.sub_min(mins[gi]));
+        }
+        w
     }
 
     /// The part of tile `tile` of a matrix with `groups` weight groups per row.

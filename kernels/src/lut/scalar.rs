@@ -82,7 +82,7 @@ pub(crate) fn tile_with<const NB: usize>(
         for (n, a) in acc[..nb].iter_mut().enumerate() {
             let sx = v.group_sum(t, n0 + n, g);
             match &v.super_scales {
-                Some(ss) => combine_super(&f[n][0], sx, ss.centre, &scales, a),
+                Some(_) => combine_super(&f[n][0], sx, v.centre, &scales, a),
                 None => combine(v, g, &f[n], sx, a),
             }
         }

@@ -75,8 +75,6 @@ pub(super) struct SuperScaleBuffers {
     d: Vec<u16>,
     dmin: Option<Vec<u16>>,
     groups_per_super: usize,
-    zero_point: u8,
-    bits: u8,
 }
 
 impl SuperScaleBuffers {
@@ -90,7 +88,6 @@ impl SuperScaleBuffers {
 
     /// The buffers, borrowed for the kernels.
     pub(super) fn view(&self) -> SuperScales<'_> {
-        let c = ((1u32 << self.bits) - 1) as f32 * 0.5;
         let shared: &[u8] = bytemuck::cast_slice(&self.sub_scales);
         SuperScales {
             sub_scales: &self.sub_scales,
@@ -102,32 +99,8 @@ impl SuperScaleBuffers {
             d: &self.d,
             dmin: self.dmin.as_deref(),
             groups_per_super: self.groups_per_super,
-            centre: c - f32::from(self.zero_point),
             nibbles: self.nibbles,
         }
-    }
-
-    /// The weight of `code` in row `rr` of tile `tile`, group `g` (of `groups` per row), computed as
-    /// ggml does: `(d·sc)·(q − z) − dmin·m`.
-    pub(super) fn dequantize(
-        &self,
-        tile: usize,
-        rr: usize,
-        g: usize,
-        groups: usize,
-        code: u32,
-    ) -> f32 {
-        let f = |h: u16| f16::from_bits(h).to_f32();
-        let supers = groups / self.groups_per_super;
-        let sb = (tile * supers + g / self.groups_per_super) * TILE + rr;
-        let gi = (tile * groups + g) * TILE + rr;
-        let q = code as i32 - i32::from(self.zero_point);
-        let ss = self.view();
-        let mut w = (f(self.d[sb]) * f32::from(ss.sub_scale(self.sub_scales[gi]))) * q as f32;
-        if let (Some(dmin), Some(mins)) = (ss.dmin, ss.sub_mins) {
-            w -= f(dmin[sb]) * f32::from(ss.sub_min(mins[gi]));
-        }
-        w
     }
 }
 
@@ -297,8 +270,6 @@ impl SuperBlockMatrixBuilder {
                 d: vec![0; tiles * supers * TILE],
                 dmin: mins.then(|| vec![0; tiles * supers * TILE]),
                 groups_per_super: SUPER_BLOCK / group,
-                zero_point,
-                bits,
             },
             rows_done: 0,
         })
@@ -389,7 +360,7 @@ impl SuperBlockMatrixBuilder {
             weights: Storage::owned(self.weights),
             scales: Storage::owned(Vec::new()),
             offsets: None,
-            zero_point: 0,
+            zero_point: self.zero_point,
             half_groups: self.group == 16,
             super_scales: Some(self.scales),
         })
