@@ -318,17 +318,22 @@ macro_rules! multiply_fn {
                 chunk: Chunk<'_>,
                 acc: &mut Acc,
             ) {
+                // Tokens outermost: a register tile's activation blocks stay in L1 while it goes
+                // down the tile's rows (rows outermost streams every token's blocks once per row
+                // vector).
                 let tokens = chunk.tokens();
-                for r0 in (0..TILE).step_by($v::L * $RV) {
-                    let mut n0 = 0;
-                    while n0 + $T <= tokens {
+                let mut n0 = 0;
+                while n0 + $T <= tokens {
+                    for r0 in (0..TILE).step_by($v::L * $RV) {
                         $tile::<$RV, $T, H, K>(u, chunk, acc, r0, n0);
-                        n0 += $T;
                     }
-                    while n0 < tokens {
+                    n0 += $T;
+                }
+                while n0 < tokens {
+                    for r0 in (0..TILE).step_by($v::L * $RV) {
                         $tile::<$RV, 1, H, K>(u, chunk, acc, r0, n0);
-                        n0 += 1;
                     }
+                    n0 += 1;
                 }
             }
             match (u.halves, $v::quads_per_flush(u.top)) {
