@@ -14,11 +14,12 @@
 //! two-level: `s = d·sc`, `o = s·(c − z) − dmin·m`): only the centred part
 //! multiplies rounded activations, and the offset multiplies the exact `Σx`, as in the table
 //! lookups, which keeps the rounding error of the activations from growing with the offset. The
-//! codes are unpacked doubled, so that the centred dot is an integer: per activation block of 32
-//! columns with scale `d_x`, code sum `Σq_x` and value sum `Σx`, the integer
-//! `D = Σ 2q·q_x − (2^b − 1)·Σq_x` is exact, and every ISA computes, for each row and token, in
+//! codes count twice, so that the centred dot is an integer: per activation block of 32 columns
+//! with scale `d_x`, code sum `Σq_x` and value sum `Σx`, the integer
+//! `D = 2·Σ q·q_x − (2^b − 1)·Σq_x` is exact, and every ISA computes, for each row and token, in
 //! block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, so all ISAs give the same
-//! bits. With groups of 16, each block is two halves, each with its own `Σq_x`, `Σx`, scale and
+//! bits. The codes are unpacked as they are and doubled in the int32 sums (not in the bytes),
+//! which keeps `maddubs`'s int16 pair sums small enough to add two to eight of them in int16. With groups of 16, each block is two halves, each with its own `Σq_x`, `Σx`, scale and
 //! offset, multiplied in that order.
 //!
 //! The same tiles and multiplies take [`crate::Int8Matrix`] weights (Q8_0 codes, IQ4 codebook
@@ -48,8 +49,8 @@ pub(crate) const NB: usize = 256;
 /// Activation groups unpacked at a time: their codes (8 KiB per tile) and the block's activations
 /// stay in L1 while the tokens go over them.
 pub(crate) const CHUNK: usize = 4;
-/// Most bit planes: a `maddubs` pair of doubled 6-bit codes (< 128) times int8 stays inside
-/// int16.
+/// Most bit planes: unsigned codes below 128 under `maddubs` (a pair of 6-bit codes times int8
+/// stays inside int16).
 pub(crate) const MAX_BITS: usize = 6;
 /// Bytes of unpacked codes per activation group of a tile: 8 column quads × 64 rows × 4.
 pub(crate) const GROUP_BYTES: usize = TABLES_PER_ACT * TILE * 4;
@@ -68,19 +69,21 @@ const DOT_SPLIT: Split = Split {
 
 /// A chunk of one tile unpacked for the dot kernels.
 ///
-/// `codes[a][j][r][i]` is twice the code of row `r`, column `32a + 4j + i` of the chunk;
+/// `codes[a][j][r][i]` is the code of row `r`, column `32a + 4j + i` of the chunk;
 /// `scale[2a + h][r]` is half the scale and `offset[2a + h][r]` the offset of the centred codes of
 /// the group holding half `h` of activation group `a` of row `r` (0 for padded rows), where there
-/// are `halves` (1, or 2 for weight groups of 16) halves per activation group; `top` is `2^b − 1`.
+/// are `halves` (1, or 2 for weight groups of 16) halves per activation group; `top` is `2^b − 1`
+/// and `factor` 2: a block's integer dot is `factor·Σ q·q_x − top·Σq_x`.
 /// With `signed` (set by the multiply before unpacking, only for [`DotTiles::WIDE_CODES`]) the
 /// code bytes are two's complement int8 values and `top` is 0; [`int8_tiles`] documents the
-/// scale and offset of those.
+/// scale, offset, `top` and `factor` of those.
 #[repr(C, align(64))]
 pub(crate) struct Unpacked {
     pub codes: [[u8; GROUP_BYTES]; CHUNK],
     pub scale: [[f32; TILE]; 2 * CHUNK],
     pub offset: [[f32; TILE]; 2 * CHUNK],
     pub top: i32,
+    pub factor: i32,
     pub halves: usize,
     pub signed: bool,
 }
@@ -92,6 +95,7 @@ impl Unpacked {
             scale: [[0.0; TILE]; 2 * CHUNK],
             offset: [[0.0; TILE]; 2 * CHUNK],
             top: 0,
+            factor: 1,
             halves: 1,
             signed: false,
         }
@@ -307,6 +311,7 @@ fn multiplier(isa: Isa, wide_codes: bool) -> Multiplier {
 /// Fills `u.scale` and `u.offset` for the halves of activation groups `a0..a0 + count`.
 fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     u.top = (1 << v.bits) - 1;
+    u.factor = 2;
     u.halves = if v.half_groups { 2 } else { 1 };
     let centre = v.centre;
     for (c, h) in (0..count).flat_map(|c| (0..u.halves).map(move |h| (c, h))) {
@@ -361,12 +366,12 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                 }
             }
         }
-        // The codes are doubled: halving is exact.
+        // The codes count twice: halving is exact.
         scale.iter_mut().for_each(|s| *s *= 0.5);
     }
 }
 
-/// Scalar unpacking: every plane bit of every (doubled) code, one at a time.
+/// Scalar unpacking: every plane bit of every code, one at a time.
 pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     for c in 0..count {
         let codes = &mut u.codes[c];
@@ -377,7 +382,7 @@ pub(crate) fn unpack_scalar(v: &TileView<'_>, a0: usize, count: usize, u: &mut U
                 for (b, &byte) in block.iter().enumerate() {
                     for (row, nibble) in [(LO_ROW[b], byte & 0xF), (LO_ROW[b] + 32, byte >> 4)] {
                         for i in 0..4 {
-                            codes[(j * TILE + row) * 4 + i] |= ((nibble >> i) & 1) << (p + 1);
+                            codes[(j * TILE + row) * 4 + i] |= ((nibble >> i) & 1) << p;
                         }
                     }
                 }
@@ -407,7 +412,7 @@ pub(crate) fn multiply_scalar(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
                             dot += w * i32::from(x);
                         }
                     }
-                    dot -= u.top * xb.code_sum(u.halves, h);
+                    dot = u.factor * dot - u.top * xb.code_sum(u.halves, h);
                     let mut a = (dot as f32).mul_add(scale[r] * xb.d, *out);
                     a = offset[r].mul_add(xb.value_sum(u.halves, h), a);
                     *out = a;

@@ -55,8 +55,7 @@ fn unpack(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                             _mm256_srl_epi64(packed, _mm_cvtsi32_si128(at as i32)),
                             one,
                         );
-                        // Bit p of the code is bit p + 1 of the doubled code.
-                        let bit = _mm256_sll_epi64(bit, _mm_cvtsi32_si128(p as i32 + 1));
+                        let bit = _mm256_sll_epi64(bit, _mm_cvtsi32_si128(p as i32));
                         *code = _mm256_or_si256(*code, bit);
                     }
                 }
@@ -210,10 +209,7 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
         }
         Multiply::Madd => {
             // Pairs of codes of 128 or more times int8 could overflow `maddubs`'s int16 sums.
-            assert!(
-                !u.signed && u.top < 128,
-                "maddubs takes doubled codes below 128"
-            );
+            assert!(!u.signed && u.top < 128, "maddubs takes codes below 128");
             // SAFETY: avx2, fma and f16c were checked above; indices as above.
             unsafe { multiply_madd(u, chunk, acc) }
         }
@@ -229,8 +225,8 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
 /// and `T` tokens (`$tile`), and a multiply over all rows and tokens of a chunk (`$name`) with
 /// register tiles of `$RV × $T` (single tokens at the end). `$v` names the width's operations
 /// (module-like: `$v::dot` adds `Σ4 w·x` of each 32-bit lane into a partial sum, `$v::flush` adds
-/// a partial sum into the int32 sums; `$v::quads_per_flush(top)` says how many column quads one
-/// partial sum may take for codes up to `2·top`: `maddubs` partial sums are int16).
+/// `factor` times a partial sum into the int32 sums; `$v::quads_per_flush(top)` says how many
+/// column quads one partial sum may take for codes up to `top`: `maddubs` partial sums are int16).
 macro_rules! multiply_fn {
     ($name:ident, $tile:ident, $features:literal, $RV:literal, $T:literal, $v:ident) => {
         #[target_feature(enable = $features)]
@@ -256,7 +252,7 @@ macro_rules! multiply_fn {
                 let blocks: [&ActBlock; T] =
                     std::array::from_fn(|t| &x[(n0 + t) * per_row + a0 + c]);
                 for h in 0..H {
-                    // The sums start at −(2^b − 1)·Σq_x, which centres the doubled codes.
+                    // The sums start at −(2^b − 1)·Σq_x, which centres the codes counted twice.
                     let start: [_; T] =
                         std::array::from_fn(|t| $v::set1_epi32(-u.top * blocks[t].code_sum(H, h)));
                     let mut isum = [start; RV];
@@ -280,7 +276,7 @@ macro_rules! multiply_fn {
                         }
                         for rv in 0..RV {
                             for t in 0..T {
-                                isum[rv][t] = $v::flush(isum[rv][t], part[rv][t]);
+                                isum[rv][t] = $v::flush(isum[rv][t], part[rv][t], u.factor);
                             }
                         }
                     }
@@ -420,12 +416,13 @@ macro_rules! vector_ops {
                 // SAFETY: features as in `zero_ps`.
                 unsafe { $dot(part, w, x) }
             }
+            /// `isum + factor·part`, widened to int32.
             #[inline(always)]
-            pub fn flush(isum: $I, part: $I) -> $I {
+            pub fn flush(isum: $I, part: $I, factor: i32) -> $I {
                 // SAFETY: features as in `zero_ps`.
-                unsafe { $flush(isum, part) }
+                unsafe { $flush(isum, part, factor) }
             }
-            /// Column quads one partial sum may take for codes up to `2·top` (1, 2, 4 or 8).
+            /// Column quads one partial sum may take for codes up to `top` (1, 2, 4 or 8).
             #[inline(always)]
             pub fn quads_per_flush(top: i32) -> usize {
                 $quads_per_flush(top)
@@ -435,7 +432,8 @@ macro_rules! vector_ops {
 }
 
 /// [`vector_ops`] on 256-bit vectors (AVX2) with the given `maddubs` step: its int16 partial
-/// sums are widened by `madd` with ones and added to the int32 sums.
+/// sums are widened (and multiplied by the codes' factor, 1 or 2) by `madd` and added to the int32
+/// sums.
 macro_rules! ymm_ops {
     ($v:ident, $dot:expr, $quads_per_flush:expr) => {
         vector_ops!(
@@ -455,8 +453,9 @@ macro_rules! ymm_ops {
             _mm256_mul_ps,
             _mm256_fmadd_ps,
             $dot,
-            |isum: __m256i, part: __m256i| {
-                _mm256_add_epi32(isum, _mm256_madd_epi16(part, _mm256_set1_epi16(1)))
+            |isum: __m256i, part: __m256i, factor: i32| {
+                let factor = _mm256_set1_epi16(factor as i16);
+                _mm256_add_epi32(isum, _mm256_madd_epi16(part, factor))
             },
             $quads_per_flush
         );
@@ -465,10 +464,10 @@ macro_rules! ymm_ops {
 
 ymm_ops!(
     ymm,
-    // Doubled codes ≤ 2·top < 128 times int8: each pair sum is at most 2·2top·127 in magnitude,
-    // inside int16; `quads_per_flush` such sums are added in int16 before widening.
+    // Codes ≤ top < 128 times int8: each pair sum is at most 2·top·127 in magnitude, inside
+    // int16; `quads_per_flush` such sums are added in int16 before widening.
     |part: __m256i, w: __m256i, x: __m256i| _mm256_add_epi16(part, _mm256_maddubs_epi16(w, x)),
-    |top: i32| super::madd_quads(2 * 2 * top * 127)
+    |top: i32| super::madd_quads(2 * top * 127)
 );
 ymm_ops!(
     ymm_signed,
@@ -498,7 +497,9 @@ vector_ops!(
     _mm512_mul_ps,
     _mm512_fmadd_ps,
     _mm512_dpbusd_epi32,
-    _mm512_add_epi32,
+    |isum: __m512i, part: __m512i, factor: i32| {
+        _mm512_add_epi32(isum, _mm512_mullo_epi32(part, _mm512_set1_epi32(factor)))
+    },
     // int32 partial sums: every quad of an activation block in one.
     |_top: i32| 8
 );

@@ -4,7 +4,7 @@
 //! For `vpdpbusd` (and the scalar reference) a code `q` (−128..=127) is stored as the byte
 //! `q + 128`, so it is the unsigned operand; the sums start at `−128·Σq_x`, which gives the exact
 //! `Σ q·q_x`. For `maddubs` ([`Unpacked::signed`]) it is stored as itself and the sums start at 0.
-//! The scale is the block's (not halved: these codes are not doubled) and the offset 0.
+//! The scale is the block's (not halved: these codes count once, `factor` 1) and the offset 0.
 
 use std::ops::Range;
 
@@ -174,6 +174,7 @@ impl<S: BlockScale, C: Codes> DotTiles for Int8Tiles<'_, S, C> {
             _ => unpack_scalar,
         };
         u.top = code_zero(u.signed);
+        u.factor = 1;
         u.halves = if S::PER_HALF { 2 } else { 1 };
         let rows = TILE * t..TILE * (t + 1);
         for a0 in (0..act_groups).step_by(CHUNK) {
