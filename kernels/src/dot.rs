@@ -60,12 +60,23 @@ pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
     multiplier(cpu.isa(), false).instruction
 }
 
-/// Tasks own whole tiles and blocks of [`NB`] tokens.
-const DOT_SPLIT: Split = Split {
-    tile_rows: TILE,
-    token_block: NB,
-    tasks_per_thread: 1,
-};
+/// Tasks own whole tiles and blocks of at most [`NB`] tokens: blocks of `NB`, unless the tiles
+/// of the dispatch (`tiles` in all) do not share out evenly over `threads` and there are tokens
+/// enough to share them instead. Then every thread takes its share of the tokens through every
+/// tile, unpacking each tile once more but none idle for a whole tile (9 tiles on 2 threads
+/// would leave one thread 1/9 of the work behind the other).
+fn dot_split(tiles: usize, tokens: usize, threads: usize) -> Split {
+    let token_block = if threads > 1 && !tiles.is_multiple_of(threads) && tokens >= 8 * threads {
+        tokens.div_ceil(threads).next_multiple_of(4).min(NB)
+    } else {
+        NB
+    };
+    Split {
+        tile_rows: TILE,
+        token_block,
+        tasks_per_thread: 1,
+    }
+}
 
 /// A chunk of one tile unpacked for the dot kernels.
 ///
@@ -222,12 +233,15 @@ pub(crate) fn run<M: DotTiles>(
     let Multiplier {
         multiply, signed, ..
     } = multiplier(isa, M::WIDE_CODES);
+    let tiles = (0..outs.len())
+        .map(|p| matrix(p).rows().div_ceil(TILE))
+        .sum();
     run_row_tasks(
         cpu,
         outs,
         |p| matrix(p).rows(),
         tokens,
-        DOT_SPLIT,
+        dot_split(tiles, tokens, cpu.threads()),
         |p, out| {
             let m = matrix(p);
             let tokens = out.tokens();
