@@ -60,20 +60,20 @@ pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
     multiplier(cpu.isa(), false).instruction
 }
 
-/// Tasks own whole tiles and blocks of at most [`NB`] tokens: blocks of `NB`, unless the tiles
-/// of the dispatch (`tiles` in all) do not share out evenly over `threads` and there are tokens
-/// enough to share them instead. Then every thread takes its share of the tokens through every
-/// tile, unpacking each tile once more but none idle for a whole tile (9 tiles on 2 threads
-/// would leave one thread 1/9 of the work behind the other).
+/// Tasks own whole tiles and blocks of at most [`NB`] tokens, the blocks of one size, so that
+/// the threads' shares of (block, tile) units are equal work: 300 tokens are two blocks of 150
+/// (blocks of 256 and 44 left one of two threads with 85% of the work). When the units do not
+/// share out evenly over `threads` (`tiles` in all: 9 tiles on 2 threads) and there are tokens
+/// enough, the blocks are a multiple of `threads` in number, so every thread goes through every
+/// tile for its share of the tokens (unpacking each tile once more, none idle for a whole tile).
 fn dot_split(tiles: usize, tokens: usize, threads: usize) -> Split {
-    let token_block = if threads > 1 && !tiles.is_multiple_of(threads) && tokens >= 8 * threads {
-        tokens.div_ceil(threads).next_multiple_of(4).min(NB)
-    } else {
-        NB
-    };
+    let mut blocks = tokens.div_ceil(NB).max(1);
+    if threads > 1 && !(blocks * tiles).is_multiple_of(threads) && tokens >= 8 * threads {
+        blocks = blocks.next_multiple_of(threads);
+    }
     Split {
         tile_rows: TILE,
-        token_block,
+        token_block: tokens.div_ceil(blocks),
         tasks_per_thread: 1,
     }
 }

@@ -173,6 +173,47 @@ fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
     }
 }
 
+/// Token blocks are of one size and, where the tiles do not share out over the threads, as many
+/// as the threads (or a multiple).
+#[test]
+fn token_blocks_share_a_prompt_evenly() {
+    let block = |tiles, tokens, threads| dot_split(tiles, tokens, threads).token_block;
+    // One block of every token when the tiles share out, or on one thread.
+    assert_eq!(block(10, 128, 2), 128);
+    assert_eq!(block(9, 128, 1), 128);
+    // Too few tokens to share.
+    assert_eq!(block(9, 15, 2), 15);
+    // 9 tiles on 2 threads: each thread takes half of the tokens through every tile.
+    assert_eq!(block(9, 128, 2), 64);
+    assert_eq!(block(9, 129, 2), 65);
+    // Past one block of NB tokens, blocks of one size (not NB and the rest).
+    assert_eq!(block(10, 300, 2), 150);
+    assert_eq!(block(10, 512, 2), 256);
+    assert_eq!(block(10, 513, 2), 171);
+    // 3 blocks on 2 threads with 9 tiles: 27 units do not share out, so 4 blocks.
+    assert_eq!(block(9, 600, 2), 150);
+    assert_eq!(block(2, 300, 3), 100);
+}
+
+/// Prompts longer than a token block, split into equal blocks shared with the tiles over the
+/// threads, give the scalar bits on every ISA and thread count.
+#[test]
+fn long_prompts_give_the_scalar_bits_on_any_thread_count() {
+    let mut rng = SplitMix64::new(29);
+    for (rows, tokens) in [(67, 300), (130, 520)] {
+        let cols = 96;
+        let m = random_matrix(&mut rng, rows, cols, 4, Grouping::Size(32), true);
+        check_random_product(
+            &format!("{rows}x{cols} 4-bit, {tokens} tokens"),
+            (rows, cols),
+            |r, w| m.dequantize_row(r, w).unwrap(),
+            |cpu, acts| run(cpu, &m, acts),
+            &mut rng,
+            tokens,
+        );
+    }
+}
+
 /// Codes centred on a zero point (no stored offsets) give, on every ISA, the scalar bits and
 /// the exact product of the weights they dequantize to.
 #[test]
