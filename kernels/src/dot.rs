@@ -19,8 +19,9 @@
 //! `D = 2·Σ q·q_x − (2^b − 1)·Σq_x` is exact, and every ISA computes, for each row and token, in
 //! block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, so all ISAs give the same
 //! bits. The codes are unpacked as they are and doubled in the int32 sums (not in the bytes),
-//! which keeps `maddubs`'s int16 pair sums small enough to add two to eight of them in int16. With groups of 16, each block is two halves, each with its own `Σq_x`, `Σx`, scale and
-//! offset, multiplied in that order.
+//! which keeps `maddubs`'s int16 pair sums small enough to add two to eight of them in int16.
+//! With groups of 16, each block is two halves, each with its own `Σq_x`, `Σx`, scale and offset,
+//! multiplied in that order.
 //!
 //! The same tiles and multiplies take [`crate::Int8Matrix`] weights (Q8_0 codes, IQ4 codebook
 //! values; [`int8_tiles`]). Their codes fill all eight bits, which `maddubs` pairs of unsigned

@@ -138,6 +138,18 @@ fn check_random_product(
     check_every_isa(what, &sums, |cpu| product(cpu, &acts));
 }
 
+/// [`check_random_product`] for the dot GEMM of the packed matrix `m`.
+fn check_packed_product(what: &str, m: &PackedMatrix, rng: &mut SplitMix64, tokens: usize) {
+    check_random_product(
+        what,
+        (m.rows(), m.cols()),
+        |r, w| m.dequantize_row(r, w).unwrap(),
+        |cpu, acts| run(cpu, m, acts),
+        rng,
+        tokens,
+    );
+}
+
 #[test]
 fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
     let mut rng = SplitMix64::new(11);
@@ -161,11 +173,9 @@ fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
             let m = random_matrix(&mut rng, rows, cols, bits, grouping, offsets);
             assert!(m.has_dot_form());
             let tokens = [1, 3, 17, 70][(s + f) % 4];
-            check_random_product(
+            check_packed_product(
                 &format!("{rows}x{cols} {bits}-bit {grouping:?}, {tokens} tokens"),
-                (rows, cols),
-                |r, w| m.dequantize_row(r, w).unwrap(),
-                |cpu, acts| run(cpu, &m, acts),
+                &m,
                 &mut rng,
                 tokens,
             );
@@ -203,11 +213,9 @@ fn long_prompts_give_the_scalar_bits_on_any_thread_count() {
     for (rows, tokens) in [(67, 300), (130, 520)] {
         let cols = 96;
         let m = random_matrix(&mut rng, rows, cols, 4, Grouping::Size(32), true);
-        check_random_product(
+        check_packed_product(
             &format!("{rows}x{cols} 4-bit, {tokens} tokens"),
-            (rows, cols),
-            |r, w| m.dequantize_row(r, w).unwrap(),
-            |cpu, acts| run(cpu, &m, acts),
+            &m,
             &mut rng,
             tokens,
         );
@@ -228,11 +236,9 @@ fn zero_point_codes_give_the_exact_product() {
     .enumerate()
     {
         let (m, _) = crate::test_util::zero_point_pair(100 + i as u64, rows, cols, bits, z);
-        check_random_product(
+        check_packed_product(
             &format!("{rows}x{cols} {bits}-bit codes centred on {z}, {tokens} tokens"),
-            (rows, cols),
-            |r, w| m.dequantize_row(r, w).unwrap(),
-            |cpu, acts| run(cpu, &m, acts),
+            &m,
             &mut SplitMix64::new(i as u64),
             tokens,
         );
