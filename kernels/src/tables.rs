@@ -9,7 +9,7 @@ use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
 use crate::lut::layout::{ACT, TABLES_PER_ACT, TABLE_BYTES};
-use crate::lut::TabView;
+use crate::lut::{TabView, HALF_UNIT_BITS, MAX_HALF_UNITS};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -41,6 +41,10 @@ pub struct ActivationTables {
     sums: Vec<f32>,
     /// `[token][cols/16]` Σx per half activation group (for weight groups of 16).
     half_sums: Vec<f32>,
+    /// `[token][cols/16]` Σx per half activation group in units of 1/8 of the group's table
+    /// scale ([`HALF_UNIT_BITS`]), rounded to nearest (for the integer combine of two-level groups
+    /// of 16).
+    half_units: Vec<i16>,
 }
 
 impl ActivationTables {
@@ -53,6 +57,7 @@ impl ActivationTables {
             scales: Vec::new(),
             sums: Vec::new(),
             half_sums: Vec::new(),
+            half_units: Vec::new(),
         }
     }
 
@@ -81,6 +86,7 @@ impl ActivationTables {
         self.scales.resize(groups, 0.0);
         self.sums.resize(groups, 0.0);
         self.half_sums.resize(2 * groups, 0.0);
+        self.half_units.resize(2 * groups, 0);
         self.tokens = tokens;
 
         for ((xs, scale), sum) in x
@@ -104,6 +110,16 @@ impl ActivationTables {
                 s += quad[0] + quad[1] + quad[2] + quad[3];
             }
             *half = s;
+        }
+        for ((halves, units), &scale) in self
+            .half_sums
+            .chunks_exact(2)
+            .zip(self.half_units.chunks_exact_mut(2))
+            .zip(&self.scales)
+        {
+            for (u, &h) in units.iter_mut().zip(halves) {
+                *u = half_units(h, scale);
+            }
         }
 
         let chunk = table_build_chunk(self.tables.len(), cpu.threads());
@@ -135,8 +151,22 @@ impl ActivationTables {
             scales: &self.scales,
             sums: &self.sums,
             half_sums: &self.half_sums,
+            half_units: &self.half_units,
         }
     }
+}
+
+/// `2^HALF_UNIT_BITS·sum / scale` rounded to nearest (ties to even) and clamped to
+/// ±[`MAX_HALF_UNITS`]; 0 for a zero scale or a NaN.
+fn half_units(sum: f32, scale: f32) -> i16 {
+    if scale <= 0.0 {
+        return 0;
+    }
+    const ROUND: f32 = 12_582_912.0;
+    let max = f32::from(MAX_HALF_UNITS);
+    let units = (sum / scale) * (1u32 << HALF_UNIT_BITS) as f32;
+    // `as` maps NaN to 0; the clamp keeps |v| small enough for the rounding trick to be exact.
+    ((units.clamp(-max, max) + ROUND) - ROUND) as i16
 }
 
 /// Fills the tables `out` (16 bytes each) of table groups `first..` from their activations `x` (4 per
@@ -197,6 +227,8 @@ mod tests {
         assert!((v.sums[0] - 3.5).abs() < 1e-6);
         // Halves: columns 0..16 hold 2.5 + 1.0, columns 16..32 are zero.
         assert_eq!(v.half_sums, &[3.5, 0.0]);
+        // In units of 1/8 of the scale 6.5/127: 8·3.5·127/6.5 = 547.08 → 547.
+        assert_eq!(v.half_units, &[547, 0]);
         // idx 0b1101: +x0 −x1 +x2 +x3 = 6.5 → 127; idx 0: −2.5 → round(−2.5·127/6.5) = −49.
         assert_eq!(v.tables[0b1101], 127);
         assert_eq!(v.tables[0], -49);
@@ -300,5 +332,6 @@ mod tests {
         assert_eq!(a.sums, b.sums);
         assert_eq!(a.half_sums, b.half_sums);
         assert_eq!(a.half_sums.len(), 2 * a.sums.len());
+        assert_eq!(a.half_units, b.half_units);
     }
 }

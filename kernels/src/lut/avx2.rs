@@ -27,7 +27,10 @@ pub(super) unsafe fn tile<const NB: usize>(
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
-    if !v.per_plane && (v.apg == 1 || v.half_groups) {
+    // Two-level groups of 16 whose integer combine does not fit int16 take the general path.
+    let two_level_halves = v.half_groups && v.super_scales.is_some();
+    let halves_fit = v.halves_combine().is_some_and(|hc| hc.fits_int16);
+    if !v.per_plane && (v.apg == 1 || v.half_groups) && (!two_level_halves || halves_fit) {
         // SAFETY: same contract as this function, and the condition just checked.
         return unsafe { tile_direct(v, t, n0, nb, acc) };
     }
@@ -147,11 +150,16 @@ unsafe fn tile_direct<const NB: usize>(
             None => v.offsets.is_some(),
         },
     );
-    if v.super_scales.is_some_and(|ss| ss.nibbles) {
-        // Nibble pairs are the form of groups of 16 with mins only (Q2_K).
-        debug_assert_eq!(form, (true, false, true, true));
-        // SAFETY: the caller's contract, and the form matches the tile.
-        return unsafe { direct::<NB, true, false, true, true, true>(v, t, n0, nb, acc) };
+    if let (true, Some(ss)) = (v.half_groups, &v.super_scales) {
+        // SAFETY: the caller's contract, and the form matches the tile (nibble pairs are the form
+        // of groups of 16 with mins only, Q2_K's).
+        return unsafe {
+            match (ss.sub_mins.is_some(), ss.nibbles) {
+                (true, true) => direct_halves::<NB, true, true>(v, ss, t, n0, nb, acc),
+                (true, false) => direct_halves::<NB, true, false>(v, ss, t, n0, nb, acc),
+                (false, _) => direct_halves::<NB, false, false>(v, ss, t, n0, nb, acc),
+            }
+        };
     }
     macro_rules! dispatch {
         ($(($half:literal, $hi:literal, $sup:literal, $off:literal)),* $(,)?) => {
@@ -159,9 +167,10 @@ unsafe fn tile_direct<const NB: usize>(
                 $(
                     // SAFETY: the caller's contract, and the form matches the tile.
                     ($half, $hi, $sup, $off) => unsafe {
-                        direct::<NB, $half, $hi, $sup, $off, false>(v, t, n0, nb, acc)
+                        direct::<NB, $half, $hi, $sup, $off>(v, t, n0, nb, acc)
                     },
                 )*
+                (true, _, true, _) => unreachable!("two-level groups of 16 took direct_halves"),
             }
         };
     }
@@ -176,12 +185,8 @@ unsafe fn tile_direct<const NB: usize>(
         (false, true, true, true),
         (true, false, false, false),
         (true, false, false, true),
-        (true, false, true, false),
-        (true, false, true, true),
         (true, true, false, false),
         (true, true, false, true),
-        (true, true, true, false),
-        (true, true, true, true),
     );
 }
 
@@ -204,7 +209,6 @@ const LO_PLANES: usize = 4;
 /// product each; `a − (dmin·m)·Σx` is exactly the reference's `a + (−(dmin·m))·Σx`), with `d` and
 /// `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With one
 /// token the scales are formed in the combine; with several, once per group for all of them.
-/// `NIBBLES`: sub-scales and sub-mins are the nibbles of one byte ([`SuperScales::nibbles`]).
 ///
 /// # Safety
 /// As [`tile_direct`], and the const parameters describe the tile.
@@ -215,7 +219,6 @@ unsafe fn direct<
     const HI: bool,
     const SUPER: bool,
     const OFFSET: bool,
-    const NIBBLES: bool,
 >(
     v: &TileView<'_>,
     t: &TabView<'_>,
@@ -249,7 +252,7 @@ unsafe fn direct<
         ];
         if NB > 1 {
             for (h, rows) in rows[..halves].iter().enumerate() {
-                scales.fill::<SUPER, OFFSET, NIBBLES>(rows, h);
+                scales.fill::<SUPER, OFFSET>(rows, h);
             }
         }
         for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
@@ -269,6 +272,7 @@ unsafe fn direct<
                         paired.lookups_range::<HI>(
                             tabs,
                             h * per..(h + 1) * per,
+                            0,
                             &mut lo[h],
                             &mut hi[h],
                         )
@@ -322,7 +326,7 @@ unsafe fn direct<
                         let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
                         let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx[h]);
                         let (s, m) = if NB == 1 {
-                            scales.vectors::<SUPER, OFFSET, NIBBLES>(&rows[h], i)
+                            scales.vectors::<SUPER, OFFSET>(&rows[h], i)
                         } else {
                             (scales.scale[h][i], scales.offset[h][i])
                         };
@@ -340,6 +344,232 @@ unsafe fn direct<
                     unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc_v) };
                 }
             }
+        }
+    }
+}
+
+/// Two-level scales in weight groups of 16 (Q2_K, Q3_K, Q6_K): [`scalar`]'s integer combine of an
+/// activation group's two halves, 8 rows at a time. The halves' int16 sums of 8 rows are
+/// interleaved into pairs (`unpacklo/hi` and a lane permute), the token's `2c·u_h` pair added in
+/// int16 (the lookups weight the planes by `2^k` more, which gives `2^k·S_h`), and one `madd` by
+/// the rows' interleaved sub-scales gives `J = Σ_h sc_h·(2^k·S_h + 2c·u_h)` in i32; a second
+/// `madd` forms `M = Σ_h m_h·u_h`. Then the reference's two float steps (see
+/// [`super::HalvesCombine`]). The sums fit: `|2^k·S_h + 2c·u_h| < 2^15`, times a sub-scale of at
+/// most 128 in magnitude, two of them: under 2^24, so the i32 → f32 conversion is exact too.
+///
+/// `OFFSET`: the tile has mins. `NIBBLES`: sub-scale and sub-min are the two nibbles of one byte.
+/// With one token the scale pairs are formed as the rows are combined; with several, once per
+/// activation group for all of them.
+///
+/// # Safety
+/// As [`tile_direct`], `ss` is the tile's two-level scales, the tile's groups are 16 wide, its
+/// [`super::HalvesCombine`] fits int16, and the const parameters describe `ss`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn direct_halves<const NB: usize, const OFFSET: bool, const NIBBLES: bool>(
+    v: &TileView<'_>,
+    ss: &SuperScales<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+) {
+    debug_assert!(v.half_groups && !v.per_plane && ss.sub_mins.is_some() == OFFSET);
+    for a in acc[..nb].iter_mut() {
+        *a = [0.0; TILE];
+    }
+    let hc = v
+        .halves_combine()
+        .expect("a two-level tile in groups of 16 has an integer 2·centre");
+    debug_assert!(hc.fits_int16);
+    let mut paired = PairedIndices::new();
+    let mut d = [_mm256_setzero_ps(); 8];
+    let mut dmin = [_mm256_setzero_ps(); 8];
+    let mut sb = None;
+    let mut pairs = [[_mm256_setzero_si256(); 8]; 2];
+    let half = TABLES_PER_ACT / 2;
+    // `2^(p + k)`, at most 2^7: `fits_int16` bounds (2^b − 1)·2^k by 32767 / 508.
+    let mut plane_weights = [_mm256_setzero_si256(); MAX_BITS];
+    for (p, w) in plane_weights[..v.bits].iter_mut().enumerate() {
+        *w = _mm256_set1_epi8((1u8 << (p as u32 + hc.shift)) as i8);
+    }
+    for a in 0..v.act_groups {
+        let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
+        prefetch(wa, v.bits);
+        if nb > 1 {
+            // SAFETY: `wa` holds bits·256 bytes.
+            unsafe { paired.split(wa, v.bits) };
+        }
+        let b = 2 * a / ss.groups_per_super;
+        if sb != Some(b) {
+            let rows = &ss.d[b * TILE..][..TILE];
+            for (i, dv) in d.iter_mut().enumerate() {
+                *dv = load_f16(&rows[8 * i..][..8]);
+            }
+            if let Some(m) = ss.dmin.filter(|_| OFFSET) {
+                let rows = &m[b * TILE..][..TILE];
+                for (i, dv) in dmin.iter_mut().enumerate() {
+                    *dv = load_f16(&rows[8 * i..][..8]);
+                }
+            }
+            sb = Some(b);
+        }
+        let scale_rows = HalvesRows::of(ss, a);
+        if NB > 1 {
+            for q in 0..4 {
+                let (sc, m) = scale_rows.pairs::<OFFSET, NIBBLES>(q);
+                pairs[0][2 * q..][..2].copy_from_slice(&sc);
+                pairs[1][2 * q..][..2].copy_from_slice(&m);
+            }
+        }
+        for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
+            let tok = n0 + n;
+            let tabs = t.tables_of(tok, a).as_ptr();
+            let mut lo = [[_mm256_setzero_si256(); 4]; 2];
+            if nb > 1 {
+                // Each token's tables are a separate stream: fetch the ones a few groups ahead.
+                let next = tabs.wrapping_add(4 * TABLES_PER_ACT * TABLE_BYTES);
+                // Prefetching never faults, whatever the address (the intrinsic is safe).
+                _mm_prefetch::<_MM_HINT_T0>(next.cast());
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
+                let mut unused = [_mm256_setzero_si256(); 4];
+                for (h, lo_h) in lo.iter_mut().enumerate() {
+                    // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
+                    unsafe {
+                        paired.lookups_range::<false>(
+                            tabs,
+                            h * half..(h + 1) * half,
+                            hc.shift,
+                            lo_h,
+                            &mut unused,
+                        )
+                    };
+                }
+            } else {
+                for (p, &pw) in plane_weights[..v.bits].iter().enumerate() {
+                    for pair in 0..4 {
+                        // SAFETY: plane p < bits and 64·pair + 64 <= 256 weight bytes; 32·pair +
+                        // 32 <= 128 table bytes.
+                        unsafe {
+                            let idx = split_pair(wa.add(p * PLANE_BYTES + 64 * pair));
+                            pair_lookups(tabs.add(32 * pair), &idx, pw, &mut lo[pair / 2]);
+                        }
+                    }
+                }
+            }
+            let (fj, fm) = hc.factors(t.scales[tok * t.act_groups + a]);
+            let (fj, fm) = (_mm256_set1_ps(fj), _mm256_set1_ps(fm));
+            let units = &t.half_units[2 * (tok * t.act_groups + a)..][..2];
+            let (u0, u1) = (hc.units(units[0]), hc.units(units[1]));
+            // Low int16 of each pair: half 0. `2c·u` fits int16 (`fits_int16`).
+            let cu = _mm256_set1_epi32(pair16(hc.two_c * u0, hc.two_c * u1));
+            let mu = _mm256_set1_epi32(pair16(u0, u1));
+            for q in 0..4 {
+                let (l, h) = (
+                    _mm256_unpacklo_epi16(lo[0][q], lo[1][q]),
+                    _mm256_unpackhi_epi16(lo[0][q], lo[1][q]),
+                );
+                // Rows 16q..16q + 8 and 16q + 8..16q + 16: the unpacks hold rows 0..4 | 8..12 and
+                // 4..8 | 12..16 in their 128-bit lanes.
+                let sums = [
+                    _mm256_permute2x128_si256::<0x20>(l, h),
+                    _mm256_permute2x128_si256::<0x31>(l, h),
+                ];
+                let (sc, m) = if NB == 1 {
+                    scale_rows.pairs::<OFFSET, NIBBLES>(q)
+                } else {
+                    (
+                        [pairs[0][2 * q], pairs[0][2 * q + 1]],
+                        [pairs[1][2 * q], pairs[1][2 * q + 1]],
+                    )
+                };
+                for k in 0..2 {
+                    let i = 2 * q + k;
+                    let j = _mm256_madd_epi16(_mm256_add_epi16(sums[k], cu), sc[k]);
+                    let dst = &mut acc_n[8 * i..][..8];
+                    // SAFETY: `dst` is 8 f32s.
+                    let mut acc_v = unsafe { _mm256_loadu_ps(dst.as_ptr()) };
+                    let y = _mm256_mul_ps(fj, _mm256_cvtepi32_ps(j));
+                    acc_v = _mm256_add_ps(acc_v, _mm256_mul_ps(d[i], y));
+                    if OFFSET {
+                        let mm = _mm256_madd_epi16(mu, m[k]);
+                        let y = _mm256_mul_ps(fm, _mm256_cvtepi32_ps(mm));
+                        acc_v = _mm256_sub_ps(acc_v, _mm256_mul_ps(dmin[i], y));
+                    }
+                    // SAFETY: as above.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc_v) };
+                }
+            }
+        }
+    }
+}
+
+/// `lo` in the low and `hi` in the high int16 of a 32-bit lane.
+#[inline]
+fn pair16(lo: i32, hi: i32) -> i32 {
+    ((lo as u32 & 0xFFFF) | ((hi as u32) << 16)) as i32
+}
+
+/// The sub-scale (and sub-min) bytes of both weight groups of one activation group's 64 rows.
+struct HalvesRows<'a> {
+    sub_scales: [&'a [i8; TILE]; 2],
+    sub_mins: [&'a [u8; TILE]; 2],
+}
+
+impl<'a> HalvesRows<'a> {
+    /// The bytes of activation group `a` (weight groups `2a`, `2a + 1`); without mins
+    /// `sub_mins` repeats the sub-scales' bytes, unread.
+    #[inline(always)]
+    fn of(ss: &SuperScales<'a>, a: usize) -> HalvesRows<'a> {
+        fn rows<T>(s: &[T], g: usize) -> &[T; TILE] {
+            s[g * TILE..][..TILE]
+                .try_into()
+                .expect("a slice of TILE elements is an array of TILE")
+        }
+        let mins: &[u8] = ss.sub_mins.unwrap_or(bytemuck::cast_slice(ss.sub_scales));
+        HalvesRows {
+            sub_scales: [rows(ss.sub_scales, 2 * a), rows(ss.sub_scales, 2 * a + 1)],
+            sub_mins: [rows(mins, 2 * a), rows(mins, 2 * a + 1)],
+        }
+    }
+
+    /// For rows `16q..16q + 8` and `16q + 8..16q + 16`: each row's two sub-scales as an int16
+    /// pair (half 0 low), and likewise its sub-mins (zeros without `OFFSET`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn pairs<const OFFSET: bool, const NIBBLES: bool>(
+        &self,
+        q: usize,
+    ) -> ([__m256i; 2], [__m256i; 2]) {
+        let load = |b: &[u8]| {
+            debug_assert_eq!(b.len(), 16);
+            // SAFETY: `b` is 16 bytes, what the load reads.
+            unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+        };
+        let sc: [&[u8]; 2] = self
+            .sub_scales
+            .map(|r| bytemuck::cast_slice(&r[16 * q..][..16]));
+        let (s0, s1) = (load(sc[0]), load(sc[1]));
+        let bytes = [_mm_unpacklo_epi8(s0, s1), _mm_unpackhi_epi8(s0, s1)];
+        let zero = _mm256_setzero_si256();
+        if NIBBLES {
+            let low = _mm256_set1_epi16(0x0F);
+            let both = bytes.map(|b| _mm256_cvtepu8_epi16(b));
+            let sc = both.map(|w| _mm256_and_si256(w, low));
+            let m = both.map(|w| _mm256_srli_epi16::<4>(w));
+            (sc, if OFFSET { m } else { [zero; 2] })
+        } else {
+            let sc = bytes.map(|b| _mm256_cvtepi8_epi16(b));
+            let m = if OFFSET {
+                let (m0, m1) = (
+                    load(&self.sub_mins[0][16 * q..][..16]),
+                    load(&self.sub_mins[1][16 * q..][..16]),
+                );
+                [_mm_unpacklo_epi8(m0, m1), _mm_unpackhi_epi8(m0, m1)]
+                    .map(|b| _mm256_cvtepu8_epi16(b))
+            } else {
+                [zero; 2]
+            };
+            (sc, m)
         }
     }
 }
@@ -415,7 +645,7 @@ impl DirectScales {
     /// scale bytes are `rows` and whose super-block [`DirectScales::select`] converted.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn vectors<const SUPER: bool, const OFFSET: bool, const NIBBLES: bool>(
+    fn vectors<const SUPER: bool, const OFFSET: bool>(
         &self,
         rows: &GroupRows<'_>,
         i: usize,
@@ -425,13 +655,7 @@ impl DirectScales {
             let sc = &rows.sub_scales[8 * i..][..8];
             // SAFETY: `sc` is 8 bytes, what the 64-bit load reads.
             let sc8 = unsafe { _mm_loadl_epi64(sc.as_ptr().cast()) };
-            // Nibble pairs are widened once and split in 32-bit lanes (as many operations as
-            // widening separate sub-scale and sub-min bytes).
-            let (sc32, m32) = if NIBBLES {
-                let both = _mm256_cvtepu8_epi32(sc8);
-                let sc32 = _mm256_and_si256(both, _mm256_set1_epi32(0x0F));
-                (sc32, _mm256_srli_epi32::<4>(both))
-            } else if OFFSET {
+            let (sc32, m32) = if OFFSET {
                 let mins = &rows.sub_mins[8 * i..][..8];
                 // SAFETY: `mins` is 8 bytes, what the 64-bit load reads.
                 let m8 = unsafe { _mm_loadl_epi64(mins.as_ptr().cast()) };
@@ -455,13 +679,9 @@ impl DirectScales {
     /// The scales of the weight group of `rows` into half `h`, for every token of a block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn fill<const SUPER: bool, const OFFSET: bool, const NIBBLES: bool>(
-        &mut self,
-        rows: &GroupRows<'_>,
-        h: usize,
-    ) {
+    fn fill<const SUPER: bool, const OFFSET: bool>(&mut self, rows: &GroupRows<'_>, h: usize) {
         for i in 0..TILE / 8 {
-            (self.scale[h][i], self.offset[h][i]) = self.vectors::<SUPER, OFFSET, NIBBLES>(rows, i);
+            (self.scale[h][i], self.offset[h][i]) = self.vectors::<SUPER, OFFSET>(rows, i);
         }
     }
 }
@@ -769,32 +989,36 @@ impl PairedIndices {
         debug_assert!(self.bits <= MAX_FAST_BITS);
         let mut unused = [_mm256_setzero_si256(); 4];
         // SAFETY: the caller's contract.
-        unsafe { self.lookups_range::<false>(tabs, 0..TABLES_PER_ACT, s, &mut unused) };
+        unsafe { self.lookups_range::<false>(tabs, 0..TABLES_PER_ACT, 0, s, &mut unused) };
     }
 
     /// The lookups of table groups `tables` (starting and ending at even groups) into `lo`, plane
-    /// `p` weighted by `2^p`, except with `HI` the third pair (planes 4 and 5), which goes into
-    /// `hi` weighted by `(1, 2)` (see [`LO_PLANES`]).
+    /// `p` weighted by `2^(p + shift)`, except with `HI` the third pair (planes 4 and 5), which
+    /// goes into `hi` weighted by `(1, 2)` (see [`LO_PLANES`]).
     ///
     /// # Safety
-    /// `tabs` points to 128 readable bytes; with `HI`, 6 planes were split.
+    /// `tabs` points to 128 readable bytes; with `HI`, 6 planes were split and `shift` is 0;
+    /// `bits − 1 + shift <= 7`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lookups_range<const HI: bool>(
         &self,
         tabs: *const i8,
         tables: Range<usize>,
+        shift: u32,
         lo: &mut [__m256i; 4],
         hi: &mut [__m256i; 4],
     ) {
         debug_assert!(tables.start.is_multiple_of(2) && tables.end <= TABLES_PER_ACT);
-        debug_assert!(!HI || self.bits == MAX_BITS);
+        debug_assert!(!HI || (self.bits == MAX_BITS && shift == 0));
+        debug_assert!(self.bits - 1 + shift as usize <= 7);
         let lo_pairs = &self.pairs[..if HI { LO_PLANES / 2 } else { self.bits / 2 }];
-        // Byte weights of each pair, low byte first: (1, 2), (4, 8), (16, 32).
+        // Byte weights of each pair, low byte first: (1, 2), (4, 8), (16, 32), times 2^shift
+        // (no byte passes 2^7, so none carries into the next).
         let weights = [
-            _mm256_set1_epi16(0x0201),
-            _mm256_set1_epi16(0x0804),
-            _mm256_set1_epi16(0x2010),
+            _mm256_set1_epi16((0x0201u16 << shift) as i16),
+            _mm256_set1_epi16((0x0804u16 << shift) as i16),
+            _mm256_set1_epi16((0x2010u16 << shift) as i16),
         ];
         for j in tables.clone() {
             // SAFETY: 16·j + 16 <= 128 table bytes.
@@ -816,7 +1040,7 @@ impl PairedIndices {
             }
         }
         if self.bits % 2 == 1 {
-            let pw = _mm256_set1_epi8(1 << (self.bits - 1));
+            let pw = _mm256_set1_epi8((1u8 << (self.bits as u32 - 1 + shift)) as i8);
             for pair in tables.start / 2..tables.end / 2 {
                 // SAFETY: 32·pair + 32 <= 128 table bytes.
                 unsafe { pair_lookups(tabs.add(32 * pair), &self.single[pair], pw, lo) };

@@ -276,6 +276,16 @@ impl TileView<'_> {
         }
     }
 
+    /// How the tile combines the halves of its activation groups in integers, when it has
+    /// two-level scales in weight groups of 16 and an integer `2c` of magnitude at most 63 (every
+    /// code width up to 6 with a zero point in the code range).
+    pub fn halves_combine(&self) -> Option<HalvesCombine> {
+        let c2 = 2.0 * self.centre;
+        let integer = c2.fract() == 0.0 && c2.abs() <= 63.0;
+        (self.half_groups && self.super_scales.is_some() && integer)
+            .then(|| HalvesCombine::new(self.bits, c2 as i32))
+    }
+
     /// Whether every slice has the length the kernels index it with (what makes the SIMD reads sound).
     fn is_consistent(&self, t: &TabView<'_>, n0: usize, nb: usize, capacity: usize) -> bool {
         let scales_fit = match &self.super_scales {
@@ -295,7 +305,10 @@ impl TileView<'_> {
         } else {
             self.apg * self.groups == self.act_groups
         };
+        let integer_centre =
+            !self.half_groups || self.super_scales.is_none() || self.halves_combine().is_some();
         (1..=MAX_BITS).contains(&self.bits)
+            && integer_centre
             && self.groups > 0
             && groups_fit
             && scales_fit
@@ -307,6 +320,65 @@ impl TileView<'_> {
             && t.scales.len() == t.tokens * t.act_groups
             && t.sums.len() == t.tokens * t.act_groups
             && t.half_sums.len() == 2 * t.tokens * t.act_groups
+            && t.half_units.len() == 2 * t.tokens * t.act_groups
+    }
+}
+
+/// Σx of half an activation group is kept in units of `2^-HALF_UNIT_BITS` table scales
+/// ([`TabView::half_units`]).
+pub(crate) const HALF_UNIT_BITS: u32 = 3;
+
+/// Largest |Σx| of half an activation group in those units: 16 activations are 4 table groups,
+/// each at most 127 table scales in magnitude (508; with float rounding a little over).
+pub(crate) const MAX_HALF_UNITS: i16 = 511 << HALF_UNIT_BITS;
+
+/// The integer combine of two-level weight groups of 16 ([`scalar`]'s module doc): per row and
+/// activation group `J = Σ_h sc_h·(2^k·S_h + 2c·u_h)` and `M = Σ_h m_h·u_h`, with `u_h` the Σx of
+/// half `h` in units of `2^-k` table scales, then `acc += d·((2^-k·0.5·ts)·J)` and
+/// `acc −= dmin·((2^-k·ts)·M)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HalvesCombine {
+    /// `2c`, twice the centre of the codes.
+    pub two_c: i32,
+    /// `k`: the largest, up to [`HALF_UNIT_BITS`], for which `2^k·S_h + 2c·u_h` fits int16, or 0.
+    pub shift: u32,
+    /// Whether `2^k·S_h + 2c·u_h` fits int16 (what AVX2's direct path needs).
+    pub fits_int16: bool,
+    /// `2^-k`.
+    unit: f32,
+}
+
+impl HalvesCombine {
+    fn new(bits: usize, two_c: i32) -> HalvesCombine {
+        // |S_h| ≤ (2^b − 1)·127·4; |u_h| at shift k ≤ 511·2^k (`units` of MAX_HALF_UNITS).
+        let sums = ((1i32 << bits) - 1) * 127 * 4;
+        let fits = |k: u32| (sums + two_c.abs() * 511) << k <= i32::from(i16::MAX);
+        let shift = (0..=HALF_UNIT_BITS).rev().find(|&k| fits(k)).unwrap_or(0);
+        HalvesCombine {
+            two_c,
+            shift,
+            fits_int16: fits(shift),
+            unit: 1.0 / (1u32 << shift) as f32,
+        }
+    }
+
+    /// `u_h` at this combine's shift from the tables' units ([`TabView::half_units`]), rounded
+    /// (halves up).
+    #[inline]
+    pub fn units(&self, u: i16) -> i32 {
+        let drop = HALF_UNIT_BITS - self.shift;
+        if drop == 0 {
+            i32::from(u)
+        } else {
+            (i32::from(u) + (1 << (drop - 1))) >> drop
+        }
+    }
+
+    /// The float factors of `J` and `M` for table scale `ts`: `(2^-k·0.5·ts, 2^-k·ts)` (exact
+    /// scalings by powers of two).
+    #[inline]
+    pub fn factors(&self, ts: f32) -> (f32, f32) {
+        ((0.5 * self.unit) * ts, self.unit * ts)
     }
 }
 
@@ -322,6 +394,9 @@ pub(crate) struct TabView<'a> {
     pub sums: &'a [f32],
     /// `[token][act group][2]`: Σx of each half (16 columns) of an activation group.
     pub half_sums: &'a [f32],
+    /// `[token][act group][2]`: `half_sums` in units of `2^-HALF_UNIT_BITS` of the group's table
+    /// scale, rounded, at most [`MAX_HALF_UNITS`] in magnitude.
+    pub half_units: &'a [i16],
 }
 
 impl TabView<'_> {

@@ -11,7 +11,13 @@
 //! - super-block scales: the group's `s = d·sc` and `m = −dmin·m_int` are formed in f32 first
 //!   (exact products), then combined as uniform planes with `c = (2^b − 1)/2 − z` for zero point `z`;
 //! - weight groups of 16 take the lookups of half an activation group (4 table groups) and that
-//!   half's Σx.
+//!   half's Σx;
+//! - super-block scales in weight groups of 16 (Q2_K, Q3_K, Q6_K) combine the two halves of an
+//!   activation group in integers first: with the exact sums `S_h` of half `h` and its Σx in units
+//!   of `2^-k` table scales, rounded (`u_h`, from [`TabView::half_units`]),
+//!   `J = Σ_h sc_h·(2^k·S_h + 2c·u_h)` and `M = Σ_h m_h·u_h`; then `acc += d·((2^-k·0.5·ts)·J)`
+//!   and `acc −= dmin·((2^-k·ts)·M)`: two float steps per activation group, none per weight group
+//!   ([`super::HalvesCombine`] picks `k`).
 //!
 //! The SIMD kernels perform exactly these float operations (mul then add, no FMA) in this order.
 
@@ -44,6 +50,9 @@ pub(crate) fn tile_with<const NB: usize>(
     acc: &mut Acc<NB>,
     lookups: impl Fn(&[u8], Range<usize>, &[i8], Range<usize>, f32, &mut [f32; TILE]),
 ) {
+    if let (true, Some(ss)) = (v.half_groups, &v.super_scales) {
+        return super_halves(v, ss, t, n0, nb, acc, lookups);
+    }
     let nps = v.scale_planes();
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     let mut scales = GroupScales::new();
@@ -84,6 +93,77 @@ pub(crate) fn tile_with<const NB: usize>(
             match &v.super_scales {
                 Some(_) => combine_super(&f[n][0], sx, v.centre, &scales, a),
                 None => combine(v, g, &f[n], sx, a),
+            }
+        }
+    }
+}
+
+/// Two-level scales in weight groups of 16 (see the module doc and [`super::HalvesCombine`]): per
+/// activation group, token and row, the integer `J` and `M` of both halves, then the two float
+/// steps.
+fn super_halves<const NB: usize>(
+    v: &TileView<'_>,
+    ss: &SuperScales<'_>,
+    t: &TabView<'_>,
+    n0: usize,
+    nb: usize,
+    acc: &mut Acc<NB>,
+    lookups: impl Fn(&[u8], Range<usize>, &[i8], Range<usize>, f32, &mut [f32; TILE]),
+) {
+    let hc = v
+        .halves_combine()
+        .expect("a two-level tile in groups of 16 has an integer 2·centre");
+    let (mut d, mut dmin) = ([0.0f32; TILE], [0.0f32; TILE]);
+    let mut sb = None;
+    for a in acc[..nb].iter_mut() {
+        *a = [0.0; TILE];
+    }
+    let wbytes = v.bits * PLANE_BYTES;
+    let half = TABLES_PER_ACT / 2;
+    for a in 0..v.act_groups {
+        let b = 2 * a / ss.groups_per_super;
+        if sb != Some(b) {
+            // f16 → f32 is exact, however it is converted.
+            ss.d[b * TILE..][..TILE]
+                .reinterpret_cast::<f16>()
+                .convert_to_f32_slice(&mut d);
+            if let Some(m) = ss.dmin {
+                m[b * TILE..][..TILE]
+                    .reinterpret_cast::<f16>()
+                    .convert_to_f32_slice(&mut dmin);
+            }
+            sb = Some(b);
+        }
+        let wa = &v.weights[a * wbytes..][..wbytes];
+        let sc = [2 * a, 2 * a + 1].map(|g| &ss.sub_scales[g * TILE..][..TILE]);
+        let mins = ss
+            .sub_mins
+            .map(|m| [2 * a, 2 * a + 1].map(|g| &m[g * TILE..][..TILE]));
+        for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
+            let tok = n0 + n;
+            let tabs = t.tables_of(tok, a);
+            let ts = t.scales[tok * t.act_groups + a];
+            let units = &t.half_units[2 * (tok * t.act_groups + a)..][..2];
+            let mut sums = [[0.0f32; TILE]; 2];
+            for (h, s) in sums.iter_mut().enumerate() {
+                // With a unit scale the lookups leave their exact integer sums (|S| < 2^24) in f32.
+                lookups(wa, 0..v.bits, tabs, h * half..(h + 1) * half, 1.0, s);
+            }
+            let (fj, fm) = hc.factors(ts);
+            let u = [hc.units(units[0]), hc.units(units[1])];
+            for r in 0..TILE {
+                let (mut j, mut m) = (0i32, 0i32);
+                for h in 0..2 {
+                    let s = (sums[h][r] as i32) << hc.shift;
+                    j += i32::from(ss.sub_scale(sc[h][r])) * (s + hc.two_c * u[h]);
+                    if let Some(mins) = &mins {
+                        m += i32::from(ss.sub_min(mins[h][r])) * u[h];
+                    }
+                }
+                acc_n[r] += d[r] * (fj * j as f32);
+                if mins.is_some() {
+                    acc_n[r] -= dmin[r] * (fm * m as f32);
+                }
             }
         }
     }

@@ -740,3 +740,31 @@ fn zero_point_codes_match_their_offset_form() {
         }
     }
 }
+
+#[test]
+fn halves_combine_takes_the_finest_units_that_fit_int16() {
+    use super::HalvesCombine;
+    // (bits, 2c) of Q2_K, Q3_K, Q6_K and of 6-bit codes with no zero point.
+    let q2_k = HalvesCombine::new(2, 3);
+    let q3_k = HalvesCombine::new(3, -1);
+    let q6_k = HalvesCombine::new(6, -1);
+    let w6 = HalvesCombine::new(6, 63);
+    assert_eq!((q2_k.shift, q2_k.fits_int16), (3, true));
+    assert_eq!((q3_k.shift, q3_k.fits_int16), (3, true));
+    assert_eq!((q6_k.shift, q6_k.fits_int16), (0, true));
+    assert_eq!((w6.shift, w6.fits_int16), (0, false));
+    // Units of 1/8 table scale: kept at shift 3, rounded (halves up) to whole scales at shift 0.
+    assert_eq!(q2_k.units(-4088), -4088);
+    for (u, whole) in [
+        (4088, 511),
+        (-4088, -511),
+        (12, 2),
+        (11, 1),
+        (-12, -1),
+        (-13, -2),
+    ] {
+        assert_eq!(q6_k.units(u), whole, "{u}");
+    }
+    assert_eq!(q2_k.factors(0.75), (0.75 / 16.0, 0.75 / 8.0));
+    assert_eq!(q6_k.factors(0.75), (0.375, 0.75));
+}

@@ -70,7 +70,18 @@ const Q6_K: KQuant = KQuant {
     sc: (-128, 127),
     m_max: 0,
 };
-const TYPES: [KQuant; 5] = [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K];
+/// No llama.cpp type: 6-bit codes with no zero point (`2c = 63`), whose half sums plus the centre
+/// term pass int16, so AVX2 takes the general path for it.
+const W6_MINS: KQuant = KQuant {
+    name: "6-bit, groups of 16, mins",
+    bits: 6,
+    group: 16,
+    zero_point: 0,
+    mins: true,
+    sc: (0, 15),
+    m_max: 15,
+};
+const TYPES: [KQuant; 6] = [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, W6_MINS];
 
 struct Rng(SplitMix64);
 
