@@ -111,6 +111,13 @@ impl ActivationTables {
             }
             *half = s;
         }
+        // A group whose Σx is not finite gets a NaN scale (its tables are then zeros), so every
+        // product with it is NaN, as the `c·Σx` term made it when Σx was used in f32.
+        for (scale, halves) in self.scales.iter_mut().zip(self.half_sums.chunks_exact(2)) {
+            if !(halves[0].is_finite() && halves[1].is_finite()) {
+                *scale = f32::NAN;
+            }
+        }
         for ((halves, units), &scale) in self
             .half_sums
             .chunks_exact(2)
@@ -300,6 +307,11 @@ mod tests {
             let scalar = Cpu::with_isa(crate::Isa::Scalar, 1).unwrap();
             let mut want = ActivationTables::new(cols);
             want.build(&scalar, &x, tokens).unwrap();
+            // The last group holds the infinity: a NaN scale and zero tables.
+            assert!(want.scales.last().unwrap().is_nan());
+            assert!(want.tables[want.tables.len() - 128..]
+                .iter()
+                .all(|&q| q == 0));
             for isa in crate::Isa::supported() {
                 // Two threads split the tables at 16-byte boundaries inside activation groups.
                 for threads in [1, 2] {
@@ -310,7 +322,12 @@ mod tests {
                         got.tables, want.tables,
                         "{isa:?}, {threads} threads, K={cols}"
                     );
-                    assert_eq!(got.scales, want.scales);
+                    // Groups with an infinity or a NaN have NaN scales: compared as bits.
+                    let bits = |t: &ActivationTables| -> Vec<u32> {
+                        t.scales.iter().map(|v| v.to_bits()).collect()
+                    };
+                    assert_eq!(bits(&got), bits(&want));
+                    assert_eq!(got.half_units, want.half_units);
                 }
             }
         }

@@ -3,9 +3,10 @@
 //! weight `2^p` of uniform planes), one int16→f32 conversion per activation group.
 //!
 //! Uniform planes in weight groups of 32 or 16, with f16 or super-block scales and up to 6 planes,
-//! go from the registers of the lookups straight into the combine ([`tile_direct`]); other forms
-//! with at most 4 planes take [`tile`]'s loop, and the rest the general path
-//! ([`scalar::tile_with`] with [`lookup_accumulate`]).
+//! go from the registers of the lookups straight into the combine ([`tile_direct`]; two-level
+//! groups of 16 only when their integer combine fits int16); other forms with at most 4 planes
+//! take [`tile`]'s loop, and the rest the general path ([`scalar::tile_with`] with
+//! [`lookup_accumulate`]).
 //!
 //! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
 
@@ -129,10 +130,12 @@ pub(super) unsafe fn tile<const NB: usize>(
 
 /// Uniform planes with weight groups of 32 (one per activation group: Q4_0, Q4_1, Q4_K, Q5_K) or
 /// 16 (two per activation group: Q2_K, Q3_K, Q6_K), f16 or super-block scales, 1 to 6 planes: runs
-/// [`direct`] instantiated for the tile's form.
+/// [`direct_halves`] for two-level groups of 16 and [`direct`] for the rest, instantiated for the
+/// tile's form.
 ///
 /// # Safety
-/// As [`tile`], and `!v.per_plane && (v.apg == 1 || v.half_groups)`.
+/// As [`tile`], `!v.per_plane && (v.apg == 1 || v.half_groups)`, and for two-level groups of 16 the
+/// tile's [`super::HalvesCombine`] fits int16.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_direct<const NB: usize>(
     v: &TileView<'_>,
@@ -204,7 +207,8 @@ const LO_PLANES: usize = 4;
 /// group the sums of half `h` (`[0]` for groups of 32; table groups `4h..4h + 4` for groups of 16)
 /// hold rows `16q..16q + 16` in `[q]`.
 ///
-/// `HALF`: weight groups of 16. `HI`: 6 planes in groups of 32 (see [`LO_PLANES`]). `SUPER`: super-block scales,
+/// `HALF`: weight groups of 16 (with f16 scales; two-level ones take [`direct_halves`]). `HI`: 6
+/// planes in groups of 32 (see [`LO_PLANES`]). `SUPER`: super-block scales,
 /// each group's `d·sc` and `dmin·m` formed as [`scalar::GroupScales`] forms them (one exact
 /// product each; `a − (dmin·m)·Σx` is exactly the reference's `a + (−(dmin·m))·Σx`), with `d` and
 /// `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With one
@@ -355,7 +359,7 @@ unsafe fn direct<
 /// the rows' interleaved sub-scales gives `J = Σ_h sc_h·(2^k·S_h + 2c·u_h)` in i32; a second
 /// `madd` forms `M = Σ_h m_h·u_h`. Then the reference's two float steps (see
 /// [`super::HalvesCombine`]). The sums fit: `|2^k·S_h + 2c·u_h| < 2^15`, times a sub-scale of at
-/// most 128 in magnitude, two of them: under 2^24, so the i32 → f32 conversion is exact too.
+/// most 128 in magnitude, two of them: under 2^23, so the i32 → f32 conversion is exact too.
 ///
 /// `OFFSET`: the tile has mins. `NIBBLES`: sub-scale and sub-min are the two nibbles of one byte.
 /// With one token the scale pairs are formed as the rows are combined; with several, once per
@@ -387,7 +391,8 @@ unsafe fn direct_halves<const NB: usize, const OFFSET: bool, const NIBBLES: bool
     let mut sb = None;
     let mut pairs = [[_mm256_setzero_si256(); 8]; 2];
     let half = TABLES_PER_ACT / 2;
-    // `2^(p + k)`, at most 2^7: `fits_int16` bounds (2^b − 1)·2^k by 32767 / 508.
+    // `2^(p + k)`, at most 2^5: `fits_int16` bounds (2^b − 1)·2^k by 32767 / 508 (so b − 1 + k
+    // is at most 5), and `lookups_range` needs b − 1 + k ≤ 7.
     let mut plane_weights = [_mm256_setzero_si256(); MAX_BITS];
     for (p, w) in plane_weights[..v.bits].iter_mut().enumerate() {
         *w = _mm256_set1_epi8((1u8 << (p as u32 + hc.shift)) as i8);
@@ -433,7 +438,8 @@ unsafe fn direct_halves<const NB: usize, const OFFSET: bool, const NIBBLES: bool
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
                 let mut unused = [_mm256_setzero_si256(); 4];
                 for (h, lo_h) in lo.iter_mut().enumerate() {
-                    // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group.
+                    // SAFETY: `tabs` holds 128 bytes; `paired` was split from this group; bits − 1 +
+                    // shift ≤ 5 (see `plane_weights`).
                     unsafe {
                         paired.lookups_range::<false>(
                             tabs,
@@ -917,7 +923,8 @@ unsafe fn plane_lookups(
 /// block, with the two planes of each pair `(2i, 2i + 1)` interleaved byte by byte.
 ///
 /// A plane pair shares each table group's table, so one `pshufb` of the interleaved indices looks up
-/// both planes of 16 rows at once, and `maddubs` by `(2^{2i}, 2^{2i+1})` adds them per row: no
+/// both planes of 16 rows at once, and `maddubs` by `(2^{2i}, 2^{2i+1})` (times `2^shift` where
+/// [`PairedIndices::lookups_range`] is given one) adds them per row: no
 /// unpacking per token (the per-pair-of-table-groups scheme of [`lookups`] interleaves two tables'
 /// results, which has to happen after the lookups). The row order of the sums is the same
 /// (`s[q]` = rows 16q..16q+16): `unpacklo/hi` of the nibbles of a block give rows 0..16 and 16..32

@@ -4,14 +4,17 @@
 //! Every tile kernel computes, for one tile of [`TILE`] rows and a block of up to [`NB`] tokens, the same
 //! float operations in the same order (mul and add, never fused), so that the SIMD paths agree with the
 //! scalar reference bit for bit: integer lookups are exact whatever their order, and the float work per
-//! row is `F += tscale·S` per activation group, then one combine per weight group (see [`scalar`]).
+//! row is `F += tscale·S` per activation group, then one combine per weight group, except for
+//! two-level scales in groups of 16, whose two halves are combined in integers first and then take
+//! two float steps per activation group (see [`scalar`] and [`HalvesCombine`]).
 //!
 //! On AVX2, uniform planes in weight groups of 32 or 16 (Q4_0, Q4_1 and the K-quants, up to 6
 //! planes, f16 or super-block scales) take a direct path from the int16 lookup sums into the
 //! combine. Forms no specialised SIMD path covers (on AVX2: 5 or 6 planes with per-plane scales or
-//! groups of 64 and more; on NEON: more than 4 planes, groups of 16, super-block scales) run the
-//! scalar float work with the ISA's integer lookups ([`scalar::tile_with`]): integer sums are
-//! exact, so those paths agree with the reference too.
+//! groups of 64 and more, two-level groups of 16 whose integer combine does not fit int16; on
+//! NEON: more than 4 planes, groups of 16, super-block scales) run the scalar float work with the
+//! ISA's integer lookups ([`scalar::tile_with`]): integer sums are exact, so those paths agree
+//! with the reference too.
 
 pub(crate) mod layout;
 pub(crate) mod scalar;
@@ -167,6 +170,7 @@ impl<'a> SuperScales<'a> {
             && self.d.len() == groups / gps * TILE
             && self.dmin.is_none_or(|m| m.len() == groups / gps * TILE)
             && self.sub_mins.is_some() == self.dmin.is_some()
+            && (!self.nibbles || self.sub_mins.is_some())
     }
 }
 

@@ -113,27 +113,15 @@ fn super_halves<const NB: usize>(
     let hc = v
         .halves_combine()
         .expect("a two-level tile in groups of 16 has an integer 2·centre");
-    let (mut d, mut dmin) = ([0.0f32; TILE], [0.0f32; TILE]);
-    let mut sb = None;
+    let mut factors = GroupScales::new();
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
     let wbytes = v.bits * PLANE_BYTES;
     let half = TABLES_PER_ACT / 2;
     for a in 0..v.act_groups {
-        let b = 2 * a / ss.groups_per_super;
-        if sb != Some(b) {
-            // f16 → f32 is exact, however it is converted.
-            ss.d[b * TILE..][..TILE]
-                .reinterpret_cast::<f16>()
-                .convert_to_f32_slice(&mut d);
-            if let Some(m) = ss.dmin {
-                m[b * TILE..][..TILE]
-                    .reinterpret_cast::<f16>()
-                    .convert_to_f32_slice(&mut dmin);
-            }
-            sb = Some(b);
-        }
+        factors.select(ss, 2 * a / ss.groups_per_super);
+        let (d, dmin) = (&factors.d, &factors.dmin);
         let wa = &v.weights[a * wbytes..][..wbytes];
         let sc = [2 * a, 2 * a + 1].map(|g| &ss.sub_scales[g * TILE..][..TILE]);
         let mins = ss
@@ -220,9 +208,8 @@ impl GroupScales {
         }
     }
 
-    /// The scales of weight group `g`: each an f32 product of two exact factors, as ggml forms them.
-    fn fill(&mut self, ss: &SuperScales<'_>, g: usize) {
-        let sb = g / ss.groups_per_super;
+    /// `d` and `dmin` of super-block `sb` as f32, converted when it is a new one.
+    fn select(&mut self, ss: &SuperScales<'_>, sb: usize) {
         if self.sb != Some(sb) {
             // f16 → f32 is exact, however it is converted (in bulk, with F16C where there is one).
             ss.d[sb * TILE..][..TILE]
@@ -235,6 +222,11 @@ impl GroupScales {
             }
             self.sb = Some(sb);
         }
+    }
+
+    /// The scales of weight group `g`: each an f32 product of two exact factors, as ggml forms them.
+    fn fill(&mut self, ss: &SuperScales<'_>, g: usize) {
+        self.select(ss, g / ss.groups_per_super);
         let sc = &ss.sub_scales[g * TILE..][..TILE];
         for ((s, &d), &sc) in self.scale.iter_mut().zip(&self.d).zip(sc) {
             *s = d * f32::from(ss.sub_scale(sc));

@@ -5,9 +5,11 @@
 //! `d` and `dmin` are kept as the f16 bits of the file and the sub-scales as bytes (in groups of
 //! 16 with mins, Q2_K's form, a sub-scale and its sub-min as the two nibbles of one byte, as in
 //! the file), so a packed matrix is about as small as the file (Q4_K: 4.625 bits per weight
-//! against 4.5; Q2_K: 2.625 and Q6_K: 6.5625, the same). The kernels form each group's scale as
-//! one f32 product `d·sc` (and `dmin·m`), which is exact, so they multiply by exactly the weights
-//! ggml dequantizes to.
+//! against 4.5; Q2_K: 2.625 and Q6_K: 6.5625, the same). The kernels multiply by exactly the
+//! weights ggml dequantizes to: in groups of 32 each group's scale is one exact f32 product `d·sc`
+//! (and `dmin·m`); in groups of 16 the integer sub-scales multiply the integer lookup sums, and
+//! `d`, `dmin` the result (see `lut::HalvesCombine`), with Σx of each half rounded to 1/8 of a
+//! table scale (Q6_K: a whole one) beside the tables' own rounding.
 
 use half::f16;
 
@@ -238,6 +240,11 @@ impl SuperBlockMatrixBuilder {
         }
         if !matches!(group, 16 | 32) {
             return Err(KernelError::SuperBlockGroup(group));
+        }
+        if u32::from(zero_point) >= 1 << bits {
+            return Err(KernelError::UnsupportedForm(
+                "a zero point needs a code below 2^bits",
+            ));
         }
         let spec = QuantSpec {
             rows,

@@ -717,6 +717,31 @@ fn accuracy_within_1e4_nmse_for_every_type() {
 }
 
 #[test]
+fn a_non_finite_activation_gives_nan_rows() {
+    // A NaN or infinite input makes every output NaN, on every ISA, in GEMV and GEMM, as the exact
+    // product would (groups of 16 use Σx in table units, which the tables' NaN scale carries).
+    let mut rng = Rng(SplitMix64::new(0x4A4));
+    for t in TYPES {
+        let m = Parts::random(&mut rng, t, 70, 512).pack();
+        for bad in [f32::NAN, f32::INFINITY] {
+            for tokens in [1, 3] {
+                let mut x = rng.0.gaussians(tokens * 512);
+                x[(tokens - 1) * 512 + 100] = bad;
+                for isa in Isa::supported() {
+                    let y = run(isa, 1, &m, &x, tokens);
+                    let last = &y[(tokens - 1) * 70..];
+                    assert!(
+                        last.iter().all(|v| v.is_nan()),
+                        "{} {isa} x = {bad}, N={tokens}",
+                        t.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn unit_inputs_read_back_each_weight() {
     // x = e_k picks column k: a group-of-16 form that mixed up its halves would read the other
     // half's scale and Σx.
@@ -844,6 +869,18 @@ fn invalid_super_block_inputs_are_errors() {
         assert!(matches!(
             err(SuperBlockWeights { group, ..base }),
             Some(KernelError::SuperBlockGroup(g)) if g == group
+        ));
+    }
+    // Q4_K's codes are 4 bits: a zero point of 16 or more is no code.
+    assert!(err(SuperBlockWeights {
+        zero_point: 15,
+        ..base
+    })
+    .is_none());
+    for zero_point in [16, 255] {
+        assert!(matches!(
+            err(SuperBlockWeights { zero_point, ..base }),
+            Some(KernelError::UnsupportedForm(_))
         ));
     }
     assert!(matches!(
