@@ -111,21 +111,19 @@ impl ActivationTables {
             }
             *half = s;
         }
-        // A group whose Σx is not finite gets a NaN scale (its tables are then zeros), so every
-        // product with it is NaN, as the `c·Σx` term made it when Σx was used in f32.
-        for (scale, halves) in self.scales.iter_mut().zip(self.half_sums.chunks_exact(2)) {
-            if !(halves[0].is_finite() && halves[1].is_finite()) {
-                *scale = f32::NAN;
-            }
-        }
-        for ((halves, units), &scale) in self
+        for ((halves, units), scale) in self
             .half_sums
             .chunks_exact(2)
             .zip(self.half_units.chunks_exact_mut(2))
-            .zip(&self.scales)
+            .zip(&mut self.scales)
         {
+            // A group whose Σx is not finite gets a NaN scale (its tables are then zeros), so
+            // every product with it is NaN, as the `c·Σx` term made it when Σx was used in f32.
+            if !(halves[0].is_finite() && halves[1].is_finite()) {
+                *scale = f32::NAN;
+            }
             for (u, &h) in units.iter_mut().zip(halves) {
-                *u = half_units(h, scale);
+                *u = half_units(h, *scale);
             }
         }
 

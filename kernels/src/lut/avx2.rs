@@ -15,7 +15,8 @@ use std::ops::Range;
 
 use super::layout::{BLOCK, PLANE_BYTES, TABLES_PER_ACT, TABLE_BYTES, TILE};
 use super::{
-    scalar, Acc, PlaneSums, SuperScales, TabView, TileView, CHUNK, MAX_BITS, MAX_FAST_BITS,
+    scalar, Acc, HalvesCombine, PlaneSums, SuperScales, TabView, TileView, CHUNK, MAX_BITS,
+    MAX_FAST_BITS,
 };
 
 /// # Safety
@@ -29,11 +30,10 @@ pub(super) unsafe fn tile<const NB: usize>(
     acc: &mut Acc<NB>,
 ) {
     // Two-level groups of 16 whose integer combine does not fit int16 take the general path.
-    let two_level_halves = v.half_groups && v.super_scales.is_some();
-    let halves_fit = v.halves_combine().is_some_and(|hc| hc.fits_int16);
-    if !v.per_plane && (v.apg == 1 || v.half_groups) && (!two_level_halves || halves_fit) {
+    let halves = v.halves_combine();
+    if !v.per_plane && (v.apg == 1 || v.half_groups) && halves.is_none_or(|hc| hc.fits_int16) {
         // SAFETY: same contract as this function, and the condition just checked.
-        return unsafe { tile_direct(v, t, n0, nb, acc) };
+        return unsafe { tile_direct(v, halves, t, n0, nb, acc) };
     }
     if v.needs_general_path() {
         // SAFETY: the closure runs only inside this call, on the CPU the caller vouched for
@@ -130,15 +130,17 @@ pub(super) unsafe fn tile<const NB: usize>(
 
 /// Uniform planes with weight groups of 32 (one per activation group: Q4_0, Q4_1, Q4_K, Q5_K) or
 /// 16 (two per activation group: Q2_K, Q3_K, Q6_K), f16 or super-block scales, 1 to 6 planes: runs
-/// [`direct_halves`] for two-level groups of 16 and [`direct`] for the rest, instantiated for the
-/// tile's form.
+/// [`direct_halves`] for two-level groups of 16 (`halves`: the tile's
+/// [`TileView::halves_combine`], worked out once by the caller) and [`direct`] for the rest,
+/// instantiated for the tile's form.
 ///
 /// # Safety
-/// As [`tile`], `!v.per_plane && (v.apg == 1 || v.half_groups)`, and for two-level groups of 16 the
-/// tile's [`super::HalvesCombine`] fits int16.
+/// As [`tile`], `!v.per_plane && (v.apg == 1 || v.half_groups)`, and `halves` is the tile's
+/// combine and, if there is one, fits int16.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_direct<const NB: usize>(
     v: &TileView<'_>,
+    halves: Option<HalvesCombine>,
     t: &TabView<'_>,
     n0: usize,
     nb: usize,
@@ -153,14 +155,14 @@ unsafe fn tile_direct<const NB: usize>(
             None => v.offsets.is_some(),
         },
     );
-    if let (true, Some(ss)) = (v.half_groups, &v.super_scales) {
+    if let (Some(hc), Some(ss)) = (halves, &v.super_scales) {
         // SAFETY: the caller's contract, and the form matches the tile (nibble pairs are the form
         // of groups of 16 with mins only, Q2_K's).
         return unsafe {
             match (ss.sub_mins.is_some(), ss.nibbles) {
-                (true, true) => direct_halves::<NB, true, true>(v, ss, t, n0, nb, acc),
-                (true, false) => direct_halves::<NB, true, false>(v, ss, t, n0, nb, acc),
-                (false, _) => direct_halves::<NB, false, false>(v, ss, t, n0, nb, acc),
+                (true, true) => direct_halves::<NB, true, true>(v, ss, hc, t, n0, nb, acc),
+                (true, false) => direct_halves::<NB, true, false>(v, ss, hc, t, n0, nb, acc),
+                (false, _) => direct_halves::<NB, false, false>(v, ss, hc, t, n0, nb, acc),
             }
         };
     }
@@ -366,25 +368,23 @@ unsafe fn direct<
 /// activation group for all of them.
 ///
 /// # Safety
-/// As [`tile_direct`], `ss` is the tile's two-level scales, the tile's groups are 16 wide, its
-/// [`super::HalvesCombine`] fits int16, and the const parameters describe `ss`.
+/// As [`tile_direct`], `ss` is the tile's two-level scales, the tile's groups are 16 wide, `hc`
+/// is its [`TileView::halves_combine`] and fits int16, and the const parameters describe `ss`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn direct_halves<const NB: usize, const OFFSET: bool, const NIBBLES: bool>(
     v: &TileView<'_>,
     ss: &SuperScales<'_>,
+    hc: HalvesCombine,
     t: &TabView<'_>,
     n0: usize,
     nb: usize,
     acc: &mut Acc<NB>,
 ) {
     debug_assert!(v.half_groups && !v.per_plane && ss.sub_mins.is_some() == OFFSET);
+    debug_assert!(hc.fits_int16);
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
-    let hc = v
-        .halves_combine()
-        .expect("a two-level tile in groups of 16 has an integer 2·centre");
-    debug_assert!(hc.fits_int16);
     let mut paired = PairedIndices::new();
     let mut d = [_mm256_setzero_ps(); 8];
     let mut dmin = [_mm256_setzero_ps(); 8];
