@@ -8,7 +8,8 @@
 //! take [`tile`]'s loop, and the rest the general path ([`scalar::tile_with`] with
 //! [`lookup_accumulate`]).
 //!
-//! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
+//! Float operations match [`super::scalar`] one for one (mul, add, and FMA where it fuses) so results
+//! are bit-exact.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -212,9 +213,10 @@ const LO_PLANES: usize = 4;
 /// `HALF`: weight groups of 16 (with f16 scales; two-level ones take [`direct_halves`]). `HI`: 6
 /// planes in groups of 32 (see [`LO_PLANES`]). `SUPER`: super-block scales,
 /// each group's `d·sc` and `dmin·m` formed as [`scalar::GroupScales`] forms them (one exact
-/// product each; `a − (dmin·m)·Σx` is exactly the reference's `a + (−(dmin·m))·Σx`), with `d` and
-/// `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With one
-/// token the scales are formed in the combine; with several, once per group for all of them.
+/// product each; `fmsub(s, c, dmin·m)` is exactly the reference's `fma(s, c, −(dmin·m))`), with
+/// `d` and `dmin` converted once per super-block; else f16 scales. `OFFSET`: offsets or mins. With
+/// one token the combine's factors `0.5·s` and `o` ([`DirectScales::factors`]) are formed in the
+/// combine; with several, once per group for all of them.
 ///
 /// # Safety
 /// As [`tile_direct`], and the const parameters describe the tile.
@@ -238,8 +240,7 @@ unsafe fn direct<
     }
     let halves = if HALF { 2 } else { 1 };
     let lo_planes = if HI { LO_PLANES } else { v.bits };
-    let c = v.centre;
-    let half = _mm256_set1_ps(0.5);
+    let c = _mm256_set1_ps(v.centre);
     let mut paired = PairedIndices::new();
     let mut scales = DirectScales::new();
     for a in 0..v.act_groups {
@@ -258,7 +259,7 @@ unsafe fn direct<
         ];
         if NB > 1 {
             for (h, rows) in rows[..halves].iter().enumerate() {
-                scales.fill::<SUPER, OFFSET>(rows, h);
+                scales.fill::<SUPER, OFFSET>(rows, h, c);
             }
         }
         for (n, acc_n) in acc[..nb].iter_mut().enumerate() {
@@ -311,11 +312,8 @@ unsafe fn direct<
             }
             let ts = _mm256_set1_ps(t.scales[(n0 + n) * t.act_groups + a]);
             let mut sxv = [_mm256_setzero_ps(); 2];
-            let mut csx = [_mm256_setzero_ps(); 2];
-            for h in 0..halves {
-                let sx = v.group_sum(t, n0 + n, g0 + h);
-                sxv[h] = _mm256_set1_ps(sx);
-                csx[h] = _mm256_set1_ps(c * sx);
+            for (h, sx) in sxv[..halves].iter_mut().enumerate() {
+                *sx = _mm256_set1_ps(v.group_sum(t, n0 + n, g0 + h));
             }
             for q in 0..4 {
                 for k in 0..2 {
@@ -330,21 +328,13 @@ unsafe fn direct<
                             s32 = _mm256_add_epi32(s32, hi32);
                         }
                         let f = _mm256_mul_ps(ts, _mm256_cvtepi32_ps(s32));
-                        let tt = _mm256_add_ps(_mm256_mul_ps(half, f), csx[h]);
-                        let (s, m) = if NB == 1 {
-                            scales.vectors::<SUPER, OFFSET>(&rows[h], i)
+                        let (hs, o) = if NB == 1 {
+                            scales.factors::<SUPER, OFFSET>(&rows[h], i, c)
                         } else {
-                            (scales.scale[h][i], scales.offset[h][i])
+                            (scales.half_scale[h][i], scales.offset[h][i])
                         };
-                        acc_v = _mm256_add_ps(acc_v, _mm256_mul_ps(s, tt));
-                        if OFFSET {
-                            let y = _mm256_mul_ps(m, sxv[h]);
-                            acc_v = if SUPER {
-                                _mm256_sub_ps(acc_v, y)
-                            } else {
-                                _mm256_add_ps(acc_v, y)
-                            };
-                        }
+                        acc_v = _mm256_fmadd_ps(f, hs, acc_v);
+                        acc_v = _mm256_fmadd_ps(o, sxv[h], acc_v);
                     }
                     // SAFETY: as above.
                     unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc_v) };
@@ -594,9 +584,9 @@ fn widen(v: __m256i, k: usize) -> __m256i {
 /// The f32 scales and offsets of [`direct`], 8 rows a vector: f16 values converted, or `d·sc` and
 /// `dmin·m` (the offset's magnitude; [`direct`] subtracts it) of super-block scales.
 struct DirectScales {
-    /// The scales of the one or two groups of an activation group, for several tokens.
-    scale: [[__m256; 8]; 2],
-    /// Their offsets.
+    /// Half the scales of the one or two groups of an activation group, for several tokens.
+    half_scale: [[__m256; 8]; 2],
+    /// Their offsets at the centre of the codes ([`DirectScales::factors`]).
     offset: [[__m256; 8]; 2],
     d: [__m256; 8],
     dmin: [__m256; 8],
@@ -610,7 +600,7 @@ impl DirectScales {
     fn new() -> DirectScales {
         let z = _mm256_setzero_ps();
         DirectScales {
-            scale: [[z; 8]; 2],
+            half_scale: [[z; 8]; 2],
             offset: [[z; 8]; 2],
             d: [z; 8],
             dmin: [z; 8],
@@ -682,12 +672,38 @@ impl DirectScales {
         }
     }
 
-    /// The scales of the weight group of `rows` into half `h`, for every token of a block.
+    /// The combine's factors of rows `8i..8i + 8` of the weight group of `rows`, for codes
+    /// centred at `c`: half the scale, `0.5·s`, and the offset at the centre, `o = s·c + m`
+    /// (one rounding; `s·c` without offsets, `s·c − dmin·m` for super-block mins), as
+    /// [`scalar`] forms them.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn fill<const SUPER: bool, const OFFSET: bool>(&mut self, rows: &GroupRows<'_>, h: usize) {
+    fn factors<const SUPER: bool, const OFFSET: bool>(
+        &self,
+        rows: &GroupRows<'_>,
+        i: usize,
+        c: __m256,
+    ) -> (__m256, __m256) {
+        let (s, m) = self.vectors::<SUPER, OFFSET>(rows, i);
+        let o = match (OFFSET, SUPER) {
+            (false, _) => _mm256_mul_ps(s, c),
+            (true, true) => _mm256_fmsub_ps(s, c, m),
+            (true, false) => _mm256_fmadd_ps(s, c, m),
+        };
+        (_mm256_mul_ps(_mm256_set1_ps(0.5), s), o)
+    }
+
+    /// The factors of the weight group of `rows` into half `h`, for every token of a block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fill<const SUPER: bool, const OFFSET: bool>(
+        &mut self,
+        rows: &GroupRows<'_>,
+        h: usize,
+        c: __m256,
+    ) {
         for i in 0..TILE / 8 {
-            (self.scale[h][i], self.offset[h][i]) = self.vectors::<SUPER, OFFSET>(rows, i);
+            (self.half_scale[h][i], self.offset[h][i]) = self.factors::<SUPER, OFFSET>(rows, i, c);
         }
     }
 }
@@ -1116,7 +1132,7 @@ fn combine(
     let nps = v.scale_planes();
     let half = _mm256_set1_ps(0.5);
     let sxv = _mm256_set1_ps(sx);
-    let csx = _mm256_set1_ps(v.centre * sx);
+    let centre = _mm256_set1_ps(v.centre);
     for c in 0..TILE / 8 {
         let r = 8 * c;
         // SAFETY: r + 8 <= TILE.
@@ -1129,16 +1145,22 @@ fn combine(
                 let fv = unsafe { _mm256_loadu_ps(fp[r..].as_ptr()) };
                 a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_add_ps(fv, sxv), h));
             }
+            if let Some(offsets) = v.offsets {
+                let m = load_f16(&offsets[g * TILE + r..][..8]);
+                a = _mm256_add_ps(a, _mm256_mul_ps(m, sxv));
+            }
         } else {
             let s = load_f16(&v.scales[g * TILE + r..][..8]);
+            let o = match v.offsets {
+                Some(offsets) => {
+                    _mm256_fmadd_ps(s, centre, load_f16(&offsets[g * TILE + r..][..8]))
+                }
+                None => _mm256_mul_ps(s, centre),
+            };
             // SAFETY: r + 8 <= TILE.
             let fv = unsafe { _mm256_loadu_ps(f[0][r..].as_ptr()) };
-            let t = _mm256_add_ps(_mm256_mul_ps(half, fv), csx);
-            a = _mm256_add_ps(a, _mm256_mul_ps(s, t));
-        }
-        if let Some(offsets) = v.offsets {
-            let m = load_f16(&offsets[g * TILE + r..][..8]);
-            a = _mm256_add_ps(a, _mm256_mul_ps(m, sxv));
+            a = _mm256_fmadd_ps(fv, _mm256_mul_ps(half, s), a);
+            a = _mm256_fmadd_ps(o, sxv, a);
         }
         // SAFETY: r + 8 <= TILE.
         unsafe { _mm256_storeu_ps(acc[r..].as_mut_ptr(), a) };

@@ -1,7 +1,8 @@
 //! The NEON tile kernel: `tbl` lookups of 16 rows per instruction, pairs of table groups added by
 //! widening adds (`saddl`), plane weights applied with `mla`, one int16→f32 conversion per activation group.
 //!
-//! Float operations match [`super::scalar`] one for one (mul, add; no FMA) so results are bit-exact.
+//! Float operations match [`super::scalar`] one for one (mul, add, and FMA where it fuses) so results
+//! are bit-exact.
 
 use std::arch::aarch64::*;
 use std::ops::Range;

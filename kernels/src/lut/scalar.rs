@@ -4,10 +4,12 @@
 //! - per activation group `a` of `g`: `S = Σ_p w_p·Σ_j T_j[nibble_{p,j}(r)]` exactly in integers
 //!   (`w_p = 2^p` for uniform planes, one `S` per plane with `w_p = 1` for per-plane scales), then
 //!   `F_p += tscale_a·S_p` in f32;
-//! - uniform: `acc += s·(0.5·F + c·Σx_g)` with `c = (2^b − 1)/2`, since `Σq·x = 0.5·Σ_p 2^p(σ_p·x) + c·Σx`
-//!   (`c = (2^b − 1)/2 − z` for codes centred on a zero point `z`, `w = s·(q − z)`);
-//! - per-plane: `acc += (F_p + Σx_g)·(0.5·s_p)` for each plane, since `Σq_p·x = 0.5·(σ_p·x + Σx)`;
-//! - then `acc += m·Σx_g` when the matrix has offsets: once per (row, group), whatever the tiling;
+//! - uniform: `acc = fma(F, 0.5·s, acc)`, then `acc = fma(o, Σx_g, acc)` with the offset at the
+//!   centre `o = fma(s, c, m)` (`s·c` without offsets) and `c = (2^b − 1)/2`, since
+//!   `Σ(s·q + m)·x = 0.5·s·Σ_p 2^p(σ_p·x) + (s·c + m)·Σx` (`c = (2^b − 1)/2 − z` for codes centred
+//!   on a zero point `z`, `w = s·(q − z)`): once per (row, group), whatever the tiling;
+//! - per-plane: `acc += (F_p + Σx_g)·(0.5·s_p)` for each plane, since `Σq_p·x = 0.5·(σ_p·x + Σx)`,
+//!   then `acc += m·Σx_g` when the matrix has offsets;
 //! - super-block scales: the group's `s = d·sc` and `m = −dmin·m_int` are formed in f32 first
 //!   (exact products), then combined as uniform planes with `c = (2^b − 1)/2 − z` for zero point `z`;
 //! - weight groups of 16 take the lookups of half an activation group (4 table groups) and that
@@ -19,7 +21,8 @@
 //!   and `acc −= dmin·((2^-k·ts)·M)`: two float steps per activation group, none per weight group
 //!   ([`super::HalvesCombine`] picks `k`).
 //!
-//! The SIMD kernels perform exactly these float operations (mul then add, no FMA) in this order.
+//! The SIMD kernels perform exactly these float operations in this order (mul then add, fused
+//! only where written `fma`).
 
 use std::ops::Range;
 
@@ -243,17 +246,23 @@ impl GroupScales {
 }
 
 /// Adds the contribution of one weight group with super-block scales (see the module doc):
-/// `acc += s·(0.5·F + c·Σx)`, then `acc += m·Σx` when the matrix has mins.
+/// `acc = fma(F, 0.5·s, acc)`, then `acc = fma(o, Σx, acc)`.
 fn combine_super(f: &[f32; TILE], sx: f32, centre: f32, gs: &GroupScales, acc: &mut [f32; TILE]) {
-    let csx = centre * sx;
-    for ((a, &fv), &s) in acc.iter_mut().zip(f).zip(&gs.scale) {
-        let t = 0.5 * fv + csx;
-        *a += s * t;
+    for (r, (a, &fv)) in acc.iter_mut().zip(f).enumerate() {
+        let s = gs.scale[r];
+        let o = centre_offset(s, centre, gs.offset.as_ref().map(|m| m[r]));
+        *a = fv.mul_add(0.5 * s, *a);
+        *a = o.mul_add(sx, *a);
     }
-    if let Some(offset) = &gs.offset {
-        for (a, &m) in acc.iter_mut().zip(offset) {
-            *a += m * sx;
-        }
+}
+
+/// The offset at the centre of the codes, `o = s·c + m` in one rounding (`s·c` without an
+/// offset): the weight of `Σx` in a uniform group's combine.
+#[inline]
+pub(crate) fn centre_offset(s: f32, centre: f32, m: Option<f32>) -> f32 {
+    match m {
+        Some(m) => s.mul_add(centre, m),
+        None => s * centre,
     }
 }
 
@@ -281,17 +290,18 @@ pub(crate) fn combine(
                 *a += (fv + sx) * h;
             }
         }
-    } else {
-        let csx = v.centre * sx;
-        let scales = &v.scales[g * TILE..][..TILE];
-        for ((a, &fv), &s) in acc.iter_mut().zip(&f[0]).zip(scales) {
-            let t = 0.5 * fv + csx;
-            *a += f16::from_bits(s).to_f32() * t;
+        if let Some(offsets) = v.offsets {
+            for (a, &m) in acc.iter_mut().zip(&offsets[g * TILE..][..TILE]) {
+                *a += f16::from_bits(m).to_f32() * sx;
+            }
         }
-    }
-    if let Some(offsets) = v.offsets {
-        for (a, &m) in acc.iter_mut().zip(&offsets[g * TILE..][..TILE]) {
-            *a += f16::from_bits(m).to_f32() * sx;
+    } else {
+        let scales = &v.scales[g * TILE..][..TILE];
+        for (r, (a, &fv)) in acc.iter_mut().zip(&f[0]).enumerate() {
+            let s = f16::from_bits(scales[r]).to_f32();
+            let m = v.offsets.map(|o| f16::from_bits(o[g * TILE + r]).to_f32());
+            *a = fv.mul_add(0.5 * s, *a);
+            *a = centre_offset(s, v.centre, m).mul_add(sx, *a);
         }
     }
 }
