@@ -387,7 +387,16 @@ impl Int8Matrix {
             out.fill(0.0);
             return;
         }
-        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, x, per_row, out));
+        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, x, per_row, out, false));
+    }
+
+    /// [`Int8Matrix::matmul`] with AVX2's `maddubs` lane sums even where the CPU has `vpdpbusd`,
+    /// so that tests check both against the scalar kernel.
+    #[cfg(all(test, target_arch = "x86_64"))]
+    pub(crate) fn matmul_madd(&self, cpu: &Cpu, acts: &Int8Activations, out: &mut [f32]) {
+        self.check_matmul(acts, out).unwrap();
+        let per_row = self.cols / BLOCK;
+        with_blocks!(&self.blocks, b => matmul_blocks(cpu, b, self.rows, acts.blocks(), per_row, out, true));
     }
 
     /// Runs `visitor` on the matrix's blocks, whichever scale and code form they have.
@@ -469,7 +478,9 @@ fn interleave<S: BlockScale, T, C: Codes>(
 }
 
 /// The int8 kernel of [`Int8Matrix::matmul`] over blocks with scales of type `S`, for the tokens
-/// of `x` (`[tokens][per_row]`; shapes checked).
+/// of `x` (`[tokens][per_row]`; shapes checked); `madd_only` keeps AVX2 on `maddubs` where it
+/// would take `vpdpbusd` (tests of both).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn matmul_blocks<S: BlockScale, C: Codes>(
     cpu: &Cpu,
     blocks: &[WeightBlock<S, C>],
@@ -477,6 +488,7 @@ fn matmul_blocks<S: BlockScale, C: Codes>(
     x: &[ActBlock],
     per_row: usize,
     out: &mut [f32],
+    madd_only: bool,
 ) {
     let isa = cpu.isa();
     run_row_tasks(
@@ -490,7 +502,7 @@ fn matmul_blocks<S: BlockScale, C: Codes>(
             let x = &x[range.tokens().start * per_row..range.tokens().end * per_row];
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => avx2::matmul_rows(w, x, per_row, range),
+                Isa::Avx2 => avx2::matmul_rows(w, x, per_row, range, madd_only),
                 #[cfg(target_arch = "aarch64")]
                 Isa::Neon => neon::matmul_rows(w, x, per_row, range),
                 _ => scalar::matmul_rows(w, x, per_row, range),

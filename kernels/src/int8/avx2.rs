@@ -1,6 +1,8 @@
 //! AVX2 int8 kernel: `maddubs(|w|, sign(x, w))` then `madd` with ones gives the eight exact int32
-//! lane sums of a block; taking |w| (not |x|) keeps a code of −128 exact. IQ4 nibble blocks are
-//! split into their 32 indices and looked up with `shuffle_epi8` as they are loaded.
+//! lane sums of a block; taking |w| (not |x|) keeps a code of −128 exact. Where the CPU has
+//! AVX-512 VNNI, one `vpdpbusd` of the codes offset to unsigned bytes, `w + 128`, gives the same
+//! sums from a start of `−128·Σ4 x` per lane (formed once per token and block). IQ4 nibble blocks
+//! are split into their 32 indices and looked up with `shuffle_epi8` as they are loaded.
 //!
 //! The activation quantizer rounds half away from zero exactly (AVX has no such rounding mode):
 //! `t = trunc(s)`, `f = s − t` (exact), `t ± 1` when `|f| ≥ 0.5`.
@@ -13,24 +15,38 @@ use super::{block_scale, ActBlock, BlockScale, Codes, WeightBlock, BLOCK, KVALUE
 use crate::isa::Isa;
 use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
-/// AVX2 version of the scalar kernel.
+/// AVX2 version of the scalar kernel, with `vpdpbusd` lane sums where the CPU has AVX-512 VNNI
+/// and `maddubs` is not asked for (`madd_only`, for tests).
 pub(super) fn matmul_rows<S: BlockScale, C: Codes>(
     w: &[WeightBlock<S, C>],
     x: &[ActBlock],
     per_row: usize,
     out: &mut RowRange<'_>,
+    madd_only: bool,
 ) {
     assert!(
         Isa::Avx2.is_supported(),
         "AVX2 kernel called on a CPU without AVX2"
     );
-    for_each_tile(&Avx2Int8::<S, C>(PhantomData), w, x, per_row, out);
+    if !madd_only && has_vnni() {
+        for_each_tile(&Avx2Int8::<S, C, Vnni>(PhantomData), w, x, per_row, out);
+    } else {
+        for_each_tile(&Avx2Int8::<S, C, Madd>(PhantomData), w, x, per_row, out);
+    }
 }
 
-/// The AVX2 tile kernel; only built by `matmul_rows` after the CPU check.
-struct Avx2Int8<S, C>(PhantomData<(S, C)>);
+/// Whether the CPU has `vpdpbusd` (AVX-512 VNNI, on 256-bit vectors with AVX-512 VL).
+pub(crate) fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
 
-impl<S: BlockScale, C: Codes> TileKernel for Avx2Int8<S, C> {
+/// The AVX2 tile kernel with lane sums `L`; only built by `matmul_rows` after the CPU checks.
+struct Avx2Int8<S, C, L>(PhantomData<(S, C, L)>);
+
+impl<S: BlockScale, C: Codes, L: LaneSums> TileKernel for Avx2Int8<S, C, L> {
     type W = WeightBlock<S, C>;
     type X = ActBlock;
 
@@ -41,14 +57,128 @@ impl<S: BlockScale, C: Codes> TileKernel for Avx2Int8<S, C> {
         per_row: usize,
     ) -> [[f32; T]; R] {
         // SAFETY: an `Avx2Int8` exists only inside `matmul_rows`, after it asserted that the CPU
-        // supports AVX2, FMA and F16C.
-        unsafe { tile::<S, C, R, T>(w, x, per_row) }
+        // supports AVX2, FMA and F16C, and (for `Vnni`) checked AVX-512 F, BW, VL and VNNI.
+        unsafe { L::tile::<S, C, R, T>(w, x, per_row) }
     }
 }
 
-/// `R` consecutive rows (`w` = `[per_row][R]`, interleaved) times `T` consecutive tokens (`x` = `[T][per_row]`).
-#[target_feature(enable = "avx2,fma,f16c")]
-fn tile<S: BlockScale, C: Codes, const R: usize, const T: usize>(
+/// How a row's eight exact lane sums `Σ_{e ∈ 4j..4j+4} w_e·x_e` of a block are formed.
+trait LaneSums {
+    /// The weight codes in the form the multiply takes.
+    type Codes: Copy;
+
+    /// [`tile_with`] compiled for the instructions of these sums.
+    ///
+    /// # Safety
+    /// The CPU supports them (AVX2, FMA and F16C; AVX-512 F, BW, VL and VNNI for [`Vnni`]).
+    unsafe fn tile<S: BlockScale, C: Codes, const R: usize, const T: usize>(
+        w: &[WeightBlock<S, C>],
+        x: &[ActBlock],
+        per_row: usize,
+    ) -> [[f32; T]; R];
+
+    /// What the sums need of a token's activation codes `xq`, per block.
+    ///
+    /// # Safety
+    /// As [`LaneSums::tile`].
+    unsafe fn token(xq: __m256i) -> __m256i;
+
+    /// A row's codes `wq` as the multiply takes them.
+    ///
+    /// # Safety
+    /// As [`LaneSums::tile`].
+    unsafe fn codes(wq: __m256i) -> Self::Codes;
+
+    /// The lane sums of codes `w` and activation codes `xq`, with `start` from [`LaneSums::token`].
+    ///
+    /// # Safety
+    /// As [`LaneSums::tile`].
+    unsafe fn lanes(w: Self::Codes, xq: __m256i, start: __m256i) -> __m256i;
+}
+
+/// `madd(maddubs(|w|, sign(x, w)), 1)`.
+struct Madd;
+
+impl LaneSums for Madd {
+    type Codes = (__m256i, __m256i);
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<S: BlockScale, C: Codes, const R: usize, const T: usize>(
+        w: &[WeightBlock<S, C>],
+        x: &[ActBlock],
+        per_row: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller's contract, and these features are enabled here.
+        unsafe { tile_with::<Madd, S, C, R, T>(w, x, per_row) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn token(_xq: __m256i) -> __m256i {
+        _mm256_setzero_si256()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn codes(wq: __m256i) -> (__m256i, __m256i) {
+        (wq, _mm256_sign_epi8(wq, wq))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lanes((wq, wabs): (__m256i, __m256i), xq: __m256i, _start: __m256i) -> __m256i {
+        let xs = _mm256_sign_epi8(xq, wq);
+        _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), _mm256_set1_epi16(1))
+    }
+}
+
+/// `vpdpbusd(−128·Σ4 x, w + 128, x)`: the unsigned codes' sums less what their offset adds.
+struct Vnni;
+
+impl LaneSums for Vnni {
+    type Codes = __m256i;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<S: BlockScale, C: Codes, const R: usize, const T: usize>(
+        w: &[WeightBlock<S, C>],
+        x: &[ActBlock],
+        per_row: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller's contract, and these features are enabled here.
+        unsafe { tile_with::<Vnni, S, C, R, T>(w, x, per_row) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn token(xq: __m256i) -> __m256i {
+        // Bytes of 0x80 are 128 as the unsigned operand: each lane gets 128·Σ4 x, at most
+        // 4·128·128 in magnitude.
+        let z = _mm256_setzero_si256();
+        _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(-128), xq))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn codes(wq: __m256i) -> __m256i {
+        _mm256_xor_si256(wq, _mm256_set1_epi8(-128))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn lanes(w: __m256i, xq: __m256i, start: __m256i) -> __m256i {
+        // Σ4 (w + 128)·x − 128·Σ4 x = Σ4 w·x, exact in i32 (|Σ4 (w + 128)·x| ≤ 4·255·128).
+        _mm256_dpbusd_epi32(start, w, xq)
+    }
+}
+
+/// `R` consecutive rows (`w` = `[per_row][R]`, interleaved) times `T` consecutive tokens (`x` =
+/// `[T][per_row]`), with lane sums `L`.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA, F16C and the instructions of `L`; inlined into `L::tile`, which
+/// enables them.
+#[inline(always)]
+unsafe fn tile_with<L: LaneSums, S: BlockScale, C: Codes, const R: usize, const T: usize>(
     w: &[WeightBlock<S, C>],
     x: &[ActBlock],
     per_row: usize,
@@ -56,42 +186,49 @@ fn tile<S: BlockScale, C: Codes, const R: usize, const T: usize>(
     // Interleaved tile: block b of row r is w[b * R + r].
     let w = &w[..R * per_row];
     let x: [&[ActBlock]; T] = std::array::from_fn(|t| &x[t * per_row..(t + 1) * per_row]);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    // SAFETY (the intrinsics below): the caller's contract.
+    let mut acc = [[unsafe { _mm256_setzero_ps() }; T]; R];
     for b in 0..per_row {
-        let mut xq = [_mm256_setzero_si256(); T];
-        let mut xd = [_mm256_setzero_ps(); T];
+        let mut xq = [unsafe { _mm256_setzero_si256() }; T];
+        let mut start = xq;
+        let mut xd = [unsafe { _mm256_setzero_ps() }; T];
         for t in 0..T {
             let block = &x[t][b];
             // SAFETY: `q` is 32 readable bytes; loadu has no alignment requirement.
             xq[t] = unsafe { _mm256_loadu_si256(block.q.as_ptr().cast()) };
-            xd[t] = _mm256_set1_ps(block.d);
+            start[t] = unsafe { L::token(xq[t]) };
+            xd[t] = unsafe { _mm256_set1_ps(block.d) };
         }
         for r in 0..R {
             let block = &w[b * R + r];
-            let wq = load_codes(&block.q);
-            let wabs = _mm256_sign_epi8(wq, wq);
-            let wd = match block.d.as_f16() {
-                Some(d) => _mm256_cvtph_ps(_mm_set1_epi16(d.to_bits() as i16)),
-                None if S::PER_HALF => {
-                    // Lanes 0..4 sum elements 0..16, lanes 4..8 elements 16..32.
-                    let [lo, hi] = block.d.halves();
-                    _mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi)
+            let codes = unsafe { L::codes(load_codes(&block.q)) };
+            // SAFETY: the caller's contract.
+            let wd = unsafe {
+                match block.d.as_f16() {
+                    Some(d) => _mm256_cvtph_ps(_mm_set1_epi16(d.to_bits() as i16)),
+                    None if S::PER_HALF => {
+                        // Lanes 0..4 sum elements 0..16, lanes 4..8 elements 16..32.
+                        let [lo, hi] = block.d.halves();
+                        _mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi)
+                    }
+                    None => _mm256_set1_ps(block.d.halves()[0]),
                 }
-                None => _mm256_set1_ps(block.d.halves()[0]),
             };
             for t in 0..T {
-                let xs = _mm256_sign_epi8(xq[t], wq);
-                let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                acc[r][t] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(lanes),
-                    _mm256_mul_ps(wd, xd[t]),
-                    acc[r][t],
-                );
+                // SAFETY: the caller's contract.
+                unsafe {
+                    let lanes = L::lanes(codes, xq[t], start[t]);
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(lanes),
+                        _mm256_mul_ps(wd, xd[t]),
+                        acc[r][t],
+                    );
+                }
             }
         }
     }
-    acc.map(|per_token| per_token.map(|v| hsum(v)))
+    // SAFETY: the caller's contract.
+    acc.map(|per_token| per_token.map(|v| unsafe { hsum(v) }))
 }
 
 /// The 32 int8 codes of a block's code storage, element order.

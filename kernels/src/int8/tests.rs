@@ -90,6 +90,26 @@ fn run(isa: Isa, threads: usize, m: &Int8Matrix, x: &[f32], tokens: usize) -> Ve
     out
 }
 
+/// Every kernel this CPU can run, by name, with its products of `m` and the `tokens` vectors of
+/// `x`: each supported ISA, and AVX2's `maddubs` lane sums where `vpdpbusd` is its default.
+fn every_kernel(m: &Int8Matrix, x: &[f32], tokens: usize) -> Vec<(String, Vec<f32>)> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut runs: Vec<(String, Vec<f32>)> = Isa::supported()
+        .into_iter()
+        .map(|isa| (isa.to_string(), run(isa, 1, m, x, tokens)))
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2.is_supported() && super::avx2::has_vnni() {
+        let cpu = Cpu::with_isa(Isa::Avx2, 1).unwrap();
+        let mut acts = Int8Activations::new(m.cols());
+        acts.build(&cpu, x, tokens).unwrap();
+        let mut out = vec![f32::NAN; tokens * m.rows()];
+        m.matmul_madd(&cpu, &acts, &mut out);
+        runs.push(("avx2 maddubs".into(), out));
+    }
+    runs
+}
+
 /// (K, rows, tokens) covering the awkward sizes without running every combination.
 const SHAPES: [(usize, usize, usize); 9] = [
     (32, 1, 1),
@@ -112,8 +132,7 @@ fn every_isa_matches_scalar_bit_for_bit() {
         let x = outlier_activations(&mut rng, cols * tokens, 40.0);
         let reference = run(Isa::Scalar, 1, &m, &x, tokens);
         assert!(reference.iter().all(|v| v.is_finite()));
-        for isa in Isa::supported() {
-            let got = run(isa, 1, &m, &x, tokens);
+        for (isa, got) in every_kernel(&m, &x, tokens) {
             for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
                 assert_eq!(
                     a.to_bits(),
@@ -449,6 +468,13 @@ fn iq4_nibbles_equal_int8_codes_bit_for_bit() {
                              f16 scales {f16_scales}"
                         );
                     }
+                }
+                for (kernel, got) in every_kernel(&packed, &x, tokens) {
+                    let same = got
+                        .iter()
+                        .zip(&reference)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kernel} K={cols} rows={rows} N={tokens}");
                 }
             }
         }

@@ -347,6 +347,7 @@ pub(crate) struct HalvesCombine {
     /// `k`: the largest, up to [`HALF_UNIT_BITS`], for which `2^k·S_h + 2c·u_h` fits int16, or 0.
     pub shift: u32,
     /// Whether `2^k·S_h + 2c·u_h` fits int16 (what AVX2's direct path needs).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub fits_int16: bool,
     /// `2^-k`.
     unit: f32,
