@@ -207,6 +207,8 @@ impl DotTiles for Planes<'_> {
         );
         let unpack = match isa {
             #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if avx2::has_gfni() => avx2::unpack_gfni_checked,
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => avx2::unpack_checked,
             _ => unpack_scalar,
         };

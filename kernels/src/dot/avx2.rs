@@ -90,6 +90,123 @@ fn unpack(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     }
 }
 
+/// Whether the CPU has what [`unpack_gfni`] needs: AVX-512 F, BW and VBMI, and GFNI.
+pub(crate) fn has_gfni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("gfni")
+}
+
+/// [`unpack_gfni`]'s gather indices of lane register `k` (rows `8k..8k + 8`, one per 64-bit lane):
+/// byte `7 − p` of lane `s` is plane `p`'s byte of row `8k + s`. Planes 0..4 come from two
+/// registers of two planes each (index `32p + byte`: `GATHER_LOW`), planes 4 and 5 from a third
+/// (index `32(p − 4) + byte`: `GATHER_HIGH`).
+const fn gather_indices(high: bool) -> [[u8; 64]; 4] {
+    use crate::lut::layout::ROW_BYTE;
+    let mut t = [[0u8; 64]; 4];
+    let mut k = 0;
+    while k < 4 {
+        let mut s = 0;
+        while s < 8 {
+            let byte = ROW_BYTE[8 * k + s] as u8;
+            let mut p = 0;
+            while p < super::MAX_BITS {
+                if (p >= 4) == high {
+                    t[k][8 * s + 7 - p] = 32 * (p % 4) as u8 + byte;
+                }
+                p += 1;
+            }
+            s += 1;
+        }
+        k += 1;
+    }
+    t
+}
+
+const GATHER_LOW: [[u8; 64]; 4] = gather_indices(false);
+const GATHER_HIGH: [[u8; 64]; 4] = gather_indices(true);
+
+/// [`unpack_gfni`] after the checks its reads rely on.
+pub(super) fn unpack_gfni_checked(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+    assert!(count <= CHUNK && (a0 + count) * v.bits * PLANE_BYTES <= v.weights.len());
+    assert!(v.bits <= super::MAX_BITS && has_gfni());
+    // SAFETY: AVX-512 F, BW, VBMI and GFNI were checked just above; the reads cover planes
+    // `(a0 + c)·bits + p` for c < count ≤ CHUNK and p < bits, checked above to lie in the tile's
+    // weights, and the writes stay in `u.codes[c]` for c < CHUNK.
+    unsafe { unpack_gfni(v, a0, count, u) }
+}
+
+/// [`unpack`] by bit-matrix transposes. For each column quad `j` of an activation group, the
+/// planes' bytes of one packed byte position (row `r`: columns `4j..4j + 4` in the low nibble,
+/// row `r + 32`'s in the high one) are gathered into one 64-bit lane, plane `p` in byte `7 − p`
+/// (`vpermt2b`, zeros past the planes), with the lanes in row order; `gf2p8affineqb` with the unit
+/// bytes `1 << k` as operand transposes each lane's 8×8 bit matrix, so that byte `k` holds bit
+/// `k` of every plane: the code of row `r`, column `4j + k` (`k < 4`), or of row `r + 32`,
+/// column `4j + k − 4`. Two-source dword permutes then put the rows in order.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
+fn unpack_gfni(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+    let bits = v.bits;
+    // SAFETY: 64 readable bytes each; loadu has no alignment requirement.
+    let low = GATHER_LOW.map(|l| unsafe { _mm512_loadu_si512(l.as_ptr().cast()) });
+    let high = GATHER_HIGH.map(|h| unsafe { _mm512_loadu_si512(h.as_ptr().cast()) });
+    // Bytes 7 − p of every lane for the planes that exist, split as the sources are.
+    let lane_mask = |planes: std::ops::Range<usize>| -> u64 {
+        let lane = planes.fold(0u64, |m, p| m | 1 << (7 - p));
+        (0..8).fold(0u64, |m, s| m | lane << (8 * s))
+    };
+    let (mask_low, mask_high) = (lane_mask(0..bits.min(4)), lane_mask(4.min(bits)..bits));
+    let unit = _mm512_set1_epi64(0x8040_2010_0804_0201_u64 as i64);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for c in 0..count {
+        let planes = &v.weights[(a0 + c) * bits * PLANE_BYTES..][..bits * PLANE_BYTES];
+        let out = &mut u.codes[c];
+        for j in 0..TABLES_PER_ACT {
+            // Plane p's 32 bytes of quad j, or zeros past the planes (masked out below).
+            let block = |p: usize| {
+                if p < bits {
+                    // SAFETY: plane p's block j is 32 bytes inside `planes` (p < bits, j < 8).
+                    unsafe {
+                        _mm256_loadu_si256(planes.as_ptr().add(p * PLANE_BYTES + j * 32).cast())
+                    }
+                } else {
+                    _mm256_setzero_si256()
+                }
+            };
+            let pair =
+                |p: usize| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(block(p)), block(p + 1));
+            let (p01, p23) = (pair(0), pair(2));
+            let p45 = if bits > 4 {
+                pair(4)
+            } else {
+                _mm512_setzero_si512()
+            };
+            let mut lanes = [_mm512_setzero_si512(); 4];
+            for (k, lane) in lanes.iter_mut().enumerate() {
+                let mut g = _mm512_maskz_permutex2var_epi8(mask_low, p01, low[k], p23);
+                if bits > 4 {
+                    g = _mm512_mask_permutexvar_epi8(g, mask_high, high[k], p45);
+                }
+                *lane = _mm512_gf2p8affine_epi64_epi8::<0>(unit, g);
+            }
+            // Lane register k holds row 8k + s in dword 2s and row 8k + s + 32 in dword 2s + 1.
+            let rows = [
+                _mm512_permutex2var_epi32(lanes[0], even, lanes[1]),
+                _mm512_permutex2var_epi32(lanes[2], even, lanes[3]),
+                _mm512_permutex2var_epi32(lanes[0], odd, lanes[1]),
+                _mm512_permutex2var_epi32(lanes[2], odd, lanes[3]),
+            ];
+            for (q, r) in rows.into_iter().enumerate() {
+                let at = (j * TILE + 16 * q) * 4;
+                let dst = &mut out[at..at + 64];
+                // SAFETY: `dst` is 64 writable bytes; storeu has no alignment requirement.
+                unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), r) };
+            }
+        }
+    }
+}
+
 /// [`unpack_int8`] after the checks its writes rely on.
 pub(super) fn unpack_int8_checked<S: BlockScale, C: Codes>(
     m: &Int8Tiles<'_, S, C>,

@@ -356,6 +356,11 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
                     unpack_scalar(&tile, a0, count, &mut want);
                     avx2::unpack_checked(&tile, a0, count, &mut got);
                     assert_eq!(want.codes, got.codes, "{bits}-bit unpack at {a0}");
+                    if avx2::has_gfni() {
+                        let mut gfni = Unpacked::new();
+                        avx2::unpack_gfni_checked(&tile, a0, count, &mut gfni);
+                        assert_eq!(want.codes, gfni.codes, "{bits}-bit GFNI unpack at {a0}");
+                    }
                     unpack_scales(&tile, a0, count, &mut want);
                     let chunk = Chunk {
                         x: acts.blocks(),
