@@ -61,6 +61,20 @@ pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
     multiplier(cpu.isa(), false).instruction
 }
 
+/// [`instruction`] for bit-plane matrices, naming `gf2p8affineqb` too where their planes are
+/// unpacked by bit-matrix transposes.
+pub(crate) fn planes_instruction(cpu: &Cpu) -> Option<&'static str> {
+    let op = instruction(cpu);
+    #[cfg(target_arch = "x86_64")]
+    if cpu.isa() == Isa::Avx2 && avx2::has_gfni() {
+        return op.map(|op| match op {
+            "vpdpbusd" => "vpdpbusd, gf2p8affineqb unpack",
+            _ => "maddubs, gf2p8affineqb unpack",
+        });
+    }
+    op
+}
+
 /// Tasks own whole tiles and blocks of at most [`NB`] tokens, the blocks of one size, so that
 /// the threads' shares of (block, tile) units are equal work: 300 tokens are two blocks of 150
 /// (blocks of 256 and 44 left one of two threads with 85% of the work). When the units do not

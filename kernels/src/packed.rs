@@ -518,10 +518,11 @@ impl PackedMatrix {
     }
 
     /// The instruction [`PackedMatrix::matmul_dot`] multiplies with on `cpu` (`vpdpbusd` with
-    /// AVX-512 VNNI, else `maddubs` on AVX2), or `None` where it has no SIMD form (NEON and the
-    /// scalar reference so far), so that batches are faster on the table lookups there.
+    /// AVX-512 VNNI, else `maddubs` on AVX2; with `gf2p8affineqb unpack` where bit planes are
+    /// unpacked by GFNI transposes), or `None` where it has no SIMD form (NEON and the scalar
+    /// reference so far), so that batches are faster on the table lookups there.
     pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
-        crate::dot::instruction(cpu)
+        crate::dot::planes_instruction(cpu)
     }
 
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
