@@ -83,11 +83,11 @@ trait LaneSums {
     /// As [`LaneSums::tile`].
     unsafe fn token(xq: __m256i) -> __m256i;
 
-    /// A row's codes `wq` as the multiply takes them.
+    /// A row's block codes `q` as the multiply takes them.
     ///
     /// # Safety
     /// As [`LaneSums::tile`].
-    unsafe fn codes(wq: __m256i) -> Self::Codes;
+    unsafe fn codes<C: Codes>(q: &C) -> Self::Codes;
 
     /// The lane sums of codes `w` and activation codes `xq`, with `start` from [`LaneSums::token`].
     ///
@@ -120,7 +120,8 @@ impl LaneSums for Madd {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn codes(wq: __m256i) -> (__m256i, __m256i) {
+    unsafe fn codes<C: Codes>(q: &C) -> (__m256i, __m256i) {
+        let wq = load_codes(q);
         (wq, _mm256_sign_epi8(wq, wq))
     }
 
@@ -159,8 +160,8 @@ impl LaneSums for Vnni {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn codes(wq: __m256i) -> __m256i {
-        _mm256_xor_si256(wq, _mm256_set1_epi8(-128))
+    unsafe fn codes<C: Codes>(q: &C) -> __m256i {
+        load_offset_codes(q)
     }
 
     #[inline]
@@ -201,7 +202,7 @@ unsafe fn tile_with<L: LaneSums, S: BlockScale, C: Codes, const R: usize, const 
         }
         for r in 0..R {
             let block = &w[b * R + r];
-            let codes = unsafe { L::codes(load_codes(&block.q)) };
+            let codes = unsafe { L::codes(&block.q) };
             // SAFETY: the caller's contract.
             let wd = unsafe {
                 match block.d.as_f16() {
@@ -235,6 +236,35 @@ unsafe fn tile_with<L: LaneSums, S: BlockScale, C: Codes, const R: usize, const 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(crate) fn load_codes<C: Codes>(q: &C) -> __m256i {
+    load_codes_from(q, &KVALUES_IQ4NL)
+}
+
+/// The 32 codes of a block offset to unsigned bytes, `q + 128`, element order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn load_offset_codes<C: Codes>(q: &C) -> __m256i {
+    if C::NIBBLES {
+        load_codes_from(q, &KVALUES_IQ4NL_OFFSET)
+    } else {
+        _mm256_xor_si256(load_codes(q), _mm256_set1_epi8(-128))
+    }
+}
+
+/// [`KVALUES_IQ4NL`] offset by 128.
+const KVALUES_IQ4NL_OFFSET: [i8; 16] = {
+    let mut t = KVALUES_IQ4NL;
+    let mut i = 0;
+    while i < 16 {
+        t[i] ^= -128;
+        i += 1;
+    }
+    t
+};
+
+/// [`load_codes`] with nibble indices looked up in `table` (16 entries).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn load_codes_from<C: Codes>(q: &C, table: &[i8; 16]) -> __m256i {
     let bytes: *const u8 = (q as *const C).cast();
     if C::NIBBLES {
         // SAFETY: a nibble block is 16 readable bytes (`Nibbles` is `[u8; 16]`), as is the table;
@@ -242,7 +272,7 @@ pub(crate) fn load_codes<C: Codes>(q: &C) -> __m256i {
         let (packed, table) = unsafe {
             (
                 _mm_loadu_si128(bytes.cast()),
-                _mm_loadu_si128(KVALUES_IQ4NL.as_ptr().cast()),
+                _mm_loadu_si128(table.as_ptr().cast()),
             )
         };
         // Both 128-bit lanes hold the 16 bytes; shifting the high lane's by 4 and masking gives
