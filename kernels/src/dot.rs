@@ -34,6 +34,8 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::cpu::Cpu;
 use crate::int8::ActBlock;
+#[cfg(target_arch = "x86_64")]
+use crate::isa::has_avx512_vnni;
 use crate::isa::Isa;
 use crate::lut::layout::{LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TILE};
 use crate::lut::{TileView, Weights};
@@ -325,7 +327,7 @@ struct Multiplier {
 fn multiplier(isa: Isa, wide_codes: bool) -> Multiplier {
     let (instruction, multiply, signed): (_, fn(&Unpacked, Chunk<'_>, &mut Acc), _) = match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if avx2::has_vnni() => (Some("vpdpbusd"), avx2::multiply_vnni_checked, false),
+        Isa::Avx2 if has_avx512_vnni() => (Some("vpdpbusd"), avx2::multiply_vnni_checked, false),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if wide_codes => (Some("maddubs"), avx2::multiply_madd_signed_checked, true),
         #[cfg(target_arch = "x86_64")]

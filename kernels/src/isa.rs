@@ -83,6 +83,16 @@ impl Isa {
     }
 }
 
+/// Whether this x86-64 CPU has `vpdpbusd` on 512- and 256-bit vectors (AVX-512 F, BW, VL and
+/// VNNI): the int8 dot GEMM and the int8 GEMV multiply with it where it does.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512_vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 impl std::fmt::Display for Isa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

@@ -8,17 +8,9 @@ use std::ops::Range;
 use super::int8_tiles::Int8Tiles;
 use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
 use crate::int8::{avx2_load_codes, ActBlock, BlockScale, Codes};
-use crate::isa::Isa;
+use crate::isa::{has_avx512_vnni, Isa};
 use crate::lut::layout::{PLANE_BYTES, TABLES_PER_ACT, TILE};
 use crate::lut::TileView;
-
-/// Whether the CPU has `vpdpbusd` on 512-bit vectors.
-pub(crate) fn has_vnni() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni")
-}
 
 /// [`unpack`] after the checks its reads rely on.
 pub(super) fn unpack_checked(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
@@ -298,7 +290,7 @@ pub(crate) enum Multiply {
     Vnni,
 }
 
-/// The `vpdpbusd` multiply; the caller checked [`has_vnni`].
+/// The `vpdpbusd` multiply; the caller checked [`has_avx512_vnni`].
 pub(super) fn multiply_vnni_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
     multiply_with(Multiply::Vnni, u, chunk, acc);
 }
@@ -319,7 +311,7 @@ pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, ac
     assert!(chunk.fits(acc.len()) && Isa::Avx2.is_supported());
     match choice {
         Multiply::Vnni => {
-            assert!(has_vnni(), "vpdpbusd needs AVX-512 F, BW and VNNI");
+            assert!(has_avx512_vnni(), "vpdpbusd needs AVX-512 F, BW and VNNI");
             // SAFETY: AVX-512 F, BW and VNNI, AVX2, FMA and F16C were checked above; indices are
             // bounded by the assertions.
             unsafe { multiply_vnni(u, chunk, acc) }

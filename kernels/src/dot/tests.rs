@@ -371,7 +371,7 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
                     let mut reference: Acc = [[0.5; TILE]; NB];
                     multiply_scalar(&want, chunk, &mut reference);
                     let mut choices = vec![avx2::Multiply::Madd];
-                    if avx2::has_vnni() {
+                    if crate::isa::has_avx512_vnni() {
                         choices.push(avx2::Multiply::Vnni);
                     }
                     for choice in choices {
@@ -629,7 +629,7 @@ fn check_int8_unpacking<S: BlockScale, C: Codes>(
             u.signed = signed;
             let choices = match signed {
                 true => vec![avx2::Multiply::MaddSigned],
-                false if avx2::has_vnni() => vec![avx2::Multiply::Vnni],
+                false if crate::isa::has_avx512_vnni() => vec![avx2::Multiply::Vnni],
                 false => vec![],
             };
             m.each_chunk(Isa::Scalar, t, m.act_groups, &mut u, |u, a0, count| {

@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::{block_scale, ActBlock, BlockScale, Codes, WeightBlock, BLOCK, KVALUES_IQ4NL};
-use crate::isa::Isa;
+use crate::isa::{has_avx512_vnni, Isa};
 use crate::tiling::{for_each_tile, RowRange, TileKernel};
 
 /// AVX2 version of the scalar kernel, with `vpdpbusd` lane sums where the CPU has AVX-512 VNNI
@@ -28,19 +28,11 @@ pub(super) fn matmul_rows<S: BlockScale, C: Codes>(
         Isa::Avx2.is_supported(),
         "AVX2 kernel called on a CPU without AVX2"
     );
-    if !madd_only && has_vnni() {
+    if !madd_only && has_avx512_vnni() {
         for_each_tile(&Avx2Int8::<S, C, Vnni>(PhantomData), w, x, per_row, out);
     } else {
         for_each_tile(&Avx2Int8::<S, C, Madd>(PhantomData), w, x, per_row, out);
     }
-}
-
-/// Whether the CPU has `vpdpbusd` (AVX-512 VNNI, on 256-bit vectors with AVX-512 VL).
-pub(crate) fn has_vnni() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni")
 }
 
 /// The AVX2 tile kernel with lane sums `L`; only built by `matmul_rows` after the CPU checks.

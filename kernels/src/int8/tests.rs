@@ -99,7 +99,7 @@ fn every_kernel(m: &Int8Matrix, x: &[f32], tokens: usize) -> Vec<(String, Vec<f3
         .map(|isa| (isa.to_string(), run(isa, 1, m, x, tokens)))
         .collect();
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx2.is_supported() && super::avx2::has_vnni() {
+    if Isa::Avx2.is_supported() && crate::isa::has_avx512_vnni() {
         let cpu = Cpu::with_isa(Isa::Avx2, 1).unwrap();
         let mut acts = Int8Activations::new(m.cols());
         acts.build(&cpu, x, tokens).unwrap();
