@@ -63,18 +63,37 @@ pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
     multiplier(cpu.isa(), false).instruction
 }
 
-/// [`instruction`] for bit-plane matrices, naming `gf2p8affineqb` too where their planes are
-/// unpacked by bit-matrix transposes.
-pub(crate) fn planes_instruction(cpu: &Cpu) -> Option<&'static str> {
-    let op = instruction(cpu);
-    #[cfg(target_arch = "x86_64")]
-    if cpu.isa() == Isa::Avx2 && avx2::has_gfni() {
-        return op.map(|op| match op {
-            "vpdpbusd" => "vpdpbusd, gf2p8affineqb unpack",
-            _ => "maddubs, gf2p8affineqb unpack",
-        });
+/// Writes the byte codes of a chunk of a tile's activation groups (`a0`, `count`) into an
+/// [`Unpacked`], as [`unpack_scalar`] does.
+pub(crate) type UnpackFn = fn(&TileView<'_>, usize, usize, &mut Unpacked);
+
+/// How bit planes become byte codes on an ISA.
+#[derive(Clone, Copy)]
+pub(crate) struct Unpacker {
+    pub unpack: UnpackFn,
+    /// The instruction that does it where it is not shifts and masks.
+    pub instruction: Option<&'static str>,
+}
+
+/// The fastest unpacking of bit planes on `isa` and this CPU: GFNI bit-matrix transposes where
+/// AVX-512 VBMI and GFNI exist, else AVX2 shifts and masks, else scalar.
+pub(crate) fn unpacker(isa: Isa) -> Unpacker {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if avx2::has_gfni() => Unpacker {
+            unpack: avx2::unpack_gfni_checked,
+            instruction: Some("gf2p8affineqb"),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Unpacker {
+            unpack: avx2::unpack_checked,
+            instruction: None,
+        },
+        _ => Unpacker {
+            unpack: unpack_scalar,
+            instruction: None,
+        },
     }
-    op
 }
 
 /// Tasks own whole tiles and blocks of at most [`NB`] tokens, the blocks of one size, so that
@@ -195,10 +214,12 @@ pub(crate) trait DotTiles: Sync {
     );
 }
 
-/// LUT-packed bit planes ([`crate::PackedMatrix`]) of `rows` rows, all [`supports`]ed.
+/// LUT-packed bit planes ([`crate::PackedMatrix`]) of `rows` rows, all [`supports`]ed, and how
+/// they are unpacked ([`unpacker`], chosen once per dispatch).
 pub(crate) struct Planes<'w> {
     pub w: Weights<'w>,
     pub rows: usize,
+    pub unpack: UnpackFn,
 }
 
 impl DotTiles for Planes<'_> {
@@ -210,7 +231,7 @@ impl DotTiles for Planes<'_> {
 
     fn each_chunk(
         &self,
-        isa: Isa,
+        _isa: Isa,
         t: usize,
         act_groups: usize,
         u: &mut Unpacked,
@@ -221,17 +242,10 @@ impl DotTiles for Planes<'_> {
             tile_is_consistent(&tile, act_groups),
             "inconsistent packed tile"
         );
-        let unpack = match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if avx2::has_gfni() => avx2::unpack_gfni_checked,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::unpack_checked,
-            _ => unpack_scalar,
-        };
         for a0 in (0..act_groups).step_by(CHUNK) {
             let count = CHUNK.min(act_groups - a0);
             unpack_scales(&tile, a0, count, u);
-            unpack(&tile, a0, count, u);
+            (self.unpack)(&tile, a0, count, u);
             multiply(u, a0, count);
         }
     }

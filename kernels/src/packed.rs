@@ -518,11 +518,17 @@ impl PackedMatrix {
     }
 
     /// The instruction [`PackedMatrix::matmul_dot`] multiplies with on `cpu` (`vpdpbusd` with
-    /// AVX-512 VNNI, else `maddubs` on AVX2; with `gf2p8affineqb unpack` where bit planes are
-    /// unpacked by GFNI transposes), or `None` where it has no SIMD form (NEON and the scalar
-    /// reference so far), so that batches are faster on the table lookups there.
+    /// AVX-512 VNNI, else `maddubs` on AVX2), or `None` where it has no SIMD form (NEON and the
+    /// scalar reference so far), so that batches are faster on the table lookups there.
     pub fn dot_instruction(cpu: &Cpu) -> Option<&'static str> {
-        crate::dot::planes_instruction(cpu)
+        crate::dot::instruction(cpu)
+    }
+
+    /// The instruction [`PackedMatrix::matmul_dot`] unpacks bit planes into byte codes with on
+    /// `cpu` (`gf2p8affineqb` bit-matrix transposes with AVX-512 VBMI and GFNI), or `None` where
+    /// it shifts and masks.
+    pub fn dot_unpack_instruction(cpu: &Cpu) -> Option<&'static str> {
+        crate::dot::unpacker(cpu.isa()).instruction
     }
 
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
@@ -553,9 +559,11 @@ impl PackedMatrix {
             ));
         }
         for_parts(mats, outs, acts.cols(), acts.tokens(), |mats, outs| {
+            let unpack = crate::dot::unpacker(cpu.isa()).unpack;
             let planes = |p: usize| crate::dot::Planes {
                 w: mats[p].view(),
                 rows: mats[p].rows(),
+                unpack,
             };
             crate::dot::run(
                 cpu,

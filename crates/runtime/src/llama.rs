@@ -459,9 +459,13 @@ impl Model {
 
     /// How this model's matrices multiply prompts, for reports.
     pub fn prefill_kernel(&self) -> String {
-        match PackedMatrix::dot_instruction(&self.cpu) {
-            Some(op) => format!("int8 dot ({op}); sampled tokens: table lookups"),
-            None => "table lookups".to_string(),
+        let unpack = PackedMatrix::dot_unpack_instruction(&self.cpu);
+        match (PackedMatrix::dot_instruction(&self.cpu), unpack) {
+            (Some(op), Some(unpack)) => {
+                format!("int8 dot ({op}, {unpack} unpack); sampled tokens: table lookups")
+            }
+            (Some(op), None) => format!("int8 dot ({op}); sampled tokens: table lookups"),
+            (None, _) => "table lookups".to_string(),
         }
     }
 
