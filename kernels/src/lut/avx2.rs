@@ -581,8 +581,8 @@ fn widen(v: __m256i, k: usize) -> __m256i {
     }
 }
 
-/// The f32 scales and offsets of [`direct`], 8 rows a vector: f16 values converted, or `d·sc` and
-/// `dmin·m` (the offset's magnitude; [`direct`] subtracts it) of super-block scales.
+/// The combine factors of [`direct`], 8 rows a vector: half the scale and the offset at the centre
+/// ([`DirectScales::factors`]), from f16 values or from `d·sc` and `dmin·m` of super-block scales.
 struct DirectScales {
     /// Half the scales of the one or two groups of an activation group, for several tokens.
     half_scale: [[__m256; 8]; 2],

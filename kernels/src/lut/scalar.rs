@@ -259,7 +259,7 @@ fn combine_super(f: &[f32; TILE], sx: f32, centre: f32, gs: &GroupScales, acc: &
 /// The offset at the centre of the codes, `o = s·c + m` in one rounding (`s·c` without an
 /// offset): the weight of `Σx` in a uniform group's combine.
 #[inline]
-pub(crate) fn centre_offset(s: f32, centre: f32, m: Option<f32>) -> f32 {
+fn centre_offset(s: f32, centre: f32, m: Option<f32>) -> f32 {
     match m {
         Some(m) => s.mul_add(centre, m),
         None => s * centre,
