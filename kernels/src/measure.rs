@@ -21,7 +21,10 @@ use crate::cpu::Cpu;
 use crate::error::{KernelError, Result};
 use crate::int8::{Int8Activations, Int8Matrix};
 use crate::isa::Isa;
-use crate::packed::{Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights};
+use crate::packed::{
+    Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights, SuperBlockWeights,
+    SUPER_BLOCK,
+};
 use crate::tables::ActivationTables;
 use crate::ternary::{TernaryMatrix, TernaryTables, TernaryWeights};
 
@@ -61,6 +64,12 @@ pub enum KernelKind {
         /// Elements per scale group.
         group_size: usize,
     },
+    /// LUT kernel on the two-level scales of llama.cpp's K-quant of `bits` bits (2 to 6: Q2_K
+    /// .. Q6_K; [`KQUANT_FORMS`]), as lutra packs GGUF files of that type.
+    KQuant {
+        /// Bits per weight.
+        bits: u8,
+    },
     /// The dequantize-then-dot baseline ([`DequantMatrix`], `bits` ∈ {1, 2, 4}, groups of 32).
     Dequant {
         /// Bits per weight.
@@ -78,6 +87,7 @@ impl KernelKind {
             KernelKind::Ternary167 => "ternary1.67".to_string(),
             KernelKind::Int8 => "int8".to_string(),
             KernelKind::Dot { bits, .. } => format!("dot{bits}"),
+            KernelKind::KQuant { bits } => format!("q{bits}k"),
             KernelKind::Dequant { bits } => format!("dequant{bits}"),
         }
     }
@@ -88,6 +98,7 @@ impl KernelKind {
         match *self {
             KernelKind::Lut { bits, .. }
             | KernelKind::Dot { bits, .. }
+            | KernelKind::KQuant { bits }
             | KernelKind::Dequant { bits } => bits,
             KernelKind::Ternary { .. } | KernelKind::Ternary167 => 2,
             KernelKind::Int8 => 8,
@@ -102,6 +113,7 @@ impl KernelKind {
             | KernelKind::Dot { group_size, .. }
             | KernelKind::Ternary { group_size } => group_size,
             KernelKind::Ternary167 => 0,
+            KernelKind::KQuant { bits } => kquant_form(bits).map_or(0, |f| f.group),
             KernelKind::Int8 | KernelKind::Dequant { .. } => 32,
         }
     }
@@ -244,6 +256,7 @@ impl PreparedCase {
             KernelKind::Ternary { group_size } => {
                 lut_weights(&mut rng, rows, cols, 2, group_size, true)?
             }
+            KernelKind::KQuant { bits } => kquant_weights(&mut rng, rows, cols, bits)?,
             KernelKind::Ternary167 => {
                 let codes: Vec<u8> = rng.bytes(rows * cols).into_iter().map(|b| b % 3).collect();
                 let scales: Vec<f32> = (0..rows).map(|_| 0.001 + 0.01 * rng.uniform()).collect();
@@ -417,6 +430,114 @@ fn lut_weights(
         offsets: Some(&offsets),
     };
     Ok(Weights::Lut(PackedMatrix::pack(&weights)?))
+}
+
+/// The sub-scale form of one K-quant type, as [`SuperBlockWeights`] documents it.
+#[derive(Clone, Copy, Debug)]
+struct KQuantForm {
+    bits: u8,
+    group: usize,
+    zero_point: u8,
+    /// Sub-scales are `0..sub_scale_levels`, shifted by `sub_scale_shift`.
+    sub_scale_levels: u16,
+    sub_scale_shift: i16,
+    /// Sub-mins `0..levels` and a `dmin`, if the type has them.
+    sub_min_levels: Option<u16>,
+}
+
+/// Q2_K to Q6_K.
+const KQUANT_FORMS: [KQuantForm; 5] = [
+    KQuantForm {
+        bits: 2,
+        group: 16,
+        zero_point: 0,
+        sub_scale_levels: 16,
+        sub_scale_shift: 0,
+        sub_min_levels: Some(16),
+    },
+    KQuantForm {
+        bits: 3,
+        group: 16,
+        zero_point: 4,
+        sub_scale_levels: 64,
+        sub_scale_shift: -32,
+        sub_min_levels: None,
+    },
+    KQuantForm {
+        bits: 4,
+        group: 32,
+        zero_point: 0,
+        sub_scale_levels: 64,
+        sub_scale_shift: 0,
+        sub_min_levels: Some(64),
+    },
+    KQuantForm {
+        bits: 5,
+        group: 32,
+        zero_point: 0,
+        sub_scale_levels: 64,
+        sub_scale_shift: 0,
+        sub_min_levels: Some(64),
+    },
+    KQuantForm {
+        bits: 6,
+        group: 16,
+        zero_point: 32,
+        sub_scale_levels: 256,
+        sub_scale_shift: -128,
+        sub_min_levels: None,
+    },
+];
+
+fn kquant_form(bits: u8) -> Option<KQuantForm> {
+    KQUANT_FORMS.iter().find(|f| f.bits == bits).copied()
+}
+
+/// Random codes, sub-scales and super-scales of the K-quant of `bits` bits, packed as
+/// [`PackedMatrix::pack_super_blocks`] packs a GGUF tensor of that type.
+fn kquant_weights(rng: &mut SplitMix64, rows: usize, cols: usize, bits: u8) -> Result<Weights> {
+    let form = kquant_form(bits).ok_or(KernelError::UnsupportedForm(
+        "K-quant kernels have 2 to 6 bits (Q2_K to Q6_K)",
+    ))?;
+    let codes: Vec<u8> = rng
+        .bytes(rows * cols)
+        .into_iter()
+        .map(|b| b & ((1u8 << bits) - 1))
+        .collect();
+    let groups = rows * cols / form.group;
+    let sub_scales: Vec<i8> = rng
+        .bytes(groups)
+        .into_iter()
+        .map(|b| (i16::from(b) % form.sub_scale_levels as i16 + form.sub_scale_shift) as i8)
+        .collect();
+    let sub_mins: Option<Vec<u8>> = form.sub_min_levels.map(|levels| {
+        rng.bytes(groups)
+            .into_iter()
+            .map(|b| (u16::from(b) % levels) as u8)
+            .collect()
+    });
+    let supers = rows * cols.div_ceil(SUPER_BLOCK);
+    let mut f16s = |n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|_| half::f16::from_f32(0.0001 + 0.001 * rng.uniform()).to_bits())
+            .collect()
+    };
+    let d = f16s(supers);
+    let dmin = sub_mins.as_ref().map(|_| f16s(supers));
+    Ok(Weights::Lut(PackedMatrix::pack_super_blocks(
+        &SuperBlockWeights {
+            rows,
+            cols,
+            bits,
+            group: form.group,
+            zero_point: form.zero_point,
+            codes: &codes,
+            sub_scales: &sub_scales,
+            sub_mins: sub_mins.as_deref(),
+            d: &d,
+            dmin: dmin.as_deref(),
+        },
+    )?))
 }
 
 /// Measures one case: warm-up runs, then timed runs until `repetitions` or `max_time`.

@@ -14,7 +14,7 @@ use lutra_kernels::Isa;
 /// Arguments of `lutra bench-kernels`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchKernelsArgs {
-    /// Kernels, comma-separated name prefixes: lut1..lut4, ternary, int8, dot2, dot4, dot6, dequant2, dequant4
+    /// Kernels, comma-separated name prefixes: lut1..lut4, ternary, int8, dot2, dot4, dot6, q2k..q6k (K-quant forms, where K is a multiple of 256), dequant2, dequant4
     /// [default: all]
     #[arg(short = 'k', long = "kernel", value_delimiter = ',')]
     kernels: Vec<String>,

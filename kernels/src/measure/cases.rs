@@ -2,6 +2,7 @@
 
 use super::{KernelCase, KernelKind};
 use crate::error::{KernelError, Result};
+use crate::packed::SUPER_BLOCK;
 
 /// Shapes (M×K) of the default grid: Llama-2/3-7B projections and SmolLM2-135M's.
 pub const DEFAULT_SHAPES: [(usize, usize); 7] = [
@@ -30,7 +31,8 @@ fn lut_group(cols: usize) -> usize {
 }
 
 /// The kernels measured on a matrix of K = `cols` (LUT 1–4 bits, ternary as 2-bit planes, int8,
-/// the dot GEMM at 2, 4 and 6 bits, the baseline at 2 and 4 bits).
+/// the dot GEMM at 2, 4 and 6 bits, the baseline at 2 and 4 bits, and where K is whole
+/// super-blocks the K-quant forms Q2_K to Q6_K).
 pub fn kinds_for(cols: usize) -> Vec<KernelKind> {
     let group_size = lut_group(cols);
     let mut kinds: Vec<KernelKind> = (1..=4)
@@ -40,6 +42,9 @@ pub fn kinds_for(cols: usize) -> Vec<KernelKind> {
     kinds.push(KernelKind::Int8);
     kinds.extend([2, 4, 6].map(|bits| KernelKind::Dot { bits, group_size }));
     kinds.extend([2, 4].map(|bits| KernelKind::Dequant { bits }));
+    if cols.is_multiple_of(SUPER_BLOCK) {
+        kinds.extend((2..=6).map(|bits| KernelKind::KQuant { bits }));
+    }
     kinds
 }
 

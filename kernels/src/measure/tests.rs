@@ -13,10 +13,23 @@ fn quick() -> MeasureOptions {
 #[test]
 fn default_grid_covers_the_issue_list() {
     let cases = default_cases();
+    // 12 kernels on every shape, and the five K-quant forms where K is whole super-blocks.
+    let kernels: usize = DEFAULT_SHAPES
+        .iter()
+        .map(|&(_, k)| if k % 256 == 0 { 17 } else { 12 })
+        .sum();
     assert_eq!(
         cases.len(),
-        DEFAULT_SHAPES.len() * 12 * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
+        kernels * DEFAULT_THREADS.len() * DEFAULT_TOKENS.len()
     );
+    assert!(cases
+        .iter()
+        .any(|c| c.kind == KernelKind::KQuant { bits: 4 }
+            && (c.rows, c.cols) == (4096, 4096)
+            && c.tokens == 1));
+    assert!(!cases
+        .iter()
+        .any(|c| matches!(c.kind, KernelKind::KQuant { .. }) && c.cols == 576));
     assert!(cases.iter().any(|c| c.kind
         == KernelKind::Dot {
             bits: 4,
@@ -139,6 +152,42 @@ fn lut_case_records_match_packed_bytes() {
     // 2 bits per weight plus at least one f16 scale per group of 32.
     assert!(record.weight_bytes >= 64 * 576 / 4 + 64 * 576 / 32 * 2);
     assert_eq!((record.bits, record.group_size), (2, 32));
+}
+
+#[test]
+fn kquant_cases_stream_the_bytes_of_their_gguf_type() {
+    // Bytes per 256 weights of Q2_K .. Q6_K in a GGUF file.
+    for (bits, file_bytes) in [(2u8, 84usize), (3, 110), (4, 144), (5, 176), (6, 210)] {
+        let case = KernelCase {
+            kind: KernelKind::KQuant { bits },
+            rows: 64,
+            cols: 512,
+            threads: 1,
+            tokens: 1,
+        };
+        let mut prepared = PreparedCase::new(&case, None).unwrap();
+        prepared.run().unwrap();
+        assert!(prepared.output().iter().all(|v| v.is_finite()), "q{bits}k");
+        assert!(prepared.output().iter().any(|&v| v != 0.0), "q{bits}k");
+        let file = 64 * 512 / 256 * file_bytes;
+        let packed = prepared.weight_bytes();
+        assert!(
+            packed <= file * 105 / 100 && packed >= 64 * 512 * usize::from(bits) / 8,
+            "q{bits}k: {packed} bytes packed, {file} in the file"
+        );
+        assert_eq!(case.kind.name(), format!("q{bits}k"));
+    }
+    let case = KernelCase {
+        kind: KernelKind::KQuant { bits: 7 },
+        rows: 64,
+        cols: 256,
+        threads: 1,
+        tokens: 1,
+    };
+    assert!(matches!(
+        PreparedCase::new(&case, None),
+        Err(KernelError::UnsupportedForm(_))
+    ));
 }
 
 #[test]
