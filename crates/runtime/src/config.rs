@@ -660,13 +660,14 @@ fn hf_rope_scaling(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
+    use crate::fixtures::{tiny_llama_gguf, GgufWriter, TempDir, TinyModelSpec};
     use crate::gguf::{GgufFile, MetaValue};
     use std::path::Path;
 
     #[test]
     fn tiny_model_config() {
-        let path = std::env::temp_dir().join(format!("lutra-config-{}.gguf", std::process::id()));
+        let dir = TempDir::new("config");
+        let path = dir.join("tiny.gguf");
         let spec = TinyModelSpec {
             tied_embeddings: false,
             ..TinyModelSpec::default()
@@ -728,7 +729,8 @@ mod tests {
             "tokenizer.ggml.tokens",
             MetaValue::Array(vec![MetaValue::String("a".into()); 10]),
         );
-        let path = std::env::temp_dir().join(format!("lutra-config-q-{}.gguf", std::process::id()));
+        let dir = TempDir::new("config-q");
+        let path = dir.join("qwen2.gguf");
         w.write(&path).unwrap();
         let err = ModelConfig::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
         assert!(
@@ -774,10 +776,6 @@ mod tests {
         w
     }
 
-    fn temp_gguf(tag: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("lutra-config-{tag}-{}.gguf", std::process::id()))
-    }
-
     fn config_of(w: &GgufWriter, path: &std::path::Path) -> crate::Result<ModelConfig> {
         w.write(path).unwrap();
         ModelConfig::from_gguf(&GgufFile::open(path).unwrap())
@@ -785,7 +783,8 @@ mod tests {
 
     #[test]
     fn sliding_windows_from_gguf_and_config_json() {
-        let path = temp_gguf("swa");
+        let dir = TempDir::new("config-swa");
+        let path = dir.join("config.gguf");
         let mut w = llama_metadata();
         assert_eq!(config_of(&w, &path).unwrap().sliding_window, None);
         // Mistral in a llama file: every layer.
@@ -880,7 +879,8 @@ mod tests {
 
     #[test]
     fn longrope_phi3_files_are_refused() {
-        let path = temp_gguf("phi3");
+        let dir = TempDir::new("config-phi3");
+        let path = dir.join("config.gguf");
         let mut w = arch_metadata("phi3");
         w.add_metadata("phi3.attention.sliding_window", MetaValue::U32(2048));
         let c = config_of(&w, &path).unwrap();
@@ -900,7 +900,8 @@ mod tests {
 
     #[test]
     fn gguf_rope_scaling_from_metadata_and_rope_freqs() {
-        let path = temp_gguf("rope");
+        let dir = TempDir::new("config-rope");
+        let path = dir.join("config.gguf");
         let scaling = |w: &GgufWriter| config_of(w, &path).unwrap().rope_scaling;
         let mut w = llama_metadata();
         assert_eq!(scaling(&w), RopeScaling::None);
@@ -940,7 +941,8 @@ mod tests {
 
     #[test]
     fn bad_rope_freqs_are_errors_naming_the_tensor() {
-        let path = temp_gguf("rope-bad");
+        let dir = TempDir::new("config-rope-bad");
+        let path = dir.join("config.gguf");
         let mut w = llama_metadata();
         w.add_tensor_f32(ROPE_FREQS_TENSOR, &[7], &[1.0; 7])
             .unwrap();

@@ -696,29 +696,20 @@ fn finish_unstarted(mut job: Job, stop: StopReason, error: Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{tiny_llama_gguf, TinyModelSpec};
+    use crate::fixtures::{tiny_llama_gguf, TempDir, TinyModelSpec};
     use crate::generate::Generator;
     use crate::llama::LoadOptions;
     use crate::sampler::SamplerConfig;
 
-    /// The tiny model file (tokenizer and all), loaded once per test.
+    /// The tiny model file (tokenizer and all), written and loaded once per test.
     fn tiny_model(threads: usize) -> Arc<Model> {
-        let dir = std::env::temp_dir().join(format!("lutra-engine-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("tiny-{threads}.gguf"));
-        if !path.exists() {
-            let spec = TinyModelSpec {
-                context_length: 96,
-                ..TinyModelSpec::default()
-            };
-            // Tests run in parallel: each writes its own temporary file, and the rename that
-            // lands last replaces an identical file.
-            static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let tmp = dir.join(format!("tiny-{threads}-{n}.tmp"));
-            tiny_llama_gguf(&tmp, &spec, 5).unwrap();
-            std::fs::rename(&tmp, &path).unwrap();
-        }
+        let dir = TempDir::new("engine");
+        let path = dir.join("tiny.gguf");
+        let spec = TinyModelSpec {
+            context_length: 96,
+            ..TinyModelSpec::default()
+        };
+        tiny_llama_gguf(&path, &spec, 5).unwrap();
         let opts = LoadOptions {
             threads,
             ..LoadOptions::default()

@@ -1,12 +1,6 @@
 //! Unit tests of `gguf`.
 use super::*;
-use crate::fixtures::GgufWriter;
-
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lutra-gguf-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+use crate::fixtures::{GgufWriter, TempDir};
 
 fn sample_writer() -> GgufWriter {
     let mut w = GgufWriter::new();
@@ -37,7 +31,8 @@ fn sample_writer() -> GgufWriter {
 
 #[test]
 fn round_trip_metadata_and_tensors() {
-    let path = temp_path("roundtrip.gguf");
+    let dir = TempDir::new("gguf-roundtrip");
+    let path = dir.join("roundtrip.gguf");
     sample_writer().write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.version(), 3);
@@ -118,7 +113,8 @@ fn round_trip_metadata_and_tensors() {
 #[test]
 fn truncated_file_names_file_and_tensor() {
     let bytes = sample_writer().to_bytes();
-    let path = temp_path("truncated.gguf");
+    let dir = TempDir::new("gguf-truncated");
+    let path = dir.join("truncated.gguf");
     std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
     let err = GgufFile::open(&path).unwrap_err();
     let msg = err.to_string();
@@ -131,7 +127,7 @@ fn truncated_file_names_file_and_tensor() {
 
     // Cut inside the header: every prefix must fail cleanly, never panic.
     let header_end = GgufFile::open(&{
-        let p = temp_path("full.gguf");
+        let p = dir.join("full.gguf");
         std::fs::write(&p, &bytes).unwrap();
         p
     })
@@ -147,7 +143,8 @@ fn truncated_file_names_file_and_tensor() {
 #[test]
 fn corrupt_header_is_bad_file() {
     let mut bytes = sample_writer().to_bytes();
-    let path = temp_path("corrupt.gguf");
+    let dir = TempDir::new("gguf-corrupt");
+    let path = dir.join("corrupt.gguf");
     bytes[0] = b'X';
     std::fs::write(&path, &bytes).unwrap();
     let msg = GgufFile::open(&path).unwrap_err().to_string();
@@ -174,7 +171,8 @@ fn unknown_tensor_type_is_unsupported() {
     let mut w = GgufWriter::new();
     w.add_tensor_raw("odd.weight", &[4], 99, vec![0; 4])
         .unwrap();
-    let path = temp_path("unknown.gguf");
+    let dir = TempDir::new("gguf-unknown");
+    let path = dir.join("unknown.gguf");
     w.write(&path).unwrap();
     match GgufFile::open(&path) {
         Err(Error::UnsupportedTensorType { tensor, ty, .. }) => {
@@ -196,7 +194,8 @@ fn unknown_tensor_type_is_unsupported() {
 
 #[test]
 fn missing_metadata_is_metadata_error() {
-    let path = temp_path("nometa.gguf");
+    let dir = TempDir::new("gguf-nometa");
+    let path = dir.join("nometa.gguf");
     sample_writer().write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
     let err = crate::config::ModelConfig::from_gguf(&f).unwrap_err();
@@ -210,7 +209,8 @@ fn missing_metadata_is_metadata_error() {
 fn custom_alignment_is_honoured() {
     let mut w = sample_writer();
     w.add_metadata("general.alignment", MetaValue::U32(64));
-    let path = temp_path("align64.gguf");
+    let dir = TempDir::new("gguf-align64");
+    let path = dir.join("align64.gguf");
     w.write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.alignment(), 64);
@@ -237,7 +237,8 @@ fn released_tensor_pages_decode_unchanged() {
     w.add_tensor_f32("before.weight", &[64], &small).unwrap();
     w.add_tensor_f32("big.weight", &[1024, 64], &big).unwrap();
     w.add_tensor_f32("after.weight", &[64], &small).unwrap();
-    let path = temp_path("release.gguf");
+    let dir = TempDir::new("gguf-release");
+    let path = dir.join("release.gguf");
     w.write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.decode_tensor("big.weight").unwrap().dequantize(), big);
@@ -274,7 +275,8 @@ fn decoded_rows_are_the_rows_of_the_decoded_tensor() {
     let i2_s = crate::fixtures::i2_s_tensor(&codes, 0.375);
     w.add_tensor_raw("i2s.weight", &[128, 6], GgmlType::I2_S.id(), i2_s)
         .unwrap();
-    let path = temp_path("rows.gguf");
+    let dir = TempDir::new("gguf-rows");
+    let path = dir.join("rows.gguf");
     w.write(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
     for name in ["q40.weight", "f32.weight", "i2s.weight"] {

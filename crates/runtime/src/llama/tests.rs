@@ -5,7 +5,7 @@ use super::*;
 use crate::config::FfnActivation;
 use crate::fixtures::{
     synthetic_model, synthetic_model_with, tiny_llama_gguf, GgufWriter, SyntheticSpec,
-    SyntheticWeights, TinyModelSpec,
+    SyntheticWeights, TempDir, TinyModelSpec,
 };
 use crate::gguf::MetaValue;
 use crate::rope::{RopeScaling, RopeStyle};
@@ -253,17 +253,17 @@ fn describe_counts_tensors_and_bytes() {
     assert!(info.to_string().contains("lut2 g32"), "{info}");
 }
 
-fn tiny_file(dir: &str, spec: &TinyModelSpec) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("lutra-llama-{dir}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("tiny.gguf");
+/// Writes the tiny model of `spec` as `dir/name.gguf`.
+fn tiny_file(dir: &std::path::Path, name: &str, spec: &TinyModelSpec) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.gguf"));
     tiny_llama_gguf(&path, spec, 11).unwrap();
     path
 }
 
 #[test]
 fn loads_a_gguf_exactly_requantized_and_in_reference_mode() {
-    let path = tiny_file("load", &TinyModelSpec::default());
+    let dir = TempDir::new("llama-load");
+    let path = tiny_file(&dir, "tiny", &TinyModelSpec::default());
     let exact = Model::load(&path, &options(true)).unwrap();
     let fast = Model::load(&path, &options(false)).unwrap();
     assert!(fast.tokenizer().is_some() && fast.chat_template().is_some());
@@ -293,13 +293,11 @@ fn loads_a_gguf_exactly_requantized_and_in_reference_mode() {
             assert!(rel_error(&logits, &want) < 0.1);
         }
     }
-    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[test]
 fn missing_and_misshapen_tensors_are_named() {
-    let dir = std::env::temp_dir().join(format!("lutra-llama-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("llama-bad");
     let write = |embd_dims: &[usize]| {
         let mut w = GgufWriter::new();
         let s = |v: &str| MetaValue::String(v.to_string());
@@ -332,7 +330,6 @@ fn missing_and_misshapen_tensors_are_named() {
         Err(Error::MissingTensor { tensor, .. }) => assert_eq!(tensor, "blk.0.attn_norm.weight"),
         other => panic!("expected MissingTensor, got {other:?}"),
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Random blocks of `ty` for a `[rows][cols]` matrix: random bytes with each f16 field
@@ -370,7 +367,8 @@ fn k_and_i_quant_models_load_exactly_into_their_kernels() {
         layers: 1,
         ..TinyModelSpec::default()
     };
-    let tiny = tiny_file("kquants", &spec);
+    let dir = TempDir::new("llama-kquants");
+    let tiny = tiny_file(&dir, "tiny", &spec);
     let file = crate::gguf::GgufFile::open(&tiny).unwrap();
     // (type, f16 fields as (byte offset, size relative to 1/√K), kernel form). Every block of a
     // tensor gets the same scales, so the loader may merge Q5_0/Q5_1 groups into wider ones.
@@ -457,15 +455,13 @@ fn k_and_i_quant_models_load_exactly_into_their_kernels() {
             ty.name()
         );
     }
-    let _ = std::fs::remove_dir_all(tiny.parent().unwrap());
 }
 
 #[test]
 fn kernel_form_errors_name_the_file_and_the_tensor() {
     // A Q4_0 block scale of 60000 makes the offset −8·d overflow the kernel's f16 offsets: loading
     // must say which tensor of which file.
-    let dir = std::env::temp_dir().join(format!("lutra-llama-q4-0-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("llama-q4-0");
     let mut w = GgufWriter::new();
     let s = |v: &str| MetaValue::String(v.to_string());
     let u = |v: usize| MetaValue::U32(v as u32);
@@ -504,7 +500,6 @@ fn kernel_form_errors_name_the_file_and_the_tensor() {
     );
     let expected = format!("{}: tensor token_embd.weight (Q4_0): ", path.display());
     assert!(message.starts_with(&expected), "{message}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -531,21 +526,22 @@ fn tiny_bitnet_spec(layers: usize) -> TinyModelSpec {
     }
 }
 
-/// The GGUF of [`tiny_bitnet_spec`], with TQ2_0 matrices.
-fn tiny_bitnet_file(dir: &str, layers: usize) -> std::path::PathBuf {
-    tiny_file(dir, &tiny_bitnet_spec(layers))
+/// The GGUF of [`tiny_bitnet_spec`], with TQ2_0 matrices, as `dir/name.gguf`.
+fn tiny_bitnet_file(dir: &std::path::Path, name: &str, layers: usize) -> std::path::PathBuf {
+    tiny_file(dir, name, &tiny_bitnet_spec(layers))
 }
 
 #[test]
 fn bitnet_i2_s_file_gives_the_logits_of_the_same_weights_in_tq2_0() {
     // The same ternary weights in bitnet.cpp's I2_S (each tensor's scale inside it) and in TQ2_0
     // (block scales times a `.scale` tensor): the loaded weights are equal, so are the logits.
-    let tq2 = tiny_bitnet_file("bitnet-tq2", 2);
+    let dir = TempDir::new("llama-bitnet-i2s");
+    let tq2 = tiny_bitnet_file(&dir, "tq2_0", 2);
     let i2s_spec = TinyModelSpec {
         ternary_type: GgmlType::I2_S,
         ..tiny_bitnet_spec(2)
     };
-    let i2s = tiny_file("bitnet-i2s", &i2s_spec);
+    let i2s = tiny_file(&dir, "i2_s", &i2s_spec);
     let file = crate::gguf::GgufFile::open(&i2s).unwrap();
     let types = |ty: GgmlType| file.tensors().iter().filter(|t| t.ty == ty).count();
     assert_eq!((types(GgmlType::I2_S), types(GgmlType::TQ2_0)), (2 * 7, 0));
@@ -572,9 +568,6 @@ fn bitnet_i2_s_file_gives_the_logits_of_the_same_weights_in_tq2_0() {
             assert_eq!(i2s.iter().map(|t| t.count).sum::<usize>(), 2 * 7, "{info}");
             assert!(i2s.iter().all(|t| t.kernel == "ternary 1.67b"), "{info}");
         }
-    }
-    for path in [tq2, i2s] {
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
 
@@ -715,7 +708,8 @@ fn plain_bitnet_forward(path: &std::path::Path, tokens: &[u32], v: Variant) -> V
 
 #[test]
 fn bitnet_gguf_loads_with_sub_norms_and_fast_path_agrees_with_reference() {
-    let path = tiny_bitnet_file("bitnet-load", 2);
+    let dir = TempDir::new("llama-bitnet-load");
+    let path = tiny_bitnet_file(&dir, "bitnet", 2);
     let exact = Model::load(&path, &options(true)).unwrap();
     let fast = Model::load(&path, &options(false)).unwrap();
     let c = fast.config();
@@ -746,12 +740,12 @@ fn bitnet_gguf_loads_with_sub_norms_and_fast_path_agrees_with_reference() {
     // The tables quantize activations to int8 per 32 (BitNet itself: per token).
     let (agree, _) = agreement_with_reference(&fast, &exact, &prompt(16, vocab));
     assert!(agree >= 14, "top-1 agreed at {agree} of 16 positions");
-    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[test]
 fn bitnet_blocks_match_plain_f32_loops_with_sub_norms_and_squared_relu() {
-    let path = tiny_bitnet_file("bitnet-plain", 2);
+    let dir = TempDir::new("llama-bitnet-plain");
+    let path = tiny_bitnet_file(&dir, "bitnet", 2);
     let model = Model::load(&path, &options(true)).unwrap();
     let vocab = model.config().vocab_size;
     let tokens = prompt(5, vocab);
@@ -784,7 +778,6 @@ fn bitnet_blocks_match_plain_f32_loops_with_sub_norms_and_squared_relu() {
         unit_norms > 1e-2,
         "sub-norm weights do not matter: {unit_norms}"
     );
-    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[test]
@@ -795,7 +788,8 @@ fn bitnet_named_file_runs_swiglu_as_llama_cpp_does() {
         gguf_name: Some("bitnet"),
         ..tiny_bitnet_spec(2)
     };
-    let path = tiny_file("bitnet-swiglu", &spec);
+    let dir = TempDir::new("llama-bitnet-swiglu");
+    let path = tiny_file(&dir, "bitnet-swiglu", &spec);
     let file = crate::gguf::GgufFile::open(&path).unwrap();
     assert_eq!(
         file.metadata("general.architecture"),
@@ -848,7 +842,6 @@ fn bitnet_named_file_runs_swiglu_as_llama_cpp_does() {
         err.contains("general.architecture") && err.contains("'qwen3'"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[test]
@@ -1093,7 +1086,8 @@ fn qwen3_gemma3_phi3_load_by_the_table_and_agree_with_reference() {
         Architecture::Phi3,
     ] {
         let spec = tiny_arch_spec(arch);
-        let path = tiny_file(&format!("arch-{arch:?}"), &spec);
+        let dir = TempDir::new(&format!("llama-arch-{arch:?}"));
+        let path = tiny_file(&dir, "tiny", &spec);
         let exact = Model::load(&path, &options(true)).unwrap();
         let fast = Model::load(&path, &options(false)).unwrap();
         let c = fast.config();
@@ -1161,7 +1155,6 @@ fn qwen3_gemma3_phi3_load_by_the_table_and_agree_with_reference() {
             .unwrap();
         let err = rel_error(&batched, &decode_one_by_one(&exact, &tokens));
         assert!(err < 1e-5, "{arch:?}: batched vs one by one {err}");
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
 
@@ -1189,8 +1182,12 @@ fn sliding_window_limits_what_every_layer_sees() {
         sliding_window: window,
         ..TinyModelSpec::default()
     };
-    let full = Model::load(&tiny_file("swa-none", &spec(None)), &options(true)).unwrap();
-    let windowed = Model::load(&tiny_file("swa-16", &spec(Some(16))), &options(true)).unwrap();
+    let dir = TempDir::new("llama-swa");
+    let load = |name: &str, window| {
+        Model::load(&tiny_file(&dir, name, &spec(window)), &options(true)).unwrap()
+    };
+    let full = load("none", None);
+    let windowed = load("window-16", Some(16));
     let w = windowed.config().sliding_window.as_ref().unwrap();
     assert_eq!(
         (w.size, w.local_layers.len(), w.local_rope_theta),
@@ -1216,7 +1213,7 @@ fn sliding_window_limits_what_every_layer_sees() {
 
     // A window of one: each token attends only to itself, whose RoPE angle cancels in q·k, so
     // every position's logits are those of the token alone at position 0.
-    let one = Model::load(&tiny_file("swa-1", &spec(Some(1))), &options(true)).unwrap();
+    let one = load("window-1", Some(1));
     let logits = all_logits(&one, &tokens);
     for (t, &token) in tokens.iter().enumerate() {
         let alone = all_logits(&one, &[token]);

@@ -181,18 +181,12 @@ fn llama_file_type(t: GgmlTarget) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{tiny_llama_gguf, TinyModelSpec};
+    use crate::fixtures::{tiny_llama_gguf, TempDir, TinyModelSpec};
     use crate::gguf::TensorType;
     use crate::llama::calibrate::BlockMatrix;
     use crate::quantize::gptq::GptqOptions;
     use crate::quantizer::blocks::{Bits, Method, Rotate};
     use crate::quantizer::calibration::Calibration;
-
-    fn dir(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("lutra-quantize-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     fn options(method: Method, bits: Bits, target: Target) -> QuantizeOptions {
         QuantizeOptions {
@@ -240,7 +234,7 @@ mod tests {
 
     #[test]
     fn calibrated_files_load_in_place_and_beat_round_to_nearest() {
-        let d = dir("gptq");
+        let d = TempDir::new("quantize-gptq");
         let src = d.join("tiny.gguf");
         tiny_llama_gguf(&src, &TinyModelSpec::default(), 21).unwrap();
         let exact = logits(&src);
@@ -275,7 +269,7 @@ mod tests {
 
     #[test]
     fn rotated_files_rotate_the_activations_they_were_quantized_for() {
-        let d = dir("rotated");
+        let d = TempDir::new("quantize-rotated");
         let src = d.join("tiny.gguf");
         tiny_llama_gguf(&src, &TinyModelSpec::default(), 25).unwrap();
         let exact = logits(&src);
@@ -344,7 +338,7 @@ mod tests {
 
     #[test]
     fn a_ggml_target_writes_its_standard_type() {
-        let d = dir("ggml");
+        let d = TempDir::new("quantize-ggml");
         let src = d.join("tiny.gguf");
         tiny_llama_gguf(&src, &TinyModelSpec::default(), 22).unwrap();
         let out = d.join("tiny-q4_0.gguf");
@@ -392,7 +386,7 @@ mod tests {
 
     #[test]
     fn mixed_bits_average_what_was_asked() {
-        let d = dir("mixed");
+        let d = TempDir::new("quantize-mixed");
         let src = d.join("tiny.gguf");
         tiny_llama_gguf(&src, &TinyModelSpec::default(), 23).unwrap();
         let out = d.join("tiny-mixed.gguf");
@@ -417,7 +411,7 @@ mod tests {
 
     #[test]
     fn auto_rotation_rotates_the_inputs_read_only_by_narrow_matrices() {
-        let d = dir("auto-rot");
+        let d = TempDir::new("quantize-auto-rot");
         let src = d.join("tiny.gguf");
         tiny_llama_gguf(&src, &TinyModelSpec::default(), 26).unwrap();
         let out = d.join("tiny-3.5.gguf");
@@ -462,7 +456,7 @@ mod tests {
 
     #[test]
     fn sources_and_options_that_cannot_work_are_clear_errors() {
-        let d = dir("errors");
+        let d = TempDir::new("quantize-errors");
         let opts = options(Method::Gptq, Bits::Uniform(2), Target::Lut);
         let e = quantize(&d, &d.join("o.gguf"), &opts, 1, &mut |_| {})
             .unwrap_err()

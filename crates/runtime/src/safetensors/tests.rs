@@ -1,35 +1,9 @@
 //! Unit tests of `safetensors`: folders and shards, dtypes, GPTQ and BitNet decoding, errors.
 
 use super::*;
-use crate::fixtures::{write_safetensors, TensorData};
+use crate::fixtures::{write_safetensors, TempDir, TensorData};
 use crate::weights::DecodedTensor;
 use lutra_kernels::measure::SplitMix64;
-
-/// A fresh empty folder under the temp dir, removed when dropped.
-pub(crate) struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-pub(crate) fn temp_dir(tag: &str) -> TempDir {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("lutra-st-{tag}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
-}
 
 fn below(rng: &mut SplitMix64, n: u32) -> u32 {
     (rng.next_u64() % u64::from(n)) as u32
@@ -37,7 +11,7 @@ fn below(rng: &mut SplitMix64, n: u32) -> u32 {
 
 #[test]
 fn dense_dtypes_widen_exactly() {
-    let dir = temp_dir("dense");
+    let dir = TempDir::new("st-dense");
     let v = [1.5f32, -2.25, 0.0, 65504.0];
     write_safetensors(
         &dir.join(SINGLE_FILE),
@@ -71,7 +45,7 @@ fn dense_dtypes_widen_exactly() {
 
 #[test]
 fn shards_are_found_through_the_index() {
-    let dir = temp_dir("shards");
+    let dir = TempDir::new("st-shards");
     write_safetensors(
         &dir.join("model-00001-of-00002.safetensors"),
         &[TensorData::f32("x", &[2], &[1.0, 2.0])],
@@ -114,14 +88,14 @@ fn shards_are_found_through_the_index() {
     );
     assert!(err.to_string().contains("missing"), "{err}");
     // No checkpoint at all.
-    let empty = temp_dir("empty");
+    let empty = TempDir::new("st-empty");
     let err = SafetensorsFolder::open(&empty).unwrap_err();
     assert!(err.to_string().contains(SINGLE_FILE), "{err}");
 }
 
 #[test]
 fn truncated_and_malformed_files_are_refused() {
-    let dir = temp_dir("trunc");
+    let dir = TempDir::new("st-trunc");
     let path = dir.join(SINGLE_FILE);
     write_safetensors(&path, &[TensorData::f32("w", &[4, 4], &[0.5; 16])]).unwrap();
     let bytes = std::fs::read(&path).unwrap();
@@ -290,7 +264,7 @@ fn gptq_case(
 
 fn open_gptq(case_tensors: &[TensorData], tag: &str) -> SafetensorsFolder {
     // The map stays valid after the file is unlinked (the folder is removed right away).
-    let dir = temp_dir(tag);
+    let dir = TempDir::new(&format!("st-{tag}"));
     write_safetensors(&dir.join(SINGLE_FILE), case_tensors).unwrap();
     SafetensorsFolder::open(&dir).unwrap()
 }
@@ -509,7 +483,7 @@ fn bitnet_decodes_four_row_blocks() {
             codes[(i * n / 4 + r) * k + c]
         );
     }
-    let dir = temp_dir("bitnet");
+    let dir = TempDir::new("st-bitnet");
     write_safetensors(
         &dir.join(SINGLE_FILE),
         &[

@@ -228,8 +228,7 @@ mod tests {
     #[test]
     fn sentencepiece_folder_matches_the_gguf_tokenizer() {
         let w = crate::tokenizer::tests::tiny_sentencepiece_gguf();
-        let dir = std::env::temp_dir().join(format!("lutra-hf-spm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::fixtures::TempDir::new("hf-spm");
         let path = dir.join("spm.gguf");
         w.write(&path).unwrap();
         let gguf = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
@@ -278,7 +277,6 @@ mod tests {
         std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
         let err = Tokenizer::from_hf_folder(&dir).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,12 +1,10 @@
 //! Unit tests of `tokenizer`.
 use super::*;
-use crate::fixtures::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
+use crate::fixtures::{tiny_llama_gguf, GgufWriter, TempDir, TinyModelSpec};
 
 fn tiny() -> Tokenizer {
-    // Tests run in parallel and each writes its own file.
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("lutra-tok-{}-{n}.gguf", std::process::id()));
+    let dir = TempDir::new("tok");
+    let path = dir.join("tiny.gguf");
     tiny_llama_gguf(
         &path,
         &TinyModelSpec {
@@ -16,9 +14,7 @@ fn tiny() -> Tokenizer {
         1,
     )
     .unwrap();
-    let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&path);
-    tokenizer
+    Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
 }
 
 #[test]
@@ -131,7 +127,8 @@ pub(crate) fn tiny_sentencepiece_gguf() -> GgufWriter {
 #[test]
 fn sentencepiece_with_byte_fallback() {
     let w = tiny_sentencepiece_gguf();
-    let path = std::env::temp_dir().join(format!("lutra-spm-{}.gguf", std::process::id()));
+    let dir = TempDir::new("spm");
+    let path = dir.join("spm.gguf");
     w.write(&path).unwrap();
     let t = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     let id = |s: &str| t.token_id(s).unwrap();
@@ -164,7 +161,8 @@ fn user_defined_tokens_are_always_parsed() {
         MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
     );
     w.add_metadata("tokenizer.ggml.merges", MetaValue::Array(vec![]));
-    let path = std::env::temp_dir().join(format!("lutra-userdef-{}.gguf", std::process::id()));
+    let dir = TempDir::new("userdef");
+    let path = dir.join("userdef.gguf");
     w.write(&path).unwrap();
     let t = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     assert_eq!(

@@ -1,8 +1,6 @@
 //! Tests of the GGUF writer and of lutra files: bit-for-bit round trips, whole-model
 //! conversions, and the errors of corrupted files.
 
-use std::path::PathBuf;
-
 use lutra_kernels::measure::SplitMix64;
 use lutra_kernels::{
     ActivationTables, Cpu, Grouping, PackedMatrix, PlaneScales, QuantSpec, QuantizedWeights,
@@ -10,18 +8,10 @@ use lutra_kernels::{
 };
 
 use super::*;
-use crate::fixtures::{requantized_lutra_file, tiny_llama_gguf, TinyModelSpec};
+use crate::fixtures::{requantized_lutra_file, tiny_llama_gguf, TempDir, TinyModelSpec};
 use crate::gguf::lutra::LUTRA_TYPE_BASE;
 use crate::llama::{LoadOptions, Model};
 use crate::quantize::Requantize;
-
-/// A fresh directory for one test.
-fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lutra-writer-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -129,7 +119,7 @@ fn write_matrices(path: &Path) -> Vec<PackedMatrix> {
 
 #[test]
 fn packed_matrices_round_trip_bit_for_bit_and_load_in_place() {
-    let dir = temp_dir("round-trip");
+    let dir = TempDir::new("writer-round-trip");
     let path = dir.join("m.lutra.gguf");
     let written = write_matrices(&path);
     assert_eq!(
@@ -185,12 +175,11 @@ fn packed_matrices_round_trip_bit_for_bit_and_load_in_place() {
     drop(file);
     let mut row = vec![0.0f32; 128];
     kept.dequantize_row(0, &mut row).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_writer_that_does_not_finish_leaves_nothing() {
-    let dir = temp_dir("unfinished");
+    let dir = TempDir::new("writer-unfinished");
     let out = dir.join("out.gguf");
     std::fs::write(&out, b"the old file").unwrap();
     let mut w = GgufWriter::create(&out).unwrap();
@@ -215,12 +204,11 @@ fn a_writer_that_does_not_finish_leaves_nothing() {
     );
     assert_eq!(files_in(&dir), ["out.gguf"]);
     assert_eq!(std::fs::read(&out).unwrap(), b"the old file");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn the_writer_refuses_what_it_cannot_store() {
-    let dir = temp_dir("refuses");
+    let dir = TempDir::new("writer-refuses");
     let out = dir.join("x.gguf");
     let mut w = GgufWriter::create(&out).unwrap();
     let msg = |r: Result<()>| r.unwrap_err().to_string();
@@ -261,7 +249,6 @@ fn the_writer_refuses_what_it_cannot_store() {
     let e = msg(w.put_packed("k", &two_level, &info(4, 32)));
     assert!(e.contains("two-level"), "{e}");
     drop(w);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Logits of every position of a short prompt.
@@ -280,7 +267,7 @@ fn logits(model: &Model) -> Vec<f32> {
 
 #[test]
 fn a_raw_copy_of_a_gguf_file_loads_identically() {
-    let dir = temp_dir("raw-copy");
+    let dir = TempDir::new("writer-raw-copy");
     let (src, copy) = (dir.join("tiny.gguf"), dir.join("copy.gguf"));
     let spec = TinyModelSpec {
         tied_embeddings: false,
@@ -325,12 +312,11 @@ fn a_raw_copy_of_a_gguf_file_loads_identically() {
         Model::load(&copy, &opts).unwrap(),
     );
     assert_eq!(logits(&a), logits(&b));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_model_converted_to_lutra_types_matches_requantization_at_load() {
-    let dir = temp_dir("model");
+    let dir = TempDir::new("writer-model");
     let (src, out) = (dir.join("tiny.gguf"), dir.join("tiny.lutra.gguf"));
     tiny_llama_gguf(&src, &TinyModelSpec::default(), 9).unwrap();
     let spec = Requantize {
@@ -403,7 +389,6 @@ fn a_model_converted_to_lutra_types_matches_requantization_at_load() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max);
     assert!(worst < 1e-4, "reference modes differ by {worst}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Where tensor `name`'s info (its dimension count) starts in a file's header.
@@ -435,7 +420,7 @@ fn load_error(dir: &Path, file_name: &str, bytes: &[u8]) -> String {
 
 #[test]
 fn corrupted_lutra_files_get_errors_naming_file_and_tensor() {
-    let dir = temp_dir("corrupt");
+    let dir = TempDir::new("writer-corrupt");
     let good = dir.join("good.gguf");
     write_matrices(&good);
     let bytes = std::fs::read(&good).unwrap();
@@ -514,7 +499,6 @@ fn corrupted_lutra_files_get_errors_naming_file_and_tensor() {
         msg.contains("m0.weight") && msg.contains("recorded as 4 bits"),
         "{msg}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn find(bytes: &[u8], needle: &[u8]) -> usize {
@@ -528,7 +512,7 @@ fn find(bytes: &[u8], needle: &[u8]) -> usize {
 fn a_misaligned_lutra_tensor_is_refused() {
     // Alignment 1 lets a tensor start on an odd byte, where its f16 scales cannot be read in
     // place: the error names the file and the tensor.
-    let dir = temp_dir("misaligned");
+    let dir = TempDir::new("writer-misaligned");
     let mut rng = SplitMix64::new(1);
     let spec = QuantSpec {
         rows: 8,
@@ -563,5 +547,4 @@ fn a_misaligned_lutra_tensor_is_refused() {
             "{msg}"
         );
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,9 +10,10 @@ use super::*;
 use crate::chat::Message;
 use crate::config::Architecture;
 use crate::fixtures::{
-    gguf_to_hf_folder, tiny_llama_gguf, write_safetensors, GgufWriter, TensorData, TinyModelSpec,
+    gguf_to_hf_folder, tiny_llama_gguf, write_safetensors, GgufWriter, TempDir, TensorData,
+    TinyModelSpec,
 };
-use crate::safetensors::tests::{gptq_layer, temp_dir, GroupOrder, TempDir};
+use crate::safetensors::tests::{gptq_layer, GroupOrder};
 use crate::safetensors::SINGLE_FILE;
 
 const LINEARS: [&str; 7] = [
@@ -36,7 +37,7 @@ fn options(reference: bool) -> LoadOptions {
 /// A tiny random GGUF and the same model converted to an F32 Hugging Face folder, in a
 /// temporary folder (removed with the returned guard).
 fn tiny_pair(tag: &str, spec: &TinyModelSpec) -> (TempDir, PathBuf, PathBuf) {
-    let dir = temp_dir(tag);
+    let dir = TempDir::new(&format!("hf-{tag}"));
     let gguf = dir.join("tiny.gguf");
     tiny_llama_gguf(&gguf, spec, 42).unwrap();
     let folder = dir.join("hf");
