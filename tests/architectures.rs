@@ -9,7 +9,7 @@ use std::path::Path;
 use lutra::config::Architecture;
 use lutra::llama::{LoadOptions, Model};
 use lutra::perplexity::perplexity;
-use lutra_runtime::fixtures::{tiny_llama_gguf, TinyModelSpec};
+use lutra_runtime::fixtures::{tiny_llama_gguf, TempDir, TinyModelSpec};
 use serde::Deserialize;
 
 mod common;
@@ -120,8 +120,7 @@ fn write_tiny_file(dir: &Path, m: &ModelFigures) -> std::path::PathBuf {
 fn tiny_models_match_llama_perplexity() {
     let figures = figures();
     let corpus = common::corpus();
-    let dir = std::env::temp_dir().join(format!("lutra-arch-files-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("arch-files");
     let mut seen = Vec::new();
     for m in &figures.models {
         let path = write_tiny_file(&dir, m);
@@ -157,5 +156,4 @@ fn tiny_models_match_llama_perplexity() {
         seen.push(m.architecture.as_str());
     }
     assert_eq!(seen, ["qwen3", "gemma3", "phi3", "bitnet"]);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+use lutra_runtime::fixtures::TempDir;
+
 mod common;
 
 fn model_path() -> PathBuf {
@@ -285,8 +287,7 @@ fn bench_json_rows_parse_with_positive_rates() {
 
 #[test]
 fn bench_markdown_table_and_plot() {
-    let dir = std::env::temp_dir().join(format!("lutra-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-bench");
     let svg_path = dir.join("sweep.svg");
     let out = lutra(&[
         "bench",
@@ -316,7 +317,6 @@ fn bench_markdown_table_and_plot() {
     let svg = std::fs::read_to_string(&svg_path).expect("the SVG was written");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 2, "one line per test");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Starts `lutra ARGS` with stdin, stdout and stderr piped.
@@ -507,8 +507,7 @@ fn info_lists_every_tensor_with_its_type_form_and_bytes() {
 #[test]
 fn info_shows_bitnet_cpp_i2_s_matrices_on_the_ternary_kernel() {
     use lutra_runtime::{config::Architecture, weights::GgmlType};
-    let dir = std::env::temp_dir().join(format!("lutra-cli-i2s-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-i2s");
     let file = dir.join("tiny-bitnet-i2_s.gguf");
     let spec = lutra_runtime::fixtures::TinyModelSpec {
         hidden: 256,
@@ -531,13 +530,11 @@ fn info_shows_bitnet_cpp_i2_s_matrices_on_the_ternary_kernel() {
             .collect();
         assert_eq!(&row[1..5], ["I2_S", "→", "ternary", "1.67b"], "{stdout}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_lutra_file_loads_in_place_and_info_shows_how_it_was_quantized() {
-    let dir = std::env::temp_dir().join(format!("lutra-cli-lutra-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-lutra");
     let file = dir.join("smollm2-2bit.lutra.gguf");
     let spec = lutra_runtime::quantize::Requantize {
         bits: 2,
@@ -572,5 +569,4 @@ fn a_lutra_file_loads_in_place_and_info_shows_how_it_was_quantized() {
         "generate", "-m", path, "-p", "Hi", "-n", "4", "--temp", "0", "-t", "2",
     ]);
     assert_success(&out);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,7 +1,7 @@
 //! End-to-end generation: a tiny random model made on the fly, and the real SmolLM2 model checked
 //! against llama.cpp's greedy completions.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use lutra::generate::{generate_text, CancelToken, GenerateOptions, Generator, StopReason};
@@ -9,7 +9,7 @@ use lutra::llama::{LoadOptions, Model};
 use lutra::sampler::SamplerConfig;
 use lutra::session::ChatSession;
 use lutra::Error;
-use lutra_runtime::fixtures::{tiny_llama_gguf, TinyModelSpec};
+use lutra_runtime::fixtures::{tiny_llama_gguf, TempDir, TinyModelSpec};
 
 mod common;
 
@@ -47,17 +47,14 @@ fn real_model() -> &'static Model {
 fn tiny_model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("lutra-generation-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path: PathBuf = dir.join("tiny.gguf");
+        let dir = TempDir::new("generation");
+        let path = dir.join("tiny.gguf");
         tiny_llama_gguf(&path, &TinyModelSpec::default(), 7).expect("write tiny model");
         let opts = LoadOptions {
             context_length: Some(256),
             ..LoadOptions::default()
         };
-        let model = Model::load(&path, &opts).expect("load tiny model");
-        let _ = std::fs::remove_dir_all(&dir);
-        model
+        Model::load(&path, &opts).expect("load tiny model")
     })
 }
 

@@ -18,7 +18,7 @@ use lutra::chat::Message;
 use lutra::llama::{LoadOptions, Model};
 use lutra::perplexity::perplexity;
 use lutra::safetensors::Dtype;
-use lutra_runtime::fixtures::{gguf_to_hf_folder, tiny_llama_gguf, TinyModelSpec};
+use lutra_runtime::fixtures::{gguf_to_hf_folder, tiny_llama_gguf, TempDir, TinyModelSpec};
 
 mod common;
 
@@ -51,8 +51,8 @@ fn argmax(x: &[f32]) -> usize {
 #[test]
 fn smollm2_as_a_hugging_face_folder_matches_the_gguf() {
     let gguf = model_path();
-    let dir = std::env::temp_dir().join(format!("lutra-hf-smollm2-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let temp = TempDir::new("hf-smollm2");
+    let dir = temp.join("hf");
     gguf_to_hf_folder(&gguf, &dir, Dtype::F16).expect("convert");
     let opts = LoadOptions {
         threads: 2,
@@ -126,15 +126,12 @@ fn smollm2_as_a_hugging_face_folder_matches_the_gguf() {
         "top-1 agreed at {agree} of {}",
         window.len()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The CLI's `-m` takes a folder: `info` lists the requantized tensors and `generate` runs.
 #[test]
 fn cli_runs_a_tiny_hugging_face_folder() {
-    let dir = std::env::temp_dir().join(format!("lutra-hf-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("hf-cli");
     let gguf = dir.join("tiny.gguf");
     tiny_llama_gguf(&gguf, &TinyModelSpec::default(), 3).unwrap();
     let folder = dir.join("hf");
@@ -166,5 +163,4 @@ fn cli_runs_a_tiny_hugging_face_folder() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("config.json is missing"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,10 +9,11 @@
 //! (default 48) and `LUTRA_HOSTILE_SEED` the seed.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lutra_runtime::fixtures::TempDir;
 use lutra_runtime::gguf::GgufFile;
 
 const REAL_MODEL: &str = "models/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -130,19 +131,6 @@ fn lutra_info(path: &Path) -> (Option<i32>, String) {
     (status.code(), reader.join().unwrap_or_default())
 }
 
-fn scratch_dir() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = base.join(format!("lutra-hostile-files-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -164,7 +152,8 @@ fn mutated_real_gguf_headers_get_clean_errors() {
     let data = &original[data_offset..];
     let mutants = env_or("LUTRA_HOSTILE_MUTANTS", 48);
     let mut rng = Rng(env_or("LUTRA_HOSTILE_SEED", 0x006c_7574_7261));
-    let dir = scratch_dir();
+    // Up to a whole model file per mutant: written in memory where there is a tmpfs.
+    let dir = TempDir::in_memory("hostile-files");
     let path = dir.join("mutant.gguf");
     let (mut ok, mut refused, mut full_ok) = (0, 0, 0);
     for i in 0..mutants {
@@ -194,7 +183,6 @@ fn mutated_real_gguf_headers_get_clean_errors() {
             other => panic!("{context}: lutra info exited with {other:?}:\n{stderr}"),
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
     eprintln!(
         "{mutants} mutants: {ok} loaded ({full_ok} of them whole files), {refused} refused with a \
          clean error"

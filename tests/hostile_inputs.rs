@@ -7,18 +7,15 @@ use std::time::{Duration, Instant};
 
 use lutra_runtime::chat::{ChatTemplate, Message};
 use lutra_runtime::config::ModelConfig;
-use lutra_runtime::fixtures::{tiny_llama_gguf, GgufWriter, TinyModelSpec};
+use lutra_runtime::fixtures::{tiny_llama_gguf, GgufWriter, TempDir, TinyModelSpec};
 use lutra_runtime::gguf::{GgufFile, MetaValue};
 use lutra_runtime::llama::{LoadOptions, Model};
 use lutra_runtime::safetensors::SafetensorsFolder;
 use lutra_runtime::tokenizer::Tokenizer;
 
-/// A fresh scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lutra-hostile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh scratch folder for one test, removed when dropped.
+fn scratch(name: &str) -> TempDir {
+    TempDir::new(&format!("hostile-{name}"))
 }
 
 /// A small GGUF: one string metadata entry and one F32 tensor `[4, 2]`.
@@ -30,9 +27,7 @@ fn small_gguf() -> Vec<u8> {
     w.add_tensor_f32("blk.0.attn_norm.weight", &[4, 2], &[0.5; 8])
         .unwrap();
     w.write(&path).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
-    bytes
+    std::fs::read(&path).unwrap()
 }
 
 fn find(bytes: &[u8], needle: &[u8]) -> usize {
@@ -46,9 +41,11 @@ fn put_u64(bytes: &mut [u8], at: usize, v: u64) {
     bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Writes `bytes` as `name` in a scratch folder and opens it; returns the error text and path.
+/// Writes `bytes` as `name` in a scratch folder and opens it; returns the error text and the
+/// path the file had.
 fn open_error(name: &str, bytes: &[u8]) -> (String, PathBuf) {
-    let path = scratch(name).join(format!("{name}.gguf"));
+    let dir = scratch(name);
+    let path = dir.join(format!("{name}.gguf"));
     std::fs::write(&path, bytes).unwrap();
     let err = GgufFile::open(&path).expect_err("a hostile file must be refused");
     (err.to_string(), path)
@@ -202,7 +199,8 @@ fn huge_block_count_is_an_error() {
     assert_names(&err, &[&path.display().to_string(), "blk.2."]);
 }
 
-/// A tiny model GGUF whose chat template is `template`; returns the file and its template.
+/// A tiny model GGUF whose chat template is `template`; returns the path the file had (its
+/// folder is removed on return) and the rendered template.
 fn template_from_gguf(name: &str, template: &str) -> (PathBuf, lutra_runtime::Result<String>) {
     let dir = scratch(name);
     let tiny = dir.join("tiny.gguf");
@@ -270,7 +268,8 @@ fn template_syntax_error_names_the_file() {
     assert_template_refused("syntax", "{% for m in messages %}");
 }
 
-/// A Hugging Face folder with `config.json` = `config` and no weights.
+/// A Hugging Face folder with `config.json` = `config` and no weights; returns the error and the
+/// path `config.json` had (its folder is removed on return).
 fn hf_config_error(name: &str, edit: &dyn Fn(&mut serde_json::Value)) -> (String, PathBuf) {
     let dir = scratch(name);
     let mut config = serde_json::json!({
@@ -305,7 +304,8 @@ fn hf_config_with_overflowing_head_dim_is_refused() {
     assert_names(&err, &[&path.display().to_string(), "head_dim"]);
 }
 
-/// Writes a safetensors file whose header says `header` (length prefix `len`).
+/// Writes a safetensors file whose header says `header` (length prefix `len`); returns the error
+/// and the path the file had (its folder is removed on return).
 fn safetensors_error(name: &str, len: u64, header: &[u8], tail: &[u8]) -> (String, PathBuf) {
     let dir = scratch(name);
     let path = dir.join("model.safetensors");

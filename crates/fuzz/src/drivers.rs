@@ -12,10 +12,10 @@
 //! under `tests/data/fuzz/`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lutra_runtime::chat::{ChatTemplate, Message};
 use lutra_runtime::config::ModelConfig;
+use lutra_runtime::fixtures::TempDir;
 use lutra_runtime::gguf::GgufFile;
 use lutra_runtime::llama::{LoadOptions, Model};
 use lutra_runtime::safetensors::SafetensorsFolder;
@@ -29,34 +29,22 @@ pub const SHARD_1: &str = "model-00001-of-00002.safetensors";
 /// The second shard's name.
 pub const SHARD_2: &str = "model-00002-of-00002.safetensors";
 
-/// A fresh, empty scratch folder, removed when dropped.
+/// A fresh, empty scratch folder (on tmpfs where there is one), removed when dropped.
 pub struct Scratch {
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Scratch {
     /// Creates a folder unique to this process and call.
     pub fn new(tag: &str) -> Scratch {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!(
-            "lutra-fuzz-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch folder");
-        Scratch { dir }
+        Scratch {
+            dir: TempDir::in_memory(&format!("fuzz-{tag}")),
+        }
     }
 
     /// The folder.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// Writes `bytes` to `name` in the folder and returns its path.
@@ -64,12 +52,6 @@ impl Scratch {
         let path = self.dir.join(name);
         std::fs::write(&path, bytes).expect("scratch file");
         path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use lutra_fuzz::drivers::{join_sections, SHARD_1};
 use lutra_runtime::fixtures::{
-    gguf_to_hf_folder, tiny_llama_gguf, write_safetensors, GgufWriter, TinyModelSpec,
+    gguf_to_hf_folder, tiny_llama_gguf, write_safetensors, GgufWriter, TempDir, TinyModelSpec,
 };
 use lutra_runtime::gguf::MetaValue;
 use lutra_runtime::safetensors::{Dtype, SafetensorsFolder};
@@ -84,8 +84,8 @@ fn every_tensor_type(path: &Path) -> Result<(), Error> {
 
 fn main() -> Result<(), Error> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let work = std::env::temp_dir().join(format!("lutra-fuzz-seeds-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    // The files the seeds are read from; removed on return, also on an error.
+    let work = TempDir::new("fuzz-seeds");
 
     // gguf: tiny llama models (tied and untied) and a metadata-only file.
     let gguf_dir = root.join("gguf");
@@ -165,7 +165,6 @@ fn main() -> Result<(), Error> {
         "tokenizer-only",
         &join_sections(&[&tokenizer, b"{}", b"a b c"]),
     )?;
-    std::fs::remove_dir_all(&work)?;
     println!("seeds written under {}", root.display());
     Ok(())
 }
