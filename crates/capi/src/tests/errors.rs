@@ -3,6 +3,8 @@
 use std::ffi::c_char;
 use std::ptr::{null, null_mut};
 
+use lutra_runtime::fixtures::TempDir;
+
 use super::{c_string, collect, last_error, real_model, Pieces};
 use crate::generate::lutra_generate;
 use crate::model::{lutra_model_free, lutra_model_load};
@@ -15,7 +17,8 @@ use crate::tokenize::lutra_tokenize;
 
 #[test]
 fn a_missing_file_gives_null_and_names_the_file() {
-    let path = std::env::temp_dir().join("lutra-capi-no-such-model.gguf");
+    let dir = TempDir::new("capi-missing");
+    let path = dir.join("no-such-model.gguf");
     let c_path = c_string(path.to_str().unwrap());
     let model = lutra_model_load(c_path.as_ptr(), null());
     assert!(model.is_null());
@@ -28,14 +31,11 @@ fn a_missing_file_gives_null_and_names_the_file() {
 
 #[test]
 fn a_file_that_is_not_a_model_is_refused() {
-    let path = std::env::temp_dir().join(format!(
-        "lutra-capi-not-a-model-{}.gguf",
-        std::process::id()
-    ));
+    let dir = TempDir::new("capi-not-a-model");
+    let path = dir.join("not-a-model.gguf");
     std::fs::write(&path, b"this is not a GGUF file").unwrap();
     let c_path = c_string(path.to_str().unwrap());
     let model = lutra_model_load(c_path.as_ptr(), null());
-    let _ = std::fs::remove_file(&path);
     assert!(model.is_null());
     let message = last_error().expect("an error message");
     assert!(message.contains(path.to_str().unwrap()), "{message}");
