@@ -104,23 +104,39 @@ impl std::fmt::Debug for MappedFile {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::io::Write;
 
-    fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("lutra-{name}-{}.bin", std::process::id()));
-        let mut f = File::create(&path).unwrap();
-        f.write_all(bytes).unwrap();
-        path
+    /// A file of given bytes under the temp dir, unique to the process and call, removed when
+    /// dropped. On Unix a map of it stays readable after that.
+    pub(crate) struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        pub(crate) fn new(bytes: &[u8]) -> TempFile {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("lutra-kernels-{}-{n}.bin", std::process::id());
+            let file = TempFile(std::env::temp_dir().join(name));
+            std::fs::write(&file.0, bytes).unwrap();
+            file
+        }
+
+        /// A map of the whole file.
+        pub(crate) fn map(&self) -> MappedFile {
+            MappedFile::map(&File::open(&self.0).unwrap()).unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 
     #[test]
     fn maps_the_bytes_of_a_file() {
-        let path = temp_file("mapped", b"GGUF and more");
-        let map = MappedFile::map(&File::open(&path).unwrap()).unwrap();
-        assert_eq!(&map[..], b"GGUF and more");
-        std::fs::remove_file(&path).unwrap();
+        let file = TempFile::new(b"GGUF and more");
+        assert_eq!(&file.map()[..], b"GGUF and more");
     }
 
     #[test]
@@ -148,8 +164,8 @@ mod tests {
     fn released_pages_read_back_unchanged() {
         let page = page_size().max(1);
         let bytes: Vec<u8> = (0..5 * page).map(|i| (i * 7 % 251) as u8).collect();
-        let path = temp_file("release", &bytes);
-        let map = MappedFile::map(&File::open(&path).unwrap()).unwrap();
+        let file = TempFile::new(&bytes);
+        let map = file.map();
         // Touch every page, release the middle of the file (not page-aligned at either end).
         let sum: u64 = map.iter().map(|&b| u64::from(b)).sum();
         assert_eq!(sum, bytes.iter().map(|&b| u64::from(b)).sum::<u64>());
@@ -164,6 +180,5 @@ mod tests {
             &bytes[..],
             "the released bytes read back from the file"
         );
-        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -113,17 +113,11 @@ impl<T: Pod + std::fmt::Debug> std::fmt::Debug for Storage<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use crate::mapped::tests::TempFile;
 
+    /// A map of `bytes` (its file is removed once mapped).
     fn mapped_file(bytes: &[u8]) -> Arc<MappedFile> {
-        let path = std::env::temp_dir().join(format!("lutra-storage-{}.bin", std::process::id()));
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(bytes)
-            .unwrap();
-        let map = MappedFile::map(&std::fs::File::open(&path).unwrap()).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        Arc::new(map)
+        Arc::new(TempFile::new(bytes).map())
     }
 
     #[test]
