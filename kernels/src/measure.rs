@@ -432,62 +432,43 @@ fn lut_weights(
     Ok(Weights::Lut(PackedMatrix::pack(&weights)?))
 }
 
-/// The sub-scale form of one K-quant type, as [`SuperBlockWeights`] documents it.
+/// The block form of each K-quant type, as [`SuperBlockWeights`] documents it: bits, group, zero
+/// point, sub-scales `0..levels` shifted by `shift`, and sub-mins `0..levels` (with a `dmin`) where
+/// the type has them.
 #[derive(Clone, Copy, Debug)]
 struct KQuantForm {
     bits: u8,
     group: usize,
     zero_point: u8,
-    /// Sub-scales are `0..sub_scale_levels`, shifted by `sub_scale_shift`.
-    sub_scale_levels: u16,
-    sub_scale_shift: i16,
-    /// Sub-mins `0..levels` and a `dmin`, if the type has them.
-    sub_min_levels: Option<u16>,
+    sub_scales: (u16, i16),
+    sub_mins: Option<u16>,
 }
 
 /// Q2_K to Q6_K.
-const KQUANT_FORMS: [KQuantForm; 5] = [
-    KQuantForm {
-        bits: 2,
-        group: 16,
-        zero_point: 0,
-        sub_scale_levels: 16,
-        sub_scale_shift: 0,
-        sub_min_levels: Some(16),
-    },
-    KQuantForm {
-        bits: 3,
-        group: 16,
-        zero_point: 4,
-        sub_scale_levels: 64,
-        sub_scale_shift: -32,
-        sub_min_levels: None,
-    },
-    KQuantForm {
-        bits: 4,
-        group: 32,
-        zero_point: 0,
-        sub_scale_levels: 64,
-        sub_scale_shift: 0,
-        sub_min_levels: Some(64),
-    },
-    KQuantForm {
-        bits: 5,
-        group: 32,
-        zero_point: 0,
-        sub_scale_levels: 64,
-        sub_scale_shift: 0,
-        sub_min_levels: Some(64),
-    },
-    KQuantForm {
-        bits: 6,
-        group: 16,
-        zero_point: 32,
-        sub_scale_levels: 256,
-        sub_scale_shift: -128,
-        sub_min_levels: None,
-    },
-];
+const KQUANT_FORMS: [KQuantForm; 5] = {
+    const fn form(
+        bits: u8,
+        group: usize,
+        zero_point: u8,
+        sub_scales: (u16, i16),
+        sub_mins: Option<u16>,
+    ) -> KQuantForm {
+        KQuantForm {
+            bits,
+            group,
+            zero_point,
+            sub_scales,
+            sub_mins,
+        }
+    }
+    [
+        form(2, 16, 0, (16, 0), Some(16)),
+        form(3, 16, 4, (64, -32), None),
+        form(4, 32, 0, (64, 0), Some(64)),
+        form(5, 32, 0, (64, 0), Some(64)),
+        form(6, 16, 32, (256, -128), None),
+    ]
+};
 
 fn kquant_form(bits: u8) -> Option<KQuantForm> {
     KQUANT_FORMS.iter().find(|f| f.bits == bits).copied()
@@ -508,9 +489,12 @@ fn kquant_weights(rng: &mut SplitMix64, rows: usize, cols: usize, bits: u8) -> R
     let sub_scales: Vec<i8> = rng
         .bytes(groups)
         .into_iter()
-        .map(|b| (i16::from(b) % form.sub_scale_levels as i16 + form.sub_scale_shift) as i8)
+        .map(|b| {
+            let (levels, shift) = form.sub_scales;
+            (i16::from(b) % levels as i16 + shift) as i8
+        })
         .collect();
-    let sub_mins: Option<Vec<u8>> = form.sub_min_levels.map(|levels| {
+    let sub_mins: Option<Vec<u8>> = form.sub_mins.map(|levels| {
         rng.bytes(groups)
             .into_iter()
             .map(|b| (u16::from(b) % levels) as u8)
