@@ -64,7 +64,7 @@ pub(super) unsafe fn tile<const NB: usize>(
             let c1 = (c0 + CHUNK).min(a1);
             for a in c0..c1 {
                 let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
-                prefetch(wa, v.bits);
+                prefetch(wa, v.bits, Prefetch::Near);
                 // Several tokens: split the nibble indices once for all of them (uniform planes:
                 // interleaved by plane pairs, see `PairedIndices`).
                 let shared = nb > 1;
@@ -243,9 +243,10 @@ unsafe fn direct<
     let c = _mm256_set1_ps(v.centre);
     let mut paired = PairedIndices::new();
     let mut scales = DirectScales::new();
+    let how = Prefetch::of(v);
     for a in 0..v.act_groups {
         let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
-        prefetch(wa, v.bits);
+        prefetch(wa, v.bits, how);
         if nb > 1 {
             // The nibble indices of this group, split once and reused by every token of the block.
             // SAFETY: `wa` holds bits·256 bytes.
@@ -387,9 +388,10 @@ unsafe fn direct_halves<const NB: usize, const OFFSET: bool, const NIBBLES: bool
     for (p, w) in plane_weights[..v.bits].iter_mut().enumerate() {
         *w = _mm256_set1_epi8((1u8 << (p as u32 + hc.shift)) as i8);
     }
+    let how = Prefetch::of(v);
     for a in 0..v.act_groups {
         let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
-        prefetch(wa, v.bits);
+        prefetch(wa, v.bits, how);
         if nb > 1 {
             // SAFETY: `wa` holds bits·256 bytes.
             unsafe { paired.split(wa, v.bits) };
@@ -810,19 +812,56 @@ unsafe fn lookup_accumulate(
     }
 }
 
-/// Activation groups of weights fetched ahead: the hardware prefetcher alone leaves the stream at about
-/// half the memory bandwidth.
+/// Activation groups of weights fetched ahead into L1: the hardware prefetcher alone leaves the
+/// stream at about half the memory bandwidth.
 const PREFETCH_AHEAD: usize = 6;
 
-/// Prefetches the weights `PREFETCH_AHEAD` activation groups after `wa` (possibly in the next tile,
-/// which follows in memory; a prefetch past the end of the buffer is harmless).
+/// Bytes of weights fetched ahead into L2 instead, for the tiles whose lookups and two-level
+/// combine take the longest per byte (super-block scales with 4 to 6 planes): L1 prefetches a few
+/// groups ahead leave too few misses in flight behind their longer work.
+const PREFETCH_FAR_BYTES: usize = 24 << 10;
+
+/// How a kernel prefetches its tile's weights.
+#[derive(Clone, Copy)]
+enum Prefetch {
+    /// [`PREFETCH_AHEAD`] groups ahead into L1.
+    Near,
+    /// [`PREFETCH_FAR_BYTES`] ahead into L2.
+    Far,
+}
+
+impl Prefetch {
+    /// The prefetch for tile `v`.
+    fn of(v: &TileView<'_>) -> Prefetch {
+        if v.super_scales.is_some() && v.bits >= 4 {
+            Prefetch::Far
+        } else {
+            Prefetch::Near
+        }
+    }
+}
+
+/// Prefetches the weights ahead of the activation group at `wa` (possibly in the next tile, which
+/// follows in memory; a prefetch past the end of the buffer is harmless).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch(wa: *const u8, bits: usize) {
-    let ahead = wa.wrapping_add(PREFETCH_AHEAD * bits * PLANE_BYTES);
-    for line in 0..bits * PLANE_BYTES / 64 {
-        // Prefetching never faults, whatever the address (the intrinsic is safe).
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+fn prefetch(wa: *const u8, bits: usize, how: Prefetch) {
+    let lines = bits * PLANE_BYTES / 64;
+    match how {
+        Prefetch::Near => {
+            let ahead = wa.wrapping_add(PREFETCH_AHEAD * bits * PLANE_BYTES);
+            for line in 0..lines {
+                // Prefetching never faults, whatever the address (the intrinsic is safe).
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+            }
+        }
+        Prefetch::Far => {
+            let ahead = wa.wrapping_add(PREFETCH_FAR_BYTES);
+            for line in 0..lines {
+                // As above.
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * line).cast());
+            }
+        }
     }
 }
 
