@@ -206,7 +206,6 @@ pub(crate) trait DotTiles: Sync {
     /// `multiply(u, a0, count)`. `act_groups` is the activations' groups per token.
     fn each_chunk(
         &self,
-        isa: Isa,
         t: usize,
         act_groups: usize,
         u: &mut Unpacked,
@@ -231,7 +230,6 @@ impl DotTiles for Planes<'_> {
 
     fn each_chunk(
         &self,
-        _isa: Isa,
         t: usize,
         act_groups: usize,
         u: &mut Unpacked,
@@ -286,7 +284,7 @@ pub(crate) fn run<M: DotTiles>(
                 for row in &mut acc[..tokens.len()] {
                     row.fill(0.0);
                 }
-                m.each_chunk(isa, r0 / TILE, act_groups, &mut unpacked, |u, a0, count| {
+                m.each_chunk(r0 / TILE, act_groups, &mut unpacked, |u, a0, count| {
                     let chunk = Chunk {
                         x,
                         per_row: act_groups,

@@ -80,10 +80,12 @@ impl BlocksVisitor for DotGemm<'_> {
 
     fn visit<S: BlockScale, C: Codes>(self, blocks: &[WeightBlock<S, C>]) {
         let (rows, act_groups) = (self.rows, self.act_groups);
+        let unpack = unpacker(self.cpu.isa());
         let tiles = |_| Int8Tiles {
             blocks,
             rows,
             act_groups,
+            unpack,
         };
         super::run(self.cpu, tiles, self.x, act_groups, &mut [self.out]);
     }
@@ -99,11 +101,13 @@ pub(crate) fn code_zero(signed: bool) -> i32 {
 }
 
 /// The blocks of an int8 matrix of `rows` rows and `act_groups` blocks per row, in the
-/// tile-interleaved layout of [`crate::Int8Matrix`].
+/// tile-interleaved layout of [`crate::Int8Matrix`], and how they are unpacked ([`unpacker`],
+/// chosen once per dispatch).
 pub(crate) struct Int8Tiles<'w, S, C> {
     pub blocks: &'w [WeightBlock<S, C>],
     pub rows: usize,
     pub act_groups: usize,
+    pub unpack: UnpackCodes<S, C>,
 }
 
 impl<S: BlockScale, C: Codes> Int8Tiles<'_, S, C> {
@@ -132,7 +136,17 @@ impl<S: BlockScale, C: Codes> Int8Tiles<'_, S, C> {
 
 /// Unpacks the codes of activation groups `a0..a0 + count` into chunk slots `0..count` for the
 /// [`TILE`] rows `rows` of one tile.
-type UnpackCodes<S, C> = fn(&Int8Tiles<'_, S, C>, Range<usize>, usize, usize, &mut Unpacked);
+pub(crate) type UnpackCodes<S, C> =
+    fn(&Int8Tiles<'_, S, C>, Range<usize>, usize, usize, &mut Unpacked);
+
+/// The unpacking of int8 blocks on `isa`: AVX2 where it is, else scalar.
+fn unpacker<S: BlockScale, C: Codes>(isa: Isa) -> UnpackCodes<S, C> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => super::avx2::unpack_int8_checked,
+        _ => unpack_scalar,
+    }
+}
 
 /// [`UnpackCodes`] row by row.
 pub(crate) fn unpack_scalar<S: BlockScale, C: Codes>(
@@ -158,7 +172,6 @@ impl<S: BlockScale, C: Codes> DotTiles for Int8Tiles<'_, S, C> {
 
     fn each_chunk(
         &self,
-        isa: Isa,
         t: usize,
         act_groups: usize,
         u: &mut Unpacked,
@@ -168,18 +181,13 @@ impl<S: BlockScale, C: Codes> DotTiles for Int8Tiles<'_, S, C> {
             act_groups == self.act_groups && self.blocks.len() == self.rows * act_groups,
             "int8 blocks do not match the activations"
         );
-        let unpack: UnpackCodes<S, C> = match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => super::avx2::unpack_int8_checked,
-            _ => unpack_scalar,
-        };
         u.top = code_zero(u.signed);
         u.factor = 1;
         u.halves = if S::PER_HALF { 2 } else { 1 };
         let rows = TILE * t..TILE * (t + 1);
         for a0 in (0..act_groups).step_by(CHUNK) {
             let count = CHUNK.min(act_groups - a0);
-            unpack(self, rows.clone(), a0, count, u);
+            (self.unpack)(self, rows.clone(), a0, count, u);
             for c in 0..count {
                 for (r, row) in rows.clone().enumerate() {
                     // Padded rows: scale 0.

@@ -632,7 +632,7 @@ fn check_int8_unpacking<S: BlockScale, C: Codes>(
                 false if crate::isa::has_avx512_vnni() => vec![avx2::Multiply::Vnni],
                 false => vec![],
             };
-            m.each_chunk(Isa::Scalar, t, m.act_groups, &mut u, |u, a0, count| {
+            m.each_chunk(t, m.act_groups, &mut u, |u, a0, count| {
                 let chunk = Chunk {
                     x: acts.blocks(),
                     per_row: m.act_groups,
@@ -676,6 +676,7 @@ fn simd_int8_unpacking_and_multiplies_equal_the_scalar_steps() {
                             blocks: $blocks,
                             rows,
                             act_groups,
+                            unpack: int8_tiles::unpack_scalar,
                         },
                         name,
                         &acts,
