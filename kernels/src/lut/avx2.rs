@@ -846,21 +846,19 @@ impl Prefetch {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn prefetch(wa: *const u8, bits: usize, how: Prefetch) {
-    let lines = bits * PLANE_BYTES / 64;
-    match how {
-        Prefetch::Near => {
-            let ahead = wa.wrapping_add(PREFETCH_AHEAD * bits * PLANE_BYTES);
-            for line in 0..lines {
-                // Prefetching never faults, whatever the address (the intrinsic is safe).
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
-            }
-        }
-        Prefetch::Far => {
-            let ahead = wa.wrapping_add(PREFETCH_FAR_BYTES);
-            for line in 0..lines {
-                // As above.
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * line).cast());
-            }
+    let group_bytes = bits * PLANE_BYTES;
+    let ahead = match how {
+        Prefetch::Near => wa.wrapping_add(PREFETCH_AHEAD * group_bytes),
+        Prefetch::Far => wa.wrapping_add(PREFETCH_FAR_BYTES),
+    };
+    for line in (0..group_bytes)
+        .step_by(64)
+        .map(|at| ahead.wrapping_add(at).cast())
+    {
+        // Prefetching never faults, whatever the address (the intrinsic is safe).
+        match how {
+            Prefetch::Near => _mm_prefetch::<_MM_HINT_T0>(line),
+            Prefetch::Far => _mm_prefetch::<_MM_HINT_T1>(line),
         }
     }
 }
