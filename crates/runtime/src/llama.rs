@@ -459,14 +459,12 @@ impl Model {
 
     /// How this model's matrices multiply prompts, for reports.
     pub fn prefill_kernel(&self) -> String {
-        let unpack = PackedMatrix::dot_unpack_instruction(&self.cpu);
-        match (PackedMatrix::dot_instruction(&self.cpu), unpack) {
-            (Some(op), Some(unpack)) => {
-                format!("int8 dot ({op}, {unpack} unpack); sampled tokens: table lookups")
-            }
-            (Some(op), None) => format!("int8 dot ({op}); sampled tokens: table lookups"),
-            (None, _) => "table lookups".to_string(),
-        }
+        let Some(op) = PackedMatrix::dot_instruction(&self.cpu) else {
+            return "table lookups".to_string();
+        };
+        let unpack = PackedMatrix::dot_unpack_instruction(&self.cpu)
+            .map_or(String::new(), |unpack| format!(", {unpack} unpack"));
+        format!("int8 dot ({op}{unpack}); sampled tokens: table lookups")
     }
 
     /// Whether every matrix is dense f32 (reference mode).
