@@ -113,7 +113,7 @@ impl KernelKind {
             | KernelKind::Dot { group_size, .. }
             | KernelKind::Ternary { group_size } => group_size,
             KernelKind::Ternary167 => 0,
-            KernelKind::KQuant { bits } => kquant_form(bits).map_or(0, |f| f.group),
+            KernelKind::KQuant { bits } => kquant_form(bits).map_or(0, |(_, group, ..)| group),
             KernelKind::Int8 | KernelKind::Dequant { .. } => 32,
         }
     }
@@ -432,69 +432,42 @@ fn lut_weights(
     Ok(Weights::Lut(PackedMatrix::pack(&weights)?))
 }
 
-/// The block form of each K-quant type, as [`SuperBlockWeights`] documents it: bits, group, zero
+/// The block form of a K-quant type, as [`SuperBlockWeights`] documents it: bits, group, zero
 /// point, sub-scales `0..levels` shifted by `shift`, and sub-mins `0..levels` (with a `dmin`) where
 /// the type has them.
-#[derive(Clone, Copy, Debug)]
-struct KQuantForm {
-    bits: u8,
-    group: usize,
-    zero_point: u8,
-    sub_scales: (u16, i16),
-    sub_mins: Option<u16>,
-}
+type KQuantForm = (u8, usize, u8, (u16, i16), Option<u16>);
 
 /// Q2_K to Q6_K.
-const KQUANT_FORMS: [KQuantForm; 5] = {
-    const fn form(
-        bits: u8,
-        group: usize,
-        zero_point: u8,
-        sub_scales: (u16, i16),
-        sub_mins: Option<u16>,
-    ) -> KQuantForm {
-        KQuantForm {
-            bits,
-            group,
-            zero_point,
-            sub_scales,
-            sub_mins,
-        }
-    }
-    [
-        form(2, 16, 0, (16, 0), Some(16)),
-        form(3, 16, 4, (64, -32), None),
-        form(4, 32, 0, (64, 0), Some(64)),
-        form(5, 32, 0, (64, 0), Some(64)),
-        form(6, 16, 32, (256, -128), None),
-    ]
-};
+const KQUANT_FORMS: [KQuantForm; 5] = [
+    (2, 16, 0, (16, 0), Some(16)),
+    (3, 16, 4, (64, -32), None),
+    (4, 32, 0, (64, 0), Some(64)),
+    (5, 32, 0, (64, 0), Some(64)),
+    (6, 16, 32, (256, -128), None),
+];
 
 fn kquant_form(bits: u8) -> Option<KQuantForm> {
-    KQUANT_FORMS.iter().find(|f| f.bits == bits).copied()
+    KQUANT_FORMS.iter().find(|f| f.0 == bits).copied()
 }
 
 /// Random codes, sub-scales and super-scales of the K-quant of `bits` bits, packed as
 /// [`PackedMatrix::pack_super_blocks`] packs a GGUF tensor of that type.
 fn kquant_weights(rng: &mut SplitMix64, rows: usize, cols: usize, bits: u8) -> Result<Weights> {
-    let form = kquant_form(bits).ok_or(KernelError::UnsupportedForm(
-        "K-quant kernels have 2 to 6 bits (Q2_K to Q6_K)",
-    ))?;
+    let (_, group, zero_point, (levels, shift), min_levels) = kquant_form(bits).ok_or(
+        KernelError::UnsupportedForm("K-quant kernels have 2 to 6 bits (Q2_K to Q6_K)"),
+    )?;
     let codes: Vec<u8> = rng
         .bytes(rows * cols)
         .into_iter()
         .map(|b| b & ((1u8 << bits) - 1))
         .collect();
-    let groups = rows * cols / form.group;
+    let groups = rows * cols / group;
     let sub_scales: Vec<i8> = rng
         .bytes(groups)
         .into_iter()
-        .map(|b| {
-            let (levels, shift) = form.sub_scales;
-            (i16::from(b) % levels as i16 + shift) as i8
-        })
+        .map(|b| (i16::from(b) % levels as i16 + shift) as i8)
         .collect();
-    let sub_mins: Option<Vec<u8>> = form.sub_mins.map(|levels| {
+    let sub_mins: Option<Vec<u8>> = min_levels.map(|levels| {
         rng.bytes(groups)
             .into_iter()
             .map(|b| (u16::from(b) % levels) as u8)
@@ -513,8 +486,8 @@ fn kquant_weights(rng: &mut SplitMix64, rows: usize, cols: usize, bits: u8) -> R
             rows,
             cols,
             bits,
-            group: form.group,
-            zero_point: form.zero_point,
+            group,
+            zero_point,
             codes: &codes,
             sub_scales: &sub_scales,
             sub_mins: sub_mins.as_deref(),
