@@ -67,11 +67,15 @@ pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
 /// [`Unpacked`], as [`unpack_scalar`] does.
 pub(crate) type UnpackFn = fn(&TileView<'_>, usize, usize, &mut Unpacked);
 
-/// How bit planes become byte codes on an ISA.
+/// How an ISA unpacks bit planes into byte codes, and their groups' f16 or two-level scales into
+/// f32 scales and offsets.
 #[derive(Clone, Copy)]
 pub(crate) struct Unpacker {
     pub unpack: UnpackFn,
-    /// The instruction that does it where it is not shifts and masks.
+    /// Fills the scales, offsets and integer constants of an [`Unpacked`] chunk, as
+    /// [`unpack_scales`] does, bit for bit.
+    pub scales: UnpackFn,
+    /// The instruction that unpacks the codes where it is not shifts and masks.
     pub instruction: Option<&'static str>,
 }
 
@@ -82,15 +86,18 @@ pub(crate) fn unpacker(isa: Isa) -> Unpacker {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if avx2::has_gfni() => Unpacker {
             unpack: avx2::unpack_gfni_checked,
+            scales: avx2::unpack_scales_checked,
             instruction: Some("gf2p8affineqb"),
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Unpacker {
             unpack: avx2::unpack_checked,
+            scales: avx2::unpack_scales_checked,
             instruction: None,
         },
         _ => Unpacker {
             unpack: unpack_scalar,
+            scales: unpack_scales,
             instruction: None,
         },
     }
@@ -150,7 +157,7 @@ impl Unpacked {
 }
 
 /// Per-token, per-row accumulators of one tile and token block.
-pub(crate) type Acc = [[f32; TILE]; NB];
+pub(crate) type Acc = [[f32; TILE]];
 
 /// The activations one unpacked chunk multiplies: a task's tokens `x` (`[token][per_row]`
 /// blocks) and the chunk's `count` activation groups from `a0`.
@@ -218,7 +225,7 @@ pub(crate) trait DotTiles: Sync {
 pub(crate) struct Planes<'w> {
     pub w: Weights<'w>,
     pub rows: usize,
-    pub unpack: UnpackFn,
+    pub unpacker: Unpacker,
 }
 
 impl DotTiles for Planes<'_> {
@@ -242,8 +249,8 @@ impl DotTiles for Planes<'_> {
         );
         for a0 in (0..act_groups).step_by(CHUNK) {
             let count = CHUNK.min(act_groups - a0);
-            unpack_scales(&tile, a0, count, u);
-            (self.unpack)(&tile, a0, count, u);
+            (self.unpacker.scales)(&tile, a0, count, u);
+            (self.unpacker.unpack)(&tile, a0, count, u);
             multiply(u, a0, count);
         }
     }
@@ -279,7 +286,15 @@ pub(crate) fn run<M: DotTiles>(
             let x = &x[tokens.start * act_groups..tokens.end * act_groups];
             let mut unpacked = Unpacked::new();
             unpacked.signed = signed;
-            let mut acc: Acc = [[0.0; TILE]; NB];
+            // A few tokens (short prompts) need not zero a whole block's 64 KiB of accumulators.
+            let mut few = [[0.0f32; TILE]; 8];
+            let mut big;
+            let acc: &mut Acc = if tokens.len() <= few.len() {
+                &mut few
+            } else {
+                big = [[0.0f32; TILE]; NB];
+                &mut big
+            };
             for r0 in (out.start()..out.end()).step_by(TILE) {
                 for row in &mut acc[..tokens.len()] {
                     row.fill(0.0);
@@ -291,7 +306,7 @@ pub(crate) fn run<M: DotTiles>(
                         a0,
                         count,
                     };
-                    multiply(u, chunk, &mut acc);
+                    multiply(u, chunk, acc);
                 });
                 for (n, row) in acc[..tokens.len()].iter().enumerate() {
                     out.write(tokens.start + n, r0, &row[..TILE.min(out.end() - r0)]);
@@ -353,8 +368,9 @@ fn multiplier(isa: Isa, wide_codes: bool) -> Multiplier {
     }
 }
 
-/// Fills `u.scale` and `u.offset` for the halves of activation groups `a0..a0 + count`.
-fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+/// Fills `u.scale` and `u.offset` for the halves of activation groups `a0..a0 + count` (the
+/// scalar reference).
+pub(crate) fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     u.top = (1 << v.bits) - 1;
     u.factor = 2;
     u.halves = if v.half_groups { 2 } else { 1 };

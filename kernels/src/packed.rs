@@ -559,11 +559,11 @@ impl PackedMatrix {
             ));
         }
         for_parts(mats, outs, acts.cols(), acts.tokens(), |mats, outs| {
-            let unpack = crate::dot::unpacker(cpu.isa()).unpack;
+            let unpacker = crate::dot::unpacker(cpu.isa());
             let planes = |p: usize| crate::dot::Planes {
                 w: mats[p].view(),
                 rows: mats[p].rows(),
-                unpack,
+                unpacker,
             };
             crate::dot::run(
                 cpu,

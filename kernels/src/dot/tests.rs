@@ -335,10 +335,16 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
     if Isa::Avx2.is_supported() {
         let mut rng = SplitMix64::new(3);
         let cols = 256 * 2;
-        let uniform = (1..=6u8).map(|bits| {
-            let m = random_matrix(&mut rng, 64, cols, bits, Grouping::Size(32), true);
-            (bits, m)
-        });
+        // Groups of 32 with offsets; at 4 bits also groups of 128 (four activation groups share
+        // one group's scales) and groups without offsets.
+        let forms = (1..=6u8).map(|bits| (bits, 32, true));
+        let uniform =
+            forms
+                .chain([(4, 128, true), (4, 32, false)])
+                .map(|(bits, group, offsets)| {
+                    let m = random_matrix(&mut rng, 64, cols, bits, Grouping::Size(group), offsets);
+                    (bits, m)
+                });
         let mut rng2 = SplitMix64::new(4);
         // Groups of 16 (each activation block in two halves): Q6_K-like and Q2_K-like.
         let halves = [(6u8, 32u8, false), (2, 0, true)]
@@ -362,20 +368,32 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
                         assert_eq!(want.codes, gfni.codes, "{bits}-bit GFNI unpack at {a0}");
                     }
                     unpack_scales(&tile, a0, count, &mut want);
+                    avx2::unpack_scales_checked(&tile, a0, count, &mut got);
+                    for (what, w, g) in [
+                        ("scales", &want.scale, &got.scale),
+                        ("offsets", &want.offset, &got.offset),
+                    ] {
+                        let (w, g) = (w.as_flattened(), g.as_flattened());
+                        assert_eq!(bits_of(w), bits_of(g), "{bits}-bit {what} at {a0}");
+                    }
+                    assert_eq!(
+                        (want.top, want.factor, want.halves),
+                        (got.top, got.factor, got.halves)
+                    );
                     let chunk = Chunk {
                         x: acts.blocks(),
                         per_row,
                         a0,
                         count,
                     };
-                    let mut reference: Acc = [[0.5; TILE]; NB];
+                    let mut reference: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
                     multiply_scalar(&want, chunk, &mut reference);
                     let mut choices = vec![avx2::Multiply::Madd];
                     if crate::isa::has_avx512_vnni() {
                         choices.push(avx2::Multiply::Vnni);
                     }
                     for choice in choices {
-                        let mut acc: Acc = [[0.5; TILE]; NB];
+                        let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
                         avx2::multiply_with(choice, &want, chunk, &mut acc);
                         for n in 0..tokens {
                             assert_eq!(
@@ -639,11 +657,11 @@ fn check_int8_unpacking<S: BlockScale, C: Codes>(
                     a0,
                     count,
                 };
-                let mut reference: Acc = [[0.5; TILE]; NB];
+                let mut reference: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
                 multiply_scalar(u, chunk, &mut reference);
                 assert!(reference[..tokens].iter().flatten().any(|&v| v != 0.5));
                 for &choice in &choices {
-                    let mut acc: Acc = [[0.5; TILE]; NB];
+                    let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
                     avx2::multiply_with(choice, u, chunk, &mut acc);
                     assert_eq!(
                         bits_of(acc[..tokens].as_flattened()),
