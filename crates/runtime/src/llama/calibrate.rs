@@ -1,6 +1,8 @@
 //! What `lutra quantize` needs of a loaded model: its blocks run one at a time over calibration
 //! sequences, the rows each matrix reads there, and a block's matrices swapped for quantized ones.
 
+use std::ops::ControlFlow;
+
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -189,7 +191,9 @@ impl Model {
 
     /// Runs block `layer` over one sequence: `x` (`[tokens][hidden]`, positions from 0) is
     /// replaced by the block's output; `observe` sees each matrix input's rows, a batch at a
-    /// time.
+    /// time. Where it breaks, that batch stops there (after attention it has stored its keys and
+    /// values, which the next batch's attention reads) and the next batch runs: `x` then holds
+    /// partial results.
     pub(crate) fn run_block(
         &self,
         runner: &mut BlockRunner,
@@ -213,7 +217,7 @@ impl Model {
             runner.state.x_mut(n).copy_from_slice(chunk);
             let observe = observe
                 .as_mut()
-                .map(|f| &mut **f as &mut dyn FnMut(MatrixInput, &[f32]));
+                .map(|f| &mut **f as &mut dyn FnMut(MatrixInput, &[f32]) -> ControlFlow<()>);
             let segs = [Segment {
                 prompt: true,
                 rows: n,

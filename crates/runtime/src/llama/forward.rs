@@ -20,6 +20,7 @@
 //! Tokens go through the matrices in batches of up to `max_batch` (prefill via mpGEMM; decode is
 //! a batch of one). Every buffer lives in [`RunState`], sized once for the largest batch.
 
+use std::ops::ControlFlow;
 use std::sync::Mutex;
 
 use lutra_kernels::{vector, Cpu, PackedMatrix};
@@ -72,8 +73,10 @@ impl MatrixInput {
     }
 }
 
-/// Sees the rows each group of a block's matrices reads (calibration of `lutra quantize`).
-pub(crate) type InputObserver<'a> = &'a mut dyn FnMut(MatrixInput, &[f32]);
+/// Sees the rows each group of a block's matrices reads (calibration of `lutra quantize`);
+/// `Break` stops the block there, before those matrices run (the rows the block was given then
+/// hold partial results).
+pub(crate) type InputObserver<'a> = &'a mut dyn FnMut(MatrixInput, &[f32]) -> ControlFlow<()>;
 
 /// Scratch memory of the forward pass; `[batch][...]` row-major everywhere.
 #[derive(Debug)]
@@ -526,8 +529,8 @@ impl Model {
         let x = &mut st.x[..n * h];
         // Attention: q/k/v share one input (one set of tables, one per column order).
         rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
-        if let Some(observe) = observe.as_mut() {
-            observe(MatrixInput::Attention, st.attn_in.values());
+        if stop(&mut observe, MatrixInput::Attention, st.attn_in.values()) {
+            return Ok(());
         }
         layer.rotate(
             cpu,
@@ -592,8 +595,8 @@ impl Model {
         if let Some(w) = &layer.attn_sub_norm {
             rmsnorm_in_place(cpu, att, w, eps);
         }
-        if let Some(observe) = observe.as_mut() {
-            observe(MatrixInput::Output, att);
+        if stop(&mut observe, MatrixInput::Output, att) {
+            return Ok(());
         }
         layer.rotate(cpu, MatrixInput::Output, att, &mut st.rotation_scratch)?;
         st.o_in.prepare_rows(cpu, &[&layer.wo], dot)?;
@@ -606,8 +609,8 @@ impl Model {
 
         // Feed-forward: gate/up share one input.
         rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
-        if let Some(observe) = observe.as_mut() {
-            observe(MatrixInput::Ffn, st.ffn_in.values());
+        if stop(&mut observe, MatrixInput::Ffn, st.ffn_in.values()) {
+            return Ok(());
         }
         layer.rotate(
             cpu,
@@ -623,8 +626,8 @@ impl Model {
         if let Some(w) = &layer.ffn_sub_norm {
             rmsnorm_in_place(cpu, hidden, w, eps);
         }
-        if let Some(observe) = observe.as_mut() {
-            observe(MatrixInput::Down, hidden);
+        if stop(&mut observe, MatrixInput::Down, hidden) {
+            return Ok(());
         }
         layer.rotate(cpu, MatrixInput::Down, hidden, &mut st.rotation_scratch)?;
         st.down_in.prepare_rows(cpu, &[&layer.w_down], dot)?;
@@ -662,6 +665,11 @@ impl LayerWeights {
             None => Ok(()),
         }
     }
+}
+
+/// Shows `rows` of `input` to the observer, if any: whether it asked the block to stop.
+fn stop(observe: &mut Option<InputObserver<'_>>, input: MatrixInput, rows: &[f32]) -> bool {
+    observe.as_mut().is_some_and(|o| o(input, rows).is_break())
 }
 
 /// `out[t] = x[t] / rms(x[t]) · weight` for every row `t` of `x` (`[n][weight.len()]`).

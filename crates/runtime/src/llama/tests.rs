@@ -1,6 +1,8 @@
 //! Model-level tests on tiny random models: batching, context limits, fast path vs reference,
 //! loading and its errors.
 
+use std::ops::ControlFlow;
+
 use super::*;
 use crate::config::FfnActivation;
 use crate::fixtures::{
@@ -1223,6 +1225,48 @@ fn sliding_window_limits_what_every_layer_sees() {
 }
 
 #[test]
+fn a_block_stopped_at_an_input_sees_its_rows_and_none_after() {
+    use calibrate::MatrixInput;
+    // Two batches: the second one's attention reads the keys and values the first stored.
+    let model = synthetic_model(tiny_config(), 4, 32, &options(true), 5).unwrap();
+    let tokens = prompt(MAX_BATCH + 36, model.config().vocab_size);
+    let x = model.embed_tokens(&tokens).unwrap();
+    let mut runner = model.block_runner(tokens.len());
+    for (i, stop_at) in MatrixInput::ALL.into_iter().enumerate() {
+        let mut full = Vec::new();
+        let mut observe = |input, rows: &[f32]| {
+            if input == stop_at {
+                full.extend_from_slice(rows);
+            }
+            ControlFlow::Continue(())
+        };
+        let mut y = x.clone();
+        model
+            .run_block(&mut runner, 1, &mut y, Some(&mut observe))
+            .unwrap();
+        let (mut stopped, mut later) = (Vec::new(), Vec::new());
+        let mut observe = |input, rows: &[f32]| {
+            if input == stop_at {
+                stopped.extend_from_slice(rows);
+                return ControlFlow::Break(());
+            }
+            if MatrixInput::ALL[i..].contains(&input) {
+                later.push(input);
+            }
+            ControlFlow::Continue(())
+        };
+        let mut y = x.clone();
+        model
+            .run_block(&mut runner, 1, &mut y, Some(&mut observe))
+            .unwrap();
+        assert_eq!(full.len(), tokens.len() * model.input_width(1, stop_at));
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&stopped), bits(&full), "{stop_at:?}");
+        assert!(later.is_empty(), "{stop_at:?}: then saw {later:?}");
+    }
+}
+
+#[test]
 fn blocks_run_one_at_a_time_give_the_forward_pass() {
     // MAX_BATCH + 36 tokens: run_block cuts them into batches of MAX_BATCH, like the forward pass.
     let model = synthetic_model(tiny_config(), 4, 32, &options(true), 5).unwrap();
@@ -1237,7 +1281,10 @@ fn blocks_run_one_at_a_time_give_the_forward_pass() {
     let mut runner = model.block_runner(tokens.len());
     let mut seen = Vec::new();
     for layer in 0..model.block_count() {
-        let mut observe = |input, rows: &[f32]| seen.push((layer, input, rows.len()));
+        let mut observe = |input, rows: &[f32]| {
+            seen.push((layer, input, rows.len()));
+            ControlFlow::Continue(())
+        };
         model
             .run_block(&mut runner, layer, &mut x, Some(&mut observe))
             .unwrap();

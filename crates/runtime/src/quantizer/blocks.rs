@@ -11,6 +11,7 @@
 //! the error of everything quantized before it.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -406,6 +407,7 @@ fn source_inputs(
             if let Some(rows) = inputs.get_mut(&input).and_then(|seqs| seqs.last_mut()) {
                 rows.extend_from_slice(r);
             }
+            ControlFlow::Continue(())
         };
         model.run_block(runner, layer, x, Some(&mut observe))?;
     }
@@ -433,19 +435,21 @@ fn input_hessian(
         x.extend_from_slice(residual);
         let mut seen = 0;
         let mut mismatch = false;
+        // The block stops at `input`: the matrices after it do not change its rows.
         let mut observe = |at: MatrixInput, rows: &[f32]| {
             if at != input {
-                return;
+                return ControlFlow::Continue(());
             }
             hessian.add(rows);
             let Some(source) = source.get(seen..seen + rows.len()) else {
                 mismatch = true;
-                return;
+                return ControlFlow::Break(());
             };
             seen += rows.len();
             shift.clear();
             shift.extend(source.iter().zip(rows).map(|(s, x)| s - x));
             cross.add_pairs(&shift, rows);
+            ControlFlow::Break(())
         };
         model.run_block(runner, layer, &mut x, Some(&mut observe))?;
         if mismatch || seen != source.len() {
@@ -476,6 +480,7 @@ fn block_hessian_diagonals(
                     *d += f64::from(v) * f64::from(v);
                 }
             }
+            ControlFlow::Continue(())
         };
         model.run_block(runner, layer, residual, Some(&mut observe))?;
     }
