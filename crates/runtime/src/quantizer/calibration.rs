@@ -1,7 +1,7 @@
 //! Calibration data: token sequences cut from a text, and the second-moment (Hessian) matrices
 //! `H = Σ x·xᵀ` of the rows each matrix reads while the model runs over them.
 
-use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par};
 
 use crate::error::{Error, Result};
@@ -96,6 +96,8 @@ pub(crate) struct Hessian {
     pending: Vec<f32>,
     /// The right-hand rows `b` of pairs (empty for `Σ x·xᵀ`).
     pending_right: Vec<f32>,
+    /// Built from pairs of rows: not symmetric.
+    pairs: bool,
     rows: usize,
     threads: usize,
 }
@@ -111,6 +113,7 @@ impl Hessian {
             gram: Mat::zeros(k, k),
             pending: Vec::new(),
             pending_right: Vec::new(),
+            pairs: false,
             rows: 0,
             threads: threads.max(1),
         }
@@ -118,7 +121,7 @@ impl Hessian {
 
     /// Adds rows `[n][k]`.
     pub(crate) fn add(&mut self, rows: &[f32]) {
-        debug_assert!(rows.len().is_multiple_of(self.k) && self.pending_right.is_empty());
+        debug_assert!(rows.len().is_multiple_of(self.k) && !self.pairs);
         self.pending.extend_from_slice(rows);
         if self.pending.len() >= FOLD_ROWS * self.k {
             self.fold();
@@ -129,6 +132,8 @@ impl Hessian {
     pub(crate) fn add_pairs(&mut self, left: &[f32], right: &[f32]) {
         debug_assert!(left.len().is_multiple_of(self.k) && left.len() == right.len());
         debug_assert!(self.pending.len() == self.pending_right.len());
+        debug_assert!(self.pairs || self.rows + self.pending.len() == 0);
+        self.pairs = true;
         self.pending.extend_from_slice(left);
         self.pending_right.extend_from_slice(right);
         if self.pending.len() >= FOLD_ROWS * self.k {
@@ -142,7 +147,8 @@ impl Hessian {
             return;
         }
         let a = MatRef::from_row_major_slice(&self.pending, n, k);
-        let b = if self.pending_right.is_empty() {
+        let symmetric = !self.pairs;
+        let b = if symmetric {
             a
         } else {
             MatRef::from_row_major_slice(&self.pending_right, n, k)
@@ -152,19 +158,44 @@ impl Hessian {
         } else {
             Par::Seq
         };
-        matmul(
+        // `gram = bᵀ·a`, column-major: its column i is row i of `Σ a·bᵀ`, contiguous like the
+        // row of `sum` it is added to. A symmetric sum needs only the lower triangle of `gram`
+        // (row i from column i on), half the products; `finish` mirrors it.
+        let structure = if symmetric {
+            BlockStructure::TriangularLower
+        } else {
+            BlockStructure::Rectangular
+        };
+        triangular::matmul(
             self.gram.as_mut(),
+            structure,
             Accum::Replace,
-            a.transpose(),
-            b,
+            b.transpose(),
+            BlockStructure::Rectangular,
+            a,
+            BlockStructure::Rectangular,
             1.0,
             par,
         );
-        for (i, row) in self.sum.chunks_exact_mut(k).enumerate() {
-            for (j, s) in row.iter_mut().enumerate() {
-                *s += f64::from(self.gram[(i, j)]);
+        let gram = self.gram.as_ref();
+        let rows_per_thread = k.div_ceil(self.threads);
+        std::thread::scope(|scope| {
+            for (t, rows) in self.sum.chunks_mut(rows_per_thread * k).enumerate() {
+                scope.spawn(move || {
+                    for (r, row) in rows.chunks_exact_mut(k).enumerate() {
+                        let i = t * rows_per_thread + r;
+                        let from = if symmetric { i } else { 0 };
+                        let col = gram.col(i).subrows(from, k - from);
+                        let col = col
+                            .try_as_col_major()
+                            .expect("faer matrices are column-major");
+                        for (s, &g) in row[from..].iter_mut().zip(col.as_slice()) {
+                            *s += f64::from(g);
+                        }
+                    }
+                });
             }
-        }
+        });
         self.rows += n;
         self.pending.clear();
         self.pending_right.clear();
@@ -173,6 +204,14 @@ impl Hessian {
     /// The sum over every row added, `[k][k]` row-major, and the number of rows.
     pub(crate) fn finish(mut self) -> (Vec<f64>, usize) {
         self.fold();
+        if !self.pairs {
+            let k = self.k;
+            for i in 0..k {
+                for j in i + 1..k {
+                    self.sum[j * k + i] = self.sum[i * k + j];
+                }
+            }
+        }
         (self.sum, self.rows)
     }
 }
@@ -211,20 +250,26 @@ mod tests {
 
     #[test]
     fn hessian_is_the_sum_of_outer_products() {
-        let k = 5;
-        let rows: Vec<f32> = (0..700 * k)
-            .map(|i| ((i * 7919) % 23) as f32 - 11.0)
-            .collect();
-        let mut h = Hessian::new(k, 2);
-        for chunk in rows.chunks(37 * k) {
-            h.add(chunk);
-        }
-        let (sum, n) = h.finish();
-        assert_eq!(n, 700);
-        for i in 0..k {
-            for j in 0..k {
-                let want = product_sum(&rows, &rows, k, i, j);
-                assert!((sum[i * k + j] - want).abs() <= 1e-6 * want.abs().max(1.0));
+        // Threads that share the rows unevenly (37 rows on 3 threads), and one thread.
+        for (k, threads) in [(5, 2), (37, 3), (6, 1)] {
+            let rows: Vec<f32> = (0..700 * k)
+                .map(|i| ((i * 7919) % 23) as f32 - 11.0)
+                .collect();
+            let mut h = Hessian::new(k, threads);
+            for chunk in rows.chunks(37 * k) {
+                h.add(chunk);
+            }
+            let (sum, n) = h.finish();
+            assert_eq!(n, 700);
+            for i in 0..k {
+                for j in 0..k {
+                    let want = product_sum(&rows, &rows, k, i, j);
+                    let got = sum[i * k + j];
+                    assert!(
+                        (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                        "{k}: ({i}, {j})"
+                    );
+                }
             }
         }
     }
