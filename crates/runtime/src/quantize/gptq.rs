@@ -213,8 +213,10 @@ impl PreparedHessian {
         }
         let mean = (0..k).map(|i| f64::from(self.damped[(i, i)])).sum::<f64>() / k as f64;
         let ridge = SOURCE_RIDGE * mean;
-        let h = Mat::<f64>::from_fn(k, k, |i, j| {
-            f64::from(self.damped[(i, j)]) + if i == j { ridge } else { 0.0 }
+        // In f32: the ridge bounds the condition number by about k + 1, and this is the
+        // larger part of a block's factoring (a solve with k right-hand sides).
+        let h = Mat::<f32>::from_fn(k, k, |i, j| {
+            (f64::from(self.damped[(i, j)]) + if i == j { ridge } else { 0.0 }) as f32
         });
         let llt = h.llt(Side::Lower).map_err(|_| {
             Error::InvalidOption(format!(
@@ -222,7 +224,7 @@ impl PreparedHessian {
             ))
         })?;
         // H⁻¹·Cᵀ, whose transpose is C·H⁻¹ (H is symmetric).
-        let ct = Mat::<f64>::from_fn(k, k, |i, j| cross[j * k + i]);
+        let ct = Mat::<f32>::from_fn(k, k, |i, j| cross[j * k + i] as f32);
         let solved = llt.solve(&ct);
         if let Some(bad) = (0..k * k).find(|&i| !solved[(i % k, i / k)].is_finite()) {
             return Err(Error::InvalidOption(format!(
@@ -230,9 +232,7 @@ impl PreparedHessian {
                 bad / k
             )));
         }
-        Ok(SourceShift(Mat::<f32>::from_fn(k, k, |i, j| {
-            solved[(j, i)] as f32
-        })))
+        Ok(SourceShift(solved.transpose().to_owned()))
     }
 
     /// `tr((W−Q)·H·(W−Q)ᵀ)` row by row, with the dampened Hessian.
