@@ -63,8 +63,8 @@ pub(crate) fn instruction(cpu: &Cpu) -> Option<&'static str> {
     multiplier(cpu.isa(), false).instruction
 }
 
-/// Writes the byte codes of a chunk of a tile's activation groups (`a0`, `count`) into an
-/// [`Unpacked`], as [`unpack_scalar`] does.
+/// Fills part of an [`Unpacked`] from a chunk of a tile's activation groups (`a0`, `count`): the
+/// byte codes ([`unpack_scalar`]) or the scales and offsets ([`unpack_scales`]).
 pub(crate) type UnpackFn = fn(&TileView<'_>, usize, usize, &mut Unpacked);
 
 /// How an ISA unpacks bit planes into byte codes, and their groups' f16 or two-level scales into
@@ -80,7 +80,8 @@ pub(crate) struct Unpacker {
 }
 
 /// The fastest unpacking of bit planes on `isa` and this CPU: GFNI bit-matrix transposes where
-/// AVX-512 VBMI and GFNI exist, else AVX2 shifts and masks, else scalar.
+/// AVX-512 VBMI and GFNI exist, else AVX2 shifts and masks, else scalar; scales eight rows at a
+/// time with F16C on AVX2, else scalar.
 pub(crate) fn unpacker(isa: Isa) -> Unpacker {
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -143,6 +144,13 @@ pub(crate) struct Unpacked {
 }
 
 impl Unpacked {
+    /// Sets the integer constants of a chunk of tile `v`: `top`, `factor` and `halves`.
+    pub(crate) fn set_form(&mut self, v: &TileView<'_>) {
+        self.top = (1 << v.bits) - 1;
+        self.factor = 2;
+        self.halves = if v.half_groups { 2 } else { 1 };
+    }
+
     fn new() -> Unpacked {
         Unpacked {
             codes: [[0; GROUP_BYTES]; CHUNK],
@@ -370,10 +378,8 @@ fn multiplier(isa: Isa, wide_codes: bool) -> Multiplier {
 
 /// Fills `u.scale` and `u.offset` for the halves of activation groups `a0..a0 + count` (the
 /// scalar reference).
-pub(crate) fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
-    u.top = (1 << v.bits) - 1;
-    u.factor = 2;
-    u.halves = if v.half_groups { 2 } else { 1 };
+fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
+    u.set_form(v);
     let centre = v.centre;
     for (c, h) in (0..count).flat_map(|c| (0..u.halves).map(move |h| (c, h))) {
         let g = v.group_of(a0 + c, h);

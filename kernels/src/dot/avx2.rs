@@ -212,9 +212,7 @@ pub(super) fn unpack_scales_checked(v: &TileView<'_>, a0: usize, count: usize, u
 /// before it (groups wider than 32) copies that half's values.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
-    u.top = (1 << v.bits) - 1;
-    u.factor = 2;
-    u.halves = if v.half_groups { 2 } else { 1 };
+    u.set_form(v);
     let centre = _mm256_set1_ps(v.centre);
     let half = _mm256_set1_ps(0.5);
     // Eight f16 values as f32.

@@ -290,6 +290,32 @@ fn random_super(
     .unwrap()
 }
 
+/// A 4-bit two-level matrix in groups of 32 whose sub-scales and sub-mins cycle through the ends
+/// of their byte ranges (−128 and 127; 255 and 128).
+#[cfg(target_arch = "x86_64")]
+fn extreme_super(rows: usize, cols: usize) -> PackedMatrix {
+    let groups = rows * cols / 32;
+    let codes: Vec<u8> = (0..rows * cols).map(|i| (i * 7 % 16) as u8).collect();
+    let sub_scales: Vec<i8> = (0..groups).map(|g| [-128, 127, -1, 0, 63][g % 5]).collect();
+    let sub_mins: Vec<u8> = (0..groups).map(|g| [255, 128, 0, 7][g % 4]).collect();
+    let supers = rows * cols / 256;
+    let f16s = |v: f32| vec![half::f16::from_f32(v).to_bits(); supers];
+    let (d, dmin) = (f16s(0.003), f16s(0.0007));
+    PackedMatrix::pack_super_blocks(&SuperBlockWeights {
+        rows,
+        cols,
+        bits: 4,
+        group: 32,
+        zero_point: 0,
+        codes: &codes,
+        sub_scales: &sub_scales,
+        sub_mins: Some(&sub_mins),
+        d: &d,
+        dmin: Some(&dmin),
+    })
+    .unwrap()
+}
+
 #[test]
 fn two_level_scales_follow_the_dequantized_weights() {
     let mut rng = SplitMix64::new(5);
@@ -349,7 +375,13 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
         // Groups of 16 (each activation block in two halves): Q6_K-like and Q2_K-like.
         let halves = [(6u8, 32u8, false), (2, 0, true)]
             .map(|(bits, z, mins)| (bits, random_super(&mut rng2, 64, cols, bits, z, mins, 16)));
-        for (bits, m) in uniform.collect::<Vec<_>>().into_iter().chain(halves) {
+        // Two-level groups of 32 with mins (Q4_K-like), and with the widest sub-scales and
+        // sub-mins a byte holds (sign and zero extension).
+        let q4k = random_super(&mut rng2, 64, cols, 4, 0, true, 32);
+        let extremes = extreme_super(64, cols);
+        let super32 = [(4, q4k), (4, extremes)];
+        let forms = uniform.collect::<Vec<_>>().into_iter().chain(halves);
+        for (bits, m) in forms.chain(super32) {
             let w = m.view();
             let tile = w.tile(0);
             let per_row = cols / crate::lut::layout::ACT;
