@@ -1,8 +1,6 @@
 //! What `lutra quantize` needs of a loaded model: its blocks run one at a time over calibration
 //! sequences, the rows each matrix reads there, and a block's matrices swapped for quantized ones.
 
-use std::ops::ControlFlow;
-
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -215,9 +213,7 @@ impl Model {
         for (b, chunk) in x.chunks_mut(MAX_BATCH * h).enumerate() {
             let n = chunk.len() / h;
             runner.state.x_mut(n).copy_from_slice(chunk);
-            let observe = observe
-                .as_mut()
-                .map(|f| &mut **f as &mut dyn FnMut(MatrixInput, &[f32]) -> ControlFlow<()>);
+            let observe = observe.as_mut().map(|f| &mut **f as InputObserver<'_>);
             let segs = [Segment {
                 prompt: true,
                 rows: n,

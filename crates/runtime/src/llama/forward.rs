@@ -75,7 +75,8 @@ impl MatrixInput {
 
 /// Sees the rows each group of a block's matrices reads (calibration of `lutra quantize`);
 /// `Break` stops the block there, before those matrices run (the rows the block was given then
-/// hold partial results).
+/// hold partial results). A break at `Attention` comes before the batch stores its keys and
+/// values, so an observer that breaks there must do so in every batch of a sequence.
 pub(crate) type InputObserver<'a> = &'a mut dyn FnMut(MatrixInput, &[f32]) -> ControlFlow<()>;
 
 /// Scratch memory of the forward pass; `[batch][...]` row-major everywhere.

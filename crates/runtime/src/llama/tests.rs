@@ -1231,19 +1231,9 @@ fn a_block_stopped_at_an_input_sees_its_rows_and_none_after() {
     let model = synthetic_model(tiny_config(), 4, 32, &options(true), 5).unwrap();
     let tokens = prompt(MAX_BATCH + 36, model.config().vocab_size);
     let x = model.embed_tokens(&tokens).unwrap();
-    let mut runner = model.block_runner(tokens.len());
     for (i, stop_at) in MatrixInput::ALL.into_iter().enumerate() {
-        let mut full = Vec::new();
-        let mut observe = |input, rows: &[f32]| {
-            if input == stop_at {
-                full.extend_from_slice(rows);
-            }
-            ControlFlow::Continue(())
-        };
-        let mut y = x.clone();
-        model
-            .run_block(&mut runner, 1, &mut y, Some(&mut observe))
-            .unwrap();
+        // The stopped run first, on a fresh cache: no full run stored keys and values for it.
+        let mut runner = model.block_runner(tokens.len());
         let (mut stopped, mut later) = (Vec::new(), Vec::new());
         let mut observe = |input, rows: &[f32]| {
             if input == stop_at {
@@ -1252,6 +1242,17 @@ fn a_block_stopped_at_an_input_sees_its_rows_and_none_after() {
             }
             if MatrixInput::ALL[i..].contains(&input) {
                 later.push(input);
+            }
+            ControlFlow::Continue(())
+        };
+        let mut y = x.clone();
+        model
+            .run_block(&mut runner, 1, &mut y, Some(&mut observe))
+            .unwrap();
+        let mut full = Vec::new();
+        let mut observe = |input, rows: &[f32]| {
+            if input == stop_at {
+                full.extend_from_slice(rows);
             }
             ControlFlow::Continue(())
         };
