@@ -91,7 +91,8 @@ impl Calibration {
 pub(crate) struct Hessian {
     k: usize,
     sum: Vec<f64>,
-    /// `aᵀb` of the rows pending, `[k][k]`, reused by every fold.
+    /// `bᵀa` of the rows pending (`[k][k]`; only the lower triangle for a symmetric sum), reused
+    /// by every fold.
     gram: Mat<f32>,
     pending: Vec<f32>,
     /// The right-hand rows `b` of pairs (empty for `Σ x·xᵀ`).
@@ -178,30 +179,40 @@ impl Hessian {
             par,
         );
         let gram = self.gram.as_ref();
-        let rows_per_thread = k.div_ceil(self.threads);
-        std::thread::scope(|scope| {
-            for (t, rows) in self.sum.chunks_mut(rows_per_thread * k).enumerate() {
-                scope.spawn(move || {
-                    for (r, row) in rows.chunks_exact_mut(k).enumerate() {
-                        let i = t * rows_per_thread + r;
-                        let from = if symmetric { i } else { 0 };
-                        let col = gram.col(i).subrows(from, k - from);
-                        let col = col
-                            .try_as_col_major()
-                            .expect("faer matrices are column-major");
-                        for (s, &g) in row[from..].iter_mut().zip(col.as_slice()) {
-                            *s += f64::from(g);
-                        }
-                    }
-                });
+        // Rows `first..` of the sum, `rows` (whole rows), take their part of the gram.
+        let add = move |first: usize, rows: &mut [f64]| {
+            for (r, row) in rows.chunks_exact_mut(k).enumerate() {
+                let i = first + r;
+                let from = if symmetric { i } else { 0 };
+                let col = gram.col(i).subrows(from, k - from);
+                let col = col
+                    .try_as_col_major()
+                    .expect("faer matrices are column-major");
+                for (s, &g) in row[from..].iter_mut().zip(col.as_slice()) {
+                    *s += f64::from(g);
+                }
             }
-        });
+        };
+        let bounds = fold_bounds(k, self.threads, symmetric);
+        if bounds.len() <= 2 {
+            add(0, &mut self.sum);
+        } else {
+            std::thread::scope(|scope| {
+                let mut rest = &mut self.sum[..];
+                for w in bounds.windows(2) {
+                    let (rows, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) * k);
+                    rest = tail;
+                    scope.spawn(move || add(w[0], rows));
+                }
+            });
+        }
         self.rows += n;
         self.pending.clear();
         self.pending_right.clear();
     }
 
-    /// The sum over every row added, `[k][k]` row-major, and the number of rows.
+    /// The sum over every row added, `[k][k]` row-major, and the number of rows (a symmetric
+    /// sum's lower triangle mirrored from its upper one).
     pub(crate) fn finish(mut self) -> (Vec<f64>, usize) {
         self.fold();
         if !self.pairs {
@@ -214,6 +225,27 @@ impl Hessian {
         }
         (self.sum, self.rows)
     }
+}
+
+/// Row boundaries `0 = b₀ < … < bₙ = k` splitting a fold's additions over at most `threads`
+/// threads in equal parts: rows of equal length, or for a symmetric sum the upper triangle's rows
+/// (row i adds `k − i` values), cut where the triangle's area splits evenly.
+fn fold_bounds(k: usize, threads: usize, symmetric: bool) -> Vec<usize> {
+    let parts = threads.clamp(1, k.max(1));
+    let mut bounds: Vec<usize> = (0..=parts)
+        .map(|t| {
+            let share = t as f64 / parts as f64;
+            let row = if symmetric {
+                // Rows 0..b hold k²·(1 − (1 − b/k)²)/2 of the triangle's values.
+                k as f64 * (1.0 - (1.0 - share).sqrt())
+            } else {
+                k as f64 * share
+            };
+            (row.round() as usize).min(k)
+        })
+        .collect();
+    bounds.dedup();
+    bounds
 }
 
 #[cfg(test)]
@@ -233,7 +265,7 @@ mod tests {
         let k = 4;
         let a: Vec<f32> = (0..600 * k).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
         let b: Vec<f32> = (0..600 * k).map(|i| ((i * 13) % 11) as f32 - 5.0).collect();
-        let mut h = Hessian::new(k, 2);
+        let mut h = Hessian::new(k, 3);
         for (a, b) in a.chunks(53 * k).zip(b.chunks(53 * k)) {
             h.add_pairs(a, b);
         }
@@ -249,9 +281,25 @@ mod tests {
     }
 
     #[test]
+    fn fold_bounds_cover_every_row_in_order() {
+        let cases = [(11008, 2, true), (37, 3, true), (2, 3, false), (1, 4, true)];
+        for (k, threads, symmetric) in cases {
+            let b = fold_bounds(k, threads, symmetric);
+            assert_eq!((b[0], *b.last().unwrap()), (0, k), "{k} on {threads}");
+            assert!(b.windows(2).all(|w| w[0] < w[1]) && b.len() <= threads + 1);
+        }
+        // Two threads on a triangle of 11008 rows: the first takes the longer rows, fewer of them.
+        let b = fold_bounds(11008, 2, true);
+        let area = |r: std::ops::Range<usize>| r.map(|i| 11008 - i).sum::<usize>() as f64;
+        let (first, second) = (area(0..b[1]), area(b[1]..11008));
+        assert!((first / second - 1.0).abs() < 0.01, "{first} vs {second}");
+    }
+
+    #[test]
     fn hessian_is_the_sum_of_outer_products() {
-        // Threads that share the rows unevenly (37 rows on 3 threads), and one thread.
-        for (k, threads) in [(5, 2), (37, 3), (6, 1)] {
+        // Threads that share the rows unevenly (37 rows on 3 threads), more threads than rows,
+        // and one thread.
+        for (k, threads) in [(5, 2), (37, 3), (2, 3), (6, 1)] {
             let rows: Vec<f32> = (0..700 * k)
                 .map(|i| ((i * 7919) % 23) as f32 - 11.0)
                 .collect();
