@@ -1232,34 +1232,30 @@ fn a_block_stopped_at_an_input_sees_its_rows_and_none_after() {
     let tokens = prompt(MAX_BATCH + 36, model.config().vocab_size);
     let x = model.embed_tokens(&tokens).unwrap();
     for (i, stop_at) in MatrixInput::ALL.into_iter().enumerate() {
+        // The rows of `stop_at`, and the later inputs seen, in a run that stops there or not.
+        let run = |runner: &mut calibrate::BlockRunner, stop: bool| {
+            let (mut seen, mut later) = (Vec::new(), Vec::new());
+            let mut observe = |input, rows: &[f32]| {
+                if input == stop_at {
+                    seen.extend_from_slice(rows);
+                    if stop {
+                        return ControlFlow::Break(());
+                    }
+                } else if MatrixInput::ALL[i..].contains(&input) {
+                    later.push(input);
+                }
+                ControlFlow::Continue(())
+            };
+            let mut y = x.clone();
+            model
+                .run_block(runner, 1, &mut y, Some(&mut observe))
+                .unwrap();
+            (seen, later)
+        };
         // The stopped run first, on a fresh cache: no full run stored keys and values for it.
         let mut runner = model.block_runner(tokens.len());
-        let (mut stopped, mut later) = (Vec::new(), Vec::new());
-        let mut observe = |input, rows: &[f32]| {
-            if input == stop_at {
-                stopped.extend_from_slice(rows);
-                return ControlFlow::Break(());
-            }
-            if MatrixInput::ALL[i..].contains(&input) {
-                later.push(input);
-            }
-            ControlFlow::Continue(())
-        };
-        let mut y = x.clone();
-        model
-            .run_block(&mut runner, 1, &mut y, Some(&mut observe))
-            .unwrap();
-        let mut full = Vec::new();
-        let mut observe = |input, rows: &[f32]| {
-            if input == stop_at {
-                full.extend_from_slice(rows);
-            }
-            ControlFlow::Continue(())
-        };
-        let mut y = x.clone();
-        model
-            .run_block(&mut runner, 1, &mut y, Some(&mut observe))
-            .unwrap();
+        let (stopped, later) = run(&mut runner, true);
+        let (full, _) = run(&mut runner, false);
         assert_eq!(full.len(), tokens.len() * model.input_width(1, stop_at));
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&stopped), bits(&full), "{stop_at:?}");
