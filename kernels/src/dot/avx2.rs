@@ -9,6 +9,7 @@ use super::int8_tiles::Int8Tiles;
 use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
 use crate::int8::{avx2_load_codes, ActBlock, BlockScale, Codes};
 use crate::isa::{has_avx512_vnni, Isa};
+use crate::lut::avx2::load_f16;
 use crate::lut::layout::{PLANE_BYTES, TABLES_PER_ACT, TILE};
 use crate::lut::TileView;
 
@@ -215,13 +216,7 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     u.set_form(v);
     let centre = _mm256_set1_ps(v.centre);
     let half = _mm256_set1_ps(0.5);
-    // Eight f16 values as f32.
-    let widen = |h: &[u16]| {
-        let h = &h[..8];
-        // SAFETY: 16 readable bytes (checked by the slice above); loadu has no alignment
-        // requirement.
-        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(h.as_ptr().cast()) })
-    };
+    let widen = |h: &[u16]| load_f16(&h[..8]);
     // Eight bytes as the low half of a vector.
     let bytes = |b: &[u8]| {
         let b = &b[..8];

@@ -49,6 +49,7 @@ pub(super) unsafe fn tile<const NB: usize>(
     let mut f: PlaneSums<NB> = [[[0.0; TILE]; MAX_BITS]; NB];
     let mut idx = [[[_mm256_setzero_si256(); 4]; 4]; MAX_BITS];
     let mut paired = PairedIndices::new();
+    let how = Prefetch::of(v);
     for a in acc[..nb].iter_mut() {
         *a = [0.0; TILE];
     }
@@ -64,7 +65,7 @@ pub(super) unsafe fn tile<const NB: usize>(
             let c1 = (c0 + CHUNK).min(a1);
             for a in c0..c1 {
                 let wa = v.weights[a * v.bits * PLANE_BYTES..][..v.bits * PLANE_BYTES].as_ptr();
-                prefetch(wa, v.bits, Prefetch::Near);
+                prefetch(wa, v.bits, how);
                 // Several tokens: split the nibble indices once for all of them (uniform planes:
                 // interleaved by plane pairs, see `PairedIndices`).
                 let shared = nb > 1;
@@ -1150,9 +1151,9 @@ pub(crate) fn accumulate(f: &mut [f32; TILE], s: &[__m256i; 4], ts: __m256) {
 /// 8 f16 values from `bits` (exactly 8 long) as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn load_f16(bits: &[u16]) -> __m256 {
-    debug_assert_eq!(bits.len(), 8);
-    // SAFETY: 8 u16 = 16 readable bytes.
+pub(crate) fn load_f16(bits: &[u16]) -> __m256 {
+    assert_eq!(bits.len(), 8);
+    // SAFETY: 8 u16 = 16 readable bytes (checked above).
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr().cast()) })
 }
 
