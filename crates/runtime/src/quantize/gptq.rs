@@ -296,7 +296,8 @@ impl SourceShift {
     }
 }
 
-fn par(threads: usize) -> Par {
+/// faer's parallelism for `threads` threads: rayon's pool, or sequential for one.
+pub(crate) fn par(threads: usize) -> Par {
     if threads > 1 {
         Par::rayon(threads)
     } else {

@@ -2,9 +2,10 @@
 //! `H = Σ x·xᵀ` of the rows each matrix reads while the model runs over them.
 
 use faer::linalg::matmul::triangular::{self, BlockStructure};
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatRef};
 
 use crate::error::{Error, Result};
+use crate::quantize::gptq::par;
 use crate::tokenizer::Tokenizer;
 
 /// The calibration text that ships with lutra: chapters of *The Rust Programming Language*
@@ -154,11 +155,6 @@ impl Hessian {
         } else {
             MatRef::from_row_major_slice(&self.pending_right, n, k)
         };
-        let par = if self.threads > 1 {
-            Par::rayon(self.threads)
-        } else {
-            Par::Seq
-        };
         // `gram = bᵀ·a`, column-major: its column i is row i of `Σ a·bᵀ`, contiguous like the
         // row of `sum` it is added to. A symmetric sum needs only the lower triangle of `gram`
         // (row i from column i on), half the products; `finish` mirrors it.
@@ -176,7 +172,7 @@ impl Hessian {
             a,
             BlockStructure::Rectangular,
             1.0,
-            par,
+            par(self.threads),
         );
         let gram = self.gram.as_ref();
         // Rows `first..` of the sum, `rows` (whole rows), take their part of the gram.
