@@ -9,8 +9,10 @@
 //! ("lazy batch updates"); with act-order the columns go by descending Hessian diagonal and the
 //! grid of each block of the row is fitted first on the unquantized weights ("static groups"),
 //! otherwise each grid block is fitted on the updated weights when its first column comes.
-//! After the pass every block's grid is refitted to its codes (HLQ's least squares), per row
-//! only when that lowers the row's output error.
+//! After the pass the grids are refitted to the codes: those whose levels are linear in their
+//! parameters (uniform, HLQ) a whole row at once in the row's output error
+//! (`joint_refit`), the others block by block with the Hessian's diagonal;
+//! per row only when that lowers the row's output error.
 
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
@@ -21,6 +23,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 use super::grid::Grid;
+use super::joint_refit::refit_rows_jointly;
 
 /// Dampenings tried (each 10× the last) before a Hessian is declared not positive definite.
 const DAMP_TRIES: usize = 5;
@@ -488,12 +491,16 @@ pub fn gptq_prepared<G: Grid>(
         codes,
         blocks: fitted,
     };
-    refit_rows(grid, rows, cols, &natural, hessian, &mut out, opts.threads);
+    if grid.linear_params() > 0 {
+        refit_rows_jointly(grid, cols, &natural, &hessian.damped, &mut out);
+    } else {
+        refit_rows(grid, rows, cols, &natural, hessian, &mut out, opts.threads);
+    }
     Ok(out)
 }
 
-/// Refits every block's grid to its codes, keeping a row's refit only when its output error
-/// falls.
+/// Refits every block's grid to its codes with the Hessian's diagonal (for grids without a
+/// linear form), keeping a row's refit only when its output error falls.
 fn refit_rows<G: Grid>(
     grid: &G,
     rows: usize,

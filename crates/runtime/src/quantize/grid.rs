@@ -45,6 +45,21 @@ pub trait Grid: Sync {
         _codes: &[u8],
     ) {
     }
+    /// Parameters of a block whose levels are linear in them, else 0 (provided): a level is
+    /// `Σ_a θ_a·t_a` with the terms `t` of [`level_terms`](Grid::level_terms), the same at every
+    /// index of the block. Parameter 0 is the block's offset (its term is 1 for every code).
+    fn linear_params(&self) -> usize {
+        0
+    }
+    /// The terms of `code`'s level (len [`linear_params`](Grid::linear_params); `terms[0]` = 1).
+    fn level_terms(&self, _code: u8, _terms: &mut [f32]) {}
+    /// The linear parameters of `block` (len [`linear_params`](Grid::linear_params)).
+    fn block_params(&self, _block: &Self::Block, _params: &mut [f64]) {}
+    /// The block of linear parameters `params`, rounded as stored; `None` when that is not a
+    /// valid block (not finite, or outside the grid's constraints).
+    fn block_from_params(&self, _params: &[f64]) -> Option<Self::Block> {
+        None
+    }
 }
 
 /// Weighted squared error of `weights` against the levels of their nearest codes.
@@ -169,6 +184,30 @@ impl Grid for UniformGrid {
 
     fn level(&self, block: &UniformBlock, _index: usize, code: u8) -> f32 {
         block.scale * f32::from(code) + block.offset
+    }
+
+    fn linear_params(&self) -> usize {
+        2
+    }
+
+    fn level_terms(&self, code: u8, terms: &mut [f32]) {
+        terms[0] = 1.0;
+        terms[1] = f32::from(code);
+    }
+
+    fn block_params(&self, block: &UniformBlock, params: &mut [f64]) {
+        params[0] = f64::from(block.offset);
+        params[1] = f64::from(block.scale);
+    }
+
+    /// Offset and scale rounded to f16 (a negative scale reverses the levels: a grid all the
+    /// same for the kernels, whose codes are then fixed).
+    fn block_from_params(&self, params: &[f64]) -> Option<UniformBlock> {
+        let block = UniformBlock {
+            scale: round_f16(params[1] as f32),
+            offset: round_f16(params[0] as f32),
+        };
+        (block.scale.is_finite() && block.offset.is_finite()).then_some(block)
     }
 
     fn nearest(&self, block: &UniformBlock, _index: usize, w: f32) -> u8 {

@@ -65,15 +65,7 @@ impl PlaneGrid {
             row[a] = 1.0;
         }
         let sol = solve::<5>(design, rhs)?;
-        let mut block = PlaneBlock {
-            offset: round_f16(sol[0] as f32),
-            scales: [0.0; 4],
-        };
-        for p in 0..usize::from(self.bits) {
-            block.scales[p] = round_f16(sol[p + 1] as f32);
-        }
-        let finite = block.offset.is_finite() && block.scales.iter().all(|v| v.is_finite());
-        finite.then_some(block)
+        self.block_from_params(&sol[..n])
     }
 }
 
@@ -132,6 +124,37 @@ impl Grid for PlaneGrid {
             }
         }
         v
+    }
+
+    fn linear_params(&self) -> usize {
+        usize::from(self.bits) + 1
+    }
+
+    fn level_terms(&self, code: u8, terms: &mut [f32]) {
+        terms[0] = 1.0;
+        for p in 0..usize::from(self.bits) {
+            terms[p + 1] = f32::from((code >> p) & 1);
+        }
+    }
+
+    fn block_params(&self, block: &PlaneBlock, params: &mut [f64]) {
+        params[0] = f64::from(block.offset);
+        for p in 0..usize::from(self.bits) {
+            params[p + 1] = f64::from(block.scales[p]);
+        }
+    }
+
+    /// Offset and plane scales rounded to f16.
+    fn block_from_params(&self, params: &[f64]) -> Option<PlaneBlock> {
+        let mut block = PlaneBlock {
+            offset: round_f16(params[0] as f32),
+            scales: [0.0; 4],
+        };
+        for p in 0..usize::from(self.bits) {
+            block.scales[p] = round_f16(params[p + 1] as f32);
+        }
+        let finite = block.offset.is_finite() && block.scales.iter().all(|v| v.is_finite());
+        finite.then_some(block)
     }
 
     fn refit(&self, block: &mut PlaneBlock, weights: &[f32], importance: &[f32], codes: &[u8]) {

@@ -13,6 +13,7 @@ pub mod ggml_types;
 pub mod gptq;
 pub mod grid;
 pub mod hlq;
+mod joint_refit;
 mod rtn;
 
 pub use gptq::{gptq, gptq_prepared, rtn, GptqOptions, PreparedHessian, Quantized};
