@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanDuration, ProgressBar, ProgressStyle};
 use lutra_runtime::quantize::ggml_types::GgmlTarget;
 use lutra_runtime::quantize::gptq::GptqOptions;
 use lutra_runtime::quantizer::blocks::{Bits, Method, QuantizeOptions, Rotate, Target};
@@ -107,7 +107,7 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "block {pos}/{len} [{bar:30}] {elapsed_precise} elapsed, about {eta} left",
+            "block {pos}/{len} [{bar:30}] {elapsed_precise} elapsed, {msg}",
         )
         .context("progress bar template")?
         .progress_chars("=> "),
@@ -121,6 +121,10 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
         &mut |p| {
             bar.set_length(p.blocks as u64);
             bar.set_position(p.done as u64);
+            bar.set_message(match time_left(start.elapsed(), p.done, p.blocks) {
+                Some(left) => format!("about {:#} left", HumanDuration(left)),
+                None => String::new(),
+            });
         },
     )
     .with_context(|| {
@@ -143,4 +147,35 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The time the remaining blocks should take at the pace of the blocks done so far; `None` before
+/// the first block is done. (indicatif's `{eta}` weighs the most recent steps, which misleads
+/// when steps are minutes apart.)
+fn time_left(
+    elapsed: std::time::Duration,
+    done: usize,
+    blocks: usize,
+) -> Option<std::time::Duration> {
+    if done == 0 || done > blocks {
+        return None;
+    }
+    Some(elapsed.mul_f64((blocks - done) as f64 / done as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::time_left;
+
+    #[test]
+    fn time_left_is_the_pace_so_far_times_the_blocks_left() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(time_left(minute, 0, 30), None);
+        assert_eq!(time_left(minute * 6, 1, 32), Some(minute * 186));
+        assert_eq!(time_left(minute * 10, 5, 30), Some(minute * 50));
+        assert_eq!(time_left(minute, 30, 30), Some(Duration::ZERO));
+        assert_eq!(time_left(minute, 31, 30), None);
+    }
 }
