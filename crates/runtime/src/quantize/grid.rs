@@ -265,6 +265,20 @@ pub fn fixed_code_error<G: Grid + ?Sized>(
         .sum()
 }
 
+/// Readies the leading `n`×`n` part of a small normal system for [`solve`]: a ridge of 1e-9 of
+/// its trace on that diagonal (a parameter no code uses leaves its row zero; the ridge keeps the
+/// system solvable and that parameter near 0), and the identity beyond `n`.
+pub(super) fn ridge<const N: usize>(a: &mut [[f64; N]; N], n: usize) {
+    let trace: f64 = (0..n).map(|i| a[i][i]).sum::<f64>().max(f64::MIN_POSITIVE);
+    for (i, row) in a.iter_mut().enumerate() {
+        if i < n {
+            row[i] += 1e-9 * trace;
+        } else {
+            row[i] = 1.0;
+        }
+    }
+}
+
 /// Solves the `N`×`N` system by Gaussian elimination with partial pivoting; `None` when singular.
 pub(super) fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
     for col in 0..N {

@@ -8,7 +8,7 @@ use crate::weights::DecodedTensor;
 
 use super::gptq::Quantized;
 use super::grid::{
-    block_error, check_quantized, fixed_code_error, round_f16, solve, Grid, UniformGrid,
+    block_error, check_quantized, fixed_code_error, ridge, round_f16, solve, Grid, UniformGrid,
 };
 
 /// HLQ: `w = z + Σ_p s_p·q_p` over the bit planes `q_p` of the code, one scale per plane and an
@@ -52,18 +52,8 @@ impl PlaneGrid {
                 rhs[a] += f64::from(h) * x[a] * f64::from(w);
             }
         }
-        // Planes no code sets (or that duplicate another) make the system singular: give them
-        // a tiny ridge so they solve to ~0 instead of failing.
-        let trace: f64 = (0..n)
-            .map(|a| design[a][a])
-            .sum::<f64>()
-            .max(f64::MIN_POSITIVE);
-        for (a, row) in design.iter_mut().enumerate().take(n) {
-            row[a] += 1e-9 * trace;
-        }
-        for (a, row) in design.iter_mut().enumerate().skip(n) {
-            row[a] = 1.0;
-        }
+        // Planes no code sets (or that duplicate another) would make the system singular.
+        ridge(&mut design, n);
         let sol = solve::<5>(design, rhs)?;
         self.block_from_params(&sol[..n])
     }

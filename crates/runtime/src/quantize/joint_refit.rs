@@ -16,7 +16,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::gptq::Quantized;
-use super::grid::{solve, Grid};
+use super::grid::{ridge, solve, Grid};
 
 /// Bytes of one task's normal matrices (f32), which sets how many rows a task takes.
 const NORMAL_BYTES: usize = 32 << 20;
@@ -266,24 +266,13 @@ impl BlockJacobi {
         let mut inverses = vec![0.0f64; m * p];
         for (g, inv) in inverses.chunks_exact_mut(p * p).enumerate() {
             let mut block = [[0.0f64; MAX_PARAMS]; MAX_PARAMS];
-            for (a, row) in block.iter_mut().enumerate() {
-                if a < p {
-                    for (b, v) in row.iter_mut().enumerate().take(p) {
-                        *v = f64::from(normal[(g * p + a) * m + g * p + b]);
-                    }
-                } else {
-                    row[a] = 1.0;
+            for (a, row) in block.iter_mut().enumerate().take(p) {
+                for (b, v) in row.iter_mut().enumerate().take(p) {
+                    *v = f64::from(normal[(g * p + a) * m + g * p + b]);
                 }
             }
-            // A term no code of the block sets leaves its row zero: a small ridge keeps the
-            // block invertible (the step in that parameter then stays ~0).
-            let trace: f64 = (0..p)
-                .map(|a| block[a][a])
-                .sum::<f64>()
-                .max(f64::MIN_POSITIVE);
-            for (a, row) in block.iter_mut().enumerate().take(p) {
-                row[a] += 1e-9 * trace;
-            }
+            // A term no code of the block sets leaves its row zero.
+            ridge(&mut block, p);
             for b in 0..p {
                 let mut unit = [0.0f64; MAX_PARAMS];
                 unit[b] = 1.0;
