@@ -189,10 +189,7 @@ impl RowSystems {
         let m = self.shape.params();
         let normal = &self.normal[r * m * m..(r + 1) * m * m];
         let rhs = &self.rhs[r * m..(r + 1) * m];
-        let mut start = vec![0.0f64; m];
-        for (b, params) in blocks.iter().zip(start.chunks_exact_mut(p)) {
-            grid.block_params(b, params);
-        }
+        let start = params_of(grid, blocks, p);
         let Some(preconditioner) = BlockJacobi::new(normal, m, p) else {
             return;
         };
@@ -204,15 +201,21 @@ impl RowSystems {
         else {
             return;
         };
-        let mut stored = vec![0.0f64; m];
-        for (b, params) in refitted.iter().zip(stored.chunks_exact_mut(p)) {
-            grid.block_params(b, params);
-        }
         debug_assert_eq!(refitted.len(), groups);
+        let stored = params_of(grid, &refitted, p);
         if objective(normal, rhs, &stored) < objective(normal, rhs, &start) {
             blocks.clone_from_slice(&refitted);
         }
     }
+}
+
+/// The linear parameters of a row's blocks, `p` per block.
+fn params_of<G: Grid>(grid: &G, blocks: &[G::Block], p: usize) -> Vec<f64> {
+    let mut params = vec![0.0f64; blocks.len() * p];
+    for (b, out) in blocks.iter().zip(params.chunks_exact_mut(p)) {
+        grid.block_params(b, out);
+    }
+    params
 }
 
 /// `Σ a[i]·b[i]` in eight lanes (which the compiler keeps in vector registers).
