@@ -1,6 +1,7 @@
 //! Times GPTQ (act-order, lazy blocks of 128) on random matrices with a random correlated
 //! Hessian: `cargo run --profile test -p lutra-runtime --example gptq_time -- [ROWSxCOLS ...]`
-//! (default: SmolLM2's 1536x576 and 576x1536). Threads: `RAYON_NUM_THREADS` (default 2).
+//! (default: SmolLM2's 1536x576 and 576x1536), and the asymmetric calibration's source shift in
+//! its two forms. Threads: `RAYON_NUM_THREADS` (default 2).
 
 use std::time::Instant;
 
@@ -71,6 +72,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let prepared = PreparedHessian::new(&hessian, cols, &opts)?;
         let t_prepare = t.elapsed().as_secs_f64();
+        // The source shift's two forms: `C·H⁻¹` once, or `(W·C)·H⁻¹` for this matrix alone.
+        let cross: Vec<f64> = rng
+            .gaussians(cols * cols)
+            .iter()
+            .zip(&hessian)
+            .map(|(&g, &h)| 0.01 * h + 1e-3 * f64::from(g))
+            .collect();
+        let mut t_shift = [0.0f64; 2];
+        for (time, served) in t_shift.iter_mut().zip([usize::MAX, rows]) {
+            let t = Instant::now();
+            prepared
+                .source_shift(&cross, served)?
+                .target(&weights, threads)?;
+            *time = t.elapsed().as_secs_f64();
+        }
+        println!(
+            "{rows}x{cols}, {threads} threads: source shift C·H⁻¹ then W·(C·H⁻¹) {:.2} s, \
+             (W·C)·H⁻¹ {:.2} s",
+            t_shift[0], t_shift[1]
+        );
         let t = Instant::now();
         gptq_prepared(&uniform, rows, cols, &weights, &prepared, &opts)?;
         let t_uniform = t.elapsed().as_secs_f64();

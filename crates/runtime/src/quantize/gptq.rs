@@ -17,6 +17,9 @@
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
 use faer::linalg::triangular_inverse::invert_lower_triangular;
+use faer::linalg::triangular_solve::{
+    solve_lower_triangular_in_place, solve_upper_triangular_in_place,
+};
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 use rayon::prelude::*;
 
@@ -206,7 +209,11 @@ impl PreparedHessian {
     /// constant for `W* = W + W·C·H⁻¹`, `C = Σ (s − x)·xᵀ` (`cross`, `[k][k]`). `H` is solved
     /// with a ridge of [`SOURCE_RIDGE`] times its mean diagonal, which keeps the correction to
     /// the directions the calibration rows pin down.
-    pub fn source_shift(&self, cross: &[f64]) -> Result<SourceShift> {
+    ///
+    /// `rows` is how many weight rows the shift will serve (all the matrices that read this
+    /// input): when they are fewer than the inputs, each matrix solves its own `(W·C)·H⁻¹`
+    /// (`rows` right-hand sides) instead of the `k` of `C·H⁻¹`.
+    pub fn source_shift(&self, cross: &[f64], rows: usize) -> Result<SourceShift> {
         let k = self.k;
         if cross.len() != k * k {
             return Err(Error::InvalidOption(format!(
@@ -226,8 +233,20 @@ impl PreparedHessian {
                 "the dampened {k}x{k} Hessian has no Cholesky factor"
             ))
         })?;
-        // H⁻¹·Cᵀ, whose transpose is C·H⁻¹ (H is symmetric).
+        if let Some(bad) = cross.iter().position(|v| !v.is_finite()) {
+            return Err(Error::InvalidOption(format!(
+                "the source shift of input {} is not finite (cross sums overflowed?)",
+                bad / k
+            )));
+        }
+        // Cᵀ: H⁻¹·Cᵀ is the transpose of C·H⁻¹ (H is symmetric).
         let ct = Mat::<f32>::from_fn(k, k, |i, j| cross[j * k + i] as f32);
+        if rows < k {
+            return Ok(SourceShift(ShiftForm::PerMatrix {
+                factor: llt.L().to_owned(),
+                cross_t: ct,
+            }));
+        }
         let solved = llt.solve(&ct);
         if let Some(bad) = (0..k * k).find(|&i| !solved[(i % k, i / k)].is_finite()) {
             return Err(Error::InvalidOption(format!(
@@ -235,7 +254,9 @@ impl PreparedHessian {
                 bad / k
             )));
         }
-        Ok(SourceShift(solved.transpose().to_owned()))
+        Ok(SourceShift(ShiftForm::Product(
+            solved.transpose().to_owned(),
+        )))
     }
 
     /// `tr((W−Q)·H·(W−Q)ᵀ)` row by row, with the dampened Hessian.
@@ -265,13 +286,24 @@ impl PreparedHessian {
     }
 }
 
-/// `C·H⁻¹` of [`PreparedHessian::source_shift`], `[k][k]`.
-pub struct SourceShift(Mat<f32>);
+/// The shift of [`PreparedHessian::source_shift`]: `W ↦ W + W·C·H⁻¹`.
+pub struct SourceShift(ShiftForm);
+
+enum ShiftForm {
+    /// `C·H⁻¹`, `[k][k]`: one product per matrix.
+    Product(Mat<f32>),
+    /// The lower Cholesky factor `L` of the ridged `H` and `Cᵀ`: each matrix solves
+    /// `H·Y = Cᵀ·Wᵀ`, whose column `r` is row `r` of `W·C·H⁻¹`.
+    PerMatrix { factor: Mat<f32>, cross_t: Mat<f32> },
+}
 
 impl SourceShift {
     /// `W* = W + W·C·H⁻¹` for `weights` `W` (`[rows][k]`).
     pub fn target(&self, weights: &[f32], threads: usize) -> Result<Vec<f32>> {
-        let k = self.0.nrows();
+        let k = match &self.0 {
+            ShiftForm::Product(m) => m.nrows(),
+            ShiftForm::PerMatrix { factor, .. } => factor.nrows(),
+        };
         if !weights.len().is_multiple_of(k) {
             return Err(Error::InvalidOption(format!(
                 "{} weights in rows of {k}",
@@ -280,14 +312,39 @@ impl SourceShift {
         }
         let rows = weights.len() / k;
         let mut target = weights.to_vec();
-        matmul(
-            MatMut::from_row_major_slice_mut(&mut target, rows, k),
-            Accum::Add,
-            MatRef::from_row_major_slice(weights, rows, k),
-            self.0.as_ref(),
-            1.0,
-            par(threads),
-        );
+        match &self.0 {
+            ShiftForm::Product(shift) => matmul(
+                MatMut::from_row_major_slice_mut(&mut target, rows, k),
+                Accum::Add,
+                MatRef::from_row_major_slice(weights, rows, k),
+                shift.as_ref(),
+                1.0,
+                par(threads),
+            ),
+            ShiftForm::PerMatrix { factor, cross_t } => {
+                // Y = Cᵀ·Wᵀ, then L·Lᵀ·Y = it: Y's column r is the shift of row r, and Y
+                // stored column-major is `[rows][k]`.
+                let mut y = vec![0.0f32; rows * k];
+                let mut y_mat = MatMut::from_column_major_slice_mut(&mut y, k, rows);
+                matmul(
+                    y_mat.as_mut(),
+                    Accum::Replace,
+                    cross_t.as_ref(),
+                    MatRef::from_column_major_slice(weights, k, rows),
+                    1.0,
+                    par(threads),
+                );
+                solve_lower_triangular_in_place(factor.as_ref(), y_mat.as_mut(), par(threads));
+                solve_upper_triangular_in_place(
+                    factor.as_ref().transpose(),
+                    y_mat.as_mut(),
+                    par(threads),
+                );
+                for (t, v) in target.iter_mut().zip(&y) {
+                    *t += v;
+                }
+            }
+        }
         if let Some(bad) = target.iter().position(|v| !v.is_finite()) {
             return Err(Error::InvalidOption(format!(
                 "the source target of weight ({}, {}) is not finite",

@@ -452,13 +452,30 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
     };
     let prepared = PreparedHessian::new(&h, COLS, &opts).unwrap();
     // No drift, no shift.
-    let none = prepared.source_shift(&vec![0.0; COLS * COLS]).unwrap();
+    let none = prepared
+        .source_shift(&vec![0.0; COLS * COLS], ROWS)
+        .unwrap();
     assert_eq!(none.target(&weights, 1).unwrap(), weights);
     let target = prepared
-        .source_shift(&cross)
+        .source_shift(&cross, ROWS)
         .unwrap()
         .target(&weights, 2)
         .unwrap();
+    // Served by fewer rows than inputs (as here), each matrix solves its own shift; served by
+    // as many, the shift is one product: the same target.
+    const { assert!(ROWS < COLS) };
+    let product = prepared
+        .source_shift(&cross, COLS)
+        .unwrap()
+        .target(&weights, 1)
+        .unwrap();
+    let scale = weights.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    for (i, (a, b)) in target.iter().zip(&product).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * scale,
+            "weight {i}: per-matrix shift {a}, product {b}"
+        );
+    }
     let unquantized = [&weights, &target].map(|w| source_error(&weights, w, &s, &x));
     assert!(
         unquantized[1] < 0.5 * unquantized[0],
@@ -482,7 +499,7 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
             errors[0]
         );
     }
-    assert!(prepared.source_shift(&[0.0; 3]).is_err());
+    assert!(prepared.source_shift(&[0.0; 3], ROWS).is_err());
     assert!(none.target(&weights[..COLS + 1], 1).is_err());
 }
 
