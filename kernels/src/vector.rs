@@ -1,7 +1,8 @@
 //! Small f32 vector operations for the parts of a forward pass that are not matrix products
 //! (attention scores and value sums): `dot` and `axpy`, their many-row forms `dot_rows` and
 //! `weighted_row_sum`, and their many-query forms `dot_matrix` and `weighted_row_sums` (a batch of
-//! queries against one block of keys and values, register-blocked); the softmax steps
+//! queries against one block of keys and values, register-blocked); `segment_dots`, the dots of
+//! consecutive segments of two vectors; the softmax steps
 //! `scale_max` and `exp_sum`; the gated activations `silu_mul` and `gelu_tanh_mul`; and `widen_f16` for caches stored as f16, all on the [`Cpu`]'s ISA.
 //!
 //! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, each product fused into
@@ -148,6 +149,48 @@ pub fn dot_matrix(cpu: &Cpu, a: &[f32], b: &[f32], len: usize, out: &mut [f32]) 
                 for (o, b_row) in o.iter_mut().zip(b.chunks_exact(len)) {
                     *o = scalar_pair_dot(row, b_row);
                 }
+            }
+        }
+    }
+}
+
+/// `out[s] = a_s · b_s` for the consecutive segments `a_s`, `b_s` of `len` values of `a` and
+/// `b` (`out.len()` segments each), every segment summed as [`dot_matrix`] sums a pair. Panics if
+/// the lengths disagree (a caller bug, not bad input).
+pub fn segment_dots(cpu: &Cpu, a: &[f32], b: &[f32], len: usize, out: &mut [f32]) {
+    assert!(
+        a.len() == out.len() * len && b.len() == a.len(),
+        "segment_dots: {} and {} values for {} segments of {len}",
+        a.len(),
+        b.len(),
+        out.len()
+    );
+    if len == 0 {
+        out.fill(0.0);
+        return;
+    }
+    match cpu.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`; `a` and `b` hold `out.len()` segments of `len > 0` values.
+        Isa::Avx2 => unsafe { avx2::segment_dots(a, b, len, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => {
+            for ((o, a), b) in out
+                .iter_mut()
+                .zip(a.chunks_exact(len))
+                .zip(b.chunks_exact(len))
+            {
+                // SAFETY: as in `dot`; both segments have `len` values.
+                *o = unsafe { neon::pair_dot(a, b) };
+            }
+        }
+        _ => {
+            for ((o, a), b) in out
+                .iter_mut()
+                .zip(a.chunks_exact(len))
+                .zip(b.chunks_exact(len))
+            {
+                *o = scalar_pair_dot(a, b);
             }
         }
     }

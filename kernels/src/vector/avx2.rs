@@ -266,6 +266,57 @@ pub(super) unsafe fn dot_matrix(a: &[f32], b: &[f32], len: usize, out: &mut [f32
     }
 }
 
+/// [`super::scalar_pair_dot`] of each segment of `len` values of `a` with the same segment of
+/// `b`: eight segments per pass, their lane sums taken by [`lane_sums`]; segments left over go
+/// through [`pair_dot`].
+///
+/// # Safety
+/// The CPU supports avx2, `len > 0`, and `a.len() == b.len() == out.len() * len`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn segment_dots(a: &[f32], b: &[f32], len: usize, out: &mut [f32]) {
+    let segments = out.len();
+    debug_assert!(len > 0 && a.len() == segments * len && b.len() == a.len());
+    let n = len / 8 * 8;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut s = 0;
+    while s + 8 <= segments {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut d = 0;
+        while d < n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let at = (s + k) * len + d;
+                // SAFETY: segment s + k (s + k < segments) holds values d..d+8 (d + 8 <= n <= len).
+                unsafe {
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(at)),
+                        _mm256_loadu_ps(pb.add(at)),
+                        *acc,
+                    );
+                }
+            }
+            d += 8;
+        }
+        let sums = lane_sums(acc);
+        let o = &mut out[s..s + 8];
+        // SAFETY: `o` is 8 f32s.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), sums) };
+        if n < len {
+            for (k, o) in o.iter_mut().enumerate() {
+                let span = (s + k) * len + n..(s + k + 1) * len;
+                *o += a[span.clone()]
+                    .iter()
+                    .zip(&b[span])
+                    .map(|(x, y)| x * y)
+                    .sum::<f32>();
+            }
+        }
+        s += 8;
+    }
+    for (k, o) in out.iter_mut().enumerate().skip(s) {
+        *o = pair_dot(&a[k * len..(k + 1) * len], &b[k * len..(k + 1) * len]);
+    }
+}
+
 /// One pair of [`dot_matrix`]: eight lanes, summed as [`super::pair_lanes_sum`], then the tail.
 #[inline]
 #[target_feature(enable = "avx2,fma")]

@@ -170,6 +170,36 @@ fn many_query_forms_give_the_scalar_bits_on_every_isa() {
 }
 
 #[test]
+fn segment_dots_give_the_scalar_pairs_bits_on_every_isa() {
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        for len in [1, 7, 8, 9, 16, 32, 33, 64] {
+            for segments in [0, 1, 7, 8, 9, 17, 24] {
+                let a = random(segments * len, 7 + (segments * len) as u64);
+                let b = random(segments * len, 70 + len as u64);
+                let mut got = vec![f32::NAN; segments];
+                segment_dots(&cpu, &a, &b, len, &mut got);
+                for (s, got) in got.iter().enumerate() {
+                    let span = s * len..(s + 1) * len;
+                    let want = scalar_pair_dot(&a[span.clone()], &b[span.clone()]);
+                    let exact: f64 = a[span.clone()]
+                        .iter()
+                        .zip(&b[span])
+                        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                        .sum();
+                    assert!((f64::from(want) - exact).abs() < 1e-5 * len as f64);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{isa:?} segment_dots len={len} segments={segments} segment {s}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn softmax_steps_give_the_scalar_bits_on_every_isa() {
     for isa in Isa::supported() {
         let cpu = Cpu::with_isa(isa, 1).unwrap();

@@ -21,6 +21,7 @@ use faer::linalg::triangular_solve::{
     solve_lower_triangular_in_place, solve_upper_triangular_in_place,
 };
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+use lutra_kernels::{Cpu, Isa};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -49,6 +50,8 @@ pub struct GptqOptions {
     /// Threads of the faer products and factorizations (the row-parallel parts run on the
     /// current rayon pool).
     pub threads: usize,
+    /// The instruction set of the refit's vector sums.
+    pub isa: Isa,
 }
 
 impl Default for GptqOptions {
@@ -58,6 +61,7 @@ impl Default for GptqOptions {
             block: 128,
             act_order: true,
             threads: 1,
+            isa: Isa::best(),
         }
     }
 }
@@ -549,7 +553,11 @@ pub fn gptq_prepared<G: Grid>(
         blocks: fitted,
     };
     if grid.linear_params() > 0 {
-        refit_rows_jointly(grid, cols, &natural, &hessian.damped, &mut out);
+        // One thread: the refit's rows run in parallel on the rayon pool.
+        let cpu = Cpu::with_isa(opts.isa, 1).map_err(|e| {
+            Error::InvalidOption(format!("GPTQ's refit on {}: {e}", opts.isa.name()))
+        })?;
+        refit_rows_jointly(&cpu, grid, cols, &natural, &hessian.damped, &mut out);
     } else {
         refit_rows(grid, rows, cols, &natural, hessian, &mut out, opts.threads);
     }

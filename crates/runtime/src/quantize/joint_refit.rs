@@ -13,6 +13,8 @@
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
+use lutra_kernels::vector::{dot, dot_rows, segment_dots};
+use lutra_kernels::Cpu;
 use rayon::prelude::*;
 
 use super::gptq::Quantized;
@@ -35,6 +37,7 @@ const MAX_PARAMS: usize = 5;
 /// (`[rows][cols]`); a row keeps its refit only when its output error falls. Grids without
 /// linear parameters are left as they are.
 pub(super) fn refit_rows_jointly<G: Grid>(
+    cpu: &Cpu,
     grid: &G,
     cols: usize,
     weights: &[f32],
@@ -64,9 +67,10 @@ pub(super) fn refit_rows_jointly<G: Grid>(
         .zip(q.codes.par_chunks(task_rows * cols))
         .zip(weights.par_chunks(task_rows * cols))
         .for_each(|((blocks, codes), weights)| {
-            let systems = RowSystems::build(grid, shape, hessian, &offset_products, codes, weights);
+            let systems =
+                RowSystems::build(cpu, grid, shape, hessian, &offset_products, codes, weights);
             for (r, row_blocks) in blocks.chunks_exact_mut(groups).enumerate() {
-                systems.refit(grid, r, row_blocks);
+                systems.refit(cpu, grid, r, row_blocks);
             }
         });
 }
@@ -100,6 +104,7 @@ struct RowSystems {
 
 impl RowSystems {
     fn build<G: Grid>(
+        cpu: &Cpu,
         grid: &G,
         shape: Shape,
         hessian: &Mat<f32>,
@@ -129,6 +134,7 @@ impl RowSystems {
         let varying = p - 1;
         let mut block_terms = vec![0.0f32; n * rows * varying];
         let mut products = vec![0.0f32; cols * rows * varying];
+        let mut segment_sums = vec![0.0f32; groups];
         for g2 in 0..groups {
             let span = g2 * n..(g2 + 1) * n;
             for r in 0..rows {
@@ -159,15 +165,17 @@ impl RowSystems {
                         &products[c * cols..(c + 1) * cols]
                     };
                     let at = g2 * p + b;
-                    rhs[r * m + at] = f64::from(dot(column, w));
+                    rhs[r * m + at] = f64::from(dot(cpu, column, w));
                     // Row `at` of the symmetric AᵀHA up to its block (mirrored below): each
                     // block's terms against the column.
                     let out = &mut normal[(r * m + at) * m..(r * m + at + 1) * m];
-                    for g1 in 0..=g2 {
-                        let col = &column[g1 * n..(g1 + 1) * n];
-                        for a in 0..p {
-                            let term = &row_terms[a * cols + g1 * n..a * cols + (g1 + 1) * n];
-                            out[g1 * p + a] = dot(term, col);
+                    let upto = (g2 + 1) * n;
+                    for a in 0..p {
+                        let sums = &mut segment_sums[..=g2];
+                        let term = &row_terms[a * cols..a * cols + upto];
+                        segment_dots(cpu, term, &column[..upto], n, sums);
+                        for (g1, &v) in sums.iter().enumerate() {
+                            out[g1 * p + a] = v;
                         }
                     }
                 }
@@ -184,7 +192,7 @@ impl RowSystems {
     }
 
     /// Refits row `r`'s blocks when the solve lowers its output error.
-    fn refit<G: Grid>(&self, grid: &G, r: usize, blocks: &mut [G::Block]) {
+    fn refit<G: Grid>(&self, cpu: &Cpu, grid: &G, r: usize, blocks: &mut [G::Block]) {
         let Shape { p, groups, .. } = self.shape;
         let m = self.shape.params();
         let normal = &self.normal[r * m * m..(r + 1) * m * m];
@@ -193,7 +201,7 @@ impl RowSystems {
         let Some(preconditioner) = BlockJacobi::new(normal, m, p) else {
             return;
         };
-        let solution = conjugate_gradients(normal, rhs, &start, &preconditioner);
+        let solution = conjugate_gradients(cpu, normal, rhs, &start, &preconditioner);
         let Some(refitted) = solution
             .chunks_exact(p)
             .map(|params| grid.block_from_params(params))
@@ -218,24 +226,6 @@ fn params_of<G: Grid>(grid: &G, blocks: &[G::Block], p: usize) -> Vec<f64> {
     params
 }
 
-/// `Σ a[i]·b[i]` in eight lanes (which the compiler keeps in vector registers).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// `θᵀNθ − 2·θᵀb`: the row's output error less a constant.
 fn objective(normal: &[f32], rhs: &[f64], theta: &[f64]) -> f64 {
     let m = theta.len();
@@ -247,13 +237,21 @@ fn objective(normal: &[f32], rhs: &[f64], theta: &[f64]) -> f64 {
     quad
 }
 
-/// `out = N·v`, the products in f32 (`scratch` holds `v` in f32).
-fn multiply(normal: &[f32], v: &[f64], scratch: &mut [f32], out: &mut [f64]) {
-    for (s, &x) in scratch.iter_mut().zip(v) {
+/// `out = N·v`, the products in f32 (`v32` and `out32` are scratch of `v`'s length).
+fn multiply(
+    cpu: &Cpu,
+    normal: &[f32],
+    v: &[f64],
+    v32: &mut [f32],
+    out32: &mut [f32],
+    out: &mut [f64],
+) {
+    for (s, &x) in v32.iter_mut().zip(v) {
         *s = x as f32;
     }
-    for (o, row) in out.iter_mut().zip(normal.chunks_exact(v.len())) {
-        *o = f64::from(dot(row, scratch));
+    dot_rows(cpu, v32, normal, out32);
+    for (o, &x) in out.iter_mut().zip(out32.iter()) {
+        *o = f64::from(x);
     }
 }
 
@@ -305,6 +303,7 @@ impl BlockJacobi {
 
 /// Preconditioned conjugate gradients for `N·θ = b` from `start`.
 fn conjugate_gradients(
+    cpu: &Cpu,
     normal: &[f32],
     rhs: &[f64],
     start: &[f64],
@@ -313,8 +312,8 @@ fn conjugate_gradients(
     let m = start.len();
     let mut theta = start.to_vec();
     let mut product = vec![0.0f64; m];
-    let mut scratch = vec![0.0f32; m];
-    multiply(normal, &theta, &mut scratch, &mut product);
+    let (mut v32, mut out32) = (vec![0.0f32; m], vec![0.0f32; m]);
+    multiply(cpu, normal, &theta, &mut v32, &mut out32, &mut product);
     let mut residual: Vec<f64> = rhs.iter().zip(&product).map(|(b, p)| b - p).collect();
     let mut z = vec![0.0f64; m];
     preconditioner.apply(&residual, &mut z);
@@ -323,7 +322,7 @@ fn conjugate_gradients(
     // Each step lowers the objective by `alpha·rz`: stop once a step adds little to the total.
     let mut lowered = 0.0f64;
     for _ in 0..CG_STEPS {
-        multiply(normal, &direction, &mut scratch, &mut product);
+        multiply(cpu, normal, &direction, &mut v32, &mut out32, &mut product);
         let curvature: f64 = direction.iter().zip(&product).map(|(a, b)| a * b).sum();
         if curvature <= 0.0 || !curvature.is_finite() {
             break;

@@ -576,19 +576,23 @@ fn least_squares_error<G: Grid>(grid: &G, weights: &[f32], codes: &[u8], h: &[f6
 
 fn check_joint_refit<G: Grid>(name: &str, grid: &G, weights: &[f32], h: &[f64]) {
     let hm = faer::Mat::<f32>::from_fn(COLS, COLS, |i, j| h[i * COLS + j] as f32);
-    let mut q = rtn(grid, ROWS, COLS, weights, Some(&diagonal(h, COLS))).unwrap();
-    let codes = q.codes.clone();
-    let before = output_error(weights, &q.dequantize(grid, COLS), h);
-    super::joint_refit::refit_rows_jointly(grid, COLS, weights, &hm, &mut q);
-    assert_eq!(q.codes, codes, "{name}: the refit changed codes");
-    let after = output_error(weights, &q.dequantize(grid, COLS), h);
+    let start = rtn(grid, ROWS, COLS, weights, Some(&diagonal(h, COLS))).unwrap();
+    let codes = start.codes.clone();
+    let before = output_error(weights, &start.dequantize(grid, COLS), h);
     let optimum = least_squares_error(grid, weights, &codes, h);
-    // The blocks fitted one by one (with the Hessian's diagonal) are far from the row's
-    // optimum; the refit reaches it up to the f16 rounding of the stored parameters.
-    assert!(
-        optimum < 0.9 * before && after <= optimum * 1.01,
-        "{name}: before {before:.6e}, after {after:.6e}, optimum {optimum:.6e}"
-    );
+    for isa in Isa::supported() {
+        let cpu = Cpu::with_isa(isa, 1).unwrap();
+        let mut q = start.clone();
+        super::joint_refit::refit_rows_jointly(&cpu, grid, COLS, weights, &hm, &mut q);
+        assert_eq!(q.codes, codes, "{name} {isa:?}: the refit changed codes");
+        let after = output_error(weights, &q.dequantize(grid, COLS), h);
+        // The blocks fitted one by one (with the Hessian's diagonal) are far from the row's
+        // optimum; the refit reaches it up to the f16 rounding of the stored parameters.
+        assert!(
+            optimum < 0.9 * before && after <= optimum * 1.01,
+            "{name} {isa:?}: before {before:.6e}, after {after:.6e}, optimum {optimum:.6e}"
+        );
+    }
 }
 
 #[test]
