@@ -40,10 +40,10 @@ pub(crate) struct QuantizeArgs {
     #[arg(long = "calib")]
     calib: Option<PathBuf>,
     /// Calibration sequences (llama-imatrix's --chunks)
-    #[arg(long = "chunks", default_value_t = 32)]
+    #[arg(long = "chunks", default_value_t = 16)]
     chunks: usize,
-    /// Tokens per calibration sequence
-    #[arg(long = "calib-ctx", default_value_t = 256)]
+    /// Tokens per calibration sequence (the context perplexity is commonly measured at)
+    #[arg(long = "calib-ctx", default_value_t = 512)]
     calib_ctx: usize,
     /// GPTQ dampening, as a fraction of the mean Hessian diagonal
     #[arg(long, default_value_t = 0.01)]
