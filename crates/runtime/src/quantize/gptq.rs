@@ -15,7 +15,7 @@
 //! per row only when that lowers the row's output error.
 
 use faer::linalg::matmul::matmul;
-use faer::linalg::solvers::Solve;
+use faer::linalg::solvers::{Llt, Solve};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::linalg::triangular_solve::{
     solve_lower_triangular_in_place, solve_upper_triangular_in_place,
@@ -227,8 +227,8 @@ impl PreparedHessian {
         }
         let mean = (0..k).map(|i| f64::from(self.damped[(i, i)])).sum::<f64>() / k as f64;
         let ridge = SOURCE_RIDGE * mean;
-        // In f32: the ridge bounds the condition number by about k + 1, and this is the
-        // larger part of a block's factoring (a solve with k right-hand sides).
+        // In f32: the ridge bounds the condition number by about k + 1, and the solves are the
+        // larger part of a block's factoring.
         let h = Mat::<f32>::from_fn(k, k, |i, j| {
             (f64::from(self.damped[(i, j)]) + if i == j { ridge } else { 0.0 }) as f32
         });
@@ -237,6 +237,7 @@ impl PreparedHessian {
                 "the dampened {k}x{k} Hessian has no Cholesky factor"
             ))
         })?;
+        drop(h);
         if let Some(bad) = cross.iter().position(|v| !v.is_finite()) {
             return Err(Error::InvalidOption(format!(
                 "the source shift of input {} is not finite (cross sums overflowed?)",
@@ -247,7 +248,7 @@ impl PreparedHessian {
         let ct = Mat::<f32>::from_fn(k, k, |i, j| cross[j * k + i] as f32);
         if rows < k {
             return Ok(SourceShift(ShiftForm::PerMatrix {
-                factor: llt.L().to_owned(),
+                factor: llt,
                 cross_t: ct,
             }));
         }
@@ -296,9 +297,9 @@ pub struct SourceShift(ShiftForm);
 enum ShiftForm {
     /// `C·H⁻¹`, `[k][k]`: one product per matrix.
     Product(Mat<f32>),
-    /// The lower Cholesky factor `L` of the ridged `H` and `Cᵀ`: each matrix solves
+    /// The Cholesky factorization `L·Lᵀ` of the ridged `H`, and `Cᵀ`: each matrix solves
     /// `H·Y = Cᵀ·Wᵀ`, whose column `r` is row `r` of `W·C·H⁻¹`.
-    PerMatrix { factor: Mat<f32>, cross_t: Mat<f32> },
+    PerMatrix { factor: Llt<f32>, cross_t: Mat<f32> },
 }
 
 impl SourceShift {
@@ -306,7 +307,7 @@ impl SourceShift {
     pub fn target(&self, weights: &[f32], threads: usize) -> Result<Vec<f32>> {
         let k = match &self.0 {
             ShiftForm::Product(m) => m.nrows(),
-            ShiftForm::PerMatrix { factor, .. } => factor.nrows(),
+            ShiftForm::PerMatrix { factor, .. } => factor.L().nrows(),
         };
         if !weights.len().is_multiple_of(k) {
             return Err(Error::InvalidOption(format!(
@@ -338,9 +339,9 @@ impl SourceShift {
                     1.0,
                     par(threads),
                 );
-                solve_lower_triangular_in_place(factor.as_ref(), y_mat.as_mut(), par(threads));
+                solve_lower_triangular_in_place(factor.L(), y_mat.as_mut(), par(threads));
                 solve_upper_triangular_in_place(
-                    factor.as_ref().transpose(),
+                    factor.L().transpose(),
                     y_mat.as_mut(),
                     par(threads),
                 );
