@@ -101,6 +101,15 @@ impl Model {
         self.block_matrix(layer, which).cols()
     }
 
+    /// Weight rows of the matrices of block `layer` that read input `input`, all together.
+    pub(crate) fn input_rows(&self, layer: usize, input: MatrixInput) -> usize {
+        BlockMatrix::ALL
+            .into_iter()
+            .filter(|m| m.input() == input)
+            .map(|m| self.block_matrix(layer, m).rows())
+            .sum()
+    }
+
     /// The rotation of input `input` of block `layer`, when its matrices are stored rotated.
     pub(crate) fn input_rotation(
         &self,

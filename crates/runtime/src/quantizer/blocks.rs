@@ -322,12 +322,9 @@ pub fn quantize_model(
                     ..opts.gptq
                 };
                 let h = PreparedHessian::new(&h, k, &gptq).map_err(named)?;
-                let rows: usize = BlockMatrix::ALL
-                    .into_iter()
-                    .filter(|m| m.input() == input)
-                    .map(|m| model.block_matrix(layer, m).rows())
-                    .sum();
-                let shift = h.source_shift(&cross, rows).map_err(named)?;
+                let shift = h
+                    .source_shift(&cross, model.input_rows(layer, input))
+                    .map_err(named)?;
                 calibrated.insert(input, (h, shift));
             }
             let matrix = model.block_matrix(layer, which);
