@@ -200,11 +200,27 @@ impl Model {
     /// replaced by the block's output; `observe` sees each matrix input's rows, a batch at a
     /// time. Where it breaks, that batch stops there (after attention it has stored its keys and
     /// values, which the next batch's attention reads) and the next batch runs: `x` then holds
-    /// partial results.
+    /// the residual as it stands at the input where it broke.
     pub(crate) fn run_block(
         &self,
         runner: &mut BlockRunner,
         layer: usize,
+        x: &mut [f32],
+        observe: Option<InputObserver<'_>>,
+    ) -> Result<()> {
+        self.run_block_from(runner, layer, MatrixInput::Attention, &[], x, observe)
+    }
+
+    /// [`Model::run_block`] from matrix input `from` on: `rows` are that input's rows
+    /// (`[tokens][width]`, unrotated, as an observer of an earlier run saw them; ignored for
+    /// [`MatrixInput::Attention`]) and `x` the residual where the run that saw them broke. The
+    /// matrices before `from` do not run.
+    pub(crate) fn run_block_from(
+        &self,
+        runner: &mut BlockRunner,
+        layer: usize,
+        from: MatrixInput,
+        rows: &[f32],
         x: &mut [f32],
         mut observe: Option<InputObserver<'_>>,
     ) -> Result<()> {
@@ -217,11 +233,25 @@ impl Model {
             )));
         }
         let tokens = x.len() / h;
+        let width = self.input_width(layer, from);
+        if from != MatrixInput::Attention && rows.len() != tokens * width {
+            return Err(Error::InvalidOption(format!(
+                "block {layer} from its {from:?} input: {} values for {tokens} rows of {width}",
+                rows.len()
+            )));
+        }
         runner.cache.clear();
         runner.cache.reserve(tokens)?;
         for (b, chunk) in x.chunks_mut(MAX_BATCH * h).enumerate() {
             let n = chunk.len() / h;
             runner.state.x_mut(n).copy_from_slice(chunk);
+            if from != MatrixInput::Attention {
+                let first = b * MAX_BATCH * width;
+                runner
+                    .state
+                    .input_mut(from, n)
+                    .copy_from_slice(&rows[first..first + n * width]);
+            }
             let observe = observe.as_mut().map(|f| &mut **f as InputObserver<'_>);
             let segs = [Segment {
                 prompt: true,
@@ -235,6 +265,7 @@ impl Model {
                 &segs,
                 &mut runner.cache,
                 0,
+                from,
                 observe,
             )?;
             chunk.copy_from_slice(runner.state.x_mut(n));

@@ -33,8 +33,9 @@ use crate::linear::{Input, Linear};
 
 use super::{LayerWeights, Model};
 
-/// The inputs of a block's matrices: each is read by one group of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The inputs of a block's matrices: each is read by one group of them. They order as the block
+/// reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum MatrixInput {
     /// The normed residual read by q, k and v.
     Attention,
@@ -194,6 +195,16 @@ impl RunState {
     pub(crate) fn x_mut(&mut self, n: usize) -> &mut [f32] {
         let h = self.x.len() / self.max_batch;
         &mut self.x[..n * h]
+    }
+
+    /// The rows of matrix input `input` for a batch of `n` tokens.
+    pub(crate) fn input_mut(&mut self, input: MatrixInput, n: usize) -> &mut [f32] {
+        match input {
+            MatrixInput::Attention => self.attn_in.values_mut(n),
+            MatrixInput::Output => self.o_in.values_mut(n),
+            MatrixInput::Ffn => self.ffn_in.values_mut(n),
+            MatrixInput::Down => self.down_in.values_mut(n),
+        }
     }
 
     pub(crate) fn new(
@@ -453,7 +464,7 @@ impl Model {
         self.embed(tokens, &mut st.x[..n * h])?;
 
         for l in 0..self.layers.len() {
-            self.block(st, l, segs, caches, l, None)?;
+            self.block(st, l, segs, caches, l, MatrixInput::Attention, None)?;
         }
         for seg in segs {
             caches.cache(seg.cache).advance(seg.rows);
@@ -500,6 +511,11 @@ impl Model {
     /// `cache_layer` of its cache in `caches` (which has room for them). The matrices read all
     /// rows at once; attention reads each sequence's own cache. `observe`, when given, sees the
     /// input rows of each group of matrices as they read them.
+    ///
+    /// The block starts at input `from`: after [`MatrixInput::Attention`], `st` already holds
+    /// that input's rows (unrotated, as an observer sees them) and `st.x` the residual as it stands
+    /// where the block reads them (the block's input before o_proj's addition, the sum after it).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn block(
         &self,
         st: &mut RunState,
@@ -507,6 +523,7 @@ impl Model {
         segs: &[Segment],
         caches: &mut (impl Caches + ?Sized),
         cache_layer: usize,
+        from: MatrixInput,
         mut observe: Option<InputObserver<'_>>,
     ) -> Result<()> {
         let n: usize = segs.iter().map(|s| s.rows).sum();
@@ -528,105 +545,115 @@ impl Model {
             0
         };
         let x = &mut st.x[..n * h];
-        // Attention: q/k/v share one input (one set of tables, one per column order).
-        rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
-        if stop(&mut observe, MatrixInput::Attention, st.attn_in.values()) {
-            return Ok(());
-        }
-        layer.rotate(
-            cpu,
-            MatrixInput::Attention,
-            st.attn_in.values_mut(n),
-            &mut st.rotation_scratch,
-        )?;
-        st.attn_in.prepare_rows(cpu, &layer.qkv(), dot)?;
-        let (q, k, v) = (
-            &mut st.q[..n * q_dim],
-            &mut st.k[..n * kv_dim],
-            &mut st.v[..n * kv_dim],
-        );
-        Linear::matmul_many(cpu, &st.attn_in, layer.qkv(), [&mut *q, &mut *k, &mut *v])?;
-        add_bias(q, layer.bq.as_deref());
-        add_bias(k, layer.bk.as_deref());
-        add_bias(v, layer.bv.as_deref());
-        // Per-head norms: every `head_dim` values of q and k are one head.
-        if let Some(w) = &layer.q_norm {
-            rmsnorm_in_place(cpu, q, w, eps);
-        }
-        if let Some(w) = &layer.k_norm {
-            rmsnorm_in_place(cpu, k, w, eps);
-        }
-        let window = c
-            .sliding_window
-            .as_ref()
-            .filter(|w| w.local_layers.get(l).copied().unwrap_or(false));
-        let rope = match window {
-            Some(_) => self.rope_local.as_ref().unwrap_or(&self.rope),
-            None => &self.rope,
-        };
-        let att = st.o_in.values_mut(n);
-        let window = window.map(|w| w.size);
-        let mut row = 0;
-        for seg in segs {
-            let (rows, pos0) = (row..row + seg.rows, seg.pos0);
-            row += seg.rows;
-            let qs = &mut q[rows.start * q_dim..rows.end * q_dim];
-            let ks = &mut k[rows.start * kv_dim..rows.end * kv_dim];
-            for (t, (qt, kt)) in qs
-                .chunks_exact_mut(q_dim)
-                .zip(ks.chunks_exact_mut(kv_dim))
-                .enumerate()
-            {
-                rope.apply(qt, pos0 + t);
-                rope.apply(kt, pos0 + t);
+        if from == MatrixInput::Attention {
+            // Attention: q/k/v share one input (one set of tables, one per column order).
+            rmsnorm(cpu, st.attn_in.values_mut(n), x, &layer.attn_norm, eps);
+            if stop(&mut observe, MatrixInput::Attention, st.attn_in.values()) {
+                return Ok(());
             }
-            let vs = &v[rows.start * kv_dim..rows.end * kv_dim];
-            let cache = caches.cache(seg.cache);
-            cache.store(cache_layer, pos0, ks, vs);
-            st.attention.attend(
+            layer.rotate(
                 cpu,
-                cache.layer(cache_layer),
-                qs,
-                seg.rows,
-                pos0,
-                window,
-                &mut att[rows.start * q_dim..rows.end * q_dim],
+                MatrixInput::Attention,
+                st.attn_in.values_mut(n),
+                &mut st.rotation_scratch,
+            )?;
+            st.attn_in.prepare_rows(cpu, &layer.qkv(), dot)?;
+            let (q, k, v) = (
+                &mut st.q[..n * q_dim],
+                &mut st.k[..n * kv_dim],
+                &mut st.v[..n * kv_dim],
             );
+            Linear::matmul_many(cpu, &st.attn_in, layer.qkv(), [&mut *q, &mut *k, &mut *v])?;
+            add_bias(q, layer.bq.as_deref());
+            add_bias(k, layer.bk.as_deref());
+            add_bias(v, layer.bv.as_deref());
+            // Per-head norms: every `head_dim` values of q and k are one head.
+            if let Some(w) = &layer.q_norm {
+                rmsnorm_in_place(cpu, q, w, eps);
+            }
+            if let Some(w) = &layer.k_norm {
+                rmsnorm_in_place(cpu, k, w, eps);
+            }
+            let window = c
+                .sliding_window
+                .as_ref()
+                .filter(|w| w.local_layers.get(l).copied().unwrap_or(false));
+            let rope = match window {
+                Some(_) => self.rope_local.as_ref().unwrap_or(&self.rope),
+                None => &self.rope,
+            };
+            let att = st.o_in.values_mut(n);
+            let window = window.map(|w| w.size);
+            let mut row = 0;
+            for seg in segs {
+                let (rows, pos0) = (row..row + seg.rows, seg.pos0);
+                row += seg.rows;
+                let qs = &mut q[rows.start * q_dim..rows.end * q_dim];
+                let ks = &mut k[rows.start * kv_dim..rows.end * kv_dim];
+                for (t, (qt, kt)) in qs
+                    .chunks_exact_mut(q_dim)
+                    .zip(ks.chunks_exact_mut(kv_dim))
+                    .enumerate()
+                {
+                    rope.apply(qt, pos0 + t);
+                    rope.apply(kt, pos0 + t);
+                }
+                let vs = &v[rows.start * kv_dim..rows.end * kv_dim];
+                let cache = caches.cache(seg.cache);
+                cache.store(cache_layer, pos0, ks, vs);
+                st.attention.attend(
+                    cpu,
+                    cache.layer(cache_layer),
+                    qs,
+                    seg.rows,
+                    pos0,
+                    window,
+                    &mut att[rows.start * q_dim..rows.end * q_dim],
+                );
+            }
+            if let Some(w) = &layer.attn_sub_norm {
+                rmsnorm_in_place(cpu, att, w, eps);
+            }
         }
-        if let Some(w) = &layer.attn_sub_norm {
-            rmsnorm_in_place(cpu, att, w, eps);
-        }
-        if stop(&mut observe, MatrixInput::Output, att) {
-            return Ok(());
-        }
-        layer.rotate(cpu, MatrixInput::Output, att, &mut st.rotation_scratch)?;
-        st.o_in.prepare_rows(cpu, &[&layer.wo], dot)?;
         let proj = &mut st.proj[..n * h];
-        layer.wo.matmul(cpu, &st.o_in, proj)?;
-        if let Some(w) = &layer.attn_post_norm {
-            rmsnorm_in_place(cpu, proj, w, eps);
+        if from <= MatrixInput::Output {
+            let att = st.o_in.values_mut(n);
+            if stop(&mut observe, MatrixInput::Output, att) {
+                return Ok(());
+            }
+            layer.rotate(cpu, MatrixInput::Output, att, &mut st.rotation_scratch)?;
+            st.o_in.prepare_rows(cpu, &[&layer.wo], dot)?;
+            layer.wo.matmul(cpu, &st.o_in, proj)?;
+            if let Some(w) = &layer.attn_post_norm {
+                rmsnorm_in_place(cpu, proj, w, eps);
+            }
+            add_assign(x, proj);
         }
-        add_assign(x, proj);
 
         // Feed-forward: gate/up share one input.
-        rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
-        if stop(&mut observe, MatrixInput::Ffn, st.ffn_in.values()) {
-            return Ok(());
+        if from <= MatrixInput::Ffn {
+            if from < MatrixInput::Ffn {
+                rmsnorm(cpu, st.ffn_in.values_mut(n), x, &layer.ffn_norm, eps);
+            }
+            if stop(&mut observe, MatrixInput::Ffn, st.ffn_in.values()) {
+                return Ok(());
+            }
+            layer.rotate(
+                cpu,
+                MatrixInput::Ffn,
+                st.ffn_in.values_mut(n),
+                &mut st.rotation_scratch,
+            )?;
+            st.ffn_in.prepare_rows(cpu, &layer.gate_up(), dot)?;
+            let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
+            Linear::matmul_many(cpu, &st.ffn_in, layer.gate_up(), [&mut *gate, &mut *up])?;
+            let hidden = st.down_in.values_mut(n);
+            glu(cpu, c.ffn_activation, hidden, gate, up);
+            if let Some(w) = &layer.ffn_sub_norm {
+                rmsnorm_in_place(cpu, hidden, w, eps);
+            }
         }
-        layer.rotate(
-            cpu,
-            MatrixInput::Ffn,
-            st.ffn_in.values_mut(n),
-            &mut st.rotation_scratch,
-        )?;
-        st.ffn_in.prepare_rows(cpu, &layer.gate_up(), dot)?;
-        let (gate, up) = (&mut st.gate[..n * f], &mut st.up[..n * f]);
-        Linear::matmul_many(cpu, &st.ffn_in, layer.gate_up(), [&mut *gate, &mut *up])?;
         let hidden = st.down_in.values_mut(n);
-        glu(cpu, c.ffn_activation, hidden, gate, up);
-        if let Some(w) = &layer.ffn_sub_norm {
-            rmsnorm_in_place(cpu, hidden, w, eps);
-        }
         if stop(&mut observe, MatrixInput::Down, hidden) {
             return Ok(());
         }

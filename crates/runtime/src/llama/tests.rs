@@ -1264,6 +1264,61 @@ fn a_block_stopped_at_an_input_sees_its_rows_and_none_after() {
 }
 
 #[test]
+fn a_block_resumed_at_each_input_gives_the_whole_run() {
+    use crate::rotation::InputRotation;
+    use calibrate::MatrixInput;
+    // Two batches, and rotated inputs: a resumed run rotates the rows it is handed.
+    let mut model = synthetic_model(tiny_config(), 4, 32, &options(true), 5).unwrap();
+    for input in [MatrixInput::Output, MatrixInput::Down] {
+        let r = InputRotation::random(model.input_width(1, input), 9).unwrap();
+        model.set_input_rotation(1, input, r).unwrap();
+    }
+    let tokens = prompt(MAX_BATCH + 36, model.config().vocab_size);
+    let x = model.embed_tokens(&tokens).unwrap();
+    let mut runner = model.block_runner(tokens.len());
+    let mut whole = x.clone();
+    model.run_block(&mut runner, 1, &mut whole, None).unwrap();
+    // Every chain of stops: each run resumes where the one before broke.
+    for skip in 0..MatrixInput::ALL.len() {
+        let (mut from, mut rows, mut residual) = (MatrixInput::Attention, Vec::new(), x.clone());
+        for stop_at in MatrixInput::ALL.into_iter().filter(|i| i.index() != skip) {
+            let mut seen = Vec::new();
+            let mut observe = |input, r: &[f32]| {
+                if input == stop_at {
+                    seen.extend_from_slice(r);
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            };
+            model
+                .run_block_from(
+                    &mut runner,
+                    1,
+                    from,
+                    &rows,
+                    &mut residual,
+                    Some(&mut observe),
+                )
+                .unwrap();
+            assert_eq!(seen.len(), tokens.len() * model.input_width(1, stop_at));
+            (from, rows) = (stop_at, seen);
+        }
+        model
+            .run_block_from(&mut runner, 1, from, &rows, &mut residual, None)
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&residual), bits(&whole), "without stop {skip}");
+    }
+    // Rows of the wrong length are refused.
+    let mut y = x.clone();
+    let e = model
+        .run_block_from(&mut runner, 1, MatrixInput::Ffn, &x[1..], &mut y, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Ffn"), "{e}");
+}
+
+#[test]
 fn blocks_run_one_at_a_time_give_the_forward_pass() {
     // MAX_BATCH + 36 tokens: run_block cuts them into batches of MAX_BATCH, like the forward pass.
     let model = synthetic_model(tiny_config(), 4, 32, &options(true), 5).unwrap();

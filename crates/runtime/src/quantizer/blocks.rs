@@ -279,6 +279,14 @@ pub fn quantize_model(
         } else {
             HashMap::new()
         };
+        let mut partials: Vec<PartialRun> = residuals
+            .drain(..)
+            .map(|residual| PartialRun {
+                input: MatrixInput::Attention,
+                rows: Vec::new(),
+                residual,
+            })
+            .collect();
         // Each input's Hessian and source shift, measured when its first matrix comes, so after
         // the block's earlier matrices are quantized (q/k/v, then o, then gate/up, then down).
         let mut calibrated: HashMap<MatrixInput, (PreparedHessian, SourceShift)> = HashMap::new();
@@ -307,7 +315,7 @@ pub fn quantize_model(
                     runner.get_or_insert_with(|| model.block_runner(positions)),
                     layer,
                     input,
-                    &residuals,
+                    &mut partials,
                     &source_inputs[&input],
                     threads,
                 )?;
@@ -359,12 +367,13 @@ pub fn quantize_model(
                 rotated,
             })?;
         }
-        if !residuals.is_empty() {
+        if !partials.is_empty() {
             let runner = runner.get_or_insert_with(|| model.block_runner(positions));
-            for residual in &mut residuals {
-                model.run_block(runner, layer, residual, None)?;
+            for p in &mut partials {
+                model.run_block_from(runner, layer, p.input, &p.rows, &mut p.residual, None)?;
             }
         }
+        residuals = partials.into_iter().map(|p| p.residual).collect();
         progress(Progress {
             done: layer + 1,
             blocks,
@@ -416,33 +425,42 @@ fn source_inputs(
     Ok(inputs)
 }
 
-/// The Hessian `Σ x·xᵀ` of matrix input `input` of block `layer` as the block runs over the
-/// calibration residuals, and the cross sums `Σ (s − x)·xᵀ` against the source model's rows `s`
-/// of the same input (`sources`, one vector per sequence), `[k][k]` each.
+/// Where the quantized block's run over one calibration sequence stands: the rows of matrix
+/// input `input` and the residual where the run broke there. The next input's rows take only
+/// the matrices between the two.
+struct PartialRun {
+    input: MatrixInput,
+    rows: Vec<f32>,
+    residual: Vec<f32>,
+}
+
+/// The Hessian `Σ x·xᵀ` of matrix input `input` of block `layer` as the block runs on from
+/// `partials` (each carried on to `input`), and the cross sums `Σ (s − x)·xᵀ` against the
+/// source model's rows `s` of the same input (`sources`, one vector per sequence), `[k][k]` each.
 fn input_hessian(
     model: &Model,
     runner: &mut BlockRunner,
     layer: usize,
     input: MatrixInput,
-    residuals: &[Vec<f32>],
+    partials: &mut [PartialRun],
     sources: &[Vec<f32>],
     threads: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let k = model.input_width(layer, input);
     let mut hessian = Hessian::new(k, threads);
     let mut cross = Hessian::new(k, threads);
-    let (mut x, mut shift) = (Vec::new(), Vec::new());
-    for (residual, source) in residuals.iter().zip(sources) {
-        x.clear();
-        x.extend_from_slice(residual);
+    let mut shift = Vec::new();
+    for (p, source) in partials.iter_mut().zip(sources) {
         let mut seen = 0;
         let mut mismatch = false;
+        let mut rows_at = Vec::with_capacity(source.len());
         // The block stops at `input`: the matrices after it do not change its rows.
         let mut observe = |at: MatrixInput, rows: &[f32]| {
             if at != input {
                 return ControlFlow::Continue(());
             }
             hessian.add(rows);
+            rows_at.extend_from_slice(rows);
             let Some(source) = source.get(seen..seen + rows.len()) else {
                 mismatch = true;
                 return ControlFlow::Break(());
@@ -453,13 +471,22 @@ fn input_hessian(
             cross.add_pairs(&shift, rows);
             ControlFlow::Break(())
         };
-        model.run_block(runner, layer, &mut x, Some(&mut observe))?;
+        model.run_block_from(
+            runner,
+            layer,
+            p.input,
+            &p.rows,
+            &mut p.residual,
+            Some(&mut observe),
+        )?;
         if mismatch || seen != source.len() {
             return Err(Error::InvalidOption(format!(
                 "block {layer}: the source model's {input:?} rows do not pair with the quantized \
                  model's"
             )));
         }
+        p.input = input;
+        p.rows = rows_at;
     }
     Ok((hessian.finish().0, cross.finish().0))
 }
