@@ -1,15 +1,15 @@
 //! Times GPTQ (act-order, lazy blocks of 128) on random matrices with a random correlated
 //! Hessian: `cargo run --profile test -p lutra-runtime --example gptq_time -- [ROWSxCOLS ...]`
 //! (default: SmolLM2's 1536x576 and 576x1536), and the asymmetric calibration's source shift in
-//! its two forms. Threads: `RAYON_NUM_THREADS` (default 2).
+//! its forms. Threads: `RAYON_NUM_THREADS` (default 2).
 
 use std::time::Instant;
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::{Accum, Mat, MatRef, Par};
 use lutra_kernels::measure::SplitMix64;
 use lutra_runtime::quantize::{
-    gptq_prepared, rtn, GptqOptions, PlaneGrid, PreparedHessian, UniformGrid,
+    gptq_prepared, rtn, GptqOptions, PlaneGrid, PreparedHessian, SourcePairs, UniformGrid,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -83,13 +83,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (time, served) in t_shift.iter_mut().zip([usize::MAX, rows]) {
             let t = Instant::now();
             prepared
-                .source_shift(&cross, served)?
+                .source_shift(SourcePairs::Sums(cross.clone()), served)?
                 .target(&weights, threads)?;
             *time = t.elapsed().as_secs_f64();
         }
+        // From 8192 pairs of rows: their sums `C = Dᵀ·X` first, or `(W·Dᵀ)·X` from the rows.
+        let n = 8192;
+        let (diff, inputs) = (rng.gaussians(n * cols), rng.gaussians(n * cols));
+        let t = Instant::now();
+        let mut c = Mat::<f32>::zeros(cols, cols);
+        matmul(
+            c.as_mut(),
+            Accum::Replace,
+            MatRef::from_row_major_slice(&diff, n, cols).transpose(),
+            MatRef::from_row_major_slice(&inputs, n, cols),
+            1.0,
+            Par::rayon(threads),
+        );
+        let sums = (0..cols * cols)
+            .map(|i| f64::from(c[(i / cols, i % cols)]))
+            .collect();
+        prepared
+            .source_shift(SourcePairs::Sums(sums), rows)?
+            .target(&weights, threads)?;
+        let t_sums = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        prepared
+            .source_shift(SourcePairs::Rows { diff, inputs }, rows)?
+            .target(&weights, threads)?;
+        let t_rows = t.elapsed().as_secs_f64();
         println!(
             "{rows}x{cols}, {threads} threads: source shift C·H⁻¹ then W·(C·H⁻¹) {:.2} s, \
-             (W·C)·H⁻¹ {:.2} s",
+             (W·C)·H⁻¹ {:.2} s; from {n} pairs of rows: C then (W·C)·H⁻¹ {t_sums:.2} s, \
+             ((W·Dᵀ)·X)·H⁻¹ {t_rows:.2} s",
             t_shift[0], t_shift[1]
         );
         let t = Instant::now();

@@ -73,6 +73,11 @@ pub(crate) struct BlockRunner {
 }
 
 impl Model {
+    /// The CPU the model runs on.
+    pub(crate) fn cpu(&self) -> &lutra_kernels::Cpu {
+        &self.cpu
+    }
+
     /// Transformer blocks.
     pub(crate) fn block_count(&self) -> usize {
         self.layers.len()

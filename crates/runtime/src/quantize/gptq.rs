@@ -214,16 +214,29 @@ impl PreparedHessian {
     /// with a ridge of [`SOURCE_RIDGE`] times its mean diagonal, which keeps the correction to
     /// the directions the calibration rows pin down.
     ///
-    /// `rows` is how many weight rows the shift will serve (all the matrices that read this
-    /// input): when they are fewer than the inputs, each matrix solves its own `(W·C)·H⁻¹`
-    /// (`rows` right-hand sides) instead of the `k` of `C·H⁻¹`.
-    pub fn source_shift(&self, cross: &[f64], rows: usize) -> Result<SourceShift> {
+    /// `pairs` carries `C` as sums or as the rows themselves ([`SourcePairs`]). `rows` is how
+    /// many weight rows the shift will serve (all the matrices that read this input): when they
+    /// are fewer than the inputs, or the pairs are rows, each matrix solves its own
+    /// `(W·C)·H⁻¹` (`rows` right-hand sides) instead of the `k` of `C·H⁻¹`.
+    pub fn source_shift(&self, pairs: SourcePairs, rows: usize) -> Result<SourceShift> {
         let k = self.k;
-        if cross.len() != k * k {
-            return Err(Error::InvalidOption(format!(
-                "{} cross values for {k} inputs",
-                cross.len()
-            )));
+        match &pairs {
+            SourcePairs::Sums(cross) if cross.len() != k * k => {
+                return Err(Error::InvalidOption(format!(
+                    "{} cross values for {k} inputs",
+                    cross.len()
+                )));
+            }
+            SourcePairs::Rows { diff, inputs }
+                if diff.len() != inputs.len() || !diff.len().is_multiple_of(k) =>
+            {
+                return Err(Error::InvalidOption(format!(
+                    "{} differences and {} inputs in rows of {k}",
+                    diff.len(),
+                    inputs.len()
+                )));
+            }
+            _ => {}
         }
         let mean = (0..k).map(|i| f64::from(self.damped[(i, i)])).sum::<f64>() / k as f64;
         let ridge = SOURCE_RIDGE * mean;
@@ -238,18 +251,35 @@ impl PreparedHessian {
             ))
         })?;
         drop(h);
-        if let Some(bad) = cross.iter().position(|v| !v.is_finite()) {
+        // The input whose sums or rows hold a value that is not finite.
+        let bad = match &pairs {
+            SourcePairs::Sums(cross) => cross.iter().position(|v| !v.is_finite()).map(|i| i / k),
+            SourcePairs::Rows { diff, inputs } => diff
+                .iter()
+                .chain(inputs)
+                .position(|v| !v.is_finite())
+                .map(|i| i % k),
+        };
+        if let Some(bad) = bad {
             return Err(Error::InvalidOption(format!(
-                "the source shift of input {} is not finite (cross sums overflowed?)",
-                bad / k
+                "the source shift of input {bad} is not finite (cross sums overflowed?)"
             )));
         }
+        let cross = match pairs {
+            SourcePairs::Rows { diff, inputs } => {
+                return Ok(SourceShift(ShiftForm::PerMatrix {
+                    factor: llt,
+                    cross: Cross::Rows { diff, inputs },
+                }))
+            }
+            SourcePairs::Sums(cross) => cross,
+        };
         // Cᵀ: H⁻¹·Cᵀ is the transpose of C·H⁻¹ (H is symmetric).
         let ct = Mat::<f32>::from_fn(k, k, |i, j| cross[j * k + i] as f32);
         if rows < k {
             return Ok(SourceShift(ShiftForm::PerMatrix {
                 factor: llt,
-                cross_t: ct,
+                cross: Cross::Transposed(ct),
             }));
         }
         let solved = llt.solve(&ct);
@@ -291,15 +321,48 @@ impl PreparedHessian {
     }
 }
 
+/// How the source model's rows `s` of one input pair with the quantized model's rows `x` in
+/// [`PreparedHessian::source_shift`].
+pub enum SourcePairs {
+    /// The cross sums `C = Σ (s − x)·xᵀ`, `[k][k]`.
+    Sums(Vec<f64>),
+    /// The rows themselves, `[n][k]` each: `W·C` is then `(W·Dᵀ)·X`.
+    Rows {
+        /// `s − x`.
+        diff: Vec<f32>,
+        /// `x`.
+        inputs: Vec<f32>,
+    },
+}
+
+impl SourcePairs {
+    /// Whether an input of `k` values, read by `weight_rows` weight rows in all, is cheaper
+    /// shifted from its `n` pairs of rows than from their sums: the rows take `2·n·k` products
+    /// per weight row, the sums `k²·n` once and `k²` per weight row (the solves are the same).
+    /// So it is for inputs read by fewer than about `k/2` rows, such as a feed-forward's down
+    /// projection.
+    pub fn as_rows(k: usize, weight_rows: usize, n: usize) -> bool {
+        2 * weight_rows * n < k * (n + weight_rows)
+    }
+}
+
 /// The shift of [`PreparedHessian::source_shift`]: `W ↦ W + W·C·H⁻¹`.
 pub struct SourceShift(ShiftForm);
+
+/// `C` as a per-matrix shift reads it.
+enum Cross {
+    /// `Cᵀ`, `[k][k]`.
+    Transposed(Mat<f32>),
+    /// The pairs' rows ([`SourcePairs::Rows`]).
+    Rows { diff: Vec<f32>, inputs: Vec<f32> },
+}
 
 enum ShiftForm {
     /// `C·H⁻¹`, `[k][k]`: one product per matrix.
     Product(Mat<f32>),
-    /// The Cholesky factorization `L·Lᵀ` of the ridged `H`, and `Cᵀ`: each matrix solves
+    /// The Cholesky factorization `L·Lᵀ` of the ridged `H`, and `C`: each matrix solves
     /// `H·Y = Cᵀ·Wᵀ`, whose column `r` is row `r` of `W·C·H⁻¹`.
-    PerMatrix { factor: Llt<f32>, cross_t: Mat<f32> },
+    PerMatrix { factor: Llt<f32>, cross: Cross },
 }
 
 impl SourceShift {
@@ -326,19 +389,35 @@ impl SourceShift {
                 1.0,
                 par(threads),
             ),
-            ShiftForm::PerMatrix { factor, cross_t } => {
+            ShiftForm::PerMatrix { factor, cross } => {
                 // Y = Cᵀ·Wᵀ, then L·Lᵀ·Y = it: Y's column r is the shift of row r, and Y
                 // stored column-major is `[rows][k]`.
                 let mut y = vec![0.0f32; rows * k];
                 let mut y_mat = MatMut::from_column_major_slice_mut(&mut y, k, rows);
-                matmul(
-                    y_mat.as_mut(),
-                    Accum::Replace,
-                    cross_t.as_ref(),
-                    MatRef::from_column_major_slice(weights, k, rows),
-                    1.0,
-                    par(threads),
-                );
+                let wt = MatRef::from_column_major_slice(weights, k, rows);
+                match cross {
+                    Cross::Transposed(ct) => matmul(
+                        y_mat.as_mut(),
+                        Accum::Replace,
+                        ct.as_ref(),
+                        wt,
+                        1.0,
+                        par(threads),
+                    ),
+                    Cross::Rows { diff, inputs } => {
+                        // Cᵀ·Wᵀ = Xᵀ·(D·Wᵀ).
+                        let n = diff.len() / k;
+                        let dw = diff_times(MatRef::from_row_major_slice(diff, n, k), wt, threads);
+                        matmul(
+                            y_mat.as_mut(),
+                            Accum::Replace,
+                            MatRef::from_row_major_slice(inputs, n, k).transpose(),
+                            dw.as_ref(),
+                            1.0,
+                            par(threads),
+                        );
+                    }
+                }
                 solve_lower_triangular_in_place(factor.L(), y_mat.as_mut(), par(threads));
                 solve_upper_triangular_in_place(
                     factor.L().transpose(),
@@ -359,6 +438,13 @@ impl SourceShift {
         }
         Ok(target)
     }
+}
+
+/// `D·Wᵀ` (`[n][rows]`) for `D` `[n][k]` and `Wᵀ` `[k][rows]`.
+fn diff_times(d: MatRef<'_, f32>, wt: MatRef<'_, f32>, threads: usize) -> Mat<f32> {
+    let mut out = Mat::<f32>::zeros(d.nrows(), wt.ncols());
+    matmul(out.as_mut(), Accum::Replace, d, wt, 1.0, par(threads));
+    out
 }
 
 /// faer's parallelism for `threads` threads: rayon's pool, or sequential for one.

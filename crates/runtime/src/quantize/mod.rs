@@ -16,7 +16,9 @@ pub mod hlq;
 mod joint_refit;
 mod rtn;
 
-pub use gptq::{gptq, gptq_prepared, rtn, GptqOptions, PreparedHessian, Quantized};
+pub use gptq::{
+    gptq, gptq_prepared, rtn, GptqOptions, PreparedHessian, Quantized, SourcePairs, SourceShift,
+};
 pub use grid::{Grid, UniformBlock, UniformGrid};
 pub use hlq::{PlaneBlock, PlaneGrid};
 pub use rtn::{quantize_rtn, requantize, Requantize};

@@ -453,28 +453,40 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
     let prepared = PreparedHessian::new(&h, COLS, &opts).unwrap();
     // No drift, no shift.
     let none = prepared
-        .source_shift(&vec![0.0; COLS * COLS], ROWS)
+        .source_shift(SourcePairs::Sums(vec![0.0; COLS * COLS]), ROWS)
         .unwrap();
     assert_eq!(none.target(&weights, 1).unwrap(), weights);
     let target = prepared
-        .source_shift(&cross, ROWS)
+        .source_shift(SourcePairs::Sums(cross.clone()), ROWS)
         .unwrap()
         .target(&weights, 2)
         .unwrap();
     // Served by fewer rows than inputs (as here), each matrix solves its own shift; served by
-    // as many, the shift is one product: the same target.
+    // as many, the shift is one product; from the rows themselves, each matrix multiplies them:
+    // the same target.
     const { assert!(ROWS < COLS) };
     let product = prepared
-        .source_shift(&cross, COLS)
+        .source_shift(SourcePairs::Sums(cross), COLS)
         .unwrap()
         .target(&weights, 1)
         .unwrap();
+    let pairs = SourcePairs::Rows {
+        diff: s.iter().zip(&x).map(|(s, x)| (s - x) as f32).collect(),
+        inputs: x.iter().map(|&v| v as f32).collect(),
+    };
+    let from_rows = prepared
+        .source_shift(pairs, ROWS)
+        .unwrap()
+        .target(&weights, 2)
+        .unwrap();
     let scale = weights.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-    for (i, (a, b)) in target.iter().zip(&product).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * scale,
-            "weight {i}: per-matrix shift {a}, product {b}"
-        );
+    for (form, other) in [("product", &product), ("rows", &from_rows)] {
+        for (i, (a, b)) in target.iter().zip(other).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * scale,
+                "weight {i}: per-matrix shift {a}, {form} {b}"
+            );
+        }
     }
     let unquantized = [&weights, &target].map(|w| source_error(&weights, w, &s, &x));
     assert!(
@@ -499,7 +511,14 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
             errors[0]
         );
     }
-    assert!(prepared.source_shift(&[0.0; 3], ROWS).is_err());
+    assert!(prepared
+        .source_shift(SourcePairs::Sums(vec![0.0; 3]), ROWS)
+        .is_err());
+    let uneven = SourcePairs::Rows {
+        diff: vec![0.0; COLS],
+        inputs: vec![0.0; 2 * COLS],
+    };
+    assert!(prepared.source_shift(uneven, ROWS).is_err());
     assert!(none.target(&weights[..COLS + 1], 1).is_err());
 }
 

@@ -21,7 +21,9 @@ use crate::llama::Model;
 
 use super::calibration::{Calibration, Hessian};
 use crate::quantize::ggml_types::GgmlTarget;
-use crate::quantize::gptq::{gptq_prepared, rtn, GptqOptions, PreparedHessian, SourceShift};
+use crate::quantize::gptq::{
+    gptq_prepared, rtn, GptqOptions, PreparedHessian, SourcePairs, SourceShift,
+};
 use crate::quantize::grid::UniformGrid;
 use crate::quantize::hlq::PlaneGrid;
 use crate::rotation::InputRotation;
@@ -310,19 +312,15 @@ pub fn quantize_model(
                 })
                 .clone();
             if opts.method.calibrated() && !calibrated.contains_key(&input) {
-                let (mut h, mut cross) = input_hessian(
+                let (h, pairs) = input_hessian(
                     model,
                     runner.get_or_insert_with(|| model.block_runner(positions)),
                     layer,
                     input,
+                    rotation.as_ref(),
                     &mut partials,
                     &source_inputs[&input],
-                    threads,
                 )?;
-                if let Some(r) = &rotation {
-                    r.conjugate(&mut h)?;
-                    r.conjugate(&mut cross)?;
-                }
                 // A rotation evens out the Hessian diagonal, so act-order has little to sort and
                 // its static groups (fitted before GPTQ's updates) cost more than they gain.
                 let gptq = GptqOptions {
@@ -331,7 +329,7 @@ pub fn quantize_model(
                 };
                 let h = PreparedHessian::new(&h, k, &gptq).map_err(named)?;
                 let shift = h
-                    .source_shift(&cross, model.input_rows(layer, input))
+                    .source_shift(pairs, model.input_rows(layer, input))
                     .map_err(named)?;
                 calibrated.insert(input, (h, shift));
             }
@@ -435,40 +433,65 @@ struct PartialRun {
 }
 
 /// The Hessian `Σ x·xᵀ` of matrix input `input` of block `layer` as the block runs on from
-/// `partials` (each carried on to `input`), and the cross sums `Σ (s − x)·xᵀ` against the
-/// source model's rows `s` of the same input (`sources`, one vector per sequence), `[k][k]` each.
+/// `partials` (each carried on to `input`), and how its rows `x` pair with the source model's
+/// rows `s` of the same input (`sources`, one vector per sequence): the cross sums
+/// `Σ (s − x)·xᵀ`, or the rows themselves where [`SourcePairs::as_rows`] finds that cheaper. With
+/// a `rotation` every row is rotated first (the Hessian and the pairs are those of the rotated
+/// input).
 fn input_hessian(
     model: &Model,
     runner: &mut BlockRunner,
     layer: usize,
     input: MatrixInput,
+    rotation: Option<&InputRotation>,
     partials: &mut [PartialRun],
     sources: &[Vec<f32>],
-    threads: usize,
-) -> Result<(Vec<f64>, Vec<f64>)> {
+) -> Result<(Vec<f64>, SourcePairs)> {
+    let threads = model.threads();
     let k = model.input_width(layer, input);
+    let n = sources.iter().map(Vec::len).sum::<usize>() / k;
+    let as_rows = SourcePairs::as_rows(k, model.input_rows(layer, input), n);
     let mut hessian = Hessian::new(k, threads);
-    let mut cross = Hessian::new(k, threads);
-    let mut shift = Vec::new();
+    let mut cross = (!as_rows).then(|| Hessian::new(k, threads));
+    let (mut diff_rows, mut input_rows) = (Vec::new(), Vec::new());
+    let (mut x, mut diff, mut buffer) = (Vec::new(), Vec::new(), Vec::new());
     for (p, source) in partials.iter_mut().zip(sources) {
         let mut seen = 0;
-        let mut mismatch = false;
+        let mut failure = None;
         let mut rows_at = Vec::with_capacity(source.len());
         // The block stops at `input`: the matrices after it do not change its rows.
         let mut observe = |at: MatrixInput, rows: &[f32]| {
             if at != input {
                 return ControlFlow::Continue(());
             }
-            hessian.add(rows);
             rows_at.extend_from_slice(rows);
             let Some(source) = source.get(seen..seen + rows.len()) else {
-                mismatch = true;
+                failure = Some(None);
                 return ControlFlow::Break(());
             };
             seen += rows.len();
-            shift.clear();
-            shift.extend(source.iter().zip(rows).map(|(s, x)| s - x));
-            cross.add_pairs(&shift, rows);
+            x.clear();
+            x.extend_from_slice(rows);
+            diff.clear();
+            diff.extend(source.iter().zip(rows).map(|(s, x)| s - x));
+            if let Some(r) = rotation {
+                buffer.resize(rows.len(), 0.0);
+                let rotated = r
+                    .rotate_activations(model.cpu(), &mut x, &mut buffer)
+                    .and_then(|()| r.rotate_activations(model.cpu(), &mut diff, &mut buffer));
+                if let Err(e) = rotated {
+                    failure = Some(Some(e));
+                    return ControlFlow::Break(());
+                }
+            }
+            hessian.add(&x);
+            match &mut cross {
+                Some(cross) => cross.add_pairs(&diff, &x),
+                None => {
+                    diff_rows.extend_from_slice(&diff);
+                    input_rows.extend_from_slice(&x);
+                }
+            }
             ControlFlow::Break(())
         };
         model.run_block_from(
@@ -479,7 +502,10 @@ fn input_hessian(
             &mut p.residual,
             Some(&mut observe),
         )?;
-        if mismatch || seen != source.len() {
+        if let Some(Some(e)) = failure {
+            return Err(e);
+        }
+        if failure.is_some() || seen != source.len() {
             return Err(Error::InvalidOption(format!(
                 "block {layer}: the source model's {input:?} rows do not pair with the quantized \
                  model's"
@@ -488,7 +514,14 @@ fn input_hessian(
         p.input = input;
         p.rows = rows_at;
     }
-    Ok((hessian.finish().0, cross.finish().0))
+    let pairs = match cross {
+        Some(cross) => SourcePairs::Sums(cross.finish().0),
+        None => SourcePairs::Rows {
+            diff: diff_rows,
+            inputs: input_rows,
+        },
+    };
+    Ok((hessian.finish().0, pairs))
 }
 
 /// The diagonal of the Hessian `Σ x·xᵀ` of each matrix input of block `layer` over the
