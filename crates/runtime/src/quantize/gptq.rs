@@ -14,6 +14,8 @@
 //! (`joint_refit`), the others block by block with the Hessian's diagonal;
 //! per row only when that lowers the row's output error.
 
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::{Llt, Solve};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
@@ -124,20 +126,27 @@ impl PreparedHessian {
                 hessian[bad]
             )));
         }
-        let mut h = Mat::<f64>::from_fn(k, k, |i, j| hessian[i * k + j]);
+        // H with a dead input's zero diagonal entry read as 1 (its row and column are zero);
+        // read from `hessian` itself rather than a copy: the 11008-wide FFN Hessian is 970 MB.
         let mut dead = vec![false; k];
         for (i, d) in dead.iter_mut().enumerate() {
-            if h[(i, i)] == 0.0 {
+            let v = hessian[i * k + i];
+            if v == 0.0 {
                 *d = true;
-                h[(i, i)] = 1.0;
-            } else if h[(i, i)] < 0.0 {
+            } else if v < 0.0 {
                 return Err(Error::InvalidOption(format!(
-                    "Hessian diagonal entry {i} is negative ({}): not a sum of outer products",
-                    h[(i, i)]
+                    "Hessian diagonal entry {i} is negative ({v}): not a sum of outer products"
                 )));
             }
         }
-        let diag: Vec<f64> = (0..k).map(|i| h[(i, i)]).collect();
+        let h = |i: usize, j: usize| {
+            if i == j && dead[i] {
+                1.0
+            } else {
+                hessian[i * k + j]
+            }
+        };
+        let diag: Vec<f64> = (0..k).map(|i| h(i, i)).collect();
         let mut order: Vec<usize> = (0..k).collect();
         if opts.act_order {
             order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
@@ -145,17 +154,36 @@ impl PreparedHessian {
         let mean = diag.iter().sum::<f64>() / k as f64;
         // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU, in pass order) without forming H⁻¹:
         // with R the reversal of the order, RHR = LLᵀ gives H⁻¹ = (R·L⁻¹·R)ᵀ(R·L⁻¹·R), and
-        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U.
+        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U. Each k×k f64 matrix is
+        // dropped as soon as the next is made.
         let at = |i: usize| order[k - 1 - i];
         let mut damp = opts.damp.max(0.0) * mean;
         let mut factor = None;
+        let parallel = par(opts.threads);
+        let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f64>(
+            k,
+            parallel,
+            Default::default(),
+        ));
         for _ in 0..DAMP_TRIES {
-            let reversed = Mat::<f64>::from_fn(k, k, |i, j| {
-                h[(at(i), at(j))] + if i == j { damp } else { 0.0 }
+            // Factored in place: its lower triangle becomes L.
+            let mut reversed = Mat::<f64>::from_fn(k, k, |i, j| {
+                h(at(i), at(j)) + if i == j { damp } else { 0.0 }
             });
-            if let Ok(llt) = reversed.llt(Side::Lower) {
+            let factored = cholesky_in_place(
+                reversed.as_mut(),
+                Default::default(),
+                parallel,
+                MemStack::new(&mut scratch),
+                Default::default(),
+            );
+            if factored.is_ok() {
+                for j in 1..k {
+                    reversed.col_mut(j).subrows_mut(0, j).fill(0.0);
+                }
                 let mut inverse = Mat::<f64>::zeros(k, k);
-                invert_lower_triangular(inverse.as_mut(), llt.L(), par(opts.threads));
+                invert_lower_triangular(inverse.as_mut(), reversed.as_ref(), parallel);
+                drop(reversed);
                 let u = Mat::<f32>::from_fn(k, k, |i, j| {
                     if j >= i {
                         inverse[(k - 1 - i, k - 1 - j)] as f32
@@ -184,7 +212,7 @@ impl PreparedHessian {
             )));
         };
         let damped = Mat::<f32>::from_fn(k, k, |i, j| {
-            (h[(i, j)] + if i == j { damp } else { 0.0 }) as f32
+            (h(i, j) + if i == j { damp } else { 0.0 }) as f32
         });
         Ok(PreparedHessian {
             k,

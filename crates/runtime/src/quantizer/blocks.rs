@@ -327,11 +327,12 @@ pub fn quantize_model(
                     act_order: opts.gptq.act_order && rotation.is_none(),
                     ..opts.gptq
                 };
-                let h = PreparedHessian::new(&h, k, &gptq).map_err(named)?;
-                let shift = h
+                let prepared = PreparedHessian::new(&h, k, &gptq).map_err(named)?;
+                drop(h);
+                let shift = prepared
                     .source_shift(pairs, model.input_rows(layer, input))
                     .map_err(named)?;
-                calibrated.insert(input, (h, shift));
+                calibrated.insert(input, (prepared, shift));
             }
             let matrix = model.block_matrix(layer, which);
             let (rows, cols) = (matrix.rows(), matrix.cols());
