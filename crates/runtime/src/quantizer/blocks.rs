@@ -275,7 +275,7 @@ pub fn quantize_model(
     // this is made again only after a matrix is replaced.
     let mut runner: Option<BlockRunner> = None;
     for (layer, widths) in widths.iter().enumerate() {
-        let source_inputs = if opts.method.calibrated() {
+        let mut source_inputs = if opts.method.calibrated() {
             let runner = runner.get_or_insert_with(|| model.block_runner(positions));
             source_inputs(model, runner, layer, &mut sources)?
         } else {
@@ -319,7 +319,10 @@ pub fn quantize_model(
                     input,
                     rotation.as_ref(),
                     &mut partials,
-                    &source_inputs[&input],
+                    // Each input's source rows serve its Hessian alone.
+                    &source_inputs.remove(&input).ok_or_else(|| {
+                        Error::InvalidOption(format!("block {layer}: no source rows of {input:?}"))
+                    })?,
                 )?;
                 // A rotation evens out the Hessian diagonal, so act-order has little to sort and
                 // its static groups (fitted before GPTQ's updates) cost more than they gain.
@@ -332,6 +335,8 @@ pub fn quantize_model(
                 let shift = prepared
                     .source_shift(pairs, model.input_rows(layer, input))
                     .map_err(named)?;
+                // The inputs come in turn, each once: the earlier ones' matrices are done.
+                calibrated.clear();
                 calibrated.insert(input, (prepared, shift));
             }
             let matrix = model.block_matrix(layer, which);
