@@ -70,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rtn(&plane, rows, cols, &weights, None)?;
         let t_rtn = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let prepared = PreparedHessian::new(&hessian, cols, &opts)?;
+        let prepared = PreparedHessian::new(hessian.clone(), cols, &opts)?;
         let t_prepare = t.elapsed().as_secs_f64();
         // The source shift's two forms: `C·H⁻¹` once, or `(W·C)·H⁻¹` for this matrix alone.
         let cross: Vec<f64> = rng

@@ -18,7 +18,6 @@ use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::{Llt, Solve};
-use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::linalg::triangular_solve::{
     solve_lower_triangular_in_place, solve_upper_triangular_in_place,
 };
@@ -110,8 +109,9 @@ pub struct PreparedHessian {
 
 impl PreparedHessian {
     /// Prepares `hessian` (`[k][k]`, `Σ x·xᵀ` at any positive scale) with the column order
-    /// (`opts.act_order`) and dampening (`opts.damp`) of `opts`.
-    pub fn new(hessian: &[f64], k: usize, opts: &GptqOptions) -> Result<PreparedHessian> {
+    /// (`opts.act_order`) and dampening (`opts.damp`) of `opts`. The sums are taken so that
+    /// they are freed as soon as they have been read (a 11008-wide Hessian is 970 MB).
+    pub fn new(hessian: Vec<f64>, k: usize, opts: &GptqOptions) -> Result<PreparedHessian> {
         if k == 0 || hessian.len() != k * k {
             return Err(Error::InvalidOption(format!(
                 "Hessian of {} values for {k} inputs",
@@ -126,8 +126,8 @@ impl PreparedHessian {
                 hessian[bad]
             )));
         }
-        // H with a dead input's zero diagonal entry read as 1 (its row and column are zero);
-        // read from `hessian` itself rather than a copy: the 11008-wide FFN Hessian is 970 MB.
+        // H with a dead input's zero diagonal entry read as 1 (its row and column are zero),
+        // read from `hessian` itself rather than a copy.
         let mut dead = vec![false; k];
         for (i, d) in dead.iter_mut().enumerate() {
             let v = hessian[i * k + i];
@@ -154,8 +154,8 @@ impl PreparedHessian {
         let mean = diag.iter().sum::<f64>() / k as f64;
         // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU, in pass order) without forming H⁻¹:
         // with R the reversal of the order, RHR = LLᵀ gives H⁻¹ = (R·L⁻¹·R)ᵀ(R·L⁻¹·R), and
-        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U. Each k×k f64 matrix is
-        // dropped as soon as the next is made.
+        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U. The only k×k f64 matrices
+        // alive together are the sums and the one being factored, then L alone.
         let at = |i: usize| order[k - 1 - i];
         let mut damp = opts.damp.max(0.0) * mean;
         let mut factor = None;
@@ -177,24 +177,11 @@ impl PreparedHessian {
                 MemStack::new(&mut scratch),
                 Default::default(),
             );
-            if factored.is_ok() {
-                for j in 1..k {
-                    reversed.col_mut(j).subrows_mut(0, j).fill(0.0);
-                }
-                let mut inverse = Mat::<f64>::zeros(k, k);
-                invert_lower_triangular(inverse.as_mut(), reversed.as_ref(), parallel);
-                drop(reversed);
-                let u = Mat::<f32>::from_fn(k, k, |i, j| {
-                    if j >= i {
-                        inverse[(k - 1 - i, k - 1 - j)] as f32
-                    } else {
-                        0.0
-                    }
-                });
-                if (0..k).all(|i| u[(i, i)].is_finite() && u[(i, i)] > 0.0) {
-                    factor = Some(u);
-                    break;
-                }
+            // U's diagonal is the reciprocal of L's, which must stay a positive f32.
+            let usable = |d: f64| d > 0.0 && ((1.0 / d) as f32).is_finite() && 1.0 / d > 0.0;
+            if factored.is_ok() && (0..k).all(|i| usable(reversed[(i, i)])) {
+                factor = Some(reversed);
+                break;
             }
             damp = if damp > 0.0 {
                 damp * 10.0
@@ -202,7 +189,7 @@ impl PreparedHessian {
                 1e-6 * mean.max(1e-30)
             };
         }
-        let Some(inverse_factor) = factor else {
+        let Some(mut lower) = factor else {
             return Err(Error::InvalidOption(format!(
                 "the {k}x{k} Hessian is not positive definite even after dampening by up to \
                  {:.3e} ({DAMP_TRIES} tries from {} of its mean diagonal; calibrate with more or \
@@ -214,6 +201,12 @@ impl PreparedHessian {
         let damped = Mat::<f32>::from_fn(k, k, |i, j| {
             (h(i, j) + if i == j { damp } else { 0.0 }) as f32
         });
+        drop(hessian);
+        for j in 1..k {
+            lower.col_mut(j).subrows_mut(0, j).fill(0.0);
+        }
+        let inverse_factor = reversed_inverse(&lower, parallel);
+        drop(lower);
         Ok(PreparedHessian {
             k,
             order,
@@ -468,6 +461,38 @@ impl SourceShift {
     }
 }
 
+/// Columns of `L⁻¹` solved at a time by [`reversed_inverse`].
+const INVERSE_COLUMNS: usize = 256;
+
+/// `R·L⁻¹·R` in f32 for a lower triangular `lower` (`R` the reversal of the order), solved a
+/// block of [`INVERSE_COLUMNS`] columns of `L⁻¹` at a time so that no f64 inverse is held.
+pub(super) fn reversed_inverse(lower: &Mat<f64>, par: Par) -> Mat<f32> {
+    let k = lower.nrows();
+    let mut u = Mat::<f32>::zeros(k, k);
+    let mut block = Mat::<f64>::zeros(k, INVERSE_COLUMNS.min(k));
+    for c0 in (0..k).step_by(INVERSE_COLUMNS) {
+        let width = INVERSE_COLUMNS.min(k - c0);
+        // Columns c0.. of L⁻¹ are zero above row c0: solve the trailing part only.
+        let mut x = block.as_mut().submatrix_mut(0, 0, k - c0, width);
+        x.fill(0.0);
+        for j in 0..width {
+            x[(j, j)] = 1.0;
+        }
+        solve_lower_triangular_in_place(
+            lower.as_ref().submatrix(c0, c0, k - c0, k - c0),
+            x.as_mut(),
+            par,
+        );
+        for j in 0..width {
+            let col = k - 1 - (c0 + j);
+            for i in j..k - c0 {
+                u[(k - 1 - (c0 + i), col)] = x[(i, j)] as f32;
+            }
+        }
+    }
+    u
+}
+
 /// `D·Wᵀ` (`[n][rows]`) for `D` `[n][k]` and `Wᵀ` `[k][rows]`.
 fn diff_times(d: MatRef<'_, f32>, wt: MatRef<'_, f32>, threads: usize) -> Mat<f32> {
     let mut out = Mat::<f32>::zeros(d.nrows(), wt.ncols());
@@ -542,7 +567,7 @@ pub fn gptq<G: Grid>(
     opts: &GptqOptions,
 ) -> Result<Quantized<G::Block>> {
     check_shape(grid, rows, cols, weights)?;
-    let prepared = PreparedHessian::new(hessian, cols, opts)?;
+    let prepared = PreparedHessian::new(hessian.to_vec(), cols, opts)?;
     gptq_prepared(grid, rows, cols, weights, &prepared, opts)
 }
 

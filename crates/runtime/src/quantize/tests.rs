@@ -450,7 +450,7 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
         block: 64,
         ..GptqOptions::default()
     };
-    let prepared = PreparedHessian::new(&h, COLS, &opts).unwrap();
+    let prepared = PreparedHessian::new(h.clone(), COLS, &opts).unwrap();
     // No drift, no shift.
     let none = prepared
         .source_shift(SourcePairs::Sums(vec![0.0; COLS * COLS]), ROWS)
@@ -698,4 +698,31 @@ fn linear_grids_levels_are_their_terms_times_their_parameters() {
     };
     assert!(plane.block_from_params(&[f64::NAN, 1.0, 2.0]).is_none());
     assert!(plane.block_from_params(&[0.0, 1e9, 2.0]).is_none());
+}
+
+#[test]
+fn the_reversed_inverse_factor_is_solved_block_by_block() {
+    // One block, a block exactly, a partial last block, several blocks.
+    for k in [5usize, 256, 300, 600] {
+        let mut rng = SplitMix64::new(k as u64);
+        let lower = faer::Mat::<f64>::from_fn(k, k, |i, j| match i.cmp(&j) {
+            std::cmp::Ordering::Less => 0.0,
+            std::cmp::Ordering::Equal => 1.0 + f64::from(rng.gaussian().abs()),
+            std::cmp::Ordering::Greater => f64::from(rng.gaussian()) / k as f64,
+        });
+        let u = gptq::reversed_inverse(&lower, faer::Par::Seq);
+        // U = R·L⁻¹·R (R the reversal), so L·(R·U·R) = I, and U is upper triangular.
+        for i in 0..k {
+            for j in 0..k {
+                let v: f64 = (0..k)
+                    .map(|m| lower[(i, m)] * f64::from(u[(k - 1 - m, k - 1 - j)]))
+                    .sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-5, "k {k}: (L·L⁻¹)[{i}][{j}] = {v}");
+                if i > j {
+                    assert_eq!(u[(i, j)], 0.0, "k {k}: U[{i}][{j}]");
+                }
+            }
+        }
+    }
 }

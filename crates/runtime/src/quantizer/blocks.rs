@@ -330,8 +330,7 @@ pub fn quantize_model(
                     act_order: opts.gptq.act_order && rotation.is_none(),
                     ..opts.gptq
                 };
-                let prepared = PreparedHessian::new(&h, k, &gptq).map_err(named)?;
-                drop(h);
+                let prepared = PreparedHessian::new(h, k, &gptq).map_err(named)?;
                 let shift = prepared
                     .source_shift(pairs, model.input_rows(layer, input))
                     .map_err(named)?;
