@@ -178,7 +178,10 @@ impl PreparedHessian {
                 Default::default(),
             );
             // U's diagonal is the reciprocal of L's, which must stay a positive f32.
-            let usable = |d: f64| d > 0.0 && ((1.0 / d) as f32).is_finite() && 1.0 / d > 0.0;
+            let usable = |d: f64| {
+                let u = (1.0 / d) as f32;
+                d > 0.0 && u.is_finite() && u > 0.0
+            };
             if factored.is_ok() && (0..k).all(|i| usable(reversed[(i, i)])) {
                 factor = Some(reversed);
                 break;
@@ -231,7 +234,7 @@ impl PreparedHessian {
     /// than at `W` applied to the quantized model's inputs (asymmetric calibration, as in
     /// GPTAQ): with `X` the rows this Hessian was built from and `S` the source model's rows of
     /// the same input (paired token by token), `‖W·Sᵀ − Q·Xᵀ‖²` is `tr((W*−Q)·H·(W*−Q)ᵀ)` plus a
-    /// constant for `W* = W + W·C·H⁻¹`, `C = Σ (s − x)·xᵀ` (`cross`, `[k][k]`). `H` is solved
+    /// constant for `W* = W + W·C·H⁻¹`, `C = Σ (s − x)·xᵀ` (`[k][k]`, from `pairs`). `H` is solved
     /// with a ridge of [`SOURCE_RIDGE`] times its mean diagonal, which keeps the correction to
     /// the directions the calibration rows pin down.
     ///
@@ -274,16 +277,19 @@ impl PreparedHessian {
         drop(h);
         // The input whose sums or rows hold a value that is not finite.
         let bad = match &pairs {
-            SourcePairs::Sums(cross) => cross.iter().position(|v| !v.is_finite()).map(|i| i / k),
+            SourcePairs::Sums(cross) => cross
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| (i / k, "cross sums overflowed?")),
             SourcePairs::Rows { diff, inputs } => diff
                 .iter()
                 .chain(inputs)
                 .position(|v| !v.is_finite())
-                .map(|i| i % k),
+                .map(|i| (i % k, "calibration rows not finite?")),
         };
-        if let Some(bad) = bad {
+        if let Some((bad, why)) = bad {
             return Err(Error::InvalidOption(format!(
-                "the source shift of input {bad} is not finite (cross sums overflowed?)"
+                "the source shift of input {bad} is not finite ({why})"
             )));
         }
         let cross = match pairs {
@@ -361,9 +367,9 @@ impl SourcePairs {
     /// shifted from its `n` pairs of rows than from their sums: the rows take `2·n·k` products
     /// per weight row, the sums `k²·n` once and `k²` per weight row (the solves are the same).
     /// So it is for inputs read by fewer than about `k/2` rows, such as a feed-forward's down
-    /// projection.
+    /// projection, while the rows (`2·n·k` f32) take no more memory than the sums (`k²` f64).
     pub fn as_rows(k: usize, weight_rows: usize, n: usize) -> bool {
-        2 * weight_rows * n < k * (n + weight_rows)
+        n <= k && 2 * weight_rows * n < k * (n + weight_rows)
     }
 }
 

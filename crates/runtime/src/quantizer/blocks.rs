@@ -289,8 +289,9 @@ pub fn quantize_model(
                 residual,
             })
             .collect();
-        // Each input's Hessian and source shift, measured when its first matrix comes, so after
-        // the block's earlier matrices are quantized (q/k/v, then o, then gate/up, then down).
+        // The current input's Hessian and source shift, measured when its first matrix comes, so
+        // after the block's earlier matrices are quantized (q/k/v, then o, then gate/up, then
+        // down).
         let mut calibrated: HashMap<MatrixInput, (PreparedHessian, SourceShift)> = HashMap::new();
         // Each input's rotation, drawn when its first matrix comes.
         let mut rotations: HashMap<MatrixInput, Option<InputRotation>> = HashMap::new();
@@ -460,16 +461,29 @@ fn input_hessian(
     let mut cross = (!as_rows).then(|| Hessian::new(k, threads));
     let (mut diff_rows, mut input_rows) = (Vec::new(), Vec::new());
     let (mut x, mut diff, mut buffer) = (Vec::new(), Vec::new(), Vec::new());
+    if partials.len() != sources.len() {
+        return Err(Error::InvalidOption(format!(
+            "block {layer}: {} calibration sequences against {} of the source model",
+            partials.len(),
+            sources.len()
+        )));
+    }
     for (p, source) in partials.iter_mut().zip(sources) {
         let mut seen = 0;
         let mut failure = None;
-        let mut rows_at = Vec::with_capacity(source.len());
+        let mut rows_at = Vec::new();
         // The block stops at `input`: the matrices after it do not change its rows.
         let mut observe = |at: MatrixInput, rows: &[f32]| {
+            if failure.is_some() {
+                return ControlFlow::Break(());
+            }
             if at != input {
                 return ControlFlow::Continue(());
             }
-            rows_at.extend_from_slice(rows);
+            // A run resumed at the attention input recomputes its rows from the residual.
+            if input != MatrixInput::Attention {
+                rows_at.extend_from_slice(rows);
+            }
             let Some(source) = source.get(seen..seen + rows.len()) else {
                 failure = Some(None);
                 return ControlFlow::Break(());
