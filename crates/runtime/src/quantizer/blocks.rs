@@ -292,7 +292,7 @@ pub fn quantize_model(
         // The current input's Hessian and source shift, measured when its first matrix comes, so
         // after the block's earlier matrices are quantized (q/k/v, then o, then gate/up, then
         // down).
-        let mut calibrated: HashMap<MatrixInput, (PreparedHessian, SourceShift)> = HashMap::new();
+        let mut calibrated: Option<(MatrixInput, PreparedHessian, SourceShift)> = None;
         // Each input's rotation, drawn when its first matrix comes.
         let mut rotations: HashMap<MatrixInput, Option<InputRotation>> = HashMap::new();
         for (which, &bits) in BlockMatrix::ALL.into_iter().zip(widths) {
@@ -312,7 +312,7 @@ pub fn quantize_model(
                         .flatten()
                 })
                 .clone();
-            if opts.method.calibrated() && !calibrated.contains_key(&input) {
+            if opts.method.calibrated() && calibrated.as_ref().is_none_or(|c| c.0 != input) {
                 let (h, pairs) = input_hessian(
                     model,
                     runner.get_or_insert_with(|| model.block_runner(positions)),
@@ -335,9 +335,8 @@ pub fn quantize_model(
                 let shift = prepared
                     .source_shift(pairs, model.input_rows(layer, input))
                     .map_err(named)?;
-                // The inputs come in turn, each once: the earlier ones' matrices are done.
-                calibrated.clear();
-                calibrated.insert(input, (prepared, shift));
+                // The inputs come in turn, each once: the earlier one's matrices are done.
+                calibrated = Some((input, prepared, shift));
             }
             let matrix = model.block_matrix(layer, which);
             let (rows, cols) = (matrix.rows(), matrix.cols());
@@ -345,8 +344,8 @@ pub fn quantize_model(
             if let Some(r) = &rotation {
                 r.rotate_rows(&mut weights, &mut vec![0.0; cols])?;
             }
-            let hessian = calibrated.get(&input).map(|(h, _)| h);
-            if let Some((_, shift)) = calibrated.get(&input) {
+            let hessian = calibrated.as_ref().map(|(_, h, _)| h);
+            if let Some((_, _, shift)) = &calibrated {
                 weights = shift.target(&weights, threads).map_err(named)?;
             }
             let quantized = match opts.target {
