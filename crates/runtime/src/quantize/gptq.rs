@@ -126,51 +126,63 @@ impl PreparedHessian {
                 hessian[bad]
             )));
         }
-        // H with a dead input's zero diagonal entry read as 1 (its row and column are zero),
-        // read from `hessian` itself rather than a copy.
+        // A dead input's zero diagonal entry is read as 1 (its row and column are zero).
         let mut dead = vec![false; k];
+        let mut diag = Vec::with_capacity(k);
         for (i, d) in dead.iter_mut().enumerate() {
             let v = hessian[i * k + i];
-            if v == 0.0 {
-                *d = true;
-            } else if v < 0.0 {
+            if v < 0.0 {
                 return Err(Error::InvalidOption(format!(
                     "Hessian diagonal entry {i} is negative ({v}): not a sum of outer products"
                 )));
             }
+            *d = v == 0.0;
+            diag.push(if *d { 1.0 } else { v });
         }
-        let h = |i: usize, j: usize| {
-            if i == j && dead[i] {
-                1.0
-            } else {
-                hessian[i * k + j]
-            }
-        };
-        let diag: Vec<f64> = (0..k).map(|i| h(i, i)).collect();
         let mut order: Vec<usize> = (0..k).collect();
         if opts.act_order {
             order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
         }
         let mean = diag.iter().sum::<f64>() / k as f64;
+        // The dampened Hessian in f32, its diagonal set once the dampening is known.
+        let mut damped = Mat::<f32>::from_fn(k, k, |i, j| hessian[i * k + j] as f32);
         // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU, in pass order) without forming H⁻¹:
         // with R the reversal of the order, RHR = LLᵀ gives H⁻¹ = (R·L⁻¹·R)ᵀ(R·L⁻¹·R), and
-        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U. The only k×k f64 matrices
-        // alive together are the sums and the one being factored, then L alone.
-        let at = |i: usize| order[k - 1 - i];
+        // R·L⁻¹·R is upper triangular with a positive diagonal: it is U. RHR is formed and factored
+        // in the sums' own memory, so the only k×k f64 matrix is that one.
+        let reversal: Vec<usize> = (0..k).map(|i| order[k - 1 - i]).collect();
+        let mut sums = hessian;
+        permute_symmetric(&mut sums, &reversal);
         let mut damp = opts.damp.max(0.0) * mean;
-        let mut factor = None;
         let parallel = par(opts.threads);
         let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f64>(
             k,
             parallel,
             Default::default(),
         ));
-        for _ in 0..DAMP_TRIES {
-            // Factored in place: its lower triangle becomes L.
-            let mut reversed = Mat::<f64>::from_fn(k, k, |i, j| {
-                h(at(i), at(j)) + if i == j { damp } else { 0.0 }
-            });
-            let factored = cholesky_in_place(
+        let mut factored = false;
+        for attempt in 0..DAMP_TRIES {
+            if attempt > 0 {
+                // The failed factoring overwrote the sums: a retry starts again from the f32 copy
+                // (its rounding is far below the larger dampening a retry adds).
+                damp = if damp > 0.0 {
+                    damp * 10.0
+                } else {
+                    1e-6 * mean.max(1e-30)
+                };
+                for (i, row) in sums.chunks_exact_mut(k).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = f64::from(damped[(reversal[i], reversal[j])]);
+                    }
+                }
+            }
+            for (i, &at) in reversal.iter().enumerate() {
+                sums[i * k + i] = diag[at] + damp;
+            }
+            // Factored in place: its lower triangle becomes L (symmetric, so the row-major sums
+            // read as the same matrix column-major).
+            let mut reversed = MatMut::from_column_major_slice_mut(&mut sums, k, k);
+            let ok = cholesky_in_place(
                 reversed.as_mut(),
                 Default::default(),
                 parallel,
@@ -182,34 +194,28 @@ impl PreparedHessian {
                 let u = (1.0 / d) as f32;
                 d > 0.0 && u.is_finite() && u > 0.0
             };
-            if factored.is_ok() && (0..k).all(|i| usable(reversed[(i, i)])) {
-                factor = Some(reversed);
+            if ok.is_ok() && (0..k).all(|i| usable(reversed[(i, i)])) {
+                factored = true;
                 break;
             }
-            damp = if damp > 0.0 {
-                damp * 10.0
-            } else {
-                1e-6 * mean.max(1e-30)
-            };
         }
-        let Some(mut lower) = factor else {
+        if !factored {
             return Err(Error::InvalidOption(format!(
                 "the {k}x{k} Hessian is not positive definite even after dampening by up to \
-                 {:.3e} ({DAMP_TRIES} tries from {} of its mean diagonal; calibrate with more or \
+                 {damp:.3e} ({DAMP_TRIES} tries from {} of its mean diagonal; calibrate with more or \
                  other text)",
-                damp / 10.0,
                 opts.damp
             )));
-        };
-        let damped = Mat::<f32>::from_fn(k, k, |i, j| {
-            (h(i, j) + if i == j { damp } else { 0.0 }) as f32
-        });
-        drop(hessian);
-        for j in 1..k {
-            lower.col_mut(j).subrows_mut(0, j).fill(0.0);
         }
-        let inverse_factor = reversed_inverse(&lower, parallel);
-        drop(lower);
+        for (i, &d) in diag.iter().enumerate() {
+            damped[(i, i)] = (d + damp) as f32;
+        }
+        let mut lower = MatMut::from_column_major_slice_mut(&mut sums, k, k);
+        for j in 1..k {
+            lower.as_mut().col_mut(j).subrows_mut(0, j).fill(0.0);
+        }
+        let inverse_factor = reversed_inverse(lower.as_ref(), parallel);
+        drop(sums);
         Ok(PreparedHessian {
             k,
             order,
@@ -470,9 +476,41 @@ impl SourceShift {
 /// Columns of `L⁻¹` solved at a time by [`reversed_inverse`].
 const INVERSE_COLUMNS: usize = 256;
 
+/// `A[i][j] ← A[p[i]][p[j]]` for a `[k][k]` row-major `a` and a permutation `p` of `0..k`, in
+/// place: rows move along the permutation's cycles through one spare row, then each row's
+/// entries are gathered through another.
+pub(super) fn permute_symmetric(a: &mut [f64], p: &[usize]) {
+    let k = p.len();
+    let mut spare = vec![0.0; k];
+    let mut placed = vec![false; k];
+    for start in 0..k {
+        if placed[start] {
+            continue;
+        }
+        spare.copy_from_slice(&a[start * k..][..k]);
+        let mut i = start;
+        loop {
+            placed[i] = true;
+            let from = p[i];
+            if from == start {
+                a[i * k..][..k].copy_from_slice(&spare);
+                break;
+            }
+            a.copy_within(from * k..(from + 1) * k, i * k);
+            i = from;
+        }
+    }
+    for row in a.chunks_exact_mut(k) {
+        for (s, &from) in spare.iter_mut().zip(p) {
+            *s = row[from];
+        }
+        row.copy_from_slice(&spare);
+    }
+}
+
 /// `R·L⁻¹·R` in f32 for a lower triangular `lower` (`R` the reversal of the order), solved a
 /// block of [`INVERSE_COLUMNS`] columns of `L⁻¹` at a time so that no f64 inverse is held.
-pub(super) fn reversed_inverse(lower: &Mat<f64>, par: Par) -> Mat<f32> {
+pub(super) fn reversed_inverse(lower: MatRef<'_, f64>, par: Par) -> Mat<f32> {
     let k = lower.nrows();
     let mut u = Mat::<f32>::zeros(k, k);
     let mut block = Mat::<f64>::zeros(k, INVERSE_COLUMNS.min(k));
@@ -484,11 +522,7 @@ pub(super) fn reversed_inverse(lower: &Mat<f64>, par: Par) -> Mat<f32> {
         for j in 0..width {
             x[(j, j)] = 1.0;
         }
-        solve_lower_triangular_in_place(
-            lower.as_ref().submatrix(c0, c0, k - c0, k - c0),
-            x.as_mut(),
-            par,
-        );
+        solve_lower_triangular_in_place(lower.submatrix(c0, c0, k - c0, k - c0), x.as_mut(), par);
         for j in 0..width {
             let col = k - 1 - (c0 + j);
             for i in j..k - c0 {
