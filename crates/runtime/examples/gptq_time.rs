@@ -109,7 +109,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t_sums = t.elapsed().as_secs_f64();
         let t = Instant::now();
         prepared
-            .source_shift(SourcePairs::Rows { diff, inputs }, rows)?
+            .source_shift(
+                SourcePairs::Rows {
+                    diff,
+                    inputs: vec![inputs],
+                    rotation: None,
+                },
+                rows,
+            )?
             .target(&weights, threads)?;
         let t_rows = t.elapsed().as_secs_f64();
         println!(

@@ -26,6 +26,7 @@ use lutra_kernels::{Cpu, Isa};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::rotation::InputRotation;
 
 use super::grid::Grid;
 use super::joint_refit::refit_rows_jointly;
@@ -257,14 +258,24 @@ impl PreparedHessian {
                     cross.len()
                 )));
             }
-            SourcePairs::Rows { diff, inputs }
-                if diff.len() != inputs.len() || !diff.len().is_multiple_of(k) =>
-            {
-                return Err(Error::InvalidOption(format!(
-                    "{} differences and {} inputs in rows of {k}",
-                    diff.len(),
-                    inputs.len()
-                )));
+            SourcePairs::Rows {
+                diff,
+                inputs,
+                rotation,
+            } => {
+                let total = inputs.iter().map(Vec::len).sum::<usize>();
+                if diff.len() != total || inputs.iter().any(|x| !x.len().is_multiple_of(k)) {
+                    return Err(Error::InvalidOption(format!(
+                        "{} differences and {total} inputs in rows of {k}",
+                        diff.len()
+                    )));
+                }
+                if let Some(r) = rotation.as_ref().filter(|r| r.cols() != k) {
+                    return Err(Error::InvalidOption(format!(
+                        "a rotation of {} features for {k} inputs",
+                        r.cols()
+                    )));
+                }
             }
             _ => {}
         }
@@ -287,9 +298,9 @@ impl PreparedHessian {
                 .iter()
                 .position(|v| !v.is_finite())
                 .map(|i| (i / k, "cross sums overflowed?")),
-            SourcePairs::Rows { diff, inputs } => diff
+            SourcePairs::Rows { diff, inputs, .. } => diff
                 .iter()
-                .chain(inputs)
+                .chain(inputs.iter().flatten())
                 .position(|v| !v.is_finite())
                 .map(|i| (i % k, "calibration rows not finite?")),
         };
@@ -299,10 +310,18 @@ impl PreparedHessian {
             )));
         }
         let cross = match pairs {
-            SourcePairs::Rows { diff, inputs } => {
+            SourcePairs::Rows {
+                diff,
+                inputs,
+                rotation,
+            } => {
                 return Ok(SourceShift(ShiftForm::PerMatrix {
                     factor: llt,
-                    cross: Cross::Rows { diff, inputs },
+                    cross: Cross::Rows {
+                        diff,
+                        inputs,
+                        rotation,
+                    },
                 }))
             }
             SourcePairs::Sums(cross) => cross,
@@ -359,12 +378,15 @@ impl PreparedHessian {
 pub enum SourcePairs {
     /// The cross sums `C = Σ (s − x)·xᵀ`, `[k][k]`.
     Sums(Vec<f64>),
-    /// The rows themselves, `[n][k]` each: `W·C` is then `(W·Dᵀ)·X`.
+    /// The rows themselves: `W·C` is then `(W·Dᵀ)·X`, and the rows `x` are kept only once, as
+    /// the block computed them (a run resumed at the input reads them too).
     Rows {
-        /// `s − x`.
+        /// `s − x` of every sequence in turn, `[n][k]`, rotated when the input is.
         diff: Vec<f32>,
-        /// `x`.
-        inputs: Vec<f32>,
+        /// `x` of each sequence, `[n_s][k]` (`n` rows in all), before `rotation`.
+        inputs: Vec<Vec<f32>>,
+        /// The input's rotation `R` (a rotated row is `R·x`): `Xᵀ` enters as `R·Xᵀ`.
+        rotation: Option<InputRotation>,
     },
 }
 
@@ -387,7 +409,11 @@ enum Cross {
     /// `Cᵀ`, `[k][k]`.
     Transposed(Mat<f32>),
     /// The pairs' rows ([`SourcePairs::Rows`]).
-    Rows { diff: Vec<f32>, inputs: Vec<f32> },
+    Rows {
+        diff: Vec<f32>,
+        inputs: Vec<Vec<f32>>,
+        rotation: Option<InputRotation>,
+    },
 }
 
 enum ShiftForm {
@@ -399,6 +425,18 @@ enum ShiftForm {
 }
 
 impl SourceShift {
+    /// The unrotated rows a shift made from [`SourcePairs::Rows`] holds, handed back once its
+    /// matrices are done.
+    pub fn into_input_rows(self) -> Option<Vec<Vec<f32>>> {
+        match self.0 {
+            ShiftForm::PerMatrix {
+                cross: Cross::Rows { inputs, .. },
+                ..
+            } => Some(inputs),
+            _ => None,
+        }
+    }
+
     /// `W* = W + W·C·H⁻¹` for `weights` `W` (`[rows][k]`).
     pub fn target(&self, weights: &[f32], threads: usize) -> Result<Vec<f32>> {
         let k = match &self.0 {
@@ -425,32 +463,8 @@ impl SourceShift {
             ShiftForm::PerMatrix { factor, cross } => {
                 // Y = Cᵀ·Wᵀ, then L·Lᵀ·Y = it: Y's column r is the shift of row r, and Y
                 // stored column-major is `[rows][k]`.
-                let mut y = vec![0.0f32; rows * k];
+                let mut y = cross_times(cross, weights, k, threads)?;
                 let mut y_mat = MatMut::from_column_major_slice_mut(&mut y, k, rows);
-                let wt = MatRef::from_column_major_slice(weights, k, rows);
-                match cross {
-                    Cross::Transposed(ct) => matmul(
-                        y_mat.as_mut(),
-                        Accum::Replace,
-                        ct.as_ref(),
-                        wt,
-                        1.0,
-                        par(threads),
-                    ),
-                    Cross::Rows { diff, inputs } => {
-                        // Cᵀ·Wᵀ = Xᵀ·(D·Wᵀ).
-                        let n = diff.len() / k;
-                        let dw = diff_times(MatRef::from_row_major_slice(diff, n, k), wt, threads);
-                        matmul(
-                            y_mat.as_mut(),
-                            Accum::Replace,
-                            MatRef::from_row_major_slice(inputs, n, k).transpose(),
-                            dw.as_ref(),
-                            1.0,
-                            par(threads),
-                        );
-                    }
-                }
                 solve_lower_triangular_in_place(factor.L(), y_mat.as_mut(), par(threads));
                 solve_upper_triangular_in_place(
                     factor.L().transpose(),
@@ -532,6 +546,48 @@ pub(super) fn reversed_inverse(lower: MatRef<'_, f64>, par: Par) -> Mat<f32> {
     }
     u
 }
+
+/// `Cᵀ·Wᵀ` (`[k][rows]`, column-major) for `weights` `W` (`[rows][k]`).
+fn cross_times(cross: &Cross, weights: &[f32], k: usize, threads: usize) -> Result<Vec<f32>> {
+    let rows = weights.len() / k;
+    let wt = MatRef::from_column_major_slice(weights, k, rows);
+    let mut y = vec![0.0f32; rows * k];
+    let mut y_mat = MatMut::from_column_major_slice_mut(&mut y, k, rows);
+    match cross {
+        Cross::Transposed(ct) => matmul(y_mat, Accum::Replace, ct.as_ref(), wt, 1.0, par(threads)),
+        Cross::Rows {
+            diff,
+            inputs,
+            rotation,
+        } => {
+            // Cᵀ·Wᵀ = R·Xᵀ·(D·Wᵀ), Xᵀ·(D·Wᵀ) summed sequence by sequence.
+            let n = diff.len() / k;
+            let dw = diff_times(MatRef::from_row_major_slice(diff, n, k), wt, threads);
+            let mut first = 0;
+            for x in inputs {
+                let len = x.len() / k;
+                matmul(
+                    y_mat.as_mut(),
+                    Accum::Add,
+                    MatRef::from_row_major_slice(x, len, k).transpose(),
+                    dw.as_ref().subrows(first, len),
+                    1.0,
+                    par(threads),
+                );
+                first += len;
+            }
+            if let Some(r) = rotation {
+                // Each column of Y, contiguous, rotated as a row.
+                y.par_chunks_mut(k * ROTATED_COLUMNS)
+                    .try_for_each(|part| r.rotate_rows(part, &mut vec![0.0; k]))?;
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// Columns of `Cᵀ·Wᵀ` per task when [`cross_times`] rotates them.
+const ROTATED_COLUMNS: usize = 16;
 
 /// `D·Wᵀ` (`[n][rows]`) for `D` `[n][k]` and `Wᵀ` `[k][rows]`.
 fn diff_times(d: MatRef<'_, f32>, wt: MatRef<'_, f32>, threads: usize) -> Mat<f32> {

@@ -531,16 +531,62 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
         .unwrap()
         .target(&weights, 1)
         .unwrap();
+    let diff: Vec<f32> = s.iter().zip(&x).map(|(s, x)| (s - x) as f32).collect();
+    let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    // Two sequences of uneven length.
+    let inputs = vec![x32[..100 * COLS].to_vec(), x32[100 * COLS..].to_vec()];
     let pairs = SourcePairs::Rows {
-        diff: s.iter().zip(&x).map(|(s, x)| (s - x) as f32).collect(),
-        inputs: x.iter().map(|&v| v as f32).collect(),
+        diff: diff.clone(),
+        inputs: inputs.clone(),
+        rotation: None,
     };
-    let from_rows = prepared
-        .source_shift(pairs, ROWS)
+    let shift = prepared.source_shift(pairs, ROWS).unwrap();
+    let from_rows = shift.target(&weights, 2).unwrap();
+    // The rows come back as they were given.
+    assert_eq!(shift.into_input_rows(), Some(inputs.clone()));
+    // Pairs of a rotated input: the sums of the rotated rows, or the rotated differences with
+    // the unrotated inputs and their rotation.
+    let r = crate::rotation::InputRotation::random(COLS, 5).unwrap();
+    let (mut diff_r, mut x_r) = (diff.clone(), x32.clone());
+    r.rotate_rows(&mut diff_r, &mut [0.0; COLS]).unwrap();
+    r.rotate_rows(&mut x_r, &mut [0.0; COLS]).unwrap();
+    let mut cross_r = vec![0.0f64; COLS * COLS];
+    for (dr, xr) in diff_r.chunks_exact(COLS).zip(x_r.chunks_exact(COLS)) {
+        for a in 0..COLS {
+            for b in 0..COLS {
+                cross_r[a * COLS + b] += f64::from(dr[a]) * f64::from(xr[b]);
+            }
+        }
+    }
+    let rotated_sums = prepared
+        .source_shift(SourcePairs::Sums(cross_r), ROWS)
+        .unwrap()
+        .target(&weights, 1)
+        .unwrap();
+    let rotated_rows = SourcePairs::Rows {
+        diff: diff_r,
+        inputs,
+        rotation: Some(r),
+    };
+    let rotated_rows = prepared
+        .source_shift(rotated_rows, ROWS)
         .unwrap()
         .target(&weights, 2)
         .unwrap();
     let scale = weights.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    for (i, (a, b)) in rotated_sums.iter().zip(&rotated_rows).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * scale,
+            "weight {i}: rotated sums {a}, rotated rows {b}"
+        );
+    }
+    assert!(
+        rotated_rows
+            .iter()
+            .zip(&from_rows)
+            .any(|(a, b)| (a - b).abs() > 1e-2 * scale),
+        "the rotation changes the shift"
+    );
     for (form, other) in [("product", &product), ("rows", &from_rows)] {
         for (i, (a, b)) in target.iter().zip(other).enumerate() {
             assert!(
@@ -577,9 +623,16 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
         .is_err());
     let uneven = SourcePairs::Rows {
         diff: vec![0.0; COLS],
-        inputs: vec![0.0; 2 * COLS],
+        inputs: vec![vec![0.0; COLS], vec![0.0; COLS]],
+        rotation: None,
     };
     assert!(prepared.source_shift(uneven, ROWS).is_err());
+    let misrotated = SourcePairs::Rows {
+        diff: vec![0.0; COLS],
+        inputs: vec![vec![0.0; COLS]],
+        rotation: crate::rotation::InputRotation::random(2 * COLS, 5),
+    };
+    assert!(prepared.source_shift(misrotated, ROWS).is_err());
     assert!(none.target(&weights[..COLS + 1], 1).is_err());
 }
 

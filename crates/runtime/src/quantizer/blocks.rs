@@ -313,6 +313,7 @@ pub fn quantize_model(
                 })
                 .clone();
             if opts.method.calibrated() && calibrated.as_ref().is_none_or(|c| c.0 != input) {
+                restore_rows(calibrated.take(), &mut partials)?;
                 let (h, pairs) = input_hessian(
                     model,
                     runner.get_or_insert_with(|| model.block_runner(positions)),
@@ -370,6 +371,7 @@ pub fn quantize_model(
                 rotated,
             })?;
         }
+        restore_rows(calibrated.take(), &mut partials)?;
         if !partials.is_empty() {
             let runner = runner.get_or_insert_with(|| model.block_runner(positions));
             for p in &mut partials {
@@ -437,12 +439,35 @@ struct PartialRun {
     residual: Vec<f32>,
 }
 
+/// Gives the sequences back the rows of their current input that `calibrated`'s shift held
+/// ([`SourcePairs::Rows`]) once its matrices are done.
+fn restore_rows(
+    calibrated: Option<(MatrixInput, PreparedHessian, SourceShift)>,
+    partials: &mut [PartialRun],
+) -> Result<()> {
+    let Some(rows) = calibrated.and_then(|(_, _, shift)| shift.into_input_rows()) else {
+        return Ok(());
+    };
+    if rows.len() != partials.len() {
+        return Err(Error::InvalidOption(format!(
+            "{} sequences of rows for {} calibration sequences",
+            rows.len(),
+            partials.len()
+        )));
+    }
+    for (p, rows) in partials.iter_mut().zip(rows) {
+        p.rows = rows;
+    }
+    Ok(())
+}
+
 /// The Hessian `Σ x·xᵀ` of matrix input `input` of block `layer` as the block runs on from
 /// `partials` (each carried on to `input`), and how its rows `x` pair with the source model's
 /// rows `s` of the same input (`sources`, one vector per sequence): the cross sums
-/// `Σ (s − x)·xᵀ`, or the rows themselves where [`SourcePairs::as_rows`] finds that cheaper. With
-/// a `rotation` every row is rotated first (the Hessian and the pairs are those of the rotated
-/// input).
+/// `Σ (s − x)·xᵀ`, or the rows themselves where [`SourcePairs::as_rows`] finds that cheaper (the
+/// sequences' rows `x` then move into the pairs; [`restore_rows`] gives them back). With a
+/// `rotation` the Hessian and the pairs are those of the rotated input (the rows `x` kept
+/// unrotated, with the rotation).
 fn input_hessian(
     model: &Model,
     runner: &mut BlockRunner,
@@ -458,7 +483,7 @@ fn input_hessian(
     let as_rows = SourcePairs::as_rows(k, model.input_rows(layer, input), n);
     let mut hessian = Hessian::new(k, threads);
     let mut cross = (!as_rows).then(|| Hessian::new(k, threads));
-    let (mut diff_rows, mut input_rows) = (Vec::new(), Vec::new());
+    let mut diff_rows = Vec::new();
     let (mut x, mut diff, mut buffer) = (Vec::new(), Vec::new(), Vec::new());
     if partials.len() != sources.len() {
         return Err(Error::InvalidOption(format!(
@@ -479,8 +504,9 @@ fn input_hessian(
             if at != input {
                 return ControlFlow::Continue(());
             }
-            // A run resumed at the attention input recomputes its rows from the residual.
-            if input != MatrixInput::Attention {
+            // A run resumed at the attention input recomputes its rows from the residual, but
+            // the pairs' rows keep them.
+            if input != MatrixInput::Attention || as_rows {
                 rows_at.extend_from_slice(rows);
             }
             let Some(source) = source.get(seen..seen + rows.len()) else {
@@ -505,10 +531,7 @@ fn input_hessian(
             hessian.add(&x);
             match &mut cross {
                 Some(cross) => cross.add_pairs(&diff, &x),
-                None => {
-                    diff_rows.extend_from_slice(&diff);
-                    input_rows.extend_from_slice(&x);
-                }
+                None => diff_rows.extend_from_slice(&diff),
             }
             ControlFlow::Break(())
         };
@@ -536,7 +559,11 @@ fn input_hessian(
         Some(cross) => SourcePairs::Sums(cross.finish().0),
         None => SourcePairs::Rows {
             diff: diff_rows,
-            inputs: input_rows,
+            inputs: partials
+                .iter_mut()
+                .map(|p| std::mem::take(&mut p.rows))
+                .collect(),
+            rotation: rotation.cloned(),
         },
     };
     Ok((hessian.finish().0, pairs))
