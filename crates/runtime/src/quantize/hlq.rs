@@ -8,7 +8,7 @@ use crate::weights::DecodedTensor;
 
 use super::gptq::Quantized;
 use super::grid::{
-    block_error, check_quantized, fixed_code_error, ridge, round_f16, solve, Grid, UniformGrid,
+    check_quantized, fixed_code_error, ridge, round_f16, solve, Grid, UniformGrid,
 };
 
 /// HLQ: `w = z + Σ_p s_p·q_p` over the bit planes `q_p` of the code, one scale per plane and an
@@ -36,27 +36,85 @@ const PLANE_FIT_ROUNDS: usize = 6;
 impl PlaneGrid {
     /// Weighted least squares for offset and plane scales given the codes; `None` when singular.
     fn solve_for(&self, weights: &[f32], importance: &[f32], codes: &[u8]) -> Option<PlaneBlock> {
-        let n = usize::from(self.bits) + 1;
+        let planes = usize::from(self.bits);
+        let n = planes + 1;
+        // Each weight adds its importance `h` where both of two terms are set (the offset's
+        // always is; a plane's where the code has that bit) and `h·w` where one is.
         let mut design = [[0.0f64; 5]; 5];
         let mut rhs = [0.0f64; 5];
         for ((&w, &h), &c) in weights.iter().zip(importance).zip(codes) {
-            let mut x = [0.0f64; 5];
-            x[0] = 1.0;
-            for p in 0..usize::from(self.bits) {
-                x[p + 1] = f64::from((c >> p) & 1);
-            }
-            for a in 0..n {
-                for b in 0..n {
-                    design[a][b] += f64::from(h) * x[a] * x[b];
+            let h = f64::from(h);
+            let hw = h * f64::from(w);
+            design[0][0] += h;
+            rhs[0] += hw;
+            for a in (0..planes).filter(|a| (c >> a) & 1 == 1) {
+                design[0][a + 1] += h;
+                design[a + 1][0] += h;
+                rhs[a + 1] += hw;
+                for b in (0..planes).filter(|b| (c >> b) & 1 == 1) {
+                    design[a + 1][b + 1] += h;
                 }
-                rhs[a] += f64::from(h) * x[a] * f64::from(w);
             }
         }
         // Planes no code sets (or that duplicate another) would make the system singular.
         ridge(&mut design, n);
-        let sol = solve::<5>(design, rhs)?;
+        let sol = match n {
+            2 => solve_leading::<2>(&design, &rhs),
+            3 => solve_leading::<3>(&design, &rhs),
+            4 => solve_leading::<4>(&design, &rhs),
+            _ => solve::<5>(design, rhs),
+        }?;
         self.block_from_params(&sol[..n])
     }
+
+    /// Every code's level of `block`, as [`Grid::level`] gives it.
+    fn levels(&self, block: &PlaneBlock) -> [f32; 16] {
+        let mut levels = [0.0; 16];
+        for (c, v) in levels.iter_mut().enumerate().take(self.codes()) {
+            *v = self.level(block, 0, c as u8);
+        }
+        levels
+    }
+
+    /// [`block_error`](super::grid::block_error) of the grid whose levels are `levels`.
+    fn error(&self, levels: &[f32; 16], weights: &[f32], importance: &[f32]) -> f64 {
+        let levels = &levels[..self.codes()];
+        weights
+            .iter()
+            .zip(importance)
+            .map(|(&w, &h)| {
+                let q = levels[usize::from(nearest_level(levels, w))];
+                f64::from(h) * f64::from(w - q).powi(2)
+            })
+            .sum()
+    }
+}
+
+/// The code of the level nearest `w`, the first of equally near ones (as [`Grid::nearest`]).
+fn nearest_level(levels: &[f32], w: f32) -> u8 {
+    let mut best = (0u8, f32::INFINITY);
+    for (c, &l) in levels.iter().enumerate() {
+        let d = (l - w).abs();
+        if d < best.1 {
+            best = (c as u8, d);
+        }
+    }
+    best.0
+}
+
+/// [`solve`] of the leading `N`×`N` part of a system [`ridge`] made ready: the identity rows
+/// beyond it change nothing, so the solution is the same.
+fn solve_leading<const N: usize>(design: &[[f64; 5]; 5], rhs: &[f64; 5]) -> Option<[f64; 5]> {
+    let mut a = [[0.0f64; N]; N];
+    let mut b = [0.0f64; N];
+    for i in 0..N {
+        a[i].copy_from_slice(&design[i][..N]);
+        b[i] = rhs[i];
+    }
+    let x = solve::<N>(a, b)?;
+    let mut out = [0.0f64; 5];
+    out[..N].copy_from_slice(&x);
+    Some(out)
 }
 
 impl Grid for PlaneGrid {
@@ -85,18 +143,18 @@ impl Grid for PlaneGrid {
         for p in 0..usize::from(self.bits) {
             block.scales[p] = round_f16(uniform.scale * (1u32 << p) as f32);
         }
-        let mut best_err = block_error(self, &block, weights, importance);
-        let mut current = block;
+        let mut levels = self.levels(&block);
+        let mut best_err = self.error(&levels, weights, importance);
         let mut codes = vec![0u8; weights.len()];
         for _ in 0..PLANE_FIT_ROUNDS {
-            for (i, (c, &w)) in codes.iter_mut().zip(weights).enumerate() {
-                *c = self.nearest(&current, i, w);
+            for (c, &w) in codes.iter_mut().zip(weights) {
+                *c = nearest_level(&levels[..self.codes()], w);
             }
             let Some(next) = self.solve_for(weights, importance, &codes) else {
                 break;
             };
-            let err = block_error(self, &next, weights, importance);
-            current = next;
+            levels = self.levels(&next);
+            let err = self.error(&levels, weights, importance);
             if err < best_err {
                 (block, best_err) = (next, err);
             } else {
