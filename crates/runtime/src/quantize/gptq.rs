@@ -106,6 +106,8 @@ pub struct PreparedHessian {
     damped: Mat<f32>,
     /// Its diagonal: the importance of each input for grid fits.
     importance: Vec<f32>,
+    /// The instruction set of a rows-form shift's rotations.
+    isa: Isa,
 }
 
 impl PreparedHessian {
@@ -224,6 +226,7 @@ impl PreparedHessian {
             inverse_factor,
             damped,
             importance: diag.iter().map(|&d| d as f32).collect(),
+            isa: opts.isa,
         })
     }
 
@@ -320,7 +323,7 @@ impl PreparedHessian {
                     cross: Cross::Rows {
                         diff,
                         inputs,
-                        rotation,
+                        rotation: rotation.map(|r| (r, self.isa)),
                     },
                 }))
             }
@@ -412,7 +415,7 @@ enum Cross {
     Rows {
         diff: Vec<f32>,
         inputs: Vec<Vec<f32>>,
-        rotation: Option<InputRotation>,
+        rotation: Option<(InputRotation, Isa)>,
     },
 }
 
@@ -576,10 +579,16 @@ fn cross_times(cross: &Cross, weights: &[f32], k: usize, threads: usize) -> Resu
                 );
                 first += len;
             }
-            if let Some(r) = rotation {
-                // Each column of Y, contiguous, rotated as a row.
-                y.par_chunks_mut(k * ROTATED_COLUMNS)
-                    .try_for_each(|part| r.rotate_rows(part, &mut vec![0.0; k]))?;
+            if let Some((r, isa)) = rotation {
+                // Each column of Y, contiguous, rotated as a row: a few on each task, on the
+                // vector unit.
+                let cpu = Cpu::with_isa(*isa, 1).map_err(|e| {
+                    Error::InvalidOption(format!("rotating on {}: {e}", isa.name()))
+                })?;
+                y.par_chunks_mut(k * ROTATED_COLUMNS).try_for_each_init(
+                    || vec![0.0f32; k * ROTATED_COLUMNS],
+                    |buffer, part| r.rotate_activations(&cpu, part, buffer),
+                )?;
             }
         }
     }
