@@ -52,7 +52,7 @@ pub struct GptqOptions {
     /// Threads of the faer products and factorizations (the row-parallel parts run on the
     /// current rayon pool).
     pub threads: usize,
-    /// The instruction set of the refit's vector sums.
+    /// The instruction set of the refit's vector sums and of a rows-form shift's rotations.
     pub isa: Isa,
 }
 
@@ -111,9 +111,10 @@ pub struct PreparedHessian {
 }
 
 impl PreparedHessian {
-    /// Prepares `hessian` (`[k][k]`, `Σ x·xᵀ` at any positive scale) with the column order
-    /// (`opts.act_order`) and dampening (`opts.damp`) of `opts`. The sums are taken so that
-    /// they are freed as soon as they have been read (a 11008-wide Hessian is 970 MB).
+    /// Prepares `hessian` (`[k][k]`, symmetric: `Σ x·xᵀ` at any positive scale) with the column
+    /// order (`opts.act_order`) and dampening (`opts.damp`) of `opts`. The sums are taken by
+    /// value: they are reordered and factored in their own memory, and freed once the inverse
+    /// factor is made (a 11008-wide Hessian is 970 MB).
     pub fn new(hessian: Vec<f64>, k: usize, opts: &GptqOptions) -> Result<PreparedHessian> {
         if k == 0 || hessian.len() != k * k {
             return Err(Error::InvalidOption(format!(
@@ -498,6 +499,13 @@ const INVERSE_COLUMNS: usize = 256;
 /// entries are gathered through another.
 pub(super) fn permute_symmetric(a: &mut [f64], p: &[usize]) {
     let k = p.len();
+    debug_assert!(
+        a.len() == k * k && {
+            let mut seen = vec![false; k];
+            p.iter()
+                .all(|&i| i < k && !std::mem::replace(&mut seen[i], true))
+        }
+    );
     let mut spare = vec![0.0; k];
     let mut placed = vec![false; k];
     for start in 0..k {

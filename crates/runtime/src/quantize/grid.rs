@@ -26,14 +26,10 @@ pub trait Grid: Sync {
     fn level(&self, block: &Self::Block, index: usize, code: u8) -> f32;
     /// The code whose level is nearest to `w` at `index` (provided: scan of all codes).
     fn nearest(&self, block: &Self::Block, index: usize, w: f32) -> u8 {
-        let mut best = (0u8, f32::INFINITY);
-        for c in 0..self.codes() {
-            let d = (self.level(block, index, c as u8) - w).abs();
-            if d < best.1 {
-                best = (c as u8, d);
-            }
-        }
-        best.0
+        nearest_level(
+            (0..self.codes()).map(|c| self.level(block, index, c as u8)),
+            w,
+        )
     }
     /// Refits the block's parameters to fixed `codes` (least squares where the grid allows;
     /// provided: no change).
@@ -62,6 +58,18 @@ pub trait Grid: Sync {
     }
 }
 
+/// The code (index) of the level nearest `w`, the first of equally near ones.
+pub(super) fn nearest_level(levels: impl IntoIterator<Item = f32>, w: f32) -> u8 {
+    let mut best = (0u8, f32::INFINITY);
+    for (c, level) in levels.into_iter().enumerate() {
+        let d = (level - w).abs();
+        if d < best.1 {
+            best = (c as u8, d);
+        }
+    }
+    best.0
+}
+
 /// Weighted squared error of `weights` against the levels of their nearest codes.
 pub fn block_error<G: Grid + ?Sized>(
     grid: &G,
@@ -69,14 +77,22 @@ pub fn block_error<G: Grid + ?Sized>(
     weights: &[f32],
     importance: &[f32],
 ) -> f64 {
+    weighted_error(weights, importance, |i, w| {
+        grid.level(block, i, grid.nearest(block, i, w))
+    })
+}
+
+/// `Σ h·(w − q)²` over `weights` and `importance`, `q = quantized(index, w)`.
+pub(super) fn weighted_error(
+    weights: &[f32],
+    importance: &[f32],
+    quantized: impl Fn(usize, f32) -> f32,
+) -> f64 {
     weights
         .iter()
         .zip(importance)
         .enumerate()
-        .map(|(i, (&w, &h))| {
-            let q = grid.level(block, i, grid.nearest(block, i, w));
-            f64::from(h) * f64::from(w - q).powi(2)
-        })
+        .map(|(i, (&w, &h))| f64::from(h) * f64::from(w - quantized(i, w)).powi(2))
         .sum()
 }
 

@@ -8,7 +8,8 @@ use crate::weights::DecodedTensor;
 
 use super::gptq::Quantized;
 use super::grid::{
-    check_quantized, fixed_code_error, ridge, round_f16, solve, Grid, UniformGrid,
+    check_quantized, fixed_code_error, nearest_level, ridge, round_f16, solve, weighted_error,
+    Grid, UniformGrid,
 };
 
 /// HLQ: `w = z + Σ_p s_p·q_p` over the bit planes `q_p` of the code, one scale per plane and an
@@ -62,6 +63,7 @@ impl PlaneGrid {
             2 => solve_leading::<2>(&design, &rhs),
             3 => solve_leading::<3>(&design, &rhs),
             4 => solve_leading::<4>(&design, &rhs),
+            // 4 planes (and 0, which no grid has).
             _ => solve::<5>(design, rhs),
         }?;
         self.block_from_params(&sol[..n])
@@ -79,27 +81,10 @@ impl PlaneGrid {
     /// [`block_error`](super::grid::block_error) of the grid whose levels are `levels`.
     fn error(&self, levels: &[f32; 16], weights: &[f32], importance: &[f32]) -> f64 {
         let levels = &levels[..self.codes()];
-        weights
-            .iter()
-            .zip(importance)
-            .map(|(&w, &h)| {
-                let q = levels[usize::from(nearest_level(levels, w))];
-                f64::from(h) * f64::from(w - q).powi(2)
-            })
-            .sum()
+        weighted_error(weights, importance, |_, w| {
+            levels[usize::from(nearest_level(levels.iter().copied(), w))]
+        })
     }
-}
-
-/// The code of the level nearest `w`, the first of equally near ones (as [`Grid::nearest`]).
-fn nearest_level(levels: &[f32], w: f32) -> u8 {
-    let mut best = (0u8, f32::INFINITY);
-    for (c, &l) in levels.iter().enumerate() {
-        let d = (l - w).abs();
-        if d < best.1 {
-            best = (c as u8, d);
-        }
-    }
-    best.0
 }
 
 /// [`solve`] of the leading `N`×`N` part of a system [`ridge`] made ready: the identity rows
@@ -148,7 +133,7 @@ impl Grid for PlaneGrid {
         let mut codes = vec![0u8; weights.len()];
         for _ in 0..PLANE_FIT_ROUNDS {
             for (c, &w) in codes.iter_mut().zip(weights) {
-                *c = nearest_level(&levels[..self.codes()], w);
+                *c = nearest_level(levels[..self.codes()].iter().copied(), w);
             }
             let Some(next) = self.solve_for(weights, importance, &codes) else {
                 break;

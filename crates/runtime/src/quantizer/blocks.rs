@@ -146,7 +146,7 @@ pub struct QuantizeOptions {
     pub group_size: usize,
     /// Calibration sequences (read by the calibrated methods only).
     pub calibration: Calibration,
-    /// GPTQ's dampening, block and column order (its `threads` are the model's).
+    /// GPTQ's dampening, block and column order (its `threads` and `isa` are the model's).
     pub gptq: GptqOptions,
     /// What the block matrices become.
     pub target: Target,
@@ -249,6 +249,14 @@ pub fn quantize_model(
             opts.group_size
         )));
     }
+    // GPTQ's vector sums and rotations run on the model's instruction set.
+    let opts = &QuantizeOptions {
+        gptq: GptqOptions {
+            isa: model.isa(),
+            ..opts.gptq
+        },
+        ..opts.clone()
+    };
     let start = Instant::now();
     let blocks = model.block_count();
     let threads = model.threads();

@@ -270,19 +270,27 @@ mod tests {
     #[test]
     fn calibrations_shorter_than_an_input_pair_its_rows() {
         // 96 calibration rows against the 128-wide down input: its shift multiplies the pairs
-        // of rows (which are also the rows the block's last run resumes from), rotated or not.
+        // of rows (which are also the rows the block's last run resumes from), rotated or not;
+        // 32 rows put every input in that form, the attention input's too.
         let d = TempDir::new("quantize-short-calibration");
         let src = d.join("tiny.gguf");
         tiny_llama_gguf(&src, &TinyModelSpec::default(), 27).unwrap();
         let exact = logits(&src);
-        for rotate in [Rotate::Never, Rotate::Always] {
+        for (rotate, tokens) in [
+            (Rotate::Never, 48),
+            (Rotate::Always, 48),
+            (Rotate::Always, 16),
+        ] {
             let out = d.join("tiny-short.gguf");
             let mut opts = options(Method::GptqHlq, Bits::Uniform(4), Target::Lut);
-            opts.calibration = Calibration::builtin(2, 48);
+            opts.calibration = Calibration::builtin(2, tokens);
             opts.rotate = rotate;
             quantize(&src, &out, &opts, 1, &mut |_| {}).unwrap();
             let err = rel_error(&logits(&out), &exact);
-            assert!(err < 0.1, "{rotate:?}: 4-bit logit error {err}");
+            assert!(
+                err < 0.1,
+                "{rotate:?}, 2 × {tokens}: 4-bit logit error {err}"
+            );
         }
     }
 
