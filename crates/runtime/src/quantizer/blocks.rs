@@ -408,27 +408,30 @@ fn calibration_residuals(model: &Model, calibration: &Calibration) -> Result<Vec
         .collect()
 }
 
-/// Every matrix input's rows of block `layer`, one vector per sequence (in the order of
-/// `sources`), as the block runs over `sources` (which it carries on to the block's outputs).
+/// Every matrix input's rows of block `layer`, the sequences' in turn (in the order of
+/// `sources`), as the block runs over `sources` (which it carries on to the block's outputs). Each
+/// input's rows are one allocation, which is given back to the system when it is freed.
 fn source_inputs(
     model: &Model,
     runner: &mut BlockRunner,
     layer: usize,
     sources: &mut [Vec<f32>],
-) -> Result<HashMap<MatrixInput, Vec<Vec<f32>>>> {
+) -> Result<HashMap<MatrixInput, Vec<f32>>> {
     let hidden = model.config().hidden_size;
-    let mut inputs: HashMap<MatrixInput, Vec<Vec<f32>>> = BlockMatrix::ALL
+    let tokens = sources.iter().map(Vec::len).sum::<usize>() / hidden;
+    let mut inputs: HashMap<MatrixInput, Vec<f32>> = BlockMatrix::ALL
         .into_iter()
-        .map(|m| (m.input(), Vec::with_capacity(sources.len())))
+        .map(|m| {
+            let input = m.input();
+            (
+                input,
+                Vec::with_capacity(tokens * model.input_width(layer, input)),
+            )
+        })
         .collect();
     for x in sources.iter_mut() {
-        // Each input gets one row per token.
-        let tokens = x.len() / hidden;
-        for (&input, rows) in inputs.iter_mut() {
-            rows.push(Vec::with_capacity(tokens * model.input_width(layer, input)));
-        }
         let mut observe = |input: MatrixInput, r: &[f32]| {
-            if let Some(rows) = inputs.get_mut(&input).and_then(|seqs| seqs.last_mut()) {
+            if let Some(rows) = inputs.get_mut(&input) {
                 rows.extend_from_slice(r);
             }
             ControlFlow::Continue(())
@@ -471,7 +474,7 @@ fn restore_rows(
 
 /// The Hessian `Σ x·xᵀ` of matrix input `input` of block `layer` as the block runs on from
 /// `partials` (each carried on to `input`), and how its rows `x` pair with the source model's
-/// rows `s` of the same input (`sources`, one vector per sequence): the cross sums
+/// rows `s` of the same input (`sources`, the sequences' in turn): the cross sums
 /// `Σ (s − x)·xᵀ`, or the rows themselves where [`SourcePairs::as_rows`] finds that cheaper (the
 /// sequences' rows `x` then move into the pairs; [`restore_rows`] gives them back). With a
 /// `rotation` the Hessian and the pairs are those of the rotated input (the rows `x` kept
@@ -483,27 +486,36 @@ fn input_hessian(
     input: MatrixInput,
     rotation: Option<&InputRotation>,
     partials: &mut [PartialRun],
-    sources: &[Vec<f32>],
+    sources: &[f32],
 ) -> Result<(Vec<f64>, SourcePairs)> {
     let threads = model.threads();
     let k = model.input_width(layer, input);
-    let n = sources.iter().map(Vec::len).sum::<usize>() / k;
+    let n = sources.len() / k;
     let as_rows = SourcePairs::as_rows(k, model.input_rows(layer, input), n);
     let mut hessian = Hessian::new(k, threads);
     let mut cross = (!as_rows).then(|| Hessian::new(k, threads));
-    let mut diff_rows = Vec::new();
+    let mut diff_rows = Vec::with_capacity(if as_rows { sources.len() } else { 0 });
     let (mut x, mut diff, mut buffer) = (Vec::new(), Vec::new(), Vec::new());
-    if partials.len() != sources.len() {
+    let hidden = model.config().hidden_size;
+    let tokens = partials.iter().map(|p| p.residual.len()).sum::<usize>() / hidden;
+    if tokens * k != sources.len() {
         return Err(Error::InvalidOption(format!(
-            "block {layer}: {} calibration sequences against {} of the source model",
-            partials.len(),
+            "block {layer}: {} values of the source model's {input:?} rows for {tokens} \
+             calibration tokens of {k}",
             sources.len()
         )));
     }
-    for (p, source) in partials.iter_mut().zip(sources) {
+    let mut first = 0;
+    for p in partials.iter_mut() {
+        let len = p.residual.len() / hidden * k;
+        let source = &sources[first..first + len];
+        first += len;
         let mut seen = 0;
         let mut failure = None;
-        let mut rows_at = Vec::new();
+        // A run resumed at the attention input recomputes its rows from the residual, but the
+        // pairs' rows keep them.
+        let keep = input != MatrixInput::Attention || as_rows;
+        let mut rows_at = Vec::with_capacity(if keep { len } else { 0 });
         // The block stops at `input`: the matrices after it do not change its rows.
         let mut observe = |at: MatrixInput, rows: &[f32]| {
             if failure.is_some() {
@@ -512,9 +524,7 @@ fn input_hessian(
             if at != input {
                 return ControlFlow::Continue(());
             }
-            // A run resumed at the attention input recomputes its rows from the residual, but
-            // the pairs' rows keep them.
-            if input != MatrixInput::Attention || as_rows {
+            if keep {
                 rows_at.extend_from_slice(rows);
             }
             let Some(source) = source.get(seen..seen + rows.len()) else {
