@@ -8,6 +8,7 @@ use std::time::Instant;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use lutra_kernels::measure::SplitMix64;
+use lutra_kernels::Cpu;
 use lutra_runtime::quantize::{
     gptq_prepared, rtn, GptqOptions, PlaneGrid, PreparedHessian, SourcePairs, UniformGrid,
 };
@@ -54,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         let hessian: Vec<f64> = (0..cols * cols).map(|i| h[(i / cols, i % cols)]).collect();
         let weights = rng.gaussians(rows * cols);
+        let cpu = Cpu::new(threads)?;
         let opts = GptqOptions {
             threads,
             ..GptqOptions::default()
@@ -84,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             prepared
                 .source_shift(SourcePairs::Sums(cross.clone()), served)?
-                .target(&weights, threads)?;
+                .target(&weights, &cpu)?;
             *time = t.elapsed().as_secs_f64();
         }
         // From 8192 pairs of rows: their sums `C = Dᵀ·X` first, or `(W·Dᵀ)·X` from the rows.
@@ -105,7 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         prepared
             .source_shift(SourcePairs::Sums(sums), rows)?
-            .target(&weights, threads)?;
+            .target(&weights, &cpu)?;
         let t_sums = t.elapsed().as_secs_f64();
         let t = Instant::now();
         prepared
@@ -117,7 +119,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
                 rows,
             )?
-            .target(&weights, threads)?;
+            .target(&weights, &cpu)?;
         let t_rows = t.elapsed().as_secs_f64();
         println!(
             "{rows}x{cols}, {threads} threads: source shift C·H⁻¹ then W·(C·H⁻¹) {:.2} s, \

@@ -52,7 +52,7 @@ pub struct GptqOptions {
     /// Threads of the faer products and factorizations (the row-parallel parts run on the
     /// current rayon pool).
     pub threads: usize,
-    /// The instruction set of the refit's vector sums and of a rows-form shift's rotations.
+    /// The instruction set of the refit's vector sums.
     pub isa: Isa,
 }
 
@@ -106,8 +106,6 @@ pub struct PreparedHessian {
     damped: Mat<f32>,
     /// Its diagonal: the importance of each input for grid fits.
     importance: Vec<f32>,
-    /// The instruction set of a rows-form shift's rotations.
-    isa: Isa,
 }
 
 impl PreparedHessian {
@@ -214,11 +212,9 @@ impl PreparedHessian {
         for (i, &d) in diag.iter().enumerate() {
             damped[(i, i)] = (d + damp) as f32;
         }
-        let mut lower = MatMut::from_column_major_slice_mut(&mut sums, k, k);
-        for j in 1..k {
-            lower.as_mut().col_mut(j).subrows_mut(0, j).fill(0.0);
-        }
-        let inverse_factor = reversed_inverse(lower.as_ref(), parallel);
+        // L is the lower triangle; what the factoring left above it is not read.
+        let lower = MatRef::from_column_major_slice(&sums, k, k);
+        let inverse_factor = reversed_inverse(lower, parallel);
         drop(sums);
         Ok(PreparedHessian {
             k,
@@ -227,7 +223,6 @@ impl PreparedHessian {
             inverse_factor,
             damped,
             importance: diag.iter().map(|&d| d as f32).collect(),
-            isa: opts.isa,
         })
     }
 
@@ -324,7 +319,7 @@ impl PreparedHessian {
                     cross: Cross::Rows {
                         diff,
                         inputs,
-                        rotation: rotation.map(|r| (r, self.isa)),
+                        rotation,
                     },
                 }))
             }
@@ -416,7 +411,7 @@ enum Cross {
     Rows {
         diff: Vec<f32>,
         inputs: Vec<Vec<f32>>,
-        rotation: Option<(InputRotation, Isa)>,
+        rotation: Option<InputRotation>,
     },
 }
 
@@ -441,8 +436,9 @@ impl SourceShift {
         }
     }
 
-    /// `W* = W + W·C·H⁻¹` for `weights` `W` (`[rows][k]`).
-    pub fn target(&self, weights: &[f32], threads: usize) -> Result<Vec<f32>> {
+    /// `W* = W + W·C·H⁻¹` for `weights` `W` (`[rows][k]`), on the `cpu`'s threads.
+    pub fn target(&self, weights: &[f32], cpu: &Cpu) -> Result<Vec<f32>> {
+        let threads = cpu.threads();
         let k = match &self.0 {
             ShiftForm::Product(m) => m.nrows(),
             ShiftForm::PerMatrix { factor, .. } => factor.L().nrows(),
@@ -467,7 +463,7 @@ impl SourceShift {
             ShiftForm::PerMatrix { factor, cross } => {
                 // Y = Cᵀ·Wᵀ, then L·Lᵀ·Y = it: Y's column r is the shift of row r, and Y
                 // stored column-major is `[rows][k]`.
-                let mut y = cross_times(cross, weights, k, threads)?;
+                let mut y = cross_times(cross, weights, k, cpu)?;
                 let mut y_mat = MatMut::from_column_major_slice_mut(&mut y, k, rows);
                 solve_lower_triangular_in_place(factor.L(), y_mat.as_mut(), par(threads));
                 solve_upper_triangular_in_place(
@@ -533,8 +529,9 @@ pub(super) fn permute_symmetric(a: &mut [f64], p: &[usize]) {
     }
 }
 
-/// `R·L⁻¹·R` in f32 for a lower triangular `lower` (`R` the reversal of the order), solved a
-/// block of [`INVERSE_COLUMNS`] columns of `L⁻¹` at a time so that no f64 inverse is held.
+/// `R·L⁻¹·R` in f32 for the lower triangle `L` of `lower` (its entries above the diagonal are not
+/// read; `R` the reversal of the order), solved a block of [`INVERSE_COLUMNS`] columns of `L⁻¹`
+/// at a time so that no f64 inverse is held.
 pub(super) fn reversed_inverse(lower: MatRef<'_, f64>, par: Par) -> Mat<f32> {
     let k = lower.nrows();
     let mut u = Mat::<f32>::zeros(k, k);
@@ -559,7 +556,8 @@ pub(super) fn reversed_inverse(lower: MatRef<'_, f64>, par: Par) -> Mat<f32> {
 }
 
 /// `Cᵀ·Wᵀ` (`[k][rows]`, column-major) for `weights` `W` (`[rows][k]`).
-fn cross_times(cross: &Cross, weights: &[f32], k: usize, threads: usize) -> Result<Vec<f32>> {
+fn cross_times(cross: &Cross, weights: &[f32], k: usize, cpu: &Cpu) -> Result<Vec<f32>> {
+    let threads = cpu.threads();
     let rows = weights.len() / k;
     let wt = MatRef::from_column_major_slice(weights, k, rows);
     let mut y = vec![0.0f32; rows * k];
@@ -587,24 +585,20 @@ fn cross_times(cross: &Cross, weights: &[f32], k: usize, threads: usize) -> Resu
                 );
                 first += len;
             }
-            if let Some((r, isa)) = rotation {
-                // Each column of Y, contiguous, rotated as a row: a few on each task, on the
-                // vector unit.
-                let cpu = Cpu::with_isa(*isa, 1).map_err(|e| {
-                    Error::InvalidOption(format!("rotating on {}: {e}", isa.name()))
-                })?;
-                y.par_chunks_mut(k * ROTATED_COLUMNS).try_for_each_init(
-                    || vec![0.0f32; k * ROTATED_COLUMNS],
-                    |buffer, part| r.rotate_activations(&cpu, part, buffer),
-                )?;
+            if let Some(r) = rotation {
+                // Each column of Y, contiguous, rotated as a row, a few at a time.
+                let mut buffer = vec![0.0f32; k * ROTATED_COLUMNS];
+                for part in y.chunks_mut(k * ROTATED_COLUMNS) {
+                    r.rotate_activations(cpu, part, &mut buffer)?;
+                }
             }
         }
     }
     Ok(y)
 }
 
-/// Columns of `Cᵀ·Wᵀ` per task when [`cross_times`] rotates them.
-const ROTATED_COLUMNS: usize = 16;
+/// Columns of `Cᵀ·Wᵀ` rotated at a time by [`cross_times`].
+const ROTATED_COLUMNS: usize = 64;
 
 /// `D·Wᵀ` (`[n][rows]`) for `D` `[n][k]` and `Wᵀ` `[k][rows]`.
 fn diff_times(d: MatRef<'_, f32>, wt: MatRef<'_, f32>, threads: usize) -> Mat<f32> {

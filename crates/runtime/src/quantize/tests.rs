@@ -516,11 +516,14 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
     let none = prepared
         .source_shift(SourcePairs::Sums(vec![0.0; COLS * COLS]), ROWS)
         .unwrap();
-    assert_eq!(none.target(&weights, 1).unwrap(), weights);
+    assert_eq!(
+        none.target(&weights, &Cpu::new(1).unwrap()).unwrap(),
+        weights
+    );
     let target = prepared
         .source_shift(SourcePairs::Sums(cross.clone()), ROWS)
         .unwrap()
-        .target(&weights, 2)
+        .target(&weights, &Cpu::new(2).unwrap())
         .unwrap();
     // Served by fewer rows than inputs (as here), each matrix solves its own shift; served by
     // as many, the shift is one product; from the rows themselves, each matrix multiplies them:
@@ -529,7 +532,7 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
     let product = prepared
         .source_shift(SourcePairs::Sums(cross), COLS)
         .unwrap()
-        .target(&weights, 1)
+        .target(&weights, &Cpu::new(1).unwrap())
         .unwrap();
     let diff: Vec<f32> = s.iter().zip(&x).map(|(s, x)| (s - x) as f32).collect();
     let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
@@ -541,7 +544,7 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
         rotation: None,
     };
     let shift = prepared.source_shift(pairs, ROWS).unwrap();
-    let from_rows = shift.target(&weights, 2).unwrap();
+    let from_rows = shift.target(&weights, &Cpu::new(2).unwrap()).unwrap();
     // The rows come back as they were given.
     assert_eq!(shift.into_input_rows(), Some(inputs.clone()));
     // Pairs of a rotated input: the sums of the rotated rows, or the rotated differences with
@@ -561,7 +564,7 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
     let rotated_sums = prepared
         .source_shift(SourcePairs::Sums(cross_r), ROWS)
         .unwrap()
-        .target(&weights, 1)
+        .target(&weights, &Cpu::new(1).unwrap())
         .unwrap();
     let rotated_rows = SourcePairs::Rows {
         diff: diff_r,
@@ -571,7 +574,7 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
     let rotated_rows = prepared
         .source_shift(rotated_rows, ROWS)
         .unwrap()
-        .target(&weights, 2)
+        .target(&weights, &Cpu::new(2).unwrap())
         .unwrap();
     let scale = weights.iter().fold(0.0f32, |m, w| m.max(w.abs()));
     for (i, (a, b)) in rotated_sums.iter().zip(&rotated_rows).enumerate() {
@@ -633,7 +636,9 @@ fn a_source_target_brings_the_outputs_nearer_the_source_models() {
         rotation: crate::rotation::InputRotation::random(2 * COLS, 5),
     };
     assert!(prepared.source_shift(misrotated, ROWS).is_err());
-    assert!(none.target(&weights[..COLS + 1], 1).is_err());
+    assert!(none
+        .target(&weights[..COLS + 1], &Cpu::new(1).unwrap())
+        .is_err());
 }
 
 #[test]
@@ -812,6 +817,30 @@ fn linear_grids_levels_are_their_terms_times_their_parameters() {
     };
     assert!(plane.block_from_params(&[f64::NAN, 1.0, 2.0]).is_none());
     assert!(plane.block_from_params(&[0.0, 1e9, 2.0]).is_none());
+}
+
+#[test]
+fn the_reversed_inverse_factor_reads_only_the_lower_triangle() {
+    // The factoring leaves the Hessian above L's diagonal; the solves must not read it.
+    let k = 300;
+    let mut rng = SplitMix64::new(6);
+    let lower = faer::Mat::<f64>::from_fn(k, k, |i, j| match i.cmp(&j) {
+        std::cmp::Ordering::Less => 0.0,
+        std::cmp::Ordering::Equal => 1.0 + f64::from(rng.gaussian().abs()),
+        std::cmp::Ordering::Greater => f64::from(rng.gaussian()) / k as f64,
+    });
+    let mut filled = lower.clone();
+    for j in 1..k {
+        for i in 0..j {
+            filled[(i, j)] = 1e30;
+        }
+    }
+    for par in [faer::Par::Seq, faer::Par::rayon(2)] {
+        assert_eq!(
+            gptq::reversed_inverse(filled.as_ref(), par),
+            gptq::reversed_inverse(lower.as_ref(), par)
+        );
+    }
 }
 
 #[test]

@@ -249,7 +249,7 @@ pub fn quantize_model(
             opts.group_size
         )));
     }
-    // GPTQ's vector sums and rotations run on the model's instruction set.
+    // GPTQ's vector sums run on the model's instruction set.
     let opts = &QuantizeOptions {
         gptq: GptqOptions {
             isa: model.isa(),
@@ -355,7 +355,7 @@ pub fn quantize_model(
             }
             let hessian = calibrated.as_ref().map(|(_, h, _)| h);
             if let Some((_, _, shift)) = &calibrated {
-                weights = shift.target(&weights, threads).map_err(named)?;
+                weights = shift.target(&weights, model.cpu()).map_err(named)?;
             }
             let quantized = match opts.target {
                 Target::Lut => quantize_matrix(&weights, rows, cols, hessian, bits, opts, threads)
@@ -505,6 +505,9 @@ fn input_hessian(
             sources.len()
         )));
     }
+    // A run resumed at the attention input recomputes its rows from the residual, but the pairs'
+    // rows keep them.
+    let keep = input != MatrixInput::Attention || as_rows;
     let mut first = 0;
     for p in partials.iter_mut() {
         let len = p.residual.len() / hidden * k;
@@ -512,9 +515,6 @@ fn input_hessian(
         first += len;
         let mut seen = 0;
         let mut failure = None;
-        // A run resumed at the attention input recomputes its rows from the residual, but the
-        // pairs' rows keep them.
-        let keep = input != MatrixInput::Attention || as_rows;
         let mut rows_at = Vec::with_capacity(if keep { len } else { 0 });
         // The block stops at `input`: the matrices after it do not change its rows.
         let mut observe = |at: MatrixInput, rows: &[f32]| {
