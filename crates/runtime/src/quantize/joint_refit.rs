@@ -6,14 +6,16 @@
 //! fitted on its own, even with its diagonal block of `H`, cannot see those cross terms. The
 //! refit solves the row's normal equations `(AᵀHA)·θ = AᵀH·w`, where `A` maps the row's parameters
 //! `θ` (every block's offset and scales) to its weights, with the grids' linear form
-//! ([`Grid::level_terms`]). `H·A` is one product per block of `H`'s columns (for the rows of a
-//! task at once); the system is solved by conjugate gradients preconditioned with its
-//! block-diagonal, started from the row's current parameters, so every step lowers the row's
-//! output error.
+//! ([`Grid::level_terms`]). `AᵀHA` is symmetric, so per block of `H`'s columns only the rows of
+//! `H·A` up to that block are formed (one product for the rows of a task at once); `AᵀH·w` takes
+//! the same products against `w`, and the rest of `H·w` on the block, `H[after, block]ᵀ·w`, from
+//! one product whose inner dimension is the rows after the block. The system is solved by
+//! conjugate gradients preconditioned with its block-diagonal, started from the row's current
+//! parameters, so every step lowers the row's output error.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
-use lutra_kernels::vector::{dot, dot_rows, segment_dots};
+use lutra_kernels::vector::{dot_rows, segment_dots};
 use lutra_kernels::Cpu;
 use rayon::prelude::*;
 
@@ -21,7 +23,7 @@ use super::gptq::Quantized;
 use super::grid::{ridge, solve, Grid};
 
 /// Bytes of one task's normal matrices (f32), which sets how many rows a task takes.
-const NORMAL_BYTES: usize = 32 << 20;
+const NORMAL_BYTES: usize = 128 << 20;
 /// Most rows per task.
 const MAX_TASK_ROWS: usize = 32;
 /// Conjugate-gradient steps per row at most.
@@ -31,6 +33,8 @@ const CG_STEPS: usize = 64;
 const CG_SETTLED: f64 = 1e-5;
 /// Most linear parameters per block (the preconditioner's blocks are solved at this size).
 const MAX_PARAMS: usize = 5;
+/// Values of a run of blocks ([`Shape::run_blocks`]).
+const RUN_VALUES: usize = 1024;
 
 /// Refits the blocks of `q` (codes fixed) row by row in the output error with the dampened
 /// Hessian `hessian` (`[cols][cols]`, symmetric) and the target weights `weights`
@@ -51,27 +55,34 @@ pub(super) fn refit_rows_jointly<G: Grid>(
     }
     let groups = cols / n;
     let m = groups * p;
-    // H·1 over each block's columns: the offset terms' products, the same for every row.
-    let mut offset_products = vec![0.0f32; groups * cols];
-    for (g, out) in offset_products.chunks_exact_mut(cols).enumerate() {
-        for j in g * n..(g + 1) * n {
-            for (o, &h) in out.iter_mut().zip(hessian.col_as_slice(j)) {
-                *o += h;
-            }
-        }
-    }
+    let shape = Shape {
+        p,
+        n,
+        groups,
+        cols,
+        run_blocks: (RUN_VALUES / n).max(1),
+    };
+    let offset_products = offset_products(hessian, shape);
     let task_rows = (NORMAL_BYTES / (m * m * 4)).clamp(1, MAX_TASK_ROWS);
-    let shape = Shape { p, n, groups, cols };
     q.blocks
         .par_chunks_mut(task_rows * groups)
         .zip(q.codes.par_chunks(task_rows * cols))
         .zip(weights.par_chunks(task_rows * cols))
-        .for_each(|((blocks, codes), weights)| {
-            let systems =
-                RowSystems::build(cpu, grid, shape, hessian, &offset_products, codes, weights);
+        .for_each_init(Vec::new, |normal, ((blocks, codes), weights)| {
+            let systems = RowSystems::build(
+                cpu,
+                grid,
+                shape,
+                hessian,
+                &offset_products,
+                codes,
+                weights,
+                std::mem::take(normal),
+            );
             for (r, row_blocks) in blocks.chunks_exact_mut(groups).enumerate() {
                 systems.refit(cpu, grid, r, row_blocks);
             }
+            *normal = systems.normal;
         });
 }
 
@@ -85,6 +96,26 @@ struct Shape {
     groups: usize,
     /// Row length.
     cols: usize,
+    /// Blocks of a run whose terms and columns stay in the L1 cache while the normal matrix's
+    /// p² sums over them are taken.
+    run_blocks: usize,
+}
+
+/// H·1 over each block's columns, `[block][cols]`: the offset terms' products, the same for every
+/// row.
+fn offset_products(hessian: &Mat<f32>, shape: Shape) -> Vec<f32> {
+    let Shape {
+        n, groups, cols, ..
+    } = shape;
+    let mut products = vec![0.0f32; groups * cols];
+    for (g, out) in products.chunks_exact_mut(cols).enumerate() {
+        for j in g * n..(g + 1) * n {
+            for (o, &h) in out.iter_mut().zip(hessian.col_as_slice(j)) {
+                *o += h;
+            }
+        }
+    }
+    products
 }
 
 impl Shape {
@@ -103,6 +134,9 @@ struct RowSystems {
 }
 
 impl RowSystems {
+    /// The normal equations of the rows of `codes`, built in `normal` (a buffer handed from
+    /// task to task and overwritten, so that a task does not fault in fresh pages).
+    #[allow(clippy::too_many_arguments)]
     fn build<G: Grid>(
         cpu: &Cpu,
         grid: &G,
@@ -111,8 +145,15 @@ impl RowSystems {
         offset_products: &[f32],
         codes: &[u8],
         weights: &[f32],
+        mut normal: Vec<f32>,
     ) -> RowSystems {
-        let Shape { p, n, groups, cols } = shape;
+        let Shape {
+            p,
+            n,
+            groups,
+            cols,
+            run_blocks,
+        } = shape;
         let m = shape.params();
         let rows = codes.len() / cols;
         // Terms `[row][param][col]`.
@@ -127,7 +168,8 @@ impl RowSystems {
                 }
             }
         }
-        let mut normal = vec![0.0f32; rows * m * m];
+        normal.clear();
+        normal.resize(rows * m * m, 0.0);
         let mut rhs = vec![0.0f64; rows * m];
         // Per block of H's columns: the products of the rows' non-offset terms, column
         // `r·(p−1) + a − 1`.
@@ -135,6 +177,7 @@ impl RowSystems {
         let mut block_terms = vec![0.0f32; n * rows * varying];
         let mut products = vec![0.0f32; cols * rows * varying];
         let mut segment_sums = vec![0.0f32; groups];
+        let mut later_hw = vec![0.0f32; n * rows];
         for g2 in 0..groups {
             let span = g2 * n..(g2 + 1) * n;
             for r in 0..rows {
@@ -144,41 +187,86 @@ impl RowSystems {
                         .copy_from_slice(&terms[(r * p + a) * cols..][span.clone()]);
                 }
             }
+            let upto = (g2 + 1) * n;
             if varying > 0 {
                 matmul(
-                    MatMut::from_column_major_slice_mut(&mut products, cols, rows * varying),
+                    MatMut::from_column_major_slice_mut(
+                        &mut products[..upto * rows * varying],
+                        upto,
+                        rows * varying,
+                    ),
                     Accum::Replace,
-                    hessian.as_ref().subcols(g2 * n, n),
+                    hessian.as_ref().subcols(g2 * n, n).subrows(0, upto),
                     MatRef::from_column_major_slice(&block_terms, n, rows * varying),
                     1.0,
                     Par::Seq,
                 );
             }
+            // The part of H·w on this block from the weights after its diagonal block:
+            // `H[upto.., block]ᵀ·w` for each row.
+            let below = cols - upto;
+            if below > 0 {
+                matmul(
+                    MatMut::from_column_major_slice_mut(&mut later_hw, n, rows),
+                    Accum::Replace,
+                    hessian
+                        .as_ref()
+                        .subcols(g2 * n, n)
+                        .subrows(upto, below)
+                        .transpose(),
+                    MatRef::from_column_major_slice(weights, cols, rows).subrows(upto, below),
+                    1.0,
+                    Par::Seq,
+                );
+            } else {
+                later_hw.fill(0.0);
+            }
             for r in 0..rows {
                 let row_terms = &terms[r * p * cols..(r + 1) * p * cols];
                 let w = &weights[r * cols..(r + 1) * cols];
-                for b in 0..p {
-                    let column = if b == 0 {
-                        &offset_products[g2 * cols..(g2 + 1) * cols]
+                let mut rhs_sums = [0.0f64; MAX_PARAMS];
+                for (a, sum) in rhs_sums.iter_mut().enumerate().take(p) {
+                    let term = &row_terms[a * cols..][span.clone()];
+                    *sum = term
+                        .iter()
+                        .zip(&later_hw[r * n..(r + 1) * n])
+                        .map(|(&t, &u)| f64::from(t) * f64::from(u))
+                        .sum();
+                }
+                let mut columns = [&[][..]; MAX_PARAMS];
+                for (b, column) in columns.iter_mut().enumerate().take(p) {
+                    *column = if b == 0 {
+                        &offset_products[g2 * cols..][..upto]
                     } else {
                         let c = r * varying + b - 1;
-                        &products[c * cols..(c + 1) * cols]
+                        &products[c * upto..(c + 1) * upto]
                     };
-                    let at = g2 * p + b;
-                    rhs[r * m + at] = f64::from(dot(cpu, column, w));
-                    // Row `at` of the symmetric AᵀHA up to its block (mirrored below): each
-                    // block's terms against the column.
-                    let out = &mut normal[(r * m + at) * m..(r * m + at + 1) * m];
-                    let upto = (g2 + 1) * n;
-                    for a in 0..p {
-                        let sums = &mut segment_sums[..=g2];
-                        let term = &row_terms[a * cols..a * cols + upto];
-                        segment_dots(cpu, term, &column[..upto], n, sums);
-                        for (g1, &v) in sums.iter().enumerate() {
-                            out[g1 * p + a] = v;
+                }
+                // Rows `g2·p + b` of the symmetric AᵀHA up to its block (mirrored below): each
+                // block's terms against each column, a run of blocks at a time so that the
+                // terms and columns of a run are read from memory once for all p² pairs; and
+                // `w` against each column for AᵀH·w.
+                for first in (0..=g2).step_by(run_blocks) {
+                    let last = (first + run_blocks).min(g2 + 1);
+                    let span = first * n..last * n;
+                    let sums = &mut segment_sums[..last - first];
+                    for (b, column) in columns.iter().enumerate().take(p) {
+                        segment_dots(cpu, &w[span.clone()], &column[span.clone()], n, sums);
+                        for &v in sums.iter() {
+                            rhs_sums[b] += f64::from(v);
+                        }
+                        let at = g2 * p + b;
+                        let out = &mut normal[(r * m + at) * m..(r * m + at + 1) * m];
+                        for a in 0..p {
+                            let term = &row_terms[a * cols..][span.clone()];
+                            segment_dots(cpu, term, &column[span.clone()], n, sums);
+                            for (g1, &v) in (first..).zip(sums.iter()) {
+                                out[g1 * p + a] = v;
+                            }
                         }
                     }
                 }
+                rhs[r * m + g2 * p..][..p].copy_from_slice(&rhs_sums[..p]);
             }
         }
         for row_normal in normal.chunks_exact_mut(m * m) {
@@ -350,4 +438,119 @@ fn conjugate_gradients(
         }
     }
     theta
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::PlaneGrid;
+    use lutra_kernels::measure::SplitMix64;
+    use lutra_kernels::Isa;
+
+    /// The normal equations of a few rows match `AᵀHA` and `AᵀH·w` computed densely in f64, on
+    /// every ISA, and do not depend on how the blocks are cut into runs.
+    #[test]
+    fn the_normal_equations_are_those_of_the_dense_product() {
+        let grid = PlaneGrid {
+            bits: 2,
+            group_size: 8,
+        };
+        let (p, n, groups, rows) = (grid.linear_params(), 8, 21, 3);
+        let cols = n * groups;
+        let m = groups * p;
+        let mut rng = SplitMix64::new(5);
+        let x = rng.gaussians(2 * cols * cols);
+        let mut h = Mat::<f32>::zeros(cols, cols);
+        for i in 0..cols {
+            for j in 0..cols {
+                let s: f32 = (0..2 * cols)
+                    .map(|k| x[k * cols + i] * x[k * cols + j])
+                    .sum();
+                h[(i, j)] = s / (2 * cols) as f32 + if i == j { 0.1 } else { 0.0 };
+            }
+        }
+        let weights = rng.gaussians(rows * cols);
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|_| (rng.uniform() * 4.0) as u8 % 4)
+            .collect();
+        let mut reference_normal = vec![0.0f64; rows * m * m];
+        let mut reference_rhs = vec![0.0f64; rows * m];
+        let mut terms = [0.0f32; MAX_PARAMS];
+        for r in 0..rows {
+            // A: the row's terms, column `block·p + a` nonzero on the block's weights.
+            let mut a = vec![0.0f64; cols * m];
+            for i in 0..cols {
+                grid.level_terms(codes[r * cols + i], &mut terms[..p]);
+                for t in 0..p {
+                    a[i * m + i / n * p + t] = f64::from(terms[t]);
+                }
+            }
+            // H·A and H·w, then Aᵀ of each.
+            let hf = |i: usize, j: usize| f64::from(h[(i, j)]);
+            let mut ha = vec![0.0f64; cols * m];
+            let mut hw = vec![0.0f64; cols];
+            for i in 0..cols {
+                for j in 0..cols {
+                    for u in 0..m {
+                        ha[i * m + u] += hf(i, j) * a[j * m + u];
+                    }
+                    hw[i] += hf(i, j) * f64::from(weights[r * cols + j]);
+                }
+            }
+            for u in 0..m {
+                for i in 0..cols {
+                    let au = a[i * m + u];
+                    reference_rhs[r * m + u] += au * hw[i];
+                    for v in 0..m {
+                        reference_normal[(r * m + u) * m + v] += au * ha[i * m + v];
+                    }
+                }
+            }
+        }
+        let scale = reference_normal.iter().fold(0.0f64, |s, v| s.max(v.abs()));
+        let rhs_scale = reference_rhs.iter().fold(0.0f64, |s, v| s.max(v.abs()));
+        for isa in Isa::supported() {
+            let cpu = Cpu::with_isa(isa, 1).unwrap();
+            let mut first: Option<RowSystems> = None;
+            for run_blocks in [1, 3, 8, groups] {
+                let shape = Shape {
+                    p,
+                    n,
+                    groups,
+                    cols,
+                    run_blocks,
+                };
+                let offsets = offset_products(&h, shape);
+                let systems = RowSystems::build(
+                    &cpu,
+                    &grid,
+                    shape,
+                    &h,
+                    &offsets,
+                    &codes,
+                    &weights,
+                    Vec::new(),
+                );
+                for (got, want) in systems.normal.iter().zip(&reference_normal) {
+                    assert!(
+                        (f64::from(*got) - want).abs() <= 1e-5 * scale,
+                        "{isa:?}, runs of {run_blocks}: normal {got} against {want}"
+                    );
+                }
+                for (got, want) in systems.rhs.iter().zip(&reference_rhs) {
+                    assert!(
+                        (got - want).abs() <= 1e-5 * rhs_scale,
+                        "{isa:?}, runs of {run_blocks}: rhs {got} against {want}"
+                    );
+                }
+                match &first {
+                    None => first = Some(systems),
+                    Some(f) => {
+                        assert_eq!(f.normal, systems.normal, "{isa:?}: runs of {run_blocks}");
+                        assert_eq!(f.rhs, systems.rhs, "{isa:?}: runs of {run_blocks}");
+                    }
+                }
+            }
+        }
+    }
 }
