@@ -33,8 +33,8 @@ const CG_STEPS: usize = 64;
 const CG_SETTLED: f64 = 1e-5;
 /// Most linear parameters per block (the preconditioner's blocks are solved at this size).
 const MAX_PARAMS: usize = 5;
-/// Values of a run of blocks ([`Shape::run_blocks`]).
-const RUN_VALUES: usize = 1024;
+/// Bytes of the terms, columns and weights of a run of blocks ([`Shape::run_blocks`]).
+const RUN_BYTES: usize = 24 << 10;
 
 /// Refits the blocks of `q` (codes fixed) row by row in the output error with the dampened
 /// Hessian `hessian` (`[cols][cols]`, symmetric) and the target weights `weights`
@@ -60,7 +60,7 @@ pub(super) fn refit_rows_jointly<G: Grid>(
         n,
         groups,
         cols,
-        run_blocks: (RUN_VALUES / n).max(1),
+        run_blocks: run_blocks(p, n),
     };
     let offset_products = offset_products(hessian, shape);
     let task_rows = (NORMAL_BYTES / (m * m * 4)).clamp(1, MAX_TASK_ROWS);
@@ -101,6 +101,17 @@ struct Shape {
     run_blocks: usize,
 }
 
+/// Blocks of a run: `2p + 1` vectors (the terms, the columns and `w`) in [`RUN_BYTES`], a
+/// multiple of the eight blocks [`segment_dots`] sums in a pass where that fits.
+fn run_blocks(p: usize, n: usize) -> usize {
+    let fit = RUN_BYTES / ((2 * p + 1) * n * 4);
+    if fit >= 8 {
+        fit / 8 * 8
+    } else {
+        fit.max(1)
+    }
+}
+
 /// H·1 over each block's columns, `[block][cols]`: the offset terms' products, the same for every
 /// row.
 fn offset_products(hessian: &Mat<f32>, shape: Shape) -> Vec<f32> {
@@ -135,7 +146,7 @@ struct RowSystems {
 
 impl RowSystems {
     /// The normal equations of the rows of `codes`, built in `normal` (a buffer handed from
-    /// task to task and overwritten, so that a task does not fault in fresh pages).
+    /// task to task, resized and overwritten, so that a task does not fault in fresh pages).
     #[allow(clippy::too_many_arguments)]
     fn build<G: Grid>(
         cpu: &Cpu,
@@ -168,7 +179,7 @@ impl RowSystems {
                 }
             }
         }
-        normal.clear();
+        // Every entry is written below: the lower blocks by the sums, the rest by the mirror.
         normal.resize(rows * m * m, 0.0);
         let mut rhs = vec![0.0f64; rows * m];
         // Per block of H's columns: the products of the rows' non-offset terms, column
@@ -179,12 +190,12 @@ impl RowSystems {
         let mut segment_sums = vec![0.0f32; groups];
         let mut later_hw = vec![0.0f32; n * rows];
         for g2 in 0..groups {
-            let span = g2 * n..(g2 + 1) * n;
+            let block = g2 * n..(g2 + 1) * n;
             for r in 0..rows {
                 for a in 1..p {
                     let column = r * varying + a - 1;
                     block_terms[column * n..(column + 1) * n]
-                        .copy_from_slice(&terms[(r * p + a) * cols..][span.clone()]);
+                        .copy_from_slice(&terms[(r * p + a) * cols..][block.clone()]);
                 }
             }
             let upto = (g2 + 1) * n;
@@ -225,8 +236,8 @@ impl RowSystems {
                 let row_terms = &terms[r * p * cols..(r + 1) * p * cols];
                 let w = &weights[r * cols..(r + 1) * cols];
                 let mut rhs_sums = [0.0f64; MAX_PARAMS];
-                for (a, sum) in rhs_sums.iter_mut().enumerate().take(p) {
-                    let term = &row_terms[a * cols..][span.clone()];
+                for (b, sum) in rhs_sums.iter_mut().enumerate().take(p) {
+                    let term = &row_terms[b * cols..][block.clone()];
                     *sum = term
                         .iter()
                         .zip(&later_hw[r * n..(r + 1) * n])
@@ -248,18 +259,18 @@ impl RowSystems {
                 // `w` against each column for AᵀH·w.
                 for first in (0..=g2).step_by(run_blocks) {
                     let last = (first + run_blocks).min(g2 + 1);
-                    let span = first * n..last * n;
+                    let run = first * n..last * n;
                     let sums = &mut segment_sums[..last - first];
                     for (b, column) in columns.iter().enumerate().take(p) {
-                        segment_dots(cpu, &w[span.clone()], &column[span.clone()], n, sums);
+                        segment_dots(cpu, &w[run.clone()], &column[run.clone()], n, sums);
                         for &v in sums.iter() {
                             rhs_sums[b] += f64::from(v);
                         }
                         let at = g2 * p + b;
                         let out = &mut normal[(r * m + at) * m..(r * m + at + 1) * m];
                         for a in 0..p {
-                            let term = &row_terms[a * cols..][span.clone()];
-                            segment_dots(cpu, term, &column[span.clone()], n, sums);
+                            let term = &row_terms[a * cols..][run.clone()];
+                            segment_dots(cpu, term, &column[run.clone()], n, sums);
                             for (g1, &v) in (first..).zip(sums.iter()) {
                                 out[g1 * p + a] = v;
                             }
@@ -443,19 +454,15 @@ fn conjugate_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quantize::PlaneGrid;
+    use crate::quantize::{PlaneGrid, UniformGrid};
     use lutra_kernels::measure::SplitMix64;
     use lutra_kernels::Isa;
 
     /// The normal equations of a few rows match `AᵀHA` and `AᵀH·w` computed densely in f64, on
-    /// every ISA, and do not depend on how the blocks are cut into runs.
-    #[test]
-    fn the_normal_equations_are_those_of_the_dense_product() {
-        let grid = PlaneGrid {
-            bits: 2,
-            group_size: 8,
-        };
-        let (p, n, groups, rows) = (grid.linear_params(), 8, 21, 3);
+    /// every ISA, for any cut of the blocks into runs, in a buffer whose old contents (NaN) are
+    /// all overwritten.
+    fn check_normal_equations<G: Grid>(name: &str, grid: &G, groups: usize) {
+        let (p, n, rows) = (grid.linear_params(), grid.block_len(), 3);
         let cols = n * groups;
         let m = groups * p;
         let mut rng = SplitMix64::new(5);
@@ -471,7 +478,7 @@ mod tests {
         }
         let weights = rng.gaussians(rows * cols);
         let codes: Vec<u8> = (0..rows * cols)
-            .map(|_| (rng.uniform() * 4.0) as u8 % 4)
+            .map(|_| ((rng.uniform() * grid.codes() as f32) as usize % grid.codes()) as u8)
             .collect();
         let mut reference_normal = vec![0.0f64; rows * m * m];
         let mut reference_rhs = vec![0.0f64; rows * m];
@@ -523,34 +530,52 @@ mod tests {
                 let offsets = offset_products(&h, shape);
                 let systems = RowSystems::build(
                     &cpu,
-                    &grid,
+                    grid,
                     shape,
                     &h,
                     &offsets,
                     &codes,
                     &weights,
-                    Vec::new(),
+                    vec![f32::NAN; rows * m * m + 7],
                 );
+                let at = format!("{name} {isa:?}, runs of {run_blocks}");
+                assert_eq!(systems.normal.len(), rows * m * m, "{at}");
                 for (got, want) in systems.normal.iter().zip(&reference_normal) {
                     assert!(
                         (f64::from(*got) - want).abs() <= 1e-5 * scale,
-                        "{isa:?}, runs of {run_blocks}: normal {got} against {want}"
+                        "{at}: normal {got} against {want}"
                     );
                 }
                 for (got, want) in systems.rhs.iter().zip(&reference_rhs) {
                     assert!(
                         (got - want).abs() <= 1e-5 * rhs_scale,
-                        "{isa:?}, runs of {run_blocks}: rhs {got} against {want}"
+                        "{at}: rhs {got} against {want}"
                     );
                 }
                 match &first {
                     None => first = Some(systems),
                     Some(f) => {
-                        assert_eq!(f.normal, systems.normal, "{isa:?}: runs of {run_blocks}");
-                        assert_eq!(f.rhs, systems.rhs, "{isa:?}: runs of {run_blocks}");
+                        assert_eq!(f.normal, systems.normal, "{at}");
+                        assert_eq!(f.rhs, systems.rhs, "{at}");
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_normal_equations_are_those_of_the_dense_product() {
+        let plane = |bits| PlaneGrid {
+            bits,
+            group_size: 8,
+        };
+        check_normal_equations("hlq 2b", &plane(2), 21);
+        check_normal_equations("hlq 4b", &plane(4), 13);
+        check_normal_equations("hlq 2b, one block", &plane(2), 1);
+        let uniform = UniformGrid {
+            bits: 2,
+            group_size: 16,
+        };
+        check_normal_equations("uniform 2b", &uniform, 11);
     }
 }
