@@ -187,7 +187,7 @@ impl RowSystems {
         let varying = p - 1;
         let mut block_terms = vec![0.0f32; n * rows * varying];
         let mut products = vec![0.0f32; cols * rows * varying];
-        let mut segment_sums = vec![0.0f32; groups];
+        let mut segment_sums = vec![0.0f32; run_blocks.min(groups)];
         let mut later_hw = vec![0.0f32; n * rows];
         for g2 in 0..groups {
             let block = g2 * n..(g2 + 1) * n;
@@ -480,39 +480,24 @@ mod tests {
         let codes: Vec<u8> = (0..rows * cols)
             .map(|_| ((rng.uniform() * grid.codes() as f32) as usize % grid.codes()) as u8)
             .collect();
-        let mut reference_normal = vec![0.0f64; rows * m * m];
-        let mut reference_rhs = vec![0.0f64; rows * m];
+        let hm = Mat::<f64>::from_fn(cols, cols, |i, j| f64::from(h[(i, j)]));
+        let mut reference_normal = Vec::with_capacity(rows * m * m);
+        let mut reference_rhs = Vec::with_capacity(rows * m);
         let mut terms = [0.0f32; MAX_PARAMS];
         for r in 0..rows {
             // A: the row's terms, column `block·p + a` nonzero on the block's weights.
-            let mut a = vec![0.0f64; cols * m];
+            let mut a = Mat::<f64>::zeros(cols, m);
             for i in 0..cols {
                 grid.level_terms(codes[r * cols + i], &mut terms[..p]);
-                for t in 0..p {
-                    a[i * m + i / n * p + t] = f64::from(terms[t]);
+                for (t, &v) in terms[..p].iter().enumerate() {
+                    a[(i, i / n * p + t)] = f64::from(v);
                 }
             }
-            // H·A and H·w, then Aᵀ of each.
-            let hf = |i: usize, j: usize| f64::from(h[(i, j)]);
-            let mut ha = vec![0.0f64; cols * m];
-            let mut hw = vec![0.0f64; cols];
-            for i in 0..cols {
-                for j in 0..cols {
-                    for u in 0..m {
-                        ha[i * m + u] += hf(i, j) * a[j * m + u];
-                    }
-                    hw[i] += hf(i, j) * f64::from(weights[r * cols + j]);
-                }
-            }
-            for u in 0..m {
-                for i in 0..cols {
-                    let au = a[i * m + u];
-                    reference_rhs[r * m + u] += au * hw[i];
-                    for v in 0..m {
-                        reference_normal[(r * m + u) * m + v] += au * ha[i * m + v];
-                    }
-                }
-            }
+            let w = Mat::<f64>::from_fn(cols, 1, |i, _| f64::from(weights[r * cols + i]));
+            let normal = a.transpose() * (&hm * &a);
+            let rhs = a.transpose() * (&hm * &w);
+            reference_normal.extend((0..m * m).map(|i| normal[(i / m, i % m)]));
+            reference_rhs.extend((0..m).map(|i| rhs[(i, 0)]));
         }
         let scale = reference_normal.iter().fold(0.0f64, |s, v| s.max(v.abs()));
         let rhs_scale = reference_rhs.iter().fold(0.0f64, |s, v| s.max(v.abs()));
