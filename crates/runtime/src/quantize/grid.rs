@@ -96,8 +96,23 @@ pub(super) fn weighted_error(
         .sum()
 }
 
+/// `v` rounded to the nearest f16 (ties to even), as f32.
+///
+/// Inside f16's normal range the rounding is done on the bits (f16 keeps the top 10 of f32's 23
+/// fraction bits; a carry out of the fraction steps the exponent, which is the right result);
+/// subnormals, overflow and NaN go through `half`. Grid fits call this for every candidate range.
+#[inline]
 pub(super) fn round_f16(v: f32) -> f32 {
-    f16::from_f32(v).to_f32()
+    /// 2^-14, f16's least normal magnitude.
+    const MIN_NORMAL: f32 = 6.103_515_6e-5;
+    /// f16's largest finite value.
+    const MAX: f32 = 65504.0;
+    if (MIN_NORMAL..MAX).contains(&v.abs()) {
+        let b = v.to_bits();
+        f32::from_bits((b + 0x0fff + ((b >> 13) & 1)) & !0x1fff)
+    } else {
+        f16::from_f32(v).to_f32()
+    }
 }
 
 /// `w = scale·q + offset`, `q` in `0..2^bits`, one scale and offset per group.
