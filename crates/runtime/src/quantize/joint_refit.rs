@@ -6,7 +6,8 @@
 //! fitted on its own, even with its diagonal block of `H`, cannot see those cross terms. The
 //! refit solves the row's normal equations `(AᵀHA)·θ = AᵀH·w`, where `A` maps the row's parameters
 //! `θ` (every block's offset and scales) to its weights, with the grids' linear form
-//! ([`Grid::level_terms`]). `AᵀHA` is symmetric, so per block of `H`'s columns only the rows of
+//! ([`Grid::level_terms`]). `AᵀHA` is symmetric, so it is kept as its rows up to their block's
+//! diagonal block ([`Shape::row_start`]), and per block of `H`'s columns only the rows of
 //! `H·A` up to that block are formed (one product for the rows of a task at once); `AᵀH·w` takes
 //! the same products against `w`, and the rest of `H·w` on the block, `H[after, block]ᵀ·w`, from
 //! one product whose inner dimension is the rows after the block. The system is solved by
@@ -15,7 +16,7 @@
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
-use lutra_kernels::vector::{dot_rows, segment_dots};
+use lutra_kernels::vector::{axpy, dot, segment_dots};
 use lutra_kernels::Cpu;
 use rayon::prelude::*;
 
@@ -54,7 +55,6 @@ pub(super) fn refit_rows_jointly<G: Grid>(
         return;
     }
     let groups = cols / n;
-    let m = groups * p;
     let shape = Shape {
         p,
         n,
@@ -63,7 +63,7 @@ pub(super) fn refit_rows_jointly<G: Grid>(
         run_blocks: run_blocks(p, n),
     };
     let offset_products = offset_products(hessian, shape);
-    let task_rows = (NORMAL_BYTES / (m * m * 4)).clamp(1, MAX_TASK_ROWS);
+    let task_rows = (NORMAL_BYTES / (shape.normal_len() * 4)).clamp(1, MAX_TASK_ROWS);
     q.blocks
         .par_chunks_mut(task_rows * groups)
         .zip(q.codes.par_chunks(task_rows * cols))
@@ -133,12 +133,30 @@ impl Shape {
     fn params(&self) -> usize {
         self.groups * self.p
     }
+
+    /// Where row `i` of a packed normal matrix starts: row `i`, of block `g = i / p`, holds
+    /// its entries up to the end of its own block, `(g + 1)·p` of them, after the `p` rows of
+    /// each block before it.
+    fn row_start(&self, i: usize) -> usize {
+        let (g, b) = (i / self.p, i % self.p);
+        self.p * self.p * g * (g + 1) / 2 + b * (g + 1) * self.p
+    }
+
+    /// Entries of a packed normal matrix.
+    fn normal_len(&self) -> usize {
+        self.row_start(self.params())
+    }
+
+    /// Row `i` of the packed normal matrix `normal`.
+    fn normal_row<'a>(&self, normal: &'a [f32], i: usize) -> &'a [f32] {
+        &normal[self.row_start(i)..][..(i / self.p + 1) * self.p]
+    }
 }
 
 /// The normal equations of a few rows.
 struct RowSystems {
     shape: Shape,
-    /// `AᵀHA` of each row, `[row][m][m]`.
+    /// `AᵀHA` of each row, packed ([`Shape::row_start`]), `[row][shape.normal_len()]`.
     normal: Vec<f32>,
     /// `AᵀH·w` of each row, `[row][m]`.
     rhs: Vec<f64>,
@@ -179,8 +197,9 @@ impl RowSystems {
                 }
             }
         }
-        // Every entry is written below: the lower blocks by the sums, the rest by the mirror.
-        normal.resize(rows * m * m, 0.0);
+        // Every entry of the packed rows is written below.
+        let packed = shape.normal_len();
+        normal.resize(rows * packed, 0.0);
         let mut rhs = vec![0.0f64; rows * m];
         // Per block of H's columns: the products of the rows' non-offset terms, column
         // `r·(p−1) + a − 1`.
@@ -253,7 +272,7 @@ impl RowSystems {
                         &products[c * upto..(c + 1) * upto]
                     };
                 }
-                // Rows `g2·p + b` of the symmetric AᵀHA up to its block (mirrored below): each
+                // Rows `g2·p + b` of the symmetric AᵀHA up to its block (packed): each
                 // block's terms against each column, a run of blocks at a time so that the
                 // terms and columns of a run are read from memory once for all p² pairs; and
                 // `w` against each column for AᵀH·w.
@@ -267,7 +286,7 @@ impl RowSystems {
                             rhs_sums[b] += f64::from(v);
                         }
                         let at = g2 * p + b;
-                        let out = &mut normal[(r * m + at) * m..(r * m + at + 1) * m];
+                        let out = &mut normal[r * packed + shape.row_start(at)..][..(g2 + 1) * p];
                         for a in 0..p {
                             let term = &row_terms[a * cols..][run.clone()];
                             segment_dots(cpu, term, &column[run.clone()], n, sums);
@@ -280,27 +299,21 @@ impl RowSystems {
                 rhs[r * m + g2 * p..][..p].copy_from_slice(&rhs_sums[..p]);
             }
         }
-        for row_normal in normal.chunks_exact_mut(m * m) {
-            for i in 0..m {
-                for j in (i / p + 1) * p..m {
-                    row_normal[i * m + j] = row_normal[j * m + i];
-                }
-            }
-        }
         RowSystems { shape, normal, rhs }
     }
 
     /// Refits row `r`'s blocks when the solve lowers its output error.
     fn refit<G: Grid>(&self, cpu: &Cpu, grid: &G, r: usize, blocks: &mut [G::Block]) {
-        let Shape { p, groups, .. } = self.shape;
-        let m = self.shape.params();
-        let normal = &self.normal[r * m * m..(r + 1) * m * m];
+        let shape = self.shape;
+        let Shape { p, groups, .. } = shape;
+        let (m, packed) = (shape.params(), shape.normal_len());
+        let normal = &self.normal[r * packed..(r + 1) * packed];
         let rhs = &self.rhs[r * m..(r + 1) * m];
         let start = params_of(grid, blocks, p);
-        let Some(preconditioner) = BlockJacobi::new(normal, m, p) else {
+        let Some(preconditioner) = BlockJacobi::new(normal, shape) else {
             return;
         };
-        let solution = conjugate_gradients(cpu, normal, rhs, &start, &preconditioner);
+        let solution = conjugate_gradients(cpu, shape, normal, rhs, &start, &preconditioner);
         let Some(refitted) = solution
             .chunks_exact(p)
             .map(|params| grid.block_from_params(params))
@@ -310,7 +323,7 @@ impl RowSystems {
         };
         debug_assert_eq!(refitted.len(), groups);
         let stored = params_of(grid, &refitted, p);
-        if objective(normal, rhs, &stored) < objective(normal, rhs, &start) {
+        if objective(shape, normal, rhs, &stored) < objective(shape, normal, rhs, &start) {
             blocks.clone_from_slice(&refitted);
         }
     }
@@ -325,20 +338,31 @@ fn params_of<G: Grid>(grid: &G, blocks: &[G::Block], p: usize) -> Vec<f64> {
     params
 }
 
-/// `θᵀNθ − 2·θᵀb`: the row's output error less a constant.
-fn objective(normal: &[f32], rhs: &[f64], theta: &[f64]) -> f64 {
-    let m = theta.len();
+/// `θᵀNθ − 2·θᵀb` (`N` packed): the row's output error less a constant, in f64.
+fn objective(shape: Shape, normal: &[f32], rhs: &[f64], theta: &[f64]) -> f64 {
     let mut quad = 0.0;
-    for (i, row) in normal.chunks_exact(m).enumerate() {
-        let nt: f64 = row.iter().zip(theta).map(|(&a, &t)| f64::from(a) * t).sum();
-        quad += theta[i] * (nt - 2.0 * rhs[i]);
+    for (i, (&t, &b)) in theta.iter().zip(rhs).enumerate() {
+        let row = shape.normal_row(normal, i);
+        // Entries before the row's own block stand for the mirrored ones after it too.
+        let before = i / shape.p * shape.p;
+        let product = |range: std::ops::Range<usize>| -> f64 {
+            row[range.clone()]
+                .iter()
+                .zip(&theta[range])
+                .map(|(&a, &t)| f64::from(a) * t)
+                .sum()
+        };
+        quad += t * (2.0 * product(0..before) + product(before..row.len()) - 2.0 * b);
     }
     quad
 }
 
-/// `out = N·v`, the products in f32 (`v32` and `out32` are scratch of `v`'s length).
+/// `out = N·v` (`N` packed), the products in f32 (`v32` and `out32` are scratch of `v`'s
+/// length): each stored entry is read once, for its own row and, before the row's block, for
+/// the mirrored one.
 fn multiply(
     cpu: &Cpu,
+    shape: Shape,
     normal: &[f32],
     v: &[f64],
     v32: &mut [f32],
@@ -348,7 +372,13 @@ fn multiply(
     for (s, &x) in v32.iter_mut().zip(v) {
         *s = x as f32;
     }
-    dot_rows(cpu, v32, normal, out32);
+    out32.fill(0.0);
+    for i in 0..v.len() {
+        let row = shape.normal_row(normal, i);
+        let before = i / shape.p * shape.p;
+        out32[i] += dot(cpu, row, &v32[..row.len()]);
+        axpy(cpu, &mut out32[..before], v32[i], &row[..before]);
+    }
     for (o, &x) in out.iter_mut().zip(out32.iter()) {
         *o = f64::from(x);
     }
@@ -362,13 +392,16 @@ struct BlockJacobi {
 }
 
 impl BlockJacobi {
-    fn new(normal: &[f32], m: usize, p: usize) -> Option<BlockJacobi> {
-        let mut inverses = vec![0.0f64; m * p];
+    /// From the packed normal matrix `normal`.
+    fn new(normal: &[f32], shape: Shape) -> Option<BlockJacobi> {
+        let p = shape.p;
+        let mut inverses = vec![0.0f64; shape.params() * p];
         for (g, inv) in inverses.chunks_exact_mut(p * p).enumerate() {
             let mut block = [[0.0f64; MAX_PARAMS]; MAX_PARAMS];
             for (a, row) in block.iter_mut().enumerate().take(p) {
+                let stored = shape.normal_row(normal, g * p + a);
                 for (b, v) in row.iter_mut().enumerate().take(p) {
-                    *v = f64::from(normal[(g * p + a) * m + g * p + b]);
+                    *v = f64::from(stored[g * p + b]);
                 }
             }
             // A term no code of the block sets leaves its row zero.
@@ -400,9 +433,10 @@ impl BlockJacobi {
     }
 }
 
-/// Preconditioned conjugate gradients for `N·θ = b` from `start`.
+/// Preconditioned conjugate gradients for `N·θ = b` (`N` packed) from `start`.
 fn conjugate_gradients(
     cpu: &Cpu,
+    shape: Shape,
     normal: &[f32],
     rhs: &[f64],
     start: &[f64],
@@ -412,7 +446,15 @@ fn conjugate_gradients(
     let mut theta = start.to_vec();
     let mut product = vec![0.0f64; m];
     let (mut v32, mut out32) = (vec![0.0f32; m], vec![0.0f32; m]);
-    multiply(cpu, normal, &theta, &mut v32, &mut out32, &mut product);
+    multiply(
+        cpu,
+        shape,
+        normal,
+        &theta,
+        &mut v32,
+        &mut out32,
+        &mut product,
+    );
     let mut residual: Vec<f64> = rhs.iter().zip(&product).map(|(b, p)| b - p).collect();
     let mut z = vec![0.0f64; m];
     preconditioner.apply(&residual, &mut z);
@@ -421,7 +463,15 @@ fn conjugate_gradients(
     // Each step lowers the objective by `alpha·rz`: stop once a step adds little to the total.
     let mut lowered = 0.0f64;
     for _ in 0..CG_STEPS {
-        multiply(cpu, normal, &direction, &mut v32, &mut out32, &mut product);
+        multiply(
+            cpu,
+            shape,
+            normal,
+            &direction,
+            &mut v32,
+            &mut out32,
+            &mut product,
+        );
         let curvature: f64 = direction.iter().zip(&product).map(|(a, b)| a * b).sum();
         if curvature <= 0.0 || !curvature.is_finite() {
             break;
@@ -524,12 +574,22 @@ mod tests {
                     vec![f32::NAN; rows * m * m + 7],
                 );
                 let at = format!("{name} {isa:?}, runs of {run_blocks}");
-                assert_eq!(systems.normal.len(), rows * m * m, "{at}");
-                for (got, want) in systems.normal.iter().zip(&reference_normal) {
-                    assert!(
-                        (f64::from(*got) - want).abs() <= 1e-5 * scale,
-                        "{at}: normal {got} against {want}"
-                    );
+                let packed = shape.normal_len();
+                assert_eq!(systems.normal.len(), rows * packed, "{at}");
+                for r in 0..rows {
+                    let normal = &systems.normal[r * packed..(r + 1) * packed];
+                    let dense = &reference_normal[r * m * m..(r + 1) * m * m];
+                    for i in 0..m {
+                        let row = shape.normal_row(normal, i);
+                        assert_eq!(row.len(), (i / p + 1) * p, "{at}");
+                        for (got, want) in row.iter().zip(&dense[i * m..]) {
+                            assert!(
+                                (f64::from(*got) - want).abs() <= 1e-5 * scale,
+                                "{at}: normal {got} against {want}"
+                            );
+                        }
+                    }
+                    check_packed_products(&cpu, shape, normal, dense, &systems.rhs[r * m..][..m]);
                 }
                 for (got, want) in systems.rhs.iter().zip(&reference_rhs) {
                     assert!(
@@ -546,6 +606,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The packed matrix's product with a vector and its objective against the dense ones.
+    fn check_packed_products(cpu: &Cpu, shape: Shape, normal: &[f32], dense: &[f64], rhs: &[f64]) {
+        let m = shape.params();
+        let mut rng = SplitMix64::new(9);
+        let v: Vec<f64> = rng.gaussians(m).into_iter().map(f64::from).collect();
+        let (mut v32, mut out32, mut got) = (vec![0.0; m], vec![f32::NAN; m], vec![0.0; m]);
+        multiply(cpu, shape, normal, &v, &mut v32, &mut out32, &mut got);
+        let want: Vec<f64> = dense
+            .chunks_exact(m)
+            .map(|row| row.iter().zip(&v).map(|(a, b)| a * b).sum())
+            .collect();
+        let scale = want.iter().fold(0.0f64, |s, x| s.max(x.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * scale, "N·v {g} against {w}");
+        }
+        let quad: f64 = want.iter().zip(&v).map(|(a, b)| a * b).sum();
+        let linear: f64 = rhs.iter().zip(&v).map(|(a, b)| a * b).sum();
+        let (got, want) = (objective(shape, normal, rhs, &v), quad - 2.0 * linear);
+        assert!(
+            (got - want).abs() <= 1e-5 * (quad.abs() + linear.abs()),
+            "objective {got} against {want}"
+        );
     }
 
     #[test]
