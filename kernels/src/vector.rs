@@ -1,6 +1,6 @@
 //! Small f32 vector operations for the parts of a forward pass that are not matrix products
-//! (attention scores and value sums): `dot` and `axpy`, their many-row forms `dot_rows` and
-//! `weighted_row_sum`, and their many-query forms `dot_matrix` and `weighted_row_sums` (a batch of
+//! (attention scores and value sums): `dot` and `axpy`, the many-row form of `axpy`
+//! `weighted_row_sum`, and the many-query forms `dot_matrix` and `weighted_row_sums` (a batch of
 //! queries against one block of keys and values, register-blocked); `segment_dots`, the dots of
 //! consecutive segments of two vectors; the softmax steps
 //! `scale_max` and `exp_sum`; the gated activations `silu_mul` and `gelu_tanh_mul`; and `widen_f16` for caches stored as f16, all on the [`Cpu`]'s ISA.
@@ -50,33 +50,6 @@ pub fn axpy(cpu: &Cpu, y: &mut [f32], w: f32, x: &[f32]) {
         // SAFETY: as in `dot`.
         Isa::Neon => unsafe { neon::axpy(y, w, x) },
         _ => scalar_axpy(y, w, x),
-    }
-}
-
-/// `out[p] = dot(a, rows[p])` for the rows of `rows` (`[out.len()][a.len()]`), with the bits of
-/// [`dot`] for each row. Panics if the lengths disagree (a caller bug, not bad input).
-pub fn dot_rows(cpu: &Cpu, a: &[f32], rows: &[f32], out: &mut [f32]) {
-    assert_eq!(
-        rows.len(),
-        out.len() * a.len(),
-        "dot_rows: rows of different lengths"
-    );
-    if a.is_empty() {
-        out.fill(0.0);
-        return;
-    }
-    match cpu.isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot`; `rows` holds `out.len()` rows of `a.len()` values.
-        Isa::Avx2 => unsafe { avx2::dot_rows(a, rows, out) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: as above.
-        Isa::Neon => unsafe { neon::dot_rows(a, rows, out) },
-        _ => {
-            for (o, row) in out.iter_mut().zip(rows.chunks_exact(a.len())) {
-                *o = scalar_dot(a, row);
-            }
-        }
     }
 }
 

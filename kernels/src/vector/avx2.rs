@@ -43,45 +43,6 @@ fn finish(acc: __m256, a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// [`dot`] of `a` with each row of `rows`, four rows per pass over `a`.
-///
-/// # Safety
-/// The CPU supports avx2, `a` is not empty and `rows.len() == out.len() * a.len()`.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn dot_rows(a: &[f32], rows: &[f32], out: &mut [f32]) {
-    let len = a.len();
-    debug_assert!(len > 0 && rows.len() == out.len() * len);
-    let n = len / 8 * 8;
-    let mut blocks = rows.chunks_exact(4 * len);
-    let mut outs = out.chunks_exact_mut(4);
-    for (block, o) in (&mut blocks).zip(&mut outs) {
-        let (pa, pr) = (a.as_ptr(), block.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i < n {
-            // SAFETY: i + 8 <= n <= len; row r of the block is `block[r·len..(r+1)·len]`.
-            unsafe {
-                let av = _mm256_loadu_ps(pa.add(i));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(pr.add(r * len + i)), *acc);
-                }
-            }
-            i += 8;
-        }
-        for (r, (o, &acc)) in o.iter_mut().zip(&acc).enumerate() {
-            *o = finish(acc, &a[n..], &block[r * len + n..(r + 1) * len]);
-        }
-    }
-    for (o, row) in outs
-        .into_remainder()
-        .iter_mut()
-        .zip(blocks.remainder().chunks_exact(len))
-    {
-        // SAFETY: the caller's contract; `row` has `len` values.
-        *o = unsafe { dot(a, row) };
-    }
-}
-
 /// `out = Σ_p w[p]·rows[p]` from zero, in row order, with 64 columns of `out` held in registers
 /// while the rows go past.
 ///
