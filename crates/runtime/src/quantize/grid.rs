@@ -100,7 +100,8 @@ pub(super) fn weighted_error(
 ///
 /// Inside f16's normal range the rounding is done on the bits (f16 keeps the top 10 of f32's 23
 /// fraction bits; a carry out of the fraction steps the exponent, which is the right result);
-/// subnormals, overflow and NaN go through `half`. Grid fits call this for every candidate range.
+/// the rest (zeros, subnormals, values from 65504 up, infinities, NaN) goes through `half`. Grid
+/// fits call this for every candidate range.
 #[inline]
 pub(super) fn round_f16(v: f32) -> f32 {
     /// 2^-14, f16's least normal magnitude.

@@ -339,8 +339,10 @@ fn params_of<G: Grid>(grid: &G, blocks: &[G::Block], p: usize) -> Vec<f64> {
 }
 
 /// How the row's output error changes from parameters `from` to `to` (`N` packed): the change
-/// of `θᵀNθ − 2·θᵀb`, taken as `(to − from)ᵀ·(N·(to + from) − 2b)` (`N` is symmetric), so that
-/// one product serves both and the difference is not left to cancel between two large sums.
+/// of `θᵀNθ − 2·θᵀb`, taken as `(to − from)ᵀ·(N·(to + from) − 2b)` (`N` is symmetric), one f32
+/// product for both. Its rounding, relative to `|to − from|·(|N·(to + from)| + 2|b|)`, is that
+/// of an f32 product; a refit that changes the error by less keeps or drops parameters whose
+/// errors are that close.
 fn objective_change(
     cpu: &Cpu,
     shape: Shape,
@@ -362,8 +364,8 @@ fn objective_change(
 }
 
 /// `out = N·v` (`N` packed), the products in f32 (`v32` and `out32` are scratch of `v`'s
-/// length): each stored entry is read once, for its own row and, before the row's block, for
-/// the mirrored one.
+/// length): each stored row is read from memory once, by a dot for its own entry of `out`, and
+/// its part before its block again from L1, by an axpy for the mirrored entries.
 fn multiply(
     cpu: &Cpu,
     shape: Shape,
@@ -636,13 +638,31 @@ mod tests {
                 .sum();
             quad - 2.0 * rhs.iter().zip(theta).map(|(a, b)| a * b).sum::<f64>()
         };
-        let to: Vec<f64> = v.iter().map(|x| 0.5 * x + 0.01 * x * x).collect();
-        let got = objective_change(cpu, shape, normal, rhs, &v, &to);
-        let want = objective(&to) - objective(&v);
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs(),
-            "objective change {got} against {want}"
-        );
+        // Far apart, and close (as a refit rounded to f16 is to its start): the f32 product's
+        // rounding is bounded by |to − from|·(|N·(to + from)| + 2|b|).
+        let w = rng.gaussians(m);
+        for step in [0.5, 1e-3] {
+            let to: Vec<f64> = v
+                .iter()
+                .zip(&w)
+                .map(|(x, d)| x + step * f64::from(*d))
+                .collect();
+            let got = objective_change(cpu, shape, normal, rhs, &v, &to);
+            let want = objective(&to) - objective(&v);
+            let sum: Vec<f64> = v.iter().zip(&to).map(|(a, b)| a + b).collect();
+            let bound: f64 = (0..m)
+                .map(|i| {
+                    let row = &dense[i * m..(i + 1) * m];
+                    let ns: f64 = row.iter().zip(&sum).map(|(a, b)| (a * b).abs()).sum();
+                    (to[i] - v[i]).abs() * (ns + 2.0 * rhs[i].abs())
+                })
+                .sum();
+            assert!(
+                (got - want).abs() <= 1e-5 * bound && (got - want).abs() < 0.5 * want.abs(),
+                "step {step}: objective change {got} against {want} (bound {bound})"
+            );
+        }
+        assert_eq!(objective_change(cpu, shape, normal, rhs, &v, &v), 0.0);
     }
 
     #[test]
