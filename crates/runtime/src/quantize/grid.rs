@@ -104,10 +104,8 @@ pub(super) fn weighted_error(
 /// fits call this for every candidate range.
 #[inline]
 pub(super) fn round_f16(v: f32) -> f32 {
-    /// 2^-14, f16's least normal magnitude.
-    const MIN_NORMAL: f32 = 6.103_515_6e-5;
-    /// f16's largest finite value.
-    const MAX: f32 = 65504.0;
+    const MIN_NORMAL: f32 = f16::MIN_POSITIVE.to_f32_const();
+    const MAX: f32 = f16::MAX.to_f32_const();
     if (MIN_NORMAL..MAX).contains(&v.abs()) {
         let b = v.to_bits();
         f32::from_bits((b + 0x0fff + ((b >> 13) & 1)) & !0x1fff)

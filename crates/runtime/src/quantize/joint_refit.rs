@@ -147,9 +147,19 @@ impl Shape {
         self.row_start(self.params())
     }
 
+    /// Length of row `i` of a packed normal matrix.
+    fn row_len(&self, i: usize) -> usize {
+        (i / self.p + 1) * self.p
+    }
+
     /// Row `i` of the packed normal matrix `normal`.
     fn normal_row<'a>(&self, normal: &'a [f32], i: usize) -> &'a [f32] {
-        &normal[self.row_start(i)..][..(i / self.p + 1) * self.p]
+        &normal[self.row_start(i)..][..self.row_len(i)]
+    }
+
+    /// Row `i` of the packed normal matrix `normal`, to write.
+    fn normal_row_mut<'a>(&self, normal: &'a mut [f32], i: usize) -> &'a mut [f32] {
+        &mut normal[self.row_start(i)..][..self.row_len(i)]
     }
 }
 
@@ -286,7 +296,7 @@ impl RowSystems {
                             rhs_sums[b] += f64::from(v);
                         }
                         let at = g2 * p + b;
-                        let out = &mut normal[r * packed + shape.row_start(at)..][..(g2 + 1) * p];
+                        let out = shape.normal_row_mut(&mut normal[r * packed..], at);
                         for a in 0..p {
                             let term = &row_terms[a * cols..][run.clone()];
                             segment_dots(cpu, term, &column[run.clone()], n, sums);
@@ -381,7 +391,8 @@ fn multiply(
     out32.fill(0.0);
     for i in 0..v.len() {
         let row = shape.normal_row(normal, i);
-        let before = i / shape.p * shape.p;
+        // The entries before the row's own block stand for the mirrored ones too.
+        let before = row.len() - shape.p;
         out32[i] += dot(cpu, row, &v32[..row.len()]);
         axpy(cpu, &mut out32[..before], v32[i], &row[..before]);
     }
