@@ -23,6 +23,13 @@
 //! With groups of 16, each block is two halves, each with its own `Σq_x`, `Σx`, scale and offset,
 //! multiplied in that order.
 //!
+//! Per-plane (HLQ) scales, `w = z + Σ_p s_p·q_p` over the bit planes `q_p` of a `b`-bit code `q`,
+//! take `b` passes over each unpacked chunk, pass `p` with the codes shifted down, `q >> p`
+//! (whose plane `p'` counts `2^(p' − p)`): as `Σ_p t_p·(q >> p) = Σ_p s_p·q_p` for
+//! `t_p = s_p − 2·s_{p−1}` (`t_0 = s_0`), pass `p` multiplies the centred codes of width `b − p`
+//! by the scale `t_p`, and the first pass adds the offset `o = z + Σ_p s_p/2` times `Σx`. Planes
+//! fitted near a uniform grid (`s_p ≈ 2·s_{p−1}`) leave the later passes small terms.
+//!
 //! The same tiles and multiplies take [`crate::Int8Matrix`] weights (Q8_0 codes, IQ4 codebook
 //! values; [`int8_tiles`]). Their codes fill all eight bits, which `maddubs` pairs of unsigned
 //! codes could overflow: `vpdpbusd` takes them offset to unsigned bytes, and `maddubs` takes them
@@ -128,7 +135,8 @@ fn dot_split(tiles: usize, tokens: usize, threads: usize) -> Split {
 /// `scale[2a + h][r]` is half the scale and `offset[2a + h][r]` the offset of the centred codes of
 /// the group holding half `h` of activation group `a` of row `r` (0 for padded rows), where there
 /// are `halves` (1, or 2 for weight groups of 16) halves per activation group; `top` is `2^b − 1`
-/// and `factor` 2: a block's integer dot is `factor·Σ q·q_x − top·Σq_x`.
+/// (`2^(b − p)` − 1 on pass `p` of per-plane scales) and `factor` 2: a block's integer dot is
+/// `factor·Σ q·q_x − top·Σq_x`.
 /// With `signed` (set by the multiply before unpacking, only for [`DotTiles::WIDE_CODES`]) the
 /// code bytes are two's complement int8 values and `top` is 0; [`int8_tiles`] documents the
 /// scale, offset, `top` and `factor` of those.
@@ -200,9 +208,11 @@ impl Chunk<'_> {
     }
 }
 
-/// Whether the dot path can multiply a matrix of this form.
+/// Whether the dot path can multiply a matrix of this form: any uniform form, and per-plane
+/// scales in weight groups of 32 or more.
 pub(crate) fn supports(w: &Weights<'_>) -> bool {
-    !w.per_plane && (1..=MAX_BITS).contains(&w.bits) && w.groups > 0
+    let per_plane_fits = !w.per_plane || (!w.half_groups && w.super_scales.is_none());
+    per_plane_fits && (1..=MAX_BITS).contains(&w.bits) && w.groups > 0
 }
 
 /// A matrix the dot path multiplies, as tiles of [`TILE`] rows unpacked a chunk of activation
@@ -257,9 +267,19 @@ impl DotTiles for Planes<'_> {
         );
         for a0 in (0..act_groups).step_by(CHUNK) {
             let count = CHUNK.min(act_groups - a0);
-            (self.unpacker.scales)(&tile, a0, count, u);
             (self.unpacker.unpack)(&tile, a0, count, u);
-            multiply(u, a0, count);
+            if tile.per_plane {
+                for p in 0..tile.bits {
+                    if p > 0 {
+                        shift_codes_down(u, count);
+                    }
+                    plane_pass_scales(&tile, a0, count, p, u);
+                    multiply(u, a0, count);
+                }
+            } else {
+                (self.unpacker.scales)(&tile, a0, count, u);
+                multiply(u, a0, count);
+            }
         }
     }
 }
@@ -327,10 +347,13 @@ pub(crate) fn run<M: DotTiles>(
 /// Whether the tile's slices have the lengths the unpackers index (what makes SIMD reads sound).
 fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
     let scales_fit = match &v.super_scales {
-        Some(s) => s.is_consistent(v.groups) && v.scales.is_empty() && v.offsets.is_none(),
+        Some(s) => {
+            s.is_consistent(v.groups) && !v.per_plane && v.scales.is_empty() && v.offsets.is_none()
+        }
         None => {
-            v.scales.len() == v.groups * TILE
+            v.scales.len() == v.groups * v.scale_planes() * TILE
                 && v.offsets.is_none_or(|o| o.len() == v.groups * TILE)
+                && !(v.per_plane && v.half_groups)
         }
     };
     let groups_fit = if v.half_groups {
@@ -338,8 +361,7 @@ fn tile_is_consistent(v: &TileView<'_>, act_groups: usize) -> bool {
     } else {
         v.groups > 0 && v.apg * v.groups == v.act_groups
     };
-    !v.per_plane
-        && (1..=MAX_BITS).contains(&v.bits)
+    (1..=MAX_BITS).contains(&v.bits)
         && v.act_groups == act_groups
         && groups_fit
         && v.weights.len() == v.act_groups * v.bits * PLANE_BYTES
@@ -435,6 +457,60 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
         }
         // The codes count twice: halving is exact.
         scale.iter_mut().for_each(|s| *s *= 0.5);
+    }
+}
+
+/// Fills `u` for pass `p` of a per-plane tile's chunk (activation groups `a0..a0 + count`; see
+/// the module doc): codes `q >> p` up to `top = 2^(b − p) − 1`, half the scale `t_p`, and the
+/// offset `o` on the first pass (0 on the others). The same on every ISA.
+fn plane_pass_scales(v: &TileView<'_>, a0: usize, count: usize, p: usize, u: &mut Unpacked) {
+    u.top = (1 << (v.bits - p)) - 1;
+    u.factor = 2;
+    u.halves = 1;
+    let planes = v.bits;
+    let plane_scales = |g: usize, q: usize| {
+        let mut out = [0.0f32; TILE];
+        v.scales[(g * planes + q) * TILE..][..TILE]
+            .reinterpret_cast::<f16>()
+            .convert_to_f32_slice(&mut out);
+        out
+    };
+    for c in 0..count {
+        let g = v.group_of(a0 + c, 0);
+        let (scale, offset) = (&mut u.scale[2 * c], &mut u.offset[2 * c]);
+        let s = plane_scales(g, p);
+        if p == 0 {
+            match v.offsets {
+                Some(o) => o[g * TILE..(g + 1) * TILE]
+                    .reinterpret_cast::<f16>()
+                    .convert_to_f32_slice(offset),
+                None => offset.fill(0.0),
+            }
+            for q in 0..planes {
+                let sq = plane_scales(g, q);
+                for (o, &sq) in offset.iter_mut().zip(&sq) {
+                    *o += 0.5 * sq;
+                }
+            }
+            for (h, &s) in scale.iter_mut().zip(&s) {
+                *h = 0.5 * s;
+            }
+        } else {
+            let below = plane_scales(g, p - 1);
+            for ((h, &s), &b) in scale.iter_mut().zip(&s).zip(&below) {
+                *h = 0.5 * (s - 2.0 * b);
+            }
+            offset.fill(0.0);
+        }
+    }
+}
+
+/// `q >> 1` for every unpacked code of the chunk's `count` activation groups.
+fn shift_codes_down(u: &mut Unpacked, count: usize) {
+    for codes in &mut u.codes[..count] {
+        for q in codes.iter_mut() {
+            *q >>= 1;
+        }
     }
 }
 

@@ -532,8 +532,8 @@ impl PackedMatrix {
     }
 
     /// Whether [`PackedMatrix::matmul_dot`] can multiply this matrix: uniform planes of 1 to 6
-    /// bits in any of the packed weight groups (16, or 32 or more; f16 or two-level scales), not
-    /// per-plane scales.
+    /// bits in any of the packed weight groups (16, or 32 or more; f16 or two-level scales), or
+    /// per-plane scales in groups of 32 or more.
     pub fn has_dot_form(&self) -> bool {
         crate::dot::supports(&self.view())
     }
@@ -555,7 +555,8 @@ impl PackedMatrix {
     ) -> Result<()> {
         if !mats.iter().all(|m| m.has_dot_form()) {
             return Err(KernelError::UnsupportedForm(
-                "the int8 dot path takes uniform planes of 1 to 6 bits (not per-plane scales)",
+                "the int8 dot path takes planes of 1 to 6 bits (per-plane scales only in groups of \
+                 32 or more)",
             ));
         }
         for_parts(mats, outs, acts.cols(), acts.tokens(), |mats, outs| {

@@ -25,6 +25,26 @@ fn random_matrix(
     grouping: Grouping,
     offsets: bool,
 ) -> PackedMatrix {
+    random_form(
+        rng,
+        (rows, cols),
+        bits,
+        grouping,
+        PlaneScales::Uniform,
+        offsets,
+    )
+}
+
+/// [`random_matrix`] with `plane_scales`: per plane `p`, scales `2^p` times a group's scale
+/// times [0.7, 1.3) (planes near a uniform grid, and off it).
+fn random_form(
+    rng: &mut SplitMix64,
+    (rows, cols): (usize, usize),
+    bits: u8,
+    grouping: Grouping,
+    plane_scales: PlaneScales,
+    offsets: bool,
+) -> PackedMatrix {
     let per_row = match grouping {
         Grouping::Size(g) => cols / g,
         Grouping::PerRow => 1,
@@ -35,14 +55,24 @@ fn random_matrix(
         .map(|_| (rng.next_u64() % (1u64 << bits)) as u8)
         .collect();
     let top = ((1u32 << bits) - 1) as f32;
-    let scales: Vec<f32> = (0..count).map(|_| (0.5 + unit(rng)) / top).collect();
+    let scales: Vec<f32> = (0..count)
+        .flat_map(|_| {
+            let s = (0.5 + unit(rng)) / top;
+            match plane_scales {
+                PlaneScales::Uniform => vec![s],
+                PlaneScales::PerPlane => (0..bits)
+                    .map(|p| s * f32::from(1u8 << p) * (0.7 + 0.6 * unit(rng)))
+                    .collect(),
+            }
+        })
+        .collect();
     let offs: Vec<f32> = (0..count).map(|_| -0.5 - 0.1 * unit(rng)).collect();
     let spec = QuantSpec {
         rows,
         cols,
         bits,
         grouping,
-        plane_scales: PlaneScales::Uniform,
+        plane_scales,
     };
     PackedMatrix::pack(&QuantizedWeights {
         spec,
@@ -175,6 +205,43 @@ fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
             let tokens = [1, 3, 17, 70][(s + f) % 4];
             check_packed_product(
                 &format!("{rows}x{cols} {bits}-bit {grouping:?}, {tokens} tokens"),
+                &m,
+                &mut rng,
+                tokens,
+            );
+        }
+    }
+}
+
+/// Per-plane (HLQ) scales, by one pass per plane: every code width, weight groups of 32, 64, a
+/// row and the tensor, with and without offsets.
+#[test]
+fn per_plane_scales_give_the_scalar_bits_and_the_exact_product() {
+    let mut rng = SplitMix64::new(13);
+    let shapes = [(5, 32), (67, 96), (130, 160), (64, 576)];
+    let forms = [
+        (1, Grouping::Size(32), true),
+        (2, Grouping::Size(32), true),
+        (2, Grouping::Size(64), false),
+        (3, Grouping::PerRow, true),
+        (4, Grouping::Size(32), true),
+        (4, Grouping::PerTensor, false),
+        (5, Grouping::Size(32), true),
+        (6, Grouping::Size(32), false),
+    ];
+    for (s, &(rows, cols)) in shapes.iter().enumerate() {
+        for (f, &(bits, grouping, offsets)) in forms.iter().enumerate() {
+            if let Grouping::Size(g) = grouping {
+                if cols % g != 0 {
+                    continue;
+                }
+            }
+            let planes = PlaneScales::PerPlane;
+            let m = random_form(&mut rng, (rows, cols), bits, grouping, planes, offsets);
+            assert!(m.has_dot_form());
+            let tokens = [1, 3, 17, 70][(s + f) % 4];
+            check_packed_product(
+                &format!("{rows}x{cols} {bits}-bit per-plane {grouping:?}, {tokens} tokens"),
                 &m,
                 &mut rng,
                 tokens,
@@ -514,31 +581,11 @@ fn many_matrices_in_one_call_equal_one_call_each() {
 }
 
 #[test]
-fn forms_outside_the_dot_path_and_bad_shapes_are_refused() {
+fn bad_shapes_are_refused() {
     let mut rng = SplitMix64::new(1);
     let cols = 64;
-    let codes = vec![1u8; 8 * cols];
-    let scales = vec![0.5f32; 8 * 2 * 2];
-    let per_plane = PackedMatrix::pack(&QuantizedWeights {
-        spec: QuantSpec {
-            rows: 8,
-            cols,
-            bits: 2,
-            grouping: Grouping::Size(32),
-            plane_scales: PlaneScales::PerPlane,
-        },
-        codes: &codes,
-        scales: &scales,
-        offsets: None,
-    })
-    .unwrap();
-    assert!(!per_plane.has_dot_form());
     let acts = quantize(&random_acts(&mut rng, cols, 2), cols, 2);
     let mut out = vec![0.0; 16];
-    assert!(matches!(
-        per_plane.matmul_dot(&Cpu::new(1).unwrap(), &acts, &mut out),
-        Err(KernelError::UnsupportedForm(_))
-    ));
     let m = random_matrix(&mut rng, 8, cols, 4, Grouping::Size(32), true);
     let mut short = vec![0.0; 15];
     assert!(matches!(
