@@ -146,8 +146,9 @@ impl PreparedHessian {
             order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
         }
         let mean = diag.iter().sum::<f64>() / k as f64;
-        // The dampened Hessian in f32, its diagonal set once the dampening is known.
-        let mut damped = Mat::<f32>::from_fn(k, k, |i, j| hessian[i * k + j] as f32);
+        // The dampened Hessian in f32, its diagonal set once the dampening is known. Filled a
+        // column at a time, from the symmetric sums' row of the same index (contiguous reads).
+        let mut damped = Mat::<f32>::from_fn(k, k, |i, j| hessian[j * k + i] as f32);
         // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU, in pass order) without forming H⁻¹:
         // with R the reversal of the order, RHR = LLᵀ gives H⁻¹ = (R·L⁻¹·R)ᵀ(R·L⁻¹·R), and
         // R·L⁻¹·R is upper triangular with a positive diagonal: it is U. RHR is formed and factored
