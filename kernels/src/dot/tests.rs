@@ -180,11 +180,12 @@ fn check_packed_product(what: &str, m: &PackedMatrix, rng: &mut SplitMix64, toke
     );
 }
 
+/// Uniform and per-plane (HLQ, one pass per plane) scales of every code width, in weight groups
+/// of 32, 64, a row and the tensor, with and without offsets.
 #[test]
 fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
-    let mut rng = SplitMix64::new(11);
     let shapes = [(5, 32), (67, 96), (130, 160), (64, 576)];
-    let forms = [
+    let uniform = [
         (1, Grouping::Size(32), false),
         (2, Grouping::Size(64), true),
         (3, Grouping::PerRow, true),
@@ -193,33 +194,7 @@ fn every_isa_gives_the_scalar_bits_and_the_exact_product() {
         (5, Grouping::Size(32), true),
         (6, Grouping::Size(32), false),
     ];
-    for (s, &(rows, cols)) in shapes.iter().enumerate() {
-        for (f, &(bits, grouping, offsets)) in forms.iter().enumerate() {
-            if let Grouping::Size(g) = grouping {
-                if cols % g != 0 {
-                    continue;
-                }
-            }
-            let m = random_matrix(&mut rng, rows, cols, bits, grouping, offsets);
-            assert!(m.has_dot_form());
-            let tokens = [1, 3, 17, 70][(s + f) % 4];
-            check_packed_product(
-                &format!("{rows}x{cols} {bits}-bit {grouping:?}, {tokens} tokens"),
-                &m,
-                &mut rng,
-                tokens,
-            );
-        }
-    }
-}
-
-/// Per-plane (HLQ) scales, by one pass per plane: every code width, weight groups of 32, 64, a
-/// row and the tensor, with and without offsets.
-#[test]
-fn per_plane_scales_give_the_scalar_bits_and_the_exact_product() {
-    let mut rng = SplitMix64::new(13);
-    let shapes = [(5, 32), (67, 96), (130, 160), (64, 576)];
-    let forms = [
+    let per_plane = [
         (1, Grouping::Size(32), true),
         (2, Grouping::Size(32), true),
         (2, Grouping::Size(64), false),
@@ -229,23 +204,29 @@ fn per_plane_scales_give_the_scalar_bits_and_the_exact_product() {
         (5, Grouping::Size(32), true),
         (6, Grouping::Size(32), false),
     ];
-    for (s, &(rows, cols)) in shapes.iter().enumerate() {
-        for (f, &(bits, grouping, offsets)) in forms.iter().enumerate() {
-            if let Grouping::Size(g) = grouping {
-                if cols % g != 0 {
-                    continue;
+    let kinds = [
+        (PlaneScales::Uniform, &uniform[..], 11),
+        (PlaneScales::PerPlane, &per_plane[..], 13),
+    ];
+    for (planes, forms, seed) in kinds {
+        let mut rng = SplitMix64::new(seed);
+        for (s, &(rows, cols)) in shapes.iter().enumerate() {
+            for (f, &(bits, grouping, offsets)) in forms.iter().enumerate() {
+                if let Grouping::Size(g) = grouping {
+                    if cols % g != 0 {
+                        continue;
+                    }
                 }
+                let m = random_form(&mut rng, (rows, cols), bits, grouping, planes, offsets);
+                assert!(m.has_dot_form());
+                let tokens = [1, 3, 17, 70][(s + f) % 4];
+                check_packed_product(
+                    &format!("{rows}x{cols} {bits}-bit {planes:?} {grouping:?}, {tokens} tokens"),
+                    &m,
+                    &mut rng,
+                    tokens,
+                );
             }
-            let planes = PlaneScales::PerPlane;
-            let m = random_form(&mut rng, (rows, cols), bits, grouping, planes, offsets);
-            assert!(m.has_dot_form());
-            let tokens = [1, 3, 17, 70][(s + f) % 4];
-            check_packed_product(
-                &format!("{rows}x{cols} {bits}-bit per-plane {grouping:?}, {tokens} tokens"),
-                &m,
-                &mut rng,
-                tokens,
-            );
         }
     }
 }
