@@ -1411,22 +1411,27 @@ mod tests {
         let (mut ga, mut gt) = (vec![f32::NAN; tokens * 70], vec![f32::NAN; tokens * 9]);
         Linear::matmul_many(&cpu, &input, [&lut_a, &ternary], [&mut ga, &mut gt]).unwrap();
         assert_eq!((ga, gt), (want.clone(), t_want));
-        // A LUT matrix without a dot form (per-plane scales) beside one with it: every row on
-        // tables, as it would be alone, while the other splits.
-        let half = Linear::from_decoded(&plane_low_bit(6, 96, 3), false).unwrap();
-        let Linear::Lut(half_packed) = &half else {
+        // A LUT matrix with per-plane scales beside a uniform one splits as it does: the leading
+        // rows on its dot path, the rest on tables.
+        let planes = Linear::from_decoded(&plane_low_bit(6, 96, 3), false).unwrap();
+        let Linear::Lut(planes_packed) = &planes else {
             unreachable!("a 3-bit tensor with plane scales is a LUT matrix")
         };
-        assert!(!half_packed.has_dot_form());
-        let mut mixed = Input::for_consumers(96, tokens, [[&lut_a, &half]]);
+        assert!(planes_packed.has_dot_form());
+        let mut mixed = Input::for_consumers(96, tokens, [[&lut_a, &planes]]);
         mixed.values_mut(tokens).copy_from_slice(&values);
-        mixed.prepare_rows(&cpu, &[&lut_a, &half], dot).unwrap();
-        tables.build(&cpu, &values, tokens).unwrap();
-        let mut h_want = vec![0.0; tokens * 6];
-        half_packed.matmul(&cpu, &tables, &mut h_want).unwrap();
-        let (mut ga, mut gh) = (vec![f32::NAN; tokens * 70], vec![f32::NAN; tokens * 6]);
-        Linear::matmul_many(&cpu, &mixed, [&lut_a, &half], [&mut ga, &mut gh]).unwrap();
-        assert_eq!((ga, gh), (want.clone(), h_want));
+        mixed.prepare_rows(&cpu, &[&lut_a, &planes], dot).unwrap();
+        acts.build(&cpu, &values[..dot * 96], dot).unwrap();
+        tables
+            .build(&cpu, &values[dot * 96..], tokens - dot)
+            .unwrap();
+        let mut p_want = vec![0.0; tokens * 6];
+        let (head, tail) = p_want.split_at_mut(dot * 6);
+        planes_packed.matmul_dot(&cpu, &acts, head).unwrap();
+        planes_packed.matmul(&cpu, &tables, tail).unwrap();
+        let (mut ga, mut gp) = (vec![f32::NAN; tokens * 70], vec![f32::NAN; tokens * 6]);
+        Linear::matmul_many(&cpu, &mixed, [&lut_a, &planes], [&mut ga, &mut gp]).unwrap();
+        assert_eq!((ga, gp), (want.clone(), p_want));
         // Fresh values invalidate the split forms.
         fill(&mut input, tokens);
         assert!(lut_a.matmul(&cpu, &input, &mut got).is_err());
