@@ -1374,10 +1374,14 @@ mod tests {
         tables
             .build(&cpu, &values[dot * 96..], tokens - dot)
             .unwrap();
-        let mut want = vec![0.0; tokens * 70];
-        let (head, tail) = want.split_at_mut(dot * 70);
-        packed.matmul_dot(&cpu, &acts, head).unwrap();
-        packed.matmul(&cpu, &tables, tail).unwrap();
+        let split = |m: &PackedMatrix| {
+            let mut want = vec![0.0; tokens * m.rows()];
+            let (head, tail) = want.split_at_mut(dot * m.rows());
+            m.matmul_dot(&cpu, &acts, head).unwrap();
+            m.matmul(&cpu, &tables, tail).unwrap();
+            want
+        };
+        let want = split(packed);
         let mut got = vec![f32::NAN; tokens * 70];
         lut_a.matmul(&cpu, &input, &mut got).unwrap();
         assert_eq!(got, want);
@@ -1389,9 +1393,10 @@ mod tests {
         assert_eq!((ga, gb), (want.clone(), b));
         // All rows on the dot path: no tables are needed.
         input.prepare_rows(&cpu, &[&lut_a], tokens).unwrap();
-        acts.build(&cpu, &values, tokens).unwrap();
+        let mut all_acts = Int8Activations::new(96);
+        all_acts.build(&cpu, &values, tokens).unwrap();
         let mut all = vec![0.0; tokens * 70];
-        packed.matmul_dot(&cpu, &acts, &mut all).unwrap();
+        packed.matmul_dot(&cpu, &all_acts, &mut all).unwrap();
         lut_a.matmul(&cpu, &input, &mut got).unwrap();
         assert_eq!(got, all);
         // Beside a consumer without a dot form, the LUT matrix still splits (the same rows as
@@ -1421,14 +1426,7 @@ mod tests {
         let mut mixed = Input::for_consumers(96, tokens, [[&lut_a, &planes]]);
         mixed.values_mut(tokens).copy_from_slice(&values);
         mixed.prepare_rows(&cpu, &[&lut_a, &planes], dot).unwrap();
-        acts.build(&cpu, &values[..dot * 96], dot).unwrap();
-        tables
-            .build(&cpu, &values[dot * 96..], tokens - dot)
-            .unwrap();
-        let mut p_want = vec![0.0; tokens * 6];
-        let (head, tail) = p_want.split_at_mut(dot * 6);
-        planes_packed.matmul_dot(&cpu, &acts, head).unwrap();
-        planes_packed.matmul(&cpu, &tables, tail).unwrap();
+        let p_want = split(planes_packed);
         let (mut ga, mut gp) = (vec![f32::NAN; tokens * 70], vec![f32::NAN; tokens * 6]);
         Linear::matmul_many(&cpu, &mixed, [&lut_a, &planes], [&mut ga, &mut gp]).unwrap();
         assert_eq!((ga, gp), (want.clone(), p_want));
