@@ -265,21 +265,28 @@ impl DotTiles for Planes<'_> {
             tile_is_consistent(&tile, act_groups),
             "inconsistent packed tile"
         );
-        for a0 in (0..act_groups).step_by(CHUNK) {
-            let count = CHUNK.min(act_groups - a0);
-            (self.unpacker.unpack)(&tile, a0, count, u);
-            if tile.per_plane {
+        if tile.per_plane {
+            // Each chunk's plane scales widened once for all its passes.
+            let mut planes = [[[0.0; TILE]; MAX_BITS]; CHUNK];
+            for a0 in (0..act_groups).step_by(CHUNK) {
+                let count = CHUNK.min(act_groups - a0);
+                (self.unpacker.unpack)(&tile, a0, count, u);
+                widen_plane_scales(&tile, a0, count, &mut planes);
                 for p in 0..tile.bits {
                     if p > 0 {
                         shift_codes_down(u, count);
                     }
-                    plane_pass_scales(&tile, a0, count, p, u);
+                    plane_pass_scales(&tile, &planes, a0, count, p, u);
                     multiply(u, a0, count);
                 }
-            } else {
-                (self.unpacker.scales)(&tile, a0, count, u);
-                multiply(u, a0, count);
             }
+            return;
+        }
+        for a0 in (0..act_groups).step_by(CHUNK) {
+            let count = CHUNK.min(act_groups - a0);
+            (self.unpacker.scales)(&tile, a0, count, u);
+            (self.unpacker.unpack)(&tile, a0, count, u);
+            multiply(u, a0, count);
         }
     }
 }
@@ -460,44 +467,57 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     }
 }
 
-/// Fills `u` for pass `p` of a per-plane tile's chunk (activation groups `a0..a0 + count`; see
-/// the module doc): codes `q >> p` up to `top = 2^(b − p) − 1`, half the scale `t_p`, and the
-/// offset `o` on the first pass (0 on the others). The same on every ISA.
-fn plane_pass_scales(v: &TileView<'_>, a0: usize, count: usize, p: usize, u: &mut Unpacked) {
+/// The f32 scales of a per-plane tile's chunk, `[activation group][plane][row]`.
+type ChunkPlaneScales = [[[f32; TILE]; MAX_BITS]; CHUNK];
+
+/// Widens the plane scales of the weight groups of activation groups `a0..a0 + count` of
+/// per-plane tile `v` into `out`.
+fn widen_plane_scales(v: &TileView<'_>, a0: usize, count: usize, out: &mut ChunkPlaneScales) {
+    for (c, planes) in out[..count].iter_mut().enumerate() {
+        let g = v.group_of(a0 + c, 0);
+        for (q, plane) in planes[..v.bits].iter_mut().enumerate() {
+            v.scales[(g * v.bits + q) * TILE..][..TILE]
+                .reinterpret_cast::<f16>()
+                .convert_to_f32_slice(plane);
+        }
+    }
+}
+
+/// Fills `u` for pass `p` of a per-plane tile's chunk (activation groups `a0..a0 + count`, plane
+/// scales `planes` from [`widen_plane_scales`]; see the module doc): codes `q >> p` up to
+/// `top = 2^(b − p) − 1`, half the scale `t_p`, and the offset `o` on the first pass (0 on the
+/// others). The same on every ISA.
+fn plane_pass_scales(
+    v: &TileView<'_>,
+    planes: &ChunkPlaneScales,
+    a0: usize,
+    count: usize,
+    p: usize,
+    u: &mut Unpacked,
+) {
     u.top = (1 << (v.bits - p)) - 1;
     u.factor = 2;
     u.halves = 1;
-    let planes = v.bits;
-    let plane_scales = |g: usize, q: usize| {
-        let mut out = [0.0f32; TILE];
-        v.scales[(g * planes + q) * TILE..][..TILE]
-            .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(&mut out);
-        out
-    };
-    for c in 0..count {
-        let g = v.group_of(a0 + c, 0);
+    for (c, s) in planes[..count].iter().enumerate() {
         let (scale, offset) = (&mut u.scale[2 * c], &mut u.offset[2 * c]);
-        let s = plane_scales(g, p);
         if p == 0 {
+            let g = v.group_of(a0 + c, 0);
             match v.offsets {
                 Some(o) => o[g * TILE..(g + 1) * TILE]
                     .reinterpret_cast::<f16>()
                     .convert_to_f32_slice(offset),
                 None => offset.fill(0.0),
             }
-            for q in 0..planes {
-                let sq = plane_scales(g, q);
-                for (o, &sq) in offset.iter_mut().zip(&sq) {
+            for sq in &s[..v.bits] {
+                for (o, &sq) in offset.iter_mut().zip(sq) {
                     *o += 0.5 * sq;
                 }
             }
-            for (h, &s) in scale.iter_mut().zip(&s) {
+            for (h, &s) in scale.iter_mut().zip(&s[0]) {
                 *h = 0.5 * s;
             }
         } else {
-            let below = plane_scales(g, p - 1);
-            for ((h, &s), &b) in scale.iter_mut().zip(&s).zip(&below) {
+            for ((h, &s), &b) in scale.iter_mut().zip(&s[p]).zip(&s[p - 1]) {
                 *h = 0.5 * (s - 2.0 * b);
             }
             offset.fill(0.0);
