@@ -690,8 +690,16 @@ vector_ops!(
     _mm512_mul_ps,
     _mm512_fmadd_ps,
     _mm512_dpbusd_epi32,
+    // `factor` is 1 or 2 (`Unpacked`): doubling by an add keeps the flush off the multiplier,
+    // which `vpdpbusd` and the float steps share on cores with one 512-bit unit.
     |isum: __m512i, part: __m512i, factor: i32| {
-        _mm512_add_epi32(isum, _mm512_mullo_epi32(part, _mm512_set1_epi32(factor)))
+        debug_assert!(factor == 1 || factor == 2);
+        let part = if factor == 2 {
+            _mm512_add_epi32(part, part)
+        } else {
+            part
+        };
+        _mm512_add_epi32(isum, part)
     },
     // int32 partial sums: every quad of an activation block in one.
     |_top: i32| 8
