@@ -265,28 +265,25 @@ impl DotTiles for Planes<'_> {
             tile_is_consistent(&tile, act_groups),
             "inconsistent packed tile"
         );
-        if tile.per_plane {
-            // Each chunk's plane scales widened once for all its passes.
-            let mut planes = [[[0.0; TILE]; MAX_BITS]; CHUNK];
-            for a0 in (0..act_groups).step_by(CHUNK) {
-                let count = CHUNK.min(act_groups - a0);
-                (self.unpacker.unpack)(&tile, a0, count, u);
-                widen_plane_scales(&tile, a0, count, &mut planes);
-                for p in 0..tile.bits {
-                    if p > 0 {
-                        shift_codes_down(u, count);
-                    }
-                    plane_pass_scales(&tile, &planes, a0, count, p, u);
-                    multiply(u, a0, count);
-                }
-            }
-            return;
-        }
+        // A per-plane tile's chunk scales, widened once for all the chunk's passes.
+        let mut planes = tile.per_plane.then_some([[[0.0; TILE]; MAX_BITS]; CHUNK]);
         for a0 in (0..act_groups).step_by(CHUNK) {
             let count = CHUNK.min(act_groups - a0);
-            (self.unpacker.scales)(&tile, a0, count, u);
+            let Some(planes) = planes.as_mut() else {
+                (self.unpacker.scales)(&tile, a0, count, u);
+                (self.unpacker.unpack)(&tile, a0, count, u);
+                multiply(u, a0, count);
+                continue;
+            };
             (self.unpacker.unpack)(&tile, a0, count, u);
-            multiply(u, a0, count);
+            widen_plane_scales(&tile, a0, count, planes);
+            for p in 0..tile.bits {
+                if p > 0 {
+                    shift_codes_down(u, count);
+                }
+                plane_pass_scales(&tile, planes, a0, count, p, u);
+                multiply(u, a0, count);
+            }
         }
     }
 }
@@ -415,16 +412,8 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
         let (scale, offset) = (&mut u.scale[2 * c + h], &mut u.offset[2 * c + h]);
         match &v.super_scales {
             None => {
-                let rows = g * TILE..(g + 1) * TILE;
-                v.scales[rows.clone()]
-                    .reinterpret_cast::<f16>()
-                    .convert_to_f32_slice(scale);
-                match v.offsets {
-                    Some(o) => o[rows]
-                        .reinterpret_cast::<f16>()
-                        .convert_to_f32_slice(offset),
-                    None => offset.fill(0.0),
-                }
+                widen_rows(v.scales, g, scale);
+                widen_offsets(v, g, offset);
                 for (o, &s) in offset.iter_mut().zip(scale.iter()) {
                     // Not fused: a plain `mul_add` here is a libm call per element on x86.
                     *o += s * centre;
@@ -434,9 +423,7 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
                 let sb = g / s.groups_per_super;
                 let rows = |v: &'_ [u16], at: usize| {
                     let mut out = [0.0f32; TILE];
-                    v[at * TILE..(at + 1) * TILE]
-                        .reinterpret_cast::<f16>()
-                        .convert_to_f32_slice(&mut out);
+                    widen_rows(v, at, &mut out);
                     out
                 };
                 // Whole rows at a time (the f16 widening and the products vectorize); `centre`
@@ -467,6 +454,23 @@ fn unpack_scales(v: &TileView<'_>, a0: usize, count: usize, u: &mut Unpacked) {
     }
 }
 
+/// Widens the `index`-th run of [`TILE`] f16 values of `src` (one value per row of a tile) into
+/// `out`.
+fn widen_rows(src: &[u16], index: usize, out: &mut [f32]) {
+    src[index * TILE..(index + 1) * TILE]
+        .reinterpret_cast::<f16>()
+        .convert_to_f32_slice(out);
+}
+
+/// The f32 offsets of weight group `g`'s rows of tile `v` into `out` (0 for a tile without
+/// offsets).
+fn widen_offsets(v: &TileView<'_>, g: usize, out: &mut [f32]) {
+    match v.offsets {
+        Some(o) => widen_rows(o, g, out),
+        None => out.fill(0.0),
+    }
+}
+
 /// The f32 scales of a per-plane tile's chunk, `[activation group][plane][row]`.
 type ChunkPlaneScales = [[[f32; TILE]; MAX_BITS]; CHUNK];
 
@@ -476,9 +480,7 @@ fn widen_plane_scales(v: &TileView<'_>, a0: usize, count: usize, out: &mut Chunk
     for (c, planes) in out[..count].iter_mut().enumerate() {
         let g = v.group_of(a0 + c, 0);
         for (q, plane) in planes[..v.bits].iter_mut().enumerate() {
-            v.scales[(g * v.bits + q) * TILE..][..TILE]
-                .reinterpret_cast::<f16>()
-                .convert_to_f32_slice(plane);
+            widen_rows(v.scales, g * v.bits + q, plane);
         }
     }
 }
@@ -501,13 +503,7 @@ fn plane_pass_scales(
     for (c, s) in planes[..count].iter().enumerate() {
         let (scale, offset) = (&mut u.scale[2 * c], &mut u.offset[2 * c]);
         if p == 0 {
-            let g = v.group_of(a0 + c, 0);
-            match v.offsets {
-                Some(o) => o[g * TILE..(g + 1) * TILE]
-                    .reinterpret_cast::<f16>()
-                    .convert_to_f32_slice(offset),
-                None => offset.fill(0.0),
-            }
+            widen_offsets(v, v.group_of(a0 + c, 0), offset);
             for sq in &s[..v.bits] {
                 for (o, &sq) in offset.iter_mut().zip(sq) {
                     *o += 0.5 * sq;
