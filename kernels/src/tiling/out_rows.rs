@@ -53,6 +53,37 @@ impl RowRange<'_> {
         unsafe { *self.ptr.add(token * self.stride + row) = value };
     }
 
+    /// Asks the CPU to bring the cache lines of `out[token][row0..row0 + len]` into its cache
+    /// before they are written (a prefetch on x86-64, nothing on other targets); does nothing when
+    /// the elements are not all in this range. A hint only: no value changes.
+    #[inline]
+    pub(crate) fn prefetch(&self, token: usize, row0: usize, len: usize) {
+        if len == 0
+            || !self.tokens.contains(&token)
+            || row0 < self.rows.start
+            || row0 + len > self.rows.end
+        {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: as in `write`, `token` and `row0..row0 + len` lie in the borrowed output,
+            // so both offsets stay inside its allocation; a prefetch reads and writes no memory
+            // (it cannot fault or race with another thread's stores), and `_mm_prefetch` needs
+            // only SSE, which every x86-64 CPU has.
+            unsafe {
+                let first = self.ptr.add(token * self.stride + row0);
+                let last = first.add(len - 1);
+                let mut line = first as usize & !63;
+                while line <= last as usize {
+                    _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                    line += 64;
+                }
+            }
+        }
+    }
+
     /// `out[token][row0 + i] = values[i]`; panics if any element is not in this range.
     #[inline]
     pub(crate) fn write(&mut self, token: usize, row0: usize, values: &[f32]) {
