@@ -138,7 +138,7 @@ pub(super) unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
 /// horizontal adds within each 128-bit half, then the halves added.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn lane_sums(acc: [__m256; 8]) -> __m256 {
+pub(super) fn lane_sums(acc: [__m256; 8]) -> __m256 {
     // Per 128-bit half h of acc k: hadd(acc[k], acc[k+1]) holds l0+l1, l2+l3 (of the low or high
     // four lanes) of acc k, then of acc k+1; a second hadd adds those pairs.
     let h01 = _mm256_hadd_ps(acc[0], acc[1]);
@@ -281,7 +281,7 @@ pub(super) unsafe fn segment_dots(a: &[f32], b: &[f32], len: usize, out: &mut [f
 /// One pair of [`dot_matrix`]: eight lanes, summed as [`super::pair_lanes_sum`], then the tail.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn pair_dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn pair_dot(a: &[f32], b: &[f32]) -> f32 {
     let (acc, n) = lanes(a, b);
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` is 8 f32s.

@@ -106,17 +106,61 @@ fn widening_f16_is_exact_on_every_isa() {
     }
 }
 
+type DotMatrix = Box<dyn Fn(&[f32], &[f32], usize, &mut [f32])>;
+type RowSums = Box<dyn Fn(&mut [f32], &[f32], &[f32], usize)>;
+
+/// The many-query forms to check: each ISA's dispatch, and on x86-64 the AVX2 forms on their own
+/// (the dispatch takes the AVX-512 forms where the CPU has AVX-512 F).
+fn many_query_forms() -> Vec<(String, DotMatrix, RowSums)> {
+    let mut forms: Vec<(String, DotMatrix, RowSums)> = Vec::new();
+    for isa in Isa::supported() {
+        let (cpu, cpu2) = (
+            Cpu::with_isa(isa, 1).unwrap(),
+            Cpu::with_isa(isa, 1).unwrap(),
+        );
+        forms.push((
+            format!("{isa:?}"),
+            Box::new(move |a, b, len, out| dot_matrix(&cpu, a, b, len, out)),
+            Box::new(move |out, w, rows, len| weighted_row_sums(&cpu2, out, w, rows, len)),
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2.is_supported() {
+        forms.push((
+            "AVX2 forms".to_string(),
+            // SAFETY: avx2 and fma were detected; the test passes whole rows of `len > 0` values
+            // and outputs of the contracts' lengths.
+            Box::new(|a, b, len, out| unsafe { avx2::dot_matrix(a, b, len, out) }),
+            // SAFETY: as above.
+            Box::new(|out, w, rows, len| unsafe { avx2::weighted_row_sums(out, w, rows, len) }),
+        ));
+    }
+    forms
+}
+
 #[test]
 fn many_query_forms_give_the_scalar_bits_on_every_isa() {
-    for isa in Isa::supported() {
-        let cpu = Cpu::with_isa(isa, 1).unwrap();
-        // Row lengths with and without a tail past 8; query and key counts around the 2×4 tile.
-        for len in [64, 8, 13, 1, 40] {
-            for (queries, keys) in [(1, 1), (2, 4), (3, 7), (5, 64), (64, 13), (4, 0), (0, 5)] {
+    for (form, dot_matrix, weighted_row_sums) in many_query_forms() {
+        // Row lengths with and without a tail past 8 or 16, and past the AVX-512 form's longest;
+        // query and key counts around the 2×4 and 8×4 tiles.
+        for len in [64, 8, 13, 1, 40, 16, 24, 128, 264] {
+            for (queries, keys) in [
+                (1, 1),
+                (2, 4),
+                (3, 7),
+                (5, 64),
+                (64, 13),
+                (4, 0),
+                (0, 5),
+                (8, 4),
+                (9, 3),
+                (17, 9),
+                (33, 65),
+            ] {
                 let a = random(queries * len, 5 + (queries * len) as u64);
                 let b = random(keys * len, 50 + (keys * len) as u64);
                 let mut got = vec![f32::NAN; queries * keys];
-                dot_matrix(&cpu, &a, &b, len, &mut got);
+                dot_matrix(&a, &b, len, &mut got);
                 for i in 0..queries {
                     for j in 0..keys {
                         let want = scalar_pair_dot(&a[i * len..][..len], &b[j * len..][..len]);
@@ -129,14 +173,14 @@ fn many_query_forms_give_the_scalar_bits_on_every_isa() {
                         assert_eq!(
                             got[i * keys + j].to_bits(),
                             want.to_bits(),
-                            "{isa:?} dot_matrix len={len} {queries}×{keys} pair ({i}, {j})"
+                            "{form} dot_matrix len={len} {queries}×{keys} pair ({i}, {j})"
                         );
                     }
                 }
 
                 let w = random(queries * keys, 90 + keys as u64);
                 let mut sums = vec![f32::NAN; queries * len];
-                weighted_row_sums(&cpu, &mut sums, &w, &b, len);
+                weighted_row_sums(&mut sums, &w, &b, len);
                 for i in 0..queries {
                     let mut want = vec![0.0f32; len];
                     for (&wp, row) in w[i * keys..][..keys].iter().zip(b.chunks_exact(len)) {
@@ -147,7 +191,7 @@ fn many_query_forms_give_the_scalar_bits_on_every_isa() {
                     let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
                     assert_eq!(
                         got, want,
-                        "{isa:?} weighted_row_sums len={len} {queries}×{keys} row {i}"
+                        "{form} weighted_row_sums len={len} {queries}×{keys} row {i}"
                     );
                 }
             }

@@ -1,0 +1,187 @@
+//! AVX-512 forms of the many-query products [`super::dot_matrix`] and
+//! [`super::weighted_row_sums`] (attention scores and value sums of a batch of tokens), for CPUs
+//! with AVX-512 F, whose cores may run two 512-bit multiply-adds a cycle where AVX2 runs two of
+//! 256 bits. They perform the AVX2 forms' operations, so the bits stay those of the scalar form:
+//! a 512-bit register holds two of the AVX2 form's eight-lane partial sums (two queries against
+//! one key), and the value sums keep one column per lane, each summed in row order.
+
+use std::arch::x86_64::*;
+
+use super::avx2;
+
+/// Query rows per pass of [`dot_matrix`]: four pairs, each pair in one register.
+const QUERY_ROWS: usize = 8;
+/// Key rows per pass of [`dot_matrix`].
+const KEY_ROWS: usize = 4;
+/// Longest row [`dot_matrix`] takes on this path: its pass copies `QUERY_ROWS` rows to the stack.
+const MAX_LEN: usize = 256;
+
+/// Whether this x86-64 CPU has AVX-512 F (the 512-bit multiply-adds, loads and broadcasts used
+/// here); the caller has checked AVX2 and FMA.
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+/// [`avx2::dot_matrix`] with eight rows of `a` against four of `b` per pass: rows `2k` and `2k + 1`
+/// of the eight share a register (copied once per pass into a stack buffer as
+/// `[len / 8][pair][row of the pair][8]`), each of the four rows of `b` is broadcast to both
+/// halves, so every half accumulates one pair's eight lanes exactly as the AVX2 form does; the
+/// lanes are then summed by [`avx2::lane_sums`]. Rows of `a` left over, rows of `b` left over,
+/// rows longer than [`MAX_LEN`] and lengths that are not a multiple of 8 go to the AVX2 form.
+///
+/// # Safety
+/// The CPU supports avx2, fma and avx512f, `len > 0`, `a.len()` and `b.len()` are multiples of
+/// `len`, and `out.len() == a.len() / len * (b.len() / len)`.
+#[target_feature(enable = "avx2,fma,avx512f")]
+pub(super) unsafe fn dot_matrix(a: &[f32], b: &[f32], len: usize, out: &mut [f32]) {
+    let (a_rows, m) = (a.len() / len, b.len() / len);
+    debug_assert!(len > 0 && out.len() == a_rows * m);
+    let full = a_rows / QUERY_ROWS * QUERY_ROWS;
+    if !len.is_multiple_of(8) || len > MAX_LEN || full == 0 || m < KEY_ROWS {
+        // SAFETY: the caller's contract is the AVX2 form's.
+        return unsafe { avx2::dot_matrix(a, b, len, out) };
+    }
+    let chunks = len / 8;
+    let keys = m / KEY_ROWS * KEY_ROWS;
+    let mut pairs = [0.0f32; QUERY_ROWS * MAX_LEN];
+    let pb = b.as_ptr();
+    for i in (0..full).step_by(QUERY_ROWS) {
+        // `pairs[(c·8 + r)·8 + l]` = a[i + r][8c + l]: pair p is rows 2p and 2p + 1.
+        for (c, chunk) in pairs[..QUERY_ROWS * len].chunks_exact_mut(64).enumerate() {
+            for (r, dst) in chunk.chunks_exact_mut(8).enumerate() {
+                dst.copy_from_slice(&a[(i + r) * len + 8 * c..][..8]);
+            }
+        }
+        let pp = pairs.as_ptr();
+        for j in (0..keys).step_by(KEY_ROWS) {
+            let mut acc = [[_mm512_setzero_ps(); KEY_ROWS]; QUERY_ROWS / 2];
+            for c in 0..chunks {
+                // SAFETY: c < len / 8, so the four pair registers lie in the first
+                // QUERY_ROWS·len values of `pairs`; rows j..j+4 of `b` exist (j + 4 <= m) and
+                // hold values 8c..8c+8 (8c + 8 <= len).
+                unsafe {
+                    let q = [0, 1, 2, 3].map(|p| _mm512_loadu_ps(pp.add((c * 4 + p) * 16)));
+                    for k in 0..KEY_ROWS {
+                        let kv = broadcast_8(_mm256_loadu_ps(pb.add((j + k) * len + 8 * c)));
+                        for (acc, &q) in acc.iter_mut().zip(&q) {
+                            acc[k] = _mm512_fmadd_ps(q, kv, acc[k]);
+                        }
+                    }
+                }
+            }
+            for (p, acc) in acc.iter().enumerate() {
+                // Rows i + 2p (low halves) and i + 2p + 1 (high halves) against keys j..j+4.
+                let halves = [
+                    _mm512_castps512_ps256(acc[0]),
+                    _mm512_castps512_ps256(acc[1]),
+                    _mm512_castps512_ps256(acc[2]),
+                    _mm512_castps512_ps256(acc[3]),
+                    high_8(acc[0]),
+                    high_8(acc[1]),
+                    high_8(acc[2]),
+                    high_8(acc[3]),
+                ];
+                let sums = avx2::lane_sums(halves);
+                let row = i + 2 * p;
+                // SAFETY: rows `row` and `row + 1` of `out` hold columns j..j+4 (j + 4 <= m).
+                unsafe {
+                    let po = out.as_mut_ptr();
+                    _mm_storeu_ps(po.add(row * m + j), _mm256_castps256_ps128(sums));
+                    _mm_storeu_ps(po.add((row + 1) * m + j), _mm256_extractf128_ps::<1>(sums));
+                }
+            }
+        }
+        for r in i..i + QUERY_ROWS {
+            for jj in keys..m {
+                out[r * m + jj] = avx2::pair_dot(&a[r * len..][..len], &b[jj * len..][..len]);
+            }
+        }
+    }
+    if full < a_rows {
+        // SAFETY: the rows left over are whole rows, with their outputs; the contract holds.
+        unsafe { avx2::dot_matrix(&a[full * len..], b, len, &mut out[full * m..]) };
+    }
+}
+
+/// [`avx2::weighted_row_sums`] with four output rows by 64 columns per pass (then by 16): each
+/// row of `rows` is loaded once for the four, every lane is one column summed in row order from
+/// zero, as in the AVX2 form. Output rows left over and lengths that are not a multiple of 16 go to
+/// the AVX2 form.
+///
+/// # Safety
+/// The CPU supports avx2, fma and avx512f, `len > 0`, `out.len()` and `rows.len()` are multiples
+/// of `len`, and `w.len() == out.len() / len * (rows.len() / len)`.
+#[target_feature(enable = "avx2,fma,avx512f")]
+pub(super) unsafe fn weighted_row_sums(out: &mut [f32], w: &[f32], rows: &[f32], len: usize) {
+    const R: usize = 4;
+    let (out_rows, p_len) = (out.len() / len, rows.len() / len);
+    debug_assert!(len > 0 && w.len() == out_rows * p_len);
+    let full = out_rows / R * R;
+    if !len.is_multiple_of(16) || full == 0 {
+        // SAFETY: the caller's contract is the AVX2 form's.
+        return unsafe { avx2::weighted_row_sums(out, w, rows, len) };
+    }
+    let (pr, pw, po) = (rows.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    for i in (0..full).step_by(R) {
+        let mut c0 = 0;
+        while c0 + 64 <= len {
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            for p in 0..p_len {
+                // SAFETY: p < p_len and c0 + 64 <= len, so the 64 values lie in row p; the
+                // weights (i + r)·p_len + p (i + r < out_rows) are within `w`.
+                unsafe {
+                    let v = [0, 1, 2, 3].map(|k| _mm512_loadu_ps(pr.add(p * len + c0 + 16 * k)));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(*pw.add((i + r) * p_len + p));
+                        for (acc, &v) in acc.iter_mut().zip(&v) {
+                            *acc = _mm512_fmadd_ps(wv, v, *acc);
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (k, &acc) in acc.iter().enumerate() {
+                    // SAFETY: row i + r of `out` exists and c0 + 16k + 16 <= len.
+                    unsafe { _mm512_storeu_ps(po.add((i + r) * len + c0 + 16 * k), acc) };
+                }
+            }
+            c0 += 64;
+        }
+        while c0 < len {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for p in 0..p_len {
+                // SAFETY: as above, for 16 values (c0 + 16 <= len, len a multiple of 16).
+                unsafe {
+                    let v = _mm512_loadu_ps(pr.add(p * len + c0));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc =
+                            _mm512_fmadd_ps(_mm512_set1_ps(*pw.add((i + r) * p_len + p)), v, *acc);
+                    }
+                }
+            }
+            for (r, &acc) in acc.iter().enumerate() {
+                // SAFETY: row i + r of `out` exists and c0 + 16 <= len.
+                unsafe { _mm512_storeu_ps(po.add((i + r) * len + c0), acc) };
+            }
+            c0 += 16;
+        }
+    }
+    if full < out_rows {
+        // SAFETY: the rows left over are whole output rows with their weights; the contract holds.
+        unsafe { avx2::weighted_row_sums(&mut out[full * len..], &w[full * p_len..], rows, len) };
+    }
+}
+
+/// `x` in both 256-bit halves (`vbroadcastf64x4`, AVX-512 F).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn broadcast_8(x: __m256) -> __m512 {
+    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(x)))
+}
+
+/// The high 256-bit half of `x` (`vextractf64x4`, AVX-512 F).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn high_8(x: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)))
+}
