@@ -26,7 +26,7 @@ pub(super) fn available() -> bool {
 /// of the eight share a register (copied once per pass into a stack buffer as
 /// `[len / 8][pair][row of the pair][8]`), each of the four rows of `b` is broadcast to both
 /// halves, so every half accumulates one pair's eight lanes exactly as the AVX2 form does; the
-/// lanes are then summed by [`avx2::lane_sums`]. Rows of `a` left over, rows of `b` left over,
+/// lanes are then summed as [`avx2::lane_sums`] sums them. Rows of `a` left over, rows of `b` left over,
 /// rows longer than [`MAX_LEN`] and lengths that are not a multiple of 8 go to the AVX2 form.
 ///
 /// # Safety
@@ -69,19 +69,9 @@ pub(super) unsafe fn dot_matrix(a: &[f32], b: &[f32], len: usize, out: &mut [f32
                     }
                 }
             }
-            for (p, acc) in acc.iter().enumerate() {
+            for (p, &acc) in acc.iter().enumerate() {
                 // Rows i + 2p (low halves) and i + 2p + 1 (high halves) against keys j..j+4.
-                let halves = [
-                    _mm512_castps512_ps256(acc[0]),
-                    _mm512_castps512_ps256(acc[1]),
-                    _mm512_castps512_ps256(acc[2]),
-                    _mm512_castps512_ps256(acc[3]),
-                    high_8(acc[0]),
-                    high_8(acc[1]),
-                    high_8(acc[2]),
-                    high_8(acc[3]),
-                ];
-                let sums = avx2::lane_sums(halves);
+                let sums = lane_sums(acc);
                 let row = i + 2 * p;
                 // SAFETY: rows `row` and `row + 1` of `out` hold columns j..j+4 (j + 4 <= m).
                 unsafe {
@@ -179,9 +169,24 @@ fn broadcast_8(x: __m256) -> __m512 {
     _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(x)))
 }
 
-/// The high 256-bit half of `x` (`vextractf64x4`, AVX-512 F).
+/// [`avx2::lane_sums`] of the eight 256-bit halves `acc[0].low, .., acc[3].low, acc[0].high, ..,
+/// acc[3].high`, with the same additions done on whole 512-bit registers: lanes 0..4 of the result
+/// are the sums of the low halves, lanes 4..8 those of the high halves.
 #[inline]
-#[target_feature(enable = "avx512f")]
-fn high_8(x: __m512) -> __m256 {
-    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)))
+#[target_feature(enable = "avx2,fma,avx512f")]
+fn lane_sums(acc: [__m512; 4]) -> __m256 {
+    // `_mm256_hadd_ps` on each 128-bit lane: [a0 + a1, a2 + a3, b0 + b1, b2 + b3].
+    let hadd = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_ps::<0b11_01_11_01>(a, b),
+        )
+    };
+    // 128-bit lane k of `h`: (l0 + l1) + (l2 + l3) (k even) or (l4 + l5) + (l6 + l7) (k odd) of
+    // the low (k < 2) or high (k >= 2) halves of acc[0..4].
+    let h = hadd(hadd(acc[0], acc[1]), hadd(acc[2], acc[3]));
+    // Lanes 0, 2 then 1, 3: the two sums of each half meet, as `avx2::lane_sums` adds its halves.
+    let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(h, h);
+    let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(h, h);
+    _mm512_castps512_ps256(_mm512_add_ps(even, odd))
 }
