@@ -235,6 +235,10 @@ pub fn scale_max(cpu: &Cpu, x: &mut [f32], scale: f32) -> f32 {
 pub fn exp_sum(cpu: &Cpu, x: &mut [f32], shift: f32) -> f32 {
     match cpu.isa() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: a Cpu holds Isa::Avx2 only when avx2+fma were detected, and `available`
+        // detected AVX-512 F.
+        Isa::Avx2 if avx512::available() => unsafe { avx512::exp_sum(x, shift) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: a Cpu holds Isa::Avx2 only when avx2+fma were detected.
         Isa::Avx2 => unsafe { avx2::exp_sum(x, shift) },
         _ => scalar_exp_sum(x, shift),

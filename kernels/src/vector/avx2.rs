@@ -388,7 +388,7 @@ pub(super) unsafe fn scale_max(x: &mut [f32], scale: f32) -> f32 {
 /// [`super::exp`] of eight values: the same multiplications and additions in the same order.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn exp8(x: __m256) -> __m256 {
+pub(super) fn exp8(x: __m256) -> __m256 {
     use super::exp_consts::*;
     let set = _mm256_set1_ps;
     // `clamp`: a NaN stays NaN (max_ps and min_ps return their second operand when one is NaN).

@@ -1,9 +1,11 @@
 //! AVX-512 forms of the many-query products [`super::dot_matrix`] and
-//! [`super::weighted_row_sums`] (attention scores and value sums of a batch of tokens), for CPUs
+//! [`super::weighted_row_sums`] (attention scores and value sums of a batch of tokens) and of the
+//! softmax's [`super::exp_sum`], for CPUs
 //! with AVX-512 F, whose cores may run two 512-bit multiply-adds a cycle where AVX2 runs two of
 //! 256 bits. They perform the AVX2 forms' operations, so the bits stay those of the scalar form:
 //! a 512-bit register holds two of the AVX2 form's eight-lane partial sums (two queries against
-//! one key), and the value sums keep one column per lane, each summed in row order.
+//! one key), the value sums keep one column per lane, each summed in row order, and the exps
+//! are the AVX2 polynomial's operations on sixteen lanes, summed eight lanes at a time in order.
 
 use std::arch::x86_64::*;
 
@@ -189,4 +191,75 @@ fn lane_sums(acc: [__m512; 4]) -> __m256 {
     let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(h, h);
     let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(h, h);
     _mm512_castps512_ps256(_mm512_add_ps(even, odd))
+}
+
+/// [`avx2::exp_sum`] sixteen values at a time: the exps are lane by lane those of the AVX2 form,
+/// and each sixteen are added to its eight partial sums as two vectors in order, so the partial
+/// sums, and the total, are its bits.
+///
+/// # Safety
+/// The CPU supports avx2, fma and avx512f.
+#[target_feature(enable = "avx2,fma,avx512f")]
+pub(super) unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
+    let n16 = x.len() / 16 * 16;
+    let n8 = x.len() / 8 * 8;
+    let p = x.as_mut_ptr();
+    let shift_v = _mm512_set1_ps(shift);
+    let mut sum = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < n16 {
+        // SAFETY: i + 16 <= n16 <= x.len().
+        unsafe {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), shift_v));
+            _mm512_storeu_ps(p.add(i), e);
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+            sum = _mm256_add_ps(_mm256_add_ps(sum, _mm512_castps512_ps256(e)), high);
+        }
+        i += 16;
+    }
+    if i < n8 {
+        // SAFETY: i + 8 <= n8 <= x.len().
+        unsafe {
+            let e = avx2::exp8(_mm256_sub_ps(
+                _mm256_loadu_ps(p.add(i)),
+                _mm256_set1_ps(shift),
+            ));
+            _mm256_storeu_ps(p.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` is 8 f32s.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+    for v in &mut x[n8..] {
+        *v = super::exp(*v - shift);
+    }
+    lanes.iter().sum::<f32>() + x[n8..].iter().sum::<f32>()
+}
+
+/// [`avx2::exp8`]'s operations on sixteen lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp16(x: __m512) -> __m512 {
+    use super::exp_consts::*;
+    let set = _mm512_set1_ps;
+    let x = _mm512_min_ps(set(HI), _mm512_max_ps(set(LO), x));
+    let round = set(ROUND);
+    let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, set(LOG2_E)), round), round);
+    let r = _mm512_sub_ps(
+        _mm512_sub_ps(x, _mm512_mul_ps(n, set(LN2_HI))),
+        _mm512_mul_ps(n, set(LN2_LO)),
+    );
+    let p = P[1..].iter().fold(set(P[0]), |p, &c| {
+        _mm512_add_ps(_mm512_mul_ps(p, r), set(c))
+    });
+    let e_r = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r),
+        set(1.0),
+    );
+    let biased = _mm512_sub_epi32(
+        _mm512_castps_si512(_mm512_add_ps(_mm512_add_ps(n, set(127.0)), round)),
+        _mm512_castps_si512(round),
+    );
+    _mm512_mul_ps(e_r, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased)))
 }

@@ -233,9 +233,11 @@ fn segment_dots_give_the_scalar_pairs_bits_on_every_isa() {
 fn softmax_steps_give_the_scalar_bits_on_every_isa() {
     for isa in Isa::supported() {
         let cpu = Cpu::with_isa(isa, 1).unwrap();
-        for n in [0, 1, 7, 8, 9, 64, 67, 200] {
-            // Scores spread over the whole range exp sees, down to far below −87.
-            let x: Vec<f32> = random(n, 7 + n as u64).iter().map(|v| v * 60.0).collect();
+        let sizes = [0, 1, 7, 8, 9, 15, 16, 17, 24, 25, 64, 67, 200];
+        // Scores spread over the whole range exp sees, down to far below −87, and close
+        // together (sums whose bits depend on the order of the additions).
+        for (n, spread) in sizes.iter().flat_map(|&n| [(n, 60.0f32), (n, 2.0)]) {
+            let x: Vec<f32> = random(n, 7 + n as u64).iter().map(|v| v * spread).collect();
             let (mut got, mut want) = (x.clone(), x.clone());
             let (m, m_ref) = (
                 scale_max(&cpu, &mut got, 1.7),
@@ -254,6 +256,16 @@ fn softmax_steps_give_the_scalar_bits_on_every_isa() {
                 want.iter().map(|v| v.to_bits()).collect(),
             );
             assert_eq!(g, w, "{isa:?} exp_sum n={n}");
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2 {
+                // The AVX2 form on its own (the dispatch takes AVX-512 where the CPU has it).
+                let mut alone = x.iter().map(|v| v * 1.7).collect::<Vec<f32>>();
+                // SAFETY: avx2 and fma were detected (`Isa::Avx2` is supported).
+                let s = unsafe { avx2::exp_sum(&mut alone, m) };
+                assert_eq!(s.to_bits(), s_ref.to_bits(), "AVX2 form exp_sum n={n}");
+                let a: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(a, w, "AVX2 form exp_sum n={n}");
+            }
         }
     }
 }
