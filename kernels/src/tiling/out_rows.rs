@@ -58,14 +58,11 @@ impl RowRange<'_> {
     /// the elements are not all in this range. A hint only: no value changes.
     #[inline]
     pub(crate) fn prefetch(&self, token: usize, row0: usize, len: usize) {
-        if len == 0
-            || !self.tokens.contains(&token)
-            || row0 < self.rows.start
-            || row0 + len > self.rows.end
-        {
-            return;
-        }
         #[cfg(target_arch = "x86_64")]
+        if len > 0
+            && self.tokens.contains(&token)
+            && row0 >= self.rows.start
+            && row0 + len <= self.rows.end
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
             // SAFETY: as in `write`, `token` and `row0..row0 + len` lie in the borrowed output,
@@ -82,6 +79,8 @@ impl RowRange<'_> {
                 }
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (token, row0, len);
     }
 
     /// `out[token][row0 + i] = values[i]`; panics if any element is not in this range.
