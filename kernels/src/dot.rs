@@ -60,9 +60,6 @@ pub(crate) const NB: usize = 256;
 /// stay in L1 while the tokens go over them.
 pub(crate) const CHUNK: usize = 4;
 
-/// Tokens ahead of the one being written whose output lines a tile prefetches.
-const WRITE_AHEAD: usize = 8;
-
 /// Most bit planes: unsigned codes below 128 under `maddubs` (a pair of 6-bit codes times int8
 /// stays inside int16).
 pub(crate) const MAX_BITS: usize = 6;
@@ -344,17 +341,7 @@ pub(crate) fn run<M: DotTiles>(
                     };
                     multiply(u, chunk, acc);
                 });
-                // Each token's rows lie a whole output row apart: their lines are fetched
-                // WRITE_AHEAD tokens early, so the misses overlap instead of each write waiting
-                // for its own.
-                let len = TILE.min(out.end() - r0);
-                for n in 0..WRITE_AHEAD.min(tokens.len()) {
-                    out.prefetch(tokens.start + n, r0, len);
-                }
-                for (n, row) in acc[..tokens.len()].iter().enumerate() {
-                    out.prefetch(tokens.start + n + WRITE_AHEAD, r0, len);
-                    out.write(tokens.start + n, r0, &row[..len]);
-                }
+                out.write_tile(tokens.start, r0, &acc[..tokens.len()]);
             }
         },
     );

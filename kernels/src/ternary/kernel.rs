@@ -201,7 +201,7 @@ pub(crate) fn run<'w>(
                 for r0 in tiles {
                     let mut acc = [[0.0f32; TILE]; 1];
                     kernel(&w.tile(r0 / TILE), t, 0, &mut acc);
-                    out.write(0, r0, &acc[0][..TILE.min(out.end() - r0)]);
+                    out.write_tile(0, r0, &acc);
                 }
                 return;
             }
@@ -209,9 +209,7 @@ pub(crate) fn run<'w>(
             let mut acc = [[0.0f32; TILE]; NB];
             for r0 in tiles {
                 kernel(&w.tile(r0 / TILE), t, first, &mut acc[..nb]);
-                for (n, row) in acc[..nb].iter().enumerate() {
-                    out.write(first + n, r0, &row[..TILE.min(out.end() - r0)]);
-                }
+                out.write_tile(first, r0, &acc[..nb]);
             }
         },
     );

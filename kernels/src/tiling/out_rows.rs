@@ -3,8 +3,8 @@
 //! Kernels parallelize over rows (and token blocks), but for N > 1 tokens the rows of one task are
 //! strided through the output, so `chunks_mut` cannot hand them out. The driver in
 //! [`super::run_row_tasks`] gives every task a [`RowRange`] that may only write its own rows of its
-//! own tokens; the bounds checks in [`RowRange::set`] and [`RowRange::write`] are what keep this
-//! sound.
+//! own tokens; the bounds checks in [`RowRange::set`] and [`RowRange::write_tile`] are what keep
+//! this sound.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -13,6 +13,9 @@ use crate::error::{KernelError, Result};
 
 /// Most matrices one dispatch covers (a layer's q/k/v is three); callers run more in several.
 pub(crate) const MAX_PARTS: usize = 4;
+
+/// Tokens ahead of the one being written whose output lines [`RowRange::write_tile`] prefetches.
+const WRITE_AHEAD: usize = 8;
 
 /// Write access to the rows `rows` of the tokens `tokens` of one `[tokens][rows]` output.
 pub(crate) struct RowRange<'a> {
@@ -53,11 +56,36 @@ impl RowRange<'_> {
         unsafe { *self.ptr.add(token * self.stride + row) = value };
     }
 
+    /// Writes one tile of `W` rows from `row0` for the consecutive tokens `first..first +
+    /// tile.len()`: `out[first + n][row0 + i] = tile[n][i]` for the tile's rows inside this range
+    /// (those past its end are left out). A token's rows lie a whole output row from the next
+    /// token's, so before each write the lines of the token [`WRITE_AHEAD`] later are prefetched
+    /// (x86-64): the misses overlap instead of each write waiting for its own. Panics if the
+    /// tokens or `row0` are not in this range.
+    pub(crate) fn write_tile<const W: usize>(
+        &mut self,
+        first: usize,
+        row0: usize,
+        tile: &[[f32; W]],
+    ) {
+        let len = W.min(self.rows.end.saturating_sub(row0));
+        // The first token is written at once (and a lone token, as in decode, gets no prefetch).
+        for n in 1..WRITE_AHEAD.min(tile.len()) {
+            self.prefetch(first + n, row0, len);
+        }
+        for (n, values) in tile.iter().enumerate() {
+            if n + WRITE_AHEAD < tile.len() {
+                self.prefetch(first + n + WRITE_AHEAD, row0, len);
+            }
+            self.write(first + n, row0, &values[..len]);
+        }
+    }
+
     /// Asks the CPU to bring the cache lines of `out[token][row0..row0 + len]` into its cache
     /// before they are written (a prefetch on x86-64, nothing on other targets); does nothing when
     /// the elements are not all in this range. A hint only: no value changes.
     #[inline]
-    pub(crate) fn prefetch(&self, token: usize, row0: usize, len: usize) {
+    fn prefetch(&self, token: usize, row0: usize, len: usize) {
         #[cfg(target_arch = "x86_64")]
         if len > 0
             && self.tokens.contains(&token)
@@ -85,7 +113,7 @@ impl RowRange<'_> {
 
     /// `out[token][row0 + i] = values[i]`; panics if any element is not in this range.
     #[inline]
-    pub(crate) fn write(&mut self, token: usize, row0: usize, values: &[f32]) {
+    fn write(&mut self, token: usize, row0: usize, values: &[f32]) {
         assert!(
             self.tokens.contains(&token)
                 && row0 >= self.rows.start
