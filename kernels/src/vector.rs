@@ -8,11 +8,12 @@
 //! The scalar path keeps eight interleaved partial sums (lane `i mod 8`, each product fused into
 //! its lane with `mul_add`), sums the lanes in order and adds the tail's plain products last; the
 //! SIMD paths perform exactly these operations (FMA instructions), so every ISA gives the same
-//! bits. On x86-64 CPUs with AVX-512 F the many-query forms run 512-bit registers that each hold
-//! two of the AVX2 forms' eight-lane sums (the same operations, twice as many per instruction). That matters: the activation tables that follow attention round to int8, so a last-bit
+//! bits. That matters: the activation tables that follow attention round to int8, so a last-bit
 //! difference here becomes a different quantization noise downstream, and greedy outputs would
 //! depend on the ISA. (`f32::mul_add` is a libm call where the compiler may not assume FMA, which
-//! only the scalar path on x86 pays.)
+//! only the scalar path on x86 pays.) On x86-64 CPUs with AVX-512 F, `dot_matrix`,
+//! `weighted_row_sums` and `exp_sum` run the AVX2 forms' operations on 512-bit registers (two of
+//! their eight-lane vectors in one), so the bits stay the same.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -108,11 +109,11 @@ pub fn dot_matrix(cpu: &Cpu, a: &[f32], b: &[f32], len: usize, out: &mut [f32]) 
     }
     match cpu.isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot`, and `available` detected AVX-512 F; `a`, `b` hold whole rows of
-        // `len > 0` values and `out` one value per pair.
+        // SAFETY: as below, and `available` detected AVX-512 F.
         Isa::Avx2 if avx512::available() => unsafe { avx512::dot_matrix(a, b, len, out) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
+        // SAFETY: as in `dot`; `a`, `b` hold whole rows of `len > 0` values and `out` one value
+        // per pair.
         Isa::Avx2 => unsafe { avx2::dot_matrix(a, b, len, out) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => {
@@ -199,13 +200,13 @@ pub fn weighted_row_sums(cpu: &Cpu, out: &mut [f32], weights: &[f32], rows: &[f3
     );
     match cpu.isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot`, and `available` detected AVX-512 F; `out` is whole rows of `len > 0`
-        // values, `rows` `p_len` of them and `weights` `p_len` per output row.
+        // SAFETY: as below, and `available` detected AVX-512 F.
         Isa::Avx2 if avx512::available() => unsafe {
             avx512::weighted_row_sums(out, weights, rows, len)
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
+        // SAFETY: as in `dot`; `out` is whole rows of `len > 0` values, `rows` `p_len` of them and
+        // `weights` `p_len` per output row.
         Isa::Avx2 => unsafe { avx2::weighted_row_sums(out, weights, rows, len) },
         _ => {
             if p_len == 0 {
@@ -235,8 +236,7 @@ pub fn scale_max(cpu: &Cpu, x: &mut [f32], scale: f32) -> f32 {
 pub fn exp_sum(cpu: &Cpu, x: &mut [f32], shift: f32) -> f32 {
     match cpu.isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: a Cpu holds Isa::Avx2 only when avx2+fma were detected, and `available`
-        // detected AVX-512 F.
+        // SAFETY: as below, and `available` detected AVX-512 F.
         Isa::Avx2 if avx512::available() => unsafe { avx512::exp_sum(x, shift) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a Cpu holds Isa::Avx2 only when avx2+fma were detected.

@@ -388,7 +388,7 @@ pub(super) unsafe fn scale_max(x: &mut [f32], scale: f32) -> f32 {
 /// [`super::exp`] of eight values: the same multiplications and additions in the same order.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn exp8(x: __m256) -> __m256 {
+fn exp8(x: __m256) -> __m256 {
     use super::exp_consts::*;
     let set = _mm256_set1_ps;
     // `clamp`: a NaN stays NaN (max_ps and min_ps return their second operand when one is NaN).
@@ -419,11 +419,19 @@ pub(super) fn exp8(x: __m256) -> __m256 {
 /// The CPU supports avx2.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
+    exp_sum_from(x, 0, _mm256_setzero_ps(), shift)
+}
+
+/// [`exp_sum`] of `x[start..]`, continuing the eight partial sums `sum` of the exps of
+/// `x[..start]` (`start` a multiple of 8, `x[..start]` already holding its exps): the rest eight
+/// lanes at a time, the lanes summed in order, then the tail.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn exp_sum_from(x: &mut [f32], start: usize, mut sum: __m256, shift: f32) -> f32 {
+    assert!(start.is_multiple_of(8) && start <= x.len());
     let n = x.len() / 8 * 8;
     let p = x.as_mut_ptr();
     let shift_v = _mm256_set1_ps(shift);
-    let mut sum = _mm256_setzero_ps();
-    let mut i = 0;
+    let mut i = start;
     while i < n {
         // SAFETY: i + 8 <= n <= x.len().
         unsafe {

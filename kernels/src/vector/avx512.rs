@@ -1,8 +1,7 @@
 //! AVX-512 forms of the many-query products [`super::dot_matrix`] and
 //! [`super::weighted_row_sums`] (attention scores and value sums of a batch of tokens) and of the
-//! softmax's [`super::exp_sum`], for CPUs
-//! with AVX-512 F, whose cores may run two 512-bit multiply-adds a cycle where AVX2 runs two of
-//! 256 bits. They perform the AVX2 forms' operations, so the bits stay those of the scalar form:
+//! softmax's [`super::exp_sum`], for CPUs with AVX-512 F, whose cores may run two 512-bit
+//! multiply-adds a cycle where AVX2 runs two of 256 bits. They perform the AVX2 forms' operations, so the bits stay those of the scalar form:
 //! a 512-bit register holds two of the AVX2 form's eight-lane partial sums (two queries against
 //! one key), the value sums keep one column per lane, each summed in row order, and the exps
 //! are the AVX2 polynomial's operations on sixteen lanes, summed eight lanes at a time in order.
@@ -17,6 +16,8 @@ const QUERY_ROWS: usize = 8;
 const KEY_ROWS: usize = 4;
 /// Longest row [`dot_matrix`] takes on this path: its pass copies `QUERY_ROWS` rows to the stack.
 const MAX_LEN: usize = 256;
+/// Output rows per pass of [`weighted_row_sums`].
+const SUM_ROWS: usize = 4;
 
 /// Whether this x86-64 CPU has AVX-512 F (the 512-bit multiply-adds, loads and broadcasts used
 /// here); the caller has checked AVX2 and FMA.
@@ -28,8 +29,8 @@ pub(super) fn available() -> bool {
 /// of the eight share a register (copied once per pass into a stack buffer as
 /// `[len / 8][pair][row of the pair][8]`), each of the four rows of `b` is broadcast to both
 /// halves, so every half accumulates one pair's eight lanes exactly as the AVX2 form does; the
-/// lanes are then summed as [`avx2::lane_sums`] sums them. Rows of `a` left over, rows of `b` left over,
-/// rows longer than [`MAX_LEN`] and lengths that are not a multiple of 8 go to the AVX2 form.
+/// lanes are then summed as [`avx2::lane_sums`] sums them. Rows of `a` left over, rows of `b` left
+/// over, rows longer than [`MAX_LEN`] and lengths that are not a multiple of 8 go to the AVX2 form.
 ///
 /// # Safety
 /// The CPU supports avx2, fma and avx512f, `len > 0`, `a.len()` and `b.len()` are multiples of
@@ -105,62 +106,71 @@ pub(super) unsafe fn dot_matrix(a: &[f32], b: &[f32], len: usize, out: &mut [f32
 /// of `len`, and `w.len() == out.len() / len * (rows.len() / len)`.
 #[target_feature(enable = "avx2,fma,avx512f")]
 pub(super) unsafe fn weighted_row_sums(out: &mut [f32], w: &[f32], rows: &[f32], len: usize) {
-    const R: usize = 4;
     let (out_rows, p_len) = (out.len() / len, rows.len() / len);
     debug_assert!(len > 0 && w.len() == out_rows * p_len);
-    let full = out_rows / R * R;
+    let full = out_rows / SUM_ROWS * SUM_ROWS;
     if !len.is_multiple_of(16) || full == 0 {
         // SAFETY: the caller's contract is the AVX2 form's.
         return unsafe { avx2::weighted_row_sums(out, w, rows, len) };
     }
-    let (pr, pw, po) = (rows.as_ptr(), w.as_ptr(), out.as_mut_ptr());
-    for i in (0..full).step_by(R) {
+    for i in (0..full).step_by(SUM_ROWS) {
         let mut c0 = 0;
         while c0 + 64 <= len {
-            let mut acc = [[_mm512_setzero_ps(); 4]; R];
-            for p in 0..p_len {
-                // SAFETY: p < p_len and c0 + 64 <= len, so the 64 values lie in row p; the
-                // weights (i + r)·p_len + p (i + r < out_rows) are within `w`.
-                unsafe {
-                    let v = [0, 1, 2, 3].map(|k| _mm512_loadu_ps(pr.add(p * len + c0 + 16 * k)));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*pw.add((i + r) * p_len + p));
-                        for (acc, &v) in acc.iter_mut().zip(&v) {
-                            *acc = _mm512_fmadd_ps(wv, v, *acc);
-                        }
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                for (k, &acc) in acc.iter().enumerate() {
-                    // SAFETY: row i + r of `out` exists and c0 + 16k + 16 <= len.
-                    unsafe { _mm512_storeu_ps(po.add((i + r) * len + c0 + 16 * k), acc) };
-                }
-            }
+            // SAFETY: rows i..i+4 of `out` exist (i + 4 <= full) and c0 + 64 <= len.
+            unsafe { row_block::<4>(out, w, rows, len, i, c0) };
             c0 += 64;
         }
         while c0 < len {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for p in 0..p_len {
-                // SAFETY: as above, for 16 values (c0 + 16 <= len, len a multiple of 16).
-                unsafe {
-                    let v = _mm512_loadu_ps(pr.add(p * len + c0));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        *acc =
-                            _mm512_fmadd_ps(_mm512_set1_ps(*pw.add((i + r) * p_len + p)), v, *acc);
-                    }
-                }
-            }
-            for (r, &acc) in acc.iter().enumerate() {
-                // SAFETY: row i + r of `out` exists and c0 + 16 <= len.
-                unsafe { _mm512_storeu_ps(po.add((i + r) * len + c0), acc) };
-            }
+            // SAFETY: as above, for c0 + 16 <= len (len a multiple of 16).
+            unsafe { row_block::<1>(out, w, rows, len, i, c0) };
             c0 += 16;
         }
     }
     if full < out_rows {
         // SAFETY: the rows left over are whole output rows with their weights; the contract holds.
         unsafe { avx2::weighted_row_sums(&mut out[full * len..], &w[full * p_len..], rows, len) };
+    }
+}
+
+/// Columns `c0..c0 + 16K` of output rows `i..i + SUM_ROWS` of [`weighted_row_sums`]: each row of
+/// `rows` loaded once (`K` registers) for the four, each lane one column summed in row order from
+/// zero.
+///
+/// # Safety
+/// The CPU supports avx512f, the contract of [`weighted_row_sums`] holds, `i + SUM_ROWS` output
+/// rows exist and `c0 + 16K <= len`.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn row_block<const K: usize>(
+    out: &mut [f32],
+    w: &[f32],
+    rows: &[f32],
+    len: usize,
+    i: usize,
+    c0: usize,
+) {
+    let p_len = rows.len() / len;
+    let (pr, pw, po) = (rows.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    let mut acc = [[_mm512_setzero_ps(); K]; SUM_ROWS];
+    for p in 0..p_len {
+        // SAFETY: p < p_len and c0 + 16K <= len, so the values lie in row p; the weights
+        // (i + r)·p_len + p (i + r < out rows) are within `w`.
+        unsafe {
+            let v: [__m512; K] =
+                std::array::from_fn(|k| _mm512_loadu_ps(pr.add(p * len + c0 + 16 * k)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*pw.add((i + r) * p_len + p));
+                for (acc, &v) in acc.iter_mut().zip(&v) {
+                    *acc = _mm512_fmadd_ps(wv, v, *acc);
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (k, &acc) in acc.iter().enumerate() {
+            // SAFETY: row i + r of `out` exists and c0 + 16k + 16 <= len.
+            unsafe { _mm512_storeu_ps(po.add((i + r) * len + c0 + 16 * k), acc) };
+        }
     }
 }
 
@@ -195,14 +205,14 @@ fn lane_sums(acc: [__m512; 4]) -> __m256 {
 
 /// [`avx2::exp_sum`] sixteen values at a time: the exps are lane by lane those of the AVX2 form,
 /// and each sixteen are added to its eight partial sums as two vectors in order, so the partial
-/// sums, and the total, are its bits.
+/// sums, and the total, are its bits; the values past the last sixteen go to
+/// [`avx2::exp_sum_from`] with those partial sums.
 ///
 /// # Safety
 /// The CPU supports avx2, fma and avx512f.
 #[target_feature(enable = "avx2,fma,avx512f")]
 pub(super) unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
     let n16 = x.len() / 16 * 16;
-    let n8 = x.len() / 8 * 8;
     let p = x.as_mut_ptr();
     let shift_v = _mm512_set1_ps(shift);
     let mut sum = _mm256_setzero_ps();
@@ -217,24 +227,7 @@ pub(super) unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
         }
         i += 16;
     }
-    if i < n8 {
-        // SAFETY: i + 8 <= n8 <= x.len().
-        unsafe {
-            let e = avx2::exp8(_mm256_sub_ps(
-                _mm256_loadu_ps(p.add(i)),
-                _mm256_set1_ps(shift),
-            ));
-            _mm256_storeu_ps(p.add(i), e);
-            sum = _mm256_add_ps(sum, e);
-        }
-    }
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: `lanes` is 8 f32s.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-    for v in &mut x[n8..] {
-        *v = super::exp(*v - shift);
-    }
-    lanes.iter().sum::<f32>() + x[n8..].iter().sum::<f32>()
+    avx2::exp_sum_from(x, n16, sum, shift)
 }
 
 /// [`avx2::exp8`]'s operations on sixteen lanes.
