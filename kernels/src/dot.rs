@@ -5,7 +5,8 @@
 //! than table lookups. This path reads the same [`crate::PackedMatrix`] as the LUT kernels (no
 //! second copy of the weights): for each tile of 64 rows it unpacks the bit planes of a few
 //! activation groups at a time into unsigned byte codes, four consecutive columns of a row per
-//! 32-bit lane, and multiplies them with Q8_0-style activations ([`Int8Activations`]).
+//! 32-bit lane, and multiplies them with Q8_0-style activations ([`Int8Activations`]); on CPUs
+//! with AMX, sixteen tokens at a time by tile products (`amx`).
 //!
 //! It takes uniform planes (1 to 6 bits) in weight groups of 16 or of 32 or more, with f16 scales
 //! and offsets or two-level (super-block) scales. Each weight is written `s·(q − c) + o` with `c`
@@ -48,6 +49,8 @@ use crate::lut::layout::{LO_ROW, PLANE_BYTES, TABLES_PER_ACT, TILE};
 use crate::lut::{TileView, Weights};
 use crate::tiling::{run_row_tasks, Split};
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod int8_tiles;
@@ -380,12 +383,14 @@ struct Multiplier {
     signed: bool,
 }
 
-/// The multiply for `isa` and codes of [`DotTiles::WIDE_CODES`] `wide_codes`: `vpdpbusd` where
-/// the CPU has AVX-512 VNNI, else `maddubs` on AVX2 (wide codes signed), else the scalar
-/// reference.
+/// The multiply for `isa` and codes of [`DotTiles::WIDE_CODES`] `wide_codes`: AMX tiles
+/// (`tdpbssd`) where the CPU has them and Linux grants them, else `vpdpbusd` where the CPU has
+/// AVX-512 VNNI, else `maddubs` on AVX2 (wide codes signed), else the scalar reference.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn multiplier(isa: Isa, wide_codes: bool) -> Multiplier {
     let (instruction, multiply, signed): (_, fn(&Unpacked, Chunk<'_>, &mut Acc), _) = match isa {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Isa::Avx2 if amx::has_amx() => (Some("tdpbssd"), amx::multiply_amx_checked, false),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if has_avx512_vnni() => (Some("vpdpbusd"), avx2::multiply_vnni_checked, false),
         #[cfg(target_arch = "x86_64")]

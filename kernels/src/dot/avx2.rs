@@ -545,7 +545,7 @@ macro_rules! vector_ops {
      $zero:ident, $zero_si:ident, $loadu_ps:ident, $storeu_ps:ident, $loadu_si:ident,
      $set1_epi32:ident, $set1_ps:ident, $cvt:ident, $mul:ident, $fmadd:ident, $dot:expr,
      $flush:expr, $quads_per_flush:expr) => {
-        mod $v {
+        pub(super) mod $v {
             use std::arch::x86_64::*;
 
             /// Rows per vector.

@@ -404,7 +404,7 @@ fn two_level_scales_follow_the_dequantized_weights() {
 }
 
 #[test]
-fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
+fn simd_unpacking_and_every_x86_multiply_equal_the_scalar_steps() {
     #[cfg(target_arch = "x86_64")]
     if Isa::Avx2.is_supported() {
         let mut rng = SplitMix64::new(3);
@@ -433,7 +433,7 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
             let w = m.view();
             let tile = w.tile(0);
             let per_row = cols / crate::lut::layout::ACT;
-            for tokens in [1, 2, 5, 7, 64] {
+            for tokens in [1, 2, 5, 7, 37, 64] {
                 let x = random_acts(&mut rng, cols, tokens);
                 let acts = quantize(&x, cols, tokens);
                 for a0 in [0, 5, 14] {
@@ -480,6 +480,18 @@ fn simd_unpacking_and_both_x86_multiplies_equal_the_scalar_steps() {
                                 bits_of(&acc[n]),
                                 bits_of(&reference[n]),
                                 "{choice:?} {bits}-bit, {tokens} tokens, token {n}"
+                            );
+                        }
+                    }
+                    #[cfg(target_os = "linux")]
+                    if super::amx::has_amx() {
+                        let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
+                        super::amx::multiply_amx_checked(&want, chunk, &mut acc);
+                        for n in 0..tokens {
+                            assert_eq!(
+                                bits_of(&acc[n]),
+                                bits_of(&reference[n]),
+                                "AMX {bits}-bit, {tokens} tokens, token {n}"
                             );
                         }
                     }
@@ -729,6 +741,16 @@ fn check_int8_unpacking<S: BlockScale, C: Codes>(
                         "{name}, {choice:?}, tile {t}, groups from {a0}"
                     );
                 }
+                #[cfg(target_os = "linux")]
+                if !signed && super::amx::has_amx() {
+                    let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
+                    super::amx::multiply_amx_checked(u, chunk, &mut acc);
+                    assert_eq!(
+                        bits_of(acc[..tokens].as_flattened()),
+                        bits_of(reference[..tokens].as_flattened()),
+                        "{name}, AMX, tile {t}, groups from {a0}"
+                    );
+                }
             });
         }
     }
@@ -742,9 +764,10 @@ fn simd_int8_unpacking_and_multiplies_equal_the_scalar_steps() {
         // 77 rows: the second tile has one whole group of eight rows, five rows and padding.
         let (rows, cols) = (77, 256);
         // Codes of every value times activations of ±127 and mixed signs: the largest sums.
-        let mut x = random_acts(&mut rng, cols, 5);
+        // 21 tokens: a whole tile of 16 for AMX and 5 more.
+        let mut x = random_acts(&mut rng, cols, 21);
         x[..2 * cols].iter_mut().for_each(|v| *v = v.signum());
-        let acts = quantize(&x, cols, 5);
+        let acts = quantize(&x, cols, 21);
         for (name, m) in random_int8_forms(&mut rng, rows, cols) {
             let act_groups = cols / 32;
             macro_rules! check {

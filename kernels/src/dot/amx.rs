@@ -1,0 +1,313 @@
+//! The dot GEMM's multiply on Intel AMX tiles, where the CPU has them and the operating system
+//! lets this process use them.
+//!
+//! Each chunk's unpacked codes are first centred into signed bytes, `factor·q − top` (the odd
+//! values `2q − (2^b − 1)` of codes up to 6 bits, or `q − 128` of wide codes), so that one
+//! `tdpbssd` of 16 tokens' activation codes of a block (or half block, for weight groups of 16) by
+//! 16 rows' centred codes gives the blocks' integer dots `D` of the module above directly, a
+//! 16 × 16 int32 tile. The centred codes keep the unpacked layout, which is the one `tdpbssd`
+//! reads (four columns of a row per 32-bit lane, the rows of a column quad together), and a
+//! block's activation codes lie an activation row apart, so both operands load from where they
+//! are. The int32 tiles are stored and finished on 512-bit vectors with the operations of the
+//! `vpdpbusd` multiply, in its order: the same bits. Tokens past the last whole 16 go to the
+//! `vpdpbusd` multiply.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+use super::avx2::{multiply_with, zmm, Multiply};
+use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
+use crate::int8::ActBlock;
+use crate::isa::{has_avx512_vnni, Isa};
+use crate::lut::layout::{TABLES_PER_ACT, TILE};
+
+/// Tokens per tile: the rows of the activation and product tiles.
+const TOKENS: usize = 16;
+/// Weight rows per product tile (its 16 int32 columns).
+const ROWS: usize = 16;
+/// Bytes from one column quad of the unpacked codes to the next.
+const QUAD_STRIDE: usize = TILE * 4;
+
+/// Whether this CPU has AMX tiles with int8 products and the operating system grants this
+/// process their state. The grant is the process's, asked for once (`arch_prctl`); without it a
+/// tile instruction faults.
+pub(crate) fn has_amx() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
+        let leaf7 = __cpuid_count(7, 0);
+        let tiles = (leaf7.edx >> 24) & 3 == 3;
+        tiles && has_avx512_vnni() && Isa::Avx2.is_supported() && request_tile_state()
+    })
+}
+
+/// Asks Linux for permission to use the AMX tile data state (`ARCH_REQ_XCOMP_PERM` for
+/// `XFEATURE_XTILEDATA`); false where it refuses (an older kernel, or a hypervisor that does not
+/// expose the state).
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: this `arch_prctl` request passes two integers and touches no memory of this
+    // process; it only changes which register state the kernel lets the process use.
+    let status = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    status == 0
+}
+
+/// A 64-byte tile configuration (palette 1): `tmm0`–`tmm3` the products (16 tokens × 16 int32),
+/// `tmm4` the activations (16 tokens × the columns of a block part), `tmm5`–`tmm7` the codes
+/// (the part's column quads × 16 rows of 4 bytes).
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    /// The configuration for blocks in `halves` parts (1, or 2 for weight groups of 16).
+    fn new(halves: usize) -> TileConfig {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        let mut shape = |tile: usize, rows: usize, row_bytes: usize| {
+            bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(row_bytes as u16).to_le_bytes());
+            bytes[48 + tile] = rows as u8;
+        };
+        for tile in 0..4 {
+            shape(tile, TOKENS, 4 * ROWS);
+        }
+        shape(4, TOKENS, crate::int8::BLOCK / halves);
+        for tile in 5..8 {
+            shape(tile, TABLES_PER_ACT / halves, 4 * ROWS);
+        }
+        TileConfig(bytes)
+    }
+}
+
+/// The int32 products of one group of tokens, `[block part][token][row]`, a block part being
+/// `halves·c + h` for half `h` of activation group `c` of the chunk.
+#[repr(C, align(64))]
+struct Products([MaybeUninit<Part>; 2 * CHUNK]);
+
+/// One block part's products: `[token][row]`.
+type Part = [[i32; TILE]; TOKENS];
+
+/// The AMX multiply (the `vpdpbusd` one for the tokens past the last whole 16); the caller
+/// checked [`has_amx`].
+pub(super) fn multiply_amx_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    assert!(
+        chunk.fits(acc.len()) && has_amx(),
+        "AMX multiply outside its checks"
+    );
+    assert!(u.halves == 1 || u.halves == 2);
+    let tokens = chunk.tokens();
+    let whole = match centred_fit_bytes(u) {
+        true => tokens / TOKENS * TOKENS,
+        false => 0,
+    };
+    if whole > 0 {
+        let head = Chunk {
+            x: &chunk.x[..whole * chunk.per_row],
+            ..chunk
+        };
+        // SAFETY: `has_amx` checked the CPU's AMX-TILE, AMX-INT8, AVX-512 F/BW/VL/VNNI, AVX2,
+        // FMA and F16C and the kernel's grant of the tile state; `head` fits `acc` (checked
+        // above, `whole` ≤ tokens) and holds whole groups of 16 tokens, which the tile loads
+        // rely on. Tile registers are per thread: concurrent callers each configure and release
+        // their own.
+        unsafe { multiply_tiles(u, head, acc) }
+    }
+    if whole < tokens {
+        let tail = Chunk {
+            x: &chunk.x[whole * chunk.per_row..],
+            ..chunk
+        };
+        multiply_with(Multiply::Vnni, u, tail, &mut acc[whole..]);
+    }
+}
+
+/// Whether the centred codes `factor·q − top` of `u` fit signed bytes: codes of up to 7 bits
+/// counted twice (`2q − top`, odd values within ±127), and wide codes offset by 128 (`q − 128`,
+/// the codes' own signed values).
+fn centred_fit_bytes(u: &Unpacked) -> bool {
+    (u.factor == 2 && u.top <= 127) || (u.factor == 1 && u.top == 128)
+}
+
+/// `factor·q − top` of the chunk's codes as signed bytes (checked to fit by the caller): their
+/// products with the activation codes are the blocks' integer dots `D` themselves.
+#[repr(C, align(64))]
+struct CentredCodes([[i8; GROUP_BYTES]; CHUNK]);
+
+impl CentredCodes {
+    /// The centred codes of the first `count` activation groups of `u` (the rest zero).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn new(u: &Unpacked, count: usize) -> CentredCodes {
+        let mut centred = CentredCodes([[0; GROUP_BYTES]; CHUNK]);
+        let top = _mm512_set1_epi8(u.top as i8);
+        for (to, from) in centred.0.iter_mut().zip(&u.codes).take(count) {
+            for (to, from) in to.chunks_exact_mut(64).zip(from.chunks_exact(64)) {
+                let q = zmm::load_codes(from);
+                // Byte arithmetic wraps: `factor·q` ≤ 255 and the difference is inside ±128.
+                let q = match u.factor {
+                    2 => _mm512_add_epi8(q, q),
+                    _ => q,
+                };
+                let d = _mm512_sub_epi8(q, top);
+                // SAFETY: 64 bytes of `to` (`chunks_exact_mut(64)`).
+                unsafe { _mm512_storeu_si512(to.as_mut_ptr().cast(), d) };
+            }
+        }
+        centred
+    }
+}
+
+/// The multiply over whole groups of 16 tokens: for each group, the products of every block part
+/// of the chunk, then their finishing.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn multiply_tiles(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+    let config = TileConfig::new(u.halves);
+    let codes = CentredCodes::new(u, chunk.count);
+    // Written by the tile stores before each read: not zeroed.
+    let mut products = Products([const { MaybeUninit::uninit() }; 2 * CHUNK]);
+    let parts = chunk.count * u.halves;
+    // SAFETY: the configuration is a valid palette-1 layout of 64 bytes, 64-aligned.
+    unsafe { asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+    for n0 in (0..chunk.tokens()).step_by(TOKENS) {
+        for c in 0..chunk.count {
+            block_products(u, &codes, chunk, n0, c, &mut products);
+        }
+        // SAFETY: `block_products` stored every token and row of parts `halves·c + h` for
+        // c < count and h < halves, that is parts 0..parts, just above (`MaybeUninit<Part>` has
+        // the layout of `Part`).
+        let written: &[Part] =
+            unsafe { std::slice::from_raw_parts(products.0.as_ptr().cast(), parts) };
+        finish(u, chunk, written, n0, &mut acc[n0..n0 + TOKENS]);
+    }
+    // SAFETY: releases this thread's tile state, configured above.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// The int32 products of tokens `n0..n0 + 16` by the 64 rows for activation group `c` of the
+/// chunk (each of its halves), into `products`. The tiles are configured for `u.halves`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn block_products(
+    u: &Unpacked,
+    codes: &CentredCodes,
+    chunk: Chunk<'_>,
+    n0: usize,
+    c: usize,
+    products: &mut Products,
+) {
+    let halves = u.halves;
+    let block_bytes = crate::int8::BLOCK / halves;
+    let act_stride = chunk.per_row * size_of::<ActBlock>();
+    let quads = TABLES_PER_ACT / halves;
+    let first = n0 * chunk.per_row + chunk.a0 + c;
+    let last = first + (TOKENS - 1) * chunk.per_row;
+    assert!(last < chunk.x.len() && c < chunk.count && std::mem::offset_of!(ActBlock, q) == 0);
+    for h in 0..halves {
+        // From the whole run of blocks the tile reads: block `first`'s codes and the blocks
+        // after it (`ActBlock` is `repr(C)` with its codes first).
+        let acts = chunk.x[first..=last]
+            .as_ptr()
+            .cast::<u8>()
+            .wrapping_add(h * block_bytes);
+        let codes = &codes.0[c][h * quads * QUAD_STRIDE..];
+        assert!(codes.len() >= quads * QUAD_STRIDE);
+        let out = products.0[halves * c + h].as_mut_ptr();
+        // SAFETY: the tiles were configured for `halves` by the caller (`multiply_tiles`, whose
+        // features `has_amx` checked). The activation tile reads `block_bytes` (at most 32) from
+        // byte `h·block_bytes` of blocks `first + m·per_row` for m < 16, all within
+        // `first..=last` (asserted in `x` above); each code tile reads `quads` rows of 64 bytes,
+        // `QUAD_STRIDE` apart, from byte 0, 64, 128 or 192 of `codes`, whose length was asserted;
+        // each product tile writes 16 rows of 64 bytes `TILE·4` apart, from byte 0, 64, 128 or
+        // 192 of `out`, one `Part` of 16 × `TILE·4` bytes.
+        unsafe {
+            asm!(
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tileloadd tmm5, [{b} + {sb}*1]",
+                "tileloadd tmm6, [{b} + {sb}*1 + 64]",
+                "tileloadd tmm7, [{b} + {sb}*1 + 128]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "tdpbssd tmm0, tmm4, tmm5",
+                "tileloadd tmm5, [{b} + {sb}*1 + 192]",
+                "tdpbssd tmm1, tmm4, tmm6",
+                "tdpbssd tmm2, tmm4, tmm7",
+                "tdpbssd tmm3, tmm4, tmm5",
+                "tilestored [{c} + {sc}*1], tmm0",
+                "tilestored [{c} + {sc}*1 + 64], tmm1",
+                "tilestored [{c} + {sc}*1 + 128], tmm2",
+                "tilestored [{c} + {sc}*1 + 192], tmm3",
+                a = in(reg) acts,
+                sa = in(reg) act_stride,
+                b = in(reg) codes.as_ptr(),
+                sb = in(reg) QUAD_STRIDE,
+                c = in(reg) out,
+                sc = in(reg) TILE * 4,
+                options(nostack),
+            );
+        }
+    }
+}
+
+/// Adds the products of tokens `n0..n0 + 16` to their accumulators `acc`: per row and token, in
+/// block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, by the `vpdpbusd`
+/// multiply's own operations.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn finish(u: &Unpacked, chunk: Chunk<'_>, products: &[Part], n0: usize, acc: &mut Acc) {
+    let finish = match (chunk.count, u.halves) {
+        (1, 1) => finish_blocks::<1, 1>,
+        (2, 1) => finish_blocks::<2, 1>,
+        (3, 1) => finish_blocks::<3, 1>,
+        (_, 1) => finish_blocks::<4, 1>,
+        (1, _) => finish_blocks::<1, 2>,
+        (2, _) => finish_blocks::<2, 2>,
+        (3, _) => finish_blocks::<3, 2>,
+        _ => finish_blocks::<4, 2>,
+    };
+    finish(u, chunk, products, n0, acc);
+}
+
+/// [`finish`] for `C` activation groups (the chunk's count) of `H` halves: each part's scales and
+/// offsets for 16 rows stay in registers while the tokens go by.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn finish_blocks<const C: usize, const H: usize>(
+    u: &Unpacked,
+    chunk: Chunk<'_>,
+    products: &[Part],
+    n0: usize,
+    acc: &mut Acc,
+) {
+    assert!(chunk.count == C && u.halves == H);
+    for rv in 0..TILE / zmm::L {
+        let rows = zmm::L * rv..zmm::L * (rv + 1);
+        let scale: [[_; H]; C] = std::array::from_fn(|c| {
+            std::array::from_fn(|h| zmm::load_ps(&u.scale[2 * c + h][rows.clone()]))
+        });
+        let offset: [[_; H]; C] = std::array::from_fn(|c| {
+            std::array::from_fn(|h| zmm::load_ps(&u.offset[2 * c + h][rows.clone()]))
+        });
+        for t in 0..TOKENS {
+            let out = &mut acc[t][rows.clone()];
+            let mut a = zmm::load_ps(out);
+            for c in 0..C {
+                let block = chunk.block(n0 + t, c);
+                for h in 0..H {
+                    let dot = &products[H * c + h][t][rows.clone()];
+                    let dot = zmm::load_codes(bytemuck::cast_slice(dot));
+                    let step = zmm::mul_ps(scale[c][h], zmm::set1_ps(block.d));
+                    a = zmm::fmadd_ps(zmm::cvt(dot), step, a);
+                    let xsum = zmm::set1_ps(block.value_sum(H, h));
+                    a = zmm::fmadd_ps(offset[c][h], xsum, a);
+                }
+            }
+            zmm::store_ps(out, a);
+        }
+    }
+}
