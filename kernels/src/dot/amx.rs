@@ -3,14 +3,14 @@
 //!
 //! Each chunk's unpacked codes are first centred into signed bytes, `factor·q − top` (the odd
 //! values `2q − (2^b − 1)` of codes up to 6 bits, or `q − 128` of wide codes), so that one
-//! `tdpbssd` of 16 tokens' activation codes of a block (or half block, for weight groups of 16) by
-//! 16 rows' centred codes gives the blocks' integer dots `D` of the module above directly, a
-//! 16 × 16 int32 tile. The centred codes keep the unpacked layout, which is the one `tdpbssd`
+//! `tdpbssd` of 16 tokens' activation codes of a block by 16 rows' centred codes gives the blocks'
+//! integer dots `D` of the module above directly, a 16 × 16 int32 tile. The centred codes keep the unpacked layout, which is the one `tdpbssd`
 //! reads (four columns of a row per 32-bit lane, the rows of a column quad together), and a
 //! block's activation codes lie an activation row apart, so both operands load from where they
 //! are. The int32 tiles are stored and finished on 512-bit vectors with the operations of the
 //! `vpdpbusd` multiply, in its order: the same bits. Tokens past the last whole 16 go to the
-//! `vpdpbusd` multiply.
+//! `vpdpbusd` multiply, and so do weight groups of 16 (a tile product of half a block costs what
+//! one of a whole block does, with twice the stores: slower than `vpdpbusd` on them).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use super::avx2::{multiply_with, zmm, Multiply};
 use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
-use crate::int8::ActBlock;
+use crate::int8::{ActBlock, BLOCK};
 use crate::isa::{has_avx512_vnni, Isa};
 use crate::lut::layout::{TABLES_PER_ACT, TILE};
 
@@ -62,14 +62,13 @@ fn request_tile_state() -> bool {
 }
 
 /// A 64-byte tile configuration (palette 1): `tmm0`–`tmm3` the products (16 tokens × 16 int32),
-/// `tmm4` the activations (16 tokens × the columns of a block part), `tmm5`–`tmm7` the codes
-/// (the part's column quads × 16 rows of 4 bytes).
+/// `tmm4` the activations (16 tokens × 32 columns), `tmm5`–`tmm7` the codes (8 column quads × 16
+/// rows of 4 bytes).
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    /// The configuration for blocks in `halves` parts (1, or 2 for weight groups of 16).
-    fn new(halves: usize) -> TileConfig {
+    fn new() -> TileConfig {
         let mut bytes = [0u8; 64];
         bytes[0] = 1;
         let mut shape = |tile: usize, rows: usize, row_bytes: usize| {
@@ -79,32 +78,30 @@ impl TileConfig {
         for tile in 0..4 {
             shape(tile, TOKENS, 4 * ROWS);
         }
-        shape(4, TOKENS, crate::int8::BLOCK / halves);
+        shape(4, TOKENS, BLOCK);
         for tile in 5..8 {
-            shape(tile, TABLES_PER_ACT / halves, 4 * ROWS);
+            shape(tile, TABLES_PER_ACT, 4 * ROWS);
         }
         TileConfig(bytes)
     }
 }
 
-/// The int32 products of one group of tokens, `[block part][token][row]`, a block part being
-/// `halves·c + h` for half `h` of activation group `c` of the chunk.
+/// The int32 products of one group of tokens, `[activation group][token][row]`.
 #[repr(C, align(64))]
-struct Products([MaybeUninit<Part>; 2 * CHUNK]);
+struct Products([MaybeUninit<Part>; CHUNK]);
 
-/// One block part's products: `[token][row]`.
+/// One activation group's products: `[token][row]`.
 type Part = [[i32; TILE]; TOKENS];
 
-/// The AMX multiply (the `vpdpbusd` one for the tokens past the last whole 16); the caller
-/// checked [`has_amx`].
+/// The AMX multiply (the `vpdpbusd` one for the tokens past the last whole 16, and for weight
+/// groups of 16); the caller checked [`has_amx`].
 pub(super) fn multiply_amx_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
     assert!(
         chunk.fits(acc.len()) && has_amx(),
         "AMX multiply outside its checks"
     );
-    assert!(u.halves == 1 || u.halves == 2);
     let tokens = chunk.tokens();
-    let whole = match centred_fit_bytes(u) {
+    let whole = match u.halves == 1 && centred_fit_bytes(u) {
         true => tokens / TOKENS * TOKENS,
         false => 0,
     };
@@ -164,26 +161,24 @@ impl CentredCodes {
     }
 }
 
-/// The multiply over whole groups of 16 tokens: for each group, the products of every block part
-/// of the chunk, then their finishing.
+/// The multiply over whole groups of 16 tokens and whole blocks: for each group, the products of
+/// every activation group of the chunk, then their finishing.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn multiply_tiles(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
-    let config = TileConfig::new(u.halves);
+    let config = TileConfig::new();
     let codes = CentredCodes::new(u, chunk.count);
     // Written by the tile stores before each read: not zeroed.
-    let mut products = Products([const { MaybeUninit::uninit() }; 2 * CHUNK]);
-    let parts = chunk.count * u.halves;
+    let mut products = Products([const { MaybeUninit::uninit() }; CHUNK]);
     // SAFETY: the configuration is a valid palette-1 layout of 64 bytes, 64-aligned.
     unsafe { asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
     for n0 in (0..chunk.tokens()).step_by(TOKENS) {
         for c in 0..chunk.count {
-            block_products(u, &codes, chunk, n0, c, &mut products);
+            group_products(&codes, chunk, n0, c, &mut products);
         }
-        // SAFETY: `block_products` stored every token and row of parts `halves·c + h` for
-        // c < count and h < halves, that is parts 0..parts, just above (`MaybeUninit<Part>` has
-        // the layout of `Part`).
+        // SAFETY: `group_products` stored every token and row of parts 0..count just above
+        // (`MaybeUninit<Part>` has the layout of `Part`).
         let written: &[Part] =
-            unsafe { std::slice::from_raw_parts(products.0.as_ptr().cast(), parts) };
+            unsafe { std::slice::from_raw_parts(products.0.as_ptr().cast(), chunk.count) };
         finish(u, chunk, written, n0, &mut acc[n0..n0 + TOKENS]);
     }
     // SAFETY: releases this thread's tile state, configured above.
@@ -191,68 +186,57 @@ fn multiply_tiles(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
 }
 
 /// The int32 products of tokens `n0..n0 + 16` by the 64 rows for activation group `c` of the
-/// chunk (each of its halves), into `products`. The tiles are configured for `u.halves`.
+/// chunk, into `products.0[c]`. The caller configured the tiles ([`TileConfig`]).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn block_products(
-    u: &Unpacked,
+fn group_products(
     codes: &CentredCodes,
     chunk: Chunk<'_>,
     n0: usize,
     c: usize,
     products: &mut Products,
 ) {
-    let halves = u.halves;
-    let block_bytes = crate::int8::BLOCK / halves;
     let act_stride = chunk.per_row * size_of::<ActBlock>();
-    let quads = TABLES_PER_ACT / halves;
     let first = n0 * chunk.per_row + chunk.a0 + c;
     let last = first + (TOKENS - 1) * chunk.per_row;
     assert!(last < chunk.x.len() && c < chunk.count && std::mem::offset_of!(ActBlock, q) == 0);
-    for h in 0..halves {
-        // From the whole run of blocks the tile reads: block `first`'s codes and the blocks
-        // after it (`ActBlock` is `repr(C)` with its codes first).
-        let acts = chunk.x[first..=last]
-            .as_ptr()
-            .cast::<u8>()
-            .wrapping_add(h * block_bytes);
-        let codes = &codes.0[c][h * quads * QUAD_STRIDE..];
-        assert!(codes.len() >= quads * QUAD_STRIDE);
-        let out = products.0[halves * c + h].as_mut_ptr();
-        // SAFETY: the tiles were configured for `halves` by the caller (`multiply_tiles`, whose
-        // features `has_amx` checked). The activation tile reads `block_bytes` (at most 32) from
-        // byte `h·block_bytes` of blocks `first + m·per_row` for m < 16, all within
-        // `first..=last` (asserted in `x` above); each code tile reads `quads` rows of 64 bytes,
-        // `QUAD_STRIDE` apart, from byte 0, 64, 128 or 192 of `codes`, whose length was asserted;
-        // each product tile writes 16 rows of 64 bytes `TILE·4` apart, from byte 0, 64, 128 or
-        // 192 of `out`, one `Part` of 16 × `TILE·4` bytes.
-        unsafe {
-            asm!(
-                "tileloadd tmm4, [{a} + {sa}*1]",
-                "tileloadd tmm5, [{b} + {sb}*1]",
-                "tileloadd tmm6, [{b} + {sb}*1 + 64]",
-                "tileloadd tmm7, [{b} + {sb}*1 + 128]",
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "tdpbssd tmm0, tmm4, tmm5",
-                "tileloadd tmm5, [{b} + {sb}*1 + 192]",
-                "tdpbssd tmm1, tmm4, tmm6",
-                "tdpbssd tmm2, tmm4, tmm7",
-                "tdpbssd tmm3, tmm4, tmm5",
-                "tilestored [{c} + {sc}*1], tmm0",
-                "tilestored [{c} + {sc}*1 + 64], tmm1",
-                "tilestored [{c} + {sc}*1 + 128], tmm2",
-                "tilestored [{c} + {sc}*1 + 192], tmm3",
-                a = in(reg) acts,
-                sa = in(reg) act_stride,
-                b = in(reg) codes.as_ptr(),
-                sb = in(reg) QUAD_STRIDE,
-                c = in(reg) out,
-                sc = in(reg) TILE * 4,
-                options(nostack),
-            );
-        }
+    // From the whole run of blocks the tile reads: block `first`'s codes and the blocks after it
+    // (`ActBlock` is `repr(C)` with its codes first).
+    let acts = chunk.x[first..=last].as_ptr();
+    let codes = &codes.0[c];
+    let out = products.0[c].as_mut_ptr();
+    // SAFETY: the tiles were configured by the caller (`multiply_tiles`, whose features `has_amx`
+    // checked). The activation tile reads the 32 codes of blocks `first + m·per_row` for m < 16,
+    // all within `first..=last` (asserted in `x` above); each code tile reads 8 rows of 64 bytes,
+    // `QUAD_STRIDE` apart, from byte 0, 64, 128 or 192 of `codes`, at most byte
+    // 7·256 + 192 + 63 < GROUP_BYTES; each product tile writes 16 rows of 64 bytes `TILE·4` apart,
+    // from byte 0, 64, 128 or 192 of `out`, one `Part` of 16 × `TILE·4` bytes.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm5, [{b} + {sb}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1 + 64]",
+            "tileloadd tmm7, [{b} + {sb}*1 + 128]",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "tdpbssd tmm0, tmm4, tmm5",
+            "tileloadd tmm5, [{b} + {sb}*1 + 192]",
+            "tdpbssd tmm1, tmm4, tmm6",
+            "tdpbssd tmm2, tmm4, tmm7",
+            "tdpbssd tmm3, tmm4, tmm5",
+            "tilestored [{c} + {sc}*1], tmm0",
+            "tilestored [{c} + {sc}*1 + 64], tmm1",
+            "tilestored [{c} + {sc}*1 + 128], tmm2",
+            "tilestored [{c} + {sc}*1 + 192], tmm3",
+            a = in(reg) acts,
+            sa = in(reg) act_stride,
+            b = in(reg) codes.as_ptr(),
+            sb = in(reg) QUAD_STRIDE,
+            c = in(reg) out,
+            sc = in(reg) TILE * 4,
+            options(nostack),
+        );
     }
 }
 
@@ -261,51 +245,39 @@ fn block_products(
 /// multiply's own operations.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn finish(u: &Unpacked, chunk: Chunk<'_>, products: &[Part], n0: usize, acc: &mut Acc) {
-    let finish = match (chunk.count, u.halves) {
-        (1, 1) => finish_blocks::<1, 1>,
-        (2, 1) => finish_blocks::<2, 1>,
-        (3, 1) => finish_blocks::<3, 1>,
-        (_, 1) => finish_blocks::<4, 1>,
-        (1, _) => finish_blocks::<1, 2>,
-        (2, _) => finish_blocks::<2, 2>,
-        (3, _) => finish_blocks::<3, 2>,
-        _ => finish_blocks::<4, 2>,
+    let finish = match chunk.count {
+        1 => finish_groups::<1>,
+        2 => finish_groups::<2>,
+        3 => finish_groups::<3>,
+        _ => finish_groups::<4>,
     };
     finish(u, chunk, products, n0, acc);
 }
 
-/// [`finish`] for `C` activation groups (the chunk's count) of `H` halves: each part's scales and
-/// offsets for 16 rows stay in registers while the tokens go by.
+/// [`finish`] for `C` activation groups (the chunk's count): each group's scales and offsets for
+/// 16 rows stay in registers while the tokens go by.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn finish_blocks<const C: usize, const H: usize>(
+fn finish_groups<const C: usize>(
     u: &Unpacked,
     chunk: Chunk<'_>,
     products: &[Part],
     n0: usize,
     acc: &mut Acc,
 ) {
-    assert!(chunk.count == C && u.halves == H);
+    assert!(chunk.count == C && products.len() == C && u.halves == 1);
     for rv in 0..TILE / zmm::L {
         let rows = zmm::L * rv..zmm::L * (rv + 1);
-        let scale: [[_; H]; C] = std::array::from_fn(|c| {
-            std::array::from_fn(|h| zmm::load_ps(&u.scale[2 * c + h][rows.clone()]))
-        });
-        let offset: [[_; H]; C] = std::array::from_fn(|c| {
-            std::array::from_fn(|h| zmm::load_ps(&u.offset[2 * c + h][rows.clone()]))
-        });
+        let scale: [_; C] = std::array::from_fn(|c| zmm::load_ps(&u.scale[2 * c][rows.clone()]));
+        let offset: [_; C] = std::array::from_fn(|c| zmm::load_ps(&u.offset[2 * c][rows.clone()]));
         for t in 0..TOKENS {
             let out = &mut acc[t][rows.clone()];
             let mut a = zmm::load_ps(out);
             for c in 0..C {
                 let block = chunk.block(n0 + t, c);
-                for h in 0..H {
-                    let dot = &products[H * c + h][t][rows.clone()];
-                    let dot = zmm::load_codes(bytemuck::cast_slice(dot));
-                    let step = zmm::mul_ps(scale[c][h], zmm::set1_ps(block.d));
-                    a = zmm::fmadd_ps(zmm::cvt(dot), step, a);
-                    let xsum = zmm::set1_ps(block.value_sum(H, h));
-                    a = zmm::fmadd_ps(offset[c][h], xsum, a);
-                }
+                let dot = zmm::load_codes(bytemuck::cast_slice(&products[c][t][rows.clone()]));
+                let step = zmm::mul_ps(scale[c], zmm::set1_ps(block.d));
+                a = zmm::fmadd_ps(zmm::cvt(dot), step, a);
+                a = zmm::fmadd_ps(offset[c], zmm::set1_ps(block.xsum), a);
             }
             zmm::store_ps(out, a);
         }
