@@ -4,13 +4,14 @@
 //! Each chunk's unpacked codes are first centred into signed bytes, `factor·q − top` (the odd
 //! values `2q − (2^b − 1)` of codes up to 6 bits, or `q − 128` of wide codes), so that one
 //! `tdpbssd` of 16 tokens' activation codes of a block by 16 rows' centred codes gives the blocks'
-//! integer dots `D` of the module above directly, a 16 × 16 int32 tile. The centred codes keep the unpacked layout, which is the one `tdpbssd`
-//! reads (four columns of a row per 32-bit lane, the rows of a column quad together), and a
-//! block's activation codes lie an activation row apart, so both operands load from where they
-//! are. The int32 tiles are stored and finished on 512-bit vectors with the operations of the
-//! `vpdpbusd` multiply, in its order: the same bits. Tokens past the last whole 16 go to the
-//! `vpdpbusd` multiply, and so do weight groups of 16 (a tile product of half a block costs what
-//! one of a whole block does, with twice the stores: slower than `vpdpbusd` on them).
+//! integer dots `D` of the module above directly, a 16 × 16 int32 tile. The centred codes keep
+//! the unpacked layout, which is the one `tdpbssd` reads (four columns of a row per 32-bit lane,
+//! the rows of a column quad together), and a block's activation codes lie an activation row
+//! apart, so both operands load from where they are. The int32 tiles are stored and finished on
+//! 512-bit vectors with the operations of the `vpdpbusd` multiply, in its order: the same bits.
+//! Tokens past the last whole 16 go to the `vpdpbusd` multiply, and so do weight groups of 16 (a
+//! tile product of half a block costs what one of a whole block does, with twice the stores:
+//! slower than `vpdpbusd` on them).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
