@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use super::avx2::{multiply_with, zmm, Multiply};
+use super::avx2::{multiply_vnni_checked, zmm};
 use super::{Acc, Chunk, Unpacked, CHUNK, GROUP_BYTES};
 use crate::int8::{ActBlock, BLOCK};
 use crate::isa::{has_avx512_vnni, Isa};
@@ -68,24 +68,31 @@ fn request_tile_state() -> bool {
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
-impl TileConfig {
-    fn new() -> TileConfig {
-        let mut bytes = [0u8; 64];
-        bytes[0] = 1;
-        let mut shape = |tile: usize, rows: usize, row_bytes: usize| {
-            bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(row_bytes as u16).to_le_bytes());
-            bytes[48 + tile] = rows as u8;
-        };
-        for tile in 0..4 {
-            shape(tile, TOKENS, 4 * ROWS);
-        }
-        shape(4, TOKENS, BLOCK);
-        for tile in 5..8 {
-            shape(tile, TABLES_PER_ACT, 4 * ROWS);
-        }
-        TileConfig(bytes)
+/// The one configuration every multiply loads.
+static TILE_CONFIG: TileConfig = {
+    let mut bytes = [0u8; 64];
+    bytes[0] = 1;
+    // (rows, bytes per row) of tmm0..tmm7.
+    let shapes = [
+        (TOKENS, 4 * ROWS),
+        (TOKENS, 4 * ROWS),
+        (TOKENS, 4 * ROWS),
+        (TOKENS, 4 * ROWS),
+        (TOKENS, BLOCK),
+        (TABLES_PER_ACT, 4 * ROWS),
+        (TABLES_PER_ACT, 4 * ROWS),
+        (TABLES_PER_ACT, 4 * ROWS),
+    ];
+    let mut tile = 0;
+    while tile < 8 {
+        let (rows, row_bytes) = shapes[tile];
+        bytes[16 + 2 * tile] = row_bytes as u8;
+        bytes[17 + 2 * tile] = (row_bytes >> 8) as u8;
+        bytes[48 + tile] = rows as u8;
+        tile += 1;
     }
-}
+    TileConfig(bytes)
+};
 
 /// The int32 products of one group of tokens, `[activation group][token][row]`.
 #[repr(C, align(64))]
@@ -123,7 +130,7 @@ pub(super) fn multiply_amx_checked(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc
             x: &chunk.x[whole * chunk.per_row..],
             ..chunk
         };
-        multiply_with(Multiply::Vnni, u, tail, &mut acc[whole..]);
+        multiply_vnni_checked(u, tail, &mut acc[whole..]);
     }
 }
 
@@ -166,12 +173,17 @@ impl CentredCodes {
 /// every activation group of the chunk, then their finishing.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn multiply_tiles(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
-    let config = TileConfig::new();
     let codes = CentredCodes::new(u, chunk.count);
+    let finish = match chunk.count {
+        1 => finish::<1>,
+        2 => finish::<2>,
+        3 => finish::<3>,
+        _ => finish::<4>,
+    };
     // Written by the tile stores before each read: not zeroed.
     let mut products = Products([const { MaybeUninit::uninit() }; CHUNK]);
     // SAFETY: the configuration is a valid palette-1 layout of 64 bytes, 64-aligned.
-    unsafe { asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+    unsafe { asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly)) };
     for n0 in (0..chunk.tokens()).step_by(TOKENS) {
         for c in 0..chunk.count {
             group_products(&codes, chunk, n0, c, &mut products);
@@ -187,7 +199,7 @@ fn multiply_tiles(u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
 }
 
 /// The int32 products of tokens `n0..n0 + 16` by the 64 rows for activation group `c` of the
-/// chunk, into `products.0[c]`. The caller configured the tiles ([`TileConfig`]).
+/// chunk, into `products.0[c]`. The caller loaded [`TILE_CONFIG`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn group_products(
     codes: &CentredCodes,
@@ -241,24 +253,12 @@ fn group_products(
     }
 }
 
-/// Adds the products of tokens `n0..n0 + 16` to their accumulators `acc`: per row and token, in
-/// block order, `acc = fma(D, (s/2)·d_x, acc); acc = fma(o, Σx, acc)`, by the `vpdpbusd`
-/// multiply's own operations.
+/// Adds the products of tokens `n0..n0 + 16` of `C` activation groups (the chunk's count) to
+/// their accumulators `acc`: per row and token, in block order, `acc = fma(D, (s/2)·d_x, acc);
+/// acc = fma(o, Σx, acc)`, by the `vpdpbusd` multiply's own operations. Each group's scales and
+/// offsets for 16 rows stay in registers while the tokens go by.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn finish(u: &Unpacked, chunk: Chunk<'_>, products: &[Part], n0: usize, acc: &mut Acc) {
-    let finish = match chunk.count {
-        1 => finish_groups::<1>,
-        2 => finish_groups::<2>,
-        3 => finish_groups::<3>,
-        _ => finish_groups::<4>,
-    };
-    finish(u, chunk, products, n0, acc);
-}
-
-/// [`finish`] for `C` activation groups (the chunk's count): each group's scales and offsets for
-/// 16 rows stay in registers while the tokens go by.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn finish_groups<const C: usize>(
+fn finish<const C: usize>(
     u: &Unpacked,
     chunk: Chunk<'_>,
     products: &[Part],

@@ -363,8 +363,8 @@ fn unpack_int8<S: BlockScale, C: Codes>(
 }
 
 /// The instruction that multiplies codes by activations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Multiply {
+#[derive(Clone, Copy)]
+enum Multiply {
     /// `maddubs` + `madd` on 256-bit vectors (AVX2), unsigned codes below 128.
     Madd,
     /// `maddubs(|q|, sign(x, q))` + `madd` on 256-bit vectors (AVX2), signed codes
@@ -391,7 +391,7 @@ pub(super) fn multiply_madd_signed_checked(u: &Unpacked, chunk: Chunk<'_>, acc: 
 
 /// [`multiply_madd`], [`multiply_madd_signed`] or [`multiply_vnni`] after the checks their reads
 /// rely on.
-pub(crate) fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
+fn multiply_with(choice: Multiply, u: &Unpacked, chunk: Chunk<'_>, acc: &mut Acc) {
     assert!(chunk.fits(acc.len()) && Isa::Avx2.is_supported());
     match choice {
         Multiply::Vnni => {

@@ -468,30 +468,15 @@ fn simd_unpacking_and_every_x86_multiply_equal_the_scalar_steps() {
                     };
                     let mut reference: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
                     multiply_scalar(&want, chunk, &mut reference);
-                    let mut choices = vec![avx2::Multiply::Madd];
-                    if crate::isa::has_avx512_vnni() {
-                        choices.push(avx2::Multiply::Vnni);
-                    }
-                    for choice in choices {
+                    let madd: (_, MultiplyFn) = ("maddubs", avx2::multiply_madd_checked);
+                    for (choice, multiply) in [madd].into_iter().chain(avx512_multiplies()) {
                         let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
-                        avx2::multiply_with(choice, &want, chunk, &mut acc);
+                        multiply(&want, chunk, &mut acc);
                         for n in 0..tokens {
                             assert_eq!(
                                 bits_of(&acc[n]),
                                 bits_of(&reference[n]),
-                                "{choice:?} {bits}-bit, {tokens} tokens, token {n}"
-                            );
-                        }
-                    }
-                    #[cfg(target_os = "linux")]
-                    if super::amx::has_amx() {
-                        let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
-                        super::amx::multiply_amx_checked(&want, chunk, &mut acc);
-                        for n in 0..tokens {
-                            assert_eq!(
-                                bits_of(&acc[n]),
-                                bits_of(&reference[n]),
-                                "AMX {bits}-bit, {tokens} tokens, token {n}"
+                                "{choice} {bits}-bit, {tokens} tokens, token {n}"
                             );
                         }
                     }
@@ -697,6 +682,25 @@ fn int8_prompt_tokens_take_the_dot_gemm_where_the_cpu_has_it_and_the_rest_the_in
 }
 
 /// The AVX2 unpacking of tiles `0..2` of `m` equals the scalar one, offset and signed, and the
+/// A multiply of the dot path, as the dispatch holds it.
+#[cfg(target_arch = "x86_64")]
+type MultiplyFn = fn(&Unpacked, Chunk<'_>, &mut Acc);
+
+/// The 512-bit multiplies this CPU runs on unsigned codes, by instruction: `vpdpbusd` where it has
+/// AVX-512 VNNI, and the AMX tiles where it has them and Linux grants them.
+#[cfg(target_arch = "x86_64")]
+fn avx512_multiplies() -> Vec<(&'static str, MultiplyFn)> {
+    let mut multiplies: Vec<(&'static str, MultiplyFn)> = Vec::new();
+    if crate::isa::has_avx512_vnni() {
+        multiplies.push(("vpdpbusd", avx2::multiply_vnni_checked));
+    }
+    #[cfg(target_os = "linux")]
+    if super::amx::has_amx() {
+        multiplies.push(("tdpbssd", super::amx::multiply_amx_checked));
+    }
+    multiplies
+}
+
 /// x86 multiplies of each code form give the scalar reference's bits on `tokens` tokens.
 #[cfg(target_arch = "x86_64")]
 fn check_int8_unpacking<S: BlockScale, C: Codes>(
@@ -718,9 +722,11 @@ fn check_int8_unpacking<S: BlockScale, C: Codes>(
             let mut u = Unpacked::new();
             u.signed = signed;
             let choices = match signed {
-                true => vec![avx2::Multiply::MaddSigned],
-                false if crate::isa::has_avx512_vnni() => vec![avx2::Multiply::Vnni],
-                false => vec![],
+                true => vec![(
+                    "maddubs signed",
+                    avx2::multiply_madd_signed_checked as MultiplyFn,
+                )],
+                false => avx512_multiplies(),
             };
             m.each_chunk(t, m.act_groups, &mut u, |u, a0, count| {
                 let chunk = Chunk {
@@ -732,23 +738,13 @@ fn check_int8_unpacking<S: BlockScale, C: Codes>(
                 let mut reference: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
                 multiply_scalar(u, chunk, &mut reference);
                 assert!(reference[..tokens].iter().flatten().any(|&v| v != 0.5));
-                for &choice in &choices {
+                for &(choice, multiply) in &choices {
                     let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
-                    avx2::multiply_with(choice, u, chunk, &mut acc);
+                    multiply(u, chunk, &mut acc);
                     assert_eq!(
                         bits_of(acc[..tokens].as_flattened()),
                         bits_of(reference[..tokens].as_flattened()),
-                        "{name}, {choice:?}, tile {t}, groups from {a0}"
-                    );
-                }
-                #[cfg(target_os = "linux")]
-                if !signed && super::amx::has_amx() {
-                    let mut acc: [[f32; TILE]; NB] = [[0.5; TILE]; NB];
-                    super::amx::multiply_amx_checked(u, chunk, &mut acc);
-                    assert_eq!(
-                        bits_of(acc[..tokens].as_flattened()),
-                        bits_of(reference[..tokens].as_flattened()),
-                        "{name}, AMX, tile {t}, groups from {a0}"
+                        "{name}, {choice}, tile {t}, groups from {a0}"
                     );
                 }
             });
